@@ -1,0 +1,50 @@
+"""The one small interface every retriever model implements (ChatRetriever, baselines, fakes).
+
+Torch-free on purpose: index, search and the server only need this protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Protocol, Union, runtime_checkable
+
+import numpy as np
+
+from chatretriever.types import Passage, Session, Turn
+
+# A session given as a Session object or as a list of {"role", "content"} chat messages.
+SessionLike = Union[Session, Sequence[Mapping[str, str]]]
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    """Maps sessions and passages into one vector space.
+
+    Attributes:
+        name: Identifies the model and its settings; stored in embedding/index metadata.
+        dim: Embedding size D.
+        normalize: Whether returned vectors are L2-normalised.
+    """
+
+    name: str
+    dim: int
+    normalize: bool
+
+    def encode_sessions(
+        self, sessions: Sequence[SessionLike], batch_size: int = 16, show_progress: bool = False
+    ) -> np.ndarray:
+        """Returns (B, D) float32 embeddings of the sessions."""
+        ...
+
+    def encode_passages(
+        self, passages: Sequence[Passage], batch_size: int = 16, show_progress: bool = False
+    ) -> np.ndarray:
+        """Returns (B, D) float32 embeddings of the passages."""
+        ...
+
+
+def as_session(s: SessionLike, id: str = "q") -> Session:
+    """Accept a Session or a list of chat-message dicts."""
+    if isinstance(s, Session):
+        return s
+    return Session.from_messages(id, [m if isinstance(m, Turn) else m for m in s])

@@ -1,0 +1,48 @@
+"""BEIR corpus JSONL: one `{"_id", "title", "text", ...}` object per line."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from chatretriever.errors import DataFormatError
+from chatretriever.io.files import iter_jsonl, require, write_jsonl
+from chatretriever.types import Passage
+
+_CORE = ("_id", "id", "title", "text")
+
+
+def iter_corpus(path: str | Path) -> Iterator[Passage]:
+    """Stream passages from a BEIR corpus file (`.jsonl` or `.jsonl.gz`).
+
+    Extra fields (e.g. `domain`) go to `Passage.metadata`. Duplicate ids raise.
+    """
+    seen: set[str] = set()
+    for lineno, obj in iter_jsonl(path):
+        key = "_id" if "_id" in obj else "id" if "id" in obj else "_id"
+        pid = require(obj, key, path, lineno)
+        if not pid:
+            raise DataFormatError(path, "empty id", line=lineno, field=key)
+        if pid in seen:
+            raise DataFormatError(path, f"duplicate id {pid!r}", line=lineno, field=key)
+        seen.add(pid)
+        text = require(obj, "text", path, lineno)
+        title = obj.get("title") or ""
+        if not isinstance(title, str):
+            raise DataFormatError(path, "expected str", line=lineno, field="title")
+        meta = {k: v for k, v in obj.items() if k not in _CORE}
+        yield Passage(id=pid, text=text, title=title, metadata=meta)
+
+
+def read_corpus(path: str | Path) -> list[Passage]:
+    """Read a whole BEIR corpus file into a list (see `iter_corpus` to stream)."""
+    return list(iter_corpus(path))
+
+
+def passage_to_dict(p: Passage) -> dict:
+    return {"_id": p.id, "title": p.title, "text": p.text, **dict(p.metadata)}
+
+
+def write_corpus(path: str | Path, passages: Iterable[Passage]) -> int:
+    """Write passages as BEIR JSONL atomically; returns the count."""
+    return write_jsonl(path, (passage_to_dict(p) for p in passages))

@@ -1,0 +1,96 @@
+"""Embedding shards: a directory with `embeddings.npy`, `ids.txt` (row order) and `meta.json`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from chatretriever.errors import DataFormatError
+
+EMBEDDINGS = "embeddings.npy"
+IDS = "ids.txt"
+META = "meta.json"
+
+
+@dataclass(frozen=True)
+class EmbeddingMeta:
+    """What produced a set of embeddings; an index refuses queries from another encoder."""
+
+    model: str
+    dim: int
+    dtype: str = "float32"
+    normalized: bool = True
+    count: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def compatible_with(self, other: EmbeddingMeta) -> bool:
+        return (self.model, self.dim, self.normalized) == (other.model, other.dim, other.normalized)
+
+
+def write_embeddings(
+    directory: str | Path, ids: list[str], embeddings: np.ndarray, meta: EmbeddingMeta
+) -> Path:
+    """Write one shard atomically: a temp directory is renamed into place when complete."""
+    directory = Path(directory)
+    if embeddings.ndim != 2 or embeddings.shape[0] != len(ids):
+        raise ValueError(f"embeddings {embeddings.shape} do not match {len(ids)} ids")
+    if len(set(ids)) != len(ids):
+        raise ValueError("duplicate ids in an embedding shard")
+    if any(("\n" in i or not i) for i in ids):
+        raise ValueError("ids must be non-empty and hold no newline")
+    meta = EmbeddingMeta(**{**asdict(meta), "dim": int(embeddings.shape[1]), "count": len(ids)})
+    meta = EmbeddingMeta(**{**asdict(meta), "dtype": str(embeddings.dtype)})
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        np.save(tmp / EMBEDDINGS, embeddings, allow_pickle=False)
+        (tmp / IDS).write_text("".join(f"{i}\n" for i in ids), encoding="utf-8")
+        (tmp / META).write_text(json.dumps(asdict(meta), indent=2), encoding="utf-8")
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def read_meta(directory: str | Path) -> EmbeddingMeta:
+    path = Path(directory) / META
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        return EmbeddingMeta(**raw)
+    except FileNotFoundError:
+        raise DataFormatError(path, "file not found") from None
+    except (json.JSONDecodeError, TypeError) as e:
+        raise DataFormatError(path, f"bad embedding metadata: {e}") from None
+
+
+def read_embeddings(
+    directory: str | Path, mmap: bool = True
+) -> tuple[list[str], np.ndarray, EmbeddingMeta]:
+    """Read one shard; checks that ids, rows and metadata agree. Returns (ids, (N, D), meta)."""
+    directory = Path(directory)
+    meta = read_meta(directory)
+    ids_path = directory / IDS
+    if not ids_path.exists():
+        raise DataFormatError(ids_path, "file not found")
+    ids = ids_path.read_text(encoding="utf-8").splitlines()
+    try:
+        emb = np.load(directory / EMBEDDINGS, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (FileNotFoundError, ValueError) as e:
+        raise DataFormatError(directory / EMBEDDINGS, f"cannot load: {e}") from None
+    if emb.ndim != 2 or emb.shape[0] != len(ids):
+        raise DataFormatError(
+            directory / EMBEDDINGS, f"{emb.shape[0]} rows but {len(ids)} ids in {IDS}"
+        )
+    if emb.shape[1] != meta.dim:
+        raise DataFormatError(directory / META, f"dim {meta.dim} but rows have {emb.shape[1]}", field="dim")
+    return ids, emb, meta

@@ -1,0 +1,145 @@
+"""Core records: passages, sessions, relevance judgments and runs. Stdlib only."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Passage:
+    """A retrievable unit: BEIR-style id, optional title, text, free metadata."""
+
+    id: str
+    text: str
+    title: str = ""
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            raise ValueError("Passage.id must be a non-empty string")
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One chat message in the OpenAI style."""
+
+    role: str
+    content: str
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"Turn.role must be one of {ROLES}, got {self.role!r}")
+        if not isinstance(self.content, str):
+            raise ValueError("Turn.content must be a string")
+
+    def to_dict(self) -> dict[str, str]:
+        return {"role": self.role, "content": self.content}
+
+
+@dataclass(frozen=True)
+class Session:
+    """A conversation that ends with the current user question.
+
+    Attributes:
+        id: Query id used in qrels and runs.
+        turns: Messages, oldest first; the last one is the current user question.
+        rewrite: A standalone rewrite of the current question, when the dataset has one.
+        response: The reference answer to the current question, when known.
+        metadata: Anything else the dataset carries (topic, domain, ...).
+    """
+
+    id: str
+    turns: tuple[Turn, ...]
+    rewrite: str | None = None
+    response: str | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.turns:
+            raise ValueError("Session.turns must not be empty")
+        if self.turns[-1].role != "user":
+            raise ValueError("Session must end with a user turn (the current question)")
+
+    @classmethod
+    def from_messages(
+        cls, id: str, messages: Iterable[Mapping[str, str] | Turn], **kwargs: Any
+    ) -> Session:
+        """Build a session from `{"role", "content"}` dicts (or Turns)."""
+        turns = tuple(
+            m if isinstance(m, Turn) else Turn(role=m["role"], content=m["content"])
+            for m in messages
+        )
+        return cls(id=id, turns=turns, **kwargs)
+
+    @property
+    def question(self) -> str:
+        """The current (last) user question."""
+        return self.turns[-1].content
+
+    @property
+    def history(self) -> tuple[Turn, ...]:
+        """All turns before the current question."""
+        return self.turns[:-1]
+
+    def messages(self) -> list[dict[str, str]]:
+        """The turns as OpenAI-style dicts."""
+        return [t.to_dict() for t in self.turns]
+
+
+@dataclass(frozen=True)
+class Qrel:
+    """A graded relevance judgment."""
+
+    query_id: str
+    doc_id: str
+    relevance: int
+
+
+@dataclass(frozen=True)
+class ScoredDoc:
+    """One retrieved document for one query."""
+
+    query_id: str
+    doc_id: str
+    score: float
+
+
+def rank_key(doc_id: str, score: float) -> tuple[float, str]:
+    """Sort key of the TREC convention used everywhere here: (-score, docid)."""
+    return (-score, doc_id)
+
+
+@dataclass(frozen=True)
+class Run:
+    """Retrieval results: query id -> doc id -> score.
+
+    Ranks are never stored; they follow from scores with ties broken by (-score, docid).
+    """
+
+    scores: Mapping[str, Mapping[str, float]]
+    name: str = "chatretriever"
+
+    def ranked(self, query_id: str) -> list[ScoredDoc]:
+        """The documents of one query, best first, ties broken by doc id."""
+        docs = self.scores.get(query_id, {})
+        ordered = sorted(docs.items(), key=lambda kv: rank_key(kv[0], kv[1]))
+        return [ScoredDoc(query_id, d, s) for d, s in ordered]
+
+    @classmethod
+    def from_scored(cls, docs: Iterable[ScoredDoc], name: str = "chatretriever") -> Run:
+        scores: dict[str, dict[str, float]] = {}
+        for d in docs:
+            scores.setdefault(d.query_id, {})[d.doc_id] = float(d.score)
+        return cls(scores=scores, name=name)
+
+
+def qrels_to_dict(qrels: Iterable[Qrel]) -> dict[str, dict[str, int]]:
+    """Qrels as query id -> doc id -> relevance (the shape evaluators take)."""
+    out: dict[str, dict[str, int]] = {}
+    for q in qrels:
+        out.setdefault(q.query_id, {})[q.doc_id] = q.relevance
+    return out
