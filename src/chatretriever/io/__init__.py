@@ -5,7 +5,12 @@ from __future__ import annotations
 from chatretriever.io.corpus import read_corpus, write_corpus
 from chatretriever.io.embeddings import EmbeddingMeta, read_embeddings, write_embeddings
 from chatretriever.io.files import atomic_write, iter_jsonl, open_text
-from chatretriever.io.sessions import read_sessions, session_from_dict, session_to_dict, write_sessions
+from chatretriever.io.sessions import (
+    read_sessions,
+    session_from_dict,
+    session_to_dict,
+    write_sessions,
+)
 from chatretriever.io.trec import (
     read_beir_qrels,
     read_qrels,

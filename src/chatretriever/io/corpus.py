@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from chatretriever.errors import DataFormatError
 from chatretriever.io.files import iter_jsonl, require, write_jsonl
@@ -12,11 +13,8 @@ from chatretriever.types import Passage
 _CORE = ("_id", "id", "title", "text")
 
 
-def iter_corpus(path: str | Path) -> Iterator[Passage]:
-    """Stream passages from a BEIR corpus file (`.jsonl` or `.jsonl.gz`).
-
-    Extra fields (e.g. `domain`) go to `Passage.metadata`. Duplicate ids raise.
-    """
+def iter_numbered_corpus(path: str | Path) -> Iterator[tuple[int, Passage]]:
+    """Stream (1-based line number, passage) from a BEIR corpus file; see `iter_corpus`."""
     seen: set[str] = set()
     for lineno, obj in iter_jsonl(path):
         key = "_id" if "_id" in obj else "id" if "id" in obj else "_id"
@@ -31,7 +29,16 @@ def iter_corpus(path: str | Path) -> Iterator[Passage]:
         if not isinstance(title, str):
             raise DataFormatError(path, "expected str", line=lineno, field="title")
         meta = {k: v for k, v in obj.items() if k not in _CORE}
-        yield Passage(id=pid, text=text, title=title, metadata=meta)
+        yield lineno, Passage(id=pid, text=text, title=title, metadata=meta)
+
+
+def iter_corpus(path: str | Path) -> Iterator[Passage]:
+    """Stream passages from a BEIR corpus file (`.jsonl` or `.jsonl.gz`).
+
+    Extra fields (e.g. `domain`) go to `Passage.metadata`. Duplicate ids raise.
+    """
+    for _, passage in iter_numbered_corpus(path):
+        yield passage
 
 
 def read_corpus(path: str | Path) -> list[Passage]:
@@ -39,7 +46,8 @@ def read_corpus(path: str | Path) -> list[Passage]:
     return list(iter_corpus(path))
 
 
-def passage_to_dict(p: Passage) -> dict:
+def passage_to_dict(p: Passage) -> dict[str, Any]:
+    """A passage as one BEIR JSONL object (metadata fields at the top level)."""
     return {"_id": p.id, "title": p.title, "text": p.text, **dict(p.metadata)}
 
 

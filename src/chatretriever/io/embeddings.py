@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,5 +93,15 @@ def read_embeddings(
             directory / EMBEDDINGS, f"{emb.shape[0]} rows but {len(ids)} ids in {IDS}"
         )
     if emb.shape[1] != meta.dim:
-        raise DataFormatError(directory / META, f"dim {meta.dim} but rows have {emb.shape[1]}", field="dim")
+        raise DataFormatError(
+            directory / META, f"dim {meta.dim} but rows have {emb.shape[1]}", field="dim"
+        )
+    if meta.count and meta.count != len(ids):
+        raise DataFormatError(
+            directory / META, f"count {meta.count} but {len(ids)} ids", field="count"
+        )
+    if len(set(ids)) != len(ids):
+        dup = next(i for i, c in Counter(ids).items() if c > 1)
+        line = ids.index(dup, ids.index(dup) + 1) + 1
+        raise DataFormatError(ids_path, f"duplicate id {dup!r}", line=line)
     return ids, emb, meta

@@ -56,6 +56,8 @@ def read_json(path: str | Path) -> Any:
             return json.load(f)
         except json.JSONDecodeError as e:
             raise DataFormatError(path, f"malformed JSON ({e.msg})", line=e.lineno) from None
+        except (UnicodeDecodeError, EOFError, gzip.BadGzipFile, OSError) as e:
+            raise DataFormatError(path, f"cannot read file: {e}") from None
 
 
 def require(
@@ -84,20 +86,21 @@ def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as raw:
-            sink: IO[bytes] = raw
-            gz = gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) if path.suffix == ".gz" else None
-            if gz is not None:
-                sink = gz  # type: ignore[assignment]
+        # The stack closes the gzip layer before the raw file, also when the body raises,
+        # so no half-closed writer is left for the garbage collector to flush.
+        with contextlib.ExitStack() as stack:
+            sink: IO[bytes] = stack.enter_context(os.fdopen(fd, "wb"))
+            if path.suffix == ".gz":
+                gz = gzip.GzipFile(fileobj=sink, mode="wb", mtime=0)
+                sink = stack.enter_context(gz)  # type: ignore[arg-type]
             if "b" in mode:
                 yield sink
             else:
                 text = io.TextIOWrapper(sink, encoding="utf-8", newline="\n")
-                yield text
-                text.flush()
-                text.detach()  # keep `sink` open: it is closed below
-            if gz is not None:
-                gz.close()
+                try:
+                    yield text
+                finally:
+                    text.detach()  # flushes; keeps `sink` open for the stack to close
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; written files should be readable like any
         os.replace(tmp, path)
     except BaseException:

@@ -35,12 +35,22 @@ def parse_messages(
     return tuple(turns)
 
 
-def session_from_dict(obj: Mapping[str, Any], path: str | Path = "<input>", line: int | None = None):
+def session_from_dict(
+    obj: Mapping[str, Any], path: str | Path = "<input>", line: int | None = None
+) -> Session:
     """Parse one session object (the JSONL schema above)."""
     sid = require(obj, "id", path, line)
+    if not sid:
+        raise DataFormatError(path, "empty id", line, "id")
     turns = parse_messages(obj.get("messages"), path, line)
-    meta = dict(obj.get("metadata") or {})
+    raw_meta = obj.get("metadata") or {}
+    if not isinstance(raw_meta, Mapping):
+        raise DataFormatError(path, "expected an object", line, "metadata")
+    meta = dict(raw_meta)
     meta.update({k: v for k, v in obj.items() if k not in _CORE})
+    for key in ("rewrite", "response"):
+        if obj.get(key) is not None and not isinstance(obj[key], str):
+            raise DataFormatError(path, f"expected str, got {type(obj[key]).__name__}", line, key)
     return Session(
         id=sid,
         turns=turns,

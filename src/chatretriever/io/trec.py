@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+import logging
+import math
+from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 
 from chatretriever.errors import DataFormatError
 from chatretriever.io.files import atomic_write, iter_lines
 from chatretriever.types import Qrel, Run, rank_key
+
+logger = logging.getLogger(__name__)
 
 
 def _check_known(
@@ -21,7 +25,9 @@ def _check_known(
     if known_queries is not None and qid not in known_queries:
         raise DataFormatError(path, f"query id {qid!r} names no known query", line, "query_id")
     if known_docs is not None and did not in known_docs:
-        raise DataFormatError(path, f"doc id {did!r} names no document in the corpus", line, "doc_id")
+        raise DataFormatError(
+            path, f"doc id {did!r} names no document in the corpus", line, "doc_id"
+        )
 
 
 def _int(path: str | Path, line: int, value: str, field: str) -> int:
@@ -31,25 +37,61 @@ def _int(path: str | Path, line: int, value: str, field: str) -> int:
         raise DataFormatError(path, f"not a number: {value!r}", line, field) from None
 
 
+def _collect(
+    path: str | Path,
+    rows: Iterator[tuple[int, str, str, str]],
+    known_queries: Collection[str] | None,
+    known_docs: Collection[str] | None,
+    rel_field: str,
+) -> list[Qrel]:
+    """Validate (line, qid, docid, grade) rows into qrels.
+
+    A repeated line with the same grade is kept once (official files have a few); a repeat with
+    another grade is ambiguous and raises.
+    """
+    out: list[Qrel] = []
+    grades: dict[tuple[str, str], int] = {}
+    for lineno, qid, did, rel in rows:
+        _check_known(path, lineno, qid, did, known_queries, known_docs)
+        grade = _int(path, lineno, rel, rel_field)
+        before = grades.setdefault((qid, did), grade)
+        if before != grade:
+            msg = f"({qid}, {did}) judged {before} before, now {grade}"
+            raise DataFormatError(path, msg, lineno, rel_field)
+        if len(grades) > len(out):
+            out.append(Qrel(qid, did, grade))
+        else:
+            logger.debug("%s:%d: repeated judgment (%s, %s) kept once", path, lineno, qid, did)
+    return out
+
+
+def _trec_rows(path: str | Path) -> Iterator[tuple[int, str, str, str]]:
+    for lineno, line in iter_lines(path):
+        cols = line.split()
+        if len(cols) != 4:
+            raise DataFormatError(path, f"expected 4 columns, got {len(cols)}", lineno)
+        yield lineno, cols[0], cols[2], cols[3]
+
+
+def _beir_rows(path: str | Path) -> Iterator[tuple[int, str, str, str]]:
+    for lineno, line in iter_lines(path):
+        cols = line.split("\t")
+        if lineno == 1 and cols[0].strip().lower() in ("query-id", "query_id", "qid"):
+            continue
+        if len(cols) != 3:
+            msg = f"expected 3 tab-separated columns, got {len(cols)}"
+            raise DataFormatError(path, msg, lineno)
+        qid, did, rel = (c.strip() for c in cols)
+        yield lineno, qid, did, rel
+
+
 def read_trec_qrels(
     path: str | Path,
     known_queries: Collection[str] | None = None,
     known_docs: Collection[str] | None = None,
 ) -> list[Qrel]:
     """Read `qid iter docid relevance` lines (whitespace separated, graded)."""
-    out: list[Qrel] = []
-    seen: set[tuple[str, str]] = set()
-    for lineno, line in iter_lines(path):
-        cols = line.split()
-        if len(cols) != 4:
-            raise DataFormatError(path, f"expected 4 columns, got {len(cols)}", lineno)
-        qid, _, did, rel = cols
-        _check_known(path, lineno, qid, did, known_queries, known_docs)
-        if (qid, did) in seen:
-            raise DataFormatError(path, f"duplicate judgment for ({qid}, {did})", lineno, "doc_id")
-        seen.add((qid, did))
-        out.append(Qrel(qid, did, _int(path, lineno, rel, "relevance")))
-    return out
+    return _collect(path, _trec_rows(path), known_queries, known_docs, "relevance")
 
 
 def read_beir_qrels(
@@ -58,21 +100,7 @@ def read_beir_qrels(
     known_docs: Collection[str] | None = None,
 ) -> list[Qrel]:
     """Read BEIR qrels TSV (`query-id corpus-id score`, optional header line)."""
-    out: list[Qrel] = []
-    seen: set[tuple[str, str]] = set()
-    for lineno, line in iter_lines(path):
-        cols = line.split("\t")
-        if lineno == 1 and cols[0].strip().lower() in ("query-id", "query_id", "qid"):
-            continue
-        if len(cols) != 3:
-            raise DataFormatError(path, f"expected 3 tab-separated columns, got {len(cols)}", lineno)
-        qid, did, rel = (c.strip() for c in cols)
-        _check_known(path, lineno, qid, did, known_queries, known_docs)
-        if (qid, did) in seen:
-            raise DataFormatError(path, f"duplicate judgment for ({qid}, {did})", lineno, "doc_id")
-        seen.add((qid, did))
-        out.append(Qrel(qid, did, _int(path, lineno, rel, "score")))
-    return out
+    return _collect(path, _beir_rows(path), known_queries, known_docs, "score")
 
 
 def read_qrels(
@@ -115,10 +143,14 @@ def read_run(
         try:
             value = float(score)
         except ValueError:
-            raise DataFormatError(path, f"score is not a number: {score!r}", lineno, "score") from None
+            value = math.nan
+        if not math.isfinite(value):  # NaN would make the ranking undefined
+            raise DataFormatError(path, f"score is not a finite number: {score!r}", lineno, "score")
         docs = scores.setdefault(qid, {})
         if did in docs:
-            raise DataFormatError(path, f"doc {did!r} listed twice for query {qid!r}", lineno, "doc_id")
+            raise DataFormatError(
+                path, f"doc {did!r} listed twice for query {qid!r}", lineno, "doc_id"
+            )
         docs[did] = value
     return Run(scores=scores, name=name)
 
@@ -131,6 +163,7 @@ def write_run(path: str | Path, run: Run, depth: int | None = None) -> int:
         for qid in sorted(run.scores):
             docs = sorted(run.scores[qid].items(), key=lambda kv: rank_key(kv[0], kv[1]))
             for rank, (did, score) in enumerate(docs[:depth], start=1):
-                f.write(f"{qid} Q0 {did} {rank} {score:.6f} {tag}\n")
+                # repr keeps every digit: rounding could create ties the ranks above do not show
+                f.write(f"{qid} Q0 {did} {rank} {float(score)!r} {tag}\n")
                 n += 1
     return n

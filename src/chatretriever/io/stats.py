@@ -1,0 +1,313 @@
+"""Recognise a dataset file's format and count what it holds (`chatretriever data stats`).
+
+Every count comes from the format's own reader, so a file that counts also loads, and bad input
+raises the same DataFormatError (file, line, field) the loaders raise.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+from chatretriever.errors import DataFormatError
+from chatretriever.io.cast import read_cast_rewrites, read_cast_topics
+from chatretriever.io.corpus import iter_corpus
+from chatretriever.io.esconv import (
+    SupportDialog,
+    dialogs_sessions,
+    iter_multiesc,
+    iter_strategy_tsv,
+    normalize_strategy,
+    read_esconv,
+)
+from chatretriever.io.files import iter_lines, open_text, read_json
+from chatretriever.io.mtrag import iter_mtrag_tasks
+from chatretriever.io.reclm import iter_reclm_items, iter_reclm_sequences
+from chatretriever.io.sessions import iter_sessions
+from chatretriever.io.topiocqa import iter_topiocqa
+from chatretriever.io.trec import read_beir_qrels, read_run, read_trec_qrels
+from chatretriever.types import Qrel
+
+T = TypeVar("T")
+Stats = dict[str, Any]
+
+_HEAD_CHARS = 1 << 16
+_JSON_KEY = re.compile(r'"([^"\\]+)"\s*:')
+
+
+def _progress(items: Iterable[T], desc: str, show: bool) -> Iterator[T]:
+    from tqdm.auto import tqdm
+
+    # disable=None: a bar only on a terminal, so piped output and error lines stay clean
+    yield from tqdm(items, desc=desc, unit=" rows", disable=None if show else True, leave=False)
+
+
+def _read_head(path: Path) -> str:
+    with open_text(path) as f:
+        try:
+            return f.read(_HEAD_CHARS)
+        except (UnicodeDecodeError, EOFError, OSError) as e:
+            raise DataFormatError(path, f"cannot read file: {e}") from None
+
+
+def _guess_json_document(path: Path, head: str) -> str | None:
+    keys = set(_JSON_KEY.findall(head))
+    if "Conversation_no" in keys:
+        return "topiocqa"
+    if "turn" in keys and keys & {"raw_utterance", "utterance"}:
+        return "cast-topics"
+    if "dialog" in keys:
+        return "esconv"
+    if not keys and re.match(r'\[\s*"', head):
+        return "strategy-list"
+    return None
+
+
+def _guess_json_lines(path: Path) -> str | None:
+    first = next((line for _, line in iter_lines(path)), "")
+    try:
+        keys = set(json.loads(first))
+    except (json.JSONDecodeError, TypeError):
+        return None
+    if {"conversation_id", "task_id", "input"} <= keys:
+        return "mtrag"
+    if "messages" in keys:
+        return "sessions"
+    if "item_id" in keys:
+        return "reclm-items"
+    if "dialog" in keys:
+        return "multiesc"
+    if "text" in keys and keys & {"_id", "id"}:
+        return "beir-corpus"
+    return None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _guess_text(path: Path, first: str) -> str | None:
+    cols, tabs = first.split(), first.split("\t")
+    if " EOS " in first:
+        return "esconv-tsv"
+    if len(tabs) == 3 and (tabs[0].strip().lower() in ("query-id", "qid") or _is_number(tabs[2])):
+        return "beir-qrels"
+    if len(tabs) == 2:
+        return "cast-rewrites"
+    if "sequential" in path.name.lower():
+        return "reclm-sequences"
+    if len(cols) == 6 and _is_number(cols[3]) and _is_number(cols[4]):
+        return "trec-run"
+    if len(cols) == 4 and cols[1] in ("0", "Q0") and _is_number(cols[3]):
+        return "trec-qrels"
+    if len(cols) >= 2 and all(c.isdigit() for c in cols[1:]):
+        return "reclm-sequences"
+    return None
+
+
+def guess_format(path: str | Path) -> str:
+    """Tell a dataset file's format (one of `FORMATS`) from its name and first bytes.
+
+    Raises:
+        DataFormatError: The file is missing, empty (and not a qrels file) or unrecognised.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise DataFormatError(path, "is a directory; give one of its files")
+    head = _read_head(path).lstrip()
+    fmt: str | None
+    if not head:
+        fmt = "trec-qrels" if "qrel" in path.name.lower() else None
+    elif head.startswith("["):
+        fmt = _guess_json_document(path, head)
+    elif head.startswith("{"):
+        fmt = _guess_json_lines(path)
+    else:
+        fmt = _guess_text(path, head.splitlines()[0])
+    if fmt is None:
+        raise DataFormatError(path, f"cannot tell the format; pass one of {', '.join(FORMATS)}")
+    return fmt
+
+
+def _corpus_stats(path: Path, show: bool) -> Stats:
+    n = titled = words = 0
+    domains: Counter[str] = Counter()
+    for p in _progress(iter_corpus(path), "passages", show):
+        n += 1
+        titled += bool(p.title)
+        words += len(p.text.split())
+        if "domain" in p.metadata:
+            domains[str(p.metadata["domain"])] += 1
+    out: Stats = {"passages": n, "with title": titled, "mean words": words / n if n else 0.0}
+    if domains:
+        out["domains"] = dict(sorted(domains.items()))
+    return out
+
+
+def _sessions_stats(path: Path, show: bool) -> Stats:
+    n = turns = rewrites = responses = 0
+    for s in _progress(iter_sessions(path), "sessions", show):
+        n, turns = n + 1, turns + len(s.turns)
+        rewrites += s.rewrite is not None
+        responses += s.response is not None
+    return {"sessions": n, "turns": turns, "with rewrite": rewrites, "with response": responses}
+
+
+def _qrels_stats(qrels: list[Qrel]) -> Stats:
+    grades = Counter(q.relevance for q in qrels)
+    return {
+        "judgments": len(qrels),
+        "queries": len({q.query_id for q in qrels}),
+        "documents": len({q.doc_id for q in qrels}),
+        "relevant (grade > 0)": sum(q.relevance > 0 for q in qrels),
+        "grades": {str(g): grades[g] for g in sorted(grades)},
+    }
+
+
+def _run_stats(path: Path, show: bool) -> Stats:
+    run = read_run(path)
+    depths = [len(docs) for docs in run.scores.values()]
+    return {
+        "queries": len(depths),
+        "results": sum(depths),
+        "max depth": max(depths, default=0),
+        "tag": run.name,
+    }
+
+
+def _mtrag_stats(path: Path, show: bool) -> Stats:
+    tasks = list(_progress(iter_mtrag_tasks(path), "tasks", show))
+    domains = Counter(s.metadata["domain"] for s in tasks)
+    answerability = Counter(str(s.metadata["answerability"]) for s in tasks)
+    return {
+        "tasks": len(tasks),
+        "conversations": len({s.metadata["conversation_id"] for s in tasks}),
+        "messages": sum(len(s.turns) for s in tasks),
+        "domains": dict(sorted(domains.items())),
+        "answerability": dict(sorted(answerability.items())),
+    }
+
+
+def _cast_stats(path: Path, show: bool) -> Stats:
+    sessions = read_cast_topics(path)
+    return {
+        "topics": len({s.metadata["topic"] for s in sessions}),
+        "turns": len(sessions),
+        "with manual rewrite": sum(s.rewrite is not None for s in sessions),
+        "with automatic rewrite": sum("automatic_rewrite" in s.metadata for s in sessions),
+        "with response": sum(s.response is not None for s in sessions),
+    }
+
+
+def _topiocqa_stats(path: Path, show: bool) -> Stats:
+    sessions = list(_progress(iter_topiocqa(path), "turns", show))
+    return {
+        "conversations": len({s.metadata["conversation"] for s in sessions}),
+        "turns": len(sessions),
+        "topics": len({s.metadata.get("topic") for s in sessions}),
+    }
+
+
+def _dialog_stats(dialogs: list[SupportDialog]) -> Stats:
+    # ESConv's raw labels have variant spellings (Questions/Question, ...); count both ways
+    strategies = Counter(normalize_strategy(s) for d in dialogs for s in d.strategies if s)
+    labels = Counter(s for d in dialogs for s in d.strategies if s)
+    supporter = sum(d.supporter_turns for d in dialogs)
+    return {
+        "dialogs": len(dialogs),
+        "turns": sum(len(d.turns) for d in dialogs),
+        "seeker turns": sum(len(d.turns) for d in dialogs) - supporter,
+        "supporter turns": supporter,
+        "labelled supporter turns": sum(strategies.values()),
+        "sessions (supporter turns after a seeker turn)": len(dialogs_sessions(dialogs)),
+        "strategies": dict(strategies.most_common()),
+        "raw labels": len(labels),
+    }
+
+
+def _esconv_tsv_stats(path: Path, show: bool) -> Stats:
+    sessions = list(iter_strategy_tsv(path))
+    strategies = Counter(normalize_strategy(s.metadata["strategy"]) for s in sessions)
+    return {
+        "examples": sum(1 for _ in iter_lines(path)),
+        "sessions (context has a seeker turn)": len(sessions),
+        "strategies": dict(strategies.most_common()),
+    }
+
+
+def _strategy_list_stats(path: Path, show: bool) -> Stats:
+    data = read_json(path)
+    if not isinstance(data, list) or not all(isinstance(s, str) for s in data):
+        raise DataFormatError(path, "expected a JSON list of strategy names")
+    return {"strategies": len(data), "names": [s.strip("[]") for s in data]}
+
+
+def _items_stats(path: Path, show: bool) -> Stats:
+    n = 0
+    fields: Counter[str] = Counter()
+    for item in _progress(iter_reclm_items(path), "items", show):
+        n += 1
+        fields.update(k for k, v in item.metadata.items() if v not in (None, "", []))
+    return {"items": n, "non-empty fields": dict(fields.most_common())}
+
+
+def _sequences_stats(path: Path, show: bool) -> Stats:
+    lengths: list[int] = []
+    items: set[str] = set()
+    for h in _progress(iter_reclm_sequences(path), "users", show):
+        lengths.append(len(h.items))
+        items.update(h.items)
+    return {
+        "users": len(lengths),
+        "interactions": sum(lengths),
+        "distinct items": len(items),
+        "min history": min(lengths, default=0),
+        "mean history": sum(lengths) / len(lengths) if lengths else 0.0,
+        "max history": max(lengths, default=0),
+    }
+
+
+_STATS: dict[str, Callable[[Path, bool], Stats]] = {
+    "beir-corpus": _corpus_stats,
+    "sessions": _sessions_stats,
+    "trec-qrels": lambda p, show: _qrels_stats(read_trec_qrels(p)),
+    "beir-qrels": lambda p, show: _qrels_stats(read_beir_qrels(p)),
+    "trec-run": _run_stats,
+    "mtrag": _mtrag_stats,
+    "cast-topics": _cast_stats,
+    "cast-rewrites": lambda p, show: {"rewrites": len(read_cast_rewrites(p))},
+    "topiocqa": _topiocqa_stats,
+    "esconv": lambda p, show: _dialog_stats(read_esconv(p)),
+    "multiesc": lambda p, show: _dialog_stats(list(iter_multiesc(p))),
+    "esconv-tsv": _esconv_tsv_stats,
+    "strategy-list": _strategy_list_stats,
+    "reclm-items": _items_stats,
+    "reclm-sequences": _sequences_stats,
+}
+FORMATS = tuple(_STATS)
+
+
+def dataset_stats(path: str | Path, fmt: str | None = None, show_progress: bool = False) -> Stats:
+    """Count what a dataset file holds, reading it with its format's loader (streamed).
+
+    Args:
+        path: The file.
+        fmt: One of `FORMATS`; guessed with `guess_format` when None.
+        show_progress: Show a progress bar while streaming large files.
+
+    Returns:
+        `{"path", "format", <count name>: int | float | str | {name: count} | [names], ...}`.
+    """
+    path = Path(path)
+    fmt = fmt or guess_format(path)
+    if fmt not in _STATS:
+        raise ValueError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    return {"path": str(path), "format": fmt, **_STATS[fmt](path, show_progress)}
