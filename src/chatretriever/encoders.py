@@ -6,14 +6,14 @@ Torch-free on purpose: index, search and the server only need this protocol.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Protocol, Union, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
 from chatretriever.types import Passage, Session, Turn
 
 # A session given as a Session object or as a list of {"role", "content"} chat messages.
-SessionLike = Union[Session, Sequence[Mapping[str, str]]]
+SessionLike = Session | Sequence[Mapping[str, str]]
 
 
 @runtime_checkable

@@ -17,14 +17,14 @@ EXIT_BAD_INPUT = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from chatretriever.cli import data, models
+    from chatretriever.cli import build, data, models
 
     parser = argparse.ArgumentParser(
         prog="chatretriever", description="Conversational retrieval with chat LLMs."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (data, models):
+    for module in (data, models, build):
         module.add_parser(sub)
     for name in ("pipeline", "train", "chat"):  # present once their issues land
         try:

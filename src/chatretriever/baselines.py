@@ -1,0 +1,261 @@
+"""Baselines: BM25 (bm25s) and off-the-shelf sentence embedders behind the `Encoder` protocol.
+
+Both read a session as one text (`search.session_text`), so they take any query formulation:
+the whole session, the last turn, all user turns, or a rewrite.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from chatretriever.encoders import SessionLike, as_session
+from chatretriever.search import Formulation, formulate_all, session_text
+from chatretriever.types import Passage, Run, Session
+
+logger = logging.getLogger(__name__)
+
+
+def passage_text(p: Passage) -> str:
+    """Title and text joined by a space, as BEIR's sentence-transformers evaluation does."""
+    return f"{p.title} {p.text}" if p.title else p.text
+
+
+class BM25Retriever:
+    """Okapi BM25 (Lucene variant) over a corpus, with English stemming when PyStemmer is present.
+
+    Args:
+        passages: The corpus.
+        k1: Term-frequency saturation.
+        b: Length normalisation.
+        stemmer: A PyStemmer language ("english"), or None for no stemming.
+        stopwords: A bm25s stopword list name ("en"), or None.
+    """
+
+    name = "bm25"
+
+    def __init__(
+        self,
+        passages: Sequence[Passage],
+        k1: float = 0.9,
+        b: float = 0.4,
+        stemmer: str | None = "english",
+        stopwords: str | None = "en",
+        show_progress: bool = False,
+    ) -> None:
+        bm25s = _bm25s()
+        self.ids = [p.id for p in passages]
+        self.settings = {"k1": k1, "b": b, "stemmer": stemmer, "stopwords": stopwords}
+        self._stemmer = _load_stemmer(stemmer)
+        self._stopwords = stopwords or []
+        tokens = bm25s.tokenize(
+            [passage_text(p) for p in passages],
+            stopwords=self._stopwords,
+            stemmer=self._stemmer,
+            show_progress=show_progress,
+        )
+        self._bm25 = bm25s.BM25(k1=k1, b=b)
+        self._bm25.index(tokens, show_progress=show_progress)
+
+    def search_texts(self, texts: Sequence[str], k: int = 100) -> list[list[tuple[str, float]]]:
+        """Top-k (passage id, score) per query text; passages sharing no term are left out."""
+        bm25s = _bm25s()
+        if not texts:
+            return []
+        tokens = bm25s.tokenize(
+            list(texts),
+            stopwords=self._stopwords,
+            stemmer=self._stemmer,
+            return_ids=False,
+            show_progress=False,
+        )
+        rows, scores = self._bm25.retrieve(tokens, k=min(k, len(self.ids)), show_progress=False)
+        return [
+            [(self.ids[r], float(s)) for r, s in zip(rrow, srow, strict=True) if s > 0]
+            for rrow, srow in zip(rows, scores, strict=True)
+        ]
+
+    def search(
+        self,
+        sessions: Sequence[Session],
+        k: int = 100,
+        formulation: Formulation | str = Formulation.SESSION,
+        missing_rewrite: str = "error",
+    ) -> Run:
+        """Retrieve for sessions under a query formulation; the Run is named bm25.<formulation>."""
+        queries = formulate_all(sessions, formulation, missing_rewrite)
+        hits = self.search_texts([session_text(s) for s in queries], k)
+        scores = {s.id: dict(h) for s, h in zip(queries, hits, strict=True)}
+        return Run(scores=scores, name=f"bm25.{Formulation(formulation).value}")
+
+
+def _bm25s():
+    try:
+        import bm25s
+    except ImportError:
+        raise ImportError("BM25 needs bm25s: pip install chatretriever[baselines]") from None
+    return bm25s
+
+
+def _load_stemmer(language: str | None) -> Any:
+    if language is None:
+        return None
+    try:
+        import Stemmer
+    except ImportError:
+        logger.warning("PyStemmer is not installed: BM25 runs without stemming")
+        return None
+    return Stemmer.Stemmer(language)
+
+
+def mean_pool(hidden: Any, mask: Any) -> Any:
+    """Mean of the token states where mask is 1.
+
+    Args:
+        hidden: (B, T, H) token states.
+        mask: (B, T) attention mask, 1 for real tokens (either padding side).
+
+    Returns:
+        (B, H) float32.
+    """
+    m = mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+    summed = (hidden * m).sum(dim=1)  # (B, H)
+    return (summed / m.sum(dim=1).clamp(min=1e-9)).float()
+
+
+class TextEmbedder:
+    """A sentence embedder (all-MiniLM, all-mpnet, any BERT-like model) as an `Encoder`.
+
+    Mean pooling over tokens, then L2 normalisation, as the sentence-transformers all-* models
+    do. A session is read as `session_text(session)`: one text, current question first.
+
+    Args:
+        model: A transformers encoder model (returns `last_hidden_state`).
+        tokenizer: Its tokenizer.
+        name: Model name stored in embedding and index metadata.
+        max_length: Tokens per text (longer texts are truncated).
+        normalize: L2-normalise the embeddings.
+        bf16: Run under bf16 autocast; None picks it when the device supports bf16.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        name: str,
+        max_length: int = 256,
+        normalize: bool = True,
+        bf16: bool | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.dim = int(model.config.hidden_size)
+        self.max_length = max_length
+        self.normalize = normalize
+        self.bf16 = _bf16_supported(model) if bf16 is None else bf16
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str, device: str | None = None, **kwargs: Any
+    ) -> TextEmbedder:
+        """Load a built-in name ("minilm-l6", "mpnet-base") or a local sentence-transformers dir.
+
+        Args:
+            name_or_path: See `backbones.load_backbone`.
+            device: Where to run; default the current accelerator, else the CPU.
+            **kwargs: `TextEmbedder` arguments (max_length defaults to the model's own).
+
+        Returns:
+            The embedder.
+        """
+        from chatretriever.backbones import load_backbone
+
+        model, tokenizer = load_backbone(name_or_path, kind="encoder")
+        model.to(device or _default_device())
+        source = Path(str(getattr(model, "name_or_path", "") or name_or_path))
+        kwargs.setdefault("max_length", _max_seq_length(source, tokenizer))
+        name = name_or_path if not Path(name_or_path).exists() else Path(name_or_path).name
+        return cls(model, tokenizer, name=name, **kwargs)
+
+    def encode_texts(
+        self, texts: Sequence[str], batch_size: int = 32, show_progress: bool = False
+    ) -> np.ndarray:
+        """Embed texts in length-sorted batches; returns (N, D) float32 in input order."""
+        import torch
+
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)  # (N, D)
+        device = next(self.model.parameters()).device
+        bar = tqdm(total=len(texts), unit="text", disable=not show_progress, desc=self.name)
+        with bar, torch.inference_mode():
+            for start in range(0, len(texts), batch_size):
+                idx = order[start : start + batch_size]
+                enc = self.tokenizer(
+                    [texts[i] for i in idx],
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    return_tensors="pt",
+                ).to(device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                    hidden = self.model(**enc).last_hidden_state  # (B, T, H)
+                emb = mean_pool(hidden.float(), enc["attention_mask"])  # (B, H)
+                if self.normalize:
+                    emb = torch.nn.functional.normalize(emb, dim=-1)
+                out[idx] = emb.cpu().numpy()
+                bar.update(len(idx))
+        return out
+
+    def encode_sessions(
+        self, sessions: Sequence[SessionLike], batch_size: int = 16, show_progress: bool = False
+    ) -> np.ndarray:
+        """(B, D) embeddings of sessions read as one text each."""
+        texts = [session_text(as_session(s)) for s in sessions]
+        return self.encode_texts(texts, batch_size, show_progress)
+
+    def encode_passages(
+        self, passages: Sequence[Passage], batch_size: int = 16, show_progress: bool = False
+    ) -> np.ndarray:
+        """(B, D) embeddings of passages (title and text)."""
+        return self.encode_texts([passage_text(p) for p in passages], batch_size, show_progress)
+
+
+def _default_device() -> Any:
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    if accelerator is not None and accelerator.is_available():
+        return accelerator.current_accelerator()
+    return torch.device("cpu")
+
+
+def _bf16_supported(model: Any) -> bool:
+    import torch
+
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type == "cpu":
+        try:  # fast bf16 kernels (AVX512-BF16 / AMX); slow emulation otherwise
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def _max_seq_length(model_dir: Path, tokenizer: Any) -> int:
+    """max_seq_length of a sentence-transformers dir, else the tokenizer's limit (at most 512)."""
+    config = model_dir / "sentence_bert_config.json"
+    if config.is_file():
+        value = json.loads(config.read_text(encoding="utf-8")).get("max_seq_length")
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", 512) or 512
+    return int(min(limit, 512))

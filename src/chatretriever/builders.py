@@ -1,0 +1,445 @@
+"""Build CSIT training examples from datasets, hold conversations out, mine BM25 hard negatives.
+
+Parsing of each public dataset lives in its `chatretriever.io` module; this module only turns the
+parsed sessions into `TrainingExample`s (see `chatretriever.data`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from chatretriever.data import TrainingExample, TrainingPassage, example_from_session
+from chatretriever.errors import DataFormatError
+from chatretriever.io.files import iter_jsonl, iter_lines
+from chatretriever.io.sessions import session_from_dict
+from chatretriever.types import Passage, Qrel, Session, Turn
+
+logger = logging.getLogger(__name__)
+
+MINING_QUERIES = ("last_turn", "user_turns", "all_turns")
+_Item = TypeVar("_Item", Session, TrainingExample)
+
+
+# ----------------------------------------------------------------------------- hold-out
+
+
+_CONVERSATION_KEYS = ("conversation_id", "conversation", "topic")
+
+
+def conversation_id(item: Session | TrainingExample) -> str:
+    """The conversation a session (or example) belongs to.
+
+    The first of `metadata["conversation_id"]` (MTRAG), `["conversation"]` (TopiOCQA) and
+    `["topic"]` (CAsT); else the part of the id before `<::>`; else the id itself.
+    """
+    for key in _CONVERSATION_KEYS:
+        if item.metadata.get(key) is not None:
+            return str(item.metadata[key])
+    return item.id.split("<::>")[0]
+
+
+def in_holdout_fraction(conv_id: str, fraction: float, seed: int = 0) -> bool:
+    """Whether a conversation falls in the deterministic held-out fraction.
+
+    The decision hashes (seed, conversation id) only, so it never depends on the order or the
+    set of other conversations: the same conversation is held out in every build.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"hold-out fraction must be in [0, 1], got {fraction}")
+    digest = hashlib.sha256(f"{seed}:{conv_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def read_id_list(path: str | Path) -> set[str]:
+    """Read ids, one a line; blank lines and `#` comments are skipped."""
+    return {s for _, line in iter_lines(path) if (s := line.strip()) and not s.startswith("#")}
+
+
+def first_question(item: Session | TrainingExample) -> str:
+    """The conversation's opening user message: a hold-out key that also keeps conversations
+    grown from the same seed question (MTRAG has such siblings) on one side of the split."""
+    turns = item.turns if isinstance(item, Session) else item.messages
+    return next(t.content for t in turns if t.role == "user")
+
+
+def split_heldout(
+    sessions: Iterable[_Item],
+    heldout_ids: Iterable[str] = (),
+    fraction: float = 0.0,
+    seed: int = 0,
+    key: Callable[[_Item], str] = conversation_id,
+) -> tuple[list[_Item], list[_Item]]:
+    """Split sessions into (train, held out) by conversation, never splitting one conversation.
+
+    Args:
+        sessions: All sessions (or training examples).
+        heldout_ids: Conversation ids (`conversation_id`) to hold out.
+        fraction: Also hold out this deterministic fraction of conversations, decided by
+            hashing `key(session)` (see `in_holdout_fraction`).
+        seed: Seed of the fraction hash.
+        key: The grouping hashed for the fraction: `conversation_id` or `first_question`.
+
+    Returns:
+        (train sessions, held-out sessions), each in input order.
+    """
+    explicit = set(heldout_ids)
+    train: list[_Item] = []
+    held: list[_Item] = []
+    for s in sessions:
+        out = conversation_id(s) in explicit
+        out = out or (fraction > 0 and in_holdout_fraction(key(s), fraction, seed))
+        (held if out else train).append(s)
+    return train, held
+
+
+# ----------------------------------------------------------------------------- builders
+
+
+def examples_from_responses(
+    sessions: Iterable[Session],
+    source: str,
+    positive_id: Callable[[Session], str | None] | None = None,
+    skip: Iterable[str] = (),
+) -> list[TrainingExample]:
+    """Session -> its response as the one positive and the target (TopiOCQA, CAsT, chat logs).
+
+    Args:
+        sessions: Sessions whose `response` is set; those without one are skipped.
+        source: Source name stored on each example.
+        positive_id: Optional id of the response passage (e.g. a CAsT canonical passage id).
+        skip: Responses that are not answers (e.g. "UNANSWERABLE"), compared case-insensitively.
+
+    Returns:
+        The examples, in session order.
+    """
+    skip_set = {s.strip().casefold() for s in skip}
+    out, dropped = [], 0
+    for s in sessions:
+        text = (s.response or "").strip()
+        if not text or text.casefold() in skip_set:
+            dropped += 1
+            continue
+        pid = positive_id(s) if positive_id else None
+        pos = [TrainingPassage(text, pid)]
+        out.append(example_from_session(s, pos, target=text, source=source))
+    logger.info("%s: %d examples, %d sessions without a usable response", source, len(out), dropped)
+    return out
+
+
+def examples_from_qrels(
+    sessions: Iterable[Session],
+    qrels: Iterable[Qrel],
+    passages: Mapping[str, Passage],
+    source: str,
+    min_relevance: int = 1,
+) -> list[TrainingExample]:
+    """Session -> its judged-relevant passages as positives, its response as target (MTRAG).
+
+    Args:
+        sessions: Sessions (their ids are the qrels' query ids).
+        qrels: Relevance judgments.
+        passages: Doc id -> Passage for (at least) the judged documents.
+        source: Source name stored on each example.
+        min_relevance: Smallest relevance that counts as positive.
+
+    Returns:
+        The examples of sessions with at least one positive found in `passages` (passages
+        with blank text, which real corpora hold, are skipped).
+    """
+    rel: dict[str, list[str]] = {}
+    for q in qrels:
+        if q.relevance >= min_relevance:
+            rel.setdefault(q.query_id, []).append(q.doc_id)
+    out, missing = [], 0
+    for s in sessions:
+        docs = sorted(rel.get(s.id, ()))
+        missing += sum(d not in passages for d in docs)
+        pos = [passages[d] for d in docs if d in passages and passages[d].text.strip()]
+        if pos:
+            out.append(example_from_session(s, pos, source=source))
+    if missing:
+        logger.warning("%s: %d judged documents are not in the passages given", source, missing)
+    return out
+
+
+def read_chat_examples(path: str | Path, source: str = "sessions") -> list[TrainingExample]:
+    """Examples from a sessions JSONL file (see `chatretriever.io.sessions`).
+
+    A line whose messages end with the user's question needs a `"response"`; a line whose
+    messages end with an assistant turn uses that turn as the response to the turns before it.
+    The response is the positive and the target.
+    """
+    sessions = []
+    for lineno, obj in iter_jsonl(path):
+        msgs = obj.get("messages")
+        if isinstance(msgs, list) and msgs and isinstance(msgs[-1], Mapping):
+            if msgs[-1].get("role") == "assistant":
+                obj = {**obj, "messages": msgs[:-1], "response": msgs[-1].get("content")}
+        s = session_from_dict(obj, path, lineno)
+        if not isinstance(s.response, str) or not s.response.strip():
+            raise DataFormatError(path, "needs a response or a final assistant turn", lineno)
+        sessions.append(s)
+    return examples_from_responses(sessions, source)
+
+
+def read_triples(path: str | Path, source: str = "triples") -> list[TrainingExample]:
+    """Examples from MS MARCO-style TSV lines `query \\t positive [\\t negative]`.
+
+    The query becomes a one-turn session; the id is `<file stem>-<line>`.
+    """
+    stem = Path(path).name.split(".")[0]
+    out = []
+    for lineno, line in iter_lines(path):
+        cols = line.split("\t")
+        if len(cols) not in (2, 3):
+            raise DataFormatError(path, f"expected 2 or 3 tab-separated columns, got {len(cols)}")
+        names = ("query", "positive", "negative")
+        for name, col in zip(names, cols, strict=False):
+            if not col.strip():
+                raise DataFormatError(path, "empty column", lineno, name)
+        neg = [TrainingPassage(cols[2])] if len(cols) == 3 else []
+        out.append(
+            TrainingExample(
+                id=f"{stem}-{lineno}",
+                messages=(Turn("user", cols[0]),),
+                positives=(TrainingPassage(cols[1]),),
+                negatives=tuple(neg),
+                source=source,
+            )
+        )
+    return out
+
+
+def mtrag_examples(
+    sessions: Iterable[Session],
+    qrels: Iterable[Qrel],
+    passages: Mapping[str, Passage],
+    use_contexts: bool = True,
+) -> list[TrainingExample]:
+    """MTRAG task -> its judged passages as positives, the reference answer as target.
+
+    Args:
+        sessions: MTRAG tasks (`chatretriever.io.mtrag`).
+        qrels: Their judgments.
+        passages: The MTRAG corpus by id (positives' texts come from it).
+        use_contexts: Tasks without judgments (e.g. underspecified questions) use their
+            reference passages (`metadata["context_ids"]`) instead.
+
+    Returns:
+        One example per task with at least one positive, source "mtrag".
+    """
+    sessions = list(sessions)
+    qrels = list(qrels)
+    if use_contexts:
+        judged = {q.query_id for q in qrels}
+        qrels += [
+            Qrel(s.id, d, 1)
+            for s in sessions
+            if s.id not in judged
+            for d in s.metadata.get("context_ids", ())
+        ]
+    return examples_from_qrels(sessions, qrels, passages, "mtrag")
+
+
+def topiocqa_examples(sessions: Iterable[Session]) -> list[TrainingExample]:
+    """TopiOCQA turn -> its answer as the positive and target; unanswerable turns are skipped."""
+    return examples_from_responses(sessions, "topiocqa", skip=["UNANSWERABLE"])
+
+
+def _cast_passage_id(session: Session) -> str | None:
+    """CAsT 2021 names its canonical response passage `{canonical_result_id}-{passage_id}`."""
+    doc, part = (session.metadata.get(k) for k in ("canonical_result_id", "passage_id"))
+    return None if doc is None else str(doc) if part is None else f"{doc}-{part}"
+
+
+def cast_examples(sessions: Iterable[Session]) -> list[TrainingExample]:
+    """TREC CAsT turn -> its canonical response passage (2021, 2022) as positive and target."""
+    return examples_from_responses(sessions, "cast", positive_id=_cast_passage_id)
+
+
+# ----------------------------------------------------------------------------- mining
+
+
+@dataclass(frozen=True)
+class MiningConfig:
+    """How BM25 hard negatives are mined.
+
+    Attributes:
+        num_negatives: Negatives added per example.
+        rank_window: 1-based inclusive ranks to sample from (the paper uses 15-30), counted
+            after positives and duplicate texts are removed from the ranking.
+        seed: Sampling seed; each example's draw depends only on (seed, example id).
+        query: "last_turn", "user_turns" (the last user turn, then the earlier ones, newest
+            first) or "all_turns" (every turn, newest first).
+        max_query_chars: Queries are cut to this many characters.
+    """
+
+    num_negatives: int = 4
+    rank_window: tuple[int, int] = (15, 30)
+    seed: int = 0
+    query: str = "user_turns"
+    max_query_chars: int = 2000
+
+    def __post_init__(self) -> None:
+        lo, hi = self.rank_window
+        if not 1 <= lo <= hi:
+            raise ValueError(f"rank_window must be 1 <= start <= end, got {self.rank_window}")
+        if self.num_negatives < 0:
+            raise ValueError("num_negatives must be >= 0")
+        if self.query not in MINING_QUERIES:
+            raise ValueError(f"query must be one of {MINING_QUERIES}, got {self.query!r}")
+
+
+def mining_query(messages: Sequence[Turn], mode: str = "user_turns") -> str:
+    """The BM25 query text of a session (see `MiningConfig.query`)."""
+    turns = list(reversed(messages))  # newest first: the current question leads
+    if mode == "last_turn":
+        turns = turns[:1]
+    elif mode == "user_turns":
+        turns = [t for t in turns if t.role == "user"]
+    return "\n".join(t.content for t in turns)
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip().casefold()
+
+
+def _passage_pool(
+    examples: Sequence[TrainingExample], corpus: Iterable[Passage] | None
+) -> list[TrainingPassage]:
+    """The corpus (less blank passages) as TrainingPassages, or every distinct positive."""
+    if corpus is not None:
+        return [TrainingPassage.from_passage(p) for p in corpus if p.text.strip()]
+    pool: dict[str, TrainingPassage] = {}
+    for ex in examples:
+        for p in ex.positives:
+            pool.setdefault(_norm(p.text), p)
+    return list(pool.values())
+
+
+def _bm25_topk(docs: list[str], queries: list[str], k: int, show_progress: bool) -> list[list[int]]:
+    """BM25 (bm25s, English stemming and stopwords): per query, the indices of its top-k docs
+    with a positive score, best first, ties broken by index (so runs are reproducible)."""
+    try:
+        import bm25s
+        import Stemmer
+    except ImportError as e:
+        raise ImportError(
+            "hard-negative mining needs bm25s: pip install chatretriever[baselines]"
+        ) from e
+    tokenizer = bm25s.tokenization.Tokenizer(stopwords="en", stemmer=Stemmer.Stemmer("english"))
+    doc_tokens = tokenizer.tokenize(docs, update_vocab=True, return_as="tuple", show_progress=False)
+    retriever = bm25s.BM25()
+    retriever.index(doc_tokens, show_progress=show_progress)
+    q_tokens = tokenizer.tokenize(queries, update_vocab=False, return_as="ids", show_progress=False)
+    out = []
+    # our own top-k: bm25s' argpartition over mostly-zero score vectors is very slow
+    for ids in tqdm(q_tokens, desc="BM25 search", disable=not show_progress):
+        scores = retriever.get_scores(ids) if ids else np.zeros(len(docs))  # (N,)
+        hits = np.flatnonzero(scores > 0)
+        if len(hits) > k:  # keep every doc tied with the k-th best, then cut after sorting
+            kth = np.partition(scores[hits], len(hits) - k)[len(hits) - k]
+            hits = hits[scores[hits] >= kth]
+        out.append(hits[np.lexsort((hits, -scores[hits]))][:k].tolist())
+    return out
+
+
+def _pick(candidates: list[int], cfg: MiningConfig, example_id: str) -> list[int]:
+    """Sample from the rank window; if it is short, fill with the ranks nearest to it."""
+    lo, hi = cfg.rank_window
+    window = candidates[lo - 1 : hi]
+    rng = random.Random(f"{cfg.seed}:{example_id}")
+    chosen = rng.sample(window, min(cfg.num_negatives, len(window)))
+    backup = candidates[hi:] + candidates[: lo - 1][::-1]
+    chosen += backup[: cfg.num_negatives - len(chosen)]
+    order = {c: r for r, c in enumerate(candidates)}
+    return sorted(chosen, key=order.__getitem__)
+
+
+def mine_hard_negatives(
+    examples: Sequence[TrainingExample],
+    corpus: Iterable[Passage] | None = None,
+    config: MiningConfig | None = None,
+    show_progress: bool = True,
+) -> list[TrainingExample]:
+    """Add BM25 hard negatives to each example.
+
+    Each session's query (`config.query`) is searched over `corpus`, or, when there is none,
+    over the pool of all examples' distinct positives. Hits with zero score, hits equal to one
+    of the example's positives or existing negatives (by id or by whitespace/case-normalized
+    text) and repeated texts are dropped; `num_negatives` are then sampled from the rank window
+    (filled from the nearest ranks outside it when it is short) and appended to the example's
+    negatives.
+
+    Args:
+        examples: The examples.
+        corpus: Passages to mine from; None mines from the positives.
+        config: Mining settings.
+        show_progress: Show progress bars.
+
+    Returns:
+        New examples (same order) with the negatives added.
+    """
+    cfg = config or MiningConfig()
+    if not examples or cfg.num_negatives == 0:
+        return list(examples)
+    pool = _passage_pool(examples, corpus)
+    if not pool:
+        raise ValueError("no passages to mine negatives from")
+    docs = [f"{p.title}\n{p.text}" if p.title else p.text for p in pool]
+    queries = [mining_query(ex.messages, cfg.query)[: cfg.max_query_chars] for ex in examples]
+    most_pos = max(len(ex.positives) + len(ex.negatives) for ex in examples)
+    k = cfg.rank_window[1] + most_pos + 20  # room for dropped positives and duplicate texts
+    logger.info("mining: %d queries over %d passages, top %d", len(queries), len(pool), k)
+    hits = _bm25_topk(docs, queries, k, show_progress)
+    norms = [_norm(p.text) for p in pool]
+    out = []
+    for ex, row in zip(examples, hits, strict=True):
+        known = ex.positives + ex.negatives
+        bad_ids = {p.id for p in known if p.id is not None}
+        seen = {_norm(p.text) for p in known}
+        candidates = []
+        for i in row:
+            if pool[i].id in bad_ids or norms[i] in seen:
+                continue
+            seen.add(norms[i])
+            candidates.append(i)
+        picked = tuple(pool[i] for i in _pick(candidates, cfg, ex.id))
+        out.append(replace(ex, negatives=ex.negatives + picked))
+    return out
+
+
+def mine_hard_negatives_by_domain(
+    examples: Sequence[TrainingExample],
+    corpus: Iterable[Passage],
+    config: MiningConfig | None = None,
+    show_progress: bool = True,
+) -> list[TrainingExample]:
+    """`mine_hard_negatives` within each domain: an example whose `metadata["domain"]` is d
+    gets negatives only from passages whose `metadata["domain"]` is d (MTRAG retrieves per
+    domain, so other domains' passages would be easy negatives). Order is kept."""
+    by_domain: dict[object, list[Passage]] = {}
+    for p in corpus:
+        by_domain.setdefault(p.metadata.get("domain"), []).append(p)
+    mined: dict[str, TrainingExample] = {}
+    for domain in sorted({str(e.metadata.get("domain")) for e in examples}):
+        group = [e for e in examples if str(e.metadata.get("domain")) == domain]
+        passages = by_domain.get(domain, [])
+        if not passages:
+            logger.warning(
+                "no passages of domain %r: %d examples get no negatives", domain, len(group)
+            )
+            continue
+        for e in mine_hard_negatives(group, passages, config, show_progress):
+            mined[e.id] = e
+    return [mined.get(e.id, e) for e in examples]

@@ -1,0 +1,177 @@
+"""`chatretriever build-train SOURCE PATH... --out FILE`: make a CSIT training JSONL file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any, NamedTuple
+
+from chatretriever.builders import (
+    MINING_QUERIES,
+    MiningConfig,
+    cast_examples,
+    conversation_id,
+    first_question,
+    mine_hard_negatives,
+    mine_hard_negatives_by_domain,
+    mtrag_examples,
+    read_chat_examples,
+    read_id_list,
+    read_triples,
+    split_heldout,
+    topiocqa_examples,
+)
+from chatretriever.data import TrainingExample, write_training_examples
+from chatretriever.io.corpus import iter_corpus
+from chatretriever.io.files import atomic_write
+from chatretriever.io.sessions import write_sessions
+from chatretriever.types import Session
+
+logger = logging.getLogger(__name__)
+
+SOURCES = ("mtrag", "topiocqa", "cast", "sessions", "triples")
+_HOLDOUT_KEYS: dict[str, Callable[[Any], str]] = {
+    "conversation": conversation_id,
+    "first_question": first_question,
+}
+
+
+def add_parser(sub: Any) -> None:
+    """Register `build-train SOURCE PATH [PATH ...] --out FILE [options]`."""
+    p = sub.add_parser(
+        "build-train",
+        help="build a training JSONL file from a dataset (with BM25 hard negatives)",
+        description="SOURCE and its PATHs: mtrag DIR (the mtrag/ directory); topiocqa FILE...; "
+        "cast DIR (trec-cast/, see --years); sessions FILE... (sessions JSONL, each with a "
+        "response or a final assistant turn); triples FILE... (TSV query, positive, negative).",
+    )
+    p.add_argument("source", choices=SOURCES)
+    p.add_argument("paths", nargs="+", help="dataset directory or files")
+    p.add_argument("--out", required=True, help="training JSONL to write (.gz compresses)")
+    p.add_argument("--domains", nargs="+", default=None, help="mtrag: domains to use")
+    p.add_argument("--years", nargs="+", type=int, default=[2021, 2022], help="cast: years")
+    g = p.add_argument_group("hard negatives")
+    g.add_argument(
+        "--corpus",
+        default=None,
+        help="BEIR corpus to mine from (mtrag: its own; "
+        "otherwise default: the pool of all positives)",
+    )
+    g.add_argument("--negatives", type=int, default=4, help="negatives per example (0: none)")
+    g.add_argument("--rank-window", nargs=2, type=int, default=[15, 30], metavar=("FIRST", "LAST"))
+    g.add_argument("--mining-query", choices=MINING_QUERIES, default="user_turns")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    h = p.add_argument_group("held-out conversations (never trained on)")
+    h.add_argument("--holdout-ids", default=None, help="file of conversation ids, one a line")
+    h.add_argument("--holdout-fraction", type=float, default=0.0)
+    h.add_argument(
+        "--holdout-key",
+        choices=tuple(_HOLDOUT_KEYS),
+        default="conversation",
+        help="what the fraction hashes (first_question also groups seed siblings)",
+    )
+    h.add_argument("--holdout-seed", type=int, default=0)
+    h.add_argument("--heldout-out", default=None, help="write held-out conversation ids here")
+    h.add_argument("--eval-sessions-out", default=None, help="write held-out sessions here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run_build_train)
+
+
+class _Source(NamedTuple):
+    items: list[Any]  # sessions (or, for example files, examples) to split
+    build: Callable[[list[Any]], list[TrainingExample]]
+    mine: Callable[[list[TrainingExample], MiningConfig, bool], list[TrainingExample]]
+    mining_corpus: str
+
+
+def _load(args: argparse.Namespace) -> _Source:
+    """The chosen source's items, how to build and how to mine its examples."""
+    src, paths = args.source, args.paths
+    if src in ("mtrag", "cast") and len(paths) != 1:
+        raise ValueError(f"{src} takes one directory, got {len(paths)} paths")
+    if src == "mtrag":
+        from chatretriever.io.mtrag import iter_mtrag_corpus, load_mtrag
+
+        data = load_mtrag(paths[0], args.domains)
+        corpus_path = args.corpus or data.corpus_path
+        if corpus_path is None:
+            raise ValueError("no MTRAG corpus found: pass --corpus")
+        corpus = list(iter_mtrag_corpus(corpus_path, args.domains))
+        by_id = {p.id: p for p in corpus}
+        return _Source(
+            data.sessions,
+            lambda ss: mtrag_examples(ss, data.qrels, by_id),
+            lambda ex, cfg, bar: mine_hard_negatives_by_domain(ex, corpus, cfg, bar),
+            f"{corpus_path} (per domain)",
+        )
+    mining = list(iter_corpus(args.corpus)) if args.corpus else None
+
+    def mine(ex: list[TrainingExample], cfg: MiningConfig, bar: bool) -> list[TrainingExample]:
+        return mine_hard_negatives(ex, mining, cfg, bar)
+
+    name = str(args.corpus) if args.corpus else "all positives"
+    if src == "topiocqa":
+        from chatretriever.io.topiocqa import read_topiocqa
+
+        return _Source([s for p in paths for s in read_topiocqa(p)], topiocqa_examples, mine, name)
+    if src == "cast":
+        from chatretriever.io.cast import load_cast
+
+        sessions = [s for y in args.years for s in load_cast(paths[0], y).sessions]
+        return _Source(sessions, cast_examples, mine, name)
+    reader = read_chat_examples if src == "sessions" else read_triples
+    return _Source([ex for p in paths for ex in reader(p)], list, mine, name)
+
+
+def _write_heldout(args: argparse.Namespace, held: list[Any]) -> None:
+    if args.heldout_out:
+        ids = sorted({conversation_id(s) for s in held})
+        with atomic_write(args.heldout_out) as f:
+            f.write("".join(f"{i}\n" for i in ids))
+    if args.eval_sessions_out:
+        sessions = [s if isinstance(s, Session) else s.session() for s in held]
+        write_sessions(args.eval_sessions_out, sessions)
+
+
+def run_build_train(args: argparse.Namespace) -> int:
+    """Load, hold out, build, mine and write; prints one summary line."""
+    start = time.perf_counter()
+    mining = MiningConfig(args.negatives, tuple(args.rank_window), args.seed, args.mining_query)
+    source = _load(args)
+    heldout_ids = read_id_list(args.holdout_ids) if args.holdout_ids else ()
+    train, held = split_heldout(
+        source.items,
+        heldout_ids,
+        args.holdout_fraction,
+        args.holdout_seed,
+        _HOLDOUT_KEYS[args.holdout_key],
+    )
+    examples = source.build(train)
+    if not examples:
+        raise ValueError(f"{args.source}: no training examples with a positive")
+    if mining.num_negatives:
+        examples = source.mine(examples, mining, not args.no_progress)
+    n = write_training_examples(args.out, examples)
+    _write_heldout(args, held)
+    summary = {
+        "source": args.source,
+        "paths": args.paths,
+        "examples": n,
+        "negatives": sum(len(e.negatives) for e in examples),
+        "heldout_items": len(held),
+        "heldout_conversations": len({conversation_id(s) for s in held}),
+        "train_conversations": len({conversation_id(s) for s in train}),
+        "mining": asdict(mining),
+        "mining_corpus": source.mining_corpus,
+        "holdout": {k: getattr(args, f"holdout_{k}") for k in ("ids", "fraction", "key", "seed")},
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    with atomic_write(f"{args.out}.meta.json") as f:  # the resolved settings beside the output
+        json.dump(summary, f, indent=2)
+    sys.stdout.write(json.dumps(summary) + "\n")
+    return 0

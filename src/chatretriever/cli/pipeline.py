@@ -1,0 +1,235 @@
+"""Sub-commands of the retrieval pipeline: encode, index, search, evaluate, rewrite."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from chatretriever.search import FORMULATIONS, MISSING_REWRITE
+
+logger = logging.getLogger(__name__)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register the pipeline sub-commands."""
+    p = sub.add_parser("encode", help="encode a corpus into embedding shards (resumable)")
+    p.add_argument("corpus", help="BEIR corpus JSONL (.gz ok)")
+    p.add_argument("--model", required=True, help="minilm-l6, mpnet-base, or a model dir/name")
+    p.add_argument("--out", required=True, help="output directory of chunk shards")
+    p.add_argument("--shard", default="0/1", help="I/N: this process encodes every N-th chunk")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--chunk-size", type=int, default=10_000, help="passages per shard dir")
+    p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("index", help="build a Faiss index from embedding shards")
+    p.add_argument("emb_dirs", nargs="+", metavar="EMB_DIR", help="encode outputs or shard dirs")
+    p.add_argument("--out", required=True, help="index directory")
+    p.add_argument("--factory", default="Flat", help='Faiss factory: "Flat", "HNSW32", "IVF..."')
+    p.add_argument("--train-size", type=int, default=100_000)
+    p.set_defaults(func=cmd_index)
+
+    p = sub.add_parser("search", help="retrieve passages for sessions into a TREC run")
+    p.add_argument("--sessions", required=True, help="sessions JSONL")
+    p.add_argument("--out", required=True, help="TREC run file to write")
+    p.add_argument("--index", help="index directory (dense search)")
+    p.add_argument("--model", help="query encoder (dense search)")
+    p.add_argument("--bm25", metavar="CORPUS", help="search a corpus with BM25 instead")
+    p.add_argument("--formulation", choices=FORMULATIONS, default="session")
+    p.add_argument("--missing-rewrite", choices=MISSING_REWRITE, default="error")
+    p.add_argument("--k", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--params", help='Faiss search parameters, e.g. "efSearch=128"')
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("evaluate", help="score a TREC run against qrels")
+    p.add_argument("run", help="TREC run file")
+    p.add_argument("qrels", help="TREC or BEIR qrels")
+    p.add_argument("--measures", nargs="+", help="ir_measures names (default: nDCG@3 ...)")
+    p.add_argument("--rel", type=int, default=1, help="relevance threshold of binary measures")
+    p.add_argument("--per-query", action="store_true", help="print per-query values")
+    p.add_argument("--compare", metavar="RUN2", help="paired significance tests against RUN2")
+    p.add_argument("--out", help="write the results as JSON")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("rewrite", help="rewrite last questions into standalone ones with an LLM")
+    p.add_argument("--sessions", required=True, help="sessions JSONL")
+    p.add_argument("--out", required=True, help="sessions JSONL with `rewrite` set")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="chat LLM (causal)")
+    p.add_argument("--cache", help="rewrite cache JSONL (default: <out>.cache.jsonl)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.set_defaults(func=cmd_rewrite)
+
+
+def _echo(text: str) -> None:
+    """Command output goes to stdout (logging goes to stderr)."""
+    sys.stdout.write(text + "\n")
+
+
+def _positive(value: int, flag: str) -> int:
+    if value < 1:
+        raise ValueError(f"{flag} must be positive, got {value}")
+    return value
+
+
+def cmd_encode(args: argparse.Namespace) -> int:
+    from chatretriever.encode import EncodeConfig, encode_corpus, parse_shard
+    from chatretriever.io.corpus import iter_corpus
+    from chatretriever.registry import load_encoder
+
+    config = EncodeConfig(
+        batch_size=_positive(args.batch_size, "--batch-size"),
+        chunk_size=_positive(args.chunk_size, "--chunk-size"),
+        shard=parse_shard(args.shard),
+    )
+    # A first pass checks the whole corpus (and counts it) before any model is loaded.
+    total = sum(1 for _ in iter_corpus(args.corpus))
+    encoder = load_encoder(args.model)
+    result = encode_corpus(encoder, iter_corpus(args.corpus), args.out, config, total=total)
+    _echo(
+        f"{result.passages_encoded} passages encoded into {result.chunks_written} chunks, "
+        f"{result.chunks_kept} chunks kept from an earlier run -> {result.out_dir}"
+    )
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from chatretriever.encode import list_shards
+    from chatretriever.index import DenseIndex
+
+    shards = list_shards(args.emb_dirs)
+    index = DenseIndex.build(shards, factory=args.factory, train_size=args.train_size)
+    settings = {"emb_dirs": [str(p) for p in args.emb_dirs], "train_size": args.train_size}
+    index.save(args.out, settings=settings)
+    _echo(
+        f"indexed {len(index)} passages ({args.factory}, {index.meta.model}) -> {args.out}; "
+        f"memory {index.memory_bytes} bytes ({index.memory_bytes / 2**20:.1f} MiB)"
+    )
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from chatretriever.io.sessions import read_sessions
+    from chatretriever.search import save_run
+
+    _positive(args.k, "--k")
+    if bool(args.bm25) == bool(args.index or args.model):
+        raise ValueError("give either --bm25 CORPUS, or --index DIR with --model NAME")
+    sessions = read_sessions(args.sessions)
+    settings = {k: v for k, v in vars(args).items() if k != "func"}
+    if args.bm25:
+        from chatretriever.baselines import BM25Retriever
+        from chatretriever.io.corpus import read_corpus
+
+        retriever = BM25Retriever(read_corpus(args.bm25))
+        settings["bm25"] = {"corpus": args.bm25, **retriever.settings}
+        run = retriever.search(sessions, args.k, args.formulation, args.missing_rewrite)
+    else:
+        run = _search_dense(args, sessions)
+    n = save_run(args.out, run, settings, depth=args.k)
+    _echo(f"{len(run.scores)} queries, {n} lines -> {args.out}")
+    return 0
+
+
+def _search_dense(args: argparse.Namespace, sessions: list):
+    from chatretriever.index import DenseIndex
+    from chatretriever.registry import load_encoder
+    from chatretriever.search import search_dense
+
+    if not (args.index and args.model):
+        raise ValueError("dense search needs both --index DIR and --model NAME")
+    index = DenseIndex.load(args.index)
+    encoder = load_encoder(args.model)
+    index.check_encoder(encoder.name, encoder.dim, encoder.normalize)  # before any encoding
+    return search_dense(
+        encoder,
+        index,
+        sessions,
+        k=args.k,
+        formulation=args.formulation,
+        batch_size=_positive(args.batch_size, "--batch-size"),
+        missing_rewrite=args.missing_rewrite,
+        params=args.params,
+    )
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from chatretriever.evaluate import DEFAULT_MEASURES, compare, evaluate_run, write_json
+    from chatretriever.io.trec import read_qrels, read_run
+
+    qrels = read_qrels(args.qrels)
+    measures = args.measures or list(DEFAULT_MEASURES)
+    result = evaluate_run(read_run(args.run), qrels, measures, rel=args.rel)
+    _print_evaluation(args.run, result, args.per_query)
+    out = {"run": args.run, "qrels": args.qrels, **result.to_dict(per_query=args.per_query)}
+    if args.compare:
+        other = evaluate_run(read_run(args.compare), qrels, measures, rel=args.rel)
+        tests = compare(result, other)
+        _print_comparison(args.run, args.compare, tests)
+        out["compare"] = {"run": args.compare, "evaluation": other.to_dict(False), "tests": tests}
+    if args.out:
+        write_json(args.out, out)
+    return 0
+
+
+def _print_evaluation(name: str, result, per_query: bool) -> None:
+    _echo(
+        f"# {name}: {result.num_queries} judged queries evaluated "
+        f"({len(result.missing_from_run)} missing from the run, counted as 0); "
+        f"{len(result.unjudged_in_run)} run queries without judgments excluded"
+    )
+    for measure, value in result.aggregate.items():
+        _echo(f"{measure}\tall\t{value:.4f}")
+    if per_query:
+        for qid, values in result.per_query.items():
+            for measure, value in values.items():
+                _echo(f"{measure}\t{qid}\t{value:.4f}")
+
+
+def _print_comparison(a: str, b: str, tests: dict) -> None:
+    _echo(f"# {b} vs {a} (paired t-test, randomization test)")
+    for measure, t in tests.items():
+        _echo(
+            f"{measure}\t{t['a']:.4f} -> {t['b']:.4f} ({t['diff']:+.4f})\t"
+            f"t p={t['t_test_p']:.4g}\trand p={t['randomization_p']:.4g}"
+        )
+
+
+def cmd_rewrite(args: argparse.Namespace) -> int:
+    from chatretriever.io.files import atomic_write
+    from chatretriever.io.sessions import read_sessions, write_sessions
+    from chatretriever.rewrite import RewritePrompt, hf_generator, rewrite_sessions
+
+    sessions = read_sessions(args.sessions)
+    out = Path(args.out)
+    cache = args.cache or out.with_name(out.name + ".cache.jsonl")
+    generate = _lazy(lambda: hf_generator(args.model, args.max_new_tokens))
+    rewritten = rewrite_sessions(sessions, generate, args.model, cache_path=cache)
+    write_sessions(out, rewritten)
+    settings = {
+        "sessions": args.sessions,
+        "model": args.model,
+        "max_new_tokens": args.max_new_tokens,
+        "prompt": asdict(RewritePrompt()),
+        "prompt_hash": RewritePrompt().hash,
+        "cache": str(cache),
+    }
+    with atomic_write(out.with_name(out.name + ".settings.json")) as f:
+        json.dump(settings, f, indent=2)
+    _echo(f"{len(rewritten)} sessions rewritten with {args.model} -> {out} (cache: {cache})")
+    return 0
+
+
+def _lazy(factory):
+    """A generator that loads its model on the first call only (all-cached reruns load none)."""
+    loaded = []
+
+    def generate(messages):
+        if not loaded:
+            loaded.append(factory())
+        return loaded[0](messages)
+
+    return generate

@@ -1,0 +1,181 @@
+"""Token ids -> padded tensors, LM labels and the session-masked attention mask (pure functions).
+
+The CSIT mask is a FLOAT additive mask (B, 1, L, L): 0 = may attend, `torch.finfo(dtype).min` =
+blocked. Not boolean (eager attention misreads it) and not -inf (fully blocked rows give NaN).
+Padding is folded into it, and `position_ids` are always passed explicitly, so the standard
+transformers path (`attention_mask=` 4D) works on Llama, Qwen2, ... with no patched model file.
+
+CSIT row rules for one example laid out as [session (S), session EMB (t), response side (R)]
+where the response side is the assistant header, the response, its end-of-turn tokens and the
+response EMB tokens:
+- session rows and session EMB rows: causal over the session (so their hidden states equal a
+  standalone encoding of the session);
+- every response-side row (header/separator rows included): the t session EMB tokens and earlier
+  response-side tokens only, never a session token;
+- padding rows attend to themselves only (no NaN); no real row attends to padding.
+The "vanilla" variant (plain instruction tuning) is a causal mask over the same sequence.
+Sliding-window layers (Gemma3, Mistral) receive this same mask without a window: session rows
+still equal a standalone encoding as long as the session fits in the window.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from chatretriever.template import CsitPieces
+
+IGNORE_INDEX = -100
+MASK_MODES = ("csit", "vanilla")
+
+
+def pad_batch(
+    seqs: Sequence[Sequence[int]], pad_id: int, padding_side: str = "right"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad token id lists to one length.
+
+    Args:
+        seqs: B lists of token ids.
+        pad_id: Id written into padding positions (never attended).
+        padding_side: "right" or "left".
+
+    Returns:
+        input_ids (B, L) long and attention_mask (B, L) long (1 = token, 0 = padding).
+    """
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+    if not seqs or any(len(s) == 0 for s in seqs):
+        raise ValueError("pad_batch needs at least one sequence and no empty sequence")
+    length = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        span = slice(0, len(s)) if padding_side == "right" else slice(length - len(s), length)
+        ids[b, span] = torch.as_tensor(list(s), dtype=torch.long)
+        mask[b, span] = 1
+    return ids, mask
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions 0, 1, ... over the real tokens of each row (padding gets 0).
+
+    Args:
+        attention_mask: (B, L) with 1 for tokens.
+
+    Returns:
+        (B, L) long; identical for the same sequence under left or right padding.
+    """
+    pos = attention_mask.long().cumsum(dim=-1) - 1  # (B, L)
+    return pos.clamp(min=0) * attention_mask.long()
+
+
+def encode_batch(
+    seqs: Sequence[Sequence[int]], pad_id: int, padding_side: str = "right"
+) -> dict[str, torch.Tensor]:
+    """A standalone encoding batch (sessions or passages, each ending with its EMB tokens).
+
+    Returns:
+        {"input_ids": (B, L), "attention_mask": (B, L), "position_ids": (B, L)}.
+    """
+    ids, mask = pad_batch(seqs, pad_id, padding_side)
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids_from_mask(mask)}
+
+
+def last_token_positions(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, token_id: int
+) -> torch.Tensor:
+    """Index of the last real occurrence of `token_id` in each row, whatever the padding side.
+
+    Args:
+        input_ids: (B, L).
+        attention_mask: (B, L), 1 for tokens.
+        token_id: The token to find (the last EMB token).
+
+    Returns:
+        (B,) long positions. Raises ValueError when a row lacks the token.
+    """
+    hits = (input_ids == token_id) & attention_mask.bool()  # (B, L)
+    if not bool(hits.any(dim=-1).all()):
+        rows = (~hits.any(dim=-1)).nonzero().flatten().tolist()
+        raise ValueError(f"rows {rows} contain no EMB token {token_id}")
+    idx = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    return torch.where(hits, idx, -1).max(dim=-1).values
+
+
+def csit_allowed(
+    lengths: torch.Tensor,
+    session_lens: torch.Tensor,
+    n_emb: int,
+    max_len: int,
+    mode: str = "csit",
+) -> torch.Tensor:
+    """Boolean "row may attend to column" matrices of right-padded CSIT sequences.
+
+    Args:
+        lengths: (B,) real length of each sequence.
+        session_lens: (B,) S, the number of session tokens before the session EMB tokens.
+        n_emb: t.
+        max_len: L, the padded length.
+        mode: "csit" (session-masked) or "vanilla" (causal).
+
+    Returns:
+        (B, L, L) bool, True = attend.
+    """
+    if mode not in MASK_MODES:
+        raise ValueError(f"mask mode must be one of {MASK_MODES}, got {mode!r}")
+    i = torch.arange(max_len).view(1, -1, 1)  # rows (1, L, 1)
+    j = torch.arange(max_len).view(1, 1, -1)  # columns (1, 1, L)
+    n = lengths.view(-1, 1, 1)  # (B, 1, 1)
+    allowed = (j <= i) & (i < n) & (j < n)  # causal over real tokens (B, L, L)
+    if mode == "csit":
+        response_row = i >= session_lens.view(-1, 1, 1) + n_emb
+        session_col = j < session_lens.view(-1, 1, 1)
+        allowed = allowed & ~(response_row & session_col)
+    pad_row = (i >= n) & (i == j)  # padding rows see themselves only: no NaN
+    return allowed | pad_row
+
+
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B, L, L) bool -> (B, 1, L, L) float: 0 where allowed, finfo(dtype).min where blocked."""
+    zero = torch.zeros((), dtype=dtype)
+    blocked = torch.tensor(torch.finfo(dtype).min, dtype=dtype)
+    return torch.where(allowed, zero, blocked).unsqueeze(1)
+
+
+def csit_batch(
+    examples: Sequence[CsitPieces],
+    pad_id: int,
+    mode: str = "csit",
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
+    """Pad CSIT sequences (right) and build labels, positions and the 4D float mask.
+
+    Args:
+        examples: B CsitPieces from `RetrievalTemplate.csit_pieces`.
+        pad_id: Padding token id.
+        mode: "csit" (session-masked) or "vanilla" (plain causal).
+        dtype: Float dtype of the additive mask (the model's compute dtype).
+
+    Returns:
+        {"input_ids": (B, L), "attention_mask": (B, 1, L, L) float, "position_ids": (B, L),
+        "labels": (B, L) = input ids on the trained response tokens, -100 elsewhere (not
+        shifted), "session_emb_pos": (B,) position of each session's last EMB token}.
+    """
+    if len({ex.n_emb for ex in examples}) > 1:
+        raise ValueError("all CSIT examples of a batch must use the same number of EMB tokens")
+    ids, mask2d = pad_batch([ex.input_ids for ex in examples], pad_id, "right")
+    length = ids.shape[1]
+    lengths = mask2d.sum(dim=-1)  # (B,)
+    session_lens = torch.tensor([ex.session_len for ex in examples], dtype=torch.long)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    for b, ex in enumerate(examples):
+        labels[b, ex.label_start : ex.label_end] = ids[b, ex.label_start : ex.label_end]
+    allowed = csit_allowed(lengths, session_lens, examples[0].n_emb, length, mode)
+    return {
+        "input_ids": ids,
+        "attention_mask": additive_mask(allowed, dtype),
+        "position_ids": position_ids_from_mask(mask2d),
+        "labels": labels,
+        "session_emb_pos": torch.tensor([ex.session_emb_pos for ex in examples]),
+    }

@@ -1,0 +1,179 @@
+"""Small, validated configs of the retriever, its losses and its LoRA adapter.
+
+Each ablation of the paper is a value here, never a code copy:
+- no session-masked LM loss: `LossConfig(alpha=0)`;
+- one EMB token (or any t): `RetrieverConfig(n_emb_tokens=1)`;
+- vanilla instruction tuning (no session mask): `LossConfig(session_mask="vanilla")`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+DTYPES = ("auto", "bf16", "fp32")
+EMB_INITS = ("mean", "eos")
+POOLINGS = ("last_emb",)
+SESSION_MASKS = ("csit", "vanilla", "none")
+
+
+def _from_dict(cls: type, data: Mapping[str, Any]) -> Any:
+    """Build a config dataclass from a dict; unknown keys (typos) raise ValueError."""
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known: {sorted(names)}")
+    return cls(**dict(data))
+
+
+@dataclass
+class RetrieverConfig:
+    """How a chat LLM becomes a retriever: EMB tokens, lengths, rendering and precision.
+
+    Attributes:
+        base_model: Built-in name, local Hugging Face dir or .gguf file of the chat LLM.
+        n_emb_tokens: t, the number of [EMB_i] tokens appended to every input (paper: 3).
+        max_session_len: Token budget of a session, EMB tokens included.
+        max_passage_len: Token budget of a passage, EMB tokens included.
+        max_response_len: Token budget of the CSIT response part, EMB tokens included.
+        normalize: L2-normalise embeddings (cosine similarity).
+        dtype: "auto" (bf16 where the CPU/GPU supports it, else fp32), "bf16" or "fp32".
+        pooling: Fixed to "last_emb": the final hidden state of the last [EMB_t] token.
+        emb_init: Initial input embedding of the new tokens: "mean" of the matrix or the "eos" row.
+        system_prompt: None renders no system message (a default one injected by the template is
+            replaced by an explicit empty one, see `template.py`); a string is used as the system
+            message of every session and passage.
+        attn_implementation: Attention kernel of the backbone ("sdpa" or "eager").
+        trust_remote_code: Passed to the backbone loader.
+    """
+
+    base_model: str = "smollm2-135m-instruct"
+    n_emb_tokens: int = 3
+    max_session_len: int = 512
+    max_passage_len: int = 256
+    max_response_len: int = 256
+    normalize: bool = True
+    dtype: str = "auto"
+    pooling: str = "last_emb"
+    emb_init: str = "mean"
+    system_prompt: str | None = None
+    attn_implementation: str = "sdpa"
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.base_model:
+            raise ValueError("RetrieverConfig.base_model must not be empty")
+        if not isinstance(self.n_emb_tokens, int) or self.n_emb_tokens < 1:
+            raise ValueError(f"n_emb_tokens must be an int >= 1, got {self.n_emb_tokens!r}")
+        for name in ("max_session_len", "max_passage_len", "max_response_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < self.n_emb_tokens + 8:
+                raise ValueError(f"{name} must be an int >= n_emb_tokens + 8, got {value!r}")
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("pooling", self.pooling, POOLINGS)
+        _check_choice("emb_init", self.emb_init, EMB_INITS)
+        if self.attn_implementation not in ("sdpa", "eager"):
+            raise ValueError(
+                f"attn_implementation must be 'sdpa' or 'eager', got {self.attn_implementation!r}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RetrieverConfig:
+        return _from_dict(cls, data)
+
+
+@dataclass
+class LossConfig:
+    """L = L_C + alpha * L_S.
+
+    Attributes:
+        alpha: Weight of the session-masked LM loss L_S (paper: 0.3; 0 = contrastive only).
+        temperature: InfoNCE temperature (paper: ~0.01, with normalised embeddings).
+        in_batch: Use the other examples' positives and hard negatives as negatives too.
+        session_mask: "csit" (response sees only the session's EMB tokens), "vanilla" (plain causal
+            mask: the response sees the whole session) or "none" (no LM part; needs alpha == 0).
+        label_smoothing: Label smoothing of L_S.
+        n_hard_negatives: Hard negatives per example (paper: 4).
+    """
+
+    alpha: float = 0.3
+    temperature: float = 0.01
+    in_batch: bool = True
+    session_mask: str = "csit"
+    label_smoothing: float = 0.0
+    n_hard_negatives: int = 4
+
+    def __post_init__(self) -> None:
+        if self.alpha < 0:
+            raise ValueError(f"alpha must be >= 0, got {self.alpha}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        _check_choice("session_mask", self.session_mask, SESSION_MASKS)
+        if self.session_mask == "none" and self.alpha != 0:
+            raise ValueError("session_mask='none' trains no LM part: set alpha=0")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.n_hard_negatives < 0:
+            raise ValueError(f"n_hard_negatives must be >= 0, got {self.n_hard_negatives}")
+        if self.n_hard_negatives == 0 and not self.in_batch:
+            raise ValueError("no negatives at all: use in_batch=True or n_hard_negatives > 0")
+
+    @property
+    def uses_lm(self) -> bool:
+        """Whether batches need the response part (the LM loss has a non-zero weight)."""
+        return self.alpha > 0 and self.session_mask != "none"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LossConfig:
+        return _from_dict(cls, data)
+
+
+@dataclass
+class LoraSettings:
+    """The LoRA adapter; the EMB tokens' embeddings are always trained alongside it.
+
+    Attributes:
+        enabled: False = full fine-tuning (the whole model is trained and saved).
+        r: LoRA rank.
+        alpha: LoRA scaling numerator (lora_alpha).
+        dropout: LoRA dropout.
+        target_modules: Linear layers that get adapters.
+    """
+
+    enabled: bool = True
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = field(default=("q_proj", "k_proj", "v_proj", "o_proj"))
+
+    def __post_init__(self) -> None:
+        self.target_modules = tuple(self.target_modules)
+        if self.r < 1:
+            raise ValueError(f"LoRA r must be >= 1, got {self.r}")
+        if self.alpha <= 0:
+            raise ValueError(f"LoRA alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        if self.enabled and not self.target_modules:
+            raise ValueError("LoRA target_modules must not be empty")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["target_modules"] = list(self.target_modules)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LoraSettings:
+        return _from_dict(cls, data)
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")

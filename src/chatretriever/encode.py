@@ -1,0 +1,257 @@
+"""Corpus -> embedding shards: length-sorted batches, split across processes, resumable.
+
+Layout of an output directory:
+
+    out/encode_settings.json     the resolved settings (model, chunk size, counts when finished)
+    out/chunk-00000/             one embedding shard per fixed-size chunk of the corpus
+        embeddings.npy  ids.txt  meta.json          (see `chatretriever.io.embeddings`)
+
+Chunk j holds passages [j * chunk_size, (j + 1) * chunk_size) in corpus order; process i of n
+encodes the chunks with j % n == i. Each chunk is written atomically (a temporary directory is
+renamed into place), so after an interruption the finished chunks are kept and only the rest is
+computed. Torch-free: the encoder does the model work.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from chatretriever.encoders import Encoder
+from chatretriever.io.embeddings import META, EmbeddingMeta, read_meta, write_embeddings
+from chatretriever.io.files import atomic_write
+from chatretriever.types import Passage
+
+logger = logging.getLogger(__name__)
+
+SETTINGS = "encode_settings.json"
+CHUNK_PREFIX = "chunk-"
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    """How to encode a corpus.
+
+    Attributes:
+        batch_size: Passages per call to the encoder.
+        chunk_size: Passages per shard directory (the unit of resumption and of splitting).
+        shard: (i, n): this process encodes chunks j with j % n == i.
+        sort_by_length: Batch passages of similar length together (less padding).
+        show_progress: Show a tqdm bar (passages/s).
+    """
+
+    batch_size: int = 64
+    chunk_size: int = 10_000
+    shard: tuple[int, int] = (0, 1)
+    sort_by_length: bool = True
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        i, n = self.shard
+        if n < 1 or not 0 <= i < n:
+            raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {self.shard}")
+        if self.batch_size < 1 or self.chunk_size < 1:
+            raise ValueError("batch_size and chunk_size must be positive")
+
+
+@dataclass(frozen=True)
+class EncodeResult:
+    """What one `encode_corpus` call did."""
+
+    out_dir: Path
+    chunks_written: int
+    chunks_kept: int
+    passages_encoded: int
+    num_chunks: int
+    num_passages: int
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """Parse "I/N" (e.g. "0/4") into (i, n)."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"shard must look like I/N (e.g. 0/4), got {text!r}") from None
+    EncodeConfig(shard=(i, n))  # validates
+    return i, n
+
+
+def chunk_dir(out_dir: str | Path, index: int) -> Path:
+    return Path(out_dir) / f"{CHUNK_PREFIX}{index:05d}"
+
+
+def _settings(encoder: Encoder, config: EncodeConfig) -> dict[str, Any]:
+    # The shard index is left out: every process of one job writes the same settings.
+    return {
+        "model": encoder.name,
+        "dim": int(encoder.dim),
+        "normalized": bool(encoder.normalize),
+        "chunk_size": config.chunk_size,
+        "batch_size": config.batch_size,
+        "sort_by_length": config.sort_by_length,
+        "num_shards": config.shard[1],
+    }
+
+
+def _write_settings(out_dir: Path, settings: dict[str, Any]) -> None:
+    with atomic_write(out_dir / SETTINGS) as f:
+        json.dump(settings, f, indent=2)
+
+
+def _check_resumable(out_dir: Path, settings: dict[str, Any]) -> None:
+    """Refuse to mix chunks of another model or chunk size into one output directory."""
+    path = out_dir / SETTINGS
+    if not path.exists():
+        return
+    old = json.loads(path.read_text(encoding="utf-8"))
+    for key in ("model", "dim", "normalized", "chunk_size"):
+        if old.get(key) != settings[key]:
+            raise ValueError(
+                f"{out_dir} holds embeddings with {key}={old.get(key)!r}, not {settings[key]!r}; "
+                "use another output directory"
+            )
+
+
+def _chunk_done(path: Path, ids: list[str], settings: dict[str, Any]) -> bool:
+    """True when a finished chunk with exactly these ids is already on disk."""
+    if not (path / META).exists():
+        return False
+    meta = read_meta(path)
+    on_disk = (path / "ids.txt").read_text(encoding="utf-8").splitlines()
+    if on_disk != ids:
+        raise ValueError(f"{path} holds other passages than this corpus: was the corpus changed?")
+    return meta.model == settings["model"]
+
+
+def _length_order(passages: Sequence[Passage]) -> np.ndarray:
+    lengths = np.array([len(p.title) + len(p.text) for p in passages])
+    return np.argsort(-lengths, kind="stable")  # longest first: memory errors show up early
+
+
+def encode_chunk(
+    encoder: Encoder, passages: Sequence[Passage], config: EncodeConfig, bar: tqdm | None = None
+) -> np.ndarray:
+    """Encode passages in (length-sorted) batches; returns (N, D) float32 rows in input order."""
+    order = _length_order(passages) if config.sort_by_length else np.arange(len(passages))
+    out = np.empty((len(passages), encoder.dim), dtype=np.float32)  # (N, D)
+    for start in range(0, len(passages), config.batch_size):
+        idx = order[start : start + config.batch_size]
+        batch = [passages[i] for i in idx]
+        emb = np.asarray(encoder.encode_passages(batch, batch_size=len(batch)), dtype=np.float32)
+        if emb.shape != (len(batch), encoder.dim):
+            want = (len(batch), encoder.dim)
+            raise ValueError(f"encoder returned {emb.shape}, expected {want}")
+        out[idx] = emb
+        if bar is not None:
+            bar.update(len(batch))
+    return out
+
+
+def _chunks(passages: Iterable[Passage], size: int) -> Iterator[list[Passage]]:
+    it = iter(passages)
+    while chunk := list(islice(it, size)):
+        yield chunk
+
+
+def encode_corpus(
+    encoder: Encoder,
+    passages: Iterable[Passage],
+    out_dir: str | Path,
+    config: EncodeConfig | None = None,
+    total: int | None = None,
+) -> EncodeResult:
+    """Encode a corpus into chunked embedding shards under `out_dir`, resuming finished chunks.
+
+    Args:
+        encoder: Any `Encoder`; its `encode_passages` is called once per batch.
+        passages: The corpus in a fixed order (a list or a stream, e.g. `iter_corpus(path)`).
+        out_dir: Output directory (see the module docstring for its layout).
+        config: Batch size, chunk size, shard (i, n), length sorting, progress bar.
+        total: Number of passages, for the progress bar when `passages` has no len().
+
+    Returns:
+        Counts of chunks written and kept and of passages encoded by this call.
+    """
+    config = config or EncodeConfig()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = _settings(encoder, config)
+    _check_resumable(out_dir, settings)
+    _write_settings(out_dir, settings)
+    if total is None and isinstance(passages, Sequence):
+        total = len(passages)
+    i, n = config.shard
+    meta = EmbeddingMeta(model=encoder.name, dim=encoder.dim, normalized=encoder.normalize)
+    written = kept = encoded = num_chunks = num_passages = 0
+    bar = tqdm(
+        total=None if total is None else _shard_total(total, config),
+        unit="passage",
+        desc=f"encode {i}/{n}",
+        disable=not config.show_progress,
+    )
+    with bar:
+        for j, chunk in enumerate(_chunks(passages, config.chunk_size)):
+            num_chunks, num_passages = j + 1, num_passages + len(chunk)
+            if j % n != i:
+                continue
+            ids = [p.id for p in chunk]
+            path = chunk_dir(out_dir, j)
+            if _chunk_done(path, ids, settings):
+                kept += 1
+                bar.update(len(chunk))
+                continue
+            emb = encode_chunk(encoder, chunk, config, bar)
+            extra = {"kind": "passage", "chunk": j, "start": j * config.chunk_size}
+            write_embeddings(path, ids, emb, EmbeddingMeta(**{**asdict(meta), "extra": extra}))
+            written += 1
+            encoded += len(chunk)
+    _write_settings(out_dir, {**settings, "num_chunks": num_chunks, "num_passages": num_passages})
+    logger.info("%s: %d chunks written, %d kept from an earlier run", out_dir, written, kept)
+    return EncodeResult(out_dir, written, kept, encoded, num_chunks, num_passages)
+
+
+def _shard_total(total: int, config: EncodeConfig) -> int:
+    """How many of `total` passages fall in this process's chunks."""
+    i, n = config.shard
+    size = config.chunk_size
+    return sum(min(size, total - j * size) for j in range(i, -(-total // size), n))
+
+
+def list_shards(paths: Iterable[str | Path]) -> list[Path]:
+    """Expand paths into embedding shard directories, in chunk order.
+
+    A path is either one shard (it holds `meta.json`) or an `encode_corpus` output directory.
+    For the latter, every chunk must be present when the settings record a finished job, so an
+    index is never built from half of a corpus.
+    """
+    out: list[Path] = []
+    for path in map(Path, paths):
+        if (path / META).exists():
+            out.append(path)
+            continue
+        chunks = sorted(p for p in path.glob(f"{CHUNK_PREFIX}*") if (p / META).exists())
+        if not chunks:
+            raise ValueError(f"{path} holds no embedding shards (no meta.json, no chunk-* dirs)")
+        _check_complete(path, len(chunks))
+        out.extend(chunks)
+    return out
+
+
+def _check_complete(path: Path, found: int) -> None:
+    """Raise unless every chunk of a finished `encode_corpus` job is present."""
+    settings_path = path / SETTINGS
+    if not settings_path.exists():
+        return  # shard directories made by hand: nothing to check against
+    expected = json.loads(settings_path.read_text(encoding="utf-8")).get("num_chunks")
+    if expected is None:
+        raise ValueError(f"{path}: the encode job is unfinished (rerun it to resume)")
+    if found != expected:
+        raise ValueError(f"{path} holds {found} of {expected} chunks: is an encode job unfinished?")

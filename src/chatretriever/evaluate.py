@@ -1,0 +1,220 @@
+"""Evaluate runs with ir_measures (pytrec_eval inside) and compare two runs per query. Torch-free.
+
+The evaluated query set is explicit: queries of the run without judgments are excluded (and
+listed), judged queries missing from the run count as zero (and are listed). Ties are broken by
+(-score, docid) as in the run files this package writes (trec_eval itself would order tied
+documents by doc id descending).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from chatretriever.io.files import atomic_write
+from chatretriever.types import Qrel, Run, qrels_to_dict, rank_key
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MEASURES = ("nDCG@3", "nDCG@10", "RR@10", "R@10", "R@100", "AP")
+
+
+def _ir_measures():
+    try:
+        import ir_measures
+    except ImportError:
+        raise ImportError("evaluation needs ir_measures: pip install chatretriever[eval]") from None
+    return ir_measures
+
+
+@dataclass
+class Evaluation:
+    """Scores of one run.
+
+    Attributes:
+        aggregate: Measure name -> mean over the evaluated queries.
+        per_query: Query id -> measure name -> value (every evaluated query).
+        rel: Minimum relevance counted as relevant by binary measures (RR, R, AP).
+        unjudged_in_run: Run queries without judgments (excluded).
+        missing_from_run: Judged queries the run has no results for (counted as zero).
+    """
+
+    aggregate: dict[str, float]
+    per_query: dict[str, dict[str, float]]
+    rel: int = 1
+    unjudged_in_run: list[str] = field(default_factory=list)
+    missing_from_run: list[str] = field(default_factory=list)
+    run_name: str = ""
+
+    @property
+    def num_queries(self) -> int:
+        return len(self.per_query)
+
+    def to_dict(self, per_query: bool = True) -> dict[str, Any]:
+        out = asdict(self)
+        out["num_queries"] = self.num_queries
+        out["num_unjudged_in_run"] = len(self.unjudged_in_run)
+        out["num_missing_from_run"] = len(self.missing_from_run)
+        if not per_query:
+            del out["per_query"]
+        return out
+
+
+def parse_measures(names: Iterable[str], rel: int = 1) -> list[Any]:
+    """ir_measures measures from their names ("nDCG@3", "RR@10", "MRR@10", "AP", ...).
+
+    Args:
+        names: Measure names in ir_measures syntax; "MRR@k" is accepted as RR@k.
+        rel: Relevance threshold given to every measure that takes one (RR, R, AP, P, ...);
+            nDCG always uses the graded labels.
+
+    Returns:
+        Measure objects, in the given order.
+    """
+    irm = _ir_measures()
+    out = []
+    for name in names:
+        if name.upper().startswith("MRR"):
+            name = name[1:]
+        try:
+            m = irm.parse_measure(name)
+        except (ValueError, NameError, TypeError) as e:
+            raise ValueError(f"unknown measure {name!r}: {e}") from None
+        if rel != 1 and "rel" in m.SUPPORTED_PARAMS and "rel" not in m.params:
+            m = m(rel=rel)
+        out.append(m)
+    return out
+
+
+def _untied(run: Run, query_ids: Iterable[str]) -> dict[str, dict[str, float]]:
+    """Scores replaced by (len - rank) so evaluation sees exactly the (-score, docid) order."""
+    out: dict[str, dict[str, float]] = {}
+    for qid in query_ids:
+        docs = sorted(run.scores[qid].items(), key=lambda kv: rank_key(kv[0], kv[1]))
+        out[qid] = {d: float(len(docs) - r) for r, (d, _) in enumerate(docs)}
+    return out
+
+
+def evaluate_run(
+    run: Run,
+    qrels: Sequence[Qrel] | Mapping[str, Mapping[str, int]],
+    measures: Sequence[str] = DEFAULT_MEASURES,
+    rel: int = 1,
+) -> Evaluation:
+    """Score a run against graded judgments.
+
+    Args:
+        run: The run (query id -> doc id -> score).
+        qrels: Judgments as Qrel records or query id -> doc id -> relevance.
+        measures: Measure names (see `parse_measures`).
+        rel: Relevance threshold of binary measures.
+
+    Returns:
+        Per-query values and their means over the judged queries.
+    """
+    irm = _ir_measures()
+    qrels_dict = qrels if isinstance(qrels, Mapping) else qrels_to_dict(qrels)
+    qrels_dict = {q: dict(d) for q, d in qrels_dict.items() if d}
+    parsed = parse_measures(measures, rel)
+    names = [str(m) for m in parsed]
+    judged = sorted(qrels_dict)
+    in_run = [q for q in judged if run.scores.get(q)]
+    unjudged = sorted(q for q in run.scores if q not in qrels_dict)
+    missing = sorted(set(judged) - set(in_run))
+    per_query = {q: dict.fromkeys(names, 0.0) for q in judged}
+    # pytrec_eval (trec_eval) when it covers every measure, else ir_measures picks providers.
+    provider = irm.pytrec_eval if all(irm.pytrec_eval.supports(m) for m in parsed) else irm
+    # A new evaluator on every call: a reused pytrec_eval evaluator can return zeros.
+    for metric in provider.iter_calc(parsed, qrels_dict, _untied(run, in_run)):
+        if metric.query_id in per_query:
+            per_query[metric.query_id][str(metric.measure)] = float(metric.value)
+    aggregate = {n: _mean([v[n] for v in per_query.values()]) for n in names}
+    if unjudged:
+        logger.info("%d run queries have no judgments and are not evaluated", len(unjudged))
+    if missing:
+        logger.info("%d judged queries are missing from the run: counted as 0", len(missing))
+    return Evaluation(aggregate, per_query, rel, unjudged, missing, run.name)
+
+
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else math.nan
+
+
+def compare(
+    a: Evaluation, b: Evaluation, n_resamples: int = 10_000, seed: int = 0
+) -> dict[str, dict[str, float]]:
+    """Paired significance tests of b against a over the per-query values of each measure.
+
+    Args:
+        a: The baseline evaluation.
+        b: The other evaluation, on the same judged queries.
+        n_resamples: Random sign flips of the randomisation (permutation) test.
+        seed: Seed of the randomisation test.
+
+    Returns:
+        Measure -> {"a", "b", "diff", "t_test_p", "randomization_p", "num_queries"}.
+    """
+    from scipy import stats  # part of the eval extra
+
+    if set(a.per_query) != set(b.per_query):
+        raise ValueError("the two evaluations cover different queries: use the same qrels")
+    qids = sorted(a.per_query)
+    out = {}
+    for name in a.aggregate:
+        if name not in b.aggregate:
+            continue
+        x = np.array([a.per_query[q][name] for q in qids])  # (Q,)
+        y = np.array([b.per_query[q][name] for q in qids])  # (Q,)
+        diff = y - x
+        t_p = float(stats.ttest_rel(y, x).pvalue) if np.any(diff != diff[0]) else _p_const(diff)
+        out[name] = {
+            "a": float(x.mean()),
+            "b": float(y.mean()),
+            "diff": float(diff.mean()),
+            "t_test_p": t_p,
+            "randomization_p": randomization_test(diff, n_resamples, seed),
+            "num_queries": len(qids),
+        }
+    return out
+
+
+def _p_const(diff: np.ndarray) -> float:
+    # All differences equal: no variance; identical runs give p = 1, a constant shift p = 0.
+    return 1.0 if diff.size == 0 or diff[0] == 0 else 0.0
+
+
+def randomization_test(diff: np.ndarray, n_resamples: int = 10_000, seed: int = 0) -> float:
+    """Two-sided paired randomisation test: p-value of |mean(diff)| under random sign flips.
+
+    Args:
+        diff: (Q,) per-query differences between two systems.
+        n_resamples: Number of random sign assignments.
+        seed: Seed of the random generator.
+
+    Returns:
+        (1 + #resamples at least as extreme) / (1 + n_resamples).
+    """
+    diff = np.asarray(diff, dtype=np.float64)
+    if diff.size == 0:
+        return 1.0
+    observed = abs(diff.mean())
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for start in range(0, n_resamples, 1000):  # bounded memory: (1000, Q) signs at a time
+        signs = rng.choice([-1.0, 1.0], size=(min(1000, n_resamples - start), diff.size))
+        hits += int(np.sum(np.abs(signs @ diff) / diff.size >= observed - 1e-12))
+    return (hits + 1) / (n_resamples + 1)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write results as indented JSON, atomically."""
+    with atomic_write(path) as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")

@@ -1,0 +1,221 @@
+"""A Faiss inner-product index over embedding shards, with its id map and encoder metadata.
+
+Exact search (`IndexFlatIP`) by default; any Faiss factory string otherwise ("HNSW32",
+"IVF1024,PQ64", ...), trained on a sample of the vectors when the index type needs it. Saved as a
+directory (`index.faiss`, `ids.txt`, `meta.json`) that is renamed into place when complete.
+Torch-free.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from chatretriever.errors import DataFormatError
+from chatretriever.io.embeddings import EmbeddingMeta, read_embeddings
+
+logger = logging.getLogger(__name__)
+
+INDEX_FILE = "index.faiss"
+IDS_FILE = "ids.txt"
+META_FILE = "meta.json"
+DEFAULT_FACTORY = "Flat"
+
+
+class EncoderMismatchError(ValueError):
+    """Queries come from another encoder than the one that built the index."""
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError:
+        raise ImportError(
+            "the index needs Faiss: pip install chatretriever[faiss] (faiss-cpu or faiss-gpu)"
+        ) from None
+    return faiss
+
+
+class DenseIndex:
+    """Maximum inner-product search over passage embeddings.
+
+    Args:
+        index: A Faiss index using the inner-product metric.
+        ids: Passage id of each row, in the order vectors were added.
+        meta: Metadata of the encoder that produced the vectors.
+        factory: The Faiss factory string the index was built from.
+    """
+
+    def __init__(self, index: Any, ids: list[str], meta: EmbeddingMeta, factory: str) -> None:
+        if index.ntotal != len(ids):
+            raise ValueError(f"index holds {index.ntotal} vectors but {len(ids)} ids")
+        self.index = index
+        self.ids = ids
+        self.meta = meta
+        self.factory = factory
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @classmethod
+    def build(
+        cls,
+        shard_dirs: Sequence[str | Path],
+        factory: str = DEFAULT_FACTORY,
+        train_size: int = 100_000,
+        seed: int = 0,
+    ) -> DenseIndex:
+        """Build an index from embedding shard directories (see `encode.list_shards`).
+
+        Args:
+            shard_dirs: Shard directories, added in this order.
+            factory: Faiss factory string; "Flat" is exact inner-product search.
+            train_size: Vectors sampled (without replacement, seeded) to train IVF/PQ indexes.
+            seed: Seed of that sample.
+
+        Returns:
+            The built index; all shards must come from one encoder.
+        """
+        faiss = _faiss()
+        if not shard_dirs:
+            raise ValueError("no embedding shards to index")
+        shards = [read_embeddings(d) for d in shard_dirs]
+        meta = shards[0][2]
+        for d, (_, _, m) in zip(shard_dirs, shards, strict=True):
+            if not m.compatible_with(meta):
+                raise EncoderMismatchError(
+                    f"{d} was encoded by {_describe(m)}, but {shard_dirs[0]} by {_describe(meta)}"
+                )
+        index = faiss.index_factory(meta.dim, factory, faiss.METRIC_INNER_PRODUCT)
+        if not index.is_trained:
+            sample = _sample_rows([emb for _, emb, _ in shards], train_size, seed)
+            logger.info("training %s on %d vectors", factory, len(sample))
+            index.train(sample)
+        ids: list[str] = []
+        for shard_ids, emb, _ in shards:
+            index.add(np.ascontiguousarray(emb, dtype=np.float32))  # (N, D)
+            ids.extend(shard_ids)
+        if len(set(ids)) != len(ids):
+            raise ValueError("the same passage id occurs in more than one shard")
+        meta = EmbeddingMeta(**{**asdict(meta), "count": len(ids), "extra": {}})
+        return cls(index, ids, meta, factory)
+
+    def check_encoder(self, name: str, dim: int, normalized: bool) -> None:
+        """Raise EncoderMismatchError unless queries from this encoder fit the index."""
+        query = EmbeddingMeta(model=name, dim=dim, normalized=normalized)
+        if not self.meta.compatible_with(query):
+            raise EncoderMismatchError(
+                f"the index was built with {_describe(self.meta)}, but the queries come from "
+                f"{_describe(query)}: encode the corpus with the same model"
+            )
+
+    def search(
+        self, queries: np.ndarray, k: int = 100, params: str | None = None
+    ) -> list[list[tuple[str, float]]]:
+        """Top-k passages per query.
+
+        Args:
+            queries: (Q, D) query embeddings.
+            k: Passages per query (fewer when the index holds fewer).
+            params: Faiss search parameters, e.g. "efSearch=128" or "nprobe=16".
+
+        Returns:
+            For each query, (passage id, score) pairs, best first.
+        """
+        faiss = _faiss()
+        queries = np.ascontiguousarray(queries, dtype=np.float32)  # (Q, D)
+        if queries.ndim != 2 or queries.shape[1] != self.meta.dim:
+            raise ValueError(f"queries have shape {queries.shape}, index dim is {self.meta.dim}")
+        if params:
+            faiss.ParameterSpace().set_index_parameters(self.index, params)
+        scores, rows = self.index.search(queries, min(k, len(self.ids)))  # (Q, k) each
+        return [
+            [(self.ids[r], float(s)) for s, r in zip(srow, rrow, strict=True) if r >= 0]
+            for srow, rrow in zip(scores, rows, strict=True)
+        ]
+
+    @property
+    def memory_bytes(self) -> int:
+        """Approximate memory held by the index and its id map, in bytes."""
+        faiss = _faiss()
+        inner = faiss.downcast_index(self.index)
+        if isinstance(inner, faiss.IndexFlat):
+            size = inner.ntotal * inner.code_size
+        else:  # no generic size method in Faiss: the serialised size is close to it
+            size = int(faiss.serialize_index(self.index).nbytes)
+        return int(size + sum(len(i) + 49 for i in self.ids))  # 49: a small str object
+
+    def save(self, directory: str | Path, settings: dict[str, Any] | None = None) -> Path:
+        """Write the index, its id map and metadata to a directory, atomically."""
+        faiss = _faiss()
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+        try:
+            faiss.write_index(self.index, str(tmp / INDEX_FILE))
+            (tmp / IDS_FILE).write_text("".join(f"{i}\n" for i in self.ids), encoding="utf-8")
+            info = {
+                "embedding": asdict(self.meta),
+                "factory": self.factory,
+                "ntotal": len(self.ids),
+                "memory_bytes": self.memory_bytes,
+                "settings": settings or {},
+            }
+            (tmp / META_FILE).write_text(json.dumps(info, indent=2), encoding="utf-8")
+            if directory.exists():
+                shutil.rmtree(directory)
+            os.replace(tmp, directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> DenseIndex:
+        """Load an index saved by `save`; checks that ids and vectors agree."""
+        faiss = _faiss()
+        directory = Path(directory)
+        meta_path = directory / META_FILE
+        if not meta_path.exists():
+            raise DataFormatError(meta_path, "file not found (not an index directory?)")
+        try:
+            info = json.loads(meta_path.read_text(encoding="utf-8"))
+            meta = EmbeddingMeta(**info["embedding"])
+            factory = info["factory"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise DataFormatError(meta_path, f"bad index metadata: {e}") from None
+        ids = (directory / IDS_FILE).read_text(encoding="utf-8").splitlines()
+        index = faiss.read_index(str(directory / INDEX_FILE))
+        if index.ntotal != len(ids):
+            raise DataFormatError(
+                directory / IDS_FILE, f"{len(ids)} ids but the index holds {index.ntotal} vectors"
+            )
+        return cls(index, ids, meta, factory)
+
+
+def _describe(meta: EmbeddingMeta) -> str:
+    norm = "normalized" if meta.normalized else "unnormalized"
+    return f"model {meta.model!r} (dim {meta.dim}, {norm})"
+
+
+def _sample_rows(arrays: list[np.ndarray], size: int, seed: int) -> np.ndarray:
+    """A seeded sample of rows drawn across several (N_i, D) arrays; returns (S, D) float32."""
+    sizes = [len(a) for a in arrays]
+    total = sum(sizes)
+    rows = np.sort(np.random.default_rng(seed).permutation(total)[: min(size, total)])
+    offsets = np.cumsum([0, *sizes])
+    parts = []
+    for a, lo, hi in zip(arrays, offsets[:-1], offsets[1:], strict=True):
+        mine = rows[(rows >= lo) & (rows < hi)] - lo
+        if len(mine):
+            parts.append(np.asarray(a[mine], dtype=np.float32))
+    return np.ascontiguousarray(np.concatenate(parts))

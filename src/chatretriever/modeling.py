@@ -1,0 +1,415 @@
+"""The ChatRetriever: a chat LLM whose last [EMB_t] hidden state embeds sessions and passages.
+
+Saved directory layout (`save_pretrained`):
+    chatretriever.json          resolved RetrieverConfig + LoraSettings + format + EMB token ids
+    tokenizer files             the tokenizer with the EMB tokens
+    adapter_model.safetensors   format "adapter": LoRA weights + the EMB rows only (peft
+    adapter_config.json         `trainable_token_indices`; the embedding matrix is NOT saved)
+    model.safetensors           formats "merged" / "full": the whole model
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from chatretriever.collate import additive_mask, encode_batch, last_token_positions
+from chatretriever.config import LoraSettings, RetrieverConfig
+from chatretriever.encoders import SessionLike
+from chatretriever.io.files import atomic_write, read_json
+from chatretriever.template import RetrievalTemplate, add_emb_tokens, emb_token_ids
+from chatretriever.types import Passage
+
+logger = logging.getLogger(__name__)
+
+SAVED_CONFIG = "chatretriever.json"
+FORMATS = ("adapter", "merged", "full")
+
+
+class ChatRetriever(torch.nn.Module):
+    """Encodes sessions and passages with a chat LLM (implements `encoders.Encoder`).
+
+    Build with `from_pretrained`. Attributes: `model` (the causal LM, peft-wrapped under LoRA),
+    `tokenizer`, `template` (RetrievalTemplate), `config`, `lora`, `name`, `dim`, `normalize`,
+    `padding_side` ("right" or "left": pooling is correct with either).
+    """
+
+    def __init__(
+        self, model: Any, tokenizer: Any, config: RetrieverConfig, lora: LoraSettings, name: str
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.lora = lora
+        self.template = RetrievalTemplate.from_config(tokenizer, config)
+        self.emb_ids = self.template.emb_ids
+        self.name = name
+        self.dim = int(model.config.get_text_config().hidden_size)
+        self.normalize = config.normalize
+        self.padding_side = "right"
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else (tokenizer.eos_token_id or 0))
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_dir: str | Path,
+        *,
+        config: RetrieverConfig | None = None,
+        lora: LoraSettings | None = None,
+        is_trainable: bool = False,
+        device: str | torch.device | None = None,
+        **overrides: Any,
+    ) -> ChatRetriever:
+        """A new retriever from a base chat LLM, or a saved ChatRetriever directory.
+
+        Args:
+            name_or_dir: Base model (built-in name, HF dir, .gguf) or a `save_pretrained` dir.
+            config: Settings of a NEW retriever (its base_model is replaced by name_or_dir).
+            lora: LoRA of a new retriever (default LoraSettings(); enabled=False = full FT).
+            is_trainable: For a saved adapter: load it trainable (to continue training).
+            device: Where to put the model; default the current accelerator, else CPU.
+            **overrides: RetrieverConfig fields to change (e.g. dtype="fp32", max_session_len,
+                base_model to relocate the base of a saved adapter). n_emb_tokens of a saved
+                retriever cannot change.
+
+        Returns:
+            The ChatRetriever.
+        """
+        path = Path(name_or_dir)
+        if (path / SAVED_CONFIG).is_file():
+            if config is not None or lora is not None:
+                raise ValueError("config/lora come from the saved dir: pass field overrides")
+            retriever = cls._load_saved(path, is_trainable, overrides)
+        else:
+            base = str(path.resolve()) if path.exists() else str(name_or_dir)
+            cfg = replace(config or RetrieverConfig(), base_model=base, **overrides)
+            lora = lora if lora is not None else LoraSettings()
+            model, tokenizer = _load_backbone(cfg.base_model, cfg)
+            emb_ids = add_emb_tokens(tokenizer, cfg.n_emb_tokens)
+            _resize_and_init(model, tokenizer, emb_ids, cfg.emb_init)
+            if lora.enabled:
+                model = _wrap_lora(model, lora, emb_ids)
+            name = f"chatretriever/{Path(base).name}"
+            retriever = cls(model, tokenizer, cfg, lora, name=name)
+        return retriever.to(_default_device() if device is None else torch.device(device))
+
+    @classmethod
+    def _load_saved(
+        cls, path: Path, is_trainable: bool, overrides: Mapping[str, Any]
+    ) -> ChatRetriever:
+        saved = read_json(path / SAVED_CONFIG)
+        cfg = RetrieverConfig.from_dict(saved["retriever"])
+        if "n_emb_tokens" in overrides and overrides["n_emb_tokens"] != cfg.n_emb_tokens:
+            raise ValueError("n_emb_tokens of a saved retriever cannot change")
+        cfg = replace(cfg, **overrides)
+        lora = LoraSettings.from_dict(saved["lora"])
+        fmt = saved["format"]
+        if fmt not in FORMATS:
+            raise ValueError(f"{path / SAVED_CONFIG}: unknown format {fmt!r}")
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        emb_ids = emb_token_ids(tokenizer, cfg.n_emb_tokens)
+        if emb_ids != list(saved["emb_token_ids"]):
+            raise ValueError(
+                f"{path}: tokenizer EMB ids {emb_ids} != saved {saved['emb_token_ids']}"
+            )
+        if fmt == "adapter":
+            model, _ = _load_backbone(cfg.base_model, cfg)
+            _resize_and_init(model, tokenizer, emb_ids, cfg.emb_init)
+            model = _load_adapter(model, path, is_trainable)
+        else:
+            model, _ = _load_backbone(str(path), cfg)
+            lora = replace(lora, enabled=False)  # merged/full weights train as a whole
+        return cls(model, tokenizer, cfg, lora, name=f"chatretriever/{path.resolve().name}")
+
+    def save_pretrained(self, directory: str | Path, merged: bool = False) -> Path:
+        """Save weights (safetensors), tokenizer and the resolved config.
+
+        Args:
+            directory: Output directory (created).
+            merged: Under LoRA, merge the adapter (and EMB rows) into full weights instead of
+                saving the small adapter. Full fine-tuning always saves the whole model.
+
+        Returns:
+            The directory.
+        """
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        if _is_peft(self.model) and not merged:
+            self.model.save_pretrained(out, save_embedding_layers=False, safe_serialization=True)
+            fmt = "adapter"
+        elif _is_peft(self.model):
+            copy.deepcopy(self.model).merge_and_unload().save_pretrained(out)
+            fmt = "merged"
+        else:
+            self.model.save_pretrained(out)
+            fmt = "full"
+        self.tokenizer.save_pretrained(out)
+        meta = {
+            "format": fmt,
+            "retriever": self.config.to_dict(),
+            "lora": self.lora.to_dict(),
+            "emb_tokens": self.tokenizer.convert_ids_to_tokens(list(self.emb_ids)),
+            "emb_token_ids": list(self.emb_ids),
+            "dim": self.dim,
+        }
+        # Written last: a directory without it is not a (complete) saved retriever.
+        with atomic_write(out / SAVED_CONFIG) as f:
+            json.dump(meta, f, indent=2)
+        logger.info("saved ChatRetriever (%s) to %s", fmt, out)
+        return out
+
+    # ------------------------------------------------------------------ precision & parts
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """bf16 or fp32, resolved from `config.dtype` for the current device."""
+        return resolve_dtype(self.config.dtype, self.device)
+
+    def autocast(self) -> AbstractContextManager:
+        """bf16 autocast when the compute dtype is bf16 (weights stay as loaded)."""
+        bf16 = self.compute_dtype == torch.bfloat16
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    def _base(self) -> Any:
+        return self.model.get_base_model() if _is_peft(self.model) else self.model
+
+    def _body(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Final hidden states (B, L, H) of the decoder body: the LM head is never computed."""
+        mask = batch["attention_mask"]
+        if mask.dim() == 4:
+            param_dtype = next(self.model.parameters()).dtype
+            if mask.dtype != param_dtype:  # re-derive: casting finfo(fp32).min may give -inf
+                mask = additive_mask(mask[:, 0] == 0, param_dtype)
+        with self.autocast():
+            out = self._base().get_decoder()(
+                input_ids=batch["input_ids"].to(self.device),
+                attention_mask=mask.to(self.device),
+                position_ids=batch["position_ids"].to(self.device),
+                use_cache=False,
+            )
+        return out.last_hidden_state  # (B, L, H)
+
+    def _finish(self, emb: torch.Tensor) -> torch.Tensor:
+        emb = emb.float()  # (B, H)
+        return F.normalize(emb, dim=-1) if self.normalize else emb
+
+    # ------------------------------------------------------------------ training forward
+    def embed(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Embeddings (B, D) float32 of a `collate.encode_batch` batch, with gradients.
+
+        The last EMB token is found from the ids and the mask, so either padding side works.
+        """
+        hidden = self._body(batch)  # (B, L, H)
+        ids = batch["input_ids"].to(hidden.device)
+        pos = last_token_positions(ids, batch["attention_mask"].to(hidden.device), self.emb_ids[-1])
+        return self._finish(hidden[torch.arange(hidden.shape[0], device=hidden.device), pos])
+
+    def csit_forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One pass over [session, EMB, response, EMB] (`collate.csit_batch`).
+
+        Returns:
+            {"session_emb": (B, D) float32 (equal to a standalone encoding: session rows are
+            causal), "lm_logits": (N, V) float32 at the N positions that predict a labelled
+            token, "lm_labels": (N,) their targets}.
+        """
+        hidden = self._body(batch)  # (B, L, H)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        session_emb = self._finish(hidden[rows, batch["session_emb_pos"].to(hidden.device)])
+        targets = batch["labels"].to(hidden.device)[:, 1:]  # (B, L - 1): next token of each pos
+        keep = targets != -100
+        with self.autocast():
+            logits = self._base().get_output_embeddings()(hidden[:, :-1][keep])  # (N, V)
+        cap = getattr(self.model.config.get_text_config(), "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return {"session_emb": session_emb, "lm_logits": logits.float(), "lm_labels": targets[keep]}
+
+    def forward(
+        self,
+        sessions: Mapping[str, torch.Tensor],
+        passages: Mapping[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The training forward: session side (CSIT batch or plain batch) and passages.
+
+        Args:
+            sessions: A `csit_batch` (has "labels") or an `encode_batch` of sessions.
+            passages: An `encode_batch` of positives and hard negatives (own forward), or None.
+
+        Returns:
+            {"session_emb": (B, D)} (+ "lm_logits", "lm_labels" for a CSIT batch)
+            (+ "passage_emb": (P, D) in the passage batch's order).
+        """
+        out = (
+            self.csit_forward(sessions)
+            if "labels" in sessions
+            else {"session_emb": self.embed(sessions)}
+        )
+        if passages is not None:
+            out["passage_emb"] = self.embed(passages)
+        return out
+
+    # ------------------------------------------------------------------ encoding
+    def encode_sessions(
+        self, sessions: Sequence[SessionLike], batch_size: int = 16, show_progress: bool = False
+    ) -> np.ndarray:
+        """(B, D) float32 embeddings of sessions (Session objects or message lists)."""
+        seqs = [self.template.session_ids(s) for s in sessions]
+        return self._encode_ids(seqs, batch_size, show_progress, "sessions")
+
+    def encode_passages(
+        self, passages: Sequence[Passage | str], batch_size: int = 16, show_progress: bool = False
+    ) -> np.ndarray:
+        """(B, D) float32 embeddings of passages (each one assistant message)."""
+        seqs = [self.template.passage_ids(p) for p in passages]
+        return self._encode_ids(seqs, batch_size, show_progress, "passages")
+
+    def _encode_ids(
+        self, seqs: list[list[int]], batch_size: int, show_progress: bool, desc: str
+    ) -> np.ndarray:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        out = np.zeros((len(seqs), self.dim), dtype=np.float32)
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))  # longest first: less padding
+        was_training = self.training
+        self.eval()
+        try:
+            with (
+                torch.inference_mode(),
+                tqdm(
+                    total=len(seqs),
+                    desc=f"encoding {desc}",
+                    unit=desc[:-1],
+                    disable=not show_progress,
+                ) as bar,
+            ):
+                for start in range(0, len(order), batch_size):
+                    idx = order[start : start + batch_size]
+                    batch = encode_batch([seqs[i] for i in idx], self.pad_id, self.padding_side)
+                    out[idx] = self.embed(batch).cpu().numpy()
+                    bar.update(len(idx))
+        finally:
+            self.train(was_training)
+        return out
+
+
+# ---------------------------------------------------------------------- helpers
+def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """Torch dtype of a config dtype: "auto" = bf16 on a bf16-capable GPU or CPU, else fp32."""
+    if setting == "fp32":
+        return torch.float32
+    if setting == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu":
+        cpu = torch.cpu
+        amx = getattr(cpu, "_is_amx_tile_supported", lambda: False)()
+        avx = getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+        return torch.bfloat16 if (amx or avx) else torch.float32
+    return torch.float32
+
+
+def _default_device() -> torch.device:
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    if accelerator is not None and accelerator.is_available():
+        return accelerator.current_accelerator()
+    return torch.device("cpu")
+
+
+def _is_peft(model: Any) -> bool:
+    return hasattr(model, "get_base_model") and hasattr(model, "peft_config")
+
+
+def _load_backbone(name_or_path: str, cfg: RetrieverConfig) -> tuple[Any, Any]:
+    """(causal LM in fp32, tokenizer) via `backbones.load_backbone` (plain HF dirs as fallback)."""
+    if importlib.util.find_spec("chatretriever.backbones") is not None:
+        from chatretriever.backbones import load_backbone
+
+        return load_backbone(
+            name_or_path,
+            kind="causal",
+            dtype=torch.float32,
+            attn_implementation=cfg.attn_implementation,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(
+        name_or_path,
+        dtype=torch.float32,
+        attn_implementation=cfg.attn_implementation,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=cfg.trust_remote_code)
+    return model, tokenizer
+
+
+@torch.no_grad()
+def _resize_and_init(model: Any, tokenizer: Any, emb_ids: Sequence[int], init: str) -> None:
+    """Grow the vocabulary to the tokenizer and give the EMB rows a deterministic start.
+
+    Deterministic so that a saved adapter (which stores only the trained EMB rows) reloads onto
+    exactly the same frozen matrix.
+    """
+    old = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > old:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    ids = torch.tensor(list(emb_ids))
+    input_weight = model.get_input_embeddings().weight  # (V, H)
+    keep = torch.ones(input_weight.shape[0], dtype=torch.bool)
+    keep[ids] = False
+    if init == "eos":
+        if tokenizer.eos_token_id is None:
+            raise ValueError("emb_init='eos' but the tokenizer has no eos token")
+        input_weight[ids] = input_weight[tokenizer.eos_token_id]
+    else:
+        input_weight[ids] = input_weight[keep].mean(dim=0)
+    output = model.get_output_embeddings()
+    if output is not None and output.weight.data_ptr() != input_weight.data_ptr():
+        # Untied LM head: the new rows get the mean output row (the token is never a target).
+        output.weight[ids] = output.weight[keep].mean(dim=0)
+
+
+def _wrap_lora(model: Any, lora: LoraSettings, emb_ids: Sequence[int]) -> Any:
+    """LoRA on `lora.target_modules`; the EMB rows train through peft's trainable tokens."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise ImportError("LoRA needs peft: pip install chatretriever[train]") from e
+    peft_config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        trainable_token_indices=list(emb_ids),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_config)
+
+
+def _load_adapter(model: Any, path: Path, is_trainable: bool) -> Any:
+    try:
+        from peft import PeftModel
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise ImportError("a LoRA retriever needs peft: pip install chatretriever[train]") from e
+    return PeftModel.from_pretrained(model, path, is_trainable=is_trainable)

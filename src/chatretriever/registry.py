@@ -1,0 +1,58 @@
+"""Resolve a model name given on the command line (or in a benchmark) to an `Encoder`.
+
+- a name with a registered prefix ("prefix:rest") -> that prefix's factory (tests register fakes);
+- a built-in model of kind "encoder" ("minilm-l6", "mpnet-base", see `backbones.BUILTIN_MODELS`)
+  or a local sentence-transformers directory -> `TextEmbedder`;
+- anything else (a ChatRetriever directory or built-in name) -> `ChatRetriever.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from chatretriever.encoders import Encoder
+
+_FACTORIES: dict[str, Callable[[str], Encoder]] = {}
+
+
+def register_encoder(prefix: str, factory: Callable[[str], Encoder]) -> None:
+    """Make `load_encoder("<prefix>:<rest>")` call `factory("<rest>")`.
+
+    Args:
+        prefix: A short scheme name without ":" (e.g. "fake").
+        factory: Builds an encoder from the rest of the name.
+    """
+    if not prefix or ":" in prefix:
+        raise ValueError(f"bad encoder prefix {prefix!r}")
+    _FACTORIES[prefix] = factory
+
+
+def unregister_encoder(prefix: str) -> None:
+    _FACTORIES.pop(prefix, None)
+
+
+def is_sentence_transformers_dir(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / "modules.json").is_file() or (path / "sentence_bert_config.json").is_file()
+
+
+def _is_builtin_embedder(name: str) -> bool:
+    from chatretriever.backbones import BUILTIN_MODELS
+
+    info = BUILTIN_MODELS.get(name)
+    return info is not None and info.kind == "encoder" and not Path(name).exists()
+
+
+def load_encoder(name: str) -> Encoder:
+    """The encoder a model name stands for (see the module docstring)."""
+    prefix, sep, rest = name.partition(":")
+    if sep and prefix in _FACTORIES:
+        return _FACTORIES[prefix](rest)
+    if _is_builtin_embedder(name) or is_sentence_transformers_dir(name):
+        from chatretriever.baselines import TextEmbedder
+
+        return TextEmbedder.from_pretrained(name)
+    from chatretriever.modeling import ChatRetriever
+
+    return ChatRetriever.from_pretrained(name)

@@ -1,0 +1,218 @@
+"""LLM query rewriting ("REW" of LLM4CS): a chat LLM turns the last question into a standalone one.
+
+The rewrite is stored in `Session.rewrite`, so BM25 or any embedder can then search with the
+"rewrite" formulation. Rewrites are cached in a JSONL file keyed by session id, model, prompt hash
+and session content, so a rerun costs nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from chatretriever.io.files import iter_jsonl, write_jsonl
+from chatretriever.types import Session
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+# A generator maps chat messages ([{"role", "content"}]) to the model's reply.
+Generator = Callable[[list[dict[str, str]]], str]
+
+
+@dataclass(frozen=True)
+class RewritePrompt:
+    """The instruction given to the rewriting LLM.
+
+    Attributes:
+        system: System message.
+        template: User message; `{history}` and `{question}` are filled in.
+        max_turn_chars: Earlier turns longer than this are cut (long answers fill small contexts).
+    """
+
+    # Checked by hand on SmolLM2-135M-Instruct: the history as a chat transcript and a short
+    # instruction after it gave usable rewrites more often than longer or few-shot prompts.
+    system: str = "You are a helpful AI assistant."
+    template: str = (
+        "{history}\nUser: {question}\n\n"
+        "Rewrite the user's last question so that it includes the topic from the conversation. "
+        "Answer with the question only."
+    )
+    max_turn_chars: int = 400
+
+    @property
+    def hash(self) -> str:
+        raw = json.dumps(dataclasses.asdict(self), sort_keys=True).encode("utf-8")
+        return hashlib.sha256(raw).hexdigest()[:12]
+
+
+def build_messages(session: Session, prompt: RewritePrompt) -> list[dict[str, str]]:
+    """The chat messages asking the LLM to rewrite the session's last question."""
+    lines = []
+    for t in session.history:
+        if t.role == "system":
+            continue
+        text = " ".join(t.content.split())
+        if len(text) > prompt.max_turn_chars:
+            text = text[: prompt.max_turn_chars] + " ..."
+        lines.append(f"{'User' if t.role == 'user' else 'Assistant'}: {text}")
+    user = prompt.template.format(history="\n".join(lines), question=session.question.strip())
+    return [{"role": "system", "content": prompt.system}, {"role": "user", "content": user}]
+
+
+_PREFIX = re.compile(
+    r"^\s*(?:\*\*)?(?:rewritten|standalone|rewrite[d]?|reformulated)?\s*(?:question|query)?"
+    r"\s*(?:\*\*)?\s*:\s*",
+    re.IGNORECASE,
+)
+
+
+def clean_rewrite(text: str) -> str:
+    """Keep the first line of a reply, without a "Rewritten question:" label, quotes or markup."""
+    for line in text.strip().splitlines():
+        line = _PREFIX.sub("", line.strip()) if ":" in line[:40] else line.strip()
+        line = line.strip().strip("*\"'`“”").strip()
+        if line:
+            return line
+    return ""
+
+
+def _key(session: Session, model: str, prompt: RewritePrompt) -> str:
+    content = json.dumps([session.id, session.messages(), model, prompt.hash])
+    return hashlib.sha256(content.encode("utf-8")).hexdigest()
+
+
+class RewriteCache:
+    """Rewrites on disk (JSONL), loaded once and written back atomically.
+
+    Args:
+        path: The cache file; created when missing. None keeps rewrites in memory only.
+    """
+
+    def __init__(self, path: str | Path | None) -> None:
+        self.path = Path(path) if path is not None else None
+        self._rows: dict[str, dict[str, Any]] = {}
+        self._dirty = False
+        if self.path is not None and self.path.exists():
+            for _, row in iter_jsonl(self.path):
+                if isinstance(row.get("key"), str) and isinstance(row.get("rewrite"), str):
+                    self._rows[row["key"]] = row
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def get(self, key: str) -> str | None:
+        row = self._rows.get(key)
+        return None if row is None else row["rewrite"]
+
+    def put(self, key: str, row: dict[str, Any]) -> None:
+        self._rows[key] = {"key": key, **row}
+        self._dirty = True
+
+    def flush(self) -> None:
+        if self.path is not None and self._dirty:
+            write_jsonl(self.path, list(self._rows.values()))
+            self._dirty = False
+
+
+def rewrite_sessions(
+    sessions: Sequence[Session],
+    generate: Generator,
+    model: str,
+    cache_path: str | Path | None = None,
+    prompt: RewritePrompt | None = None,
+    show_progress: bool = True,
+    flush_every: int = 16,
+) -> list[Session]:
+    """Rewrite the last question of every session with an LLM.
+
+    Args:
+        sessions: Conversations to rewrite.
+        generate: Chat messages -> reply text (see `hf_generator`).
+        model: The generator's model name (part of the cache key).
+        cache_path: JSONL cache file; cached rewrites are not generated again.
+        prompt: The instruction (its hash is part of the cache key).
+        show_progress: Show a tqdm bar.
+        flush_every: Write the cache after this many new rewrites (an interruption loses less).
+
+    Returns:
+        The sessions with `rewrite` set; a dataset rewrite moves to metadata["dataset_rewrite"].
+        First turns are their own rewrite; a reply sharing no word with the question (empty,
+        an answer, a refusal) falls back to the question.
+    """
+    prompt = prompt or RewritePrompt()
+    cache = RewriteCache(cache_path)
+    out, new = [], 0
+    try:
+        for s in tqdm(sessions, unit="session", desc="rewrite", disable=not show_progress):
+            key = _key(s, model, prompt)
+            text = cache.get(key)
+            if text is None:
+                text = _rewrite_one(s, generate, prompt)
+                cache.put(key, {"id": s.id, "model": model, "prompt": prompt.hash, "rewrite": text})
+                new += 1
+                if new % flush_every == 0:
+                    cache.flush()
+            meta = dict(s.metadata)
+            if s.rewrite is not None:
+                meta["dataset_rewrite"] = s.rewrite
+            out.append(dataclasses.replace(s, rewrite=text, metadata=meta))
+    finally:
+        cache.flush()
+    logger.info("%d rewrites generated, %d from the cache", new, len(sessions) - new)
+    return out
+
+
+def _rewrite_one(session: Session, generate: Generator, prompt: RewritePrompt) -> str:
+    if not any(t.role != "system" for t in session.history):
+        return session.question  # nothing to resolve: no need for the LLM
+    text = clean_rewrite(generate(build_messages(session, prompt)))
+    if not _shares_a_word(text, session.question):
+        # Small LLMs sometimes answer or refuse instead of rewriting: such a reply shares no
+        # word with the question, and the question itself is the safer query.
+        logger.warning("implausible rewrite for session %r: keeping its question", session.id)
+        return session.question
+    return text
+
+
+# Words too common to show that a reply is about the question.
+_COMMON = frozenset(
+    "a an and are as at be but by for i if in is it me my of on or so that the this to too "
+    "was we with you your".split()
+)
+
+
+def _shares_a_word(text: str, question: str) -> bool:
+    def words(s: str) -> set[str]:
+        return set(re.findall(r"\w+", s.lower())) - _COMMON
+
+    return bool(words(question) & words(text))
+
+
+def hf_generator(model_name: str = DEFAULT_MODEL, max_new_tokens: int = 64) -> Generator:
+    """A greedy chat generator over a causal LM loaded with `load_backbone(kind="causal")`.
+
+    Args:
+        model_name: A built-in chat model name, a local model directory or a `.gguf` file.
+        max_new_tokens: The most tokens of one rewrite (rewrites are short).
+
+    Returns:
+        messages -> reply text.
+    """
+    from chatretriever.backbones import generate_reply, load_backbone
+
+    model, tokenizer = load_backbone(model_name, kind="causal")
+
+    def generate(messages: list[dict[str, str]]) -> str:
+        return generate_reply(model, tokenizer, messages, max_new_tokens=max_new_tokens)
+
+    return generate

@@ -1,0 +1,166 @@
+"""Sessions -> top-k passages -> Run, with the query formulations used to compare retrievers.
+
+A formulation turns a Session into the query a retriever sees. Every formulation except
+"session" returns a new session holding a single user turn, so any `Encoder` (and BM25) can
+search with it; "session" passes the whole conversation (what ChatRetriever is trained on).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Sequence
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tqdm.auto import tqdm
+
+from chatretriever.encoders import Encoder
+from chatretriever.io.files import atomic_write
+from chatretriever.io.trec import write_run
+from chatretriever.types import Run, Session, Turn
+
+if TYPE_CHECKING:
+    from chatretriever.index import DenseIndex
+
+logger = logging.getLogger(__name__)
+
+
+class Formulation(str, Enum):
+    """How a conversation becomes a query."""
+
+    SESSION = "session"  # the whole session, as is (ChatRetriever)
+    LAST_TURN = "last_turn"  # the current question only
+    ALL_USER_TURNS = "all_user_turns"  # every user turn, concatenated
+    FULL_HISTORY = "full_history"  # every turn (user and assistant), concatenated
+    REWRITE = "rewrite"  # the standalone rewrite the session carries
+
+
+FORMULATIONS = tuple(f.value for f in Formulation)
+MISSING_REWRITE = ("error", "last_turn")
+
+
+def join_turns(turns: Sequence[Turn]) -> str:
+    """One text for several turns: the current (last) turn first, then earlier turns newest first.
+
+    Putting the newest text first means a model that truncates long inputs drops the oldest
+    turns, never the current question (as in ConvDR and LLM4CS).
+    """
+    return "\n".join(t.content for t in reversed(turns))
+
+
+def session_text(session: Session) -> str:
+    """The text a single-text retriever (BM25, sentence embedders) reads for a session."""
+    return join_turns(session.turns)
+
+
+def _single_turn(session: Session, text: str) -> Session:
+    return dataclasses.replace(session, turns=(Turn("user", text),))
+
+
+def formulate(
+    session: Session, formulation: Formulation | str, missing_rewrite: str = "error"
+) -> Session:
+    """Turn a session into the query of a formulation.
+
+    Args:
+        session: The conversation, ending with the current question.
+        formulation: A `Formulation` or its value ("session", "last_turn", ...).
+        missing_rewrite: For "rewrite" when the session has none: "error" raises ValueError,
+            "last_turn" uses the current question instead (the caller logs a warning).
+
+    Returns:
+        The session itself for "session", else a session with one user turn (same id).
+    """
+    f = Formulation(formulation)
+    if f is Formulation.SESSION:
+        return session
+    if f is Formulation.LAST_TURN:
+        return _single_turn(session, session.question)
+    if f is Formulation.ALL_USER_TURNS:
+        return _single_turn(session, join_turns([t for t in session.turns if t.role == "user"]))
+    if f is Formulation.FULL_HISTORY:
+        return _single_turn(session, join_turns([t for t in session.turns if t.role != "system"]))
+    if session.rewrite:
+        return _single_turn(session, session.rewrite)
+    if missing_rewrite == "last_turn":
+        return _single_turn(session, session.question)
+    raise ValueError(f"session {session.id!r} has no rewrite (use missing_rewrite='last_turn')")
+
+
+def formulate_all(
+    sessions: Sequence[Session], formulation: Formulation | str, missing_rewrite: str = "error"
+) -> list[Session]:
+    """`formulate` every session; missing rewrites are counted and reported once."""
+    if missing_rewrite not in MISSING_REWRITE:
+        raise ValueError(f"missing_rewrite must be one of {MISSING_REWRITE}")
+    f = Formulation(formulation)
+    if f is Formulation.REWRITE:
+        missing = [s.id for s in sessions if not s.rewrite]
+        if missing and missing_rewrite == "error":
+            raise ValueError(
+                f"{len(missing)} of {len(sessions)} sessions have no rewrite (first: "
+                f"{missing[0]!r}); run `chatretriever rewrite` or use missing_rewrite='last_turn'"
+            )
+        if missing:
+            logger.warning(
+                "%d of %d sessions have no rewrite: searching with their last turn instead",
+                len(missing),
+                len(sessions),
+            )
+    return [formulate(s, f, missing_rewrite) for s in sessions]
+
+
+def search_dense(
+    encoder: Encoder,
+    index: DenseIndex,
+    sessions: Sequence[Session],
+    k: int = 100,
+    formulation: Formulation | str = Formulation.SESSION,
+    batch_size: int = 16,
+    missing_rewrite: str = "error",
+    params: str | None = None,
+    show_progress: bool = True,
+) -> Run:
+    """Encode formulated sessions and retrieve the top-k passages of each from a dense index.
+
+    Args:
+        encoder: The query encoder; it must match the encoder that built the index.
+        index: A `DenseIndex`.
+        sessions: Conversations; their ids become query ids.
+        k: Passages per query.
+        formulation: See `Formulation`.
+        batch_size: Sessions per encoder call (and per progress step).
+        missing_rewrite: See `formulate`.
+        params: Faiss search parameters ("efSearch=128", "nprobe=16").
+        show_progress: Show a tqdm bar.
+
+    Returns:
+        A Run named after the encoder and formulation.
+    """
+    index.check_encoder(encoder.name, encoder.dim, encoder.normalize)
+    queries = formulate_all(sessions, formulation, missing_rewrite)
+    scores: dict[str, dict[str, float]] = {}
+    with tqdm(total=len(queries), unit="query", desc="search", disable=not show_progress) as bar:
+        for start in range(0, len(queries), batch_size):
+            batch = queries[start : start + batch_size]
+            emb = encoder.encode_sessions(batch, batch_size=batch_size)  # (B, D)
+            for s, hits in zip(batch, index.search(emb, k, params), strict=True):
+                scores[s.id] = dict(hits)
+            bar.update(len(batch))
+    return Run(scores=scores, name=f"{encoder.name}.{Formulation(formulation).value}")
+
+
+def save_run(path: str | Path, run: Run, settings: dict[str, Any], depth: int | None = None) -> int:
+    """Write a TREC run file and its resolved settings beside it (`<path>.settings.json`)."""
+    n = write_run(path, run, depth)
+    with atomic_write(settings_path(path)) as f:
+        json.dump({**settings, "run_name": run.name, "lines": n}, f, indent=2, default=str)
+    return n
+
+
+def settings_path(run_path: str | Path) -> Path:
+    run_path = Path(run_path)
+    return run_path.with_name(run_path.name + ".settings.json")

@@ -1,0 +1,271 @@
+"""The pipeline commands end to end with the fake encoder: encode -> index -> search -> evaluate."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fakes import HashEncoder
+
+from chatretriever.cli import main
+from chatretriever.io.trec import read_run
+from chatretriever.registry import register_encoder, unregister_encoder
+
+pytest.importorskip("faiss")
+pytest.importorskip("ir_measures")
+
+CORPUS = [
+    {"_id": "diet", "title": "Jaguar", "text": "jaguars eat deer capybaras and caimans"},
+    {"_id": "range", "title": "Jaguar", "text": "jaguars live in the rainforest of the americas"},
+    {"_id": "car", "title": "Jaguar Cars", "text": "the jaguar car company builds luxury cars"},
+    {"_id": "pasta", "title": "Pasta", "text": "how to cook pasta with tomato sauce"},
+    {"_id": "shoes", "title": "Shoes", "text": "running shoes for marathon training"},
+]
+SESSIONS = [
+    {
+        "id": "q1",
+        "messages": [
+            {"role": "user", "content": "tell me about jaguars"},
+            {"role": "assistant", "content": "jaguars are big cats"},
+            {"role": "user", "content": "what do they eat"},
+        ],
+        "rewrite": "what do jaguars eat",
+    },
+    {"id": "q2", "messages": [{"role": "user", "content": "how do I cook pasta"}]},
+]
+QRELS = "q1 0 diet 2\nq1 0 range 1\nq2 0 pasta 1\nq3 0 car 1\n"
+
+
+@pytest.fixture
+def files(tmp_path):
+    def jsonl(rows):
+        return "".join(json.dumps(r) + "\n" for r in rows)
+
+    (tmp_path / "corpus.jsonl").write_text(jsonl(CORPUS))
+    (tmp_path / "sessions.jsonl").write_text(jsonl(SESSIONS))
+    (tmp_path / "qrels.txt").write_text(QRELS)
+    return tmp_path
+
+
+@pytest.fixture(autouse=True)
+def fake_encoder():
+    """`--model fake:NAME` loads a HashEncoder named NAME (registered for these tests only)."""
+    register_encoder("fake", lambda rest: HashEncoder(name=rest or "fake-hash"))
+    yield
+    unregister_encoder("fake")
+
+
+def test_encode_index_search_evaluate(files, capsys):
+    d = files
+    assert (
+        main(
+            [
+                "encode",
+                str(d / "corpus.jsonl"),
+                "--model",
+                "fake:",
+                "--out",
+                str(d / "emb"),
+                "--chunk-size",
+                "2",
+                "--batch-size",
+                "2",
+            ]
+        )
+        == 0
+    )
+    assert "5 passages encoded into 3 chunks" in capsys.readouterr().out
+    assert main(["index", str(d / "emb"), "--out", str(d / "idx")]) == 0
+    out = capsys.readouterr().out
+    assert "indexed 5 passages (Flat, fake-hash)" in out and "memory" in out and "bytes" in out
+    assert (
+        main(
+            [
+                "search",
+                "--index",
+                str(d / "idx"),
+                "--sessions",
+                str(d / "sessions.jsonl"),
+                "--model",
+                "fake:",
+                "--out",
+                str(d / "run.trec"),
+                "--formulation",
+                "rewrite",
+                "--missing-rewrite",
+                "last_turn",
+                "--k",
+                "3",
+            ]
+        )
+        == 0
+    )
+    run = read_run(d / "run.trec")
+    assert run.ranked("q1")[0].doc_id == "diet" and run.ranked("q2")[0].doc_id == "pasta"
+    assert all(len(v) == 3 for v in run.scores.values())
+    settings = json.loads((d / "run.trec.settings.json").read_text())
+    assert settings["formulation"] == "rewrite" and settings["model"] == "fake:"
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "evaluate",
+                str(d / "run.trec"),
+                str(d / "qrels.txt"),
+                "--measures",
+                "nDCG@3",
+                "RR@10",
+                "--out",
+                str(d / "eval.json"),
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "3 judged queries evaluated (1 missing from the run" in out
+    result = json.loads((d / "eval.json").read_text())
+    assert result["aggregate"]["RR@10"] == pytest.approx(2 / 3)  # q1 1, q2 1, q3 missing 0
+
+
+def test_search_with_bm25_and_compare_runs(files, capsys):
+    d = files
+    for f in ("last_turn", "rewrite"):
+        assert (
+            main(
+                [
+                    "search",
+                    "--bm25",
+                    str(d / "corpus.jsonl"),
+                    "--sessions",
+                    str(d / "sessions.jsonl"),
+                    "--out",
+                    str(d / f"{f}.trec"),
+                    "--formulation",
+                    f,
+                    "--missing-rewrite",
+                    "last_turn",
+                ]
+            )
+            == 0
+        )
+    assert read_run(d / "rewrite.trec").name == "bm25.rewrite"
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "evaluate",
+                str(d / "last_turn.trec"),
+                str(d / "qrels.txt"),
+                "--per-query",
+                "--compare",
+                str(d / "rewrite.trec"),
+                "--out",
+                str(d / "cmp.json"),
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "nDCG@3\tq1\t" in out and "rand p=" in out
+    cmp = json.loads((d / "cmp.json").read_text())
+    assert set(cmp["per_query"]) == {"q1", "q2", "q3"}
+    assert cmp["compare"]["tests"]["nDCG@3"]["num_queries"] == 3
+
+
+def test_rewrite_command_uses_its_cache(files, monkeypatch, capsys):
+    import chatretriever.rewrite as rewrite
+
+    calls = []
+
+    def fake_generator(model_name, max_new_tokens):
+        calls.append(model_name)
+        return lambda messages: "what do jaguars eat"
+
+    monkeypatch.setattr(rewrite, "hf_generator", fake_generator)
+    sessions, out = str(files / "sessions.jsonl"), str(files / "rw.jsonl")
+    argv = ["rewrite", "--sessions", sessions, "--out", out]
+    assert main(argv) == 0
+    assert calls == ["smollm2-135m-instruct"]
+    rows = [json.loads(line) for line in (files / "rw.jsonl").read_text().splitlines()]
+    assert rows[0]["rewrite"] == "what do jaguars eat"
+    assert rows[0]["metadata"]["dataset_rewrite"] == "what do jaguars eat"
+    assert rows[1]["rewrite"] == "how do I cook pasta"  # a first turn is its own rewrite
+    assert (files / "rw.jsonl.cache.jsonl").exists()
+    settings = json.loads((files / "rw.jsonl.settings.json").read_text())
+    assert settings["model"] == "smollm2-135m-instruct" and len(settings["prompt_hash"]) == 12
+    assert main(argv) == 0
+    assert calls == ["smollm2-135m-instruct"]  # all cached: the model is not even loaded
+
+
+def test_search_refuses_another_encoder(files, capsys):
+    d = files
+    main(["encode", str(d / "corpus.jsonl"), "--model", "fake:a", "--out", str(d / "emb")])
+    main(["index", str(d / "emb"), "--out", str(d / "idx")])
+    capsys.readouterr()
+    code = main(
+        [
+            "search",
+            "--index",
+            str(d / "idx"),
+            "--sessions",
+            str(d / "sessions.jsonl"),
+            "--model",
+            "fake:b",
+            "--out",
+            str(d / "run.trec"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "model 'a'" in err and "model 'b'" in err
+    assert not (d / "run.trec").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["encode", "{d}/missing.jsonl", "--model", "fake:", "--out", "{d}/e"], "file not found"),
+        (["encode", "{d}/bad.jsonl", "--model", "fake:", "--out", "{d}/e"], "bad.jsonl:2"),
+        (
+            ["encode", "{d}/corpus.jsonl", "--model", "fake:", "--out", "{d}/e", "--shard", "3/2"],
+            "shard",
+        ),
+        (["index", "{d}", "--out", "{d}/idx"], "no embedding shards"),
+        (["search", "--sessions", "{d}/sessions.jsonl", "--out", "{d}/r"], "either --bm25"),
+        (
+            [
+                "search",
+                "--bm25",
+                "{d}/corpus.jsonl",
+                "--sessions",
+                "{d}/sessions.jsonl",
+                "--out",
+                "{d}/r",
+                "--formulation",
+                "rewrite",
+            ],
+            "1 of 2 sessions have no rewrite",
+        ),
+        (["evaluate", "{d}/qrels.txt", "{d}/qrels.txt"], "expected 6 columns"),
+        (["evaluate", "{d}/bad.jsonl", "{d}/qrels.txt", "--measures", "Nope@3"], "6 columns"),
+        (
+            [
+                "search",
+                "--index",
+                "{d}/nowhere",
+                "--model",
+                "fake:",
+                "--sessions",
+                "{d}/sessions.jsonl",
+                "--out",
+                "{d}/r",
+            ],
+            "meta.json",
+        ),
+    ],
+)
+def test_bad_input_gives_one_line_errors(files, capsys, argv, message):
+    (files / "bad.jsonl").write_text('{"_id": "a", "text": "x"}\n{"_id": "b"}\n')
+    code = main([a.format(d=files) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("error: ") and "\n" not in err and message in err

@@ -1,0 +1,136 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from fakes import HashEncoder
+
+from chatretriever.encode import (
+    SETTINGS,
+    EncodeConfig,
+    encode_chunk,
+    encode_corpus,
+    list_shards,
+    parse_shard,
+)
+from chatretriever.io.embeddings import read_embeddings
+from chatretriever.types import Passage
+
+
+def make_corpus(n: int) -> list[Passage]:
+    # Lengths vary so that length sorting reorders passages inside batches.
+    return [Passage(f"p{i:03d}", " ".join(["word"] * (i % 7) + [f"tok{i}"])) for i in range(n)]
+
+
+def read_all(out_dir):
+    ids, rows = [], []
+    for d in list_shards([out_dir]):
+        i, e, _ = read_embeddings(d)
+        ids += i
+        rows.append(np.asarray(e))
+    return ids, np.concatenate(rows)
+
+
+def test_encode_matches_direct_encoding_in_corpus_order(tmp_path):
+    corpus = make_corpus(23)
+    enc = HashEncoder()
+    config = EncodeConfig(batch_size=4, chunk_size=10, show_progress=False)
+    result = encode_corpus(enc, corpus, tmp_path / "emb", config)
+    assert (result.chunks_written, result.chunks_kept, result.num_chunks) == (3, 0, 3)
+    ids, emb = read_all(tmp_path / "emb")
+    assert ids == [p.id for p in corpus]
+    np.testing.assert_allclose(emb, HashEncoder().encode_passages(corpus), rtol=0, atol=0)
+    _, _, meta = read_embeddings(tmp_path / "emb" / "chunk-00002")
+    assert (meta.model, meta.dim, meta.normalized, meta.count) == ("fake-hash", 64, True, 3)
+    assert meta.dtype == "float32"
+    settings = json.loads((tmp_path / "emb" / SETTINGS).read_text())
+    assert settings["chunk_size"] == 10 and settings["num_chunks"] == 3
+    assert settings["num_passages"] == 23 and settings["model"] == "fake-hash"
+
+
+def test_length_sorted_batches_keep_input_order():
+    corpus = make_corpus(9)
+    seen: list[list[str]] = []
+
+    class Spy(HashEncoder):
+        def encode_passages(self, passages, batch_size=16, show_progress=False):
+            seen.append([p.id for p in passages])
+            return super().encode_passages(passages)
+
+    out = encode_chunk(Spy(), corpus, EncodeConfig(batch_size=3, show_progress=False))
+    np.testing.assert_array_equal(out, HashEncoder().encode_passages(corpus))
+    lengths = [len(p.text) for p in corpus]
+    first = [lengths[int(i[1:])] for i in seen[0]]
+    assert min(first) >= max(lengths[int(i[1:])] for b in seen[1:] for i in b)  # longest first
+
+
+def test_killed_encoding_resumes_without_recomputing(tmp_path):
+    corpus = make_corpus(25)
+    config = EncodeConfig(batch_size=5, chunk_size=10, show_progress=False)
+    crashing = HashEncoder(fail_after_batches=3)  # chunk 0 = 2 batches; dies inside chunk 1
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        encode_corpus(crashing, corpus, tmp_path / "emb", config)
+    assert (tmp_path / "emb" / "chunk-00000").is_dir()
+    assert not (tmp_path / "emb" / "chunk-00001").exists()  # never half-written
+    assert not [p for p in (tmp_path / "emb").iterdir() if p.name.startswith(".chunk")]
+    with pytest.raises(ValueError, match="unfinished"):
+        list_shards([tmp_path / "emb"])
+
+    second = HashEncoder()
+    result = encode_corpus(second, corpus, tmp_path / "emb", config)
+    assert second.passages_encoded == 15  # chunks 1 and 2 only
+    assert (result.chunks_written, result.chunks_kept) == (2, 1)
+    ids, emb = read_all(tmp_path / "emb")
+    assert ids == [p.id for p in corpus]
+    np.testing.assert_array_equal(emb, HashEncoder().encode_passages(corpus))
+
+    third = HashEncoder()
+    assert encode_corpus(third, corpus, tmp_path / "emb", config).chunks_kept == 3
+    assert third.passages_encoded == 0
+
+
+def test_shards_split_the_corpus_deterministically(tmp_path):
+    corpus = make_corpus(35)
+    encoders = [HashEncoder(), HashEncoder(), HashEncoder()]
+    for i, enc in enumerate(encoders):
+        cfg = EncodeConfig(batch_size=4, chunk_size=10, shard=(i, 3), show_progress=False)
+        encode_corpus(enc, corpus, tmp_path / "emb", cfg)
+    assert [e.passages_encoded for e in encoders] == [15, 10, 10]  # chunks {0, 3}, {1}, {2}
+    ids, emb = read_all(tmp_path / "emb")
+    assert ids == [p.id for p in corpus]
+    np.testing.assert_array_equal(emb, HashEncoder().encode_passages(corpus))
+
+
+def test_only_some_shards_done_is_refused_when_indexing(tmp_path):
+    cfg = EncodeConfig(chunk_size=10, shard=(1, 2), show_progress=False)
+    encode_corpus(HashEncoder(), make_corpus(30), tmp_path / "emb", cfg)
+    with pytest.raises(ValueError, match="1 of 3 chunks"):
+        list_shards([tmp_path / "emb"])
+
+
+def test_other_model_or_chunk_size_is_refused(tmp_path):
+    corpus = make_corpus(5)
+    encode_corpus(HashEncoder(), corpus, tmp_path / "emb", EncodeConfig(show_progress=False))
+    with pytest.raises(ValueError, match="model='fake-hash'"):
+        encode_corpus(HashEncoder(name="other"), corpus, tmp_path / "emb")
+    with pytest.raises(ValueError, match="chunk_size"):
+        encode_corpus(HashEncoder(), corpus, tmp_path / "emb", EncodeConfig(chunk_size=2))
+
+
+def test_changed_corpus_is_refused(tmp_path):
+    cfg = EncodeConfig(chunk_size=4, show_progress=False)
+    encode_corpus(HashEncoder(), make_corpus(8), tmp_path / "emb", cfg)
+    changed = [Passage("new", "x"), *make_corpus(8)[1:]]
+    with pytest.raises(ValueError, match="corpus changed"):
+        encode_corpus(HashEncoder(), changed, tmp_path / "emb", cfg)
+
+
+@pytest.mark.parametrize("text", ["2/2", "1", "a/b", "-1/3"])
+def test_parse_shard_rejects_bad_values(text):
+    with pytest.raises(ValueError):
+        parse_shard(text)
+
+
+def test_parse_shard():
+    assert parse_shard("2/4") == (2, 4)

@@ -1,0 +1,131 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from fakes import HashEncoder
+
+from chatretriever.encode import EncodeConfig, encode_corpus, list_shards
+from chatretriever.index import DenseIndex, EncoderMismatchError
+from chatretriever.io.embeddings import EmbeddingMeta, write_embeddings
+from chatretriever.types import Passage
+
+pytest.importorskip("faiss")
+
+
+def random_shards(tmp_path, n=300, dim=16, parts=3, model="m", seed=0):
+    rng = np.random.default_rng(seed)
+    emb = rng.standard_normal((n, dim)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    ids = [f"d{i}" for i in range(n)]
+    dirs = []
+    for j, rows in enumerate(np.array_split(np.arange(n), parts)):
+        meta = EmbeddingMeta(model=model, dim=dim)
+        dirs.append(write_embeddings(tmp_path / f"s{j}", [ids[i] for i in rows], emb[rows], meta))
+    return dirs, ids, emb
+
+
+def exact_top(emb, ids, queries, k):
+    scores = queries @ emb.T  # (Q, N)
+    return [[ids[i] for i in np.argsort(-row, kind="stable")[:k]] for row in scores]
+
+
+def test_flat_is_exact_inner_product(tmp_path):
+    dirs, ids, emb = random_shards(tmp_path)
+    index = DenseIndex.build(dirs)
+    queries = emb[[5, 100, 250]] + 0.1
+    hits = index.search(queries, k=5)
+    assert [[d for d, _ in h] for h in hits] == exact_top(emb, ids, queries, 5)
+    expected = float(queries[0] @ emb[ids.index(hits[0][0][0])])
+    assert hits[0][0][1] == pytest.approx(expected, abs=1e-5)
+    assert index.memory_bytes >= 300 * 16 * 4
+
+
+def test_save_load_round_trip(tmp_path):
+    dirs, ids, emb = random_shards(tmp_path)
+    index = DenseIndex.build(dirs)
+    index.save(tmp_path / "idx", settings={"note": "x"})
+    info = json.loads((tmp_path / "idx" / "meta.json").read_text())
+    assert info["factory"] == "Flat" and info["ntotal"] == 300 and info["settings"] == {"note": "x"}
+    assert info["embedding"]["model"] == "m" and info["memory_bytes"] == index.memory_bytes
+    loaded = DenseIndex.load(tmp_path / "idx")
+    assert loaded.ids == ids and loaded.meta == index.meta
+    q = emb[:4]
+    assert loaded.search(q, 7) == index.search(q, 7)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".idx")]  # temp dir gone
+
+
+def test_save_replaces_an_existing_index(tmp_path):
+    dirs, _, _ = random_shards(tmp_path)
+    DenseIndex.build(dirs[:1]).save(tmp_path / "idx")
+    DenseIndex.build(dirs).save(tmp_path / "idx")
+    assert len(DenseIndex.load(tmp_path / "idx")) == 300
+
+
+def test_hnsw_factory_finds_nearest_neighbours(tmp_path):
+    dirs, ids, emb = random_shards(tmp_path)
+    index = DenseIndex.build(dirs, factory="HNSW16")
+    index.save(tmp_path / "idx")
+    loaded = DenseIndex.load(tmp_path / "idx")
+    assert loaded.factory == "HNSW16"
+    hits = loaded.search(emb[:20], k=1, params="efSearch=64")
+    assert [h[0][0] for h in hits] == ids[:20]  # each vector is its own nearest neighbour
+
+
+def test_ivf_pq_is_trained_on_a_sample(tmp_path):
+    dirs, ids, emb = random_shards(tmp_path, n=400)
+    index = DenseIndex.build(dirs, factory="IVF4,PQ4x4", train_size=200)
+    assert index.index.is_trained and len(index) == 400
+    hits = index.search(emb[:10], k=10, params="nprobe=4")
+    assert sum(ids[i] in {d for d, _ in h} for i, h in enumerate(hits)) >= 8
+    assert index.memory_bytes < 400 * 16 * 4 + 400 * 60  # compressed codes
+
+
+def test_refuses_query_encoder_with_other_metadata(tmp_path):
+    dirs, _, _ = random_shards(tmp_path, model="model-a")
+    index = DenseIndex.build(dirs)
+    index.check_encoder("model-a", 16, True)
+    with pytest.raises(EncoderMismatchError, match="'model-a'.*'model-b'"):
+        index.check_encoder("model-b", 16, True)
+    with pytest.raises(EncoderMismatchError, match="dim 32"):
+        index.check_encoder("model-a", 32, True)
+    with pytest.raises(EncoderMismatchError, match="unnormalized"):
+        index.check_encoder("model-a", 16, False)
+
+
+def test_refuses_shards_of_two_encoders(tmp_path):
+    a, _, _ = random_shards(tmp_path / "a", model="a", parts=1)
+    b, _, _ = random_shards(tmp_path / "b", model="b", parts=1)
+    with pytest.raises(EncoderMismatchError):
+        DenseIndex.build(a + b)
+
+
+def test_k_larger_than_index(tmp_path):
+    dirs, _, emb = random_shards(tmp_path, n=6, parts=1)
+    hits = DenseIndex.build(dirs).search(emb[:1], k=50)
+    assert len(hits[0]) == 6
+
+
+def test_built_from_encode_output(tmp_path):
+    corpus = [Passage(f"p{i}", f"text number {i}") for i in range(12)]
+    cfg = EncodeConfig(chunk_size=5, show_progress=False)
+    encode_corpus(HashEncoder(), corpus, tmp_path / "emb", cfg)
+    index = DenseIndex.build(list_shards([tmp_path / "emb"]))
+    assert index.ids == [p.id for p in corpus]
+    assert index.meta.model == "fake-hash" and index.meta.count == 12
+
+
+def test_load_of_a_non_index_names_the_file(tmp_path):
+    from chatretriever.errors import DataFormatError
+
+    with pytest.raises(DataFormatError, match="meta.json"):
+        DenseIndex.load(tmp_path)
+
+
+def test_index_module_does_not_import_torch():
+    code = "import sys, chatretriever.index, chatretriever.evaluate; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

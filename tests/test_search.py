@@ -1,0 +1,132 @@
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+from fakes import HashEncoder
+
+from chatretriever.encode import EncodeConfig, encode_corpus, list_shards
+from chatretriever.index import DenseIndex, EncoderMismatchError
+from chatretriever.io.trec import read_run
+from chatretriever.search import (
+    FORMULATIONS,
+    Formulation,
+    formulate,
+    formulate_all,
+    save_run,
+    search_dense,
+    session_text,
+    settings_path,
+)
+from chatretriever.types import Passage, Session, Turn
+
+SESSION = Session(
+    id="q1",
+    turns=(
+        Turn("system", "be brief"),
+        Turn("user", "tell me about jaguars"),
+        Turn("assistant", "jaguars are big cats of the americas"),
+        Turn("user", "what do they eat"),
+    ),
+    rewrite="what do jaguars eat",
+    metadata={"topic": "cats"},
+)
+
+CORPUS = [
+    Passage("cars", "the jaguar car company builds luxury cars"),
+    Passage("diet", "jaguars eat deer capybaras and caimans", title="Jaguar diet"),
+    Passage("range", "jaguars live in the rainforest of the americas"),
+    Passage("pasta", "how to cook pasta"),
+]
+
+
+def only_text(s: Session) -> str:
+    assert len(s.turns) == 1 and s.turns[0].role == "user"
+    return s.turns[0].content
+
+
+def test_formulations_turn_a_session_into_one_user_turn():
+    assert formulate(SESSION, "session") is SESSION
+    assert only_text(formulate(SESSION, "last_turn")) == "what do they eat"
+    assert only_text(formulate(SESSION, Formulation.ALL_USER_TURNS)) == (
+        "what do they eat\ntell me about jaguars"
+    )
+    assert only_text(formulate(SESSION, "full_history")) == (
+        "what do they eat\njaguars are big cats of the americas\ntell me about jaguars"
+    )
+    rewritten = formulate(SESSION, "rewrite")
+    assert only_text(rewritten) == "what do jaguars eat"
+    assert (rewritten.id, rewritten.rewrite, dict(rewritten.metadata)) == (
+        "q1",
+        "what do jaguars eat",
+        {"topic": "cats"},
+    )
+    assert set(FORMULATIONS) == {f.value for f in Formulation}
+
+
+def test_session_text_puts_the_current_question_first():
+    assert session_text(SESSION).splitlines()[0] == "what do they eat"
+    assert session_text(SESSION).splitlines()[-1] == "be brief"
+
+
+def test_missing_rewrite_raises_or_falls_back_with_a_warning(caplog):
+    plain = Session("q2", (Turn("user", "hello there"),))
+    with pytest.raises(ValueError, match="1 of 2 sessions have no rewrite"):
+        formulate_all([SESSION, plain], "rewrite")
+    with caplog.at_level(logging.WARNING):
+        out = formulate_all([SESSION, plain], "rewrite", missing_rewrite="last_turn")
+    assert [only_text(s) for s in out] == ["what do jaguars eat", "hello there"]
+    assert "1 of 2 sessions have no rewrite" in caplog.text
+    with pytest.raises(ValueError):
+        formulate_all([plain], "rewrite", missing_rewrite="ignore")
+    with pytest.raises(ValueError):
+        formulate(plain, "no_such_formulation")
+
+
+@pytest.fixture
+def index(tmp_path):
+    pytest.importorskip("faiss")
+    encode_corpus(HashEncoder(), CORPUS, tmp_path / "emb", EncodeConfig(show_progress=False))
+    return DenseIndex.build(list_shards([tmp_path / "emb"]))
+
+
+@pytest.mark.parametrize("formulation", ["last_turn", "all_user_turns", "full_history", "rewrite"])
+def test_dense_search_encodes_the_formulated_query(index, formulation):
+    enc = HashEncoder()
+    run = search_dense(enc, index, [SESSION], k=4, formulation=formulation, show_progress=False)
+    by_hand = Session("q1", (Turn("user", only_text(formulate(SESSION, formulation))),))
+    expected = search_dense(enc, index, [by_hand], k=4, show_progress=False)
+    assert run.scores == expected.scores
+    assert run.name == f"fake-hash.{formulation}"
+
+
+def test_rewrite_ranks_the_answer_passage_first(index):
+    enc = HashEncoder()
+    rew = search_dense(enc, index, [SESSION], k=4, formulation="rewrite", show_progress=False)
+    assert rew.ranked("q1")[0].doc_id == "diet"
+    assert rew.ranked("q1")[-1].doc_id == "pasta"
+    assert rew.scores["q1"]["diet"] > rew.scores["q1"]["range"] > rew.scores["q1"]["pasta"]
+
+
+def test_dense_search_batches_and_refuses_other_encoders(index):
+    sessions = [Session(f"s{i}", (Turn("user", f"jaguar {i}"),)) for i in range(5)]
+    run = search_dense(HashEncoder(), index, sessions, k=3, batch_size=2, show_progress=False)
+    assert sorted(run.scores) == [f"s{i}" for i in range(5)]
+    assert all(len(d) == 3 for d in run.scores.values())
+    with pytest.raises(EncoderMismatchError):
+        search_dense(HashEncoder(name="other"), index, sessions, show_progress=False)
+    with pytest.raises(EncoderMismatchError):
+        search_dense(HashEncoder(dim=32), index, sessions, show_progress=False)
+
+
+def test_save_run_writes_trec_and_settings(index, tmp_path):
+    run = search_dense(HashEncoder(), index, [SESSION], k=3, show_progress=False)
+    n = save_run(tmp_path / "run.trec", run, {"k": 3, "formulation": "session"})
+    assert n == 3
+    back = read_run(tmp_path / "run.trec")
+    assert [d.doc_id for d in back.ranked("q1")] == [d.doc_id for d in run.ranked("q1")]
+    lines = (tmp_path / "run.trec").read_text().splitlines()
+    assert lines[0].split()[:4] == ["q1", "Q0", run.ranked("q1")[0].doc_id, "1"]
+    settings = json.loads(settings_path(tmp_path / "run.trec").read_text())
+    assert settings["k"] == 3 and settings["run_name"] == "fake-hash.session"
