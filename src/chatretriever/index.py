@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -22,6 +19,7 @@ import numpy as np
 
 from chatretriever.errors import DataFormatError
 from chatretriever.io.embeddings import EmbeddingMeta, read_embeddings
+from chatretriever.io.files import atomic_dir
 
 logger = logging.getLogger(__name__)
 
@@ -158,9 +156,7 @@ class DenseIndex:
         """Write the index, its id map and metadata to a directory, atomically."""
         faiss = _faiss()
         directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
+        with atomic_dir(directory) as tmp:
             faiss.write_index(self.index, str(tmp / INDEX_FILE))
             (tmp / IDS_FILE).write_text("".join(f"{i}\n" for i in self.ids), encoding="utf-8")
             info = {
@@ -171,12 +167,6 @@ class DenseIndex:
                 "settings": settings or {},
             }
             (tmp / META_FILE).write_text(json.dumps(info, indent=2), encoding="utf-8")
-            if directory.exists():
-                shutil.rmtree(directory)
-            os.replace(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return directory
 
     @classmethod

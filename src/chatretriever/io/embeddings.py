@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from chatretriever.errors import DataFormatError
+from chatretriever.io.files import atomic_dir
 
 EMBEDDINGS = "embeddings.npy"
 IDS = "ids.txt"
@@ -48,18 +46,10 @@ def write_embeddings(
         raise ValueError("ids must be non-empty and hold no newline")
     meta = EmbeddingMeta(**{**asdict(meta), "dim": int(embeddings.shape[1]), "count": len(ids)})
     meta = EmbeddingMeta(**{**asdict(meta), "dtype": str(embeddings.dtype)})
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_dir(directory) as tmp:
         np.save(tmp / EMBEDDINGS, embeddings, allow_pickle=False)
         (tmp / IDS).write_text("".join(f"{i}\n" for i in ids), encoding="utf-8")
         (tmp / META).write_text(json.dumps(asdict(meta), indent=2), encoding="utf-8")
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 
