@@ -28,8 +28,8 @@ $(VENV)/.models: | $(VENV)/.installed
 models: $(VENV)/.models
 
 lint: install
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests $(wildcard benchmarks)
+	$(VENV)/bin/ruff format --check src tests $(wildcard benchmarks)
 
 test: install models lint
 	$(VENV)/bin/pytest -q -ra
