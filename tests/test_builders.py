@@ -1,9 +1,9 @@
 from __future__ import annotations
 
-import gzip
 import json
 
 import pytest
+from fixtures import jsonl, write
 
 from chatretriever.builders import (
     MiningConfig,
@@ -263,20 +263,6 @@ def test_read_triples(tmp_path):
 # Inline fixtures shaped like the real files in ../shared/data, read through the real loaders.
 
 
-def _write(path, text: str):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if str(path).endswith(".gz"):
-        with gzip.open(path, "wt", encoding="utf-8") as f:
-            f.write(text)
-    else:
-        path.write_text(text, encoding="utf-8")
-    return path
-
-
-def _jsonl(rows) -> str:
-    return "".join(json.dumps(r) + "\n" for r in rows)
-
-
 def _mtrag_task(conv: str, turn: int, collection: str, contexts: list[str], answerability: str):
     history = []
     for i in range(1, turn):
@@ -309,11 +295,11 @@ def mtrag_root(tmp_path):
         _mtrag_task("c3", 1, "clapnq", [], "UNANSWERABLE"),  # nothing: no example
     ]
     tasks += [_mtrag_task(f"k{i}", 2, "fiqa", [f"f{i + 3}"], "ANSWERABLE") for i in range(20)]
-    _write(root / "mtrag-un" / "reference.jsonl", _jsonl(tasks))
+    write(root / "mtrag-un" / "reference.jsonl", jsonl(tasks))
     qrels = "query-id\tcorpus-id\tscore\n" + "c1<::>3\tf2\t1\nc1<::>3\tf1\t1\n"
     qrels += "".join(f"k{i}<::>2\tf{i + 3}\t1\n" for i in range(20))
-    _write(root / "mtrag-un" / "qrels" / "fiqa.tsv", qrels)
-    _write(root / "mtrag-un" / "qrels" / "govt.tsv", "query-id\tcorpus-id\tscore\n")
+    write(root / "mtrag-un" / "qrels" / "fiqa.tsv", qrels)
+    write(root / "mtrag-un" / "qrels" / "govt.tsv", "query-id\tcorpus-id\tscore\n")
     corpus = [
         {
             "_id": f"f{i}",
@@ -327,7 +313,7 @@ def mtrag_root(tmp_path):
         {"_id": f"g{i}", "title": "", "text": f"govt zeta passage {i}", "domain": "govt"}
         for i in range(1, 7)
     ]
-    _write(root / "corpus.jsonl.gz", _jsonl(corpus))
+    write(root / "corpus.jsonl.gz", jsonl(corpus))
     return root
 
 
@@ -401,7 +387,7 @@ def test_topiocqa_examples(tmp_path):
             "Topic_section": "Works",
         },
     ]
-    path = _write(tmp_path / "topiocqa_train.json.gz", json.dumps(turns))
+    path = write(tmp_path / "topiocqa_train.json.gz", json.dumps(turns))
     a, b = topiocqa_examples(read_topiocqa(path))
     assert (a.id, b.id) == ("1_1", "1_3")
     assert b.positives == (TrainingPassage("Landscapes."),) and b.target == "Landscapes."
@@ -458,11 +444,11 @@ _CAST_2022 = [
 @pytest.fixture
 def cast_root(tmp_path):
     root = tmp_path / "trec-cast"
-    _write(root / "2021" / "2021_manual_evaluation_topics_v1.0.json", json.dumps(_CAST_2021))
-    _write(root / "2021" / "trec-cast-qrels-docs.2021.qrel", "106_2 0 MARCO_D1 2\n")
+    write(root / "2021" / "2021_manual_evaluation_topics_v1.0.json", json.dumps(_CAST_2021))
+    write(root / "2021" / "trec-cast-qrels-docs.2021.qrel", "106_2 0 MARCO_D1 2\n")
     name = "2022_evaluation_topics_flattened_duplicated_v1.0.json"
-    _write(root / "2022" / name, json.dumps(_CAST_2022))
-    _write(root / "2022" / "cast2022.qrel", "")
+    write(root / "2022" / name, json.dumps(_CAST_2022))
+    write(root / "2022" / "cast2022.qrel", "")
     return root
 
 
@@ -540,13 +526,13 @@ def test_cli_cast_triples_sessions(cast_root, tmp_path, capsys):
     for ex in examples:  # mined from the pool of the other positives sharing a word with it
         assert len(ex.negatives) <= 2 and set(ex.negatives) <= pool - {ex.positives[0]}
     assert examples[0].negatives == examples[1].positives  # "cancer" is their common word
-    triples = _write(tmp_path / "t.tsv", "zeta one\tzeta pos one\tneg\nzeta two\tzeta pos two\n")
+    triples = write(tmp_path / "t.tsv", "zeta one\tzeta pos one\tneg\nzeta two\tzeta pos two\n")
     out = tmp_path / "t.jsonl"
     assert _cli("triples", str(triples), "--out", str(out), "--rank-window", "1", "2") == 0
     a, b = read_training_examples(out)
     assert a.negatives == (TrainingPassage("neg"), TrainingPassage("zeta pos two"))
     assert b.negatives == (TrainingPassage("zeta pos one"),)
-    chats = _write(tmp_path / "c.jsonl", json.dumps({"id": "s", "messages": [{"role": "user"}]}))
+    chats = write(tmp_path / "c.jsonl", json.dumps({"id": "s", "messages": [{"role": "user"}]}))
     with pytest.raises(DataFormatError) as err:
         _cli("sessions", str(chats), "--out", str(tmp_path / "s.jsonl"))
     assert err.value.line == 1 and err.value.field == "messages[0]"

@@ -2,29 +2,15 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import shutil
 
 import pytest
+from fixtures import jsonl, write
 
 from chatretriever.cli import main
 from chatretriever.errors import DataFormatError
 from chatretriever.io.stats import FORMATS, dataset_stats, guess_format
-
-
-def write(path, text: str):
-    if str(path).endswith(".gz"):
-        with gzip.open(path, "wt", encoding="utf-8") as f:
-            f.write(text)
-    else:
-        path.write_text(text, encoding="utf-8")
-    return path
-
-
-def jsonl(rows) -> str:
-    return "".join(json.dumps(r) + "\n" for r in rows)
-
 
 MTRAG_TASK = {
     "conversation_id": "c1",

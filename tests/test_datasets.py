@@ -3,10 +3,10 @@ real files in ../shared/data with counts checked against its README."""
 
 from __future__ import annotations
 
-import gzip
 import json
 
 import pytest
+from fixtures import jsonl, write
 
 from chatretriever.errors import DataFormatError
 from chatretriever.io.cast import load_cast, read_cast_rewrites, read_cast_topics
@@ -22,20 +22,6 @@ from chatretriever.io.mtrag import domain_of, iter_mtrag_corpus, iter_mtrag_task
 from chatretriever.io.reclm import item_text, load_reclm, read_reclm_items, read_reclm_sequences
 from chatretriever.io.topiocqa import read_topiocqa
 from chatretriever.types import Qrel, Turn
-
-
-def write(path, text: str):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if str(path).endswith(".gz"):
-        with gzip.open(path, "wt", encoding="utf-8") as f:
-            f.write(text)
-    else:
-        path.write_text(text, encoding="utf-8")
-    return path
-
-
-def jsonl(rows) -> str:
-    return "".join(json.dumps(r) + "\n" for r in rows)
 
 
 def check_error(exc_info, path, line, field):

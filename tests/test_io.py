@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 import pytest
+from fixtures import write
 
 from chatretriever.errors import DataFormatError
 from chatretriever.io.corpus import iter_corpus, read_corpus, write_corpus
@@ -31,16 +32,6 @@ from chatretriever.io.trec import (
     write_run,
 )
 from chatretriever.types import Passage, Qrel, Run, Session, Turn
-
-
-def write(path, text: str):
-    """Write `text` to `path`, gzip-compressed when the name ends in .gz."""
-    if str(path).endswith(".gz"):
-        with gzip.open(path, "wt", encoding="utf-8") as f:
-            f.write(text)
-    else:
-        path.write_text(text, encoding="utf-8")
-    return path
 
 
 def raises_at(exc_info, line, field=None):
