@@ -106,3 +106,33 @@ def test_combine_weights_the_lm_part():
     assert set(combine_csit_losses(lc, None, alpha=0.0)) == {"contrastive"}
     with pytest.raises(ValueError):
         combine_csit_losses(lc, None, alpha=0.3)
+
+
+def test_candidate_exclusions_mask_padding_and_copies_of_the_positive():
+    from chatretriever.losses import candidate_exclusions
+
+    pos_keys = torch.tensor([7, 7, 9])  # sessions 0 and 1 share their positive
+    neg_keys = torch.tensor([[9, -1], [5, 7], [1, 2]])
+    valid = torch.tensor([[True, False], [True, True], [True, True]])
+    got = candidate_exclusions(pos_keys, neg_keys, valid, n_queries=3)
+    # columns: pos0 pos1 pos2 | n00 n01 n10 n11 n20 n21
+    expected = [
+        [0, 1, 0, 0, 1, 0, 1, 0, 0],  # pos1 is a copy of its positive; n01 is padding
+        [1, 0, 0, 0, 1, 0, 1, 0, 0],  # pos0 and n11 are copies of its positive
+        [0, 0, 0, 1, 1, 0, 0, 0, 0],  # n00 is a copy of pos2
+    ]
+    assert got.int().tolist() == expected
+    own = candidate_exclusions(pos_keys, neg_keys, valid, n_queries=3, in_batch=False)
+    assert own.int().tolist() == [[0, 0, 1], [0, 0, 1], [0, 0, 0]]
+
+
+def test_contrastive_offset_and_exclude_by_hand():
+    q = torch.tensor([[1.0, 0.0]])
+    pos = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.5, 0.5]])  # q's positive is row 1
+    exclude = torch.tensor([[False, False, True]])
+    out = contrastive_loss(q, pos, temperature=1.0, offset=1, exclude=exclude)
+    # softmax over scores [0, 1] (the excluded 0.5 is left out): -log(e / (1 + e))
+    expected = -math.log(math.e / (1 + math.e))
+    assert float(out["contrastive"]) == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match="do not fit"):
+        contrastive_loss(q, pos, offset=3)

@@ -175,6 +175,58 @@ class ChatRetriever(torch.nn.Module):
         logger.info("saved ChatRetriever (%s) to %s", fmt, out)
         return out
 
+    def load_trainable_state(self, directory: str | Path) -> None:
+        """Load the weights a `save_pretrained` dir holds into this model, in place (resume).
+
+        Under LoRA that is the adapter and the EMB rows; under full fine-tuning the whole model.
+        """
+        directory = Path(directory)
+        if _is_peft(self.model):
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            state = load_file(str(directory / "adapter_model.safetensors"))
+            result = set_peft_model_state_dict(self.model, state)
+            if getattr(result, "unexpected_keys", None):
+                raise ValueError(
+                    f"{directory}: unexpected adapter keys {result.unexpected_keys[:5]}"
+                )
+            return
+        from transformers.modeling_utils import load_sharded_checkpoint
+
+        if (directory / "model.safetensors").is_file():
+            from safetensors.torch import load_file
+
+            state = load_file(str(directory / "model.safetensors"))
+            missing, unexpected = self.model.load_state_dict(state, strict=False)
+            tied = set(getattr(self.model, "all_tied_weights_keys", {}) or {})
+            if unexpected or set(missing) - tied - {"lm_head.weight"}:
+                raise ValueError(f"{directory}: weights do not match (missing {missing[:5]})")
+        else:
+            load_sharded_checkpoint(self.model, str(directory))
+
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: Mapping[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        """Recompute activations in backward (the Trainer calls this when asked).
+
+        Works with transformers versions before and after the gradient -> activation rename.
+        """
+        ckpt = dict(activation_checkpointing_kwargs or {"use_reentrant": False})
+        base = self._base()
+        if hasattr(base, "activation_checkpointing_enable"):
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt, **kwargs)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt)
+        if _is_peft(self.model):  # inputs of frozen embeddings must carry grad for checkpointing
+            base.enable_input_require_grads()
+
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: Mapping[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        """Alias of `activation_checkpointing_enable` (older transformers call this name)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
     # ------------------------------------------------------------------ precision & parts
     @property
     def device(self) -> torch.device:

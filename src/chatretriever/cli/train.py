@@ -1,0 +1,42 @@
+"""`chatretriever train RECIPE.yaml [--set key=value ...] [--resume]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register the train sub-command."""
+    p = sub.add_parser(
+        "train",
+        help="train a ChatRetriever with CSIT from a YAML recipe (torchrun/accelerate for DDP)",
+    )
+    p.add_argument("recipe", help="YAML recipe (see configs/)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe field, e.g. --set loss.alpha=0 --set training.max_steps=50",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint in output_dir"
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the resolved recipe and stop")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from chatretriever.recipe import load_recipe, run_training
+
+    config = load_recipe(args.recipe, args.overrides)
+    if args.dry_run:
+        import yaml
+
+        yaml.safe_dump(config.to_dict(), sys.stdout, sort_keys=False)
+        return 0
+    out = run_training(config, resume=args.resume)
+    print(f"saved {out}")
+    return 0
