@@ -127,6 +127,52 @@ def test_encode_index_search_evaluate(files, capsys):
     assert result["aggregate"]["RR@10"] == pytest.approx(2 / 3)  # q1 1, q2 1, q3 missing 0
 
 
+def test_index_a_corpus_in_one_step(files, capsys, monkeypatch):
+    """`index CORPUS` encodes with the default model, keeps the passages, and resumes."""
+    import chatretriever.registry as registry
+
+    d = files
+    encoders = []
+
+    def factory(rest):
+        encoders.append(HashEncoder(name=rest or "fake-hash"))
+        return encoders[-1]
+
+    register_encoder("rec", factory)
+    monkeypatch.setattr(registry, "DEFAULT_MODEL", "rec:")
+    try:
+        argv = ["index", str(d / "corpus.jsonl"), "--out", str(d / "idx"), "--batch-size", "2"]
+        assert main(argv) == 0
+        assert "indexed 5 passages (Flat, fake-hash)" in capsys.readouterr().out
+        assert encoders[0].passages_encoded == 5 and encoders[0].passage_batches == 3
+        meta = json.loads((d / "idx" / "index" / "meta.json").read_text())
+        assert meta["settings"]["model"] == "rec:"
+        assert meta["settings"]["corpus"] == str(d / "corpus.jsonl")
+        assert (d / "idx" / "embeddings" / "encode_settings.json").exists()
+        assert (d / "idx" / "passages.jsonl.gz").exists()
+        assert main(argv) == 0  # a rerun keeps the encoded chunks
+        assert encoders[1].passages_encoded == 0
+        # search needs no --model: the index records it
+        sessions, run = str(d / "sessions.jsonl"), str(d / "run.trec")
+        argv = ["search", "--index", str(d / "idx"), "--sessions", sessions, "--out", run]
+        assert main([*argv, "--formulation", "last_turn"]) == 0
+        assert read_run(d / "run.trec").ranked("q2")[0].doc_id == "pasta"
+        assert json.loads((d / "run.trec.settings.json").read_text())["model"] == "rec:"
+    finally:
+        unregister_encoder("rec")
+
+
+def test_index_of_emb_dirs_records_no_model(files, capsys):
+    d = files
+    main(["encode", str(d / "corpus.jsonl"), "--model", "fake:", "--out", str(d / "emb")])
+    main(["index", str(d / "emb"), "--out", str(d / "idx")])
+    capsys.readouterr()
+    argv = ["search", "--index", str(d / "idx"), "--sessions", str(d / "sessions.jsonl")]
+    assert main([*argv, "--out", str(d / "run.trec")]) == 2
+    err = capsys.readouterr().err
+    assert "does not record its model: pass --model" in err
+
+
 def test_search_with_bm25_and_compare_runs(files, capsys):
     d = files
     for f in ("last_turn", "rewrite"):
@@ -230,6 +276,13 @@ def test_search_refuses_another_encoder(files, capsys):
             "shard",
         ),
         (["index", "{d}", "--out", "{d}/idx"], "no embedding shards"),
+        (["index", "{d}", "--out", "{d}/idx", "--model", "fake:"], "--model encodes a corpus"),
+        (["index", "{d}/bad.jsonl", "--out", "{d}/idx", "--model", "fake:"], "bad.jsonl:2"),
+        (
+            ["index", "{d}/corpus.jsonl", "{d}/qrels.txt", "--out", "{d}/idx", "--model", "fake:"],
+            "give one corpus file",
+        ),
+        (["index", "{d}/corpus.jsonl", "--out", "{d}/idx", "--model", "nope-model"], "nope-model"),
         (["search", "--sessions", "{d}/sessions.jsonl", "--out", "{d}/r"], "either --bm25"),
         (
             [

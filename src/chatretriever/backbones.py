@@ -598,7 +598,7 @@ def generate_reply(
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     # The template already holds every special token (BOS included where the model wants one).
-    enc = tokenizer(text, add_special_tokens=False, return_tensors="pt")
+    enc = tokenizer(text, add_special_tokens=False, return_tensors="pt").to(model.device)
     with torch.no_grad():
         out = model.generate(
             **enc,

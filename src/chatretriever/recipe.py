@@ -12,6 +12,8 @@
         - {path: outputs/train/mtrag.jsonl, repeat: 10}
     training: {max_steps: 500, per_device_train_batch_size: 16, ...}  # TrainingArguments
 
+A recipe may start with `base: other.yaml` (a path relative to it): the other recipe is read
+first and this one's keys replace or extend it, so an ablation names only what it changes.
 Relative data paths are read from the directory the command runs in. `--set key.sub=value`
 overrides any field (the value is parsed as YAML). The resolved recipe is saved beside the model
 as `train_config.yaml`; the ablations of the paper are recipes that differ in one value.
@@ -126,24 +128,45 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
     return raw
 
 
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A raw recipe; a `base: other.yaml` key (relative to this file) is merged under it."""
+    import yaml
+
+    if path.resolve() in seen:
+        raise DataFormatError(path, "recipes include each other in a loop (base:)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = None if mark is None else mark.line + 1
+        raise DataFormatError(path, f"not valid YAML: {e}", line=line) from e
+    if not isinstance(raw, dict):
+        raise DataFormatError(path, "a recipe must be a YAML mapping")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    parent = _read_yaml(path.parent / str(base), (*seen, path.resolve()))
+    return _deep_merge(parent, raw)
+
+
+def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value  # scalars and lists replace
+    return out
+
+
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Read a YAML recipe, apply overrides and validate it.
+    """Read a YAML recipe (and its `base:` chain), apply overrides and validate it.
 
     Raises:
         DataFormatError: naming the file and what is wrong.
     """
-    import yaml
-
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        line = getattr(getattr(e, "problem_mark", None), "line", None)
-        raise DataFormatError(
-            path, f"not valid YAML: {e}", line=None if line is None else line + 1
-        ) from e
-    if not isinstance(raw, dict):
-        raise DataFormatError(path, "a recipe must be a YAML mapping")
+    raw = _read_yaml(path)
     try:
         return TrainConfig.from_dict(apply_overrides(raw, overrides))
     except (TypeError, ValueError) as e:

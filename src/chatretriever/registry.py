@@ -13,6 +13,9 @@ from pathlib import Path
 
 from chatretriever.encoders import Encoder
 
+# The shipped ChatRetriever model: what `index`, `chat` and `demo` use when no --model is given.
+DEFAULT_MODEL = "chatretriever-smol"
+
 _FACTORIES: dict[str, Callable[[str], Encoder]] = {}
 
 

@@ -198,19 +198,29 @@ def _shares_a_word(text: str, question: str) -> bool:
     return bool(words(question) & words(text))
 
 
-def hf_generator(model_name: str = DEFAULT_MODEL, max_new_tokens: int = 64) -> Generator:
+def hf_generator(
+    model_name: str = DEFAULT_MODEL, max_new_tokens: int = 64, device: str | None = None
+) -> Generator:
     """A greedy chat generator over a causal LM loaded with `load_backbone(kind="causal")`.
 
     Args:
         model_name: A built-in chat model name, a local model directory or a `.gguf` file.
         max_new_tokens: The most tokens of one rewrite (rewrites are short).
+        device: Where to run ("cpu", "cuda", ...); default the current accelerator, else CPU.
 
     Returns:
         messages -> reply text.
     """
+    import torch
+
     from chatretriever.backbones import generate_reply, load_backbone
 
     model, tokenizer = load_backbone(model_name, kind="causal")
+    if device is None:
+        accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+        available = accelerator is not None and accelerator.is_available()
+        device = str(accelerator.current_accelerator()) if available else "cpu"
+    model.to(device)
 
     def generate(messages: list[dict[str, str]]) -> str:
         return generate_reply(model, tokenizer, messages, max_new_tokens=max_new_tokens)

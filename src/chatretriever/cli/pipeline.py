@@ -25,9 +25,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chunk-size", type=int, default=10_000, help="passages per shard dir")
     p.set_defaults(func=cmd_encode)
 
-    p = sub.add_parser("index", help="build a Faiss index from embedding shards")
-    p.add_argument("emb_dirs", nargs="+", metavar="EMB_DIR", help="encode outputs or shard dirs")
+    p = sub.add_parser(
+        "index",
+        help="build a Faiss index from a corpus (encode + index) or from embedding shards",
+        description="Give a corpus file to encode it with --model and index it in one step "
+        "(DIR/embeddings resumes, DIR/index, DIR/passages.jsonl.gz: `chat --index DIR` then "
+        "knows the model and the texts), or give embedding dirs made by `encode`.",
+    )
+    p.add_argument("sources", nargs="+", metavar="CORPUS|EMB_DIR", help="a corpus or emb dirs")
     p.add_argument("--out", required=True, help="index directory")
+    p.add_argument("--model", help="encoder of a corpus (default: registry.DEFAULT_MODEL)")
+    p.add_argument("--batch-size", type=int, default=32, help="passages per batch (corpus)")
     p.add_argument("--factory", default="Flat", help='Faiss factory: "Flat", "HNSW32", "IVF..."')
     p.add_argument("--train-size", type=int, default=100_000)
     p.set_defaults(func=cmd_index)
@@ -36,7 +44,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sessions", required=True, help="sessions JSONL")
     p.add_argument("--out", required=True, help="TREC run file to write")
     p.add_argument("--index", help="index directory (dense search)")
-    p.add_argument("--model", help="query encoder (dense search)")
+    p.add_argument("--model", help="query encoder (dense search; default: the index's model)")
     p.add_argument("--bm25", metavar="CORPUS", help="search a corpus with BM25 instead")
     p.add_argument("--formulation", choices=FORMULATIONS, default="session")
     p.add_argument("--missing-rewrite", choices=MISSING_REWRITE, default="error")
@@ -100,14 +108,45 @@ def cmd_index(args: argparse.Namespace) -> int:
     from chatretriever.encode import list_shards
     from chatretriever.index import DenseIndex
 
-    shards = list_shards(args.emb_dirs)
+    files = [p for p in args.sources if Path(p).is_file()]
+    if files:
+        return _index_corpus(args, files)
+    if args.model:
+        raise ValueError("--model encodes a corpus file; embedding dirs are already encoded")
+    shards = list_shards(args.sources)
     index = DenseIndex.build(shards, factory=args.factory, train_size=args.train_size)
-    settings = {"emb_dirs": [str(p) for p in args.emb_dirs], "train_size": args.train_size}
+    settings = {"emb_dirs": [str(p) for p in args.sources], "train_size": args.train_size}
     index.save(args.out, settings=settings)
+    _echo_index(index, args.factory, args.out)
+    return 0
+
+
+def _echo_index(index, factory: str, out: str) -> None:
     _echo(
-        f"indexed {len(index)} passages ({args.factory}, {index.meta.model}) -> {args.out}; "
+        f"indexed {len(index)} passages ({factory}, {index.meta.model}) -> {out}; "
         f"memory {index.memory_bytes} bytes ({index.memory_bytes / 2**20:.1f} MiB)"
     )
+
+
+def _index_corpus(args: argparse.Namespace, files: list[str]) -> int:
+    """`index CORPUS --out DIR`: encode (resumable), index and keep the passages in DIR."""
+    from chatretriever.chat import build_corpus_index
+    from chatretriever.encode import EncodeConfig
+    from chatretriever.io.corpus import iter_corpus
+    from chatretriever.registry import DEFAULT_MODEL, load_encoder
+
+    if len(args.sources) != 1:
+        raise ValueError(f"give one corpus file, or embedding dirs only (got {args.sources})")
+    corpus = files[0]
+    for _ in iter_corpus(corpus):  # a bad corpus fails before the model loads
+        pass
+    model = args.model or DEFAULT_MODEL
+    config = EncodeConfig(batch_size=_positive(args.batch_size, "--batch-size"))
+    encoder = load_encoder(model)
+    built = build_corpus_index(
+        encoder, model, corpus, args.out, args.factory, config, train_size=args.train_size
+    )
+    _echo_index(built.index, args.factory, args.out)
     return 0
 
 
@@ -128,25 +167,29 @@ def cmd_search(args: argparse.Namespace) -> int:
         settings["bm25"] = {"corpus": args.bm25, **retriever.settings}
         run = retriever.search(sessions, args.k, args.formulation, args.missing_rewrite)
     else:
-        run = _search_dense(args, sessions)
+        run, settings["model"] = _search_dense(args, sessions)
     n = save_run(args.out, run, settings, depth=args.k)
     _echo(f"{len(run.scores)} queries, {n} lines -> {args.out}")
     return 0
 
 
-def _search_dense(args: argparse.Namespace, sessions: list):
-    from chatretriever.index import DenseIndex
+def _search_dense(args: argparse.Namespace, sessions: list) -> tuple:
+    """The dense run and the model name it used (--model, else the one the index records)."""
+    from chatretriever.chat import CorpusIndex
     from chatretriever.registry import load_encoder
     from chatretriever.search import search_dense
 
-    if not (args.index and args.model):
-        raise ValueError("dense search needs both --index DIR and --model NAME")
-    index = DenseIndex.load(args.index)
-    encoder = load_encoder(args.model)
-    index.check_encoder(encoder.name, encoder.dim, encoder.normalize)  # before any encoding
-    return search_dense(
+    if not args.index:
+        raise ValueError("dense search needs --index DIR (and --model NAME unless DIR records it)")
+    loaded = CorpusIndex.load(args.index, with_passages=False)
+    model = args.model or loaded.model
+    if not model:
+        raise ValueError(f"{args.index} does not record its model: pass --model NAME")
+    encoder = load_encoder(model)
+    loaded.index.check_encoder(encoder.name, encoder.dim, encoder.normalize)  # before encoding
+    run = search_dense(
         encoder,
-        index,
+        loaded.index,
         sessions,
         k=args.k,
         formulation=args.formulation,
@@ -154,6 +197,7 @@ def _search_dense(args: argparse.Namespace, sessions: list):
         missing_rewrite=args.missing_rewrite,
         params=args.params,
     )
+    return run, model
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

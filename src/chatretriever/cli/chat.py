@@ -1,0 +1,136 @@
+"""`chatretriever chat` (search a corpus index turn by turn) and `chatretriever demo`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Iterator
+
+logger = logging.getLogger(__name__)
+
+QUIT = (":quit", ":q", ":exit")
+RESET = ":reset"
+HELP = "type a question; :reset starts a new conversation, :quit (or Ctrl-D) ends"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register `chat` and `demo`."""
+    p = sub.add_parser(
+        "chat",
+        help="type a conversation, see the top passages for all of it after every turn",
+        description="Retrieves for the whole conversation so far (your turns only: there is no "
+        f"assistant). {HELP}. When stdin is not a terminal, each line is one turn.",
+    )
+    p.add_argument("--index", required=True, help="index dir (from `index CORPUS --out DIR`)")
+    p.add_argument("--model", help="query encoder (default: the model the index records)")
+    p.add_argument("--corpus", help="corpus whose titles/texts to show (default: the index's copy)")
+    p.add_argument("--k", type=int, default=5, help="passages shown per turn")
+    p.add_argument("--snippet-chars", type=int, default=200, help="snippet length; 0: titles only")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser(
+        "demo",
+        help="the demo job: a model on whole conversations vs BM25 on the last turn",
+        description="Indexes the shipped demo corpus with --model, retrieves for every turn of "
+        "the demo conversations with the whole session (model) and the last turn (BM25), prints "
+        "the top 3 of both, a metrics table, and writes runs, results.json and metrics.png.",
+    )
+    p.add_argument("--model", help="the model (default: registry.DEFAULT_MODEL)")
+    p.add_argument("--out", default="outputs/demo", help="output directory")
+    p.add_argument("--batch-size", type=int, default=16, help="passages/sessions per batch")
+    p.set_defaults(func=cmd_demo)
+
+
+def _echo(text: str = "") -> None:
+    """Command output goes to stdout (logging and progress bars go to stderr)."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def _load_encoder(name: str):
+    from chatretriever.registry import load_encoder
+
+    try:
+        return load_encoder(name)
+    except ImportError as e:  # a built-in model whose weight package is missing: one line
+        raise ValueError(str(e)) from None
+
+
+def _lines(interactive: bool) -> Iterator[str]:
+    """The user's lines: prompted on a terminal, else read from stdin until EOF."""
+    if not interactive:
+        yield from sys.stdin
+        return
+    while True:
+        try:
+            yield input("you> ")
+        except (EOFError, KeyboardInterrupt):
+            _echo()
+            return
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from chatretriever.chat import ChatSearcher, Conversation, CorpusIndex, format_hits
+
+    if args.k < 1 or args.snippet_chars < 0:
+        raise ValueError("--k must be positive and --snippet-chars at least 0")
+    corpus_index = CorpusIndex.load(args.index, corpus=args.corpus)
+    model = args.model or corpus_index.model
+    if not model:
+        raise ValueError(f"{args.index} does not record its model: pass --model NAME")
+    if corpus_index.passages is None:
+        logger.warning("%s holds no passage texts: showing ids (pass --corpus)", args.index)
+    searcher = ChatSearcher(_load_encoder(model), corpus_index, k=args.k)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        _echo(f"chatretriever chat: {len(corpus_index.index)} passages, model {model}")
+        _echo(HELP)
+    conversation = Conversation()
+    for raw in _lines(interactive):
+        line = raw.strip()
+        if not line:
+            continue
+        if line in QUIT:
+            break
+        if line == RESET:
+            conversation.reset()
+            _echo("(new conversation)")
+            continue
+        if line.startswith(":"):
+            _echo(f"unknown command {line!r}: {HELP}")
+            continue
+        hits = searcher.search(conversation.add(line))
+        if not interactive:
+            _echo(f"turn {len(conversation)}: {line}")
+        _echo(format_hits(hits, snippet_chars=args.snippet_chars))
+        _echo()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from chatretriever.demo import SHOWN, format_metrics, format_turn, load_demo_data, run_demo
+    from chatretriever.registry import DEFAULT_MODEL
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+    model = args.model or DEFAULT_MODEL
+    data = load_demo_data()
+    conversations = {s.id.split("::")[0] for s in data.sessions}
+    _echo(
+        f"demo: {len(data.passages)} passages, {len(data.sessions)} turns of "
+        f"{len(conversations)} conversations; model {model} -> {args.out}"
+    )
+    encoder = _load_encoder(model)
+    result = run_demo(encoder, model, args.out, data, batch_size=args.batch_size)
+    labels = list(result.evaluations)
+    _echo(f"\ntop {SHOWN} per turn ('*' = judged relevant)\n")
+    for turn in result.turns:
+        _echo(format_turn(turn, labels))
+        _echo()
+    _echo(format_metrics(result.evaluations))
+    _echo()
+    for name, path in result.files.items():
+        _echo(f"{name}: {path}")
+    _echo(f"try it: chatretriever chat --index {result.index_dir}")
+    return 0

@@ -1,0 +1,293 @@
+"""benchmarks/conversational.py end to end on a tiny MTRAG-format fixture, with BM25 and fakes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fakes import HashEncoder
+from fixtures import jsonl, write
+
+from chatretriever.io.embeddings import EmbeddingMeta, write_embeddings
+from chatretriever.registry import register_encoder, unregister_encoder
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """Import benchmarks/<name>.py (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def conv():
+    return load_benchmark("conversational")
+
+
+CORPUS = [
+    {"_id": "jag-diet", "title": "Jaguar", "text": "jaguars eat deer capybaras and caimans"},
+    {"_id": "jag-range", "title": "Jaguar", "text": "jaguars live in the rainforest"},
+    {"_id": "jag-car", "title": "Jaguar Cars", "text": "the jaguar car company builds cars"},
+    {"_id": "vm-reset", "title": "Virtual servers", "text": "reset the password of a server"},
+    {"_id": "vm-size", "title": "Virtual servers", "text": "resize a virtual server profile"},
+    {"_id": "pasta", "title": "Pasta", "text": "how to cook pasta with tomato sauce"},
+]
+for _p in CORPUS:
+    _p["domain"] = "cloud" if _p["_id"].startswith("vm") else "clapnq"
+
+
+def task(conv_id: str, turn: int, messages: list[tuple[str, str]], collection: str) -> dict:
+    return {
+        "conversation_id": conv_id,
+        "task_id": f"{conv_id}<::>{turn}",
+        "turn": str(turn),
+        "input": [{"speaker": s, "text": t} for s, t in messages],
+        "targets": [{"text": "an answer"}],
+        "contexts": [],
+        "Collection": collection,
+    }
+
+
+TASKS = [
+    task("cA", 1, [("user", "what do jaguars eat")], "mt-clapnq"),
+    task(
+        "cA",
+        2,
+        [("user", "what do jaguars eat"), ("agent", "deer"), ("user", "where do they live")],
+        "mt-clapnq",
+    ),
+    task("cB", 1, [("user", "how do I reset my server password")], "mt-ibmcloud"),
+]
+QRELS = {
+    "clapnq": "query-id\tcorpus-id\tscore\ncA<::>1\tjag-diet\t1\ncA<::>2\tjag-range\t1\n",
+    "cloud": "query-id\tcorpus-id\tscore\ncB<::>1\tvm-reset\t1\n",
+}
+
+
+@pytest.fixture
+def mtrag(tmp_path):
+    root = tmp_path / "mtrag"
+    write(root / "corpus.jsonl.gz", jsonl(CORPUS))
+    write(root / "mtrag-un" / "reference.jsonl", jsonl(TASKS))
+    for domain, text in QRELS.items():
+        write(root / "mtrag-un" / "qrels" / f"{domain}.tsv", text)
+    return root
+
+
+@pytest.fixture
+def loads():
+    """`fake:NAME` loads a HashEncoder named NAME; the list records every load."""
+    calls: list[str] = []
+
+    def factory(rest: str) -> HashEncoder:
+        calls.append(rest)
+        return HashEncoder(dim=32, name=rest)
+
+    register_encoder("fake", factory)
+    yield calls
+    unregister_encoder("fake")
+
+
+def test_benchmark_end_to_end_resumes_from_cached_runs(conv, mtrag, tmp_path, loads, monkeypatch):
+    pytest.importorskip("bm25s")
+    pytest.importorskip("ir_measures")
+    generated = []
+
+    def fake_generator(model, device, max_new_tokens):
+        def generate(messages):
+            generated.append(messages)
+            return "where do jaguars live"
+
+        return generate
+
+    monkeypatch.setattr(conv, "make_generator", fake_generator)
+    monkeypatch.setattr(conv, "have_faiss", lambda: False)  # the numpy search path
+    out = tmp_path / "out"
+    argv = [
+        "--data",
+        str(mtrag),
+        "--out",
+        str(out),
+        "--systems",
+        "bm25",
+        "rewrite",
+        "dense",
+        "chatretriever",
+        "--dense",
+        "fake:hash",
+        "--model",
+        "csit=fake:csit",
+        "--rewrite-model",
+        "fake-llm",
+        "--rewrite-dense",
+        "fake:hash",
+        "--chunk-size",
+        "4",
+        "--k",
+        "5",
+    ]
+    assert conv.main([*argv, "--runs-only"]) == 0
+    ids = [
+        "bm25.last_turn",
+        "bm25.all_user_turns",
+        "bm25.full_history",
+        "bm25.llm_rewrite",
+        "fake_hash.llm_rewrite",
+        "fake_hash.last_turn",
+        "fake_hash.all_user_turns",
+        "fake_hash.full_history",
+        "csit.session",
+    ]
+    for i in ids:
+        assert (out / "runs" / f"{i}.trec").exists() and (out / "runs" / f"{i}.trec.settings.json")
+    assert not (out / "results.json").exists()  # --runs-only: no evaluation
+    assert loads == ["hash", "csit"]  # one load per model, shared by its formulations
+    assert len(generated) == 1  # only cA<::>2 has a history to rewrite
+    assert len(list((out / "emb" / "fake_hash").glob("chunk-*"))) == 2  # 6 passages, chunks of 4
+    mtimes = {p: p.stat().st_mtime_ns for p in (out / "runs").iterdir()}
+
+    monkeypatch.undo()  # faiss again where installed: cached runs do not care
+    monkeypatch.setattr(conv, "make_generator", fake_generator)
+    assert conv.main(argv) == 0
+    assert loads == ["hash", "csit"] and len(generated) == 1  # nothing loaded or generated
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").iterdir()} == mtimes
+    results = json.loads((out / "results.json").read_text())
+    assert [s["id"] for s in results["systems"]] == ids
+    assert all(s["cached"] for s in results["systems"])
+    assert results["tasks"] == 3 and results["queries_evaluated"] == 3
+    assert results["corpus_passages"] == 6
+    assert results["skipped"] == [
+        {"system": "bm25.rewrite", "reason": "the dataset has no rewrites (MTRAG ships none)"}
+    ]
+    by_id = {s["id"]: s for s in results["systems"]}
+    bm25 = by_id["bm25.last_turn"]
+    # Every task's judged passage shares words with its last turn: BM25 ranks each one first.
+    assert bm25["metrics"]["nDCG@3"] == pytest.approx(1.0)
+    assert results["baseline"] in {"bm25.last_turn", "bm25.all_user_turns", "bm25.full_history"}
+    assert "vs_baseline" in by_id["csit.session"]
+    assert "vs_baseline" not in by_id[results["baseline"]]
+    for s in results["systems"]:
+        assert set(s["metrics"]) == {"nDCG@3", "nDCG@10", "RR@10", "R@100"}
+        assert all(0.0 <= v <= 1.0 for v in s["metrics"].values())
+        assert s["wall_s"] >= 0 and s["timing_s"]
+    assert by_id["fake_hash.last_turn"]["index"] == "numpy-exact"
+    assert "rewrite_s" in by_id["bm25.llm_rewrite"]["timing_s"]
+    md = (out / "results.md").read_text()
+    assert "| system | formulation | nDCG@3 | nDCG@10 | MRR@10 | R@100 | wall s |" in md
+    assert "| bm25 | last_turn | 1.0000 |" in md and "llm_rewrite (fake-llm)" in md
+    assert "3 judged tasks evaluated of 3 tasks" in md
+    if importlib.util.find_spec("matplotlib"):
+        assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # Evaluation on chosen conversations: same runs, outputs named after the id file.
+    ids_file = write(tmp_path / "heldout.txt", "# held out\ncB\n")
+    assert conv.main([*argv, "--eval-conversations", str(ids_file)]) == 0
+    held = json.loads((out / "results.heldout.json").read_text())
+    assert held["tasks"] == 1 and held["queries_evaluated"] == 1
+    assert (out / "results.heldout.md").exists()
+    assert loads == ["hash", "csit"]
+
+
+def test_plan_skips_what_is_missing(conv):
+    from chatretriever.backbones import BUILTIN_MODELS, ModelInfo, PackagedDir, PackageFile
+
+    source = PackagedDir((PackageFile("no-such-weights-package", "x/model"),))
+    BUILTIN_MODELS["bench-missing"] = ModelInfo("bench-missing", "x", "encoder", "-", source)
+    try:
+        args = conv.parse_args(["--systems", "dense", "--dense", "bench-missing", "fake:x"])
+        systems, skipped = conv.plan_systems(args, has_rewrites=False)
+    finally:
+        del BUILTIN_MODELS["bench-missing"]
+    assert [s.id for s in systems] == [f"fake_x.{f}" for f in conv.QUERY_FORMULATIONS]
+    assert skipped[0]["system"] == "bench-missing"
+    assert "pip install --no-deps no-such-weights-package" in skipped[0]["reason"]
+    if importlib.util.find_spec("bm25s"):
+        args = conv.parse_args(["--systems", "bm25"])
+        systems, skipped = conv.plan_systems(args, has_rewrites=True)
+        assert [s.formulation for s in systems][-1] == "rewrite" and not skipped
+
+
+def test_parse_model(conv):
+    assert conv.parse_model("csit=outputs/m1") == ("csit", "outputs/m1")
+    assert conv.parse_model("outputs/m1/") == ("m1", "outputs/m1/")
+    with pytest.raises(ValueError, match="NAME=DIR_OR_BUILTIN"):
+        conv.parse_model("=x")
+
+
+def _shards(tmp_path: Path, vectors: np.ndarray, size: int) -> list[Path]:
+    meta = EmbeddingMeta(model="rand", dim=vectors.shape[1], normalized=False)
+    dirs = []
+    for j, start in enumerate(range(0, len(vectors), size)):
+        ids = [f"p{i}" for i in range(start, min(start + size, len(vectors)))]
+        dirs.append(write_embeddings(tmp_path / f"s{j}", ids, vectors[start : start + size], meta))
+    return dirs
+
+
+@pytest.mark.parametrize("k", [7, 500])
+def test_numpy_exact_search_equals_faiss_flat(conv, tmp_path, k):
+    pytest.importorskip("faiss")
+    from chatretriever.index import DenseIndex
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((300, 16)).astype(np.float32)  # (N, D)
+    queries = rng.standard_normal((40, 16)).astype(np.float32)  # (Q, D)
+    shards = _shards(tmp_path, vectors, 128)
+    exact = conv.ExactIndex.build(shards)
+    flat = DenseIndex.build(shards)
+    got, want = exact.search(queries, k), flat.search(queries, k)
+    assert len(got[0]) == min(k, 300)
+    for g, w in zip(got, want, strict=True):
+        assert [i for i, _ in g] == [i for i, _ in w]
+        np.testing.assert_allclose([s for _, s in g], [s for _, s in w], rtol=1e-5, atol=1e-5)
+    exact.check_encoder("rand", 16, False)
+    with pytest.raises(ValueError, match="queries come from"):
+        exact.check_encoder("other", 16, False)
+
+
+def test_numpy_exact_search_ties_follow_row_order(conv):
+    vectors = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.5, 0.0]], dtype=np.float32)
+    index = conv.ExactIndex(["a", "b", "c", "d"], vectors, EmbeddingMeta("m", 2))
+    (hits,) = index.search(np.array([[1.0, 0.0]], dtype=np.float32), k=3)
+    assert hits == [("a", 1.0), ("c", 1.0), ("d", 0.5)]
+
+
+# ---------------------------------------------------------------------------- encode_speed.py
+@pytest.fixture(scope="module")
+def speed():
+    return load_benchmark("encode_speed")
+
+
+def test_plain_loop_gives_our_embeddings(speed, tiny_llama_dir):
+    from chatretriever.modeling import ChatRetriever
+    from chatretriever.types import Passage
+
+    retriever = ChatRetriever.from_pretrained(str(tiny_llama_dir), device="cpu", dtype="fp32")
+    words = "the quick brown fox jumps over the lazy dog".split()
+    passages = [Passage(f"p{i}", " ".join(words[: 1 + 2 * i]), title="t") for i in range(5)]
+    ours = retriever.encode_passages(passages, batch_size=2)  # length-sorted, decoder body
+    plain = speed.plain_model(retriever, str(tiny_llama_dir))
+    base = speed.plain_encode(plain, retriever, passages, batch_size=2)  # corpus order, LM head
+    np.testing.assert_allclose(ours, base, atol=1e-5)
+
+
+def test_padding_efficiency(speed):
+    assert speed.padding_efficiency([4, 1, 4, 1], 2, sort=False) == pytest.approx(10 / 16)
+    assert speed.padding_efficiency([4, 1, 4, 1], 2, sort=True) == pytest.approx(10 / 10)
+
+
+def test_faiss_rows(speed):
+    pytest.importorskip("faiss")
+    vectors = speed.random_unit(500, 8, seed=0)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    rows = speed.bench_faiss(vectors, speed.random_unit(20, 8, 1), [16, 200], "tiny", "random")
+    assert [r["index"] for r in rows] == ["Flat", "HNSW32 efSearch=16", "HNSW32 efSearch=200"]
+    assert rows[0]["recall_at_10"] == 1.0 and rows[-1]["recall_at_10"] >= 0.9  # 8-d: easy
+    assert all(r["queries_per_s"] > 0 and r["n"] == 500 for r in rows)
