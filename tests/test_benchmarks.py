@@ -291,3 +291,43 @@ def test_faiss_rows(speed):
     assert [r["index"] for r in rows] == ["Flat", "HNSW32 efSearch=16", "HNSW32 efSearch=200"]
     assert rows[0]["recall_at_10"] == 1.0 and rows[-1]["recall_at_10"] >= 0.9  # 8-d: easy
     assert all(r["queries_per_s"] > 0 and r["n"] == 500 for r in rows)
+
+
+def test_train_speed_measures_both_modes_in_fresh_processes(tmp_path, tiny_llama_dir):
+    train_speed = load_benchmark("train_speed")
+    rows = [
+        {
+            "id": f"ex{i}",
+            "messages": [{"role": "user", "content": f"question number {i} about topic {i}"}],
+            "positives": [{"title": f"t{i}", "text": f"passage {i} answers question {i}"}],
+            "negatives": [{"text": f"unrelated passage {i + 1}"}],
+            "target": f"answer {i}",
+        }
+        for i in range(4)
+    ]
+    data = write(tmp_path / "train.jsonl", jsonl(rows))
+    out = tmp_path / "bench"
+    args = ["--model", str(tiny_llama_dir), "--data", str(data), "--out", str(out)]
+    args += ["--steps", "1", "--warmup", "1", "--batch-size", "2", "--negatives", "1"]
+    assert train_speed.main([*args, "--dtypes", "fp32", "--device", "cpu", "--threads", "1"]) == 0
+    result = json.loads((out / "train_speed.json").read_text())
+    by_mode = {r["mode"]: r for r in result["rows"]}
+    assert set(by_mode) == {"one_pass", "two_pass"}
+    for r in by_mode.values():
+        assert r["dtype"] == "float32" and r["steps"] == 1
+        assert r["tokens_per_s"] > 0 and r["peak_rss_mib"] > 0
+        assert np.isfinite(r["first_loss"])
+    # Same batches, same seed: the one-pass session embedding equals the two-pass one.
+    assert by_mode["one_pass"]["first_loss"] == pytest.approx(
+        by_mode["two_pass"]["first_loss"], rel=1e-4
+    )
+    assert by_mode["one_pass"]["speedup_vs_two_pass"] == pytest.approx(
+        by_mode["one_pass"]["tokens_per_s"] / by_mode["two_pass"]["tokens_per_s"]
+    )
+    assert "| one_pass | float32 |" in (out / "train_speed.md").read_text()
+
+
+def test_train_speed_refuses_missing_data(tmp_path):
+    train_speed = load_benchmark("train_speed")
+    with pytest.raises(SystemExit, match="no training data"):
+        train_speed.main(["--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path)])

@@ -430,6 +430,15 @@ for _info in (
         ),
         embedding_dim=768,
     ),
+    ModelInfo(
+        "chatretriever-smol",
+        "ChatRetriever trained with CSIT on SmolLM2-135M-Instruct (LoRA adapter + [EMB] tokens, "
+        "shipped in this package; needs smollm2-135m-instruct)",
+        "chatretriever",
+        "Apache-2.0",
+        ShippedDir("models/chatretriever-smol"),
+        embedding_dim=576,
+    ),
 ):
     register_model(_info)
 
@@ -450,6 +459,14 @@ def _builtin(name_or_path: str | Path) -> ModelInfo | None:
     if name in BUILTIN_MODELS and not Path(name).exists():
         return BUILTIN_MODELS[name]
     return None
+
+
+def builtin_retriever_dir(name_or_path: str | Path) -> Path | None:
+    """The directory of a built-in trained retriever ("chatretriever-smol"), else None."""
+    info = _builtin(name_or_path)
+    if info is None or info.kind != "chatretriever":
+        return None
+    return resolve_model_dir(info.name)
 
 
 def resolve_model_dir(name_or_path: str | Path) -> Path:

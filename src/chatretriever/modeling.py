@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from chatretriever.backbones import builtin_retriever_dir
 from chatretriever.collate import additive_mask, encode_batch, last_token_positions
 from chatretriever.config import LoraSettings, RetrieverConfig
 from chatretriever.encoders import SessionLike
@@ -91,6 +92,7 @@ class ChatRetriever(torch.nn.Module):
             The ChatRetriever.
         """
         path = Path(name_or_dir)
+        path = builtin_retriever_dir(name_or_dir) or path
         if (path / SAVED_CONFIG).is_file():
             if config is not None or lora is not None:
                 raise ValueError("config/lora come from the saved dir: pass field overrides")
@@ -329,7 +331,10 @@ class ChatRetriever(torch.nn.Module):
         return self._encode_ids(seqs, batch_size, show_progress, "sessions")
 
     def encode_passages(
-        self, passages: Sequence[Passage | str], batch_size: int = 16, show_progress: bool = False
+        self,
+        passages: Sequence[Passage | Mapping[str, Any] | str],
+        batch_size: int = 16,
+        show_progress: bool = False,
     ) -> np.ndarray:
         """(B, D) float32 embeddings of passages (each one assistant message)."""
         seqs = [self.template.passage_ids(p) for p in passages]

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import bisect
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -323,12 +323,23 @@ class RetrievalTemplate:
         )
 
 
-def passage_text(passage: Passage | str | Any) -> str:
-    """The content of a passage's message: "title\\ntext", or the text when there is no title."""
+def passage_text(passage: Passage | Mapping[str, Any] | str | Any) -> str:
+    """The content of a passage's message: "title\\ntext", or the text when there is no title.
+
+    A passage may be a `Passage`, a string, or a mapping with "text" (and optional "title"),
+    like a BEIR corpus line.
+    """
     if isinstance(passage, str):
         return passage
-    title = getattr(passage, "title", "") or ""
-    return f"{title}\n{passage.text}" if title else passage.text
+    if isinstance(passage, Mapping):
+        if not isinstance(passage.get("text"), str):
+            raise ValueError(
+                f"a passage mapping needs a string 'text' field, got keys {sorted(passage)}"
+            )
+        title, text = passage.get("title") or "", passage["text"]
+    else:
+        title, text = getattr(passage, "title", "") or "", passage.text
+    return f"{title}\n{text}" if title else text
 
 
 def _history_cuts(history: Sequence[Turn]) -> list[int]:

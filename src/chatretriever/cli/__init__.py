@@ -9,30 +9,24 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 
+from chatretriever.backbones import ModelNotInstalledError
 from chatretriever.errors import DataFormatError
 
 EXIT_BAD_INPUT = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from chatretriever.cli import build, data, models
+    from chatretriever.cli import build, chat, data, models, pipeline, train
 
     parser = argparse.ArgumentParser(
         prog="chatretriever", description="Conversational retrieval with chat LLMs."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (data, models, build):
-        module.add_parser(sub)
-    for name in ("pipeline", "train", "chat"):  # present once their issues land
-        try:
-            module = __import__(f"chatretriever.cli.{name}", fromlist=["add_parser"])
-        except ModuleNotFoundError as e:
-            if e.name != f"chatretriever.cli.{name}":
-                raise
-            continue
+    for module in (data, models, build, pipeline, train, chat):
         module.add_parser(sub)
     return parser
 
@@ -44,9 +38,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:  # library chatter that says nothing to a user
+        logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+        warnings.filterwarnings(
+            "ignore", message=".*is_gradient_checkpointing", category=FutureWarning
+        )
     try:
         return int(args.func(args) or 0)
     except DataFormatError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ModelNotInstalledError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except (FileNotFoundError, ValueError) as e:
