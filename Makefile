@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install models test lint demo benchmark clean
+.PHONY: install models test lint demo benchmark train-data train clean
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -38,6 +38,35 @@ test: install models lint
 # the last turn, writes outputs/demo/ (results.json, metrics.png, runs, the index for `chat`).
 demo: install models
 	$(VENV)/bin/chatretriever demo
+
+# The real public data (never copied into the repository).
+DATA ?= ../shared/data
+NEG := --negatives 4 --rank-window 15 30
+need-data = @test -d $(DATA)/$(1) || { echo "make: $(DATA)/$(1) not found (set DATA=...)"; exit 2; }
+
+# The full MTRAG-UN benchmark: every baseline and chatretriever-smol, scored on the conversations
+# held out from training (runs are cached in outputs/benchmark/runs and reused).
+benchmark: install models
+	$(call need-data,mtrag)
+	$(PY) benchmarks/conversational.py --data $(DATA)/mtrag --out outputs/benchmark \
+		--model chatretriever-smol=chatretriever-smol \
+		--eval-conversations configs/mtrag-un-heldout.txt
+
+# Training data of configs/chatretriever-smol.yaml, built from $(DATA) with BM25 hard negatives.
+train-data: install
+	$(call need-data,topiocqa)
+	$(call need-data,trec-cast)
+	$(call need-data,mtrag)
+	$(VENV)/bin/chatretriever build-train topiocqa $(DATA)/topiocqa/topiocqa_train.json.gz \
+		--out outputs/train/topiocqa.jsonl.gz $(NEG)
+	$(VENV)/bin/chatretriever build-train cast $(DATA)/trec-cast --years 2021 2022 \
+		--out outputs/train/cast.jsonl.gz $(NEG)
+	$(VENV)/bin/chatretriever build-train mtrag $(DATA)/mtrag --out outputs/train/mtrag.jsonl.gz \
+		$(NEG) --holdout-ids configs/mtrag-un-heldout.txt
+
+# Rebuilds chatretriever-smol into runs/chatretriever-smol (a GPU: minutes; this CPU: hours).
+train: train-data models
+	$(VENV)/bin/chatretriever train configs/chatretriever-smol.yaml
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .ruff_cache

@@ -382,12 +382,33 @@ class Workspace:
         return self._rewritten
 
 
+def retriever_fingerprint(spec: str | None) -> str | None:
+    """A trained ChatRetriever by content (its weights and config), anything else by name.
+
+    So a run made with a model directory is reused for the same model shipped as a built-in
+    (or copied elsewhere), and a model retrained in place is searched again.
+    """
+    from chatretriever.backbones import builtin_retriever_dir
+
+    if spec is None:
+        return None
+    path = builtin_retriever_dir(spec) or Path(spec)
+    config = path / "chatretriever.json"
+    if not config.is_file():
+        return spec
+    digest = hashlib.sha256()
+    for file in [*sorted(path.glob("*.safetensors")), config]:
+        digest.update(file.name.encode())
+        digest.update(file.read_bytes())
+    return f"chatretriever:sha256:{digest.hexdigest()[:20]}"
+
+
 def run_key(system: System, args: argparse.Namespace, sessions: Sequence[Session]) -> dict:
     """What determines a run: a cached run is reused only when its recorded key is equal."""
     ids = "\n".join(sorted(s.id for s in sessions)).encode("utf-8")
     key = {
         "system": system.id,
-        "retriever": system.retriever,
+        "retriever": retriever_fingerprint(system.retriever),
         "formulation": system.formulation,
         "k": args.k,
         "queries": len(sessions),

@@ -461,6 +461,16 @@ def _builtin(name_or_path: str | Path) -> ModelInfo | None:
     return None
 
 
+def default_device() -> torch.device:
+    """The current accelerator (CUDA, MPS, XPU, ...) when there is one, else the CPU."""
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    if accelerator is not None and accelerator.is_available():
+        return accelerator.current_accelerator()
+    return torch.device("cpu")
+
+
 def builtin_retriever_dir(name_or_path: str | Path) -> Path | None:
     """The directory of a built-in trained retriever ("chatretriever-smol"), else None."""
     info = _builtin(name_or_path)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from chatretriever.backbones import default_device
 from chatretriever.encoders import SessionLike, as_session
 from chatretriever.search import Formulation, formulate_all, session_text
 from chatretriever.types import Passage, Run, Session
@@ -178,7 +179,7 @@ class TextEmbedder:
         from chatretriever.backbones import load_backbone
 
         model, tokenizer = load_backbone(name_or_path, kind="encoder")
-        model.to(device or _default_device())
+        model.to(device or default_device())
         source = Path(str(getattr(model, "name_or_path", "") or name_or_path))
         kwargs.setdefault("max_length", _max_seq_length(source, tokenizer))
         name = name_or_path if not Path(name_or_path).exists() else Path(name_or_path).name
@@ -225,15 +226,6 @@ class TextEmbedder:
     ) -> np.ndarray:
         """(B, D) embeddings of passages (title and text)."""
         return self.encode_texts([passage_text(p) for p in passages], batch_size, show_progress)
-
-
-def _default_device() -> Any:
-    import torch
-
-    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
-    if accelerator is not None and accelerator.is_available():
-        return accelerator.current_accelerator()
-    return torch.device("cpu")
 
 
 def _bf16_supported(model: Any) -> bool:

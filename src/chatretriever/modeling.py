@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from chatretriever.backbones import builtin_retriever_dir
+from chatretriever.backbones import builtin_retriever_dir, default_device
 from chatretriever.collate import additive_mask, encode_batch, last_token_positions
 from chatretriever.config import LoraSettings, RetrieverConfig
 from chatretriever.encoders import SessionLike
@@ -108,7 +108,7 @@ class ChatRetriever(torch.nn.Module):
                 model = _wrap_lora(model, lora, emb_ids)
             name = f"chatretriever/{Path(base).name}"
             retriever = cls(model, tokenizer, cfg, lora, name=name)
-        return retriever.to(_default_device() if device is None else torch.device(device))
+        return retriever.to(default_device() if device is None else torch.device(device))
 
     @classmethod
     def _load_saved(
@@ -384,13 +384,6 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
         avx = getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
         return torch.bfloat16 if (amx or avx) else torch.float32
     return torch.float32
-
-
-def _default_device() -> torch.device:
-    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
-    if accelerator is not None and accelerator.is_available():
-        return accelerator.current_accelerator()
-    return torch.device("cpu")
 
 
 def _is_peft(model: Any) -> bool:

@@ -211,16 +211,10 @@ def hf_generator(
     Returns:
         messages -> reply text.
     """
-    import torch
-
-    from chatretriever.backbones import generate_reply, load_backbone
+    from chatretriever.backbones import default_device, generate_reply, load_backbone
 
     model, tokenizer = load_backbone(model_name, kind="causal")
-    if device is None:
-        accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
-        available = accelerator is not None and accelerator.is_available()
-        device = str(accelerator.current_accelerator()) if available else "cpu"
-    model.to(device)
+    model.to(default_device() if device is None else device)
 
     def generate(messages: list[dict[str, str]]) -> str:
         return generate_reply(model, tokenizer, messages, max_new_tokens=max_new_tokens)
