@@ -331,3 +331,19 @@ def test_train_speed_refuses_missing_data(tmp_path):
     train_speed = load_benchmark("train_speed")
     with pytest.raises(SystemExit, match="no training data"):
         train_speed.main(["--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path)])
+
+
+def test_train_speed_skips_bf16_only_without_native_support(monkeypatch):
+    import torch
+
+    import chatretriever.modeling as modeling
+
+    train_speed = load_benchmark("train_speed")
+    monkeypatch.setattr(modeling, "resolve_dtype", lambda setting, device: torch.bfloat16)
+    assert train_speed.bf16_unsupported("cpu") is None
+    monkeypatch.setattr(modeling, "resolve_dtype", lambda setting, device: torch.float32)
+    monkeypatch.setattr(
+        train_speed, "matmul_ms", lambda name, repeats=5: 2.0 if "32" in name else 140.0
+    )
+    why = train_speed.bf16_unsupported("cpu")
+    assert "no native bf16" in why and "140 ms against 2.0 ms" in why and "70x slower" in why

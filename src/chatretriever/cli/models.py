@@ -43,10 +43,10 @@ def _list(args: argparse.Namespace) -> int:
 
     rows = list_models()
     width = max(len(info.name) for info, _ in rows)
-    _out(f"{'NAME':<{width}}  {'KIND':<8} {'INSTALLED':<9}  {'LICENCE':<18}  DESCRIPTION")
+    _out(f"{'NAME':<{width}}  {'KIND':<13} {'INSTALLED':<9}  {'LICENCE':<18}  DESCRIPTION")
     for info, installed in rows:
         _out(
-            f"{info.name:<{width}}  {info.kind:<8} {'yes' if installed else 'no':<9}  "
+            f"{info.name:<{width}}  {info.kind:<13} {'yes' if installed else 'no':<9}  "
             f"{info.licence:<18}  {info.description}"
         )
         if not installed and info.packages:
