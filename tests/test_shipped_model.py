@@ -114,8 +114,9 @@ def test_cli_index_and_chat_with_the_default_model(tmp_path, monkeypatch, capsys
     corpus = write(tmp_path / "corpus.jsonl", jsonl(CORPUS))
     index = tmp_path / "index"
     assert main(["index", str(corpus), "--out", str(index)]) == 0
-    meta = json.loads((index / "embeddings" / "meta.json").read_text())
-    assert meta["model"] == "chatretriever/chatretriever-smol"
+    meta = json.loads((index / "index" / "meta.json").read_text())
+    assert meta["settings"]["model"] == "chatretriever-smol"  # the default model, by name
+    assert meta["embedding"]["model"] == "chatretriever/chatretriever-smol"
     capsys.readouterr()
     turns = "Tell me about cheetahs.\nHow fast can they run?\n:reset\nWhat makes sourdough rise?\n"
     monkeypatch.setattr(sys, "stdin", io.StringIO(turns))
