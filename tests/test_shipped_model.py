@@ -126,6 +126,7 @@ def test_cli_index_and_chat_with_the_default_model(tmp_path, monkeypatch, capsys
     speed = blocks["turn 2: How fast can they run?"]
     assert speed.splitlines()[1].strip().endswith("Cheetah (cheetah-speed)"), out
     assert "(new conversation)" in out
-    bread = next(b for head, b in blocks.items() if "sourdough" in head)
-    assert "turn 1: What makes sourdough rise?" in bread
-    assert bread.strip().splitlines()[1].strip().endswith("Sourdough bread (bread)"), out
+    lines = out.splitlines()
+    at = lines.index("turn 1: What makes sourdough rise?")  # a fresh conversation starts at turn 1
+    assert lines[at - 1] == "(new conversation)"
+    assert lines[at + 1].strip().endswith("Sourdough bread (bread)"), out
