@@ -197,11 +197,12 @@ def build_index(vectors: np.ndarray, factory: str) -> tuple[Any, float]:
     """A `DenseIndex` over the vectors (built as `DenseIndex.build` builds one) and its seconds."""
     import faiss
 
-    from chatretriever.index import DenseIndex
+    from chatretriever.index import DenseIndex, add_vectors
 
     start = time.perf_counter()
     index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
-    index.add(vectors)
+    with tqdm(total=len(vectors), desc=f"build {factory}", unit="vec") as bar:
+        add_vectors(index, vectors, bar)
     seconds = time.perf_counter() - start
     meta = EmbeddingMeta(model="random", dim=vectors.shape[1], normalized=True)
     ids = [str(i) for i in range(len(vectors))]

@@ -44,6 +44,20 @@ def test_flat_is_exact_inner_product(tmp_path):
     assert index.memory_bytes >= 300 * 16 * 4
 
 
+def test_blockwise_add_shows_progress_and_keeps_the_row_order(tmp_path, monkeypatch, capsys):
+    import chatretriever.index as index_module
+
+    dirs, ids, emb = random_shards(tmp_path, n=300, parts=2)
+    monkeypatch.setattr(index_module, "ADD_BLOCK", 64)  # 150 rows per shard: 3 blocks each
+    index = DenseIndex.build(dirs, show_progress=True)
+    assert index.index.ntotal == 300
+    np.testing.assert_array_equal(index.index.reconstruct_n(0, 300), emb)  # rows in id order
+    queries = emb[[3, 140, 299]] + 0.1
+    hits = index.search(queries, k=5)
+    assert [[d for d, _ in h] for h in hits] == exact_top(emb, ids, queries, 5)
+    assert "300/300" in capsys.readouterr().err  # the bar reached every vector
+
+
 def test_save_load_round_trip(tmp_path):
     dirs, ids, emb = random_shards(tmp_path)
     index = DenseIndex.build(dirs)

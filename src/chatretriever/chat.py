@@ -142,7 +142,10 @@ def build_corpus_index(
         raise ValueError(f"{corpus} holds no passages")
     emb_dir = out_dir / EMBEDDINGS_DIR
     encode_corpus(encoder, passages, emb_dir, config)
-    index = DenseIndex.build(list_shards([emb_dir]), factory=factory, train_size=train_size)
+    shards = list_shards([emb_dir])
+    index = DenseIndex.build(
+        shards, factory=factory, train_size=train_size, show_progress=config.show_progress
+    )
     write_corpus(out_dir / PASSAGES_FILE, passages)
     settings = {
         "model": model,

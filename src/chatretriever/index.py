@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from chatretriever.errors import DataFormatError
 from chatretriever.io.embeddings import EmbeddingMeta, read_embeddings
@@ -27,6 +28,7 @@ INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.txt"
 META_FILE = "meta.json"
 DEFAULT_FACTORY = "Flat"
+ADD_BLOCK = 20_000  # vectors per `index.add` call: the progress bar moves per block
 
 
 class EncoderMismatchError(ValueError):
@@ -41,6 +43,15 @@ def _faiss():
             "the index needs Faiss: pip install chatretriever[faiss] (faiss-cpu or faiss-gpu)"
         ) from None
     return faiss
+
+
+def add_vectors(index: Any, emb: np.ndarray, bar: Any = None) -> None:
+    """Add (N, D) vectors to a Faiss index in blocks of `ADD_BLOCK`, updating a tqdm bar."""
+    for start in range(0, len(emb), ADD_BLOCK):
+        block = np.ascontiguousarray(emb[start : start + ADD_BLOCK], dtype=np.float32)  # (b, D)
+        index.add(block)
+        if bar is not None:
+            bar.update(len(block))
 
 
 class DenseIndex:
@@ -71,6 +82,7 @@ class DenseIndex:
         factory: str = DEFAULT_FACTORY,
         train_size: int = 100_000,
         seed: int = 0,
+        show_progress: bool = False,
     ) -> DenseIndex:
         """Build an index from embedding shard directories (see `encode.list_shards`).
 
@@ -79,6 +91,8 @@ class DenseIndex:
             factory: Faiss factory string; "Flat" is exact inner-product search.
             train_size: Vectors sampled (without replacement, seeded) to train IVF/PQ indexes.
             seed: Seed of that sample.
+            show_progress: A progress bar over the vectors added (graph indexes such as HNSW
+                take minutes per million vectors).
 
         Returns:
             The built index; all shards must come from one encoder.
@@ -99,9 +113,13 @@ class DenseIndex:
             logger.info("training %s on %d vectors", factory, len(sample))
             index.train(sample)
         ids: list[str] = []
-        for shard_ids, emb, _ in shards:
-            index.add(np.ascontiguousarray(emb, dtype=np.float32))  # (N, D)
-            ids.extend(shard_ids)
+        total = sum(len(shard_ids) for shard_ids, _, _ in shards)
+        with tqdm(
+            total=total, desc=f"index {factory}", unit="vec", disable=not show_progress
+        ) as bar:
+            for shard_ids, emb, _ in shards:
+                add_vectors(index, emb, bar)
+                ids.extend(shard_ids)
         if len(set(ids)) != len(ids):
             raise ValueError("the same passage id occurs in more than one shard")
         meta = EmbeddingMeta(**{**asdict(meta), "count": len(ids), "extra": {}})

@@ -114,7 +114,9 @@ def cmd_index(args: argparse.Namespace) -> int:
     if args.model:
         raise ValueError("--model encodes a corpus file; embedding dirs are already encoded")
     shards = list_shards(args.sources)
-    index = DenseIndex.build(shards, factory=args.factory, train_size=args.train_size)
+    index = DenseIndex.build(
+        shards, factory=args.factory, train_size=args.train_size, show_progress=True
+    )
     settings = {"emb_dirs": [str(p) for p in args.sources], "train_size": args.train_size}
     index.save(args.out, settings=settings)
     _echo_index(index, args.factory, args.out)
