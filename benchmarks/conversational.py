@@ -45,8 +45,8 @@ from chatretriever.encode import EncodeConfig, encode_corpus, list_shards
 from chatretriever.encoders import Encoder
 from chatretriever.errors import DataFormatError
 from chatretriever.evaluate import write_json
-from chatretriever.index import EncoderMismatchError
-from chatretriever.io.embeddings import EmbeddingMeta, read_embeddings
+from chatretriever.index import EncoderMismatchError, read_shards
+from chatretriever.io.embeddings import EmbeddingMeta
 from chatretriever.io.files import atomic_write, read_json
 from chatretriever.io.mtrag import TASK_SEPARATOR, iter_mtrag_corpus, load_mtrag
 from chatretriever.io.trec import read_run
@@ -195,18 +195,8 @@ class ExactIndex:
     @classmethod
     def build(cls, shard_dirs: Sequence[str | Path]) -> ExactIndex:
         """Load embedding shards (see `encode.list_shards`) into memory, in order."""
-        if not shard_dirs:
-            raise ValueError("no embedding shards to index")
-        shards = [read_embeddings(d) for d in shard_dirs]
-        meta = shards[0][2]
-        for d, (_, _, m) in zip(shard_dirs, shards, strict=True):
-            if not m.compatible_with(meta):
-                raise EncoderMismatchError(f"{d} and {shard_dirs[0]} come from other encoders")
-        ids = [i for shard_ids, _, _ in shards for i in shard_ids]
-        if len(set(ids)) != len(ids):
-            raise ValueError("the same passage id occurs in more than one shard")
-        vectors = np.concatenate([np.asarray(e, dtype=np.float32) for _, e, _ in shards])
-        return cls(ids, vectors, dataclasses.replace(meta, count=len(ids), extra={}))
+        ids, arrays, meta = read_shards(shard_dirs)
+        return cls(ids, np.concatenate([np.asarray(e, dtype=np.float32) for e in arrays]), meta)
 
     def check_encoder(self, name: str, dim: int, normalized: bool) -> None:
         if not self.meta.compatible_with(EmbeddingMeta(model=name, dim=dim, normalized=normalized)):

@@ -45,6 +45,32 @@ def _faiss():
     return faiss
 
 
+def read_shards(
+    shard_dirs: Sequence[str | Path],
+) -> tuple[list[str], list[np.ndarray], EmbeddingMeta]:
+    """Embedding shards (see `encode.list_shards`) checked to form one corpus.
+
+    Returns:
+        (passage ids in shard order, each shard's (N_i, D) vectors, the metadata with the total
+        count). Raises EncoderMismatchError when shards come from different encoders and
+        ValueError when there are none or a passage id occurs twice.
+    """
+    if not shard_dirs:
+        raise ValueError("no embedding shards to index")
+    shards = [read_embeddings(d) for d in shard_dirs]
+    meta = shards[0][2]
+    for d, (_, _, m) in zip(shard_dirs, shards, strict=True):
+        if not m.compatible_with(meta):
+            raise EncoderMismatchError(
+                f"{d} was encoded by {_describe(m)}, but {shard_dirs[0]} by {_describe(meta)}"
+            )
+    ids = [i for shard_ids, _, _ in shards for i in shard_ids]
+    if len(set(ids)) != len(ids):
+        raise ValueError("the same passage id occurs in more than one shard")
+    meta = EmbeddingMeta(**{**asdict(meta), "count": len(ids), "extra": {}})
+    return ids, [emb for _, emb, _ in shards], meta
+
+
 def add_vectors(index: Any, emb: np.ndarray, bar: Any = None) -> None:
     """Add (N, D) vectors to a Faiss index in blocks of `ADD_BLOCK`, updating a tqdm bar."""
     for start in range(0, len(emb), ADD_BLOCK):
@@ -98,31 +124,16 @@ class DenseIndex:
             The built index; all shards must come from one encoder.
         """
         faiss = _faiss()
-        if not shard_dirs:
-            raise ValueError("no embedding shards to index")
-        shards = [read_embeddings(d) for d in shard_dirs]
-        meta = shards[0][2]
-        for d, (_, _, m) in zip(shard_dirs, shards, strict=True):
-            if not m.compatible_with(meta):
-                raise EncoderMismatchError(
-                    f"{d} was encoded by {_describe(m)}, but {shard_dirs[0]} by {_describe(meta)}"
-                )
+        ids, arrays, meta = read_shards(shard_dirs)
         index = faiss.index_factory(meta.dim, factory, faiss.METRIC_INNER_PRODUCT)
         if not index.is_trained:
-            sample = _sample_rows([emb for _, emb, _ in shards], train_size, seed)
+            sample = _sample_rows(arrays, train_size, seed)
             logger.info("training %s on %d vectors", factory, len(sample))
             index.train(sample)
-        ids: list[str] = []
-        total = sum(len(shard_ids) for shard_ids, _, _ in shards)
-        with tqdm(
-            total=total, desc=f"index {factory}", unit="vec", disable=not show_progress
-        ) as bar:
-            for shard_ids, emb, _ in shards:
+        desc = f"index {factory}"
+        with tqdm(total=len(ids), desc=desc, unit="vec", disable=not show_progress) as bar:
+            for emb in arrays:
                 add_vectors(index, emb, bar)
-                ids.extend(shard_ids)
-        if len(set(ids)) != len(ids):
-            raise ValueError("the same passage id occurs in more than one shard")
-        meta = EmbeddingMeta(**{**asdict(meta), "count": len(ids), "extra": {}})
         return cls(index, ids, meta, factory)
 
     def check_encoder(self, name: str, dim: int, normalized: bool) -> None:
