@@ -270,6 +270,10 @@ def test_search_refuses_another_encoder(files, capsys):
     "argv, message",
     [
         (["encode", "{d}/missing.jsonl", "--model", "fake:", "--out", "{d}/e"], "file not found"),
+        (
+            ["search", "--bm25", "{d}/corpus.jsonl", "--sessions", "{d}", "--out", "{d}/r"],
+            "is a directory; expected a file",
+        ),
         (["encode", "{d}/bad.jsonl", "--model", "fake:", "--out", "{d}/e"], "bad.jsonl:2"),
         (
             ["encode", "{d}/corpus.jsonl", "--model", "fake:", "--out", "{d}/e", "--shard", "3/2"],

@@ -51,6 +51,12 @@ def test_open_text_missing_file(tmp_path):
         open_text(tmp_path / "nope.jsonl")
 
 
+def test_open_text_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(DataFormatError, match="is a directory; expected a file") as e:
+        open_text(tmp_path)
+    assert str(tmp_path) in str(e.value)
+
+
 def test_iter_lines_skips_blanks_keeps_numbers(tmp_path):
     path = write(tmp_path / "a.txt.gz", "one\n\n  \nfour\r\n")
     assert list(iter_lines(path)) == [(1, "one"), (4, "four")]

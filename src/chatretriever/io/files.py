@@ -21,9 +21,14 @@ def open_text(path: str | Path) -> IO[str]:
     path = Path(path)
     if not path.exists():
         raise DataFormatError(path, "file not found")
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
+    if path.is_dir():
+        raise DataFormatError(path, "is a directory; expected a file")
+    try:
+        if path.suffix == ".gz":
+            return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+        return open(path, encoding="utf-8")
+    except OSError as e:  # permissions, special files
+        raise DataFormatError(path, f"cannot open file: {e.strerror or e}") from None
 
 
 def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
