@@ -46,6 +46,8 @@ def environment() -> dict[str, Any]:
     """What else ran: thread counts and the load average (other processes busy?)."""
     import torch
 
+    from chatretriever.backbones import native_bf16
+
     load = os.getloadavg()
     return {
         "torch_threads": torch.get_num_threads(),
@@ -55,6 +57,8 @@ def environment() -> dict[str, Any]:
         "other_processes_busy": load[0] >= 0.5,
         "platform": platform.platform(),
         "torch": torch.__version__,
+        # AMX / AVX512-BF16: whether the bf16 path is fast here (the machine kind varies).
+        "cpu_native_bf16": native_bf16(torch.device("cpu")),
     }
 
 
@@ -288,7 +292,8 @@ def markdown(result: dict) -> str:
         f"device {a['device']}, torch threads {env['torch_threads']} of {env['cpu_count']} CPUs, "
         f"load average at start {env['loadavg_1_5_15']} "
         f"(other processes busy: {env['other_processes_busy']}); faiss threads "
-        f"{result.get('faiss_threads', '-')}.",
+        f"{result.get('faiss_threads', '-')}; CPU with native bf16 (AMX / AVX512-BF16): "
+        f"{env.get('cpu_native_bf16', '-')}.",
         "",
         f"## (a) {a['n_passages']} MTRAG passages, {a['model']}, batch {a['batch_size']}, "
         f"{a['tokens_mean']:.0f} tokens on average (max {a['tokens_max']})",

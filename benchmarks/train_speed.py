@@ -273,11 +273,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     import torch
 
+    from chatretriever.backbones import native_bf16
+
     environment = {
         "platform": platform.platform(),
         "torch": torch.__version__,
         "torch_threads": args.threads or torch.get_num_threads(),
         "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()],
+        "cpu_native_bf16": native_bf16(torch.device("cpu")),
     }
     settings = {
         k: getattr(args, k)

@@ -471,6 +471,24 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` runs bf16 matmuls natively (a bf16 GPU; a CPU with AMX or AVX512-BF16).
+
+    On a CPU without them bf16 is emulated and far slower than fp32, so "auto" precision and the
+    embedders' bf16 autocast use it only where this is True.
+    """
+    import torch
+
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type == "cpu":
+        cpu = torch.cpu
+        amx = getattr(cpu, "_is_amx_tile_supported", lambda: False)()
+        avx = getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+        return bool(amx or avx)
+    return False
+
+
 def builtin_retriever_dir(name_or_path: str | Path) -> Path | None:
     """The directory of a built-in trained retriever ("chatretriever-smol"), else None."""
     info = _builtin(name_or_path)

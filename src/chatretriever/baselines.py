@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from chatretriever.backbones import default_device
+from chatretriever.backbones import default_device, native_bf16
 from chatretriever.encoders import SessionLike, as_session
 from chatretriever.search import Formulation, formulate_all, session_text
 from chatretriever.types import Passage, Run, Session
@@ -229,17 +229,7 @@ class TextEmbedder:
 
 
 def _bf16_supported(model: Any) -> bool:
-    import torch
-
-    device = next(model.parameters()).device
-    if device.type == "cuda":
-        return bool(torch.cuda.is_bf16_supported())
-    if device.type == "cpu":
-        try:  # fast bf16 kernels (AVX512-BF16 / AMX); slow emulation otherwise
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            return False
-    return False
+    return native_bf16(next(model.parameters()).device)
 
 
 def _max_seq_length(model_dir: Path, tokenizer: Any) -> int:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from chatretriever.backbones import builtin_retriever_dir, default_device
+from chatretriever.backbones import builtin_retriever_dir, default_device, native_bf16
 from chatretriever.collate import additive_mask, encode_batch, last_token_positions
 from chatretriever.config import LoraSettings, RetrieverConfig
 from chatretriever.encoders import SessionLike
@@ -376,14 +376,7 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
         return torch.float32
     if setting == "bf16":
         return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    if device.type == "cpu":
-        cpu = torch.cpu
-        amx = getattr(cpu, "_is_amx_tile_supported", lambda: False)()
-        avx = getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
-        return torch.bfloat16 if (amx or avx) else torch.float32
-    return torch.float32
+    return torch.bfloat16 if native_bf16(device) else torch.float32
 
 
 def _is_peft(model: Any) -> bool:
