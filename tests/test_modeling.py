@@ -13,7 +13,7 @@ from chatretriever.collate import csit_batch, encode_batch
 from chatretriever.config import LoraSettings, RetrieverConfig
 from chatretriever.encoders import Encoder
 from chatretriever.losses import combine_csit_losses, contrastive_loss, session_masked_lm_loss
-from chatretriever.modeling import SAVED_CONFIG, ChatRetriever
+from chatretriever.modeling import SAVED_CONFIG, ChatRetriever, keep_fp32
 from chatretriever.types import Passage, Session
 
 pytest.importorskip("peft")
@@ -160,6 +160,57 @@ def test_bf16_encoding_is_close_to_fp32(tiny_llama_dir):
     bf16 = r.encode_passages(PASSAGES)
     assert bf16.dtype == np.float32
     assert (np.sum(fp32 * bf16, axis=1) > 0.98).all()  # unit vectors: cosine
+
+
+def _q_proj_dtypes(r: ChatRetriever) -> list[torch.dtype]:
+    """dtype of every decoder layer's q_proj output during one bf16 encoding."""
+    seen: dict[int, torch.dtype] = {}
+    layers = r._base().get_decoder().layers
+    hooks = [
+        layer.self_attn.q_proj.register_forward_hook(
+            lambda m, a, out, i=i: seen.__setitem__(i, out.dtype)
+        )
+        for i, layer in enumerate(layers)
+    ]
+    r.encode_passages(PASSAGES[:2])
+    for h in hooks:
+        h.remove()
+    return [seen[i] for i in range(len(layers))]
+
+
+def test_fp32_layers_run_the_first_layers_in_fp32_under_bf16(tiny_llama_dir):
+    r = _retriever(tiny_llama_dir, fp32_layers=1)
+    fp32 = r.encode_passages(PASSAGES)
+    r.config.dtype = "bf16"
+    n_layers = len(r._base().get_decoder().layers)
+    assert n_layers >= 2
+    assert _q_proj_dtypes(r) == [torch.float32] + [torch.bfloat16] * (n_layers - 1)
+    r.config.fp32_layers = 0  # changed after loading: the hooks follow the config
+    assert _q_proj_dtypes(r) == [torch.bfloat16] * n_layers
+    r.config.fp32_layers = n_layers  # every layer in fp32: the fp32 embeddings, bit for bit
+    assert _q_proj_dtypes(r) == [torch.float32] * n_layers
+    np.testing.assert_allclose(r.encode_passages(PASSAGES), fp32, atol=1e-6)
+    assert not torch.is_autocast_enabled("cpu")
+
+
+def test_keep_fp32_restores_autocast_when_the_module_raises():
+    class Boom(torch.nn.Linear):
+        def forward(self, x):
+            assert x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+            raise RuntimeError("boom")
+
+    boom, after = Boom(4, 4), torch.nn.Linear(4, 4)
+    keep_fp32([boom])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(RuntimeError, match="boom"):
+            boom(torch.ones(2, 4, dtype=torch.bfloat16))
+        assert torch.is_autocast_enabled("cpu")
+        assert after(torch.ones(2, 4)).dtype == torch.bfloat16
+
+
+def test_fp32_layers_must_be_a_non_negative_int():
+    with pytest.raises(ValueError, match="fp32_layers"):
+        RetrieverConfig(fp32_layers=-1)
 
 
 def test_lora_step_trains_lora_and_emb_rows_only(tiny_model_dir):

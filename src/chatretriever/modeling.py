@@ -63,6 +63,8 @@ class ChatRetriever(torch.nn.Module):
         self.padding_side = "right"
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else (tokenizer.eos_token_id or 0))
+        self._fp32_hooks: list[Any] = []
+        self._fp32_layers = 0
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -247,6 +249,19 @@ class ChatRetriever(torch.nn.Module):
     def _base(self) -> Any:
         return self.model.get_base_model() if _is_peft(self.model) else self.model
 
+    def _sync_fp32_layers(self) -> None:
+        """Keeps the first `config.fp32_layers` decoder layers in fp32 under bf16 autocast."""
+        n = self.config.fp32_layers
+        if n == self._fp32_layers:
+            return
+        for handle in self._fp32_hooks:
+            handle.remove()
+        layers = getattr(self._base().get_decoder(), "layers", None)
+        if layers is None and n:
+            logger.warning("%s: no decoder .layers; fp32_layers=%d is ignored", self.name, n)
+        self._fp32_hooks = keep_fp32(list(layers or [])[:n])
+        self._fp32_layers = n
+
     def _body(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Final hidden states (B, L, H) of the decoder body: the LM head is never computed."""
         mask = batch["attention_mask"]
@@ -254,6 +269,7 @@ class ChatRetriever(torch.nn.Module):
             param_dtype = next(self.model.parameters()).dtype
             if mask.dtype != param_dtype:  # re-derive: casting finfo(fp32).min may give -inf
                 mask = additive_mask(mask[:, 0] == 0, param_dtype)
+        self._sync_fp32_layers()
         with self.autocast():
             out = self._base().get_decoder()(
                 input_ids=batch["input_ids"].to(self.device),
@@ -377,6 +393,42 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
     if setting == "bf16":
         return torch.bfloat16
     return torch.bfloat16 if native_bf16(device) else torch.float32
+
+
+def keep_fp32(modules: Sequence[torch.nn.Module]) -> list[Any]:
+    """Runs each module with autocast off (fp32 math) even inside a bf16 autocast region.
+
+    Its bf16/fp16 tensor inputs are cast to fp32 and autocast is restored after it, also when it
+    raises. Returns the hook handles: `handle.remove()` undoes it.
+    """
+    handles = []
+    for module in modules:
+        handles.append(module.register_forward_pre_hook(_autocast_off, with_kwargs=True))
+        handles.append(module.register_forward_hook(_autocast_restore, always_call=True))
+    return handles
+
+
+def _to_fp32(x: Any) -> Any:
+    if isinstance(x, torch.Tensor) and x.dtype in (torch.bfloat16, torch.float16):
+        return x.float()
+    if isinstance(x, tuple):
+        return tuple(_to_fp32(v) for v in x)
+    return x
+
+
+def _autocast_off(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+    device_type = next(module.parameters()).device.type
+    module._autocast_was_on = torch.is_autocast_enabled(device_type)
+    if not module._autocast_was_on:
+        return None
+    torch.set_autocast_enabled(device_type, False)
+    return _to_fp32(args), {k: _to_fp32(v) for k, v in kwargs.items()}
+
+
+def _autocast_restore(module: torch.nn.Module, args: tuple, output: Any) -> None:
+    if getattr(module, "_autocast_was_on", False):
+        torch.set_autocast_enabled(next(module.parameters()).device.type, True)
+        module._autocast_was_on = False
 
 
 def _is_peft(model: Any) -> bool:
