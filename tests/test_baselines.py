@@ -311,3 +311,18 @@ def test_bm25_last_turn_on_mtrag(shared_data):
     result = evaluate_run(bm25.search(data.sessions, k=100, formulation="last_turn"), data.qrels)
     assert result.num_queries == 332 and result.unjudged_in_run  # 507 tasks, 332 judged
     assert 0.40 < result.aggregate["nDCG@3"] < 0.50  # the data README reports about 0.44
+
+
+def test_set_precision_switches_embedders_and_rejects_unknown_dtypes(tiny_bert):
+    from chatretriever.demo import set_precision
+
+    model, tok = tiny_bert
+    emb = TextEmbedder(model, tok, name="tiny-bert", bf16=False)
+    assert set_precision(emb, "bf16") and emb.bf16 is True
+    bf16 = emb.encode_texts(["what do jaguars eat"])
+    assert set_precision(emb, "fp32") and emb.bf16 is False
+    fp32 = emb.encode_texts(["what do jaguars eat"])
+    assert not np.array_equal(bf16, fp32) and float(bf16[0] @ fp32[0]) > 0.99
+    assert set_precision(HashEncoder(), "bf16") is False
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        set_precision(emb, "fp16")

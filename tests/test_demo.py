@@ -142,3 +142,24 @@ def test_demo_without_the_model_fails_in_one_line(tmp_path, capsys):
     code = main(["demo", "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error: ") and "no-such-model" in err and "\n" not in err
+
+
+def test_demo_fixes_the_model_precision_and_keeps_one_index_per_precision(
+    tmp_path, data, tiny_llama_dir
+):
+    from chatretriever.config import LoraSettings, RetrieverConfig
+    from chatretriever.modeling import ChatRetriever
+
+    config = RetrieverConfig(dtype="auto", max_session_len=96, max_passage_len=64)
+    model = ChatRetriever.from_pretrained(
+        tiny_llama_dir, config=config, lora=LoraSettings(enabled=False), device="cpu"
+    )
+    for dtype in ("fp32", "bf16"):
+        result = run_demo(model, "tiny", tmp_path, data, show_progress=False, dtype=dtype)
+        assert model.config.dtype == dtype and result.dtype == dtype
+        assert result.index_dir == tmp_path / f"index-tiny-{dtype}"
+        assert json.loads((tmp_path / "results.json").read_text())["dtype"] == dtype
+    assert (tmp_path / "index-tiny-fp32" / "index" / "meta.json").exists()
+    # a model without a precision switch is left alone and its index keeps the plain name
+    result = run_demo(HashEncoder(), "fake:", tmp_path, data, show_progress=False, dtype="bf16")
+    assert result.dtype is None and result.index_dir == tmp_path / "index-fake"

@@ -89,6 +89,7 @@ class DemoResult:
     out_dir: Path
     index_dir: Path | None = None
     files: dict[str, Path] = field(default_factory=dict)
+    dtype: str | None = None  # compute precision set on the model; None: as loaded
 
 
 def run_demo(
@@ -98,6 +99,7 @@ def run_demo(
     data: DemoData | None = None,
     batch_size: int = 16,
     show_progress: bool = True,
+    dtype: str | None = None,
 ) -> DemoResult:
     """Index the demo corpus, run both systems on every turn, score them and save everything.
 
@@ -109,6 +111,9 @@ def run_demo(
         data: The demo data (default: the shipped files).
         batch_size: Passages and sessions per encoder call.
         show_progress: Show tqdm bars.
+        dtype: "fp32", "bf16" or "auto": the model's compute precision (`set_precision`), also
+            part of the index directory's name; None leaves the model as loaded. bf16 rounding
+            can move a passage by a rank, so fixing fp32 gives the same numbers on every machine.
 
     Returns:
         Per-turn top passages and per-system scores; `files` names what was written.
@@ -118,7 +123,11 @@ def run_demo(
     data = data or load_demo_data()
     out_dir = Path(out_dir)
     config = EncodeConfig(batch_size=batch_size, show_progress=show_progress)
-    index_dir = out_dir / f"index-{_slug(model)}"  # one per model: a rerun reuses its embeddings
+    if dtype is not None and not set_precision(encoder, dtype):
+        dtype = None  # a model without a precision switch
+    suffix = f"-{dtype}" if dtype else ""
+    # One per model and precision: a rerun reuses its embeddings.
+    index_dir = out_dir / f"index-{_slug(model)}{suffix}"
     built = build_corpus_index(encoder, model, data.corpus_path, index_dir, config=config)
     dense = search_dense(
         encoder,
@@ -135,9 +144,36 @@ def run_demo(
     evaluations = {label: evaluate_run(run, data.qrels, MEASURES) for label, run in runs.items()}
     turns = _turn_results(data, dense, sparse, built.passages or {})
     names = {label: run.name for label, run in runs.items()}
-    result = DemoResult(model, names, turns, evaluations, out_dir, index_dir)
+    result = DemoResult(model, names, turns, evaluations, out_dir, index_dir, dtype=dtype)
     result.files = _save(result, runs, data)
     return result
+
+
+def set_precision(encoder: Encoder, dtype: str) -> bool:
+    """Sets the compute precision of a ChatRetriever or a sentence embedder.
+
+    Args:
+        encoder: The model; one with neither a `RetrieverConfig` nor a `bf16` switch is left as
+            it is (a fake encoder, an API client).
+        dtype: "fp32", "bf16" or "auto" (bf16 where the device runs it natively).
+
+    Returns:
+        Whether the encoder has a precision to set.
+    """
+    from chatretriever.backbones import native_bf16
+    from chatretriever.config import DTYPES, RetrieverConfig
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    config = getattr(encoder, "config", None)
+    if isinstance(config, RetrieverConfig):
+        config.dtype = dtype
+        return True
+    if hasattr(encoder, "bf16") and hasattr(encoder, "model"):
+        device = next(encoder.model.parameters()).device
+        encoder.bf16 = dtype == "bf16" or (dtype == "auto" and native_bf16(device))
+        return True
+    return False
 
 
 def _slug(name: str) -> str:
@@ -178,6 +214,7 @@ def results_dict(result: DemoResult, data: DemoData) -> dict[str, Any]:
 
     return {
         "model": result.model,
+        "dtype": result.dtype,
         "data": {
             "corpus": str(data.corpus_path),
             "conversations": str(data.conversations_path),
