@@ -138,6 +138,8 @@ def bench_encoders(args: argparse.Namespace, passages: list[Passage]) -> tuple[d
     from chatretriever.modeling import ChatRetriever
 
     retriever = ChatRetriever.from_pretrained(args.model, device=args.device)
+    if args.fp32_layers is not None:
+        retriever.config.fp32_layers = args.fp32_layers
     warm = passages[: args.batch_size]
     retriever.encode_passages(warm, args.batch_size)  # warm-up, not timed
 
@@ -161,6 +163,7 @@ def bench_encoders(args: argparse.Namespace, passages: list[Passage]) -> tuple[d
             "what": "ChatRetriever.encode_passages: length-sorted batches, no LM head",
             "dtype": str(retriever.compute_dtype).replace("torch.", ""),
             "lora_wrapped": bool(retriever.lora.enabled),
+            "fp32_layers": retriever.config.fp32_layers,
             "seconds": round(ours_s, 3),
             "passages_per_s": round(n / ours_s, 2),
             "padding_efficiency": round(padding_efficiency(lengths, args.batch_size, True), 3),
@@ -303,8 +306,11 @@ def markdown(result: dict) -> str:
     ]
     for key in ("ours", "plain"):
         e = a[key]
+        dtype = e["dtype"]
+        if dtype == "bfloat16" and e.get("fp32_layers"):
+            dtype += f" (first {e['fp32_layers']} layers fp32)"
         lines.append(
-            f"| {e['what']} | {e['dtype']} | {e['padding_efficiency']:.2f} | "
+            f"| {e['what']} | {dtype} | {e['padding_efficiency']:.2f} | "
             f"{e['passages_per_s']:.1f} | {e['seconds']:.2f} |"
         )
     lines += [
@@ -350,6 +356,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="DIR",
         help="real embeddings (an encode_corpus output, e.g. a conversational benchmark's "
         "OUT/emb/NAME) for the MTRAG-size index instead of random vectors",
+    )
+    p.add_argument(
+        "--fp32-layers",
+        type=int,
+        help="first decoder layers kept in fp32 under bf16 (default: the model's config, 1)",
     )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)

@@ -278,6 +278,21 @@ def test_plain_loop_gives_our_embeddings(speed, tiny_llama_dir):
     np.testing.assert_allclose(ours, base, atol=1e-5)
 
 
+def test_bench_encoders_applies_fp32_layers(speed, tiny_llama_dir):
+    import argparse
+
+    from chatretriever.types import Passage
+
+    words = "the quick brown fox jumps over the lazy dog".split()
+    passages = [Passage(f"p{i}", " ".join(words[: 1 + 2 * i]), title="t") for i in range(5)]
+    args = argparse.Namespace(model=str(tiny_llama_dir), device="cpu", batch_size=2, fp32_layers=99)
+    result, dim = speed.bench_encoders(args, passages)
+    assert result["ours"]["fp32_layers"] == 99 and dim == 32
+    # every layer in fp32, whatever dtype the CPU picks: our embeddings are the fp32 reference's
+    assert result["cosine_min"] > 1 - 1e-6  # all in bf16 gives 0.99998 on a bf16 CPU
+    assert result["plain"]["dtype"] == "float32" and result["n_passages"] == 5
+
+
 def test_padding_efficiency(speed):
     assert speed.padding_efficiency([4, 1, 4, 1], 2, sort=False) == pytest.approx(10 / 16)
     assert speed.padding_efficiency([4, 1, 4, 1], 2, sort=True) == pytest.approx(10 / 10)
