@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from chatretriever.encode import EncodeConfig, encode_corpus, list_shards
+from chatretriever.encode import EncodeConfig, encode_corpus, encode_seconds, list_shards
 from chatretriever.encoders import Encoder
 from chatretriever.errors import DataFormatError
 from chatretriever.evaluate import write_json
@@ -339,17 +339,11 @@ class Workspace:
         return self._index[1], self._index[2]
 
     def _encode(self, encoder: Encoder, emb_dir: Path) -> float:
-        """Encode the corpus (resuming); returns the total encoding seconds over all calls."""
-        timing_path = emb_dir / "benchmark_timing.json"
-        timing = read_json(timing_path) if timing_path.exists() else {"seconds": 0.0}
+        """Encode the corpus (resuming); returns the encoding seconds summed over every run,
+        killed ones included (each chunk records its own time)."""
         config = EncodeConfig(batch_size=self.args.batch_size, chunk_size=self.args.chunk_size)
-        start = time.perf_counter()
-        result = encode_corpus(encoder, self.corpus(), emb_dir, config)
-        if result.passages_encoded:
-            timing["seconds"] += time.perf_counter() - start
-            timing["passages_encoded"] = timing.get("passages_encoded", 0) + result.passages_encoded
-            write_json(timing_path, timing)
-        return float(timing["seconds"])
+        encode_corpus(encoder, self.corpus(), emb_dir, config)
+        return encode_seconds(emb_dir)
 
     def rewritten(self) -> tuple[list[Session], float]:
         """(sessions with LLM rewrites, total generation seconds over all calls)."""

@@ -179,6 +179,11 @@ def test_benchmark_end_to_end_resumes_from_cached_runs(conv, mtrag, tmp_path, lo
         assert all(0.0 <= v <= 1.0 for v in s["metrics"].values())
         assert s["wall_s"] >= 0 and s["timing_s"]
     assert by_id["fake_hash.last_turn"]["index"] == "numpy-exact"
+    # the encoding cost is the sum of the chunks' own times, so it survives resumed runs
+    from chatretriever.encode import encode_seconds
+
+    encode_s = by_id["fake_hash.last_turn"]["timing_s"]["corpus_encode_s"]
+    assert encode_s == pytest.approx(encode_seconds(out / "emb" / "fake_hash"), abs=1e-3)
     assert "rewrite_s" in by_id["bm25.llm_rewrite"]["timing_s"]
     md = (out / "results.md").read_text()
     assert "| system | formulation | nDCG@3 | nDCG@10 | MRR@10 | R@100 | wall s |" in md

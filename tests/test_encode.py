@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -11,10 +12,11 @@ from chatretriever.encode import (
     EncodeConfig,
     encode_chunk,
     encode_corpus,
+    encode_seconds,
     list_shards,
     parse_shard,
 )
-from chatretriever.io.embeddings import read_embeddings
+from chatretriever.io.embeddings import read_embeddings, read_meta
 from chatretriever.types import Passage
 
 
@@ -88,6 +90,30 @@ def test_killed_encoding_resumes_without_recomputing(tmp_path):
     third = HashEncoder()
     assert encode_corpus(third, corpus, tmp_path / "emb", config).chunks_kept == 3
     assert third.passages_encoded == 0
+
+
+class SlowEncoder(HashEncoder):
+    """0.02 s per batch: chunk times that rounding cannot hide."""
+
+    def encode_passages(self, passages, batch_size=32, show_progress=False):
+        time.sleep(0.02)
+        return super().encode_passages(passages, batch_size, show_progress)
+
+
+def test_each_chunk_keeps_its_encoding_time_across_killed_runs(tmp_path):
+    corpus, emb_dir = make_corpus(25), tmp_path / "emb"
+    config = EncodeConfig(batch_size=5, chunk_size=10, show_progress=False)
+    with pytest.raises(RuntimeError, match="simulated crash"):  # dies inside chunk 1
+        encode_corpus(SlowEncoder(fail_after_batches=3), corpus, emb_dir, config)
+    first = read_meta(emb_dir / "chunk-00000").extra["seconds"]
+    assert first >= 0.04  # two batches
+    assert encode_seconds(emb_dir) == pytest.approx(first)
+
+    encode_corpus(SlowEncoder(), corpus, emb_dir, config)
+    seconds = [read_meta(path).extra["seconds"] for path in list_shards([emb_dir])]
+    assert seconds[0] == first  # the killed run's chunk was kept with its time
+    assert seconds[1] >= 0.04 and seconds[2] >= 0.02  # 10 and 5 passages
+    assert encode_seconds(emb_dir) == pytest.approx(sum(seconds))
 
 
 def test_shards_split_the_corpus_deterministically(tmp_path):

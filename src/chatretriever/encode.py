@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from itertools import islice
@@ -208,14 +209,30 @@ def encode_corpus(
                 kept += 1
                 bar.update(len(chunk))
                 continue
+            start = time.perf_counter()
             emb = encode_chunk(encoder, chunk, config, bar)
-            extra = {"kind": "passage", "chunk": j, "start": j * config.chunk_size}
+            extra = {
+                "kind": "passage",
+                "chunk": j,
+                "start": j * config.chunk_size,
+                "seconds": round(time.perf_counter() - start, 3),  # survives a killed run
+            }
             write_embeddings(path, ids, emb, EmbeddingMeta(**{**asdict(meta), "extra": extra}))
             written += 1
             encoded += len(chunk)
     _write_settings(out_dir, {**settings, "num_chunks": num_chunks, "num_passages": num_passages})
     logger.info("%s: %d chunks written, %d kept from an earlier run", out_dir, written, kept)
     return EncodeResult(out_dir, written, kept, encoded, num_chunks, num_passages)
+
+
+def encode_seconds(out_dir: str | Path) -> float:
+    """Seconds spent encoding the finished chunks of `out_dir`, over every (resumed) run.
+
+    Each chunk records its own time when it is written, so the total stays right when the work
+    was spread over several runs, some of them killed.
+    """
+    chunks = Path(out_dir).glob(f"{CHUNK_PREFIX}*/{META}")  # finished chunks, job done or not
+    return float(sum(read_meta(meta.parent).extra.get("seconds", 0.0) for meta in chunks))
 
 
 def _shard_total(total: int, config: EncodeConfig) -> int:
