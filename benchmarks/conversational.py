@@ -251,6 +251,14 @@ def device_of(encoder: Encoder) -> str | None:
     return None if device is None else str(device)
 
 
+def precision_of(encoder: Encoder) -> str | None:
+    """The compute precision an encoder runs in ("bf16", "fp32"), when it has one."""
+    if hasattr(encoder, "compute_dtype"):  # ChatRetriever
+        return "bf16" if "bfloat16" in str(encoder.compute_dtype) else "fp32"
+    bf16 = getattr(encoder, "bf16", None)  # TextEmbedder
+    return None if bf16 is None else ("bf16" if bf16 else "fp32")
+
+
 def release_memory() -> None:
     gc.collect()
     if "torch" in sys.modules:
@@ -432,7 +440,11 @@ def make_run(system: System, ws: Workspace) -> tuple[Run, dict[str, float], dict
         timing.update(index_timing)
         encoder = ws.encoder(system.retriever)
         extra.update(
-            encoder=encoder.name, dim=encoder.dim, index=index.factory, device=device_of(encoder)
+            encoder=encoder.name,
+            dim=encoder.dim,
+            index=index.factory,
+            device=device_of(encoder),
+            precision=precision_of(encoder),
         )
         start = time.perf_counter()
         run = search_dense(

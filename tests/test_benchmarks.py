@@ -179,6 +179,7 @@ def test_benchmark_end_to_end_resumes_from_cached_runs(conv, mtrag, tmp_path, lo
         assert all(0.0 <= v <= 1.0 for v in s["metrics"].values())
         assert s["wall_s"] >= 0 and s["timing_s"]
     assert by_id["fake_hash.last_turn"]["index"] == "numpy-exact"
+    assert by_id["fake_hash.last_turn"]["precision"] is None  # a fake encoder has none
     # the encoding cost is the sum of the chunks' own times, so it survives resumed runs
     from chatretriever.encode import encode_seconds
 
@@ -199,6 +200,20 @@ def test_benchmark_end_to_end_resumes_from_cached_runs(conv, mtrag, tmp_path, lo
     assert held["tasks"] == 1 and held["queries_evaluated"] == 1
     assert (out / "results.heldout.md").exists()
     assert loads == ["hash", "csit"]
+
+
+def test_precision_of_reads_both_model_kinds(conv, tiny_llama_dir):
+    from chatretriever.modeling import ChatRetriever
+
+    retriever = ChatRetriever.from_pretrained(str(tiny_llama_dir), device="cpu", dtype="fp32")
+    assert conv.precision_of(retriever) == "fp32"
+    retriever.config.dtype = "bf16"
+    assert conv.precision_of(retriever) == "bf16"
+
+    class Embedder:  # a TextEmbedder's switch
+        bf16 = True
+
+    assert conv.precision_of(Embedder()) == "bf16"
 
 
 def test_plan_skips_what_is_missing(conv):
