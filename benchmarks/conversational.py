@@ -50,6 +50,7 @@ from chatretriever.io.embeddings import EmbeddingMeta
 from chatretriever.io.files import atomic_write, read_json
 from chatretriever.io.mtrag import TASK_SEPARATOR, iter_mtrag_corpus, load_mtrag
 from chatretriever.io.trec import read_run
+from chatretriever.registry import precision_of
 from chatretriever.search import Formulation, save_run, search_dense, settings_path
 from chatretriever.types import Passage, Qrel, Run, Session
 
@@ -249,14 +250,6 @@ def device_of(encoder: Encoder) -> str | None:
     if device is None and model is not None and hasattr(model, "parameters"):
         device = next(model.parameters()).device
     return None if device is None else str(device)
-
-
-def precision_of(encoder: Encoder) -> str | None:
-    """The compute precision an encoder runs in ("bf16", "fp32"), when it has one."""
-    if hasattr(encoder, "compute_dtype"):  # ChatRetriever
-        return "bf16" if "bfloat16" in str(encoder.compute_dtype) else "fp32"
-    bf16 = getattr(encoder, "bf16", None)  # TextEmbedder
-    return None if bf16 is None else ("bf16" if bf16 else "fp32")
 
 
 def release_memory() -> None:

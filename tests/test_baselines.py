@@ -314,15 +314,16 @@ def test_bm25_last_turn_on_mtrag(shared_data):
 
 
 def test_set_precision_switches_embedders_and_rejects_unknown_dtypes(tiny_bert):
-    from chatretriever.demo import set_precision
+    from chatretriever.registry import precision_of, set_precision
 
     model, tok = tiny_bert
     emb = TextEmbedder(model, tok, name="tiny-bert", bf16=False)
-    assert set_precision(emb, "bf16") and emb.bf16 is True
+    assert precision_of(emb) == "fp32"
+    assert set_precision(emb, "bf16") and emb.bf16 is True and precision_of(emb) == "bf16"
     bf16 = emb.encode_texts(["what do jaguars eat"])
-    assert set_precision(emb, "fp32") and emb.bf16 is False
+    assert set_precision(emb, "fp32") and emb.bf16 is False and precision_of(emb) == "fp32"
     fp32 = emb.encode_texts(["what do jaguars eat"])
     assert not np.array_equal(bf16, fp32) and float(bf16[0] @ fp32[0]) > 0.99
-    assert set_precision(HashEncoder(), "bf16") is False
+    assert set_precision(HashEncoder(), "bf16") is False and precision_of(HashEncoder()) is None
     with pytest.raises(ValueError, match="dtype must be one of"):
         set_precision(emb, "fp16")

@@ -202,20 +202,6 @@ def test_benchmark_end_to_end_resumes_from_cached_runs(conv, mtrag, tmp_path, lo
     assert loads == ["hash", "csit"]
 
 
-def test_precision_of_reads_both_model_kinds(conv, tiny_llama_dir):
-    from chatretriever.modeling import ChatRetriever
-
-    retriever = ChatRetriever.from_pretrained(str(tiny_llama_dir), device="cpu", dtype="fp32")
-    assert conv.precision_of(retriever) == "fp32"
-    retriever.config.dtype = "bf16"
-    assert conv.precision_of(retriever) == "bf16"
-
-    class Embedder:  # a TextEmbedder's switch
-        bf16 = True
-
-    assert conv.precision_of(Embedder()) == "bf16"
-
-
 def test_plan_skips_what_is_missing(conv):
     from chatretriever.backbones import BUILTIN_MODELS, ModelInfo, PackagedDir, PackageFile
 

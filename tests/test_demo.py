@@ -154,9 +154,12 @@ def test_demo_fixes_the_model_precision_and_keeps_one_index_per_precision(
     model = ChatRetriever.from_pretrained(
         tiny_llama_dir, config=config, lora=LoraSettings(enabled=False), device="cpu"
     )
+    from chatretriever.registry import precision_of
+
     for dtype in ("fp32", "bf16"):
         result = run_demo(model, "tiny", tmp_path, data, show_progress=False, dtype=dtype)
         assert model.config.dtype == dtype and result.dtype == dtype
+        assert precision_of(model) == dtype
         assert result.index_dir == tmp_path / f"index-tiny-{dtype}"
         assert json.loads((tmp_path / "results.json").read_text())["dtype"] == dtype
     assert (tmp_path / "index-tiny-fp32" / "index" / "meta.json").exists()

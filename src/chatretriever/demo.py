@@ -25,6 +25,7 @@ from chatretriever.evaluate import Evaluation, evaluate_run, write_json
 from chatretriever.io.corpus import read_corpus
 from chatretriever.io.sessions import read_sessions
 from chatretriever.io.trec import read_qrels
+from chatretriever.registry import set_precision
 from chatretriever.search import Formulation, save_run, search_dense
 from chatretriever.types import Passage, Qrel, Run, Session, qrels_to_dict
 
@@ -147,33 +148,6 @@ def run_demo(
     result = DemoResult(model, names, turns, evaluations, out_dir, index_dir, dtype=dtype)
     result.files = _save(result, runs, data)
     return result
-
-
-def set_precision(encoder: Encoder, dtype: str) -> bool:
-    """Sets the compute precision of a ChatRetriever or a sentence embedder.
-
-    Args:
-        encoder: The model; one with neither a `RetrieverConfig` nor a `bf16` switch is left as
-            it is (a fake encoder, an API client).
-        dtype: "fp32", "bf16" or "auto" (bf16 where the device runs it natively).
-
-    Returns:
-        Whether the encoder has a precision to set.
-    """
-    from chatretriever.backbones import native_bf16
-    from chatretriever.config import DTYPES, RetrieverConfig
-
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    config = getattr(encoder, "config", None)
-    if isinstance(config, RetrieverConfig):
-        config.dtype = dtype
-        return True
-    if hasattr(encoder, "bf16") and hasattr(encoder, "model"):
-        device = next(encoder.model.parameters()).device
-        encoder.bf16 = dtype == "bf16" or (dtype == "auto" and native_bf16(device))
-        return True
-    return False
 
 
 def _slug(name: str) -> str:

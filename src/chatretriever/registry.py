@@ -59,3 +59,42 @@ def load_encoder(name: str) -> Encoder:
     from chatretriever.modeling import ChatRetriever
 
     return ChatRetriever.from_pretrained(name)
+
+
+def set_precision(encoder: Encoder, dtype: str) -> bool:
+    """Sets the compute precision of a ChatRetriever or a sentence embedder.
+
+    Args:
+        encoder: The model; any other `Encoder` (a fake, an API client) is left as it is.
+        dtype: "fp32", "bf16" or "auto" (bf16 where the device runs it natively).
+
+    Returns:
+        Whether the encoder has a precision to set.
+    """
+    from chatretriever.baselines import TextEmbedder
+    from chatretriever.config import DTYPES, RetrieverConfig
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if isinstance(getattr(encoder, "config", None), RetrieverConfig):  # ChatRetriever
+        encoder.config.dtype = dtype
+        return True
+    if isinstance(encoder, TextEmbedder):
+        from chatretriever.backbones import native_bf16
+
+        device = next(encoder.model.parameters()).device
+        encoder.bf16 = dtype == "bf16" or (dtype == "auto" and native_bf16(device))
+        return True
+    return False
+
+
+def precision_of(encoder: Encoder) -> str | None:
+    """The precision an encoder computes in ("bf16" or "fp32"), None for one without a switch."""
+    from chatretriever.baselines import TextEmbedder
+    from chatretriever.config import RetrieverConfig
+
+    if isinstance(getattr(encoder, "config", None), RetrieverConfig):  # ChatRetriever
+        return "bf16" if str(encoder.compute_dtype) == "torch.bfloat16" else "fp32"
+    if isinstance(encoder, TextEmbedder):
+        return "bf16" if encoder.bf16 else "fp32"
+    return None
