@@ -3,8 +3,8 @@
 Every system searches the shared MTRAG corpus (all four domains in one collection) for the
 MTRAG-UN tasks and writes a TREC run and its settings into OUT/runs/. A finished run whose
 settings match is reused, so an interrupted benchmark resumes where it stopped; corpus embeddings
-are written chunk by chunk into OUT/emb/<model>/ (`chatretriever.encode`, resumable) and LLM
-rewrites into a cache file in OUT, so a rerun costs nothing.
+are written chunk by chunk into OUT/emb/<model>/ (`chatretriever.retrieval.encode`, resumable)
+and LLM rewrites into a cache file in OUT, so a rerun costs nothing.
 
 Systems (`--systems`, default: every family whose packages are installed):
     bm25           BM25 (bm25s) on last_turn, all_user_turns, full_history (+ rewrite when the
@@ -41,17 +41,17 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from chatretriever.encode import EncodeConfig, encode_corpus, encode_seconds, list_shards
-from chatretriever.encoders import Encoder
+from chatretriever.apps.registry import precision_of
 from chatretriever.errors import DataFormatError
-from chatretriever.evaluate import write_json
-from chatretriever.index import EncoderMismatchError, read_shards
 from chatretriever.io.embeddings import EmbeddingMeta
 from chatretriever.io.files import atomic_write, read_json
 from chatretriever.io.mtrag import TASK_SEPARATOR, iter_mtrag_corpus, load_mtrag
 from chatretriever.io.trec import read_run
-from chatretriever.registry import precision_of
-from chatretriever.search import Formulation, save_run, search_dense, settings_path
+from chatretriever.retrieval.encode import EncodeConfig, encode_corpus, encode_seconds, list_shards
+from chatretriever.retrieval.encoders import Encoder
+from chatretriever.retrieval.evaluate import write_json
+from chatretriever.retrieval.index import EncoderMismatchError, read_shards
+from chatretriever.retrieval.search import Formulation, save_run, search_dense, settings_path
 from chatretriever.types import Passage, Qrel, Run, Session
 
 FAMILIES = ("bm25", "rewrite", "dense", "chatretriever")
@@ -105,7 +105,7 @@ def parse_model(text: str) -> tuple[str, str]:
 # ------------------------------------------------------------------------------ planning
 def missing_model(name: str) -> str | None:
     """Why a built-in model cannot be loaded (its weight packages are missing), else None."""
-    from chatretriever.backbones import BUILTIN_MODELS, pip_command
+    from chatretriever.modeling.backbones import BUILTIN_MODELS, pip_command
 
     info = BUILTIN_MODELS.get(name)
     if info is None or Path(name).exists() or info.source.available():
@@ -177,7 +177,7 @@ def plan_systems(
 class ExactIndex:
     """Exact inner-product top-k in numpy: the stand-in for a Faiss Flat `DenseIndex`.
 
-    Same `check_encoder` / `search` interface as `chatretriever.index.DenseIndex`, so
+    Same `check_encoder` / `search` interface as `chatretriever.retrieval.index.DenseIndex`, so
     `search.search_dense` takes either.
     """
 
@@ -233,7 +233,7 @@ def load_model(spec: str, device: str | None) -> Encoder:
     `load_encoder` takes no device (both model classes default to the current accelerator), so
     the loaded model is moved: ChatRetriever is a torch module, TextEmbedder holds `.model`.
     """
-    from chatretriever.registry import load_encoder
+    from chatretriever.apps.registry import load_encoder
 
     encoder = load_encoder(spec)
     if device is not None:
@@ -263,7 +263,7 @@ def release_memory() -> None:
 
 def make_generator(model: str, device: str | None, max_new_tokens: int) -> Callable:
     """The rewriting LLM (`rewrite.hf_generator`), loaded on its first call only."""
-    from chatretriever.rewrite import hf_generator
+    from chatretriever.retrieval.rewrite import hf_generator
 
     loaded: list[Callable] = []
 
@@ -304,7 +304,7 @@ class Workspace:
     def bm25(self) -> tuple[Any, float]:
         """(BM25Retriever over the corpus, seconds to build it)."""
         if self._bm25 is None:
-            from chatretriever.baselines import BM25Retriever
+            from chatretriever.retrieval.baselines import BM25Retriever
 
             corpus = self.corpus()
             start = time.perf_counter()
@@ -330,7 +330,7 @@ class Workspace:
             start = time.perf_counter()
             shards = list_shards([emb_dir])
             if have_faiss():
-                from chatretriever.index import DenseIndex
+                from chatretriever.retrieval.index import DenseIndex
 
                 index = DenseIndex.build(shards)
             else:
@@ -349,7 +349,7 @@ class Workspace:
     def rewritten(self) -> tuple[list[Session], float]:
         """(sessions with LLM rewrites, total generation seconds over all calls)."""
         if self._rewritten is None:
-            from chatretriever.rewrite import rewrite_sessions
+            from chatretriever.retrieval.rewrite import rewrite_sessions
 
             model = self.args.rewrite_model
             cache = self.out / f"rewrites.{slug(model)}.jsonl"
@@ -373,7 +373,7 @@ def retriever_fingerprint(spec: str | None) -> str | None:
     So a run made with a model directory is reused for the same model shipped as a built-in
     (or copied elsewhere), and a model retrained in place is searched again.
     """
-    from chatretriever.backbones import builtin_retriever_dir
+    from chatretriever.modeling.backbones import builtin_retriever_dir
 
     if spec is None:
         return None
@@ -400,7 +400,7 @@ def run_key(system: System, args: argparse.Namespace, sessions: Sequence[Session
         "queries_sha1": hashlib.sha1(ids).hexdigest(),
     }
     if system.family == "rewrite":
-        from chatretriever.rewrite import RewritePrompt
+        from chatretriever.retrieval.rewrite import RewritePrompt
 
         key["rewrite_model"] = args.rewrite_model
         key["rewrite_prompt"] = RewritePrompt().hash
@@ -511,7 +511,7 @@ def evaluate_records(records: list[dict], qrels: Sequence[Qrel]) -> str | None:
     Returns:
         The id of that baseline (None when no plain BM25 system ran).
     """
-    from chatretriever.evaluate import compare, evaluate_run
+    from chatretriever.retrieval.evaluate import compare, evaluate_run
 
     evaluations = {}
     for r in tqdm(records, desc="evaluate", unit="run"):

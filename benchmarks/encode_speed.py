@@ -32,10 +32,10 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from chatretriever.evaluate import write_json
 from chatretriever.io.embeddings import EmbeddingMeta
 from chatretriever.io.files import atomic_write
 from chatretriever.io.mtrag import iter_mtrag_corpus, load_mtrag
+from chatretriever.retrieval.evaluate import write_json
 from chatretriever.types import Passage
 
 TARGET_SPEEDUP = 2.5
@@ -46,7 +46,7 @@ def environment() -> dict[str, Any]:
     """What else ran: thread counts and the load average (other processes busy?)."""
     import torch
 
-    from chatretriever.backbones import native_bf16
+    from chatretriever.modeling.backbones import native_bf16
 
     load = os.getloadavg()
     return {
@@ -78,7 +78,7 @@ def plain_model(retriever: Any, model_name: str) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from chatretriever.backbones import resolve_model_dir
+    from chatretriever.modeling.backbones import resolve_model_dir
 
     model = AutoModelForCausalLM.from_pretrained(
         resolve_model_dir(model_name), dtype=torch.float32, local_files_only=True
@@ -135,7 +135,7 @@ def bench_encoders(args: argparse.Namespace, passages: list[Passage]) -> tuple[d
     """Part (a); returns (results, embedding dim)."""
     import torch
 
-    from chatretriever.modeling import ChatRetriever
+    from chatretriever.methods.chatretriever.model import ChatRetriever
 
     retriever = ChatRetriever.from_pretrained(args.model, device=args.device)
     if args.fp32_layers is not None:
@@ -204,7 +204,7 @@ def build_index(vectors: np.ndarray, factory: str) -> tuple[Any, float]:
     """A `DenseIndex` over the vectors (built as `DenseIndex.build` builds one) and its seconds."""
     import faiss
 
-    from chatretriever.index import DenseIndex, add_vectors
+    from chatretriever.retrieval.index import DenseIndex, add_vectors
 
     start = time.perf_counter()
     index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
@@ -226,8 +226,8 @@ def search_rate(index: Any, queries: np.ndarray, k: int, params: str | None) -> 
 
 def real_vectors(emb_dir: str, n_queries: int, seed: int) -> tuple[np.ndarray, np.ndarray, str]:
     """(index vectors, held-out query vectors, kind) from an `encode_corpus` output directory."""
-    from chatretriever.encode import list_shards
     from chatretriever.io.embeddings import read_embeddings
+    from chatretriever.retrieval.encode import list_shards
 
     shards = [read_embeddings(d) for d in list_shards([emb_dir])]
     vectors = np.concatenate([np.asarray(e, dtype=np.float32) for _, e, _ in shards])  # (N, D)

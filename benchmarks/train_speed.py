@@ -29,8 +29,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from chatretriever.evaluate import write_json
 from chatretriever.io.files import atomic_write
+from chatretriever.retrieval.evaluate import write_json
 
 MODES = ("one_pass", "two_pass")
 DEFAULT_DATA = "outputs/train/mtrag.jsonl.gz"
@@ -41,11 +41,11 @@ def measure(cfg: dict[str, Any]) -> dict[str, Any]:
     """Runs warmup + timed training steps of one (mode, dtype) in this process."""
     import torch
 
-    from chatretriever.collate import encode_batch
     from chatretriever.config import LoraSettings, LossConfig
-    from chatretriever.data import iter_training_examples
-    from chatretriever.modeling import ChatRetriever
-    from chatretriever.train import csit_losses, make_collator
+    from chatretriever.methods.chatretriever.data import iter_training_examples
+    from chatretriever.methods.chatretriever.model import ChatRetriever
+    from chatretriever.methods.chatretriever.train import csit_losses, make_collator
+    from chatretriever.modeling.collate import encode_batch
 
     torch.manual_seed(0)
     if cfg["threads"]:
@@ -141,8 +141,8 @@ def bf16_unsupported(device: str | None) -> str | None:
     """Why a bf16 step is not measured on this machine (a CPU without native bf16), else None."""
     import torch
 
-    from chatretriever.backbones import default_device
-    from chatretriever.modeling import resolve_dtype
+    from chatretriever.methods.chatretriever.model import resolve_dtype
+    from chatretriever.modeling.backbones import default_device
 
     dev = torch.device(device) if device else default_device()
     if resolve_dtype("auto", dev) == torch.bfloat16:
@@ -273,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     import torch
 
-    from chatretriever.backbones import native_bf16
+    from chatretriever.modeling.backbones import native_bf16
 
     environment = {
         "platform": platform.platform(),

@@ -12,8 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from chatretriever.encoders import SessionLike, as_session
-from chatretriever.types import Passage
+from chatretriever.types import Passage, SessionLike, as_session
 
 _WORD = re.compile(r"\w+")
 
@@ -27,7 +26,7 @@ def hash_vector(text: str, dim: int) -> np.ndarray:
 
 
 class HashEncoder:
-    """Implements `chatretriever.encoders.Encoder` with hashed bag-of-words vectors.
+    """Implements `chatretriever.retrieval.encoders.Encoder` with hashed bag-of-words vectors.
 
     Args:
         dim: Embedding size.

@@ -23,8 +23,9 @@ import torch
 from conftest import build_tiny_model, build_tokenizer
 from transformers import AutoModelForCausalLM
 
-from chatretriever import backbones
-from chatretriever.backbones import (
+from chatretriever.cli import models as models_cli
+from chatretriever.modeling import backbones
+from chatretriever.modeling.backbones import (
     BUILTIN_MODELS,
     ModelInfo,
     ModelNotInstalledError,
@@ -39,7 +40,6 @@ from chatretriever.backbones import (
     register_model,
     resolve_model_dir,
 )
-from chatretriever.cli import models as models_cli
 
 PROMPT = "what is the capital of france?"
 
@@ -452,8 +452,8 @@ def test_shipped_chatretriever_dir_is_resolved_but_not_loaded_as_a_backbone(monk
     monkeypatch.setitem(BUILTIN_MODELS, "cr-absent", absent)
     flags = dict((i.name, ok) for i, ok in list_models())
     assert flags["cr-test"] is True and flags["cr-absent"] is False
-    assert resolve_model_dir("cr-test") == Path(backbones.__file__).parent / "io"
-    with pytest.raises(ValueError, match="chatretriever.modeling"):
+    assert resolve_model_dir("cr-test") == Path(backbones.__file__).parent.parent / "io"
+    with pytest.raises(ValueError, match="chatretriever.methods.chatretriever.model"):
         load_backbone("cr-test")
     with pytest.raises(FileNotFoundError, match="cr-absent"):
         resolve_model_dir("cr-absent")

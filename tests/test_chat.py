@@ -9,7 +9,7 @@ import pytest
 from fakes import HashEncoder
 from fixtures import jsonl, write
 
-from chatretriever.chat import (
+from chatretriever.apps.chat import (
     ChatSearcher,
     Conversation,
     CorpusIndex,
@@ -18,8 +18,8 @@ from chatretriever.chat import (
     format_hits,
     snippet,
 )
+from chatretriever.apps.registry import register_encoder, unregister_encoder
 from chatretriever.cli import main
-from chatretriever.registry import register_encoder, unregister_encoder
 
 pytest.importorskip("faiss")
 

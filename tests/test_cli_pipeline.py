@@ -7,9 +7,9 @@ import json
 import pytest
 from fakes import HashEncoder
 
+from chatretriever.apps.registry import register_encoder, unregister_encoder
 from chatretriever.cli import main
 from chatretriever.io.trec import read_run
-from chatretriever.registry import register_encoder, unregister_encoder
 
 pytest.importorskip("faiss")
 pytest.importorskip("ir_measures")
@@ -129,7 +129,7 @@ def test_encode_index_search_evaluate(files, capsys):
 
 def test_index_a_corpus_in_one_step(files, capsys, monkeypatch):
     """`index CORPUS` encodes with the default model, keeps the passages, and resumes."""
-    import chatretriever.registry as registry
+    import chatretriever.apps.registry as registry
 
     d = files
     encoders = []
@@ -219,7 +219,7 @@ def test_search_with_bm25_and_compare_runs(files, capsys):
 
 
 def test_rewrite_command_uses_its_cache(files, monkeypatch, capsys):
-    import chatretriever.rewrite as rewrite
+    import chatretriever.retrieval.rewrite as rewrite
 
     calls = []
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chatretriever.collate import (
+from chatretriever.modeling.collate import (
     additive_mask,
     csit_allowed,
     csit_batch,
@@ -13,7 +13,7 @@ from chatretriever.collate import (
     last_token_positions,
     pad_batch,
 )
-from chatretriever.template import CsitPieces
+from chatretriever.modeling.template import CsitPieces
 
 E1, E2 = 901, 902  # EMB token ids of these tests
 

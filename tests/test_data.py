@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from chatretriever.data import (
+from chatretriever.errors import DataFormatError
+from chatretriever.methods.chatretriever.data import (
     TrainingExample,
     TrainingPassage,
     example_from_session,
@@ -13,7 +14,6 @@ from chatretriever.data import (
     read_training_examples,
     write_training_examples,
 )
-from chatretriever.errors import DataFormatError
 from chatretriever.types import Passage, Session, Turn
 
 

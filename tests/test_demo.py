@@ -8,10 +8,10 @@ import re
 import pytest
 from fakes import HashEncoder
 
+from chatretriever.apps.demo import MEASURES, demo_dir, load_demo_data, run_demo
+from chatretriever.apps.registry import register_encoder, unregister_encoder
 from chatretriever.cli import main
-from chatretriever.demo import MEASURES, demo_dir, load_demo_data, run_demo
 from chatretriever.io.trec import read_run
-from chatretriever.registry import register_encoder, unregister_encoder
 from chatretriever.types import qrels_to_dict
 
 SESSION_ID = re.compile(r"^c(\d\d)::([1-9])$")
@@ -148,13 +148,13 @@ def test_demo_fixes_the_model_precision_and_keeps_one_index_per_precision(
     tmp_path, data, tiny_llama_dir
 ):
     from chatretriever.config import LoraSettings, RetrieverConfig
-    from chatretriever.modeling import ChatRetriever
+    from chatretriever.methods.chatretriever.model import ChatRetriever
 
     config = RetrieverConfig(dtype="auto", max_session_len=96, max_passage_len=64)
     model = ChatRetriever.from_pretrained(
         tiny_llama_dir, config=config, lora=LoraSettings(enabled=False), device="cpu"
     )
-    from chatretriever.registry import precision_of
+    from chatretriever.apps.registry import precision_of
 
     for dtype in ("fp32", "bf16"):
         result = run_demo(model, "tiny", tmp_path, data, show_progress=False, dtype=dtype)

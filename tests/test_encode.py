@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from fakes import HashEncoder
 
-from chatretriever.encode import (
+from chatretriever.io.embeddings import read_embeddings, read_meta
+from chatretriever.retrieval.encode import (
     SETTINGS,
     EncodeConfig,
     encode_chunk,
@@ -16,7 +17,6 @@ from chatretriever.encode import (
     list_shards,
     parse_shard,
 )
-from chatretriever.io.embeddings import read_embeddings, read_meta
 from chatretriever.types import Passage
 
 

@@ -6,14 +6,14 @@ import math
 import numpy as np
 import pytest
 
-from chatretriever.evaluate import (
+from chatretriever.io.trec import read_qrels, read_run
+from chatretriever.retrieval.evaluate import (
     compare,
     evaluate_run,
     parse_measures,
     randomization_test,
     write_json,
 )
-from chatretriever.io.trec import read_qrels, read_run
 from chatretriever.types import Run
 
 pytest.importorskip("ir_measures")

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from fakes import HashEncoder
 
-from chatretriever.encode import EncodeConfig, encode_corpus, list_shards
-from chatretriever.index import DenseIndex, EncoderMismatchError
 from chatretriever.io.embeddings import EmbeddingMeta, write_embeddings
+from chatretriever.retrieval.encode import EncodeConfig, encode_corpus, list_shards
+from chatretriever.retrieval.index import DenseIndex, EncoderMismatchError
 from chatretriever.types import Passage
 
 pytest.importorskip("faiss")
@@ -45,7 +45,7 @@ def test_flat_is_exact_inner_product(tmp_path):
 
 
 def test_blockwise_add_shows_progress_and_keeps_the_row_order(tmp_path, monkeypatch, capsys):
-    import chatretriever.index as index_module
+    import chatretriever.retrieval.index as index_module
 
     dirs, ids, emb = random_shards(tmp_path, n=300, parts=2)
     monkeypatch.setattr(index_module, "ADD_BLOCK", 64)  # 150 rows per shard: 3 blocks each
@@ -140,6 +140,9 @@ def test_load_of_a_non_index_names_the_file(tmp_path):
 
 
 def test_index_module_does_not_import_torch():
-    code = "import sys, chatretriever.index, chatretriever.evaluate; print('torch' in sys.modules)"
+    code = (
+        "import sys, chatretriever.retrieval.index, chatretriever.retrieval.evaluate;"
+        " print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

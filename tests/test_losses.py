@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from chatretriever.losses import (
+from chatretriever.modeling.losses import (
     combine_csit_losses,
     contrastive_loss,
     next_token_targets,
@@ -109,7 +109,7 @@ def test_combine_weights_the_lm_part():
 
 
 def test_candidate_exclusions_mask_padding_and_copies_of_the_positive():
-    from chatretriever.losses import candidate_exclusions
+    from chatretriever.modeling.losses import candidate_exclusions
 
     pos_keys = torch.tensor([7, 7, 9])  # sessions 0 and 1 share their positive
     neg_keys = torch.tensor([[9, -1], [5, 7], [1, 2]])

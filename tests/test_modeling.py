@@ -9,11 +9,15 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from chatretriever.collate import csit_batch, encode_batch
 from chatretriever.config import LoraSettings, RetrieverConfig
-from chatretriever.encoders import Encoder
-from chatretriever.losses import combine_csit_losses, contrastive_loss, session_masked_lm_loss
-from chatretriever.modeling import SAVED_CONFIG, ChatRetriever, keep_fp32
+from chatretriever.methods.chatretriever.model import SAVED_CONFIG, ChatRetriever, keep_fp32
+from chatretriever.modeling.collate import csit_batch, encode_batch
+from chatretriever.modeling.losses import (
+    combine_csit_losses,
+    contrastive_loss,
+    session_masked_lm_loss,
+)
+from chatretriever.retrieval.encoders import Encoder
 from chatretriever.types import Passage, Session
 
 pytest.importorskip("peft")

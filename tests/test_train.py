@@ -15,8 +15,8 @@ from fixtures import write
 
 from chatretriever.cli import main
 from chatretriever.errors import DataFormatError
-from chatretriever.modeling import ChatRetriever
-from chatretriever.recipe import TrainConfig, load_recipe, run_training
+from chatretriever.methods.chatretriever.model import ChatRetriever
+from chatretriever.methods.chatretriever.recipe import TrainConfig, load_recipe, run_training
 
 TOPICS = [
     ("volcano", "Volcanoes erupt molten rock called lava from the mantle."),
@@ -104,9 +104,9 @@ def test_cli_bad_recipe_is_one_line(tmp_path, capsys):
 
 
 def test_collator_pads_missing_negatives(tmp_path, tiny_llama_dir):
-    from chatretriever.data import example_from_dict
-    from chatretriever.recipe import load_recipe
-    from chatretriever.train import make_collator
+    from chatretriever.methods.chatretriever.data import example_from_dict
+    from chatretriever.methods.chatretriever.recipe import load_recipe
+    from chatretriever.methods.chatretriever.train import make_collator
 
     cfg = load_recipe(_recipe(tmp_path, tiny_llama_dir))
     retriever = ChatRetriever.from_pretrained(
@@ -159,7 +159,7 @@ def test_gradient_checkpointing_and_accumulation(tmp_path, tiny_llama_dir):
 def test_killed_and_resumed_equals_uninterrupted(tmp_path, tiny_llama_dir):
     from transformers import TrainerCallback
 
-    from chatretriever import train as train_module
+    from chatretriever.methods.chatretriever import train as train_module
 
     straight = load_recipe(
         _recipe(tmp_path / "a", tiny_llama_dir), ["training.max_steps=4", "lora.dropout=0.1"]
@@ -232,7 +232,7 @@ def _gather_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
 
     from chatretriever.config import LossConfig
-    from chatretriever.train import csit_losses
+    from chatretriever.methods.chatretriever.train import csit_losses
 
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
@@ -253,7 +253,7 @@ def _gather_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.slow
 def test_gathered_in_batch_negatives_equal_one_process(tmp_path):
-    from chatretriever.losses import contrastive_loss
+    from chatretriever.modeling.losses import contrastive_loss
 
     torch.multiprocessing.spawn(_gather_worker, args=(2, 29533, str(tmp_path)), nprocs=2)
     torch.manual_seed(0)

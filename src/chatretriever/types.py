@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,6 +106,17 @@ class ScoredDoc:
     query_id: str
     doc_id: str
     score: float
+
+
+# A session given as a Session object or as a list of {"role", "content"} chat messages.
+SessionLike = Session | Sequence[Mapping[str, str]]
+
+
+def as_session(s: SessionLike, id: str = "q") -> Session:
+    """Accept a Session or a list of chat-message dicts."""
+    if isinstance(s, Session):
+        return s
+    return Session.from_messages(id, list(s))
 
 
 def rank_key(doc_id: str, score: float) -> tuple[float, str]:

@@ -12,8 +12,8 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from chatretriever.backbones import ModelNotInstalledError
 from chatretriever.errors import DataFormatError
+from chatretriever.modeling.backbones import ModelNotInstalledError
 
 EXIT_BAD_INPUT = 2
 

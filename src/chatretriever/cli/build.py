@@ -11,7 +11,10 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any, NamedTuple
 
-from chatretriever.builders import (
+from chatretriever.io.corpus import iter_corpus
+from chatretriever.io.files import atomic_write
+from chatretriever.io.sessions import write_sessions
+from chatretriever.methods.chatretriever.builders import (
     MINING_QUERIES,
     MiningConfig,
     cast_examples,
@@ -26,10 +29,7 @@ from chatretriever.builders import (
     split_heldout,
     topiocqa_examples,
 )
-from chatretriever.data import TrainingExample, write_training_examples
-from chatretriever.io.corpus import iter_corpus
-from chatretriever.io.files import atomic_write
-from chatretriever.io.sessions import write_sessions
+from chatretriever.methods.chatretriever.data import TrainingExample, write_training_examples
 from chatretriever.types import Session
 
 logger = logging.getLogger(__name__)

@@ -56,7 +56,7 @@ def _echo(text: str = "") -> None:
 
 
 def _load_encoder(name: str):
-    from chatretriever.registry import load_encoder
+    from chatretriever.apps.registry import load_encoder
 
     try:
         return load_encoder(name)
@@ -78,7 +78,7 @@ def _lines(interactive: bool) -> Iterator[str]:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from chatretriever.chat import ChatSearcher, Conversation, CorpusIndex, format_hits
+    from chatretriever.apps.chat import ChatSearcher, Conversation, CorpusIndex, format_hits
 
     if args.k < 1 or args.snippet_chars < 0:
         raise ValueError("--k must be positive and --snippet-chars at least 0")
@@ -116,8 +116,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from chatretriever.demo import SHOWN, format_metrics, format_turn, load_demo_data, run_demo
-    from chatretriever.registry import DEFAULT_MODEL
+    from chatretriever.apps.demo import SHOWN, format_metrics, format_turn, load_demo_data, run_demo
+    from chatretriever.apps.registry import DEFAULT_MODEL
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")

@@ -9,7 +9,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from chatretriever.search import FORMULATIONS, MISSING_REWRITE
+from chatretriever.retrieval.search import FORMULATIONS, MISSING_REWRITE
 
 logger = logging.getLogger(__name__)
 
@@ -84,9 +84,9 @@ def _positive(value: int, flag: str) -> int:
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
-    from chatretriever.encode import EncodeConfig, encode_corpus, parse_shard
+    from chatretriever.apps.registry import load_encoder
     from chatretriever.io.corpus import iter_corpus
-    from chatretriever.registry import load_encoder
+    from chatretriever.retrieval.encode import EncodeConfig, encode_corpus, parse_shard
 
     config = EncodeConfig(
         batch_size=_positive(args.batch_size, "--batch-size"),
@@ -105,8 +105,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from chatretriever.encode import list_shards
-    from chatretriever.index import DenseIndex
+    from chatretriever.retrieval.encode import list_shards
+    from chatretriever.retrieval.index import DenseIndex
 
     files = [p for p in args.sources if Path(p).is_file()]
     if files:
@@ -132,10 +132,10 @@ def _echo_index(index, factory: str, out: str) -> None:
 
 def _index_corpus(args: argparse.Namespace, files: list[str]) -> int:
     """`index CORPUS --out DIR`: encode (resumable), index and keep the passages in DIR."""
-    from chatretriever.chat import build_corpus_index
-    from chatretriever.encode import EncodeConfig
+    from chatretriever.apps.chat import build_corpus_index
+    from chatretriever.apps.registry import DEFAULT_MODEL, load_encoder
     from chatretriever.io.corpus import iter_corpus
-    from chatretriever.registry import DEFAULT_MODEL, load_encoder
+    from chatretriever.retrieval.encode import EncodeConfig
 
     if len(args.sources) != 1:
         raise ValueError(f"give one corpus file, or embedding dirs only (got {args.sources})")
@@ -154,7 +154,7 @@ def _index_corpus(args: argparse.Namespace, files: list[str]) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     from chatretriever.io.sessions import read_sessions
-    from chatretriever.search import save_run
+    from chatretriever.retrieval.search import save_run
 
     _positive(args.k, "--k")
     if bool(args.bm25) == bool(args.index or args.model):
@@ -162,8 +162,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     sessions = read_sessions(args.sessions)
     settings = {k: v for k, v in vars(args).items() if k != "func"}
     if args.bm25:
-        from chatretriever.baselines import BM25Retriever
         from chatretriever.io.corpus import read_corpus
+        from chatretriever.retrieval.baselines import BM25Retriever
 
         retriever = BM25Retriever(read_corpus(args.bm25))
         settings["bm25"] = {"corpus": args.bm25, **retriever.settings}
@@ -177,9 +177,9 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def _search_dense(args: argparse.Namespace, sessions: list) -> tuple:
     """The dense run and the model name it used (--model, else the one the index records)."""
-    from chatretriever.chat import CorpusIndex
-    from chatretriever.registry import load_encoder
-    from chatretriever.search import search_dense
+    from chatretriever.apps.chat import CorpusIndex
+    from chatretriever.apps.registry import load_encoder
+    from chatretriever.retrieval.search import search_dense
 
     if not args.index:
         raise ValueError("dense search needs --index DIR (and --model NAME unless DIR records it)")
@@ -203,8 +203,8 @@ def _search_dense(args: argparse.Namespace, sessions: list) -> tuple:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from chatretriever.evaluate import DEFAULT_MEASURES, compare, evaluate_run, write_json
     from chatretriever.io.trec import read_qrels, read_run
+    from chatretriever.retrieval.evaluate import DEFAULT_MEASURES, compare, evaluate_run, write_json
 
     qrels = read_qrels(args.qrels)
     measures = args.measures or list(DEFAULT_MEASURES)
@@ -247,7 +247,7 @@ def _print_comparison(a: str, b: str, tests: dict) -> None:
 def cmd_rewrite(args: argparse.Namespace) -> int:
     from chatretriever.io.files import atomic_write
     from chatretriever.io.sessions import read_sessions, write_sessions
-    from chatretriever.rewrite import RewritePrompt, hf_generator, rewrite_sessions
+    from chatretriever.retrieval.rewrite import RewritePrompt, hf_generator, rewrite_sessions
 
     sessions = read_sessions(args.sessions)
     out = Path(args.out)

@@ -29,7 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from chatretriever.recipe import load_recipe, run_training
+    from chatretriever.methods.chatretriever.recipe import load_recipe, run_training
 
     config = load_recipe(args.recipe, args.overrides)
     if args.dry_run:

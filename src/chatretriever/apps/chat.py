@@ -27,11 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from chatretriever.encode import EncodeConfig, encode_corpus, list_shards
-from chatretriever.encoders import Encoder
 from chatretriever.errors import DataFormatError
-from chatretriever.index import DEFAULT_FACTORY, META_FILE, DenseIndex
 from chatretriever.io.corpus import iter_corpus, read_corpus, write_corpus
+from chatretriever.retrieval.encode import EncodeConfig, encode_corpus, list_shards
+from chatretriever.retrieval.encoders import Encoder
+from chatretriever.retrieval.index import DEFAULT_FACTORY, META_FILE, DenseIndex
 from chatretriever.types import Passage, Session, Turn
 
 logger = logging.getLogger(__name__)

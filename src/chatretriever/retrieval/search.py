@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
-from chatretriever.encoders import Encoder
 from chatretriever.io.files import atomic_write
 from chatretriever.io.trec import write_run
+from chatretriever.retrieval.encoders import Encoder
 from chatretriever.types import Run, Session, Turn
 
 if TYPE_CHECKING:
-    from chatretriever.index import DenseIndex
+    from chatretriever.retrieval.index import DenseIndex
 
 logger = logging.getLogger(__name__)
 

@@ -188,7 +188,7 @@ def load_examples(settings: DataSettings) -> list[tuple[list[Any], int]]:
     """(examples, repeat) per data file."""
     from itertools import islice
 
-    from chatretriever.data import iter_training_examples
+    from chatretriever.methods.chatretriever.data import iter_training_examples
 
     parts = []
     for f in settings.files:
@@ -211,8 +211,13 @@ def run_training(config: TrainConfig, resume: bool = False) -> Path:
     from transformers import set_seed
     from transformers.trainer_utils import get_last_checkpoint
 
-    from chatretriever.modeling import ChatRetriever
-    from chatretriever.train import CsitTrainer, TrainingSet, make_collator, training_arguments
+    from chatretriever.methods.chatretriever.model import ChatRetriever
+    from chatretriever.methods.chatretriever.train import (
+        CsitTrainer,
+        TrainingSet,
+        make_collator,
+        training_arguments,
+    )
 
     out = Path(config.output_dir)
     args = training_arguments(out, config.training)

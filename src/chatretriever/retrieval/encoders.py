@@ -5,15 +5,12 @@ Torch-free on purpose: index, search and the server only need this protocol.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from chatretriever.types import Passage, Session, Turn
-
-# A session given as a Session object or as a list of {"role", "content"} chat messages.
-SessionLike = Session | Sequence[Mapping[str, str]]
+from chatretriever.types import Passage, SessionLike
 
 
 @runtime_checkable
@@ -41,10 +38,3 @@ class Encoder(Protocol):
     ) -> np.ndarray:
         """Returns (B, D) float32 embeddings of the passages."""
         ...
-
-
-def as_session(s: SessionLike, id: str = "q") -> Session:
-    """Accept a Session or a list of chat-message dicts."""
-    if isinstance(s, Session):
-        return s
-    return Session.from_messages(id, [m if isinstance(m, Turn) else m for m in s])

@@ -25,13 +25,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from chatretriever.backbones import builtin_retriever_dir, default_device, native_bf16
-from chatretriever.collate import additive_mask, encode_batch, last_token_positions
 from chatretriever.config import LoraSettings, RetrieverConfig
-from chatretriever.encoders import SessionLike
 from chatretriever.io.files import atomic_write, read_json
-from chatretriever.template import RetrievalTemplate, add_emb_tokens, emb_token_ids
-from chatretriever.types import Passage
+from chatretriever.modeling.backbones import builtin_retriever_dir, default_device, native_bf16
+from chatretriever.modeling.collate import additive_mask, encode_batch, last_token_positions
+from chatretriever.modeling.template import RetrievalTemplate, add_emb_tokens, emb_token_ids
+from chatretriever.types import Passage, SessionLike
 
 logger = logging.getLogger(__name__)
 
@@ -437,8 +436,8 @@ def _is_peft(model: Any) -> bool:
 
 def _load_backbone(name_or_path: str, cfg: RetrieverConfig) -> tuple[Any, Any]:
     """(causal LM in fp32, tokenizer) via `backbones.load_backbone` (plain HF dirs as fallback)."""
-    if importlib.util.find_spec("chatretriever.backbones") is not None:
-        from chatretriever.backbones import load_backbone
+    if importlib.util.find_spec("chatretriever.modeling.backbones") is not None:
+        from chatretriever.modeling.backbones import load_backbone
 
         return load_backbone(
             name_or_path,

@@ -18,15 +18,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from chatretriever.chat import Hit, build_corpus_index, format_hits, to_hits
-from chatretriever.encode import EncodeConfig
-from chatretriever.encoders import Encoder
-from chatretriever.evaluate import Evaluation, evaluate_run, write_json
+from chatretriever.apps.chat import Hit, build_corpus_index, format_hits, to_hits
+from chatretriever.apps.registry import set_precision
 from chatretriever.io.corpus import read_corpus
 from chatretriever.io.sessions import read_sessions
 from chatretriever.io.trec import read_qrels
-from chatretriever.registry import set_precision
-from chatretriever.search import Formulation, save_run, search_dense
+from chatretriever.retrieval.encode import EncodeConfig
+from chatretriever.retrieval.encoders import Encoder
+from chatretriever.retrieval.evaluate import Evaluation, evaluate_run, write_json
+from chatretriever.retrieval.search import Formulation, save_run, search_dense
 from chatretriever.types import Passage, Qrel, Run, Session, qrels_to_dict
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class DemoData:
 
 def demo_dir() -> Path:
     """Where the demo files are installed (package data of `chatretriever`)."""
-    return Path(str(resources.files("chatretriever") / "demo"))
+    return Path(str(resources.files("chatretriever") / "assets" / "demo"))
 
 
 def load_demo_data(directory: str | Path | None = None) -> DemoData:
@@ -119,7 +119,7 @@ def run_demo(
     Returns:
         Per-turn top passages and per-system scores; `files` names what was written.
     """
-    from chatretriever.baselines import BM25Retriever
+    from chatretriever.retrieval.baselines import BM25Retriever
 
     data = data or load_demo_data()
     out_dir = Path(out_dir)

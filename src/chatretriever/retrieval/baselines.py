@@ -15,10 +15,9 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from chatretriever.backbones import default_device, native_bf16
-from chatretriever.encoders import SessionLike, as_session
-from chatretriever.search import Formulation, formulate_all, session_text
-from chatretriever.types import Passage, Run, Session
+from chatretriever.modeling.backbones import default_device, native_bf16
+from chatretriever.retrieval.search import Formulation, formulate_all, session_text
+from chatretriever.types import Passage, Run, Session, SessionLike, as_session
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +175,7 @@ class TextEmbedder:
         Returns:
             The embedder.
         """
-        from chatretriever.backbones import load_backbone
+        from chatretriever.modeling.backbones import load_backbone
 
         model, tokenizer = load_backbone(name_or_path, kind="encoder")
         model.to(device or default_device())

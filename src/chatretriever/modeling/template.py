@@ -28,8 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from chatretriever.encoders import SessionLike, as_session
-from chatretriever.types import Passage, Turn
+from chatretriever.types import Passage, SessionLike, Turn, as_session
 
 if TYPE_CHECKING:
     from chatretriever.config import RetrieverConfig

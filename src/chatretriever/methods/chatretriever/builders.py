@@ -1,7 +1,7 @@
 """Build CSIT training examples from datasets, hold conversations out, mine BM25 hard negatives.
 
 Parsing of each public dataset lives in its `chatretriever.io` module; this module only turns the
-parsed sessions into `TrainingExample`s (see `chatretriever.data`).
+parsed sessions into `TrainingExample`s (see `chatretriever.methods.chatretriever.data`).
 """
 
 from __future__ import annotations
@@ -18,10 +18,14 @@ from typing import TypeVar
 import numpy as np
 from tqdm.auto import tqdm
 
-from chatretriever.data import TrainingExample, TrainingPassage, example_from_session
 from chatretriever.errors import DataFormatError
 from chatretriever.io.files import iter_jsonl, iter_lines
 from chatretriever.io.sessions import session_from_dict
+from chatretriever.methods.chatretriever.data import (
+    TrainingExample,
+    TrainingPassage,
+    example_from_session,
+)
 from chatretriever.types import Passage, Qrel, Session, Turn
 
 logger = logging.getLogger(__name__)

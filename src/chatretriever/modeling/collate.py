@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
-from chatretriever.template import CsitPieces
+from chatretriever.modeling.template import CsitPieces
 
 IGNORE_INDEX = -100
 MASK_MODES = ("csit", "vanilla")

@@ -188,7 +188,7 @@ class ShippedDir:
     """A directory shipped inside an installed Python package (default: chatretriever itself).
 
     Args:
-        path: The folder relative to the package, e.g. "models/chatretriever-smol".
+        path: The folder relative to the package, e.g. "assets/chatretriever-smol".
         anchor: The importable package it lives in.
     """
 
@@ -340,7 +340,7 @@ class ModelInfo:
         name: The name users type ("smollm2-135m-instruct").
         description: What it is, in a few words.
         kind: "causal" (chat LLM backbone), "encoder" (off-the-shelf embedder) or "chatretriever"
-            (a trained retriever directory, loaded by `chatretriever.modeling`).
+            (a trained retriever directory, loaded by `chatretriever.methods.chatretriever.model`).
         licence: The licence of the weights.
         source: Where the weights come from (`PackagedGGUF`, `PackagedZip`, `PackagedDir`,
             `ShippedDir`, or any object with `packages`, `available()` and `materialise(name)`).
@@ -436,7 +436,7 @@ for _info in (
         "shipped in this package; needs smollm2-135m-instruct)",
         "chatretriever",
         "Apache-2.0",
-        ShippedDir("models/chatretriever-smol"),
+        ShippedDir("assets/chatretriever-smol"),
         embedding_dim=576,
     ),
 ):
@@ -560,7 +560,7 @@ def _resolve_kind(kind: str, info: ModelInfo | None, model_dir: Path, remote: bo
     if info is not None and info.kind == "chatretriever":
         raise ValueError(
             f"'{info.name}' is a trained ChatRetriever, not a backbone: load it with "
-            "chatretriever.modeling"
+            "chatretriever.methods.chatretriever.model"
         )
     if kind != "auto":
         return kind

@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from chatretriever.encoders import Encoder
 from chatretriever.io.embeddings import META, EmbeddingMeta, read_meta, write_embeddings
 from chatretriever.io.files import atomic_write
+from chatretriever.retrieval.encoders import Encoder
 from chatretriever.types import Passage
 
 logger = logging.getLogger(__name__)

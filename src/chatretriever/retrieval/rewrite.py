@@ -211,7 +211,7 @@ def hf_generator(
     Returns:
         messages -> reply text.
     """
-    from chatretriever.backbones import default_device, generate_reply, load_backbone
+    from chatretriever.modeling.backbones import default_device, generate_reply, load_backbone
 
     model, tokenizer = load_backbone(model_name, kind="causal")
     model.to(default_device() if device is None else device)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from chatretriever.encoders import Encoder
+from chatretriever.retrieval.encoders import Encoder
 
 # The shipped ChatRetriever model: what `index`, `chat` and `demo` use when no --model is given.
 DEFAULT_MODEL = "chatretriever-smol"
@@ -41,7 +41,7 @@ def is_sentence_transformers_dir(path: str | Path) -> bool:
 
 
 def _is_builtin_embedder(name: str) -> bool:
-    from chatretriever.backbones import BUILTIN_MODELS
+    from chatretriever.modeling.backbones import BUILTIN_MODELS
 
     info = BUILTIN_MODELS.get(name)
     return info is not None and info.kind == "encoder" and not Path(name).exists()
@@ -53,10 +53,10 @@ def load_encoder(name: str) -> Encoder:
     if sep and prefix in _FACTORIES:
         return _FACTORIES[prefix](rest)
     if _is_builtin_embedder(name) or is_sentence_transformers_dir(name):
-        from chatretriever.baselines import TextEmbedder
+        from chatretriever.retrieval.baselines import TextEmbedder
 
         return TextEmbedder.from_pretrained(name)
-    from chatretriever.modeling import ChatRetriever
+    from chatretriever.methods.chatretriever.model import ChatRetriever
 
     return ChatRetriever.from_pretrained(name)
 
@@ -71,8 +71,8 @@ def set_precision(encoder: Encoder, dtype: str) -> bool:
     Returns:
         Whether the encoder has a precision to set.
     """
-    from chatretriever.baselines import TextEmbedder
     from chatretriever.config import DTYPES, RetrieverConfig
+    from chatretriever.retrieval.baselines import TextEmbedder
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -80,7 +80,7 @@ def set_precision(encoder: Encoder, dtype: str) -> bool:
         encoder.config.dtype = dtype
         return True
     if isinstance(encoder, TextEmbedder):
-        from chatretriever.backbones import native_bf16
+        from chatretriever.modeling.backbones import native_bf16
 
         device = next(encoder.model.parameters()).device
         encoder.bf16 = dtype == "bf16" or (dtype == "auto" and native_bf16(device))
@@ -90,8 +90,8 @@ def set_precision(encoder: Encoder, dtype: str) -> bool:
 
 def precision_of(encoder: Encoder) -> str | None:
     """The precision an encoder computes in ("bf16" or "fp32"), None for one without a switch."""
-    from chatretriever.baselines import TextEmbedder
     from chatretriever.config import RetrieverConfig
+    from chatretriever.retrieval.baselines import TextEmbedder
 
     if isinstance(getattr(encoder, "config", None), RetrieverConfig):  # ChatRetriever
         return "bf16" if str(encoder.compute_dtype) == "torch.bfloat16" else "fp32"

@@ -25,16 +25,16 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainingArguments
 
-from chatretriever.collate import csit_batch, encode_batch
 from chatretriever.config import LossConfig
-from chatretriever.data import TrainingExample, TrainingPassage
-from chatretriever.losses import (
+from chatretriever.methods.chatretriever.data import TrainingExample, TrainingPassage
+from chatretriever.modeling.collate import csit_batch, encode_batch
+from chatretriever.modeling.losses import (
     candidate_exclusions,
     combine_csit_losses,
     contrastive_loss,
     session_masked_lm_loss,
 )
-from chatretriever.template import RetrievalTemplate, passage_text
+from chatretriever.modeling.template import RetrievalTemplate, passage_text
 from chatretriever.types import Turn
 
 logger = logging.getLogger(__name__)

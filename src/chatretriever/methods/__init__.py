@@ -1,0 +1,1 @@
+"""One subpackage per method, each on the shared machinery below; no method imports another."""
