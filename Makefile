@@ -30,6 +30,7 @@ models: $(VENV)/.models
 lint: install
 	$(VENV)/bin/ruff check src tests $(wildcard benchmarks)
 	$(VENV)/bin/ruff format --check src tests $(wildcard benchmarks)
+	$(VENV)/bin/lint-imports
 
 test: install models lint
 	$(VENV)/bin/pytest -q -ra

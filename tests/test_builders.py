@@ -11,16 +11,12 @@ from chatretriever.io.mtrag import iter_mtrag_corpus, load_mtrag
 from chatretriever.io.sessions import read_sessions
 from chatretriever.io.topiocqa import read_topiocqa
 from chatretriever.methods.chatretriever.builders import (
-    MiningConfig,
     cast_examples,
     conversation_id,
     examples_from_qrels,
     examples_from_responses,
     first_question,
     in_holdout_fraction,
-    mine_hard_negatives,
-    mine_hard_negatives_by_domain,
-    mining_query,
     mtrag_examples,
     read_chat_examples,
     read_id_list,
@@ -33,6 +29,12 @@ from chatretriever.methods.chatretriever.data import (
     TrainingPassage,
     read_training_examples,
     write_training_examples,
+)
+from chatretriever.methods.chatretriever.negatives import (
+    MiningConfig,
+    mine_hard_negatives,
+    mine_hard_negatives_by_domain,
+    mining_query,
 )
 from chatretriever.types import Passage, Qrel, Session, Turn
 

@@ -12,14 +12,13 @@ from fixtures import jsonl, write
 from chatretriever.apps.chat import (
     ChatSearcher,
     Conversation,
-    CorpusIndex,
     Hit,
-    build_corpus_index,
     format_hits,
     snippet,
 )
 from chatretriever.apps.registry import register_encoder, unregister_encoder
 from chatretriever.cli import main
+from chatretriever.retrieval.corpus_index import CorpusIndex, build_corpus_index
 
 pytest.importorskip("faiss")
 

@@ -326,3 +326,15 @@ def test_bad_input_gives_one_line_errors(files, capsys, argv, message):
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err.startswith("error: ") and "\n" not in err and message in err
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_third_party_debug_lines_only_with_verbose(files, capsys, verbose):
+    pytest.importorskip("bm25s")
+    d = files
+    argv = ["search", "--bm25", str(d / "corpus.jsonl"), "--sessions", str(d / "sessions.jsonl")]
+    argv += ["--out", str(d / "q.trec"), "--formulation", "last_turn"]
+    assert main((["-v"] if verbose else []) + argv) == 0
+    out, err = capsys.readouterr()
+    assert ("DEBUG bm25s" in err) is verbose  # bm25s logs a DEBUG line while indexing
+    assert "queries" in out + err  # our own summary line is always there

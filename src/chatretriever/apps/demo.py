@@ -18,11 +18,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from chatretriever.apps.chat import Hit, build_corpus_index, format_hits, to_hits
+from chatretriever.apps.chat import Hit, format_hits, to_hits
 from chatretriever.apps.registry import set_precision
 from chatretriever.io.corpus import read_corpus
 from chatretriever.io.sessions import read_sessions
 from chatretriever.io.trec import read_qrels
+from chatretriever.retrieval.corpus_index import build_corpus_index
 from chatretriever.retrieval.encode import EncodeConfig
 from chatretriever.retrieval.encoders import Encoder
 from chatretriever.retrieval.evaluate import Evaluation, evaluate_run, write_json

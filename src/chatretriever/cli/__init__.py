@@ -31,18 +31,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the console script; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
-    if not args.verbose:  # library chatter that says nothing to a user
-        logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+class _QuietThirdParty(logging.Filter):
+    """Passes our own INFO lines; other libraries' records only from WARNING up."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ours = record.name == "chatretriever" or record.name.startswith("chatretriever.")
+        return ours or record.levelno >= logging.WARNING
+
+
+def configure_logging(verbose: bool) -> None:
+    """The CLI is the only place that configures logging. Quiet by default: our INFO lines and
+    everyone's warnings; `-v` shows every library's DEBUG lines too (bm25s, faiss, transformers).
+    """
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_chatretriever", False):
+            root.removeHandler(h)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler._chatretriever = True  # type: ignore[attr-defined]
+    if not verbose:
+        handler.addFilter(_QuietThirdParty())
         warnings.filterwarnings(
             "ignore", message=".*is_gradient_checkpointing", category=FutureWarning
         )
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
     except DataFormatError as e:

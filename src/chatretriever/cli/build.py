@@ -15,13 +15,9 @@ from chatretriever.io.corpus import iter_corpus
 from chatretriever.io.files import atomic_write
 from chatretriever.io.sessions import write_sessions
 from chatretriever.methods.chatretriever.builders import (
-    MINING_QUERIES,
-    MiningConfig,
     cast_examples,
     conversation_id,
     first_question,
-    mine_hard_negatives,
-    mine_hard_negatives_by_domain,
     mtrag_examples,
     read_chat_examples,
     read_id_list,
@@ -30,6 +26,12 @@ from chatretriever.methods.chatretriever.builders import (
     topiocqa_examples,
 )
 from chatretriever.methods.chatretriever.data import TrainingExample, write_training_examples
+from chatretriever.methods.chatretriever.negatives import (
+    MINING_QUERIES,
+    MiningConfig,
+    mine_hard_negatives,
+    mine_hard_negatives_by_domain,
+)
 from chatretriever.types import Session
 
 logger = logging.getLogger(__name__)

@@ -78,7 +78,8 @@ def _lines(interactive: bool) -> Iterator[str]:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from chatretriever.apps.chat import ChatSearcher, Conversation, CorpusIndex, format_hits
+    from chatretriever.apps.chat import ChatSearcher, Conversation, format_hits
+    from chatretriever.retrieval.corpus_index import CorpusIndex
 
     if args.k < 1 or args.snippet_chars < 0:
         raise ValueError("--k must be positive and --snippet-chars at least 0")

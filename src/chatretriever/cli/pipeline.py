@@ -132,9 +132,9 @@ def _echo_index(index, factory: str, out: str) -> None:
 
 def _index_corpus(args: argparse.Namespace, files: list[str]) -> int:
     """`index CORPUS --out DIR`: encode (resumable), index and keep the passages in DIR."""
-    from chatretriever.apps.chat import build_corpus_index
     from chatretriever.apps.registry import DEFAULT_MODEL, load_encoder
     from chatretriever.io.corpus import iter_corpus
+    from chatretriever.retrieval.corpus_index import build_corpus_index
     from chatretriever.retrieval.encode import EncodeConfig
 
     if len(args.sources) != 1:
@@ -177,8 +177,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def _search_dense(args: argparse.Namespace, sessions: list) -> tuple:
     """The dense run and the model name it used (--model, else the one the index records)."""
-    from chatretriever.apps.chat import CorpusIndex
     from chatretriever.apps.registry import load_encoder
+    from chatretriever.retrieval.corpus_index import CorpusIndex
     from chatretriever.retrieval.search import search_dense
 
     if not args.index:

@@ -1,0 +1,156 @@
+"""A corpus index: one directory that holds everything needed to search a corpus and show results.
+
+`chatretriever index CORPUS --out DIR` writes it in one step:
+
+    DIR/embeddings/          `encode.encode_corpus` output (chunked, resumable)
+    DIR/index/               `index.DenseIndex.save` output; its meta.json `settings` record the
+                             model name to load (`model`) and the source corpus path (`corpus`)
+    DIR/passages.jsonl.gz    a copy of the passages (BEIR JSONL: _id, title, text)
+
+The passages are copied rather than referenced by path so that the directory is self-contained:
+it can be moved or shared, and results still show titles and snippets after the source corpus
+has moved. A plain index directory (built from embedding shards) works too; it then knows
+neither its model nor its texts, which the caller passes instead. Torch-free: the encoder does
+the model work.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from chatretriever.errors import DataFormatError
+from chatretriever.io.corpus import iter_corpus, read_corpus, write_corpus
+from chatretriever.retrieval.encode import EncodeConfig, encode_corpus, list_shards
+from chatretriever.retrieval.encoders import Encoder
+from chatretriever.retrieval.index import DEFAULT_FACTORY, META_FILE, DenseIndex
+from chatretriever.types import Passage
+
+logger = logging.getLogger(__name__)
+
+EMBEDDINGS_DIR = "embeddings"
+INDEX_DIR = "index"
+PASSAGES_FILE = "passages.jsonl.gz"
+
+
+@dataclass
+class CorpusIndex:
+    """A dense index with what it takes to search it and show results.
+
+    Attributes:
+        index: The Faiss index.
+        model: The model name to load for queries (`registry.load_encoder`), or None when unknown.
+        passages: Passage id -> passage (titles and texts), or None when unknown.
+        directory: Where the index was loaded from.
+    """
+
+    index: DenseIndex
+    model: str | None = None
+    passages: Mapping[str, Passage] | None = None
+    directory: Path | None = None
+
+    @classmethod
+    def load(
+        cls, directory: str | Path, corpus: str | Path | None = None, with_passages: bool = True
+    ) -> CorpusIndex:
+        """Load a corpus index directory, or a plain index directory.
+
+        Args:
+            directory: A `build_corpus_index` output, or a `DenseIndex.save` directory.
+            corpus: A BEIR corpus whose passages to show (instead of the directory's copy).
+            with_passages: Read the passages at all (searching alone does not need them).
+
+        Returns:
+            The index with its recorded model name and passages (None where unknown).
+        """
+        directory = Path(directory)
+        index_dir = index_location(directory)
+        index = DenseIndex.load(index_dir)
+        settings = _index_settings(index_dir)
+        passages = None
+        source = Path(corpus) if corpus else directory / PASSAGES_FILE
+        if with_passages and (corpus or source.exists()):
+            passages = _read_passages(source, index.ids)
+        model = settings.get("model")
+        return cls(index, model if isinstance(model, str) else None, passages, directory)
+
+
+def _read_passages(path: Path, ids: Sequence[str]) -> dict[str, Passage]:
+    """Passage id -> passage from a corpus that must hold every indexed id."""
+    passages = {p.id: p for p in iter_corpus(path)}
+    missing = [i for i in ids if i not in passages]
+    if missing:
+        msg = f"lacks {len(missing)} of the {len(ids)} indexed ids (first: {missing[0]!r})"
+        raise DataFormatError(path, msg)
+    return passages
+
+
+def index_location(directory: str | Path) -> Path:
+    """The directory that holds the Faiss files: DIR/index for a corpus index, else DIR."""
+    directory = Path(directory)
+    inner = directory / INDEX_DIR
+    return inner if (inner / META_FILE).exists() else directory
+
+
+def _index_settings(index_dir: Path) -> dict[str, Any]:
+    info = json.loads((index_dir / META_FILE).read_text(encoding="utf-8"))
+    settings = info.get("settings") if isinstance(info, dict) else None
+    return settings if isinstance(settings, dict) else {}
+
+
+def build_corpus_index(
+    encoder: Encoder,
+    model: str,
+    corpus: str | Path,
+    out_dir: str | Path,
+    factory: str = DEFAULT_FACTORY,
+    config: EncodeConfig | None = None,
+    train_size: int = 100_000,
+) -> CorpusIndex:
+    """Encode a corpus, index it and keep its passages: one directory (see the module docstring).
+
+    Encoding resumes: chunks finished by an earlier (interrupted) call are kept. The index and the
+    passage copy are each written atomically.
+
+    Args:
+        encoder: The passage encoder.
+        model: The name `encoder` was loaded by; recorded so queries can load the same model.
+        corpus: A BEIR corpus file (`.jsonl` or `.jsonl.gz`).
+        out_dir: The corpus index directory.
+        factory: Faiss factory string ("Flat" is exact search).
+        config: Encoding settings (batch size, chunk size); the shard must be (0, 1).
+        train_size: Vectors sampled to train factories that need training (IVF, PQ).
+
+    Returns:
+        The built index with its model name and passages.
+    """
+    config = config or EncodeConfig()
+    if config.shard != (0, 1):
+        raise ValueError("a one-step index encodes the whole corpus: use `encode --shard` instead")
+    out_dir = Path(out_dir)
+    passages = read_corpus(corpus)  # checks the whole file before any encoding
+    if not passages:
+        raise ValueError(f"{corpus} holds no passages")
+    emb_dir = out_dir / EMBEDDINGS_DIR
+    encode_corpus(encoder, passages, emb_dir, config)
+    shards = list_shards([emb_dir])
+    index = DenseIndex.build(
+        shards, factory=factory, train_size=train_size, show_progress=config.show_progress
+    )
+    write_corpus(out_dir / PASSAGES_FILE, passages)
+    settings = {
+        "model": model,
+        "corpus": str(corpus),
+        "embeddings": EMBEDDINGS_DIR,
+        "passages": PASSAGES_FILE,
+        "batch_size": config.batch_size,
+        "chunk_size": config.chunk_size,
+        "train_size": train_size,
+    }
+    index.save(out_dir / INDEX_DIR, settings=settings)
+    logger.info("%s: %d passages indexed with %s", out_dir, len(index), model)
+    return CorpusIndex(index, model, {p.id: p for p in passages}, out_dir)
