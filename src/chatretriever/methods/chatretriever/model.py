@@ -27,8 +27,11 @@ from tqdm.auto import tqdm
 
 from chatretriever.config import LoraSettings, RetrieverConfig
 from chatretriever.io.files import atomic_write, read_json
-from chatretriever.modeling.backbones import builtin_retriever_dir, default_device, native_bf16
+from chatretriever.modeling.adapters import is_peft, load_adapter, resize_and_init, wrap_lora
+from chatretriever.modeling.backbones import default_device
 from chatretriever.modeling.collate import additive_mask, encode_batch, last_token_positions
+from chatretriever.modeling.precision import keep_fp32, resolve_dtype
+from chatretriever.modeling.sources import builtin_retriever_dir
 from chatretriever.modeling.template import RetrievalTemplate, add_emb_tokens, emb_token_ids
 from chatretriever.types import Passage, SessionLike
 
@@ -104,9 +107,9 @@ class ChatRetriever(torch.nn.Module):
             lora = lora if lora is not None else LoraSettings()
             model, tokenizer = _load_backbone(cfg.base_model, cfg)
             emb_ids = add_emb_tokens(tokenizer, cfg.n_emb_tokens)
-            _resize_and_init(model, tokenizer, emb_ids, cfg.emb_init)
+            resize_and_init(model, tokenizer, emb_ids, cfg.emb_init)
             if lora.enabled:
-                model = _wrap_lora(model, lora, emb_ids)
+                model = wrap_lora(model, lora, emb_ids)
             name = f"chatretriever/{Path(base).name}"
             retriever = cls(model, tokenizer, cfg, lora, name=name)
         return retriever.to(default_device() if device is None else torch.device(device))
@@ -134,8 +137,8 @@ class ChatRetriever(torch.nn.Module):
             )
         if fmt == "adapter":
             model, _ = _load_backbone(cfg.base_model, cfg)
-            _resize_and_init(model, tokenizer, emb_ids, cfg.emb_init)
-            model = _load_adapter(model, path, is_trainable)
+            resize_and_init(model, tokenizer, emb_ids, cfg.emb_init)
+            model = load_adapter(model, path, is_trainable)
         else:
             model, _ = _load_backbone(str(path), cfg)
             lora = replace(lora, enabled=False)  # merged/full weights train as a whole
@@ -154,10 +157,10 @@ class ChatRetriever(torch.nn.Module):
         """
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        if _is_peft(self.model) and not merged:
+        if is_peft(self.model) and not merged:
             self.model.save_pretrained(out, save_embedding_layers=False, safe_serialization=True)
             fmt = "adapter"
-        elif _is_peft(self.model):
+        elif is_peft(self.model):
             copy.deepcopy(self.model).merge_and_unload().save_pretrained(out)
             fmt = "merged"
         else:
@@ -184,7 +187,7 @@ class ChatRetriever(torch.nn.Module):
         Under LoRA that is the adapter and the EMB rows; under full fine-tuning the whole model.
         """
         directory = Path(directory)
-        if _is_peft(self.model):
+        if is_peft(self.model):
             from peft import set_peft_model_state_dict
             from safetensors.torch import load_file
 
@@ -221,7 +224,7 @@ class ChatRetriever(torch.nn.Module):
             base.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt, **kwargs)
         else:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt)
-        if _is_peft(self.model):  # inputs of frozen embeddings must carry grad for checkpointing
+        if is_peft(self.model):  # inputs of frozen embeddings must carry grad for checkpointing
             base.enable_input_require_grads()
 
     def gradient_checkpointing_enable(
@@ -246,7 +249,7 @@ class ChatRetriever(torch.nn.Module):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def _base(self) -> Any:
-        return self.model.get_base_model() if _is_peft(self.model) else self.model
+        return self.model.get_base_model() if is_peft(self.model) else self.model
 
     def _sync_fp32_layers(self) -> None:
         """Keeps the first `config.fp32_layers` decoder layers in fp32 under bf16 autocast."""
@@ -384,56 +387,6 @@ class ChatRetriever(torch.nn.Module):
         return out
 
 
-# ---------------------------------------------------------------------- helpers
-def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
-    """Torch dtype of a config dtype: "auto" = bf16 on a bf16-capable GPU or CPU, else fp32."""
-    if setting == "fp32":
-        return torch.float32
-    if setting == "bf16":
-        return torch.bfloat16
-    return torch.bfloat16 if native_bf16(device) else torch.float32
-
-
-def keep_fp32(modules: Sequence[torch.nn.Module]) -> list[Any]:
-    """Runs each module with autocast off (fp32 math) even inside a bf16 autocast region.
-
-    Its bf16/fp16 tensor inputs are cast to fp32 and autocast is restored after it, also when it
-    raises. Returns the hook handles: `handle.remove()` undoes it.
-    """
-    handles = []
-    for module in modules:
-        handles.append(module.register_forward_pre_hook(_autocast_off, with_kwargs=True))
-        handles.append(module.register_forward_hook(_autocast_restore, always_call=True))
-    return handles
-
-
-def _to_fp32(x: Any) -> Any:
-    if isinstance(x, torch.Tensor) and x.dtype in (torch.bfloat16, torch.float16):
-        return x.float()
-    if isinstance(x, tuple):
-        return tuple(_to_fp32(v) for v in x)
-    return x
-
-
-def _autocast_off(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple | None:
-    device_type = next(module.parameters()).device.type
-    module._autocast_was_on = torch.is_autocast_enabled(device_type)
-    if not module._autocast_was_on:
-        return None
-    torch.set_autocast_enabled(device_type, False)
-    return _to_fp32(args), {k: _to_fp32(v) for k, v in kwargs.items()}
-
-
-def _autocast_restore(module: torch.nn.Module, args: tuple, output: Any) -> None:
-    if getattr(module, "_autocast_was_on", False):
-        torch.set_autocast_enabled(next(module.parameters()).device.type, True)
-        module._autocast_was_on = False
-
-
-def _is_peft(model: Any) -> bool:
-    return hasattr(model, "get_base_model") and hasattr(model, "peft_config")
-
-
 def _load_backbone(name_or_path: str, cfg: RetrieverConfig) -> tuple[Any, Any]:
     """(causal LM in fp32, tokenizer) via `backbones.load_backbone` (plain HF dirs as fallback)."""
     if importlib.util.find_spec("chatretriever.modeling.backbones") is not None:
@@ -456,54 +409,3 @@ def _load_backbone(name_or_path: str, cfg: RetrieverConfig) -> tuple[Any, Any]:
     )
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=cfg.trust_remote_code)
     return model, tokenizer
-
-
-@torch.no_grad()
-def _resize_and_init(model: Any, tokenizer: Any, emb_ids: Sequence[int], init: str) -> None:
-    """Grow the vocabulary to the tokenizer and give the EMB rows a deterministic start.
-
-    Deterministic so that a saved adapter (which stores only the trained EMB rows) reloads onto
-    exactly the same frozen matrix.
-    """
-    old = model.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > old:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    ids = torch.tensor(list(emb_ids))
-    input_weight = model.get_input_embeddings().weight  # (V, H)
-    keep = torch.ones(input_weight.shape[0], dtype=torch.bool)
-    keep[ids] = False
-    if init == "eos":
-        if tokenizer.eos_token_id is None:
-            raise ValueError("emb_init='eos' but the tokenizer has no eos token")
-        input_weight[ids] = input_weight[tokenizer.eos_token_id]
-    else:
-        input_weight[ids] = input_weight[keep].mean(dim=0)
-    output = model.get_output_embeddings()
-    if output is not None and output.weight.data_ptr() != input_weight.data_ptr():
-        # Untied LM head: the new rows get the mean output row (the token is never a target).
-        output.weight[ids] = output.weight[keep].mean(dim=0)
-
-
-def _wrap_lora(model: Any, lora: LoraSettings, emb_ids: Sequence[int]) -> Any:
-    """LoRA on `lora.target_modules`; the EMB rows train through peft's trainable tokens."""
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError as e:  # pragma: no cover - depends on the install
-        raise ImportError("LoRA needs peft: pip install chatretriever[train]") from e
-    peft_config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
-        trainable_token_indices=list(emb_ids),
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, peft_config)
-
-
-def _load_adapter(model: Any, path: Path, is_trainable: bool) -> Any:
-    try:
-        from peft import PeftModel
-    except ImportError as e:  # pragma: no cover - depends on the install
-        raise ImportError("a LoRA retriever needs peft: pip install chatretriever[train]") from e
-    return PeftModel.from_pretrained(model, path, is_trainable=is_trainable)

@@ -17,53 +17,36 @@ first and this one's keys replace or extend it, so an ablation names only what i
 Relative data paths are read from the directory the command runs in. `--set key.sub=value`
 overrides any field (the value is parsed as YAML). The resolved recipe is saved beside the model
 as `train_config.yaml`; the ablations of the paper are recipes that differ in one value.
+
+The machinery (YAML, `base:`, `--set`, data files, saving, resume) is `modeling.recipe`, shared
+by every method; this module holds CSIT's sections and its run.
 """
 
 from __future__ import annotations
 
-import json
-import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from chatretriever.config import LoraSettings, LossConfig, RetrieverConfig, _from_dict
-from chatretriever.errors import DataFormatError
-from chatretriever.io.files import atomic_write
-
-logger = logging.getLogger(__name__)
-
-SAVED_RECIPE = "train_config.yaml"
-LOG_FILE = "train_log.jsonl"
-
-
-@dataclass
-class DataFile:
-    """One training JSONL file and how many times its examples are listed per epoch."""
-
-    path: str
-    repeat: int = 1
-    limit: int | None = None  # use only the first `limit` examples
-
-    def __post_init__(self) -> None:
-        if self.repeat < 1:
-            raise ValueError(f"data file {self.path}: repeat must be >= 1, got {self.repeat}")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"data file {self.path}: limit must be >= 1, got {self.limit}")
+from chatretriever.modeling.recipe import (
+    BaseDataSettings,
+    load_config,
+    load_examples,
+    resume_checkpoint,
+    save_recipe,
+)
 
 
 @dataclass
-class DataSettings:
+class DataSettings(BaseDataSettings):
     """Training files and the query side's formulation."""
 
-    files: list[DataFile] = field(default_factory=list)
     query: str = "session"
 
     def __post_init__(self) -> None:
-        self.files = [f if isinstance(f, DataFile) else _from_dict(DataFile, f) for f in self.files]
-        if not self.files:
-            raise ValueError("data.files must list at least one training JSONL file")
+        super().__post_init__()
         if self.query not in ("session", "last_turn"):
             raise ValueError(f"data.query must be 'session' or 'last_turn', got {self.query!r}")
 
@@ -109,93 +92,13 @@ class TrainConfig:
         return out
 
 
-def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Apply `key.sub=value` overrides (values parsed as YAML) to a raw recipe dict."""
-    import yaml
-
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set {item!r}: expected key=value, e.g. loss.alpha=0")
-        node = raw
-        *path, leaf = key.split(".")
-        for part in path:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ValueError(f"--set {item!r}: {part!r} is not a mapping")
-            node = child
-        node[leaf] = yaml.safe_load(value)
-    return raw
-
-
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """A raw recipe; a `base: other.yaml` key (relative to this file) is merged under it."""
-    import yaml
-
-    if path.resolve() in seen:
-        raise DataFormatError(path, "recipes include each other in a loop (base:)")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = None if mark is None else mark.line + 1
-        raise DataFormatError(path, f"not valid YAML: {e}", line=line) from e
-    if not isinstance(raw, dict):
-        raise DataFormatError(path, "a recipe must be a YAML mapping")
-    base = raw.pop("base", None)
-    if base is None:
-        return raw
-    parent = _read_yaml(path.parent / str(base), (*seen, path.resolve()))
-    return _deep_merge(parent, raw)
-
-
-def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in top.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = value  # scalars and lists replace
-    return out
-
-
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
     """Read a YAML recipe (and its `base:` chain), apply overrides and validate it.
 
     Raises:
         DataFormatError: naming the file and what is wrong.
     """
-    path = Path(path)
-    raw = _read_yaml(path)
-    try:
-        return TrainConfig.from_dict(apply_overrides(raw, overrides))
-    except (TypeError, ValueError) as e:
-        raise DataFormatError(path, str(e)) from e
-
-
-def save_recipe(config: TrainConfig, directory: str | Path) -> Path:
-    """Write the resolved recipe as YAML into `directory`."""
-    import yaml
-
-    out = Path(directory) / SAVED_RECIPE
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out) as f:
-        yaml.safe_dump(config.to_dict(), f, sort_keys=False)
-    return out
-
-
-def load_examples(settings: DataSettings) -> list[tuple[list[Any], int]]:
-    """(examples, repeat) per data file."""
-    from itertools import islice
-
-    from chatretriever.methods.chatretriever.data import iter_training_examples
-
-    parts = []
-    for f in settings.files:
-        examples = list(islice(iter_training_examples(f.path), f.limit))
-        logger.info("%s: %d examples x %d", f.path, len(examples), f.repeat)
-        parts.append((examples, f.repeat))
-    return parts
+    return load_config(path, TrainConfig.from_dict, overrides)
 
 
 def run_training(config: TrainConfig, resume: bool = False) -> Path:
@@ -209,22 +112,16 @@ def run_training(config: TrainConfig, resume: bool = False) -> Path:
         `output_dir`, holding the final model, the resolved recipe and the training log.
     """
     from transformers import set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
+    from chatretriever.methods.chatretriever.data import iter_training_examples
     from chatretriever.methods.chatretriever.model import ChatRetriever
-    from chatretriever.methods.chatretriever.train import (
-        CsitTrainer,
-        TrainingSet,
-        make_collator,
-        training_arguments,
-    )
+    from chatretriever.methods.chatretriever.train import CsitTrainer, make_collator
+    from chatretriever.modeling.trainer import TrainingSet, training_arguments
 
     out = Path(config.output_dir)
     args = training_arguments(out, config.training)
-    checkpoint = get_last_checkpoint(str(out)) if resume and out.is_dir() else None
-    if resume and checkpoint is None:
-        logger.info("no checkpoint in %s: starting from scratch", out)
-    dataset = TrainingSet(load_examples(config.data))
+    checkpoint = resume_checkpoint(out, resume)
+    dataset = TrainingSet(load_examples(config.data, iter_training_examples))
     set_seed(args.seed)  # LoRA's random init comes before the Trainer seeds anything
     retriever = ChatRetriever.from_pretrained(
         config.model, config=config.retriever, lora=config.lora, device="cpu"
@@ -238,17 +135,4 @@ def run_training(config: TrainConfig, resume: bool = False) -> Path:
         data_collator=make_collator(retriever, config.loss, config.data.query),
         loss_config=config.loss,
     )
-    trainer.train(resume_from_checkpoint=checkpoint)
-    if args.process_index == 0:
-        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(out)
-        save_recipe(config, out)
-        write_log(out / LOG_FILE, trainer.state.log_history)
-    trainer.accelerator.wait_for_everyone()
-    return out
-
-
-def write_log(path: Path, history: Sequence[Mapping[str, Any]]) -> None:
-    """The Trainer's log history as JSON lines (one logged step per line)."""
-    with atomic_write(path) as f:
-        for row in history:
-            f.write(json.dumps(dict(row)) + "\n")
+    return trainer.train_and_save(checkpoint, config)

@@ -1,4 +1,4 @@
-"""CSIT training: a transformers `Trainer` that sums the named loss parts and logs each one.
+"""CSIT training: the collator, the named loss parts, and CSIT's use of the shared trainer.
 
 One step: the collator turns TrainingExamples into a CSIT batch ([session, EMB, response, EMB]
 under the session mask, or a plain session batch when the LM part is off) plus one passage
@@ -7,23 +7,20 @@ gives both the session embedding and the LM logits; the passage side is a second
 Under DDP (torchrun / accelerate launch) the positives and negatives of every process are
 gathered (with gradients) so that in-batch negatives span the global batch.
 
-Checkpoints hold only what trains (the LoRA adapter and the EMB rows, or the full model under
-full fine-tuning) plus the Trainer's optimizer, scheduler and RNG state, so `resume` continues
-exactly where a killed run stopped.
+`CsitTrainer` is `modeling.trainer.NamedLossTrainer` with `CsitLoss` as its loss: it sums and
+logs the parts, and its checkpoints hold only what trains (the LoRA adapter and the EMB rows, or
+the full model under full fine-tuning) plus the optimizer, scheduler and RNG state, so `resume`
+continues exactly where a killed run stopped.
 """
 
 from __future__ import annotations
 
-import logging
 import zlib
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainingArguments
 
 from chatretriever.config import LossConfig
 from chatretriever.methods.chatretriever.data import TrainingExample, TrainingPassage
@@ -35,9 +32,8 @@ from chatretriever.modeling.losses import (
     session_masked_lm_loss,
 )
 from chatretriever.modeling.template import RetrievalTemplate, passage_text
+from chatretriever.modeling.trainer import NamedLossTrainer, gather, rank_and_world
 from chatretriever.types import Turn
-
-logger = logging.getLogger(__name__)
 
 QUERY_MODES = ("session", "last_turn")
 
@@ -50,25 +46,6 @@ def passage_key(p: TrainingPassage) -> int:
 def last_turn_only(messages: Sequence[Turn]) -> tuple[Turn, ...]:
     """The session reduced to its last user question (the contrastive-only last-turn ablation)."""
     return (messages[-1],)
-
-
-class TrainingSet(torch.utils.data.Dataset):
-    """Training examples, each listed `repeat` times (to up-weight a small source)."""
-
-    def __init__(self, parts: Sequence[tuple[Sequence[TrainingExample], int]]) -> None:
-        self.examples: list[TrainingExample] = []
-        for examples, repeat in parts:
-            if repeat < 1:
-                raise ValueError(f"repeat must be >= 1, got {repeat}")
-            self.examples.extend(list(examples) * repeat)
-        if not self.examples:
-            raise ValueError("no training examples")
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, i: int) -> TrainingExample:
-        return self.examples[i]
 
 
 @dataclass
@@ -128,26 +105,6 @@ class CsitCollator:
         return [t.to_dict() for t in turns]
 
 
-def _gather(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate a tensor over all processes, keeping gradients for the local part."""
-    import torch.distributed as dist
-    from torch.distributed.nn.functional import all_gather
-
-    if t.requires_grad:
-        return torch.cat(all_gather(t))
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
-
-
-def _world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def csit_losses(
     outputs: Mapping[str, torch.Tensor], inputs: Mapping[str, Any], loss: LossConfig
 ) -> dict[str, torch.Tensor]:
@@ -168,11 +125,11 @@ def csit_losses(
     emb = outputs["passage_emb"]
     pos, neg = emb[:b], emb[b:].reshape(b, k, -1)  # (B, D), (B, K, D)
     pos_keys, neg_keys, neg_valid = inputs["pos_keys"], inputs["neg_keys"], inputs["neg_valid"]
-    rank, world = _world()
+    rank, world = rank_and_world()
     offset = 0
     if loss.in_batch and world > 1:
-        pos, neg = _gather(pos), _gather(neg)
-        pos_keys, neg_keys, neg_valid = _gather(pos_keys), _gather(neg_keys), _gather(neg_valid)
+        pos, neg = gather(pos), gather(neg)
+        pos_keys, neg_keys, neg_valid = gather(pos_keys), gather(neg_keys), gather(neg_valid)
         offset = rank * b
     exclude = candidate_exclusions(pos_keys, neg_keys, neg_valid, b, offset, loss.in_batch)
     parts = contrastive_loss(
@@ -192,93 +149,23 @@ def csit_losses(
     return combine_csit_losses(parts, lm, loss.alpha)
 
 
-class CsitTrainer(Trainer):
-    """A Trainer whose loss is the sum of the CSIT parts; each part is logged on its own.
+@dataclass
+class CsitLoss:
+    """CSIT's `NamedLossFn`: one forward of both sides, then `csit_losses`."""
 
-    Checkpoints save only the trainable state (`ChatRetriever.save_pretrained`) and reload it
-    on resume.
-    """
+    loss: LossConfig
+
+    def __call__(self, model: Any, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        outputs = model(sessions=inputs["sessions"], passages=inputs["passages"])
+        return csit_losses(outputs, inputs, self.loss)
+
+
+class CsitTrainer(NamedLossTrainer):
+    """The shared `NamedLossTrainer` with the CSIT loss (L_C + alpha * L_S, parts logged)."""
 
     def __init__(self, *args: Any, loss_config: LossConfig, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, loss_fn=CsitLoss(loss_config), **kwargs)
         self.loss_config = loss_config
-        self._part_sums: dict[str, float] = defaultdict(float)
-        self._part_count = 0
-
-    def compute_loss(
-        self,
-        model: Any,
-        inputs: Mapping[str, Any],
-        return_outputs: bool = False,
-        num_items_in_batch: Any = None,
-    ) -> Any:
-        outputs = model(sessions=inputs["sessions"], passages=inputs["passages"])
-        parts = csit_losses(outputs, inputs, self.loss_config)
-        total = sum(parts.values())
-        if model.training:
-            for name, value in parts.items():
-                self._part_sums[name] += float(value.detach())
-            self._part_count += 1
-        return (total, outputs) if return_outputs else total
-
-    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        if self._part_count and "loss" in logs:
-            for name, value in self._part_sums.items():
-                logs[f"loss_{name}"] = round(value / self._part_count, 6)
-            self._part_sums.clear()
-            self._part_count = 0
-        super().log(logs, *args, **kwargs)
-
-    def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
-        out = Path(output_dir or self.args.output_dir)
-        self.accelerator.unwrap_model(self.model).save_pretrained(out)
-        torch.save(self.args, out / "training_args.bin")
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
-        target = self.accelerator.unwrap_model(model or self.model)
-        target.load_trainable_state(resume_from_checkpoint)
-        logger.info("resumed trainable weights from %s", resume_from_checkpoint)
-
-
-def training_arguments(output_dir: str | Path, settings: Mapping[str, Any]) -> TrainingArguments:
-    """TrainingArguments with this project's defaults under the user's `training:` settings."""
-    defaults: dict[str, Any] = {
-        "max_steps": 200,
-        "per_device_train_batch_size": 8,
-        "learning_rate": 1e-4,
-        "lr_scheduler_type": "linear",
-        "warmup_steps": 10,
-        "weight_decay": 0.0,
-        "logging_steps": 10,
-        "save_strategy": "steps",
-        "save_steps": 50,
-        "save_total_limit": 2,
-        "seed": 42,
-        "report_to": [],
-        "dataloader_drop_last": True,  # equal batch shapes on every process (gathering)
-        "remove_unused_columns": False,
-        "ddp_find_unused_parameters": False,
-    }
-    merged = {**defaults, **dict(settings), "output_dir": str(output_dir)}
-    if merged.get("bf16") or merged.get("fp16"):
-        raise ValueError(
-            "training.bf16/fp16: precision is set by retriever.dtype (bf16 autocast by default)"
-        )
-    return TrainingArguments(**merged)
-
-
-@dataclass
-class TrainResult:
-    """What `train` produced."""
-
-    output_dir: Path
-    steps: int
-    log_history: list[dict[str, Any]] = field(default_factory=list)
-
-
-def steps_per_epoch(n_examples: int, batch_size: int, world: int, accumulation: int) -> int:
-    """Optimizer steps in one epoch with drop_last batches."""
-    return max(1, (n_examples // (batch_size * world)) // accumulation)
 
 
 def make_collator(retriever: Any, loss: LossConfig, query: str) -> CsitCollator:

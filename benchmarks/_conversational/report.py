@@ -1,0 +1,133 @@
+"""The results: metrics, paired tests against the best BM25 run, and the files that show them.
+
+OUT/results[.<ids file>].json holds every record, .md the table, .png a bar chart. The paired
+randomisation test is `chatretriever.retrieval.evaluate.compare`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from _conversational.systems import LLM_REWRITE
+from chatretriever.io.files import atomic_write
+from chatretriever.io.trec import read_run
+from chatretriever.retrieval.evaluate import write_json
+from chatretriever.types import Qrel
+
+MEASURES = ("nDCG@3", "nDCG@10", "RR@10", "R@100")
+MEASURE_LABELS = {"RR@10": "MRR@10"}
+
+
+def evaluate_records(records: list[dict], qrels: Sequence[Qrel]) -> str | None:
+    """Add metrics to every record, and paired tests against the best BM25 run.
+
+    Returns:
+        The id of that baseline (None when no plain BM25 system ran).
+    """
+    from chatretriever.retrieval.evaluate import compare, evaluate_run
+
+    evaluations = {}
+    for r in tqdm(records, desc="evaluate", unit="run"):
+        ev = evaluate_run(read_run(r["run"]), qrels, MEASURES)
+        evaluations[r["id"]] = ev
+        r["metrics"] = ev.aggregate
+        r["num_queries"] = ev.num_queries
+        r["num_missing_from_run"] = len(ev.missing_from_run)
+    bm25 = [r for r in records if r["family"] == "bm25"]
+    if not bm25:
+        return None
+    baseline = max(bm25, key=lambda r: r["metrics"]["nDCG@3"])["id"]
+    for r in records:
+        if r["id"] != baseline:
+            r["vs_baseline"] = compare(evaluations[baseline], evaluations[r["id"]])
+    return baseline
+
+
+def _fmt_p(p: float) -> str:
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def results_table(records: list[dict], baseline: str | None) -> str:
+    """The markdown table: one row per system, in planning order (family, model, formulation)."""
+    labels = [MEASURE_LABELS.get(m, m) for m in MEASURES]
+    vs = f"ΔnDCG@3 vs {baseline} (p)" if baseline else "ΔnDCG@3"
+    head = ["system", "formulation", *labels, "wall s", vs]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in records:
+        formulation = r["formulation"]
+        if r["family"] == "rewrite":
+            formulation = f"{LLM_REWRITE} ({r['rewrite_model']})"
+        test = r.get("vs_baseline", {}).get("nDCG@3")
+        delta = f"{test['diff']:+.4f} ({_fmt_p(test['randomization_p'])})" if test else "-"
+        if r["id"] == baseline:
+            delta = "baseline"
+        cells = [r["label"], formulation]
+        cells += [f"{r['metrics'][m]:.4f}" for m in MEASURES]
+        cells += [f"{r['wall_s']:.1f}", delta]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_markdown(path: Path, summary: dict, records: list[dict], baseline: str | None) -> str:
+    text = [
+        "# MTRAG-UN conversational retrieval",
+        "",
+        f"{summary['queries_evaluated']} judged tasks evaluated of {summary['tasks']} tasks "
+        f"(tasks without judgments are not scored); corpus: {summary['corpus_passages']:,} "
+        f"passages of all four domains searched as one collection; top {summary['k']}.",
+        "",
+        results_table(records, baseline),
+        "",
+        "wall s: corpus encoding (or BM25 indexing) + index building + LLM rewriting where used "
+        "+ query encoding and search; shared steps count in full for each system using them. "
+        "MRR@10 = RR@10. Δ: paired randomisation test (10,000 sign flips).",
+    ]
+    if summary["eval_conversations"]:
+        text.insert(3, f"Conversations: {summary['eval_conversations']} only.\n")
+    for s in summary["skipped"]:
+        text.append(f"\n- skipped {s['system']}: {s['reason']}")
+    text.append(f"\n`{summary['command']}`\n")
+    out = "\n".join(text)
+    with atomic_write(path) as f:
+        f.write(out)
+    return out
+
+
+def write_plot(path: Path, records: list[dict]) -> bool:
+    """Bar chart of nDCG@3 and R@100 per system (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("  matplotlib is not installed: no plot (pip install chatretriever[plot])")
+        return False
+    names = [r["id"] for r in records]
+    y = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(8, 1.5 + 0.45 * len(names)))
+    for offset, measure in ((-0.2, "nDCG@3"), (0.2, "R@100")):
+        ax.barh(y + offset, [r["metrics"][measure] for r in records], 0.4, label=measure)
+    ax.set_yticks(y, names)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("score")
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_results(
+    out: Path, suffix: str, summary: dict, records: list[dict], baseline: str | None
+) -> str:
+    """Write OUT/results<suffix>.{json,md,png}; returns the markdown."""
+    write_json(out / f"results{suffix}.json", {**summary, "systems": records})
+    table = write_markdown(out / f"results{suffix}.md", summary, records, baseline)
+    write_plot(out / f"results{suffix}.png", records)
+    return table

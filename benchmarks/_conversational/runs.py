@@ -1,0 +1,227 @@
+"""The cached, resumable runs: one TREC run per system, reused while its settings key holds.
+
+Each run is written to OUT/runs/<system>.trec with its settings beside it; the settings record a
+key (system, retriever fingerprint, formulation, k, the task ids, and the rewrite model and
+prompt), and a run whose recorded key equals the current one is reused. Corpus embeddings go
+chunk by chunk into OUT/emb/<label>/ (`chatretriever.retrieval.encode`, resumable) and LLM
+rewrites into OUT/rewrites.<model>.jsonl, so a rerun costs nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from _conversational import backends
+from _conversational.systems import System, slug
+from chatretriever.apps.registry import precision_of
+from chatretriever.io.files import read_json
+from chatretriever.io.mtrag import iter_mtrag_corpus
+from chatretriever.retrieval.encode import EncodeConfig, encode_corpus, encode_seconds, list_shards
+from chatretriever.retrieval.encoders import Encoder
+from chatretriever.retrieval.evaluate import write_json
+from chatretriever.retrieval.search import Formulation, save_run, search_dense, settings_path
+from chatretriever.types import Passage, Run, Session
+
+
+class Workspace:
+    """Lazily built shared pieces: corpus, BM25 index, one encoder, its corpus index, rewrites.
+
+    Each piece records the seconds it took, so every system reports the full cost of what it
+    used (a shared piece counts once in each system that uses it).
+    """
+
+    def __init__(
+        self, args: argparse.Namespace, sessions: list[Session], corpus_path: Path
+    ) -> None:
+        self.args = args
+        self.sessions = sessions
+        self.corpus_path = corpus_path
+        self.out = Path(args.out)
+        self._corpus: list[Passage] | None = None
+        self._bm25: tuple[Any, float] | None = None
+        self._encoder: tuple[str, Encoder] | None = None
+        self._index: tuple[str, Any, dict[str, float]] | None = None
+        self._rewritten: tuple[list[Session], float] | None = None
+
+    def corpus(self) -> list[Passage]:
+        if self._corpus is None:
+            bar = tqdm(iter_mtrag_corpus(self.corpus_path), desc="read corpus", unit="passage")
+            self._corpus = list(bar)
+        return self._corpus
+
+    def bm25(self) -> tuple[Any, float]:
+        """(BM25Retriever over the corpus, seconds to build it)."""
+        if self._bm25 is None:
+            from chatretriever.retrieval.baselines import BM25Retriever
+
+            corpus = self.corpus()
+            start = time.perf_counter()
+            retriever = BM25Retriever(corpus, show_progress=True)
+            self._bm25 = (retriever, time.perf_counter() - start)
+        return self._bm25
+
+    def encoder(self, spec: str) -> Encoder:
+        """The encoder of `spec`; the previously loaded one is released first."""
+        if self._encoder is None or self._encoder[0] != spec:
+            self._encoder = self._index = None
+            backends.release_memory()
+            print(f"  loading {spec}" + (f" on {self.args.device}" if self.args.device else ""))
+            self._encoder = (spec, backends.load_model(spec, self.args.device))
+        return self._encoder[1]
+
+    def index(self, spec: str, label: str) -> tuple[Any, dict[str, float]]:
+        """(corpus index of an encoder, {"corpus_encode_s", "index_s"})."""
+        if self._index is None or self._index[0] != spec:
+            encoder = self.encoder(spec)
+            emb_dir = self.out / "emb" / slug(label)
+            encode_s = self._encode(encoder, emb_dir)
+            start = time.perf_counter()
+            index = backends.build_index(list_shards([emb_dir]))
+            timing = {"corpus_encode_s": encode_s, "index_s": time.perf_counter() - start}
+            self._index = (spec, index, timing)
+        return self._index[1], self._index[2]
+
+    def _encode(self, encoder: Encoder, emb_dir: Path) -> float:
+        """Encode the corpus (resuming); returns the encoding seconds summed over every run,
+        killed ones included (each chunk records its own time)."""
+        config = EncodeConfig(batch_size=self.args.batch_size, chunk_size=self.args.chunk_size)
+        encode_corpus(encoder, self.corpus(), emb_dir, config)
+        return encode_seconds(emb_dir)
+
+    def rewritten(self) -> tuple[list[Session], float]:
+        """(sessions with LLM rewrites, total generation seconds over all calls)."""
+        if self._rewritten is None:
+            from chatretriever.retrieval.rewrite import rewrite_sessions
+
+            model = self.args.rewrite_model
+            cache = self.out / f"rewrites.{slug(model)}.jsonl"
+            timing_path = self.out / f"rewrites.{slug(model)}.timing.json"
+            fresh = not cache.exists()  # timings of a deleted cache no longer count
+            timing = read_json(timing_path) if timing_path.exists() and not fresh else {}
+            timing.setdefault("seconds", 0.0)
+            generate = backends.make_generator(model, self.args.device, self.args.max_new_tokens)
+            start = time.perf_counter()
+            sessions = rewrite_sessions(self.sessions, generate, model, cache_path=cache)
+            timing["seconds"] += time.perf_counter() - start
+            write_json(timing_path, timing)
+            self._rewritten = (sessions, float(timing["seconds"]))
+            backends.release_memory()  # the generator and its model are gone
+        return self._rewritten
+
+
+def retriever_fingerprint(spec: str | None) -> str | None:
+    """A trained ChatRetriever by content (its weights and config), anything else by name.
+
+    So a run made with a model directory is reused for the same model shipped as a built-in
+    (or copied elsewhere), and a model retrained in place is searched again.
+    """
+    from chatretriever.modeling.sources import builtin_retriever_dir
+
+    if spec is None:
+        return None
+    path = builtin_retriever_dir(spec) or Path(spec)
+    config = path / "chatretriever.json"
+    if not config.is_file():
+        return spec
+    digest = hashlib.sha256()
+    for file in [*sorted(path.glob("*.safetensors")), config]:
+        digest.update(file.name.encode())
+        digest.update(file.read_bytes())
+    return f"chatretriever:sha256:{digest.hexdigest()[:20]}"
+
+
+def run_key(system: System, args: argparse.Namespace, sessions: Sequence[Session]) -> dict:
+    """What determines a run: a cached run is reused only when its recorded key is equal."""
+    ids = "\n".join(sorted(s.id for s in sessions)).encode("utf-8")
+    key = {
+        "system": system.id,
+        "retriever": retriever_fingerprint(system.retriever),
+        "formulation": system.formulation,
+        "k": args.k,
+        "queries": len(sessions),
+        "queries_sha1": hashlib.sha1(ids).hexdigest(),
+    }
+    if system.family == "rewrite":
+        from chatretriever.retrieval.rewrite import RewritePrompt
+
+        key["rewrite_model"] = args.rewrite_model
+        key["rewrite_prompt"] = RewritePrompt().hash
+    return key
+
+
+def cached_settings(run_path: Path, key: dict) -> dict | None:
+    """The settings of a finished run with this key (written after the run file), else None."""
+    path = settings_path(run_path)
+    if not (run_path.exists() and path.exists()):
+        return None
+    settings = read_json(path)
+    if settings.get("key") != key:
+        print(f"  {run_path.name}: settings changed since it was made: running again")
+        return None
+    return settings
+
+
+def make_run(system: System, ws: Workspace) -> tuple[Run, dict[str, float], dict[str, Any]]:
+    """Search with one system; returns (run, timing in seconds, extra settings)."""
+    args = ws.args
+    sessions, timing, extra = ws.sessions, {}, {}
+    formulation = system.formulation
+    if system.family == "rewrite":
+        sessions, timing["rewrite_s"] = ws.rewritten()
+        formulation = Formulation.REWRITE.value
+        extra["rewrite_model"] = args.rewrite_model
+    if system.dense:
+        index, index_timing = ws.index(system.retriever, system.label)
+        timing.update(index_timing)
+        encoder = ws.encoder(system.retriever)
+        extra.update(
+            encoder=encoder.name,
+            dim=encoder.dim,
+            index=index.factory,
+            device=backends.device_of(encoder),
+            precision=precision_of(encoder),
+        )
+        start = time.perf_counter()
+        run = search_dense(
+            encoder, index, sessions, args.k, formulation, batch_size=args.query_batch_size
+        )
+    else:
+        retriever, timing["index_s"] = ws.bm25()
+        extra["bm25"] = retriever.settings
+        start = time.perf_counter()
+        run = retriever.search(sessions, args.k, formulation)
+    timing["query_s"] = time.perf_counter() - start
+    return Run(run.scores, name=system.id), timing, extra
+
+
+def produce_runs(systems: Sequence[System], ws: Workspace, data_path: str) -> list[dict[str, Any]]:
+    """Make (or reuse) the run of every system; returns one record per system."""
+    records = []
+    for n, system in enumerate(systems, start=1):
+        run_path = ws.out / "runs" / f"{system.id}.trec"
+        key = run_key(system, ws.args, ws.sessions)
+        settings = cached_settings(run_path, key)
+        cached = settings is not None
+        print(f"[{n}/{len(systems)}] {system.id}: " + ("cached run" if cached else "running"))
+        if settings is None:
+            run, timing, extra = make_run(system, ws)
+            settings = {
+                "key": key,
+                **dataclasses.asdict(system),
+                "data": data_path,
+                "corpus_passages": len(ws.corpus()),
+                "timing_s": {k: round(v, 3) for k, v in timing.items()},
+                "wall_s": round(sum(timing.values()), 3),
+                **extra,
+            }
+            save_run(run_path, run, settings, depth=ws.args.k)
+        records.append({"id": system.id, "run": str(run_path), "cached": cached, **settings})
+    return records

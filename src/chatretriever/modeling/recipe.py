@@ -1,0 +1,187 @@
+"""The recipe machinery every training method shares: YAML recipes, `--set`, run files, resume.
+
+A recipe is one YAML mapping that says everything a run needs; each method turns the raw mapping
+into its own validated config (`load_config(path, TrainConfig.from_dict, overrides)`).
+
+- `base: other.yaml` (a path relative to the recipe): the other recipe is read first and this
+  one's keys replace or extend it (mappings merge key by key; scalars and lists replace), so an
+  ablation names only what it changes. A loop of bases is an error.
+- `--set key.sub=value` overrides any field (the value is parsed as YAML).
+- The resolved recipe is saved beside the model as `train_config.yaml` (`save_recipe`) and the
+  Trainer's log history as `train_log.jsonl` (`write_log`).
+- `data.files` lists the training JSONL files: `DataFile` (path, repeat, limit), read by the
+  method's own example reader (`load_examples`).
+- `resume_checkpoint`: the newest `checkpoint-N` in the output dir when resuming.
+
+Torch-free: yaml and transformers are imported only where they are needed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from chatretriever.config import _from_dict
+from chatretriever.errors import DataFormatError
+from chatretriever.io.files import atomic_write
+
+logger = logging.getLogger(__name__)
+
+SAVED_RECIPE = "train_config.yaml"
+LOG_FILE = "train_log.jsonl"
+
+T = TypeVar("T")
+
+
+class RecipeConfig(Protocol):
+    """A validated recipe: `to_dict()` gives the mapping `save_recipe` writes."""
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class DataFile:
+    """One training JSONL file and how many times its examples are listed per epoch."""
+
+    path: str
+    repeat: int = 1
+    limit: int | None = None  # use only the first `limit` examples
+
+    def __post_init__(self) -> None:
+        if self.repeat < 1:
+            raise ValueError(f"data file {self.path}: repeat must be >= 1, got {self.repeat}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"data file {self.path}: limit must be >= 1, got {self.limit}")
+
+
+@dataclass
+class BaseDataSettings:
+    """A recipe's `data:` section: the training files. Methods subclass it to add their own
+    fields (e.g. CSIT's query formulation)."""
+
+    files: list[DataFile] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.files = [f if isinstance(f, DataFile) else _from_dict(DataFile, f) for f in self.files]
+        if not self.files:
+            raise ValueError("data.files must list at least one training JSONL file")
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply `key.sub=value` overrides (values parsed as YAML) to a raw recipe dict."""
+    import yaml
+
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected key=value, e.g. loss.alpha=0")
+        node = raw
+        *path, leaf = key.split(".")
+        for part in path:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"--set {item!r}: {part!r} is not a mapping")
+            node = child
+        node[leaf] = yaml.safe_load(value)
+    return raw
+
+
+def read_recipe(path: str | Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A raw recipe; a `base: other.yaml` key (relative to this file) is merged under it.
+
+    Raises:
+        DataFormatError: not valid YAML, not a mapping, or a loop of bases.
+    """
+    import yaml
+
+    path = Path(path)
+    if path.resolve() in seen:
+        raise DataFormatError(path, "recipes include each other in a loop (base:)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = None if mark is None else mark.line + 1
+        raise DataFormatError(path, f"not valid YAML: {e}", line=line) from e
+    if not isinstance(raw, dict):
+        raise DataFormatError(path, "a recipe must be a YAML mapping")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    parent = read_recipe(path.parent / str(base), (*seen, path.resolve()))
+    return deep_merge(parent, raw)
+
+
+def deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """`base` updated by `top`: nested mappings merge key by key; scalars and lists replace."""
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value  # scalars and lists replace
+    return out
+
+
+def load_config(
+    path: str | Path, build: Callable[[dict[str, Any]], T], overrides: Sequence[str] = ()
+) -> T:
+    """Read a YAML recipe (and its `base:` chain), apply overrides and validate it with `build`.
+
+    Raises:
+        DataFormatError: naming the file and what is wrong (`build`'s TypeError/ValueError too).
+    """
+    path = Path(path)
+    raw = read_recipe(path)
+    try:
+        return build(apply_overrides(raw, overrides))
+    except (TypeError, ValueError) as e:
+        raise DataFormatError(path, str(e)) from e
+
+
+def save_recipe(config: RecipeConfig, directory: str | Path) -> Path:
+    """Write the resolved recipe as YAML into `directory`."""
+    import yaml
+
+    out = Path(directory) / SAVED_RECIPE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out) as f:
+        yaml.safe_dump(config.to_dict(), f, sort_keys=False)
+    return out
+
+
+def write_log(path: Path, history: Sequence[Mapping[str, Any]]) -> None:
+    """The Trainer's log history as JSON lines (one logged step per line)."""
+    with atomic_write(path) as f:
+        for row in history:
+            f.write(json.dumps(dict(row)) + "\n")
+
+
+def load_examples(
+    settings: BaseDataSettings, read: Callable[[str], Iterable[T]]
+) -> list[tuple[list[T], int]]:
+    """(examples, repeat) per data file; `read` is the method's reader of one file."""
+    parts = []
+    for f in settings.files:
+        examples = list(islice(read(f.path), f.limit))
+        logger.info("%s: %d examples x %d", f.path, len(examples), f.repeat)
+        parts.append((examples, f.repeat))
+    return parts
+
+
+def resume_checkpoint(output_dir: str | Path, resume: bool) -> str | None:
+    """The newest `checkpoint-N` dir in `output_dir` when `resume` (None: start from scratch)."""
+    if not resume:
+        return None
+    from transformers.trainer_utils import get_last_checkpoint
+
+    out = Path(output_dir)
+    checkpoint = get_last_checkpoint(str(out)) if out.is_dir() else None
+    if checkpoint is None:
+        logger.info("no checkpoint in %s: starting from scratch", out)
+    return checkpoint

