@@ -5,6 +5,9 @@ PIP := $(PY) -m pip install -q --disable-pip-version-check
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# An extra wheel index for torch, for machines whose default index serves only the CUDA build
+# (e.g. `make test TORCH_INDEX=<your PyTorch CPU wheel index URL>`); empty: the default index.
+TORCH_INDEX ?=
 
 .PHONY: install models test lint demo benchmark train-data train clean
 
@@ -14,7 +17,7 @@ $(VENV)/bin/python:
 # torch first, pinned, so that nothing later pulls a CUDA build.
 $(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
 	$(PIP) --upgrade pip
-	$(PIP) torch==2.13.0
+	$(PIP) torch==2.13.0 $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 	$(PIP) -e ".[dev]"
 	touch $@
 
