@@ -6,6 +6,7 @@ inner product, so small rankings are predictable.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import zlib
 from collections.abc import Sequence
@@ -17,11 +18,12 @@ from chatretriever.types import Passage, SessionLike, as_session
 _WORD = re.compile(r"\w+")
 
 
-def hash_vector(text: str, dim: int) -> np.ndarray:
-    """A (dim,) bag-of-words vector: each lowercase word adds 1 to the bucket crc32(word) % dim."""
+def hash_vector(text: str, dim: int, salt: str = "") -> np.ndarray:
+    """A (dim,) bag-of-words vector: each lowercase word adds 1 to the bucket
+    crc32(salt + word) % dim."""
     vec = np.zeros(dim, dtype=np.float32)
     for word in _WORD.findall(text.lower()):
-        vec[zlib.crc32(word.encode("utf-8")) % dim] += 1.0
+        vec[zlib.crc32((salt + word).encode("utf-8")) % dim] += 1.0
     return vec
 
 
@@ -34,6 +36,9 @@ class HashEncoder:
         normalize: L2-normalise the vectors.
         fail_after_batches: Raise RuntimeError on this many + 1-th call to `encode_passages`
             (simulates a crash in the middle of an encoding job).
+        salt: Changes every vector: another "model" under the same name (a retrained one).
+
+    Its `fingerprint` covers what changes its vectors (name, dim, normalize, salt).
     """
 
     def __init__(
@@ -42,17 +47,21 @@ class HashEncoder:
         name: str = "fake-hash",
         normalize: bool = True,
         fail_after_batches: int | None = None,
+        salt: str = "",
     ) -> None:
         self.dim = dim
         self.name = name
         self.normalize = normalize
+        self.salt = salt
+        identity = f"hash|{name}|{dim}|{normalize}|{salt}".encode()
+        self.fingerprint = hashlib.sha256(identity).hexdigest()[:16]
         self.fail_after_batches = fail_after_batches
         self.passage_batches = 0
         self.passages_encoded = 0
         self.sessions_encoded = 0
 
     def _embed(self, texts: Sequence[str]) -> np.ndarray:
-        out = np.stack([hash_vector(t, self.dim) for t in texts]) if texts else None
+        out = np.stack([hash_vector(t, self.dim, self.salt) for t in texts]) if texts else None
         if out is None:
             return np.zeros((0, self.dim), dtype=np.float32)
         if self.normalize:

@@ -3,20 +3,21 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+from unittest.mock import ANY
 
 import numpy as np
 import pytest
 from fakes import HashEncoder
 
 from chatretriever.apps.registry import load_encoder, register_encoder, unregister_encoder
-from chatretriever.retrieval.baselines import BM25Retriever, TextEmbedder, mean_pool, passage_text
+from chatretriever.retrieval.baselines import BM25Config, BM25Retriever, TextEmbedder, mean_pool
 from chatretriever.retrieval.rewrite import (
     RewritePrompt,
     build_messages,
     clean_rewrite,
     rewrite_sessions,
 )
-from chatretriever.retrieval.search import formulate, session_text
+from chatretriever.retrieval.search import formulate
 from chatretriever.types import Passage, Session, Turn
 
 pytest.importorskip("bm25s")
@@ -43,7 +44,7 @@ CHAT = Session(
 
 def test_bm25_scores_match_the_lucene_formula():
     docs = [Passage("a", "cat dog"), Passage("b", "dog bird fish"), Passage("c", "fish")]
-    bm25 = BM25Retriever(docs, k1=0.9, b=0.4, stemmer=None, stopwords=None)
+    bm25 = BM25Retriever(docs, BM25Config(k1=0.9, b=0.4, stemmer=None, stopwords=None))
     (hits,) = bm25.search_texts(["fish"], k=3)
     idf = math.log(1 + (3 - 2 + 0.5) / (2 + 0.5))  # N = 3, df = 2
     avgdl = 2.0
@@ -59,17 +60,29 @@ def test_bm25_scores_match_the_lucene_formula():
 def test_bm25_stemming_matches_word_forms():
     stemmed = BM25Retriever(CORPUS)
     assert stemmed.search_texts(["shoe run"], k=2)[0][0][0] == "shoes"
-    plain = BM25Retriever(CORPUS, stemmer=None)
+    plain = BM25Retriever(CORPUS, BM25Config(stemmer=None))
     assert plain.search_texts(["shoe"], k=2) == [[]]  # "shoes" != "shoe" without stemming
 
 
 def test_bm25_searches_with_every_formulation():
     bm25 = BM25Retriever(CORPUS)
-    for f in ("session", "last_turn", "all_user_turns", "full_history", "rewrite"):
+    user_turns = "what do they eat?\ntell me about jaguars"
+    history = (
+        "what do they eat?\njaguars are big cats living in the americas\ntell me about jaguars"
+    )
+    texts = {
+        "session": history,
+        "last_turn": "what do they eat?",
+        "all_user_turns": user_turns,
+        "full_history": history,
+        "rewrite": "what do jaguars eat",
+    }
+    for f, text in texts.items():
         run = bm25.search([CHAT], k=4, formulation=f)
         assert run.name == f"bm25.{f}"
-        (expected,) = bm25.search_texts([session_text(formulate(CHAT, f))], k=4)
+        (expected,) = bm25.search_texts([text], k=4)
         assert run.scores["s1"] == dict(expected)
+    assert bm25.search([CHAT], formulation="last_turn").scores["s1"] == {"jaguar-diet": ANY}
     assert bm25.search([CHAT], formulation="rewrite").ranked("s1")[0].doc_id == "jaguar-diet"
     with pytest.raises(ValueError, match="no rewrite"):
         bm25.search([Session("x", (Turn("user", "hi"),))], formulation="rewrite")
@@ -129,17 +142,20 @@ def test_text_embedder_reads_sessions_and_passages_as_text(tiny_bert):
     model, tok = tiny_bert
     emb = TextEmbedder(model, tok, name="tiny-bert", bf16=False)
     assert (emb.name, emb.dim, emb.normalize) == ("tiny-bert", 32, True)
-    np.testing.assert_allclose(
-        emb.encode_sessions([CHAT]), emb.encode_texts([session_text(CHAT)]), atol=1e-6
+    # the texts written out by hand: newest turn first; title, newline, text
+    session = (
+        "what do they eat?\njaguars are big cats living in the americas\ntell me about jaguars"
     )
+    np.testing.assert_allclose(emb.encode_sessions([CHAT]), emb.encode_texts([session]), atol=1e-6)
     last = formulate(CHAT, "last_turn")
     np.testing.assert_allclose(
         emb.encode_sessions([last.messages()]), emb.encode_texts(["what do they eat?"]), atol=1e-6
     )
     p = Passage("x", "jaguars eat deer", title="Jaguar")
     np.testing.assert_allclose(
-        emb.encode_passages([p]), emb.encode_texts([passage_text(p)]), atol=1e-6
+        emb.encode_passages([p]), emb.encode_texts(["Jaguar\njaguars eat deer"]), atol=1e-6
     )
+    assert not np.allclose(emb.encode_passages([p]), emb.encode_texts(["jaguars eat deer"]))
 
 
 def test_text_embedder_truncates_and_runs_in_bf16(tiny_bert):
@@ -165,6 +181,36 @@ def test_text_embedder_from_a_sentence_transformers_dir(tiny_bert, tmp_path):
     emb = load_encoder(str(tmp_path / "st"))
     assert isinstance(emb, TextEmbedder)
     assert (emb.name, emb.max_length, emb.dim) == ("st", 7, 32)
+
+
+def _st_dir(model, tok, path):
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 7}))
+    (path / "modules.json").write_text("[]")
+    return str(path)
+
+
+def test_text_embedder_fingerprint_is_its_weights_and_settings(tiny_bert, tmp_path):
+    pytest.importorskip("chatretriever.modeling.backbones")
+    import copy
+
+    import torch
+
+    model, tok = tiny_bert
+    a = load_encoder(_st_dir(model, tok, tmp_path / "a" / "st"))
+    copied = load_encoder(_st_dir(model, tok, tmp_path / "b" / "st"))  # the same model, moved
+    assert a.name == copied.name == "st" and a.fingerprint == copied.fingerprint
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.embeddings.word_embeddings.weight.add_(0.01)  # "retrained"
+    retrained = load_encoder(_st_dir(other, tok, tmp_path / "c" / "st"))
+    assert retrained.name == "st" and retrained.fingerprint != a.fingerprint
+    before = a.fingerprint
+    a.bf16 = not a.bf16
+    assert a.fingerprint != before
+    in_memory = TextEmbedder(model, tok, name="st", max_length=7, bf16=False)
+    assert in_memory.fingerprint != TextEmbedder(model, tok, name="st", bf16=False).fingerprint
 
 
 @pytest.fixture
@@ -281,6 +327,63 @@ def test_interrupted_rewriting_keeps_what_was_done(tmp_path):
     llm = FakeLLM()
     rewrite_sessions(sessions, llm, "m", cache, show_progress=False)
     assert len(llm.calls) == 2
+
+
+def test_rewrite_cache_is_appended_to_not_rewritten(tmp_path):
+    cache = tmp_path / "cache.jsonl"
+    rewrite_sessions([chat(0), chat(1)], FakeLLM(), "m", cache, show_progress=False)
+    before, inode = cache.read_bytes(), cache.stat().st_ino
+    assert len(before.splitlines()) == 2
+    llm = FakeLLM()
+    rewrite_sessions([chat(0), chat(1), chat(2)], llm, "m", cache, show_progress=False)
+    after = cache.read_bytes()
+    assert len(llm.calls) == 1 and cache.stat().st_ino == inode  # same file, not replaced
+    assert after.startswith(before) and len(after.splitlines()) == 3  # one new line appended
+    assert json.loads(after.splitlines()[-1])["id"] == "c2"
+
+
+_KILLED_RUN = """
+import os, signal, sys
+from chatretriever.retrieval.rewrite import rewrite_sessions
+from chatretriever.types import Session, Turn
+
+calls = []
+
+def generate(messages):  # the third rewrite never finishes: the process is killed
+    calls.append(messages)
+    if len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return "what do jaguars eat?"
+
+turns = lambda i: (Turn("user", f"jaguars {i}"), Turn("assistant", "ok"), Turn("user", "and?"))
+sessions = [Session(f"c{i}", turns(i)) for i in range(5)]
+rewrite_sessions(sessions, generate, "m", sys.argv[1], show_progress=False)
+"""
+
+
+def test_a_killed_rewrite_run_keeps_every_finished_line(tmp_path):
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache.jsonl"
+    proc = subprocess.run([sys.executable, "-c", _KILLED_RUN, str(cache)], capture_output=True)
+    assert proc.returncode == -9  # SIGKILL: no `finally`, no flush at exit
+    rows = [json.loads(line) for line in cache.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["c0", "c1"]
+    # a line cut short by a kill is dropped, and the next line starts on a line of its own
+    with open(cache, "a") as f:
+        f.write('{"key": "half-writ')
+    llm = FakeLLM()
+    sessions = [
+        Session(
+            f"c{i}", (Turn("user", f"jaguars {i}"), Turn("assistant", "ok"), Turn("user", "and?"))
+        )
+        for i in range(3)
+    ]
+    rewrite_sessions(sessions, llm, "m", cache, show_progress=False)
+    assert len(llm.calls) == 1  # c0 and c1 come from the cache
+    rows = [json.loads(line) for line in cache.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["c0", "c1", "c2"]
 
 
 @pytest.mark.parametrize("reply", ["  \n", "I am sorry, I cannot help with that."])

@@ -152,7 +152,9 @@ def test_benchmark_end_to_end_resumes_from_cached_runs(conv, mtrag, tmp_path, lo
     assert not (out / "results.json").exists()  # --runs-only: no evaluation
     assert loads == ["hash", "csit"]  # one load per model, shared by its formulations
     assert len(generated) == 1  # only cA<::>2 has a history to rewrite
-    assert len(list((out / "emb" / "fake_hash").glob("chunk-*"))) == 2  # 6 passages, chunks of 4
+    (emb_dir,) = (out / "emb").glob("fake_hash.*")  # keyed by the encoder's fingerprint
+    assert emb_dir.name == f"fake_hash.{HashEncoder(dim=32, name='hash').fingerprint}"
+    assert len(list(emb_dir.glob("chunk-*"))) == 2  # 6 passages, chunks of 4
     mtimes = {p: p.stat().st_mtime_ns for p in (out / "runs").iterdir()}
 
     monkeypatch.undo()  # faiss again where installed: cached runs do not care
@@ -185,7 +187,7 @@ def test_benchmark_end_to_end_resumes_from_cached_runs(conv, mtrag, tmp_path, lo
     from chatretriever.retrieval.encode import encode_seconds
 
     encode_s = by_id["fake_hash.last_turn"]["timing_s"]["corpus_encode_s"]
-    assert encode_s == pytest.approx(encode_seconds(out / "emb" / "fake_hash"), abs=1e-3)
+    assert encode_s == pytest.approx(encode_seconds(emb_dir), abs=1e-3)
     assert "rewrite_s" in by_id["bm25.llm_rewrite"]["timing_s"]
     md = (out / "results.md").read_text()
     assert "| system | formulation | nDCG@3 | nDCG@10 | MRR@10 | R@100 | wall s |" in md
@@ -267,6 +269,45 @@ def test_numpy_exact_search_equals_faiss_flat(conv, tmp_path, k):
     exact.check_encoder("rand", 16, False)
     with pytest.raises(ValueError, match="queries come from"):
         exact.check_encoder("other", 16, False)
+
+
+def test_a_model_retrained_in_place_is_encoded_and_searched_again(
+    conv, mtrag, tmp_path, tiny_llama_dir, monkeypatch
+):
+    pytest.importorskip("peft")
+    import torch
+
+    from chatretriever.config import LoraSettings, RetrieverConfig
+    from chatretriever.methods.chatretriever.model import ChatRetriever
+
+    monkeypatch.setattr(conv.backends, "have_faiss", lambda: False)
+    model_dir, out = tmp_path / "runs" / "final", tmp_path / "out"
+
+    def train_and_save(seed: int) -> str:
+        config = RetrieverConfig(dtype="fp32", max_session_len=64, max_passage_len=48)
+        lora = LoraSettings(r=4, alpha=8, dropout=0.0)
+        r = ChatRetriever.from_pretrained(tiny_llama_dir, config=config, lora=lora, device="cpu")
+        with torch.no_grad():  # stands for training: LoRA B leaves zero
+            for name, p in r.model.named_parameters():
+                if "lora_B" in name:
+                    p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
+        r.save_pretrained(model_dir)
+        return ChatRetriever.from_pretrained(model_dir, device="cpu").fingerprint
+
+    argv = ["--data", str(mtrag), "--out", str(out), "--systems", "chatretriever"]
+    argv += ["--model", f"csit={model_dir}", "--chunk-size", "4", "--k", "5", "--runs-only"]
+    settings = out / "runs" / "csit.session.trec.settings.json"
+    first = train_and_save(0)
+    assert conv.main(argv) == 0
+    assert json.loads(settings.read_text())["fingerprint"] == first
+    made = settings.stat().st_mtime_ns
+    assert conv.main(argv) == 0 and settings.stat().st_mtime_ns == made  # cached
+    second = train_and_save(1)  # same directory, same name, other weights
+    assert second != first
+    assert conv.main(argv) == 0
+    assert json.loads(settings.read_text())["fingerprint"] == second  # searched again
+    emb = sorted(p.name for p in (out / "emb").iterdir())
+    assert emb == sorted([f"csit.{first}", f"csit.{second}"])  # no old chunk reused
 
 
 def test_numpy_exact_search_ties_follow_row_order(conv):

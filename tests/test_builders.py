@@ -145,6 +145,23 @@ def test_mining_pool_of_positives_never_returns_own_positive():
         assert {n.text for n in ex.negatives} <= pool
 
 
+def test_mining_ranks_with_the_bm25_of_the_baselines():
+    nine = " ".join(f"w{i}" for i in range(9))
+    corpus = [Passage("short", "zeta"), Passage("long", f"zeta zeta zeta {nine}")]
+    corpus += [Passage(f"f{i}", f"filler{i} extra{i}") for i in range(4)]
+    ex = _ex("q", "zeta", TrainingPassage("unrelated answer"))
+    cfg = MiningConfig(num_negatives=2, rank_window=(1, 2))
+    (out,) = mine_hard_negatives([ex], corpus, cfg, False)
+    # Lucene BM25 by hand: N = 6, df = 2, dl = 1 and 12, avgdl = 21 / 6 = 3.5. With the
+    # baselines' k1 = 0.9, b = 0.4: short 0.627 < long 0.647. (bm25s' defaults k1 = 1.5,
+    # b = 0.75, which mining used before, give short 0.607 > long 0.427.)
+    assert _ids(out) == ["long", "short"]
+    from chatretriever.retrieval.baselines import BM25Config
+
+    assert MiningConfig().bm25 == BM25Config(k1=0.9, b=0.4, stemmer="english", stopwords="en")
+    assert BM25Config() == MiningConfig().bm25  # one definition: the baselines' default
+
+
 def test_mining_query_modes():
     msgs = _session("s", "first q", "first a", "second q").turns
     assert mining_query(msgs, "last_turn") == "second q"
@@ -256,9 +273,27 @@ def test_read_triples(tmp_path):
     with pytest.raises(DataFormatError) as err:
         read_triples(path)
     assert (err.value.line, err.value.field) == (2, "positive")
-    path.write_text("only one column\n")
-    with pytest.raises(DataFormatError):
+    path.write_text("q\tp\nonly one column\n")
+    with pytest.raises(DataFormatError, match=r"triples.train.tsv:2: expected 2 or 3") as err:
         read_triples(path)
+    assert err.value.line == 2
+
+
+def test_read_chat_examples_errors_name_the_line_and_field(tmp_path):
+    path = tmp_path / "chats.jsonl"
+    good = {"id": "s1", "messages": [{"role": "user", "content": "q"}], "response": "r"}
+    bad = {
+        "id": "s2",
+        "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": 7}],
+    }
+    path.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(DataFormatError) as err:
+        read_chat_examples(path)
+    assert (err.value.line, err.value.field) == (2, "messages[1].content")
+    path.write_text(json.dumps(good) + "\n\n" + json.dumps({**good, "response": " "}) + "\n")
+    with pytest.raises(DataFormatError) as err:
+        read_chat_examples(path)
+    assert (err.value.line, err.value.field) == (3, "response")
 
 
 # ----------------------------------------------------------------------------- dataset builders

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from fakes import HashEncoder
@@ -338,3 +342,146 @@ def test_third_party_debug_lines_only_with_verbose(files, capsys, verbose):
     out, err = capsys.readouterr()
     assert ("DEBUG bm25s" in err) is verbose  # bm25s logs a DEBUG line while indexing
     assert "queries" in out + err  # our own summary line is always there
+
+
+# --- evaluation never fails silently ----------------------------------------------------------
+
+
+def test_evaluate_a_run_sharing_no_query_id_exits_2(files, capsys):
+    (files / "other.trec").write_text("x1 Q0 diet 1 2.0 r\nx2 Q0 pasta 1 1.0 r\n")
+    code = main(["evaluate", str(files / "other.trec"), str(files / "qrels.txt")])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    err = err.strip()
+    assert err.startswith("error: the run and the qrels share no query id") and "\n" not in err
+    assert "'x1'" in err and "'q1'" in err
+
+
+def test_evaluate_reports_and_drops_queries_without_a_relevant_judgment(files, capsys):
+    d = files
+    (d / "run.trec").write_text("q1 Q0 diet 1 2.0 r\nq2 Q0 pasta 1 1.0 r\nq4 Q0 car 1 1.0 r\n")
+    (d / "qrels4.txt").write_text(QRELS + "q4 0 car 0\nq4 0 shoes 0\n")
+    argv = ["evaluate", str(d / "run.trec"), str(d / "qrels4.txt"), "--measures", "RR@10"]
+    assert main([*argv, "--out", str(d / "kept.json")]) == 0
+    out = capsys.readouterr().out
+    assert "4 judged queries evaluated" in out
+    assert "1 judged queries have no judgment >= 1, evaluated" in out and "q4" in out
+    kept = json.loads((d / "kept.json").read_text())
+    assert (kept["num_no_relevant"], kept["no_relevant"], kept["num_queries"]) == (1, ["q4"], 4)
+    assert kept["aggregate"]["RR@10"] == pytest.approx(2 / 4)  # q1 1, q2 1, q3 0, q4 0
+    assert main([*argv, "--drop-no-relevant", "--out", str(d / "dropped.json")]) == 0
+    assert "left out" in capsys.readouterr().out
+    dropped = json.loads((d / "dropped.json").read_text())
+    assert dropped["num_queries"] == 3 and dropped["no_relevant_dropped"] is True
+    assert dropped["aggregate"]["RR@10"] == pytest.approx(2 / 3)  # q1 1, q2 1, q3 0
+
+
+# --- a missing optional extra is one line -----------------------------------------------------
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    return err
+
+
+@pytest.mark.parametrize(
+    "module, extra, argv",
+    [
+        ("faiss", "faiss", ["index", "{d}/emb", "--out", "{d}/idx"]),
+        ("ir_measures", "eval", ["evaluate", "{d}/run.trec", "{d}/qrels.txt"]),
+        ("bm25s", "baselines", ["search", "--bm25", "{d}/corpus.jsonl"]),
+        ("Stemmer", "baselines", ["search", "--bm25", "{d}/corpus.jsonl"]),
+    ],
+)
+def test_a_missing_extra_is_one_line_with_the_pip_command(
+    files, capsys, monkeypatch, module, extra, argv
+):
+    d = files
+    main(["encode", str(d / "corpus.jsonl"), "--model", "fake:", "--out", str(d / "emb")])
+    (d / "run.trec").write_text("q1 Q0 diet 1 2.0 r\n")
+    capsys.readouterr()
+    if argv[0] == "search":
+        argv = [*argv, "--sessions", "{d}/sessions.jsonl", "--out", "{d}/r.trec"]
+    monkeypatch.setitem(sys.modules, module, None)  # `import module` now fails
+    assert main([a.format(d=d) for a in argv]) == 2
+    err = _one_line_error(capsys)
+    assert f"{module}, which is not installed: pip install 'chatretriever[{extra}]'" in err
+
+
+def test_a_missing_extra_imported_at_module_level_is_one_line_too(tmp_path):
+    """torch is imported at the top of the training modules: the CLI maps that import error."""
+    pytest.importorskip("yaml")
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "chatretriever-smol.yaml"
+    script = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from chatretriever.cli import main\n"
+        f"sys.exit(main(['train', {str(recipe)!r}]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == "error: torch is not installed: pip install 'chatretriever[train]'"
+    assert "Traceback" not in proc.stderr
+
+
+def test_every_optional_import_site_names_its_extra(monkeypatch, tmp_path):
+    from chatretriever.apps.demo import plot_metrics
+    from chatretriever.errors import MissingExtraError
+    from chatretriever.retrieval.baselines import BM25Retriever
+    from chatretriever.retrieval.evaluate import compare, evaluate_run
+    from chatretriever.retrieval.index import DenseIndex
+
+    sites = [
+        ("faiss", "faiss", lambda: DenseIndex.build([tmp_path])),
+        ("ir_measures", "eval", lambda: evaluate_run(None, {})),
+        ("scipy.stats", "eval", lambda: compare(_evaluation(), _evaluation())),
+        ("bm25s", "baselines", lambda: BM25Retriever([])),
+        ("Stemmer", "baselines", lambda: BM25Retriever([])),
+        ("matplotlib", "plot", lambda: plot_metrics({}, tmp_path / "m.png")),
+    ]
+    if importlib.util.find_spec("torch") is not None:
+        from chatretriever.config import LoraSettings
+        from chatretriever.modeling.adapters import load_adapter, wrap_lora
+
+        sites.append(("peft", "train", lambda: wrap_lora(None, LoraSettings(), [1])))
+        sites.append(("peft", "train", lambda: load_adapter(None, tmp_path, False)))
+    for module, extra, call in sites:
+        with monkeypatch.context() as m:
+            m.setitem(sys.modules, module, None)
+            with pytest.raises(MissingExtraError) as err:
+                call()
+        assert (err.value.module, err.value.extra) == (module, extra)
+        assert str(err.value).endswith(f"pip install 'chatretriever[{extra}]'")
+
+
+def _evaluation():
+    from chatretriever.retrieval.evaluate import Evaluation
+
+    return Evaluation({"RR@10": 1.0}, {"q": {"RR@10": 1.0}})
+
+
+def test_search_refuses_a_model_retrained_under_the_indexed_name(files, capsys):
+    """The index records the fingerprint of its model: `search` with a model of the same name
+    but other weights (retrained in place) exits 2 with one line, before any query is encoded."""
+    d = files
+    salt = {"value": ""}
+    register_encoder("mine", lambda rest: HashEncoder(name="runs/mine", salt=salt["value"]))
+    try:
+        index = ["index", str(d / "corpus.jsonl"), "--model", "mine:", "--out", str(d / "idx")]
+        assert main(index) == 0
+        meta = json.loads((d / "idx" / "index" / "meta.json").read_text())
+        built_by = HashEncoder(name="runs/mine").fingerprint
+        assert meta["settings"]["fingerprint"] == meta["embedding"]["fingerprint"] == built_by
+        salt["value"] = "retrained"
+        capsys.readouterr()
+        argv = ["search", "--index", str(d / "idx"), "--sessions", str(d / "sessions.jsonl")]
+        assert main([*argv, "--out", str(d / "run.trec")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and built_by in err[0]
+        assert "same name, other weights" in err[0] and not (d / "run.trec").exists()
+        # indexing again into the same directory is refused too (its chunks are the old model's)
+        assert main(index) == 2
+        assert "another model, or one retrained since" in capsys.readouterr().err
+    finally:
+        unregister_encoder("mine")

@@ -1,4 +1,5 @@
-"""Padding, positions, EMB positions and the session-masked 4D mask vs hand-written matrices."""
+"""Padding, positions, EMB positions and the session-masked 4D mask vs hand-written matrices
+(and vs the reference builder it replaced, on random lengths, left and right padding)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from chatretriever.modeling.collate import (
     additive_mask,
     csit_allowed,
     csit_batch,
+    csit_mask,
     encode_batch,
     last_token_positions,
     pad_batch,
@@ -18,8 +20,8 @@ from chatretriever.modeling.template import CsitPieces
 E1, E2 = 901, 902  # EMB token ids of these tests
 
 # Example A: s0 s1 s2 | E1 E2 | h r0 r1 | F1 F2 | pad  (S=3, t=2, assistant header h, trained
-# tokens r0 r1, response EMB F1 F2). Row 5 (h) is the separator row that the official code
-# leaked: it must NOT see s0..s2.
+# tokens r0 r1, two more response-side tokens F1 F2). Row 5 (h) is the separator row that the
+# official code leaked: it must NOT see s0..s2.
 CSIT_A = """
 10000000000
 11000000000
@@ -96,11 +98,12 @@ def test_positions_and_emb_positions_do_not_depend_on_padding_side():
 
 
 def test_csit_mask_equals_hand_written_matrices():
-    lengths, session_lens = torch.tensor([10, 11]), torch.tensor([3, 4])
-    allowed = csit_allowed(lengths, session_lens, n_emb=2, max_len=11, mode="csit")
+    _, mask2d = pad_batch([[1] * 10, [1] * 11], pad_id=0)  # lengths 10 and 11, right padded
+    session_lens, response_starts = torch.tensor([3, 4]), torch.tensor([5, 6])  # S, S + t
+    allowed = csit_allowed(mask2d, session_lens, response_starts)
     assert torch.equal(allowed[0], _matrix(CSIT_A))
     assert torch.equal(allowed[1], _matrix(CSIT_B))
-    vanilla = csit_allowed(lengths, session_lens, n_emb=2, max_len=11, mode="vanilla")
+    vanilla = csit_allowed(mask2d, torch.zeros(2, dtype=torch.long), response_starts)
     assert torch.equal(vanilla[0], _matrix(VANILLA_A))
     # The separator row (assistant header right after the session EMB) sees no session token.
     assert not allowed[0, 5, :3].any() and allowed[0, 5, 3:5].all()
@@ -108,7 +111,12 @@ def test_csit_mask_equals_hand_written_matrices():
 
 def test_csit_batch_tensors():
     batch = csit_batch(_examples(), pad_id=0)
-    mask = batch["attention_mask"]
+    # The batch holds lengths, not a (B, 1, L, L) float mask: that is built where it is used.
+    assert all(t.dim() <= 2 for t in batch.values())
+    assert batch["attention_mask"].tolist() == [[1] * 10 + [0], [1] * 11]
+    assert batch["masked_session_lens"].tolist() == [3, 4]
+    assert batch["response_starts"].tolist() == [5, 6]
+    mask = csit_mask(batch, torch.float32)
     assert mask.shape == (2, 1, 11, 11) and mask.dtype == torch.float32
     assert torch.isfinite(mask).all()  # dtype-min, never -inf
     assert set(mask.unique().tolist()) == {0.0, torch.finfo(torch.float32).min}
@@ -122,7 +130,8 @@ def test_csit_batch_tensors():
     assert batch["position_ids"][0].tolist() == list(range(10)) + [0]
     assert batch["session_emb_pos"].tolist() == [4, 5]
     vanilla = csit_batch(_examples(), pad_id=0, mode="vanilla")
-    assert torch.equal(vanilla["attention_mask"][0, 0] == 0, _matrix(VANILLA_A))
+    assert vanilla["masked_session_lens"].tolist() == [0, 0]
+    assert torch.equal(csit_mask(vanilla, torch.float32)[0, 0] == 0, _matrix(VANILLA_A))
     with pytest.raises(ValueError, match="mask mode"):
         csit_batch(_examples(), pad_id=0, mode="none")
 
@@ -132,3 +141,47 @@ def test_additive_mask_in_bf16_is_finite():
     mask = additive_mask(allowed, torch.bfloat16)
     assert mask.dtype == torch.bfloat16 and torch.isfinite(mask).all()
     assert torch.equal(mask[0, 0] == 0, allowed[0])
+
+
+def _reference_csit_allowed(lengths, session_lens, n_emb, max_len, mode):
+    """The builder `csit_allowed` replaced (right padding only; it ran on the CPU in the
+    collator): the reference the new one must equal exactly."""
+    i = torch.arange(max_len).view(1, -1, 1)
+    j = torch.arange(max_len).view(1, 1, -1)
+    n = lengths.view(-1, 1, 1)
+    allowed = (j <= i) & (i < n) & (j < n)
+    if mode == "csit":
+        response_row = i >= session_lens.view(-1, 1, 1) + n_emb
+        session_col = j < session_lens.view(-1, 1, 1)
+        allowed = allowed & ~(response_row & session_col)
+    return allowed | ((i >= n) & (i == j))
+
+
+@pytest.mark.parametrize("mode", ["csit", "vanilla"])
+def test_mask_from_lengths_equals_the_reference_left_and_right(mode):
+    g = torch.Generator().manual_seed(0)
+    for trial in range(25):
+        b, t = int(torch.randint(1, 6, (1,), generator=g)), 1 + trial % 3
+        session_lens = torch.randint(1, 12, (b,), generator=g)
+        lengths = session_lens + t + torch.randint(1, 10, (b,), generator=g)  # >= 1 response row
+        max_len = int(lengths.max()) + int(torch.randint(0, 3, (1,), generator=g))
+        expected = _reference_csit_allowed(lengths, session_lens, t, max_len, mode)
+        masked = session_lens if mode == "csit" else torch.zeros_like(session_lens)
+        seqs = [[1] * int(n) for n in lengths]
+        for side in ("right", "left"):
+            _, mask2d = pad_batch(seqs, pad_id=0, padding_side=side)
+            extra = max_len - mask2d.shape[1]  # the reference may pad further
+            mask2d = torch.nn.functional.pad(mask2d, (extra, 0) if side == "left" else (0, extra))
+            got = csit_allowed(mask2d, masked, session_lens + t)
+            for row, n in enumerate(lengths.tolist()):
+                shift = max_len - n if side == "left" else 0  # left: the same matrix, rolled
+                want = torch.roll(expected[row], (shift, shift), (0, 1))
+                assert torch.equal(got[row], want), (trial, side, row)
+
+
+def test_mask_is_built_on_the_batch_device():
+    """No CPU tensor sneaks in: on the meta device every step must stay on the meta device."""
+    batch = {k: v.to("meta") for k, v in csit_batch(_examples(), pad_id=0).items()}
+    mask = csit_mask(batch, torch.bfloat16)
+    assert mask.device.type == "meta" and mask.shape == (2, 1, 11, 11)
+    assert mask.dtype == torch.bfloat16

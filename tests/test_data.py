@@ -11,6 +11,8 @@ from chatretriever.methods.chatretriever.data import (
     TrainingPassage,
     example_from_session,
     iter_training_examples,
+    normalized_text,
+    passage_keys,
     read_training_examples,
     write_training_examples,
 )
@@ -186,3 +188,22 @@ def test_invalid_construction():
         TrainingExample("x", (Turn("user", "q"),), positives=())
     with pytest.raises(ValueError):
         TrainingExample("x", (Turn("user", "q"), Turn("assistant", "a")), (TrainingPassage("p"),))
+
+
+def test_passage_keys_find_copies_under_other_ids_and_near_duplicates():
+    p = TrainingPassage("Paris is the capital of France.", id="d1", title="Paris")
+    id_key, text_key = passage_keys(p, "mtrag")
+    assert id_key >= 0 and text_key >= 0  # -1 means "no key"
+    assert (
+        normalized_text("  PARIS is the\tcapital, of France!! ") == "paris is the capital of france"
+    )
+    # same text (other spacing, case, punctuation, title) under another id: same text key only
+    copy = TrainingPassage("paris  is the CAPITAL of france", id="d7", title="")
+    assert passage_keys(copy, "mtrag")[1] == text_key and passage_keys(copy, "mtrag")[0] != id_key
+    # the same id with other text: same id key; another namespace: another id key
+    assert passage_keys(TrainingPassage("other text", id="d1"), "mtrag")[0] == id_key
+    assert passage_keys(p, "topiocqa")[0] != id_key
+    # no id: no id key; other words: other text key; only punctuation: its own text
+    assert passage_keys(TrainingPassage("Paris is the capital of France."))[0] == -1
+    assert passage_keys(TrainingPassage("Rome is the capital of Italy."))[1] != text_key
+    assert passage_keys(TrainingPassage("..."))[1] != passage_keys(TrainingPassage("!!"))[1]

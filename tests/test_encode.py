@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 
 import numpy as np
@@ -142,6 +143,40 @@ def test_other_model_or_chunk_size_is_refused(tmp_path):
         encode_corpus(HashEncoder(name="other"), corpus, tmp_path / "emb")
     with pytest.raises(ValueError, match="chunk_size"):
         encode_corpus(HashEncoder(), corpus, tmp_path / "emb", EncodeConfig(chunk_size=2))
+
+
+def test_resume_refuses_another_model_of_the_same_name(tmp_path):
+    corpus, emb_dir = make_corpus(5), tmp_path / "emb"
+    cfg = EncodeConfig(chunk_size=2, show_progress=False)
+    first = HashEncoder()
+    encode_corpus(first, corpus, emb_dir, cfg)
+    assert json.loads((emb_dir / SETTINGS).read_text())["fingerprint"] == first.fingerprint
+    assert read_meta(emb_dir / "chunk-00002").fingerprint == first.fingerprint
+    retrained = HashEncoder(salt="retrained")  # same name, other vectors: retrained in place
+    expected = (
+        rf"model='fake-hash' \(fingerprint {first.fingerprint}\), not of model='fake-hash' "
+        rf"\(fingerprint {retrained.fingerprint}\)"
+    )
+    with pytest.raises(ValueError, match=expected):
+        encode_corpus(retrained, corpus, emb_dir, cfg)
+    assert retrained.passages_encoded == 0  # nothing mixed in
+
+
+def test_a_dir_encoded_before_fingerprints_resumes_by_name(tmp_path, caplog):
+    corpus, emb_dir = make_corpus(6), tmp_path / "emb"
+    cfg = EncodeConfig(chunk_size=2, show_progress=False)
+    encode_corpus(HashEncoder(), corpus, emb_dir, cfg)
+    for path in [emb_dir / SETTINGS, *emb_dir.glob("chunk-*/meta.json")]:  # as an old version
+        data = json.loads(path.read_text())
+        del data["fingerprint"]
+        path.write_text(json.dumps(data))
+    shutil.rmtree(emb_dir / "chunk-00002")  # the old job was interrupted
+    again = HashEncoder()
+    result = encode_corpus(again, corpus, emb_dir, cfg)
+    assert (result.chunks_kept, result.chunks_written, again.passages_encoded) == (2, 1, 2)
+    assert "matched by the name 'fake-hash' only" in caplog.text
+    with pytest.raises(ValueError, match="model='fake-hash'.*model='other'"):
+        encode_corpus(HashEncoder(name="other"), corpus, emb_dir, cfg)
 
 
 def test_changed_corpus_is_refused(tmp_path):

@@ -75,10 +75,11 @@ def test_evaluating_twice_gives_the_same_numbers(data):
     # pytrec_eval < 0.5.4 returned zeros for the second of several cutoffs on a reused evaluator
     run, qrels = data
     measures = ["nDCG@3", "nDCG@10", "R@10", "R@100", "RR@10"]
-    first = evaluate_run(run, qrels, measures)
-    second = evaluate_run(run, qrels, measures)
-    assert first.per_query == second.per_query
-    assert first.aggregate["nDCG@10"] > 0 and first.aggregate["R@100"] > 0
+    ndcg_q1 = (1 / LOG3 + 2 / 2) / (2 + 1 / LOG3)  # q1 has 3 docs: nDCG@10 = nDCG@3
+    by_hand = {"nDCG@3": (ndcg_q1 + 1) / 3, "nDCG@10": (ndcg_q1 + 1) / 3}
+    by_hand |= {"R@10": 2 / 3, "R@100": 2 / 3, "RR@10": (1 / 2 + 1) / 3}  # q3 missing: 0
+    for _ in range(2):
+        assert evaluate_run(run, qrels, measures).aggregate == pytest.approx(by_hand)
 
 
 def test_mrr_alias_and_unknown_measures():
@@ -109,12 +110,12 @@ def test_compare_paired_tests():
     a, b = evaluate_run(base, qrels, ["RR@10"]), evaluate_run(better, qrels, ["RR@10"])
     t = compare(a, b, n_resamples=5000)["RR@10"]
     assert (t["a"], t["b"], t["num_queries"]) == (0.5, pytest.approx(11 / 12), 12)
-    from scipy import stats
-
-    x = [a.per_query[q]["RR@10"] for q in sorted(qrels)]
-    y = [b.per_query[q]["RR@10"] for q in sorted(qrels)]
-    assert t["t_test_p"] == pytest.approx(stats.ttest_rel(y, x).pvalue)
-    assert t["randomization_p"] < 0.01  # exact: 2 * 3 / 4096 (sign flips of ten 0.5s)
+    # differences: ten 0.5s and two 0s; mean 5/12, sample variance (5/12) / 11, so
+    # t = (5/12) / sqrt(5 / 132 / 12) = sqrt(55) with 11 degrees of freedom: p = 1.3325e-5
+    assert t["t_test_p"] == pytest.approx(1.3325e-5, rel=1e-3)
+    # exact randomisation p: only the 4 of 4096 sign vectors with all ten 0.5s of one sign, times
+    # 2 signs, reach |mean| >= 5/12: 8 / 4096; 5000 draws estimate it within a few thousandths
+    assert t["randomization_p"] == pytest.approx(8 / 4096, abs=2e-3)
     same = compare(a, a)["RR@10"]
     assert same["t_test_p"] == 1.0 and same["randomization_p"] == 1.0
 
@@ -132,3 +133,47 @@ def test_randomization_test_matches_exact_enumeration():
     signs = np.array(np.meshgrid(*[[-1, 1]] * 6)).reshape(6, -1).T  # all 64 sign vectors
     exact = np.mean(np.abs(signs @ diff) >= abs(diff.sum()) - 1e-12)
     assert randomization_test(diff, 20_000, seed=1) == pytest.approx(exact, abs=0.02)
+
+
+def test_a_run_sharing_no_query_with_the_qrels_is_an_error(data):
+    run, qrels = data
+    other = Run({"x1": {"d1": 1.0}, "x2": {"d2": 1.0}}, name="other")
+    with pytest.raises(ValueError, match="share no query id") as err:
+        evaluate_run(other, qrels)
+    assert "'x1'" in str(err.value) and "'q1'" in str(err.value)  # a few ids of each side
+    with pytest.raises(ValueError, match="no results"):
+        evaluate_run(Run({}, name="empty"), qrels)
+    with pytest.raises(ValueError, match="no judgments"):
+        evaluate_run(run, [])
+    # one shared query is enough: the others are reported, not an error
+    one = evaluate_run(Run({"q2": {"d4": 1.0}, "x1": {"d1": 1.0}}), qrels, ["RR@10"])
+    assert one.per_query["q2"]["RR@10"] == 1.0 and one.unjudged_in_run == ["x1"]
+
+
+NO_RELEVANT_QRELS = QRELS + "q5 0 d1 0\nq5 0 d2 0\n"
+
+
+def test_queries_without_a_relevant_judgment_are_reported_and_can_be_dropped(
+    data, tmp_path, caplog
+):
+    run, _ = data
+    (tmp_path / "qrels5.txt").write_text(NO_RELEVANT_QRELS)
+    qrels = read_qrels(tmp_path / "qrels5.txt")
+    run = Run({**run.scores, "q5": {"d1": 2.0, "d2": 1.0}})  # retrieves its rel=0 docs only
+    ndcg_q1 = (1 / LOG3 + 2 / 2) / (2 + 1 / LOG3)
+    with caplog.at_level("WARNING"):
+        kept = evaluate_run(run, qrels, ["nDCG@3", "RR@10"])
+    assert kept.no_relevant == ["q5"] and not kept.no_relevant_dropped
+    assert "1 judged queries have no judgment >= 1 ('q5')" in caplog.text
+    assert kept.per_query["q5"] == {"nDCG@3": 0.0, "RR@10": 0.0}  # q1, q2, q3 (0), q5 (0)
+    assert kept.aggregate["nDCG@3"] == pytest.approx((ndcg_q1 + 1) / 4)
+    dropped = evaluate_run(run, qrels, ["nDCG@3", "RR@10"], drop_no_relevant=True)
+    assert sorted(dropped.per_query) == ["q1", "q2", "q3"] and dropped.no_relevant == ["q5"]
+    assert dropped.aggregate["nDCG@3"] == pytest.approx((ndcg_q1 + 1) / 3)
+    assert dropped.aggregate["RR@10"] == pytest.approx((1 / 2 + 1) / 3)
+    back = dropped.to_dict(per_query=False)
+    assert (back["num_no_relevant"], back["no_relevant"], back["num_queries"]) == (1, ["q5"], 3)
+    assert back["no_relevant_dropped"] is True
+    # the threshold is `rel`: with rel=2, q2 (only a rel=1 judgment) has no relevant passage
+    strict = evaluate_run(run, qrels, ["RR@10"], rel=2, drop_no_relevant=True)
+    assert strict.no_relevant == ["q2", "q3", "q5"] and sorted(strict.per_query) == ["q1"]

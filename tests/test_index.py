@@ -117,6 +117,46 @@ def test_refuses_shards_of_two_encoders(tmp_path):
         DenseIndex.build(a + b)
 
 
+def _encoded(tmp_path, encoder: HashEncoder, name: str) -> list:
+    corpus = [Passage(f"p{i}", f"text number {i}") for i in range(6)]
+    encode_corpus(encoder, corpus, tmp_path / name, EncodeConfig(chunk_size=3, show_progress=False))
+    return list_shards([tmp_path / name])
+
+
+def test_refuses_queries_of_another_model_with_the_same_name(tmp_path):
+    built_by = HashEncoder()
+    index = DenseIndex.build(_encoded(tmp_path, built_by, "emb"))
+    loaded = DenseIndex.load(index.save(tmp_path / "idx"))
+    assert loaded.meta.fingerprint == built_by.fingerprint
+    loaded.check_encoder("fake-hash", 64, True, built_by.fingerprint)
+    loaded.check_encoder("renamed-copy", 64, True, built_by.fingerprint)  # same content
+    retrained = HashEncoder(salt="retrained")
+    with pytest.raises(EncoderMismatchError, match="same name, other weights") as e:
+        loaded.check_encoder(retrained.name, retrained.dim, True, retrained.fingerprint)
+    assert built_by.fingerprint in str(e.value) and retrained.fingerprint in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_refuses_shards_of_a_same_named_other_model(tmp_path):
+    a = _encoded(tmp_path, HashEncoder(), "a")
+    b = _encoded(tmp_path, HashEncoder(salt="retrained"), "b")
+    with pytest.raises(EncoderMismatchError, match="fingerprint"):
+        DenseIndex.build([a[0], b[1]])
+
+
+def test_an_index_saved_before_fingerprints_matches_by_name(tmp_path, caplog):
+    index = DenseIndex.build(_encoded(tmp_path, HashEncoder(), "emb"))
+    meta_path = index.save(tmp_path / "old") / "meta.json"
+    info = json.loads(meta_path.read_text())
+    del info["embedding"]["fingerprint"]  # as an older version wrote it
+    meta_path.write_text(json.dumps(info))
+    old = DenseIndex.load(tmp_path / "old")
+    old.check_encoder("fake-hash", 64, True, HashEncoder(salt="x").fingerprint)
+    assert "matched by the name 'fake-hash' only" in caplog.text
+    with pytest.raises(EncoderMismatchError, match="'fake-hash'.*'other'"):
+        old.check_encoder("other", 64, True, HashEncoder(name="other").fingerprint)
+
+
 def test_k_larger_than_index(tmp_path):
     dirs, _, emb = random_shards(tmp_path, n=6, parts=1)
     hits = DenseIndex.build(dirs).search(emb[:1], k=50)

@@ -11,9 +11,13 @@ import pytest
 from fixtures import write
 
 from chatretriever.errors import DataFormatError
+from chatretriever.io import files
 from chatretriever.io.corpus import iter_corpus, read_corpus, write_corpus
 from chatretriever.io.embeddings import EmbeddingMeta, read_embeddings, write_embeddings
 from chatretriever.io.files import (
+    atomic_dir,
+    atomic_files,
+    atomic_path,
     atomic_write,
     iter_jsonl,
     iter_lines,
@@ -129,6 +133,199 @@ def test_atomic_writer_binary_and_gzip(tmp_path):
         f.write("héllo\n")
     assert gzip.decompress((tmp_path / "a.txt.gz").read_bytes()).decode() == "héllo\n"
     assert sorted(os.listdir(tmp_path)) == ["a.bin", "a.txt.gz"]
+
+
+def _tree(root):
+    """{relative path: bytes} of every file under `root`."""
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+def _fill(directory, **contents):
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, text in contents.items():
+        (directory / name).write_text(text)
+    return directory
+
+
+def _record_fsyncs_and_renames(monkeypatch):
+    """Patches os.fsync/os.replace (as io.files calls them) to log ("fsync", "file"|"dir") and
+    ("replace", destination name) in call order."""
+    import stat
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        kind = "dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file"
+        events.append(("fsync", kind))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.basename(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    monkeypatch.setattr(files.os, "replace", replace)
+    return events
+
+
+def test_atomic_write_fsyncs_the_file_before_the_rename_and_the_directory_after(
+    tmp_path, monkeypatch
+):
+    events = _record_fsyncs_and_renames(monkeypatch)
+    with atomic_write(tmp_path / "a.txt.gz") as f:
+        f.write("x\n")
+    assert events == [("fsync", "file"), ("replace", "a.txt.gz"), ("fsync", "dir")]
+    assert gzip.decompress((tmp_path / "a.txt.gz").read_bytes()) == b"x\n"
+
+
+def test_atomic_path_renames_a_named_file_into_place(tmp_path):
+    target = tmp_path / "fig.png"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        assert tmp.parent == tmp_path and tmp.suffix == ".png"  # writers infer the format
+        tmp.write_bytes(b"half")
+        raise RuntimeError("writer died")
+    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["fig.png"]
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new" and os.listdir(tmp_path) == ["fig.png"]
+    assert target.stat().st_mode & 0o777 == 0o644
+
+
+def test_atomic_dir_keeps_the_old_copy_when_the_body_raises(tmp_path):
+    target = _fill(tmp_path / "d", a="old a", b="old b")
+    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
+        (tmp / "a").write_text("new a")
+        raise RuntimeError("writer died halfway")
+    assert _tree(target) == {"a": b"old a", "b": b"old b"}
+    assert os.listdir(tmp_path) == ["d"]  # no temporary directory left
+
+
+def test_atomic_dir_deletes_the_old_copy_only_once_the_new_one_is_in_place(tmp_path, monkeypatch):
+    target = _fill(tmp_path / "d", a="old")
+    seen = []
+    real_rmtree = files.shutil.rmtree
+
+    def rmtree(path, *args, **kwargs):  # what the target holds whenever something is deleted
+        seen.append(_tree(target) if target.is_dir() else None)
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(files.shutil, "rmtree", rmtree)
+    with atomic_dir(target) as tmp:
+        (tmp / "a").write_text("new")
+    assert seen == [{"a": b"new"}]
+    assert _tree(target) == {"a": b"new"} and os.listdir(tmp_path) == ["d"]
+
+
+def test_atomic_dir_whose_old_copy_cannot_be_deleted_still_has_the_new_one(
+    tmp_path, monkeypatch, caplog
+):
+    target = _fill(tmp_path / "d", a="old")
+
+    def rmtree(path, *args, **kwargs):
+        raise PermissionError(13, "cannot delete", str(path))
+
+    monkeypatch.setattr(files.shutil, "rmtree", rmtree)
+    with atomic_dir(target) as tmp:
+        (tmp / "a").write_text("new")
+    assert _tree(target) == {"a": b"new"}
+    assert "could not be deleted" in caplog.text  # the leftover old copy is named
+
+
+def test_atomic_dir_whose_swap_fails_puts_the_old_copy_back(tmp_path, monkeypatch):
+    target = _fill(tmp_path / "d", a="old")
+    real_replace = os.replace
+
+    def replace(src, dst):  # renaming the new copy onto the target fails (disk gone, ...)
+        if os.path.abspath(dst) == str(target) and os.path.basename(src) != "d":
+            raise OSError(5, "I/O error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", replace)
+    with pytest.raises(OSError, match="I/O error"), atomic_dir(target) as tmp:
+        (tmp / "a").write_text("new")
+    assert _tree(target) == {"a": b"old"}
+    assert os.listdir(tmp_path) == ["d"]
+
+
+def test_atomic_dir_fsyncs_the_new_tree_before_the_swap(tmp_path, monkeypatch):
+    target = _fill(tmp_path / "d", a="old")
+    events = _record_fsyncs_and_renames(monkeypatch)
+    with atomic_dir(target) as tmp:
+        _fill(tmp / "sub", b="new")
+        (tmp / "a").write_text("new")
+    first_rename = next(i for i, e in enumerate(events) if e[0] == "replace")
+    before = events[:first_rename]
+    assert before.count(("fsync", "file")) == 2 and ("fsync", "dir") in before
+    assert events[-1] == ("fsync", "dir")  # the parent, after the swap
+    assert _tree(target) == {"a": b"new", "sub/b": b"new"}
+
+
+def test_atomic_files_replaces_its_files_and_keeps_the_others(tmp_path, monkeypatch):
+    run = _fill(tmp_path / "run", **{"model.bin": "old", "marker.json": "old", "log": "keep"})
+    _fill(run / "checkpoint-2", state="keep")
+    (run / "old-shard.bin").write_text("stale")
+    events = _record_fsyncs_and_renames(monkeypatch)
+    with atomic_files(run, last=["marker.json"], stale=["*.bin"]) as tmp:
+        assert tmp.parent == run and not any(tmp.iterdir())
+        _fill(tmp, **{"marker.json": "new", "model.bin": "new", "tok.json": "new"})
+    assert _tree(run) == {
+        "checkpoint-2/state": b"keep",
+        "log": b"keep",
+        "marker.json": b"new",
+        "model.bin": b"new",
+        "tok.json": b"new",
+    }
+    renames = [name for kind, name in events if kind == "replace"]
+    assert renames[0] == "marker.json"  # the old marker goes first ...
+    assert renames[-1] == "marker.json"  # ... and the new one comes last
+    assert sorted(os.listdir(run)) == [
+        "checkpoint-2",
+        "log",
+        "marker.json",
+        "model.bin",
+        "tok.json",
+    ]
+
+
+def test_atomic_files_leaves_the_directory_as_it_was_on_failure(tmp_path, monkeypatch):
+    run = _fill(tmp_path / "run", **{"model.bin": "old", "marker.json": "old", "log": "keep"})
+    before = _tree(run)
+    with pytest.raises(RuntimeError), atomic_files(run, last=["marker.json"]) as tmp:
+        (tmp / "model.bin").write_text("new, half written")
+        raise RuntimeError("writer died")
+    assert _tree(run) == before and sorted(os.listdir(run)) == ["log", "marker.json", "model.bin"]
+    real_replace = os.replace
+    placed = []
+
+    def replace(src, dst):  # the second file moved into place fails
+        if os.path.dirname(dst) == str(run) and ".tmp" in str(src):
+            placed.append(dst)
+            if len(placed) == 2:
+                raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", replace)
+    with pytest.raises(OSError), atomic_files(run, last=["marker.json"]) as tmp:
+        _fill(tmp, **{"a.json": "new", "model.bin": "new", "marker.json": "new"})
+    assert len(placed) == 2
+    assert _tree(run) == before and sorted(os.listdir(run)) == ["log", "marker.json", "model.bin"]
+
+
+def test_atomic_files_into_a_new_directory(tmp_path):
+    with atomic_files(tmp_path / "new" / "dir") as tmp:
+        assert not (tmp_path / "new" / "dir").exists()
+        (tmp / "a").write_text("x")
+    assert _tree(tmp_path / "new") == {"dir/a": b"x"}
+    # another writer (a second training process) creates the directory meanwhile: both stay
+    with atomic_files(tmp_path / "ckpt") as tmp:
+        (tmp / "model").write_text("rank 0")
+        _fill(tmp_path / "ckpt", rng_1="rank 1")
+    assert _tree(tmp_path / "ckpt") == {"model": b"rank 0", "rng_1": b"rank 1"}
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "new"]  # no staging dir left
 
 
 # --- BEIR corpus -------------------------------------------------------------------------------

@@ -264,8 +264,8 @@ def test_adapter_save_load_round_trip(tiny_model_dir, tmp_path):
     assert any(p.requires_grad for p in again.parameters())
     with pytest.raises(ValueError, match="n_emb_tokens"):
         ChatRetriever.from_pretrained(out, n_emb_tokens=2)
-    with pytest.raises(ValueError, match="overrides"):
-        ChatRetriever.from_pretrained(out, config=RetrieverConfig())
+    with pytest.raises(ValueError, match="retriever.n_emb_tokens is 3 in the saved .* but 2"):
+        ChatRetriever.from_pretrained(out, config=RetrieverConfig(n_emb_tokens=2))
 
 
 def test_merged_and_full_saves_reload(tiny_llama_dir, tmp_path):

@@ -3,8 +3,9 @@ from __future__ import annotations
 import json
 import logging
 
+import numpy as np
 import pytest
-from fakes import HashEncoder
+from fakes import HashEncoder, hash_vector
 
 from chatretriever.io.trec import read_run
 from chatretriever.retrieval.encode import EncodeConfig, encode_corpus, list_shards
@@ -91,14 +92,49 @@ def index(tmp_path):
     return DenseIndex.build(list_shards([tmp_path / "emb"]))
 
 
-@pytest.mark.parametrize("formulation", ["last_turn", "all_user_turns", "full_history", "rewrite"])
+# Each formulation's query text, written out by hand (newest turn first).
+QUERY_TEXTS = {
+    "last_turn": "what do they eat",
+    "all_user_turns": "what do they eat\ntell me about jaguars",
+    "full_history": "what do they eat\njaguars are big cats of the americas\ntell me about jaguars",
+    "rewrite": "what do jaguars eat",
+}
+
+
+@pytest.mark.parametrize("formulation", list(QUERY_TEXTS))
 def test_dense_search_encodes_the_formulated_query(index, formulation):
     enc = HashEncoder()
     run = search_dense(enc, index, [SESSION], k=4, formulation=formulation, show_progress=False)
-    by_hand = Session("q1", (Turn("user", only_text(formulate(SESSION, formulation))),))
-    expected = search_dense(enc, index, [by_hand], k=4, show_progress=False)
-    assert run.scores == expected.scores
+    # expected: inner products of the hand-written query's vector with every passage's vector
+    query = hash_vector(QUERY_TEXTS[formulation], enc.dim)
+    passages = np.stack([hash_vector(f"{p.title} {p.text}", enc.dim) for p in CORPUS])
+    scores = passages @ query / np.linalg.norm(query) / np.linalg.norm(passages, axis=1)
+    expected = {p.id: float(s) for p, s in zip(CORPUS, scores, strict=True)}
+    assert run.scores["q1"] == pytest.approx(expected, abs=1e-6)
     assert run.name == f"fake-hash.{formulation}"
+
+
+class CountingIndex:
+    """A DenseIndex stand-in that records the (Q, D) shape of every search call."""
+
+    def __init__(self, index):
+        self.inner, self.calls = index, []
+
+    def check_encoder(self, *args):
+        return self.inner.check_encoder(*args)
+
+    def search(self, queries, k, params=None):
+        self.calls.append(queries.shape)
+        return self.inner.search(queries, k, params)
+
+
+def test_dense_search_encodes_every_query_then_searches_once(index):
+    sessions = [Session(f"s{i}", (Turn("user", f"jaguar {i}"),)) for i in range(5)]
+    counting, enc = CountingIndex(index), HashEncoder()
+    run = search_dense(enc, counting, sessions, k=2, batch_size=2, show_progress=False)
+    assert counting.calls == [(5, 64)]  # one Faiss call for all five queries
+    assert sorted(run.scores) == [f"s{i}" for i in range(5)] and enc.sessions_encoded == 5
+    assert search_dense(enc, counting, [], k=2, show_progress=False).scores == {}
 
 
 def test_rewrite_ranks_the_answer_passage_first(index):

@@ -1,10 +1,14 @@
 """Training: the shared named-loss trainer; CSIT's recipe, collator, trainer steps,
-checkpoints and exact resume, DDP."""
+checkpoints and exact resume, DDP. The CSIT loss of a step is checked against one worked out
+independently (standalone encodings, the full model's logits, relevance by hand)."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -46,7 +50,11 @@ def _two_parts(model, inputs) -> dict[str, torch.Tensor]:
     return {"fit": (err**2).mean(), "l2": DECAY * (model.w**2).sum()}
 
 
-def _line_trainer(out: Path, model: _Line) -> NamedLossTrainer:
+def _stack(batch: list[dict]) -> dict[str, torch.Tensor]:
+    return {k: torch.stack([r[k] for r in batch]) for k in ("x", "y")}
+
+
+def _line_trainer(out: Path, model: _Line, collator=_stack) -> NamedLossTrainer:
     rows = [{"x": torch.tensor(x), "y": torch.tensor(y)} for x, y in zip(X, Y, strict=True)]
     settings = {
         "max_steps": 4,
@@ -64,7 +72,7 @@ def _line_trainer(out: Path, model: _Line) -> NamedLossTrainer:
         model=model,
         args=training_arguments(out, settings),
         train_dataset=TrainingSet([(rows, 1)]),
-        data_collator=lambda b: {k: torch.stack([r[k] for r in b]) for k in ("x", "y")},
+        data_collator=collator,
         loss_fn=_two_parts,
     )
 
@@ -125,8 +133,16 @@ def _examples() -> list[dict]:
     return rows
 
 
-def _recipe(tmp_path: Path, model_dir: Path, **training) -> Path:
-    data = write(tmp_path / "train.jsonl", "\n".join(json.dumps(r) for r in _examples()) + "\n")
+def _recipe(
+    tmp_path: Path,
+    model_dir: Path,
+    rows: list[dict] | None = None,
+    repeat: int = 2,
+    loss: dict | None = None,
+    **training,
+) -> Path:
+    rows = _examples() if rows is None else rows
+    data = write(tmp_path / "train.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n")
     settings = {
         "max_steps": 2,
         "per_device_train_batch_size": 3,
@@ -142,9 +158,9 @@ def _recipe(tmp_path: Path, model_dir: Path, **training) -> Path:
         "model": str(model_dir),
         "output_dir": str(tmp_path / "run"),
         "retriever": {"max_session_len": 64, "max_passage_len": 32, "max_response_len": 24},
-        "loss": {"alpha": 0.3, "temperature": 0.05, "n_hard_negatives": 2},
+        "loss": {"alpha": 0.3, "temperature": 0.05, "n_hard_negatives": 2, **(loss or {})},
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "data": {"files": [{"path": str(data), "repeat": 2}]},
+        "data": {"files": [{"path": str(data), "repeat": repeat}]},
         "training": settings,
     }
     import yaml
@@ -180,7 +196,7 @@ def test_cli_bad_recipe_is_one_line(tmp_path, capsys):
     assert len(err) == 1 and "r.yaml" in err[0] and "data" in err[0]
 
 
-def test_collator_pads_missing_negatives(tmp_path, tiny_llama_dir):
+def test_collator_encodes_only_real_passages(tmp_path, tiny_llama_dir):
     from chatretriever.methods.chatretriever.data import example_from_dict
     from chatretriever.methods.chatretriever.recipe import load_recipe
     from chatretriever.methods.chatretriever.train import make_collator
@@ -190,13 +206,27 @@ def test_collator_pads_missing_negatives(tmp_path, tiny_llama_dir):
         cfg.model, config=cfg.retriever, lora=cfg.lora, device="cpu"
     )
     collate = make_collator(retriever, cfg.loss, "session")
-    batch = collate([example_from_dict(r) for r in _examples()[:3]])
-    assert batch["neg_valid"].tolist() == [[False, False], [True, False], [True, True]]
-    assert batch["passages"]["input_ids"].shape[0] == 3 + 3 * 2
-    assert batch["sessions"]["attention_mask"].dim() == 4  # CSIT batch under alpha > 0
-    last = make_collator(retriever, cfg.loss, "last_turn")([example_from_dict(_examples()[0])])
-    full_len = batch["sessions"]["labels"].shape[1]
-    assert last["sessions"]["labels"].shape[1] < full_len  # history dropped
+    examples = [example_from_dict(r) for r in _examples()[:3]]  # 0, 1 and 2 hard negatives
+    batch = collate(examples)
+    layout = batch["layout"]
+    assert layout.valid.tolist() == [[True, False, False], [True, True, False], [True, True, True]]
+    # 3 positives + 3 real negatives are encoded: padding slots are not (no re-encoded positive)
+    assert batch["passages"]["input_ids"].shape[0] == 6
+    assert sorted(layout.rows[layout.valid].tolist()) == list(range(6))
+    for i, slot in layout.valid.nonzero().tolist():
+        p = ([examples[i].positives[0]] + list(examples[i].negatives))[slot]
+        row = layout.rows[i, slot]
+        ids = batch["passages"]["input_ids"][row]
+        assert ids[batch["passages"]["attention_mask"][row].bool()].tolist() == (
+            retriever.template.passage_ids(p.to_dict())
+        )
+    sessions = batch["sessions"]
+    assert sessions["attention_mask"].dim() == 2 and "response_starts" in sessions  # CSIT batch
+    # the CSIT sequence ends with the response: its last real token is a trained one
+    last = sessions["attention_mask"].sum(dim=1) - 1
+    assert (sessions["labels"][torch.arange(3), last] != -100).all()
+    last = make_collator(retriever, cfg.loss, "last_turn")([examples[0]])
+    assert last["sessions"]["labels"].shape[1] < sessions["labels"].shape[1]  # history dropped
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -221,6 +251,40 @@ def test_two_steps_change_lora_and_emb_rows(tmp_path, arch, tiny_llama_dir, tiny
     emb_after = after._base().get_input_embeddings()(torch.tensor(emb_ids)).detach()
     assert not torch.allclose(emb_before, emb_after)
     assert (out / "train_config.yaml").is_file()
+
+
+def test_recipe_continues_from_a_saved_retriever(tmp_path, tiny_llama_dir, capsys):
+    first = run_training(load_recipe(_recipe(tmp_path / "a", tiny_llama_dir)))
+    saved = _trainable(first)
+    # learning rate 0: a run that continues from `first` ends exactly where `first` is (a fresh
+    # LoRA would end with B = 0)
+    changes = ["retriever.max_session_len=48", "lora.dropout=0.1", "training.learning_rate=0"]
+    cfg = load_recipe(_recipe(tmp_path / "b", tiny_llama_dir), [f"model={first}", *changes])
+    start = ChatRetriever.from_pretrained(
+        cfg.model, config=cfg.retriever, lora=cfg.lora, is_trainable=True, device="cpu"
+    )
+    assert start.config.max_session_len == 48  # settings the weights do not depend on follow
+    assert start.config.base_model == str(tiny_llama_dir.resolve())  # the saved base stays
+    assert all(p.requires_grad for n, p in start.named_parameters() if "lora_B" in n)
+    dropout = next(m for n, m in start.named_modules() if n.endswith("lora_dropout.default"))
+    assert dropout.p == pytest.approx(0.1)
+    out = run_training(cfg)
+    continued = _trainable(out)
+    assert continued.keys() == saved.keys()
+    for key in saved:
+        torch.testing.assert_close(continued[key], saved[key], rtol=0, atol=0)
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in continued.items())
+    meta = json.loads((out / "chatretriever.json").read_text())
+    assert meta["retriever"]["base_model"] == str(tiny_llama_dir.resolve())
+    assert meta["retriever"]["max_session_len"] == 48
+
+    recipe = str(_recipe(tmp_path / "c", tiny_llama_dir))
+    for change, field in (("lora.r=8", "lora.r"), ("retriever.n_emb_tokens=2", "n_emb_tokens")):
+        capsys.readouterr()
+        assert main(["train", recipe, "--set", f"model={first}", "--set", change]) == 2
+        err = capsys.readouterr().err.strip().splitlines()  # log lines, then the one error
+        assert err[-1].startswith("error: ") and "Traceback" not in "".join(err)
+        assert field in err[-1] and str(first) in err[-1]
 
 
 def test_gradient_checkpointing_and_accumulation(tmp_path, tiny_llama_dir):
@@ -280,29 +344,390 @@ def test_cli_train_dry_run_and_resume_flag(tmp_path, tiny_llama_dir, capsys):
     assert (tmp_path / "run" / "chatretriever.json").is_file()
 
 
+# ------------------------------------------------------------------ the loss of a step, by hand
+COMMON_TARGET = "They are things."  # one target: every example has as many LM labels
+LAVA = "Lava cools into basalt rock."
+
+
+def _session(topic: str) -> list[dict]:
+    return [
+        {"role": "user", "content": f"tell me about {topic}s"},
+        {"role": "assistant", "content": f"{topic}s are interesting."},
+        {"role": "user", "content": "what are they made of?"},
+    ]
+
+
+def _relevance_rows() -> list[dict]:
+    """Four examples whose candidates hold relevant passages under other guises: e0 has two
+    positives (v2 is also a hard negative of e1); e3 shares e0's positive v1 (same id), and its
+    own hard negative g7 is a near copy of its positive g1; near copies (other case, spacing,
+    punctuation, id) of e1's and e3's positives are hard negatives of e0 and e2; e0 and e3 have
+    one hard negative of two (padding slots)."""
+    text = dict(TOPICS)
+    penguin_copy = "PENGUINS   are flightless birds, living in the southern hemisphere"
+    glacier = text["glacier"].upper() + "!!"
+    rows = [
+        ("e0", "volcano", [("v1", text["volcano"]), ("v2", LAVA)], [("x1", penguin_copy)]),
+        ("e1", "penguin", [("p1", text["penguin"])], [("v2", LAVA), ("n1", text["violin"])]),
+        ("e2", "violin", [("vi1", text["violin"])], [("g9", text["glacier"].lower())]),
+        ("e3", "glacier", [("g1", text["glacier"]), ("v1", text["volcano"])], [("g7", glacier)]),
+    ]
+    return [
+        {
+            "id": eid,
+            "messages": _session(topic),
+            "positives": [{"id": i, "text": t} for i, t in pos],
+            "negatives": [{"id": i, "text": t} for i, t in neg],
+            "target": COMMON_TARGET,
+        }
+        for eid, topic, pos, neg in rows
+    ]
+
+
+def _words(text: str) -> str:
+    return " ".join(re.findall(r"\w+", text.lower()))
+
+
+def _relevant(p, positives) -> bool:
+    """A passage is one of the positives: the same id, or the same words (by hand)."""
+    return any(p.id == x.id or _words(p.text) == _words(x.text) for x in positives)
+
+
+def _initial_retriever(cfg) -> ChatRetriever:
+    """The model `run_training` starts from (it seeds before building the LoRA)."""
+    from transformers import set_seed
+
+    set_seed(42)
+    return ChatRetriever.from_pretrained(
+        cfg.model, config=cfg.retriever, lora=cfg.lora, device="cpu"
+    )
+
+
+def _hand_contrastive(r: ChatRetriever, examples, loss, seed: int = 42, epoch: int = 0) -> float:
+    """L_C from standalone encodings, with every passage relevant to a session left out."""
+    from chatretriever.methods.chatretriever.train import positive_index
+
+    k, temp = loss.n_hard_negatives, loss.temperature
+    q = r.encode_sessions([[t.to_dict() for t in ex.messages] for ex in examples])
+    cands = []  # (example, slot, passage, embedding)
+    for j, ex in enumerate(examples):
+        chosen = ex.positives[positive_index(ex.id, len(ex.positives), seed, epoch)]
+        ps = [chosen, *ex.negatives[:k]]
+        emb = r.encode_passages([p.to_dict() for p in ps])
+        cands += [(j, slot, p, e) for slot, (p, e) in enumerate(zip(ps, emb, strict=True))]
+    total = 0.0
+    for i, ex in enumerate(examples):
+        own = next(float(q[i] @ e) / temp for j, slot, _, e in cands if (j, slot) == (i, 0))
+        scores = [
+            float(q[i] @ e) / temp
+            for j, slot, p, e in cands
+            if (j, slot) == (i, 0) or ((loss.in_batch or j == i) and not _relevant(p, ex.positives))
+        ]
+        top = max(scores)
+        total += top + math.log(sum(math.exp(x - top) for x in scores)) - own
+    return total / len(examples)
+
+
+def _hand_session_lm(r: ChatRetriever, examples) -> float:
+    """L_S from the full model's logits: the logits at position t - 1 predict label t."""
+    total, count = 0.0, 0
+    for ex in examples:
+        p = r.template.csit_pieces([t.to_dict() for t in ex.messages], ex.target_text)
+        i = torch.arange(len(p))
+        response_row = (i >= p.response_start).view(-1, 1)
+        allowed = (i.view(1, -1) <= i.view(-1, 1)) & ~(response_row & (i < p.session_len))
+        mask = torch.zeros(len(p), len(p)).masked_fill(~allowed, torch.finfo(torch.float32).min)
+        ids = torch.tensor([p.input_ids])
+        with torch.no_grad():
+            logits = r.model(input_ids=ids, attention_mask=mask[None, None], position_ids=i[None])
+        for t in range(p.label_start, p.label_end):
+            row = logits.logits[0, t - 1]
+            total += float(torch.logsumexp(row, 0) - row[ids[0, t]])
+            count += 1
+    return total / count
+
+
+def _hand_loss(cfg) -> dict[str, float]:
+    """The weighted loss parts of the first step of `cfg`'s run, worked out independently."""
+    from chatretriever.methods.chatretriever.data import read_training_examples
+
+    examples = read_training_examples(cfg.data.files[0].path)
+    r = _initial_retriever(cfg)
+    parts = {"contrastive": _hand_contrastive(r, examples, cfg.loss)}
+    if cfg.loss.alpha > 0:
+        parts["session_lm"] = cfg.loss.alpha * _hand_session_lm(r, examples)
+    return parts
+
+
+def _first_step(out: Path) -> dict:
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    return next(row for row in log if row.get("step") == 1 and "loss" in row)
+
+
+@pytest.mark.parametrize(
+    "loss", [{}, {"n_hard_negatives": 0}, {"in_batch": False}], ids=["k2", "k0", "own"]
+)
+def test_first_logged_loss_equals_the_loss_worked_out_by_hand(tmp_path, tiny_llama_dir, loss):
+    """One batch of the four examples (the order the sampler picks does not change the loss):
+    logged L_C and alpha * L_S at step 1 equal an independent computation. `k0` has no hard
+    negatives (it crashed on a reshape); `own` scores each session's own candidates only."""
+    recipe = _recipe(tmp_path, tiny_llama_dir, _relevance_rows(), repeat=1, loss=loss, max_steps=1)
+    cfg = load_recipe(recipe, ["retriever.dtype=fp32", "training.per_device_train_batch_size=4"])
+    row = _first_step(run_training(cfg))
+    want = _hand_loss(cfg)
+    assert row["loss_contrastive"] == pytest.approx(want["contrastive"], rel=1e-4, abs=1e-4)
+    assert row["loss_session_lm"] == pytest.approx(want["session_lm"], rel=1e-4, abs=1e-4)
+    assert row["loss"] == pytest.approx(sum(want.values()), rel=1e-4, abs=1e-4)
+
+
+def test_lm_loss_reads_the_logits_of_the_previous_position(tiny_model_dir):
+    """`csit_forward`'s logits and labels are aligned: position t - 1 predicts label t, as in
+    the full model's own logits (vanilla: a plain causal call, no mask of ours at all)."""
+    from chatretriever.config import LoraSettings, RetrieverConfig
+    from chatretriever.modeling.collate import csit_batch
+    from chatretriever.modeling.losses import session_masked_lm_loss
+
+    config = RetrieverConfig(dtype="fp32", max_session_len=64, max_response_len=24)
+    lora = LoraSettings(r=4, alpha=8, dropout=0.0)
+    r = ChatRetriever.from_pretrained(tiny_model_dir, config=config, lora=lora, device="cpu")
+    with torch.no_grad():  # LoRA B starts at 0: give the adapter some effect
+        g = torch.Generator().manual_seed(0)
+        for name, param in r.model.named_parameters():
+            if "lora_B" in name:
+                param.add_(torch.randn(param.shape, generator=g) * 0.3)
+    pieces = [
+        r.template.csit_pieces(_session(topic), text) for topic, text in TOPICS[:3]
+    ]  # different lengths: the batch is padded
+    with torch.no_grad():
+        out = r.csit_forward(csit_batch(pieces, r.pad_id, mode="vanilla"))
+        got = float(session_masked_lm_loss(out["lm_logits"], out["lm_labels"])["session_lm"])
+        previous, same, targets = [], [], []
+        for p in pieces:
+            ids = torch.tensor(p.input_ids)
+            logits = r.model(input_ids=ids[None]).logits[0]  # (L, V)
+            labelled = torch.arange(p.label_start, p.label_end)
+            previous.append(logits[labelled - 1])
+            same.append(logits[labelled])
+            targets.append(ids[labelled])
+        previous, same, targets = torch.cat(previous), torch.cat(same), torch.cat(targets)
+    assert torch.equal(out["lm_labels"], targets)
+    torch.testing.assert_close(out["lm_logits"], previous, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(out["lm_logits"], same, atol=1e-2)  # the check tells them apart
+    want = float(torch.nn.functional.cross_entropy(previous, targets))
+    assert got == pytest.approx(want, rel=1e-5)
+    with torch.no_grad():
+        csit = r.csit_forward(csit_batch(pieces, r.pad_id))
+    csit_loss = float(session_masked_lm_loss(csit["lm_logits"], csit["lm_labels"])["session_lm"])
+    examples = [_Ex(_session(topic), text) for topic, text in TOPICS[:3]]
+    assert csit_loss == pytest.approx(_hand_session_lm(r, examples), rel=1e-5)
+
+
+class _Ex:
+    """What `_hand_session_lm` reads of an example."""
+
+    def __init__(self, messages: list[dict], target: str) -> None:
+        from chatretriever.types import Turn
+
+        self.messages = tuple(Turn(m["role"], m["content"]) for m in messages)
+        self.target_text = target
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, tiny_llama_dir):
+    """2 micro-batches x accumulation 2 == one batch of 4, for one SGD step. Exact here because
+    each session is scored against its own candidates only (in_batch: false) and every example
+    has as many LM labels (each micro-batch's token mean then weighs as the batch's)."""
+    sgd = {
+        "max_steps": 1,
+        "optim": "sgd",
+        "learning_rate": 0.5,
+        "lr_scheduler_type": "constant",
+        "max_grad_norm": 0.0,
+    }
+    runs = {}
+    for name, bs, accumulation in (("big", 4, 1), ("accumulated", 2, 2)):
+        recipe = _recipe(
+            tmp_path / name,
+            tiny_llama_dir,
+            _relevance_rows(),
+            repeat=1,
+            loss={"in_batch": False},
+            per_device_train_batch_size=bs,
+            gradient_accumulation_steps=accumulation,
+            **sgd,
+        )
+        runs[name] = _trainable(run_training(load_recipe(recipe, ["retriever.dtype=fp32"])))
+    start = _trainable_of(_initial_retriever(load_recipe(recipe, ["retriever.dtype=fp32"])))
+    _assert_same_update(runs["accumulated"], runs["big"], start)
+
+
+def _assert_same_update(got: dict, want: dict, start: dict) -> None:
+    """Two runs made the same (non-zero) step from `start`, up to float summation order."""
+    assert got.keys() == want.keys() == start.keys()
+    moved = max(float((want[k] - start[k]).abs().max()) for k in want)
+    assert moved > 1e-3  # the step did something
+    for key in want:
+        torch.testing.assert_close(
+            got[key] - start[key], want[key] - start[key], rtol=1e-3, atol=1e-4 * moved
+        )
+
+
+def _trainable_of(r: ChatRetriever) -> dict[str, torch.Tensor]:
+    """The tensors `save_pretrained` would write for the adapter, from a live retriever."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        r.save_pretrained(d)
+        return {k: v.clone() for k, v in _trainable(Path(d)).items()}
+
+
+def test_positive_is_sampled_per_epoch_and_all_positives_are_excluded(tmp_path):
+    from chatretriever.methods.chatretriever.data import example_from_dict, passage_keys
+    from chatretriever.methods.chatretriever.train import candidate_layout
+
+    row = {
+        **_relevance_rows()[0],
+        "positives": [{"id": f"d{i}", "text": f"t {i}"} for i in range(3)],
+    }
+    ex = example_from_dict(row)
+    picks = []
+    for epoch in range(12):
+        passages, layout = candidate_layout([ex], n_negatives=2, seed=42, epoch=epoch)
+        picks.append(passages[int(layout.rows[0, 0])].id)
+        again, _ = candidate_layout([ex], n_negatives=2, seed=42, epoch=epoch)
+        assert again[int(layout.rows[0, 0])].id == picks[-1]  # deterministic
+        # the keys of every positive are in the layout, whichever is trained
+        want = {passage_keys(p) for p in ex.positives}
+        assert {tuple(k) for k in layout.positive_keys[0].tolist()} == want
+    assert set(picks) == {"d0", "d1", "d2"}  # not always positives[0]
+    other_seed = [candidate_layout([ex], 2, seed=7, epoch=e)[0][0].id for e in range(12)]
+    assert other_seed != picks
+
+
+class _EpochRecorder:
+    """A data collator that records what the trainer tells it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int]] = []
+
+    def set_epoch(self, epoch: int, seed: int | None = None) -> None:
+        self.calls.append((epoch, seed))
+
+    def __call__(self, batch: list[dict]) -> dict[str, torch.Tensor]:
+        return _stack(batch)
+
+
+def test_trainer_tells_the_collator_each_epoch_also_after_resume(tmp_path):
+    recorder = _EpochRecorder()
+    _line_trainer(tmp_path / "run", _Line(), recorder).train()  # one step per epoch, 4 steps
+    assert recorder.calls == [(0, 42), (1, 42), (2, 42), (3, 42)]
+    recorder = _EpochRecorder()
+    _line_trainer(tmp_path / "run", _Line(), recorder).train(
+        resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2")
+    )
+    assert recorder.calls == [(2, 42), (3, 42)]
+
+
+def test_loss_parts_are_read_back_only_when_logging(tmp_path, monkeypatch):
+    """No device sync per loss part per micro-step: parts stay tensors until a log is made."""
+    model = _Line()
+    trainer = _line_trainer(tmp_path / "run", model)
+    batch = {"x": torch.tensor(X), "y": torch.tensor(Y)}
+    reads = []
+    real_float, real_item = torch.Tensor.__float__, torch.Tensor.item
+    monkeypatch.setattr(torch.Tensor, "__float__", lambda t: reads.append(1) or real_float(t))
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append(1) or real_item(t))
+    model.train()
+    for _ in range(3):
+        trainer.compute_loss(model, batch)
+    assert reads == []
+    monkeypatch.undo()
+    logs = {"loss": 0.0}
+    trainer.log(logs)
+    parts = _two_parts(model, batch)
+    assert logs["loss_fit"] == pytest.approx(float(parts["fit"]), abs=1e-6)
+    assert logs["loss_l2"] == pytest.approx(float(parts["l2"]), abs=1e-6)
+
+
+# ------------------------------------------------------------------ DDP
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.slow
-def test_ddp_two_processes_gloo(tmp_path, tiny_llama_dir):
-    recipe = _recipe(tmp_path, tiny_llama_dir, per_device_train_batch_size=2, ddp_backend="gloo")
+def test_ddp_step_equals_one_process_over_the_global_batch(tmp_path, tiny_llama_dir):
+    """Two processes x 2 examples == one process x 4 examples: the same parameters after one
+    SGD step, and the logged loss is the one worked out by hand (relevant passages sit in the
+    other process's batch whatever the split: e.g. e0's positive is e3's and e1's hard negative
+    is e0's second positive)."""
+    sgd = {"max_steps": 1, "optim": "sgd", "learning_rate": 0.5, "max_grad_norm": 0.0}
+    common = {"rows": _relevance_rows(), "repeat": 1, **sgd}
+    ddp = _recipe(
+        tmp_path / "ddp",
+        tiny_llama_dir,
+        per_device_train_batch_size=2,
+        ddp_backend="gloo",
+        **common,
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=2",
-        "--master_port=29531",
+        f"--master_port={_free_port()}",
         "-m",
         "chatretriever",
         "train",
-        str(recipe),
+        str(ddp),
+        "--set",
+        "retriever.dtype=fp32",
     ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    out = tmp_path / "run"
-    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log if "loss" in r] == [1, 2]
-    assert ChatRetriever.from_pretrained(out, device="cpu").encode_sessions(
-        [[{"role": "user", "content": "hi"}]]
-    ).shape == (1, 32)
+    one = _recipe(tmp_path / "one", tiny_llama_dir, per_device_train_batch_size=4, **common)
+    cfg = load_recipe(one, ["retriever.dtype=fp32"])
+    single = _trainable(run_training(cfg))
+    multi = _trainable(tmp_path / "ddp" / "run")
+    _assert_same_update(multi, single, _trainable_of(_initial_retriever(cfg)))
+    want = _hand_loss(cfg)
+    logged = _first_step(tmp_path / "ddp" / "run")["loss"]  # the mean over the processes
+    assert logged == pytest.approx(sum(want.values()), rel=1e-4, abs=1e-4)
+
+
+# The loss level, under a real process group: B = 4 sessions, 1 + K = 3 slots, rank r holds
+# rows 2r, 2r + 1. Keys are (id, text). Row 0's positive has a near copy (same text key, other
+# id) among row 2's hard negatives and row 1's second positive is row 3's hard negative: both
+# across processes. Row 3 has a padding slot.
+_POS_KEYS = [[(1, 10), (-1, -1)], [(2, 20), (5, 50)], [(3, 30), (-1, -1)], [(4, 40), (-1, -1)]]
+_SLOT_KEYS = [
+    [(1, 10), (6, 60), (7, 70)],
+    [(2, 20), (8, 80), (9, 90)],
+    [(3, 30), (11, 10), (12, 120)],
+    [(4, 40), (5, 50), (-1, -1)],
+]
+
+
+def _loss_level_data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=-1)
+    slots = torch.nn.functional.normalize(torch.randn(4, 3, 8, generator=g), dim=-1)
+    return q, slots
+
+
+def _local_layout(lo: int, hi: int):
+    """Rank-local layout and the embeddings of its real passages (slot order, padding skipped)."""
+    from chatretriever.modeling.losses import CandidateLayout
+
+    _, slots = _loss_level_data()
+    keys = torch.tensor(_SLOT_KEYS[lo:hi])
+    rows = torch.full((hi - lo, 3), -1)
+    real = (keys[..., 0] >= 0).nonzero().tolist()
+    for n, (i, s) in enumerate(real):
+        rows[i, s] = n
+    emb = torch.stack([slots[lo + i, s] for i, s in real])
+    return CandidateLayout(rows, keys, torch.tensor(_POS_KEYS[lo:hi])), emb
 
 
 def _gather_worker(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -314,34 +739,53 @@ def _gather_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
-    torch.manual_seed(0)
-    q, emb = torch.randn(4, 8), torch.randn(4 + 4 * 2, 8)
-    keys = torch.arange(4) * 10
-    neg_keys, valid = torch.arange(8).reshape(4, 2) + 100, torch.ones(4, 2, dtype=torch.bool)
-    lo, hi = 2 * rank, 2 * rank + 2
-    local_emb = torch.cat([emb[lo:hi], emb[4:].reshape(4, 2, 8)[lo:hi].reshape(-1, 8)])
-    outputs = {"session_emb": q[lo:hi], "passage_emb": local_emb.requires_grad_()}
-    inputs = {"pos_keys": keys[lo:hi], "neg_keys": neg_keys[lo:hi], "neg_valid": valid[lo:hi]}
-    loss = csit_losses(outputs, inputs, LossConfig(alpha=0, temperature=0.5, n_hard_negatives=2))
-    loss["contrastive"].backward()
-    torch.save(float(loss["contrastive"]), Path(out_dir) / f"rank{rank}.pt")
+    q, _ = _loss_level_data()
+    layout, emb = _local_layout(2 * rank, 2 * rank + 2)
+    q = q[2 * rank : 2 * rank + 2].clone().requires_grad_()
+    emb.requires_grad_()
+    outputs = {"session_emb": q, "passage_emb": emb}
+    cfg = LossConfig(alpha=0, temperature=0.5, n_hard_negatives=2)
+    loss = csit_losses(outputs, {"layout": layout}, cfg)["contrastive"]
+    loss.backward()
+    torch.save(
+        {"loss": loss.detach(), "q_grad": q.grad, "emb_grad": emb.grad},
+        Path(out_dir) / f"rank{rank}.pt",
+    )
     dist.destroy_process_group()
 
 
-@pytest.mark.slow
-def test_gathered_in_batch_negatives_equal_one_process(tmp_path):
-    from chatretriever.modeling.losses import contrastive_loss
+def _brute_force_contrastive(q: torch.Tensor, slots: torch.Tensor, temp: float) -> torch.Tensor:
+    """Mean InfoNCE over all 4 sessions, candidates filtered by set logic on the keys."""
+    losses = []
+    for i in range(4):
+        relevant = {("id", a) for a, _ in _POS_KEYS[i] if a >= 0}
+        relevant |= {("text", b) for _, b in _POS_KEYS[i] if b >= 0}
+        scores = []
+        for j in range(4):
+            for s, (a, b) in enumerate(_SLOT_KEYS[j]):
+                if a < 0:
+                    continue  # padding
+                if (j, s) != (i, 0) and {("id", a), ("text", b)} & relevant:
+                    continue  # a passage relevant to session i
+                scores.append(q[i] @ slots[j, s] / temp)
+        losses.append(torch.logsumexp(torch.stack(scores), 0) - q[i] @ slots[i, 0] / temp)
+    return torch.stack(losses).mean()
 
-    torch.multiprocessing.spawn(_gather_worker, args=(2, 29533, str(tmp_path)), nprocs=2)
-    torch.manual_seed(0)
-    q, emb = torch.randn(4, 8), torch.randn(4 + 4 * 2, 8)
-    pos, neg = emb[:4], emb[4:].reshape(4, 2, 8)
-    # each process averages over its own 2 sessions but scores all 4 + 8 candidates
-    expected = [
-        float(contrastive_loss(q[i : i + 2], pos, neg, temperature=0.5, offset=i)["contrastive"])
-        for i in (0, 2)
-    ]
+
+@pytest.mark.slow
+def test_gathered_candidates_give_the_gradients_of_one_process(tmp_path):
+    torch.multiprocessing.spawn(_gather_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
     got = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
-    assert got == pytest.approx(expected, rel=1e-5)
-    full = float(contrastive_loss(q, pos, neg, temperature=0.5)["contrastive"])
-    assert sum(got) / 2 == pytest.approx(full, rel=1e-5)
+    q, slots = _loss_level_data()
+    q.requires_grad_()
+    slots.requires_grad_()
+    full = _brute_force_contrastive(q, slots, temp=0.5)
+    full.backward()
+    # DDP averages the processes' gradients: each process's loss is the mean over its sessions
+    assert float(sum(g["loss"] for g in got)) / 2 == pytest.approx(float(full.detach()), rel=1e-5)
+    for rank, g in enumerate(got):
+        lo = 2 * rank
+        torch.testing.assert_close(g["q_grad"] / 2, q.grad[lo : lo + 2], rtol=1e-4, atol=1e-6)
+        real = torch.tensor(_SLOT_KEYS[lo : lo + 2])[..., 0] >= 0
+        want = slots.grad[lo : lo + 2][real]  # (R, D) real slots, in slot order
+        torch.testing.assert_close(g["emb_grad"] / 2, want, rtol=1e-4, atol=1e-6)

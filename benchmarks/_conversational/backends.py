@@ -45,10 +45,15 @@ class ExactIndex:
         ids, arrays, meta = read_shards(shard_dirs)
         return cls(ids, np.concatenate([np.asarray(e, dtype=np.float32) for e in arrays]), meta)
 
-    def check_encoder(self, name: str, dim: int, normalized: bool) -> None:
-        if not self.meta.compatible_with(EmbeddingMeta(model=name, dim=dim, normalized=normalized)):
+    def check_encoder(
+        self, name: str, dim: int, normalized: bool, fingerprint: str | None = None
+    ) -> None:
+        """Raise EncoderMismatchError unless queries from this encoder fit (as `DenseIndex`)."""
+        query = EmbeddingMeta(model=name, dim=dim, normalized=normalized, fingerprint=fingerprint)
+        if not self.meta.compatible_with(query):
             raise EncoderMismatchError(
-                f"the corpus was encoded by {self.meta.model!r}, the queries come from {name!r}"
+                f"the corpus was encoded by {self.meta.describe()}, the queries come from "
+                f"{query.describe()}"
             )
 
     def search(

@@ -13,7 +13,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from _conversational.systems import LLM_REWRITE
-from chatretriever.io.files import atomic_write
+from chatretriever.errors import MissingExtraError, require_extra
+from chatretriever.io.files import atomic_path, atomic_write
 from chatretriever.io.trec import read_run
 from chatretriever.retrieval.evaluate import write_json
 from chatretriever.types import Qrel
@@ -37,6 +38,8 @@ def evaluate_records(records: list[dict], qrels: Sequence[Qrel]) -> str | None:
         r["metrics"] = ev.aggregate
         r["num_queries"] = ev.num_queries
         r["num_missing_from_run"] = len(ev.missing_from_run)
+        # tasks judged only with rel=0 stay in the means (as the published numbers have them)
+        r["num_no_relevant"] = len(ev.no_relevant)
     bm25 = [r for r in records if r["family"] == "bm25"]
     if not bm25:
         return None
@@ -100,12 +103,11 @@ def write_markdown(path: Path, summary: dict, records: list[dict], baseline: str
 def write_plot(path: Path, records: list[dict]) -> bool:
     """Bar chart of nDCG@3 and R@100 per system (needs matplotlib)."""
     try:
-        import matplotlib
-
+        matplotlib = require_extra("matplotlib", "plot", "the plot")
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("  matplotlib is not installed: no plot (pip install chatretriever[plot])")
+        plt = require_extra("matplotlib.pyplot", "plot", "the plot")
+    except MissingExtraError as e:
+        print(f"  no plot: {e}")
         return False
     names = [r["id"] for r in records]
     y = np.arange(len(names))
@@ -118,7 +120,8 @@ def write_plot(path: Path, records: list[dict]) -> bool:
     ax.set_xlabel("score")
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:  # never a half-written PNG
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
     return True
 

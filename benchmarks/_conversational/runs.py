@@ -1,10 +1,14 @@
 """The cached, resumable runs: one TREC run per system, reused while its settings key holds.
 
 Each run is written to OUT/runs/<system>.trec with its settings beside it; the settings record a
-key (system, retriever fingerprint, formulation, k, the task ids, and the rewrite model and
-prompt), and a run whose recorded key equals the current one is reused. Corpus embeddings go
-chunk by chunk into OUT/emb/<label>/ (`chatretriever.retrieval.encode`, resumable) and LLM
-rewrites into OUT/rewrites.<model>.jsonl, so a rerun costs nothing.
+key (system, the retriever's fingerprint, formulation, k, the task ids, and the rewrite model and
+prompt), and a run whose recorded key equals the current one is reused. The fingerprint is the
+encoder's own (`Encoder.fingerprint`: weights, settings, precision), so a model retrained in
+place is searched again and the same model moved to another path (same label) is not. Corpus
+embeddings go chunk by chunk into OUT/emb/<label>.<fingerprint>/ (`chatretriever.retrieval.
+encode`, resumable) and LLM rewrites into OUT/rewrites.<model>.jsonl, so a rerun costs nothing:
+OUT/fingerprints.json remembers each model's fingerprint while its files are unchanged (their
+names, sizes and mtimes), so a cached run needs no model load.
 """
 
 from __future__ import annotations
@@ -24,11 +28,14 @@ from _conversational.systems import System, slug
 from chatretriever.apps.registry import precision_of
 from chatretriever.io.files import read_json
 from chatretriever.io.mtrag import iter_mtrag_corpus
+from chatretriever.modeling.fingerprint import digest
 from chatretriever.retrieval.encode import EncodeConfig, encode_corpus, encode_seconds, list_shards
-from chatretriever.retrieval.encoders import Encoder
+from chatretriever.retrieval.encoders import Encoder, fingerprint_of
 from chatretriever.retrieval.evaluate import write_json
 from chatretriever.retrieval.search import Formulation, save_run, search_dense, settings_path
 from chatretriever.types import Passage, Run, Session
+
+FINGERPRINTS = "fingerprints.json"
 
 
 class Workspace:
@@ -77,11 +84,30 @@ class Workspace:
             self._encoder = (spec, backends.load_model(spec, self.args.device))
         return self._encoder[1]
 
+    def fingerprint(self, spec: str) -> str:
+        """The fingerprint of the encoder of `spec` (its name for an encoder without one).
+
+        Read from OUT/fingerprints.json while the files of `spec` and the device are as they were
+        when it was recorded, so a cached run needs no model load; else the model is loaded.
+        """
+        memo_path = self.out / FINGERPRINTS
+        memo = read_json(memo_path) if memo_path.exists() else {}
+        state = {"files": files_state(spec), "device": self.args.device}
+        entry = memo.get(spec)
+        loaded = self._encoder is not None and self._encoder[0] == spec
+        if not loaded and isinstance(entry, dict) and entry.get("state") == state:
+            return str(entry["fingerprint"])
+        fingerprint = fingerprint_of(self.encoder(spec)) or spec
+        if not isinstance(entry, dict) or entry.get("fingerprint") != fingerprint:
+            memo[spec] = {"state": state, "fingerprint": fingerprint}
+            write_json(memo_path, memo)
+        return fingerprint
+
     def index(self, spec: str, label: str) -> tuple[Any, dict[str, float]]:
         """(corpus index of an encoder, {"corpus_encode_s", "index_s"})."""
         if self._index is None or self._index[0] != spec:
             encoder = self.encoder(spec)
-            emb_dir = self.out / "emb" / slug(label)
+            emb_dir = self.out / "emb" / f"{slug(label)}.{self.fingerprint(spec)}"
             encode_s = self._encode(encoder, emb_dir)
             start = time.perf_counter()
             index = backends.build_index(list_shards([emb_dir]))
@@ -117,33 +143,45 @@ class Workspace:
         return self._rewritten
 
 
-def retriever_fingerprint(spec: str | None) -> str | None:
-    """A trained ChatRetriever by content (its weights and config), anything else by name.
+def files_state(spec: str) -> str | None:
+    """A cheap digest of the files a model spec loads (names, sizes, mtimes; not their bytes):
+    its directory's, and those of a saved retriever's base model when that is a local directory.
 
-    So a run made with a model directory is reused for the same model shipped as a built-in
-    (or copied elsewhere), and a model retrained in place is searched again.
+    None for a spec without a local directory (a built-in embedder name, a registered prefix):
+    such a spec is taken to load the same model while the device is the same.
     """
     from chatretriever.modeling.sources import builtin_retriever_dir
 
-    if spec is None:
-        return None
     path = builtin_retriever_dir(spec) or Path(spec)
-    config = path / "chatretriever.json"
-    if not config.is_file():
-        return spec
-    digest = hashlib.sha256()
-    for file in [*sorted(path.glob("*.safetensors")), config]:
-        digest.update(file.name.encode())
-        digest.update(file.read_bytes())
-    return f"chatretriever:sha256:{digest.hexdigest()[:20]}"
+    if not path.is_dir():
+        return None
+    dirs = [path]
+    saved = path / "chatretriever.json"
+    if saved.is_file():
+        base = read_json(saved).get("retriever", {}).get("base_model")
+        dirs += [Path(base)] if base and Path(base).is_dir() else []
+    files = sorted(p for d in dirs for p in d.iterdir() if p.is_file())
+    return digest([(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
 
 
-def run_key(system: System, args: argparse.Namespace, sessions: Sequence[Session]) -> dict:
-    """What determines a run: a cached run is reused only when its recorded key is equal."""
+def run_key(
+    system: System,
+    args: argparse.Namespace,
+    sessions: Sequence[Session],
+    fingerprint: str | None = None,
+) -> dict:
+    """What determines a run: a cached run is reused only when its recorded key is equal.
+
+    Args:
+        system: The system.
+        args: The benchmark's arguments (k, rewrite model).
+        sessions: The queries.
+        fingerprint: The fingerprint of a dense system's encoder (`Workspace.fingerprint`).
+    """
     ids = "\n".join(sorted(s.id for s in sessions)).encode("utf-8")
     key = {
         "system": system.id,
-        "retriever": retriever_fingerprint(system.retriever),
+        "retriever": fingerprint if system.dense else system.retriever,
         "formulation": system.formulation,
         "k": args.k,
         "queries": len(sessions),
@@ -184,6 +222,7 @@ def make_run(system: System, ws: Workspace) -> tuple[Run, dict[str, float], dict
         encoder = ws.encoder(system.retriever)
         extra.update(
             encoder=encoder.name,
+            fingerprint=fingerprint_of(encoder),
             dim=encoder.dim,
             index=index.factory,
             device=backends.device_of(encoder),
@@ -207,7 +246,8 @@ def produce_runs(systems: Sequence[System], ws: Workspace, data_path: str) -> li
     records = []
     for n, system in enumerate(systems, start=1):
         run_path = ws.out / "runs" / f"{system.id}.trec"
-        key = run_key(system, ws.args, ws.sessions)
+        fingerprint = ws.fingerprint(system.retriever) if system.dense else None
+        key = run_key(system, ws.args, ws.sessions, fingerprint)
         settings = cached_settings(run_path, key)
         cached = settings is not None
         print(f"[{n}/{len(systems)}] {system.id}: " + ("cached run" if cached else "running"))

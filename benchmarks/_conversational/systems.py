@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from chatretriever.errors import MissingExtraError
 from chatretriever.retrieval.search import Formulation
 
 FAMILIES = ("bm25", "rewrite", "dense", "chatretriever")
@@ -69,7 +70,7 @@ def missing_model(name: str) -> str | None:
 def missing_module(module: str, extra: str) -> str | None:
     """Why a package cannot be imported (with the extra that installs it), else None."""
     if importlib.util.find_spec(module) is None:
-        return f"{module} is not installed (pip install chatretriever[{extra}])"
+        return str(MissingExtraError(module, extra))
     return None
 
 

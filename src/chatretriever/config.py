@@ -36,7 +36,7 @@ class RetrieverConfig:
         n_emb_tokens: t, the number of [EMB_i] tokens appended to every input (paper: 3).
         max_session_len: Token budget of a session, EMB tokens included.
         max_passage_len: Token budget of a passage, EMB tokens included.
-        max_response_len: Token budget of the CSIT response part, EMB tokens included.
+        max_response_len: Token budget of the CSIT response part (it has no EMB tokens).
         normalize: L2-normalise embeddings (cosine similarity).
         dtype: "auto" (bf16 where the CPU/GPU supports it, else fp32), "bf16" or "fp32".
         fp32_layers: Under bf16, the first this-many decoder layers still run in fp32. LLMs build

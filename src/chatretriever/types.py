@@ -23,6 +23,26 @@ class Passage:
             raise ValueError("Passage.id must be a non-empty string")
 
 
+def passage_text(passage: Passage | Mapping[str, Any] | str | Any) -> str:
+    """The one text of a passage: "title\\ntext", or the text when there is no title.
+
+    What ChatRetriever encodes as a passage's message (`modeling.template`), what BM25 indexes
+    and what hard-negative mining searches. A passage may be a `Passage`, a string, or a
+    mapping with "text" (and optional "title"), like a BEIR corpus line.
+    """
+    if isinstance(passage, str):
+        return passage
+    if isinstance(passage, Mapping):
+        if not isinstance(passage.get("text"), str):
+            raise ValueError(
+                f"a passage mapping needs a string 'text' field, got keys {sorted(passage)}"
+            )
+        title, text = passage.get("title") or "", passage["text"]
+    else:
+        title, text = getattr(passage, "title", "") or "", passage.text
+    return f"{title}\n{text}" if title else text
+
+
 @dataclass(frozen=True)
 class Turn:
     """One chat message in the OpenAI style."""

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from chatretriever.retrieval.corpus_index import CorpusIndex
-from chatretriever.retrieval.encoders import Encoder
+from chatretriever.retrieval.encoders import Encoder, fingerprint_of
 from chatretriever.types import Passage, Session, Turn
 
 SNIPPET_CHARS = 200
@@ -74,7 +74,8 @@ class ChatSearcher:
     def __init__(self, encoder: Encoder, corpus_index: CorpusIndex, k: int = 5) -> None:
         if k < 1:
             raise ValueError(f"k must be positive, got {k}")
-        corpus_index.index.check_encoder(encoder.name, encoder.dim, encoder.normalize)
+        index, fingerprint = corpus_index.index, fingerprint_of(encoder)
+        index.check_encoder(encoder.name, encoder.dim, encoder.normalize, fingerprint)
         self.encoder = encoder
         self.corpus_index = corpus_index
         self.k = k

@@ -12,7 +12,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from chatretriever.errors import DataFormatError
+from chatretriever.errors import DataFormatError, as_missing_extra
 from chatretriever.modeling.sources import ModelNotInstalledError
 
 EXIT_BAD_INPUT = 2
@@ -70,6 +70,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except ModelNotInstalledError as e:
         print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ImportError as e:
+        # A missing optional extra (faiss, ir_measures, bm25s, torch, ...) is one line naming the
+        # `pip install` to run; any other import error is a bug and keeps its traceback.
+        missing = as_missing_extra(e)
+        if missing is None:
+            raise
+        print(f"error: {missing}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -58,6 +58,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("qrels", help="TREC or BEIR qrels")
     p.add_argument("--measures", nargs="+", help="ir_measures names (default: nDCG@3 ...)")
     p.add_argument("--rel", type=int, default=1, help="relevance threshold of binary measures")
+    p.add_argument(
+        "--drop-no-relevant",
+        action="store_true",
+        help="leave queries without any judgment >= --rel out of the means (default: they are "
+        "reported and count as zeros)",
+    )
     p.add_argument("--per-query", action="store_true", help="print per-query values")
     p.add_argument("--compare", metavar="RUN2", help="paired significance tests against RUN2")
     p.add_argument("--out", help="write the results as JSON")
@@ -179,6 +185,7 @@ def _search_dense(args: argparse.Namespace, sessions: list) -> tuple:
     """The dense run and the model name it used (--model, else the one the index records)."""
     from chatretriever.apps.registry import load_encoder
     from chatretriever.retrieval.corpus_index import CorpusIndex
+    from chatretriever.retrieval.encoders import fingerprint_of
     from chatretriever.retrieval.search import search_dense
 
     if not args.index:
@@ -188,7 +195,8 @@ def _search_dense(args: argparse.Namespace, sessions: list) -> tuple:
     if not model:
         raise ValueError(f"{args.index} does not record its model: pass --model NAME")
     encoder = load_encoder(model)
-    loaded.index.check_encoder(encoder.name, encoder.dim, encoder.normalize)  # before encoding
+    fingerprint = fingerprint_of(encoder)  # checked before any query is encoded
+    loaded.index.check_encoder(encoder.name, encoder.dim, encoder.normalize, fingerprint)
     run = search_dense(
         encoder,
         loaded.index,
@@ -208,11 +216,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     qrels = read_qrels(args.qrels)
     measures = args.measures or list(DEFAULT_MEASURES)
-    result = evaluate_run(read_run(args.run), qrels, measures, rel=args.rel)
+    drop = args.drop_no_relevant
+    result = evaluate_run(read_run(args.run), qrels, measures, args.rel, drop_no_relevant=drop)
     _print_evaluation(args.run, result, args.per_query)
     out = {"run": args.run, "qrels": args.qrels, **result.to_dict(per_query=args.per_query)}
     if args.compare:
-        other = evaluate_run(read_run(args.compare), qrels, measures, rel=args.rel)
+        other = evaluate_run(read_run(args.compare), qrels, measures, args.rel, drop)
         tests = compare(result, other)
         _print_comparison(args.run, args.compare, tests)
         out["compare"] = {"run": args.compare, "evaluation": other.to_dict(False), "tests": tests}
@@ -227,6 +236,13 @@ def _print_evaluation(name: str, result, per_query: bool) -> None:
         f"({len(result.missing_from_run)} missing from the run, counted as 0); "
         f"{len(result.unjudged_in_run)} run queries without judgments excluded"
     )
+    if result.no_relevant:
+        what = "left out" if result.no_relevant_dropped else "evaluated (--drop-no-relevant drops)"
+        _echo(
+            f"# {len(result.no_relevant)} judged queries have no judgment >= {result.rel}, "
+            f"{what}: {', '.join(result.no_relevant[:5])}"
+            + (" ..." if len(result.no_relevant) > 5 else "")
+        )
     for measure, value in result.aggregate.items():
         _echo(f"{measure}\tall\t{value:.4f}")
     if per_query:

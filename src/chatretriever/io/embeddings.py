@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,10 +18,23 @@ EMBEDDINGS = "embeddings.npy"
 IDS = "ids.txt"
 META = "meta.json"
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class EmbeddingMeta:
-    """What produced a set of embeddings; an index refuses queries from another encoder."""
+    """What produced a set of embeddings; an index refuses queries from another encoder.
+
+    Attributes:
+        model: The encoder's name (for people: "chatretriever/final" may name several models).
+        dim: Embedding size D.
+        dtype: Numpy dtype of the stored vectors.
+        normalized: Whether the vectors are L2-normalised.
+        count: Number of vectors.
+        extra: Free-form details (chunk number, encoding seconds, ...).
+        fingerprint: The encoder's content fingerprint (`Encoder.fingerprint`). None in
+            directories written before fingerprints existed: those are matched by name.
+    """
 
     model: str
     dim: int
@@ -28,9 +42,46 @@ class EmbeddingMeta:
     normalized: bool = True
     count: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str | None = None
+
+    def by_name_only(self, other: EmbeddingMeta) -> bool:
+        """Whether `same_model` can only compare names (one side records no fingerprint)."""
+        return not (self.fingerprint and other.fingerprint)
+
+    def same_model(self, other: EmbeddingMeta) -> bool:
+        """Same encoder: equal fingerprints (names may differ: a copied or renamed model), or
+        equal names when a side records no fingerprint."""
+        if self.by_name_only(other):
+            return self.model == other.model
+        return self.fingerprint == other.fingerprint
 
     def compatible_with(self, other: EmbeddingMeta) -> bool:
-        return (self.model, self.dim, self.normalized) == (other.model, other.dim, other.normalized)
+        """Whether vectors of both can be mixed or compared: `same_model`, dim, normalisation."""
+        same_space = (self.dim, self.normalized) == (other.dim, other.normalized)
+        return same_space and self.same_model(other)
+
+    def describe(self) -> str:
+        """One phrase for messages: "model 'x' (fingerprint 1a2b..., dim 16, normalized)"."""
+        fp = f"fingerprint {self.fingerprint}" if self.fingerprint else "no fingerprint"
+        norm = "normalized" if self.normalized else "unnormalized"
+        return f"model {self.model!r} ({fp}, dim {self.dim}, {norm})"
+
+
+def warn_if_by_name(where: str | Path, a: EmbeddingMeta, b: EmbeddingMeta) -> bool:
+    """Warn that two compatible metadata were matched by model name only; returns whether.
+
+    Directories written before fingerprints existed keep working, but a model retrained in
+    place under the same name cannot be told apart from the one that made them.
+    """
+    if not a.by_name_only(b):
+        return False
+    logger.warning(
+        "%s: a model fingerprint is missing (made by an older version?); matched by the name "
+        "%r only: re-encode if that model was retrained since",
+        where,
+        a.model,
+    )
+    return True
 
 
 def write_embeddings(

@@ -3,13 +3,16 @@ a saved peft adapter."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from chatretriever.config import LoraSettings
+from chatretriever.errors import require_extra
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # what peft's save_pretrained writes
 
 
 def is_peft(model: Any) -> bool:
@@ -47,11 +50,12 @@ def resize_and_init(model: Any, tokenizer: Any, emb_ids: Sequence[int], init: st
 
 def wrap_lora(model: Any, lora: LoraSettings, emb_ids: Sequence[int]) -> Any:
     """LoRA on `lora.target_modules`; the EMB rows train through peft's trainable tokens."""
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError as e:  # pragma: no cover - depends on the install
-        raise ImportError("LoRA needs peft: pip install chatretriever[train]") from e
-    peft_config = LoraConfig(
+    peft = require_extra("peft", "train", "LoRA")
+    return peft.get_peft_model(model, _lora_config(peft, lora, emb_ids))
+
+
+def _lora_config(peft: Any, lora: LoraSettings, emb_ids: Sequence[int]) -> Any:
+    return peft.LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
@@ -59,13 +63,65 @@ def wrap_lora(model: Any, lora: LoraSettings, emb_ids: Sequence[int]) -> Any:
         trainable_token_indices=list(emb_ids),
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, peft_config)
 
 
-def load_adapter(model: Any, path: Path, is_trainable: bool) -> Any:
-    """Wraps `model` with the peft adapter saved in `path` (trainable when `is_trainable`)."""
-    try:
-        from peft import PeftModel
-    except ImportError as e:  # pragma: no cover - depends on the install
-        raise ImportError("a LoRA retriever needs peft: pip install chatretriever[train]") from e
-    return PeftModel.from_pretrained(model, path, is_trainable=is_trainable)
+def load_adapter(
+    model: Any,
+    path: Path,
+    is_trainable: bool,
+    lora: LoraSettings | None = None,
+    emb_ids: Sequence[int] = (),
+) -> Any:
+    """Wraps `model` with the peft adapter saved in `path` (trainable when `is_trainable`).
+
+    Args:
+        model: The base model (vocabulary already resized to the adapter's tokenizer).
+        path: A peft adapter directory (`adapter_config.json`, `ADAPTER_WEIGHTS`).
+        is_trainable: Load it trainable (to continue training).
+        lora: Settings to wrap with instead of the saved `adapter_config.json` (e.g. a recipe's
+            dropout); must describe the same weights. `emb_ids` are then its trainable tokens.
+        emb_ids: The trainable token ids, with `lora`.
+
+    Raises:
+        ValueError: The saved weights lack keys the adapter expects, or hold unknown ones (peft
+            itself only warns and leaves such weights at their random start).
+    """
+    peft = require_extra("peft", "train", "a LoRA retriever")
+    config = None if lora is None else _lora_config(peft, lora, emb_ids)
+    wrapped = peft.PeftModel.from_pretrained(model, path, is_trainable=is_trainable, config=config)
+    weights = Path(path) / ADAPTER_WEIGHTS
+    if weights.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(weights), "pt") as f:
+            check_adapter_keys(wrapped, f.keys(), weights)
+    return wrapped
+
+
+def adapter_state(model: Any) -> dict[str, torch.Tensor]:
+    """The trainable state of a peft model as its `save_pretrained` writes it: the LoRA matrices
+    and the trainable token rows (never the embedding matrix)."""
+    peft = require_extra("peft", "train", "LoRA")
+    return peft.get_peft_model_state_dict(model, save_embedding_layers=False)
+
+
+def check_adapter_keys(model: Any, saved: Iterable[str], where: str | Path) -> None:
+    """Raise ValueError unless saved adapter weights have exactly the keys `model` expects.
+
+    Args:
+        model: The peft model the weights are loaded into.
+        saved: The keys of the saved state (as `adapter_state` names them).
+        where: The file, for the message.
+    """
+    expected, saved = set(adapter_state(model)), set(saved)
+    missing, unexpected = sorted(expected - saved), sorted(saved - expected)
+    if missing:
+        raise ValueError(
+            f"{where}: lacks {len(missing)} of the {len(expected)} adapter weights the model "
+            f"expects (first: {missing[0]!r}); was it saved with other LoRA settings?"
+        )
+    if unexpected:
+        raise ValueError(
+            f"{where}: holds {len(unexpected)} adapter weights the model does not have "
+            f"(first: {unexpected[0]!r}); was it saved with other LoRA settings?"
+        )

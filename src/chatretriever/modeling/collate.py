@@ -1,13 +1,16 @@
 """Token ids -> padded tensors, LM labels and the session-masked attention mask (pure functions).
 
-The CSIT mask is a FLOAT additive mask (B, 1, L, L): 0 = may attend, `torch.finfo(dtype).min` =
-blocked. Not boolean (eager attention misreads it) and not -inf (fully blocked rows give NaN).
-Padding is folded into it, and `position_ids` are always passed explicitly, so the standard
-transformers path (`attention_mask=` 4D) works on Llama, Qwen2, ... with no patched model file.
+A CSIT batch carries no (B, 1, L, L) mask: it carries the lengths the mask is made of (the 2D
+padding mask, and per row how many session tokens the response side must not see and where the
+response side starts). `csit_mask` builds the mask from them on whatever device the batch is on
+(the model calls it on the accelerator), as a FLOAT additive mask (B, 1, L, L): 0 = may attend,
+`torch.finfo(dtype).min` = blocked. Not boolean (eager attention misreads it) and not -inf (fully
+blocked rows give NaN). Padding is folded into it, and `position_ids` are always passed
+explicitly, so the standard transformers path (`attention_mask=` 4D) works on Llama, Qwen2, ...
+with no patched model file.
 
 CSIT row rules for one example laid out as [session (S), session EMB (t), response side (R)]
-where the response side is the assistant header, the response, its end-of-turn tokens and the
-response EMB tokens:
+where the response side is the assistant header, the response and its end-of-turn tokens:
 - session rows and session EMB rows: causal over the session (so their hidden states equal a
   standalone encoding of the session);
 - every response-side row (header/separator rows included): the t session EMB tokens and earlier
@@ -20,13 +23,13 @@ still equal a standalone encoding as long as the session fits in the window.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
+from chatretriever.modeling.losses import IGNORE_INDEX
 from chatretriever.modeling.template import CsitPieces
 
-IGNORE_INDEX = -100
 MASK_MODES = ("csit", "vanilla")
 
 
@@ -104,78 +107,78 @@ def last_token_positions(
 
 
 def csit_allowed(
-    lengths: torch.Tensor,
-    session_lens: torch.Tensor,
-    n_emb: int,
-    max_len: int,
-    mode: str = "csit",
+    attention_mask: torch.Tensor,
+    masked_session_lens: torch.Tensor,
+    response_starts: torch.Tensor,
 ) -> torch.Tensor:
-    """Boolean "row may attend to column" matrices of right-padded CSIT sequences.
+    """Boolean "row may attend to column" matrices of CSIT sequences, on the inputs' device.
+
+    Positions count real tokens (as `position_ids_from_mask`), so either padding side works.
 
     Args:
-        lengths: (B,) real length of each sequence.
-        session_lens: (B,) S, the number of session tokens before the session EMB tokens.
-        n_emb: t.
-        max_len: L, the padded length.
-        mode: "csit" (session-masked) or "vanilla" (causal).
+        attention_mask: (B, L), 1 = token, 0 = padding.
+        masked_session_lens: (B,) how many leading tokens (the session) response-side rows must
+            not see: S under "csit", 0 under "vanilla" (plain causal).
+        response_starts: (B,) position of the first response-side row (S + t).
 
     Returns:
         (B, L, L) bool, True = attend.
     """
-    if mode not in MASK_MODES:
-        raise ValueError(f"mask mode must be one of {MASK_MODES}, got {mode!r}")
-    i = torch.arange(max_len).view(1, -1, 1)  # rows (1, L, 1)
-    j = torch.arange(max_len).view(1, 1, -1)  # columns (1, 1, L)
-    n = lengths.view(-1, 1, 1)  # (B, 1, 1)
-    allowed = (j <= i) & (i < n) & (j < n)  # causal over real tokens (B, L, L)
-    if mode == "csit":
-        response_row = i >= session_lens.view(-1, 1, 1) + n_emb
-        session_col = j < session_lens.view(-1, 1, 1)
-        allowed = allowed & ~(response_row & session_col)
-    pad_row = (i >= n) & (i == j)  # padding rows see themselves only: no NaN
-    return allowed | pad_row
+    real = attention_mask.bool()  # (B, L)
+    pos = position_ids_from_mask(attention_mask)
+    row, col = pos.unsqueeze(2), pos.unsqueeze(1)  # (B, L, 1), (B, 1, L)
+    allowed = (col <= row) & real.unsqueeze(2) & real.unsqueeze(1)  # causal over real tokens
+    hidden = (row >= response_starts.view(-1, 1, 1)) & (col < masked_session_lens.view(-1, 1, 1))
+    eye = torch.eye(real.shape[1], dtype=torch.bool, device=real.device)
+    return (allowed & ~hidden) | (eye & ~real.unsqueeze(2))  # padding rows: themselves only
 
 
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(B, L, L) bool -> (B, 1, L, L) float: 0 where allowed, finfo(dtype).min where blocked."""
-    zero = torch.zeros((), dtype=dtype)
-    blocked = torch.tensor(torch.finfo(dtype).min, dtype=dtype)
-    return torch.where(allowed, zero, blocked).unsqueeze(1)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+
+
+def csit_mask(batch: Mapping[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The (B, 1, L, L) additive mask of a `csit_batch`, built where the batch's tensors are."""
+    allowed = csit_allowed(
+        batch["attention_mask"], batch["masked_session_lens"], batch["response_starts"]
+    )
+    return additive_mask(allowed, dtype)
 
 
 def csit_batch(
-    examples: Sequence[CsitPieces],
-    pad_id: int,
-    mode: str = "csit",
-    dtype: torch.dtype = torch.float32,
+    examples: Sequence[CsitPieces], pad_id: int, mode: str = "csit"
 ) -> dict[str, torch.Tensor]:
-    """Pad CSIT sequences (right) and build labels, positions and the 4D float mask.
+    """Pad CSIT sequences (right) and build labels, positions and what the mask is made of.
 
     Args:
         examples: B CsitPieces from `RetrievalTemplate.csit_pieces`.
         pad_id: Padding token id.
         mode: "csit" (session-masked) or "vanilla" (plain causal).
-        dtype: Float dtype of the additive mask (the model's compute dtype).
 
     Returns:
-        {"input_ids": (B, L), "attention_mask": (B, 1, L, L) float, "position_ids": (B, L),
-        "labels": (B, L) = input ids on the trained response tokens, -100 elsewhere (not
-        shifted), "session_emb_pos": (B,) position of each session's last EMB token}.
+        {"input_ids": (B, L), "attention_mask": (B, L) (1 = token), "position_ids": (B, L),
+        "labels": (B, L) = input ids on the trained response tokens, IGNORE_INDEX elsewhere
+        (not shifted), "session_emb_pos": (B,) position of each session's last EMB token,
+        "masked_session_lens": (B,) and "response_starts": (B,) (see `csit_allowed`; the 4D
+        mask is `csit_mask(batch, dtype)`)}.
     """
+    if mode not in MASK_MODES:
+        raise ValueError(f"mask mode must be one of {MASK_MODES}, got {mode!r}")
     if len({ex.n_emb for ex in examples}) > 1:
         raise ValueError("all CSIT examples of a batch must use the same number of EMB tokens")
     ids, mask2d = pad_batch([ex.input_ids for ex in examples], pad_id, "right")
-    length = ids.shape[1]
-    lengths = mask2d.sum(dim=-1)  # (B,)
-    session_lens = torch.tensor([ex.session_len for ex in examples], dtype=torch.long)
     labels = torch.full_like(ids, IGNORE_INDEX)
     for b, ex in enumerate(examples):
         labels[b, ex.label_start : ex.label_end] = ids[b, ex.label_start : ex.label_end]
-    allowed = csit_allowed(lengths, session_lens, examples[0].n_emb, length, mode)
+    masked = [ex.session_len if mode == "csit" else 0 for ex in examples]
     return {
         "input_ids": ids,
-        "attention_mask": additive_mask(allowed, dtype),
+        "attention_mask": mask2d,
         "position_ids": position_ids_from_mask(mask2d),
         "labels": labels,
         "session_emb_pos": torch.tensor([ex.session_emb_pos for ex in examples]),
+        "masked_session_lens": torch.tensor(masked, dtype=torch.long),
+        "response_starts": torch.tensor([ex.response_start for ex in examples]),
     }

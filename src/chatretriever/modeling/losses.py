@@ -6,12 +6,14 @@ sums the parts and logs each one.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
+"""The label of a position that carries no LM loss (the one definition; Hugging Face's value)."""
 
 
 def contrastive_loss(
@@ -36,8 +38,8 @@ def contrastive_loss(
         temperature: Softmax temperature.
         in_batch: Also score every other example's positive and hard negatives as negatives.
         offset: Row of `pos` holding the positive of q[0] (the process rank times B under DDP).
-        exclude: (B, C) bool, True = candidate left out of row i's softmax (padding or a
-            duplicate of its positive); C = N + N*K candidates in the order [pos, neg
+        exclude: (B, C) bool, True = candidate left out of row i's softmax (padding, or a
+            passage relevant to session i); C = N + N*K candidates in the order [pos, neg
             flattened] with in-batch negatives, else 1 + K ([own positive, own negatives]).
             See `candidate_exclusions`.
 
@@ -69,42 +71,146 @@ def contrastive_loss(
     return {"contrastive": F.cross_entropy(scores, target)}
 
 
+N_KEYS = 2
+"""Identity keys per passage in a `CandidateLayout`: an id key and a normalised-text key."""
+
+
+@dataclass(frozen=True)
+class CandidateLayout:
+    """Which passage rows are each example's positive and hard negatives, and which passages
+    are relevant to it: the one object the collator builds and the contrastive loss reads.
+
+    Example i has 1 + K candidate slots: slot 0 is the positive trained this epoch, slots 1..K
+    its hard negatives. Only real passages are encoded; `rows` says where each slot's passage
+    sits in that passage batch (a padding slot, when the example has fewer than K negatives,
+    has none). A candidate whose key equals a key of ANY of the session's positives (the same
+    passage id, or the same normalised text: a near-duplicate) is relevant, so it is never
+    scored as a negative of that session.
+
+    Attributes:
+        rows: (B, 1 + K) long, the slot's row in the encoded passage batch; -1 = padding slot.
+        keys: (B, 1 + K, N_KEYS) int64 identity keys of each slot's passage; -1 = none.
+        positive_keys: (B, P, N_KEYS) int64 keys of all of each example's positives (P = the
+            most positives of one example in the batch); -1 = none.
+    """
+
+    rows: torch.Tensor
+    keys: torch.Tensor
+    positive_keys: torch.Tensor
+
+    def __post_init__(self) -> None:
+        b, slots = self.rows.shape
+        if slots < 1 or self.keys.shape != (b, slots, N_KEYS):
+            raise ValueError(f"keys must be {(b, slots, N_KEYS)}, got {tuple(self.keys.shape)}")
+        if self.positive_keys.dim() != 3 or self.positive_keys.shape[::2] != (b, N_KEYS):
+            raise ValueError(f"positive_keys must be (B, P, {N_KEYS}) with B = {b}")
+        if bool((self.rows[:, 0] < 0).any()):
+            raise ValueError("every example needs its positive (slot 0 is never padding)")
+
+    @property
+    def n_negatives(self) -> int:
+        """K, the hard-negative slots of each example."""
+        return self.rows.shape[1] - 1
+
+    @property
+    def valid(self) -> torch.Tensor:
+        """(B, 1 + K) bool, False = padding slot."""
+        return self.rows >= 0
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> CandidateLayout:
+        """The same layout on `device`."""
+        rows, keys, pos = (
+            t.to(device, non_blocking=non_blocking)
+            for t in (self.rows, self.keys, self.positive_keys)
+        )
+        return CandidateLayout(rows, keys, pos)
+
+    def place(self, passage_emb: torch.Tensor) -> torch.Tensor:
+        """Encoded passages into their slots.
+
+        Args:
+            passage_emb: (R, D) embeddings of the encoded passage batch (R real passages).
+
+        Returns:
+            (B, 1 + K, D); padding slots hold zeros (and are excluded from every softmax).
+        """
+        padded = torch.cat([passage_emb, passage_emb.new_zeros(1, passage_emb.shape[-1])])
+        rows = self.rows.to(passage_emb.device)
+        return padded[torch.where(rows >= 0, rows, passage_emb.shape[0])]  # (B, 1 + K, D)
+
+
 def candidate_exclusions(
-    pos_keys: torch.Tensor,
-    neg_keys: torch.Tensor,
-    neg_valid: torch.Tensor,
-    n_queries: int,
+    positive_keys: torch.Tensor,
+    cand_keys: torch.Tensor,
+    cand_valid: torch.Tensor,
     offset: int = 0,
     in_batch: bool = True,
 ) -> torch.Tensor:
-    """Which candidates `contrastive_loss` must leave out: padding, and false negatives.
-
-    A candidate whose key (e.g. a hash of its text) equals the session's own positive key is a
-    copy of the positive (two turns of one conversation often share a passage): scoring it as
-    a negative would push the session away from its own answer.
+    """Which candidates `contrastive_loss` must leave out: padding, and relevant passages.
 
     Args:
-        pos_keys: (N,) int64 key of each positive.
-        neg_keys: (N, K) int64 keys of the hard negatives.
-        neg_valid: (N, K) bool, False = padding slot (the example had fewer negatives).
-        n_queries: B, the sessions scored here (rows offset .. offset + B - 1 of pos).
-        offset: Row of pos_keys holding the first session's positive.
-        in_batch: The candidate layout of `contrastive_loss`.
+        positive_keys: (B, P, N_KEYS) keys of every positive of the B sessions scored here.
+        cand_keys: (N, 1 + K, N_KEYS) keys of the slots of every row (positive, then hard
+            negatives); rows offset .. offset + B - 1 are the sessions' own (N > B: gathered
+            from every process).
+        cand_valid: (N, 1 + K) bool, False = padding slot.
+        offset: Row of the first session.
+        in_batch: The candidate layout of `contrastive_loss`: [all N positives, all N * K
+            negatives row by row] (C = N + N * K), else each session's own 1 + K slots.
 
     Returns:
-        (B, C) bool, True = leave out; never True at a session's own positive.
+        (B, C) bool, True = leave out; never True at a session's own positive. A candidate is
+        left out when it is padding or shares a key (-1 = none) with any of the session's
+        positives.
     """
-    rows = torch.arange(n_queries, device=pos_keys.device) + offset
-    own = pos_keys[rows].unsqueeze(1)  # (B, 1)
+    b = positive_keys.shape[0]
+    rows = torch.arange(b, device=cand_keys.device) + offset
     if in_batch:
-        keys = torch.cat([pos_keys, neg_keys.reshape(-1)])  # (C,)
-        valid = torch.cat([torch.ones_like(pos_keys, dtype=torch.bool), neg_valid.reshape(-1)])
-        out = (keys.unsqueeze(0) == own) | ~valid.unsqueeze(0)  # (B, C)
-        out[torch.arange(n_queries), rows] = False
-        return out
-    same = neg_keys[rows] == own  # (B, K)
-    out = same | ~neg_valid[rows]
-    return torch.cat([torch.zeros_like(own, dtype=torch.bool), out], dim=1)  # (B, 1 + K)
+        keys = torch.cat([cand_keys[:, 0], cand_keys[:, 1:].reshape(-1, N_KEYS)])  # (C, N_KEYS)
+        valid = torch.cat([cand_valid[:, 0], cand_valid[:, 1:].reshape(-1)])  # (C,)
+        keys, valid, own = keys.unsqueeze(0), valid.unsqueeze(0), rows  # (1, C, N_KEYS)
+    else:
+        keys, valid, own = cand_keys[rows], cand_valid[rows], torch.zeros_like(rows)
+    pk = positive_keys.to(keys.device).unsqueeze(1)  # (B, 1, P, N_KEYS)
+    same = (keys.unsqueeze(2) == pk) & (pk >= 0)  # (B, C, P, N_KEYS)
+    out = same.flatten(2).any(-1) | ~valid  # (B, C)
+    out[torch.arange(b, device=out.device), own] = False
+    return out
+
+
+def layout_contrastive_loss(
+    q: torch.Tensor,
+    passage_emb: torch.Tensor,
+    layout: CandidateLayout,
+    temperature: float = 0.01,
+    in_batch: bool = True,
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    rank: int = 0,
+) -> dict[str, torch.Tensor]:
+    """`contrastive_loss` over the candidates a `CandidateLayout` describes.
+
+    Args:
+        q: (B, D) session embeddings.
+        passage_emb: (R, D) the encoded passages the layout points into.
+        layout: The batch's candidate layout (B examples, K hard-negative slots).
+        temperature: Softmax temperature.
+        in_batch: Also score every other example's candidates (across processes with `gather`).
+        gather: Under DDP with in-batch negatives: concatenates a tensor over all processes in
+            rank order (keeping the local part's gradient); None = one process.
+        rank: This process's rank (its sessions' rows in the gathered candidates).
+
+    Returns:
+        {"contrastive": scalar loss}.
+    """
+    layout = layout.to(q.device)
+    slots = layout.place(passage_emb)  # (B, 1 + K, D)
+    keys, valid, offset = layout.keys, layout.valid, 0
+    if in_batch and gather is not None:
+        slots, keys, valid = gather(slots), gather(keys), gather(valid)
+        offset = rank * q.shape[0]
+    exclude = candidate_exclusions(layout.positive_keys, keys, valid, offset, in_batch)
+    neg = slots[:, 1:] if layout.n_negatives else None  # (N, K, D)
+    return contrastive_loss(q, slots[:, 0], neg, temperature, in_batch, offset, exclude)
 
 
 def next_token_targets(
@@ -114,7 +220,7 @@ def next_token_targets(
 
     Args:
         logits: (B, L, V).
-        labels: (B, L), -100 = no loss.
+        labels: (B, L), IGNORE_INDEX = no loss.
 
     Returns:
         logits (B, L - 1, V) and the labels they predict (B, L - 1).
@@ -132,7 +238,7 @@ def session_masked_lm_loss(
 
     Args:
         logits: (..., V) logits, already aligned with `labels` (see `next_token_targets`).
-        labels: (...) target ids, -100 = no loss.
+        labels: (...) target ids, IGNORE_INDEX = no loss.
         label_smoothing: Label smoothing.
 
     Returns:

@@ -18,6 +18,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from chatretriever.io.files import fsync_tree
+
 logger = logging.getLogger(__name__)
 
 CACHE_ENV = "CHATRETRIEVER_CACHE"
@@ -70,6 +72,7 @@ def materialise(target: Path, build: Callable[[Path, Path], None]) -> Path:
         (tmp / "scratch").mkdir()
         logger.info("building %s once (later loads reuse it)", target)
         build(tmp / "out", tmp / "scratch")
+        fsync_tree(tmp / "out")  # durable before it becomes visible under the final name
         try:
             os.rename(tmp / "out", target)
         except OSError:

@@ -8,7 +8,8 @@ the final hidden state of the last one is the embedding.
   on a user turn); then the question itself is cut from its end. The template's tokens around the
   question and the EMB tokens always survive.
 - A passage (or a response used as a positive) is one assistant message: "title\\ntext".
-- The CSIT sequence is [session, EMB x t, assistant turn with the response, EMB x t].
+- The CSIT sequence is [session, EMB x t, assistant turn with the response] (no EMB tokens after
+  the response: nothing reads them).
 
 System messages are rendered on purpose. Some templates (SmolLM2, Qwen2.5) inject a default system
 message ("You are a helpful AI assistant named SmolLM...", ~20 tokens) whenever the conversation
@@ -16,19 +17,29 @@ has none. When `system_prompt` is None and the template is detected to inject on
 EMPTY system message is passed instead, so only the template's few framing tokens remain.
 A session's own system turn is always kept as it is.
 
-Pieces are tokenized separately (template text before the content, the content, the template
-text after it) so that lengths and spans are exact. Functions return plain lists of token ids.
+Every message's content (each turn, the question, a passage, a response) is user text: it is
+tokenized with no added token matched, so a literal "<|im_end|>" or "[EMB_1]" typed anywhere stays
+text; only the chat template's own text yields control tokens. The rendering of a role sequence
+(contents left as slots) is split at the template's added tokens once and cached. The text between
+two of them (template text and earlier turns' contents) is tokenized as one run, as the tokenizer
+tokenizes a full rendering, and each run's ids are cached: a history turn is tokenized once, not
+once per truncation step. The current question, a passage and a response are tokenized on their
+own (they are cut from their end), so lengths and spans are exact. Functions return plain lists
+of token ids; the `*_batch` ones tokenize the texts of many inputs in one tokenizer call.
 """
 
 from __future__ import annotations
 
-import bisect
 import logging
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from chatretriever.types import Passage, SessionLike, Turn, as_session
+from chatretriever.modeling.content_ids import ContentTokenizer
+
+# passage_text lives in types (BM25 and mining read passages the same way); re-exported here.
+from chatretriever.types import Passage, SessionLike, Turn, as_session, passage_text
 
 if TYPE_CHECKING:
     from chatretriever.config import RetrieverConfig
@@ -36,10 +47,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 EMB_TOKEN_FORMAT = "[EMB_{}]"
-# Placeholder for a message's content: the rendered text is split around it.
+# Placeholders for message contents: the rendered text is split around them.
 _SLOT = "@@CHATRETRIEVER_SLOT@@"
+_SLOT_FORMAT = "@@CHATRETRIEVER_SLOT_{}@@"
+_SLOT_RE = re.compile(r"@@CHATRETRIEVER_SLOT_(\d+)@@")
 _PROBE_SYSTEM = "\x01SYSTEM-PROBE\x02"
 _PROBE_USER = "\x01USER-PROBE\x02"
+_TRIM_PROBES = (("system", _PROBE_SYSTEM), ("user", _PROBE_USER), ("assistant", "\x01A-PROBE\x02"))
+_MAX_LAYOUTS = 1024  # cached renderings of role sequences
+_SESSION_CHUNK = 256  # sessions whose history runs are tokenized together
 # Llama 3.x templates print today's date unless given one: fix it so embeddings do not change daily.
 _FIXED_DATE = "26 Jul 2024"
 # Used only when a tokenizer carries no chat template (e.g. a base model).
@@ -86,13 +102,14 @@ def emb_token_ids(tokenizer: Any, t: int) -> list[int]:
 
 @dataclass(frozen=True)
 class CsitPieces:
-    """One CSIT sequence [session, EMB x t, response part, EMB x t] and its spans.
+    """One CSIT sequence [session, EMB x t, response part] and its spans.
 
     Spans are half-open [start, end) token positions:
     session [0, session_len), session EMB [session_len, response_start),
     response part [response_start, label_end) = assistant header, then the trained tokens
-    [label_start, label_end) (the response and the template's end-of-turn tokens),
-    response EMB [label_end, len(input_ids)).
+    [label_start, label_end) (the response and the template's end-of-turn tokens);
+    label_end == len(input_ids). The response part has no EMB tokens: nothing reads their
+    outputs (the LM loss ends at the end-of-turn tokens, the session embedding comes before).
     """
 
     input_ids: tuple[int, ...]
@@ -114,6 +131,27 @@ class CsitPieces:
         return len(self.input_ids)
 
 
+@dataclass(frozen=True)
+class _Slot:
+    """Where the content of message `index` goes in a rendered role sequence."""
+
+    index: int
+
+
+@dataclass(frozen=True)
+class _SessionParts:
+    """A session as truncation sees it: system turn(s), history, current question."""
+
+    id: str
+    system: tuple[Turn, ...]
+    history: tuple[Turn, ...]
+    question: str
+
+    def messages(self, cut: int) -> list[Turn]:
+        """The messages when the history is cut before turn `cut`."""
+        return [*self.system, *self.history[cut:], Turn("user", self.question)]
+
+
 class RetrievalTemplate:
     """Turns sessions, passages and responses into token ids ending with the EMB tokens.
 
@@ -122,7 +160,7 @@ class RetrievalTemplate:
         n_emb_tokens: t.
         max_session_len: Token budget of a session, EMB tokens included.
         max_passage_len: Token budget of a passage, EMB tokens included.
-        max_response_len: Token budget of a CSIT response part, EMB tokens included.
+        max_response_len: Token budget of a CSIT response part (header, response, end of turn).
         system_prompt: None = no system message (see module docstring), or the system message.
     """
 
@@ -144,12 +182,16 @@ class RetrievalTemplate:
         self._chat_template = getattr(tokenizer, "chat_template", None) or PLAIN_TEMPLATE
         if self._chat_template is PLAIN_TEMPLATE:
             logger.info("tokenizer has no chat template: using a plain 'role: content' one")
+        self.contents = ContentTokenizer(tokenizer)  # user text -> ids, no control token
+        self._layouts: dict[tuple[str, ...], tuple[int | str | _Slot, ...]] = {}
         self.system: list[dict[str, str]] = []
         if system_prompt is not None:
             self.system = [{"role": "system", "content": system_prompt}]
         elif self.injects_default_system():
             self.system = [{"role": "system", "content": ""}]
-        self._passage_frame = self._frame_ids([{"role": "assistant", "content": _SLOT}])
+        self._system_turns = tuple(Turn(m["role"], m["content"]) for m in self.system)
+        self._trimmed = self._trimmed_roles()
+        self._passage_frame = self._frames([[*self._system_turns, Turn("assistant", "")]])[0]
         self._response_frame = self._response_frame_ids()
 
     @classmethod
@@ -199,22 +241,32 @@ class RetrievalTemplate:
         injected = plain[prefix : len(plain) - suffix]
         return _PROBE_SYSTEM in with_system and bool(injected.strip())
 
-    def _tok(self, text: str) -> list[int]:
-        """Ids of template text (its special tokens such as <|im_start|> are parsed)."""
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+    def _trimmed_roles(self) -> frozenset[str]:
+        """Roles whose content the template strips of surrounding whitespace (`| trim`).
 
-    def _tok_content(self, text: str) -> list[int]:
-        """Ids of user-provided content: a literal "[EMB_1]" or "<|im_end|>" in it stays text."""
-        enc = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)
-        return list(enc["input_ids"])
+        Llama 3 and Gemma templates do; earlier turns are then stripped as rendering would.
+        """
+        for probes in (_TRIM_PROBES, _TRIM_PROBES[1:]):
+            try:
+                text = self.render([{"role": r, "content": f" {p} "} for r, p in probes])
+            except Exception:  # e.g. a template without a system role
+                continue
+            return frozenset(r for r, p in probes if p in text and f" {p} " not in text)
+        return frozenset()
 
-    def _frame_ids(self, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
-        """Token ids of the template text before and after the single _SLOT content."""
-        msgs = messages if messages[0]["role"] == "system" else self.system + messages
+    def _layout(self, roles: tuple[str, ...]) -> tuple[int | str | _Slot, ...]:
+        """Messages with these roles rendered: the template's added-token ids, its text, slots.
+
+        A rendering depends on the roles only, so each role sequence is rendered once.
+        """
+        layout = self._layouts.get(roles)
+        if layout is not None:
+            return layout
+        msgs = [{"role": r, "content": _SLOT_FORMAT.format(i)} for i, r in enumerate(roles)]
         try:
             text = self.render(msgs)
         except Exception as e:
-            if messages[-1]["role"] != "assistant":
+            if roles[-1] != "assistant":
                 raise
             # Some templates insist on user/assistant alternation: a lone passage is then a user
             # message.
@@ -223,8 +275,61 @@ class RetrievalTemplate:
                 "rendered as user messages",
                 e,
             )
-            return self._frame_ids(messages[:-1] + [{"role": "user", "content": _SLOT}])
-        return self._split(text)
+            layout = self._layout((*roles[:-1], "user"))
+        else:
+            parts = _SLOT_RE.split(text)  # [text, "0", text, "1", ..., text]
+            if parts[1::2] != [str(i) for i in range(len(roles))]:
+                raise ValueError("the chat template alters message contents; cannot place them")
+            items: list[int | str | _Slot] = []
+            for i, frame in enumerate(parts[::2]):
+                items += [_Slot(i - 1)] if i else []
+                pieces = self.contents.split_added(frame)
+                if self.contents.ids_of(pieces) != self._tok(frame):
+                    logger.warning("template text %r tokenizes differently in pieces", frame)
+                items += pieces
+            layout = tuple(items)
+        if len(self._layouts) >= _MAX_LAYOUTS:
+            self._layouts.clear()
+        self._layouts[roles] = layout
+        return layout
+
+    def _pieces(self, messages: Sequence[Turn]) -> tuple[list[int | str], list[int | str]]:
+        """The rendering of `messages` before and after the last one's content.
+
+        Each piece is a template added-token id or a run of text between two of them: template
+        text joined with the earlier messages' contents, tokenized as one text as the tokenizer
+        tokenizes the full rendering, but with no added token matched inside.
+        """
+        sides: tuple[list[int | str], list[int | str]] = ([], [])
+        side, run = 0, []
+        for item in self._layout(tuple(m.role for m in messages)):
+            if isinstance(item, str):
+                run.append(item)
+            elif isinstance(item, _Slot) and item.index < len(messages) - 1:
+                m = messages[item.index]
+                run.append(m.content.strip() if m.role in self._trimmed else m.content)
+            else:  # a template token, or the last content's slot: the run ends
+                if run:
+                    sides[side].append("".join(run))
+                    run = []
+                if isinstance(item, int):
+                    sides[side].append(item)
+                else:
+                    side = 1
+        if run:
+            sides[side].append("".join(run))
+        return sides
+
+    def _frames(self, sessions: Sequence[Sequence[Turn]]) -> list[tuple[list[int], list[int]]]:
+        """Ids before and after the last message's content of each message list.
+
+        The text runs missing from the cache are tokenized in one call.
+        """
+        pieces = [self._pieces(messages) for messages in sessions]
+        self.contents.cached(
+            p for pair in pieces for side in pair for p in side if isinstance(p, str)
+        )
+        return [(self.contents.ids_of(pre), self.contents.ids_of(post)) for pre, post in pieces]
 
     def _split(self, text: str) -> tuple[list[int], list[int]]:
         if text.count(_SLOT) != 1:
@@ -245,6 +350,11 @@ class RetrievalTemplate:
             return self._passage_frame
         return self._split(full[len(head) :])
 
+    # ---------------------------------------------------------------- tokenizing
+    def _tok(self, text: str) -> list[int]:
+        """Ids of template text (its special tokens such as <|im_start|> are parsed)."""
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
     # ---------------------------------------------------------------- public ids
     def session_ids(self, session: SessionLike) -> list[int]:
         """Token ids of a session followed by the t EMB tokens, at most `max_session_len`.
@@ -255,48 +365,81 @@ class RetrievalTemplate:
         Returns:
             Token ids; the current question's framing tokens and the EMB tokens always survive.
         """
+        return self.session_ids_batch([session])[0]
+
+    def session_ids_batch(self, sessions: Sequence[SessionLike]) -> list[list[int]]:
+        """`session_ids` of each session, with few tokenizer calls for all of them."""
+        sessions = list(sessions)
+        out: list[list[int]] = []
+        for start in range(0, len(sessions), _SESSION_CHUNK):
+            parts = [self._session_parts(s) for s in sessions[start : start + _SESSION_CHUNK]]
+            out += self._fit(parts, self.contents.encode([x.question for x in parts]))
+        return out
+
+    def _session_parts(self, session: SessionLike) -> _SessionParts:
         s = as_session(session)
-        turns = list(s.turns)
-        system = [turns.pop(0).to_dict()] if turns[0].role == "system" else []
-        history, question = turns[:-1], turns[-1].content
+        turns = s.turns
+        own = turns[0].role == "system"
+        system, history = (turns[:1], turns[1:-1]) if own else (self._system_turns, turns[:-1])
+        return _SessionParts(s.id, tuple(system), tuple(history), turns[-1].content)
+
+    def _fit(self, parts: list[_SessionParts], questions: list[list[int]]) -> list[list[int]]:
+        """Keep the longest history suffix of whole exchanges that fits, then cut the question.
+
+        Suffixes grow newest first, one exchange per round, the new turns of all sessions
+        tokenized in one call per round: turns too old to fit are never tokenized. (More turns
+        never render shorter, so the first suffix that does not fit ends the search.)
+        """
         budget = self.max_session_len - self.n_emb_tokens
-        q_ids = self._tok_content(question)
 
-        def frame(cut: int) -> tuple[list[int], list[int]]:
-            msgs = system + [t.to_dict() for t in history[cut:]]
-            return self._frame_ids(msgs + [{"role": "user", "content": _SLOT}])
+        def fits(frame: tuple[list[int], list[int]], q: list[int]) -> bool:
+            return len(frame[0]) + len(q) + len(frame[1]) <= budget
 
-        def fits(cut: int) -> bool:
-            pre, post = frame(cut)
-            return len(pre) + len(q_ids) + len(post) <= budget
-
-        cuts = _history_cuts(history)
-        if not fits(0):
-            # Fewer turns never make the text longer: binary search the first cut that fits.
-            i = bisect.bisect_left(cuts, True, lo=1, key=fits)
-            cut = cuts[min(i, len(cuts) - 1)]
-            logger.debug("session %s: dropped %d of %d history turns", s.id, cut, len(history))
-        else:
-            cut = 0
-        pre, post = frame(cut)
-        room = budget - len(pre) - len(post)
-        if room < 1:
-            raise ValueError(
-                f"max_session_len={self.max_session_len} leaves no room for the question "
-                f"(template needs {len(pre) + len(post)} + {self.n_emb_tokens} EMB tokens)"
-            )
-        return pre + q_ids[:room] + post + list(self.emb_ids)
+        cuts = [_history_cuts(x.history) for x in parts]
+        pos = [len(c) - 1 for c in cuts]  # index in cuts of each kept suffix: no history yet
+        frames = self._frames([x.messages(c[-1]) for x, c in zip(parts, cuts, strict=True)])
+        todo = [i for i, p in enumerate(pos) if p > 0 and fits(frames[i], questions[i])]
+        while todo:
+            trial = self._frames([parts[i].messages(cuts[i][pos[i] - 1]) for i in todo])
+            grown = []
+            for i, frame in zip(todo, trial, strict=True):
+                if fits(frame, questions[i]):
+                    frames[i], pos[i] = frame, pos[i] - 1
+                    grown.append(i)
+            todo = [i for i in grown if pos[i] > 0]
+        out = []
+        for x, q, c, p, (pre, post) in zip(parts, questions, cuts, pos, frames, strict=True):
+            if c[p]:
+                logger.debug(
+                    "session %s: dropped %d of %d history turns", x.id, c[p], len(x.history)
+                )
+            room = budget - len(pre) - len(post)
+            if room < 1:
+                raise ValueError(
+                    f"max_session_len={self.max_session_len} leaves no room for the question "
+                    f"(template needs {len(pre) + len(post)} + {self.n_emb_tokens} EMB tokens)"
+                )
+            out.append(pre + q[:room] + post + list(self.emb_ids))
+        return out
 
     def passage_ids(self, passage: Passage | str) -> list[int]:
         """Token ids of a passage as one assistant message ("title\\ntext") + the EMB tokens."""
-        return self._framed(self._passage_frame, passage_text(passage), self.max_passage_len)
+        return self.passage_ids_batch([passage])[0]
 
-    def _framed(self, frame: tuple[list[int], list[int]], content: str, max_len: int) -> list[int]:
+    def passage_ids_batch(self, passages: Sequence[Passage | Any]) -> list[list[int]]:
+        """`passage_ids` of each passage (anything `passage_text` reads), one tokenizer call."""
+        texts = [passage_text(p) for p in passages]
+        frame, max_len = self._passage_frame, self.max_passage_len
+        return [self._framed(frame, ids, max_len) for ids in self.contents.encode(texts)]
+
+    def _framed(
+        self, frame: tuple[list[int], list[int]], content: list[int], max_len: int
+    ) -> list[int]:
         pre, post = frame
         room = max_len - self.n_emb_tokens - len(pre) - len(post)
         if room < 1:
             raise ValueError(f"max length {max_len} leaves no room for content in the template")
-        return pre + self._tok_content(content)[:room] + post + list(self.emb_ids)
+        return pre + content[:room] + post + list(self.emb_ids)
 
     def csit_pieces(self, session: SessionLike, response: str) -> CsitPieces:
         """The CSIT sequence of a session and the response it should generate.
@@ -308,37 +451,34 @@ class RetrievalTemplate:
         Returns:
             CsitPieces; its session part is exactly `session_ids(session)` without the EMB tokens.
         """
-        s_ids = self.session_ids(session)
-        header = self._response_frame[0]
-        r_ids = self._framed(self._response_frame, response, self.max_response_len)
-        label_start = len(s_ids) + len(header)
-        label_end = len(s_ids) + len(r_ids) - self.n_emb_tokens
-        return CsitPieces(
-            input_ids=tuple(s_ids + r_ids),
-            session_len=len(s_ids) - self.n_emb_tokens,
-            n_emb=self.n_emb_tokens,
-            label_start=label_start,
-            label_end=label_end,
-        )
+        return self.csit_pieces_batch([session], [response])[0]
 
-
-def passage_text(passage: Passage | Mapping[str, Any] | str | Any) -> str:
-    """The content of a passage's message: "title\\ntext", or the text when there is no title.
-
-    A passage may be a `Passage`, a string, or a mapping with "text" (and optional "title"),
-    like a BEIR corpus line.
-    """
-    if isinstance(passage, str):
-        return passage
-    if isinstance(passage, Mapping):
-        if not isinstance(passage.get("text"), str):
-            raise ValueError(
-                f"a passage mapping needs a string 'text' field, got keys {sorted(passage)}"
+    def csit_pieces_batch(
+        self, sessions: Sequence[SessionLike], responses: Sequence[str]
+    ) -> list[CsitPieces]:
+        """`csit_pieces` of each (session, response) pair, tokenized in one call per chunk."""
+        if len(sessions) != len(responses):
+            raise ValueError(f"{len(sessions)} sessions but {len(responses)} responses")
+        header, footer = self._response_frame
+        room = self.max_response_len - len(header) - len(footer)  # no EMB tokens on this side
+        if room < 1:
+            raise ValueError(f"max_response_len={self.max_response_len} leaves no room for text")
+        out = []
+        session_ids = self.session_ids_batch(sessions)
+        for s_ids, content in zip(session_ids, self.contents.encode(responses), strict=True):
+            r_ids = header + content[:room] + footer
+            label_start = len(s_ids) + len(header)
+            label_end = len(s_ids) + len(r_ids)
+            out.append(
+                CsitPieces(
+                    input_ids=tuple(s_ids + r_ids),
+                    session_len=len(s_ids) - self.n_emb_tokens,
+                    n_emb=self.n_emb_tokens,
+                    label_start=label_start,
+                    label_end=label_end,
+                )
             )
-        title, text = passage.get("title") or "", passage["text"]
-    else:
-        title, text = getattr(passage, "title", "") or "", passage.text
-    return f"{title}\n{text}" if title else text
+        return out
 
 
 def _history_cuts(history: Sequence[Turn]) -> list[int]:

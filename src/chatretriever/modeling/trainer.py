@@ -3,7 +3,11 @@
 A method supplies a loss function `(model, inputs) -> {name: weighted part}` (a `NamedLossFn`):
 it runs the model's forward on the collated batch and returns each already-weighted part of its
 loss. `NamedLossTrainer` backpropagates their sum and logs every part as `loss_<name>`, averaged
-over the micro-batches of the logging window, beside the Trainer's own `loss`.
+over the micro-batches of the logging window, beside the Trainer's own `loss` (the parts stay on
+the device until a log is written: no device sync per micro-step). A data collator with a
+`set_epoch(epoch, seed)` method is told the epoch and the trainer's seed as each epoch begins (to
+vary, reproducibly, what it samples; with `dataloader_persistent_workers` workers keep the epoch
+they started with).
 
 Checkpoints hold only what trains plus the Trainer's optimizer, scheduler and RNG state, so a
 resumed run continues exactly where a killed run stopped. The model says what trains through the
@@ -19,15 +23,16 @@ weighted concatenation of example lists (`TrainingSet`), and, for in-batch negat
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from chatretriever.io.files import atomic_path, replace_dir
 from chatretriever.modeling.recipe import LOG_FILE, RecipeConfig, save_recipe, write_log
 
 logger = logging.getLogger(__name__)
@@ -47,6 +52,19 @@ class TrainableModel(Protocol):
         """Load the state a `save_pretrained` dir holds into this model, in place."""
 
 
+class _EpochToCollator(TrainerCallback):
+    """Calls `collator.set_epoch(epoch, seed)` as each epoch begins, before its batches exist."""
+
+    def __init__(self, collator: Any) -> None:
+        self.collator = collator
+
+    def on_epoch_begin(
+        self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any
+    ) -> None:
+        # state.epoch is fractional after a mid-epoch resume; its integer part is the epoch.
+        self.collator.set_epoch(int(state.epoch or 0), args.seed)
+
+
 class NamedLossTrainer(Trainer):
     """A Trainer whose loss is the sum of the named parts of `loss_fn`; each part is logged.
 
@@ -60,8 +78,10 @@ class NamedLossTrainer(Trainer):
     def __init__(self, *args: Any, loss_fn: NamedLossFn, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.loss_fn = loss_fn
-        self._part_sums: dict[str, float] = defaultdict(float)
+        self._part_sums: dict[str, torch.Tensor] = {}
         self._part_count = 0
+        if callable(getattr(self.data_collator, "set_epoch", None)):
+            self.add_callback(_EpochToCollator(self.data_collator))
 
     def compute_loss(
         self,
@@ -74,16 +94,19 @@ class NamedLossTrainer(Trainer):
         if not parts:
             raise ValueError("the loss function returned no loss parts")
         total = sum(parts.values())
-        if model.training:
+        if model.training:  # detached sums on the device; read (one sync) only when logging
             for name, value in parts.items():
-                self._part_sums[name] += float(value.detach())
+                part = value.detach()
+                self._part_sums[name] = (
+                    self._part_sums[name] + part if name in self._part_sums else part
+                )
             self._part_count += 1
         return (total, parts) if return_outputs else total
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if self._part_count and "loss" in logs:
             for name, value in self._part_sums.items():
-                logs[f"loss_{name}"] = round(value / self._part_count, 6)
+                logs[f"loss_{name}"] = round(float(value) / self._part_count, 6)
             self._part_sums.clear()
             self._part_count = 0
         super().log(logs, *args, **kwargs)
@@ -93,9 +116,70 @@ class NamedLossTrainer(Trainer):
         if not isinstance(model, TrainableModel):
             super()._save(output_dir, state_dict)
             return
+        if not self.args.should_save:  # one writer per checkpoint (every DDP process gets here)
+            return
         out = Path(output_dir or self.args.output_dir)
         model.save_pretrained(out)
-        torch.save(self.args, out / "training_args.bin")
+        with atomic_path(out / "training_args.bin") as tmp:
+            torch.save(self.args, tmp)
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        """Write `checkpoint-N` whole or not at all.
+
+        The Trainer writes every part of the checkpoint (the model through `_save`, optimizer,
+        scheduler, RNG of each process, trainer state) into `tmp-checkpoint-N/checkpoint-N`;
+        once all processes are done, the main one renames it to `checkpoint-N` (`replace_dir`)
+        and only then rotates old checkpoints. A killed save leaves no `checkpoint-N` that
+        `--resume` would pick (the `tmp-` name matches no checkpoint pattern).
+        """
+        from transformers.trainer import TRAINER_STATE_NAME
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        run_dir = Path(self._get_output_dir(trial=trial))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = run_dir / f"tmp-{name}"  # the same on every process: each writes its part
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)  # left by a killed run
+        self.accelerator.wait_for_everyone()
+        self._staging_run_dir = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)
+        except BaseException:
+            if self.args.should_save:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
+        finally:
+            self._staging_run_dir = None
+        if self.state.best_model_checkpoint == str(staging / name):  # named inside staging
+            self.state.best_model_checkpoint = str(run_dir / name)
+            if self.args.should_save:
+                self.state.save_to_json(str(staging / name / TRAINER_STATE_NAME))
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            replace_dir(staging / name, run_dir / name)
+            shutil.rmtree(staging, ignore_errors=True)
+            self._rotate_checkpoints_in(run_dir)
+        self.accelerator.wait_for_everyone()
+
+    def _get_output_dir(self, trial: Any) -> str:
+        # While `_save_checkpoint` runs, the Trainer's run dir is the checkpoint's staging dir.
+        return getattr(self, "_staging_run_dir", None) or super()._get_output_dir(trial)
+
+    def _rotate_checkpoints_in(self, run_dir: Path) -> None:
+        """Delete checkpoints beyond `save_total_limit` (the Trainer's rotation ran on the
+        staging dir, where the new checkpoint was alone)."""
+        legacy = getattr(super(), "_rotate_checkpoints", None)  # transformers < 5
+        if legacy is not None:
+            legacy(use_mtime=False, output_dir=str(run_dir))
+            return
+        from transformers.trainer_utils import rotate_checkpoints
+
+        rotate_checkpoints(
+            output_dir=str(run_dir),
+            save_total_limit=self.args.save_total_limit,
+            best_model_checkpoint=self.state.best_model_checkpoint,
+            use_mtime=True,
+        )
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         target = self.accelerator.unwrap_model(model or self.model)

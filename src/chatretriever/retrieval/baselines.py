@@ -9,33 +9,46 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from chatretriever.errors import require_extra
 from chatretriever.modeling.backbones import default_device, native_bf16
+from chatretriever.modeling.fingerprint import digest, model_fingerprint, tensors_fingerprint
 from chatretriever.retrieval.search import Formulation, formulate_all, session_text
-from chatretriever.types import Passage, Run, Session, SessionLike, as_session
+from chatretriever.types import Passage, Run, Session, SessionLike, as_session, passage_text
 
 logger = logging.getLogger(__name__)
 
 
-def passage_text(p: Passage) -> str:
-    """Title and text joined by a space, as BEIR's sentence-transformers evaluation does."""
-    return f"{p.title} {p.text}" if p.title else p.text
+@dataclass(frozen=True)
+class BM25Config:
+    """The one BM25 setting of the package: the baselines and hard-negative mining both use it.
+
+    Attributes:
+        k1: Term-frequency saturation (Pyserini's BM25 default 0.9, as evaluated in the README).
+        b: Length normalisation (Pyserini's default 0.4).
+        stemmer: A PyStemmer language ("english"), or None for no stemming.
+        stopwords: A bm25s stopword list name ("en"), or None.
+    """
+
+    k1: float = 0.9
+    b: float = 0.4
+    stemmer: str | None = "english"
+    stopwords: str | None = "en"
 
 
 class BM25Retriever:
-    """Okapi BM25 (Lucene variant) over a corpus, with English stemming when PyStemmer is present.
+    """Okapi BM25 (Lucene variant, bm25s) over a corpus, English stemming and stopwords by default.
 
     Args:
-        passages: The corpus.
-        k1: Term-frequency saturation.
-        b: Length normalisation.
-        stemmer: A PyStemmer language ("english"), or None for no stemming.
-        stopwords: A bm25s stopword list name ("en"), or None.
+        passages: The corpus; each is read as `passage_text` (title and text).
+        config: BM25 settings (default `BM25Config()`).
+        show_progress: Show bm25s' progress bars while indexing.
     """
 
     name = "bm25"
@@ -43,43 +56,60 @@ class BM25Retriever:
     def __init__(
         self,
         passages: Sequence[Passage],
-        k1: float = 0.9,
-        b: float = 0.4,
-        stemmer: str | None = "english",
-        stopwords: str | None = "en",
+        config: BM25Config | None = None,
         show_progress: bool = False,
     ) -> None:
         bm25s = _bm25s()
+        self.config = config or BM25Config()
         self.ids = [p.id for p in passages]
-        self.settings = {"k1": k1, "b": b, "stemmer": stemmer, "stopwords": stopwords}
-        self._stemmer = _load_stemmer(stemmer)
-        self._stopwords = stopwords or []
+        self.settings = asdict(self.config)
+        self._stemmer = _load_stemmer(self.config.stemmer)
+        self._stopwords = self.config.stopwords or []
         tokens = bm25s.tokenize(
             [passage_text(p) for p in passages],
             stopwords=self._stopwords,
             stemmer=self._stemmer,
             show_progress=show_progress,
         )
-        self._bm25 = bm25s.BM25(k1=k1, b=b)
+        self._bm25 = bm25s.BM25(k1=self.config.k1, b=self.config.b)
         self._bm25.index(tokens, show_progress=show_progress)
 
-    def search_texts(self, texts: Sequence[str], k: int = 100) -> list[list[tuple[str, float]]]:
-        """Top-k (passage id, score) per query text; passages sharing no term are left out."""
-        bm25s = _bm25s()
+    @classmethod
+    def from_texts(
+        cls, texts: Sequence[str], config: BM25Config | None = None, show_progress: bool = False
+    ) -> BM25Retriever:
+        """An index over plain texts; their ids are their positions ("0", "1", ...)."""
+        return cls([Passage(str(i), t) for i, t in enumerate(texts)], config, show_progress)
+
+    def top_k(
+        self, texts: Sequence[str], k: int = 100, show_progress: bool = False
+    ) -> list[list[tuple[int, float]]]:
+        """Per query text, its top-k (passage position, score), best first.
+
+        Passages sharing no term (score 0) are left out; ties are broken by position, so a
+        ranking never depends on the platform (hard-negative mining needs that).
+        """
         if not texts:
             return []
-        tokens = bm25s.tokenize(
+        queries = _bm25s().tokenize(
             list(texts),
             stopwords=self._stopwords,
             stemmer=self._stemmer,
             return_ids=False,
             show_progress=False,
         )
-        rows, scores = self._bm25.retrieve(tokens, k=min(k, len(self.ids)), show_progress=False)
-        return [
-            [(self.ids[r], float(s)) for r, s in zip(rrow, srow, strict=True) if s > 0]
-            for rrow, srow in zip(rows, scores, strict=True)
-        ]
+        out = []
+        # Our own top-k over `get_scores`: bm25s' argpartition over mostly-zero score vectors is
+        # slow, and its order of tied passages is not specified.
+        for tokens in tqdm(queries, desc="BM25 search", disable=not show_progress):
+            ids = self._bm25.get_tokens_ids(tokens)  # terms outside the corpus dropped
+            scores = self._bm25.get_scores(ids) if ids else np.zeros(len(self.ids))  # (N,)
+            out.append(_top_k(scores, k))
+        return out
+
+    def search_texts(self, texts: Sequence[str], k: int = 100) -> list[list[tuple[str, float]]]:
+        """Top-k (passage id, score) per query text; passages sharing no term are left out."""
+        return [[(self.ids[i], s) for i, s in row] for row in self.top_k(texts, k)]
 
     def search(
         self,
@@ -95,23 +125,25 @@ class BM25Retriever:
         return Run(scores=scores, name=f"bm25.{Formulation(formulation).value}")
 
 
-def _bm25s():
-    try:
-        import bm25s
-    except ImportError:
-        raise ImportError("BM25 needs bm25s: pip install chatretriever[baselines]") from None
-    return bm25s
+def _top_k(scores: np.ndarray, k: int) -> list[tuple[int, float]]:
+    """(position, score) of the k best positive scores of a (N,) vector, ties by position."""
+    hits = np.flatnonzero(scores > 0)
+    if len(hits) > k:  # keep every position tied with the k-th best, then cut after sorting
+        kth = np.partition(scores[hits], len(hits) - k)[len(hits) - k]
+        hits = hits[scores[hits] >= kth]
+    best = hits[np.lexsort((hits, -scores[hits]))][:k]
+    return [(int(i), float(scores[i])) for i in best]
+
+
+def _bm25s() -> Any:
+    return require_extra("bm25s", "baselines", "BM25")
 
 
 def _load_stemmer(language: str | None) -> Any:
     if language is None:
         return None
-    try:
-        import Stemmer
-    except ImportError:
-        logger.warning("PyStemmer is not installed: BM25 runs without stemming")
-        return None
-    return Stemmer.Stemmer(language)
+    # Required, not optional: a silently unstemmed index would not be the BM25 its settings say.
+    return require_extra("Stemmer", "baselines", "BM25 stemming").Stemmer(language)
 
 
 def mean_pool(hidden: Any, mask: Any) -> Any:
@@ -142,6 +174,8 @@ class TextEmbedder:
         max_length: Tokens per text (longer texts are truncated).
         normalize: L2-normalise the embeddings.
         bf16: Run under bf16 autocast; None picks it when the device supports bf16.
+        weights_fingerprint: The fingerprint of the model's weight files (`from_pretrained`
+            passes it); None: computed from the weights in memory when first needed.
     """
 
     def __init__(
@@ -152,6 +186,7 @@ class TextEmbedder:
         max_length: int = 256,
         normalize: bool = True,
         bf16: bool | None = None,
+        weights_fingerprint: str | None = None,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -160,6 +195,25 @@ class TextEmbedder:
         self.max_length = max_length
         self.normalize = normalize
         self.bf16 = _bf16_supported(model) if bf16 is None else bf16
+        self._weights_fp = weights_fingerprint
+
+    @property
+    def fingerprint(self) -> str:
+        """A short hex content hash (`encoders.Encoder`): the weights, the tokenizer's size, the
+        pooling, max length, normalisation and the compute precision."""
+        if self._weights_fp is None:  # built from a model object: hash it once
+            self._weights_fp = tensors_fingerprint(self.model.state_dict())
+        return digest(
+            "text-embedder",
+            {
+                "weights": self._weights_fp,
+                "tokenizer": [type(self.tokenizer).__name__, len(self.tokenizer)],
+                "pooling": "mean",
+                "max_length": self.max_length,
+                "normalize": self.normalize,
+                "dtype": "bf16" if self.bf16 else "fp32",
+            },
+        )
 
     @classmethod
     def from_pretrained(
@@ -182,6 +236,7 @@ class TextEmbedder:
         source = Path(str(getattr(model, "name_or_path", "") or name_or_path))
         kwargs.setdefault("max_length", _max_seq_length(source, tokenizer))
         name = name_or_path if not Path(name_or_path).exists() else Path(name_or_path).name
+        kwargs.setdefault("weights_fingerprint", model_fingerprint(name_or_path))
         return cls(model, tokenizer, name=name, **kwargs)
 
     def encode_texts(

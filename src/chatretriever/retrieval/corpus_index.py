@@ -4,7 +4,8 @@
 
     DIR/embeddings/          `encode.encode_corpus` output (chunked, resumable)
     DIR/index/               `index.DenseIndex.save` output; its meta.json `settings` record the
-                             model name to load (`model`) and the source corpus path (`corpus`)
+                             model name to load (`model`), that model's `fingerprint` (queries
+                             from another model are refused) and the source corpus (`corpus`)
     DIR/passages.jsonl.gz    a copy of the passages (BEIR JSONL: _id, title, text)
 
 The passages are copied rather than referenced by path so that the directory is self-contained:
@@ -26,7 +27,7 @@ from typing import Any
 from chatretriever.errors import DataFormatError
 from chatretriever.io.corpus import iter_corpus, read_corpus, write_corpus
 from chatretriever.retrieval.encode import EncodeConfig, encode_corpus, list_shards
-from chatretriever.retrieval.encoders import Encoder
+from chatretriever.retrieval.encoders import Encoder, fingerprint_of
 from chatretriever.retrieval.index import DEFAULT_FACTORY, META_FILE, DenseIndex
 from chatretriever.types import Passage
 
@@ -144,6 +145,7 @@ def build_corpus_index(
     write_corpus(out_dir / PASSAGES_FILE, passages)
     settings = {
         "model": model,
+        "fingerprint": fingerprint_of(encoder),
         "corpus": str(corpus),
         "embeddings": EMBEDDINGS_DIR,
         "passages": PASSAGES_FILE,

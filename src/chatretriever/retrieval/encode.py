@@ -2,14 +2,17 @@
 
 Layout of an output directory:
 
-    out/encode_settings.json     the resolved settings (model, chunk size, counts when finished)
+    out/encode_settings.json     the resolved settings (model name and fingerprint, chunk size,
+                                 counts when finished)
     out/chunk-00000/             one embedding shard per fixed-size chunk of the corpus
         embeddings.npy  ids.txt  meta.json          (see `chatretriever.io.embeddings`)
 
 Chunk j holds passages [j * chunk_size, (j + 1) * chunk_size) in corpus order; process i of n
 encodes the chunks with j % n == i. Each chunk is written atomically (a temporary directory is
 renamed into place), so after an interruption the finished chunks are kept and only the rest is
-computed. Torch-free: the encoder does the model work.
+computed. Chunks are kept only for the same model, by content (`Encoder.fingerprint`): a model
+retrained in place under the same name is refused, not mixed in. Torch-free: the encoder does
+the model work.
 """
 
 from __future__ import annotations
@@ -26,9 +29,15 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from chatretriever.io.embeddings import META, EmbeddingMeta, read_meta, write_embeddings
+from chatretriever.io.embeddings import (
+    META,
+    EmbeddingMeta,
+    read_meta,
+    warn_if_by_name,
+    write_embeddings,
+)
 from chatretriever.io.files import atomic_write
-from chatretriever.retrieval.encoders import Encoder
+from chatretriever.retrieval.encoders import Encoder, fingerprint_of
 from chatretriever.types import Passage
 
 logger = logging.getLogger(__name__)
@@ -93,6 +102,7 @@ def _settings(encoder: Encoder, config: EncodeConfig) -> dict[str, Any]:
     # The shard index is left out: every process of one job writes the same settings.
     return {
         "model": encoder.name,
+        "fingerprint": fingerprint_of(encoder),
         "dim": int(encoder.dim),
         "normalized": bool(encoder.normalize),
         "chunk_size": config.chunk_size,
@@ -107,18 +117,44 @@ def _write_settings(out_dir: Path, settings: dict[str, Any]) -> None:
         json.dump(settings, f, indent=2)
 
 
+def _meta_of(settings: dict[str, Any]) -> EmbeddingMeta:
+    """The encoder identity that settings (this run's or a recorded one) describe."""
+    return EmbeddingMeta(
+        model=str(settings.get("model")),
+        dim=int(settings.get("dim", 0)),
+        normalized=bool(settings.get("normalized", True)),
+        fingerprint=settings.get("fingerprint"),
+    )
+
+
 def _check_resumable(out_dir: Path, settings: dict[str, Any]) -> None:
-    """Refuse to mix chunks of another model or chunk size into one output directory."""
+    """Refuse to mix chunks of another model or chunk size into one output directory.
+
+    The model is compared by fingerprint; a directory written before fingerprints existed by
+    name (with a warning).
+    """
     path = out_dir / SETTINGS
     if not path.exists():
         return
     old = json.loads(path.read_text(encoding="utf-8"))
-    for key in ("model", "dim", "normalized", "chunk_size"):
+    before, now = _meta_of(old), _meta_of(settings)
+    if not before.same_model(now):
+        raise ValueError(
+            f"{out_dir} holds embeddings of model={before.model!r} ({_fp(before)}), not of "
+            f"model={now.model!r} ({_fp(now)}): another model, or one retrained since; use "
+            "another output directory (or delete this one to encode again)"
+        )
+    for key in ("dim", "normalized", "chunk_size"):
         if old.get(key) != settings[key]:
             raise ValueError(
                 f"{out_dir} holds embeddings with {key}={old.get(key)!r}, not {settings[key]!r}; "
                 "use another output directory"
             )
+    warn_if_by_name(out_dir, before, now)
+
+
+def _fp(meta: EmbeddingMeta) -> str:
+    return f"fingerprint {meta.fingerprint}" if meta.fingerprint else "no fingerprint"
 
 
 def _chunk_done(path: Path, ids: list[str], settings: dict[str, Any]) -> bool:
@@ -129,7 +165,7 @@ def _chunk_done(path: Path, ids: list[str], settings: dict[str, Any]) -> bool:
     on_disk = (path / "ids.txt").read_text(encoding="utf-8").splitlines()
     if on_disk != ids:
         raise ValueError(f"{path} holds other passages than this corpus: was the corpus changed?")
-    return meta.model == settings["model"]
+    return meta.compatible_with(_meta_of(settings))  # another model's chunk is encoded again
 
 
 def _length_order(passages: Sequence[Passage]) -> np.ndarray:
@@ -190,7 +226,7 @@ def encode_corpus(
     if total is None and isinstance(passages, Sequence):
         total = len(passages)
     i, n = config.shard
-    meta = EmbeddingMeta(model=encoder.name, dim=encoder.dim, normalized=encoder.normalize)
+    meta = _meta_of(settings)
     written = kept = encoded = num_chunks = num_passages = 0
     bar = tqdm(
         total=None if total is None else _shard_total(total, config),

@@ -18,12 +18,17 @@ class Encoder(Protocol):
     """Maps sessions and passages into one vector space.
 
     Attributes:
-        name: Identifies the model and its settings; stored in embedding/index metadata.
+        name: Names the model for people (e.g. "chatretriever/final"); stored in metadata.
+        fingerprint: A short hex hash of what the model computes (its weights, settings and
+            precision): two different models never share one, the same model saved twice or
+            copied keeps it. Embeddings, indexes and cached runs record it, and vectors of
+            another fingerprint are refused.
         dim: Embedding size D.
         normalize: Whether returned vectors are L2-normalised.
     """
 
     name: str
+    fingerprint: str
     dim: int
     normalize: bool
 
@@ -38,3 +43,10 @@ class Encoder(Protocol):
     ) -> np.ndarray:
         """Returns (B, D) float32 embeddings of the passages."""
         ...
+
+
+def fingerprint_of(encoder: Encoder) -> str | None:
+    """The encoder's fingerprint; None for an encoder written before the attribute existed
+    (its vectors are then told apart by name only)."""
+    value = getattr(encoder, "fingerprint", None)
+    return str(value) if value else None

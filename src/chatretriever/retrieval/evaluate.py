@@ -1,9 +1,17 @@
 """Evaluate runs with ir_measures (pytrec_eval inside) and compare two runs per query. Torch-free.
 
-The evaluated query set is explicit: queries of the run without judgments are excluded (and
-listed), judged queries missing from the run count as zero (and are listed). Ties are broken by
-(-score, docid) as in the run files this package writes (trec_eval itself would order tied
-documents by doc id descending).
+The evaluated query set is explicit, and evaluation never fails silently:
+- a run and qrels that share no query id raise `NoCommonQueriesError` (scoring them would give
+  0.0 for every measure);
+- queries of the run without judgments are excluded (and listed);
+- judged queries missing from the run count as zero (and are listed), as ir_measures' pytrec_eval
+  provider and `trec_eval -c` do (plain trec_eval averages over the run's queries only);
+- judged queries without any judgment at or above the relevance threshold `rel` (e.g. only
+  rel=0 labels) score zero on the binary measures (and on every measure when no label is above
+  0) whatever the run does; they are listed and, with `drop_no_relevant=True`, left out of the
+  means instead of averaged in as zeros.
+Ties are broken by (-score, docid) as in the run files this package writes (trec_eval itself would
+order tied documents by doc id descending).
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from chatretriever.errors import require_extra
 from chatretriever.io.files import atomic_write
 from chatretriever.types import Qrel, Run, qrels_to_dict, rank_key
 
@@ -26,12 +35,22 @@ logger = logging.getLogger(__name__)
 DEFAULT_MEASURES = ("nDCG@3", "nDCG@10", "RR@10", "R@10", "R@100", "AP")
 
 
+SHOWN_IDS = 5  # query ids named in log lines and error messages
+
+
+class NoCommonQueriesError(ValueError):
+    """The run has results for none of the judged queries: every measure would be 0.0."""
+
+
 def _ir_measures():
-    try:
-        import ir_measures
-    except ImportError:
-        raise ImportError("evaluation needs ir_measures: pip install chatretriever[eval]") from None
-    return ir_measures
+    return require_extra("ir_measures", "eval", "evaluation")
+
+
+def _some(ids: Iterable[str]) -> str:
+    """A few ids for a message: "'a', 'b', ... (12 in all)"."""
+    ids = sorted(ids)
+    shown = ", ".join(repr(i) for i in ids[:SHOWN_IDS])
+    return shown + (f", ... ({len(ids)} in all)" if len(ids) > SHOWN_IDS else "")
 
 
 @dataclass
@@ -43,7 +62,11 @@ class Evaluation:
         per_query: Query id -> measure name -> value (every evaluated query).
         rel: Minimum relevance counted as relevant by binary measures (RR, R, AP).
         unjudged_in_run: Run queries without judgments (excluded).
-        missing_from_run: Judged queries the run has no results for (counted as zero).
+        missing_from_run: Evaluated queries the run has no results for (counted as zero).
+        no_relevant: Judged queries whose judgments are all below `rel` (binary measures are
+            zero for them whatever the run); evaluated unless `no_relevant_dropped`.
+        no_relevant_dropped: Whether the `no_relevant` queries were left out of the means.
+        run_name: The run's name.
     """
 
     aggregate: dict[str, float]
@@ -52,6 +75,8 @@ class Evaluation:
     unjudged_in_run: list[str] = field(default_factory=list)
     missing_from_run: list[str] = field(default_factory=list)
     run_name: str = ""
+    no_relevant: list[str] = field(default_factory=list)
+    no_relevant_dropped: bool = False
 
     @property
     def num_queries(self) -> int:
@@ -62,6 +87,7 @@ class Evaluation:
         out["num_queries"] = self.num_queries
         out["num_unjudged_in_run"] = len(self.unjudged_in_run)
         out["num_missing_from_run"] = len(self.missing_from_run)
+        out["num_no_relevant"] = len(self.no_relevant)
         if not per_query:
             del out["per_query"]
         return out
@@ -107,6 +133,7 @@ def evaluate_run(
     qrels: Sequence[Qrel] | Mapping[str, Mapping[str, int]],
     measures: Sequence[str] = DEFAULT_MEASURES,
     rel: int = 1,
+    drop_no_relevant: bool = False,
 ) -> Evaluation:
     """Score a run against graded judgments.
 
@@ -114,17 +141,27 @@ def evaluate_run(
         run: The run (query id -> doc id -> score).
         qrels: Judgments as Qrel records or query id -> doc id -> relevance.
         measures: Measure names (see `parse_measures`).
-        rel: Relevance threshold of binary measures.
+        rel: Relevance threshold of binary measures, and of "has a relevant passage".
+        drop_no_relevant: Leave judged queries without any judgment >= `rel` out of the means
+            (default: they count, as zeros, and are reported in `Evaluation.no_relevant`).
 
     Returns:
-        Per-query values and their means over the judged queries.
+        Per-query values and their means over the evaluated queries: every judged query (those
+        missing from the run count as zero), less the no-relevant ones when dropped.
+
+    Raises:
+        NoCommonQueriesError: The run has results for none of the judged queries (a run of
+            another dataset, or query ids spelled differently).
     """
     irm = _ir_measures()
     qrels_dict = qrels if isinstance(qrels, Mapping) else qrels_to_dict(qrels)
     qrels_dict = {q: dict(d) for q, d in qrels_dict.items() if d}
     parsed = parse_measures(measures, rel)
     names = [str(m) for m in parsed]
-    judged = sorted(qrels_dict)
+    _check_common_queries(run, qrels_dict)
+    no_relevant = sorted(q for q, d in qrels_dict.items() if max(d.values()) < rel)
+    dropped = set(no_relevant) if drop_no_relevant else set()
+    judged = sorted(q for q in qrels_dict if q not in dropped)
     in_run = [q for q in judged if run.scores.get(q)]
     unjudged = sorted(q for q in run.scores if q not in qrels_dict)
     missing = sorted(set(judged) - set(in_run))
@@ -132,15 +169,47 @@ def evaluate_run(
     # pytrec_eval (trec_eval) when it covers every measure, else ir_measures picks providers.
     provider = irm.pytrec_eval if all(irm.pytrec_eval.supports(m) for m in parsed) else irm
     # A new evaluator on every call: a reused pytrec_eval evaluator can return zeros.
-    for metric in provider.iter_calc(parsed, qrels_dict, _untied(run, in_run)):
+    judged_in_run = {q: qrels_dict[q] for q in in_run}
+    for metric in provider.iter_calc(parsed, judged_in_run, _untied(run, in_run)):
         if metric.query_id in per_query:
             per_query[metric.query_id][str(metric.measure)] = float(metric.value)
     aggregate = {n: _mean([v[n] for v in per_query.values()]) for n in names}
+    _log_query_set(unjudged, missing, no_relevant, rel, drop_no_relevant)
+    return Evaluation(
+        aggregate, per_query, rel, unjudged, missing, run.name, no_relevant, drop_no_relevant
+    )
+
+
+def _check_common_queries(run: Run, qrels: Mapping[str, Mapping[str, int]]) -> None:
+    """Raise NoCommonQueriesError when no judged query has results in the run."""
+    if any(run.scores.get(q) for q in qrels):
+        return
+    if not qrels:
+        raise NoCommonQueriesError("the qrels hold no judgments: nothing to evaluate")
+    ran = [q for q, docs in run.scores.items() if docs]
+    if not ran:
+        raise NoCommonQueriesError(f"the run {run.name!r} has no results: nothing to evaluate")
+    raise NoCommonQueriesError(
+        f"the run and the qrels share no query id (run: {_some(ran)}; qrels: {_some(qrels)}): "
+        "is the run of another dataset, or are its query ids spelled differently?"
+    )
+
+
+def _log_query_set(
+    unjudged: list[str], missing: list[str], no_relevant: list[str], rel: int, dropped: bool
+) -> None:
     if unjudged:
         logger.info("%d run queries have no judgments and are not evaluated", len(unjudged))
     if missing:
         logger.info("%d judged queries are missing from the run: counted as 0", len(missing))
-    return Evaluation(aggregate, per_query, rel, unjudged, missing, run.name)
+    if no_relevant:
+        logger.warning(
+            "%d judged queries have no judgment >= %d (%s): %s",
+            len(no_relevant),
+            rel,
+            _some(no_relevant),
+            "left out (drop_no_relevant)" if dropped else "evaluated (binary measures are 0)",
+        )
 
 
 def _mean(values: list[float]) -> float:
@@ -161,7 +230,7 @@ def compare(
     Returns:
         Measure -> {"a", "b", "diff", "t_test_p", "randomization_p", "num_queries"}.
     """
-    from scipy import stats  # part of the eval extra
+    stats = require_extra("scipy.stats", "eval", "significance tests")
 
     if set(a.per_query) != set(b.per_query):
         raise ValueError("the two evaluations cover different queries: use the same qrels")

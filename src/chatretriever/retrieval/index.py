@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from chatretriever.errors import DataFormatError
-from chatretriever.io.embeddings import EmbeddingMeta, read_embeddings
+from chatretriever.errors import DataFormatError, require_extra
+from chatretriever.io.embeddings import EmbeddingMeta, read_embeddings, warn_if_by_name
 from chatretriever.io.files import atomic_dir
 
 logger = logging.getLogger(__name__)
@@ -32,17 +32,12 @@ ADD_BLOCK = 20_000  # vectors per `index.add` call: the progress bar moves per b
 
 
 class EncoderMismatchError(ValueError):
-    """Queries come from another encoder than the one that built the index."""
+    """Queries (or shards) come from another encoder than the one that built the index: another
+    model, or the same name with other weights (a model retrained in place)."""
 
 
 def _faiss():
-    try:
-        import faiss
-    except ImportError:
-        raise ImportError(
-            "the index needs Faiss: pip install chatretriever[faiss] (faiss-cpu or faiss-gpu)"
-        ) from None
-    return faiss
+    return require_extra("faiss", "faiss", "the index")
 
 
 def read_shards(
@@ -52,8 +47,9 @@ def read_shards(
 
     Returns:
         (passage ids in shard order, each shard's (N_i, D) vectors, the metadata with the total
-        count). Raises EncoderMismatchError when shards come from different encoders and
-        ValueError when there are none or a passage id occurs twice.
+        count). Raises EncoderMismatchError when shards come from different encoders (by
+        fingerprint; by name for shards written before fingerprints existed) and ValueError
+        when there are none or a passage id occurs twice.
     """
     if not shard_dirs:
         raise ValueError("no embedding shards to index")
@@ -62,8 +58,12 @@ def read_shards(
     for d, (_, _, m) in zip(shard_dirs, shards, strict=True):
         if not m.compatible_with(meta):
             raise EncoderMismatchError(
-                f"{d} was encoded by {_describe(m)}, but {shard_dirs[0]} by {_describe(meta)}"
+                f"{d} was encoded by {m.describe()}, but {shard_dirs[0]} by {meta.describe()}: "
+                "encode every shard with one model"
             )
+    for _, _, m in shards[1:]:
+        if warn_if_by_name(shard_dirs[0], meta, m):
+            break  # once is enough
     ids = [i for shard_ids, _, _ in shards for i in shard_ids]
     if len(set(ids)) != len(ids):
         raise ValueError("the same passage id occurs in more than one shard")
@@ -97,6 +97,7 @@ class DenseIndex:
         self.ids = ids
         self.meta = meta
         self.factory = factory
+        self._warned_by_name = False
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -136,13 +137,25 @@ class DenseIndex:
                 add_vectors(index, emb, bar)
         return cls(index, ids, meta, factory)
 
-    def check_encoder(self, name: str, dim: int, normalized: bool) -> None:
-        """Raise EncoderMismatchError unless queries from this encoder fit the index."""
-        query = EmbeddingMeta(model=name, dim=dim, normalized=normalized)
+    def check_encoder(
+        self, name: str, dim: int, normalized: bool, fingerprint: str | None = None
+    ) -> None:
+        """Raise EncoderMismatchError unless queries from this encoder fit the index.
+
+        Args:
+            name: The query encoder's name.
+            dim: Its embedding size.
+            normalized: Whether its vectors are L2-normalised.
+            fingerprint: Its `Encoder.fingerprint` (`encoders.fingerprint_of`). When the index or
+                the encoder has none (an index built before fingerprints existed), names are
+                compared instead, with a warning.
+        """
+        query = EmbeddingMeta(model=name, dim=dim, normalized=normalized, fingerprint=fingerprint)
         if not self.meta.compatible_with(query):
-            raise EncoderMismatchError(
-                f"the index was built with {_describe(self.meta)}, but the queries come from "
-                f"{_describe(query)}: encode the corpus with the same model"
+            raise EncoderMismatchError(_mismatch(self.meta, query))
+        if not self._warned_by_name:  # once per loaded index
+            self._warned_by_name = warn_if_by_name(
+                f"index of {self.meta.model!r}", self.meta, query
             )
 
     def search(
@@ -221,9 +234,16 @@ class DenseIndex:
         return cls(index, ids, meta, factory)
 
 
-def _describe(meta: EmbeddingMeta) -> str:
-    norm = "normalized" if meta.normalized else "unnormalized"
-    return f"model {meta.model!r} (dim {meta.dim}, {norm})"
+def _mismatch(index: EmbeddingMeta, query: EmbeddingMeta) -> str:
+    """The one-line message of queries that do not fit an index."""
+    why = ""
+    if index.model == query.model and not index.same_model(query):
+        why = " (same name, other weights or settings: retrained, or another model saved so)"
+    return (
+        f"the index was built with {index.describe()}, but the queries come from "
+        f"{query.describe()}{why}: encode the corpus again with this model, or search with "
+        "the model that built the index"
+    )
 
 
 def _sample_rows(arrays: list[np.ndarray], size: int, seed: int) -> np.ndarray:

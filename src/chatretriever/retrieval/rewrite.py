@@ -2,7 +2,7 @@
 
 The rewrite is stored in `Session.rewrite`, so BM25 or any embedder can then search with the
 "rewrite" formulation. Rewrites are cached in a JSONL file keyed by session id, model, prompt hash
-and session content, so a rerun costs nothing.
+and session content, appended to as rewrites are made, so a rerun costs nothing.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from tqdm.auto import tqdm
 
-from chatretriever.io.files import iter_jsonl, write_jsonl
+from chatretriever.errors import DataFormatError
 from chatretriever.types import Session
 
 logger = logging.getLogger(__name__)
@@ -92,19 +92,44 @@ def _key(session: Session, model: str, prompt: RewritePrompt) -> str:
 
 
 class RewriteCache:
-    """Rewrites on disk (JSONL), loaded once and written back atomically.
+    """Rewrites on disk: a JSONL file read once, then appended to, one line per new rewrite.
+
+    Each line is flushed as it is written, so a killed run keeps every rewrite it finished and a
+    rerun appends only what is new (the file is never rewritten whole). A last line cut short by
+    a kill is dropped when the cache is opened; on a repeated key the last line wins.
 
     Args:
-        path: The cache file; created when missing. None keeps rewrites in memory only.
+        path: The cache file (plain JSONL, not gzip); created when missing. None keeps rewrites
+            in memory only.
     """
 
     def __init__(self, path: str | Path | None) -> None:
         self.path = Path(path) if path is not None else None
         self._rows: dict[str, dict[str, Any]] = {}
-        self._dirty = False
-        if self.path is not None and self.path.exists():
-            for _, row in iter_jsonl(self.path):
-                if isinstance(row.get("key"), str) and isinstance(row.get("rewrite"), str):
+        self._file: IO[str] | None = None
+        if self.path is None:
+            return
+        if self.path.suffix == ".gz":
+            raise ValueError(f"{self.path}: the rewrite cache is plain JSONL (it is appended to)")
+        if self.path.exists():
+            self._load(self.path)
+
+    def _load(self, path: Path) -> None:
+        raw = path.read_bytes()
+        end = raw.rfind(b"\n") + 1
+        if end < len(raw):  # a line cut short by a killed run: never completed, so drop it
+            logger.warning("%s: dropping an unfinished last line", path)
+            with open(path, "r+b") as f:
+                f.truncate(end)
+        for lineno, line in enumerate(raw[:end].decode("utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataFormatError(path, f"malformed JSON ({e.msg})", lineno) from None
+            if isinstance(row, dict) and isinstance(row.get("key"), str):
+                if isinstance(row.get("rewrite"), str):
                     self._rows[row["key"]] = row
 
     def __len__(self) -> int:
@@ -115,13 +140,20 @@ class RewriteCache:
         return None if row is None else row["rewrite"]
 
     def put(self, key: str, row: dict[str, Any]) -> None:
+        """Keep a new rewrite and append it to the file as one flushed line."""
         self._rows[key] = {"key": key, **row}
-        self._dirty = True
+        if self.path is None:
+            return
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")  # closed by close()
+        self._file.write(json.dumps(self._rows[key], ensure_ascii=False) + "\n")
+        self._file.flush()
 
-    def flush(self) -> None:
-        if self.path is not None and self._dirty:
-            write_jsonl(self.path, list(self._rows.values()))
-            self._dirty = False
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 def rewrite_sessions(
@@ -131,7 +163,6 @@ def rewrite_sessions(
     cache_path: str | Path | None = None,
     prompt: RewritePrompt | None = None,
     show_progress: bool = True,
-    flush_every: int = 16,
 ) -> list[Session]:
     """Rewrite the last question of every session with an LLM.
 
@@ -139,10 +170,10 @@ def rewrite_sessions(
         sessions: Conversations to rewrite.
         generate: Chat messages -> reply text (see `hf_generator`).
         model: The generator's model name (part of the cache key).
-        cache_path: JSONL cache file; cached rewrites are not generated again.
+        cache_path: JSONL cache file; cached rewrites are not generated again, new ones are
+            appended as they are made (an interruption loses none).
         prompt: The instruction (its hash is part of the cache key).
         show_progress: Show a tqdm bar.
-        flush_every: Write the cache after this many new rewrites (an interruption loses less).
 
     Returns:
         The sessions with `rewrite` set; a dataset rewrite moves to metadata["dataset_rewrite"].
@@ -160,14 +191,12 @@ def rewrite_sessions(
                 text = _rewrite_one(s, generate, prompt)
                 cache.put(key, {"id": s.id, "model": model, "prompt": prompt.hash, "rewrite": text})
                 new += 1
-                if new % flush_every == 0:
-                    cache.flush()
             meta = dict(s.metadata)
             if s.rewrite is not None:
                 meta["dataset_rewrite"] = s.rewrite
             out.append(dataclasses.replace(s, rewrite=text, metadata=meta))
     finally:
-        cache.flush()
+        cache.close()
     logger.info("%d rewrites generated, %d from the cache", new, len(sessions) - new)
     return out
 

@@ -15,11 +15,9 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tqdm.auto import tqdm
-
 from chatretriever.io.files import atomic_write
 from chatretriever.io.trec import write_run
-from chatretriever.retrieval.encoders import Encoder
+from chatretriever.retrieval.encoders import Encoder, fingerprint_of
 from chatretriever.types import Run, Session, Turn
 
 if TYPE_CHECKING:
@@ -126,31 +124,31 @@ def search_dense(
 ) -> Run:
     """Encode formulated sessions and retrieve the top-k passages of each from a dense index.
 
+    Every query is encoded first (the encoder batches and length-sorts them as a whole), then
+    the index is searched once: one Faiss call uses all its threads on the whole (Q, D) matrix.
+
     Args:
         encoder: The query encoder; it must match the encoder that built the index.
         index: A `DenseIndex`.
         sessions: Conversations; their ids become query ids.
         k: Passages per query.
         formulation: See `Formulation`.
-        batch_size: Sessions per encoder call (and per progress step).
+        batch_size: Sessions per encoder call.
         missing_rewrite: See `formulate`.
         params: Faiss search parameters ("efSearch=128", "nprobe=16").
-        show_progress: Show a tqdm bar.
+        show_progress: Show the encoder's progress bar.
 
     Returns:
         A Run named after the encoder and formulation.
     """
-    index.check_encoder(encoder.name, encoder.dim, encoder.normalize)
+    index.check_encoder(encoder.name, encoder.dim, encoder.normalize, fingerprint_of(encoder))
     queries = formulate_all(sessions, formulation, missing_rewrite)
-    scores: dict[str, dict[str, float]] = {}
-    with tqdm(total=len(queries), unit="query", desc="search", disable=not show_progress) as bar:
-        for start in range(0, len(queries), batch_size):
-            batch = queries[start : start + batch_size]
-            emb = encoder.encode_sessions(batch, batch_size=batch_size)  # (B, D)
-            for s, hits in zip(batch, index.search(emb, k, params), strict=True):
-                scores[s.id] = dict(hits)
-            bar.update(len(batch))
-    return Run(scores=scores, name=f"{encoder.name}.{Formulation(formulation).value}")
+    name = f"{encoder.name}.{Formulation(formulation).value}"
+    if not queries:
+        return Run(scores={}, name=name)
+    emb = encoder.encode_sessions(queries, batch_size=batch_size, show_progress=show_progress)
+    hits = index.search(emb, k, params)  # emb: (Q, D)
+    return Run(scores={s.id: dict(h) for s, h in zip(queries, hits, strict=True)}, name=name)
 
 
 def save_run(path: str | Path, run: Run, settings: dict[str, Any], depth: int | None = None) -> int:

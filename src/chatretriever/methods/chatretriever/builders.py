@@ -181,10 +181,16 @@ def read_chat_examples(path: str | Path, source: str = "sessions") -> list[Train
         msgs = obj.get("messages")
         if isinstance(msgs, list) and msgs and isinstance(msgs[-1], Mapping):
             if msgs[-1].get("role") == "assistant":
-                obj = {**obj, "messages": msgs[:-1], "response": msgs[-1].get("content")}
+                content = msgs[-1].get("content")
+                if not isinstance(content, str):
+                    where = f"messages[{len(msgs) - 1}].content"
+                    raise DataFormatError(path, "content must be a string", lineno, where)
+                obj = {**obj, "messages": msgs[:-1], "response": content}
         s = session_from_dict(obj, path, lineno)
         if not isinstance(s.response, str) or not s.response.strip():
-            raise DataFormatError(path, "needs a response or a final assistant turn", lineno)
+            raise DataFormatError(
+                path, "needs a response or a final assistant turn", lineno, "response"
+            )
         sessions.append(s)
     return examples_from_responses(sessions, source)
 
@@ -199,7 +205,9 @@ def read_triples(path: str | Path, source: str = "triples") -> list[TrainingExam
     for lineno, line in iter_lines(path):
         cols = line.split("\t")
         if len(cols) not in (2, 3):
-            raise DataFormatError(path, f"expected 2 or 3 tab-separated columns, got {len(cols)}")
+            raise DataFormatError(
+                path, f"expected 2 or 3 tab-separated columns, got {len(cols)}", lineno
+            )
         names = ("query", "positive", "negative")
         for name, col in zip(names, cols, strict=False):
             if not col.strip():

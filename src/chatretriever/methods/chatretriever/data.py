@@ -13,10 +13,16 @@ Training JSONL, one example per line::
 `target` is what the session-masked LM loss learns to generate after the session (e.g. the
 reference answer). When it is null the trainer uses the first positive's text instead
 (`TrainingExample.target_text`). No tokenizing happens here: that is `collate.py`'s job.
+
+Every positive is relevant: training never scores a passage as a negative of a session when it
+has the id or the normalised text of any of that session's positives (`passage_keys`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
+import unicodedata
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +34,7 @@ from chatretriever.io.sessions import parse_messages
 from chatretriever.types import Passage, Session, Turn
 
 _FIELDS = ("id", "messages", "positives", "negatives", "target", "source", "metadata")
+_WORD = re.compile(r"\w+")
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,34 @@ class TrainingPassage:
             out["title"] = self.title
         out["text"] = self.text
         return out
+
+
+def normalized_text(text: str) -> str:
+    """A passage's text for near-duplicate detection: Unicode NFKC, case-folded, punctuation
+    dropped, words joined by single spaces ("Paris,  the CAPITAL." -> "paris the capital")."""
+    return " ".join(_WORD.findall(unicodedata.normalize("NFKC", text).casefold()))
+
+
+def _key(text: str) -> int:
+    """A non-negative int64 key of a string, the same in every process (hash() is salted)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big") >> 1
+
+
+def passage_keys(passage: TrainingPassage, namespace: str = "") -> tuple[int, int]:
+    """The identity keys of a passage: two passages are the same when either key matches.
+
+    Args:
+        passage: The passage.
+        namespace: Where its id is unique (an example's `source`: two corpora may reuse ids).
+
+    Returns:
+        (id key, or -1 without an id; key of its `normalized_text`, the title left out, so
+        copies of one text under other ids or titles, or with other spacing, case or
+        punctuation, share it).
+    """
+    id_key = -1 if passage.id is None else _key(f"{namespace}\x1f{passage.id}")
+    text = normalized_text(passage.text) or passage.text.strip()  # all punctuation: keep as is
+    return id_key, _key(text)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 Saved directory layout (`save_pretrained`):
     chatretriever.json          resolved RetrieverConfig + LoraSettings + format + EMB token ids
+                                + the base model's weight fingerprint (checked on load)
     tokenizer files             the tokenizer with the EMB tokens
     adapter_model.safetensors   format "adapter": LoRA weights + the EMB rows only (peft
     adapter_config.json         `trainable_token_indices`; the embedding matrix is NOT saved)
@@ -11,7 +12,6 @@ Saved directory layout (`save_pretrained`):
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -26,10 +26,21 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from chatretriever.config import LoraSettings, RetrieverConfig
-from chatretriever.io.files import atomic_write, read_json
-from chatretriever.modeling.adapters import is_peft, load_adapter, resize_and_init, wrap_lora
+from chatretriever.io.files import atomic_files, atomic_write, read_json
+from chatretriever.methods.chatretriever.saved import checked_base_fingerprint, continued_settings
+from chatretriever.modeling.adapters import (
+    ADAPTER_WEIGHTS,
+    adapter_state,
+    check_adapter_keys,
+    is_peft,
+    load_adapter,
+    resize_and_init,
+    wrap_lora,
+)
 from chatretriever.modeling.backbones import default_device
-from chatretriever.modeling.collate import additive_mask, encode_batch, last_token_positions
+from chatretriever.modeling.collate import csit_mask, encode_batch, last_token_positions
+from chatretriever.modeling.fingerprint import digest, model_fingerprint, tensors_fingerprint
+from chatretriever.modeling.losses import IGNORE_INDEX
 from chatretriever.modeling.precision import keep_fp32, resolve_dtype
 from chatretriever.modeling.sources import builtin_retriever_dir
 from chatretriever.modeling.template import RetrievalTemplate, add_emb_tokens, emb_token_ids
@@ -39,6 +50,19 @@ logger = logging.getLogger(__name__)
 
 SAVED_CONFIG = "chatretriever.json"
 FORMATS = ("adapter", "merged", "full")
+FINGERPRINT_VERSION = 1  # bump when what the fingerprint covers changes
+# Left out of the fingerprint: where the base lives (its weights are fingerprinted), loader
+# flags, a training-only length, and the dtype settings (the resolved dtype is used instead).
+_NOT_FINGERPRINTED = ("base_model", "trust_remote_code", "max_response_len", "dtype", "fp32_layers")
+# The weight files of every format: a save removes those an earlier save (in another format, or
+# with more shards) left, or a loader could pick them (transformers loads a stale adapter_config).
+STALE_WEIGHT_FILES = (
+    "adapter_config.json",
+    "adapter_model.*",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "model-*-of-*.safetensors",
+)
 
 
 class ChatRetriever(torch.nn.Module):
@@ -46,11 +70,18 @@ class ChatRetriever(torch.nn.Module):
 
     Build with `from_pretrained`. Attributes: `model` (the causal LM, peft-wrapped under LoRA),
     `tokenizer`, `template` (RetrievalTemplate), `config`, `lora`, `name`, `dim`, `normalize`,
-    `padding_side` ("right" or "left": pooling is correct with either).
+    `padding_side` ("right" or "left": pooling is correct with either), `fingerprint` (what the
+    model is, by content) and `base_fingerprint` (its base model's weights, None if unknown).
     """
 
     def __init__(
-        self, model: Any, tokenizer: Any, config: RetrieverConfig, lora: LoraSettings, name: str
+        self,
+        model: Any,
+        tokenizer: Any,
+        config: RetrieverConfig,
+        lora: LoraSettings,
+        name: str,
+        base_fingerprint: str | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -67,6 +98,8 @@ class ChatRetriever(torch.nn.Module):
         self.pad_id = int(pad if pad is not None else (tokenizer.eos_token_id or 0))
         self._fp32_hooks: list[Any] = []
         self._fp32_layers = 0
+        self.base_fingerprint = base_fingerprint
+        self._weights_fp: tuple[tuple, str] | None = None  # (tensor versions, digest)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -84,49 +117,60 @@ class ChatRetriever(torch.nn.Module):
 
         Args:
             name_or_dir: Base model (built-in name, HF dir, .gguf) or a `save_pretrained` dir.
-            config: Settings of a NEW retriever (its base_model is replaced by name_or_dir).
+            config: Settings of a NEW retriever (its base_model is replaced by name_or_dir). With
+                a saved dir (a recipe continuing from it), the fields its weights depend on
+                (`saved.WEIGHT_FIELDS`) must equal the saved ones and the others (lengths, dtype,
+                system prompt, ...) replace them; base_model stays the saved one.
             lora: LoRA of a new retriever (default LoraSettings(); enabled=False = full FT).
+                With a saved dir, `enabled` and `saved.LORA_WEIGHT_FIELDS` must equal the saved
+                ones; dropout follows `lora`.
             is_trainable: For a saved adapter: load it trainable (to continue training).
             device: Where to put the model; default the current accelerator, else CPU.
             **overrides: RetrieverConfig fields to change (e.g. dtype="fp32", max_session_len,
-                base_model to relocate the base of a saved adapter). n_emb_tokens of a saved
-                retriever cannot change.
+                base_model to relocate the base of a saved adapter). `saved.WEIGHT_FIELDS` of a
+                saved retriever cannot change.
 
         Returns:
             The ChatRetriever.
+
+        Raises:
+            ValueError: Settings that contradict a saved retriever's weights (naming the field),
+                or a saved adapter whose base model has other weights than the one it was
+                trained on.
         """
         path = Path(name_or_dir)
         path = builtin_retriever_dir(name_or_dir) or path
         if (path / SAVED_CONFIG).is_file():
-            if config is not None or lora is not None:
-                raise ValueError("config/lora come from the saved dir: pass field overrides")
-            retriever = cls._load_saved(path, is_trainable, overrides)
+            retriever = cls._load_saved(path, is_trainable, overrides, config, lora)
         else:
             base = str(path.resolve()) if path.exists() else str(name_or_dir)
             cfg = replace(config or RetrieverConfig(), base_model=base, **overrides)
             lora = lora if lora is not None else LoraSettings()
+            base_fp = model_fingerprint(cfg.base_model)
             model, tokenizer = _load_backbone(cfg.base_model, cfg)
             emb_ids = add_emb_tokens(tokenizer, cfg.n_emb_tokens)
             resize_and_init(model, tokenizer, emb_ids, cfg.emb_init)
             if lora.enabled:
                 model = wrap_lora(model, lora, emb_ids)
             name = f"chatretriever/{Path(base).name}"
-            retriever = cls(model, tokenizer, cfg, lora, name=name)
+            retriever = cls(model, tokenizer, cfg, lora, name=name, base_fingerprint=base_fp)
         return retriever.to(default_device() if device is None else torch.device(device))
 
     @classmethod
     def _load_saved(
-        cls, path: Path, is_trainable: bool, overrides: Mapping[str, Any]
+        cls,
+        path: Path,
+        is_trainable: bool,
+        overrides: Mapping[str, Any],
+        config: RetrieverConfig | None = None,
+        lora: LoraSettings | None = None,
     ) -> ChatRetriever:
         saved = read_json(path / SAVED_CONFIG)
-        cfg = RetrieverConfig.from_dict(saved["retriever"])
-        if "n_emb_tokens" in overrides and overrides["n_emb_tokens"] != cfg.n_emb_tokens:
-            raise ValueError("n_emb_tokens of a saved retriever cannot change")
-        cfg = replace(cfg, **overrides)
-        lora = LoraSettings.from_dict(saved["lora"])
         fmt = saved["format"]
         if fmt not in FORMATS:
             raise ValueError(f"{path / SAVED_CONFIG}: unknown format {fmt!r}")
+        lora_given = lora is not None
+        cfg, lora = continued_settings(path, saved, config, lora, overrides)
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -135,17 +179,24 @@ class ChatRetriever(torch.nn.Module):
             raise ValueError(
                 f"{path}: tokenizer EMB ids {emb_ids} != saved {saved['emb_token_ids']}"
             )
+        base_fp = saved.get("base_fingerprint")
         if fmt == "adapter":
+            base_fp = checked_base_fingerprint(path, cfg.base_model, base_fp)
             model, _ = _load_backbone(cfg.base_model, cfg)
             resize_and_init(model, tokenizer, emb_ids, cfg.emb_init)
-            model = load_adapter(model, path, is_trainable)
+            model = load_adapter(model, path, is_trainable, lora if lora_given else None, emb_ids)
         else:
             model, _ = _load_backbone(str(path), cfg)
-            lora = replace(lora, enabled=False)  # merged/full weights train as a whole
-        return cls(model, tokenizer, cfg, lora, name=f"chatretriever/{path.resolve().name}")
+        name = f"chatretriever/{path.resolve().name}"
+        return cls(model, tokenizer, cfg, lora, name=name, base_fingerprint=base_fp)
 
     def save_pretrained(self, directory: str | Path, merged: bool = False) -> Path:
         """Save weights (safetensors), tokenizer and the resolved config.
+
+        The files are written into a staging directory and moved in once all are complete
+        (`atomic_files`, SAVED_CONFIG last): an interrupted save leaves the previous one intact,
+        and the directory's other entries (a training run's checkpoints, recipe and log) are
+        kept. Weight files a previous save (in another format) left are removed.
 
         Args:
             directory: Output directory (created).
@@ -155,8 +206,23 @@ class ChatRetriever(torch.nn.Module):
         Returns:
             The directory.
         """
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
+        target = Path(directory)
+        # Only a previous saved retriever's weights are removed, never those of a base model
+        # that shares the directory.
+        previous = (target / SAVED_CONFIG).is_file()
+        own = previous and not _same_dir(target, self.config.base_model)
+        stale = STALE_WEIGHT_FILES if own else ()
+        with atomic_files(target, last=(SAVED_CONFIG,), stale=stale) as staging:
+            fmt = self._write_saved_files(staging, merged)
+        logger.info("saved ChatRetriever (%s) to %s", fmt, target)
+        return target
+
+    def _write_saved_files(self, out: Path, merged: bool) -> str:
+        """Write the weights, the tokenizer and SAVED_CONFIG into the empty dir `out`.
+
+        Returns:
+            The saved format ("adapter", "merged" or "full").
+        """
         if is_peft(self.model) and not merged:
             self.model.save_pretrained(out, save_embedding_layers=False, safe_serialization=True)
             fmt = "adapter"
@@ -174,12 +240,13 @@ class ChatRetriever(torch.nn.Module):
             "emb_tokens": self.tokenizer.convert_ids_to_tokens(list(self.emb_ids)),
             "emb_token_ids": list(self.emb_ids),
             "dim": self.dim,
+            # Checked when the adapter is loaded: it must land on the base it was trained on.
+            "base_fingerprint": self.base_fingerprint,
         }
         # Written last: a directory without it is not a (complete) saved retriever.
         with atomic_write(out / SAVED_CONFIG) as f:
             json.dump(meta, f, indent=2)
-        logger.info("saved ChatRetriever (%s) to %s", fmt, out)
-        return out
+        return fmt
 
     def load_trainable_state(self, directory: str | Path) -> None:
         """Load the weights a `save_pretrained` dir holds into this model, in place (resume).
@@ -191,12 +258,9 @@ class ChatRetriever(torch.nn.Module):
             from peft import set_peft_model_state_dict
             from safetensors.torch import load_file
 
-            state = load_file(str(directory / "adapter_model.safetensors"))
-            result = set_peft_model_state_dict(self.model, state)
-            if getattr(result, "unexpected_keys", None):
-                raise ValueError(
-                    f"{directory}: unexpected adapter keys {result.unexpected_keys[:5]}"
-                )
+            state = load_file(str(directory / ADAPTER_WEIGHTS))
+            check_adapter_keys(self.model, state, directory / ADAPTER_WEIGHTS)  # before loading
+            set_peft_model_state_dict(self.model, state)
             return
         from transformers.modeling_utils import load_sharded_checkpoint
 
@@ -210,6 +274,48 @@ class ChatRetriever(torch.nn.Module):
                 raise ValueError(f"{directory}: weights do not match (missing {missing[:5]})")
         else:
             load_sharded_checkpoint(self.model, str(directory))
+
+    # ------------------------------------------------------------------ identity
+    @property
+    def fingerprint(self) -> str:
+        """A short hex content hash of what this retriever computes (`encoders.Encoder`).
+
+        Covers the resolved config (less where the base lives and training-only fields), the
+        LoRA shape, the chat template and EMB ids, the trained weights (`weights_fingerprint`),
+        the compute dtype (with fp32_layers under bf16) and the base model's weight fingerprint.
+        Two models saved under one name differ; the same model re-saved or copied does not.
+        """
+        cfg = {k: v for k, v in self.config.to_dict().items() if k not in _NOT_FINGERPRINTED}
+        bf16 = self.compute_dtype == torch.bfloat16
+        lora = None
+        if is_peft(self.model):  # dropout does not change what a trained model computes
+            lora = {k: v for k, v in self.lora.to_dict().items() if k != "dropout"}
+        return digest(
+            FINGERPRINT_VERSION,
+            {
+                "config": cfg,
+                "lora": lora,
+                "dtype": "bf16" if bf16 else "fp32",
+                "fp32_layers": self.config.fp32_layers if bf16 else 0,
+                "chat_template": self.tokenizer.chat_template,
+                "vocab": len(self.tokenizer),
+                "emb_ids": list(self.emb_ids),
+                "base": self.base_fingerprint,
+                "weights": self.weights_fingerprint(),
+            },
+        )
+
+    def weights_fingerprint(self) -> str:
+        """The fingerprint of the trained weights: the LoRA matrices and EMB rows under LoRA
+        (what an adapter save holds), else every weight of the model.
+
+        Cached until a tensor changes (an optimizer step or a load bumps its version).
+        """
+        state = adapter_state(self.model) if is_peft(self.model) else self.model.state_dict()
+        key = tuple((name, t.data_ptr(), t._version) for name, t in state.items())
+        if self._weights_fp is None or self._weights_fp[0] != key:
+            self._weights_fp = (key, tensors_fingerprint(state))
+        return self._weights_fp[1]
 
     def activation_checkpointing_enable(
         self, activation_checkpointing_kwargs: Mapping[str, Any] | None = None, **kwargs: Any
@@ -265,18 +371,23 @@ class ChatRetriever(torch.nn.Module):
         self._fp32_layers = n
 
     def _body(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Final hidden states (B, L, H) of the decoder body: the LM head is never computed."""
-        mask = batch["attention_mask"]
-        if mask.dim() == 4:
-            param_dtype = next(self.model.parameters()).dtype
-            if mask.dtype != param_dtype:  # re-derive: casting finfo(fp32).min may give -inf
-                mask = additive_mask(mask[:, 0] == 0, param_dtype)
+        """Final hidden states (B, L, H) of the decoder body: the LM head is never computed.
+
+        A CSIT batch (`collate.csit_batch`) carries lengths, not a mask: its (B, 1, L, L)
+        session mask is built here, on the model's device, in the weights' dtype.
+        """
+        device = self.device
+        mask = batch["attention_mask"].to(device)  # (B, L)
+        if "response_starts" in batch:
+            lengths = {k: batch[k].to(device) for k in ("masked_session_lens", "response_starts")}
+            dtype = next(self.model.parameters()).dtype
+            mask = csit_mask({"attention_mask": mask, **lengths}, dtype)  # (B, 1, L, L)
         self._sync_fp32_layers()
         with self.autocast():
             out = self._base().get_decoder()(
-                input_ids=batch["input_ids"].to(self.device),
-                attention_mask=mask.to(self.device),
-                position_ids=batch["position_ids"].to(self.device),
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=mask,
+                position_ids=batch["position_ids"].to(device),
                 use_cache=False,
             )
         return out.last_hidden_state  # (B, L, H)
@@ -297,7 +408,7 @@ class ChatRetriever(torch.nn.Module):
         return self._finish(hidden[torch.arange(hidden.shape[0], device=hidden.device), pos])
 
     def csit_forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """One pass over [session, EMB, response, EMB] (`collate.csit_batch`).
+        """One pass over [session, EMB, response] (`collate.csit_batch`).
 
         Returns:
             {"session_emb": (B, D) float32 (equal to a standalone encoding: session rows are
@@ -308,7 +419,7 @@ class ChatRetriever(torch.nn.Module):
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         session_emb = self._finish(hidden[rows, batch["session_emb_pos"].to(hidden.device)])
         targets = batch["labels"].to(hidden.device)[:, 1:]  # (B, L - 1): next token of each pos
-        keep = targets != -100
+        keep = targets != IGNORE_INDEX
         with self.autocast():
             logits = self._base().get_output_embeddings()(hidden[:, :-1][keep])  # (N, V)
         cap = getattr(self.model.config.get_text_config(), "final_logit_softcapping", None)
@@ -345,7 +456,7 @@ class ChatRetriever(torch.nn.Module):
         self, sessions: Sequence[SessionLike], batch_size: int = 16, show_progress: bool = False
     ) -> np.ndarray:
         """(B, D) float32 embeddings of sessions (Session objects or message lists)."""
-        seqs = [self.template.session_ids(s) for s in sessions]
+        seqs = self.template.session_ids_batch(sessions)  # few tokenizer calls for all
         return self._encode_ids(seqs, batch_size, show_progress, "sessions")
 
     def encode_passages(
@@ -355,7 +466,7 @@ class ChatRetriever(torch.nn.Module):
         show_progress: bool = False,
     ) -> np.ndarray:
         """(B, D) float32 embeddings of passages (each one assistant message)."""
-        seqs = [self.template.passage_ids(p) for p in passages]
+        seqs = self.template.passage_ids_batch(passages)  # one tokenizer call, not one each
         return self._encode_ids(seqs, batch_size, show_progress, "passages")
 
     def _encode_ids(
@@ -387,25 +498,23 @@ class ChatRetriever(torch.nn.Module):
         return out
 
 
+def _same_dir(directory: Path, name_or_path: str) -> bool:
+    """Whether `name_or_path` (a model name or path) is `directory`."""
+    try:
+        return Path(name_or_path).resolve() == directory.resolve()
+    except OSError:
+        return False
+
+
 def _load_backbone(name_or_path: str, cfg: RetrieverConfig) -> tuple[Any, Any]:
-    """(causal LM in fp32, tokenizer) via `backbones.load_backbone` (plain HF dirs as fallback)."""
-    if importlib.util.find_spec("chatretriever.modeling.backbones") is not None:
-        from chatretriever.modeling.backbones import load_backbone
+    """(causal LM in fp32, tokenizer) via `backbones.load_backbone` (built-in names, GGUF files
+    and plain Hugging Face dirs alike)."""
+    from chatretriever.modeling.backbones import load_backbone
 
-        return load_backbone(
-            name_or_path,
-            kind="causal",
-            dtype=torch.float32,
-            attn_implementation=cfg.attn_implementation,
-            trust_remote_code=cfg.trust_remote_code,
-        )
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(
+    return load_backbone(
         name_or_path,
+        kind="causal",
         dtype=torch.float32,
         attn_implementation=cfg.attn_implementation,
         trust_remote_code=cfg.trust_remote_code,
     )
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=cfg.trust_remote_code)
-    return model, tokenizer

@@ -10,13 +10,12 @@ import logging
 import random
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
-
-import numpy as np
-from tqdm.auto import tqdm
+from dataclasses import dataclass, field, replace
 
 from chatretriever.methods.chatretriever.data import TrainingExample, TrainingPassage
-from chatretriever.types import Passage, Turn
+from chatretriever.retrieval.baselines import BM25Config, BM25Retriever
+from chatretriever.retrieval.search import join_turns
+from chatretriever.types import Passage, Turn, passage_text
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +34,7 @@ class MiningConfig:
         query: "last_turn", "user_turns" (the last user turn, then the earlier ones, newest
             first) or "all_turns" (every turn, newest first).
         max_query_chars: Queries are cut to this many characters.
+        bm25: The BM25 settings: the baselines' (`retrieval.baselines.BM25Config`).
     """
 
     num_negatives: int = 4
@@ -42,6 +42,7 @@ class MiningConfig:
     seed: int = 0
     query: str = "user_turns"
     max_query_chars: int = 2000
+    bm25: BM25Config = field(default_factory=BM25Config)
 
     def __post_init__(self) -> None:
         lo, hi = self.rank_window
@@ -54,13 +55,12 @@ class MiningConfig:
 
 
 def mining_query(messages: Sequence[Turn], mode: str = "user_turns") -> str:
-    """The BM25 query text of a session (see `MiningConfig.query`)."""
-    turns = list(reversed(messages))  # newest first: the current question leads
+    """The BM25 query text of a session (see `MiningConfig.query`), newest turn first."""
     if mode == "last_turn":
-        turns = turns[:1]
-    elif mode == "user_turns":
-        turns = [t for t in turns if t.role == "user"]
-    return "\n".join(t.content for t in turns)
+        return join_turns(messages[-1:])
+    if mode == "user_turns":
+        return join_turns([t for t in messages if t.role == "user"])
+    return join_turns(messages)
 
 
 def _norm(text: str) -> str:
@@ -80,31 +80,13 @@ def _passage_pool(
     return list(pool.values())
 
 
-def _bm25_topk(docs: list[str], queries: list[str], k: int, show_progress: bool) -> list[list[int]]:
-    """BM25 (bm25s, English stemming and stopwords): per query, the indices of its top-k docs
-    with a positive score, best first, ties broken by index (so runs are reproducible)."""
-    try:
-        import bm25s
-        import Stemmer
-    except ImportError as e:
-        raise ImportError(
-            "hard-negative mining needs bm25s: pip install chatretriever[baselines]"
-        ) from e
-    tokenizer = bm25s.tokenization.Tokenizer(stopwords="en", stemmer=Stemmer.Stemmer("english"))
-    doc_tokens = tokenizer.tokenize(docs, update_vocab=True, return_as="tuple", show_progress=False)
-    retriever = bm25s.BM25()
-    retriever.index(doc_tokens, show_progress=show_progress)
-    q_tokens = tokenizer.tokenize(queries, update_vocab=False, return_as="ids", show_progress=False)
-    out = []
-    # our own top-k: bm25s' argpartition over mostly-zero score vectors is very slow
-    for ids in tqdm(q_tokens, desc="BM25 search", disable=not show_progress):
-        scores = retriever.get_scores(ids) if ids else np.zeros(len(docs))  # (N,)
-        hits = np.flatnonzero(scores > 0)
-        if len(hits) > k:  # keep every doc tied with the k-th best, then cut after sorting
-            kth = np.partition(scores[hits], len(hits) - k)[len(hits) - k]
-            hits = hits[scores[hits] >= kth]
-        out.append(hits[np.lexsort((hits, -scores[hits]))][:k].tolist())
-    return out
+def _bm25_topk(
+    docs: list[str], queries: list[str], k: int, config: BM25Config, show_progress: bool
+) -> list[list[int]]:
+    """Per query, the indices of its top-k docs with a positive score, best first, ties broken by
+    index (so runs are reproducible): the BM25 of the baselines (`BM25Retriever.top_k`)."""
+    bm25 = BM25Retriever.from_texts(docs, config, show_progress=show_progress)
+    return [[i for i, _ in row] for row in bm25.top_k(queries, k, show_progress)]
 
 
 def _pick(candidates: list[int], cfg: MiningConfig, example_id: str) -> list[int]:
@@ -149,12 +131,12 @@ def mine_hard_negatives(
     pool = _passage_pool(examples, corpus)
     if not pool:
         raise ValueError("no passages to mine negatives from")
-    docs = [f"{p.title}\n{p.text}" if p.title else p.text for p in pool]
+    docs = [passage_text(p) for p in pool]
     queries = [mining_query(ex.messages, cfg.query)[: cfg.max_query_chars] for ex in examples]
     most_pos = max(len(ex.positives) + len(ex.negatives) for ex in examples)
     k = cfg.rank_window[1] + most_pos + 20  # room for dropped positives and duplicate texts
     logger.info("mining: %d queries over %d passages, top %d", len(queries), len(pool), k)
-    hits = _bm25_topk(docs, queries, k, show_progress)
+    hits = _bm25_topk(docs, queries, k, cfg.bm25, show_progress)
     norms = [_norm(p.text) for p in pool]
     out = []
     for ex, row in zip(examples, hits, strict=True):

@@ -12,6 +12,11 @@
         - {path: outputs/train/mtrag.jsonl, repeat: 10}
     training: {max_steps: 500, per_device_train_batch_size: 16, ...}  # TrainingArguments
 
+A `model:` that is a saved ChatRetriever directory continues training from its weights: the
+settings those weights depend on (retriever.n_emb_tokens, emb_init, lora.enabled, r, alpha,
+target_modules) must equal the saved ones (else a one-line error names the field), the others
+(lengths, dtype, dropout, ...) follow the recipe, and the base model stays the saved one.
+
 A recipe may start with `base: other.yaml` (a path relative to it): the other recipe is read
 first and this one's keys replace or extend it, so an ablation names only what it changes.
 Relative data paths are read from the directory the command runs in. `--set key.sub=value`
@@ -123,8 +128,8 @@ def run_training(config: TrainConfig, resume: bool = False) -> Path:
     checkpoint = resume_checkpoint(out, resume)
     dataset = TrainingSet(load_examples(config.data, iter_training_examples))
     set_seed(args.seed)  # LoRA's random init comes before the Trainer seeds anything
-    retriever = ChatRetriever.from_pretrained(
-        config.model, config=config.retriever, lora=config.lora, device="cpu"
+    retriever = ChatRetriever.from_pretrained(  # a saved dir: its weights, trainable
+        config.model, config=config.retriever, lora=config.lora, is_trainable=True, device="cpu"
     )
     if args.process_index == 0:
         save_recipe(config, out)

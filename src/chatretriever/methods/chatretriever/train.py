@@ -1,11 +1,13 @@
 """CSIT training: the collator, the named loss parts, and CSIT's use of the shared trainer.
 
-One step: the collator turns TrainingExamples into a CSIT batch ([session, EMB, response, EMB]
-under the session mask, or a plain session batch when the LM part is off) plus one passage
-batch (each example's positive, then its hard negatives); one forward pass of the session side
-gives both the session embedding and the LM logits; the passage side is a second forward.
-Under DDP (torchrun / accelerate launch) the positives and negatives of every process are
-gathered (with gradients) so that in-batch negatives span the global batch.
+One step: the collator turns TrainingExamples into a CSIT batch ([session, EMB, response] under
+the session mask, or a plain session batch when the LM part is off) plus one passage batch (each
+example's positive for this epoch and its real hard negatives) and their `CandidateLayout`; one
+forward pass of the session side gives both the session embedding and the LM logits; the passage
+side is a second forward. No passage relevant to a session (any of its positives, by id or by
+normalised text) is ever scored as its negative. Under DDP (torchrun / accelerate launch) the
+candidates of every process are gathered (with gradients) so that in-batch negatives span the
+global batch.
 
 `CsitTrainer` is `modeling.trainer.NamedLossTrainer` with `CsitLoss` as its loss: it sums and
 logs the parts, and its checkpoints hold only what trains (the LoRA adapter and the EMB rows, or
@@ -15,7 +17,7 @@ continues exactly where a killed run stopped.
 
 from __future__ import annotations
 
-import zlib
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,24 +25,24 @@ from typing import Any
 import torch
 
 from chatretriever.config import LossConfig
-from chatretriever.methods.chatretriever.data import TrainingExample, TrainingPassage
+from chatretriever.methods.chatretriever.data import (
+    TrainingExample,
+    TrainingPassage,
+    passage_keys,
+)
 from chatretriever.modeling.collate import csit_batch, encode_batch
 from chatretriever.modeling.losses import (
-    candidate_exclusions,
+    N_KEYS,
+    CandidateLayout,
     combine_csit_losses,
-    contrastive_loss,
+    layout_contrastive_loss,
     session_masked_lm_loss,
 )
-from chatretriever.modeling.template import RetrievalTemplate, passage_text
+from chatretriever.modeling.template import RetrievalTemplate
 from chatretriever.modeling.trainer import NamedLossTrainer, gather, rank_and_world
 from chatretriever.types import Turn
 
 QUERY_MODES = ("session", "last_turn")
-
-
-def passage_key(p: TrainingPassage) -> int:
-    """A process-independent int64 key of a passage's text (Python's hash() is salted)."""
-    return zlib.crc32(passage_text(p).strip().encode("utf-8"))
 
 
 def last_turn_only(messages: Sequence[Turn]) -> tuple[Turn, ...]:
@@ -48,59 +50,95 @@ def last_turn_only(messages: Sequence[Turn]) -> tuple[Turn, ...]:
     return (messages[-1],)
 
 
+def positive_index(example_id: str, n_positives: int, seed: int, epoch: int) -> int:
+    """Which of an example's positives is trained in this epoch: a hash of (seed, epoch, id),
+    so every process, worker and resumed run picks the same one, and each epoch picks anew."""
+    if n_positives < 1:
+        raise ValueError(f"example {example_id!r} has no positive")
+    text = f"{seed}\x1f{epoch}\x1f{example_id}".encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "big") % n_positives
+
+
+def candidate_layout(
+    examples: Sequence[TrainingExample], n_negatives: int, seed: int = 0, epoch: int = 0
+) -> tuple[list[TrainingPassage], CandidateLayout]:
+    """The passages to encode and their `CandidateLayout`.
+
+    Each example contributes the positive `positive_index` picks and its first `n_negatives`
+    hard negatives (the builders already sampled them from a rank window); missing negatives
+    are padding slots, never encoded, so every process sees the same layout shapes (needed to
+    gather across processes). The keys of ALL positives go into the layout.
+
+    Returns:
+        (the R passages to encode, in layout row order; the layout).
+    """
+    b, k = len(examples), n_negatives
+    rows = torch.full((b, 1 + k), -1, dtype=torch.long)
+    keys = torch.full((b, 1 + k, N_KEYS), -1, dtype=torch.long)
+    most = max(len(ex.positives) for ex in examples)
+    positive_keys = torch.full((b, most, N_KEYS), -1, dtype=torch.long)
+    passages: list[TrainingPassage] = []
+    for i, ex in enumerate(examples):
+        for j, p in enumerate(ex.positives):
+            positive_keys[i, j] = torch.tensor(passage_keys(p, ex.source))
+        chosen = ex.positives[positive_index(ex.id, len(ex.positives), seed, epoch)]
+        for slot, p in enumerate([chosen, *ex.negatives[:k]]):
+            rows[i, slot] = len(passages)
+            keys[i, slot] = torch.tensor(passage_keys(p, ex.source))
+            passages.append(p)
+    return passages, CandidateLayout(rows, keys, positive_keys)
+
+
 @dataclass
 class CsitCollator:
-    """TrainingExamples -> {"sessions", "passages", keys} tensors for `CsitTrainer`.
+    """TrainingExamples -> {"sessions", "passages", "layout"} for `CsitTrainer`.
 
-    Positives: each example's first positive. Negatives: its first `n_hard_negatives` (the
-    builders already sampled them from a rank window); missing ones are padded and masked, so
-    every process sees the same shapes (needed to gather across processes).
+    "sessions" is a CSIT batch (`collate.csit_batch`) under the LM part, else a plain session
+    batch; "passages" encodes each example's positive and real hard negatives; "layout" is their
+    `CandidateLayout` (see `candidate_layout`). `set_epoch` (called by the trainer at the start
+    of every epoch) chooses which positive each example trains with.
     """
 
     template: RetrievalTemplate
     loss: LossConfig
     pad_id: int
     padding_side: str = "right"
-    mask_dtype: torch.dtype = torch.float32
     query: str = "session"
+    seed: int = 0
+    epoch: int = 0
 
     def __post_init__(self) -> None:
         if self.query not in QUERY_MODES:
             raise ValueError(f"query must be one of {QUERY_MODES}, got {self.query!r}")
 
+    def set_epoch(self, epoch: int, seed: int | None = None) -> None:
+        """The epoch (and trainer seed) that choose each example's positive."""
+        self.epoch = epoch
+        if seed is not None:
+            self.seed = seed
+
     def __call__(self, examples: Sequence[TrainingExample]) -> dict[str, Any]:
-        k = self.loss.n_hard_negatives
-        sessions = [self._messages(ex) for ex in examples]
+        sessions = [self.messages(ex) for ex in examples]
         if self.loss.uses_lm:
-            pieces = [
-                self.template.csit_pieces(s, ex.target_text)
-                for s, ex in zip(sessions, examples, strict=True)
-            ]
-            session_batch = csit_batch(pieces, self.pad_id, self.loss.session_mask, self.mask_dtype)
+            targets = [ex.target_text for ex in examples]
+            pieces = self.template.csit_pieces_batch(sessions, targets)  # few tokenizer calls
+            session_batch = csit_batch(pieces, self.pad_id, self.loss.session_mask)
         else:
-            ids = [self.template.session_ids(s) for s in sessions]
+            ids = self.template.session_ids_batch(sessions)
             session_batch = encode_batch(ids, self.pad_id, self.padding_side)
-        texts = [ex.positives[0] for ex in examples]
-        neg_keys = torch.full((len(examples), k), -1, dtype=torch.long)  # (B, K)
-        neg_valid = torch.zeros((len(examples), k), dtype=torch.bool)
-        for b, ex in enumerate(examples):
-            for j in range(k):
-                have = j < len(ex.negatives)
-                p = ex.negatives[j] if have else ex.positives[0]  # padding slot: masked below
-                texts.append(p)
-                neg_keys[b, j] = passage_key(p) if have else -1
-                neg_valid[b, j] = have
-        # Padding slots re-encode the positive; cheap enough and keeps shapes fixed.
-        passage_ids = [self.template.passage_ids(p) for p in texts]
+        passages, layout = candidate_layout(
+            examples, self.loss.n_hard_negatives, self.seed, self.epoch
+        )
+        passage_ids = self.template.passage_ids_batch(passages)
         return {
             "sessions": session_batch,
             "passages": encode_batch(passage_ids, self.pad_id, self.padding_side),
-            "pos_keys": torch.tensor([passage_key(ex.positives[0]) for ex in examples]),
-            "neg_keys": neg_keys,
-            "neg_valid": neg_valid,
+            "layout": layout,
         }
 
-    def _messages(self, ex: TrainingExample) -> list[dict[str, str]]:
+    def messages(self, ex: TrainingExample) -> list[dict[str, str]]:
+        """The session side of an example as chat messages (the last turn only under
+        query="last_turn")."""
         turns = last_turn_only(ex.messages) if self.query == "last_turn" else ex.messages
         return [t.to_dict() for t in turns]
 
@@ -111,35 +149,24 @@ def csit_losses(
     """The named, weighted loss parts of one step (their sum is the training loss).
 
     Args:
-        outputs: `ChatRetriever.forward` output: "session_emb" (B, D), "passage_emb"
-            (B + B*K, D) = positives then each example's K negatives, and under the LM part
-            "lm_logits" (N, V), "lm_labels" (N,).
-        inputs: The collator's batch (keys and validity of the negatives).
+        outputs: `ChatRetriever.forward` output: "session_emb" (B, D), "passage_emb" (R, D)
+            (the encoded passages of the layout), and under the LM part "lm_logits" (N, V),
+            "lm_labels" (N,).
+        inputs: The collator's batch ("layout": the `CandidateLayout`).
         loss: The loss settings.
 
     Returns:
         {"contrastive": L_C} (+ {"session_lm": alpha * L_S}).
     """
-    q = outputs["session_emb"]  # (B, D)
-    b, k = q.shape[0], loss.n_hard_negatives
-    emb = outputs["passage_emb"]
-    pos, neg = emb[:b], emb[b:].reshape(b, k, -1)  # (B, D), (B, K, D)
-    pos_keys, neg_keys, neg_valid = inputs["pos_keys"], inputs["neg_keys"], inputs["neg_valid"]
     rank, world = rank_and_world()
-    offset = 0
-    if loss.in_batch and world > 1:
-        pos, neg = gather(pos), gather(neg)
-        pos_keys, neg_keys, neg_valid = gather(pos_keys), gather(neg_keys), gather(neg_valid)
-        offset = rank * b
-    exclude = candidate_exclusions(pos_keys, neg_keys, neg_valid, b, offset, loss.in_batch)
-    parts = contrastive_loss(
-        q,
-        pos,
-        neg if k else None,
+    parts = layout_contrastive_loss(
+        outputs["session_emb"],
+        outputs["passage_emb"],
+        inputs["layout"],
         temperature=loss.temperature,
         in_batch=loss.in_batch,
-        offset=offset,
-        exclude=exclude,
+        gather=gather if world > 1 else None,
+        rank=rank,
     )
     lm = None
     if loss.uses_lm:
@@ -169,12 +196,11 @@ class CsitTrainer(NamedLossTrainer):
 
 
 def make_collator(retriever: Any, loss: LossConfig, query: str) -> CsitCollator:
-    """The collator matching a ChatRetriever's template, padding and compute dtype."""
+    """The collator matching a ChatRetriever's template and padding."""
     return CsitCollator(
         template=retriever.template,
         loss=loss,
         pad_id=retriever.pad_id,
         padding_side=retriever.padding_side,
-        mask_dtype=torch.float32,
         query=query,
     )

@@ -1,0 +1,150 @@
+"""Token ids of user text in which no added token is ever matched; `template.py`'s tokenizer.
+
+A tokenizer parses its added tokens ("<|im_end|>", "[EMB_1]", "<tool_call>", ...) wherever they
+appear. In a message's content they must stay text, or a user could type a control token:
+`split_special_tokens=True` stops only the SPECIAL added tokens; non-special ones (Qwen's
+"<tool_call>") are then run through the backend's pipeline without its added vocabulary. Text
+without such strings gets exactly the tokenizer's own ids.
+
+`ContentTokenizer` also splits template text where the tokenizer would (at its added tokens) and
+caches the ids of text runs (least recently used dropped first), so that a session's history
+turns are tokenized once. Knows no particular token: the chat format stays in `template.py`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+# Texts per tokenizer call: bounds the working memory of one call on a large batch.
+_CHUNK = 1024
+
+
+class ContentTokenizer:
+    """User text -> token ids with no added token, in batches, with a cache of text runs.
+
+    Args:
+        tokenizer: A Hugging Face tokenizer (a `tokenizers` backend is used directly if any).
+        cache_size: How many text runs `cached` keeps.
+    """
+
+    def __init__(self, tokenizer: Any, cache_size: int = 8192) -> None:
+        self.tokenizer = tokenizer
+        self.cache_size = cache_size
+        self._backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._added, self._added_ids, plain = _added_token_patterns(tokenizer)
+        # Only a `tokenizers` backend still matches non-special added tokens when splitting
+        # special ones (python tokenizers then match no added token at all).
+        self._plain_added = plain if self._backend is not None else None
+        self._runs: dict[str, tuple[int, ...]] = {}  # insertion order = least recently used first
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        """Ids of each text, one tokenizer call per chunk of texts (nothing cached)."""
+        out: list[list[int]] = []
+        for start in range(0, len(texts), _CHUNK):
+            chunk = list(texts[start : start + _CHUNK])
+            ids = self._encode_split_special(chunk)
+            if self._plain_added is not None:
+                found = self._plain_added.search
+                ids = [
+                    self._encode_raw(t) if found(t) else i for t, i in zip(chunk, ids, strict=True)
+                ]
+            out += ids
+        return out
+
+    def cached(self, texts: Iterable[str]) -> dict[str, tuple[int, ...]]:
+        """Ids of text runs: from the cache, the missing ones in one `encode` call."""
+        found: dict[str, tuple[int, ...]] = {}
+        missing: dict[str, None] = {}
+        for text in texts:
+            if text in found or text in missing:
+                continue
+            ids = self._runs.pop(text, None)
+            if ids is None:
+                missing[text] = None
+            else:
+                found[text] = self._runs[text] = ids  # re-inserted: now the most recent
+        if missing:
+            for text, new in zip(missing, self.encode(list(missing)), strict=True):
+                found[text] = self._runs[text] = tuple(new)
+        while len(self._runs) > self.cache_size:
+            del self._runs[next(iter(self._runs))]
+        return found
+
+    def ids_of(self, pieces: Sequence[int | str]) -> list[int]:
+        """Ids of a sequence of token ids and text runs (runs via `cached`)."""
+        runs = self.cached(p for p in pieces if isinstance(p, str))
+        ids: list[int] = []
+        for p in pieces:
+            if isinstance(p, str):
+                ids += runs[p]
+            else:
+                ids.append(p)
+        return ids
+
+    def split_added(self, text: str) -> list[int | str]:
+        """Template text split as the tokenizer splits it: added-token ids, the text between."""
+        pieces: list[int | str] = []
+        pos = 0
+        for m in self._added.finditer(text) if self._added is not None else ():
+            if m.start() > pos:
+                pieces.append(text[pos : m.start()])
+            pieces.append(self._added_ids[int(str(m.lastgroup)[1:])])
+            pos = m.end()
+        if pos < len(text):
+            pieces.append(text[pos:])
+        return pieces
+
+    def _encode_split_special(self, texts: list[str]) -> list[list[int]]:
+        """`tokenizer(texts, split_special_tokens=True)` ids; the backend directly when it can."""
+        backend = self._backend
+        if backend is None or backend.truncation or backend.padding:
+            enc = self.tokenizer(texts, add_special_tokens=False, split_special_tokens=True)
+            return [list(ids) for ids in enc["input_ids"]]
+        was = backend.encode_special_tokens
+        backend.encode_special_tokens = True  # what split_special_tokens does, minus the wrapper
+        try:
+            encodings = backend.encode_batch_fast(texts, add_special_tokens=False)
+        finally:
+            backend.encode_special_tokens = was
+        return [e.ids for e in encodings]
+
+    def _encode_raw(self, text: str) -> list[int]:
+        """Ids of text through the backend's normalizer, pre-tokenizer and model alone."""
+        backend = self._backend
+        if backend.normalizer is not None:
+            text = backend.normalizer.normalize_str(text)
+        splits = [text]
+        if backend.pre_tokenizer is not None:
+            splits = [s for s, _ in backend.pre_tokenizer.pre_tokenize_str(text)]
+        return [t.id for s in splits for t in backend.model.tokenize(s)]
+
+
+def _added_token_patterns(
+    tokenizer: Any,
+) -> tuple[re.Pattern[str] | None, list[int], re.Pattern[str] | None]:
+    """How the tokenizer finds its added tokens in text.
+
+    Returns:
+        (a regex of every added token, longest first, with the whitespace its lstrip/rstrip
+        absorbs: group "t{i}" matches the i-th id of the list; the ids; a regex of the
+        non-special added tokens, None when there are none).
+    """
+    added = sorted(
+        (getattr(tokenizer, "added_tokens_decoder", None) or {}).items(),
+        key=lambda kv: -len(kv[1].content),
+    )
+    parts, ids, plain = [], [], []
+    for token_id, token in added:
+        if not token.content:
+            continue
+        text = re.escape(token.content)
+        lstrip = r"\s*" if getattr(token, "lstrip", False) else ""
+        rstrip = r"\s*" if getattr(token, "rstrip", False) else ""
+        parts.append(f"(?P<t{len(ids)}>{lstrip}{text}{rstrip})")
+        ids.append(int(token_id))
+        if not getattr(token, "special", True):
+            plain.append(text)
+    every = re.compile("|".join(parts)) if parts else None
+    return every, ids, re.compile("|".join(plain)) if plain else None
