@@ -1,7 +1,9 @@
 """The CSIT losses: InfoNCE (L_C) and the session-masked LM loss (L_S), L = L_C + alpha * L_S.
 
 Losses take embeddings or logits, never the model, and return dicts of named parts; the trainer
-sums the parts and logs each one.
+sums the parts and logs each one. The contrastive candidates of a batch (which encoded passages
+are each example's positive and hard negatives, and which passages are relevant to each session
+and so never its negatives) are one `CandidateLayout`, built by the collator.
 """
 
 from __future__ import annotations
@@ -104,7 +106,9 @@ class CandidateLayout:
             raise ValueError(f"keys must be {(b, slots, N_KEYS)}, got {tuple(self.keys.shape)}")
         if self.positive_keys.dim() != 3 or self.positive_keys.shape[::2] != (b, N_KEYS):
             raise ValueError(f"positive_keys must be (B, P, {N_KEYS}) with B = {b}")
-        if bool((self.rows[:, 0] < 0).any()):
+        # Checked on the CPU only (where the collator builds it): on an accelerator it would
+        # cost a device sync each time the layout moves.
+        if self.rows.device.type == "cpu" and bool((self.rows[:, 0] < 0).any()):
             raise ValueError("every example needs its positive (slot 0 is never padding)")
 
     @property
@@ -246,12 +250,16 @@ def session_masked_lm_loss(
     """
     flat_logits = logits.reshape(-1, logits.shape[-1]).float()  # (N, V)
     flat_labels = labels.reshape(-1)  # (N,)
-    if not bool((flat_labels != IGNORE_INDEX).any()):
-        return {"session_lm": flat_logits.sum() * 0.0}
-    loss = F.cross_entropy(
-        flat_logits, flat_labels, ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing
-    )
-    return {"session_lm": loss}
+    per_token = F.cross_entropy(
+        flat_logits,
+        flat_labels,
+        ignore_index=IGNORE_INDEX,
+        label_smoothing=label_smoothing,
+        reduction="none",
+    )  # (N,), 0 where ignored
+    # The mean over labelled tokens, without reading the count back (no device sync).
+    count = (flat_labels != IGNORE_INDEX).sum().clamp(min=1)
+    return {"session_lm": per_token.sum() / count}
 
 
 def combine_csit_losses(
