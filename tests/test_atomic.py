@@ -277,6 +277,7 @@ NamedLossTrainer(
 
 @pytest.mark.slow
 def test_ddp_checkpoints_have_one_writer_and_every_process_part(tmp_path):
+    import socket
     import subprocess
     import sys
 
@@ -286,7 +287,10 @@ def test_ddp_checkpoints_have_one_writer_and_every_process_part(tmp_path):
     marks.mkdir()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
-    cmd += ["--master_port=29537", str(script), str(run), str(marks)]
+    with socket.socket() as sock:  # a free port: a fixed one may still be held by an earlier run
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd += [f"--master_port={port}", str(script), str(run), str(marks)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(os.listdir(run)) == ["checkpoint-1", "checkpoint-2"]  # no staging dir left
