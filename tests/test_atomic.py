@@ -272,6 +272,10 @@ NamedLossTrainer(
     data_collator=lambda b: {k: torch.stack([r[k] for r in b]) for k in ("x", "y")},
     loss_fn=lambda m, i: {"fit": ((m(i["x"]) - i["y"]) ** 2).mean()},
 ).train()
+# an orderly gloo shutdown: without it a process can abort at exit ("terminate called ...")
+if torch.distributed.is_initialized():
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 """
 
 
