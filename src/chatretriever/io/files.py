@@ -86,12 +86,14 @@ def require(
     return value
 
 
-def fsync_dir(directory: str | Path) -> None:
-    """Make a rename or a new entry in `directory` durable (best effort: not every platform or
-    filesystem can fsync a directory, e.g. Windows cannot open one)."""
+def _fsync(path: str | Path, must_open: bool) -> None:
+    # Linux and macOS flush a file's data through any descriptor of it; where fsync needs a
+    # writable handle (Windows) or a directory cannot be opened, this is best effort.
     try:
-        fd = os.open(directory, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
+        if must_open:
+            raise
         return
     try:
         with contextlib.suppress(OSError):
@@ -100,15 +102,14 @@ def fsync_dir(directory: str | Path) -> None:
         os.close(fd)
 
 
+def fsync_dir(directory: str | Path) -> None:
+    """Make a rename or a new entry in `directory` durable (best effort: not every platform or
+    filesystem can fsync a directory, e.g. Windows cannot open one)."""
+    _fsync(directory, must_open=False)
+
+
 def _fsync_file(path: str | Path) -> None:
-    # Linux and macOS flush a file's data through any descriptor of it; where fsync needs a
-    # writable handle (Windows) this is a no-op: best effort.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        with contextlib.suppress(OSError):
-            os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync(path, must_open=True)
 
 
 def fsync_tree(root: str | Path) -> None:
