@@ -12,6 +12,9 @@ Systems (`--systems`, default: every family whose packages are installed):
     rewrite        LLM4CS "REW": a chat LLM rewrites the last question, then BM25 and an embedder
     dense          sentence embedders (`--dense`) on last_turn, all_user_turns, full_history
     chatretriever  each `--model NAME=DIR_OR_BUILTIN`, reading the whole session
+    (hybrid)       with `--hybrid rrf linear`: each ChatRetriever run (whole session) and each
+                   dense embedder's all_user_turns run fused with BM25 on `--bm25-formulation`
+                   (`chatretriever.retrieval.fusion`; `--rrf-k`, `--fusion-weight` = dense weight)
 
 Dense search uses a Faiss Flat index when Faiss is installed, else an exact numpy top-k, so runs
 can be made on a GPU machine with only torch and transformers (`--runs-only`) and evaluated later.
@@ -35,6 +38,7 @@ from pathlib import Path
 
 from chatretriever.errors import DataFormatError
 from chatretriever.io.mtrag import load_mtrag
+from chatretriever.retrieval.fusion import DEFAULT_RRF_K, FUSION_METHODS, FusionConfig
 
 # The helper package beside this script: on sys.path when the script runs, not when it is imported
 # from its file (tests/test_benchmarks.py).
@@ -67,12 +71,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--query-batch-size", type=int, default=32, help="queries per encoder call")
     p.add_argument("--chunk-size", type=int, default=5000, help="passages per embedding chunk")
     p.add_argument("--eval-conversations", metavar="FILE", help="conversation ids to evaluate")
+    p.add_argument(
+        "--hybrid", nargs="+", choices=FUSION_METHODS, default=[], help="fused rows (see above)"
+    )
+    p.add_argument("--rrf-k", type=int, default=DEFAULT_RRF_K, help="k of reciprocal rank fusion")
+    p.add_argument("--fusion-weight", type=float, default=0.5, help="dense weight; BM25: 1 - it")
+    p.add_argument(
+        "--bm25-formulation",
+        choices=systems.QUERY_FORMULATIONS,
+        default="last_turn",
+        help="BM25 side of the hybrid rows",
+    )
     p.add_argument("--runs-only", action="store_true", help="write runs, skip evaluation")
     p.add_argument("-v", "--verbose", action="store_true", help="log library messages (INFO)")
     args = p.parse_args(argv)
     for name in ("k", "batch_size", "query_batch_size", "chunk_size", "max_new_tokens"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be positive")
+    try:
+        FusionConfig("rrf", args.rrf_k, args.fusion_weight)
+    except ValueError as e:
+        p.error(str(e))
     return args
 
 

@@ -24,14 +24,16 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from _conversational import backends
-from _conversational.systems import System, slug
+from _conversational.systems import HYBRID, System, fused_formulation, slug
 from chatretriever.apps.registry import precision_of
 from chatretriever.io.files import read_json
 from chatretriever.io.mtrag import iter_mtrag_corpus
+from chatretriever.io.trec import read_run
 from chatretriever.modeling.fingerprint import digest
 from chatretriever.retrieval.encode import EncodeConfig, encode_corpus, encode_seconds, list_shards
 from chatretriever.retrieval.encoders import Encoder, fingerprint_of
 from chatretriever.retrieval.evaluate import write_json
+from chatretriever.retrieval.fusion import FusionConfig, fuse_runs
 from chatretriever.retrieval.search import Formulation, save_run, search_dense, settings_path
 from chatretriever.types import Passage, Run, Session
 
@@ -192,7 +194,41 @@ def run_key(
 
         key["rewrite_model"] = args.rewrite_model
         key["rewrite_prompt"] = RewritePrompt().hash
+    if system.family == HYBRID:
+        key["fusion"] = fusion_config(system, args).to_dict()
     return key
+
+
+def fusion_config(system: System, args: argparse.Namespace) -> FusionConfig:
+    """The fusion of a hybrid row: its method (the last part of its formulation) and the
+    `--rrf-k` / `--fusion-weight` settings."""
+    method = system.formulation.rsplit(".", 1)[-1]
+    return FusionConfig(method, args.rrf_k, args.fusion_weight)
+
+
+def make_hybrid_run(system: System, ws: Workspace) -> tuple[Run, dict[str, float], dict[str, Any]]:
+    """Fuse a dense system's run (made earlier in this benchmark: it is planned first) with
+    BM25 on `--bm25-formulation`."""
+    args = ws.args
+    dense_path = ws.out / "runs" / f"{slug(f'{system.label}.{fused_formulation(system)}')}.trec"
+    if not dense_path.exists():
+        raise ValueError(f"{system.id}: the run it fuses is missing ({dense_path})")
+    retriever, index_s = ws.bm25()
+    start = time.perf_counter()
+    sparse = retriever.search(ws.sessions, args.k, args.bm25_formulation)
+    fusion = fusion_config(system, args)
+    dense = Run(read_run(dense_path).scores, name=system.label)
+    run = fuse_runs(dense, sparse, fusion)
+    timing = {"index_s": index_s, "query_s": time.perf_counter() - start}
+    dense_wall = read_json(settings_path(dense_path)).get("wall_s", 0.0)
+    timing["dense_run_s"] = float(dense_wall)
+    extra = {
+        "fusion": fusion.to_dict(),
+        "bm25_formulation": args.bm25_formulation,
+        "bm25": retriever.settings,
+        "dense_run": str(dense_path),
+    }
+    return Run(run.scores, name=system.id), timing, extra
 
 
 def cached_settings(run_path: Path, key: dict) -> dict | None:
@@ -209,6 +245,8 @@ def cached_settings(run_path: Path, key: dict) -> dict | None:
 
 def make_run(system: System, ws: Workspace) -> tuple[Run, dict[str, float], dict[str, Any]]:
     """Search with one system; returns (run, timing in seconds, extra settings)."""
+    if system.family == HYBRID:
+        return make_hybrid_run(system, ws)
     args = ws.args
     sessions, timing, extra = ws.sessions, {}, {}
     formulation = system.formulation

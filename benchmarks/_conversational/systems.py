@@ -7,11 +7,13 @@ import importlib.util
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from chatretriever.errors import MissingExtraError
 from chatretriever.retrieval.search import Formulation
 
 FAMILIES = ("bm25", "rewrite", "dense", "chatretriever")
+HYBRID = "hybrid"  # the family of fused rows (`--hybrid`): a dense run + BM25
 QUERY_FORMULATIONS = ("last_turn", "all_user_turns", "full_history")
 LLM_REWRITE = "llm_rewrite"  # formulation label of the rewrite family
 REWRITE_MODEL = "smollm2-135m-instruct"
@@ -74,6 +76,46 @@ def missing_module(module: str, extra: str) -> str | None:
     return None
 
 
+def hybrid_formulation(base: str, method: str, bm25_formulation: str) -> str:
+    """The formulation label of a hybrid row: "<base>+bm25.<formulation>.<method>"."""
+    return f"{base}+bm25.{bm25_formulation}.{method}"
+
+
+def fused_formulation(system: System) -> str:
+    """The formulation of the dense run a hybrid row fuses (the part before "+bm25")."""
+    return system.formulation.split("+", 1)[0]
+
+
+HYBRID_DENSE_FORMULATION = "all_user_turns"  # the best session-free formulation of embedders
+
+
+def hybrid_systems(args: argparse.Namespace, planned: list[System], skip: Any) -> list[System]:
+    """One row per `--hybrid` method and fused system: every ChatRetriever system (the whole
+    session), every dense embedder on all user turns; planned after them (their runs are read)."""
+    methods = getattr(args, "hybrid", None) or []
+    fused = [
+        s
+        for s in planned
+        if s.family == "chatretriever"
+        or (s.family == "dense" and s.formulation == HYBRID_DENSE_FORMULATION)
+    ]
+    if methods and (why := missing_module("bm25s", "baselines")):
+        skip(HYBRID, why)
+        return []
+    if methods and not fused:
+        skip(HYBRID, "no chatretriever or dense system to fuse")
+    return [
+        System(
+            HYBRID,
+            s.retriever,
+            s.label,
+            hybrid_formulation(s.formulation, m, args.bm25_formulation),
+        )
+        for s in fused
+        for m in methods
+    ]
+
+
 def plan_systems(
     args: argparse.Namespace, has_rewrites: bool
 ) -> tuple[list[System], list[dict[str, str]]]:
@@ -122,6 +164,7 @@ def plan_systems(
                 skip(name, why)
             else:
                 systems.append(System("chatretriever", spec, name, Formulation.SESSION.value))
+    systems += hybrid_systems(args, systems, skip)
     ids = [s.id for s in systems]
     if len(set(ids)) != len(ids):
         raise ValueError(f"two systems share a name: {ids}; give each --model its own NAME")

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from chatretriever.retrieval.corpus_index import CorpusIndex
 from chatretriever.retrieval.encoders import Encoder, fingerprint_of
+from chatretriever.retrieval.fusion import FusionConfig
+from chatretriever.retrieval.search import SessionSearcher, search_hybrid
 from chatretriever.types import Passage, Session, Turn
 
 SNIPPET_CHARS = 200
@@ -62,6 +64,23 @@ class Conversation:
         return Session(id=f"{self.id_prefix}::{len(self.turns)}", turns=tuple(self.turns))
 
 
+@dataclass(frozen=True)
+class HybridSide:
+    """A BM25 side fused with the dense hits (`chat --hybrid`).
+
+    Attributes:
+        bm25: The BM25 retriever of the same passages (`baselines.BM25Retriever`).
+        formulation: Its query formulation ("last_turn", "all_user_turns", ...).
+        fusion: How the two rankings are fused.
+        depth: Hits of each side fused.
+    """
+
+    bm25: SessionSearcher
+    formulation: str = "last_turn"
+    fusion: FusionConfig = FusionConfig()
+    depth: int = 100
+
+
 class ChatSearcher:
     """Retrieves passages for a whole conversation with one encoder and one corpus index.
 
@@ -69,9 +88,16 @@ class ChatSearcher:
         encoder: The query encoder; it must be the one the index was built with.
         corpus_index: The index (and, to show texts, its passages).
         k: Passages per turn.
+        hybrid: Fuse the dense hits with a BM25 side (None: dense only).
     """
 
-    def __init__(self, encoder: Encoder, corpus_index: CorpusIndex, k: int = 5) -> None:
+    def __init__(
+        self,
+        encoder: Encoder,
+        corpus_index: CorpusIndex,
+        k: int = 5,
+        hybrid: HybridSide | None = None,
+    ) -> None:
         if k < 1:
             raise ValueError(f"k must be positive, got {k}")
         index, fingerprint = corpus_index.index, fingerprint_of(encoder)
@@ -79,9 +105,26 @@ class ChatSearcher:
         self.encoder = encoder
         self.corpus_index = corpus_index
         self.k = k
+        self.hybrid = hybrid
 
     def search(self, session: Session) -> list[Hit]:
         """The top-k passages for a conversation (all of its turns), best first."""
+        if self.hybrid is not None:
+            h = self.hybrid
+            run = search_hybrid(
+                self.encoder,
+                self.corpus_index.index,
+                h.bm25,
+                [session],
+                self.k,
+                h.fusion,
+                sparse_formulation=h.formulation,
+                depth=h.depth,
+                batch_size=1,
+                show_progress=False,
+            )
+            scored = [(d.doc_id, d.score) for d in run.ranked(session.id)]
+            return to_hits(scored, self.corpus_index.passages)
         emb = self.encoder.encode_sessions([session], batch_size=1)  # (1, D)
         (hits,) = self.corpus_index.index.search(emb, self.k)
         return to_hits(hits, self.corpus_index.passages)

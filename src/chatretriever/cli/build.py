@@ -8,16 +8,21 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, NamedTuple
 
 from chatretriever.io.corpus import iter_corpus
 from chatretriever.io.files import atomic_write
 from chatretriever.io.sessions import write_sessions
 from chatretriever.methods.chatretriever.builders import (
+    POSITIVES,
     cast_examples,
     conversation_id,
+    drop_same_entity_negatives,
+    dstc11_examples,
+    examples_from_responses,
     first_question,
+    ikat_examples,
     mtrag_examples,
     read_chat_examples,
     read_id_list,
@@ -32,11 +37,12 @@ from chatretriever.methods.chatretriever.negatives import (
     mine_hard_negatives,
     mine_hard_negatives_by_domain,
 )
-from chatretriever.types import Session
+from chatretriever.methods.chatretriever.teacher import add_teacher_scores
+from chatretriever.types import Passage, Session
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("mtrag", "topiocqa", "cast", "sessions", "triples")
+SOURCES = ("mtrag", "topiocqa", "cast", "ikat", "dstc11", "synthetic", "sessions", "triples")
 _HOLDOUT_KEYS: dict[str, Callable[[Any], str]] = {
     "conversation": conversation_id,
     "first_question": first_question,
@@ -49,14 +55,32 @@ def add_parser(sub: Any) -> None:
         "build-train",
         help="build a training JSONL file from a dataset (with BM25 hard negatives)",
         description="SOURCE and its PATHs: mtrag DIR (the mtrag/ directory); topiocqa FILE...; "
-        "cast DIR (trec-cast/, see --years); sessions FILE... (sessions JSONL, each with a "
-        "response or a final assistant turn); triples FILE... (TSV query, positive, negative).",
+        "cast DIR (trec-cast/, see --years); ikat DIR (ikat-2023/); dstc11 DIR (dstc11-track5/); "
+        "synthetic CORPUS (a chat LLM writes a question per passage, see --n); sessions FILE... "
+        "(sessions JSONL, each with a response or a final assistant turn); triples FILE... "
+        "(TSV query, positive, negative).",
     )
     p.add_argument("source", choices=SOURCES)
     p.add_argument("paths", nargs="+", help="dataset directory or files")
     p.add_argument("--out", required=True, help="training JSONL to write (.gz compresses)")
     p.add_argument("--domains", nargs="+", default=None, help="mtrag: domains to use")
     p.add_argument("--years", nargs="+", type=int, default=[2021, 2022], help="cast: years")
+    p.add_argument("--splits", nargs="+", default=None, help="ikat: train test; dstc11: val")
+    p.add_argument(
+        "--positives",
+        choices=POSITIVES,
+        default="passages",
+        help="mtrag, ikat, dstc11: judged/cited passages or the reference answers as positives",
+    )
+    syn = p.add_argument_group("synthetic pairs (source synthetic)")
+    syn.add_argument("--n", type=int, default=1000, help="pairs to keep")
+    syn.add_argument("--model", default="smollm2-135m-instruct", help="chat LLM writing questions")
+    syn.add_argument("--cache", help="question cache JSONL (default: <out>.questions.jsonl)")
+    syn.add_argument("--top-k", type=int, default=20, help="keep if the passage is in BM25's top k")
+    syn.add_argument("--generate-batch-size", type=int, default=8)
+    t = p.add_argument_group("teacher scores (for the distillation loss)")
+    t.add_argument("--teacher", help="score positives and negatives with this encoder")
+    t.add_argument("--teacher-batch-size", type=int, default=64)
     g = p.add_argument_group("hard negatives")
     g.add_argument(
         "--corpus",
@@ -94,8 +118,10 @@ class _Source(NamedTuple):
 def _load(args: argparse.Namespace) -> _Source:
     """The chosen source's items, how to build and how to mine its examples."""
     src, paths = args.source, args.paths
-    if src in ("mtrag", "cast") and len(paths) != 1:
-        raise ValueError(f"{src} takes one directory, got {len(paths)} paths")
+    if src in ("mtrag", "cast", "ikat", "dstc11", "synthetic") and len(paths) != 1:
+        raise ValueError(f"{src} takes one directory or corpus, got {len(paths)} paths")
+    if src in ("ikat", "dstc11", "synthetic"):
+        return _load_new(args)
     if src == "mtrag":
         from chatretriever.io.mtrag import iter_mtrag_corpus, load_mtrag
 
@@ -105,9 +131,15 @@ def _load(args: argparse.Namespace) -> _Source:
             raise ValueError("no MTRAG corpus found: pass --corpus")
         corpus = list(iter_mtrag_corpus(corpus_path, args.domains))
         by_id = {p.id: p for p in corpus}
+
+        def build(ss: list[Session]) -> list[TrainingExample]:
+            if args.positives == "answers":
+                return examples_from_responses(ss, "mtrag", skip=["UNANSWERABLE"])
+            return mtrag_examples(ss, data.qrels, by_id)
+
         return _Source(
             data.sessions,
-            lambda ss: mtrag_examples(ss, data.qrels, by_id),
+            build,
             lambda ex, cfg, bar: mine_hard_negatives_by_domain(ex, corpus, cfg, bar),
             f"{corpus_path} (per domain)",
         )
@@ -128,6 +160,80 @@ def _load(args: argparse.Namespace) -> _Source:
         return _Source(sessions, cast_examples, mine, name)
     reader = read_chat_examples if src == "sessions" else read_triples
     return _Source([ex for p in paths for ex in reader(p)], list, mine, name)
+
+
+def _mine_over(passages: list[Passage], name: str) -> tuple[Callable[..., Any], str]:
+    def mine(ex: list[TrainingExample], cfg: MiningConfig, bar: bool) -> list[TrainingExample]:
+        return mine_hard_negatives(ex, passages, cfg, bar)
+
+    return mine, name
+
+
+def _load_new(args: argparse.Namespace) -> _Source:
+    """iKAT, DSTC11 and synthetic pairs: their own passages are the mining corpus (unless
+    --corpus names another)."""
+    path = args.paths[0]
+    if args.source == "synthetic":
+        from chatretriever.io.corpus import read_corpus
+
+        own = read_corpus(path)
+        examples = _synthetic(args, own)
+        corpus = list(iter_corpus(args.corpus)) if args.corpus else own
+        return _Source(examples, list, *_mine_over(corpus, str(args.corpus or path)))
+    if args.source == "ikat":
+        from chatretriever.io.ikat import SPLITS, load_ikat
+
+        data = load_ikat(path, args.splits or SPLITS)
+        passages, build = data.passages, ikat_examples
+    else:
+        from chatretriever.io.dstc11 import load_dstc11
+
+        splits = args.splits or ["val"]
+        if len(splits) != 1:
+            raise ValueError(f"dstc11 reads one split (logs and labels), got {splits}")
+        split = splits[0]
+        data = load_dstc11(path, split)
+        passages, build = data.snippets, dstc11_examples
+    corpus = list(iter_corpus(args.corpus)) if args.corpus else list(passages.values())
+    mine, name = _mine_over(corpus, str(args.corpus or f"{args.source} passages"))
+
+    def make(ss: list[Session]) -> list[TrainingExample]:
+        return build(ss, passages, args.positives)
+
+    if args.source == "dstc11":  # mine 3x, then drop negatives about the positives' entity
+        name += " (other entities)"
+
+        def mine_other(ex: list[TrainingExample], cfg: MiningConfig, bar: bool) -> list:
+            wide = mine(ex, replace(cfg, num_negatives=3 * cfg.num_negatives), bar)
+            return drop_same_entity_negatives(wide, cfg.num_negatives)
+
+        return _Source(data.sessions, make, mine_other, name)
+    return _Source(data.sessions, make, mine, name)
+
+
+def _synthetic(args: argparse.Namespace, corpus: list[Passage]) -> list[TrainingExample]:
+    from chatretriever.methods.chatretriever.synthetic import (
+        SyntheticConfig,
+        hf_batch_generator,
+        synthetic_examples,
+    )
+
+    config = SyntheticConfig(
+        n=args.n,
+        model=args.model,
+        seed=args.seed,
+        top_k=args.top_k,
+        batch_size=args.generate_batch_size,
+    )
+    cache = args.cache or f"{args.out}.questions.jsonl"
+    loaded: list[Any] = []
+
+    def generate(chats: list[list[dict[str, str]]]) -> list[str]:
+        if not loaded:  # an all-cached rerun loads no model
+            loaded.append(hf_batch_generator(args.model))
+        return loaded[0](chats)
+
+    return synthetic_examples(corpus, generate, config, cache, show_progress=not args.no_progress)
 
 
 def _write_heldout(args: argparse.Namespace, held: list[Any]) -> None:
@@ -158,6 +264,13 @@ def run_build_train(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.source}: no training examples with a positive")
     if mining.num_negatives:
         examples = source.mine(examples, mining, not args.no_progress)
+    if args.teacher:  # after mining: the scores cover the final negatives
+        from chatretriever.apps.registry import load_encoder
+
+        teacher = load_encoder(args.teacher)
+        examples = add_teacher_scores(
+            examples, teacher, args.teacher_batch_size, not args.no_progress
+        )
     n = write_training_examples(args.out, examples)
     _write_heldout(args, held)
     summary = {
@@ -170,6 +283,8 @@ def run_build_train(args: argparse.Namespace) -> int:
         "train_conversations": len({conversation_id(s) for s in train}),
         "mining": asdict(mining),
         "mining_corpus": source.mining_corpus,
+        "positives": args.positives,
+        "teacher": examples[0].teacher.model if args.teacher else None,
         "holdout": {k: getattr(args, f"holdout_{k}") for k in ("ids", "fraction", "key", "seed")},
         "seconds": round(time.perf_counter() - start, 1),
     }

@@ -7,6 +7,8 @@ import logging
 import sys
 from collections.abc import Iterator
 
+from chatretriever.cli.pipeline import add_hybrid_arguments
+
 logger = logging.getLogger(__name__)
 
 QUIT = (":quit", ":q", ":exit")
@@ -27,6 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--corpus", help="corpus whose titles/texts to show (default: the index's copy)")
     p.add_argument("--k", type=int, default=5, help="passages shown per turn")
     p.add_argument("--snippet-chars", type=int, default=200, help="snippet length; 0: titles only")
+    add_hybrid_arguments(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser(
@@ -89,10 +92,18 @@ def cmd_chat(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.index} does not record its model: pass --model NAME")
     if corpus_index.passages is None:
         logger.warning("%s holds no passage texts: showing ids (pass --corpus)", args.index)
-    searcher = ChatSearcher(_load_encoder(model), corpus_index, k=args.k)
+    hybrid = None
+    if args.hybrid:
+        from chatretriever.apps.chat import HybridSide
+        from chatretriever.cli.pipeline import hybrid_side
+
+        bm25, formulation, fusion, _ = hybrid_side(args, corpus_index)
+        hybrid = HybridSide(bm25, formulation, fusion, args.fusion_depth)
+    searcher = ChatSearcher(_load_encoder(model), corpus_index, k=args.k, hybrid=hybrid)
     interactive = sys.stdin.isatty()
     if interactive:
-        _echo(f"chatretriever chat: {len(corpus_index.index)} passages, model {model}")
+        how = f", hybrid {args.hybrid} with BM25" if args.hybrid else ""
+        _echo(f"chatretriever chat: {len(corpus_index.index)} passages, model {model}{how}")
         _echo(HELP)
     conversation = Conversation()
     for raw in _lines(interactive):

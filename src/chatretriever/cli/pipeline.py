@@ -9,6 +9,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from chatretriever.retrieval.fusion import DEFAULT_RRF_K, FUSION_METHODS
 from chatretriever.retrieval.search import FORMULATIONS, MISSING_REWRITE
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="passages per batch (corpus)")
     p.add_argument("--factory", default="Flat", help='Faiss factory: "Flat", "HNSW32", "IVF..."')
     p.add_argument("--train-size", type=int, default=100_000)
+    p.add_argument(
+        "--bm25",
+        action="store_true",
+        help="also build a BM25 side (DIR/bm25) for `search --hybrid` and `chat --hybrid`",
+    )
+    p.add_argument(
+        "--bm25-formulation",
+        choices=FORMULATIONS,
+        default="last_turn",
+        help="query formulation the BM25 side records as its default",
+    )
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("search", help="retrieve passages for sessions into a TREC run")
@@ -51,6 +63,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--params", help='Faiss search parameters, e.g. "efSearch=128"')
+    add_hybrid_arguments(p)
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("evaluate", help="score a TREC run against qrels")
@@ -76,6 +89,50 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache", help="rewrite cache JSONL (default: <out>.cache.jsonl)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.set_defaults(func=cmd_rewrite)
+
+
+def add_hybrid_arguments(p: argparse.ArgumentParser) -> None:
+    """`--hybrid rrf|linear` and its settings (search, chat)."""
+    g = p.add_argument_group("hybrid: fuse the dense run with the index's BM25 side")
+    g.add_argument("--hybrid", choices=FUSION_METHODS, help="fusion method (default: dense only)")
+    g.add_argument("--rrf-k", type=int, default=DEFAULT_RRF_K, help="k of reciprocal rank fusion")
+    g.add_argument(
+        "--fusion-weight", type=float, default=0.5, help="dense weight in [0, 1]; BM25: 1 - it"
+    )
+    g.add_argument(
+        "--bm25-formulation",
+        choices=FORMULATIONS,
+        help="BM25 side's query formulation (default: the one the index records)",
+    )
+    g.add_argument("--fusion-depth", type=int, default=100, help="hits of each side fused")
+
+
+def hybrid_side(args: argparse.Namespace, corpus_index) -> tuple:
+    """The BM25 side, its formulation and the FusionConfig of `--hybrid` (checked first).
+
+    Returns:
+        (BM25Retriever, formulation, FusionConfig, settings to record).
+    """
+    from chatretriever.retrieval.baselines import BM25Retriever
+    from chatretriever.retrieval.fusion import FusionConfig
+
+    fusion = FusionConfig(args.hybrid, args.rrf_k, args.fusion_weight)
+    _positive(args.fusion_depth, "--fusion-depth")
+    side = corpus_index.bm25_dir
+    if side is None:
+        raise ValueError(
+            f"{corpus_index.directory} has no BM25 side: rebuild it with `index CORPUS --out DIR "
+            "--bm25` (finished embedding chunks are kept)"
+        )
+    bm25 = BM25Retriever.load(side)
+    formulation = args.bm25_formulation or bm25.info.get("formulation", "last_turn")
+    settings = {
+        "fusion": fusion.to_dict(),
+        "fusion_depth": args.fusion_depth,
+        "bm25_formulation": formulation,
+        "bm25": {"dir": str(side), **bm25.settings, **bm25.info},
+    }
+    return bm25, formulation, fusion, settings
 
 
 def _echo(text: str) -> None:
@@ -119,6 +176,8 @@ def cmd_index(args: argparse.Namespace) -> int:
         return _index_corpus(args, files)
     if args.model:
         raise ValueError("--model encodes a corpus file; embedding dirs are already encoded")
+    if args.bm25:
+        raise ValueError("--bm25 needs the passages: give a corpus file, not embedding dirs")
     shards = list_shards(args.sources)
     index = DenseIndex.build(
         shards, factory=args.factory, train_size=args.train_size, show_progress=True
@@ -155,7 +214,21 @@ def _index_corpus(args: argparse.Namespace, files: list[str]) -> int:
         encoder, model, corpus, args.out, args.factory, config, train_size=args.train_size
     )
     _echo_index(built.index, args.factory, args.out)
+    if args.bm25:
+        _bm25_side(args, built)
     return 0
+
+
+def _bm25_side(args: argparse.Namespace, built) -> None:
+    """`index CORPUS --out DIR --bm25`: DIR/bm25, the index's passages under BM25."""
+    from chatretriever.retrieval.baselines import BM25Retriever
+    from chatretriever.retrieval.corpus_index import BM25_DIR
+
+    passages = [built.passages[i] for i in built.index.ids]
+    side = Path(args.out) / BM25_DIR
+    info = {"formulation": args.bm25_formulation, "corpus": args.sources[0]}
+    BM25Retriever(passages, show_progress=True).save(side, info)
+    _echo(f"BM25 side: {len(passages)} passages ({args.bm25_formulation}) -> {side}")
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -165,6 +238,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     _positive(args.k, "--k")
     if bool(args.bm25) == bool(args.index or args.model):
         raise ValueError("give either --bm25 CORPUS, or --index DIR with --model NAME")
+    if args.bm25 and args.hybrid:
+        raise ValueError("--hybrid fuses a dense index with its BM25 side: give --index DIR")
     sessions = read_sessions(args.sessions)
     settings = {k: v for k, v in vars(args).items() if k != "func"}
     if args.bm25:
@@ -175,18 +250,19 @@ def cmd_search(args: argparse.Namespace) -> int:
         settings["bm25"] = {"corpus": args.bm25, **retriever.settings}
         run = retriever.search(sessions, args.k, args.formulation, args.missing_rewrite)
     else:
-        run, settings["model"] = _search_dense(args, sessions)
+        run, settings["model"], settings["hybrid"] = _search_dense(args, sessions)
     n = save_run(args.out, run, settings, depth=args.k)
     _echo(f"{len(run.scores)} queries, {n} lines -> {args.out}")
     return 0
 
 
 def _search_dense(args: argparse.Namespace, sessions: list) -> tuple:
-    """The dense run and the model name it used (--model, else the one the index records)."""
+    """The dense (or, with --hybrid, fused) run, the model name it used (--model, else the one
+    the index records) and the hybrid settings ({} without --hybrid)."""
     from chatretriever.apps.registry import load_encoder
     from chatretriever.retrieval.corpus_index import CorpusIndex
     from chatretriever.retrieval.encoders import fingerprint_of
-    from chatretriever.retrieval.search import search_dense
+    from chatretriever.retrieval.search import search_dense, search_hybrid
 
     if not args.index:
         raise ValueError("dense search needs --index DIR (and --model NAME unless DIR records it)")
@@ -197,17 +273,27 @@ def _search_dense(args: argparse.Namespace, sessions: list) -> tuple:
     encoder = load_encoder(model)
     fingerprint = fingerprint_of(encoder)  # checked before any query is encoded
     loaded.index.check_encoder(encoder.name, encoder.dim, encoder.normalize, fingerprint)
-    run = search_dense(
+    dense_kwargs = {
+        "formulation": args.formulation,
+        "batch_size": _positive(args.batch_size, "--batch-size"),
+        "missing_rewrite": args.missing_rewrite,
+        "params": args.params,
+    }
+    if not args.hybrid:
+        return search_dense(encoder, loaded.index, sessions, k=args.k, **dense_kwargs), model, {}
+    bm25, formulation, fusion, hybrid = hybrid_side(args, loaded)
+    run = search_hybrid(
         encoder,
         loaded.index,
+        bm25,
         sessions,
         k=args.k,
-        formulation=args.formulation,
-        batch_size=_positive(args.batch_size, "--batch-size"),
-        missing_rewrite=args.missing_rewrite,
-        params=args.params,
+        fusion=fusion,
+        sparse_formulation=formulation,
+        depth=args.fusion_depth,
+        **dense_kwargs,
     )
-    return run, model
+    return run, model, hybrid
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -1,4 +1,5 @@
-"""The CSIT losses: InfoNCE (L_C) and the session-masked LM loss (L_S), L = L_C + alpha * L_S.
+"""The CSIT losses: InfoNCE (L_C), the session-masked LM loss (L_S), L = L_C + alpha * L_S, and an
+optional teacher score distillation (KL to an off-the-shelf embedder's distribution).
 
 Losses take embeddings or logits, never the model, and return dicts of named parts; the trainer
 sums the parts and logs each one. The contrastive candidates of a batch (which encoded passages
@@ -215,6 +216,50 @@ def layout_contrastive_loss(
     exclude = candidate_exclusions(layout.positive_keys, keys, valid, offset, in_batch)
     neg = slots[:, 1:] if layout.n_negatives else None  # (N, K, D)
     return contrastive_loss(q, slots[:, 0], neg, temperature, in_batch, offset, exclude)
+
+
+def score_distillation_loss(
+    student_scores: torch.Tensor,
+    teacher_scores: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    student_temperature: float = 0.01,
+    teacher_temperature: float = 0.05,
+) -> dict[str, torch.Tensor]:
+    """KL(teacher || student) between two softmaxes over each session's candidates.
+
+    The teacher (an off-the-shelf embedder, scores precomputed) ranks an example's positives and
+    negatives; the student is trained towards the teacher's distribution over the same
+    candidates: sum_c p_c (log p_c - log q_c), p = softmax(teacher / t_teacher),
+    q = softmax(student / t_student), averaged over the sessions.
+
+    Args:
+        student_scores: (B, C) the student's similarities (dot products) of each session and
+            its C candidates.
+        teacher_scores: (B, C) the teacher's scores of the same candidates (NaN = none).
+        valid: (B, C) bool, False = padding slot; also left out where the teacher score is NaN.
+        student_temperature: Divides the student's scores (the contrastive temperature).
+        teacher_temperature: Divides the teacher's scores (lower = sharper targets).
+
+    Returns:
+        {"distill": scalar loss}; rows with fewer than two candidates add 0 (nothing to rank).
+    """
+    if student_scores.shape != teacher_scores.shape or student_scores.dim() != 2:
+        raise ValueError(
+            f"student and teacher scores must both be (B, C), got "
+            f"{tuple(student_scores.shape)}, {tuple(teacher_scores.shape)}"
+        )
+    teacher = teacher_scores.to(student_scores.device).float()
+    keep = ~torch.isnan(teacher)
+    if valid is not None:
+        keep = keep & valid.to(keep.device)
+    low = torch.finfo(torch.float32).min
+    s = (student_scores.float() / student_temperature).masked_fill(~keep, low)  # (B, C)
+    t = (teacher.nan_to_num(0.0) / teacher_temperature).masked_fill(~keep, low)  # (B, C)
+    log_q, log_p = F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1)
+    per_row = (log_p.exp() * (log_p - log_q)).masked_fill(~keep, 0.0).sum(-1)  # (B,)
+    rows = keep.sum(-1) >= 2  # (B,)
+    # The mean over rows that rank something, without reading the count back (no device sync).
+    return {"distill": (per_row * rows).sum() / rows.sum().clamp(min=1)}
 
 
 def next_token_targets(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from chatretriever.errors import require_extra
+from chatretriever.errors import DataFormatError, require_extra
+from chatretriever.io.files import atomic_dir
 from chatretriever.modeling.backbones import default_device, native_bf16
 from chatretriever.modeling.fingerprint import digest, model_fingerprint, tensors_fingerprint
 from chatretriever.retrieval.search import Formulation, formulate_all, session_text
@@ -63,6 +64,7 @@ class BM25Retriever:
         self.config = config or BM25Config()
         self.ids = [p.id for p in passages]
         self.settings = asdict(self.config)
+        self.info: dict[str, Any] = {}
         self._stemmer = _load_stemmer(self.config.stemmer)
         self._stopwords = self.config.stopwords or []
         tokens = bm25s.tokenize(
@@ -80,6 +82,45 @@ class BM25Retriever:
     ) -> BM25Retriever:
         """An index over plain texts; their ids are their positions ("0", "1", ...)."""
         return cls([Passage(str(i), t) for i, t in enumerate(texts)], config, show_progress)
+
+    def save(self, directory: str | Path, info: Mapping[str, Any] | None = None) -> Path:
+        """Write the index (bm25s arrays, no pickle), its ids, settings and `info`, atomically.
+
+        Args:
+            directory: Where (replaced only once the new copy is complete).
+            info: Extras recorded in `bm25.json` (e.g. the query formulation of a BM25 side).
+
+        Returns:
+            The directory.
+        """
+        directory = Path(directory)
+        meta = {"config": self.settings, "info": dict(info or {})}
+        with atomic_dir(directory) as tmp:
+            self._bm25.save(str(tmp), show_progress=False)
+            (tmp / "ids.txt").write_text("".join(f"{i}\n" for i in self.ids), encoding="utf-8")
+            (tmp / "bm25.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> BM25Retriever:
+        """Load a `save`d index; its settings come from the directory, `info` from bm25.json."""
+        directory = Path(directory)
+        meta_path = directory / "bm25.json"
+        try:
+            meta = json.loads(meta_path.read_text("utf-8"))
+            config = BM25Config(**meta["config"])
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise DataFormatError(meta_path, f"not a saved BM25 index: {e}") from None
+        out = cls.__new__(cls)  # the arrays are loaded, not indexed again
+        out.config, out.settings, out.info = config, asdict(config), dict(meta.get("info") or {})
+        out.ids = (directory / "ids.txt").read_text(encoding="utf-8").splitlines()
+        out._stemmer = _load_stemmer(config.stemmer)
+        out._stopwords = config.stopwords or []
+        out._bm25 = _bm25s().BM25.load(str(directory), show_progress=False)
+        n_docs = int(out._bm25.scores["num_docs"])
+        if n_docs != len(out.ids):
+            raise DataFormatError(directory / "ids.txt", f"{len(out.ids)} ids for {n_docs} docs")
+        return out
 
     def top_k(
         self, texts: Sequence[str], k: int = 100, show_progress: bool = False

@@ -7,6 +7,9 @@
                              model name to load (`model`), that model's `fingerprint` (queries
                              from another model are refused) and the source corpus (`corpus`)
     DIR/passages.jsonl.gz    a copy of the passages (BEIR JSONL: _id, title, text)
+    DIR/bm25/                optional (`index ... --bm25`): a BM25 side for hybrid search,
+                             `baselines.BM25Retriever.save` output; its bm25.json records the
+                             BM25 settings and the query formulation it is searched with
 
 The passages are copied rather than referenced by path so that the directory is self-contained:
 it can be moved or shared, and results still show titles and snippets after the source corpus
@@ -36,6 +39,7 @@ logger = logging.getLogger(__name__)
 EMBEDDINGS_DIR = "embeddings"
 INDEX_DIR = "index"
 PASSAGES_FILE = "passages.jsonl.gz"
+BM25_DIR = "bm25"
 
 
 @dataclass
@@ -78,6 +82,14 @@ class CorpusIndex:
             passages = _read_passages(source, index.ids)
         model = settings.get("model")
         return cls(index, model if isinstance(model, str) else None, passages, directory)
+
+    @property
+    def bm25_dir(self) -> Path | None:
+        """The BM25 side's directory (`index ... --bm25`), or None when the index has none."""
+        if self.directory is None:
+            return None
+        side = self.directory / BM25_DIR
+        return side if side.is_dir() else None
 
 
 def _read_passages(path: Path, ids: Sequence[str]) -> dict[str, Passage]:

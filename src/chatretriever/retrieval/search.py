@@ -13,12 +13,13 @@ import logging
 from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from chatretriever.io.files import atomic_write
 from chatretriever.io.trec import write_run
 from chatretriever.retrieval.encoders import Encoder, fingerprint_of
-from chatretriever.types import Run, Session, Turn
+from chatretriever.retrieval.fusion import FusionConfig, fuse_runs
+from chatretriever.types import Run, Session, Turn, rank_key
 
 if TYPE_CHECKING:
     from chatretriever.retrieval.index import DenseIndex
@@ -149,6 +150,59 @@ def search_dense(
     emb = encoder.encode_sessions(queries, batch_size=batch_size, show_progress=show_progress)
     hits = index.search(emb, k, params)  # emb: (Q, D)
     return Run(scores={s.id: dict(h) for s, h in zip(queries, hits, strict=True)}, name=name)
+
+
+class SessionSearcher(Protocol):
+    """Anything that searches sessions under a formulation (`baselines.BM25Retriever`)."""
+
+    def search(
+        self,
+        sessions: Sequence[Session],
+        k: int = 100,
+        formulation: Formulation | str = Formulation.SESSION,
+        missing_rewrite: str = "error",
+    ) -> Run: ...
+
+
+def search_hybrid(
+    encoder: Encoder,
+    index: DenseIndex,
+    sparse: SessionSearcher,
+    sessions: Sequence[Session],
+    k: int = 100,
+    fusion: FusionConfig | None = None,
+    formulation: Formulation | str = Formulation.SESSION,
+    sparse_formulation: Formulation | str = Formulation.LAST_TURN,
+    depth: int = 100,
+    **dense_kwargs: Any,
+) -> Run:
+    """The dense run and a sparse (BM25) run of the same sessions, fused, cut to k per query.
+
+    Args:
+        encoder: The query encoder of the dense index.
+        index: The dense index.
+        sparse: The BM25 side (searched with `sparse_formulation`).
+        sessions: Conversations; their ids become query ids.
+        k: Passages per query in the fused run.
+        fusion: How the runs are fused (default: RRF, k 60, equal weights).
+        formulation: The dense side's formulation (the whole session for ChatRetriever).
+        sparse_formulation: The sparse side's formulation (BM25 is best on the last turn).
+        depth: Hits taken from each side before fusing (at least k).
+        **dense_kwargs: `search_dense`'s batch_size, missing_rewrite, params, show_progress.
+
+    Returns:
+        The fused Run, named "<dense run>+<sparse run>.<method>".
+    """
+    depth = max(depth, k)
+    dense = search_dense(encoder, index, sessions, depth, formulation, **dense_kwargs)
+    missing = dense_kwargs.get("missing_rewrite", "error")
+    bm25 = sparse.search(sessions, depth, sparse_formulation, missing)
+    fused = fuse_runs(dense, bm25, fusion)
+    top = {
+        q: dict(sorted(d.items(), key=lambda kv: rank_key(*kv))[:k])
+        for q, d in fused.scores.items()
+    }
+    return Run(top, fused.name)
 
 
 def save_run(path: str | Path, run: Run, settings: dict[str, Any], depth: int | None = None) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -270,3 +271,76 @@ def _cast_passage_id(session: Session) -> str | None:
 def cast_examples(sessions: Iterable[Session]) -> list[TrainingExample]:
     """TREC CAsT turn -> its canonical response passage (2021, 2022) as positive and target."""
     return examples_from_responses(sessions, "cast", positive_id=_cast_passage_id)
+
+
+POSITIVES = ("passages", "answers")
+"""What a builder takes as positives: the judged/cited passages, or the reference answers."""
+
+
+def examples_from_cited(
+    sessions: Iterable[Session],
+    passages: Mapping[str, Passage],
+    source: str,
+    key: str,
+    positives: str = "passages",
+) -> list[TrainingExample]:
+    """Session -> the passages its `metadata[key]` cites as positives (or, with
+    positives="answers", its response), its response as the target (iKAT, DSTC11).
+
+    Args:
+        sessions: Sessions whose metadata lists cited passage ids under `key`.
+        passages: Passage id -> Passage.
+        source: Source name stored on each example.
+        key: The metadata field of cited ids ("passage_ids", "snippet_ids").
+        positives: "passages" or "answers" (`examples_from_responses`, cited sessions only).
+
+    Returns:
+        The examples of sessions that cite at least one known passage, in session order.
+    """
+    if positives not in POSITIVES:
+        raise ValueError(f"positives must be one of {POSITIVES}, got {positives!r}")
+    cited = [s for s in sessions if any(p in passages for p in s.metadata.get(key, ()))]
+    if positives == "answers":
+        return examples_from_responses(cited, source)
+    out = []
+    for s in cited:
+        ids = [p for p in dict.fromkeys(s.metadata[key]) if p in passages]
+        pos = [passages[p] for p in ids if passages[p].text.strip()]
+        if pos:
+            out.append(example_from_session(s, pos, source=source))
+    logger.info("%s: %d examples with cited passages", source, len(out))
+    return out
+
+
+def ikat_examples(
+    sessions: Iterable[Session], passages: Mapping[str, Passage], positives: str = "passages"
+) -> list[TrainingExample]:
+    """TREC iKAT turn -> its cited passages (`response_provenance`) as positives, its response as
+    target, its human rewrite in metadata["rewrite"] (the teacher's query)."""
+    return examples_from_cited(sessions, passages, "ikat", "passage_ids", positives)
+
+
+def dstc11_examples(
+    sessions: Iterable[Session], snippets: Mapping[str, Passage], positives: str = "passages"
+) -> list[TrainingExample]:
+    """DSTC11 track 5 knowledge-seeking turn -> its grounding review/FAQ snippets as positives,
+    its response as target (turns that seek no knowledge have none and are skipped)."""
+    return examples_from_cited(sessions, snippets, "dstc11", "snippet_ids", positives)
+
+
+def drop_same_entity_negatives(
+    examples: Iterable[TrainingExample], n_negatives: int
+) -> list[TrainingExample]:
+    """Keep the first `n_negatives` negatives not about an entity of the example's positives
+    (DSTC11: other review sentences of the same hotel or restaurant often answer the question
+    too, unlabelled: false negatives). Entities are the `domain:entity_id` prefix of the ids."""
+
+    def entity(p: TrainingPassage) -> str | None:
+        return None if p.id is None else ":".join(p.id.split(":")[:2])
+
+    out = []
+    for ex in examples:
+        own = {entity(p) for p in ex.positives} - {None}
+        keep = [p for p in ex.negatives if entity(p) not in own][:n_negatives]
+        out.append(replace(ex, negatives=tuple(keep)))
+    return out

@@ -8,6 +8,8 @@ Training JSONL, one example per line::
      "negatives": [{"id"?, "title"?, "text"}],                 # optional, default []
      "target": "..." | null,                                   # optional, default null
      "source": "mtrag",                                        # optional, default ""
+     "teacher": {"model": "minilm-l6", "query": "rewrite",     # optional: teacher scores of
+                 "positives": [0.71], "negatives": [0.42, ...]},  # each positive and negative
      "metadata": {...}}                                        # optional, default {}
 
 `target` is what the session-masked LM loss learns to generate after the session (e.g. the
@@ -33,7 +35,7 @@ from chatretriever.io.files import iter_jsonl, require, write_jsonl
 from chatretriever.io.sessions import parse_messages
 from chatretriever.types import Passage, Session, Turn
 
-_FIELDS = ("id", "messages", "positives", "negatives", "target", "source", "metadata")
+_FIELDS = ("id", "messages", "positives", "negatives", "target", "source", "teacher", "metadata")
 _WORD = re.compile(r"\w+")
 
 
@@ -92,6 +94,32 @@ def passage_keys(passage: TrainingPassage, namespace: str = "") -> tuple[int, in
 
 
 @dataclass(frozen=True)
+class TeacherScores:
+    """An off-the-shelf embedder's scores of one example's positives and negatives (in order),
+    precomputed once by `build-train --teacher` for the distillation loss.
+
+    Attributes:
+        model: The teacher's name (and fingerprint, when known: "name@fp").
+        positives: One score per positive.
+        negatives: One score per negative.
+        query: The formulation the teacher scored with ("rewrite", "user_turns").
+    """
+
+    model: str
+    positives: tuple[float, ...]
+    negatives: tuple[float, ...] = ()
+    query: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "query": self.query,
+            "positives": list(self.positives),
+            "negatives": list(self.negatives),
+        }
+
+
+@dataclass(frozen=True)
 class TrainingExample:
     """One CSIT training example.
 
@@ -104,6 +132,7 @@ class TrainingExample:
             the first positive's text (see `target_text`).
         source: Which dataset/builder made it (e.g. "mtrag", "topiocqa").
         metadata: Free extras (conversation id, domain, ...).
+        teacher: Teacher scores of the positives and negatives, or None.
     """
 
     id: str
@@ -113,6 +142,7 @@ class TrainingExample:
     target: str | None = None
     source: str = ""
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    teacher: TeacherScores | None = None
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -121,6 +151,15 @@ class TrainingExample:
             raise ValueError("TrainingExample.messages must end with the user's question")
         if not self.positives:
             raise ValueError("TrainingExample.positives must not be empty")
+        t = self.teacher
+        if t is not None and (
+            len(t.positives) != len(self.positives) or len(t.negatives) != len(self.negatives)
+        ):
+            raise ValueError(
+                f"example {self.id!r}: teacher scores for {len(t.positives)} positives and "
+                f"{len(t.negatives)} negatives, the example has {len(self.positives)} and "
+                f"{len(self.negatives)} (score again after changing its passages)"
+            )
 
     @property
     def target_text(self) -> str:
@@ -140,6 +179,8 @@ class TrainingExample:
             "target": self.target,
             "source": self.source,
         }
+        if self.teacher is not None:
+            out["teacher"] = self.teacher.to_dict()
         if self.metadata:
             out["metadata"] = dict(self.metadata)
         return out
@@ -161,7 +202,8 @@ def example_from_session(
         negatives: Negative passages.
         target: Generation target; defaults to `session.response` (which may be None).
         source: Builder/dataset name.
-        metadata: Extras; defaults to the session's metadata.
+        metadata: Extras; defaults to the session's metadata (plus its human rewrite, as
+            "rewrite", when it has one).
 
     Returns:
         The TrainingExample.
@@ -170,6 +212,9 @@ def example_from_session(
     def conv(ps: Sequence[TrainingPassage | Passage]) -> tuple[TrainingPassage, ...]:
         return tuple(TrainingPassage.from_passage(p) if isinstance(p, Passage) else p for p in ps)
 
+    meta = dict(session.metadata if metadata is None else metadata)
+    if session.rewrite:  # the teacher's query (`builders.teacher_query`)
+        meta.setdefault("rewrite", session.rewrite)
     return TrainingExample(
         id=session.id,
         messages=tuple(session.turns),
@@ -177,7 +222,7 @@ def example_from_session(
         negatives=conv(negatives),
         target=session.response if target is None else target,
         source=source,
-        metadata=dict(session.metadata if metadata is None else metadata),
+        metadata=meta,
     )
 
 
@@ -205,6 +250,31 @@ def _parse_passages(
     return tuple(out)
 
 
+def _parse_scores(raw: Any, path: str | Path, line: int, name: str, n: int) -> tuple[float, ...]:
+    if not isinstance(raw, list) or len(raw) != n:
+        raise DataFormatError(path, f"expected a list of {n} scores", line, name)
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in raw):
+        raise DataFormatError(path, "scores must be numbers", line, name)
+    return tuple(float(x) for x in raw)
+
+
+def _parse_teacher(
+    raw: Any, path: str | Path, line: int, n_pos: int, n_neg: int
+) -> TeacherScores | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise DataFormatError(path, "expected an object", line, "teacher")
+    model, query = raw.get("model"), raw.get("query", "")
+    if not isinstance(model, str) or not model:
+        raise DataFormatError(path, "model must be a non-empty string", line, "teacher.model")
+    if not isinstance(query, str):
+        raise DataFormatError(path, "query must be a string", line, "teacher.query")
+    pos = _parse_scores(raw.get("positives"), path, line, "teacher.positives", n_pos)
+    neg = _parse_scores(raw.get("negatives", []), path, line, "teacher.negatives", n_neg)
+    return TeacherScores(model, pos, neg, query)
+
+
 def example_from_dict(
     obj: Mapping[str, Any], path: str | Path = "<input>", line: int = 0
 ) -> TrainingExample:
@@ -227,8 +297,10 @@ def example_from_dict(
     meta = obj.get("metadata") or {}
     if not isinstance(meta, Mapping):
         raise DataFormatError(path, "expected an object", line, "metadata")
+    teacher = _parse_teacher(obj.get("teacher"), path, line, len(positives), len(negatives))
     extra = {k: v for k, v in obj.items() if k not in _FIELDS}
-    return TrainingExample(eid, turns, positives, negatives, target, source, {**meta, **extra})
+    meta = {**meta, **extra}
+    return TrainingExample(eid, turns, positives, negatives, target, source, meta, teacher)
 
 
 def iter_training_examples(path: str | Path) -> Iterator[TrainingExample]:

@@ -5,8 +5,10 @@
     retriever: {n_emb_tokens: 3, max_session_len: 384, ...}     # RetrieverConfig
     loss: {alpha: 0.3, temperature: 0.01, session_mask: csit}  # LossConfig
     lora: {r: 16, alpha: 32}          # LoraSettings (enabled: false = full fine-tuning)
+    distill: {weight: 0.5, temperature: 0.05}  # optional teacher distillation (default off)
     data:
       query: session                    # or last_turn (the contrastive-only last-turn ablation)
+      caps: {topiocqa: 5000}            # at most this many examples of a source (hash sample)
       files:
         - {path: outputs/train/topiocqa.jsonl}
         - {path: outputs/train/mtrag.jsonl, repeat: 10}
@@ -29,6 +31,7 @@ by every method; this module holds CSIT's sections and its run.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,14 +49,66 @@ from chatretriever.modeling.recipe import (
 
 @dataclass
 class DataSettings(BaseDataSettings):
-    """Training files and the query side's formulation."""
+    """Training files, the query side's formulation and per-source caps.
+
+    A file's weight in the mix is its `repeat`; `caps` ({source: n}) keeps at most n examples
+    of a source (an example's `source` field) over all files, chosen by a hash of (seed, id):
+    the same examples for every run, and a smaller cap keeps a subset of a larger one.
+    """
 
     query: str = "session"
+    caps: dict[str, int] = field(default_factory=dict)
+    cap_seed: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.query not in ("session", "last_turn"):
             raise ValueError(f"data.query must be 'session' or 'last_turn', got {self.query!r}")
+        for source, n in self.caps.items():
+            if not isinstance(n, int) or n < 1:
+                raise ValueError(f"data.caps.{source} must be a positive integer, got {n!r}")
+
+
+def cap_sources(
+    parts: list[tuple[list[Any], int]], caps: Mapping[str, int], seed: int = 0
+) -> list[tuple[list[Any], int]]:
+    """Apply `DataSettings.caps` to (examples, repeat) per file (examples keep their order)."""
+    if not caps:
+        return parts
+
+    def rank(ex: Any) -> bytes:
+        return hashlib.sha256(f"{seed}\x1f{ex.id}".encode()).digest()
+
+    keep: set[str] = set()
+    for source, n in caps.items():
+        of_source = [ex for examples, _ in parts for ex in examples if ex.source == source]
+        keep.update(ex.id for ex in sorted(of_source, key=rank)[:n])
+    return [
+        ([ex for ex in examples if ex.source not in caps or ex.id in keep], repeat)
+        for examples, repeat in parts
+    ]
+
+
+@dataclass
+class DistillSettings:
+    """The optional teacher distillation part: weight * KL(teacher || student) over each
+    example's positive and hard negatives, teacher scores read from the training file
+    (`build-train ... --teacher NAME`); the student's scores use `loss.temperature`.
+
+    Attributes:
+        weight: Weight of the "distill" loss part (0 = off, the default).
+        temperature: Temperature of the teacher's softmax (its scores are cosines: lower is
+            sharper).
+    """
+
+    weight: float = 0.0
+    temperature: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.weight < 0:
+            raise ValueError(f"distill.weight must be >= 0, got {self.weight}")
+        if self.temperature <= 0:
+            raise ValueError(f"distill.temperature must be > 0, got {self.temperature}")
 
 
 @dataclass
@@ -67,6 +122,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     training: dict[str, Any] = field(default_factory=dict)
+    distill: DistillSettings = field(default_factory=DistillSettings)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
@@ -79,6 +135,7 @@ class TrainConfig:
             "retriever": RetrieverConfig,
             "loss": LossConfig,
             "lora": LoraSettings,
+            "distill": DistillSettings,
         }
         for key, kind in parts.items():
             if key in d:
@@ -126,7 +183,8 @@ def run_training(config: TrainConfig, resume: bool = False) -> Path:
     out = Path(config.output_dir)
     args = training_arguments(out, config.training)
     checkpoint = resume_checkpoint(out, resume)
-    dataset = TrainingSet(load_examples(config.data, iter_training_examples))
+    parts = load_examples(config.data, iter_training_examples)
+    dataset = TrainingSet(cap_sources(parts, config.data.caps, config.data.cap_seed))
     set_seed(args.seed)  # LoRA's random init comes before the Trainer seeds anything
     retriever = ChatRetriever.from_pretrained(  # a saved dir: its weights, trainable
         config.model, config=config.retriever, lora=config.lora, is_trainable=True, device="cpu"
@@ -137,7 +195,8 @@ def run_training(config: TrainConfig, resume: bool = False) -> Path:
         model=retriever,
         args=args,
         train_dataset=dataset,
-        data_collator=make_collator(retriever, config.loss, config.data.query),
+        data_collator=make_collator(retriever, config.loss, config.data.query, config.distill),
         loss_config=config.loss,
+        distill=config.distill,
     )
     return trainer.train_and_save(checkpoint, config)

@@ -30,12 +30,14 @@ from chatretriever.methods.chatretriever.data import (
     TrainingPassage,
     passage_keys,
 )
+from chatretriever.methods.chatretriever.recipe import DistillSettings
 from chatretriever.modeling.collate import csit_batch, encode_batch
 from chatretriever.modeling.losses import (
     N_KEYS,
     CandidateLayout,
     combine_csit_losses,
     layout_contrastive_loss,
+    score_distillation_loss,
     session_masked_lm_loss,
 )
 from chatretriever.modeling.template import RetrievalTemplate
@@ -89,14 +91,40 @@ def candidate_layout(
     return passages, CandidateLayout(rows, keys, positive_keys)
 
 
+def teacher_slot_scores(
+    examples: Sequence[TrainingExample], n_negatives: int, seed: int = 0, epoch: int = 0
+) -> torch.Tensor:
+    """The teacher's scores of each example's candidate slots, in `candidate_layout`'s order.
+
+    Returns:
+        (B, 1 + K) float: slot 0 the score of the positive `positive_index` picks, slots 1..K
+        its first K negatives'; NaN for padding slots.
+
+    Raises:
+        ValueError: an example has no teacher scores (build them with `--teacher`).
+    """
+    out = torch.full((len(examples), 1 + n_negatives), float("nan"))
+    for i, ex in enumerate(examples):
+        if ex.teacher is None:
+            raise ValueError(
+                f"example {ex.id!r} has no teacher scores: distill.weight > 0 needs a training "
+                "file built with `chatretriever build-train ... --teacher NAME`"
+            )
+        pos = ex.teacher.positives[positive_index(ex.id, len(ex.positives), seed, epoch)]
+        scores = [pos, *ex.teacher.negatives[:n_negatives]]
+        out[i, : len(scores)] = torch.tensor(scores)
+    return out
+
+
 @dataclass
 class CsitCollator:
     """TrainingExamples -> {"sessions", "passages", "layout"} for `CsitTrainer`.
 
     "sessions" is a CSIT batch (`collate.csit_batch`) under the LM part, else a plain session
     batch; "passages" encodes each example's positive and real hard negatives; "layout" is their
-    `CandidateLayout` (see `candidate_layout`). `set_epoch` (called by the trainer at the start
-    of every epoch) chooses which positive each example trains with.
+    `CandidateLayout` (see `candidate_layout`); with `teacher`, "teacher_scores" holds the
+    teacher's scores of the same slots (`teacher_slot_scores`). `set_epoch` (called by the
+    trainer at the start of every epoch) chooses which positive each example trains with.
     """
 
     template: RetrievalTemplate
@@ -106,6 +134,7 @@ class CsitCollator:
     query: str = "session"
     seed: int = 0
     epoch: int = 0
+    teacher: bool = False
 
     def __post_init__(self) -> None:
         if self.query not in QUERY_MODES:
@@ -130,11 +159,15 @@ class CsitCollator:
             examples, self.loss.n_hard_negatives, self.seed, self.epoch
         )
         passage_ids = self.template.passage_ids_batch(passages)
-        return {
+        batch = {
             "sessions": session_batch,
             "passages": encode_batch(passage_ids, self.pad_id, self.padding_side),
             "layout": layout,
         }
+        if self.teacher:
+            k = self.loss.n_hard_negatives
+            batch["teacher_scores"] = teacher_slot_scores(examples, k, self.seed, self.epoch)
+        return batch
 
     def messages(self, ex: TrainingExample) -> list[dict[str, str]]:
         """The session side of an example as chat messages (the last turn only under
@@ -143,8 +176,32 @@ class CsitCollator:
         return [t.to_dict() for t in turns]
 
 
+def distill_part(
+    outputs: Mapping[str, torch.Tensor],
+    inputs: Mapping[str, Any],
+    loss: LossConfig,
+    distill: DistillSettings,
+) -> dict[str, torch.Tensor]:
+    """{"distill": weight * KL(teacher || student)} over each example's own candidate slots
+    (its positive and hard negatives: the slots the teacher scored; padding left out)."""
+    layout: CandidateLayout = inputs["layout"].to(outputs["session_emb"].device)
+    slots = layout.place(outputs["passage_emb"])  # (B, 1 + K, D)
+    student = torch.einsum("bd,bkd->bk", outputs["session_emb"], slots)  # (B, 1 + K)
+    part = score_distillation_loss(
+        student,
+        inputs["teacher_scores"],
+        layout.valid,
+        student_temperature=loss.temperature,
+        teacher_temperature=distill.temperature,
+    )
+    return {"distill": distill.weight * part["distill"]}
+
+
 def csit_losses(
-    outputs: Mapping[str, torch.Tensor], inputs: Mapping[str, Any], loss: LossConfig
+    outputs: Mapping[str, torch.Tensor],
+    inputs: Mapping[str, Any],
+    loss: LossConfig,
+    distill: DistillSettings | None = None,
 ) -> dict[str, torch.Tensor]:
     """The named, weighted loss parts of one step (their sum is the training loss).
 
@@ -154,9 +211,11 @@ def csit_losses(
             "lm_labels" (N,).
         inputs: The collator's batch ("layout": the `CandidateLayout`).
         loss: The loss settings.
+        distill: The teacher distillation part (None or weight 0: off); when on, the batch
+            carries "teacher_scores" (B, 1 + K).
 
     Returns:
-        {"contrastive": L_C} (+ {"session_lm": alpha * L_S}).
+        {"contrastive": L_C} (+ {"session_lm": alpha * L_S}) (+ {"distill": w * L_KD}).
     """
     rank, world = rank_and_world()
     parts = layout_contrastive_loss(
@@ -173,7 +232,10 @@ def csit_losses(
         lm = session_masked_lm_loss(
             outputs["lm_logits"], outputs["lm_labels"], loss.label_smoothing
         )
-    return combine_csit_losses(parts, lm, loss.alpha)
+    parts = combine_csit_losses(parts, lm, loss.alpha)
+    if distill is not None and distill.weight > 0:
+        parts.update(distill_part(outputs, inputs, loss, distill))
+    return parts
 
 
 @dataclass
@@ -181,21 +243,31 @@ class CsitLoss:
     """CSIT's `NamedLossFn`: one forward of both sides, then `csit_losses`."""
 
     loss: LossConfig
+    distill: DistillSettings | None = None
 
     def __call__(self, model: Any, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         outputs = model(sessions=inputs["sessions"], passages=inputs["passages"])
-        return csit_losses(outputs, inputs, self.loss)
+        return csit_losses(outputs, inputs, self.loss, self.distill)
 
 
 class CsitTrainer(NamedLossTrainer):
-    """The shared `NamedLossTrainer` with the CSIT loss (L_C + alpha * L_S, parts logged)."""
+    """The shared `NamedLossTrainer` with the CSIT loss (L_C + alpha * L_S [+ distillation],
+    parts logged)."""
 
-    def __init__(self, *args: Any, loss_config: LossConfig, **kwargs: Any) -> None:
-        super().__init__(*args, loss_fn=CsitLoss(loss_config), **kwargs)
+    def __init__(
+        self,
+        *args: Any,
+        loss_config: LossConfig,
+        distill: DistillSettings | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, loss_fn=CsitLoss(loss_config, distill), **kwargs)
         self.loss_config = loss_config
 
 
-def make_collator(retriever: Any, loss: LossConfig, query: str) -> CsitCollator:
+def make_collator(
+    retriever: Any, loss: LossConfig, query: str, distill: DistillSettings | None = None
+) -> CsitCollator:
     """The collator matching a ChatRetriever's template and padding."""
     return CsitCollator(
         template=retriever.template,
@@ -203,4 +275,5 @@ def make_collator(retriever: Any, loss: LossConfig, query: str) -> CsitCollator:
         pad_id=retriever.pad_id,
         padding_side=retriever.padding_side,
         query=query,
+        teacher=distill is not None and distill.weight > 0,
     )

@@ -1,0 +1,131 @@
+"""DSTC11 Track 5 (alexa/dstc11-track5): subjective-knowledge grounded dialogue.
+
+`{split}/logs.json` is a list of dialogue contexts (`[{"speaker": "U"|"S", "text"}]`, the last
+is the user turn); `{split}/labels.json` the labels in the same order: `{"target": bool,
+"knowledge": [{"domain", "entity_id", "doc_type": "review"|"faq", "doc_id", "sent_id"?}],
+"response"}`. `knowledge.json` holds the snippets: per domain and entity its `name`,
+`reviews[doc_id].sentences[sent_id]` and `faqs[doc_id]` (`question`, `answer`).
+
+A snippet's id is `{domain}:{entity_id}:review:{doc_id}:{sent_id}` or
+`{domain}:{entity_id}:faq:{doc_id}`; its title is the entity's name. Torch-free.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from chatretriever.errors import DataFormatError
+from chatretriever.io.files import read_json
+from chatretriever.types import Passage, Session, Turn
+
+_ROLES = {"U": "user", "S": "assistant"}
+
+
+@dataclass
+class Dstc11Data:
+    """The dialogue contexts as Sessions and the knowledge snippets by id."""
+
+    sessions: list[Session]
+    snippets: dict[str, Passage]
+
+
+def snippet_id(ref: Mapping[str, Any]) -> str:
+    """The id of a knowledge reference (a label's `knowledge` item)."""
+    base = f"{ref['domain']}:{ref['entity_id']}:{ref['doc_type']}:{ref['doc_id']}"
+    return base if ref["doc_type"] == "faq" else f"{base}:{ref['sent_id']}"
+
+
+def read_knowledge(path: str | Path) -> dict[str, Passage]:
+    """Every review sentence and FAQ of `knowledge.json` as a Passage (see the module doc)."""
+    data = read_json(path)
+    if not isinstance(data, Mapping):
+        raise DataFormatError(path, "expected an object of domains")
+    out: dict[str, Passage] = {}
+    for domain, entities in data.items():
+        if not isinstance(entities, Mapping):
+            raise DataFormatError(path, "expected an object of entities", None, domain)
+        for eid, entity in entities.items():
+            where = f"{domain}.{eid}"
+            if not isinstance(entity, Mapping) or not isinstance(entity.get("name"), str):
+                raise DataFormatError(path, "expected an entity with a name", None, where)
+            meta = {"domain": domain, "entity_id": eid}
+            for doc_id, review in (entity.get("reviews") or {}).items():
+                for sent_id, text in (review.get("sentences") or {}).items():
+                    ref = {"domain": domain, "entity_id": eid, "doc_type": "review"}
+                    pid = snippet_id({**ref, "doc_id": doc_id, "sent_id": sent_id})
+                    out[pid] = Passage(pid, str(text), entity["name"], meta)
+            for doc_id, faq in (entity.get("faqs") or {}).items():
+                if not isinstance(faq, Mapping) or not {"question", "answer"} <= set(faq):
+                    raise DataFormatError(
+                        path, "expected question and answer", None, f"{where}.faqs.{doc_id}"
+                    )
+                pid = snippet_id(
+                    {"domain": domain, "entity_id": eid, "doc_type": "faq", "doc_id": doc_id}
+                )
+                out[pid] = Passage(pid, f"{faq['question']} {faq['answer']}", entity["name"], meta)
+    return out
+
+
+def _turns(log: Any, path: Path, i: int) -> tuple[Turn, ...]:
+    if not isinstance(log, list) or not log:
+        raise DataFormatError(path, "expected a non-empty list of turns", None, f"[{i}]")
+    turns = []
+    for j, t in enumerate(log):
+        ok = (
+            isinstance(t, Mapping) and t.get("speaker") in _ROLES and isinstance(t.get("text"), str)
+        )
+        if not ok:
+            raise DataFormatError(path, "expected {speaker: U|S, text}", None, f"[{i}][{j}]")
+        turns.append(Turn(_ROLES[t["speaker"]], t["text"]))
+    if turns[-1].role != "user":
+        raise DataFormatError(path, "the last turn must be the user's", None, f"[{i}]")
+    return tuple(turns)
+
+
+def _label(raw: Any, path: Path, i: int) -> tuple[list[str], str | None, bool]:
+    if not isinstance(raw, Mapping) or not isinstance(raw.get("target"), bool):
+        raise DataFormatError(path, "expected an object with a boolean target", None, f"[{i}]")
+    try:
+        ids = [snippet_id(k) for k in raw.get("knowledge") or []]
+    except (KeyError, TypeError) as e:
+        raise DataFormatError(
+            path, f"bad knowledge reference ({e})", None, f"[{i}].knowledge"
+        ) from None
+    response = raw.get("response")
+    if response is not None and not isinstance(response, str):
+        raise DataFormatError(path, "expected a string", None, f"[{i}].response")
+    return ids, response, raw["target"]
+
+
+def read_dialogues(logs_path: str | Path, labels_path: str | Path, split: str) -> list[Session]:
+    """The contexts of `logs.json` with their `labels.json` as Sessions (id `{split}-{i}`).
+
+    Metadata: `snippet_ids` (the grounding knowledge), `target` (knowledge-seeking or not),
+    `conversation` (a hash of the dialogue's first turn: contexts cut from one dialogue share
+    it, so a hold-out never splits a dialogue).
+    """
+    logs_path, labels_path = Path(logs_path), Path(labels_path)
+    logs, labels = read_json(logs_path), read_json(labels_path)
+    if not isinstance(logs, list) or not isinstance(labels, list) or len(logs) != len(labels):
+        raise DataFormatError(labels_path, f"expected one label per context of {logs_path}")
+    out = []
+    for i, (log, raw) in enumerate(zip(logs, labels, strict=True)):
+        turns = _turns(log, logs_path, i)
+        ids, response, target = _label(raw, labels_path, i)
+        first = hashlib.sha1(turns[0].content.encode("utf-8")).hexdigest()[:12]
+        meta = {"snippet_ids": ids, "target": target, "conversation": f"dstc11-{first}"}
+        out.append(Session(f"{split}-{i}", turns, response=response, metadata=meta))
+    return out
+
+
+def load_dstc11(directory: str | Path, split: str = "val") -> Dstc11Data:
+    """Sessions of a split and the knowledge snippets of a `dstc11-track5/` directory."""
+    directory = Path(directory)
+    sessions = read_dialogues(
+        directory / split / "logs.json", directory / split / "labels.json", split
+    )
+    return Dstc11Data(sessions, read_knowledge(directory / "knowledge.json"))
