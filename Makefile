@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM := false
 # (e.g. `make test TORCH_INDEX=<your PyTorch CPU wheel index URL>`); empty: the default index.
 TORCH_INDEX ?=
 
-.PHONY: install models test lint demo benchmark train-data train clean
+.PHONY: install models test lint demo benchmark train-data train clean browser screenshot serve-load
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -71,6 +71,33 @@ train-data: install
 # Rebuilds chatretriever-smol into runs/chatretriever-smol (a GPU: minutes; this CPU: hours).
 train: train-data models
 	$(VENV)/bin/chatretriever train configs/chatretriever-smol.yaml
+
+# Headless Chromium from Debian's packages for the web page test (tests/test_web_page.py skips
+# without it); apt-get only when chromium or its driver is missing (needs root; ~40 s).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; }
+
+# The server's search page after two typed turns, as a PNG for a person to look at.
+SCREENSHOT ?= outputs/server/page.png
+screenshot: install browser
+	CHATRETRIEVER_SCREENSHOT=$(abspath $(SCREENSHOT)) $(VENV)/bin/pytest -q tests/test_web_page.py
+	@echo "screenshot: $(SCREENSHOT)"
+
+# Load test of `chatretriever serve` on the demo corpus: 10,000 searches at concurrency 32 with the
+# dynamic batcher against one request per forward, for each model (each run stops after
+# SERVE_LOAD_SECONDS per configuration; on a 2-core CPU chatretriever-smol does not finish 10,000).
+SERVE_LOAD_MODELS ?= minilm-l6 chatretriever-smol
+SERVE_LOAD_SECONDS ?= 600
+serve-load: install models
+	@for m in $(SERVE_LOAD_MODELS); do \
+		test -f outputs/serve_load/demo-$$m/index/meta.json || $(VENV)/bin/chatretriever index \
+			src/chatretriever/assets/demo/corpus.jsonl --out outputs/serve_load/demo-$$m \
+			--model $$m || exit 1; \
+		$(PY) benchmarks/serve_load.py --index outputs/serve_load/demo-$$m --requests 10000 \
+			--concurrency 32 --max-duration $(SERVE_LOAD_SECONDS) \
+			--out outputs/serve_load/$$m || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) build dist .pytest_cache .ruff_cache

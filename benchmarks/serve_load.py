@@ -1,0 +1,365 @@
+"""Load test of `chatretriever serve`: N search requests at concurrency C against a real server on
+127.0.0.1, with the dynamic batcher (`--max-batch 32`) and without it (`--max-batch 1`: one
+request per forward). Reports throughput, p50/p95/p99 latency, errors and the mean batch size the
+server formed; writes JSON + a markdown table.
+
+The requests are the demo conversations' turns (`assets/demo/conversations.jsonl`: the whole
+session so far, as a client sends it), cycled. Each configuration starts its own server process
+(`python -m chatretriever serve`, a random API key in the environment), warms it up, runs until
+N requests are done or `--max-duration` seconds have passed, then stops it. Loopback only.
+
+    python benchmarks/serve_load.py --index outputs/demo/index                 # 10,000 x 32
+    python benchmarks/serve_load.py --index DIR --requests 200 --configs 32    # a smoke run
+    python benchmarks/serve_load.py --url http://127.0.0.1:8000 --api-key KEY  # a running server
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import secrets
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from chatretriever.io.files import atomic_write
+from chatretriever.retrieval.evaluate import write_json
+
+TARGET_REQUESTS = 10_000
+TARGET_CONCURRENCY = 32
+TARGET_SPEEDUP = 2.0
+START_TIMEOUT = 300.0
+
+
+@dataclass
+class LoadResult:
+    """One configuration's numbers."""
+
+    label: str
+    max_batch: int | None
+    requests: int
+    concurrency: int
+    seconds: float
+    errors: int
+    throughput: float  # successful requests per second
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    mean_batch: float | None = None  # requests per forward, from the server's counters
+    stopped_by: str = "count"  # "count" or "duration"
+    loadavg_1min: list[float] = field(default_factory=list)  # after each round: others' load
+    error_samples: list[str] = field(default_factory=list)
+
+
+def demo_payloads(k: int) -> list[dict[str, Any]]:
+    """One search body per demo turn: {"messages": the session so far, "k"}."""
+    path = resources.files("chatretriever") / "assets" / "demo" / "conversations.jsonl"
+    lines = Path(str(path)).read_text(encoding="utf-8").splitlines()
+    return [{"messages": json.loads(line)["messages"], "k": k} for line in lines if line.strip()]
+
+
+async def run_load(
+    url: str,
+    payloads: Sequence[dict[str, Any]],
+    n: int,
+    concurrency: int,
+    max_duration: float,
+    api_key: str | None = None,
+) -> tuple[list[float], int, float, bool, list[str]]:
+    """Send up to n POST /v1/search requests from `concurrency` workers.
+
+    Returns:
+        (latencies of the successful requests in seconds, error count, wall seconds, whether the
+        duration limit stopped the run, up to 5 error descriptions).
+    """
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    latencies: list[float] = []
+    errors: list[str] = []
+    issued = 0
+    start = time.perf_counter()
+    deadline = start + max_duration
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        nonlocal issued
+        while issued < n and time.perf_counter() < deadline:
+            body = payloads[issued % len(payloads)]
+            issued += 1
+            t0 = time.perf_counter()
+            try:
+                r = await client.post("/v1/search", json=body)
+                ok = r.status_code == 200 and bool(r.json()["data"])
+                why = f"HTTP {r.status_code}: {r.text[:200]}"
+            except (httpx.HTTPError, ValueError, KeyError) as e:
+                ok, why = False, f"{type(e).__name__}: {e}"
+            if ok:
+                latencies.append(time.perf_counter() - t0)
+            else:
+                errors.append(why)
+
+    timeout = httpx.Timeout(120.0)
+    async with httpx.AsyncClient(
+        base_url=url, headers=headers, limits=limits, timeout=timeout
+    ) as client:
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+    wall = time.perf_counter() - start
+    return latencies, len(errors), wall, issued < n, errors[:5]
+
+
+def summarize(
+    label: str,
+    max_batch: int | None,
+    concurrency: int,
+    outcome: tuple[list[float], int, float, bool, list[str]],
+    mean_batch: float | None,
+) -> LoadResult:
+    latencies, errors, wall, by_duration, samples = outcome
+    ms = np.asarray(latencies) * 1000 if latencies else np.zeros(1)
+    p50, p95, p99 = (float(np.percentile(ms, q)) for q in (50, 95, 99))
+    return LoadResult(
+        label=label,
+        max_batch=max_batch,
+        requests=len(latencies) + errors,
+        concurrency=concurrency,
+        seconds=round(wall, 2),
+        errors=errors,
+        throughput=round(len(latencies) / wall, 2),
+        p50_ms=round(p50, 1),
+        p95_ms=round(p95, 1),
+        p99_ms=round(p99, 1),
+        mean_batch=None if mean_batch is None else round(mean_batch, 2),
+        stopped_by="duration" if by_duration else "count",
+        error_samples=samples,
+    )
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(
+    args: argparse.Namespace, max_batch: int, key: str
+) -> tuple[subprocess.Popen, str]:
+    """`python -m chatretriever serve` on a free loopback port; returns it once /healthz answers."""
+    port = _free_port()
+    argv = [sys.executable, "-m", "chatretriever", "serve", "--index", args.index]
+    argv += ["--port", str(port), "--max-batch", str(max_batch), "--max-wait-ms", str(args.wait)]
+    if args.model:
+        argv += ["--model", args.model]
+    if args.dtype:
+        argv += ["--dtype", args.dtype]
+    env = {**os.environ, "CHATRETRIEVER_API_KEYS": key, "HF_HUB_OFFLINE": "1"}
+    log = Path(args.out) / f"serve-max-batch-{max_batch}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "wb") as stderr:  # the child keeps its own handle
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"serve exited with {proc.returncode}: see {log}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("serve did not answer /healthz in time")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def counters(url: str) -> tuple[int, int]:
+    health = httpx.get(f"{url}/healthz", timeout=10).json()
+    return int(health["batches"]), int(health["items"])
+
+
+def _label(max_batch: int) -> str:
+    return "one request per forward" if max_batch == 1 else f"dynamic batcher (max {max_batch})"
+
+
+def _new_total() -> dict[str, Any]:
+    return {"lat": [], "errors": 0, "wall": 0.0, "by_duration": False, "samples": [],
+            "batches": 0, "items": 0, "load": [], "rates": []}  # fmt: skip
+
+
+def _load_round(
+    args: argparse.Namespace, payloads: list[dict], url: str, key: str, n: int, t: dict[str, Any]
+) -> None:
+    """One round against one server: 1/rounds of its requests; adds the numbers to `t`."""
+    per, seconds = -(-n // args.rounds), args.max_duration / args.rounds
+    b0, i0 = counters(url)
+    lat, errors, wall, by_duration, samples = asyncio.run(
+        run_load(url, payloads, per, args.concurrency, seconds, key)
+    )
+    b1, i1 = counters(url)
+    t["lat"] += lat
+    t["errors"] += errors
+    t["wall"] += wall
+    t["by_duration"] |= by_duration
+    t["samples"] = (t["samples"] + samples)[:5]
+    t["batches"] += b1 - b0
+    t["items"] += i1 - i0
+    t["load"].append(os.getloadavg()[0])
+    t["rates"].append(len(lat) / wall)
+
+
+def bench_configs(
+    args: argparse.Namespace, payloads: list[dict], batches: Sequence[int]
+) -> list[LoadResult]:
+    """One server per --max-batch value, all started first; then each is loaded in turn,
+    `--rounds` times, so that a change in what else runs on the machine (2 shared cores) touches
+    every configuration alike. Each round sends 1/rounds of the requests, within 1/rounds of
+    --max-duration."""
+    servers: dict[int, tuple[subprocess.Popen, str, str]] = {}
+    totals: dict[int, dict[str, Any]] = {}
+    try:
+        for b in batches:
+            key = secrets.token_urlsafe(24)
+            servers[b] = (*start_server(args, b, key), key)
+        for _, url, key in servers.values():  # warm-up: first forwards, connections
+            warm = min(len(payloads), 2 * args.concurrency)
+            asyncio.run(run_load(url, payloads, warm, args.concurrency, 120, key))
+        for round_no in range(args.rounds):
+            for b, (_, url, key) in servers.items():
+                n = args.baseline_requests if (b == 1 and args.baseline_requests) else args.requests
+                _load_round(args, payloads, url, key, n, totals.setdefault(b, _new_total()))
+                print(f"round {round_no + 1}: {_label(b)}: {totals[b]['rates'][-1]:.1f} req/s")
+    finally:
+        for proc, _, _ in servers.values():
+            stop_server(proc)
+    results = []
+    for b, t in totals.items():
+        outcome = (t["lat"], t["errors"], t["wall"], t["by_duration"], t["samples"])
+        mean_batch = t["items"] / t["batches"] if t["batches"] else None
+        result = summarize(_label(b), b, args.concurrency, outcome, mean_batch)
+        result.loadavg_1min = [round(x, 2) for x in t["load"]]
+        results.append(result)
+    return results
+
+
+def markdown(results: Sequence[LoadResult], speedup: float | None) -> str:
+    rows = [
+        "| server | requests | concurrency | errors | req/s | p50 ms | p95 ms | p99 ms | "
+        "mean batch | stopped by |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in results:
+        mean = "" if r.mean_batch is None else f"{r.mean_batch:.1f}"
+        rows.append(
+            f"| {r.label} | {r.requests:,} | {r.concurrency} | {r.errors} | {r.throughput:.1f} | "
+            f"{r.p50_ms:.0f} | {r.p95_ms:.0f} | {r.p99_ms:.0f} | {mean} | {r.stopped_by} |"
+        )
+    if speedup is not None:
+        rows.append(f"\nbatcher / one request per forward: **{speedup:.2f}x** requests/s")
+    return "\n".join(rows) + "\n"
+
+
+def environment() -> dict[str, Any]:
+    cpu = ""
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        cpu = next(
+            (ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if "Model name" in ln), ""
+        )
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()],
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--index", help="corpus index dir: a server is started per configuration")
+    p.add_argument("--model", help="query encoder (default: the index's model)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "auto"], help="model precision")
+    p.add_argument("--url", help="load an already running server instead (one configuration)")
+    p.add_argument("--api-key", help="its API key (with --url)")
+    p.add_argument("--configs", default="32,1", help="--max-batch values to compare (comma list)")
+    p.add_argument("--wait", type=float, default=5.0, help="--max-wait-ms of the servers")
+    p.add_argument("--requests", type=int, default=TARGET_REQUESTS, help="requests per config")
+    p.add_argument("--baseline-requests", type=int, help="requests for --max-batch 1 (fewer)")
+    p.add_argument("--concurrency", type=int, default=TARGET_CONCURRENCY)
+    p.add_argument("--max-duration", type=float, default=900.0, help="seconds per config at most")
+    p.add_argument("--rounds", type=int, default=3, help="alternate the configs this many times")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--out", default="outputs/serve_load", help="output directory")
+    args = p.parse_args(argv)
+    if bool(args.index) == bool(args.url):
+        p.error("give --index (servers are started) or --url (a running server)")
+    if args.url and httpx.URL(args.url).host not in ("127.0.0.1", "localhost", "::1"):
+        p.error("--url must be a loopback address: this benchmark only loads local servers")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    payloads = demo_payloads(args.k)
+    results: list[LoadResult] = []
+    if args.url:
+        outcome = asyncio.run(
+            run_load(
+                args.url, payloads, args.requests, args.concurrency, args.max_duration, args.api_key
+            )
+        )
+        results.append(summarize(args.url, None, args.concurrency, outcome, None))
+    if not args.url:
+        batches = [int(c) for c in args.configs.split(",")]
+        print(f"--max-batch {batches}: {args.requests} requests at concurrency {args.concurrency}")
+        results += bench_configs(args, payloads, batches)
+    by_batch = {r.max_batch: r for r in results}
+    speedup = None
+    if 1 in by_batch and len(by_batch) > 1 and by_batch[1].throughput > 0:
+        best = max(r.throughput for b, r in by_batch.items() if b != 1)
+        speedup = best / by_batch[1].throughput
+    out = Path(args.out)
+    report = {
+        "command": "python benchmarks/serve_load.py "
+        + shlex.join(sys.argv[1:] if argv is None else argv),
+        "environment": environment(),
+        "targets": {
+            "requests": TARGET_REQUESTS,
+            "concurrency": TARGET_CONCURRENCY,
+            "speedup": TARGET_SPEEDUP,
+        },
+        "results": [asdict(r) for r in results],
+        "speedup": None if speedup is None else round(speedup, 2),
+    }
+    write_json(out / "serve_load.json", report)
+    with atomic_write(out / "serve_load.md") as f:
+        f.write(markdown(results, speedup))
+    print(markdown(results, speedup))
+    print(f"wrote {out / 'serve_load.json'} and {out / 'serve_load.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Request and response bodies of the HTTP API (pydantic), with their size limits.
+
+Every request model forbids unknown fields, so a typo ("mesages") is a 422 naming the field rather
+than a silently ignored option. The limits are part of the schema (and so of the OpenAPI document):
+a request over one gets a 422 whose message names the field and the limit. The body-size limit is
+enforced before parsing (`app.BodyLimitMiddleware`, 413).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_MESSAGES = 64  # chat messages in one session
+MAX_TEXT_CHARS = 16_000  # characters in one message or one input string
+MAX_INPUTS = 256  # strings or sessions in one embeddings request
+MAX_K = 100  # passages per search
+MAX_ID_CHARS = 128  # conversation ids and model names
+DEFAULT_K = 10
+
+
+# A text field. pydantic already refuses strings no tokenizer takes (lone surrogates, which JSON
+# can carry as "\ud800"): a 422, never an error inside the model.
+Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
+Name = Annotated[str, Field(max_length=MAX_ID_CHARS)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Message(_Strict):
+    """One chat message, OpenAI style."""
+
+    role: Literal["system", "user", "assistant"]
+    content: Text
+
+
+Messages = list[Message]
+
+
+def _check_session(messages: Messages, where: str) -> None:
+    """A session must end with the user's current question (what `types.Session` requires)."""
+    if messages and messages[-1].role != "user":
+        raise ValueError(f"{where}: the last message must have role 'user' (the current question)")
+
+
+class SearchRequest(_Strict):
+    """`POST /v1/search`: the conversation so far -> the top-k passages for it."""
+
+    messages: Messages = Field(min_length=1, max_length=MAX_MESSAGES)
+    k: int = Field(DEFAULT_K, ge=1, le=MAX_K)
+    conversation_id: str | None = Field(
+        None, min_length=1, max_length=MAX_ID_CHARS, pattern=r"^[A-Za-z0-9_.:\-]+$"
+    )
+    hybrid: bool = Field(False, description="fuse with the index's BM25 side (when it has one)")
+
+    @model_validator(mode="after")
+    def _ends_with_user(self) -> SearchRequest:
+        _check_session(self.messages, "messages")
+        return self
+
+
+class SearchHit(BaseModel):
+    """One ranked passage."""
+
+    rank: int
+    id: str
+    title: str
+    text: str
+    score: float
+
+
+class SearchResponse(BaseModel):
+    """The ranked passages for a conversation."""
+
+    object: Literal["search.result"] = "search.result"
+    model: str
+    conversation_id: str | None = None
+    data: list[SearchHit]
+
+
+class EmbeddingsRequest(_Strict):
+    """`POST /v1/embeddings`, OpenAI compatible.
+
+    `input` is a string or a list of strings (encoded as passages), or, as an extension, one
+    session (a list of chat messages) or a list of sessions (encoded as conversational queries).
+    """
+
+    input: Text | list[Text] | list[Messages] | Messages = Field(
+        description="passages (strings) or sessions (lists of chat messages)"
+    )
+    model: Name
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1, description="must equal the model's size if given")
+    user: Name | None = None
+
+    @model_validator(mode="after")
+    def _check_input(self) -> EmbeddingsRequest:
+        items = self.input if isinstance(self.input, list) else [self.input]
+        if not items:
+            raise ValueError("input: must not be empty")
+        if len(items) > MAX_INPUTS:
+            raise ValueError(f"input: at most {MAX_INPUTS} items per request, got {len(items)}")
+        if isinstance(items[0], str):
+            pass  # each string's length and text are checked by `Text`
+        elif isinstance(items[0], Message):
+            _check_session(items, "input")  # type: ignore[arg-type]
+            if len(items) > MAX_MESSAGES:
+                raise ValueError(f"input: a session holds at most {MAX_MESSAGES} messages")
+        else:
+            for i, session in enumerate(items):
+                if not session or len(session) > MAX_MESSAGES:  # type: ignore[arg-type]
+                    raise ValueError(f"input[{i}]: a session holds 1 to {MAX_MESSAGES} messages")
+                _check_session(session, f"input[{i}]")  # type: ignore[arg-type]
+        return self
+
+    def kind_and_items(self) -> tuple[str, list[str] | list[Messages]]:
+        """("passages", strings) or ("sessions", message lists), one item per output row."""
+        if isinstance(self.input, str):
+            return "passages", [self.input]
+        if isinstance(self.input[0], str):
+            return "passages", list(self.input)  # type: ignore[arg-type]
+        if isinstance(self.input[0], Message):
+            return "sessions", [self.input]  # type: ignore[list-item]
+        return "sessions", list(self.input)  # type: ignore[arg-type]
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class Usage(BaseModel):
+    """Counts whitespace-separated words (the server does not tokenise a second time)."""
+
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingsResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "chatretriever"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    model: str
+    passages: int
+    dim: int
+    incremental: bool
+    hybrid: bool = False
+    incremental_stats: dict[str, int] = Field(default_factory=dict)
+    auth: bool
+    batches: int
+    items: int
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error, OpenAI style: `{"error": {"message", "type", "param", "code"}}`."""
+
+    error: ErrorBody
