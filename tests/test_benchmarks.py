@@ -330,25 +330,37 @@ def test_plain_loop_gives_our_embeddings(speed, tiny_llama_dir):
     retriever = ChatRetriever.from_pretrained(str(tiny_llama_dir), device="cpu", dtype="fp32")
     words = "the quick brown fox jumps over the lazy dog".split()
     passages = [Passage(f"p{i}", " ".join(words[: 1 + 2 * i]), title="t") for i in range(5)]
-    ours = retriever.encode_passages(passages, batch_size=2)  # length-sorted, decoder body
-    plain = speed.plain_model(retriever, str(tiny_llama_dir))
+    ours = retriever.encode_passages(passages, batch_size=2)  # fast path, decoder body
+    plain = speed.plain_model(retriever)
     base = speed.plain_encode(plain, retriever, passages, batch_size=2)  # corpus order, LM head
     np.testing.assert_allclose(ours, base, atol=1e-5)
 
 
-def test_bench_encoders_applies_fp32_layers(speed, tiny_llama_dir):
+def test_bench_encoders_ablation_rows(speed, tiny_llama_dir, tmp_path):
     import argparse
 
     from chatretriever.types import Passage
 
     words = "the quick brown fox jumps over the lazy dog".split()
     passages = [Passage(f"p{i}", " ".join(words[: 1 + 2 * i]), title="t") for i in range(5)]
-    args = argparse.Namespace(model=str(tiny_llama_dir), device="cpu", batch_size=2, fp32_layers=99)
-    result, dim = speed.bench_encoders(args, passages)
-    assert result["ours"]["fp32_layers"] == 99 and dim == 32
-    # every layer in fp32, whatever dtype the CPU picks: our embeddings are the fp32 reference's
-    assert result["cosine_min"] > 1 - 1e-6  # all in bf16 gives 0.99998 on a bf16 CPU
-    assert result["plain"]["dtype"] == "float32" and result["n_passages"] == 5
+    rows = ["v1-fp32", "bf16-once-l0", "bf16-packed", "plain-fp32"]
+    args = argparse.Namespace(model=str(tiny_llama_dir), device="cpu", rows=rows)
+    seen = []
+    result, dim = speed.bench_encoders(args, passages, on_row=lambda r: seen.append(len(r["rows"])))
+    assert seen == [1, 2, 3, 4, 5] and dim == 32
+    by = {r["row"]: r for r in result["rows"]}
+    assert list(by) == ["fast-fp32", *rows]  # the reference first
+    for name in ("fast-fp32", "v1-fp32", "plain-fp32"):  # fp32 paths: the same embeddings
+        assert by[name]["cosine_min"] > 1 - 1e-6 and by[name]["dtype"] == "float32"
+    assert by["bf16-once-l0"]["dtype"] == "bfloat16" and by["bf16-once-l0"]["fp32_layers"] == 1
+    assert by["bf16-once-l0"]["cosine_min"] > 0.99  # a random tiny model
+    assert result["n_tokens"] > 0 and all(r["tokens_per_s"] > 0 for r in result["rows"])
+    assert by["fast-fp32"]["speedup_vs_v1-fp32"] > 0 and "fp32_speedup" in result
+    result["hardware"] = "cpu"
+    text = speed.markdown(
+        {"encoders": result, "environment": speed.environment(), "faiss": [], "command": "x"}
+    )
+    assert "| bf16-packed |" in text
 
 
 def test_padding_efficiency(speed):

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from chatretriever.config import LoraSettings, RetrieverConfig
 from chatretriever.methods.chatretriever.model import SAVED_CONFIG, ChatRetriever
 from chatretriever.modeling.collate import csit_batch, encode_batch
+from chatretriever.modeling.fast_encode import FastEncodeSettings
 from chatretriever.modeling.losses import (
     combine_csit_losses,
     contrastive_loss,
@@ -136,6 +137,7 @@ def test_response_rows_see_only_the_session_emb_tokens(tiny_model_dir):
 
 def test_pooling_is_identical_with_left_and_right_padding(tiny_model_dir):
     r = _retriever(tiny_model_dir)
+    r.encode_settings = FastEncodeSettings(enabled=False)  # the training forward pads either side
     _perturb_adapter(r)
     right = r.encode_passages(PASSAGES, batch_size=4)
     r.padding_side = "left"
@@ -168,7 +170,8 @@ def test_bf16_encoding_is_close_to_fp32(tiny_llama_dir):
 
 
 def _q_proj_dtypes(r: ChatRetriever) -> list[torch.dtype]:
-    """dtype of every decoder layer's q_proj output during one bf16 encoding."""
+    """dtype of every decoder layer's q_proj output during one bf16 encoding by the training
+    forward (the fast path's inference copy is tested in test_fast_encode.py)."""
     seen: dict[int, torch.dtype] = {}
     layers = r._base().get_decoder().layers
     hooks = [
@@ -177,7 +180,9 @@ def _q_proj_dtypes(r: ChatRetriever) -> list[torch.dtype]:
         )
         for i, layer in enumerate(layers)
     ]
+    r.encode_settings = FastEncodeSettings(enabled=False)
     r.encode_passages(PASSAGES[:2])
+    r.encode_settings = None
     for h in hooks:
         h.remove()
     return [seen[i] for i in range(len(layers))]

@@ -253,6 +253,9 @@ def encode_corpus(
                 "start": j * config.chunk_size,
                 "seconds": round(time.perf_counter() - start, 3),  # survives a killed run
             }
+            runtime = getattr(encoder, "runtime_info", None)  # what ran: hardware, dtype, ...
+            if callable(runtime):
+                extra["runtime"] = runtime()
             write_embeddings(path, ids, emb, EmbeddingMeta(**{**asdict(meta), "extra": extra}))
             written += 1
             encoded += len(chunk)

@@ -39,6 +39,14 @@ from chatretriever.modeling.adapters import (
 )
 from chatretriever.modeling.backbones import default_device
 from chatretriever.modeling.collate import csit_mask, encode_batch, last_token_positions
+from chatretriever.modeling.fast_encode import (
+    FastEncodeSettings,
+    InferenceBody,
+    encode_ids,
+    resolved,
+    runtime_info,
+    want_compile,
+)
 from chatretriever.modeling.fingerprint import digest, model_fingerprint, tensors_fingerprint
 from chatretriever.modeling.losses import IGNORE_INDEX
 from chatretriever.modeling.precision import keep_fp32, resolve_dtype
@@ -100,6 +108,11 @@ class ChatRetriever(torch.nn.Module):
         self._fp32_layers = 0
         self.base_fingerprint = base_fingerprint
         self._weights_fp: tuple[tuple, str] | None = None  # (tensor versions, digest)
+        # The inference fast path (`fast_encode`): settings (None = the device's defaults), the
+        # inference copy with the key it was made for, and tokens encoded (for compile="auto").
+        self.encode_settings: FastEncodeSettings | None = None
+        self._inference: tuple[tuple, InferenceBody] | None = None
+        self._tokens_encoded = 0
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -311,11 +324,15 @@ class ChatRetriever(torch.nn.Module):
 
         Cached until a tensor changes (an optimizer step or a load bumps its version).
         """
-        state = adapter_state(self.model) if is_peft(self.model) else self.model.state_dict()
-        key = tuple((name, t.data_ptr(), t._version) for name, t in state.items())
+        state, key = self._weights_state()
         if self._weights_fp is None or self._weights_fp[0] != key:
             self._weights_fp = (key, tensors_fingerprint(state))
         return self._weights_fp[1]
+
+    def _weights_state(self) -> tuple[dict[str, torch.Tensor], tuple]:
+        """(trained weights, a key that changes when any of them changes or moves)."""
+        state = adapter_state(self.model) if is_peft(self.model) else self.model.state_dict()
+        return state, tuple((name, t.data_ptr(), t._version) for name, t in state.items())
 
     def activation_checkpointing_enable(
         self, activation_checkpointing_kwargs: Mapping[str, Any] | None = None, **kwargs: Any
@@ -474,28 +491,59 @@ class ChatRetriever(torch.nn.Module):
     ) -> np.ndarray:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        settings = resolved(self.encode_settings, self.device)
+        bar = tqdm(
+            total=len(seqs), desc=f"encoding {desc}", unit=desc[:-1], disable=not show_progress
+        )
+        with torch.inference_mode(), bar:
+            if settings.enabled and seqs:
+                body = self.inference_body(sum(len(s) for s in seqs))
+                hidden = encode_ids(
+                    body, seqs, self.pad_id, self.emb_ids[-1], settings, batch_size, bar
+                )
+                return self._finish(hidden).cpu().numpy()
+            return self._encode_plain(seqs, batch_size, bar)
+
+    def _encode_plain(self, seqs: list[list[int]], batch_size: int, bar: Any) -> np.ndarray:
+        """The training forward in eval mode, `batch_size` length-sorted texts per batch."""
         out = np.zeros((len(seqs), self.dim), dtype=np.float32)
         order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))  # longest first: less padding
         was_training = self.training
         self.eval()
         try:
-            with (
-                torch.inference_mode(),
-                tqdm(
-                    total=len(seqs),
-                    desc=f"encoding {desc}",
-                    unit=desc[:-1],
-                    disable=not show_progress,
-                ) as bar,
-            ):
-                for start in range(0, len(order), batch_size):
-                    idx = order[start : start + batch_size]
-                    batch = encode_batch([seqs[i] for i in idx], self.pad_id, self.padding_side)
-                    out[idx] = self.embed(batch).cpu().numpy()
-                    bar.update(len(idx))
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                batch = encode_batch([seqs[i] for i in idx], self.pad_id, self.padding_side)
+                out[idx] = self.embed(batch).cpu().numpy()
+                bar.update(len(idx))
         finally:
             self.train(was_training)
         return out
+
+    def inference_body(self, new_tokens: int = 0) -> InferenceBody:
+        """The inference copy of the current weights (`fast_encode.InferenceBody`), made again
+        when the weights, the dtype or the compile decision changed.
+
+        Args:
+            new_tokens: Tokens about to be encoded (counted for compile="auto").
+        """
+        settings = resolved(self.encode_settings, self.device)
+        self._tokens_encoded += new_tokens
+        dtype = self.compute_dtype
+        fp32_layers = self.config.fp32_layers if dtype == torch.bfloat16 else 0
+        compile_now = want_compile(settings, self.device, self._tokens_encoded)
+        if self._inference is not None and self._inference[1].compiled and not compile_now:
+            compile_now = settings.compile != "off"  # once compiled, stay compiled
+        key = (self._weights_state()[1], dtype, fp32_layers, compile_now, str(self.device))
+        if self._inference is None or self._inference[0] != key:
+            body = InferenceBody(self.model, dtype, fp32_layers, compile=compile_now)
+            self._inference = (key, body)
+        return self._inference[1]
+
+    def runtime_info(self) -> dict[str, Any]:
+        """What the fast path runs on (hardware kind, settings, dtype, compiled), for metadata."""
+        body = self._inference[1] if self._inference else None
+        return runtime_info(resolved(self.encode_settings, self.device), body, self.device)
 
 
 def _same_dir(directory: Path, name_or_path: str) -> bool:
