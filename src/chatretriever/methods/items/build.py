@@ -1,0 +1,266 @@
+"""Build the item-retrieval data set: training JSONL, test queries + qrels, the catalog.
+
+Users are split by a hash of their id (a test user never trains); test targets are each test
+user's last item (leave-last-out). I2I source items are split the same way, by item id, and the
+co-occurrence behind I2I comes from training users only. Test queries use the test templates;
+a test query whose text is also a training query is dropped. Output directory::
+
+    catalog.jsonl.gz        the evaluated items: {"id", "title", <metadata fields>}
+    train.jsonl.gz          training examples in the project's JSONL (see `data.py`)
+    test/queries.jsonl      sessions JSONL (one user turn); metadata: task, exclude, constraints
+    test/qrels.txt          TREC qrels of the targets
+    build_config.json       the resolved `BuildConfig` and counts per task
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from chatretriever.io.files import atomic_write, iter_jsonl, require, write_jsonl
+from chatretriever.io.reclm import RecLMData, UserHistory
+from chatretriever.io.sessions import write_sessions
+from chatretriever.io.trec import write_qrels
+from chatretriever.methods.items.catalog import ItemCatalog, render_item
+from chatretriever.methods.items.tasks import ItemQuery, TaskContext, cooccurrence, generate
+from chatretriever.methods.items.templates import TASKS
+from chatretriever.types import Passage, Qrel, Session, Turn
+
+logger = logging.getLogger(__name__)
+
+CATALOG_FILE = "catalog.jsonl.gz"
+TRAIN_FILE = "train.jsonl.gz"
+QUERIES_FILE = "test/queries.jsonl"
+QRELS_FILE = "test/qrels.txt"
+CONFIG_FILE = "build_config.json"
+MAX_TRAIN_POSITIVES = 5  # full texts per training example (all ids stay in metadata.relevant)
+
+
+@dataclass
+class BuildConfig:
+    """How much data to build and how.
+
+    Attributes:
+        train_per_task: Training queries per task (UH2I and I2I get `behaviour_boost` times
+            more: the paper found the behaviour tasks the hardest to learn).
+        test_per_task: Test queries per task (before removing those seen in training).
+        tasks: The tasks to build.
+        behaviour_boost: Multiplier of UH2I and I2I training queries.
+        test_fraction: Share of users (and of I2I source items) held out for testing.
+        catalog_size: Keep every item of a history plus random others up to this many items
+            (None: the whole catalog).
+        max_history: Most titles in a history query.
+        max_targets: Most items an attribute query may match.
+        n_negatives: Negatives per query.
+        seed: The random seed.
+    """
+
+    train_per_task: int = 800
+    test_per_task: int = 200
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    behaviour_boost: int = 2
+    test_fraction: float = 0.1
+    catalog_size: int | None = None
+    max_history: int = 20
+    max_targets: int = 100
+    n_negatives: int = 7
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown tasks {unknown}; tasks: {', '.join(TASKS)}")
+        if not 0 < self.test_fraction < 1:
+            raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+
+
+def in_test(key: str, fraction: float, seed: int) -> bool:
+    """Whether a user (or item) id falls in the test share (a stable hash of seed and id)."""
+    h = hashlib.blake2b(f"{seed}\x1f{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big") / 2**64 < fraction
+
+
+def subsample_catalog(data: RecLMData, size: int | None, seed: int) -> list[Passage]:
+    """Every item of a history plus random other items up to `size` (catalog order kept)."""
+    if size is None or size >= len(data.items):
+        return list(data.items)
+    needed = {i for h in data.histories for i in h.items}
+    rest = [p.id for p in data.items if p.id not in needed]
+    extra = random.Random(seed).sample(rest, max(0, min(len(rest), size - len(needed))))
+    keep = needed | set(extra)
+    return [p for p in data.items if p.id in keep]
+
+
+def _contexts(
+    catalog: ItemCatalog, histories: Sequence[UserHistory], config: BuildConfig
+) -> tuple[TaskContext, TaskContext]:
+    known = [h for h in histories if all(i in catalog.position for i in h.items)]
+    train = [h for h in known if not in_test(h.user_id, config.test_fraction, config.seed)]
+    test = [h for h in known if in_test(h.user_id, config.test_fraction, config.seed)]
+    cooc = cooccurrence(train)
+
+    def pool(is_test: bool) -> dict[str, list[tuple[str, float]]]:
+        return {
+            k: v
+            for k, v in cooc.items()
+            if in_test(k, config.test_fraction, config.seed) == is_test
+        }
+
+    common = dict(
+        max_history=config.max_history,
+        max_targets=config.max_targets,
+        n_negatives=config.n_negatives,
+    )
+    logger.info("users: %d train, %d test", len(train), len(test))
+    return (
+        TaskContext(catalog, train, pool(False), split="train", **common),
+        TaskContext(catalog, test, pool(True), split="test", **common),
+    )
+
+
+Rewrite = Callable[[list[ItemQuery]], list[ItemQuery]]
+
+
+def build_queries(
+    catalog: ItemCatalog,
+    histories: Sequence[UserHistory],
+    config: BuildConfig,
+    rewrite: Rewrite | None = None,
+) -> tuple[dict[str, list[ItemQuery]], dict[str, list[ItemQuery]]]:
+    """Training and test queries per task (test queries seen in training removed).
+
+    Args:
+        catalog: The items.
+        histories: All users (split here).
+        config: What to build.
+        rewrite: Applied to each task's generated queries (e.g. LLM paraphrasing) before the
+            test queries seen in training are removed.
+
+    Returns:
+        (train, test): task -> queries.
+    """
+    train_ctx, test_ctx = _contexts(catalog, histories, config)
+    train: dict[str, list[ItemQuery]] = {}
+    test: dict[str, list[ItemQuery]] = {}
+    for task in tqdm(config.tasks, desc="item tasks"):
+        n = config.train_per_task * (config.behaviour_boost if task in ("UH2I", "I2I") else 1)
+        train[task] = generate(task, train_ctx, n, seed=config.seed)
+        drawn = generate(task, test_ctx, config.test_per_task, seed=config.seed + 1)
+        if rewrite is not None:
+            train[task], drawn = rewrite(train[task]), rewrite(drawn)
+        seen = {_norm(q.query) for q in train[task]}
+        test[task] = [q for q in drawn if _norm(q.query) not in seen]
+        logger.info(
+            "%s: %d train, %d test (%d seen in training dropped)",
+            task,
+            len(train[task]),
+            len(test[task]),
+            len(drawn) - len(test[task]),
+        )
+    return train, test
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.casefold().split())
+
+
+def training_record(q: ItemQuery, catalog: ItemCatalog, qid: str) -> dict[str, Any]:
+    """One training example in the project's JSONL (a one-turn session, item texts)."""
+
+    def passage(item_id: str) -> dict[str, str]:
+        item = catalog.item(item_id)
+        return {"id": item_id, "title": item.title, "text": render_item(item)}
+
+    return {
+        "id": qid,
+        "messages": [{"role": "user", "content": q.query}],
+        "positives": [passage(i) for i in q.positives[:MAX_TRAIN_POSITIVES]],
+        "negatives": [passage(i) for i in q.negatives],
+        "source": f"items/{q.task}",
+        "metadata": {
+            "task": q.task,
+            "template": q.template,
+            "relevant": list(q.positives),
+            "constraints": [c.to_dict() for c in q.constraints],
+        },
+    }
+
+
+def test_session(q: ItemQuery, qid: str) -> Session:
+    """A test query as a one-turn session; its mask and constraints in the metadata."""
+    meta = {
+        "task": q.task,
+        "exclude": list(q.exclude),
+        "constraints": [c.to_dict() for c in q.constraints],
+        "template": q.template,
+    }
+    return Session(id=qid, turns=(Turn("user", q.query),), metadata=meta)
+
+
+def write_catalog(path: str | Path, items: Sequence[Passage]) -> int:
+    """The catalog as JSONL: {"id", "title", <metadata>} per item."""
+    return write_jsonl(path, ({"id": p.id, "title": p.title, **p.metadata} for p in items))
+
+
+def read_catalog(path: str | Path) -> list[Passage]:
+    """Items written by `write_catalog` (text = `render_item`)."""
+    out = []
+    for lineno, obj in iter_jsonl(path):
+        pid = require(obj, "id", path, lineno)
+        title = require(obj, "title", path, lineno)
+        meta = {k: v for k, v in obj.items() if k not in ("id", "title")}
+        p = Passage(id=pid, text="", title=title, metadata=meta)
+        out.append(Passage(id=pid, text=render_item(p), title=title, metadata=meta))
+    return out
+
+
+def build_items(
+    data: RecLMData, out_dir: str | Path, config: BuildConfig, rewrite: Rewrite | None = None
+) -> dict[str, Any]:
+    """Generate every task's training and test queries and write them (see the module doc).
+
+    Args:
+        data: The domain's items and histories (`io.reclm.load_reclm`).
+        out_dir: The output directory.
+        config: What to build.
+        rewrite: Optional rewriting of generated queries (`paraphrase.paraphrase_queries`).
+
+    Returns:
+        The counts per task (also saved in build_config.json).
+    """
+    out = Path(out_dir)
+    items = subsample_catalog(data, config.catalog_size, config.seed)
+    catalog = ItemCatalog(items)
+    train, test = build_queries(catalog, data.histories, config, rewrite)
+    write_catalog(out / CATALOG_FILE, items)
+    records = [
+        training_record(q, catalog, f"{task}-train-{i:05d}")
+        for task, qs in train.items()
+        for i, q in enumerate(qs)
+    ]
+    random.Random(config.seed).shuffle(records)
+    write_jsonl(out / TRAIN_FILE, records)
+    sessions, qrels = [], []
+    for task, qs in test.items():
+        for i, q in enumerate(qs):
+            qid = f"{task}-{i:05d}"
+            sessions.append(test_session(q, qid))
+            qrels += [Qrel(qid, pid, 1) for pid in q.positives]
+    write_sessions(out / QUERIES_FILE, sessions)
+    write_qrels(out / QRELS_FILE, qrels)
+    counts = {
+        "catalog": len(items),
+        "train": {t: len(v) for t, v in train.items()},
+        "test": {t: len(v) for t, v in test.items()},
+    }
+    with atomic_write(out / CONFIG_FILE) as f:
+        json.dump({"config": asdict(config), "counts": counts}, f, indent=2)
+    return counts

@@ -1,0 +1,215 @@
+"""An item catalog for the RecLM-emb tasks: rendering, attribute values and query constraints.
+
+An item is a `Passage` from `io.reclm` (id = 1-based row of the metadata file, `title`, the other
+fields in `metadata`). The catalog renders each item as the paper does ("title: X, tags: a, b,
+game details: ..., price: 14.99, release date: ...") and answers, for every `Constraint` of a
+generated query, which items satisfy it: one boolean mask over the catalog, built from an
+inverted index of (field, value) and arrays of prices and release dates (a per-item predicate
+over 32k items would be too slow for generating thousands of queries). `Constraint.holds` is the
+same test on one item's metadata: the constraint-coverage metric and the tests use it.
+
+Torch-free (numpy only).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+from chatretriever.types import Passage
+
+LIST_FIELDS = ("tags", "genres", "game_details")
+SCALAR_FIELDS = ("title", "developer", "publisher", "price", "release_date")
+ATTRIBUTE_FIELDS = ("tags", "genres", "game_details", "developer", "publisher", "price",
+                    "release_date")  # fmt: skip
+_RENDER_ORDER = ("tags", "genres", "game_details", "publisher", "developer", "price",
+                 "release_date", "description")  # fmt: skip
+_DATE = re.compile(r"^(\d{4})(?:-(\d{2}))?(?:-(\d{2}))?")
+
+OPS = ("has", "lacks", "price_below", "price_above", "released_before", "released_after",
+       "released_in")  # fmt: skip
+
+
+def _fold(value: Any) -> str:
+    return str(value).strip().casefold()
+
+
+def field_values(meta: Mapping[str, Any], field: str) -> list[str]:
+    """The values of one field as display strings (a list field's items, a scalar as one)."""
+    value = meta.get(field)
+    if value is None or value == "":
+        return []
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value if v not in (None, "")]
+    if isinstance(value, float):
+        return [f"{value:g}"]
+    return [str(value)]
+
+
+def price_of(meta: Mapping[str, Any]) -> float | None:
+    """The price as a number: free-to-play strings read 0.0; missing or other text is None."""
+    value = meta.get("price")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str) and "free" in value.casefold():
+        return 0.0
+    return None
+
+
+def release_of(meta: Mapping[str, Any]) -> str | None:
+    """The release date as "YYYY-MM-DD" (or "YYYY-MM", "YYYY"), None when missing or unparsed."""
+    m = _DATE.match(str(meta.get("release_date") or ""))
+    return None if m is None else "-".join(g for g in m.groups() if g)
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """One condition of a query on an item's metadata.
+
+    Attributes:
+        field: The metadata field (`tags`, `developer`, `price`, `release_date`, `title`, ...).
+        op: "has" (the field holds the value; case-insensitive), "lacks" (it does not),
+            "price_below"/"price_above" (value: a number), "released_before"/"released_after"/
+            "released_in" (value: "YYYY" or "YYYY-MM"; before/after compare the date's prefix
+            of that length, in = the date starts with it).
+        value: The value compared with.
+    """
+
+    field: str
+    op: str
+    value: str
+
+    def __post_init__(self) -> None:
+        if self.op not in OPS:
+            raise ValueError(f"constraint op must be one of {OPS}, got {self.op!r}")
+
+    def holds(self, meta: Mapping[str, Any]) -> bool:
+        """Whether an item's metadata (its `title` included) satisfies this constraint."""
+        if self.op in ("has", "lacks"):
+            found = _fold(self.value) in {_fold(v) for v in field_values(meta, self.field)}
+            return found if self.op == "has" else not found
+        if self.op.startswith("price"):
+            price = price_of(meta)
+            if price is None:
+                return False
+            return (
+                price < float(self.value) if self.op == "price_below" else price > float(self.value)
+            )
+        date = release_of(meta)
+        if date is None or len(date) < len(self.value):
+            return False
+        head = date[: len(self.value)]
+        if self.op == "released_before":
+            return head < self.value
+        return head > self.value if self.op == "released_after" else head == self.value
+
+    def to_dict(self) -> dict[str, str]:
+        return {"field": self.field, "op": self.op, "value": self.value}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Constraint:
+        return cls(str(d["field"]), str(d["op"]), str(d["value"]))
+
+
+def item_metadata(item: Passage) -> dict[str, Any]:
+    """An item's metadata with its title (what constraints are tested on)."""
+    return {**item.metadata, "title": item.title}
+
+
+def render_item(item: Passage) -> str:
+    """The item text the embedders read: "title: X, tags: a, b, game details: ..., price: ..."."""
+    parts = [f"title: {item.title}"]
+    for key in _RENDER_ORDER:
+        values = field_values(item.metadata, key)
+        if values:
+            parts.append(f"{key.replace('_', ' ')}: {', '.join(values)}")
+    return ", ".join(parts)
+
+
+class ItemCatalog:
+    """Items with the masks of constraints over them.
+
+    Args:
+        items: The items (ids unique).
+    """
+
+    def __init__(self, items: Sequence[Passage]) -> None:
+        self.items = list(items)
+        self.ids = [p.id for p in self.items]
+        self.position = {pid: i for i, pid in enumerate(self.ids)}
+        if len(self.position) != len(self.ids):
+            raise ValueError("item ids must be unique")
+        self.meta = [item_metadata(p) for p in self.items]
+        self._index: dict[tuple[str, str], list[int]] = {}
+        for i, meta in enumerate(self.meta):
+            for field in (*LIST_FIELDS, *SCALAR_FIELDS):
+                for v in {_fold(v) for v in field_values(meta, field)}:
+                    self._index.setdefault((field, v), []).append(i)
+        prices = [price_of(m) for m in self.meta]
+        self.prices = np.array([np.nan if p is None else p for p in prices])  # (N,)
+        self.dates = [release_of(m) or "" for m in self.meta]
+        self._mask = lru_cache(maxsize=4096)(self._compute_mask)
+        self._popular: dict[str, list[str]] = {}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def texts(self) -> list[str]:
+        """The rendered text of every item, in catalog order."""
+        return [render_item(p) for p in self.items]
+
+    def item(self, item_id: str) -> Passage:
+        return self.items[self.position[item_id]]
+
+    def popular(self, field: str) -> list[str]:
+        """The values of a field, most frequent first (ties by value)."""
+        if field not in self._popular:
+            counts: dict[str, int] = {}
+            for meta in self.meta:
+                for v in field_values(meta, field):
+                    counts[v] = counts.get(v, 0) + 1
+            self._popular[field] = sorted(counts, key=lambda v: (-counts[v], v))
+        return self._popular[field]
+
+    def mask(self, constraint: Constraint) -> np.ndarray:
+        """(N,) bool: the items that satisfy `constraint` (cached; do not modify)."""
+        return self._mask(constraint)
+
+    def _compute_mask(self, c: Constraint) -> np.ndarray:
+        out = np.zeros(len(self.items), dtype=bool)
+        if c.op in ("has", "lacks"):
+            out[self._index.get((c.field, _fold(c.value)), [])] = True
+            return out if c.op == "has" else ~out
+        if c.op.startswith("price"):
+            with np.errstate(invalid="ignore"):
+                below = self.prices < float(c.value)
+                above = self.prices > float(c.value)
+            return below if c.op == "price_below" else above
+        n = len(c.value)
+        for i, d in enumerate(self.dates):
+            if len(d) >= n:
+                head = d[:n]
+                if c.op == "released_before":
+                    out[i] = head < c.value
+                elif c.op == "released_after":
+                    out[i] = head > c.value
+                else:
+                    out[i] = head == c.value
+        return out
+
+    def matching(self, constraints: Iterable[Constraint]) -> np.ndarray:
+        """(N,) bool: the items that satisfy every constraint (all items for none)."""
+        out = np.ones(len(self.items), dtype=bool)
+        for c in constraints:
+            out &= self.mask(c)
+        return out
+
+    def satisfies_all(self, item_id: str, constraints: Iterable[Constraint]) -> bool:
+        """Whether one item satisfies every constraint (the per-item predicate)."""
+        meta = self.meta[self.position[item_id]]
+        return all(c.holds(meta) for c in constraints)

@@ -1,0 +1,205 @@
+"""Evaluate a retriever on the item tasks: masked rankings, Hit/precision/coverage@k, nDCG@10.
+
+A ranker is any `RankFn`: (sessions, depth) -> per session its (item id, score) list, best
+first. `dense_ranker` wraps any `Encoder` (items embedded once), `bm25_ranker` the shared BM25.
+`rank_items` removes each query's masked items (`metadata.exclude`: the history for UH2I/UQ2I,
+the source item for I2I) and keeps `depth` results; `evaluate_items` scores them per task:
+hit@k for every task, precision@k for id tasks, constraint_coverage@k for attribute tasks, at
+k = 1, 5, 10, 20, plus nDCG@10 through `retrieval.evaluate`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from chatretriever.methods.items.catalog import Constraint, item_metadata
+from chatretriever.methods.items.metrics import (
+    constraint_coverage_at_k,
+    hit_at_k,
+    precision_at_k,
+)
+from chatretriever.methods.items.templates import ATTRIBUTE_TASKS, TASKS
+from chatretriever.retrieval.encoders import Encoder
+from chatretriever.retrieval.evaluate import evaluate_run
+from chatretriever.types import Passage, Run, Session, rank_key
+
+logger = logging.getLogger(__name__)
+
+KS = (1, 5, 10, 20)
+RankFn = Callable[[Sequence[Session], int], list[list[tuple[str, float]]]]
+
+
+def _as_rendered(items: Sequence[Passage]) -> list[Passage]:
+    # The item text alone (it starts with "title: ..."): no second title line.
+    return [Passage(id=p.id, text=p.text) for p in items]
+
+
+def dense_ranker(
+    encoder: Encoder, items: Sequence[Passage], batch_size: int = 64, show_progress: bool = False
+) -> RankFn:
+    """A ranker by inner product of `encoder`'s query and item embeddings.
+
+    Args:
+        encoder: Any `Encoder`.
+        items: The catalog (text = the rendered item).
+        batch_size: Encoding batch size.
+        show_progress: Progress bars while encoding.
+    """
+    ids = [p.id for p in items]
+    emb = encoder.encode_passages(_as_rendered(items), batch_size, show_progress)  # (N, D)
+
+    def rank(sessions: Sequence[Session], depth: int) -> list[list[tuple[str, float]]]:
+        q = encoder.encode_sessions(list(sessions), batch_size, show_progress)  # (Q, D)
+        scores = q @ emb.T  # (Q, N)
+        k = min(depth, len(ids))
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]  # (Q, k), unordered
+        return [
+            sorted(((ids[j], float(row[j])) for j in cols), key=lambda x: rank_key(x[0], x[1]))
+            for row, cols in zip(scores, top, strict=True)
+        ]
+
+    return rank
+
+
+def bm25_ranker(items: Sequence[Passage]) -> RankFn:
+    """A ranker by BM25 (the package's one BM25 setting) over the rendered items."""
+    from chatretriever.retrieval.baselines import BM25Retriever
+    from chatretriever.retrieval.search import session_text
+
+    bm25 = BM25Retriever(_as_rendered(items))
+
+    def rank(sessions: Sequence[Session], depth: int) -> list[list[tuple[str, float]]]:
+        return bm25.search_texts([session_text(s) for s in sessions], depth)
+
+    return rank
+
+
+def rank_items(
+    rank: RankFn, sessions: Sequence[Session], depth: int = 100, name: str = "items"
+) -> Run:
+    """Rankings with each query's masked items removed, `depth` items per query."""
+    extra = max((len(s.metadata.get("exclude", ())) for s in sessions), default=0)
+    hits = rank(sessions, depth + extra)
+    scores: dict[str, dict[str, float]] = {}
+    for s, row in zip(sessions, hits, strict=True):
+        masked = set(s.metadata.get("exclude", ()))
+        kept = [(i, sc) for i, sc in row if i not in masked][:depth]
+        scores[s.id] = dict(kept)
+    return Run(scores=scores, name=name)
+
+
+def _query_metrics(
+    session: Session,
+    ranked: list[str],
+    targets: set[str],
+    metadata: Mapping[str, Mapping[str, Any]],
+    ks: Sequence[int],
+) -> dict[str, float]:
+    task = session.metadata["task"]
+    cons = [Constraint.from_dict(c) for c in session.metadata.get("constraints", ())]
+    out = {}
+    for k in ks:
+        out[f"hit@{k}"] = hit_at_k(ranked, targets, k)
+        if task in ATTRIBUTE_TASKS:
+            out[f"constraint_coverage@{k}"] = constraint_coverage_at_k(ranked, cons, metadata, k)
+        else:
+            out[f"precision@{k}"] = precision_at_k(ranked, targets, k)
+    return out
+
+
+def evaluate_items(
+    run: Run,
+    sessions: Sequence[Session],
+    qrels: Mapping[str, Mapping[str, int]],
+    items: Sequence[Passage],
+    ks: Sequence[int] = KS,
+) -> dict[str, Any]:
+    """Score a (masked) run per task.
+
+    Args:
+        run: The rankings (`rank_items`).
+        sessions: The test queries (metadata: task, constraints).
+        qrels: query id -> target item id -> 1.
+        items: The catalog (for constraint coverage).
+        ks: The cutoffs.
+
+    Returns:
+        {"tasks": {task: {measure: mean, ..., "nDCG@10", "queries": n}}, "mean": {measure:
+        mean over the tasks that have it}}.
+    """
+    metadata = {p.id: item_metadata(p) for p in items}
+    by_task: dict[str, list[Session]] = {}
+    for s in sessions:
+        by_task.setdefault(s.metadata["task"], []).append(s)
+    tasks: dict[str, dict[str, float]] = {}
+    for task in sorted(by_task, key=lambda t: TASKS.index(t) if t in TASKS else len(TASKS)):
+        rows = [
+            _query_metrics(s, [d.doc_id for d in run.ranked(s.id)], set(qrels[s.id]), metadata, ks)
+            for s in by_task[task]
+        ]
+        result = {m: float(np.mean([r[m] for r in rows])) for m in rows[0]}
+        task_qrels = {s.id: dict(qrels[s.id]) for s in by_task[task]}
+        sub = Run({q: run.scores.get(q, {}) for q in task_qrels}, run.name)
+        result["nDCG@10"] = evaluate_run(sub, task_qrels, ["nDCG@10"]).aggregate["nDCG@10"]
+        result["queries"] = len(rows)
+        tasks[task] = result
+    names = dict.fromkeys(m for r in tasks.values() for m in r if m != "queries")
+    mean = {m: float(np.mean([r[m] for r in tasks.values() if m in r])) for m in names}
+    return {"tasks": tasks, "mean": mean}
+
+
+def load_test_set(
+    data_dir: str | Path,
+) -> tuple[list[Passage], list[Session], dict[str, dict[str, int]]]:
+    """The catalog, test queries and qrels of a `build-items` output directory."""
+    from chatretriever.io.sessions import read_sessions
+    from chatretriever.io.trec import read_qrels
+    from chatretriever.methods.items.build import (
+        CATALOG_FILE,
+        QRELS_FILE,
+        QUERIES_FILE,
+        read_catalog,
+    )
+    from chatretriever.types import qrels_to_dict
+
+    root = Path(data_dir)
+    qrels = read_qrels(root / QRELS_FILE)
+    qrels = dict(qrels) if isinstance(qrels, Mapping) else qrels_to_dict(qrels)
+    return read_catalog(root / CATALOG_FILE), read_sessions(root / QUERIES_FILE), qrels
+
+
+def evaluate_ranker(
+    rank: RankFn,
+    items: Sequence[Passage],
+    sessions: Sequence[Session],
+    qrels: Mapping[str, Mapping[str, int]],
+    name: str = "items",
+) -> dict[str, Any]:
+    """Rank (masked) and score one ranker on a test set; see `evaluate_items`."""
+    run = rank_items(rank, sessions, name=name)
+    return evaluate_items(run, sessions, qrels, items)
+
+
+def results_table(results: Mapping[str, Mapping[str, Any]], measure: str = "hit@5") -> str:
+    """A markdown table: one row per system, a column per task and the mean.
+
+    Args:
+        results: system name -> `evaluate_items` output.
+        measure: The measure shown ("hit@5", "nDCG@10", ...).
+    """
+    tasks = [t for t in TASKS if any(t in r["tasks"] for r in results.values())]
+    lines = [
+        "| system | " + " | ".join(tasks) + " | mean |",
+        "|---" * (len(tasks) + 2) + "|",
+    ]
+    for name, r in results.items():
+        cells = [r["tasks"].get(t, {}).get(measure) for t in tasks]
+        mean = r["mean"].get(measure)
+        shown = ["-" if v is None else f"{v:.3f}" for v in (*cells, mean)]
+        lines.append(f"| {name} | " + " | ".join(shown) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,142 @@
+"""The item-embedder recipe: one YAML file (see `configs/items-minilm.yaml`) and its run.
+
+    model: minilm-l6                  # built-in embedder name or a sentence-transformers dir
+    output_dir: runs/items-minilm
+    loss: {temperature: 0.01, in_batch: false, n_negatives: 7}
+    lengths: {query: 512, item: 128}
+    data:
+      files: [{path: outputs/items/train.jsonl.gz}]
+      exclude_tasks: []               # leave-one-task-out: train without these tasks
+    training: {max_steps: 300, per_device_train_batch_size: 16, learning_rate: 3.0e-5, ...}
+
+YAML, `base:`, `--set key=value`, the saved `train_config.yaml` and `--resume` are the shared
+`modeling.recipe` machinery; the trainer is the shared `NamedLossTrainer`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from chatretriever.config import _from_dict
+from chatretriever.methods.items.templates import TASKS
+from chatretriever.modeling.recipe import BaseDataSettings, load_config, load_examples
+
+
+@dataclass
+class ItemLossSettings:
+    """Contrastive settings: the paper's temperature, 7 negatives, no in-batch negatives."""
+
+    temperature: float = 0.01
+    in_batch: bool = False
+    n_negatives: int = 7
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"loss.temperature must be > 0, got {self.temperature}")
+        if self.n_negatives < (0 if self.in_batch else 1):
+            raise ValueError("loss.n_negatives must be >= 1 without in-batch negatives")
+
+
+@dataclass
+class Lengths:
+    """Token budgets (the paper: query 512, item 128)."""
+
+    query: int = 512
+    item: int = 128
+
+
+@dataclass
+class ItemDataSettings(BaseDataSettings):
+    """Training files, and tasks left out (the leave-one-task-out generalisation run)."""
+
+    exclude_tasks: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        unknown = [t for t in self.exclude_tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"data.exclude_tasks: unknown tasks {unknown}")
+
+
+@dataclass
+class ItemTrainConfig:
+    """The whole recipe of one item-embedder run (see the module docstring)."""
+
+    model: str
+    output_dir: str
+    data: ItemDataSettings
+    loss: ItemLossSettings = field(default_factory=ItemLossSettings)
+    lengths: Lengths = field(default_factory=Lengths)
+    training: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ItemTrainConfig:
+        d = dict(data)
+        for key in ("model", "output_dir", "data"):
+            if key not in d:
+                raise ValueError(f"missing required key {key!r}")
+        parts = {"data": ItemDataSettings, "loss": ItemLossSettings, "lengths": Lengths}
+        for key, kind in parts.items():
+            if key in d:
+                if not isinstance(d[key], Mapping):
+                    raise ValueError(f"{key} must be a mapping, got {type(d[key]).__name__}")
+                d[key] = _from_dict(kind, d[key])
+        if not isinstance(d.get("training", {}), Mapping):
+            raise ValueError("training must be a mapping of TrainingArguments fields")
+        return _from_dict(cls, d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_item_recipe(path: str | Path, overrides: Sequence[str] = ()) -> ItemTrainConfig:
+    """Read a YAML recipe (its `base:` chain, `--set` overrides) and validate it."""
+    return load_config(path, ItemTrainConfig.from_dict, overrides)
+
+
+def run_item_training(config: ItemTrainConfig, resume: bool = False, model: Any = None) -> Path:
+    """Train an item embedder as the recipe says; returns the saved model directory.
+
+    Args:
+        config: The recipe.
+        resume: Continue from the newest checkpoint in `output_dir`.
+        model: An `ItemEmbedder` to train instead of loading `config.model` as a
+            `SentenceEmbedder` (how the apps layer passes in an LLM embedder).
+
+    Returns:
+        `output_dir`: the final model, the resolved recipe and the training log.
+    """
+    from transformers import set_seed
+
+    from chatretriever.methods.items.data import iter_item_examples
+    from chatretriever.methods.items.train import ItemCollator, ItemLoss, SentenceEmbedder
+    from chatretriever.modeling.recipe import resume_checkpoint, save_recipe
+    from chatretriever.modeling.trainer import NamedLossTrainer, TrainingSet, training_arguments
+
+    out = Path(config.output_dir)
+    settings = {"learning_rate": 3e-5, **config.training}
+    args = training_arguments(out, settings, precision_setting="(fp32 only)")
+    skip = set(config.data.exclude_tasks)
+    parts = [
+        ([ex for ex in examples if ex.task not in skip], repeat)
+        for examples, repeat in load_examples(config.data, iter_item_examples)
+    ]
+    set_seed(args.seed)
+    if model is None:
+        model = SentenceEmbedder.from_pretrained(
+            config.model, query_max_len=config.lengths.query, item_max_len=config.lengths.item
+        )
+    model.train()
+    if args.process_index == 0:
+        save_recipe(config, out)
+    trainer = NamedLossTrainer(
+        model=model,
+        args=args,
+        train_dataset=TrainingSet(parts),
+        data_collator=ItemCollator(config.loss.n_negatives),
+        loss_fn=ItemLoss(config.loss.temperature, config.loss.in_batch),
+    )
+    return trainer.train_and_save(resume_checkpoint(out, resume), config)

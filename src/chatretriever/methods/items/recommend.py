@@ -1,0 +1,198 @@
+"""A conversational item recommender (Chat-Rec style) and its multi-turn measurement.
+
+Each turn the conversation so far is embedded (any `Encoder`), the top 20 items are retrieved,
+and a chat LLM picks at most five of them and writes a short reply naming them. The reply is
+checked: it must name at least one retrieved item and no catalog item that was not retrieved
+(else the recommender falls back to listing the top retrieved items itself), so it never
+recommends something retrieval did not find.
+
+`multi_turn_requests` turns FA2I/UQ2I test queries into 2-3 turn conversations that reveal
+their constraints one turn at a time; `session_vs_last_turn` compares Hit@5 of retrieving with
+the whole conversation against the last turn alone.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from chatretriever.methods.items.catalog import Constraint, field_values
+from chatretriever.methods.items.evaluate import RankFn, rank_items
+from chatretriever.methods.items.metrics import hit_at_k
+from chatretriever.methods.items.tasks import describe
+from chatretriever.retrieval.encoders import Encoder
+from chatretriever.types import Passage, Session, Turn
+
+ChatFn = Callable[[list[dict[str, str]]], str]
+"""(chat messages) -> the assistant's reply."""
+MIN_TITLE = 4  # shorter catalog titles ("Go") are not looked for in replies: too many false hits
+
+PROMPT = (
+    "You are a game recommender. The user said:\n{conversation}\n\n"
+    "Candidate games:\n{candidates}\n\n"
+    "Recommend at most {k} of the candidate games that fit the user best. Name each by its exact "
+    "title and say in a few words why. Do not mention any game that is not a candidate."
+)
+
+
+@dataclass
+class Reply:
+    """One recommender turn: the text shown, the items it names, what retrieval found."""
+
+    text: str
+    named: list[Passage]
+    retrieved: list[Passage]
+    fell_back: bool
+
+
+def _mentions(title: str, text: str) -> bool:
+    return re.search(r"(?<!\w)" + re.escape(title.casefold()) + r"(?!\w)", text) is not None
+
+
+@dataclass
+class ItemRecommender:
+    """The recommender (see the module docstring).
+
+    Args:
+        encoder: Embeds the conversation and the items.
+        items: The catalog (text = the rendered item).
+        chat: The chat LLM as a `ChatFn`; None: always list the retrieved items.
+        top_k: Items retrieved per turn.
+        max_picks: Most items a reply may name.
+    """
+
+    encoder: Encoder
+    items: Sequence[Passage]
+    chat: ChatFn | None = None
+    top_k: int = 20
+    max_picks: int = 5
+    turns: list[Turn] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        rendered = [Passage(p.id, p.text) for p in self.items]
+        self._emb = self.encoder.encode_passages(rendered, 64)  # (N, D)
+        self._titles = [(p.title.casefold(), i) for i, p in enumerate(self.items)]
+
+    def reset(self) -> None:
+        """Start a new conversation."""
+        self.turns.clear()
+
+    def retrieve(self) -> list[Passage]:
+        """The top_k items for the conversation so far (user turns)."""
+        users = [t for t in self.turns if t.role == "user"]
+        q = self.encoder.encode_sessions([Session("chat", tuple(users))])  # (1, D)
+        scores = (q @ self._emb.T)[0]  # (N,)
+        order = np.lexsort((np.arange(len(scores)), -scores))[: self.top_k]
+        return [self.items[i] for i in order]
+
+    def respond(self, text: str) -> Reply:
+        """Add a user turn; retrieve, let the LLM pick and present, check the reply."""
+        self.turns.append(Turn("user", text))
+        retrieved = self.retrieve()
+        reply = None
+        if self.chat is not None:
+            raw = self.chat([{"role": "user", "content": self._prompt(retrieved)}])
+            reply = self._checked(raw, retrieved)
+        if reply is None:
+            reply = self._fallback(retrieved)
+        self.turns.append(Turn("assistant", reply.text))
+        return reply
+
+    def _prompt(self, retrieved: Sequence[Passage]) -> str:
+        said = "\n".join(f"- {t.content}" for t in self.turns if t.role == "user")
+        lines = [
+            f"{i}. {p.title} ({', '.join(field_values(p.metadata, 'tags')[:4])})"
+            for i, p in enumerate(retrieved, 1)
+        ]
+        return PROMPT.format(conversation=said, candidates="\n".join(lines), k=self.max_picks)
+
+    def _checked(self, raw: str, retrieved: Sequence[Passage]) -> Reply | None:
+        """The LLM's reply when it names 1..max_picks retrieved items and nothing else."""
+        text = raw.casefold()
+        allowed = {p.id for p in retrieved}
+        named = [p for p in retrieved if _mentions(p.title, text)]
+        others = any(
+            self.items[i].id not in allowed and len(t) >= MIN_TITLE and _mentions(t, text)
+            for t, i in self._titles
+        )
+        if others or not 1 <= len(named) <= self.max_picks:
+            return None
+        return Reply(raw.strip(), named, list(retrieved), fell_back=False)
+
+    def _fallback(self, retrieved: Sequence[Passage]) -> Reply:
+        picks = list(retrieved[: self.max_picks])
+        lines = [
+            f"{i}. {p.title} ({', '.join(field_values(p.metadata, 'tags')[:3])})"
+            for i, p in enumerate(picks, 1)
+        ]
+        text = "Here are games that fit what you asked for:\n" + "\n".join(lines)
+        return Reply(text, picks, list(retrieved), fell_back=True)
+
+
+def llm_chat(model: Any, tokenizer: Any, max_new_tokens: int = 160) -> ChatFn:
+    """A `ChatFn` over a local causal LM (greedy decoding)."""
+    from chatretriever.modeling.backbones import generate_reply
+
+    def chat(messages: list[dict[str, str]]) -> str:
+        return generate_reply(model, tokenizer, messages, max_new_tokens)
+
+    return chat
+
+
+# --- the multi-turn measurement -----------------------------------------------------------------
+
+
+def multi_turn_requests(
+    sessions: Sequence[Session], titles: Mapping[str, str], max_history: int = 20
+) -> list[Session]:
+    """2-3 turn conversations from FA2I / UQ2I test queries with >= 2 constraints.
+
+    Args:
+        sessions: Test queries (`build-items`: metadata task, constraints, exclude).
+        titles: item id -> title (the UQ2I history is told by its titles, newest first).
+        max_history: Most titles told.
+
+    FA2I: the constraints split over 2-3 turns ("I'm looking for a game with tags: X",
+    "It should also have ..."); UQ2I: the history first, then the constraints over 1-2 turns.
+    The id, targets (qrels) and mask stay those of the source query.
+    """
+    out = []
+    for s in sessions:
+        task = s.metadata.get("task")
+        cons = [Constraint.from_dict(c) for c in s.metadata.get("constraints", ())]
+        if task not in ("FA2I", "UQ2I") or len(cons) < 2:
+            continue
+        n = 3 if len(cons) >= 3 else 2
+        groups = [cons[i::n] for i in range(n)] if task == "FA2I" else [cons[:1], cons[1:]]
+        texts = [f"I'm looking for a game with {describe(groups[0])}."]
+        texts += [f"It should also have {describe(g)}." for g in groups[1:] if g]
+        if task == "UQ2I":
+            newest = list(reversed(s.metadata.get("exclude", ())))[:max_history]
+            texts = [f"I have played {', '.join(titles[i] for i in newest)}.", *texts]
+        turns = []
+        for t in texts:
+            turns += [Turn("user", t), Turn("assistant", "Noted.")]
+        out.append(Session(s.id, tuple(turns[:-1]), metadata=dict(s.metadata)))
+    return out
+
+
+def session_vs_last_turn(
+    rank: RankFn, conversations: Sequence[Session], qrels: Mapping[str, Mapping[str, int]]
+) -> dict[str, float]:
+    """Hit@5 of retrieving with every user turn joined vs the last user turn alone."""
+    joined = [
+        Session(s.id, (Turn("user", " ".join(t.content for t in s.turns if t.role == "user")),),
+                metadata=s.metadata)
+        for s in conversations
+    ]  # fmt: skip
+    last = [Session(s.id, (s.turns[-1],), metadata=s.metadata) for s in conversations]
+    out = {"conversations": float(len(conversations))}
+    for name, queries in (("session", joined), ("last_turn", last)):
+        run = rank_items(rank, queries, depth=5)
+        hits = [hit_at_k([d.doc_id for d in run.ranked(s.id)], qrels[s.id], 5) for s in queries]
+        out[f"hit@5_{name}"] = float(np.mean(hits)) if hits else float("nan")
+    return out
