@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shlex
@@ -248,12 +249,24 @@ def bench_encoders(
         "padding_efficiency_16_sorted": round(padding_efficiency(lengths, 16, True), 3),
         "rows": [],
     }
-    rows = [REFERENCE] + [r for r in args.rows if r != REFERENCE]
-    reference = None
+    reference, cache = None, getattr(args, "reference", None)
+    key = {"weights": retriever.weights_fingerprint(), "ids": [p.id for p in passages]}
+    if cache and Path(cache).with_suffix(".json").is_file():
+        if json.loads(Path(cache).with_suffix(".json").read_text()) == key:
+            reference = np.load(cache)  # the fp32 reference of an earlier run: not timed again
+            result["reference_from"] = str(cache)
+    rows = (
+        list(args.rows)
+        if reference is not None
+        else [REFERENCE] + [r for r in args.rows if r != REFERENCE]
+    )
     for row in tqdm(rows, desc="ablation rows", unit="row"):
         measured = run_row(retriever, row, passages, n_tokens, min(64, len(passages)))
         emb = measured.pop("_emb")
-        reference = emb if reference is None else reference
+        if reference is None:
+            reference = emb
+            if cache:
+                _save_reference(Path(cache), emb, key)
         cosine = np.sum(emb * reference, axis=1)  # unit vectors
         measured["cosine_min"] = float(cosine.min())
         measured["cosine_mean"] = float(cosine.mean())
@@ -266,6 +279,14 @@ def bench_encoders(
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return result, dim
+
+
+def _save_reference(path: Path, emb: np.ndarray, key: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path, "wb") as f:
+        np.save(f, emb)
+    with atomic_write(path.with_suffix(".json")) as f:
+        json.dump(key, f)
 
 
 def _speedups(result: dict) -> None:
@@ -470,6 +491,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="DIR",
         help="real embeddings (an encode_corpus output, e.g. a conversational benchmark's "
         "OUT/emb/NAME) for the MTRAG-size index instead of random vectors",
+    )
+    p.add_argument(
+        "--reference",
+        metavar="NPY",
+        help="cache of the fp32 reference embeddings: written by a run, read (and the "
+        "reference row not timed again) by a later run on the same passages and model",
     )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)

@@ -19,14 +19,25 @@ EXIT_BAD_INPUT = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from chatretriever.cli import build, chat, data, items, models, pipeline, serve, train
+    from chatretriever.cli import (
+        build,
+        chat,
+        data,
+        items,
+        models,
+        pipeline,
+        rerank,
+        robustness,
+        serve,
+        train,
+    )
 
     parser = argparse.ArgumentParser(
         prog="chatretriever", description="Conversational retrieval with chat LLMs."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (data, models, build, pipeline, train, chat, serve, items):
+    for module in (data, models, build, pipeline, train, chat, serve, rerank, items, robustness):
         module.add_parser(sub)
     return parser
 

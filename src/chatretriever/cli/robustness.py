@@ -1,0 +1,157 @@
+"""`chatretriever robustness`: one system under partial response and full context modification."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from chatretriever.retrieval.search import FORMULATIONS
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register `robustness`."""
+    from chatretriever.cli.pipeline import add_hybrid_arguments
+
+    p = sub.add_parser(
+        "robustness",
+        help="robustness of a retriever to modified contexts (ChatRetriever paper, 4.3)",
+        description="Partial response modification (an LLM answers from what the system "
+        "retrieved, turn by turn; nDCG@3 and Diff) and full context modification (LLM-written "
+        "two-turn contexts, one set per seed; Mean and SD of nDCG@3). Every generation is "
+        "cached, so a rerun makes no LLM call; the modified datasets are written to --out.",
+    )
+    p.add_argument("--sessions", required=True, help="sessions JSONL (one per evaluated turn)")
+    p.add_argument("--qrels", required=True, help="TREC or BEIR qrels")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--index", help="corpus index directory (dense search; its passages are used)")
+    p.add_argument("--model", help="query encoder (default: the index's model)")
+    p.add_argument("--bm25", metavar="CORPUS", help="search a corpus with BM25 instead")
+    p.add_argument("--formulation", choices=FORMULATIONS, default="session")
+    p.add_argument("--llm-rewrite", action="store_true", help="search LLM rewrites (REW)")
+    p.add_argument("--generator", default="smollm2-135m-instruct", help="chat LLM (causal)")
+    p.add_argument("--cache", help="generation cache JSONL (default: OUT/generations.jsonl)")
+    p.add_argument("--modes", nargs="+", choices=("partial", "full"), default=["partial", "full"])
+    p.add_argument("--contexts", type=int, default=5, help="context sets of the full modification")
+    p.add_argument("--max-new-tokens", type=int, default=192)
+    p.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
+    p.add_argument("--gen-batch-size", type=int, default=8, help="prompts per LLM call")
+    p.add_argument("--max-retries", type=int, default=2, help="per malformed reply")
+    p.add_argument("--k", type=int, default=100)
+    add_hybrid_arguments(p)
+    p.set_defaults(func=cmd_robustness)
+
+
+def _lazy_generator(args: argparse.Namespace):
+    """The LLM, loaded on its first call only (an all-cached rerun loads none)."""
+    from chatretriever.retrieval.robustness import generation
+
+    loaded = []
+
+    def generate(prompts, seeds, cap=None):
+        if not loaded:
+            loaded.append(
+                generation.hf_batch_generator(args.generator, args.max_new_tokens, args.temperature)
+            )
+        return loaded[0](prompts, seeds, cap)
+
+    return generate
+
+
+def _system(args: argparse.Namespace, llm):
+    """(system, passage id -> text, name) from --index/--model or --bm25."""
+    from chatretriever.retrieval.robustness import systems
+    from chatretriever.types import passage_text
+
+    if bool(args.bm25) == bool(args.index):
+        raise ValueError("give either --bm25 CORPUS or --index DIR")
+    if args.bm25:
+        from chatretriever.io.corpus import read_corpus
+        from chatretriever.retrieval.baselines import BM25Retriever
+
+        if args.hybrid:
+            raise ValueError("--hybrid fuses a dense index with its BM25 side: give --index DIR")
+        corpus = read_corpus(args.bm25)
+        passages = {p.id: passage_text(p) for p in corpus}
+        formulation = "rewrite" if args.llm_rewrite else args.formulation
+        system = systems.sparse_system(BM25Retriever(corpus), formulation, args.k)
+        name = f"bm25.{formulation}"
+    else:
+        system, passages, name = _dense(args)
+    if args.llm_rewrite:
+        system, name = systems.rewrite_system(system, llm), f"{name}+llm_rewrite"
+    return system, passages, name
+
+
+def _dense(args: argparse.Namespace):
+    from chatretriever.apps.registry import load_encoder
+    from chatretriever.cli.pipeline import hybrid_side
+    from chatretriever.retrieval.corpus_index import CorpusIndex
+    from chatretriever.retrieval.robustness import systems
+    from chatretriever.types import passage_text
+
+    loaded = CorpusIndex.load(args.index)
+    if loaded.passages is None:
+        raise ValueError(f"{args.index} keeps no passages: build it with `index CORPUS --out DIR`")
+    model = args.model or loaded.model
+    if not model:
+        raise ValueError(f"{args.index} does not record its model: pass --model NAME")
+    encoder = load_encoder(model)
+    formulation = "rewrite" if args.llm_rewrite else args.formulation
+    system = systems.dense_system(encoder, loaded.index, formulation, args.k)
+    name = f"{model}.{formulation}"
+    if args.hybrid:
+        bm25, bm25_formulation, fusion, _ = hybrid_side(args, loaded)
+        sparse = systems.sparse_system(bm25, bm25_formulation, args.fusion_depth)
+        system = systems.hybrid_system(system, sparse, fusion, args.k)
+        name += f"+bm25.{bm25_formulation}.{args.hybrid}"
+    passages = {i: passage_text(p) for i, p in loaded.passages.items()}
+    return system, passages, name
+
+
+def cmd_robustness(args: argparse.Namespace) -> int:
+    from chatretriever.io.files import atomic_write
+    from chatretriever.io.sessions import read_sessions
+    from chatretriever.io.trec import read_qrels
+    from chatretriever.retrieval.robustness.evaluation import evaluate_robustness
+    from chatretriever.retrieval.robustness.generation import RobustnessLLM
+
+    for flag in ("contexts", "max_new_tokens", "gen_batch_size", "k"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be positive")
+    sessions = read_sessions(args.sessions)
+    qrels = read_qrels(args.qrels)
+    out = Path(args.out)
+    cache = Path(args.cache) if args.cache else out / "generations.jsonl"
+    settings = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
+    llm = RobustnessLLM(
+        _lazy_generator(args),
+        args.generator,
+        cache,
+        args.gen_batch_size,
+        args.max_retries,
+        settings,
+    )
+    try:
+        system, passages, name = _system(args, llm)
+        report = evaluate_robustness(
+            {name: system}, sessions, qrels, passages, llm, out, args.contexts, modes=args.modes
+        )
+    finally:
+        llm.close()
+    report["settings"] = {k: v for k, v in vars(args).items() if k != "func"}
+    with atomic_write(out / "robustness.json") as f:
+        json.dump(report, f, indent=2)
+    row = report["systems"][name]
+    line = f"{name}: original nDCG@3 {row['original']:.4f}"
+    if "partial" in row:
+        line += f"; partial {row['partial']['nDCG@3']:.4f} (Diff {row['partial']['diff']:.4f})"
+    if "full" in row:
+        line += f"; full mean {row['full']['mean']:.4f} (SD {row['full']['sd']:.4f})"
+    stats = report["llm"]
+    sys.stdout.write(
+        f"{line}\n{stats['generated']} generations, {stats['cached']} cached, retries "
+        f"{stats['retries']}, failures {stats['failures']} -> {out / 'robustness.json'}\n"
+    )
+    return 0

@@ -1,0 +1,193 @@
+"""The binary-choice LLM reranker (RaHoRe): score = log P(yes) over the two options.
+
+A general pipeline stage: `rerank` reorders the top-k of any first-stage run. With `reuse_kv`
+(the default) the (query, document) pairs are grouped by document: each document's prefix is
+run once and its KV cache serves every query that retrieved it (for the 8 ESConv strategies:
+once per run), the queries going through in batches. Without it, each batch holds whole prompts.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from chatretriever.methods.rationale.prompts import BinaryChoicePrompt
+from chatretriever.methods.rationale.scoring import (
+    cached_option_logits,
+    option_logits,
+    prefix_kv,
+    relevance_scores,
+)
+from chatretriever.types import Run, Session
+
+logger = logging.getLogger(__name__)
+
+
+class BinaryChoiceReranker:
+    """Scores (document, conversation) pairs with one forward pass per batch, no `generate`.
+
+    Args:
+        model: A causal chat LM (plain or with a peft adapter), in eval mode.
+        tokenizer: Its tokenizer.
+        prompt: The prompt builder (default: the "ab" wording).
+        batch_size: Pairs per forward pass.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        prompt: BinaryChoicePrompt | None = None,
+        batch_size: int = 16,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.prompt = prompt or BinaryChoicePrompt(tokenizer)
+        self.batch_size = batch_size
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        adapter: str | Path | None = None,
+        wording: str = "ab",
+        dtype: str | None = None,
+        device: str | None = None,
+        batch_size: int = 16,
+        **prompt_kwargs: Any,
+    ) -> BinaryChoiceReranker:
+        """Load a chat backbone offline (built-in name, local dir or .gguf), optionally with a
+        tuned LoRA adapter directory, on `device` (default: the accelerator, else the CPU).
+
+        Args:
+            name_or_path: See `modeling.backbones.load_backbone`.
+            adapter: A peft adapter dir (`tuning.train_sft` / `train_dpo` output).
+            wording: "ab" or "tf" (`prompts.WORDINGS`).
+            dtype: None (fp32), "bf16", "auto", ...
+            device: Where to run.
+            batch_size: Pairs per forward.
+            **prompt_kwargs: `BinaryChoicePrompt` arguments (max_document_tokens, ...).
+        """
+        from chatretriever.modeling.backbones import default_device, load_backbone
+
+        model, tokenizer = load_backbone(name_or_path, kind="causal", dtype=dtype)
+        if adapter is not None:
+            from chatretriever.modeling.adapters import load_adapter
+
+            model = load_adapter(model, Path(adapter), is_trainable=False)
+        model.to(device or default_device())
+        prompt = BinaryChoicePrompt(tokenizer, wording, **prompt_kwargs)
+        return cls(model, tokenizer, prompt, batch_size)
+
+    def score_pairs(self, documents: Sequence[str], sessions: Sequence[Session]) -> np.ndarray:
+        """Scores of aligned pairs, whole prompts per batch (no KV reuse).
+
+        Returns:
+            (N,) float32 log P(yes).
+        """
+        if len(documents) != len(sessions):
+            raise ValueError(f"{len(documents)} documents for {len(sessions)} sessions")
+        prefixes = self.prompt.document_ids(documents)
+        suffixes = self.prompt.query_ids(sessions)
+        out = np.zeros(len(documents), dtype=np.float32)
+        with torch.inference_mode():
+            for start in range(0, len(documents), self.batch_size):
+                rows = range(start, min(start + self.batch_size, len(documents)))
+                seqs = [prefixes[i] + suffixes[i] for i in rows]
+                logits = option_logits(self.model, seqs, self.prompt.option_ids, self.pad_id)
+                out[start : start + len(seqs)] = relevance_scores(logits).cpu().numpy()
+        return out
+
+    def score_document(self, document: str, sessions: Sequence[Session]) -> np.ndarray:
+        """Scores of one document against many sessions; its KV cache is computed once.
+
+        Returns:
+            (Q,) float32 log P(yes).
+        """
+        kv = prefix_kv(self.model, self.prompt.document_ids([document])[0])
+        suffixes = self.prompt.query_ids(sessions)
+        out = np.zeros(len(sessions), dtype=np.float32)
+        for start in range(0, len(sessions), self.batch_size):
+            batch = suffixes[start : start + self.batch_size]
+            logits = cached_option_logits(
+                self.model, [kv] * len(batch), batch, self.prompt.option_ids, self.pad_id
+            )
+            out[start : start + len(batch)] = relevance_scores(logits).cpu().numpy()
+        return out
+
+    def score_matrix(
+        self,
+        documents: Sequence[str],
+        sessions: Sequence[Session],
+        reuse_kv: bool = True,
+        show_progress: bool = False,
+    ) -> np.ndarray:
+        """Every document against every session (e.g. the 8 strategies).
+
+        Returns:
+            (Q, D) float32 log P(yes).
+        """
+        out = np.zeros((len(sessions), len(documents)), dtype=np.float32)  # (Q, D)
+        for j, doc in enumerate(tqdm(documents, desc="rerank", disable=not show_progress)):
+            if reuse_kv:
+                out[:, j] = self.score_document(doc, sessions)
+            else:
+                out[:, j] = self.score_pairs([doc] * len(sessions), sessions)
+        return out
+
+    def rerank(
+        self,
+        run: Run,
+        documents: Mapping[str, str],
+        sessions: Sequence[Session],
+        k: int = 20,
+        reuse_kv: bool = True,
+        show_progress: bool = False,
+    ) -> Run:
+        """Rerank the top-k of each query of a first-stage run.
+
+        Args:
+            run: The first-stage run.
+            documents: Doc id -> the text the prompt shows (e.g. `passage_text`).
+            sessions: The queries; run queries without a session raise.
+            k: How many of each query's top documents are reranked (and kept).
+            reuse_kv: Group pairs by document and reuse each document's KV cache.
+            show_progress: A progress bar over documents (reuse) or batches.
+
+        Returns:
+            A Run of the top-k of each query, scored by log P(yes), named "<run>.rahore".
+        """
+        by_id = {s.id: s for s in sessions}
+        missing = sorted(q for q in run.scores if q not in by_id)
+        if missing:
+            raise ValueError(f"the run has {len(missing)} queries with no session: {missing[:5]}")
+        pairs = [(q, d.doc_id) for q in sorted(run.scores) for d in run.ranked(q)[:k]]
+        unknown = sorted({d for _, d in pairs if d not in documents})
+        if unknown:
+            raise ValueError(f"{len(unknown)} run documents are not in the corpus: {unknown[:5]}")
+        scores: dict[str, dict[str, float]] = {q: {} for q in run.scores}
+        if reuse_kv:
+            by_doc: dict[str, list[str]] = {}
+            for q, d in pairs:
+                by_doc.setdefault(d, []).append(q)
+            for d, qs in tqdm(by_doc.items(), desc="rerank", disable=not show_progress):
+                values = self.score_document(documents[d], [by_id[q] for q in qs])
+                for q, v in zip(qs, values, strict=True):
+                    scores[q][d] = float(v)
+        else:
+            values = self.score_pairs(
+                [documents[d] for _, d in pairs], [by_id[q] for q, _ in pairs]
+            )
+            for (q, d), v in zip(pairs, values, strict=True):
+                scores[q][d] = float(v)
+        logger.info("reranked %d pairs of %d queries", len(pairs), len(run.scores))
+        return Run(scores, f"{run.name}.rahore")

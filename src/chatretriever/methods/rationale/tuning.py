@@ -1,0 +1,289 @@
+"""Tuning the binary-choice reranker: supervised (the right option as target) and DPO (TRL).
+
+Training pairs are JSON lines `{"document", "session": {sessions JSONL object}, "relevant"}`
+(`choice_pairs`, `write_pairs`): for each training query its gold document and `n_negatives`
+others. Supervised tuning runs on the shared `NamedLossTrainer` with one named part, `sft`: the
+cross-entropy of the right option's token at the answer position (over the whole vocabulary, as
+generation would see it). DPO runs TRL's `DPOTrainer` on (prompt, chosen option, rejected option)
+triples (`dpo_rows`), the reference being the base model with the adapter switched off. Both
+train a LoRA adapter, saved with the resolved recipe (`train_config.yaml`) beside it; the
+reranker loads it with `BinaryChoiceReranker.from_pretrained(model, adapter=dir)`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from chatretriever.config import LoraSettings, _from_dict
+from chatretriever.errors import DataFormatError, require_extra
+from chatretriever.io.files import iter_jsonl, write_jsonl
+from chatretriever.io.sessions import session_from_dict, session_to_dict
+from chatretriever.methods.rationale.prompts import BinaryChoicePrompt
+from chatretriever.methods.rationale.scoring import option_logits
+from chatretriever.modeling.recipe import BaseDataSettings, load_examples
+from chatretriever.types import Passage, Session, passage_text
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ChoicePair:
+    """One (document, conversation) pair and whether the document fits."""
+
+    document: str
+    session: Session
+    relevant: bool
+
+
+def choice_pairs(
+    sessions: Sequence[Session],
+    passages: Sequence[Passage],
+    gold: Mapping[str, str],
+    n_negatives: int = 1,
+    seed: int = 0,
+) -> list[ChoicePair]:
+    """For each session: its gold passage (relevant) and `n_negatives` others drawn at random.
+
+    Args:
+        sessions: Training queries.
+        passages: The candidates (e.g. the 8 strategies).
+        gold: Session id -> gold passage id.
+        n_negatives: Negatives per session (at most len(passages) - 1).
+        seed: Sampling seed.
+    """
+    by_id = {p.id: p for p in passages}
+    rng = random.Random(seed)
+    out = []
+    for s in sessions:
+        if gold[s.id] not in by_id:
+            raise ValueError(f"session {s.id}: gold {gold[s.id]!r} is not a passage")
+        others = [p for p in passages if p.id != gold[s.id]]
+        out.append(ChoicePair(passage_text(by_id[gold[s.id]]), s, True))
+        for p in rng.sample(others, min(n_negatives, len(others))):
+            out.append(ChoicePair(passage_text(p), s, False))
+    return out
+
+
+def write_pairs(path: str | Path, pairs: Sequence[ChoicePair]) -> int:
+    """Write pairs as JSON lines."""
+    rows = (
+        {"document": p.document, "session": session_to_dict(p.session), "relevant": p.relevant}
+        for p in pairs
+    )
+    return write_jsonl(path, rows)
+
+
+def iter_pairs(path: str | Path) -> Iterator[ChoicePair]:
+    """Read pairs JSONL (errors name the line and field)."""
+    for line, obj in iter_jsonl(path):
+        if not isinstance(obj.get("document"), str):
+            raise DataFormatError(path, "expected a string", line, "document")
+        if not isinstance(obj.get("relevant"), bool):
+            raise DataFormatError(path, "expected true or false", line, "relevant")
+        if not isinstance(obj.get("session"), Mapping):
+            raise DataFormatError(path, "expected a session object", line, "session")
+        yield ChoicePair(
+            obj["document"], session_from_dict(obj["session"], path, line), obj["relevant"]
+        )
+
+
+def dpo_rows(prompt: BinaryChoicePrompt, pairs: Sequence[ChoicePair]) -> list[dict[str, str]]:
+    """TRL preference rows: prompt = the rendered prompt text up to the answer position;
+    chosen = the right option, rejected = the other (TRL appends the eos token to both)."""
+    docs = prompt.document_ids([p.document for p in pairs])
+    queries = prompt.query_ids([p.session for p in pairs])
+    yes, no = prompt.wording.yes, prompt.wording.no
+    return [
+        {
+            "prompt": prompt.tokenizer.decode(d + q),
+            "chosen": yes if p.relevant else no,
+            "rejected": no if p.relevant else yes,
+        }
+        for d, q, p in zip(docs, queries, pairs, strict=True)
+    ]
+
+
+def answer_loss(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Supervised loss: cross-entropy of the target token at the answer position.
+
+    Args:
+        logits: (B, V) logits at the answer position.
+        targets: (B,) the right option's token id.
+
+    Returns:
+        {"sft": scalar mean cross-entropy}.
+    """
+    return {"sft": torch.nn.functional.cross_entropy(logits.float(), targets)}
+
+
+class ChoiceCollator:
+    """Pairs -> {"sequences": token id lists, "targets": (B,) option ids} (model-free)."""
+
+    def __init__(self, prompt: BinaryChoicePrompt) -> None:
+        self.prompt = prompt
+
+    def __call__(self, pairs: Sequence[ChoicePair]) -> dict[str, Any]:
+        docs = self.prompt.document_ids([p.document for p in pairs])
+        queries = self.prompt.query_ids([p.session for p in pairs])
+        targets = self.prompt.answer_ids([p.relevant for p in pairs])
+        return {
+            "sequences": [d + q for d, q in zip(docs, queries, strict=True)],
+            "targets": torch.tensor(targets, dtype=torch.long),
+        }
+
+
+def sft_loss_fn(pad_id: int, vocab: int) -> Any:
+    """The `NamedLossFn` of supervised tuning: one forward, full-vocabulary logits at the end."""
+    every_token = list(range(vocab))
+
+    def loss_fn(model: Any, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        logits = option_logits(model, inputs["sequences"], every_token, pad_id)  # (B, V)
+        return answer_loss(logits, inputs["targets"].to(logits.device))
+
+    return loss_fn
+
+
+@dataclass
+class DpoSettings:
+    """TRL DPO settings (the released RaHoRe scripts: sigmoid loss, beta 0.1)."""
+
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+
+
+@dataclass
+class TuneConfig:
+    """A reranker-tuning recipe (`configs/rationale-*.yaml`).
+
+    Attributes:
+        objective: "sft" (supervised, the shared trainer) or "dpo" (TRL's DPOTrainer).
+        model: The chat backbone (built-in name or local dir).
+        output_dir: Where the adapter, checkpoints and the resolved recipe go.
+        wording: The prompt wording ("ab", "tf").
+        max_document_tokens, max_query_tokens: Prompt budgets.
+        lora: The LoRA adapter.
+        data: `files`: pairs JSONL (`write_pairs`).
+        dpo: DPO settings (objective "dpo").
+        training: Any `TrainingArguments` field.
+    """
+
+    objective: str = "sft"
+    model: str = "smollm2-135m-instruct"
+    output_dir: str = "runs/rationale-sft"
+    wording: str = "ab"
+    max_document_tokens: int = 256
+    max_query_tokens: int = 384
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    data: BaseDataSettings = field(default_factory=lambda: BaseDataSettings([{"path": "?"}]))
+    dpo: DpoSettings = field(default_factory=DpoSettings)
+    training: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.objective not in ("sft", "dpo"):
+            raise ValueError(f"objective must be 'sft' or 'dpo', got {self.objective!r}")
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> TuneConfig:
+        raw = dict(raw)
+        raw["lora"] = _from_dict(LoraSettings, raw.get("lora") or {})
+        raw["data"] = _from_dict(BaseDataSettings, raw.get("data") or {})
+        raw["dpo"] = _from_dict(DpoSettings, raw.get("dpo") or {})
+        return _from_dict(cls, raw)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["lora"] = self.lora.to_dict()
+        return out
+
+
+def _model_and_prompt(config: TuneConfig) -> tuple[Any, Any, BinaryChoicePrompt]:
+    from chatretriever.modeling.backbones import load_backbone
+
+    model, tokenizer = load_backbone(config.model, kind="causal")
+    prompt = BinaryChoicePrompt(
+        tokenizer, config.wording, config.max_document_tokens, config.max_query_tokens
+    )
+    return model, tokenizer, prompt
+
+
+def _lora_config(lora: LoraSettings) -> Any:
+    """A peft LoraConfig (no trainable token rows: the prompt adds no token)."""
+    peft = require_extra("peft", "train", "LoRA")
+    return peft.LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
+
+
+def _pairs(config: TuneConfig) -> list[ChoicePair]:
+    return [
+        p for examples, repeat in load_examples(config.data, iter_pairs) for p in examples * repeat
+    ]
+
+
+def run_sft(config: TuneConfig, resume: bool = False) -> Path:
+    """Supervised tuning on the shared trainer; returns the output dir (adapter + recipe)."""
+    from chatretriever.modeling.recipe import resume_checkpoint
+    from chatretriever.modeling.trainer import NamedLossTrainer, TrainingSet, training_arguments
+
+    model, tokenizer, prompt = _model_and_prompt(config)
+    peft = require_extra("peft", "train", "LoRA")
+    model = peft.get_peft_model(model, _lora_config(config.lora))
+    model.train()
+    trainer = NamedLossTrainer(
+        model=model,
+        args=training_arguments(config.output_dir, config.training, "the model's dtype"),
+        train_dataset=TrainingSet([(_pairs(config), 1)]),
+        data_collator=ChoiceCollator(prompt),
+        loss_fn=sft_loss_fn(prompt.tokenizer.pad_token_id or 0, len(tokenizer)),
+    )
+    checkpoint = resume_checkpoint(config.output_dir, resume)
+    return trainer.train_and_save(checkpoint, config)
+
+
+def run_dpo(config: TuneConfig, resume: bool = False) -> Path:
+    """DPO with TRL's DPOTrainer and a LoRA adapter; returns the output dir."""
+    trl = require_extra("trl", "train", "DPO tuning")
+    datasets = require_extra("datasets", "train", "DPO tuning")
+    from chatretriever.modeling.backbones import default_device, native_bf16
+    from chatretriever.modeling.recipe import LOG_FILE, resume_checkpoint, save_recipe, write_log
+
+    device = default_device()
+    model, tokenizer, prompt = _model_and_prompt(config)
+    rows = dpo_rows(prompt, _pairs(config))
+    settings = {"max_steps": 200, "learning_rate": 1e-6, "lr_scheduler_type": "cosine",
+                "warmup_steps": 0.1, "per_device_train_batch_size": 8, "logging_steps": 10,
+                "save_steps": 50, "save_total_limit": 2, "report_to": [], "seed": 42,
+                # TRL defaults to bf16, which TrainingArguments refuses on a CPU without use_cpu
+                "bf16": native_bf16(device), "use_cpu": device.type == "cpu",
+                **config.training}  # fmt: skip
+    args = trl.DPOConfig(
+        output_dir=config.output_dir,
+        beta=config.dpo.beta,
+        loss_type=[config.dpo.loss_type],
+        max_length=None,
+        **settings,
+    )
+    trainer = trl.DPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=tokenizer,
+        peft_config=_lora_config(config.lora),
+    )
+    trainer.train(resume_from_checkpoint=resume_checkpoint(config.output_dir, resume))
+    out = Path(config.output_dir)
+    trainer.model.save_pretrained(out)
+    save_recipe(config, out)
+    write_log(out / LOG_FILE, trainer.state.log_history)
+    return out

@@ -1,0 +1,108 @@
+"""The `rerank`, `esconv-tasks` and `rerank-train` commands on fixtures and tiny models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from chatretriever.cli import main
+from chatretriever.io.sessions import write_sessions
+from chatretriever.io.trec import read_run
+from chatretriever.types import Session, Turn
+
+CORPUS = [
+    {"_id": "d1", "title": "Question", "text": "ask the seeker about it"},
+    {"_id": "d2", "text": "give advice"},
+    {"_id": "d3", "text": "share your own story"},
+]
+RUN = "q1 Q0 d1 1 3.0 bm25\nq1 Q0 d2 2 2.0 bm25\nq1 Q0 d3 3 1.0 bm25\nq2 Q0 d3 1 9.0 bm25\n"
+
+
+def _files(tmp_path):
+    (tmp_path / "corpus.jsonl").write_text("\n".join(json.dumps(c) for c in CORPUS) + "\n")
+    sessions = [
+        Session("q1", (Turn("user", "i failed my exam"),)),
+        Session("q2", (Turn("user", "hi"), Turn("assistant", "hello"), Turn("user", "sad"))),
+    ]
+    write_sessions(tmp_path / "sessions.jsonl", sessions)
+    (tmp_path / "run.txt").write_text(RUN)
+    return [
+        "--corpus",
+        str(tmp_path / "corpus.jsonl"),
+        "--sessions",
+        str(tmp_path / "sessions.jsonl"),
+    ]
+
+
+def test_rerank_command(tmp_path, tiny_qwen2_dir, capsys):
+    common = _files(tmp_path) + ["--model", str(tiny_qwen2_dir), "--k", "2"]
+    out = tmp_path / "reranked.txt"
+    assert main(["rerank", "--run", str(tmp_path / "run.txt"), "--out", str(out), *common]) == 0
+    assert "reranked 2 queries (3 lines)" in capsys.readouterr().out
+    run = read_run(out)
+    assert set(run.scores["q1"]) == {"d1", "d2"} and set(run.scores["q2"]) == {"d3"}
+    assert run.name == "bm25.rahore"
+    settings = json.loads((tmp_path / "reranked.txt.settings.json").read_text())
+    assert settings["kv_reuse"] is True and settings["k"] == 2 and settings["wording"] == "ab"
+    plain = tmp_path / "plain.txt"
+    args = ["rerank", "--run", str(tmp_path / "run.txt"), "--out", str(plain), "--no-kv-reuse"]
+    assert main([*args, "--wording", "ab", *common]) == 0
+    other = read_run(plain)
+    for q, docs in run.scores.items():
+        for d, v in docs.items():
+            assert abs(v - other.scores[q][d]) < 1e-4
+
+
+def test_rerank_bad_inputs_name_the_file(tmp_path, tiny_qwen2_dir, capsys):
+    common = _files(tmp_path) + ["--model", str(tiny_qwen2_dir)]
+    (tmp_path / "bad.txt").write_text("q1 Q0 d9 1 3.0 bm25\n")
+    code = main(
+        ["rerank", "--run", str(tmp_path / "bad.txt"), "--out", str(tmp_path / "o"), *common]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "bad.txt:1" in err and "'d9'" in err
+    code = main(["rerank", "--run", str(tmp_path / "run.txt"), "--out", "o", "--k", "0", *common])
+    assert code == 2 and "--k must be positive" in capsys.readouterr().err
+
+
+def test_esconv_tasks_and_train_dry_run(tmp_path, capsys):
+    dialog = {"dialog": [{"text": "I am sad.", "speaker": "usr"},
+                         {"text": "Why?", "speaker": "sys", "strategy": "Question"},
+                         {"text": "Work.", "speaker": "usr"},
+                         {"text": "That is hard.", "speaker": "sys",
+                          "strategy": "Reflection of feelings"}]}  # fmt: skip
+    data = tmp_path / "esconv"
+    data.mkdir()
+    (data / "multiesc_valid.txt").write_text((json.dumps(dialog) + "\n") * 3)
+    split = {"train": {"multiesc_valid.txt": [0, 1]}, "eval": {"multiesc_valid.txt": [2]}}
+    (tmp_path / "split.json").write_text(json.dumps(split))
+    out = tmp_path / "tasks"
+    args = ["esconv-tasks", "--split", str(tmp_path / "split.json"), "--data-dir", str(data)]
+    assert main([*args, "--out", str(out), "--negatives", "2"]) == 0
+    assert "4 queries" in capsys.readouterr().out
+    qrels = (out / "strategy" / "eval" / "qrels.txt").read_text().splitlines()
+    assert qrels == ["multiesc-2_1 0 question 1", "multiesc-2_3 0 reflection 1"]
+    pairs = (out / "strategy" / "train" / "pairs.jsonl").read_text().splitlines()
+    assert len(pairs) == 4 * 3 and sum(json.loads(p)["relevant"] for p in pairs) == 4
+    corpus = (out / "response" / "eval" / "corpus.jsonl").read_text().splitlines()
+    assert [json.loads(c)["_id"] for c in corpus] == ["multiesc-2_1-r", "multiesc-2_3-r"]
+    recipe = str(Path(__file__).parents[1] / "configs" / "rationale-dpo.yaml")
+    assert main(["rerank-train", recipe, "--dry-run", "--set", "dpo.beta=0.2"]) == 0
+    printed = capsys.readouterr().out
+    assert "objective: dpo" in printed and "beta: 0.2" in printed and "rationale-dpo" in printed
+
+
+def test_cost_benchmark_smoke(tmp_path, tiny_llama_dir, shared_data, capsys):
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "benchmarks" / "rationale.py"
+    spec = importlib.util.spec_from_file_location("rationale_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = ["cost", "--model", str(tiny_llama_dir), "--candidates", "3", "2", "--doc-tokens", "8"]
+    assert bench.main([*args, "--queries", "1", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "cost.json").read_text())
+    assert [(r["doc_tokens"], r["candidates"]) for r in result["rows"]] == [(8, 2), (8, 3)]
+    assert all(r["full"] > 0 and r["kv_reuse"] > 0 and r["student"] > 0 for r in result["rows"])
+    assert (tmp_path / "cost.png").stat().st_size > 0
+    assert "| 8 | 3 |" in (tmp_path / "cost.md").read_text()
