@@ -42,6 +42,8 @@ EXTRAS: dict[str, str] = {
     "safetensors": "train",
     "gguf": "train",
     "sentencepiece": "train",
+    "trl": "train",
+    "datasets": "train",
     "faiss": "faiss",
     "ir_measures": "eval",
     "pytrec_eval": "eval",
