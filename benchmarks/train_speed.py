@@ -45,7 +45,7 @@ def measure(cfg: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from chatretriever.config import LoraSettings, LossConfig
-    from chatretriever.methods.chatretriever.data import iter_training_examples
+    from chatretriever.io.training import iter_training_examples
     from chatretriever.methods.chatretriever.model import ChatRetriever
     from chatretriever.methods.chatretriever.train import csit_losses, make_collator
     from chatretriever.modeling.collate import encode_batch

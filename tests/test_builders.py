@@ -10,7 +10,13 @@ from chatretriever.io.cast import load_cast
 from chatretriever.io.mtrag import iter_mtrag_corpus, load_mtrag
 from chatretriever.io.sessions import read_sessions
 from chatretriever.io.topiocqa import read_topiocqa
-from chatretriever.methods.chatretriever.builders import (
+from chatretriever.io.training import (
+    TrainingExample,
+    TrainingPassage,
+    read_training_examples,
+    write_training_examples,
+)
+from chatretriever.retrieval.training_data.builders import (
     cast_examples,
     conversation_id,
     examples_from_qrels,
@@ -24,13 +30,7 @@ from chatretriever.methods.chatretriever.builders import (
     split_heldout,
     topiocqa_examples,
 )
-from chatretriever.methods.chatretriever.data import (
-    TrainingExample,
-    TrainingPassage,
-    read_training_examples,
-    write_training_examples,
-)
-from chatretriever.methods.chatretriever.negatives import (
+from chatretriever.retrieval.training_data.negatives import (
     MiningConfig,
     mine_hard_negatives,
     mine_hard_negatives_by_domain,

@@ -14,8 +14,8 @@ from chatretriever.cli import main
 from chatretriever.errors import DataFormatError
 from chatretriever.io.dstc11 import load_dstc11
 from chatretriever.io.ikat import load_ikat
-from chatretriever.methods.chatretriever.builders import dstc11_examples, ikat_examples
-from chatretriever.methods.chatretriever.data import read_training_examples
+from chatretriever.io.training import read_training_examples
+from chatretriever.retrieval.training_data.builders import dstc11_examples, ikat_examples
 from chatretriever.types import Passage
 
 IKAT = [
@@ -161,7 +161,7 @@ def _fake_generate(calls):
 
 def test_synthetic_pairs_are_filtered_cached_and_deterministic(tmp_path):
     pytest.importorskip("bm25s")
-    from chatretriever.methods.chatretriever.synthetic import SyntheticConfig, synthetic_examples
+    from chatretriever.retrieval.training_data.synthetic import SyntheticConfig, synthetic_examples
 
     config = SyntheticConfig(n=10, top_k=1, min_words=5, batch_size=2)
     cache, calls = tmp_path / "q.jsonl", []
@@ -215,8 +215,8 @@ def test_cli_synthetic_needs_one_corpus(tmp_path, capsys):
 
 
 def test_source_caps_keep_a_stable_hash_sample_across_files():
-    from chatretriever.methods.chatretriever.data import TrainingExample, TrainingPassage
-    from chatretriever.methods.chatretriever.recipe import DataSettings, cap_sources
+    from chatretriever.io.training import TrainingExample, TrainingPassage
+    from chatretriever.modeling.recipe import DataSettings, cap_sources
     from chatretriever.types import Turn
 
     def ex(i, source):
@@ -239,8 +239,8 @@ def test_source_caps_keep_a_stable_hash_sample_across_files():
 
 
 def test_dstc11_negatives_about_the_positives_entity_are_dropped():
-    from chatretriever.methods.chatretriever.builders import drop_same_entity_negatives
-    from chatretriever.methods.chatretriever.data import TrainingExample, TrainingPassage
+    from chatretriever.io.training import TrainingExample, TrainingPassage
+    from chatretriever.retrieval.training_data.builders import drop_same_entity_negatives
     from chatretriever.types import Turn
 
     negs = [
@@ -261,8 +261,8 @@ def test_dstc11_negatives_about_the_positives_entity_are_dropped():
 
 
 def test_batched_generation_equals_one_chat_at_a_time(tiny_llama_dir, monkeypatch):
-    from chatretriever.methods.chatretriever.synthetic import hf_batch_generator
     from chatretriever.modeling import backbones
+    from chatretriever.retrieval.training_data.synthetic import hf_batch_generator
 
     model, tokenizer = backbones.load_backbone(str(tiny_llama_dir), kind="causal")
     # the random model's favourite tokens are special or blank: ban them so replies have text
@@ -290,6 +290,6 @@ def test_batched_generation_equals_one_chat_at_a_time(tiny_llama_dir, monkeypatc
     ],
 )
 def test_plausible_question(reply, ok):
-    from chatretriever.methods.chatretriever.synthetic import plausible_question
+    from chatretriever.retrieval.training_data.synthetic import plausible_question
 
     assert plausible_question(reply) is ok

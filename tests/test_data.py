@@ -6,7 +6,7 @@ import json
 import pytest
 
 from chatretriever.errors import DataFormatError
-from chatretriever.methods.chatretriever.data import (
+from chatretriever.io.training import (
     TrainingExample,
     TrainingPassage,
     example_from_session,

@@ -14,7 +14,7 @@ from fakes import HashEncoder
 from fixtures import write
 
 from chatretriever.errors import DataFormatError
-from chatretriever.methods.chatretriever.data import (
+from chatretriever.io.training import (
     TeacherScores,
     TrainingExample,
     TrainingPassage,
@@ -22,7 +22,7 @@ from chatretriever.methods.chatretriever.data import (
     read_training_examples,
     write_training_examples,
 )
-from chatretriever.methods.chatretriever.train import positive_index, teacher_slot_scores
+from chatretriever.modeling.candidates import positive_index, teacher_slot_scores
 from chatretriever.modeling.losses import score_distillation_loss
 from chatretriever.types import Passage, Session, Turn
 
@@ -110,7 +110,7 @@ def test_collator_slots_get_the_teacher_score_of_the_sampled_positive():
 
 
 def test_builder_scores_positives_and_negatives_with_the_teacher_query():
-    from chatretriever.methods.chatretriever.teacher import add_teacher_scores, teacher_query
+    from chatretriever.retrieval.training_data.teacher import add_teacher_scores, teacher_query
 
     enc = HashEncoder(dim=256)
     turns = (Turn("user", "tell me about jaguars"), Turn("user", "what do they eat"))

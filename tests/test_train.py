@@ -197,7 +197,7 @@ def test_cli_bad_recipe_is_one_line(tmp_path, capsys):
 
 
 def test_collator_encodes_only_real_passages(tmp_path, tiny_llama_dir):
-    from chatretriever.methods.chatretriever.data import example_from_dict
+    from chatretriever.io.training import example_from_dict
     from chatretriever.methods.chatretriever.recipe import load_recipe
     from chatretriever.methods.chatretriever.train import make_collator
 
@@ -405,7 +405,7 @@ def _initial_retriever(cfg) -> ChatRetriever:
 
 def _hand_contrastive(r: ChatRetriever, examples, loss, seed: int = 42, epoch: int = 0) -> float:
     """L_C from standalone encodings, with every passage relevant to a session left out."""
-    from chatretriever.methods.chatretriever.train import positive_index
+    from chatretriever.modeling.candidates import positive_index
 
     k, temp = loss.n_hard_negatives, loss.temperature
     q = r.encode_sessions([[t.to_dict() for t in ex.messages] for ex in examples])
@@ -449,7 +449,7 @@ def _hand_session_lm(r: ChatRetriever, examples) -> float:
 
 def _hand_loss(cfg) -> dict[str, float]:
     """The weighted loss parts of the first step of `cfg`'s run, worked out independently."""
-    from chatretriever.methods.chatretriever.data import read_training_examples
+    from chatretriever.io.training import read_training_examples
 
     examples = read_training_examples(cfg.data.files[0].path)
     r = _initial_retriever(cfg)
@@ -581,8 +581,8 @@ def _trainable_of(r: ChatRetriever) -> dict[str, torch.Tensor]:
 
 
 def test_positive_is_sampled_per_epoch_and_all_positives_are_excluded(tmp_path):
-    from chatretriever.methods.chatretriever.data import example_from_dict, passage_keys
-    from chatretriever.methods.chatretriever.train import candidate_layout
+    from chatretriever.io.training import example_from_dict, passage_keys
+    from chatretriever.modeling.candidates import candidate_layout
 
     row = {
         **_relevance_rows()[0],

@@ -14,7 +14,8 @@ from typing import Any, NamedTuple
 from chatretriever.io.corpus import iter_corpus
 from chatretriever.io.files import atomic_write
 from chatretriever.io.sessions import write_sessions
-from chatretriever.methods.chatretriever.builders import (
+from chatretriever.io.training import TrainingExample, write_training_examples
+from chatretriever.retrieval.training_data.builders import (
     POSITIVES,
     cast_examples,
     conversation_id,
@@ -30,14 +31,13 @@ from chatretriever.methods.chatretriever.builders import (
     split_heldout,
     topiocqa_examples,
 )
-from chatretriever.methods.chatretriever.data import TrainingExample, write_training_examples
-from chatretriever.methods.chatretriever.negatives import (
+from chatretriever.retrieval.training_data.negatives import (
     MINING_QUERIES,
     MiningConfig,
     mine_hard_negatives,
     mine_hard_negatives_by_domain,
 )
-from chatretriever.methods.chatretriever.teacher import add_teacher_scores
+from chatretriever.retrieval.training_data.teacher import add_teacher_scores
 from chatretriever.types import Passage, Session
 
 logger = logging.getLogger(__name__)
@@ -212,7 +212,7 @@ def _load_new(args: argparse.Namespace) -> _Source:
 
 
 def _synthetic(args: argparse.Namespace, corpus: list[Passage]) -> list[TrainingExample]:
-    from chatretriever.methods.chatretriever.synthetic import (
+    from chatretriever.retrieval.training_data.synthetic import (
         SyntheticConfig,
         hf_batch_generator,
         synthetic_examples,

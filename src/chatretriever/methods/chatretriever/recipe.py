@@ -31,7 +31,6 @@ by every method; this module holds CSIT's sections and its run.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,54 +38,13 @@ from typing import Any
 
 from chatretriever.config import LoraSettings, LossConfig, RetrieverConfig, _from_dict
 from chatretriever.modeling.recipe import (
-    BaseDataSettings,
+    DataSettings,
+    cap_sources,
     load_config,
     load_examples,
     resume_checkpoint,
     save_recipe,
 )
-
-
-@dataclass
-class DataSettings(BaseDataSettings):
-    """Training files, the query side's formulation and per-source caps.
-
-    A file's weight in the mix is its `repeat`; `caps` ({source: n}) keeps at most n examples
-    of a source (an example's `source` field) over all files, chosen by a hash of (seed, id):
-    the same examples for every run, and a smaller cap keeps a subset of a larger one.
-    """
-
-    query: str = "session"
-    caps: dict[str, int] = field(default_factory=dict)
-    cap_seed: int = 0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.query not in ("session", "last_turn"):
-            raise ValueError(f"data.query must be 'session' or 'last_turn', got {self.query!r}")
-        for source, n in self.caps.items():
-            if not isinstance(n, int) or n < 1:
-                raise ValueError(f"data.caps.{source} must be a positive integer, got {n!r}")
-
-
-def cap_sources(
-    parts: list[tuple[list[Any], int]], caps: Mapping[str, int], seed: int = 0
-) -> list[tuple[list[Any], int]]:
-    """Apply `DataSettings.caps` to (examples, repeat) per file (examples keep their order)."""
-    if not caps:
-        return parts
-
-    def rank(ex: Any) -> bytes:
-        return hashlib.sha256(f"{seed}\x1f{ex.id}".encode()).digest()
-
-    keep: set[str] = set()
-    for source, n in caps.items():
-        of_source = [ex for examples, _ in parts for ex in examples if ex.source == source]
-        keep.update(ex.id for ex in sorted(of_source, key=rank)[:n])
-    return [
-        ([ex for ex in examples if ex.source not in caps or ex.id in keep], repeat)
-        for examples, repeat in parts
-    ]
 
 
 @dataclass
@@ -175,7 +133,7 @@ def run_training(config: TrainConfig, resume: bool = False) -> Path:
     """
     from transformers import set_seed
 
-    from chatretriever.methods.chatretriever.data import iter_training_examples
+    from chatretriever.io.training import iter_training_examples
     from chatretriever.methods.chatretriever.model import ChatRetriever
     from chatretriever.methods.chatretriever.train import CsitTrainer, make_collator
     from chatretriever.modeling.trainer import TrainingSet, training_arguments

@@ -12,7 +12,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
-from chatretriever.methods.chatretriever.data import TrainingExample, TrainingPassage
+from chatretriever.io.training import TrainingExample, TrainingPassage
 from chatretriever.retrieval.baselines import BM25Config, BM25Retriever
 from chatretriever.retrieval.search import join_turns
 from chatretriever.types import Passage, Turn, passage_text

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
-from chatretriever.methods.chatretriever.data import TeacherScores, TrainingExample
+from chatretriever.io.training import TeacherScores, TrainingExample
 from chatretriever.retrieval.encoders import Encoder, fingerprint_of
 from chatretriever.retrieval.search import join_turns
 from chatretriever.types import Passage, Session, Turn

@@ -1,7 +1,7 @@
 """Build CSIT training examples from datasets and hold conversations out (negatives: `negatives`).
 
 Parsing of each public dataset lives in its `chatretriever.io` module; this module only turns the
-parsed sessions into `TrainingExample`s (see `chatretriever.methods.chatretriever.data`).
+parsed sessions into `TrainingExample`s (see `chatretriever.io.training`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import TypeVar
 from chatretriever.errors import DataFormatError
 from chatretriever.io.files import iter_jsonl, iter_lines
 from chatretriever.io.sessions import session_from_dict
-from chatretriever.methods.chatretriever.data import (
+from chatretriever.io.training import (
     TrainingExample,
     TrainingPassage,
     example_from_session,

@@ -1,0 +1,576 @@
+"""A chat LLM whose last [EMB_t] hidden state embeds sessions and passages: the machinery every
+LLM-embedder method shares (ChatRetriever, UniConv): loading, saving, identity, the training
+forwards (plain and one-pass CSIT) and the fast encoding path.
+
+Saved directory layout (`save_pretrained`; the config file's name is the method's `SAVED_CONFIG`):
+    <method>.json               resolved RetrieverConfig + LoraSettings + format + EMB token ids
+                                + the base model's weight fingerprint (checked on load)
+    tokenizer files             the tokenizer with the EMB tokens
+    adapter_model.safetensors   format "adapter": LoRA weights + the EMB rows only (peft
+    adapter_config.json         `trainable_token_indices`; the embedding matrix is NOT saved)
+    model.safetensors           formats "merged" / "full": the whole model
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from chatretriever.config import LoraSettings, RetrieverConfig
+from chatretriever.io.files import atomic_files, atomic_write, read_json
+from chatretriever.modeling.adapters import (
+    ADAPTER_WEIGHTS,
+    adapter_state,
+    check_adapter_keys,
+    is_peft,
+    load_adapter,
+    resize_and_init,
+    wrap_lora,
+)
+from chatretriever.modeling.backbones import default_device
+from chatretriever.modeling.collate import csit_mask, encode_batch, last_token_positions
+from chatretriever.modeling.fast_encode import (
+    FastEncodeSettings,
+    InferenceBody,
+    encode_ids,
+    resolved,
+    runtime_info,
+    want_compile,
+)
+from chatretriever.modeling.fingerprint import digest, model_fingerprint, tensors_fingerprint
+from chatretriever.modeling.losses import IGNORE_INDEX
+from chatretriever.modeling.precision import keep_fp32, resolve_dtype
+from chatretriever.modeling.saved import checked_base_fingerprint, continued_settings
+from chatretriever.modeling.sources import builtin_retriever_dir
+from chatretriever.modeling.template import RetrievalTemplate, add_emb_tokens, emb_token_ids
+from chatretriever.types import Passage, SessionLike
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("adapter", "merged", "full")
+FINGERPRINT_VERSION = 1  # bump when what the fingerprint covers changes
+# Left out of the fingerprint: where the base lives (its weights are fingerprinted), loader
+# flags, a training-only length, and the dtype settings (the resolved dtype is used instead).
+_NOT_FINGERPRINTED = ("base_model", "trust_remote_code", "max_response_len", "dtype", "fp32_layers")
+# The weight files of every format: a save removes those an earlier save (in another format, or
+# with more shards) left, or a loader could pick them (transformers loads a stale adapter_config).
+STALE_WEIGHT_FILES = (
+    "adapter_config.json",
+    "adapter_model.*",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "model-*-of-*.safetensors",
+)
+
+
+class EmbLLM(torch.nn.Module):
+    """Encodes sessions and passages with a chat LLM (implements `encoders.Encoder`).
+
+    A method subclasses it and names its saved config (`SAVED_CONFIG`) and its models
+    (`NAME_PREFIX`). Build with `from_pretrained`.
+
+    Attributes: `model` (the causal LM, peft-wrapped under LoRA),
+    `tokenizer`, `template` (RetrievalTemplate), `config`, `lora`, `name`, `dim`, `normalize`,
+    `padding_side` ("right" or "left": pooling is correct with either), `fingerprint` (what the
+    model is, by content) and `base_fingerprint` (its base model's weights, None if unknown).
+    """
+
+    SAVED_CONFIG = "emb_llm.json"
+    NAME_PREFIX = "emb-llm"
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        config: RetrieverConfig,
+        lora: LoraSettings,
+        name: str,
+        base_fingerprint: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.lora = lora
+        self.template = RetrievalTemplate.from_config(tokenizer, config)
+        self.emb_ids = self.template.emb_ids
+        self.name = name
+        self.dim = int(model.config.get_text_config().hidden_size)
+        self.normalize = config.normalize
+        self.padding_side = "right"
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else (tokenizer.eos_token_id or 0))
+        self._fp32_hooks: list[Any] = []
+        self._fp32_layers = 0
+        self.base_fingerprint = base_fingerprint
+        self._weights_fp: tuple[tuple, str] | None = None  # (tensor versions, digest)
+        # The inference fast path (`fast_encode`): settings (None = the device's defaults), the
+        # inference copy with the key it was made for, and tokens encoded (for compile="auto").
+        self.encode_settings: FastEncodeSettings | None = None
+        self._inference: tuple[tuple, InferenceBody] | None = None
+        self._tokens_encoded = 0
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_dir: str | Path,
+        *,
+        config: RetrieverConfig | None = None,
+        lora: LoraSettings | None = None,
+        is_trainable: bool = False,
+        device: str | torch.device | None = None,
+        **overrides: Any,
+    ) -> EmbLLM:
+        """A new model from a base chat LLM, or a saved directory (holding `SAVED_CONFIG`).
+
+        Args:
+            name_or_dir: Base model (built-in name, HF dir, .gguf) or a `save_pretrained` dir.
+            config: Settings of a NEW retriever (its base_model is replaced by name_or_dir). With
+                a saved dir (a recipe continuing from it), the fields its weights depend on
+                (`saved.WEIGHT_FIELDS`) must equal the saved ones and the others (lengths, dtype,
+                system prompt, ...) replace them; base_model stays the saved one.
+            lora: LoRA of a new retriever (default LoraSettings(); enabled=False = full FT).
+                With a saved dir, `enabled` and `saved.LORA_WEIGHT_FIELDS` must equal the saved
+                ones; dropout follows `lora`.
+            is_trainable: For a saved adapter: load it trainable (to continue training).
+            device: Where to put the model; default the current accelerator, else CPU.
+            **overrides: RetrieverConfig fields to change (e.g. dtype="fp32", max_session_len,
+                base_model to relocate the base of a saved adapter). `saved.WEIGHT_FIELDS` of a
+                saved retriever cannot change.
+
+        Returns:
+            The model (an instance of the class it is called on).
+
+        Raises:
+            ValueError: Settings that contradict a saved retriever's weights (naming the field),
+                or a saved adapter whose base model has other weights than the one it was
+                trained on.
+        """
+        path = Path(name_or_dir)
+        path = builtin_retriever_dir(name_or_dir) or path
+        if (path / cls.SAVED_CONFIG).is_file():
+            retriever = cls._load_saved(path, is_trainable, overrides, config, lora)
+        else:
+            base = str(path.resolve()) if path.exists() else str(name_or_dir)
+            cfg = replace(config or RetrieverConfig(), base_model=base, **overrides)
+            lora = lora if lora is not None else LoraSettings()
+            base_fp = model_fingerprint(cfg.base_model)
+            model, tokenizer = _load_backbone(cfg.base_model, cfg)
+            emb_ids = add_emb_tokens(tokenizer, cfg.n_emb_tokens)
+            resize_and_init(model, tokenizer, emb_ids, cfg.emb_init)
+            if lora.enabled:
+                model = wrap_lora(model, lora, emb_ids)
+            name = f"{cls.NAME_PREFIX}/{Path(base).name}"
+            retriever = cls(model, tokenizer, cfg, lora, name=name, base_fingerprint=base_fp)
+        return retriever.to(default_device() if device is None else torch.device(device))
+
+    @classmethod
+    def _load_saved(
+        cls,
+        path: Path,
+        is_trainable: bool,
+        overrides: Mapping[str, Any],
+        config: RetrieverConfig | None = None,
+        lora: LoraSettings | None = None,
+    ) -> EmbLLM:
+        saved = read_json(path / cls.SAVED_CONFIG)
+        fmt = saved["format"]
+        if fmt not in FORMATS:
+            raise ValueError(f"{path / cls.SAVED_CONFIG}: unknown format {fmt!r}")
+        lora_given = lora is not None
+        cfg, lora = continued_settings(path, saved, config, lora, overrides)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        emb_ids = emb_token_ids(tokenizer, cfg.n_emb_tokens)
+        if emb_ids != list(saved["emb_token_ids"]):
+            raise ValueError(
+                f"{path}: tokenizer EMB ids {emb_ids} != saved {saved['emb_token_ids']}"
+            )
+        base_fp = saved.get("base_fingerprint")
+        if fmt == "adapter":
+            base_fp = checked_base_fingerprint(path, cfg.base_model, base_fp)
+            model, _ = _load_backbone(cfg.base_model, cfg)
+            resize_and_init(model, tokenizer, emb_ids, cfg.emb_init)
+            model = load_adapter(model, path, is_trainable, lora if lora_given else None, emb_ids)
+        else:
+            model, _ = _load_backbone(str(path), cfg)
+        name = f"{cls.NAME_PREFIX}/{path.resolve().name}"
+        return cls(model, tokenizer, cfg, lora, name=name, base_fingerprint=base_fp)
+
+    def save_pretrained(self, directory: str | Path, merged: bool = False) -> Path:
+        """Save weights (safetensors), tokenizer and the resolved config.
+
+        The files are written into a staging directory and moved in once all are complete
+        (`atomic_files`, SAVED_CONFIG last): an interrupted save leaves the previous one intact,
+        and the directory's other entries (a training run's checkpoints, recipe and log) are
+        kept. Weight files a previous save (in another format) left are removed.
+
+        Args:
+            directory: Output directory (created).
+            merged: Under LoRA, merge the adapter (and EMB rows) into full weights instead of
+                saving the small adapter. Full fine-tuning always saves the whole model.
+
+        Returns:
+            The directory.
+        """
+        target = Path(directory)
+        # Only a previous saved retriever's weights are removed, never those of a base model
+        # that shares the directory.
+        previous = (target / self.SAVED_CONFIG).is_file()
+        own = previous and not _same_dir(target, self.config.base_model)
+        stale = STALE_WEIGHT_FILES if own else ()
+        with atomic_files(target, last=(self.SAVED_CONFIG,), stale=stale) as staging:
+            fmt = self._write_saved_files(staging, merged)
+        logger.info("saved %s (%s) to %s", type(self).__name__, fmt, target)
+        return target
+
+    def _write_saved_files(self, out: Path, merged: bool) -> str:
+        """Write the weights, the tokenizer and SAVED_CONFIG into the empty dir `out`.
+
+        Returns:
+            The saved format ("adapter", "merged" or "full").
+        """
+        if is_peft(self.model) and not merged:
+            self.model.save_pretrained(out, save_embedding_layers=False, safe_serialization=True)
+            fmt = "adapter"
+        elif is_peft(self.model):
+            copy.deepcopy(self.model).merge_and_unload().save_pretrained(out)
+            fmt = "merged"
+        else:
+            self.model.save_pretrained(out)
+            fmt = "full"
+        self.tokenizer.save_pretrained(out)
+        meta = {
+            "format": fmt,
+            "method": self.NAME_PREFIX,
+            "retriever": self.config.to_dict(),
+            "lora": self.lora.to_dict(),
+            "emb_tokens": self.tokenizer.convert_ids_to_tokens(list(self.emb_ids)),
+            "emb_token_ids": list(self.emb_ids),
+            "dim": self.dim,
+            # Checked when the adapter is loaded: it must land on the base it was trained on.
+            "base_fingerprint": self.base_fingerprint,
+        }
+        # Written last: a directory without it is not a (complete) saved retriever.
+        with atomic_write(out / self.SAVED_CONFIG) as f:
+            json.dump(meta, f, indent=2)
+        return fmt
+
+    def load_trainable_state(self, directory: str | Path) -> None:
+        """Load the weights a `save_pretrained` dir holds into this model, in place (resume).
+
+        Under LoRA that is the adapter and the EMB rows; under full fine-tuning the whole model.
+        """
+        directory = Path(directory)
+        if is_peft(self.model):
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            state = load_file(str(directory / ADAPTER_WEIGHTS))
+            check_adapter_keys(self.model, state, directory / ADAPTER_WEIGHTS)  # before loading
+            set_peft_model_state_dict(self.model, state)
+            return
+        from transformers.modeling_utils import load_sharded_checkpoint
+
+        if (directory / "model.safetensors").is_file():
+            from safetensors.torch import load_file
+
+            state = load_file(str(directory / "model.safetensors"))
+            missing, unexpected = self.model.load_state_dict(state, strict=False)
+            tied = set(getattr(self.model, "all_tied_weights_keys", {}) or {})
+            if unexpected or set(missing) - tied - {"lm_head.weight"}:
+                raise ValueError(f"{directory}: weights do not match (missing {missing[:5]})")
+        else:
+            load_sharded_checkpoint(self.model, str(directory))
+
+    # ------------------------------------------------------------------ identity
+    @property
+    def fingerprint(self) -> str:
+        """A short hex content hash of what this retriever computes (`encoders.Encoder`).
+
+        Covers the resolved config (less where the base lives and training-only fields), the
+        LoRA shape, the chat template and EMB ids, the trained weights (`weights_fingerprint`),
+        the compute dtype (with fp32_layers under bf16) and the base model's weight fingerprint.
+        Two models saved under one name differ; the same model re-saved or copied does not.
+        """
+        cfg = {k: v for k, v in self.config.to_dict().items() if k not in _NOT_FINGERPRINTED}
+        bf16 = self.compute_dtype == torch.bfloat16
+        lora = None
+        if is_peft(self.model):  # dropout does not change what a trained model computes
+            lora = {k: v for k, v in self.lora.to_dict().items() if k != "dropout"}
+        return digest(
+            FINGERPRINT_VERSION,
+            {
+                "config": cfg,
+                "lora": lora,
+                "dtype": "bf16" if bf16 else "fp32",
+                "fp32_layers": self.config.fp32_layers if bf16 else 0,
+                "chat_template": self.tokenizer.chat_template,
+                "vocab": len(self.tokenizer),
+                "emb_ids": list(self.emb_ids),
+                "base": self.base_fingerprint,
+                "weights": self.weights_fingerprint(),
+            },
+        )
+
+    def weights_fingerprint(self) -> str:
+        """The fingerprint of the trained weights: the LoRA matrices and EMB rows under LoRA
+        (what an adapter save holds), else every weight of the model.
+
+        Cached until a tensor changes (an optimizer step or a load bumps its version).
+        """
+        state, key = self._weights_state()
+        if self._weights_fp is None or self._weights_fp[0] != key:
+            self._weights_fp = (key, tensors_fingerprint(state))
+        return self._weights_fp[1]
+
+    def _weights_state(self) -> tuple[dict[str, torch.Tensor], tuple]:
+        """(trained weights, a key that changes when any of them changes or moves)."""
+        state = adapter_state(self.model) if is_peft(self.model) else self.model.state_dict()
+        return state, tuple((name, t.data_ptr(), t._version) for name, t in state.items())
+
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: Mapping[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        """Recompute activations in backward (the Trainer calls this when asked).
+
+        Works with transformers versions before and after the gradient -> activation rename.
+        """
+        ckpt = dict(activation_checkpointing_kwargs or {"use_reentrant": False})
+        base = self._base()
+        if hasattr(base, "activation_checkpointing_enable"):
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt, **kwargs)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt)
+        if is_peft(self.model):  # inputs of frozen embeddings must carry grad for checkpointing
+            base.enable_input_require_grads()
+
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: Mapping[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        """Alias of `activation_checkpointing_enable` (older transformers call this name)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    # ------------------------------------------------------------------ precision & parts
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """bf16 or fp32, resolved from `config.dtype` for the current device."""
+        return resolve_dtype(self.config.dtype, self.device)
+
+    def autocast(self) -> AbstractContextManager:
+        """bf16 autocast when the compute dtype is bf16 (weights stay as loaded)."""
+        bf16 = self.compute_dtype == torch.bfloat16
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    def _base(self) -> Any:
+        return self.model.get_base_model() if is_peft(self.model) else self.model
+
+    def _sync_fp32_layers(self) -> None:
+        """Keeps the first `config.fp32_layers` decoder layers in fp32 under bf16 autocast."""
+        n = self.config.fp32_layers
+        if n == self._fp32_layers:
+            return
+        for handle in self._fp32_hooks:
+            handle.remove()
+        layers = getattr(self._base().get_decoder(), "layers", None)
+        if layers is None and n:
+            logger.warning("%s: no decoder .layers; fp32_layers=%d is ignored", self.name, n)
+        self._fp32_hooks = keep_fp32(list(layers or [])[:n])
+        self._fp32_layers = n
+
+    def _body(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Final hidden states (B, L, H) of the decoder body: the LM head is never computed.
+
+        A CSIT batch (`collate.csit_batch`) carries lengths, not a mask: its (B, 1, L, L)
+        session mask is built here, on the model's device, in the weights' dtype.
+        """
+        device = self.device
+        mask = batch["attention_mask"].to(device)  # (B, L)
+        if "response_starts" in batch:
+            lengths = {k: batch[k].to(device) for k in ("masked_session_lens", "response_starts")}
+            dtype = next(self.model.parameters()).dtype
+            mask = csit_mask({"attention_mask": mask, **lengths}, dtype)  # (B, 1, L, L)
+        self._sync_fp32_layers()
+        with self.autocast():
+            out = self._base().get_decoder()(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=mask,
+                position_ids=batch["position_ids"].to(device),
+                use_cache=False,
+            )
+        return out.last_hidden_state  # (B, L, H)
+
+    def _finish(self, emb: torch.Tensor) -> torch.Tensor:
+        emb = emb.float()  # (B, H)
+        return F.normalize(emb, dim=-1) if self.normalize else emb
+
+    # ------------------------------------------------------------------ training forward
+    def embed(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Embeddings (B, D) float32 of a `collate.encode_batch` batch, with gradients.
+
+        The last EMB token is found from the ids and the mask, so either padding side works.
+        """
+        hidden = self._body(batch)  # (B, L, H)
+        ids = batch["input_ids"].to(hidden.device)
+        pos = last_token_positions(ids, batch["attention_mask"].to(hidden.device), self.emb_ids[-1])
+        return self._finish(hidden[torch.arange(hidden.shape[0], device=hidden.device), pos])
+
+    def csit_forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One pass over [session, EMB, response] (`collate.csit_batch`).
+
+        Returns:
+            {"session_emb": (B, D) float32 (equal to a standalone encoding: session rows are
+            causal), "lm_logits": (N, V) float32 at the N positions that predict a labelled
+            token, "lm_labels": (N,) their targets}.
+        """
+        hidden = self._body(batch)  # (B, L, H)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        session_emb = self._finish(hidden[rows, batch["session_emb_pos"].to(hidden.device)])
+        targets = batch["labels"].to(hidden.device)[:, 1:]  # (B, L - 1): next token of each pos
+        keep = targets != IGNORE_INDEX
+        with self.autocast():
+            logits = self._base().get_output_embeddings()(hidden[:, :-1][keep])  # (N, V)
+        cap = getattr(self.model.config.get_text_config(), "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return {"session_emb": session_emb, "lm_logits": logits.float(), "lm_labels": targets[keep]}
+
+    def forward(
+        self,
+        sessions: Mapping[str, torch.Tensor],
+        passages: Mapping[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The training forward: session side (CSIT batch or plain batch) and passages.
+
+        Args:
+            sessions: A `csit_batch` (has "labels") or an `encode_batch` of sessions.
+            passages: An `encode_batch` of positives and hard negatives (own forward), or None.
+
+        Returns:
+            {"session_emb": (B, D)} (+ "lm_logits", "lm_labels" for a CSIT batch)
+            (+ "passage_emb": (P, D) in the passage batch's order).
+        """
+        out = (
+            self.csit_forward(sessions)
+            if "labels" in sessions
+            else {"session_emb": self.embed(sessions)}
+        )
+        if passages is not None:
+            out["passage_emb"] = self.embed(passages)
+        return out
+
+    # ------------------------------------------------------------------ encoding
+    def encode_sessions(
+        self, sessions: Sequence[SessionLike], batch_size: int = 16, show_progress: bool = False
+    ) -> np.ndarray:
+        """(B, D) float32 embeddings of sessions (Session objects or message lists)."""
+        seqs = self.template.session_ids_batch(sessions)  # few tokenizer calls for all
+        return self._encode_ids(seqs, batch_size, show_progress, "sessions")
+
+    def encode_passages(
+        self,
+        passages: Sequence[Passage | Mapping[str, Any] | str],
+        batch_size: int = 16,
+        show_progress: bool = False,
+    ) -> np.ndarray:
+        """(B, D) float32 embeddings of passages (each one assistant message)."""
+        seqs = self.template.passage_ids_batch(passages)  # one tokenizer call, not one each
+        return self._encode_ids(seqs, batch_size, show_progress, "passages")
+
+    def _encode_ids(
+        self, seqs: list[list[int]], batch_size: int, show_progress: bool, desc: str
+    ) -> np.ndarray:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        settings = resolved(self.encode_settings, self.device)
+        bar = tqdm(
+            total=len(seqs), desc=f"encoding {desc}", unit=desc[:-1], disable=not show_progress
+        )
+        with torch.inference_mode(), bar:
+            if settings.enabled and seqs:
+                body = self.inference_body(sum(len(s) for s in seqs))
+                hidden = encode_ids(
+                    body, seqs, self.pad_id, self.emb_ids[-1], settings, batch_size, bar
+                )
+                return self._finish(hidden).cpu().numpy()
+            return self._encode_plain(seqs, batch_size, bar)
+
+    def _encode_plain(self, seqs: list[list[int]], batch_size: int, bar: Any) -> np.ndarray:
+        """The training forward in eval mode, `batch_size` length-sorted texts per batch."""
+        out = np.zeros((len(seqs), self.dim), dtype=np.float32)
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))  # longest first: less padding
+        was_training = self.training
+        self.eval()
+        try:
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                batch = encode_batch([seqs[i] for i in idx], self.pad_id, self.padding_side)
+                out[idx] = self.embed(batch).cpu().numpy()
+                bar.update(len(idx))
+        finally:
+            self.train(was_training)
+        return out
+
+    def inference_body(self, new_tokens: int = 0) -> InferenceBody:
+        """The inference copy of the current weights (`fast_encode.InferenceBody`), made again
+        when the weights, the dtype or the compile decision changed.
+
+        Args:
+            new_tokens: Tokens about to be encoded (counted for compile="auto").
+        """
+        settings = resolved(self.encode_settings, self.device)
+        self._tokens_encoded += new_tokens
+        dtype = self.compute_dtype
+        fp32_layers = self.config.fp32_layers if dtype == torch.bfloat16 else 0
+        compile_now = want_compile(settings, self.device, self._tokens_encoded)
+        if self._inference is not None and self._inference[1].compiled and not compile_now:
+            compile_now = settings.compile != "off"  # once compiled, stay compiled
+        key = (self._weights_state()[1], dtype, fp32_layers, compile_now, str(self.device))
+        if self._inference is None or self._inference[0] != key:
+            body = InferenceBody(self.model, dtype, fp32_layers, compile=compile_now)
+            self._inference = (key, body)
+        return self._inference[1]
+
+    def runtime_info(self) -> dict[str, Any]:
+        """What the fast path runs on (hardware kind, settings, dtype, compiled), for metadata."""
+        body = self._inference[1] if self._inference else None
+        return runtime_info(resolved(self.encode_settings, self.device), body, self.device)
+
+
+def _same_dir(directory: Path, name_or_path: str) -> bool:
+    """Whether `name_or_path` (a model name or path) is `directory`."""
+    try:
+        return Path(name_or_path).resolve() == directory.resolve()
+    except OSError:
+        return False
+
+
+def _load_backbone(name_or_path: str, cfg: RetrieverConfig) -> tuple[Any, Any]:
+    """(causal LM in fp32, tokenizer) via `backbones.load_backbone` (built-in names, GGUF files
+    and plain Hugging Face dirs alike)."""
+    from chatretriever.modeling.backbones import load_backbone
+
+    return load_backbone(
+        name_or_path,
+        kind="causal",
+        dtype=torch.float32,
+        attn_implementation=cfg.attn_implementation,
+        trust_remote_code=cfg.trust_remote_code,
+    )
