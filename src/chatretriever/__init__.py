@@ -11,14 +11,19 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from chatretriever.methods.chatretriever.model import ChatRetriever
+    from chatretriever.methods.uniconv.model import UniConv
 
 
 def __getattr__(name: str) -> Any:
-    # ChatRetriever needs torch: import it only when asked for (nothing heavy at import).
+    # The models need torch: import them only when asked for (nothing heavy at import).
     if name == "ChatRetriever":
         from chatretriever.methods.chatretriever.model import ChatRetriever
 
         return ChatRetriever
+    if name == "UniConv":
+        from chatretriever.methods.uniconv.model import UniConv
+
+        return UniConv
     raise AttributeError(f"module 'chatretriever' has no attribute {name!r}")
 
 
@@ -31,5 +36,6 @@ __all__ = [
     "ScoredDoc",
     "Session",
     "Turn",
+    "UniConv",
     "__version__",
 ]

@@ -53,6 +53,7 @@ EXTRAS: dict[str, str] = {
     "fastapi": "serve",
     "uvicorn": "serve",
     "matplotlib": "plot",
+    "rouge_score": "rag",
 }
 
 

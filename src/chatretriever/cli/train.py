@@ -10,7 +10,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the train sub-command."""
     p = sub.add_parser(
         "train",
-        help="train a ChatRetriever with CSIT from a YAML recipe (torchrun/accelerate for DDP)",
+        help="train from a YAML recipe: a ChatRetriever with CSIT, or a UniConv (`method: "
+        "uniconv`) (torchrun/accelerate for DDP)",
     )
     p.add_argument("recipe", help="YAML recipe (see configs/)")
     p.add_argument(
@@ -29,7 +30,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from chatretriever.methods.chatretriever.recipe import load_recipe, run_training
+    from chatretriever.modeling.recipe import read_recipe
+
+    if read_recipe(args.recipe).get("method", "chatretriever") == "uniconv":
+        from chatretriever.methods.uniconv.recipe import load_recipe, run_training
+    else:
+        from chatretriever.methods.chatretriever.recipe import load_recipe, run_training
 
     config = load_recipe(args.recipe, args.overrides)
     if args.dry_run:

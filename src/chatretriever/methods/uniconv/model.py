@@ -1,0 +1,170 @@
+"""UniConv: one chat LLM that embeds sessions and passages (its EMB tokens, as ChatRetriever) AND
+writes the grounded answer from the passages it retrieved (its LM head, with the same weights).
+
+The shared machinery (loading, saving, fingerprints, the one-pass CSIT forward, fast encoding)
+is `modeling.emb_llm.EmbLLM`; UniConv adds the context-identification forward (`cii_forward`:
+the log-likelihood of K candidate responses after one context, in ONE pass, `cii.py`) and the
+answer path (`answer`, `answer_batch`, `answer_with_retrieval`) through the shared grounded
+prompt (`modeling.grounded`), the same prompt its CII loss trains on. A saved UniConv is a
+directory with `uniconv.json` (adapter + EMB rows: a few MB).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from chatretriever.methods.uniconv.cii import CiiBatch, response_logliks
+from chatretriever.modeling.emb_llm import EmbLLM
+from chatretriever.modeling.grounded import GroundedGenerator, grounded_messages
+from chatretriever.types import Passage, Session, SessionLike, Turn
+
+SAVED_CONFIG = "uniconv.json"
+
+
+def session_turns(session: SessionLike) -> list[Turn | Mapping[str, str]]:
+    """The turns of a Session, or the message dicts / Turns of a message list."""
+    return list(session.turns if isinstance(session, Session) else session)
+
+
+class UniConv(EmbLLM):
+    """Retrieves for a conversation and answers it with one model (an `encoders.Encoder`).
+
+    Build with `UniConv.from_pretrained(base chat LLM or saved dir)`. Everything an index, a
+    search or a benchmark does with a ChatRetriever works with it unchanged; `answer*` generate.
+    """
+
+    SAVED_CONFIG = SAVED_CONFIG
+    NAME_PREFIX = "uniconv"
+
+    # ------------------------------------------------------------------ training forward
+    def cii_forward(self, batch: CiiBatch, normalize: str = "mean") -> torch.Tensor:
+        """Log-likelihood scores (B, K) of each example's candidate responses after its
+        grounded context, from one forward of the packed rows (`cii.cii_batch`).
+
+        Args:
+            batch: The packed [context, resp_1, ..., resp_K] rows and their scoring index.
+            normalize: "mean" (per-token mean log-probability) or "sum".
+
+        Returns:
+            (B, K) float32; slots outside `batch.candidate_mask` score 0.
+        """
+        device = self.device
+        dtype = next(self.model.parameters()).dtype
+        self._sync_fp32_layers()
+        with self.autocast():
+            hidden = (
+                self._base()
+                .get_decoder()(
+                    input_ids=batch.input_ids.to(device),
+                    attention_mask=batch.additive_mask(dtype).to(device),  # (B, 1, L, L)
+                    position_ids=batch.position_ids.to(device),
+                    use_cache=False,
+                )
+                .last_hidden_state
+            )  # (B, L, H)
+            head = self._base().get_output_embeddings()
+            return response_logliks(hidden, batch, normalize, head=head)
+
+    def forward(  # type: ignore[override]
+        self,
+        sessions: Mapping[str, torch.Tensor],
+        passages: Mapping[str, torch.Tensor] | None = None,
+        cii: CiiBatch | None = None,
+        cii_normalize: str = "mean",
+    ) -> dict[str, torch.Tensor]:
+        """The training forward: `EmbLLM.forward` (session embedding, LM logits of the response
+        under the session mask, passage embeddings) plus "cii_scores" (B, K) when `cii` is given.
+        """
+        out = super().forward(sessions, passages)
+        if cii is not None:
+            out["cii_scores"] = self.cii_forward(cii, cii_normalize)
+        return out
+
+    # ------------------------------------------------------------------ answering
+    def generator(self, **kwargs: Any) -> GroundedGenerator:
+        """A `GroundedGenerator` over this model's LM (adapter included): the same weights
+        that embed (kwargs: max_new_tokens, max_prompt_tokens, batch_size)."""
+        return GroundedGenerator(self.model, self.tokenizer, **kwargs)
+
+    def answer(
+        self,
+        session: SessionLike,
+        passages: Sequence[Passage | str],
+        max_new_tokens: int = 96,
+        do_sample: bool = False,
+        **kwargs: Any,
+    ) -> str:
+        """The answer to the session's last question, grounded in `passages` (numbered in the
+        prompt; none = closed book). Greedy unless `do_sample`."""
+        return self.answer_batch([(session, passages)], max_new_tokens, do_sample, **kwargs)[0]
+
+    def answer_batch(
+        self,
+        items: Sequence[tuple[SessionLike, Sequence[Passage | str]]],
+        max_new_tokens: int = 96,
+        do_sample: bool = False,
+        batch_size: int = 8,
+        show_progress: bool = False,
+        max_passage_chars: int = 1200,
+        **kwargs: Any,
+    ) -> list[str]:
+        """Answers to many (session, passages) pairs, in input order.
+
+        Args:
+            items: (session, passages) pairs.
+            max_new_tokens: The most tokens of one answer.
+            do_sample: Sample (kwargs: temperature, seed) instead of greedy decoding.
+            batch_size: Prompts per generate call.
+            show_progress: A progress bar over prompts.
+            max_passage_chars: Each passage is cut to this many characters in the prompt.
+
+        Returns:
+            One answer per item.
+        """
+        prompts = [
+            grounded_messages(session_turns(s), ps, max_passage_chars, closed_book=not ps)
+            for s, ps in items
+        ]
+        was_training = self.training
+        try:
+            gen = self.generator(max_new_tokens=max_new_tokens, batch_size=batch_size)
+            return gen.generate(prompts, do_sample=do_sample, show_progress=show_progress, **kwargs)
+        finally:
+            self.train(was_training)
+
+    def answer_with_retrieval(
+        self,
+        session: SessionLike,
+        index: Any,
+        k: int = 3,
+        passages: Mapping[str, Passage] | None = None,
+        **kwargs: Any,
+    ) -> tuple[str, list[tuple[str, float]]]:
+        """Retrieve the top k passages for the session with this model, then answer from them.
+
+        Args:
+            session: The conversation, ending with the user's question.
+            index: A `DenseIndex` built with this model's passage embeddings, or a
+                `CorpusIndex` (its `.index` and `.passages` are used).
+            k: Passages to retrieve and answer from.
+            passages: Passage id -> passage (needed when `index` carries no passages).
+            **kwargs: Passed to `answer_batch`.
+
+        Returns:
+            (the answer, the (passage id, score) hits, best first).
+        """
+        dense = getattr(index, "index", index)
+        texts = passages if passages is not None else getattr(index, "passages", None)
+        if texts is None:
+            raise ValueError("answer_with_retrieval needs the passages' texts (passages=...)")
+        query = self.encode_sessions([session])  # (1, D)
+        hits = dense.search(np.asarray(query, dtype=np.float32), k=k)[0]
+        missing = [pid for pid, _ in hits if pid not in texts]
+        if missing:
+            raise ValueError(f"retrieved passages without text: {missing[:3]}")
+        answer = self.answer_batch([(session, [texts[pid] for pid, _ in hits])], **kwargs)[0]
+        return answer, hits

@@ -1,0 +1,124 @@
+"""A UniConv training recipe: the CSIT recipe's sections plus `uniconv:` (L_CII and the weights),
+marked by `method: uniconv` so that `chatretriever train RECIPE` runs this trainer.
+
+    method: uniconv
+    model: smollm2-135m-instruct
+    output_dir: runs/uniconv-smol
+    retriever: {n_emb_tokens: 1, max_session_len: 384, max_response_len: 96}
+    loss: {alpha: 1.0, temperature: 0.01, session_mask: csit}   # alpha = weight of L_G
+    uniconv: {alpha: 0.5, cii_negatives: 3, cii_score: likelihood}  # alpha = weight of L_CII
+    lora: {r: 16, alpha: 32}
+    data: {files: [{path: outputs/train/mtrag.jsonl}], caps: {topiocqa: 2000}}
+    training: {max_steps: 300, per_device_train_batch_size: 8}
+
+The ablations of the paper are recipes that differ in one value: w/o CII (`uniconv.alpha: 0`),
+retrieval-only (`loss.alpha: 0`, `uniconv.alpha: 0`), generation-only
+(`uniconv.retrieval_weight: 0`), w/o format-matched data (`data.files`: the mismatched sources
+only). YAML, `base:`, `--set`, data files, caps, saving and resume are `modeling.recipe`'s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from chatretriever.config import LoraSettings, LossConfig, RetrieverConfig, _from_dict
+from chatretriever.methods.uniconv.train import UniConvSettings
+from chatretriever.modeling.recipe import (
+    DataSettings,
+    cap_sources,
+    load_config,
+    load_examples,
+    resume_checkpoint,
+    save_recipe,
+)
+
+METHOD = "uniconv"
+
+
+@dataclass
+class UniConvRecipe:
+    """The whole recipe of one UniConv run (see the module docstring)."""
+
+    model: str
+    output_dir: str
+    data: DataSettings
+    method: str = METHOD
+    retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
+    loss: LossConfig = field(default_factory=lambda: LossConfig(alpha=1.0))
+    uniconv: UniConvSettings = field(default_factory=UniConvSettings)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    training: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> UniConvRecipe:
+        d = dict(data)
+        for key in ("model", "output_dir", "data"):
+            if key not in d:
+                raise ValueError(f"missing required key {key!r}")
+        if d.get("method", METHOD) != METHOD:
+            raise ValueError(f"method must be {METHOD!r} in a UniConv recipe, got {d['method']!r}")
+        parts = {
+            "data": DataSettings,
+            "retriever": RetrieverConfig,
+            "loss": LossConfig,
+            "uniconv": UniConvSettings,
+            "lora": LoraSettings,
+        }
+        for key, kind in parts.items():
+            if key in d:
+                if not isinstance(d[key], Mapping):
+                    raise ValueError(f"{key} must be a mapping, got {type(d[key]).__name__}")
+                d[key] = _from_dict(kind, d[key])
+        if "retriever" in d:  # the base model is named once, by `model`
+            d["retriever"].base_model = str(d["model"])
+        if not isinstance(d.get("training", {}), Mapping):
+            raise ValueError("training must be a mapping of TrainingArguments fields")
+        return _from_dict(cls, d)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["lora"] = self.lora.to_dict()
+        return out
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> UniConvRecipe:
+    """Read a YAML UniConv recipe (and its `base:` chain), apply overrides and validate it.
+
+    Raises:
+        DataFormatError: naming the file and what is wrong.
+    """
+    return load_config(path, UniConvRecipe.from_dict, overrides)
+
+
+def run_training(config: UniConvRecipe, resume: bool = False) -> Path:
+    """Train a UniConv as the recipe says; returns the saved model dir (`output_dir`)."""
+    from transformers import set_seed
+
+    from chatretriever.io.training import iter_training_examples
+    from chatretriever.methods.uniconv.model import UniConv
+    from chatretriever.methods.uniconv.train import UniConvTrainer, make_collator
+    from chatretriever.modeling.trainer import TrainingSet, training_arguments
+
+    out = Path(config.output_dir)
+    args = training_arguments(out, config.training)
+    checkpoint = resume_checkpoint(out, resume)
+    parts = load_examples(config.data, iter_training_examples)
+    dataset = TrainingSet(cap_sources(parts, config.data.caps, config.data.cap_seed))
+    set_seed(args.seed)  # LoRA's random init comes before the Trainer seeds anything
+    model = UniConv.from_pretrained(
+        config.model, config=config.retriever, lora=config.lora, is_trainable=True, device="cpu"
+    )
+    if args.process_index == 0:
+        save_recipe(config, out)
+    trainer = UniConvTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=make_collator(model, config.loss, config.uniconv),
+        loss_config=config.loss,
+        settings=config.uniconv,
+    )
+    return trainer.train_and_save(checkpoint, config)

@@ -1,0 +1,263 @@
+"""UniConv training: the collator, the named loss parts and the trainer.
+
+One step on B examples (each a session, its positives and hard negatives, and a reference
+response; `io.training`):
+- L_R ("retrieval"): InfoNCE between the session embedding and the passages (the positive of
+  this epoch, hard negatives, in-batch negatives): `modeling.losses.layout_contrastive_loss`.
+- L_G ("generation"): the reference response generated after the session under the session
+  mask: the SAME forward as the session embedding (`EmbLLM.csit_forward`), as CSIT's L_S.
+- L_CII ("cii", weight alpha): the grounded prompt (session + its positive passage, the prompt
+  `answer` uses) followed by the reference response and the references of `cii_negatives`
+  OTHER examples of the batch; the reference must score highest. Scored by the mean token
+  log-likelihood of each response ("likelihood", the default: it trains the generation path
+  that answers, so the model learns to answer from the passage in its context), all K
+  responses in ONE forward that computes the context once (`cii.py`); or by embeddings
+  ("embedding": the grounded prompt's EMB embedding against the responses' passage embeddings,
+  InfoNCE), which trains the retrieval space instead and never touches the LM head.
+An example without a reference response has no L_CII row and its L_G target is its first
+positive (what a format-mismatched source, e.g. TopiOCQA's answer-as-passage, can offer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from chatretriever.config import LossConfig
+from chatretriever.io.training import TrainingExample
+from chatretriever.methods.uniconv.cii import CiiBatch, cii_batch, cii_row
+from chatretriever.methods.uniconv.losses import cii_loss
+from chatretriever.modeling.candidates import candidate_layout
+from chatretriever.modeling.collate import csit_batch, encode_batch
+from chatretriever.modeling.grounded import grounded_messages
+from chatretriever.modeling.losses import (
+    contrastive_loss,
+    layout_contrastive_loss,
+    session_masked_lm_loss,
+)
+from chatretriever.modeling.template import RetrievalTemplate
+from chatretriever.modeling.trainer import NamedLossTrainer, gather, rank_and_world
+
+CII_SCORES = ("likelihood", "embedding")
+
+
+@dataclass
+class UniConvSettings:
+    """UniConv's own loss settings (the recipe's `uniconv:` section).
+
+    Attributes:
+        alpha: Weight of L_CII (0 = the "w/o CII" ablation).
+        retrieval_weight: Weight of L_R (0 = generation-only).
+        cii_negatives: Other examples' reference responses per example in L_CII.
+        cii_score: "likelihood" (default) or "embedding" (see the module docstring).
+        cii_normalize: "mean" (per-token mean log-likelihood: long and short responses compete
+            on equal terms) or "sum" (the sequence log-likelihood).
+        cii_temperature: Softmax temperature of L_CII.
+        max_context_tokens: The grounded prompt keeps its last this many tokens.
+        max_passage_chars: The positive passage is cut to this many characters in the prompt.
+    """
+
+    alpha: float = 0.5
+    retrieval_weight: float = 1.0
+    cii_negatives: int = 3
+    cii_score: str = "likelihood"
+    cii_normalize: str = "mean"
+    cii_temperature: float = 1.0
+    max_context_tokens: int = 512
+    max_passage_chars: int = 800
+
+    def __post_init__(self) -> None:
+        if self.alpha < 0 or self.retrieval_weight < 0:
+            raise ValueError("uniconv.alpha and uniconv.retrieval_weight must be >= 0")
+        if self.cii_score not in CII_SCORES:
+            raise ValueError(
+                f"uniconv.cii_score must be one of {CII_SCORES}, got {self.cii_score!r}"
+            )
+        if self.cii_normalize not in ("mean", "sum"):
+            raise ValueError(
+                f"uniconv.cii_normalize must be 'mean' or 'sum', got {self.cii_normalize!r}"
+            )
+        if self.cii_negatives < 1:
+            raise ValueError(f"uniconv.cii_negatives must be >= 1, got {self.cii_negatives}")
+        if self.cii_temperature <= 0 or self.max_context_tokens < 16 or self.max_passage_chars < 1:
+            raise ValueError(
+                "uniconv: cii_temperature > 0, max_context_tokens >= 16, max_passage_chars >= 1"
+            )
+
+
+def has_reference(ex: TrainingExample) -> bool:
+    """Whether an example carries a reference response of its own (not a stand-in passage)."""
+    return bool(ex.target and ex.target.strip())
+
+
+@dataclass
+class UniConvCollator:
+    """TrainingExamples -> {"sessions", "passages", "layout"} (as CSIT) + "cii" (a `CiiBatch`,
+    or the grounded prompts and responses under cii_score="embedding"), "cii_rows" (which
+    examples have an L_CII row)."""
+
+    template: RetrievalTemplate
+    tokenizer: Any
+    loss: LossConfig
+    settings: UniConvSettings
+    pad_id: int
+    padding_side: str = "right"
+    max_response_len: int = 128
+    seed: int = 0
+    epoch: int = 0
+
+    def set_epoch(self, epoch: int, seed: int | None = None) -> None:
+        self.epoch = epoch
+        if seed is not None:
+            self.seed = seed
+
+    def __call__(self, examples: Sequence[TrainingExample]) -> dict[str, Any]:
+        sessions = [[t.to_dict() for t in ex.messages] for ex in examples]
+        if self.loss.uses_lm:
+            pieces = self.template.csit_pieces_batch(sessions, [ex.target_text for ex in examples])
+            session_batch = csit_batch(pieces, self.pad_id, self.loss.session_mask)
+        else:
+            ids = self.template.session_ids_batch(sessions)
+            session_batch = encode_batch(ids, self.pad_id, self.padding_side)
+        passages, layout = candidate_layout(
+            examples, self.loss.n_hard_negatives, self.seed, self.epoch
+        )
+        batch: dict[str, Any] = {
+            "sessions": session_batch,
+            "passages": encode_batch(
+                self.template.passage_ids_batch(passages), self.pad_id, self.padding_side
+            ),
+            "layout": layout,
+        }
+        if self.settings.alpha > 0:
+            batch.update(self.cii_inputs(examples, passages, layout.rows[:, 0].tolist()))
+        return batch
+
+    def contexts(self, examples: Sequence[TrainingExample], positives: Sequence[Any]) -> list:
+        """The grounded prompt of each example (its session + its positive of this epoch)."""
+        return [
+            grounded_messages(list(ex.messages), [p.text], self.settings.max_passage_chars)
+            for ex, p in zip(examples, positives, strict=True)
+        ]
+
+    def cii_inputs(
+        self, examples: Sequence[TrainingExample], passages: Sequence[Any], pos_rows: list[int]
+    ) -> dict[str, Any]:
+        """L_CII inputs of the examples with a reference response and >= 1 other reference."""
+        rows = [i for i, ex in enumerate(examples) if has_reference(ex)]
+        if len(rows) < 2:  # nothing to contrast with
+            return {"cii": None, "cii_rows": []}
+        prompts = self.contexts([examples[i] for i in rows], [passages[pos_rows[i]] for i in rows])
+        refs = [str(examples[i].target) for i in rows]
+        if self.settings.cii_score == "embedding":
+            # The session side of the retriever's template (its own system prompt, no answer
+            # instruction): the grounded conversation without GROUNDED_SYSTEM.
+            ctx = self.template.session_ids_batch([p[1:] for p in prompts])
+            resp = self.template.passage_ids_batch(refs)
+            return {
+                "cii": {
+                    "contexts": encode_batch(ctx, self.pad_id, self.padding_side),
+                    "responses": encode_batch(resp, self.pad_id, self.padding_side),
+                },
+                "cii_rows": rows,
+            }
+        return {"cii": self._packed(prompts, refs), "cii_rows": rows}
+
+    def _packed(self, prompts: list, refs: list[str]) -> CiiBatch:
+        """One packed row per example: [grounded prompt, its reference, K - 1 other references]."""
+        tok = self.tokenizer
+        texts = [
+            tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts
+        ]
+        contexts = tok(texts, add_special_tokens=False)["input_ids"]
+        # A response ends with the stop token generation ends at (the LM learns where to stop).
+        eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        cap = max(1, self.max_response_len - len(eos))
+        responses = [ids[:cap] + eos for ids in tok(refs, add_special_tokens=False)["input_ids"]]
+        k = min(self.settings.cii_negatives, len(refs) - 1)
+        keep = self.settings.max_context_tokens
+        out = []
+        for i, ctx in enumerate(contexts):
+            others = [responses[(i + j) % len(refs)] for j in range(1, k + 1)]  # the next k
+            out.append(cii_row(ctx[-keep:], [responses[i], *others]))
+        return cii_batch(out, self.pad_id)
+
+
+def uniconv_losses(
+    model: Any, inputs: Mapping[str, Any], loss: LossConfig, settings: UniConvSettings
+) -> dict[str, torch.Tensor]:
+    """The named, weighted loss parts of one step: {"retrieval", "generation", "cii"} (a part
+    whose weight is 0 is left out); their sum is L_R + L_G + alpha * L_CII."""
+    cii = inputs.get("cii")
+    packed = cii if isinstance(cii, CiiBatch) else None
+    out = model(
+        sessions=inputs["sessions"],
+        passages=inputs["passages"],
+        cii=packed,
+        cii_normalize=settings.cii_normalize,
+    )
+    parts: dict[str, torch.Tensor] = {}
+    if settings.retrieval_weight > 0:
+        rank, world = rank_and_world()
+        contrastive = layout_contrastive_loss(
+            out["session_emb"],
+            out["passage_emb"],
+            inputs["layout"],
+            temperature=loss.temperature,
+            in_batch=loss.in_batch,
+            gather=gather if world > 1 else None,
+            rank=rank,
+        )["contrastive"]
+        parts["retrieval"] = settings.retrieval_weight * contrastive
+    if loss.uses_lm and loss.alpha > 0:
+        lm = session_masked_lm_loss(out["lm_logits"], out["lm_labels"], loss.label_smoothing)
+        parts["generation"] = loss.alpha * lm["session_lm"]
+    if settings.alpha > 0 and cii is not None:
+        if packed is not None:
+            scores = out["cii_scores"] / settings.cii_temperature  # (B', K)
+            part = cii_loss(scores, packed.candidate_mask.to(scores.device))["cii"]
+        else:
+            ctx = model.embed(cii["contexts"])  # (B', D)
+            resp = model.embed(cii["responses"])  # (B', D)
+            part = contrastive_loss(ctx, resp, temperature=loss.temperature)["contrastive"]
+        parts["cii"] = settings.alpha * part
+    if not parts:
+        raise ValueError("every UniConv loss part has weight 0")
+    return parts
+
+
+@dataclass
+class UniConvLoss:
+    """UniConv's `NamedLossFn`."""
+
+    loss: LossConfig
+    settings: UniConvSettings
+
+    def __call__(self, model: Any, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        return uniconv_losses(model, inputs, self.loss, self.settings)
+
+
+class UniConvTrainer(NamedLossTrainer):
+    """The shared `NamedLossTrainer` with L_R + L_G + alpha * L_CII (each part logged)."""
+
+    def __init__(
+        self, *args: Any, loss_config: LossConfig, settings: UniConvSettings, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, loss_fn=UniConvLoss(loss_config, settings), **kwargs)
+        self.loss_config = loss_config
+
+
+def make_collator(model: Any, loss: LossConfig, settings: UniConvSettings) -> UniConvCollator:
+    """The collator matching a UniConv's template, tokenizer and padding."""
+    return UniConvCollator(
+        template=model.template,
+        tokenizer=model.tokenizer,
+        loss=loss,
+        settings=settings,
+        pad_id=model.pad_id,
+        padding_side=model.padding_side,
+        max_response_len=model.config.max_response_len,
+    )

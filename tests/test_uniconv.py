@@ -1,0 +1,254 @@
+"""UniConv: the model (an Encoder that also answers), save/load, the one-pass CII forward against
+separate forwards, the collator, the three named loss parts and their ablations, a training run
+through the recipe and the CLI, and answering with retrieval."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from fixtures import write
+
+from chatretriever.cli import main
+from chatretriever.io.training import example_from_dict
+from chatretriever.methods.uniconv.model import UniConv
+from chatretriever.methods.uniconv.recipe import UniConvRecipe, load_recipe, run_training
+from chatretriever.methods.uniconv.train import (
+    UniConvSettings,
+    has_reference,
+    make_collator,
+    uniconv_losses,
+)
+from chatretriever.modeling.grounded import grounded_messages
+
+TOPICS = [
+    ("cat", "Cats are small felines with whiskers."),
+    ("sun", "The sun is a hot star."),
+    ("oak", "Oaks are trees that grow acorns."),
+    ("tea", "Tea is brewed from leaves."),
+]
+
+
+def _rows(with_target: bool = True) -> list[dict]:
+    rows = []
+    for i, (topic, text) in enumerate(TOPICS):
+        rows.append(
+            {
+                "id": f"ex{i}",
+                "messages": [
+                    {"role": "user", "content": f"tell me about {topic}s"},
+                    {"role": "assistant", "content": f"{topic}s are interesting."},
+                    {"role": "user", "content": "what are they?"},
+                ],
+                "positives": [{"title": topic, "text": text}],
+                "negatives": [{"text": TOPICS[(i + 1) % len(TOPICS)][1]}],
+                "target": f"They are {topic} things." if with_target else None,
+                "source": "matched" if with_target else "mismatched",
+            }
+        )
+    return rows
+
+
+def _recipe(tmp_path: Path, model_dir: Path, uniconv: dict | None = None, loss: dict | None = None):
+    data = write(tmp_path / "train.jsonl", "\n".join(json.dumps(r) for r in _rows()) + "\n")
+    recipe = {
+        "method": "uniconv",
+        "model": str(model_dir),
+        "output_dir": str(tmp_path / "run"),
+        "retriever": {"max_session_len": 64, "max_passage_len": 32, "max_response_len": 16},
+        "loss": {"alpha": 1.0, "temperature": 0.05, "n_hard_negatives": 1, **(loss or {})},
+        "uniconv": {"alpha": 0.5, "cii_negatives": 2, "max_context_tokens": 96, **(uniconv or {})},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"files": [{"path": str(data)}]},
+        "training": {
+            "max_steps": 2,
+            "per_device_train_batch_size": 4,
+            "learning_rate": 5e-3,
+            "warmup_steps": 0,
+            "save_steps": 2,
+            "logging_steps": 1,
+            "use_cpu": True,
+            "dataloader_num_workers": 0,
+        },
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _model(tmp_path, model_dir) -> tuple[UniConv, UniConvRecipe]:
+    cfg = load_recipe(_recipe(tmp_path, model_dir))
+    model = UniConv.from_pretrained(
+        cfg.model, config=cfg.retriever, lora=cfg.lora, device="cpu", dtype="fp32"
+    )
+    # LoRA B starts at 0: move it so that the adapter changes what the model computes.
+    with torch.no_grad():
+        for name, p in model.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model.eval(), cfg
+
+
+def _separate_loglik(model: UniConv, context: list[int], response: list[int]) -> float:
+    """Mean log-probability of `response` after `context`, from a plain causal forward."""
+    ids = torch.tensor([context + response])
+    with torch.no_grad():
+        logits = model.model(input_ids=ids).logits[0].float()  # (L, V)
+    logp = torch.log_softmax(logits, -1)
+    c = len(context)
+    return float(np.mean([logp[c - 1 + t, tok].item() for t, tok in enumerate(response)]))
+
+
+def test_cii_forward_equals_separate_forwards(tmp_path, tiny_model_dir):
+    model, cfg = _model(tmp_path, tiny_model_dir)
+    collate = make_collator(model, cfg.loss, cfg.uniconv)
+    examples = [example_from_dict(r) for r in _rows()[:3]]
+    batch = collate(examples)
+    cii = batch["cii"]
+    assert cii.n_candidates == 3 and cii.candidate_mask.all()  # own + 2 others
+    with torch.no_grad():
+        scores = model.cii_forward(cii)  # (3, 3)
+    tok = model.tokenizer
+    for i in range(3):
+        row = cii.input_ids[i].tolist()
+        for k in range(3):
+            start, end = _spans(cii, i)[k]
+            context = row[: _spans(cii, i)[0][0]]
+            expected = _separate_loglik(model, context, row[start:end])
+            assert scores[i, k].item() == pytest.approx(expected, abs=1e-4)
+    # candidate 0 is the example's own reference, ending with the stop token
+    start, end = _spans(cii, 0)[0]
+    assert cii.input_ids[0, end - 1].item() == tok.eos_token_id
+    assert "They are cat things." in tok.decode(cii.input_ids[0, start:end])
+    # the context is the grounded prompt of the session and its positive
+    prompt = grounded_messages(list(examples[0].messages), [examples[0].positives[0].text], 800)
+    text = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    ctx_ids = tok(text, add_special_tokens=False)["input_ids"][-96:]
+    assert cii.input_ids[0, : len(ctx_ids)].tolist() == ctx_ids
+
+
+def _spans(cii, i: int) -> list[tuple[int, int]]:
+    """(start, end) of each candidate of row i: the first token of every candidate is predicted
+    from the last context position, and the candidates follow the context one after another."""
+    k = cii.n_candidates
+    sel = [(cii.pred_rows == i) & (cii.segment == i * k + j) for j in range(k)]
+    firsts = {int(cii.pred_pos[s].min()) for s in sel}
+    assert len(firsts) == 1  # shared
+    start, spans = firsts.pop() + 1, []
+    for s in sel:
+        spans.append((start, start + int(s.sum())))
+        start += int(s.sum())
+    return spans
+
+
+def test_collator_leaves_examples_without_reference_out_of_cii(tmp_path, tiny_llama_dir):
+    model, cfg = _model(tmp_path, tiny_llama_dir)
+    rows = _rows()[:2] + _rows(with_target=False)[2:]
+    examples = [example_from_dict(r) for r in rows]
+    assert [has_reference(e) for e in examples] == [True, True, False, False]
+    batch = make_collator(model, cfg.loss, cfg.uniconv)(examples)
+    assert batch["cii_rows"] == [0, 1]
+    assert batch["cii"].input_ids.shape[0] == 2 and batch["cii"].n_candidates == 2
+    # one example with a reference: nothing to contrast it with
+    single = make_collator(model, cfg.loss, cfg.uniconv)(examples[1:])
+    assert single["cii"] is None
+
+
+@pytest.mark.parametrize(
+    ("settings", "loss_alpha", "parts"),
+    [
+        ({}, 1.0, {"retrieval", "generation", "cii"}),
+        ({"alpha": 0.0}, 1.0, {"retrieval", "generation"}),  # w/o CII
+        ({"alpha": 0.0}, 0.0, {"retrieval"}),  # retrieval-only
+        ({"retrieval_weight": 0.0}, 1.0, {"generation", "cii"}),  # generation-only
+        ({"cii_score": "embedding"}, 1.0, {"retrieval", "generation", "cii"}),
+    ],
+)
+def test_loss_parts_and_ablations(tmp_path, tiny_llama_dir, settings, loss_alpha, parts):
+    model, cfg = _model(tmp_path, tiny_llama_dir)
+    loss = type(cfg.loss)(**{**cfg.loss.to_dict(), "alpha": loss_alpha})
+    uc = UniConvSettings(**{**cfg.uniconv.__dict__, **settings})
+    batch = make_collator(model, loss, uc)([example_from_dict(r) for r in _rows()])
+    out = uniconv_losses(model.train(), batch, loss, uc)
+    assert set(out) == parts
+    assert all(torch.isfinite(v) for v in out.values())
+    sum(out.values()).backward()  # every part reaches the trained weights
+    grads = [p.grad for n, p in model.model.named_parameters() if "lora_" in n]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_cii_part_is_alpha_times_the_hand_computed_loss(tmp_path, tiny_llama_dir):
+    model, cfg = _model(tmp_path, tiny_llama_dir)
+    batch = make_collator(model, cfg.loss, cfg.uniconv)([example_from_dict(r) for r in _rows()])
+    with torch.no_grad():
+        out = uniconv_losses(model, batch, cfg.loss, cfg.uniconv)
+        scores = model.cii_forward(batch["cii"])  # (B, K), column 0 = the reference
+    expected = (-torch.log_softmax(scores, -1)[:, 0]).mean()
+    assert out["cii"].item() == pytest.approx(cfg.uniconv.alpha * expected.item(), rel=1e-5)
+
+
+def test_training_run_save_load_and_answer(tmp_path, tiny_llama_dir, capsys):
+    path = _recipe(tmp_path, tiny_llama_dir)
+    assert main(["train", str(path), "--dry-run"]) == 0
+    assert "uniconv:" in capsys.readouterr().out
+    out = run_training(load_recipe(path))
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "loss" in r]
+    assert len(steps) == 2
+    for row in steps:
+        for part in ("retrieval", "generation", "cii"):
+            assert np.isfinite(row[f"loss_{part}"])
+    meta = json.loads((out / "uniconv.json").read_text())
+    assert meta["method"] == "uniconv" and meta["format"] == "adapter"
+    assert not (out / "chatretriever.json").exists()
+    size = sum(f.stat().st_size for f in out.glob("adapter_model.safetensors"))
+    assert 0 < size < 5_000_000
+    a = UniConv.from_pretrained(out, device="cpu", dtype="fp32")
+    b = UniConv.from_pretrained(out, device="cpu", dtype="fp32")
+    session = _rows()[0]["messages"]
+    np.testing.assert_allclose(a.encode_sessions([session]), b.encode_sessions([session]))
+    assert a.fingerprint == b.fingerprint and a.name.startswith("uniconv/")
+    passages = [TOPICS[0][1]]
+    first = a.answer(session, passages, max_new_tokens=5)
+    assert first == b.answer(session, passages, max_new_tokens=5)  # greedy: deterministic
+    assert a.answer_batch([(session, passages)] * 2, max_new_tokens=5) == [first, first]
+
+
+def test_answer_with_retrieval_uses_its_own_embeddings(tmp_path, tiny_llama_dir):
+    from chatretriever.types import Passage
+
+    model, _ = _model(tmp_path, tiny_llama_dir)
+    passages = {
+        f"d{i}": Passage(f"d{i}", text, title=topic) for i, (topic, text) in enumerate(TOPICS)
+    }
+    emb = model.encode_passages(list(passages.values()))
+    index = _ExactIndex(list(passages), emb)
+    session = _rows()[1]["messages"]
+    answer, hits = model.answer_with_retrieval(
+        session, index, k=2, passages=passages, max_new_tokens=4
+    )
+    q = model.encode_sessions([session])[0]
+    best = sorted(passages, key=lambda d: -float(emb[list(passages).index(d)] @ q))[:2]
+    assert [pid for pid, _ in hits] == best
+    assert answer == model.answer(session, [passages[d] for d in best], max_new_tokens=4)
+    with pytest.raises(ValueError, match="passages"):
+        model.answer_with_retrieval(session, index, k=1)
+
+
+class _ExactIndex:
+    """Exact inner-product search over a few vectors (what `DenseIndex.search` returns)."""
+
+    def __init__(self, ids: list[str], emb: np.ndarray) -> None:
+        self.ids, self.emb = ids, emb
+
+    def search(self, queries: np.ndarray, k: int = 100) -> list[list[tuple[str, float]]]:
+        out = []
+        for q in queries:
+            scores = self.emb @ q
+            order = sorted(range(len(self.ids)), key=lambda i: (-scores[i], self.ids[i]))[:k]
+            out.append([(self.ids[i], float(scores[i])) for i in order])
+        return out
