@@ -428,10 +428,12 @@ def test_a_missing_extra_imported_at_module_level_is_one_line_too(tmp_path):
 def test_every_optional_import_site_names_its_extra(monkeypatch, tmp_path):
     from chatretriever.apps.demo import plot_metrics
     from chatretriever.errors import MissingExtraError
+    from chatretriever.retrieval import generation_eval
     from chatretriever.retrieval.baselines import BM25Retriever
     from chatretriever.retrieval.evaluate import compare, evaluate_run
     from chatretriever.retrieval.index import DenseIndex
 
+    generation_eval._rouge_l_scorer.cache_clear()  # a cached scorer would skip the import
     sites = [
         ("faiss", "faiss", lambda: DenseIndex.build([tmp_path])),
         ("ir_measures", "eval", lambda: evaluate_run(None, {})),
@@ -439,6 +441,7 @@ def test_every_optional_import_site_names_its_extra(monkeypatch, tmp_path):
         ("bm25s", "baselines", lambda: BM25Retriever([])),
         ("Stemmer", "baselines", lambda: BM25Retriever([])),
         ("matplotlib", "plot", lambda: plot_metrics({}, tmp_path / "m.png")),
+        ("rouge_score", "rag", lambda: generation_eval.rouge_l("a", "b")),
     ]
     if importlib.util.find_spec("torch") is not None:
         from chatretriever.config import LoraSettings

@@ -1,8 +1,11 @@
-"""Conversational search over a corpus index: conversation state, ranked hits, results as text.
+"""Conversational search over a corpus index: conversation state, ranked hits, results as text,
+and grounded answers written from the hits.
 
-A chat session holds only the user's turns: this search has no assistant whose answers could go
-between them, and an empty assistant turn would be a turn the retriever never saw in training.
-Torch-free: the encoder does the model work, and nothing here prints.
+A search-only chat session holds only the user's turns: there is no assistant whose answers could
+go between them, and an empty assistant turn would be a turn the retriever never saw in training.
+When a model answers (`chat --answer`), its answers go between the user's turns, as in the
+conversations the retrievers were trained on. Torch-free: the encoder and the answering model do
+the model work, and nothing here prints.
 """
 
 from __future__ import annotations
@@ -10,12 +13,15 @@ from __future__ import annotations
 import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
+
+from tqdm.auto import tqdm
 
 from chatretriever.retrieval.corpus_index import CorpusIndex
 from chatretriever.retrieval.encoders import Encoder, fingerprint_of
 from chatretriever.retrieval.fusion import FusionConfig
 from chatretriever.retrieval.search import SessionSearcher, search_hybrid
-from chatretriever.types import Passage, Session, Turn
+from chatretriever.types import Passage, Run, Session, Turn
 
 SNIPPET_CHARS = 200
 
@@ -32,7 +38,8 @@ class Hit:
 
 
 class Conversation:
-    """The user turns typed so far; `session()` is what the retriever reads.
+    """The turns so far (the user's, and the answers when a model answers); `session()` is what
+    the retriever reads.
 
     Args:
         id_prefix: Session ids are "<prefix>::<number of turns>".
@@ -53,12 +60,23 @@ class Conversation:
         self.turns.append(Turn("user", text))
         return self.session()
 
+    def add_answer(self, text: str) -> None:
+        """Append the assistant's answer to the last user turn."""
+        if not self.turns or self.turns[-1].role != "user":
+            raise ValueError("an answer follows a user turn")
+        self.turns.append(Turn("assistant", text.strip()))
+
+    @property
+    def user_turns(self) -> int:
+        """How many turns the user typed."""
+        return sum(t.role == "user" for t in self.turns)
+
     def reset(self) -> None:
         """Forget every turn."""
         self.turns.clear()
 
     def session(self) -> Session:
-        """The conversation so far as a Session (user turns only, see the module docstring)."""
+        """The conversation so far as a Session (see the module docstring)."""
         if not self.turns:
             raise ValueError("the conversation is empty")
         return Session(id=f"{self.id_prefix}::{len(self.turns)}", turns=tuple(self.turns))
@@ -174,3 +192,108 @@ def format_hits(
         if snippet_chars and h.text:
             lines.append(f"{indent}      {snippet(h.text, snippet_chars)}")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ grounded answers
+class Answerer(Protocol):
+    """A model that writes grounded answers: a UniConv (reads whole sessions) or a
+    `modeling.grounded.GroundedGenerator` (reads the turns of a conversation)."""
+
+    def answer_batch(
+        self, items: Sequence[tuple[Any, Sequence[Passage]]], **kwargs: Any
+    ) -> list[str]: ...
+
+
+def reads_sessions(model: Any) -> bool:
+    """Whether an answering model takes Sessions (a retriever that also answers, UniConv) rather
+    than turns (a plain chat LLM behind `GroundedGenerator`)."""
+    return hasattr(model, "encode_sessions")
+
+
+def generation_kwargs(model: Any, max_new_tokens: int, batch_size: int = 8) -> dict[str, Any]:
+    """The answer length and batch size as `answer_batch` keyword arguments, those the model
+    takes per call (a UniConv); {} for one that takes neither (a GroundedGenerator has them as
+    settings)."""
+    import inspect
+
+    params = inspect.signature(model.answer_batch).parameters
+    wanted = {"max_new_tokens": max_new_tokens, "batch_size": batch_size}
+    return {name: value for name, value in wanted.items() if name in params}
+
+
+def hit_passages(hits: Sequence[Hit]) -> list[Passage]:
+    """The passages of hits (their ids, titles and texts), best first."""
+    return [Passage(h.doc_id, h.text, h.title) for h in hits]
+
+
+def top_passages(run: Run, passages: Mapping[str, Passage], k: int) -> dict[str, list[Passage]]:
+    """The top-k passages of every query of a run, best first (ties by doc id).
+
+    Args:
+        run: Retrieved passages per query.
+        passages: Passage id -> passage; it must hold every retrieved id in the top k.
+        k: Passages per query.
+
+    Returns:
+        Query id -> its passages.
+    """
+    out = {}
+    for qid in run.scores:
+        top = [d.doc_id for d in run.ranked(qid)[:k]]
+        missing = [d for d in top if d not in passages]
+        if missing:
+            raise ValueError(f"no text for retrieved passage {missing[0]!r} (query {qid!r})")
+        out[qid] = [passages[d] for d in top]
+    return out
+
+
+def _prompt_chars(session: Session, passages: Sequence[Passage]) -> int:
+    return sum(len(t.content) for t in session.turns) + sum(len(p.text) for p in passages)
+
+
+def answer_sessions(
+    model: Answerer,
+    items: Sequence[tuple[Session, Sequence[Passage]]],
+    batch_size: int = 8,
+    show_progress: bool = False,
+    model_kwargs: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """Grounded answers to sessions from their passages, in input order.
+
+    Items are answered longest first (prompt characters) in calls of `batch_size`, so batches
+    hold prompts of similar lengths and the progress bar moves after each call.
+
+    Args:
+        model: A UniConv or a GroundedGenerator (see `reads_sessions`).
+        items: (session, passages to answer from, best first) per answer; no passages: closed
+            book.
+        batch_size: Items per `answer_batch` call.
+        show_progress: Show a progress bar over items.
+        model_kwargs: Passed to every `answer_batch` call (`generation_kwargs`).
+
+    Returns:
+        One answer per item.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    whole = reads_sessions(model)
+    order = sorted(range(len(items)), key=lambda i: -_prompt_chars(*items[i]))
+    answers: list[str] = [""] * len(items)
+    with tqdm(total=len(items), desc="answer", unit="turn", disable=not show_progress) as bar:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            batch = [(s if whole else s.turns, list(ps)) for s, ps in (items[i] for i in chunk)]
+            for i, answer in zip(
+                chunk, model.answer_batch(batch, **(model_kwargs or {})), strict=True
+            ):
+                answers[i] = answer
+            bar.update(len(chunk))
+    return answers
+
+
+def format_answer(text: str, width: int = 100, indent: str = "  ") -> str:
+    """An answer as text: "answer: ..." wrapped at `width`, later lines indented."""
+    body = " ".join(text.split()) or "(empty answer)"
+    return textwrap.fill(
+        body, width=width, initial_indent=f"{indent}answer: ", subsequent_indent=indent + "  "
+    )

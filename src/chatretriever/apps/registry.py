@@ -4,6 +4,8 @@
 - a built-in model of kind "encoder" ("minilm-l6", "mpnet-base", see
   `modeling.sources.BUILTIN_MODELS`)
   or a local sentence-transformers directory -> `TextEmbedder`;
+- a UniConv directory (it holds `uniconv.json`), built-in or local ->
+  `UniConv.from_pretrained` (it retrieves and writes grounded answers);
 - anything else (a ChatRetriever directory or built-in name) -> `ChatRetriever.from_pretrained`.
 """
 
@@ -48,6 +50,15 @@ def _is_builtin_embedder(name: str) -> bool:
     return info is not None and info.kind == "encoder" and not Path(name).exists()
 
 
+def _is_uniconv(name: str) -> bool:
+    """Whether `name` is a saved UniConv: a directory, or a built-in trained retriever's one."""
+    from chatretriever.methods.uniconv import SAVED_CONFIG
+    from chatretriever.modeling.sources import builtin_retriever_dir
+
+    directory = builtin_retriever_dir(name) or Path(name)
+    return (directory / SAVED_CONFIG).is_file()
+
+
 def load_encoder(name: str) -> Encoder:
     """The encoder a model name stands for (see the module docstring)."""
     prefix, sep, rest = name.partition(":")
@@ -57,6 +68,10 @@ def load_encoder(name: str) -> Encoder:
         from chatretriever.retrieval.baselines import TextEmbedder
 
         return TextEmbedder.from_pretrained(name)
+    if _is_uniconv(name):
+        from chatretriever.methods.uniconv.model import UniConv
+
+        return UniConv.from_pretrained(name)
     from chatretriever.methods.chatretriever.model import ChatRetriever
 
     return ChatRetriever.from_pretrained(name)

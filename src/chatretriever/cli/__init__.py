@@ -20,6 +20,7 @@ EXIT_BAD_INPUT = 2
 
 def build_parser() -> argparse.ArgumentParser:
     from chatretriever.cli import (
+        answer,
         build,
         chat,
         data,
@@ -37,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (data, models, build, pipeline, train, chat, serve, rerank, items, robustness):
+    modules = (data, models, build, pipeline, answer, train, chat, serve, rerank, items, robustness)
+    for module in modules:
         module.add_parser(sub)
     return parser
 

@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Iterator
 
+from chatretriever.cli.answer import add_answer_arguments
 from chatretriever.cli.pipeline import add_hybrid_arguments
 
 logger = logging.getLogger(__name__)
@@ -21,8 +22,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "chat",
         help="type a conversation, see the top passages for all of it after every turn",
-        description="Retrieves for the whole conversation so far (your turns only: there is no "
-        f"assistant). {HELP}. When stdin is not a terminal, each line is one turn.",
+        description="Retrieves for the whole conversation so far (your turns only, and with "
+        "--answer the answers written above the passages too). "
+        f"{HELP}. When stdin is not a terminal, each line is one turn.",
     )
     p.add_argument("--index", required=True, help="index dir (from `index CORPUS --out DIR`)")
     p.add_argument("--model", help="query encoder (default: the model the index records)")
@@ -30,6 +32,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, default=5, help="passages shown per turn")
     p.add_argument("--snippet-chars", type=int, default=200, help="snippet length; 0: titles only")
     add_hybrid_arguments(p)
+    g = p.add_argument_group("answers: a model writes an answer above the passages")
+    g.add_argument(
+        "--answer",
+        action="store_true",
+        help="answer every turn from the top passages (the index's UniConv, or --generator); "
+        "the answers join the conversation",
+    )
+    add_answer_arguments(g)
+    g.add_argument("--answer-k", type=int, default=3, help="top passages the answer reads")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser(
@@ -80,8 +91,36 @@ def _lines(interactive: bool) -> Iterator[str]:
             return
 
 
+def _answerer(args: argparse.Namespace, corpus_index, encoder) -> tuple:
+    """(answering model, its name, its answer_batch kwargs) of `--answer`, else (None, "", {})."""
+    if not args.answer:
+        if args.generator:
+            raise ValueError("--generator names the model of --answer: add --answer")
+        return None, "", {}
+    from chatretriever.cli.answer import resolve_answerer
+
+    if args.answer_k < 1 or args.max_new_tokens < 1:
+        raise ValueError("--answer-k and --max-new-tokens must be positive")
+    if corpus_index.passages is None:
+        raise ValueError(f"{args.index} holds no passage texts to answer from: pass --corpus")
+    return resolve_answerer(encoder, args.generator, args.max_new_tokens, 1)
+
+
+def _searcher(args: argparse.Namespace, corpus_index, encoder):
+    from chatretriever.apps.chat import ChatSearcher
+
+    hybrid = None
+    if args.hybrid:
+        from chatretriever.apps.chat import HybridSide
+        from chatretriever.cli.pipeline import hybrid_side
+
+        bm25, formulation, fusion, _ = hybrid_side(args, corpus_index)
+        hybrid = HybridSide(bm25, formulation, fusion, args.fusion_depth)
+    return ChatSearcher(encoder, corpus_index, k=args.k, hybrid=hybrid)
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
-    from chatretriever.apps.chat import ChatSearcher, Conversation, format_hits
+    from chatretriever.apps.chat import Conversation
     from chatretriever.retrieval.corpus_index import CorpusIndex
 
     if args.k < 1 or args.snippet_chars < 0:
@@ -90,19 +129,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
     model = args.model or corpus_index.model
     if not model:
         raise ValueError(f"{args.index} does not record its model: pass --model NAME")
-    if corpus_index.passages is None:
+    if corpus_index.passages is None and not args.answer:
         logger.warning("%s holds no passage texts: showing ids (pass --corpus)", args.index)
-    hybrid = None
-    if args.hybrid:
-        from chatretriever.apps.chat import HybridSide
-        from chatretriever.cli.pipeline import hybrid_side
-
-        bm25, formulation, fusion, _ = hybrid_side(args, corpus_index)
-        hybrid = HybridSide(bm25, formulation, fusion, args.fusion_depth)
-    searcher = ChatSearcher(_load_encoder(model), corpus_index, k=args.k, hybrid=hybrid)
+    encoder = _load_encoder(model)
+    answerer = _answerer(args, corpus_index, encoder)
+    searcher = _searcher(args, corpus_index, encoder)
     interactive = sys.stdin.isatty()
     if interactive:
         how = f", hybrid {args.hybrid} with BM25" if args.hybrid else ""
+        how += f", answers by {answerer[1]}" if answerer[0] is not None else ""
         _echo(f"chatretriever chat: {len(corpus_index.index)} passages, model {model}{how}")
         _echo(HELP)
     conversation = Conversation()
@@ -119,12 +154,33 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if line.startswith(":"):
             _echo(f"unknown command {line!r}: {HELP}")
             continue
-        hits = searcher.search(conversation.add(line))
-        if not interactive:
-            _echo(f"turn {len(conversation)}: {line}")
-        _echo(format_hits(hits, snippet_chars=args.snippet_chars))
-        _echo()
+        _turn(args, searcher, answerer, conversation, line, interactive)
     return 0
+
+
+def _turn(
+    args: argparse.Namespace,
+    searcher,
+    answerer: tuple,
+    conversation,
+    line: str,
+    interactive: bool,
+) -> None:
+    """Search (and answer) one user turn; prints the answer ABOVE the passages."""
+    from chatretriever.apps.chat import answer_sessions, format_answer, format_hits, hit_passages
+
+    session = conversation.add(line)
+    hits = searcher.search(session)
+    if not interactive:
+        _echo(f"turn {conversation.user_turns}: {line}")
+    model, _, kwargs = answerer
+    if model is not None:
+        item = (session, hit_passages(hits[: args.answer_k]))
+        (answer,) = answer_sessions(model, [item], 1, model_kwargs=kwargs)
+        conversation.add_answer(answer)
+        _echo(format_answer(answer))
+    _echo(format_hits(hits, snippet_chars=args.snippet_chars))
+    _echo()
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

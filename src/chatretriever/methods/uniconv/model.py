@@ -17,12 +17,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from chatretriever.methods.uniconv import SAVED_CONFIG
 from chatretriever.methods.uniconv.cii import CiiBatch, response_logliks
 from chatretriever.modeling.emb_llm import EmbLLM
 from chatretriever.modeling.grounded import GroundedGenerator, grounded_messages
 from chatretriever.types import Passage, Session, SessionLike, Turn
-
-SAVED_CONFIG = "uniconv.json"
 
 
 def session_turns(session: SessionLike) -> list[Turn | Mapping[str, str]]:

@@ -1,0 +1,554 @@
+"""MTRAG-UN retrieval-augmented generation: retrieval and grounded answers of each system.
+
+Every evaluated turn (held-out conversations of configs/mtrag-un-heldout.txt, with a reference
+response) is answered by each system from its top k passages. Retrieval: nDCG@3 and R@10 over the
+judged turns (`chatretriever.retrieval.evaluate`); generation: token F1 and ROUGE-L against the
+reference response; consistency: F1 on the judged turns whose top k holds a relevant passage
+("hit") vs the others ("miss").
+
+Systems (`--systems`, each optional):
+    uniconv                 `--uniconv DIR` retrieves and answers with itself
+    decoupled               `--retriever` (ChatRetriever) retrieves, `--generator` answers
+    bm25                    BM25 on the last turn retrieves, `--generator` answers
+    closed-book             `--generator` answers without passages
+    oracle                  `--generator` answers from the judged-relevant passages (qrels)
+    retriever-as-generator  `--retriever`'s own causal LM (LoRA merged) answers from its passages
+    `--ablation NAME=DIR`   more UniConv rows (repeatable)
+
+`--pool P` searches a pooled corpus: every passage judged for an evaluated turn plus BM25's top P
+of each turn on the full corpus (encoding all 38k passages with an LLM takes ~35 min on a 2-core
+CPU); the results then say so, with the pool's size. Runs, embeddings and answers are cached under
+--out, keyed by what made them, so a rerun costs nothing.
+
+    python benchmarks/rag.py --limit 40 --pool 20 --systems decoupled bm25 closed-book oracle
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import logging
+import shlex
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from chatretriever.apps.chat import answer_sessions, generation_kwargs, top_passages
+from chatretriever.errors import DataFormatError, MissingExtraError, require_extra
+from chatretriever.io.files import atomic_path, atomic_write, read_json
+from chatretriever.io.mtrag import iter_mtrag_corpus, load_mtrag
+from chatretriever.io.trec import read_run
+from chatretriever.retrieval.evaluate import write_json
+from chatretriever.retrieval.search import save_run, search_dense
+from chatretriever.types import Passage, Run, Session, qrels_to_dict
+
+# The helper package of benchmarks/conversational.py, beside this script (see that script).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _conversational import backends, runs, tasks  # noqa: E402
+from _conversational.systems import missing_model, parse_model, slug  # noqa: E402
+
+SYSTEMS = ("uniconv", "decoupled", "bm25", "closed-book", "oracle", "retriever-as-generator")
+MEASURES = ("nDCG@3", "R@10")
+RUN_DEPTH = 10  # R@10 reads the top 10 of a run whatever k the answers read
+
+
+@dataclass(frozen=True)
+class RagSystem:
+    """One row of the table: how it retrieves and what answers.
+
+    Attributes:
+        id: Row name (also the answers file name).
+        retrieval: "dense", "bm25", "oracle" (the judged-relevant passages) or "none".
+        retriever: The dense retriever's model spec (`registry.load_encoder`), else None.
+        label: The retriever's name in file names ("uniconv", "chatretriever-smol", ...).
+        answerer: "self" (the retriever answers: UniConv), "llm" (`generator` behind a
+            `GroundedGenerator`) or "retriever-lm" (the retriever's own causal LM).
+        generator: The chat LLM of "llm", else None.
+    """
+
+    id: str
+    retrieval: str
+    retriever: str | None
+    label: str
+    answerer: str
+    generator: str | None = None
+
+    @property
+    def run_id(self) -> str | None:
+        """The cached run's name (systems retrieving alike share it), None without a run."""
+        if self.retrieval == "dense":
+            return slug(f"{self.label}.session")
+        return "bm25.last_turn" if self.retrieval == "bm25" else None
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    p.add_argument("--data", default="../shared/data/mtrag", help="the MTRAG directory")
+    p.add_argument("--out", default="outputs/rag", help="output directory (and caches)")
+    p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
+    p.add_argument("--uniconv", metavar="DIR", help="the UniConv of the `uniconv` row")
+    p.add_argument("--ablation", action="append", default=[], metavar="NAME=DIR")
+    p.add_argument("--retriever", default="chatretriever-smol", help="retriever of `decoupled`")
+    p.add_argument("--generator", default="smollm2-135m-instruct", help="chat LLM that answers")
+    p.add_argument(
+        "--eval-conversations",
+        default="configs/mtrag-un-heldout.txt",
+        help="conversation ids to evaluate ('' = every conversation)",
+    )
+    p.add_argument("--limit", type=int, default=0, help="first N turns by sorted id (0: all)")
+    p.add_argument("--k", type=int, default=3, help="passages each answer reads")
+    p.add_argument("--pool", type=int, default=0, help="pooled corpus with BM25's top P (0: off)")
+    p.add_argument("--max-new-tokens", type=int, default=96, help="longest answer, in tokens")
+    p.add_argument("--gen-batch-size", type=int, default=8, help="prompts per generation call")
+    p.add_argument("--batch-size", type=int, default=32, help="passages per encoder call")
+    p.add_argument("--query-batch-size", type=int, default=16, help="sessions per encoder call")
+    p.add_argument("--chunk-size", type=int, default=2000, help="passages per embedding chunk")
+    p.add_argument("--device", help="cpu, cuda, ... (default: the accelerator, else cpu)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log library messages (INFO)")
+    args = p.parse_args(argv)
+    for name in ("k", "max_new_tokens", "gen_batch_size", "batch_size", "query_batch_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    if args.limit < 0 or args.pool < 0:
+        p.error("--limit and --pool must be at least 0")
+    args.rewrite_model = None  # read by the shared Workspace, unused here
+    return args
+
+
+def plan_systems(args: argparse.Namespace) -> tuple[list[RagSystem], list[dict[str, str]]]:
+    """The rows to run, in table order, and the ones skipped with the reason."""
+    out: list[RagSystem] = []
+    skipped: list[dict[str, str]] = []
+    chosen = set(args.systems)
+    label, spec = parse_model(args.retriever)
+    gen = args.generator
+    if "uniconv" in chosen:
+        if args.uniconv:
+            out.append(RagSystem("uniconv", "dense", args.uniconv, "uniconv", "self"))
+        else:
+            skipped.append({"system": "uniconv", "reason": "no --uniconv DIR given"})
+    plain = {
+        "decoupled": RagSystem("decoupled", "dense", spec, label, "llm", gen),
+        "bm25": RagSystem("bm25", "bm25", None, "bm25", "llm", gen),
+        "closed-book": RagSystem("closed-book", "none", None, "", "llm", gen),
+        "oracle": RagSystem("oracle", "oracle", None, "oracle", "llm", gen),
+        "retriever-as-generator": RagSystem(
+            "retriever-as-generator", "dense", spec, label, "retriever-lm"
+        ),
+    }
+    out += [system for name, system in plain.items() if name in chosen]
+    for text in args.ablation:
+        name, path = parse_model(text)
+        out.append(RagSystem(name, "dense", path, name, "self"))
+    kept = []
+    for system in out:
+        why = next(filter(None, (missing_model(m) for m in _models(system))), None)
+        if why:
+            skipped.append({"system": system.id, "reason": why})
+        else:
+            kept.append(system)
+    ids = [s.id for s in kept]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"two systems share a name: {ids}; give each --ablation its own NAME")
+    return kept, skipped
+
+
+def _models(system: RagSystem) -> list[str]:
+    return [m for m in (system.retriever, system.generator) if m]
+
+
+# ------------------------------------------------------------------------- turns and corpus
+def select_turns(
+    sessions: Sequence[Session], conversations: set[str] | None, limit: int = 0
+) -> list[Session]:
+    """The evaluated turns: of the given conversations (None: all), with a reference response,
+    sorted by id, the first `limit` of them (0: all)."""
+    kept = [
+        s
+        for s in sessions
+        if s.response and (conversations is None or tasks.conversation_of(s.id) in conversations)
+    ]
+    kept.sort(key=lambda s: s.id)
+    return kept[:limit] if limit else kept
+
+
+def pool_ids(
+    judged: Mapping[str, Mapping[str, int]], bm25_hits: Mapping[str, Sequence[str]], depth: int
+) -> set[str]:
+    """A pooled corpus: every passage judged for the turns (any relevance, rel 0 included) and
+    the top `depth` BM25 hits of each turn.
+
+    Args:
+        judged: Turn id -> doc id -> relevance (the evaluated turns only).
+        bm25_hits: Turn id -> BM25's doc ids, best first.
+        depth: BM25 hits kept per turn.
+
+    Returns:
+        The pooled passage ids.
+    """
+    pool = {d for docs in judged.values() for d in docs}
+    pool.update(d for hits in bm25_hits.values() for d in hits[:depth])
+    return pool
+
+
+def _ids_sha(ids: Iterable[str]) -> str:
+    return hashlib.sha1("\n".join(sorted(ids)).encode("utf-8")).hexdigest()
+
+
+def load_corpus(
+    args: argparse.Namespace, corpus_path: Path, turns: Sequence[Session], judged: Mapping
+) -> tuple[list[Passage], dict[str, Any]]:
+    """The searched passages (full or pooled, in corpus order) and how they were chosen.
+
+    A pool's ids are cached in OUT/pools/ under the turns and the depth (no BM25 on a rerun).
+    """
+    full = list(iter_mtrag_corpus(corpus_path))
+    info: dict[str, Any] = {"pooled": bool(args.pool), "full_passages": len(full), "tag": "full"}
+    if not args.pool:
+        return full, {**info, "passages": len(full)}
+    cache = Path(args.out) / "pools" / f"pool{args.pool}.{_ids_sha(s.id for s in turns)[:12]}.txt"
+    if cache.exists():
+        ids = set(cache.read_text(encoding="utf-8").split())
+    else:
+        from chatretriever.retrieval.baselines import BM25Retriever
+
+        print(f"pooling: BM25 top {args.pool} of {len(turns)} turns over {len(full):,} passages")
+        run = BM25Retriever(full, show_progress=True).search(turns, args.pool, "last_turn")
+        hits = {q: [d.doc_id for d in run.ranked(q)] for q in run.scores}
+        ids = pool_ids(judged, hits, args.pool)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(cache) as f:
+            f.write("".join(f"{i}\n" for i in sorted(ids)))
+    passages = [p for p in full if p.id in ids]
+    tag = f"pool{args.pool}-{_ids_sha(ids)[:8]}"
+    return passages, {**info, "passages": len(passages), "tag": tag, "depth": args.pool}
+
+
+# ------------------------------------------------------------------------------- workspace
+class RagWorkspace(runs.Workspace):
+    """The shared benchmark workspace (encoders, embeddings, BM25) over the searched passages,
+    plus the answering models."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        turns: list[Session],
+        passages: list[Passage],
+        judged: Mapping[str, Mapping[str, int]],
+        corpus_path: Path,
+    ) -> None:
+        super().__init__(args, turns, corpus_path)
+        self.passages = passages
+        self.judged = judged
+        self._generators: dict[str, Any] = {}
+
+    def corpus(self) -> list[Passage]:
+        return self.passages
+
+    def answering_model(self, system: RagSystem) -> Any:
+        """The model that answers for `system` (loaded once per model)."""
+        from chatretriever.modeling.grounded import GroundedGenerator
+
+        if system.answerer == "self":
+            return self.encoder(system.retriever)
+        key = f"{system.answerer}:{system.generator or system.retriever}"
+        if key not in self._generators:
+            a = self.args
+            settings = {"max_new_tokens": a.max_new_tokens, "batch_size": a.gen_batch_size}
+            if system.answerer == "llm":
+                gen = GroundedGenerator.from_pretrained(system.generator, a.device, **settings)
+            else:  # the retriever's causal LM, LoRA merged into a copy
+                retriever = self.encoder(system.retriever)
+                model = copy.deepcopy(retriever.model)
+                model = model.merge_and_unload() if hasattr(model, "peft_config") else model
+                gen = GroundedGenerator(model, retriever.tokenizer, **settings)
+            self._generators[key] = gen
+        return self._generators[key]
+
+    def answerer_key(self, system: RagSystem) -> dict[str, Any]:
+        """What identifies the answering model (cache key of its answers)."""
+        if system.answerer == "llm":
+            return {"llm": system.generator, "files": runs.files_state(system.generator)}
+        return {system.answerer: self.fingerprint(system.retriever)}
+
+
+# ------------------------------------------------------------------------------ the systems
+def retrieval_run(system: RagSystem, ws: RagWorkspace, corpus_tag: str) -> tuple[Run | None, dict]:
+    """The system's run over the evaluated turns (cached under OUT/runs/), and its settings."""
+    if system.retrieval == "none":
+        return None, {}
+    if system.retrieval == "oracle":
+        return oracle_run(ws.judged, [s.id for s in ws.sessions]), {}
+    run_path = ws.out / "runs" / f"{system.run_id}.{corpus_tag}.trec"
+    key = {
+        "run": system.run_id,
+        "retriever": ws.fingerprint(system.retriever) if system.retriever else "bm25",
+        "corpus": corpus_tag,
+        "depth": RUN_DEPTH,
+        "queries_sha1": _ids_sha(s.id for s in ws.sessions),
+    }
+    settings = runs.cached_settings(run_path, key)
+    if settings is None:
+        timing = {}
+        if system.retrieval == "dense":
+            index, timing = ws.index(system.retriever, f"{system.label}.{corpus_tag}")
+            encoder = ws.encoder(system.retriever)
+            start = time.perf_counter()
+            run = search_dense(
+                encoder, index, ws.sessions, RUN_DEPTH, batch_size=ws.args.query_batch_size
+            )
+        else:
+            retriever, timing["index_s"] = ws.bm25()
+            start = time.perf_counter()
+            run = retriever.search(ws.sessions, RUN_DEPTH, "last_turn")
+        timing = {**timing, "query_s": time.perf_counter() - start}
+        settings = {"key": key, "wall_s": round(sum(timing.values()), 3), "timing_s": timing}
+        save_run(run_path, run, settings, depth=RUN_DEPTH)
+    return Run(read_run(run_path).scores, name=system.run_id), {"run": str(run_path), **settings}
+
+
+def oracle_run(judged: Mapping[str, Mapping[str, int]], qids: Iterable[str]) -> Run:
+    """The judged-relevant passages (rel > 0) of each turn as a run, most relevant first."""
+    scores = {q: {d: float(r) for d, r in judged.get(q, {}).items() if r > 0} for q in qids}
+    return Run(scores, name="oracle")
+
+
+def answers_of(
+    system: RagSystem, ws: RagWorkspace, passages: Mapping[str, list[Passage]]
+) -> tuple[dict[str, str], dict]:
+    """The system's answers (cached in OUT/answers/ under the model, passages and settings)."""
+    from chatretriever.io.answers import read_answers, write_answers
+    from chatretriever.modeling.grounded import CLOSED_BOOK_SYSTEM, GROUNDED_SYSTEM
+
+    path = ws.out / "answers" / f"{slug(system.id)}.jsonl"
+    settings_file = path.with_name(path.name + ".settings.json")
+    prompts = hashlib.sha1((GROUNDED_SYSTEM + CLOSED_BOOK_SYSTEM).encode()).hexdigest()[:12]
+    key = {
+        "system": asdict(system),
+        "answerer": ws.answerer_key(system),
+        "passages_sha1": hashlib.sha1(
+            json.dumps({s.id: [p.id for p in passages[s.id]] for s in ws.sessions}).encode()
+        ).hexdigest(),
+        "max_new_tokens": ws.args.max_new_tokens,
+        "prompts": prompts,
+    }
+    if path.exists() and settings_file.exists() and read_json(settings_file).get("key") == key:
+        return read_answers(path), {
+            "answers": str(path),
+            "cached": True,
+            **read_json(settings_file),
+        }
+    model = ws.answering_model(system)
+    batch_size = ws.args.gen_batch_size
+    kwargs = generation_kwargs(model, ws.args.max_new_tokens, batch_size)  # UniConv: per call
+    items = [(s, passages[s.id]) for s in ws.sessions]
+    start = time.perf_counter()
+    answers = answer_sessions(model, items, batch_size, True, kwargs)
+    settings = {"key": key, "answer_s": round(time.perf_counter() - start, 3)}
+    rows = [
+        {"qid": s.id, "answer": a, "passages": [p.id for p in ps]}
+        for (s, ps), a in zip(items, answers, strict=True)
+    ]
+    write_answers(path, rows)
+    write_json(settings_file, settings)
+    return dict(zip((s.id for s in ws.sessions), answers, strict=True)), {
+        "answers": str(path),
+        "cached": False,
+        **settings,
+    }
+
+
+def evaluate_system(
+    system: RagSystem, run: Run | None, answers: Mapping[str, str], ws: RagWorkspace
+) -> dict[str, Any]:
+    """Retrieval metrics (dense and BM25 rows), generation metrics and consistency."""
+    from chatretriever.retrieval.evaluate import evaluate_run
+    from chatretriever.retrieval.generation_eval import consistency, score_answers, summarize
+
+    scores = score_answers(answers, {s.id: s.response for s in ws.sessions})
+    generation = summarize(scores)
+    metrics: dict[str, float | None] = dict.fromkeys(MEASURES)
+    metrics.update({"F1": generation["f1"], "ROUGE-L": generation["rouge_l"]})
+    record: dict[str, Any] = {"metrics": metrics, "n": generation["n"], "consistency": None}
+    if run is not None and system.retrieval in ("dense", "bm25"):
+        ev = evaluate_run(run, ws.judged, MEASURES)
+        metrics.update(ev.aggregate)
+        record["n_judged"] = ev.num_queries
+        judged_scores = {q: v for q, v in scores.items() if q in ws.judged}
+        record["consistency"] = consistency(judged_scores, run.scores, ws.judged, ws.args.k)
+    return record
+
+
+# ---------------------------------------------------------------------------------- report
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _hit_miss(c: Mapping[str, Any] | None) -> str:
+    if not c:
+        return "-"
+    hit, miss = c["hit"], c["miss"]
+    return f"{_cell(hit['f1'])} / {_cell(miss['f1'])} ({hit['n']}/{miss['n']})"
+
+
+def results_table(records: Sequence[Mapping[str, Any]]) -> str:
+    """The markdown table: one row per system (metrics of rows that do not retrieve are "-")."""
+    head = ["system", *MEASURES, "F1", "ROUGE-L", "F1 hit / miss (n)", "n"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in records:
+        m = r["metrics"]
+        cells = [r["id"], *(_cell(m[x]) for x in (*MEASURES, "F1", "ROUGE-L"))]
+        cells += [_hit_miss(r.get("consistency")), str(r["n"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def corpus_line(corpus: Mapping[str, Any], turns: int) -> str:
+    """What was searched: the full corpus, or the pool and its size."""
+    if not corpus["pooled"]:
+        return f"Corpus: the full MTRAG corpus, {corpus['passages']:,} passages."
+    return (
+        f"Corpus: POOLED, {corpus['passages']:,} of {corpus['full_passages']:,} passages: every "
+        f"passage judged for the {turns} evaluated turns plus BM25's top {corpus['depth']} of "
+        "each turn (last turn, full corpus). Retrieval is easier than on the full corpus."
+    )
+
+
+def write_markdown(path: Path, summary: Mapping[str, Any], records: Sequence[Mapping]) -> str:
+    judged = next((r["n_judged"] for r in records if "n_judged" in r), "-")
+    which = summary["eval_conversations"] or "all conversations"
+    if summary["limit"]:
+        which += f", the first {summary['limit']} by id"
+    text = [
+        "# MTRAG-UN retrieval-augmented generation",
+        "",
+        f"{summary['turns']} turns answered ({which}); retrieval measures over the {judged} "
+        f"judged ones; each answer reads the top {summary['k']} passages. "
+        + corpus_line(summary["corpus"], summary["turns"]),
+        "",
+        results_table(records),
+        "",
+        "F1: SQuAD token F1, ROUGE-L: F-measure, both against the reference response. "
+        f"F1 hit / miss: judged turns whose top {summary['k']} holds a relevant passage or not.",
+        "",
+    ]
+    text += [f"- {r['id']}: {r['description']}" for r in records]
+    text += [f"- skipped {s['system']}: {s['reason']}" for s in summary["skipped"]]
+    text.append(f"\n`{summary['command']}`\n")
+    out = "\n".join(text)
+    with atomic_write(path) as f:
+        f.write(out)
+    return out
+
+
+def write_plot(path: Path, records: Sequence[Mapping[str, Any]]) -> bool:
+    """Bar chart of F1 and nDCG@3 per system (needs matplotlib)."""
+    try:
+        require_extra("matplotlib", "plot", "the plot").use("Agg")
+        plt = require_extra("matplotlib.pyplot", "plot", "the plot")
+    except MissingExtraError as e:
+        print(f"  no plot: {e}")
+        return False
+    y = np.arange(len(records))
+    fig, ax = plt.subplots(figsize=(8, 1.5 + 0.45 * len(records)))
+    for offset, measure in ((-0.2, "F1"), (0.2, "nDCG@3")):
+        values = [r["metrics"][measure] for r in records]
+        ax.barh(y + offset, [np.nan if v is None else v for v in values], 0.4, label=measure)
+    ax.set_yticks(y, [r["id"] for r in records])
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("score (no nDCG@3 bar: the row does not retrieve)")
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def describe(system: RagSystem, k: int) -> str:
+    reads = {
+        "dense": f"top {k} of {system.label} (whole session)",
+        "bm25": f"top {k} of BM25 (last turn)",
+        "oracle": f"the judged-relevant passages (at most {k})",
+        "none": "no passages",
+    }[system.retrieval]
+    who = {"self": system.label, "llm": system.generator, "retriever-lm": f"{system.label}'s LM"}
+    return f"{who[system.answerer]} answers from {reads}"
+
+
+# ------------------------------------------------------------------------------------ main
+def run_system(system: RagSystem, ws: RagWorkspace, corpus_tag: str) -> dict[str, Any]:
+    run, run_settings = retrieval_run(system, ws, corpus_tag)
+    no_run = Run({s.id: {} for s in ws.sessions})
+    passages = top_passages(run or no_run, {p.id: p for p in ws.passages}, ws.args.k)
+    answers, answer_settings = answers_of(system, ws, passages)
+    record = {"id": system.id, **asdict(system), "description": describe(system, ws.args.k)}
+    record.update(evaluate_system(system, run, answers, ws))
+    record.update(run=run_settings or None, answers=answer_settings)
+    return record
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    data = load_mtrag(args.data)
+    if data.corpus_path is None:
+        raise SystemExit(f"{args.data}: no corpus.jsonl(.gz) beside the tasks")
+    convs = tasks.read_conversations(args.eval_conversations) if args.eval_conversations else None
+    turns = select_turns(data.sessions, convs, args.limit)
+    if not turns:
+        raise SystemExit("no turn to evaluate")
+    qids = {s.id for s in turns}
+    judged = {q: d for q, d in qrels_to_dict(data.qrels).items() if q in qids}
+    planned, skipped = plan_systems(args)
+    for s in skipped:
+        print(f"skip {s['system']}: {s['reason']}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    passages, corpus = load_corpus(args, data.corpus_path, turns, judged)
+    print(
+        f"MTRAG-UN RAG: {len(turns)} turns, {len(judged)} judged. {corpus_line(corpus, len(turns))}"
+    )
+    ws = RagWorkspace(args, turns, passages, judged, data.corpus_path)
+    records = []
+    for n, system in enumerate(planned, start=1):
+        print(f"[{n}/{len(planned)}] {system.id}: {describe(system, args.k)}")
+        records.append(run_system(system, ws, corpus["tag"]))
+        backends.release_memory()
+    summary = {
+        "command": shlex.join(["python", "benchmarks/rag.py", *argv]),
+        "data": args.data,
+        "eval_conversations": args.eval_conversations,
+        "limit": args.limit,
+        "turns": len(turns),
+        "k": args.k,
+        "max_new_tokens": args.max_new_tokens,
+        "corpus": corpus,
+        "skipped": skipped,
+    }
+    write_json(out / "rag.json", {**summary, "systems": records})
+    print(write_markdown(out / "rag.md", summary, records))
+    write_plot(out / "rag.png", records)
+    print(f"-> {out / 'rag'}.{{json,md,png}}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (DataFormatError, ValueError, FileNotFoundError, ImportError) as e:
+        sys.exit(f"error: {e}")
