@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
+from chatretriever.config import LossConfig
 from chatretriever.io.training import TrainingExample, TrainingPassage, passage_keys
+from chatretriever.modeling.collate import csit_batch, encode_batch
 from chatretriever.modeling.losses import N_KEYS, CandidateLayout
 
 
@@ -75,3 +78,37 @@ def teacher_slot_scores(
         scores = [pos, *ex.teacher.negatives[:n_negatives]]
         out[i, : len(scores)] = torch.tensor(scores)
     return out
+
+
+def contrastive_batch(
+    template: Any,
+    examples: Sequence[TrainingExample],
+    sessions: Sequence[Sequence[dict[str, str]]],
+    loss: LossConfig,
+    pad_id: int,
+    padding_side: str = "right",
+    seed: int = 0,
+    epoch: int = 0,
+) -> tuple[dict[str, Any], list[TrainingPassage]]:
+    """The session side and the passage side of one contrastive step.
+
+    Args:
+        template: The model's `RetrievalTemplate`.
+        examples: The step's examples.
+        sessions: The session side of each example as chat messages.
+        loss: Under the LM part (`loss.uses_lm`) the session side is a CSIT batch ([session,
+            EMB, target] under `loss.session_mask`), else a plain session batch.
+        pad_id, padding_side: Padding of the plain batches.
+        seed, epoch: Choose each example's positive (`positive_index`).
+
+    Returns:
+        ({"sessions", "passages", "layout"}, the encoded passages in layout row order).
+    """
+    if loss.uses_lm:
+        pieces = template.csit_pieces_batch(sessions, [ex.target_text for ex in examples])
+        session_batch = csit_batch(pieces, pad_id, loss.session_mask)
+    else:
+        session_batch = encode_batch(template.session_ids_batch(sessions), pad_id, padding_side)
+    passages, layout = candidate_layout(examples, loss.n_hard_negatives, seed, epoch)
+    passage_batch = encode_batch(template.passage_ids_batch(passages), pad_id, padding_side)
+    return {"sessions": session_batch, "passages": passage_batch, "layout": layout}, passages

@@ -129,6 +129,30 @@ def deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def recipe_from_dict(cls: type[T], data: Mapping[str, Any], sections: Mapping[str, type]) -> T:
+    """Build a recipe dataclass: `model`, `output_dir` and `data` required, each of `sections`
+    ({key: dataclass}) parsed from its mapping, `training` a mapping of TrainingArguments, and a
+    `retriever` section (when present) told the base model (named once, by `model`).
+
+    Raises:
+        ValueError: naming the missing or malformed key.
+    """
+    d = dict(data)
+    for key in ("model", "output_dir", "data"):
+        if key not in d:
+            raise ValueError(f"missing required key {key!r}")
+    for key, kind in sections.items():
+        if key in d:
+            if not isinstance(d[key], Mapping):
+                raise ValueError(f"{key} must be a mapping, got {type(d[key]).__name__}")
+            d[key] = _from_dict(kind, d[key])
+    if "retriever" in d and hasattr(d["retriever"], "base_model"):
+        d["retriever"].base_model = str(d["model"])
+    if not isinstance(d.get("training", {}), Mapping):
+        raise ValueError("training must be a mapping of TrainingArguments fields")
+    return _from_dict(cls, d)
+
+
 def load_config(
     path: str | Path, build: Callable[[dict[str, Any]], T], overrides: Sequence[str] = ()
 ) -> T:
@@ -228,3 +252,36 @@ def cap_sources(
         ([ex for ex in examples if ex.source not in caps or ex.id in keep], repeat)
         for examples, repeat in parts
     ]
+
+
+def prepare_llm_run(config: Any, resume: bool, model_cls: Any) -> tuple[Any, str | None, Any, Any]:
+    """What every EmbLLM training run does first: the TrainingArguments, the checkpoint to
+    resume from, the training set (files x repeat, per-source caps), the seed, the trainable
+    model (a saved dir: its weights, trainable) and the resolved recipe saved beside it.
+
+    Args:
+        config: A recipe with `output_dir`, `training`, `data` (`DataSettings`), `model`,
+            `retriever` and `lora`.
+        resume: Continue from the newest checkpoint in `output_dir`.
+        model_cls: The `EmbLLM` subclass to load (`ChatRetriever`, `UniConv`).
+
+    Returns:
+        (TrainingArguments, checkpoint or None, the TrainingSet, the model on the CPU).
+    """
+    from transformers import set_seed
+
+    from chatretriever.io.training import iter_training_examples
+    from chatretriever.modeling.trainer import TrainingSet, training_arguments
+
+    out = Path(config.output_dir)
+    args = training_arguments(out, config.training)
+    checkpoint = resume_checkpoint(out, resume)
+    parts = load_examples(config.data, iter_training_examples)
+    dataset = TrainingSet(cap_sources(parts, config.data.caps, config.data.cap_seed))
+    set_seed(args.seed)  # LoRA's random init comes before the Trainer seeds anything
+    model = model_cls.from_pretrained(
+        config.model, config=config.retriever, lora=config.lora, is_trainable=True, device="cpu"
+    )
+    if args.process_index == 0:
+        save_recipe(config, out)
+    return args, checkpoint, dataset, model

@@ -36,14 +36,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from chatretriever.config import LoraSettings, LossConfig, RetrieverConfig, _from_dict
+from chatretriever.config import LoraSettings, LossConfig, RetrieverConfig
 from chatretriever.modeling.recipe import (
     DataSettings,
-    cap_sources,
     load_config,
-    load_examples,
-    resume_checkpoint,
-    save_recipe,
+    prepare_llm_run,
+    recipe_from_dict,
 )
 
 
@@ -84,27 +82,17 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
-        d = dict(data)
-        for key in ("model", "output_dir", "data"):
-            if key not in d:
-                raise ValueError(f"missing required key {key!r}")
-        parts = {
-            "data": DataSettings,
-            "retriever": RetrieverConfig,
-            "loss": LossConfig,
-            "lora": LoraSettings,
-            "distill": DistillSettings,
-        }
-        for key, kind in parts.items():
-            if key in d:
-                if not isinstance(d[key], Mapping):
-                    raise ValueError(f"{key} must be a mapping, got {type(d[key]).__name__}")
-                d[key] = _from_dict(kind, d[key])
-        if "retriever" in d:  # the base model is named once, by `model`
-            d["retriever"].base_model = str(d["model"])
-        if not isinstance(d.get("training", {}), Mapping):
-            raise ValueError("training must be a mapping of TrainingArguments fields")
-        return _from_dict(cls, d)
+        return recipe_from_dict(
+            cls,
+            data,
+            {
+                "data": DataSettings,
+                "retriever": RetrieverConfig,
+                "loss": LossConfig,
+                "lora": LoraSettings,
+                "distill": DistillSettings,
+            },
+        )
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -131,24 +119,10 @@ def run_training(config: TrainConfig, resume: bool = False) -> Path:
     Returns:
         `output_dir`, holding the final model, the resolved recipe and the training log.
     """
-    from transformers import set_seed
-
-    from chatretriever.io.training import iter_training_examples
     from chatretriever.methods.chatretriever.model import ChatRetriever
     from chatretriever.methods.chatretriever.train import CsitTrainer, make_collator
-    from chatretriever.modeling.trainer import TrainingSet, training_arguments
 
-    out = Path(config.output_dir)
-    args = training_arguments(out, config.training)
-    checkpoint = resume_checkpoint(out, resume)
-    parts = load_examples(config.data, iter_training_examples)
-    dataset = TrainingSet(cap_sources(parts, config.data.caps, config.data.cap_seed))
-    set_seed(args.seed)  # LoRA's random init comes before the Trainer seeds anything
-    retriever = ChatRetriever.from_pretrained(  # a saved dir: its weights, trainable
-        config.model, config=config.retriever, lora=config.lora, is_trainable=True, device="cpu"
-    )
-    if args.process_index == 0:
-        save_recipe(config, out)
+    args, checkpoint, dataset, retriever = prepare_llm_run(config, resume, ChatRetriever)
     trainer = CsitTrainer(
         model=retriever,
         args=args,

@@ -26,8 +26,7 @@ import torch
 from chatretriever.config import LossConfig
 from chatretriever.io.training import TrainingExample
 from chatretriever.methods.chatretriever.recipe import DistillSettings
-from chatretriever.modeling.candidates import candidate_layout, teacher_slot_scores
-from chatretriever.modeling.collate import csit_batch, encode_batch
+from chatretriever.modeling.candidates import contrastive_batch, teacher_slot_scores
 from chatretriever.modeling.losses import (
     CandidateLayout,
     combine_csit_losses,
@@ -79,22 +78,16 @@ class CsitCollator:
 
     def __call__(self, examples: Sequence[TrainingExample]) -> dict[str, Any]:
         sessions = [self.messages(ex) for ex in examples]
-        if self.loss.uses_lm:
-            targets = [ex.target_text for ex in examples]
-            pieces = self.template.csit_pieces_batch(sessions, targets)  # few tokenizer calls
-            session_batch = csit_batch(pieces, self.pad_id, self.loss.session_mask)
-        else:
-            ids = self.template.session_ids_batch(sessions)
-            session_batch = encode_batch(ids, self.pad_id, self.padding_side)
-        passages, layout = candidate_layout(
-            examples, self.loss.n_hard_negatives, self.seed, self.epoch
+        batch, _ = contrastive_batch(
+            self.template,
+            examples,
+            sessions,
+            self.loss,
+            self.pad_id,
+            self.padding_side,
+            self.seed,
+            self.epoch,
         )
-        passage_ids = self.template.passage_ids_batch(passages)
-        batch = {
-            "sessions": session_batch,
-            "passages": encode_batch(passage_ids, self.pad_id, self.padding_side),
-            "layout": layout,
-        }
         if self.teacher:
             k = self.loss.n_hard_negatives
             batch["teacher_scores"] = teacher_slot_scores(examples, k, self.seed, self.epoch)

@@ -20,9 +20,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from chatretriever.config import _from_dict
 from chatretriever.methods.items.templates import TASKS
-from chatretriever.modeling.recipe import BaseDataSettings, load_config, load_examples
+from chatretriever.modeling.recipe import (
+    BaseDataSettings,
+    load_config,
+    load_examples,
+    recipe_from_dict,
+)
 
 
 @dataclass
@@ -74,19 +78,11 @@ class ItemTrainConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ItemTrainConfig:
-        d = dict(data)
-        for key in ("model", "output_dir", "data"):
-            if key not in d:
-                raise ValueError(f"missing required key {key!r}")
-        parts = {"data": ItemDataSettings, "loss": ItemLossSettings, "lengths": Lengths}
-        for key, kind in parts.items():
-            if key in d:
-                if not isinstance(d[key], Mapping):
-                    raise ValueError(f"{key} must be a mapping, got {type(d[key]).__name__}")
-                d[key] = _from_dict(kind, d[key])
-        if not isinstance(d.get("training", {}), Mapping):
-            raise ValueError("training must be a mapping of TrainingArguments fields")
-        return _from_dict(cls, d)
+        return recipe_from_dict(
+            cls,
+            data,
+            {"data": ItemDataSettings, "loss": ItemLossSettings, "lengths": Lengths},
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -24,15 +24,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from chatretriever.config import LoraSettings, LossConfig, RetrieverConfig, _from_dict
+from chatretriever.config import LoraSettings, LossConfig, RetrieverConfig
 from chatretriever.methods.uniconv.train import UniConvSettings
 from chatretriever.modeling.recipe import (
     DataSettings,
-    cap_sources,
     load_config,
-    load_examples,
-    resume_checkpoint,
-    save_recipe,
+    prepare_llm_run,
+    recipe_from_dict,
 )
 
 METHOD = "uniconv"
@@ -54,29 +52,21 @@ class UniConvRecipe:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> UniConvRecipe:
-        d = dict(data)
-        for key in ("model", "output_dir", "data"):
-            if key not in d:
-                raise ValueError(f"missing required key {key!r}")
-        if d.get("method", METHOD) != METHOD:
-            raise ValueError(f"method must be {METHOD!r} in a UniConv recipe, got {d['method']!r}")
-        parts = {
-            "data": DataSettings,
-            "retriever": RetrieverConfig,
-            "loss": LossConfig,
-            "uniconv": UniConvSettings,
-            "lora": LoraSettings,
-        }
-        for key, kind in parts.items():
-            if key in d:
-                if not isinstance(d[key], Mapping):
-                    raise ValueError(f"{key} must be a mapping, got {type(d[key]).__name__}")
-                d[key] = _from_dict(kind, d[key])
-        if "retriever" in d:  # the base model is named once, by `model`
-            d["retriever"].base_model = str(d["model"])
-        if not isinstance(d.get("training", {}), Mapping):
-            raise ValueError("training must be a mapping of TrainingArguments fields")
-        return _from_dict(cls, d)
+        if data.get("method", METHOD) != METHOD:
+            raise ValueError(
+                f"method must be {METHOD!r} in a UniConv recipe, got {data['method']!r}"
+            )
+        return recipe_from_dict(
+            cls,
+            data,
+            {
+                "data": DataSettings,
+                "retriever": RetrieverConfig,
+                "loss": LossConfig,
+                "uniconv": UniConvSettings,
+                "lora": LoraSettings,
+            },
+        )
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -95,24 +85,10 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> UniConvRecip
 
 def run_training(config: UniConvRecipe, resume: bool = False) -> Path:
     """Train a UniConv as the recipe says; returns the saved model dir (`output_dir`)."""
-    from transformers import set_seed
-
-    from chatretriever.io.training import iter_training_examples
     from chatretriever.methods.uniconv.model import UniConv
     from chatretriever.methods.uniconv.train import UniConvTrainer, make_collator
-    from chatretriever.modeling.trainer import TrainingSet, training_arguments
 
-    out = Path(config.output_dir)
-    args = training_arguments(out, config.training)
-    checkpoint = resume_checkpoint(out, resume)
-    parts = load_examples(config.data, iter_training_examples)
-    dataset = TrainingSet(cap_sources(parts, config.data.caps, config.data.cap_seed))
-    set_seed(args.seed)  # LoRA's random init comes before the Trainer seeds anything
-    model = UniConv.from_pretrained(
-        config.model, config=config.retriever, lora=config.lora, is_trainable=True, device="cpu"
-    )
-    if args.process_index == 0:
-        save_recipe(config, out)
+    args, checkpoint, dataset, model = prepare_llm_run(config, resume, UniConv)
     trainer = UniConvTrainer(
         model=model,
         args=args,

@@ -30,8 +30,8 @@ from chatretriever.config import LossConfig
 from chatretriever.io.training import TrainingExample
 from chatretriever.methods.uniconv.cii import CiiBatch, cii_batch, cii_row
 from chatretriever.methods.uniconv.losses import cii_loss
-from chatretriever.modeling.candidates import candidate_layout
-from chatretriever.modeling.collate import csit_batch, encode_batch
+from chatretriever.modeling.candidates import contrastive_batch
+from chatretriever.modeling.collate import encode_batch
 from chatretriever.modeling.grounded import grounded_messages
 from chatretriever.modeling.losses import (
     contrastive_loss,
@@ -116,24 +116,18 @@ class UniConvCollator:
 
     def __call__(self, examples: Sequence[TrainingExample]) -> dict[str, Any]:
         sessions = [[t.to_dict() for t in ex.messages] for ex in examples]
-        if self.loss.uses_lm:
-            pieces = self.template.csit_pieces_batch(sessions, [ex.target_text for ex in examples])
-            session_batch = csit_batch(pieces, self.pad_id, self.loss.session_mask)
-        else:
-            ids = self.template.session_ids_batch(sessions)
-            session_batch = encode_batch(ids, self.pad_id, self.padding_side)
-        passages, layout = candidate_layout(
-            examples, self.loss.n_hard_negatives, self.seed, self.epoch
+        batch, passages = contrastive_batch(
+            self.template,
+            examples,
+            sessions,
+            self.loss,
+            self.pad_id,
+            self.padding_side,
+            self.seed,
+            self.epoch,
         )
-        batch: dict[str, Any] = {
-            "sessions": session_batch,
-            "passages": encode_batch(
-                self.template.passage_ids_batch(passages), self.pad_id, self.padding_side
-            ),
-            "layout": layout,
-        }
         if self.settings.alpha > 0:
-            batch.update(self.cii_inputs(examples, passages, layout.rows[:, 0].tolist()))
+            batch.update(self.cii_inputs(examples, passages, batch["layout"].rows[:, 0].tolist()))
         return batch
 
     def contexts(self, examples: Sequence[TrainingExample], positives: Sequence[Any]) -> list:
