@@ -1,4 +1,5 @@
-"""Read the item training examples `build.py` writes (the project's training JSONL).
+"""Read the item training examples `build.py` writes (the project's training JSONL, parsed by
+`io.training`: one parser for the format).
 
 Each line: {"id", "messages": [one user turn: the query], "positives": [{"id", "title", "text"}],
 "negatives": [...], "source": "items/<TASK>", "metadata": {"task", "relevant": [all target ids],
@@ -11,11 +12,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from chatretriever.errors import DataFormatError
-from chatretriever.io.files import iter_jsonl, require
-from chatretriever.io.sessions import parse_messages
+from chatretriever.io.files import iter_jsonl
+from chatretriever.io.training import TrainingPassage, example_from_dict
 
 
 @dataclass(frozen=True)
@@ -30,39 +30,30 @@ class ItemExample:
     task: str = ""
 
 
-def _items(obj: dict[str, Any], key: str, path: Path, line: int) -> tuple[tuple[str, str], ...]:
-    raw = obj.get(key, [])
-    if not isinstance(raw, list):
-        raise DataFormatError(path, "expected a list of items", line, key)
-    out = []
-    for j, p in enumerate(raw):
-        if not isinstance(p, dict):
-            raise DataFormatError(path, "expected an object", line, f"{key}[{j}]")
-        out.append(
-            (require(p, "id", path, line), require(p, "text", path, line))
-        )  # ids identify items
-    return tuple(out)
+def _ids(passages: tuple[TrainingPassage, ...], path: Path, line: int, key: str) -> tuple:
+    """(id, text) of each item; an item without an id cannot be scored by id."""
+    for j, p in enumerate(passages):
+        if p.id is None:
+            raise DataFormatError(path, "missing field", line, f"{key}[{j}].id")
+    return tuple((str(p.id), p.text) for p in passages)
 
 
 def iter_item_examples(path: str | Path) -> Iterator[ItemExample]:
-    """Stream training examples; an example without a positive or with a bad field raises
-    DataFormatError naming the file, line and field."""
+    """Stream training examples (parsed by the shared format, `io.training`); an example
+    without a positive, an item without an id or a bad field raises DataFormatError naming the
+    file, line and field."""
     path = Path(path)
     for line, obj in iter_jsonl(path):
-        qid = require(obj, "id", path, line)
-        turns = parse_messages(obj.get("messages"), path, line)
-        positives = _items(obj, "positives", path, line)
-        if not positives:
-            raise DataFormatError(path, "needs at least one positive", line, "positives")
-        meta = obj.get("metadata") or {}
-        relevant = meta.get("relevant") or [i for i, _ in positives]
+        ex = example_from_dict(obj, path, line)
+        positives = _ids(ex.positives, path, line, "positives")
+        relevant = ex.metadata.get("relevant") or [i for i, _ in positives]
         if not isinstance(relevant, list):
             raise DataFormatError(path, "expected a list of ids", line, "metadata.relevant")
         yield ItemExample(
-            id=qid,
-            query=turns[-1].content,
+            id=ex.id,
+            query=ex.messages[-1].content,
             positives=positives,
-            negatives=_items(obj, "negatives", path, line),
+            negatives=_ids(ex.negatives, path, line, "negatives"),
             relevant=tuple(str(i) for i in relevant),
-            task=str(meta.get("task", "")),
+            task=str(ex.metadata.get("task", "")),
         )
