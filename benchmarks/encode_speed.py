@@ -7,7 +7,10 @@
     layer fp32), token-budget batches, packed rows, torch.compile, and optionally a plain
     transformers loop (`--rows plain-fp32 ...`: the same weights, corpus order, LM head).
     Each row's embeddings are compared (cosine) with the fp32 inference copy's, which equals the
-    fp32 training forward. Rows are written to the JSON as they finish.
+    fp32 training forward. Rows are written to the JSON as they finish. Optional runtime rows
+    (issue 22; `--rows ov-bf16 ov-fp32 ort-fp32`, extras `openvino` and `onnx`): the merged
+    fp32 decoder body converted to OpenVINO (bf16 or f32 precision hint) or ONNX Runtime, with
+    the batches of bf16-once (`_ov_runtime.py`); conversion is timed apart, not in tokens/s.
 (b) queries/s of a Faiss Flat (exact inner product) index against HNSW32 at several efSearch
     values, with HNSW's recall@10 against the exact top 10, at the MTRAG corpus size and at
     `--n-random` vectors. Vectors are random unit Gaussians of the model's dimension (queries
@@ -39,6 +42,11 @@ from chatretriever.io.files import atomic_write
 from chatretriever.io.mtrag import iter_mtrag_corpus, load_mtrag
 from chatretriever.retrieval.evaluate import write_json
 from chatretriever.types import Passage
+
+# The helper module beside this script: on sys.path when the script runs, not when it is imported
+# from its file (tests/test_benchmarks.py).
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _ov_runtime  # noqa: E402
 
 TARGET_SPEEDUP = 2.5
 TARGET_COSINE = 0.999
@@ -172,6 +180,12 @@ ROWS: dict[str, tuple[str, dict, dict | None]] = {
     ),
 }
 ROWS["plain-fp32"] = ("plain loop: AutoModelForCausalLM fp32, corpus order, LM head", {}, None)
+# Other runtimes (optional extras): the merged fp32 body converted once, batches of bf16-once.
+ROWS["ov-bf16"] = ("OpenVINO CPU, merged body, bf16 precision hint, 16 a batch", {}, None)
+ROWS["ov-fp32"] = ("OpenVINO CPU, merged body, f32 precision hint, 16 a batch", {}, None)
+ROWS["ort-fp32"] = ("ONNX Runtime CPU, merged body, fp32, 16 a batch", {}, None)
+RUNTIME_ROWS = _ov_runtime.RUNTIME_ROWS
+OPTIONAL_ROWS = ("plain-fp32", *RUNTIME_ROWS)  # run only when asked for (--rows)
 REFERENCE = "fast-fp32"  # equals the training forward in fp32 (tests/test_fast_encode.py)
 TARGET_TOKENS_PER_S = 3000  # bf16-native CPU, 2 cores
 TARGET_COSINE_MEAN = 0.9999
@@ -195,6 +209,8 @@ def run_row(retriever: Any, row: str, passages: list[Passage], n_tokens: int, wa
     every passage through `encode_passages` (tokenization included)."""
     import torch
 
+    if row in RUNTIME_ROWS:
+        return run_runtime_row(retriever, row, passages, n_tokens, warm)
     if row == "plain-fp32":
         plain = plain_model(retriever)
         _, warm_s = timed(plain_encode, plain, retriever, passages[:warm], 16)
@@ -212,6 +228,34 @@ def run_row(retriever: Any, row: str, passages: list[Passage], n_tokens: int, wa
         "fp32_layers": retriever.config.fp32_layers,
         "compiled": bool(info.get("compiled", False)),
         "warmup_s": round(warm_s, 2),
+        "seconds": round(seconds, 3),
+        "tokens_per_s": round(n_tokens / seconds, 1),
+        "passages_per_s": round(len(passages) / seconds, 2),
+        "torch_threads": torch.get_num_threads(),
+        "_emb": emb,
+    }
+
+
+def run_runtime_row(
+    retriever: Any, row: str, passages: list[Passage], n_tokens: int, warm: int
+) -> dict:
+    """Time one of RUNTIME_ROWS: the conversion and compilation (`convert_s`, `compile_s`), a
+    warm-up on the first `warm` passages, then every passage (tokenization included)."""
+    import torch
+
+    (run, info), make_s = timed(_ov_runtime.make_runner, retriever, row)
+    encode = _ov_runtime.encode_passages
+    _, warm_s = timed(encode, retriever, run, passages[:warm], 16)
+    emb, seconds = timed(encode, retriever, run, passages, 16)
+    return {
+        "row": row,
+        "what": ROWS[row][0],
+        "dtype": "bfloat16" if RUNTIME_ROWS[row][1] == "bf16" else "float32",
+        "fp32_layers": 0,
+        "compiled": False,
+        # Like the compile of bf16-compiled, the conversion counts in the warm-up only.
+        "warmup_s": round(make_s + warm_s, 2),
+        **info,
         "seconds": round(seconds, 3),
         "tokens_per_s": round(n_tokens / seconds, 1),
         "passages_per_s": round(len(passages) / seconds, 2),
@@ -439,6 +483,14 @@ def markdown(result: dict) -> str:
             f"{r.get('speedup_vs_v1-autocast', float('nan')):.2f} | {r['cosine_min']:.5f} | "
             f"{r['cosine_mean']:.6f} |"
         )
+    converted = [r for r in a["rows"] if "convert_s" in r]
+    if converted:
+        lines += ["", "Other runtimes, conversion + compile (in the warm-up, not in tokens/s): "]
+        lines[-1] += "; ".join(
+            f"{r['row']} {r['convert_s']:.1f} s + {r['compile_s']:.1f} s ({r['runtime']}, "
+            f"{r['runtime_threads']} threads)"
+            for r in converted
+        )
     lines += [
         "",
         f"Tokenization of all passages: {a['tokenize_s']:.2f} s (batched fast tokenizer). "
@@ -477,8 +529,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--rows",
         nargs="+",
         choices=sorted(ROWS),
-        default=[r for r in ROWS if r != "plain-fp32"],
-        help="ablation rows (fast-fp32, the cosine reference, always runs first)",
+        default=[r for r in ROWS if r not in OPTIONAL_ROWS],
+        help="ablation rows (fast-fp32, the cosine reference, always runs first; "
+        f"{', '.join(OPTIONAL_ROWS)} only when named)",
     )
     p.add_argument("--device", help="cpu, cuda, ... (default: the accelerator, else cpu)")
     p.add_argument("--n-random", type=int, default=1_000_000, help="vectors of the large index")

@@ -363,6 +363,53 @@ def test_bench_encoders_ablation_rows(speed, tiny_llama_dir, tmp_path):
     assert "| bf16-packed |" in text
 
 
+def test_runtime_encode_seqs_batches_longest_first_and_pools_last_emb(speed):
+    shapes = []
+
+    def run(batch):  # hidden state of each position: (its id, its position, its mask)
+        shapes.append(batch["input_ids"].shape)
+        parts = [batch[k] for k in ("input_ids", "position_ids", "attention_mask")]
+        return np.stack(parts, axis=-1).astype(np.float32)  # (B, L, 3)
+
+    seqs = [[5, 9, 7], [9, 1], [3, 9, 4, 9, 2, 8]]  # pool id 9: last at 1, 0, 3
+    out = speed._ov_runtime.encode_seqs(run, seqs, pad_id=0, pool_id=9, batch_size=2)
+    np.testing.assert_array_equal(out, [[9, 1, 1], [9, 0, 1], [9, 3, 1]])
+    assert shapes == [(2, 6), (1, 2)]  # lengths 6 and 3 together (right-padded), then 2
+
+
+def _runtime_rows(speed, model_dir, rows):
+    import argparse
+
+    from chatretriever.types import Passage
+
+    words = "the quick brown fox jumps over the lazy dog".split()
+    passages = [Passage(f"p{i}", " ".join(words[: 1 + 2 * i]), title="t") for i in range(5)]
+    args = argparse.Namespace(model=str(model_dir), device="cpu", rows=rows)
+    result, _ = speed.bench_encoders(args, passages)
+    return result, {r["row"]: r for r in result["rows"]}
+
+
+def test_openvino_rows_match_the_fp32_reference(speed, tiny_llama_dir):
+    pytest.importorskip("openvino")
+    result, by = _runtime_rows(speed, tiny_llama_dir, ["ov-fp32", "ov-bf16"])
+    assert by["ov-fp32"]["cosine_min"] > 1 - 1e-6 and by["ov-fp32"]["dtype"] == "float32"
+    assert by["ov-bf16"]["cosine_min"] > 0.99 and by["ov-bf16"]["runtime_precision"] == "bf16"
+    for row in ("ov-fp32", "ov-bf16"):  # conversion counted in the warm-up, not in the rate
+        assert by[row]["warmup_s"] >= by[row]["convert_s"] > 0 and by[row]["tokens_per_s"] > 0
+    result["hardware"] = "cpu"
+    text = speed.markdown(
+        {"encoders": result, "environment": speed.environment(), "faiss": [], "command": "x"}
+    )
+    assert "| ov-bf16 |" in text and "conversion + compile" in text
+
+
+def test_onnxruntime_row_matches_the_fp32_reference(speed, tiny_qwen2_dir):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    _, by = _runtime_rows(speed, tiny_qwen2_dir, ["ort-fp32"])
+    assert by["ort-fp32"]["cosine_min"] > 1 - 1e-6 and by["ort-fp32"]["convert_s"] > 0
+
+
 def test_padding_efficiency(speed):
     assert speed.padding_efficiency([4, 1, 4, 1], 2, sort=False) == pytest.approx(10 / 16)
     assert speed.padding_efficiency([4, 1, 4, 1], 2, sort=True) == pytest.approx(10 / 10)
