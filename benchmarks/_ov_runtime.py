@@ -4,12 +4,15 @@ benchmarks/encode_speed.py.
 The retriever's merged fp32 decoder body (LoRA merged into a copy, EMB rows kept, no LM head;
 inputs input_ids, attention_mask, position_ids -> last_hidden_state) is converted once, with
 dynamic batch and sequence dimensions:
-- OpenVINO: `openvino.convert_model` (TorchScript tracing), compiled for "CPU" with an
-  INFERENCE_PRECISION_HINT of "bf16" or "f32";
-- ONNX Runtime: `torch.onnx.export` (the TorchScript exporter), CPUExecutionProvider, fp32.
+- OpenVINO: the library's runtime (`chatretriever.modeling.ov_runtime`: `convert_model`, saved
+  and read back so RoPE fuses, compiled for "CPU" with an INFERENCE_PRECISION_HINT of "bf16" or
+  "f32"), which `FastEncodeSettings(runtime="openvino")` runs too;
+- ONNX Runtime (benchmark only): `torch.onnx.export` (the TorchScript exporter),
+  CPUExecutionProvider, fp32.
 Passages are then encoded with the batching of the `bf16-once` torch row (length-sorted, 16 texts
-a batch, right padding), pooled at the last EMB token and L2-normalised (when the retriever
-normalises). Conversion and compilation are timed apart from encoding.
+a batch, right padding: `fast_encode.encode_ids` with an unbounded token budget), pooled at the
+last EMB token and L2-normalised (when the retriever normalises). Conversion and compilation are
+timed apart from encoding.
 
 Optional extras: `pip install chatretriever[openvino]` / `chatretriever[onnx]`.
 """
@@ -20,11 +23,21 @@ import logging
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from chatretriever.modeling.ov_runtime import (
+    INPUTS,
+    Runner,
+    RunnerBody,
+    body_module,
+    default_threads,
+    example_batch,
+    openvino_runner,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -35,116 +48,7 @@ RUNTIME_ROWS: dict[str, tuple[str, str]] = {
     "ort-fp32": ("onnxruntime", "f32"),
 }
 EXTRA = {"openvino": "openvino", "onnxruntime": "onnx"}  # runtime -> the extra that installs it
-INPUTS = ("input_ids", "attention_mask", "position_ids")
 NO_BUDGET = 10**9  # batches of `batch_size` texts, as the bf16-once row
-
-# A runner maps a right-padded batch {input: (B, L) int64} to hidden states (B, L, H) float32.
-Runner = Callable[[dict[str, np.ndarray]], np.ndarray]
-
-
-def body_module(retriever: Any) -> Any:
-    """The retriever's decoder body as a plain `torch.nn.Module` in fp32 with LoRA merged (a
-    copy: the retriever is not touched).
-
-    Returns:
-        A module: forward(input_ids (B, L), attention_mask (B, L), position_ids (B, L)) ->
-        last_hidden_state (B, L, H) float32.
-    """
-    import torch
-
-    from chatretriever.modeling.fast_encode import InferenceBody
-
-    decoder = InferenceBody(retriever.model, torch.float32).decoder  # merged, fp32, eval
-
-    class Body(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.decoder = decoder
-
-        def forward(
-            self,
-            input_ids: torch.Tensor,
-            attention_mask: torch.Tensor,
-            position_ids: torch.Tensor,
-        ) -> torch.Tensor:
-            return self.decoder(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                use_cache=False,
-            ).last_hidden_state
-
-    return Body().eval()
-
-
-def example_batch(pad_id: int) -> dict[str, Any]:
-    """The tracing example: two rows of different lengths, so that the traced graph keeps the
-    padding mask (an all-ones mask lets transformers drop it, and a padded batch would then be
-    traced wrong).
-
-    Returns:
-        {"input_ids", "attention_mask", "position_ids"}: (2, 8) int64 tensors.
-    """
-    from chatretriever.modeling.collate import encode_batch
-
-    return encode_batch([list(range(1, 9)), list(range(1, 6))], pad_id, "right")
-
-
-def _threads() -> int:
-    import torch
-
-    return torch.get_num_threads()  # as many threads as the torch rows
-
-
-def openvino_runner(module: Any, example: dict[str, Any], precision: str) -> tuple[Runner, dict]:
-    """Converts `module` with OpenVINO (dynamic batch and sequence) and compiles it for "CPU".
-
-    The converted model goes through its IR files (`save_model`, `read_model`), as optimum-intel
-    does: the in-memory conversion tags the rotary `neg` as a dequantization node, which keeps
-    the CPU plugin from fusing RoPE, and under bf16 that cost cosine (min 0.9976 against
-    0.99994 through the files, 48 MTRAG passages, chatretriever-smol).
-
-    Args:
-        module: From `body_module`.
-        example: From `example_batch`.
-        precision: INFERENCE_PRECISION_HINT, "bf16" or "f32".
-
-    Returns:
-        (runner, {"convert_s", "compile_s", "runtime", "runtime_threads", "runtime_precision"}).
-    """
-    import openvino as ov
-    import torch
-
-    core = ov.Core()
-    core.set_property({"ENABLE_MMAP": False})  # weights read into memory: the files go away
-    start = time.perf_counter()
-    with torch.no_grad(), warnings.catch_warnings():
-        # Tracing warns at every shape-dependent branch of the mask code; the example batch
-        # is padded, so the traced branches are those of every padded batch.
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        model = ov.convert_model(module, example_input=dict(example))
-    model.reshape({name: ov.PartialShape([-1, -1]) for name in INPUTS})  # (B, L) dynamic
-    with tempfile.TemporaryDirectory() as tmp:
-        ov.save_model(model, Path(tmp) / "body.xml", compress_to_fp16=False)
-        del model
-        model = core.read_model(Path(tmp) / "body.xml")
-        converted = time.perf_counter()
-        config = {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": _threads()}
-        compiled = core.compile_model(model, "CPU", config)
-    request = compiled.create_infer_request()
-    info = {
-        "convert_s": round(converted - start, 2),
-        "compile_s": round(time.perf_counter() - converted, 2),
-        "runtime": f"openvino {ov.__version__.split('-')[0]}",
-        "runtime_threads": int(compiled.get_property("INFERENCE_NUM_THREADS")),
-        "runtime_precision": compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name(),
-    }
-
-    def run(batch: dict[str, np.ndarray]) -> np.ndarray:
-        request.infer(batch)
-        return request.get_output_tensor(0).data.copy()  # (B, L, H)
-
-    return run, info
 
 
 def onnxruntime_runner(module: Any, example: dict[str, Any]) -> tuple[Runner, dict]:
@@ -175,7 +79,7 @@ def onnxruntime_runner(module: Any, example: dict[str, Any]) -> tuple[Runner, di
             )
         converted = time.perf_counter()
         options = ort.SessionOptions()
-        options.intra_op_num_threads = _threads()
+        options.intra_op_num_threads = default_threads()
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     info = {
         "convert_s": round(converted - start, 2),
@@ -203,7 +107,7 @@ def make_runner(retriever: Any, row: str) -> tuple[Runner, dict]:
         raise SystemExit(
             f"row {row} needs {runtime}: pip install 'chatretriever[{EXTRA[runtime]}]'"
         ) from exc
-    module = body_module(retriever)
+    module = body_module(retriever.model)
     example = example_batch(retriever.pad_id)
     if runtime == "openvino":
         run, info = openvino_runner(module, example, precision)
@@ -233,20 +137,16 @@ def encode_seqs(
     Returns:
         (N, H) float32, not normalised.
     """
-    from chatretriever.modeling.collate import encode_batch, last_token_positions
-    from chatretriever.modeling.fast_encode import budget_batches
+    import torch
 
-    out: np.ndarray | None = None
-    for idx in budget_batches([len(s) for s in seqs], NO_BUDGET, batch_size):
-        batch = encode_batch([seqs[i] for i in idx], pad_id, "right")
-        hidden = run({name: batch[name].numpy() for name in INPUTS})  # (B, L, H)
-        pos = last_token_positions(batch["input_ids"], batch["attention_mask"], pool_id).numpy()
-        if out is None:
-            out = np.empty((len(seqs), hidden.shape[-1]), dtype=np.float32)  # (N, H)
-        out[idx] = hidden[np.arange(len(idx)), pos]
-    if out is None:
+    from chatretriever.modeling.fast_encode import FastEncodeSettings, encode_ids
+
+    if not seqs:
         raise ValueError("no texts to encode")
-    return out
+    settings = FastEncodeSettings(token_budget=NO_BUDGET, max_batch=batch_size)
+    with torch.inference_mode():
+        out = encode_ids(RunnerBody(run), seqs, pad_id, pool_id, settings, batch_size)
+    return out.numpy()  # (N, H)
 
 
 def encode_passages(

@@ -54,6 +54,7 @@ EXTRAS: dict[str, str] = {
     "uvicorn": "serve",
     "matplotlib": "plot",
     "rouge_score": "rag",
+    "openvino": "openvino",
 }
 
 

@@ -6,13 +6,17 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 from chatretriever.retrieval.fusion import DEFAULT_RRF_K, FUSION_METHODS
 from chatretriever.retrieval.search import FORMULATIONS, MISSING_REWRITE
 
 logger = logging.getLogger(__name__)
+
+# = modeling.fast_encode.RUNTIMES, spelled here so that building the parser does not load torch
+RUNTIMES = ("torch", "openvino")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -24,6 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard", default="0/1", help="I/N: this process encodes every N-th chunk")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--chunk-size", type=int, default=10_000, help="passages per shard dir")
+    add_runtime_argument(p)
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser(
@@ -50,6 +55,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="last_turn",
         help="query formulation the BM25 side records as its default",
     )
+    add_runtime_argument(p)
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("search", help="retrieve passages for sessions into a TREC run")
@@ -107,6 +113,43 @@ def add_hybrid_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fusion-depth", type=int, default=100, help="hits of each side fused")
 
 
+def add_runtime_argument(p: argparse.ArgumentParser) -> None:
+    """`--runtime torch|openvino`: what runs an LLM embedder's body (encode, index, serve)."""
+    p.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default="torch",
+        help="body runtime of ChatRetriever/UniConv models: torch (default), or openvino "
+        "(CPU; converted once at the first encode; pip install 'chatretriever[openvino]')",
+    )
+
+
+def set_runtime(encoder: Any, runtime: str) -> None:
+    """Runs an LLM embedder's fast path with `runtime` (`FastEncodeSettings.runtime`).
+
+    Args:
+        encoder: The loaded encoder.
+        runtime: One of RUNTIMES; "torch" leaves the encoder as it is.
+
+    Raises:
+        ValueError: Another runtime for an encoder that is no LLM embedder, or on a GPU.
+        MissingExtraError: openvino is not installed.
+    """
+    if runtime == "torch":
+        return
+    from chatretriever.modeling.emb_llm import EmbLLM
+    from chatretriever.modeling.fast_encode import resolved
+    from chatretriever.modeling.ov_runtime import check_device, require_openvino
+
+    if not isinstance(encoder, EmbLLM):
+        name = getattr(encoder, "name", type(encoder).__name__)
+        raise ValueError(f"--runtime {runtime} runs ChatRetriever/UniConv models, not {name}")
+    require_openvino()  # fail before any encoding (or serving) starts
+    check_device(encoder.device)
+    settings = resolved(encoder.encode_settings, encoder.device)
+    encoder.encode_settings = replace(settings, runtime=runtime)
+
+
 def hybrid_side(args: argparse.Namespace, corpus_index) -> tuple:
     """The BM25 side, its formulation and the FusionConfig of `--hybrid` (checked first).
 
@@ -159,6 +202,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     # A first pass checks the whole corpus (and counts it) before any model is loaded.
     total = sum(1 for _ in iter_corpus(args.corpus))
     encoder = load_encoder(args.model)
+    set_runtime(encoder, args.runtime)
     result = encode_corpus(encoder, iter_corpus(args.corpus), args.out, config, total=total)
     _echo(
         f"{result.passages_encoded} passages encoded into {result.chunks_written} chunks, "
@@ -176,6 +220,8 @@ def cmd_index(args: argparse.Namespace) -> int:
         return _index_corpus(args, files)
     if args.model:
         raise ValueError("--model encodes a corpus file; embedding dirs are already encoded")
+    if args.runtime != "torch":
+        raise ValueError("--runtime encodes a corpus file; embedding dirs are already encoded")
     if args.bm25:
         raise ValueError("--bm25 needs the passages: give a corpus file, not embedding dirs")
     shards = list_shards(args.sources)
@@ -210,6 +256,7 @@ def _index_corpus(args: argparse.Namespace, files: list[str]) -> int:
     model = args.model or DEFAULT_MODEL
     config = EncodeConfig(batch_size=_positive(args.batch_size, "--batch-size"))
     encoder = load_encoder(model)
+    set_runtime(encoder, args.runtime)
     built = build_corpus_index(
         encoder, model, corpus, args.out, args.factory, config, train_size=args.train_size
     )

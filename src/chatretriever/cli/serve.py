@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from chatretriever.cli.pipeline import add_hybrid_arguments
+from chatretriever.cli.pipeline import add_hybrid_arguments, add_runtime_argument, set_runtime
 from chatretriever.errors import require_extra
 
 logger = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dtype", choices=["fp32", "bf16", "auto"], help="model precision (default: the model's)"
     )
+    add_runtime_argument(p)  # incremental session encoding (KV caches) stays on torch
     add_hybrid_arguments(p)  # the fusion of `"hybrid": true` searches (default rrf)
     p.set_defaults(func=cmd_serve)
 
@@ -64,6 +65,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     encoder = _load_encoder(model)
     if args.dtype:
         set_precision(encoder, args.dtype)
+    set_runtime(encoder, args.runtime)
+    if args.runtime != "torch":
+        encoder.encode_body()  # converted now, not during the first request
     settings = ServerSettings(
         model=model,
         api_keys=() if args.no_auth else tuple(keys),

@@ -41,6 +41,7 @@ from chatretriever.modeling.adapters import (
 from chatretriever.modeling.backbones import default_device
 from chatretriever.modeling.collate import csit_mask, encode_batch, last_token_positions
 from chatretriever.modeling.fast_encode import (
+    EncodeBody,
     FastEncodeSettings,
     InferenceBody,
     encode_ids,
@@ -119,6 +120,7 @@ class EmbLLM(torch.nn.Module):
         # inference copy with the key it was made for, and tokens encoded (for compile="auto").
         self.encode_settings: FastEncodeSettings | None = None
         self._inference: tuple[tuple, InferenceBody] | None = None
+        self._runtime_body: tuple[tuple, EncodeBody] | None = None  # runtime != "torch"
         self._tokens_encoded = 0
 
     # ------------------------------------------------------------------ loading
@@ -505,7 +507,7 @@ class EmbLLM(torch.nn.Module):
         )
         with torch.inference_mode(), bar:
             if settings.enabled and seqs:
-                body = self.inference_body(sum(len(s) for s in seqs))
+                body = self.encode_body(sum(len(s) for s in seqs))
                 hidden = encode_ids(
                     body, seqs, self.pad_id, self.emb_ids[-1], settings, batch_size, bar
                 )
@@ -532,6 +534,9 @@ class EmbLLM(torch.nn.Module):
         """The inference copy of the current weights (`fast_encode.InferenceBody`), made again
         when the weights, the dtype or the compile decision changed.
 
+        Always torch, whatever `encode_settings.runtime` says: it is the body incremental
+        session encoding runs with KV caches (`encode_body` picks the runtime of whole texts).
+
         Args:
             new_tokens: Tokens about to be encoded (counted for compile="auto").
         """
@@ -548,10 +553,42 @@ class EmbLLM(torch.nn.Module):
             self._inference = (key, body)
         return self._inference[1]
 
+    def encode_body(self, new_tokens: int = 0) -> EncodeBody:
+        """The body `encode_sessions` and `encode_passages` run: the torch inference copy
+        (`inference_body`), or under `encode_settings.runtime` "openvino" the merged body
+        converted and compiled by OpenVINO (`ov_runtime.openvino_body`, precision hint from the
+        compute dtype), made again when the weights, the dtype or the device changed.
+
+        Incremental session encoding needs KV caches: it runs `inference_body` (torch) whatever
+        the runtime.
+
+        Args:
+            new_tokens: Tokens about to be encoded (counted for compile="auto").
+
+        Raises:
+            ValueError: Runtime "openvino" with the model on a GPU (a CPU runtime here).
+            MissingExtraError: Runtime "openvino" without openvino installed.
+        """
+        settings = resolved(self.encode_settings, self.device)
+        if settings.runtime == "torch":
+            return self.inference_body(new_tokens)
+        from chatretriever.modeling.ov_runtime import check_device, openvino_body
+
+        check_device(self.device)
+        dtype = self.compute_dtype
+        key = (self._weights_state()[1], dtype, str(self.device), settings.runtime)
+        if self._runtime_body is None or self._runtime_body[0] != key:
+            self._runtime_body = None  # the old compiled body goes before a new one is built
+            self._runtime_body = (key, openvino_body(self.model, self.pad_id, dtype))
+        return self._runtime_body[1]
+
     def runtime_info(self) -> dict[str, Any]:
-        """What the fast path runs on (hardware kind, settings, dtype, compiled), for metadata."""
-        body = self._inference[1] if self._inference else None
-        return runtime_info(resolved(self.encode_settings, self.device), body, self.device)
+        """What the fast path runs on (hardware kind, settings, runtime, dtype, compiled), for
+        metadata."""
+        settings = resolved(self.encode_settings, self.device)
+        cached = self._inference if settings.runtime == "torch" else self._runtime_body
+        body = cached[1] if cached else None
+        return runtime_info(settings, body, self.device)
 
 
 def _same_dir(directory: Path, name_or_path: str) -> bool:

@@ -13,7 +13,9 @@ ops (RMSNorm, rotary, SiLU), not in matmuls. So the fast path
 - optionally compiles the body with `torch.compile` (dynamic shapes: one graph for every batch
   shape), which fuses the elementwise ops: measured 1.14x over the eager bf16 copy for a 77 s
   compile on a 2-core AMX CPU, which pays back after about 3M tokens, so "auto" compiles only
-  once a model has encoded `compile_min_tokens` tokens (a large corpus, never a query).
+  once a model has encoded `compile_min_tokens` tokens (a large corpus, never a query);
+- or runs the body in another RUNTIME: "openvino" (`ov_runtime`: the merged body converted and
+  compiled for the CPU once, batched by `encode_ids` as the torch copy is).
 The defaults per hardware kind come from `benchmarks/encode_speed.py` (see the README table).
 """
 
@@ -25,7 +27,7 @@ import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -36,6 +38,7 @@ from chatretriever.modeling.collate import additive_mask, encode_batch, last_tok
 logger = logging.getLogger(__name__)
 
 COMPILE_MODES = ("auto", "on", "off")
+RUNTIMES = ("torch", "openvino")  # what runs the body: the inference copy, or `ov_runtime`
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,10 @@ class FastEncodeSettings:
         compile: "on", "off" or "auto" (compile once `compile_min_tokens` tokens were encoded and
             a C++ compiler exists on a CPU).
         compile_min_tokens: The "auto" threshold.
+        runtime: One of RUNTIMES. "openvino" (CPU only) converts the merged body once and
+            compiles it with the precision of the compute dtype; `compile` and `fp32_layers`
+            do not apply to it, and it does not pack. Incremental session encoding (KV caches)
+            always runs the torch copy.
     """
 
     enabled: bool = True
@@ -60,10 +67,15 @@ class FastEncodeSettings:
     pack_len: int = 1024
     compile: str = "auto"
     compile_min_tokens: int = 3_000_000
+    runtime: str = "torch"
 
     def __post_init__(self) -> None:
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {COMPILE_MODES}, got {self.compile!r}")
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {RUNTIMES}, got {self.runtime!r}")
+        if self.pack and self.runtime != "torch":
+            raise ValueError(f"runtime {self.runtime!r} does not pack (its body takes 2D masks)")
         for name in ("token_budget", "max_batch", "pack_len", "compile_min_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -190,6 +202,19 @@ def packed_batch(
 
 
 # ------------------------------------------------------------------------------ the model copy
+class EncodeBody(Protocol):
+    """What `encode_ids` runs: `InferenceBody`, or a converted body (`ov_runtime.RunnerBody`)."""
+
+    device: torch.device
+    dtype: torch.dtype
+    fp32_layers: int
+    compiled: bool
+
+    def __call__(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor: ...
+
+
 class InferenceBody:
     """A frozen inference copy of a causal LM's decoder body.
 
@@ -231,6 +256,10 @@ class InferenceBody:
         if compile:
             self._forward = torch.compile(self._eager, dynamic=True)
             self.compiled = True
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.decoder.parameters()).device
 
     def _eager(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
@@ -278,7 +307,7 @@ def _cast_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tu
 
 
 def encode_ids(
-    body: InferenceBody,
+    body: EncodeBody,
     seqs: Sequence[Sequence[int]],
     pad_id: int,
     pool_id: int,
@@ -289,7 +318,7 @@ def encode_ids(
     """Hidden states (N, H) float32 at each text's last `pool_id` token, texts in input order.
 
     Args:
-        body: The inference copy.
+        body: The inference copy, or a converted body (`ov_runtime.RunnerBody`).
         seqs: N token id lists, each ending with its pooling token.
         pad_id: Padding id.
         pool_id: The token whose last occurrence is pooled (the last EMB token).
@@ -297,7 +326,7 @@ def encode_ids(
         max_batch: Texts per forward at most (with `settings.max_batch`).
         bar: A tqdm bar to update per text, or None.
     """
-    device = next(body.decoder.parameters()).device
+    device = body.device
     lengths = [len(s) for s in seqs]
     cap = max(1, min(max_batch, settings.max_batch))
     out: torch.Tensor | None = None
@@ -326,7 +355,7 @@ def encode_ids(
 
 
 def _forward_rows(
-    body: InferenceBody,
+    body: EncodeBody,
     rows: list[list[Sequence[int]]],
     pad_id: int,
     pool_id: int,
@@ -362,10 +391,14 @@ def want_compile(settings: FastEncodeSettings, device: torch.device, tokens_seen
     return tokens_seen >= settings.compile_min_tokens and have_compiler()
 
 
-def runtime_info(settings: FastEncodeSettings, body: InferenceBody | None, device: Any) -> dict:
-    """What ran, for embeddings metadata: hardware kind, native bf16, settings, compiled."""
+def runtime_info(settings: FastEncodeSettings, body: EncodeBody | None, device: Any) -> dict:
+    """What ran, for embeddings metadata: hardware kind, native bf16, settings, runtime (with
+    what a converted body reports: version, precision, threads, conversion times), compiled."""
     dev = torch.device(device)
+    detail = getattr(body, "info", None)
     return {
+        "runtime": settings.runtime,
+        **({"runtime_detail": dict(detail)} if detail else {}),
         "hardware": hardware_kind(dev),
         "native_bf16": native_bf16(dev),
         "torch_threads": torch.get_num_threads(),
