@@ -13,7 +13,7 @@ import torch
 from chatretriever.config import LossConfig
 from chatretriever.io.training import TrainingExample, TrainingPassage, passage_keys
 from chatretriever.modeling.collate import csit_batch, encode_batch
-from chatretriever.modeling.losses import N_KEYS, CandidateLayout
+from chatretriever.modeling.losses import N_KEYS, CandidateLayout, layout_contrastive_loss
 
 
 def positive_index(example_id: str, n_positives: int, seed: int, epoch: int) -> int:
@@ -112,3 +112,35 @@ def contrastive_batch(
     passages, layout = candidate_layout(examples, loss.n_hard_negatives, seed, epoch)
     passage_batch = encode_batch(template.passage_ids_batch(passages), pad_id, padding_side)
     return {"sessions": session_batch, "passages": passage_batch, "layout": layout}, passages
+
+
+def layout_contrastive_part(
+    session_emb: torch.Tensor,
+    passage_emb: torch.Tensor,
+    layout: CandidateLayout,
+    loss: LossConfig,
+) -> torch.Tensor:
+    """InfoNCE of a `contrastive_batch` step (hard negatives, in-batch negatives as `loss` says);
+    under DDP the candidates of every process are gathered, with gradients.
+
+    Args:
+        session_emb: (B, D) session embeddings.
+        passage_emb: (R, D) the encoded passages of the layout.
+        layout: The step's `CandidateLayout`.
+        loss: Temperature and in-batch setting.
+
+    Returns:
+        The scalar loss.
+    """
+    from chatretriever.modeling.trainer import gather, rank_and_world
+
+    rank, world = rank_and_world()
+    return layout_contrastive_loss(
+        session_emb,
+        passage_emb,
+        layout,
+        temperature=loss.temperature,
+        in_batch=loss.in_batch,
+        gather=gather if world > 1 else None,
+        rank=rank,
+    )["contrastive"]

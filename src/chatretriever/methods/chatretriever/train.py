@@ -26,16 +26,19 @@ import torch
 from chatretriever.config import LossConfig
 from chatretriever.io.training import TrainingExample
 from chatretriever.methods.chatretriever.recipe import DistillSettings
-from chatretriever.modeling.candidates import contrastive_batch, teacher_slot_scores
+from chatretriever.modeling.candidates import (
+    contrastive_batch,
+    layout_contrastive_part,
+    teacher_slot_scores,
+)
 from chatretriever.modeling.losses import (
     CandidateLayout,
     combine_csit_losses,
-    layout_contrastive_loss,
     score_distillation_loss,
     session_masked_lm_loss,
 )
 from chatretriever.modeling.template import RetrievalTemplate
-from chatretriever.modeling.trainer import NamedLossTrainer, gather, rank_and_world
+from chatretriever.modeling.trainer import NamedLossTrainer
 from chatretriever.types import Turn
 
 QUERY_MODES = ("session", "last_turn")
@@ -141,16 +144,11 @@ def csit_losses(
     Returns:
         {"contrastive": L_C} (+ {"session_lm": alpha * L_S}) (+ {"distill": w * L_KD}).
     """
-    rank, world = rank_and_world()
-    parts = layout_contrastive_loss(
-        outputs["session_emb"],
-        outputs["passage_emb"],
-        inputs["layout"],
-        temperature=loss.temperature,
-        in_batch=loss.in_batch,
-        gather=gather if world > 1 else None,
-        rank=rank,
-    )
+    parts = {
+        "contrastive": layout_contrastive_part(
+            outputs["session_emb"], outputs["passage_emb"], inputs["layout"], loss
+        )
+    }
     lm = None
     if loss.uses_lm:
         lm = session_masked_lm_loss(

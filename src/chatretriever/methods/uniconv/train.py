@@ -30,16 +30,15 @@ from chatretriever.config import LossConfig
 from chatretriever.io.training import TrainingExample
 from chatretriever.methods.uniconv.cii import CiiBatch, cii_batch, cii_row
 from chatretriever.methods.uniconv.losses import cii_loss
-from chatretriever.modeling.candidates import contrastive_batch
+from chatretriever.modeling.candidates import contrastive_batch, layout_contrastive_part
 from chatretriever.modeling.collate import encode_batch
 from chatretriever.modeling.grounded import grounded_messages
 from chatretriever.modeling.losses import (
     contrastive_loss,
-    layout_contrastive_loss,
     session_masked_lm_loss,
 )
 from chatretriever.modeling.template import RetrievalTemplate
-from chatretriever.modeling.trainer import NamedLossTrainer, gather, rank_and_world
+from chatretriever.modeling.trainer import NamedLossTrainer
 
 CII_SCORES = ("likelihood", "embedding")
 
@@ -195,16 +194,9 @@ def uniconv_losses(
     )
     parts: dict[str, torch.Tensor] = {}
     if settings.retrieval_weight > 0:
-        rank, world = rank_and_world()
-        contrastive = layout_contrastive_loss(
-            out["session_emb"],
-            out["passage_emb"],
-            inputs["layout"],
-            temperature=loss.temperature,
-            in_batch=loss.in_batch,
-            gather=gather if world > 1 else None,
-            rank=rank,
-        )["contrastive"]
+        contrastive = layout_contrastive_part(
+            out["session_emb"], out["passage_emb"], inputs["layout"], loss
+        )
         parts["retrieval"] = settings.retrieval_weight * contrastive
     if loss.uses_lm and loss.alpha > 0:
         lm = session_masked_lm_loss(out["lm_logits"], out["lm_labels"], loss.label_smoothing)
