@@ -145,6 +145,17 @@ def test_bf16_inference_copy_casts_once_and_stays_close_to_fp32(tiny_model_dir):
     dtypes = [layer.self_attn.q_proj.weight.dtype for layer in body.decoder.layers]
     assert dtypes == [torch.float32] + [torch.bfloat16] * (len(dtypes) - 1)
     assert body.decoder.get_input_embeddings().weight.dtype == torch.float32
+    # Norms and the residual stream stay fp32 (as under autocast); only attention and MLP cast.
+    last = body.decoder.layers[-1]
+    assert last.input_layernorm.weight.dtype == torch.float32
+    assert last.mlp.down_proj.weight.dtype == torch.bfloat16
+    seen: list[torch.dtype] = []
+    hook = last.register_forward_hook(
+        lambda m, a, out: seen.append((out[0] if isinstance(out, tuple) else out).dtype)
+    )
+    assert np.allclose(r.encode_passages(PASSAGES), bf16)
+    hook.remove()
+    assert seen and set(seen) == {torch.float32}
     cosine = np.sum(fp32 * bf16, axis=1)  # unit vectors
     assert cosine.min() >= 0.99, cosine
     assert r.runtime_info()["dtype"] == "bfloat16"

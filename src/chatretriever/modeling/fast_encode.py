@@ -218,10 +218,10 @@ class EncodeBody(Protocol):
 class InferenceBody:
     """A frozen inference copy of a causal LM's decoder body.
 
-    LoRA is merged into the copy, its weights are cast to `dtype` once, and the embeddings, the
-    rotary frequencies, the final norm and the first `fp32_layers` decoder layers stay fp32;
-    every layer's floating inputs are cast to its own dtype by a forward pre-hook. The original
-    model is not touched.
+    LoRA is merged into the copy, its attention and MLP weights are cast to `dtype` once, and
+    the embeddings, the rotary frequencies, the norms, the residual stream and the first
+    `fp32_layers` decoder layers stay fp32; each cast block's floating inputs are cast to its
+    dtype by a forward pre-hook. The original model is not touched.
 
     Args:
         model: The causal LM (peft-wrapped or not).
@@ -246,9 +246,10 @@ class InferenceBody:
             # fp32 ones); the embeddings (EMB rows), rotary frequencies and final norm cost
             # little and stay in fp32 too.
             self.decoder.float()
-            for layer in layers[self.fp32_layers :]:
-                layer.to(dtype)
-            for module in [*layers, getattr(self.decoder, "norm", None)]:
+            cast = layers[self.fp32_layers :]
+            whole = [layer for layer in cast if not _cast_layer(layer, dtype)]
+            norm = getattr(self.decoder, "norm", None)
+            for module in [*layers[: self.fp32_layers], *whole, norm]:
                 if module is not None:
                     module.register_forward_pre_hook(_cast_inputs, with_kwargs=True)
         self.compiled = False
@@ -283,6 +284,27 @@ class InferenceBody:
             logger.warning("torch.compile failed (%s); encoding without it", str(exc)[:200])
             self._forward, self.compiled = self._eager, False
             return self._eager(input_ids, attention_mask, position_ids)
+
+
+def _cast_layer(layer: torch.nn.Module, dtype: torch.dtype) -> bool:
+    """Casts a decoder layer's attention and MLP to `dtype` and keeps its norms and residual
+    stream in fp32, as autocast does: the residual adds then promote to fp32, and the norms
+    see fp32 inputs. A layer without `self_attn` and `mlp` children is cast whole.
+
+    Returns:
+        True when the layer was split (its blocks cast their own inputs), False when cast whole.
+
+    Why: casting whole layers ran the residual stream through 30 bf16 additions, which moved
+    the MTRAG-UN nDCG@3 of the shipped model by 0.009 against the training forward (autocast).
+    """
+    blocks = [getattr(layer, name, None) for name in ("self_attn", "mlp")]
+    if any(b is None for b in blocks):
+        layer.to(dtype)
+        return False
+    for block in blocks:
+        block.to(dtype)
+        block.register_forward_pre_hook(_cast_inputs, with_kwargs=True)
+    return True
 
 
 def _layer_dtype(module: torch.nn.Module) -> torch.dtype:
