@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         build,
         chat,
         data,
+        encode,
         items,
         models,
         pipeline,
@@ -38,7 +39,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    modules = (data, models, build, pipeline, answer, train, chat, serve, rerank, items, robustness)
+    modules = (
+        data,
+        models,
+        build,
+        encode,
+        pipeline,
+        answer,
+        train,
+        chat,
+        serve,
+        rerank,
+        items,
+        robustness,
+    )
     for module in modules:
         module.add_parser(sub)
     return parser
