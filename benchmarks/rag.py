@@ -38,12 +38,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from chatretriever.apps.chat import answer_sessions, generation_kwargs, top_passages
-from chatretriever.errors import DataFormatError, MissingExtraError, require_extra
-from chatretriever.io.files import atomic_path, atomic_write, read_json
-from chatretriever.io.mtrag import iter_mtrag_corpus, load_mtrag
+from chatretriever.errors import DataFormatError
+from chatretriever.io.files import read_json
+from chatretriever.io.mtrag import load_mtrag
 from chatretriever.io.trec import read_run
 from chatretriever.retrieval.evaluate import write_json
 from chatretriever.retrieval.search import save_run, search_dense
@@ -53,9 +51,21 @@ from chatretriever.types import Passage, Run, Session, qrels_to_dict
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _conversational import backends, runs, tasks  # noqa: E402
 from _conversational.systems import missing_model, parse_model, slug  # noqa: E402
+from _rag.report import (  # noqa: E402
+    MEASURES,
+    corpus_line,
+    results_table,  # noqa: E402, F401  (part of this script's surface)
+    write_markdown,
+    write_plot,
+)
+from _rag.turns import (  # noqa: E402
+    ids_sha,
+    load_corpus,
+    pool_ids,  # noqa: E402, F401  (part of this script's surface)
+    select_turns,
+)
 
 SYSTEMS = ("uniconv", "decoupled", "bm25", "closed-book", "oracle", "retriever-as-generator")
-MEASURES = ("nDCG@3", "R@10")
 RUN_DEPTH = 10  # R@10 reads the top 10 of a run whatever k the answers read
 
 
@@ -104,7 +114,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default="configs/mtrag-un-heldout.txt",
         help="conversation ids to evaluate ('' = every conversation)",
     )
-    p.add_argument("--limit", type=int, default=0, help="first N turns by sorted id (0: all)")
+    p.add_argument("--limit", type=int, default=0, help="N turns: the lowest sha1 of id (0: all)")
     p.add_argument("--k", type=int, default=3, help="passages each answer reads")
     p.add_argument("--pool", type=int, default=0, help="pooled corpus with BM25's top P (0: off)")
     p.add_argument("--max-new-tokens", type=int, default=96, help="longest answer, in tokens")
@@ -164,73 +174,6 @@ def plan_systems(args: argparse.Namespace) -> tuple[list[RagSystem], list[dict[s
 
 def _models(system: RagSystem) -> list[str]:
     return [m for m in (system.retriever, system.generator) if m]
-
-
-# ------------------------------------------------------------------------- turns and corpus
-def select_turns(
-    sessions: Sequence[Session], conversations: set[str] | None, limit: int = 0
-) -> list[Session]:
-    """The evaluated turns: of the given conversations (None: all), with a reference response,
-    sorted by id, the first `limit` of them (0: all)."""
-    kept = [
-        s
-        for s in sessions
-        if s.response and (conversations is None or tasks.conversation_of(s.id) in conversations)
-    ]
-    kept.sort(key=lambda s: s.id)
-    return kept[:limit] if limit else kept
-
-
-def pool_ids(
-    judged: Mapping[str, Mapping[str, int]], bm25_hits: Mapping[str, Sequence[str]], depth: int
-) -> set[str]:
-    """A pooled corpus: every passage judged for the turns (any relevance, rel 0 included) and
-    the top `depth` BM25 hits of each turn.
-
-    Args:
-        judged: Turn id -> doc id -> relevance (the evaluated turns only).
-        bm25_hits: Turn id -> BM25's doc ids, best first.
-        depth: BM25 hits kept per turn.
-
-    Returns:
-        The pooled passage ids.
-    """
-    pool = {d for docs in judged.values() for d in docs}
-    pool.update(d for hits in bm25_hits.values() for d in hits[:depth])
-    return pool
-
-
-def _ids_sha(ids: Iterable[str]) -> str:
-    return hashlib.sha1("\n".join(sorted(ids)).encode("utf-8")).hexdigest()
-
-
-def load_corpus(
-    args: argparse.Namespace, corpus_path: Path, turns: Sequence[Session], judged: Mapping
-) -> tuple[list[Passage], dict[str, Any]]:
-    """The searched passages (full or pooled, in corpus order) and how they were chosen.
-
-    A pool's ids are cached in OUT/pools/ under the turns and the depth (no BM25 on a rerun).
-    """
-    full = list(iter_mtrag_corpus(corpus_path))
-    info: dict[str, Any] = {"pooled": bool(args.pool), "full_passages": len(full), "tag": "full"}
-    if not args.pool:
-        return full, {**info, "passages": len(full)}
-    cache = Path(args.out) / "pools" / f"pool{args.pool}.{_ids_sha(s.id for s in turns)[:12]}.txt"
-    if cache.exists():
-        ids = set(cache.read_text(encoding="utf-8").split())
-    else:
-        from chatretriever.retrieval.baselines import BM25Retriever
-
-        print(f"pooling: BM25 top {args.pool} of {len(turns)} turns over {len(full):,} passages")
-        run = BM25Retriever(full, show_progress=True).search(turns, args.pool, "last_turn")
-        hits = {q: [d.doc_id for d in run.ranked(q)] for q in run.scores}
-        ids = pool_ids(judged, hits, args.pool)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(cache) as f:
-            f.write("".join(f"{i}\n" for i in sorted(ids)))
-    passages = [p for p in full if p.id in ids]
-    tag = f"pool{args.pool}-{_ids_sha(ids)[:8]}"
-    return passages, {**info, "passages": len(passages), "tag": tag, "depth": args.pool}
 
 
 # ------------------------------------------------------------------------------- workspace
@@ -294,7 +237,7 @@ def retrieval_run(system: RagSystem, ws: RagWorkspace, corpus_tag: str) -> tuple
         "retriever": ws.fingerprint(system.retriever) if system.retriever else "bm25",
         "corpus": corpus_tag,
         "depth": RUN_DEPTH,
-        "queries_sha1": _ids_sha(s.id for s in ws.sessions),
+        "queries_sha1": ids_sha(s.id for s in ws.sessions),
     }
     settings = runs.cached_settings(run_path, key)
     if settings is None:
@@ -386,93 +329,6 @@ def evaluate_system(
         judged_scores = {q: v for q, v in scores.items() if q in ws.judged}
         record["consistency"] = consistency(judged_scores, run.scores, ws.judged, ws.args.k)
     return record
-
-
-# ---------------------------------------------------------------------------------- report
-def _cell(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
-
-
-def _hit_miss(c: Mapping[str, Any] | None) -> str:
-    if not c:
-        return "-"
-    hit, miss = c["hit"], c["miss"]
-    return f"{_cell(hit['f1'])} / {_cell(miss['f1'])} ({hit['n']}/{miss['n']})"
-
-
-def results_table(records: Sequence[Mapping[str, Any]]) -> str:
-    """The markdown table: one row per system (metrics of rows that do not retrieve are "-")."""
-    head = ["system", *MEASURES, "F1", "ROUGE-L", "F1 hit / miss (n)", "n"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in records:
-        m = r["metrics"]
-        cells = [r["id"], *(_cell(m[x]) for x in (*MEASURES, "F1", "ROUGE-L"))]
-        cells += [_hit_miss(r.get("consistency")), str(r["n"])]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def corpus_line(corpus: Mapping[str, Any], turns: int) -> str:
-    """What was searched: the full corpus, or the pool and its size."""
-    if not corpus["pooled"]:
-        return f"Corpus: the full MTRAG corpus, {corpus['passages']:,} passages."
-    return (
-        f"Corpus: POOLED, {corpus['passages']:,} of {corpus['full_passages']:,} passages: every "
-        f"passage judged for the {turns} evaluated turns plus BM25's top {corpus['depth']} of "
-        "each turn (last turn, full corpus). Retrieval is easier than on the full corpus."
-    )
-
-
-def write_markdown(path: Path, summary: Mapping[str, Any], records: Sequence[Mapping]) -> str:
-    judged = next((r["n_judged"] for r in records if "n_judged" in r), "-")
-    which = summary["eval_conversations"] or "all conversations"
-    if summary["limit"]:
-        which += f", the first {summary['limit']} by id"
-    text = [
-        "# MTRAG-UN retrieval-augmented generation",
-        "",
-        f"{summary['turns']} turns answered ({which}); retrieval measures over the {judged} "
-        f"judged ones; each answer reads the top {summary['k']} passages. "
-        + corpus_line(summary["corpus"], summary["turns"]),
-        "",
-        results_table(records),
-        "",
-        "F1: SQuAD token F1, ROUGE-L: F-measure, both against the reference response. "
-        f"F1 hit / miss: judged turns whose top {summary['k']} holds a relevant passage or not.",
-        "",
-    ]
-    text += [f"- {r['id']}: {r['description']}" for r in records]
-    text += [f"- skipped {s['system']}: {s['reason']}" for s in summary["skipped"]]
-    text.append(f"\n`{summary['command']}`\n")
-    out = "\n".join(text)
-    with atomic_write(path) as f:
-        f.write(out)
-    return out
-
-
-def write_plot(path: Path, records: Sequence[Mapping[str, Any]]) -> bool:
-    """Bar chart of F1 and nDCG@3 per system (needs matplotlib)."""
-    try:
-        require_extra("matplotlib", "plot", "the plot").use("Agg")
-        plt = require_extra("matplotlib.pyplot", "plot", "the plot")
-    except MissingExtraError as e:
-        print(f"  no plot: {e}")
-        return False
-    y = np.arange(len(records))
-    fig, ax = plt.subplots(figsize=(8, 1.5 + 0.45 * len(records)))
-    for offset, measure in ((-0.2, "F1"), (0.2, "nDCG@3")):
-        values = [r["metrics"][measure] for r in records]
-        ax.barh(y + offset, [np.nan if v is None else v for v in values], 0.4, label=measure)
-    ax.set_yticks(y, [r["id"] for r in records])
-    ax.invert_yaxis()
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("score (no nDCG@3 bar: the row does not retrieve)")
-    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    return True
 
 
 def describe(system: RagSystem, k: int) -> str:

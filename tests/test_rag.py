@@ -314,7 +314,11 @@ def test_select_turns_and_oracle_run(rag):
     sessions = [s("c2<::>1"), s("c1<::>3"), s("c1<::>2", None), s("c1<::>1"), s("c3<::>1")]
     ids = [t.id for t in rag.select_turns(sessions, {"c1", "c2"}, limit=0)]
     assert ids == ["c1<::>1", "c1<::>3", "c2<::>1"]  # sorted, with a response, chosen convs
-    assert [t.id for t in rag.select_turns(sessions, None, limit=2)] == ["c1<::>1", "c1<::>3"]
+    # limit: the 2 ids of lowest sha1 (c2<::>1 3a49..., c3<::>1 53d2...; then c1<::>3 5687...),
+    # not the first two by id; a larger limit keeps them
+    assert [t.id for t in rag.select_turns(sessions, None, limit=2)] == ["c2<::>1", "c3<::>1"]
+    three = [t.id for t in rag.select_turns(sessions, None, limit=3)]
+    assert three == ["c1<::>3", "c2<::>1", "c3<::>1"]
     run = rag.oracle_run({"q": {"a": 1, "b": 2, "c": 0}}, ["q", "r"])
     assert [d.doc_id for d in run.ranked("q")] == ["b", "a"] and run.scores["r"] == {}
 

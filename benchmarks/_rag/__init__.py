@@ -1,0 +1,2 @@
+"""The parts of benchmarks/rag.py: the evaluated turns and the searched corpus (`turns`), the
+markdown table and the plot (`report`)."""
