@@ -45,6 +45,8 @@ EXTRAS: dict[str, str] = {
     "trl": "train",
     "datasets": "train",
     "faiss": "faiss",
+    "pymilvus": "milvus",
+    "milvus_lite": "milvus",
     "ir_measures": "eval",
     "pytrec_eval": "eval",
     "scipy": "eval",
@@ -55,6 +57,7 @@ EXTRAS: dict[str, str] = {
     "matplotlib": "plot",
     "rouge_score": "rag",
     "openvino": "openvino",
+    "ray": "ray",
 }
 
 

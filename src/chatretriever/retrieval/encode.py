@@ -13,14 +13,21 @@ renamed into place), so after an interruption the finished chunks are kept and o
 computed. Chunks are kept only for the same model, by content (`Encoder.fingerprint`): a model
 retrained in place under the same name is refused, not mixed in. Torch-free: the encoder does
 the model work.
+
+Several processes (`torchrun`: `shard_from_env`) share one directory: each writes the same
+settings, and each records the corpus's chunk count when its own chunks are done. The count is a
+fact of the corpus, not a "job done" flag: `list_shards` takes the directory only when every
+chunk 0 .. num_chunks - 1 is on disk, so one finished process never makes a half-encoded
+directory look complete. `ray_encode` runs the same layout on a Ray cluster.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
@@ -94,6 +101,33 @@ def parse_shard(text: str) -> tuple[int, int]:
     return i, n
 
 
+def shard_from_env(environ: Mapping[str, str] = os.environ) -> tuple[int, int] | None:
+    """The shard (i, n) of a process started by `torchrun`: (RANK, WORLD_SIZE).
+
+    Args:
+        environ: The environment to read (default this process's).
+
+    Returns:
+        (RANK, WORLD_SIZE), or None when neither is set (not started by a launcher).
+
+    Raises:
+        ValueError: Only one of them set, not integers, or RANK outside [0, WORLD_SIZE).
+    """
+    rank, world = environ.get("RANK"), environ.get("WORLD_SIZE")
+    if rank is None and world is None:
+        return None
+    if rank is None or world is None:
+        missing = "RANK" if rank is None else "WORLD_SIZE"
+        raise ValueError(f"{missing} is not set but the other of RANK/WORLD_SIZE is")
+    try:
+        i, n = int(rank), int(world)
+    except ValueError:
+        raise ValueError(f"RANK={rank!r} and WORLD_SIZE={world!r} must be integers") from None
+    if n < 1 or not 0 <= i < n:
+        raise ValueError(f"RANK={i} WORLD_SIZE={n}: need 0 <= RANK < WORLD_SIZE")
+    return i, n
+
+
 def chunk_dir(out_dir: str | Path, index: int) -> Path:
     return Path(out_dir) / f"{CHUNK_PREFIX}{index:05d}"
 
@@ -157,7 +191,7 @@ def _fp(meta: EmbeddingMeta) -> str:
     return f"fingerprint {meta.fingerprint}" if meta.fingerprint else "no fingerprint"
 
 
-def _chunk_done(path: Path, ids: list[str], settings: dict[str, Any]) -> bool:
+def chunk_done(path: Path, ids: list[str], settings: dict[str, Any]) -> bool:
     """True when a finished chunk with exactly these ids is already on disk."""
     if not (path / META).exists():
         return False
@@ -168,7 +202,8 @@ def _chunk_done(path: Path, ids: list[str], settings: dict[str, Any]) -> bool:
     return meta.compatible_with(_meta_of(settings))  # another model's chunk is encoded again
 
 
-def _length_order(passages: Sequence[Passage]) -> np.ndarray:
+def length_order(passages: Sequence[Passage]) -> np.ndarray:
+    """Indices of `passages`, longest first (stable): the order batches are encoded in."""
     lengths = np.array([len(p.title) + len(p.text) for p in passages])
     return np.argsort(-lengths, kind="stable")  # longest first: memory errors show up early
 
@@ -177,7 +212,7 @@ def encode_chunk(
     encoder: Encoder, passages: Sequence[Passage], config: EncodeConfig, bar: tqdm | None = None
 ) -> np.ndarray:
     """Encode passages in (length-sorted) batches; returns (N, D) float32 rows in input order."""
-    order = _length_order(passages) if config.sort_by_length else np.arange(len(passages))
+    order = length_order(passages) if config.sort_by_length else np.arange(len(passages))
     out = np.empty((len(passages), encoder.dim), dtype=np.float32)  # (N, D)
     for start in range(0, len(passages), config.batch_size):
         idx = order[start : start + config.batch_size]
@@ -196,6 +231,61 @@ def _chunks(passages: Iterable[Passage], size: int) -> Iterator[list[Passage]]:
     it = iter(passages)
     while chunk := list(islice(it, size)):
         yield chunk
+
+
+@dataclass
+class CorpusTally:
+    """Chunks and passages of the whole corpus, counted while `own_chunks` reads it."""
+
+    num_chunks: int = 0
+    num_passages: int = 0
+
+
+def own_chunks(
+    passages: Iterable[Passage], config: EncodeConfig, tally: CorpusTally
+) -> Iterator[tuple[int, list[Passage]]]:
+    """Yield (j, passages of chunk j) for this shard's chunks (j % n == i), in corpus order.
+
+    Every chunk, this shard's or not, is counted into `tally` (complete once exhausted).
+    """
+    i, n = config.shard
+    for j, chunk in enumerate(_chunks(passages, config.chunk_size)):
+        tally.num_chunks, tally.num_passages = j + 1, tally.num_passages + len(chunk)
+        if j % n == i:
+            yield j, chunk
+
+
+def start_output(encoder: Encoder, out_dir: Path, config: EncodeConfig) -> dict[str, Any]:
+    """Create `out_dir`, refuse another model's or chunk size's chunks, record the settings.
+
+    Args:
+        encoder: The encoder, or any object with its `name`, `fingerprint`, `dim`, `normalize`.
+        out_dir: The output directory.
+        config: The encoding settings.
+
+    Returns:
+        The settings written (without the corpus counts, recorded by `finish_output`).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = _settings(encoder, config)
+    _check_resumable(out_dir, settings)
+    _write_settings(out_dir, settings)
+    return settings
+
+
+def chunk_meta(
+    settings: dict[str, Any], j: int, config: EncodeConfig, extra: dict[str, Any]
+) -> EmbeddingMeta:
+    """The metadata of chunk j: the encoder identity, where the chunk starts, and `extra`
+    (encoding seconds, runtime, ...)."""
+    info = {"kind": "passage", "chunk": j, "start": j * config.chunk_size, **extra}
+    return EmbeddingMeta(**{**asdict(_meta_of(settings)), "extra": info})
+
+
+def finish_output(out_dir: Path, settings: dict[str, Any], tally: CorpusTally) -> None:
+    """Record the corpus's chunk and passage counts (what `list_shards` checks against)."""
+    counts = {"num_chunks": tally.num_chunks, "num_passages": tally.num_passages}
+    _write_settings(out_dir, {**settings, **counts})
 
 
 def encode_corpus(
@@ -219,49 +309,43 @@ def encode_corpus(
     """
     config = config or EncodeConfig()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    settings = _settings(encoder, config)
-    _check_resumable(out_dir, settings)
-    _write_settings(out_dir, settings)
+    settings = start_output(encoder, out_dir, config)
     if total is None and isinstance(passages, Sequence):
         total = len(passages)
-    i, n = config.shard
-    meta = _meta_of(settings)
-    written = kept = encoded = num_chunks = num_passages = 0
-    bar = tqdm(
-        total=None if total is None else _shard_total(total, config),
-        unit="passage",
-        desc=f"encode {i}/{n}",
-        disable=not config.show_progress,
-    )
-    with bar:
-        for j, chunk in enumerate(_chunks(passages, config.chunk_size)):
-            num_chunks, num_passages = j + 1, num_passages + len(chunk)
-            if j % n != i:
-                continue
+    written = kept = encoded = 0
+    tally = CorpusTally()
+    with progress_bar(total, config) as bar:
+        for j, chunk in own_chunks(passages, config, tally):
             ids = [p.id for p in chunk]
             path = chunk_dir(out_dir, j)
-            if _chunk_done(path, ids, settings):
+            if chunk_done(path, ids, settings):
                 kept += 1
                 bar.update(len(chunk))
                 continue
             start = time.perf_counter()
             emb = encode_chunk(encoder, chunk, config, bar)
-            extra = {
-                "kind": "passage",
-                "chunk": j,
-                "start": j * config.chunk_size,
-                "seconds": round(time.perf_counter() - start, 3),  # survives a killed run
-            }
+            # The time is stored with the chunk, so it survives a killed run.
+            extra: dict[str, Any] = {"seconds": round(time.perf_counter() - start, 3)}
             runtime = getattr(encoder, "runtime_info", None)  # what ran: hardware, dtype, ...
             if callable(runtime):
                 extra["runtime"] = runtime()
-            write_embeddings(path, ids, emb, EmbeddingMeta(**{**asdict(meta), "extra": extra}))
+            write_embeddings(path, ids, emb, chunk_meta(settings, j, config, extra))
             written += 1
             encoded += len(chunk)
-    _write_settings(out_dir, {**settings, "num_chunks": num_chunks, "num_passages": num_passages})
+    finish_output(out_dir, settings, tally)
     logger.info("%s: %d chunks written, %d kept from an earlier run", out_dir, written, kept)
-    return EncodeResult(out_dir, written, kept, encoded, num_chunks, num_passages)
+    return EncodeResult(out_dir, written, kept, encoded, tally.num_chunks, tally.num_passages)
+
+
+def progress_bar(total: int | None, config: EncodeConfig) -> tqdm:
+    """A passages/s bar over this shard's share of `total` passages."""
+    i, n = config.shard
+    return tqdm(
+        total=None if total is None else _shard_total(total, config),
+        unit="passage",
+        desc=f"encode {i}/{n}",
+        disable=not config.show_progress,
+    )
 
 
 def encode_seconds(out_dir: str | Path) -> float:
@@ -296,18 +380,38 @@ def list_shards(paths: Iterable[str | Path]) -> list[Path]:
         chunks = sorted(p for p in path.glob(f"{CHUNK_PREFIX}*") if (p / META).exists())
         if not chunks:
             raise ValueError(f"{path} holds no embedding shards (no meta.json, no chunk-* dirs)")
-        _check_complete(path, len(chunks))
+        _check_complete(path, chunks)
         out.extend(chunks)
     return out
 
 
-def _check_complete(path: Path, found: int) -> None:
-    """Raise unless every chunk of a finished `encode_corpus` job is present."""
+def _check_complete(path: Path, chunks: list[Path]) -> None:
+    """Raise unless `chunks` are exactly chunks 0 .. num_chunks - 1 of an `encode_corpus` job.
+
+    Names, not only the count, are compared: with several processes, the one that finished
+    first has recorded num_chunks while the others still write theirs.
+    """
     settings_path = path / SETTINGS
     if not settings_path.exists():
         return  # shard directories made by hand: nothing to check against
     expected = json.loads(settings_path.read_text(encoding="utf-8")).get("num_chunks")
     if expected is None:
         raise ValueError(f"{path}: the encode job is unfinished (rerun it to resume)")
-    if found != expected:
-        raise ValueError(f"{path} holds {found} of {expected} chunks: is an encode job unfinished?")
+    want = {chunk_dir(path, j).name for j in range(expected)}
+    found = {p.name for p in chunks}
+    missing, stray = sorted(want - found), sorted(found - want)
+    if missing:
+        raise ValueError(
+            f"{path} holds {len(found & want)} of {expected} chunks (missing {_few(missing)}): "
+            "is an encode job (one of its processes) unfinished? rerun it to resume"
+        )
+    if stray:
+        raise ValueError(
+            f"{path} holds chunks beyond the corpus's {expected} ({_few(stray)}): left by an "
+            "encoding of a longer corpus? use another output directory"
+        )
+
+
+def _few(names: list[str], shown: int = 3) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
