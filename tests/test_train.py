@@ -154,6 +154,7 @@ def _recipe(
         "dataloader_num_workers": 0,
         **training,
     }
+    settings = {k: v for k, v in settings.items() if v is not None}  # None: leave it out
     recipe = {
         "model": str(model_dir),
         "output_dir": str(tmp_path / "run"),

@@ -18,11 +18,18 @@ place. A model without them gets the Trainer's default checkpoints.
 Also here: the TrainingArguments defaults shared by the recipes (`training_arguments`), a
 weighted concatenation of example lists (`TrainingSet`), and, for in-batch negatives under DDP
 (torchrun / accelerate launch), a cross-process gather that keeps the local shard's gradient.
+
+Launchers (configs/accelerate/): every process of a torchrun or `accelerate launch` run builds
+the same TrainingArguments. Where no accelerator is visible they train on the CPU (`use_cpu`, so
+that transformers starts a gloo process group: without it each process would train alone); a
+run whose processes did not join one group, or whose launcher asks for a mixed precision (the
+model's own autocast sets it), stops with an error before the first step.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -213,7 +220,14 @@ def training_arguments(
         output_dir: Checkpoints and the final model.
         settings: The recipe's `training:` mapping (any TrainingArguments field).
         precision_setting: The recipe field that sets the precision (named in the error raised
-            for `bf16`/`fp16`: the model runs its own autocast).
+            for `bf16`/`fp16`, or a launcher's mixed precision: the model runs its own autocast).
+
+    Returns:
+        The arguments; `use_cpu` defaults to True where no accelerator is visible.
+
+    Raises:
+        ValueError: `bf16`/`fp16` set, accelerate's `mixed_precision` not "no", or a launcher's
+            processes (`WORLD_SIZE`) that did not form one process group.
     """
     defaults: dict[str, Any] = {
         "max_steps": 200,
@@ -238,7 +252,36 @@ def training_arguments(
             f"training.bf16/fp16: precision is set by {precision_setting} "
             "(bf16 autocast by default)"
         )
-    return TrainingArguments(**merged)
+    launcher_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launcher_precision != "no":
+        raise ValueError(
+            f"accelerate's mixed_precision={launcher_precision}: precision is set by "
+            f"{precision_setting}; launch with mixed_precision 'no' (configs/accelerate/)"
+        )
+    if merged.get("use_cpu") is None:  # no GPU: a CPU process group (gloo) under a launcher
+        merged["use_cpu"] = not accelerator_visible()
+    args = TrainingArguments(**merged)
+    _check_one_process_group(args)
+    return args
+
+
+def _check_one_process_group(args: TrainingArguments) -> None:
+    """Raise when a launcher started several processes that do not train together (each would
+    train alone on the whole data, its in-batch negatives its own batch, and overwrite the
+    others' output)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and args.world_size != launched:
+        raise ValueError(
+            f"launched as {launched} processes but training in a group of {args.world_size}: "
+            f"use_cpu={args.use_cpu} where a GPU is {'' if accelerator_visible() else 'not '}"
+            "visible (set training.use_cpu to match the launcher)"
+        )
+
+
+def accelerator_visible() -> bool:
+    """Whether this process sees a GPU (or another torch accelerator) to train on."""
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    return accelerator.is_available() if accelerator else torch.cuda.is_available()
 
 
 class TrainingSet(torch.utils.data.Dataset):
