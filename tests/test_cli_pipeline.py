@@ -488,3 +488,17 @@ def test_search_refuses_a_model_retrained_under_the_indexed_name(files, capsys):
         assert "another model, or one retrained since" in capsys.readouterr().err
     finally:
         unregister_encoder("mine")
+
+
+def test_index_records_its_backend_and_keeps_milvus_flags_to_milvus(files, capsys):
+    d = files
+    main(["encode", str(d / "corpus.jsonl"), "--model", "fake:", "--out", str(d / "emb")])
+    assert main(["index", str(d / "emb"), "--out", str(d / "idx")]) == 0
+    info = json.loads((d / "idx" / "meta.json").read_text())
+    assert info["backend"] == "faiss" and info["settings"]["backend"] == "faiss"
+    assert info["settings"]["train_size"] == 100_000
+    capsys.readouterr()
+    for flags in (["--uri", str(d / "x.db")], ["--collection", "c"], ["--overwrite"]):
+        assert main(["index", str(d / "emb"), "--out", str(d / "other"), *flags]) == 2
+        assert "go with --backend milvus" in capsys.readouterr().err
+    assert not (d / "other").exists()

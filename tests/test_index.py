@@ -186,3 +186,61 @@ def test_index_module_does_not_import_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_load_index_dispatches_on_the_recorded_backend(tmp_path):
+    from chatretriever.errors import DataFormatError
+    from chatretriever.retrieval.index import backend_of, load_index
+
+    dirs, ids, emb = random_shards(tmp_path)
+    DenseIndex.build(dirs).save(tmp_path / "idx")
+    meta_path = tmp_path / "idx" / "meta.json"
+    info = json.loads(meta_path.read_text())
+    assert info["backend"] == "faiss" and backend_of(tmp_path / "idx") == "faiss"
+    loaded = load_index(tmp_path / "idx")
+    assert isinstance(loaded, DenseIndex) and loaded.ids == ids
+    del info["backend"]  # as an older version wrote it
+    meta_path.write_text(json.dumps(info))
+    assert backend_of(tmp_path / "idx") == "faiss" and len(load_index(tmp_path / "idx")) == 300
+    meta_path.write_text(json.dumps({**info, "backend": "qdrant"}))
+    with pytest.raises(DataFormatError, match="unknown backend 'qdrant'"):
+        load_index(tmp_path / "idx")
+    meta_path.write_text(json.dumps({**info, "backend": "milvus"}))
+    with pytest.raises(DataFormatError, match="a milvus index, not a Faiss one"):
+        DenseIndex.load(tmp_path / "idx")
+    with pytest.raises(DataFormatError, match="meta.json"):
+        load_index(tmp_path / "nothing")
+
+
+def test_milvus_without_its_extra_names_the_extra(tmp_path, monkeypatch):
+    import builtins
+
+    from chatretriever.errors import MissingExtraError
+    from chatretriever.retrieval.milvus_index import MilvusIndex
+
+    real_import = builtins.__import__
+
+    def no_milvus(name, *args, **kwargs):
+        if name.split(".")[0] in ("pymilvus", "milvus_lite"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_milvus)
+    dirs, _, _ = random_shards(tmp_path)
+    with pytest.raises(MissingExtraError, match=r"pymilvus.*chatretriever\[milvus\]"):
+        MilvusIndex.build(dirs, str(tmp_path / "m.db"), "c")
+
+
+def test_the_faiss_backend_imports_no_milvus(tmp_path):
+    dirs, _, _ = random_shards(tmp_path)
+    idx = str(tmp_path / "idx")
+    code = (
+        "import sys, numpy; from chatretriever.retrieval.index import DenseIndex;"
+        " from chatretriever.retrieval.corpus_index import CorpusIndex;"
+        " import chatretriever.cli.pipeline;"
+        f" DenseIndex.build({[str(d) for d in dirs]!r}).save({idx!r});"
+        f" CorpusIndex.load({idx!r}).index.search(numpy.ones((1, 16)), 3);"
+        " print(sorted(m for m in ('pymilvus', 'milvus_lite') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from chatretriever.retrieval.fusion import DEFAULT_RRF_K, FUSION_METHODS
+from chatretriever.retrieval.index import BACKENDS
 from chatretriever.retrieval.search import FORMULATIONS, MISSING_REWRITE
 
 logger = logging.getLogger(__name__)
@@ -23,7 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register the pipeline sub-commands."""
     p = sub.add_parser(
         "index",
-        help="build a Faiss index from a corpus (encode + index) or from embedding shards",
+        help="build a dense index (Faiss, or Milvus) from a corpus (encode + index) or from "
+        "embedding shards",
         description="Give a corpus file to encode it with --model and index it in one step "
         "(DIR/embeddings resumes, DIR/index, DIR/passages.jsonl.gz: `chat --index DIR` then "
         "knows the model and the texts), or give embedding dirs made by `encode`.",
@@ -32,8 +34,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="index directory")
     p.add_argument("--model", help="encoder of a corpus (default: registry.DEFAULT_MODEL)")
     p.add_argument("--batch-size", type=int, default=32, help="passages per batch (corpus)")
-    p.add_argument("--factory", default="Flat", help='Faiss factory: "Flat", "HNSW32", "IVF..."')
+    p.add_argument(
+        "--factory",
+        default="Flat",
+        help='Faiss factory: "Flat", "HNSW32", "IVF..."; Milvus index: "FLAT" ("Flat"), '
+        '"HNSW:M=16,efConstruction=200", "IVF_FLAT:nlist=128"',
+    )
     p.add_argument("--train-size", type=int, default=100_000)
+    add_backend_arguments(p)
     p.add_argument(
         "--bm25",
         action="store_true",
@@ -58,7 +66,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--missing-rewrite", choices=MISSING_REWRITE, default="error")
     p.add_argument("--k", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--params", help='Faiss search parameters, e.g. "efSearch=128"')
+    p.add_argument(
+        "--params", help='search parameters: Faiss "efSearch=128", "nprobe=16"; Milvus "ef=128"'
+    )
     add_hybrid_arguments(p)
     p.set_defaults(func=cmd_search)
 
@@ -85,6 +95,44 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache", help="rewrite cache JSONL (default: <out>.cache.jsonl)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.set_defaults(func=cmd_rewrite)
+
+
+def add_backend_arguments(p: argparse.ArgumentParser) -> None:
+    """`--backend faiss|milvus` and where a Milvus index puts its vectors (index)."""
+    p.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="faiss",
+        help="what holds the vectors: a Faiss index in DIR (default), or a Milvus collection "
+        "that DIR describes (pip install 'chatretriever[milvus]')",
+    )
+    g = p.add_argument_group("milvus (--backend milvus); a re-run resumes an interrupted load")
+    g.add_argument(
+        "--uri",
+        help="a milvus-lite .db file, or a server: http://host:19530 (default DIR/milvus.db)",
+    )
+    g.add_argument("--collection", help="collection name (default: DIR's name, sanitised)")
+    g.add_argument("--upsert-batch-size", type=int, help="rows per upsert (default 1000)")
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="drop a collection of that name holding another model or corpus (default: refuse)",
+    )
+
+
+def _milvus_settings(args: argparse.Namespace):
+    """`MilvusSettings` of `--uri ...`; None for the Faiss backend (which takes none of them)."""
+    from chatretriever.retrieval.corpus_index import MilvusSettings
+    from chatretriever.retrieval.milvus_index import DEFAULT_BATCH
+
+    given = [args.uri, args.collection, args.upsert_batch_size, args.overwrite or None]
+    if args.backend != "milvus":
+        if any(v is not None for v in given):
+            flags = "--uri, --collection, --upsert-batch-size and --overwrite"
+            raise ValueError(f"{flags} go with --backend milvus")
+        return None
+    batch = _positive(args.upsert_batch_size or DEFAULT_BATCH, "--upsert-batch-size")
+    return MilvusSettings(args.uri, args.collection, batch, args.overwrite)
 
 
 def add_hybrid_arguments(p: argparse.ArgumentParser) -> None:
@@ -180,12 +228,14 @@ def _positive(value: int, flag: str) -> int:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
+    from chatretriever.retrieval.corpus_index import build_milvus
     from chatretriever.retrieval.encode import list_shards
     from chatretriever.retrieval.index import DenseIndex
 
+    milvus = _milvus_settings(args)
     files = [p for p in args.sources if Path(p).is_file()]
     if files:
-        return _index_corpus(args, files)
+        return _index_corpus(args, files, milvus)
     if args.model:
         raise ValueError("--model encodes a corpus file; embedding dirs are already encoded")
     if args.runtime != "torch":
@@ -193,23 +243,27 @@ def cmd_index(args: argparse.Namespace) -> int:
     if args.bm25:
         raise ValueError("--bm25 needs the passages: give a corpus file, not embedding dirs")
     shards = list_shards(args.sources)
-    index = DenseIndex.build(
-        shards, factory=args.factory, train_size=args.train_size, show_progress=True
-    )
-    settings = {"emb_dirs": [str(p) for p in args.sources], "train_size": args.train_size}
-    index.save(args.out, settings=settings)
-    _echo_index(index, args.factory, args.out)
+    settings: dict[str, Any] = {"emb_dirs": [str(p) for p in args.sources]}
+    if milvus is not None:
+        index, built_with = build_milvus(shards, args.out, args.factory, milvus, True)
+    else:
+        index = DenseIndex.build(
+            shards, factory=args.factory, train_size=args.train_size, show_progress=True
+        )
+        built_with = {"train_size": args.train_size}
+    index.save(args.out, settings={**settings, "backend": args.backend, **built_with})
+    _echo_index(index, args.out)
     return 0
 
 
-def _echo_index(index, factory: str, out: str) -> None:
+def _echo_index(index, out: str) -> None:
     _echo(
-        f"indexed {len(index)} passages ({factory}, {index.meta.model}) -> {out}; "
+        f"indexed {len(index)} passages ({index.factory}, {index.meta.model}) -> {out}; "
         f"memory {index.memory_bytes} bytes ({index.memory_bytes / 2**20:.1f} MiB)"
     )
 
 
-def _index_corpus(args: argparse.Namespace, files: list[str]) -> int:
+def _index_corpus(args: argparse.Namespace, files: list[str], milvus: Any) -> int:
     """`index CORPUS --out DIR`: encode (resumable), index and keep the passages in DIR."""
     from chatretriever.apps.registry import DEFAULT_MODEL, load_encoder
     from chatretriever.io.corpus import iter_corpus
@@ -226,9 +280,17 @@ def _index_corpus(args: argparse.Namespace, files: list[str]) -> int:
     encoder = load_encoder(model)
     set_runtime(encoder, args.runtime)
     built = build_corpus_index(
-        encoder, model, corpus, args.out, args.factory, config, train_size=args.train_size
+        encoder,
+        model,
+        corpus,
+        args.out,
+        args.factory,
+        config,
+        train_size=args.train_size,
+        backend=args.backend,
+        milvus=milvus,
     )
-    _echo_index(built.index, args.factory, args.out)
+    _echo_index(built.index, args.out)
     if args.bm25:
         _bm25_side(args, built)
     return 0

@@ -3,9 +3,12 @@
 `chatretriever index CORPUS --out DIR` writes it in one step:
 
     DIR/embeddings/          `encode.encode_corpus` output (chunked, resumable)
-    DIR/index/               `index.DenseIndex.save` output; its meta.json `settings` record the
-                             model name to load (`model`), that model's `fingerprint` (queries
-                             from another model are refused) and the source corpus (`corpus`)
+    DIR/index/               `index.DenseIndex.save` output (Faiss, the default), or with
+                             `backend="milvus"` a `milvus_index.MilvusIndex` descriptor naming
+                             its collection; its meta.json `settings` record the model name to
+                             load (`model`), that model's `fingerprint` (queries from another
+                             model are refused) and the source corpus (`corpus`)
+    DIR/milvus.db            the milvus-lite database of a Milvus index without another URI
     DIR/passages.jsonl.gz    a copy of the passages (BEIR JSONL: _id, title, text)
     DIR/bm25/                optional (`index ... --bm25`): a BM25 side for hybrid search,
                              `baselines.BM25Retriever.save` output; its bm25.json records the
@@ -22,6 +25,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +36,15 @@ from chatretriever.errors import DataFormatError
 from chatretriever.io.corpus import iter_corpus, read_corpus, write_corpus
 from chatretriever.retrieval.encode import EncodeConfig, encode_corpus, list_shards
 from chatretriever.retrieval.encoders import Encoder, fingerprint_of
-from chatretriever.retrieval.index import DEFAULT_FACTORY, META_FILE, DenseIndex
+from chatretriever.retrieval.index import (
+    BACKENDS,
+    DEFAULT_FACTORY,
+    META_FILE,
+    DenseIndex,
+    VectorIndex,
+    load_index,
+)
+from chatretriever.retrieval.milvus_index import DEFAULT_BATCH, MilvusIndex
 from chatretriever.types import Passage
 
 logger = logging.getLogger(__name__)
@@ -40,6 +53,34 @@ EMBEDDINGS_DIR = "embeddings"
 INDEX_DIR = "index"
 PASSAGES_FILE = "passages.jsonl.gz"
 BM25_DIR = "bm25"
+MILVUS_DB = "milvus.db"  # the embedded default of a Milvus index: DIR/milvus.db (milvus-lite)
+
+
+@dataclass(frozen=True)
+class MilvusSettings:
+    """Where and how an index directory puts its vectors in Milvus (`build_milvus`).
+
+    Attributes:
+        uri: A `.db` file (milvus-lite) or a server URI; None: `DIR/milvus.db`.
+        collection: The collection; None: the index directory's name (`default_collection`).
+        batch_size: Rows per upsert call.
+        overwrite: Drop a collection of the same name that holds another model or corpus,
+            instead of refusing to build.
+    """
+
+    uri: str | None = None
+    collection: str | None = None
+    batch_size: int = DEFAULT_BATCH
+    overwrite: bool = False
+
+
+def default_collection(out_dir: str | Path) -> str:
+    """A collection name from an index directory's name, under Milvus's rules (letters, digits,
+    underscores; a letter or underscore first; at most 255 characters)."""
+    name = re.sub(r"[^A-Za-z0-9_]", "_", Path(os.path.abspath(out_dir)).name)
+    if not name or not (name[0].isalpha() or name[0] == "_"):
+        name = f"cr_{name}"
+    return name[:255]
 
 
 @dataclass
@@ -47,13 +88,13 @@ class CorpusIndex:
     """A dense index with what it takes to search it and show results.
 
     Attributes:
-        index: The Faiss index.
+        index: The dense index (`DenseIndex` for Faiss, `MilvusIndex`).
         model: The model name to load for queries (`registry.load_encoder`), or None when unknown.
         passages: Passage id -> passage (titles and texts), or None when unknown.
         directory: Where the index was loaded from.
     """
 
-    index: DenseIndex
+    index: VectorIndex
     model: str | None = None
     passages: Mapping[str, Passage] | None = None
     directory: Path | None = None
@@ -65,7 +106,8 @@ class CorpusIndex:
         """Load a corpus index directory, or a plain index directory.
 
         Args:
-            directory: A `build_corpus_index` output, or a `DenseIndex.save` directory.
+            directory: A `build_corpus_index` output, or an index directory of any backend
+                (`DenseIndex.save`, `MilvusIndex.save`).
             corpus: A BEIR corpus whose passages to show (instead of the directory's copy).
             with_passages: Read the passages at all (searching alone does not need them).
 
@@ -74,7 +116,7 @@ class CorpusIndex:
         """
         directory = Path(directory)
         index_dir = index_location(directory)
-        index = DenseIndex.load(index_dir)
+        index = load_index(index_dir)
         settings = _index_settings(index_dir)
         passages = None
         source = Path(corpus) if corpus else directory / PASSAGES_FILE
@@ -103,7 +145,8 @@ def _read_passages(path: Path, ids: Sequence[str]) -> dict[str, Passage]:
 
 
 def index_location(directory: str | Path) -> Path:
-    """The directory that holds the Faiss files: DIR/index for a corpus index, else DIR."""
+    """The index directory (Faiss files or a Milvus descriptor): DIR/index for a corpus index,
+    else DIR."""
     directory = Path(directory)
     inner = directory / INDEX_DIR
     return inner if (inner / META_FILE).exists() else directory
@@ -123,6 +166,8 @@ def build_corpus_index(
     factory: str = DEFAULT_FACTORY,
     config: EncodeConfig | None = None,
     train_size: int = 100_000,
+    backend: str = "faiss",
+    milvus: MilvusSettings | None = None,
 ) -> CorpusIndex:
     """Encode a corpus, index it and keep its passages: one directory (see the module docstring).
 
@@ -134,14 +179,22 @@ def build_corpus_index(
         model: The name `encoder` was loaded by; recorded so queries can load the same model.
         corpus: A BEIR corpus file (`.jsonl` or `.jsonl.gz`).
         out_dir: The corpus index directory.
-        factory: Faiss factory string ("Flat" is exact search).
+        factory: Faiss factory string ("Flat" is exact search); for Milvus its index spec
+            (`milvus_index.parse_index_spec`: "FLAT", "HNSW:M=16"; "Flat" is FLAT).
         config: Encoding settings (batch size, chunk size); the shard must be (0, 1).
         train_size: Vectors sampled to train factories that need training (IVF, PQ).
+        backend: "faiss" (in DIR/index) or "milvus" (a collection; DIR/index describes it).
+        milvus: Milvus URI, collection and upsert settings (default: `DIR/milvus.db`, a
+            collection named after DIR); a re-run resumes an interrupted load.
 
     Returns:
         The built index with its model name and passages.
     """
     config = config or EncodeConfig()
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r} (known: {', '.join(BACKENDS)})")
+    if milvus is not None and backend != "milvus":
+        raise ValueError("Milvus settings go with backend='milvus'")
     if config.shard != (0, 1):
         raise ValueError("a one-step index encodes the whole corpus: use `encode --shard` instead")
     out_dir = Path(out_dir)
@@ -151,9 +204,13 @@ def build_corpus_index(
     emb_dir = out_dir / EMBEDDINGS_DIR
     encode_corpus(encoder, passages, emb_dir, config)
     shards = list_shards([emb_dir])
-    index = DenseIndex.build(
-        shards, factory=factory, train_size=train_size, show_progress=config.show_progress
-    )
+    if backend == "milvus":
+        index, built_with = build_milvus(shards, out_dir, factory, milvus, config.show_progress)
+    else:
+        index = DenseIndex.build(
+            shards, factory=factory, train_size=train_size, show_progress=config.show_progress
+        )
+        built_with = {"train_size": train_size}
     write_corpus(out_dir / PASSAGES_FILE, passages)
     settings = {
         "model": model,
@@ -163,8 +220,45 @@ def build_corpus_index(
         "passages": PASSAGES_FILE,
         "batch_size": config.batch_size,
         "chunk_size": config.chunk_size,
-        "train_size": train_size,
+        "backend": backend,
+        **built_with,
     }
     index.save(out_dir / INDEX_DIR, settings=settings)
     logger.info("%s: %d passages indexed with %s", out_dir, len(index), model)
     return CorpusIndex(index, model, {p.id: p for p in passages}, out_dir)
+
+
+def build_milvus(
+    shards: Sequence[Path],
+    out_dir: str | Path,
+    factory: str = DEFAULT_FACTORY,
+    milvus: MilvusSettings | None = None,
+    show_progress: bool = False,
+) -> tuple[MilvusIndex, dict[str, Any]]:
+    """Load embedding shards into Milvus with an index directory's defaults.
+
+    Args:
+        shards: Embedding shard directories.
+        out_dir: The index directory the defaults derive from (`DIR/milvus.db`, a collection
+            named after DIR).
+        factory: The Milvus index spec ("Flat", the Faiss default, means FLAT).
+        milvus: URI, collection, batch size, overwrite; None fields take the defaults.
+        show_progress: A progress bar over the upserted vectors.
+
+    Returns:
+        (the index, the settings to record: the URI and collection used, the batch size).
+    """
+    milvus = milvus or MilvusSettings()
+    uri = milvus.uri or str(Path(out_dir) / MILVUS_DB)
+    collection = milvus.collection or default_collection(out_dir)
+    index = MilvusIndex.build(
+        shards,
+        uri,
+        collection,
+        index_spec=factory,
+        batch_size=milvus.batch_size,
+        show_progress=show_progress,
+        overwrite=milvus.overwrite,
+    )
+    recorded = {"uri": uri, "collection": collection, "upsert_batch_size": milvus.batch_size}
+    return index, recorded

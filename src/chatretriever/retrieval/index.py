@@ -3,7 +3,8 @@
 Exact search (`IndexFlatIP`) by default; any Faiss factory string otherwise ("HNSW32",
 "IVF1024,PQ64", ...), trained on a sample of the vectors when the index type needs it. Saved as a
 directory (`index.faiss`, `ids.txt`, `meta.json`) that is renamed into place when complete.
-Torch-free.
+`load_index` opens any backend's directory: this Faiss one, or a Milvus collection's descriptor
+(`milvus_index.MilvusIndex`), as meta.json's "backend" says. Torch-free.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -28,12 +29,42 @@ INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.txt"
 META_FILE = "meta.json"
 DEFAULT_FACTORY = "Flat"
+BACKENDS = ("faiss", "milvus")  # meta.json "backend"; none recorded: faiss (older indexes)
 ADD_BLOCK = 20_000  # vectors per `index.add` call: the progress bar moves per block
 
 
 class EncoderMismatchError(ValueError):
     """Queries (or shards) come from another encoder than the one that built the index: another
     model, or the same name with other weights (a model retrained in place)."""
+
+
+class VectorIndex(Protocol):
+    """What searching needs of an index, whatever holds the vectors (`DenseIndex`, `MilvusIndex`).
+
+    Attributes:
+        ids: Passage ids in the order the shards listed them.
+        meta: Metadata of the encoder that produced the vectors.
+        factory: How the vectors are indexed ("Flat", "HNSW32", "milvus:FLAT", ...).
+    """
+
+    ids: list[str]
+    meta: EmbeddingMeta
+    factory: str
+
+    def __len__(self) -> int: ...
+
+    def check_encoder(
+        self, name: str, dim: int, normalized: bool, fingerprint: str | None = None
+    ) -> None: ...
+
+    def search(
+        self, queries: np.ndarray, k: int = 100, params: str | None = None
+    ) -> list[list[tuple[str, float]]]: ...
+
+    @property
+    def memory_bytes(self) -> int: ...
+
+    def save(self, directory: str | Path, settings: dict[str, Any] | None = None) -> Path: ...
 
 
 def _faiss():
@@ -150,13 +181,10 @@ class DenseIndex:
                 the encoder has none (an index built before fingerprints existed), names are
                 compared instead, with a warning.
         """
-        query = EmbeddingMeta(model=name, dim=dim, normalized=normalized, fingerprint=fingerprint)
-        if not self.meta.compatible_with(query):
-            raise EncoderMismatchError(_mismatch(self.meta, query))
-        if not self._warned_by_name:  # once per loaded index
-            self._warned_by_name = warn_if_by_name(
-                f"index of {self.meta.model!r}", self.meta, query
-            )
+        warned = check_query_encoder(
+            self.meta, name, dim, normalized, fingerprint, warn=not self._warned_by_name
+        )
+        self._warned_by_name = self._warned_by_name or warned  # warn once per loaded index
 
     def search(
         self, queries: np.ndarray, k: int = 100, params: str | None = None
@@ -202,6 +230,7 @@ class DenseIndex:
             faiss.write_index(self.index, str(tmp / INDEX_FILE))
             (tmp / IDS_FILE).write_text("".join(f"{i}\n" for i in self.ids), encoding="utf-8")
             info = {
+                "backend": "faiss",
                 "embedding": asdict(self.meta),
                 "factory": self.factory,
                 "ntotal": len(self.ids),
@@ -225,6 +254,9 @@ class DenseIndex:
             factory = info["factory"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise DataFormatError(meta_path, f"bad index metadata: {e}") from None
+        if info.get("backend", "faiss") != "faiss":
+            msg = f"a {info['backend']} index, not a Faiss one: open it with `load_index`"
+            raise DataFormatError(meta_path, msg, field="backend")
         ids = (directory / IDS_FILE).read_text(encoding="utf-8").splitlines()
         index = faiss.read_index(str(directory / INDEX_FILE))
         if index.ntotal != len(ids):
@@ -232,6 +264,58 @@ class DenseIndex:
                 directory / IDS_FILE, f"{len(ids)} ids but the index holds {index.ntotal} vectors"
             )
         return cls(index, ids, meta, factory)
+
+
+def backend_of(directory: str | Path) -> str:
+    """The backend an index directory was saved by (meta.json "backend"; none: "faiss")."""
+    meta_path = Path(directory) / META_FILE
+    if not meta_path.exists():
+        raise DataFormatError(meta_path, "file not found (not an index directory?)")
+    try:
+        info = json.loads(meta_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataFormatError(meta_path, f"bad index metadata: {e}") from None
+    backend = info.get("backend", "faiss") if isinstance(info, dict) else None
+    if backend not in BACKENDS:
+        msg = f"unknown backend {backend!r} (known: {', '.join(BACKENDS)})"
+        raise DataFormatError(meta_path, msg, field="backend")
+    return backend
+
+
+def load_index(directory: str | Path) -> VectorIndex:
+    """Load an index directory of any backend: a `DenseIndex` (Faiss) or a `MilvusIndex`."""
+    if backend_of(directory) == "milvus":
+        from chatretriever.retrieval.milvus_index import MilvusIndex
+
+        return MilvusIndex.load(directory)
+    return DenseIndex.load(directory)
+
+
+def check_query_encoder(
+    meta: EmbeddingMeta,
+    name: str,
+    dim: int,
+    normalized: bool,
+    fingerprint: str | None = None,
+    warn: bool = True,
+) -> bool:
+    """Raise EncoderMismatchError unless queries of this encoder fit an index built by `meta`.
+
+    Args:
+        meta: The index's encoder metadata.
+        name: The query encoder's name.
+        dim: Its embedding size.
+        normalized: Whether its vectors are L2-normalised.
+        fingerprint: Its fingerprint; None (or none in `meta`): names are compared.
+        warn: Log that names alone were compared, when a side records no fingerprint.
+
+    Returns:
+        Whether that warning was logged.
+    """
+    query = EmbeddingMeta(model=name, dim=dim, normalized=normalized, fingerprint=fingerprint)
+    if not meta.compatible_with(query):
+        raise EncoderMismatchError(_mismatch(meta, query))
+    return warn and warn_if_by_name(f"index of {meta.model!r}", meta, query)
 
 
 def _mismatch(index: EmbeddingMeta, query: EmbeddingMeta) -> str:

@@ -1,0 +1,323 @@
+"""The Milvus backend on milvus-lite: exact search, fingerprints, resume, the CLI end to end."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from fakes import HashEncoder
+
+from chatretriever.errors import DataFormatError
+from chatretriever.io.embeddings import EmbeddingMeta, write_embeddings
+from chatretriever.retrieval.index import EncoderMismatchError, load_index
+
+pytest.importorskip("pymilvus")
+pytest.importorskip("milvus_lite")
+
+import chatretriever.retrieval.milvus_index as mi  # noqa: E402
+from chatretriever.retrieval.milvus_index import MilvusIndex  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory):
+    """One milvus-lite database per module (a server starts per file); one collection a test."""
+    return str(tmp_path_factory.mktemp("milvus") / "shared.db")
+
+
+def random_shards(path, n=300, dim=16, parts=3, fingerprint="fp-a", seed=0, ids=None):
+    rng = np.random.default_rng(seed)
+    emb = rng.standard_normal((n, dim)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    ids = ids or [f"d{i:03d}" for i in range(n)]
+    dirs = []
+    for j, rows in enumerate(np.array_split(np.arange(n), parts)):
+        meta = EmbeddingMeta(model="m", dim=dim, fingerprint=fingerprint)
+        dirs.append(write_embeddings(path / f"s{j}", [ids[i] for i in rows], emb[rows], meta))
+    return dirs, ids, emb
+
+
+def exact(emb, ids, queries, k):
+    """numpy's top-k by (-score, id): ids and scores."""
+    scores = queries @ emb.T  # (Q, N)
+    out = []
+    for row in scores:
+        order = sorted(range(len(ids)), key=lambda i: (-row[i], ids[i]))[:k]
+        out.append([(ids[i], float(row[i])) for i in order])
+    return out
+
+
+def assert_same_hits(got, want):
+    assert [[d for d, _ in h] for h in got] == [[d for d, _ in h] for h in want]
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose([s for _, s in g], [s for _, s in w], atol=1e-5)
+
+
+def test_flat_search_equals_exact_top_k(tmp_path, db, capsys):
+    dirs, ids, emb = random_shards(tmp_path)
+    index = MilvusIndex.build(dirs, db, "flat", batch_size=64, show_progress=True)
+    assert "300/300" in capsys.readouterr().err  # the bar reached every vector
+    assert len(index) == 300 and index.ids == ids and index.factory == "milvus:FLAT"
+    assert index.upserted == 300 and index.meta.fingerprint == "fp-a"
+    queries = emb[[5, 100, 250]] + 0.1
+    assert_same_hits(index.search(queries, k=7), exact(emb, ids, queries, 7))
+    assert len(index.search(queries[:1], k=1000)[0]) == 300  # k larger than the index
+    assert index.memory_bytes == 300 * 16 * 4 + sum(len(i) + 49 for i in ids)
+
+
+def test_ties_are_broken_by_id(tmp_path, db):
+    vec = np.eye(4, dtype=np.float32)[[0, 0, 0, 1]]  # z, a, m share one vector
+    meta = EmbeddingMeta(model="m", dim=4, fingerprint="fp-a")
+    shard = write_embeddings(tmp_path / "s", ["z", "a", "m", "other"], vec, meta)
+    index = MilvusIndex.build([shard], db, "ties")
+    (hits,) = index.search(np.eye(4, dtype=np.float32)[:1], k=4)
+    assert [d for d, _ in hits] == ["a", "m", "z", "other"]
+    assert [s for _, s in hits] == pytest.approx([1.0, 1.0, 1.0, 0.0])
+
+
+def test_hnsw_finds_each_vector_itself(tmp_path, db):
+    dirs, ids, emb = random_shards(tmp_path)
+    index = MilvusIndex.build(dirs, db, "hnsw", index_spec="hnsw:M=16,efConstruction=64")
+    assert index.factory == "milvus:HNSW:M=16,efConstruction=64"
+    hits = index.search(emb[:20], k=1, params="efSearch=64")  # Faiss's name, Milvus's "ef"
+    assert [h[0][0] for h in hits] == ids[:20]
+    links = 300 * 2 * 16 * 4  # level-0 links of HNSW M=16
+    assert index.memory_bytes == 300 * 16 * 4 + links + sum(len(i) + 49 for i in ids)
+
+
+def test_save_load_and_move(tmp_path):
+    dirs, ids, emb = random_shards(tmp_path)
+    out = tmp_path / "idx"
+    index = MilvusIndex.build(dirs, str(out / "milvus.db"), "moved")
+    index.save(out, settings={"note": "x"})
+    info = json.loads((out / "meta.json").read_text())
+    assert info["backend"] == "milvus" and info["uri"] == "milvus.db"  # relative: moves along
+    assert info["collection"] == "moved" and info["ntotal"] == 300
+    assert info["embedding"]["fingerprint"] == "fp-a" and info["settings"] == {"note": "x"}
+    want = index.search(emb[:4], 5)
+    index.close()
+    from milvus_lite.server_manager import server_manager_instance
+
+    server_manager_instance.release_server(str(out / "milvus.db"))  # as at process exit
+    shutil.move(out, tmp_path / "elsewhere")
+    loaded = load_index(tmp_path / "elsewhere")
+    assert isinstance(loaded, MilvusIndex) and loaded.uri == str(tmp_path / "elsewhere/milvus.db")
+    assert loaded.ids == ids and loaded.meta == index.meta and loaded.search(emb[:4], 5) == want
+
+
+def test_a_faiss_loader_refuses_a_milvus_descriptor(tmp_path, db):
+    from chatretriever.retrieval.index import DenseIndex
+
+    dirs, _, _ = random_shards(tmp_path)
+    MilvusIndex.build(dirs, db, "desc").save(tmp_path / "idx")
+    assert json.loads((tmp_path / "idx/meta.json").read_text())["uri"] == db  # elsewhere: as is
+    with pytest.raises(DataFormatError, match="load_index"):
+        DenseIndex.load(tmp_path / "idx")
+
+
+def test_refuses_queries_of_another_encoder(tmp_path, db):
+    dirs, _, _ = random_shards(tmp_path)
+    index = MilvusIndex.build(dirs, db, "queries")
+    index.check_encoder("m", 16, True, "fp-a")
+    index.check_encoder("renamed", 16, True, "fp-a")  # same content, another name
+    with pytest.raises(EncoderMismatchError, match="same name, other weights"):
+        index.check_encoder("m", 16, True, "fp-b")
+    with pytest.raises(EncoderMismatchError, match="dim 32"):
+        index.check_encoder("m", 32, True, "fp-a")
+
+
+def test_a_collection_rebuilt_by_another_encoder_is_refused(tmp_path, db):
+    a, _, _ = random_shards(tmp_path / "a", fingerprint="fp-a")
+    b, _, _ = random_shards(tmp_path / "b", fingerprint="fp-b", seed=1)
+    MilvusIndex.build(a, db, "shared").save(tmp_path / "idx")
+    with pytest.raises(EncoderMismatchError, match="fp-a.*fp-b.*--overwrite"):
+        MilvusIndex.build(b, db, "shared")  # not mixed in
+    rebuilt = MilvusIndex.build(b, db, "shared", overwrite=True)
+    assert rebuilt.upserted == 300 and rebuilt.meta.fingerprint == "fp-b"
+    with pytest.raises(EncoderMismatchError, match="rebuilt since") as e:
+        MilvusIndex.load(tmp_path / "idx")  # its descriptor says fp-a
+    assert "fp-a" in str(e.value) and "fp-b" in str(e.value)
+
+
+def test_a_collection_of_another_corpus_is_refused(tmp_path, db):
+    a, _, _ = random_shards(tmp_path / "a")
+    b, _, _ = random_shards(tmp_path / "b", ids=[f"x{i}" for i in range(300)])
+    MilvusIndex.build(a, db, "corpus")
+    with pytest.raises(ValueError, match="other passage ids"):
+        MilvusIndex.build(b, db, "corpus")
+
+
+def test_a_long_id_is_refused_by_name(tmp_path, db):
+    long_id = "p" * 600
+    shard = write_embeddings(
+        tmp_path / "s", ["ok", long_id], np.eye(2, dtype=np.float32), EmbeddingMeta("m", 2)
+    )
+    with pytest.raises(ValueError, match="'pppp.*600 bytes.*512"):
+        MilvusIndex.build([shard], db, "long")
+
+
+@pytest.mark.parametrize(("fail_after", "resumed"), [(1, 236), (2, 200)])
+def test_an_interrupted_load_resumes(tmp_path, db, monkeypatch, fail_after, resumed):
+    """Three shards of 100 rows, batches of 64: a crash after one batch (64 rows in) or after two
+    (shard 0 finished and recorded); the re-run upserts only the rest."""
+    dirs, ids, emb = random_shards(tmp_path)
+    calls, looked_up = [], []
+    upsert, existing = mi._upsert, mi._existing
+
+    def failing_upsert(client, collection, rows):
+        if len(calls) == fail_after:
+            raise ConnectionError("killed")
+        calls.append(len(rows))
+        return upsert(client, collection, rows)
+
+    def recorded_lookup(client, collection, batch):
+        looked_up.extend(batch)
+        return existing(client, collection, batch)
+
+    monkeypatch.setattr(mi, "_upsert", failing_upsert)
+    monkeypatch.setattr(mi, "_existing", recorded_lookup)
+    name = f"resume{fail_after}"
+    with pytest.raises(ConnectionError):
+        MilvusIndex.build(dirs, db, name, batch_size=64)
+    assert looked_up == []  # a new collection: nothing to look up
+    assert sum(calls) == 300 - resumed
+    fail_after = 10**6  # the re-run does not fail
+    calls.clear()
+    index = MilvusIndex.build(dirs, db, name, batch_size=64)
+    assert index.upserted == sum(calls) == resumed  # nothing written twice
+    assert looked_up[0] == ("d000" if resumed == 236 else "d100")  # finished shards: skipped
+    queries = emb[[0, 150, 299]]
+    assert_same_hits(index.search(queries, 5), exact(emb, ids, queries, 5))
+    again = MilvusIndex.build(dirs, db, name, batch_size=64)  # finished: nothing to do
+    assert again.upserted == 0 and len(again) == 300
+
+
+def test_ids_with_quotes_are_looked_up_when_resuming(tmp_path, db, monkeypatch):
+    ids = ["O'Brien", 'say "hi"', "back\\slash", "ünï", "a,b", "plain"]
+    vec = np.eye(6, dtype=np.float32)
+    shard = write_embeddings(tmp_path / "s", ids, vec, EmbeddingMeta("m", 6, fingerprint="f"))
+    upsert = mi._upsert
+
+    def fail_second(client, collection, rows):
+        if rows[0][mi.ID_FIELD] == "ünï":
+            raise ConnectionError("killed")
+        return upsert(client, collection, rows)
+
+    monkeypatch.setattr(mi, "_upsert", fail_second)
+    with pytest.raises(ConnectionError):
+        MilvusIndex.build([shard], db, "quotes", batch_size=3)
+    monkeypatch.setattr(mi, "_upsert", upsert)
+    index = MilvusIndex.build([shard], db, "quotes", batch_size=3)
+    assert index.upserted == 3  # the first three were found under their own ids
+    assert [h[0][0] for h in index.search(vec, k=1)] == ids
+
+
+def test_parsers_and_defaults(tmp_path):
+    assert mi.parse_index_spec("Flat") == ("FLAT", {})
+    assert mi.parse_index_spec("ivf_flat:nlist=8") == ("IVF_FLAT", {"nlist": 8})
+    with pytest.raises(ValueError, match="index type"):
+        mi.parse_index_spec("IVF4,PQ4x4")  # a Faiss factory
+    assert mi.parse_params("efSearch=64, radius=0.5,x=y") == {"ef": 64, "radius": 0.5, "x": "y"}
+    assert mi.parse_params(None) == {}
+    with pytest.raises(ValueError, match="key=value"):
+        mi.parse_params("ef")
+    from chatretriever.retrieval.corpus_index import default_collection
+
+    assert default_collection(tmp_path / "my-index.v2") == "my_index_v2"
+    assert default_collection(tmp_path / "2024") == "cr_2024"
+    server = "http://host:19530"
+    assert mi.stored_uri(server, tmp_path) == server and mi.resolve_uri(server, tmp_path) == server
+    assert mi.stored_uri(str(tmp_path / "db/x.db"), tmp_path / "idx") == "../db/x.db"
+    assert mi.resolve_uri("../db/x.db", tmp_path / "idx") == str(tmp_path / "db/x.db")
+
+
+# --- the CLI end to end (fake encoder) ---------------------------------------------------------
+
+CORPUS = [
+    {"_id": "diet", "title": "Jaguar", "text": "jaguars eat deer capybaras and caimans"},
+    {"_id": "range", "title": "Jaguar", "text": "jaguars live in the rainforest of the americas"},
+    {"_id": "car", "title": "Jaguar Cars", "text": "the jaguar car company builds luxury cars"},
+    {"_id": "pasta", "title": "Pasta", "text": "how to cook pasta with tomato sauce"},
+]
+SESSIONS = [
+    {"id": "q1", "messages": [{"role": "user", "content": "what do jaguars eat"}]},
+    {"id": "q2", "messages": [{"role": "user", "content": "how do I cook pasta"}]},
+]
+
+
+@pytest.fixture
+def cli_files(tmp_path):
+    from chatretriever.apps.registry import register_encoder, unregister_encoder
+
+    pytest.importorskip("faiss")
+    for name, rows in (("corpus.jsonl", CORPUS), ("sessions.jsonl", SESSIONS)):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    register_encoder("fake", lambda rest: HashEncoder(name=rest or "fake-hash"))
+    yield tmp_path
+    unregister_encoder("fake")
+
+
+def _search(d, index_dir, out):
+    from chatretriever.cli import main
+    from chatretriever.io.trec import read_run
+
+    sessions = str(d / "sessions.jsonl")
+    argv = ["search", "--index", str(index_dir), "--sessions", sessions, "--k", "4"]
+    assert main([*argv, "--model", "fake:", "--out", str(d / out)]) == 0
+    return read_run(d / out)
+
+
+def _same_run(a, b):
+    assert a.scores.keys() == b.scores.keys()
+    for q in a.scores:
+        assert [h.doc_id for h in a.ranked(q)] == [h.doc_id for h in b.ranked(q)]
+        assert [h.score for h in a.ranked(q)] == pytest.approx([h.score for h in b.ranked(q)])
+
+
+def test_cli_index_of_emb_dirs_then_search_matches_faiss(cli_files, capsys):
+    from chatretriever.cli import main
+
+    d = cli_files
+    argv = ["encode", str(d / "corpus.jsonl"), "--model", "fake:", "--out", str(d / "emb")]
+    assert main([*argv, "--chunk-size", "2"]) == 0
+    assert main(["index", str(d / "emb"), "--out", str(d / "faiss")]) == 0
+    assert main(["index", str(d / "emb"), "--backend", "milvus", "--out", str(d / "mv")]) == 0
+    assert "indexed 4 passages (milvus:FLAT, fake-hash)" in capsys.readouterr().out
+    info = json.loads((d / "mv/meta.json").read_text())
+    assert info["uri"] == "milvus.db" and info["collection"] == "mv"  # the defaults
+    assert (d / "mv/milvus.db").is_dir() and info["settings"]["backend"] == "milvus"
+    milvus_run, faiss_run = _search(d, d / "mv", "mv.trec"), _search(d, d / "faiss", "f.trec")
+    _same_run(milvus_run, faiss_run)
+    assert milvus_run.ranked("q2")[0].doc_id == "pasta"
+    code = main(["index", str(d / "emb"), "--out", str(d / "x"), "--uri", str(d / "x.db")])
+    assert code == 2 and "go with --backend milvus" in capsys.readouterr().err
+
+
+def test_cli_index_of_a_corpus_on_milvus(cli_files, capsys, caplog):
+    from chatretriever.cli import main
+    from chatretriever.retrieval.corpus_index import CorpusIndex
+
+    d = cli_files
+    base = ["index", str(d / "corpus.jsonl"), "--model", "fake:"]
+    assert main([*base, "--out", str(d / "faiss")]) == 0
+    argv = [*base, "--out", str(d / "mv"), "--backend", "milvus", "--collection", "jaguars"]
+    assert main([*argv, "--factory", "HNSW:M=8", "--upsert-batch-size", "3"]) == 0
+    assert "(milvus:HNSW:M=8, fake-hash)" in capsys.readouterr().out
+    info = json.loads((d / "mv/index/meta.json").read_text())
+    assert info["uri"] == "../milvus.db" and info["collection"] == "jaguars"
+    assert info["settings"]["model"] == "fake:" and info["settings"]["upsert_batch_size"] == 3
+    loaded = CorpusIndex.load(d / "mv")  # what chat, answer and serve load
+    assert isinstance(loaded.index, MilvusIndex) and loaded.model == "fake:"
+    assert loaded.passages["pasta"].title == "Pasta"
+    from chatretriever.apps.server.engine import SearchEngine, SearchItem
+    from chatretriever.types import as_session
+
+    engine = SearchEngine(HashEncoder(), loaded)  # the server's worker
+    question = as_session([{"role": "user", "content": "how do I cook pasta"}])
+    (hits,) = engine.search_batch([SearchItem(question, k=2)])
+    assert [h.doc_id for h in hits][:1] == ["pasta"] and hits[0].title == "Pasta"
+    caplog.clear()
+    assert main([*argv, "--factory", "HNSW:M=8"]) == 0  # a re-run keeps chunks and rows
+    assert "jaguars: 0 rows upserted, 4 kept" in caplog.text
+    _same_run(_search(d, d / "mv", "mv.trec"), _search(d, d / "faiss", "f.trec"))
