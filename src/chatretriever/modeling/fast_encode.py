@@ -266,17 +266,12 @@ class InferenceBody:
     def _eager(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
     ) -> torch.Tensor:
-        return self.decoder(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=False,
-        ).last_hidden_state
+        return decoder_states(self.decoder, input_ids, attention_mask, position_ids)
 
     def __call__(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
     ) -> torch.Tensor:
-        """Final hidden states (B, L, H) in the last layer's dtype."""
+        """Final hidden states (B, L, H), fp32 (the final norm stays fp32)."""
         try:
             return self._forward(input_ids, attention_mask, position_ids)
         except Exception as exc:  # an inductor/compiler failure: eager is always correct
@@ -285,6 +280,18 @@ class InferenceBody:
             logger.warning("torch.compile failed (%s); encoding without it", str(exc)[:200])
             self._forward, self.compiled = self._eager, False
             return self._eager(input_ids, attention_mask, position_ids)
+
+
+def decoder_states(
+    decoder: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+) -> torch.Tensor:
+    """One no-cache forward of a decoder body: its final hidden states (B, L, H)."""
+    return decoder(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+    ).last_hidden_state
 
 
 def _cast_layer(layer: torch.nn.Module, dtype: torch.dtype) -> bool:

@@ -83,7 +83,7 @@ def body_module(model: Any) -> torch.nn.Module:
     """
     import torch
 
-    from chatretriever.modeling.fast_encode import InferenceBody
+    from chatretriever.modeling.fast_encode import InferenceBody, decoder_states
 
     decoder = InferenceBody(model, torch.float32).decoder  # merged, fp32, eval
 
@@ -98,12 +98,7 @@ def body_module(model: Any) -> torch.nn.Module:
             attention_mask: torch.Tensor,
             position_ids: torch.Tensor,
         ) -> torch.Tensor:
-            return self.decoder(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                use_cache=False,
-            ).last_hidden_state
+            return decoder_states(self.decoder, input_ids, attention_mask, position_ids)
 
     return Body().eval()
 
