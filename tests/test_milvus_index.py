@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -18,6 +19,16 @@ pytest.importorskip("milvus_lite")
 
 import chatretriever.retrieval.milvus_index as mi  # noqa: E402
 from chatretriever.retrieval.milvus_index import MilvusIndex  # noqa: E402
+from chatretriever.retrieval.milvus_spec import (  # noqa: E402
+    build_state,
+    check_finished,
+    check_ids,
+    check_resumable,
+    parse_index_spec,
+    parse_params,
+    spec_text,
+)
+from chatretriever.retrieval.milvus_uri import is_local, resolve_uri, stored_uri  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -214,22 +225,71 @@ def test_ids_with_quotes_are_looked_up_when_resuming(tmp_path, db, monkeypatch):
 
 
 def test_parsers_and_defaults(tmp_path):
-    assert mi.parse_index_spec("Flat") == ("FLAT", {})
-    assert mi.parse_index_spec("ivf_flat:nlist=8") == ("IVF_FLAT", {"nlist": 8})
+    assert parse_index_spec("Flat") == ("FLAT", {})
+    assert parse_index_spec("ivf_flat:nlist=8") == ("IVF_FLAT", {"nlist": 8})
     with pytest.raises(ValueError, match="index type"):
-        mi.parse_index_spec("IVF4,PQ4x4")  # a Faiss factory
-    assert mi.parse_params("efSearch=64, radius=0.5,x=y") == {"ef": 64, "radius": 0.5, "x": "y"}
-    assert mi.parse_params(None) == {}
+        parse_index_spec("IVF4,PQ4x4")  # a Faiss factory
+    assert parse_params("efSearch=64, radius=0.5,x=y") == {"ef": 64, "radius": 0.5, "x": "y"}
+    assert parse_params(None) == {}
     with pytest.raises(ValueError, match="key=value"):
-        mi.parse_params("ef")
+        parse_params("ef")
     from chatretriever.retrieval.corpus_index import default_collection
 
     assert default_collection(tmp_path / "my-index.v2") == "my_index_v2"
     assert default_collection(tmp_path / "2024") == "cr_2024"
     server = "http://host:19530"
-    assert mi.stored_uri(server, tmp_path) == server and mi.resolve_uri(server, tmp_path) == server
-    assert mi.stored_uri(str(tmp_path / "db/x.db"), tmp_path / "idx") == "../db/x.db"
-    assert mi.resolve_uri("../db/x.db", tmp_path / "idx") == str(tmp_path / "db/x.db")
+    assert stored_uri(server, tmp_path) == server and resolve_uri(server, tmp_path) == server
+    assert stored_uri(str(tmp_path / "db/x.db"), tmp_path / "idx") == "../db/x.db"
+    assert resolve_uri("../db/x.db", tmp_path / "idx") == str(tmp_path / "db/x.db")
+    assert mi.parse_index_spec is parse_index_spec and mi.stored_uri is stored_uri  # still there
+
+
+def test_index_spec_round_trip_by_hand():
+    hnsw = ("HNSW", {"M": 16, "efConstruction": 200})
+    assert parse_index_spec("HNSW:M=16,efConstruction=200") == hnsw
+    assert spec_text(*hnsw) == "HNSW:M=16,efConstruction=200" and spec_text("FLAT", {}) == "FLAT"
+    assert parse_index_spec(" hnsw : M=8 ") == ("HNSW", {"M": 8})
+    assert parse_params("nprobe=16,radius=1e-3,level=,metric=IP") == {
+        "nprobe": 16,
+        "radius": 0.001,
+        "level": "",
+        "metric": "IP",
+    }
+    assert is_local("x.db") and is_local("/a/b.db") and not is_local("http://host:19530")
+    assert not is_local("https://host/x.db") and not is_local("milvus.sqlite")
+
+
+def test_build_state_and_its_checks(tmp_path):
+    meta = EmbeddingMeta(model="m", dim=2, fingerprint="f", count=2, extra={"chunk": 1})
+    state = build_state(meta, ["a", "b"], "FLAT", {})
+    assert state == {
+        "embedding": {
+            "model": "m",
+            "dim": 2,
+            "dtype": "float32",
+            "normalized": True,
+            "fingerprint": "f",
+        },
+        "ids_sha256": hashlib.sha256(b"a\nb\n").hexdigest(),
+        "index": {"type": "FLAT", "params": {}},
+    }
+    check_resumable(state, state, meta, "c")  # the same build resumes
+    check_finished(state, 2, meta, ["a", "b"], "c", tmp_path)
+    with pytest.raises(ValueError, match="'c' was not made by chatretriever"):
+        check_resumable(None, state, meta, "c")
+    with pytest.raises(ValueError, match="other index type"):
+        check_resumable(state, build_state(meta, ["a", "b"], "HNSW", {"M": 8}), meta, "c")
+    other = EmbeddingMeta(model="m", dim=2, fingerprint="g")
+    with pytest.raises(EncoderMismatchError, match="rebuilt since"):
+        check_finished(state, 2, other, ["a", "b"], "c", tmp_path)
+    with pytest.raises(DataFormatError, match="unfinished build") as e:
+        check_finished(state, 1, meta, ["a", "b"], "c", tmp_path)  # one row of two recorded
+    assert "ids.txt" in str(e.value)
+    with pytest.raises(DataFormatError, match="records no chatretriever build"):
+        check_finished(None, 0, meta, [], "c", tmp_path)
+    check_ids(["\u00e9" * 256])  # 512 bytes in UTF-8: the longest id a primary key holds
+    with pytest.raises(ValueError, match="514 bytes"):
+        check_ids(["ok", "\u00e9" * 257])
 
 
 # --- the CLI end to end (fake encoder) ---------------------------------------------------------

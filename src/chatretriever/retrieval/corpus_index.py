@@ -180,7 +180,7 @@ def build_corpus_index(
         corpus: A BEIR corpus file (`.jsonl` or `.jsonl.gz`).
         out_dir: The corpus index directory.
         factory: Faiss factory string ("Flat" is exact search); for Milvus its index spec
-            (`milvus_index.parse_index_spec`: "FLAT", "HNSW:M=16"; "Flat" is FLAT).
+            (`milvus_spec.parse_index_spec`: "FLAT", "HNSW:M=16"; "Flat" is FLAT).
         config: Encoding settings (batch size, chunk size); the shard must be (0, 1).
         train_size: Vectors sampled to train factories that need training (IVF, PQ).
         backend: "faiss" (in DIR/index) or "milvus" (a collection; DIR/index describes it).

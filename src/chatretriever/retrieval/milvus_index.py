@@ -7,11 +7,9 @@ inner-product metric); the index directory is a small descriptor that names it:
                      fingerprint), the index type and the caller's settings; written last
     DIR/ids.txt      passage ids in shard order (what `CorpusIndex` checks its passages against)
 
-A URI ending in `.db` is a local milvus-lite database (the CLI's default: `DIR/milvus.db`). The
-descriptor stores it relative to its directory when it was given relative or lies beside it
-(`stored_uri`), and `load` resolves it from there, so an index directory moves with its database.
-Any other URI (`http://host:19530`) names a Milvus server and is kept unchanged. The same client
-code talks to both (tested on milvus-lite only).
+The URI is a local milvus-lite `.db` file, stored relative to the descriptor so that the
+directory moves with its database, or a Milvus server (`milvus_uri`). The index spec and the
+state a build records are plain values (`milvus_spec`); this module holds the collection work.
 
 The collection records the encoder (model, dim, normalisation, fingerprint) and a digest of the
 passage ids in its properties: `load` refuses a collection whose encoder differs from the
@@ -29,11 +27,8 @@ Torch-free; `pymilvus` (and `milvus-lite` for local files) are imported when use
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-import re
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -42,110 +37,39 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from chatretriever.errors import DataFormatError, require_extra
+from chatretriever.errors import DataFormatError
 from chatretriever.io.embeddings import EmbeddingMeta
 from chatretriever.io.files import atomic_files
 from chatretriever.retrieval.index import (
     IDS_FILE,
     INDEX_FILE,
     META_FILE,
-    EncoderMismatchError,
     check_query_encoder,
     read_shards,
 )
+from chatretriever.retrieval.milvus_spec import (
+    DEFAULT_INDEX,
+    MAX_ID_BYTES,
+    build_state,
+    check_finished,
+    check_ids,
+    check_resumable,
+    parse_index_spec,
+    parse_params,
+    spec_text,
+)
+from chatretriever.retrieval.milvus_uri import connect, is_local, resolve_uri, stored_uri
 
 logger = logging.getLogger(__name__)
 
 BACKEND = "milvus"
-DEFAULT_INDEX = "FLAT"
 DEFAULT_BATCH = 1000  # rows per upsert call
 ID_FIELD = "id"
 VECTOR_FIELD = "vector"
-MAX_ID_BYTES = 512  # VARCHAR max_length of the primary key (Milvus counts bytes)
 MAX_TOPK = 16_384  # Milvus's limit on hits per query
 SEARCH_BLOCK = 256  # queries per search call: bounded gRPC messages
 STATE_KEY = "chatretriever.index"  # collection property: encoder, id digest, index type
 DONE_KEY = "chatretriever.rows_done"  # collection property: leading rows upserted (per shard)
-# Faiss names of search parameters -> Milvus names, so `search --params efSearch=64` works on both
-_PARAM_ALIASES = {"efSearch": "ef"}
-
-
-def is_local(uri: str) -> bool:
-    """Whether `uri` is a milvus-lite database file (pymilvus's rule: it ends with `.db`)."""
-    return uri.endswith(".db") and not re.match(r"^[a-z]+://", uri)
-
-
-def parse_index_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """A Milvus index type with its build parameters from "TYPE[:key=value,...]".
-
-    Args:
-        spec: "FLAT" (or "Flat", the Faiss default's spelling), "HNSW:M=32,efConstruction=200",
-            "IVF_FLAT:nlist=128", "AUTOINDEX", ...
-
-    Returns:
-        (index type in upper case, build parameters with numbers parsed).
-    """
-    kind, _, rest = spec.partition(":")
-    kind = kind.strip().upper()
-    if not re.fullmatch(r"[A-Z][A-Z0-9_]*", kind):
-        raise ValueError(f"bad Milvus index type {spec!r}: e.g. FLAT, HNSW:M=32, IVF_FLAT:nlist=64")
-    return kind, parse_params(rest)
-
-
-def parse_params(text: str | None) -> dict[str, Any]:
-    """ "key=value,key=value" -> {key: int, float or str}; Faiss's "efSearch" is Milvus's "ef"."""
-    out: dict[str, Any] = {}
-    for item in filter(None, (s.strip() for s in (text or "").split(","))):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"bad Milvus parameter {item!r}: expected key=value")
-        out[_PARAM_ALIASES.get(key.strip(), key.strip())] = _number(value.strip())
-    return out
-
-
-def spec_text(kind: str, params: dict[str, Any]) -> str:
-    """The canonical spelling of an index spec: "HNSW:M=16,efConstruction=200", "FLAT"."""
-    return kind + (":" + ",".join(f"{k}={v}" for k, v in params.items()) if params else "")
-
-
-def _number(text: str) -> int | float | str:
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
-def connect(uri: str) -> Any:
-    """A `pymilvus.MilvusClient` for a server URI or a local `.db` file (its folder is made)."""
-    pymilvus = require_extra("pymilvus", "milvus", "the Milvus index")
-    if is_local(uri):
-        require_extra("milvus_lite", "milvus", "a local Milvus database (milvus-lite)")
-        Path(uri).parent.mkdir(parents=True, exist_ok=True)
-    return pymilvus.MilvusClient(uri=uri)
-
-
-def _check_ids(ids: Sequence[str]) -> None:
-    for i in ids:
-        if len(i.encode("utf-8")) > MAX_ID_BYTES:
-            raise ValueError(
-                f"passage id {i[:80]!r}... is {len(i.encode('utf-8'))} bytes long: the Milvus "
-                f"backend keeps ids of at most {MAX_ID_BYTES} bytes (use the Faiss backend)"
-            )
-
-
-def ids_digest(ids: Sequence[str]) -> str:
-    """sha256 of the passage ids in order: which corpus a collection holds."""
-    h = hashlib.sha256()
-    for i in ids:
-        h.update(i.encode("utf-8") + b"\n")
-    return h.hexdigest()
-
-
-def _encoder_fields(meta: EmbeddingMeta) -> dict[str, Any]:
-    """The metadata a collection records: what decides whether vectors can be compared."""
-    return {k: v for k, v in asdict(meta).items() if k not in ("count", "extra")}
 
 
 def _upsert(client: Any, collection: str, rows: list[dict[str, Any]]) -> int:
@@ -160,13 +84,6 @@ def _state(client: Any, collection: str) -> tuple[dict[str, Any] | None, int]:
         return json.loads(props[STATE_KEY]), int(props.get(DONE_KEY, 0))
     except (KeyError, json.JSONDecodeError, ValueError):
         return None, 0
-
-
-def _recorded_meta(state: dict[str, Any], where: str) -> EmbeddingMeta:
-    try:
-        return EmbeddingMeta(**state["embedding"])
-    except (KeyError, TypeError) as e:
-        raise DataFormatError(where, f"bad recorded encoder metadata: {e}") from None
 
 
 def _create(client: Any, collection: str, meta: EmbeddingMeta, state: dict[str, Any]) -> None:
@@ -206,25 +123,7 @@ def _open_for_build(
         _create(client, collection, meta, state)
         return None
     recorded, done = _state(client, collection)
-    if recorded is None:
-        raise ValueError(
-            f"the Milvus collection {collection!r} was not made by chatretriever: choose "
-            "another collection name, or drop it (--overwrite)"
-        )
-    old = _recorded_meta(recorded, collection)
-    if not old.compatible_with(meta):
-        raise EncoderMismatchError(
-            f"the Milvus collection {collection!r} holds vectors of {old.describe()}, the "
-            f"shards come from {meta.describe()}: choose another collection, or drop it "
-            "(--overwrite)"
-        )
-    for key, what in (("ids_sha256", "passage ids"), ("index", "index type")):
-        if recorded.get(key) != state[key]:
-            raise ValueError(
-                f"the Milvus collection {collection!r} holds other {what} than this build "
-                f"({recorded.get(key)} != {state[key]}): choose another collection, or drop it "
-                "(--overwrite)"
-            )
+    check_resumable(recorded, state, meta, collection)
     client.load_collection(collection)
     return done
 
@@ -345,12 +244,8 @@ class MilvusIndex:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         kind, params = parse_index_spec(index_spec)
         ids, arrays, meta = read_shards(shard_dirs)  # one encoder, unique ids
-        _check_ids(ids)
-        state = {
-            "embedding": _encoder_fields(meta),
-            "ids_sha256": ids_digest(ids),
-            "index": {"type": kind, "params": params},
-        }
+        check_ids(ids)
+        state = build_state(meta, ids, kind, params)
         client = connect(uri)
         done = _open_for_build(client, collection, meta, state, overwrite)
         ends = np.cumsum([len(a) for a in arrays]).tolist()
@@ -494,48 +389,9 @@ class MilvusIndex:
             msg = f"no Milvus collection {collection!r} at {uri}"
             raise DataFormatError(meta_path, msg, field="collection")
         ids = (directory / IDS_FILE).read_text(encoding="utf-8").splitlines()
-        _check_collection(client, collection, meta, ids, directory)
+        state, done = _state(client, collection)
+        check_finished(state, done, meta, ids, collection, directory)
         client.load_collection(collection)
         index = cls(client, uri, collection, ids, meta, factory)
         index._check_count()
         return index
-
-
-def _check_collection(
-    client: Any, collection: str, meta: EmbeddingMeta, ids: list[str], directory: Path
-) -> None:
-    """Raise unless the collection holds a finished build of these ids by this encoder."""
-    state, done = _state(client, collection)
-    if state is None:
-        msg = f"the Milvus collection {collection!r} records no chatretriever build"
-        raise DataFormatError(directory / META_FILE, msg, field="collection")
-    recorded = _recorded_meta(state, collection)
-    if not recorded.compatible_with(meta):
-        raise EncoderMismatchError(
-            f"the Milvus collection {collection!r} holds vectors of {recorded.describe()}, but "
-            f"the index {directory} was built with {meta.describe()} (the collection was "
-            "rebuilt since): build the index again"
-        )
-    if state.get("ids_sha256") != ids_digest(ids) or done < len(ids):
-        raise DataFormatError(
-            directory / IDS_FILE,
-            f"the Milvus collection {collection!r} holds other passages than this index, or an "
-            "unfinished build: build the index again",
-        )
-
-
-def stored_uri(uri: str, directory: str | Path) -> str:
-    """The URI as a descriptor in `directory` records it: a local file relative to `directory`
-    when given relative or when it lies under `directory`'s parent, else unchanged."""
-    if not is_local(uri):
-        return uri
-    path, base = os.path.abspath(uri), os.path.abspath(directory)
-    within = os.path.commonpath([path, os.path.dirname(base)]) == os.path.dirname(base)
-    return os.path.relpath(path, base) if within or not os.path.isabs(uri) else uri
-
-
-def resolve_uri(uri: str, directory: str | Path) -> str:
-    """A descriptor's URI: a relative local file is relative to the descriptor's directory."""
-    if not is_local(uri) or os.path.isabs(uri):
-        return uri
-    return os.path.normpath(os.path.join(directory, uri))
