@@ -142,3 +142,32 @@ def _write(tmp_path, raw):
     path = tmp_path / "x.yaml"
     path.write_text(yaml.safe_dump({**raw, "data": {"files": [{"path": "p"}]}}))
     return path
+
+
+def test_recipe_rejects_unknown_dtype(tmp_path):
+    with pytest.raises(DataFormatError, match="dtype"):
+        load_config(_write(tmp_path, {"dtype": "fp16"}), TuneConfig.from_dict)
+
+
+def test_sft_loss_bf16_runs_under_autocast_and_stays_close(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from chatretriever.methods.rationale.tuning import sft_loss_fn
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).float().eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    prompt = BinaryChoicePrompt(tokenizer, "ab", 32, 64)
+    inputs = ChoiceCollator(prompt)(choice_pairs(SESSIONS, PASSAGES, GOLD, n_negatives=1))
+    seen: list[torch.dtype] = []
+    hook = model.model.layers[0].mlp.down_proj.register_forward_hook(
+        lambda _m, _a, out: seen.append(out.dtype)
+    )
+    pad, vocab = tokenizer.pad_token_id or 0, len(tokenizer)
+    with torch.no_grad():
+        fp32 = sft_loss_fn(pad, vocab, torch.float32)(model, inputs)["sft"]
+        bf16 = sft_loss_fn(pad, vocab, torch.bfloat16)(model, inputs)["sft"]
+    hook.remove()
+    assert seen == [torch.float32, torch.bfloat16]  # the bf16 forward ran under autocast
+    assert bf16.dtype == torch.float32 and torch.isfinite(bf16)
+    assert bf16.item() == pytest.approx(fp32.item(), rel=0.05)
+    assert next(model.parameters()).dtype == torch.float32  # weights untouched

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from chatretriever.config import LoraSettings, _from_dict
+from chatretriever.config import DTYPES, LoraSettings, _from_dict
 from chatretriever.errors import DataFormatError, require_extra
 from chatretriever.io.files import iter_jsonl, write_jsonl
 from chatretriever.io.sessions import session_from_dict, session_to_dict
@@ -139,12 +139,22 @@ class ChoiceCollator:
         }
 
 
-def sft_loss_fn(pad_id: int, vocab: int) -> Any:
-    """The `NamedLossFn` of supervised tuning: one forward, full-vocabulary logits at the end."""
+def sft_loss_fn(pad_id: int, vocab: int, dtype: torch.dtype = torch.float32) -> Any:
+    """The `NamedLossFn` of supervised tuning: one forward, full-vocabulary logits at the end.
+
+    Args:
+        pad_id: The tokenizer's pad id.
+        vocab: Vocabulary size (every token's logit enters the cross-entropy).
+        dtype: Compute dtype: bf16 runs the forward under bf16 autocast (weights stay fp32;
+            the loss is taken in fp32), fp32 runs it as loaded.
+    """
     every_token = list(range(vocab))
 
     def loss_fn(model: Any, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        logits = option_logits(model, inputs["sequences"], every_token, pad_id)  # (B, V)
+        device_type = next(model.parameters()).device.type
+        bf16 = dtype == torch.bfloat16
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+            logits = option_logits(model, inputs["sequences"], every_token, pad_id)  # (B, V)
         return answer_loss(logits, inputs["targets"].to(logits.device))
 
     return loss_fn
@@ -167,6 +177,8 @@ class TuneConfig:
         model: The chat backbone (built-in name or local dir).
         output_dir: Where the adapter, checkpoints and the resolved recipe go.
         wording: The prompt wording ("ab", "tf").
+        dtype: Training precision: "auto" (bf16 autocast where the CPU/GPU runs bf16 natively,
+            else fp32), "bf16" or "fp32". DPO passes it to TRL as `bf16`.
         max_document_tokens, max_query_tokens: Prompt budgets.
         lora: The LoRA adapter.
         data: `files`: pairs JSONL (`write_pairs`).
@@ -178,6 +190,7 @@ class TuneConfig:
     model: str = "smollm2-135m-instruct"
     output_dir: str = "runs/rationale-sft"
     wording: str = "ab"
+    dtype: str = "auto"
     max_document_tokens: int = 256
     max_query_tokens: int = 384
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -188,6 +201,8 @@ class TuneConfig:
     def __post_init__(self) -> None:
         if self.objective not in ("sft", "dpo"):
             raise ValueError(f"objective must be 'sft' or 'dpo', got {self.objective!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> TuneConfig:
@@ -233,6 +248,8 @@ def _pairs(config: TuneConfig) -> list[ChoicePair]:
 
 def run_sft(config: TuneConfig, resume: bool = False) -> Path:
     """Supervised tuning on the shared trainer; returns the output dir (adapter + recipe)."""
+    from chatretriever.modeling.backbones import default_device
+    from chatretriever.modeling.precision import resolve_dtype
     from chatretriever.modeling.recipe import resume_checkpoint
     from chatretriever.modeling.trainer import NamedLossTrainer, TrainingSet, training_arguments
 
@@ -242,10 +259,14 @@ def run_sft(config: TuneConfig, resume: bool = False) -> Path:
     model.train()
     trainer = NamedLossTrainer(
         model=model,
-        args=training_arguments(config.output_dir, config.training, "the model's dtype"),
+        args=training_arguments(config.output_dir, config.training, "the recipe's dtype"),
         train_dataset=TrainingSet([(_pairs(config), 1)]),
         data_collator=ChoiceCollator(prompt),
-        loss_fn=sft_loss_fn(prompt.tokenizer.pad_token_id or 0, len(tokenizer)),
+        loss_fn=sft_loss_fn(
+            prompt.tokenizer.pad_token_id or 0,
+            len(tokenizer),
+            resolve_dtype(config.dtype, default_device()),
+        ),
     )
     checkpoint = resume_checkpoint(config.output_dir, resume)
     return trainer.train_and_save(checkpoint, config)
@@ -255,7 +276,8 @@ def run_dpo(config: TuneConfig, resume: bool = False) -> Path:
     """DPO with TRL's DPOTrainer and a LoRA adapter; returns the output dir."""
     trl = require_extra("trl", "train", "DPO tuning")
     datasets = require_extra("datasets", "train", "DPO tuning")
-    from chatretriever.modeling.backbones import default_device, native_bf16
+    from chatretriever.modeling.backbones import default_device
+    from chatretriever.modeling.precision import resolve_dtype
     from chatretriever.modeling.recipe import LOG_FILE, resume_checkpoint, save_recipe, write_log
 
     device = default_device()
@@ -265,7 +287,8 @@ def run_dpo(config: TuneConfig, resume: bool = False) -> Path:
                 "warmup_steps": 0.1, "per_device_train_batch_size": 8, "logging_steps": 10,
                 "save_steps": 50, "save_total_limit": 2, "report_to": [], "seed": 42,
                 # TRL defaults to bf16, which TrainingArguments refuses on a CPU without use_cpu
-                "bf16": native_bf16(device), "use_cpu": device.type == "cpu",
+                "bf16": resolve_dtype(config.dtype, device) == torch.bfloat16,
+                "use_cpu": device.type == "cpu",
                 **config.training}  # fmt: skip
     args = trl.DPOConfig(
         output_dir=config.output_dir,
