@@ -2,23 +2,14 @@
 LLM-embedder method shares (ChatRetriever, UniConv): loading, saving, identity, the training
 forwards (plain and one-pass CSIT) and the fast encoding path.
 
-Saved directory layout (`save_pretrained`; the config file's name is the method's `SAVED_CONFIG`):
-    <method>.json               resolved RetrieverConfig + LoraSettings + format + EMB token ids
-                                + the base model's weight fingerprint (checked on load)
-    tokenizer files             the tokenizer with the EMB tokens
-    adapter_model.safetensors   format "adapter": LoRA weights + the EMB rows only (peft
-    adapter_config.json         `trainable_token_indices`; the embedding matrix is NOT saved)
-    model.safetensors           formats "merged" / "full": the whole model
+The saved directory format (reading and writing model dirs) lives in `emb_llm_io`.
 """
 
 from __future__ import annotations
 
-import copy
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +19,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from chatretriever.config import LoraSettings, RetrieverConfig
-from chatretriever.io.files import atomic_files, atomic_write, read_json
-from chatretriever.modeling.adapters import (
-    ADAPTER_WEIGHTS,
-    adapter_state,
-    check_adapter_keys,
-    is_peft,
-    load_adapter,
-    resize_and_init,
-    wrap_lora,
-)
+from chatretriever.modeling import emb_llm_io
+from chatretriever.modeling.adapters import adapter_state, is_peft
 from chatretriever.modeling.backbones import default_device
 from chatretriever.modeling.collate import csit_mask, encode_batch, last_token_positions
 from chatretriever.modeling.fast_encode import (
@@ -49,30 +32,19 @@ from chatretriever.modeling.fast_encode import (
     runtime_info,
     want_compile,
 )
-from chatretriever.modeling.fingerprint import digest, model_fingerprint, tensors_fingerprint
+from chatretriever.modeling.fingerprint import digest, tensors_fingerprint
 from chatretriever.modeling.losses import IGNORE_INDEX
 from chatretriever.modeling.precision import keep_fp32, resolve_dtype
-from chatretriever.modeling.saved import checked_base_fingerprint, continued_settings
 from chatretriever.modeling.sources import builtin_retriever_dir
-from chatretriever.modeling.template import RetrievalTemplate, add_emb_tokens, emb_token_ids
+from chatretriever.modeling.template import RetrievalTemplate
 from chatretriever.types import Passage, SessionLike
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("adapter", "merged", "full")
 FINGERPRINT_VERSION = 1  # bump when what the fingerprint covers changes
 # Left out of the fingerprint: where the base lives (its weights are fingerprinted), loader
 # flags, a training-only length, and the dtype settings (the resolved dtype is used instead).
 _NOT_FINGERPRINTED = ("base_model", "trust_remote_code", "max_response_len", "dtype", "fp32_layers")
-# The weight files of every format: a save removes those an earlier save (in another format, or
-# with more shards) left, or a loader could pick them (transformers loads a stale adapter_config).
-STALE_WEIGHT_FILES = (
-    "adapter_config.json",
-    "adapter_model.*",
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "model-*-of-*.safetensors",
-)
 
 
 class EmbLLM(torch.nn.Module):
@@ -163,54 +135,11 @@ class EmbLLM(torch.nn.Module):
         path = Path(name_or_dir)
         path = builtin_retriever_dir(name_or_dir) or path
         if (path / cls.SAVED_CONFIG).is_file():
-            retriever = cls._load_saved(path, is_trainable, overrides, config, lora)
+            retriever = emb_llm_io.load_saved(cls, path, is_trainable, overrides, config, lora)
         else:
             base = str(path.resolve()) if path.exists() else str(name_or_dir)
-            cfg = replace(config or RetrieverConfig(), base_model=base, **overrides)
-            lora = lora if lora is not None else LoraSettings()
-            base_fp = model_fingerprint(cfg.base_model)
-            model, tokenizer = _load_backbone(cfg.base_model, cfg)
-            emb_ids = add_emb_tokens(tokenizer, cfg.n_emb_tokens)
-            resize_and_init(model, tokenizer, emb_ids, cfg.emb_init)
-            if lora.enabled:
-                model = wrap_lora(model, lora, emb_ids)
-            name = f"{cls.NAME_PREFIX}/{Path(base).name}"
-            retriever = cls(model, tokenizer, cfg, lora, name=name, base_fingerprint=base_fp)
+            retriever = emb_llm_io.load_new(cls, base, config, lora, overrides)
         return retriever.to(default_device() if device is None else torch.device(device))
-
-    @classmethod
-    def _load_saved(
-        cls,
-        path: Path,
-        is_trainable: bool,
-        overrides: Mapping[str, Any],
-        config: RetrieverConfig | None = None,
-        lora: LoraSettings | None = None,
-    ) -> EmbLLM:
-        saved = read_json(path / cls.SAVED_CONFIG)
-        fmt = saved["format"]
-        if fmt not in FORMATS:
-            raise ValueError(f"{path / cls.SAVED_CONFIG}: unknown format {fmt!r}")
-        lora_given = lora is not None
-        cfg, lora = continued_settings(path, saved, config, lora, overrides)
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        emb_ids = emb_token_ids(tokenizer, cfg.n_emb_tokens)
-        if emb_ids != list(saved["emb_token_ids"]):
-            raise ValueError(
-                f"{path}: tokenizer EMB ids {emb_ids} != saved {saved['emb_token_ids']}"
-            )
-        base_fp = saved.get("base_fingerprint")
-        if fmt == "adapter":
-            base_fp = checked_base_fingerprint(path, cfg.base_model, base_fp)
-            model, _ = _load_backbone(cfg.base_model, cfg)
-            resize_and_init(model, tokenizer, emb_ids, cfg.emb_init)
-            model = load_adapter(model, path, is_trainable, lora if lora_given else None, emb_ids)
-        else:
-            model, _ = _load_backbone(str(path), cfg)
-        name = f"{cls.NAME_PREFIX}/{path.resolve().name}"
-        return cls(model, tokenizer, cfg, lora, name=name, base_fingerprint=base_fp)
 
     def save_pretrained(self, directory: str | Path, merged: bool = False) -> Path:
         """Save weights (safetensors), tokenizer and the resolved config.
@@ -229,74 +158,16 @@ class EmbLLM(torch.nn.Module):
             The directory.
         """
         target = Path(directory)
-        # Only a previous saved retriever's weights are removed, never those of a base model
-        # that shares the directory.
-        previous = (target / self.SAVED_CONFIG).is_file()
-        own = previous and not _same_dir(target, self.config.base_model)
-        stale = STALE_WEIGHT_FILES if own else ()
-        with atomic_files(target, last=(self.SAVED_CONFIG,), stale=stale) as staging:
-            fmt = self._write_saved_files(staging, merged)
+        fmt = emb_llm_io.save_retriever(self, target, merged)
         logger.info("saved %s (%s) to %s", type(self).__name__, fmt, target)
         return target
-
-    def _write_saved_files(self, out: Path, merged: bool) -> str:
-        """Write the weights, the tokenizer and SAVED_CONFIG into the empty dir `out`.
-
-        Returns:
-            The saved format ("adapter", "merged" or "full").
-        """
-        if is_peft(self.model) and not merged:
-            self.model.save_pretrained(out, save_embedding_layers=False, safe_serialization=True)
-            fmt = "adapter"
-        elif is_peft(self.model):
-            copy.deepcopy(self.model).merge_and_unload().save_pretrained(out)
-            fmt = "merged"
-        else:
-            self.model.save_pretrained(out)
-            fmt = "full"
-        self.tokenizer.save_pretrained(out)
-        meta = {
-            "format": fmt,
-            "method": self.NAME_PREFIX,
-            "retriever": self.config.to_dict(),
-            "lora": self.lora.to_dict(),
-            "emb_tokens": self.tokenizer.convert_ids_to_tokens(list(self.emb_ids)),
-            "emb_token_ids": list(self.emb_ids),
-            "dim": self.dim,
-            # Checked when the adapter is loaded: it must land on the base it was trained on.
-            "base_fingerprint": self.base_fingerprint,
-        }
-        # Written last: a directory without it is not a (complete) saved retriever.
-        with atomic_write(out / self.SAVED_CONFIG) as f:
-            json.dump(meta, f, indent=2)
-        return fmt
 
     def load_trainable_state(self, directory: str | Path) -> None:
         """Load the weights a `save_pretrained` dir holds into this model, in place (resume).
 
         Under LoRA that is the adapter and the EMB rows; under full fine-tuning the whole model.
         """
-        directory = Path(directory)
-        if is_peft(self.model):
-            from peft import set_peft_model_state_dict
-            from safetensors.torch import load_file
-
-            state = load_file(str(directory / ADAPTER_WEIGHTS))
-            check_adapter_keys(self.model, state, directory / ADAPTER_WEIGHTS)  # before loading
-            set_peft_model_state_dict(self.model, state)
-            return
-        from transformers.modeling_utils import load_sharded_checkpoint
-
-        if (directory / "model.safetensors").is_file():
-            from safetensors.torch import load_file
-
-            state = load_file(str(directory / "model.safetensors"))
-            missing, unexpected = self.model.load_state_dict(state, strict=False)
-            tied = set(getattr(self.model, "all_tied_weights_keys", {}) or {})
-            if unexpected or set(missing) - tied - {"lm_head.weight"}:
-                raise ValueError(f"{directory}: weights do not match (missing {missing[:5]})")
-        else:
-            load_sharded_checkpoint(self.model, str(directory))
+        emb_llm_io.load_trained_weights(self.model, Path(directory))
 
     # ------------------------------------------------------------------ identity
     @property
@@ -589,25 +460,3 @@ class EmbLLM(torch.nn.Module):
         cached = self._inference if settings.runtime == "torch" else self._runtime_body
         body = cached[1] if cached else None
         return runtime_info(settings, body, self.device)
-
-
-def _same_dir(directory: Path, name_or_path: str) -> bool:
-    """Whether `name_or_path` (a model name or path) is `directory`."""
-    try:
-        return Path(name_or_path).resolve() == directory.resolve()
-    except OSError:
-        return False
-
-
-def _load_backbone(name_or_path: str, cfg: RetrieverConfig) -> tuple[Any, Any]:
-    """(causal LM in fp32, tokenizer) via `backbones.load_backbone` (built-in names, GGUF files
-    and plain Hugging Face dirs alike)."""
-    from chatretriever.modeling.backbones import load_backbone
-
-    return load_backbone(
-        name_or_path,
-        kind="causal",
-        dtype=torch.float32,
-        attn_implementation=cfg.attn_implementation,
-        trust_remote_code=cfg.trust_remote_code,
-    )

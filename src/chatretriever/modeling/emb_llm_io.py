@@ -1,0 +1,255 @@
+"""The model directories of an `emb_llm.EmbLLM`: reading a base model or a saved retriever into
+one, and writing one (`EmbLLM.from_pretrained`, `save_pretrained`, `load_trainable_state` call
+these functions).
+
+Saved directory layout (`save_pretrained`; the config file's name is the method's `SAVED_CONFIG`):
+    <method>.json               resolved RetrieverConfig + LoraSettings + format + EMB token ids
+                                + the base model's weight fingerprint (checked on load)
+    tokenizer files             the tokenizer with the EMB tokens
+    adapter_model.safetensors   format "adapter": LoRA weights + the EMB rows only (peft
+    adapter_config.json         `trainable_token_indices`; the embedding matrix is NOT saved)
+    model.safetensors           formats "merged" / "full": the whole model
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+
+from chatretriever.config import LoraSettings, RetrieverConfig
+from chatretriever.io.files import atomic_files, atomic_write, read_json
+from chatretriever.modeling.adapters import (
+    ADAPTER_WEIGHTS,
+    check_adapter_keys,
+    is_peft,
+    load_adapter,
+    resize_and_init,
+    wrap_lora,
+)
+from chatretriever.modeling.fingerprint import model_fingerprint
+from chatretriever.modeling.saved import checked_base_fingerprint, continued_settings
+from chatretriever.modeling.template import add_emb_tokens, emb_token_ids
+
+if TYPE_CHECKING:
+    from chatretriever.modeling.emb_llm import EmbLLM
+
+E = TypeVar("E", bound="EmbLLM")
+
+FORMATS = ("adapter", "merged", "full")
+# The weight files of every format: a save removes those an earlier save (in another format, or
+# with more shards) left, or a loader could pick them (transformers loads a stale adapter_config).
+STALE_WEIGHT_FILES = (
+    "adapter_config.json",
+    "adapter_model.*",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "model-*-of-*.safetensors",
+)
+
+
+# ---------------------------------------------------------------------- reading
+def load_new(
+    cls: type[E],
+    base: str,
+    config: RetrieverConfig | None,
+    lora: LoraSettings | None,
+    overrides: Mapping[str, Any],
+) -> E:
+    """A new, untrained retriever on the base chat LLM `base` (EMB tokens added, LoRA wrapped).
+
+    Args:
+        cls: The EmbLLM class to build (its `NAME_PREFIX` names the model).
+        base: The base model (a resolved local path, or a built-in name / .gguf as given).
+        config: Its settings (default RetrieverConfig()); base_model becomes `base`.
+        lora: Its LoRA (default LoraSettings(); enabled=False = full fine-tuning).
+        overrides: RetrieverConfig fields to change.
+
+    Returns:
+        The retriever, on the device the backbone loaded on, weights in fp32.
+    """
+    cfg = replace(config or RetrieverConfig(), base_model=base, **overrides)
+    lora = lora if lora is not None else LoraSettings()
+    base_fp = model_fingerprint(cfg.base_model)
+    model, tokenizer = load_backbone_fp32(cfg.base_model, cfg)
+    emb_ids = add_emb_tokens(tokenizer, cfg.n_emb_tokens)
+    resize_and_init(model, tokenizer, emb_ids, cfg.emb_init)
+    if lora.enabled:
+        model = wrap_lora(model, lora, emb_ids)
+    name = f"{cls.NAME_PREFIX}/{Path(base).name}"
+    return cls(model, tokenizer, cfg, lora, name=name, base_fingerprint=base_fp)
+
+
+def load_saved(
+    cls: type[E],
+    path: Path,
+    is_trainable: bool,
+    overrides: Mapping[str, Any],
+    config: RetrieverConfig | None = None,
+    lora: LoraSettings | None = None,
+) -> E:
+    """The retriever a `save_pretrained` directory holds (see the module's layout).
+
+    Args:
+        cls: The EmbLLM class to build (its `SAVED_CONFIG` is read, `NAME_PREFIX` names it).
+        path: The saved directory.
+        is_trainable: For an adapter: load it trainable (to continue training).
+        overrides: RetrieverConfig fields to change (`saved.continued_settings` checks them).
+        config: Settings to continue with, or None for the saved ones.
+        lora: LoRA settings to continue with, or None for the saved ones.
+
+    Returns:
+        The retriever, weights in fp32.
+
+    Raises:
+        ValueError: An unknown format, settings that contradict the saved weights, a tokenizer
+            whose EMB ids differ from the saved ones, or an adapter's base model with other
+            weights than the one it was trained on.
+    """
+    saved = read_json(path / cls.SAVED_CONFIG)
+    fmt = saved["format"]
+    if fmt not in FORMATS:
+        raise ValueError(f"{path / cls.SAVED_CONFIG}: unknown format {fmt!r}")
+    lora_given = lora is not None
+    cfg, lora = continued_settings(path, saved, config, lora, overrides)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    emb_ids = emb_token_ids(tokenizer, cfg.n_emb_tokens)
+    if emb_ids != list(saved["emb_token_ids"]):
+        raise ValueError(f"{path}: tokenizer EMB ids {emb_ids} != saved {saved['emb_token_ids']}")
+    base_fp = saved.get("base_fingerprint")
+    if fmt == "adapter":
+        base_fp = checked_base_fingerprint(path, cfg.base_model, base_fp)
+        model, _ = load_backbone_fp32(cfg.base_model, cfg)
+        resize_and_init(model, tokenizer, emb_ids, cfg.emb_init)
+        model = load_adapter(model, path, is_trainable, lora if lora_given else None, emb_ids)
+    else:
+        model, _ = load_backbone_fp32(str(path), cfg)
+    name = f"{cls.NAME_PREFIX}/{path.resolve().name}"
+    return cls(model, tokenizer, cfg, lora, name=name, base_fingerprint=base_fp)
+
+
+def load_trained_weights(model: Any, directory: Path) -> None:
+    """Load the weights a `save_pretrained` dir holds into `model`, in place (resume).
+
+    Args:
+        model: The causal LM (peft-wrapped under LoRA: then the adapter and the EMB rows are
+            loaded; else the whole model).
+        directory: The saved directory.
+
+    Raises:
+        ValueError: Weights that do not match the model.
+    """
+    if is_peft(model):
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        state = load_file(str(directory / ADAPTER_WEIGHTS))
+        check_adapter_keys(model, state, directory / ADAPTER_WEIGHTS)  # before loading
+        set_peft_model_state_dict(model, state)
+        return
+    if (directory / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        state = load_file(str(directory / "model.safetensors"))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    else:  # a sharded save (model.safetensors.index.json)
+        missing, unexpected = _load_sharded_checkpoint()(model, str(directory), strict=False)
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    if unexpected or set(missing) - tied - {"lm_head.weight"}:
+        raise ValueError(f"{directory}: weights do not match (missing {list(missing)[:5]})")
+
+
+def _load_sharded_checkpoint() -> Any:
+    """transformers' `load_sharded_checkpoint` (in `trainer_utils` since transformers 5,
+    `modeling_utils` before)."""
+    try:
+        from transformers.trainer_utils import load_sharded_checkpoint
+    except ImportError:
+        from transformers.modeling_utils import load_sharded_checkpoint
+    return load_sharded_checkpoint
+
+
+def load_backbone_fp32(name_or_path: str, cfg: RetrieverConfig) -> tuple[Any, Any]:
+    """(causal LM in fp32, tokenizer) via `backbones.load_backbone` (built-in names, GGUF files
+    and plain Hugging Face dirs alike)."""
+    from chatretriever.modeling.backbones import load_backbone
+
+    return load_backbone(
+        name_or_path,
+        kind="causal",
+        dtype=torch.float32,
+        attn_implementation=cfg.attn_implementation,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+
+
+# ---------------------------------------------------------------------- writing
+def save_retriever(retriever: EmbLLM, target: Path, merged: bool) -> str:
+    """Write `retriever` into `target` atomically (`atomic_files`, SAVED_CONFIG last).
+
+    Only a previous saved retriever's weight files (`STALE_WEIGHT_FILES`) are removed, never
+    those of a base model that shares the directory; its other entries are kept.
+
+    Args:
+        retriever: The model to save.
+        target: Output directory (created).
+        merged: Under LoRA, merge the adapter (and EMB rows) into full weights.
+
+    Returns:
+        The saved format ("adapter", "merged" or "full").
+    """
+    previous = (target / retriever.SAVED_CONFIG).is_file()
+    own = previous and not same_dir(target, retriever.config.base_model)
+    stale = STALE_WEIGHT_FILES if own else ()
+    with atomic_files(target, last=(retriever.SAVED_CONFIG,), stale=stale) as staging:
+        fmt = write_saved_files(retriever, staging, merged)
+    return fmt
+
+
+def write_saved_files(retriever: EmbLLM, out: Path, merged: bool) -> str:
+    """Write the weights, the tokenizer and SAVED_CONFIG into the empty dir `out`.
+
+    Returns:
+        The saved format ("adapter", "merged" or "full").
+    """
+    model = retriever.model
+    if is_peft(model) and not merged:
+        model.save_pretrained(out, save_embedding_layers=False, safe_serialization=True)
+        fmt = "adapter"
+    elif is_peft(model):
+        copy.deepcopy(model).merge_and_unload().save_pretrained(out)
+        fmt = "merged"
+    else:
+        model.save_pretrained(out)
+        fmt = "full"
+    retriever.tokenizer.save_pretrained(out)
+    meta = {
+        "format": fmt,
+        "method": retriever.NAME_PREFIX,
+        "retriever": retriever.config.to_dict(),
+        "lora": retriever.lora.to_dict(),
+        "emb_tokens": retriever.tokenizer.convert_ids_to_tokens(list(retriever.emb_ids)),
+        "emb_token_ids": list(retriever.emb_ids),
+        "dim": retriever.dim,
+        # Checked when the adapter is loaded: it must land on the base it was trained on.
+        "base_fingerprint": retriever.base_fingerprint,
+    }
+    # Written last: a directory without it is not a (complete) saved retriever.
+    with atomic_write(out / retriever.SAVED_CONFIG) as f:
+        json.dump(meta, f, indent=2)
+    return fmt
+
+
+def same_dir(directory: Path, name_or_path: str) -> bool:
+    """Whether `name_or_path` (a model name or path) is `directory`."""
+    try:
+        return Path(name_or_path).resolve() == directory.resolve()
+    except OSError:
+        return False
