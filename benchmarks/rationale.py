@@ -170,6 +170,8 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
         "bm25": bm25_run(evals, rdocs, 200),
         "minilm-l6": dense_run("minilm-l6", evals, rdocs, 200),
     }
+    if args.mpnet:
+        rruns["mpnet-base"] = dense_run("mpnet-base", evals, rdocs, 200)
     rruns = {n: tasks.restrict_to_other_dialogs(r, evals, rdocs) for n, r in rruns.items()}
     result["response"] = evaluate_all(rruns, rqrels, out, "response", settings)
     result["response_candidates"] = len(rdocs)
