@@ -22,7 +22,7 @@ from chatretriever.methods.rationale.tuning import (
     run_sft,
     write_pairs,
 )
-from chatretriever.modeling.recipe import load_config
+from chatretriever.modeling.recipe import deep_merge, load_config
 from chatretriever.types import Passage, Session, Turn
 
 PASSAGES = [Passage("q", "ask a question", title="Question"), Passage("r", "mirror feelings"),
@@ -74,18 +74,19 @@ def test_answer_loss_by_hand():
     assert answer_loss(logits, targets)["sft"].item() == pytest.approx((first + second) / 2)
 
 
-def _recipe(tmp_path, model_dir, objective: str):
+def _recipe(tmp_path, model_dir, objective: str, output: str | None = None, **extra):
     pairs = choice_pairs(SESSIONS, PASSAGES, GOLD, n_negatives=1)
     write_pairs(tmp_path / "pairs.jsonl", pairs)
     raw = {
         "objective": objective,
         "model": str(model_dir),
-        "output_dir": str(tmp_path / objective),
+        "output_dir": str(tmp_path / (output or objective)),
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
         "data": {"files": [{"path": str(tmp_path / "pairs.jsonl")}]},
         "training": {"max_steps": 2, "per_device_train_batch_size": 2, "learning_rate": 1e-2,
                      "logging_steps": 1, "save_steps": 100, "warmup_steps": 0},
     }  # fmt: skip
+    raw = deep_merge(raw, extra)
     import yaml
 
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
@@ -171,3 +172,61 @@ def test_sft_loss_bf16_runs_under_autocast_and_stays_close(tiny_llama_dir):
     assert bf16.dtype == torch.float32 and torch.isfinite(bf16)
     assert bf16.item() == pytest.approx(fp32.item(), rel=0.05)
     assert next(model.parameters()).dtype == torch.float32  # weights untouched
+
+
+def _same_weights(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sft_from_init_adapter_starts_from_its_weights(tmp_path, tiny_llama_dir):
+    init = run_sft(_recipe(tmp_path, tiny_llama_dir, "sft", "init"))
+    # lr 0: the saved adapter is the init one exactly (a new LoRA would have B = 0, random A);
+    # the recipe's lora (r 8) is ignored for the saved one's (r 4)
+    frozen = _recipe(tmp_path, tiny_llama_dir, "sft", "lr0", init_adapter=str(init),
+                     lora={"r": 8}, training={"learning_rate": 0.0})  # fmt: skip
+    assert _same_weights(_lora_weights(run_sft(frozen)), _lora_weights(init))
+    trained = run_sft(_recipe(tmp_path, tiny_llama_dir, "sft", "on", init_adapter=str(init)))
+    after, before = _lora_weights(trained), _lora_weights(init)
+    assert after.keys() == before.keys() and not _same_weights(after, before)
+    assert {v.shape[0] for k, v in after.items() if "lora_A" in k} == {4}  # the saved r
+
+
+def test_dpo_from_sft_adapter(tmp_path, tiny_llama_dir):
+    pytest.importorskip("trl")
+    sft = run_sft(_recipe(tmp_path, tiny_llama_dir, "sft"))
+    config = _recipe(tmp_path, tiny_llama_dir, "dpo", init_adapter=str(sft),
+                     training={"save_steps": 2})  # fmt: skip
+    out = run_dpo(config)
+    logs = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    losses = [row["loss"] for row in logs if "loss" in row]
+    # step 1 is logged from the forward before the first update: policy == reference (the SFT
+    # adapter; the base model would give nonzero rewards), so every margin is 0 and the loss log 2
+    assert len(losses) == 2 and losses[0] == pytest.approx(math.log(2), abs=1e-3)
+    assert logs[0]["rewards/chosen"] == 0.0 and logs[0]["rewards/rejected"] == 0.0
+    assert logs[1]["rewards/chosen"] != 0.0  # the policy moved away from the reference
+    init, trained = _lora_weights(sft), _lora_weights(out)
+    assert trained.keys() == init.keys() and not _same_weights(trained, init)
+    # only the trained adapter at the top; the checkpoint's frozen reference is still the SFT one
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["checkpoint-2"]
+    assert _same_weights(_lora_weights(out / "checkpoint-2" / "ref"), init)
+    from chatretriever.methods.rationale.reranker import BinaryChoiceReranker
+
+    docs = [p.document for p in choice_pairs(SESSIONS, PASSAGES, GOLD)][:2]
+    tuned = BinaryChoiceReranker.from_pretrained(tiny_llama_dir, adapter=out, device="cpu")
+    assert np.isfinite(tuned.score_pairs(docs, SESSIONS)).all()
+
+
+@pytest.mark.parametrize("objective", ["sft", "dpo"])
+def test_init_adapter_must_be_an_adapter_dir(tmp_path, tiny_llama_dir, objective):
+    run = run_sft if objective == "sft" else run_dpo
+    if objective == "dpo":
+        pytest.importorskip("trl")
+    missing = _recipe(tmp_path, tiny_llama_dir, objective, init_adapter=str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match=r"init_adapter: .*nope is not a directory"):
+        run(missing)
+    (tmp_path / "empty").mkdir()
+    empty = _recipe(tmp_path, tiny_llama_dir, objective, init_adapter=str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match=r"init_adapter: .*empty holds no adapter_config.json"):
+        run(empty)
+    with pytest.raises(DataFormatError, match="init_adapter"):
+        load_config(_write(tmp_path, {"init_adapter": 3}), TuneConfig.from_dict)

@@ -14,12 +14,17 @@ the seeker's latest turn; supporter messages said since then ride in
   gold next supporter turn. A query's candidates are the turns of OTHER dialogs plus its gold
   (`restrict_to_other_dialogs` removes the rest of its own dialog from any run).
 
-Splits are by dialog and stated in `configs/esconv-split.json` (`load_split`). Torch-free.
+Splits are by dialog and stated in `configs/esconv-split.json` (`load_split`). The training
+sessions also make contrastive training examples (`io.training` format) for the fine-tuned
+bi-encoder baseline (`configs/rationale-biencoder.yaml`): `strategy_examples`,
+`response_examples`, `write_contrastive`. Torch-free.
 """
 
 from __future__ import annotations
 
 import logging
+import random
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,6 +41,11 @@ from chatretriever.io.esconv import (
 )
 from chatretriever.io.files import read_json
 from chatretriever.io.sessions import write_sessions
+from chatretriever.io.training import (
+    TrainingExample,
+    example_from_session,
+    write_training_examples,
+)
 from chatretriever.io.trec import write_qrels
 from chatretriever.types import Passage, Qrel, Run, Session
 
@@ -255,3 +265,102 @@ def class_prior_run(train: Sequence[Session], queries: Sequence[Session]) -> Run
     total = max(1, sum(counts.values()))
     prior = {d: c / total for d, c in counts.items()}
     return Run({q.id: dict(prior) for q in queries}, "class-prior")
+
+
+STRATEGY_SOURCE = "esconv-strategy"
+RESPONSE_SOURCE = "esconv-response"
+
+
+def _example(
+    session: Session, positive: Passage, negatives: Sequence[Passage], source: str
+) -> TrainingExample:
+    """A training example whose target is the gold supporter turn (None when it is empty)."""
+    ex = example_from_session(session, [positive], negatives, source=source)
+    return ex if ex.target else replace(ex, target=None)
+
+
+def strategy_examples(sessions: Sequence[Session]) -> list[TrainingExample]:
+    """Contrastive examples of the strategy task, one per session (`task_sessions`).
+
+    The positive is the gold strategy's document, the hard negatives the other 7 strategies
+    (in `STRATEGY_DOCS` order); the target is the gold supporter turn (`session.response`), for
+    variants that add the session-masked LM loss (alpha > 0).
+
+    Raises:
+        ValueError: A session has no `metadata["strategy_id"]` or one naming no strategy.
+    """
+    docs = {p.id: p for p in strategy_passages()}
+    out = []
+    for s in sessions:
+        gold = s.metadata.get("strategy_id")
+        if gold not in docs:
+            raise ValueError(
+                f"session {s.id}: metadata.strategy_id {gold!r} is not one of {sorted(docs)}"
+            )
+        negatives = [p for p in docs.values() if p.id != gold]
+        out.append(_example(s, docs[gold], negatives, STRATEGY_SOURCE))
+    return out
+
+
+def _other_dialog_picks(
+    rng: random.Random, dialogs: Sequence[str], own: str, n: int, n_others: int
+) -> list[int]:
+    """`n` distinct indexes into `dialogs` whose dialog is not `own` (all, if fewer).
+
+    Args:
+        rng: The random source.
+        dialogs: The dialog of each candidate.
+        own: The dialog to avoid.
+        n: How many to pick.
+        n_others: How many candidates are of another dialog.
+    """
+    if n_others <= 4 * n:  # few candidates: list them (rejection sampling would loop long)
+        candidates = [i for i, d in enumerate(dialogs) if d != own]
+        return rng.sample(candidates, min(n, len(candidates)))
+    picks: list[int] = []  # most candidates qualify: a few draws suffice
+    while len(picks) < n:
+        i = rng.randrange(len(dialogs))
+        if dialogs[i] != own and i not in picks:
+            picks.append(i)
+    return picks
+
+
+def response_examples(
+    sessions: Sequence[Session], n_negatives: int = 7, seed: int = 0
+) -> list[TrainingExample]:
+    """Contrastive examples of the response task, one per session with a gold supporter turn.
+
+    The positive is the gold turn (doc id `response_doc_id`), the hard negatives `n_negatives`
+    turns of OTHER dialogs drawn at random (the candidates the evaluation ranks it against).
+
+    Args:
+        sessions: Training sessions (`task_sessions`: `metadata["dialog"]` names the dialog).
+        n_negatives: Negatives per example (fewer when other dialogs have fewer turns).
+        seed: Sampling seed.
+
+    Raises:
+        ValueError: `n_negatives` < 0, or a session without `metadata["dialog"]`.
+    """
+    if n_negatives < 0:
+        raise ValueError(f"n_negatives must be >= 0, got {n_negatives}")
+    for s in sessions:
+        if "dialog" not in s.metadata:
+            raise ValueError(f"session {s.id}: metadata.dialog is missing (use task_sessions)")
+    docs = response_passages(sessions)
+    by_doc = {response_doc_id(s.id): s for s in sessions}
+    dialogs = [str(p.metadata["dialog"]) for p in docs]
+    size = Counter(dialogs)
+    rng = random.Random(seed)
+    out = []
+    for doc, dialog in zip(docs, dialogs, strict=True):
+        picks = _other_dialog_picks(rng, dialogs, dialog, n_negatives, len(docs) - size[dialog])
+        out.append(_example(by_doc[doc.id], doc, [docs[i] for i in picks], RESPONSE_SOURCE))
+    return out
+
+
+def write_contrastive(path: str | Path, sessions: Sequence[Session]) -> int:
+    """Write the strategy task's contrastive examples (`strategy_examples`) as training JSONL,
+    atomically; returns the number written (`chatretriever train` reads the file)."""
+    n = write_training_examples(path, strategy_examples(sessions))
+    logger.info("%d contrastive strategy examples -> %s", n, path)
+    return n

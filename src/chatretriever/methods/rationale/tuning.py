@@ -5,9 +5,14 @@ Training pairs are JSON lines `{"document", "session": {sessions JSONL object}, 
 others. Supervised tuning runs on the shared `NamedLossTrainer` with one named part, `sft`: the
 cross-entropy of the right option's token at the answer position (over the whole vocabulary, as
 generation would see it). DPO runs TRL's `DPOTrainer` on (prompt, chosen option, rejected option)
-triples (`dpo_rows`), the reference being the base model with the adapter switched off. Both
-train a LoRA adapter, saved with the resolved recipe (`train_config.yaml`) beside it; the
-reranker loads it with `BinaryChoiceReranker.from_pretrained(model, adapter=dir)`.
+triples (`dpo_rows`). Both train a LoRA adapter, saved with the resolved recipe
+(`train_config.yaml`) beside it; the reranker loads it with
+`BinaryChoiceReranker.from_pretrained(model, adapter=dir)`.
+
+The adapter is new (the recipe's `lora`), or with `init_adapter` the one a previous run saved,
+trained further: the paper's pipeline is SFT, then DPO from the SFT adapter. DPO's reference is
+the base model with the adapter switched off for a new adapter, and a frozen copy of the
+starting adapter (TRL's "ref" adapter) for `init_adapter`, so its first loss is log 2.
 """
 
 from __future__ import annotations
@@ -180,7 +185,11 @@ class TuneConfig:
         dtype: Training precision: "auto" (bf16 autocast where the CPU/GPU runs bf16 natively,
             else fp32), "bf16" or "fp32". DPO passes it to TRL as `bf16`.
         max_document_tokens, max_query_tokens: Prompt budgets.
-        lora: The LoRA adapter.
+        lora: The LoRA adapter (ignored with `init_adapter`: the saved one's settings hold).
+        init_adapter: A LoRA adapter dir saved by `rerank-train` (e.g. runs/rationale-sft) to
+            train further instead of a new one; with DPO, a frozen copy of it is the reference.
+            Checked (adapter_config.json present) when training starts, not on load, so a
+            recipe can be printed before the run that writes it.
         data: `files`: pairs JSONL (`write_pairs`).
         dpo: DPO settings (objective "dpo").
         training: Any `TrainingArguments` field.
@@ -194,6 +203,7 @@ class TuneConfig:
     max_document_tokens: int = 256
     max_query_tokens: int = 384
     lora: LoraSettings = field(default_factory=LoraSettings)
+    init_adapter: str | None = None
     data: BaseDataSettings = field(default_factory=lambda: BaseDataSettings([{"path": "?"}]))
     dpo: DpoSettings = field(default_factory=DpoSettings)
     training: dict[str, Any] = field(default_factory=dict)
@@ -203,6 +213,8 @@ class TuneConfig:
             raise ValueError(f"objective must be 'sft' or 'dpo', got {self.objective!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.init_adapter is not None and not isinstance(self.init_adapter, str):
+            raise ValueError(f"init_adapter must be a directory path, got {self.init_adapter!r}")
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> TuneConfig:
@@ -240,6 +252,30 @@ def _lora_config(lora: LoraSettings) -> Any:
     )
 
 
+def _init_adapter(config: TuneConfig) -> Path | None:
+    """`config.init_adapter` as a checked Path (None without one).
+
+    Raises:
+        ValueError: The dir is missing or holds no adapter_config.json.
+    """
+    if config.init_adapter is None:
+        return None
+    path = Path(config.init_adapter)
+    if not path.is_dir():
+        raise ValueError(f"init_adapter: {path} is not a directory (train the adapter first)")
+    if not (path / "adapter_config.json").is_file():
+        raise ValueError(f"init_adapter: {path} holds no adapter_config.json (not a LoRA adapter)")
+    return path
+
+
+def _load_init_adapter(model: Any, path: Path) -> Any:
+    """`model` with the adapter in `path` loaded trainable, as peft's "default" adapter."""
+    from chatretriever.modeling.adapters import load_adapter
+
+    logger.info("training on from the adapter in %s (the recipe's lora settings are ignored)", path)
+    return load_adapter(model, path, is_trainable=True)
+
+
 def _pairs(config: TuneConfig) -> list[ChoicePair]:
     return [
         p for examples, repeat in load_examples(config.data, iter_pairs) for p in examples * repeat
@@ -253,9 +289,13 @@ def run_sft(config: TuneConfig, resume: bool = False) -> Path:
     from chatretriever.modeling.recipe import resume_checkpoint
     from chatretriever.modeling.trainer import NamedLossTrainer, TrainingSet, training_arguments
 
+    init = _init_adapter(config)
     model, tokenizer, prompt = _model_and_prompt(config)
-    peft = require_extra("peft", "train", "LoRA")
-    model = peft.get_peft_model(model, _lora_config(config.lora))
+    if init is not None:
+        model = _load_init_adapter(model, init)
+    else:
+        peft = require_extra("peft", "train", "LoRA")
+        model = peft.get_peft_model(model, _lora_config(config.lora))
     model.train()
     trainer = NamedLossTrainer(
         model=model,
@@ -273,15 +313,24 @@ def run_sft(config: TuneConfig, resume: bool = False) -> Path:
 
 
 def run_dpo(config: TuneConfig, resume: bool = False) -> Path:
-    """DPO with TRL's DPOTrainer and a LoRA adapter; returns the output dir."""
+    """DPO with TRL's DPOTrainer and a LoRA adapter; returns the output dir.
+
+    With `init_adapter`, the model passed to TRL is already a peft model and no `peft_config` is
+    given: TRL 1.x then copies its "default" adapter into a frozen "ref" adapter and computes
+    the reference log-probs with that one active (trl `DPOTrainer.__init__`; this version has no
+    `ref_adapter_name` option). Only "default" is saved, at the top of the output dir.
+    """
     trl = require_extra("trl", "train", "DPO tuning")
     datasets = require_extra("datasets", "train", "DPO tuning")
     from chatretriever.modeling.backbones import default_device
     from chatretriever.modeling.precision import resolve_dtype
     from chatretriever.modeling.recipe import LOG_FILE, resume_checkpoint, save_recipe, write_log
 
+    init = _init_adapter(config)
     device = default_device()
     model, tokenizer, prompt = _model_and_prompt(config)
+    if init is not None:
+        model = _load_init_adapter(model, init)
     rows = dpo_rows(prompt, _pairs(config))
     settings = {"max_steps": 200, "learning_rate": 1e-6, "lr_scheduler_type": "cosine",
                 "warmup_steps": 0.1, "per_device_train_batch_size": 8, "logging_steps": 10,
@@ -302,11 +351,12 @@ def run_dpo(config: TuneConfig, resume: bool = False) -> Path:
         args=args,
         train_dataset=datasets.Dataset.from_list(rows),
         processing_class=tokenizer,
-        peft_config=_lora_config(config.lora),
+        peft_config=None if init is not None else _lora_config(config.lora),
     )
     trainer.train(resume_from_checkpoint=resume_checkpoint(config.output_dir, resume))
     out = Path(config.output_dir)
-    trainer.model.save_pretrained(out)
+    # the trained adapter only: TRL's frozen "ref" copy would land in out/ref/
+    trainer.model.save_pretrained(out, selected_adapters=["default"])
     save_recipe(config, out)
     write_log(out / LOG_FILE, trainer.state.log_history)
     return out
