@@ -4,12 +4,17 @@ quality: Recall@1/3/5, MRR, nDCG@10 (`retrieval.evaluate`) on the evaluation dia
   `configs/esconv-split.json`, for the strategy task (8 strategies) and the response task (every
   supporter turn of the evaluation dialogs; a query's own dialog is removed from its candidates
   except its gold). Systems: class prior (strategy only), BM25, minilm-l6 (and mpnet-base with
-  `--mpnet`), and the zero-shot binary-choice reranker (strategy only; `--rerank-limit` queries,
-  the baselines are then reported on the same queries too). TREC runs and qrels are written.
+  `--mpnet`), the binary-choice reranker (zero-shot, or `--adapter`; strategy only, on
+  `--rerank-limit` evenly spaced queries, where the other systems are reported too), each tuned
+  reranker of `--reranker NAME=ADAPTER_DIR` (the same queries) and each Rabtriever student of
+  `--student NAME=DIR` (`rerank-distill` output; both tasks, every query). Each reranker and
+  student row has its timing. TREC runs and qrels are written.
 cost: time per query of the reranker without KV reuse, with KV reuse (document caches computed
   offline) and the Rabtriever student, as the number of candidates and the document length grow.
 
     python benchmarks/rationale.py quality --rerank-limit 100      # heavy: run under the lock
+    python benchmarks/rationale.py quality --reranker sft=runs/rationale-sft \
+        --student distill=runs/rationale-distill
     python benchmarks/rationale.py cost --candidates 10 30 100 --doc-tokens 32 128
 """
 
@@ -59,27 +64,26 @@ def environment() -> dict[str, Any]:
     }
 
 
-def _matrix_run(
-    matrix: np.ndarray, sessions: Sequence[Session], docs: Sequence[Passage], name: str
+def _top_k_run(
+    sims: np.ndarray, sessions: Sequence[Session], docs: Sequence[Passage], k: int, name: str
 ) -> Run:
-    scores = {
-        s.id: {d.id: float(v) for d, v in zip(docs, row, strict=True)}
-        for s, row in zip(sessions, matrix, strict=True)
-    }
+    """The k best documents of each query of a (Q, N) score matrix."""
+    top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    scores = {s.id: {docs[j].id: float(sims[i, j]) for j in top[i]} for i, s in enumerate(sessions)}
     return Run(scores, name)
 
 
-def dense_run(model: str, sessions: Sequence[Session], docs: Sequence[Passage], k: int) -> Run:
-    """Exact inner-product search with an off-the-shelf sentence embedder."""
-    from chatretriever.retrieval.baselines import TextEmbedder
+def dense_run(
+    model: str, sessions: Sequence[Session], docs: Sequence[Passage], k: int, name: str = ""
+) -> Run:
+    """Exact inner-product search with any encoder the registry loads (a built-in sentence
+    embedder, a sentence-transformers dir, a trained ChatRetriever run dir)."""
+    from chatretriever.apps.registry import load_encoder
 
-    enc = TextEmbedder.from_pretrained(model)
+    enc = load_encoder(model)
     q = enc.encode_sessions(sessions, batch_size=32)  # (Q, D)
     p = enc.encode_passages(docs, batch_size=64)  # (N, D)
-    sims = q @ p.T  # (Q, N)
-    top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
-    scores = {s.id: {docs[j].id: float(sims[i, j]) for j in top[i]} for i, s in enumerate(sessions)}
-    return Run(scores, model)
+    return _top_k_run(q @ p.T, sessions, docs, k, name or model)  # (Q, N) similarities
 
 
 def bm25_run(sessions: Sequence[Session], docs: Sequence[Passage], k: int) -> Run:
@@ -103,14 +107,31 @@ def evaluate_all(
     return rows
 
 
-def zero_shot(
-    sessions: Sequence[Session], docs: Sequence[Passage], args: argparse.Namespace
+def _timing(seconds: float, queries: int, **offline: float) -> dict[str, Any]:
+    """Online seconds (all queries, and per query) and any offline ones (document side), to 3
+    significant digits (a student's query takes milliseconds)."""
+    return {
+        "seconds": float(f"{seconds:.3g}"),
+        "queries": queries,
+        "s_per_query": float(f"{seconds / max(1, queries):.3g}"),
+        **{k: float(f"{v:.3g}") for k, v in offline.items()},
+    }
+
+
+def reranker_run(
+    sessions: Sequence[Session],
+    docs: Sequence[Passage],
+    args: argparse.Namespace,
+    adapter: str | None,
+    name: str,
 ) -> tuple[Run, dict[str, Any]]:
+    """The binary-choice reranker (`adapter`: a tuned LoRA dir, None: zero-shot) over every
+    document, KV reuse; its run and timing."""
     from chatretriever.methods.rationale.reranker import BinaryChoiceReranker
 
     rr = BinaryChoiceReranker.from_pretrained(
         args.model,
-        adapter=args.adapter,
+        adapter=adapter,
         wording=args.wording,
         batch_size=args.batch_size,
         max_query_tokens=args.max_query_tokens,
@@ -120,12 +141,41 @@ def zero_shot(
         [passage_text(d) for d in docs], sessions, reuse_kv=True, show_progress=True
     )
     seconds = time.perf_counter() - start
-    timing = {
-        "seconds": round(seconds, 1),
-        "queries": len(sessions),
-        "s_per_query": round(seconds / max(1, len(sessions)), 3),
-    }
-    return _matrix_run(matrix, sessions, docs, f"rahore-{args.tag}-{args.wording}"), timing
+    return _top_k_run(matrix, sessions, docs, len(docs), name), _timing(seconds, len(sessions))
+
+
+def student_runs(
+    directory: str,
+    name: str,
+    sessions: Sequence[Session],
+    tasks_docs: dict[str, tuple[Sequence[Passage], int]],
+    batch_size: int,
+) -> dict[str, tuple[Run, dict[str, Any]]]:
+    """A Rabtriever student (`rerank-distill` output) on each task: {task: (run, timing)}.
+
+    Args:
+        tasks_docs: {task: (candidates, depth kept per query)}.
+
+    The query states are computed once for every task; each task's timing counts them with its
+    own scoring (online), its document states apart (offline).
+    """
+    from chatretriever.methods.rationale.student import RabtrieverStudent
+
+    student = RabtrieverStudent.from_pretrained(directory, batch_size=batch_size)
+    start = time.perf_counter()
+    queries = student.query_states(sessions, show_progress=True)  # (Q, H)
+    query_s = time.perf_counter() - start
+    out = {}
+    for task, (docs, k) in tasks_docs.items():
+        start = time.perf_counter()
+        states = student.document_states([passage_text(d) for d in docs], True)  # (N, H)
+        document_s = time.perf_counter() - start
+        start = time.perf_counter()
+        sims = student.score(queries, states).numpy()  # (Q, N)
+        score_s = time.perf_counter() - start
+        timing = _timing(query_s + score_s, len(sessions), document_states_s=document_s)
+        out[task] = (_top_k_run(sims, sessions, docs, k, name), timing)
+    return out
 
 
 def quality(args: argparse.Namespace) -> dict[str, Any]:
@@ -142,9 +192,12 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
         "environment": environment(),
         "queries": len(evals),
         "rerank_queries": len(subset),
+        "timing": {"strategy": {}, "strategy_subset": {}, "response": {}},
     }
+    docs, rdocs = tasks.strategy_passages(), tasks.response_passages(evals)
+    candidates = {"strategy": (docs, 8), "response": (rdocs, 200)}
+    students = {n: student_runs(d, n, evals, candidates, args.batch_size) for n, d in args.student}
     # strategy retrieval
-    docs = tasks.strategy_passages()
     qrels = tasks.strategy_qrels(evals)
     write_qrels(out / "strategy.qrels", qrels)
     runs = {
@@ -154,16 +207,20 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.mpnet:
         runs["mpnet-base"] = dense_run("mpnet-base", evals, docs, 8)
+    for name, directory in args.dense:
+        runs[name] = dense_run(directory, evals, docs, 8, name)
+    for name, by_task in students.items():
+        runs[name], result["timing"]["strategy"][name] = by_task["strategy"]
     result["strategy"] = evaluate_all(runs, qrels, out, "strategy", settings)
     sub_qrels = tasks.strategy_qrels(subset)
     sub_runs = {n: _subset(r, {s.id for s in subset}) for n, r in runs.items()}
-    if not args.skip_reranker:
-        run, timing = zero_shot(subset, docs, args)
-        sub_runs[run.name] = run
-        result["reranker_timing"] = timing
+    rerankers = [] if args.skip_reranker else [(f"rahore-{args.tag}-{args.wording}", args.adapter)]
+    for name, adapter in [*rerankers, *args.reranker]:
+        sub_runs[name], result["timing"]["strategy_subset"][name] = reranker_run(
+            subset, docs, args, adapter, name
+        )
     result["strategy_subset"] = evaluate_all(sub_runs, sub_qrels, out, "strategy-subset", settings)
     # response retrieval
-    rdocs = tasks.response_passages(evals)
     rqrels = tasks.response_qrels(evals)
     write_qrels(out / "response.qrels", rqrels)
     rruns = {
@@ -172,6 +229,10 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.mpnet:
         rruns["mpnet-base"] = dense_run("mpnet-base", evals, rdocs, 200)
+    for name, directory in args.dense:
+        rruns[name] = dense_run(directory, evals, rdocs, 200, name)
+    for name, by_task in students.items():
+        rruns[name], result["timing"]["response"][name] = by_task["response"]
     rruns = {n: tasks.restrict_to_other_dialogs(r, evals, rdocs) for n, r in rruns.items()}
     result["response"] = evaluate_all(rruns, rqrels, out, "response", settings)
     result["response_candidates"] = len(rdocs)
@@ -204,13 +265,13 @@ def quality_markdown(result: dict[str, Any]) -> str:
         ),
         ("response", f"Response retrieval ({result['response_candidates']} supporter turns)"),
     ):
-        lines += [f"### {title}", "", *_table(result[key]), ""]
-    if "reranker_timing" in result:
-        t = result["reranker_timing"]
-        lines.append(
-            f"Zero-shot reranker: {t['seconds']} s for {t['queries']} queries x 8 strategies "
-            f"({t['s_per_query']} s/query, KV reuse)."
-        )
+        lines += [f"### {title}", "", *_table(result[key])]
+        for name, t in result.get("timing", {}).get(key, {}).items():
+            offline = t.get("document_states_s")
+            offline = "" if offline is None else f"; document states {offline} s, offline"
+            lines.append(f"- {name}: {t['seconds']} s for {t['queries']} queries "
+                         f"({t['s_per_query']} s/query{offline})")  # fmt: skip
+        lines.append("")
     return "\n".join(lines) + "\n"
 
 
@@ -358,6 +419,29 @@ def write_cost_plot(path: Path, result: dict[str, Any]) -> None:
     fig.savefig(path, dpi=120)
 
 
+def named_dir(value: str) -> tuple[str, str]:
+    """An argparse type: `NAME=DIR` with an existing DIR -> (NAME, DIR)."""
+    name, sep, directory = value.partition("=")
+    if not sep or not name.strip() or not directory.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {value!r}")
+    if not Path(directory).is_dir():
+        raise argparse.ArgumentTypeError(f"{value!r}: {directory} is not a directory")
+    return name, directory
+
+
+BASELINES = ("class-prior", "bm25", "minilm-l6", "mpnet-base")
+
+
+def _check_names(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Each --reranker / --student row needs its own name (rows are keyed by it)."""
+    names = [n for n, _ in args.reranker + args.student + args.dense]
+    if not args.skip_reranker:
+        names.append(f"rahore-{args.tag}-{args.wording}")
+    taken = sorted({n for n in names if names.count(n) > 1 or n in BASELINES})
+    if taken:
+        p.error(f"--reranker/--student/--dense names must be unique and not a baseline's: {taken}")
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -377,6 +461,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     q.add_argument("--skip-reranker", action="store_true")
     q.add_argument("--adapter", help="a tuned reranker adapter (rerank-train output)")
     q.add_argument("--tag", default="zeroshot", help="the reranker's name in the tables")
+    q.add_argument(
+        "--reranker",
+        type=named_dir,
+        action="append",
+        default=[],
+        metavar="NAME=ADAPTER_DIR",
+        help="a tuned reranker row (repeatable)",
+    )
+    q.add_argument("--dense", type=named_dir, action="append", default=[], metavar="NAME=DIR",
+                   help="a trained bi-encoder row (repeatable)")  # fmt: skip
+    q.add_argument("--student", type=named_dir, action="append", default=[], metavar="NAME=DIR",
+                   help="a Rabtriever student row, rerank-distill output (repeatable)")  # fmt: skip
     c = sub.add_parser("cost")
     c.add_argument("--out", default="outputs/rationale")
     c.add_argument("--model", default="smollm2-135m-instruct")
@@ -386,7 +482,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     c.add_argument("--queries", type=int, default=2)
     c.add_argument("--max-full-candidates", type=int, default=100, help="no-reuse runs up to")
     c.add_argument("--split", default=str(REPO / "configs" / "esconv-split.json"))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.part == "quality":
+        _check_names(q, args)
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from chatretriever.cli import main
 from chatretriever.io.sessions import write_sessions
+from chatretriever.io.training import read_training_examples
 from chatretriever.io.trec import read_run
 from chatretriever.types import Session, Turn
 
@@ -84,6 +85,11 @@ def test_esconv_tasks_and_train_dry_run(tmp_path, capsys):
     assert qrels == ["multiesc-2_1 0 question 1", "multiesc-2_3 0 reflection 1"]
     pairs = (out / "strategy" / "train" / "pairs.jsonl").read_text().splitlines()
     assert len(pairs) == 4 * 3 and sum(json.loads(p)["relevant"] for p in pairs) == 4
+    examples = read_training_examples(out / "strategy" / "train" / "contrastive.jsonl")
+    assert [e.positives[0].id for e in examples] == ["question", "reflection"] * 2
+    assert all(len(e.negatives) == 7 for e in examples)
+    responses = read_training_examples(out / "response" / "train" / "contrastive.jsonl")
+    assert len(responses) == 4 and responses[0].positives[0].text == "Why?"
     corpus = (out / "response" / "eval" / "corpus.jsonl").read_text().splitlines()
     assert [json.loads(c)["_id"] for c in corpus] == ["multiesc-2_1-r", "multiesc-2_3-r"]
     recipe = str(Path(__file__).parents[1] / "configs" / "rationale-dpo.yaml")
@@ -106,3 +112,91 @@ def test_cost_benchmark_smoke(tmp_path, tiny_llama_dir, shared_data, capsys):
     assert all(r["full"] > 0 and r["kv_reuse"] > 0 and r["student"] > 0 for r in result["rows"])
     assert (tmp_path / "cost.png").stat().st_size > 0
     assert "| 8 | 3 |" in (tmp_path / "cost.md").read_text()
+
+
+def _benchmark():
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "benchmarks" / "rationale.py"
+    spec = importlib.util.spec_from_file_location("rationale_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench
+
+
+def test_benchmark_reranker_and_student_rows_parse(tmp_path, capsys):
+    import pytest
+
+    bench = _benchmark()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a, b = f"{tmp_path / 'a'}", f"{tmp_path / 'b'}"
+    args = bench.parse_args(["quality", "--reranker", f"sft={a}", "--reranker", f"dpo={b}",
+                             "--student", f"s1={a}", "--dense", f"bi={b}"])  # fmt: skip
+    assert args.dense == [("bi", str(tmp_path / "b"))]
+    assert args.reranker == [("sft", str(tmp_path / "a")), ("dpo", str(tmp_path / "b"))]
+    assert args.student == [("s1", str(tmp_path / "a"))]
+    plain = bench.parse_args(["quality"])
+    assert plain.reranker == [] and plain.student == [] and plain.dense == []
+    assert plain.adapter is None
+    bad = [
+        (["--student", str(tmp_path / "a")], "expected NAME=DIR"),
+        (["--reranker", f"={tmp_path / 'a'}"], "expected NAME=DIR"),
+        (["--student", "s="], "expected NAME=DIR"),
+        (["--student", f"s={tmp_path / 'none'}"], "is not a directory"),
+        (["--reranker", f"x={tmp_path / 'a'}", "--student", f"x={tmp_path / 'b'}"], "unique"),
+        (["--student", f"bm25={tmp_path / 'a'}"], "not a baseline's"),
+        (["--dense", f"s={tmp_path / 'a'}", "--student", f"s={tmp_path / 'b'}"], "unique"),
+        (["--dense", f"minilm-l6={tmp_path / 'a'}"], "not a baseline's"),
+        (["--reranker", f"rahore-zeroshot-ab={tmp_path / 'a'}"], "unique"),
+    ]
+    for argv, message in bad:
+        with pytest.raises(SystemExit) as e:
+            bench.parse_args(["quality", *argv])
+        assert e.value.code == 2 and message in capsys.readouterr().err, argv
+    # --skip-reranker frees the default reranker's name
+    args = bench.parse_args(["quality", "--skip-reranker", "--reranker",
+                             f"rahore-zeroshot-ab={tmp_path / 'a'}"])  # fmt: skip
+    assert args.reranker == [("rahore-zeroshot-ab", str(tmp_path / "a"))]
+
+
+def test_benchmark_student_rows_and_their_timing(tmp_path, tiny_llama_dir):
+    import torch
+
+    from chatretriever.methods.rationale.distill import Predictor, PredictorConfig, save_predictor
+    from chatretriever.methods.rationale.student import DistillConfig, RabtrieverStudent
+    from chatretriever.modeling.recipe import save_recipe
+    from chatretriever.types import Passage
+
+    bench = _benchmark()
+    out = tmp_path / "student"  # a saved student: its recipe and an (untrained) predictor
+    config = {"model": str(tiny_llama_dir), "output_dir": str(out), "max_document_tokens": 16,
+              "data": {"files": [{"path": "pairs.jsonl"}]}}  # fmt: skip
+    save_recipe(DistillConfig.from_dict(config), out)
+    torch.manual_seed(0)
+    save_predictor(Predictor(PredictorConfig(hidden=32)), out)
+    sessions = [Session("q1", (Turn("user", "i failed my exam"),)),
+                Session("q2", (Turn("user", "hi"), Turn("user", "sad")))]  # fmt: skip
+    docs = [Passage(c["_id"], c["text"], title=c.get("title", "")) for c in CORPUS]
+    rows = bench.student_runs(str(out), "s", sessions, {"a": (docs, 2), "b": (docs[:1], 5)}, 2)
+    student = RabtrieverStudent.from_pretrained(out, device="cpu")
+    expected = student.score(
+        student.query_states(sessions),
+        student.document_states([bench.passage_text(d) for d in docs]),
+    )  # (2, 3)
+    run, timing = rows["a"]
+    assert run.name == "s" and set(run.scores) == {"q1", "q2"}
+    for i, q in enumerate(("q1", "q2")):
+        best = [docs[j].id for j in torch.argsort(-expected[i], stable=True)[:2].tolist()]
+        assert sorted(run.scores[q]) == sorted(best)  # the top 2 of the student's scores
+        for d, v in run.scores[q].items():
+            assert abs(v - expected[i, [x.id for x in docs].index(d)].item()) < 1e-5
+    assert set(rows["b"][0].scores["q1"]) == {"d1"}  # depth 5, one candidate
+    assert timing["queries"] == 2 and timing["seconds"] > 0 and "document_states_s" in timing
+    result = {"environment": {"command": "x", "cpu": "c", "cpu_count": 1, "loadavg_1_5_15": []},
+              "rerank_queries": 2, "response_candidates": 3,
+              "strategy": {"s": {"queries": 2, **{m: 0.5 for m in bench.MEASURES}}},
+              "strategy_subset": {}, "response": {},
+              "timing": {"strategy": {"s": timing}}}  # fmt: skip
+    md = bench.quality_markdown(result)
+    assert "| s | 2 | 50.0 |" in md and f"- s: {timing['seconds']} s for 2 queries" in md

@@ -1,11 +1,14 @@
 """Sub-commands of hidden-rationale retrieval: `rerank` (the binary-choice LLM reranker over any
-first-stage run) and `esconv-tasks` (the ESConv strategy and response retrieval tasks)."""
+first-stage run), `esconv-tasks` (the ESConv strategy and response retrieval tasks),
+`rerank-train` (tuning the reranker) and `rerank-distill` (its Rabtriever student)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from collections.abc import Callable
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +62,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the resolved recipe and stop")
     p.set_defaults(func=cmd_rerank_train)
 
+    p = sub.add_parser(
+        "rerank-distill",
+        help="distill the (tuned) reranker into the Rabtriever bi-encoder student from a recipe",
+        description="Recipe: configs/rationale-distill.yaml. The teacher's features are computed "
+        "once into OUTPUT_DIR/features.safetensors: a rerun of the same recipe on the same data "
+        "reuses them, any change to what they depend on recomputes them.",
+    )
+    p.add_argument("recipe", help="YAML recipe")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved recipe and stop")
+    p.set_defaults(func=cmd_rerank_distill)
+
 
 def _echo(text: str) -> None:
     sys.stdout.write(text + "\n")
@@ -111,6 +126,7 @@ def cmd_rerank(args: argparse.Namespace) -> int:
 def cmd_esconv_tasks(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from chatretriever.io.training import write_training_examples
     from chatretriever.methods.rationale import tasks
     from chatretriever.methods.rationale.tuning import choice_pairs, write_pairs
 
@@ -140,19 +156,45 @@ def cmd_esconv_tasks(args: argparse.Namespace) -> int:
             )
             n = write_pairs(out / "strategy" / part / "pairs.jsonl", pairs)
             _echo(f"{n} training pairs -> {out}/strategy/train/pairs.jsonl")
+            n = tasks.write_contrastive(out / "strategy" / part / "contrastive.jsonl", sessions)
+            _echo(f"{n} contrastive examples -> {out}/strategy/train/contrastive.jsonl")
+            n = write_training_examples(
+                out / "response" / part / "contrastive.jsonl",
+                tasks.response_examples(sessions, seed=args.seed),
+            )
+            _echo(f"{n} contrastive examples -> {out}/response/train/contrastive.jsonl")
     return 0
 
 
-def cmd_rerank_train(args: argparse.Namespace) -> int:
-    from chatretriever.methods.rationale.tuning import TuneConfig, run_dpo, run_sft
+def _recipe(args: argparse.Namespace, build: Callable[[dict[str, Any]], Any]) -> Any:
+    """The recipe with its `--set` overrides; None when `--dry-run` printed it instead."""
     from chatretriever.modeling.recipe import load_config
 
-    config = load_config(args.recipe, TuneConfig.from_dict, args.overrides)
+    config = load_config(args.recipe, build, args.overrides)
     if args.dry_run:
         import yaml
 
         yaml.safe_dump(config.to_dict(), sys.stdout, sort_keys=False)
+        return None
+    return config
+
+
+def cmd_rerank_train(args: argparse.Namespace) -> int:
+    from chatretriever.methods.rationale.tuning import TuneConfig, run_dpo, run_sft
+
+    config = _recipe(args, TuneConfig.from_dict)
+    if config is None:
         return 0
     run = run_dpo if config.objective == "dpo" else run_sft
     _echo(f"saved {run(config, resume=args.resume)}")
+    return 0
+
+
+def cmd_rerank_distill(args: argparse.Namespace) -> int:
+    from chatretriever.methods.rationale.student import DistillConfig, run_distill
+
+    config = _recipe(args, DistillConfig.from_dict)
+    if config is None:
+        return 0
+    _echo(f"saved {run_distill(config)}")
     return 0

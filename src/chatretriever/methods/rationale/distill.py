@@ -156,30 +156,43 @@ class RabtrieverEncoder:
         return logits + bias[list(self.prompt.option_ids)].float() if bias is not None else logits
 
     @torch.inference_mode()
-    def _states(self, seqs: Sequence[Sequence[int]], show_progress: bool = False) -> torch.Tensor:
-        out = []
-        for start in tqdm(range(0, len(seqs), self.batch_size), disable=not show_progress):
-            out.append(_last_hidden(self.model, seqs[start : start + self.batch_size], self.pad_id))
-        return torch.cat(out)  # (N, H)
+    def _states(
+        self, seqs: Sequence[Sequence[int]], show_progress: bool = False, desc: str = "states"
+    ) -> torch.Tensor:
+        """Each distinct sequence once, in length order (little padding); rows in `seqs` order."""
+        unique = list(dict.fromkeys(tuple(s) for s in seqs))
+        order = sorted(range(len(unique)), key=lambda i: len(unique[i]))
+        out = torch.empty(0)
+        starts = range(0, len(order), self.batch_size)
+        for start in tqdm(starts, desc=desc, disable=not show_progress):
+            rows = order[start : start + self.batch_size]
+            states = _last_hidden(self.model, [unique[i] for i in rows], self.pad_id)  # (b, H)
+            if out.numel() == 0:
+                out = states.new_empty(len(unique), states.shape[1])  # (U, H)
+            out[rows] = states
+        row_of = {s: i for i, s in enumerate(unique)}
+        return out[[row_of[tuple(s)] for s in seqs]]  # (N, H)
 
-    def teacher_states(self, documents: Sequence[str], sessions: Sequence[Session]) -> torch.Tensor:
+    def teacher_states(
+        self, documents: Sequence[str], sessions: Sequence[Session], show_progress: bool = False
+    ) -> torch.Tensor:
         """(N, H) answer-position states of the full prompts of aligned pairs."""
         docs, queries = self.prompt.document_ids(documents), self.prompt.query_ids(sessions)
-        return self._states([d + q for d, q in zip(docs, queries, strict=True)])
+        seqs = [d + q for d, q in zip(docs, queries, strict=True)]
+        return self._states(seqs, show_progress, "teacher")
 
     def query_states(
         self, sessions: Sequence[Session], show_progress: bool = False
     ) -> torch.Tensor:
         """(Q, H) answer-position states of the queries alone (an empty document)."""
-        return self._states(
-            [self._empty_doc + q for q in self.prompt.query_ids(sessions)], show_progress
-        )
+        seqs = [self._empty_doc + q for q in self.prompt.query_ids(sessions)]
+        return self._states(seqs, show_progress, "queries")
 
     def document_states(
         self, documents: Sequence[str], show_progress: bool = False
     ) -> torch.Tensor:
         """(N, H) states at each document prefix's last token (computed once, indexed)."""
-        return self._states(self.prompt.document_ids(documents), show_progress)
+        return self._states(self.prompt.document_ids(documents), show_progress, "documents")
 
 
 @dataclass
@@ -198,15 +211,18 @@ class DistillFeatures:
 
 
 def distill_features(
-    encoder: RabtrieverEncoder, documents: Sequence[str], sessions: Sequence[Session]
+    encoder: RabtrieverEncoder,
+    documents: Sequence[str],
+    sessions: Sequence[Session],
+    show_progress: bool = False,
 ) -> DistillFeatures:
-    """Teacher and student states of aligned (document, session) pairs."""
-    teacher = encoder.teacher_states(documents, sessions)
+    """Teacher and student states of aligned (document, session) pairs, on the CPU."""
+    teacher = encoder.teacher_states(documents, sessions, show_progress)  # (N, H)
     return DistillFeatures(
-        query=encoder.query_states(sessions),
-        document=encoder.document_states(documents),
-        teacher=teacher,
-        teacher_logits=encoder.lm_head_options(teacher),
+        query=encoder.query_states(sessions, show_progress).cpu(),
+        document=encoder.document_states(documents, show_progress).cpu(),
+        teacher=teacher.cpu(),
+        teacher_logits=encoder.lm_head_options(teacher).cpu(),
     )
 
 
@@ -236,6 +252,21 @@ def distill_loss_fn(encoder: RabtrieverEncoder, kl_weight: float) -> Any:
     return loss_fn
 
 
+# The predictor's training defaults (under a recipe's `training:`): a small MLP on fixed features
+# learns fast at a large step, and a run takes minutes, so no checkpoints; one process, so the
+# last short batch is kept (a few pairs still train).
+PREDICTOR_TRAINING: dict[str, Any] = {
+    "learning_rate": 1e-3,
+    "num_train_epochs": 3,
+    "max_steps": -1,
+    "per_device_train_batch_size": 64,
+    "warmup_steps": 0,
+    "logging_steps": 10,
+    "save_strategy": "no",
+    "dataloader_drop_last": False,
+}
+
+
 def train_predictor(
     encoder: RabtrieverEncoder,
     features: DistillFeatures,
@@ -246,11 +277,14 @@ def train_predictor(
 ) -> Predictor:
     """Train the predictor on precomputed features with the shared `NamedLossTrainer`; the
     predictor (`save_predictor`) and the log (`train_log.jsonl`) go to `output_dir`."""
+    from transformers import set_seed
+
     from chatretriever.modeling.recipe import LOG_FILE, write_log
     from chatretriever.modeling.trainer import NamedLossTrainer, training_arguments
 
+    args = training_arguments(output_dir, {**PREDICTOR_TRAINING, **dict(training or {})})
+    set_seed(args.seed)  # the predictor's initialisation comes before the Trainer seeds anything
     predictor = Predictor(config or PredictorConfig(hidden=features.query.shape[1]))
-    args = training_arguments(output_dir, {"learning_rate": 1e-3, **dict(training or {})})
     trainer = NamedLossTrainer(
         model=predictor,
         args=args,

@@ -1,0 +1,336 @@
+"""Rabtriever from a recipe: `DistillConfig` (`configs/rationale-distill.yaml`), `run_distill`
+(the teacher's features once, cached; the predictor trained on them) and `RabtrieverStudent` (a
+saved student, loaded to score).
+
+The teacher is the reranker exactly as `BinaryChoiceReranker.from_pretrained` loads it: the
+backbone, the tuned LoRA adapter (none: the zero-shot teacher), the wording and the prompt
+budgets. Its features go to `output_dir/features.safetensors` with a fingerprint of what they
+depend on (model name, adapter weights, wording, budgets, the selected pairs): a rerun whose
+fingerprint matches reuses them; any other recipe or data recomputes and replaces them.
+
+The output dir holds `predictor.safetensors`, `predictor.json`, `train_config.yaml` (the resolved
+recipe: what `RabtrieverStudent.from_pretrained` reloads the LLM from), `train_log.jsonl` and the
+features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from chatretriever.config import _from_dict
+from chatretriever.errors import DataFormatError
+from chatretriever.io.files import atomic_path
+from chatretriever.io.sessions import session_to_dict
+from chatretriever.methods.rationale.distill import (
+    PREDICTOR_CONFIG,
+    PREDICTOR_TRAINING,
+    PREDICTOR_WEIGHTS,
+    DistillFeatures,
+    Predictor,
+    PredictorConfig,
+    RabtrieverEncoder,
+    distill_features,
+    load_predictor,
+    train_predictor,
+)
+from chatretriever.methods.rationale.prompts import WORDINGS
+from chatretriever.methods.rationale.scoring import relevance_scores
+from chatretriever.methods.rationale.tuning import ChoicePair, iter_pairs
+from chatretriever.modeling.recipe import (
+    SAVED_RECIPE,
+    BaseDataSettings,
+    load_config,
+    load_examples,
+    save_recipe,
+)
+from chatretriever.types import Session
+
+logger = logging.getLogger(__name__)
+
+FEATURES = "features.safetensors"
+
+
+@dataclass
+class DistillData(BaseDataSettings):
+    """`data:`: pairs JSONL files (`esconv-tasks`' `pairs.jsonl`) and an optional cap.
+
+    Attributes:
+        limit: At most this many pairs, taken as whole sessions (a query's gold pair and its
+            negatives together) evenly spaced over all the files' pairs: deterministic, and the
+            yes/no balance is kept. A file's own `limit` keeps its first N pairs instead.
+    """
+
+    limit: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
+            raise ValueError(f"data.limit must be a positive integer, got {self.limit!r}")
+
+
+@dataclass
+class PredictorSettings:
+    """`predictor:`: `PredictorConfig` but the hidden size, which the LLM gives."""
+
+    inner: int | None = None
+    layers: int = 2
+    residual: bool = True
+
+    def __post_init__(self) -> None:
+        if self.inner is not None and (not isinstance(self.inner, int) or self.inner < 1):
+            raise ValueError(f"predictor.inner must be a positive integer, got {self.inner!r}")
+        self.config(1)  # validates the rest
+
+    def config(self, hidden: int) -> PredictorConfig:
+        """The predictor's config for an LLM of hidden size `hidden`."""
+        return PredictorConfig(hidden, self.inner, self.layers, self.residual)
+
+
+@dataclass
+class DistillConfig:
+    """A Rabtriever distillation recipe (`configs/rationale-distill.yaml`).
+
+    Attributes:
+        model: The reranker's chat backbone (built-in name or local dir).
+        adapter: The tuned reranker's LoRA dir (`rerank-train` output); None: zero-shot teacher.
+        output_dir: Where the features, the predictor and the resolved recipe go.
+        wording: The prompt wording the teacher was tuned with ("ab", "tf").
+        max_document_tokens, max_query_tokens: Prompt budgets (as `rationale-sft.yaml`).
+        data: The training pairs (`DistillData`).
+        predictor: Its shape (`PredictorSettings`).
+        kl_weight: Weight of the reverse-KL part (the MSE part has weight 1).
+        batch_size: Sequences per LLM forward when computing features.
+        training: Any `TrainingArguments` field, over `distill.PREDICTOR_TRAINING`.
+    """
+
+    model: str = "smollm2-135m-instruct"
+    adapter: str | None = None
+    output_dir: str = "runs/rationale-distill"
+    wording: str = "ab"
+    max_document_tokens: int = 64
+    max_query_tokens: int = 256
+    data: DistillData = field(default_factory=DistillData)
+    predictor: PredictorSettings = field(default_factory=PredictorSettings)
+    kl_weight: float = 1.0
+    batch_size: int = 16
+    training: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from transformers import TrainingArguments
+
+        if self.wording not in WORDINGS:
+            raise ValueError(f"wording must be one of {sorted(WORDINGS)}, got {self.wording!r}")
+        for name in ("max_document_tokens", "max_query_tokens", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.kl_weight, (int, float)) or self.kl_weight < 0:
+            raise ValueError(f"kl_weight must be a number >= 0, got {self.kl_weight!r}")
+        known = {f.name for f in fields(TrainingArguments)}
+        unknown = sorted(set(self.training) - known)
+        if unknown:
+            raise ValueError(f"training: unknown TrainingArguments field(s) {unknown}")
+        self.training = {**PREDICTOR_TRAINING, **self.training}
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> DistillConfig:
+        raw = dict(raw)
+        for key, kind in (("data", DistillData), ("predictor", PredictorSettings)):
+            value = raw.get(key) or {}
+            if not isinstance(value, Mapping):
+                raise ValueError(f"{key} must be a mapping, got {type(value).__name__}")
+            raw[key] = _from_dict(kind, value)
+        if not isinstance(raw.get("training") or {}, Mapping):
+            raise ValueError("training must be a mapping of TrainingArguments fields")
+        return _from_dict(cls, raw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def spread_pairs(pairs: Sequence[ChoicePair], limit: int) -> list[ChoicePair]:
+    """At most `limit` pairs: whole sessions, evenly spaced (see `DistillData.limit`)."""
+    if len(pairs) <= limit:
+        return list(pairs)
+    groups: dict[str, list[ChoicePair]] = {}
+    for p in pairs:
+        groups.setdefault(p.session.id, []).append(p)
+    sessions = list(groups.values())
+    k = max(1, limit * len(sessions) // len(pairs))  # the sessions that fit at the mean size
+    picked = [sessions[i * len(sessions) // k] for i in range(k)]
+    return [p for group in picked for p in group][:limit]
+
+
+def load_pairs(data: DistillData) -> list[ChoicePair]:
+    """The training pairs: every file x its repeat, then `data.limit`."""
+    pairs = [p for examples, repeat in load_examples(data, iter_pairs) for p in examples * repeat]
+    if not pairs:
+        raise ValueError(f"data.files hold no pairs: {[f.path for f in data.files]}")
+    return pairs if data.limit is None else spread_pairs(pairs, data.limit)
+
+
+def _check_adapter(adapter: str | None, recipe: str | Path | None = None) -> None:
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        where = f" (named by {recipe})" if recipe else ""
+        raise DataFormatError(adapter, f"not a LoRA adapter dir, no adapter_config.json{where}",
+                              field="adapter")  # fmt: skip
+
+
+def teacher_encoder(config: DistillConfig, device: str | None = None) -> RabtrieverEncoder:
+    """The frozen LLM exactly as the reranker loads it (backbone + adapter + prompt)."""
+    from chatretriever.methods.rationale.reranker import BinaryChoiceReranker
+
+    reranker = BinaryChoiceReranker.from_pretrained(
+        config.model,
+        adapter=config.adapter,
+        wording=config.wording,
+        device=device,
+        batch_size=config.batch_size,
+        max_document_tokens=config.max_document_tokens,
+        max_query_tokens=config.max_query_tokens,
+    )
+    return RabtrieverEncoder(reranker.model, reranker.prompt, config.batch_size)
+
+
+def features_fingerprint(config: DistillConfig, pairs: Sequence[ChoicePair]) -> str:
+    """sha256 of what the features depend on (the batch size does not enter)."""
+    from chatretriever.modeling.adapters import ADAPTER_WEIGHTS
+
+    h = hashlib.sha256()
+    keys = ("model", "adapter", "wording", "max_document_tokens", "max_query_tokens")
+    h.update(json.dumps({k: getattr(config, k) for k in keys}).encode())
+    if config.adapter is not None and (Path(config.adapter) / ADAPTER_WEIGHTS).is_file():
+        h.update((Path(config.adapter) / ADAPTER_WEIGHTS).read_bytes())  # retrained in place
+    for p in pairs:
+        row = [p.document, session_to_dict(p.session), p.relevant]
+        h.update(json.dumps(row, sort_keys=True).encode() + b"\n")
+    return h.hexdigest()
+
+
+def cached_features(
+    encoder: RabtrieverEncoder, pairs: Sequence[ChoicePair], path: Path, fingerprint: str
+) -> DistillFeatures:
+    """The features of `pairs`: read from `path` when its fingerprint matches, else computed
+    (with progress bars) and written there atomically."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file, save_file
+
+    if path.is_file():
+        try:
+            with safe_open(str(path), "pt") as f:
+                stored = (f.metadata() or {}).get("fingerprint")
+        except SafetensorError as e:
+            logger.warning("%s is unreadable (%s): recomputing", path, e)
+            stored = None
+        if stored == fingerprint:
+            logger.info("reusing the teacher features of %d pairs from %s", len(pairs), path)
+            return DistillFeatures(**load_file(str(path)))
+        if stored is not None:
+            logger.info("%s was computed for another recipe or data: recomputing", path)
+    logger.info("computing the teacher features of %d pairs", len(pairs))
+    features = distill_features(
+        encoder, [p.document for p in pairs], [p.session for p in pairs], show_progress=True
+    )
+    with atomic_path(path) as tmp:
+        tensors = {k: v.contiguous() for k, v in asdict(features).items()}
+        save_file(tensors, str(tmp), metadata={"fingerprint": fingerprint})
+    return features
+
+
+def run_distill(config: DistillConfig) -> Path:
+    """Features (cached), the predictor trained on them, the resolved recipe; returns the dir."""
+    pairs = load_pairs(config.data)
+    logger.info("%d pairs (%d relevant)", len(pairs), sum(p.relevant for p in pairs))
+    _check_adapter(config.adapter)
+    out = Path(config.output_dir)
+    encoder = teacher_encoder(config)
+    fingerprint = features_fingerprint(config, pairs)
+    features = cached_features(encoder, pairs, out / FEATURES, fingerprint)
+    predictor = config.predictor.config(features.query.shape[1])
+    train_predictor(encoder, features, out, predictor, config.kl_weight, config.training)
+    save_recipe(config, out)
+    return out
+
+
+class RabtrieverStudent:
+    """The distilled bi-encoder: the frozen LLM reads documents and queries apart; the predictor
+    scores every (query, document) pair from the two states.
+
+    Args:
+        encoder: The LLM's readings (as in training).
+        predictor: The trained predictor.
+        chunk: Predictor rows per call in `score` (bounds its memory to chunk x H floats).
+    """
+
+    def __init__(self, encoder: RabtrieverEncoder, predictor: Predictor, chunk: int = 8192) -> None:
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        self.encoder = encoder
+        self.device = next(encoder.model.parameters()).device
+        self.predictor = predictor.eval().to(self.device)
+        self.chunk = chunk
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, device: str | None = None, batch_size: int | None = None
+    ) -> RabtrieverStudent:
+        """Load a `rerank-distill` output dir: its recipe's LLM (+ adapter) and the predictor.
+
+        Args:
+            directory: The output dir.
+            device: Where to run (default: the accelerator, else the CPU).
+            batch_size: Sequences per LLM forward (default: the recipe's).
+        """
+        directory = Path(directory)
+        for name in (SAVED_RECIPE, PREDICTOR_WEIGHTS, PREDICTOR_CONFIG):
+            if not (directory / name).is_file():
+                raise DataFormatError(directory / name, "not found: not a rerank-distill output")
+        config = load_config(directory / SAVED_RECIPE, DistillConfig.from_dict)
+        if batch_size is not None:
+            config.batch_size = batch_size
+        _check_adapter(config.adapter, directory / SAVED_RECIPE)
+        return cls(teacher_encoder(config, device), load_predictor(directory))
+
+    def document_states(self, texts: Sequence[str], show_progress: bool = False) -> torch.Tensor:
+        """(N, H) document states (once per corpus; the index)."""
+        return self.encoder.document_states(texts, show_progress)
+
+    def query_states(
+        self, sessions: Sequence[Session], show_progress: bool = False
+    ) -> torch.Tensor:
+        """(Q, H) query states (one LLM pass per query, whatever the candidates)."""
+        return self.encoder.query_states(sessions, show_progress)
+
+    @torch.inference_mode()
+    def score(self, query_states: torch.Tensor, doc_states: torch.Tensor) -> torch.Tensor:
+        """log P(yes) of every query against every document, `chunk` pairs per predictor call.
+
+        Args:
+            query_states: (Q, H).
+            doc_states: (N, H).
+
+        Returns:
+            (Q, N) float32 scores on the CPU.
+        """
+        n_q, n_d, hidden = query_states.shape[0], doc_states.shape[0], doc_states.shape[1]
+        out = torch.empty(n_q, n_d)  # (Q, N)
+        d_step = max(1, min(n_d, self.chunk))
+        q_step = max(1, self.chunk // d_step)
+        for qs in range(0, n_q, q_step):
+            q = query_states[qs : qs + q_step].to(self.device)  # (q, H)
+            for ds in range(0, n_d, d_step):
+                d = doc_states[ds : ds + d_step].to(self.device)  # (d, H)
+                pq = q[:, None].expand(-1, d.shape[0], -1).reshape(-1, hidden)  # (q*d, H)
+                pd = d[None].expand(q.shape[0], -1, -1).reshape(-1, hidden)  # (q*d, H)
+                logits = self.encoder.lm_head_options(self.predictor(pq, pd))  # (q*d, 2)
+                block = relevance_scores(logits).view(q.shape[0], d.shape[0])  # (q, d)
+                out[qs : qs + q.shape[0], ds : ds + d.shape[0]] = block.cpu()
+        return out
