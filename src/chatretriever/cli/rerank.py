@@ -27,7 +27,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sessions", required=True, help="sessions JSONL (the run's queries)")
     p.add_argument("--out", required=True, help="reranked TREC run to write")
     p.add_argument("--model", default="smollm2-135m-instruct", help="chat LLM (causal)")
-    p.add_argument("--adapter", help="a tuned LoRA adapter dir for --model")
+    p.add_argument(
+        "--adapter", help="a tuned LoRA adapter dir for --model, or the built-in 'rahore-smol'"
+    )
     p.add_argument("--wording", choices=("ab", "tf"), default="ab", help="prompt wording")
     p.add_argument("--k", type=int, default=20, help="top documents reranked per query")
     p.add_argument("--batch-size", type=int, default=16)

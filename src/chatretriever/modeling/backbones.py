@@ -80,6 +80,11 @@ def _resolve_kind(kind: str, info: ModelInfo | None, model_dir: Path, remote: bo
             f"'{info.name}' is a trained ChatRetriever, not a backbone: load it with "
             "chatretriever.methods.chatretriever.model"
         )
+    if info is not None and info.kind not in ("causal", "encoder"):
+        raise ValueError(
+            f"'{info.name}' is a trained {info.kind} model (an adapter or predictor), not a "
+            "backbone: pass it as the reranker's adapter or load it with its method's loader"
+        )
     if kind != "auto":
         return kind
     if info is not None:

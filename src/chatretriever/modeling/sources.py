@@ -5,7 +5,8 @@ Nothing is downloaded. A GGUF model is dequantized once and a zipped model unpac
 model cache (`model_cache`); later loads read the plain safetensors directory.
 
 Built-in models are `ModelInfo` entries in `BUILTIN_MODELS`; `register_model` adds more, e.g. a
-trained ChatRetriever adapter shipped inside this package (`ShippedDir`, kind "chatretriever").
+trained ChatRetriever adapter shipped inside this package (`ShippedDir`, kind "chatretriever"), the
+tuned RaHoRe reranker adapter (kind "rahore") and its distilled Rabtriever student ("rabtriever").
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Protocol
 
 from chatretriever.modeling import model_cache
 
-KINDS = ("causal", "encoder", "chatretriever")
+KINDS = ("causal", "encoder", "chatretriever", "rahore", "rabtriever")
 
 
 class ModelNotInstalledError(ImportError, LookupError):
@@ -200,8 +201,12 @@ class ModelInfo:
     Args:
         name: The name users type ("smollm2-135m-instruct").
         description: What it is, in a few words.
-        kind: "causal" (chat LLM backbone), "encoder" (off-the-shelf embedder) or "chatretriever"
-            (a trained retriever directory, loaded by `chatretriever.methods.chatretriever.model`).
+        kind: "causal" (chat LLM backbone), "encoder" (off-the-shelf embedder), "chatretriever"
+            (a trained retriever directory, loaded by `chatretriever.methods.chatretriever.model`),
+            "rahore" (a tuned reranker's LoRA adapter, the `adapter` of
+            `methods.rationale.reranker.BinaryChoiceReranker.from_pretrained`) or "rabtriever" (a
+            `rerank-distill` output, loaded by `methods.rationale.student.RabtrieverStudent`).
+            Only "causal" and "encoder" entries are backbones or embedders.
         licence: The licence of the weights.
         source: Where the weights come from (`PackagedGGUF`, `PackagedZip`, `PackagedDir`,
             `ShippedDir`, or any object with `packages`, `available()` and `materialise(name)`).
@@ -299,6 +304,22 @@ for _info in (
         "Apache-2.0",
         ShippedDir("assets/chatretriever-smol"),
         embedding_dim=576,
+    ),
+    ModelInfo(
+        "rahore-smol",
+        "RaHoRe binary-choice reranker tuned on ESConv (SFT then DPO): LoRA adapter for "
+        "smollm2-135m-instruct, shipped in this package (rerank --adapter rahore-smol)",
+        "rahore",
+        "Apache-2.0",
+        ShippedDir("assets/rahore-smol"),
+    ),
+    ModelInfo(
+        "rabtriever-smol",
+        "Rabtriever student distilled from rahore-smol: a predictor over the frozen reranker's "
+        "states (bi-encoder), shipped in this package; needs smollm2-135m-instruct",
+        "rabtriever",
+        "Apache-2.0",
+        ShippedDir("assets/rabtriever-smol"),
     ),
 ):
     register_model(_info)

@@ -4,6 +4,8 @@ A general pipeline stage: `rerank` reorders the top-k of any first-stage run. Wi
 (the default) the (query, document) pairs are grouped by document: each document's prefix is
 run once and its KV cache serves every query that retrieved it (for the 8 ESConv strategies:
 once per run), the queries going through in batches. Without it, each batch holds whole prompts.
+
+The tuned adapter is a directory or a built-in name ("rahore-smol", `resolve_adapter`).
 """
 
 from __future__ import annotations
@@ -24,9 +26,86 @@ from chatretriever.methods.rationale.scoring import (
     prefix_kv,
     relevance_scores,
 )
+from chatretriever.modeling.recipe import SAVED_RECIPE, read_recipe
+from chatretriever.modeling.sources import BUILTIN_MODELS, builtin, resolve_model_dir
 from chatretriever.types import Run, Session
 
 logger = logging.getLogger(__name__)
+
+ADAPTER_KIND = "rahore"  # the `ModelInfo.kind` of built-in tuned reranker adapters
+
+
+def resolve_adapter(adapter: str | Path, base: Path | None = None) -> Path:
+    """The LoRA adapter directory `adapter` names: a path or a built-in name ("rahore-smol").
+
+    An existing path wins over a built-in of the same name (as `sources.builtin`). With `base`
+    (the directory of a saved recipe that names the adapter), a relative path is looked up under
+    `base` first, then under the current directory.
+
+    Args:
+        adapter: A directory (`rerank-train` output) or a built-in adapter name.
+        base: Where a relative path is looked up first.
+
+    Returns:
+        A directory holding `adapter_config.json`.
+
+    Raises:
+        FileNotFoundError: A built-in adapter that this install does not ship.
+        ValueError: Nothing of that name, a built-in model of another kind, or a directory
+            that is not a LoRA adapter.
+    """
+    path = Path(adapter).expanduser()
+    tried = [base / path] if base is not None and not path.is_absolute() else []
+    found = next((p for p in (*tried, path) if p.exists()), None)
+    if found is None:
+        info = builtin(adapter)
+        if info is None or info.kind != ADAPTER_KIND:
+            names = [n for n, i in BUILTIN_MODELS.items() if i.kind == ADAPTER_KIND]
+            what = "no such directory" if info is None else f"a built-in {info.kind} model"
+            looked = " or ".join(str(p) for p in (*tried, path))
+            raise ValueError(
+                f"adapter '{adapter}': {what} ({looked}), not a reranker adapter dir or one of "
+                f"the built-in adapters {names}"
+            )
+        found = resolve_model_dir(info.name)  # FileNotFoundError when not shipped
+    if not (found / "adapter_config.json").is_file():
+        raise ValueError(f"adapter {found}: not a LoRA adapter dir (no adapter_config.json)")
+    return found
+
+
+def _same_model(a: str | Path, b: str | Path) -> bool:
+    if str(a) == str(b):
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def check_adapter_recipe(adapter_dir: Path, model: str | Path, wording: str) -> None:
+    """Compare the backbone and wording an adapter was tuned with (its saved recipe's `model`
+    and `wording`) with the ones it is about to be used with.
+
+    Two different built-in backbones cannot share an adapter: refused. Any other difference
+    (a local copy of the backbone, another wording) is logged as a warning, since a path may
+    hold the same weights under another name.
+
+    Raises:
+        ValueError: The adapter was tuned on another built-in backbone than `model`.
+    """
+    recipe = adapter_dir / SAVED_RECIPE
+    if not recipe.is_file():
+        return
+    saved = read_recipe(recipe)
+    tuned_on, tuned_wording = saved.get("model"), saved.get("wording")
+    if isinstance(tuned_on, str) and not _same_model(tuned_on, model):
+        message = f"adapter {adapter_dir} was tuned on '{tuned_on}' ({recipe}), not on '{model}'"
+        if builtin(tuned_on) is not None and builtin(model) is not None:
+            raise ValueError(f"{message}: load it with model '{tuned_on}'")
+        logger.warning("%s: its scores are only valid on the same weights", message)
+    if isinstance(tuned_wording, str) and tuned_wording != wording:
+        logger.warning(
+            "adapter %s was tuned with wording '%s', used with '%s'",
+            adapter_dir, tuned_wording, wording,
+        )  # fmt: skip
 
 
 class BinaryChoiceReranker:
@@ -66,24 +145,33 @@ class BinaryChoiceReranker:
         **prompt_kwargs: Any,
     ) -> BinaryChoiceReranker:
         """Load a chat backbone offline (built-in name, local dir or .gguf), optionally with a
-        tuned LoRA adapter directory, on `device` (default: the accelerator, else the CPU).
+        tuned LoRA adapter, on `device` (default: the accelerator, else the CPU).
 
         Args:
             name_or_path: See `modeling.backbones.load_backbone`.
-            adapter: A peft adapter dir (`tuning.train_sft` / `train_dpo` output).
+            adapter: A peft adapter dir (`tuning.run_sft` / `run_dpo` output) or a built-in
+                adapter name ("rahore-smol"); see `resolve_adapter`. Checked against the
+                backbone and wording it was tuned with (`check_adapter_recipe`).
             wording: "ab" or "tf" (`prompts.WORDINGS`).
             dtype: None (fp32), "bf16", "auto", ...
             device: Where to run.
             batch_size: Pairs per forward.
             **prompt_kwargs: `BinaryChoicePrompt` arguments (max_document_tokens, ...).
+
+        Raises:
+            FileNotFoundError: A built-in adapter this install does not ship.
+            ValueError: A bad adapter (`resolve_adapter`, `check_adapter_recipe`).
         """
         from chatretriever.modeling.backbones import default_device, load_backbone
 
+        adapter_dir = None if adapter is None else resolve_adapter(adapter)
+        if adapter_dir is not None:  # before the backbone loads: a refusal costs nothing
+            check_adapter_recipe(adapter_dir, name_or_path, wording)
         model, tokenizer = load_backbone(name_or_path, kind="causal", dtype=dtype)
-        if adapter is not None:
+        if adapter_dir is not None:
             from chatretriever.modeling.adapters import load_adapter
 
-            model = load_adapter(model, Path(adapter), is_trainable=False)
+            model = load_adapter(model, adapter_dir, is_trainable=False)
         model.to(device or default_device())
         prompt = BinaryChoicePrompt(tokenizer, wording, **prompt_kwargs)
         return cls(model, tokenizer, prompt, batch_size)

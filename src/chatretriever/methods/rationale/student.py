@@ -19,7 +19,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -249,10 +249,16 @@ def run_distill(config: DistillConfig) -> Path:
     """Features (cached), the predictor trained on them, the resolved recipe; returns the dir."""
     pairs = load_pairs(config.data)
     logger.info("%d pairs (%d relevant)", len(pairs), sum(p.relevant for p in pairs))
-    _check_adapter(config.adapter)
+    from chatretriever.methods.rationale.reranker import resolve_adapter
+
+    # A built-in teacher ("rahore-smol") is read from its dir; the saved recipe keeps the name.
+    local = config
+    if config.adapter is not None and not Path(config.adapter).exists():
+        local = replace(config, adapter=str(resolve_adapter(config.adapter)))
+    _check_adapter(local.adapter)
     out = Path(config.output_dir)
-    encoder = teacher_encoder(config)
-    fingerprint = features_fingerprint(config, pairs)
+    encoder = teacher_encoder(local)
+    fingerprint = features_fingerprint(local, pairs)
     features = cached_features(encoder, pairs, out / FEATURES, fingerprint)
     predictor = config.predictor.config(features.query.shape[1])
     train_predictor(encoder, features, out, predictor, config.kl_weight, config.training)
@@ -282,21 +288,43 @@ class RabtrieverStudent:
     def from_pretrained(
         cls, directory: str | Path, device: str | None = None, batch_size: int | None = None
     ) -> RabtrieverStudent:
-        """Load a `rerank-distill` output dir: its recipe's LLM (+ adapter) and the predictor.
+        """Load a `rerank-distill` output: its recipe's LLM (+ adapter) and the predictor.
+
+        The recipe's `adapter` (the teacher) is a path or a built-in adapter name
+        ("rahore-smol"). A relative path is looked up in the student's directory first, then
+        in the current directory; an existing path wins over a built-in of the same name
+        (`reranker.resolve_adapter`).
 
         Args:
-            directory: The output dir.
+            directory: The output dir, or a built-in student name ("rabtriever-smol"; an
+                existing path of that name wins).
             device: Where to run (default: the accelerator, else the CPU).
             batch_size: Sequences per LLM forward (default: the recipe's).
+
+        Raises:
+            FileNotFoundError: A built-in student or teacher adapter this install does not ship.
+            DataFormatError: Not a `rerank-distill` output, or its recipe's adapter is bad.
+            ValueError: A built-in name of another kind ("rahore-smol").
         """
-        directory = Path(directory)
+        from chatretriever.methods.rationale.reranker import resolve_adapter
+        from chatretriever.modeling.sources import builtin, resolve_model_dir
+
+        info = builtin(directory)
+        if info is not None and info.kind != "rabtriever":
+            raise ValueError(f"'{info.name}' is a built-in {info.kind} model, not a student")
+        directory = Path(directory) if info is None else resolve_model_dir(info.name)
         for name in (SAVED_RECIPE, PREDICTOR_WEIGHTS, PREDICTOR_CONFIG):
             if not (directory / name).is_file():
                 raise DataFormatError(directory / name, "not found: not a rerank-distill output")
-        config = load_config(directory / SAVED_RECIPE, DistillConfig.from_dict)
+        recipe = directory / SAVED_RECIPE
+        config = load_config(recipe, DistillConfig.from_dict)
         if batch_size is not None:
             config.batch_size = batch_size
-        _check_adapter(config.adapter, directory / SAVED_RECIPE)
+        if config.adapter is not None:
+            try:
+                config.adapter = str(resolve_adapter(config.adapter, base=directory))
+            except ValueError as e:
+                raise DataFormatError(recipe, str(e), field="adapter") from e
         return cls(teacher_encoder(config, device), load_predictor(directory))
 
     def document_states(self, texts: Sequence[str], show_progress: bool = False) -> torch.Tensor:
