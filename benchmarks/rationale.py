@@ -86,6 +86,14 @@ def dense_run(
     return _top_k_run(q @ p.T, sessions, docs, k, name or model)  # (Q, N) similarities
 
 
+def dense_runs(
+    args: argparse.Namespace, sessions: Sequence[Session], docs: Sequence[Passage], k: int
+) -> dict[str, Run]:
+    """The dense rows: MiniLM, mpnet with --mpnet, each --dense NAME=DIR."""
+    models = [("minilm-l6", "minilm-l6")] + [("mpnet-base", "mpnet-base")] * args.mpnet
+    return {n: dense_run(m, sessions, docs, k, n) for n, m in [*models, *args.dense]}
+
+
 def bm25_run(sessions: Sequence[Session], docs: Sequence[Passage], k: int) -> Run:
     from chatretriever.retrieval.baselines import BM25Retriever
 
@@ -203,12 +211,8 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
     runs = {
         "class-prior": tasks.class_prior_run(train, evals),
         "bm25": bm25_run(evals, docs, 8),
-        "minilm-l6": dense_run("minilm-l6", evals, docs, 8),
+        **dense_runs(args, evals, docs, 8),
     }
-    if args.mpnet:
-        runs["mpnet-base"] = dense_run("mpnet-base", evals, docs, 8)
-    for name, directory in args.dense:
-        runs[name] = dense_run(directory, evals, docs, 8, name)
     for name, by_task in students.items():
         runs[name], result["timing"]["strategy"][name] = by_task["strategy"]
     result["strategy"] = evaluate_all(runs, qrels, out, "strategy", settings)
@@ -225,12 +229,8 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
     write_qrels(out / "response.qrels", rqrels)
     rruns = {
         "bm25": bm25_run(evals, rdocs, 200),
-        "minilm-l6": dense_run("minilm-l6", evals, rdocs, 200),
+        **dense_runs(args, evals, rdocs, 200),
     }
-    if args.mpnet:
-        rruns["mpnet-base"] = dense_run("mpnet-base", evals, rdocs, 200)
-    for name, directory in args.dense:
-        rruns[name] = dense_run(directory, evals, rdocs, 200, name)
     for name, by_task in students.items():
         rruns[name], result["timing"]["response"][name] = by_task["response"]
     rruns = {n: tasks.restrict_to_other_dialogs(r, evals, rdocs) for n, r in rruns.items()}

@@ -112,16 +112,28 @@ def build_state(
     }
 
 
-def _recorded_meta(state: dict[str, Any], where: str) -> EmbeddingMeta:
-    """The encoder metadata a recorded `build_state` names.
+def _check_recorded_meta(
+    state: dict[str, Any], meta: EmbeddingMeta, collection: str, against: str, fix: str
+) -> None:
+    """Raise unless the encoder metadata a recorded `build_state` names matches `meta`.
+
+    Args:
+        against: What `meta` belongs to, e.g. "the shards come from" (for the message).
+        fix: What to do about a mismatch (for the message).
 
     Raises:
-        DataFormatError: The state holds no valid encoder metadata (`where` names its source).
+        DataFormatError: The state holds no valid encoder metadata.
+        EncoderMismatchError: It names another encoder.
     """
     try:
-        return EmbeddingMeta(**state["embedding"])
+        old = EmbeddingMeta(**state["embedding"])
     except (KeyError, TypeError) as e:
-        raise DataFormatError(where, f"bad recorded encoder metadata: {e}") from None
+        raise DataFormatError(collection, f"bad recorded encoder metadata: {e}") from None
+    if not old.compatible_with(meta):
+        raise EncoderMismatchError(
+            f"the Milvus collection {collection!r} holds vectors of {old.describe()}, "
+            f"{against} {meta.describe()}: {fix}"
+        )
 
 
 def check_resumable(
@@ -145,13 +157,8 @@ def check_resumable(
             f"the Milvus collection {collection!r} was not made by chatretriever: choose "
             "another collection name, or drop it (--overwrite)"
         )
-    old = _recorded_meta(recorded, collection)
-    if not old.compatible_with(meta):
-        raise EncoderMismatchError(
-            f"the Milvus collection {collection!r} holds vectors of {old.describe()}, the "
-            f"shards come from {meta.describe()}: choose another collection, or drop it "
-            "(--overwrite)"
-        )
+    _check_recorded_meta(recorded, meta, collection, "the shards come from",
+                         "choose another collection, or drop it (--overwrite)")  # fmt: skip
     for key, what in (("ids_sha256", "passage ids"), ("index", "index type")):
         if recorded.get(key) != state[key]:
             raise ValueError(
@@ -186,13 +193,8 @@ def check_finished(
     if recorded is None:
         msg = f"the Milvus collection {collection!r} records no chatretriever build"
         raise DataFormatError(directory / META_FILE, msg, field="collection")
-    old = _recorded_meta(recorded, collection)
-    if not old.compatible_with(meta):
-        raise EncoderMismatchError(
-            f"the Milvus collection {collection!r} holds vectors of {old.describe()}, but "
-            f"the index {directory} was built with {meta.describe()} (the collection was "
-            "rebuilt since): build the index again"
-        )
+    _check_recorded_meta(recorded, meta, collection, f"but the index {directory} was built with",
+                         "the collection was rebuilt since; build the index again")  # fmt: skip
     if recorded.get("ids_sha256") != ids_digest(ids) or done < len(ids):
         raise DataFormatError(
             directory / IDS_FILE,
