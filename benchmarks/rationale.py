@@ -7,8 +7,11 @@ quality: Recall@1/3/5, MRR, nDCG@10 (`retrieval.evaluate`) on the evaluation dia
   `--mpnet`), the binary-choice reranker (zero-shot, or `--adapter`; strategy only, on
   `--rerank-limit` evenly spaced queries, where the other systems are reported too), each tuned
   reranker of `--reranker NAME=ADAPTER_DIR` (the same queries) and each Rabtriever student of
-  `--student NAME=DIR` (`rerank-distill` output; both tasks, every query). Each reranker and
-  student row has its timing. TREC runs and qrels are written.
+  `--student NAME=DIR` (`rerank-distill` output; both tasks, every query), each trained
+  bi-encoder of `--dense NAME=DIR` (e.g. configs/rationale-biencoder.yaml's run; both tasks), and
+  with `--rerank-response K` every reranker over minilm-l6's top K response candidates (the
+  reranker's queries). Each reranker and student row has its timing. TREC runs and qrels are
+  written.
 cost: time per query of the reranker without KV reuse, with KV reuse (document caches computed
   offline) and the Rabtriever student, as the number of candidates and the document length grow.
 
@@ -21,9 +24,6 @@ cost: time per query of the reranker without KV reuse, with KV reuse (document c
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -38,30 +38,13 @@ from chatretriever.retrieval.evaluate import evaluate_run, write_json
 from chatretriever.retrieval.search import save_run
 from chatretriever.types import Passage, Run, Session, passage_text
 
+# The helper package of this script, beside it.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _rationale.cost import cost, cost_markdown, write_cost_plot  # noqa: E402
+from _rationale.env import environment  # noqa: E402
+
 MEASURES = ("R@1", "R@3", "R@5", "RR", "nDCG@10")
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _cpu() -> str:
-    for line in (
-        Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else ()
-    ):
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
-def environment() -> dict[str, Any]:
-    import torch
-
-    return {
-        "cpu": _cpu(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()],
-        "torch": torch.__version__,
-        "command": "python " + shlex.join(sys.argv),
-    }
 
 
 def _top_k_run(
@@ -126,6 +109,36 @@ def _timing(seconds: float, queries: int, **offline: float) -> dict[str, Any]:
     }
 
 
+def _reranker(args: argparse.Namespace, adapter: str | None) -> Any:
+    from chatretriever.methods.rationale.reranker import BinaryChoiceReranker
+
+    return BinaryChoiceReranker.from_pretrained(
+        args.model,
+        adapter=adapter,
+        wording=args.wording,
+        batch_size=args.batch_size,
+        max_query_tokens=args.max_query_tokens,
+    )
+
+
+def response_rerank_run(
+    first: Run,
+    sessions: Sequence[Session],
+    docs: Sequence[Passage],
+    args: argparse.Namespace,
+    adapter: str | None,
+    name: str,
+) -> tuple[Run, dict[str, Any]]:
+    """The reranker over the top `--rerank-response` of a first-stage response run (KV reuse:
+    each candidate turn's cache is computed once for every query that retrieved it)."""
+    rr = _reranker(args, adapter)
+    texts = {d.id: passage_text(d) for d in docs}
+    start = time.perf_counter()
+    run = rr.rerank(first, texts, sessions, args.rerank_response, reuse_kv=True, show_progress=True)
+    seconds = time.perf_counter() - start
+    return Run(run.scores, name), _timing(seconds, len(sessions))
+
+
 def reranker_run(
     sessions: Sequence[Session],
     docs: Sequence[Passage],
@@ -135,15 +148,7 @@ def reranker_run(
 ) -> tuple[Run, dict[str, Any]]:
     """The binary-choice reranker (`adapter`: a tuned LoRA dir, None: zero-shot) over every
     document, KV reuse; its run and timing."""
-    from chatretriever.methods.rationale.reranker import BinaryChoiceReranker
-
-    rr = BinaryChoiceReranker.from_pretrained(
-        args.model,
-        adapter=adapter,
-        wording=args.wording,
-        batch_size=args.batch_size,
-        max_query_tokens=args.max_query_tokens,
-    )
+    rr = _reranker(args, adapter)
     start = time.perf_counter()
     matrix = rr.score_matrix(
         [passage_text(d) for d in docs], sessions, reuse_kv=True, show_progress=True
@@ -200,6 +205,7 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
         "environment": environment(),
         "queries": len(evals),
         "rerank_queries": len(subset),
+        "rerank_response": args.rerank_response,
         "timing": {"strategy": {}, "strategy_subset": {}, "response": {}},
     }
     docs, rdocs = tasks.strategy_passages(), tasks.response_passages(evals)
@@ -236,6 +242,16 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
     rruns = {n: tasks.restrict_to_other_dialogs(r, evals, rdocs) for n, r in rruns.items()}
     result["response"] = evaluate_all(rruns, rqrels, out, "response", settings)
     result["response_candidates"] = len(rdocs)
+    if args.rerank_response:  # the rerankers over MiniLM's top k, on the reranker's queries
+        ids = {s.id for s in subset}
+        sub = {n: _subset(r, ids) for n, r in rruns.items()}
+        result["timing"]["response_subset"] = {}
+        for name, adapter in [*rerankers, *args.reranker]:
+            sub[name], result["timing"]["response_subset"][name] = response_rerank_run(
+                sub["minilm-l6"], subset, rdocs, args, adapter, name
+            )
+        rsub_qrels = tasks.response_qrels(subset)
+        result["response_subset"] = evaluate_all(sub, rsub_qrels, out, "response-subset", settings)
     return result
 
 
@@ -264,7 +280,14 @@ def quality_markdown(result: dict[str, Any]) -> str:
             f"Strategy retrieval, {result['rerank_queries']} evenly spaced eval queries",
         ),
         ("response", f"Response retrieval ({result['response_candidates']} supporter turns)"),
+        (
+            "response_subset",
+            f"Response retrieval, the {result['rerank_queries']} queries; rerankers over the top "
+            f"{result.get('rerank_response')} of minilm-l6",
+        ),
     ):
+        if key not in result:
+            continue
         lines += [f"### {title}", "", *_table(result[key])]
         for name, t in result.get("timing", {}).get(key, {}).items():
             offline = t.get("document_states_s")
@@ -289,132 +312,6 @@ def write_quality_plot(path: Path, result: dict[str, Any]) -> None:
     ax.set_xticks(np.arange(len(names)) + 0.3, names, rotation=15, fontsize=8)
     ax.set_title("ESConv strategy retrieval (eval subset)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
-# ------------------------------------------------------------------------------------- cost
-def _timed(fn: Any) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def _cost_inputs(args: argparse.Namespace, n_docs: int) -> tuple[list[str], list[Session]]:
-    """Real supporter turns, concatenated and cut by the prompt to the document length, and
-    real evaluation queries."""
-    split = tasks.load_split(args.split)
-    evals = tasks.task_sessions(tasks.split_dialogs(split, "eval"))
-    turns = [s.response or "" for s in evals]
-    docs = [" ".join(turns[i : i + 40]) for i in range(n_docs)]  # long enough for any cut
-    step = max(1, len(evals) // args.queries)
-    return docs, evals[::step][: args.queries]
-
-
-def _cost_one(
-    rr: Any, enc: Any, predictor: Any, offline: dict[str, Any], queries: list[Session], n: int,
-    max_full: int,
-) -> dict[str, float | None]:  # fmt: skip
-    """Seconds per query for the three systems over the first n documents (their caches and
-    states were computed offline, once)."""
-    from chatretriever.methods.rationale.distill import student_scores
-    from chatretriever.methods.rationale.scoring import cached_option_logits
-
-    p, docs = rr.prompt, offline["docs"][:n]
-    caches, doc_states = offline["caches"][:n], offline["states"][:n]  # (n, H)
-    row: dict[str, float | None] = {"full": None}
-    if n <= max_full:
-        row["full"] = sum(_timed(lambda q=q: rr.score_pairs(docs, [q] * n)) for q in queries)
-
-    def reuse(q: Session) -> None:
-        suffix = p.query_ids([q])[0]
-        for start in range(0, n, rr.batch_size):
-            batch = caches[start : start + rr.batch_size]
-            cached_option_logits(rr.model, batch, [suffix] * len(batch), p.option_ids, rr.pad_id)
-
-    def student(q: Session) -> None:
-        student_scores(enc, predictor, enc.query_states([q])[0], doc_states)
-
-    row["kv_reuse"] = sum(_timed(lambda q=q: reuse(q)) for q in queries)
-    row["student"] = sum(_timed(lambda q=q: student(q)) for q in queries)
-    return {k: None if v is None else v / len(queries) for k, v in row.items()}
-
-
-def _offline(rr: Any, enc: Any, docs: list[str], queries: list[Session]) -> dict[str, Any]:
-    """The document side (KV caches, student states), once; and one untimed call of each path
-    (allocator and thread-pool warm-up)."""
-    from chatretriever.methods.rationale.scoring import prefix_kv
-
-    start = time.perf_counter()
-    caches = [prefix_kv(rr.model, ids) for ids in rr.prompt.document_ids(docs)]
-    cache_s = time.perf_counter() - start
-    start = time.perf_counter()
-    states = enc.document_states(docs)  # (N, H)
-    states_s = time.perf_counter() - start
-    rr.score_pairs(docs[:1], queries[:1])
-    offline_s = {"kv_caches": round(cache_s, 2), "student_states": round(states_s, 2)}
-    return {"docs": docs, "caches": caches, "states": states, "offline_s": offline_s}
-
-
-def cost(args: argparse.Namespace) -> dict[str, Any]:
-    """Time per query vs number of candidates and document length (fp32, batch 16)."""
-    import torch
-
-    from chatretriever.methods.rationale.distill import (
-        Predictor,
-        PredictorConfig,
-        RabtrieverEncoder,
-    )
-    from chatretriever.methods.rationale.reranker import BinaryChoiceReranker
-
-    torch.manual_seed(0)
-    result: dict[str, Any] = {"environment": environment(), "rows": []}
-    docs, queries = _cost_inputs(args, max(args.candidates))
-    for length in args.doc_tokens:
-        rr = BinaryChoiceReranker.from_pretrained(args.model, batch_size=16,
-            max_document_tokens=length, max_query_tokens=args.query_tokens)  # fmt: skip
-        enc = RabtrieverEncoder(rr.model, rr.prompt, batch_size=16)
-        predictor = Predictor(PredictorConfig(hidden=rr.model.config.hidden_size)).eval()
-        offline = _offline(rr, enc, docs, queries)
-        result.setdefault("offline_seconds", {})[str(length)] = offline["offline_s"]
-        for n in sorted(args.candidates):
-            row = _cost_one(rr, enc, predictor, offline, queries, n, args.max_full_candidates)
-            result["rows"].append({"doc_tokens": length, "candidates": n, **row})
-            print(result["rows"][-1], flush=True)  # noqa: T201
-    return result
-
-
-def cost_markdown(result: dict[str, Any]) -> str:
-    env = result["environment"]
-    lines = [f"`{env['command']}` on {env['cpu']} ({env['cpu_count']} cores, load "
-             f"{env['loadavg_1_5_15']}); seconds per query (document side computed offline).", "",
-             "| doc tokens | candidates | reranker, no reuse | reranker, KV reuse | student | "
-             "no reuse / student |", "|---|---|---|---|---|---|"]  # fmt: skip
-    for r in result["rows"]:
-        full = "-" if r["full"] is None else f"{r['full']:.2f}"
-        ratio = "-" if r["full"] is None else f"{r['full'] / r['student']:.0f}x"
-        lines.append(f"| {r['doc_tokens']} | {r['candidates']} | {full} | {r['kv_reuse']:.2f} | "
-                     f"{r['student']:.3f} | {ratio} |")  # fmt: skip
-    return "\n".join(lines) + "\n"
-
-
-def write_cost_plot(path: Path, result: dict[str, Any]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    lengths = sorted({r["doc_tokens"] for r in result["rows"]})
-    fig, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths), 3.5), squeeze=False)
-    for ax, length in zip(axes[0], lengths, strict=True):
-        rows = [r for r in result["rows"] if r["doc_tokens"] == length]
-        for key, label in (("full", "reranker"), ("kv_reuse", "reranker + KV reuse"),
-                           ("student", "Rabtriever student")):  # fmt: skip
-            pts = [(r["candidates"], r[key]) for r in rows if r[key] is not None]
-            ax.plot(*zip(*pts, strict=True), marker="o", label=label)
-        ax.set(xscale="log", yscale="log", xlabel="candidates", ylabel="s / query",
-               title=f"document {length} tokens")  # fmt: skip
-        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -457,6 +354,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     q.add_argument("--batch-size", type=int, default=8)
     q.add_argument("--max-query-tokens", type=int, default=256)
+    q.add_argument("--rerank-response", type=int, default=0, metavar="K",
+                   help="also rerank minilm-l6's top K response candidates (0: off)")  # fmt: skip
     q.add_argument("--mpnet", action="store_true", help="also all-mpnet-base-v2")
     q.add_argument("--skip-reranker", action="store_true")
     q.add_argument("--adapter", help="a tuned reranker adapter (rerank-train output)")
@@ -485,6 +384,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.part == "quality":
         _check_names(q, args)
+        if args.rerank_response < 0:
+            q.error(f"--rerank-response must be >= 0, got {args.rerank_response}")
     return args
 
 

@@ -200,3 +200,33 @@ def test_benchmark_student_rows_and_their_timing(tmp_path, tiny_llama_dir):
               "timing": {"strategy": {"s": timing}}}  # fmt: skip
     md = bench.quality_markdown(result)
     assert "| s | 2 | 50.0 |" in md and f"- s: {timing['seconds']} s for 2 queries" in md
+
+
+def test_benchmark_reranks_the_response_first_stage(tiny_llama_dir):
+    import argparse
+
+    from chatretriever.methods.rationale.reranker import BinaryChoiceReranker
+    from chatretriever.types import Passage, Run
+
+    bench = _benchmark()
+    docs = [Passage(c["_id"], c["text"], title=c.get("title", "")) for c in CORPUS]
+    sessions = [Session("q1", (Turn("user", "i failed my exam"),)),
+                Session("q2", (Turn("user", "hi"), Turn("user", "sad")))]  # fmt: skip
+    first = Run({"q1": {"d1": 3.0, "d2": 2.0, "d3": 1.0}, "q2": {"d3": 9.0, "d1": 1.0}}, "first")
+    args = argparse.Namespace(model=str(tiny_llama_dir), wording="ab", batch_size=2,
+                              max_query_tokens=48, rerank_response=2)  # fmt: skip
+    run, timing = bench.response_rerank_run(first, sessions, docs, args, None, "rr")
+    assert run.name == "rr" and timing["queries"] == 2
+    assert set(run.scores["q1"]) == {"d1", "d2"} and set(run.scores["q2"]) == {"d3", "d1"}
+    rr = BinaryChoiceReranker.from_pretrained(str(tiny_llama_dir), batch_size=2,
+                                              max_query_tokens=48)  # fmt: skip
+    text = {d.id: bench.passage_text(d) for d in docs}
+    for q, s in zip(("q1", "q2"), sessions, strict=True):
+        ids = sorted(run.scores[q])
+        expected = rr.score_pairs([text[d] for d in ids], [s] * len(ids))
+        got = [run.scores[q][d] for d in ids]
+        assert max(abs(a - b) for a, b in zip(got, expected, strict=True)) < 1e-4
+    import pytest
+
+    with pytest.raises(SystemExit):
+        bench.parse_args(["quality", "--rerank-response", "-1"])

@@ -1,0 +1,1 @@
+"""Helpers of benchmarks/rationale.py (imported with the script's folder on sys.path)."""
