@@ -40,6 +40,7 @@ from chatretriever.types import Passage, Run, Session, passage_text
 
 # The helper package of this script, beside it.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _conversational.systems import missing_model  # noqa: E402
 from _rationale.cost import cost, cost_markdown, write_cost_plot  # noqa: E402
 from _rationale.env import environment  # noqa: E402
 
@@ -386,6 +387,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         _check_names(q, args)
         if args.rerank_response < 0:
             q.error(f"--rerank-response must be >= 0, got {args.rerank_response}")
+        needed = [args.model, "minilm-l6", *(["mpnet-base"] if args.mpnet else [])]
+        for reason in filter(None, map(missing_model, needed)):
+            q.error(reason)  # before any work, not after the first rows
     return args
 
 

@@ -230,3 +230,18 @@ def test_benchmark_reranks_the_response_first_stage(tiny_llama_dir):
 
     with pytest.raises(SystemExit):
         bench.parse_args(["quality", "--rerank-response", "-1"])
+
+
+def test_benchmark_refuses_a_missing_builtin_before_any_work(monkeypatch, capsys):
+    import pytest
+
+    from chatretriever.modeling.sources import BUILTIN_MODELS, ShippedDir
+
+    bench = _benchmark()
+    info = BUILTIN_MODELS["mpnet-base"]
+    monkeypatch.setitem(
+        BUILTIN_MODELS, "mpnet-base", type(info)(**{**vars(info), "source": ShippedDir("nowhere")})
+    )
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(["quality", "--mpnet"])
+    assert e.value.code == 2 and "mpnet-base is not installed" in capsys.readouterr().err
