@@ -307,7 +307,7 @@ for _info in (
     ),
     ModelInfo(
         "rahore-smol",
-        "RaHoRe binary-choice reranker tuned on ESConv (SFT then DPO): LoRA adapter for "
+        "RaHoRe binary-choice reranker supervised-tuned on ESConv (SFT): LoRA adapter for "
         "smollm2-135m-instruct, shipped in this package (rerank --adapter rahore-smol)",
         "rahore",
         "Apache-2.0",
