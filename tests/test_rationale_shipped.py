@@ -264,7 +264,7 @@ def test_shipped_reranker_and_student_load_offline_by_name():
         shipped = {p.name for p in (assets / name).iterdir()}
         assert files | {"train_config.yaml", "README.md"} <= shipped
         assert "features.safetensors" not in shipped  # training features are not shipped
-        assert sum(p.stat().st_size for p in (assets / name).iterdir()) < 16 * 2**20
+        assert all(p.stat().st_size < 5 * 2**20 for p in (assets / name).iterdir())  # bf16
     docs = [passage_text(p) for p in strategy_passages()]  # the 8 strategies
     session = Session("s", (Turn("user", "I lost my job and I can't sleep."),
                             Turn("assistant", "That sounds really hard."),
