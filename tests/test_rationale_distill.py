@@ -23,8 +23,8 @@ from chatretriever.methods.rationale.distill import (
     mse_loss,
     reverse_kl,
     student_scores,
-    train_predictor,
 )
+from chatretriever.methods.rationale.distill_train import train_predictor
 from chatretriever.methods.rationale.reranker import BinaryChoiceReranker
 from chatretriever.methods.rationale.student import RabtrieverStudent, spread_pairs
 from chatretriever.methods.rationale.tuning import ChoicePair, choice_pairs, write_pairs
@@ -261,3 +261,16 @@ def test_distill_command_caches_features_and_the_student_reloads(
 def test_student_from_a_dir_that_is_not_one(tmp_path):
     with pytest.raises(ValueError, match="train_config.yaml: not found"):
         RabtrieverStudent.from_pretrained(tmp_path)
+
+
+def test_distill_command_with_validation_and_rank(recipe):
+    # sessions "a" and "b" are their own dialogs; sha1("a") falls at 0.53, sha1("b") at 0.91
+    out = recipe.parent / "student"
+    args = ["--set", "validation=0.6", "--set", "rank_weight=1", "--set", "eval_steps=1"]
+    assert main(["rerank-distill", str(recipe), *args]) == 0
+    logs = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in logs if "val_agreement" in row] == [1, 2, 3]
+    assert any("loss_rank" in row for row in logs) and any("best_step" in row for row in logs)
+    saved = yaml.safe_load((out / "train_config.yaml").read_text())
+    assert saved["validation"] == 0.6 and saved["rank_weight"] == 1
+    assert main(["rerank-distill", str(recipe), "--set", "validation=0.1"]) == 2  # none held out

@@ -8,7 +8,8 @@ The LLM (the tuned reranker) is frozen and shared by teacher and student.
   at the answer position). A trainable predictor (a 2-layer MLP by default) maps `h_Q`,
   conditioned on `h_D`, to `h_P`; the LM head on `h_P` gives the student's option logits.
 - Losses (named parts): `mse` between `h_P` and `h_T`, and `reverse_kl` = KL(student || teacher)
-  over the two options, weighted by `kl_weight`.
+  over the two options, weighted by `kl_weight`; optionally `rank`, the within-query MSE of the
+  centred log-odds of "yes" (`rank_loss`: what orders a query's candidates), weighted.
 
 A query then costs one LLM pass over the query, whatever the number of candidates; each candidate
 adds one predictor call (an MLP) and two rows of the LM head.
@@ -17,7 +18,7 @@ adds one predictor call (an MLP) and two rows of the LM head.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,41 @@ def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> to
     return (log_s.exp() * (log_s - log_t)).sum(dim=-1).mean()
 
 
+def option_margin(logits: torch.Tensor) -> torch.Tensor:
+    """The log-odds of "yes": (..., 2) option logits -> (...). Orders candidates exactly as
+    log P(yes) does, without its float saturation near P = 1."""
+    return logits[..., 0].float() - logits[..., 1].float()
+
+
+def rank_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Within-query MSE of centred scores (Margin-MSE over all of a query's candidates).
+
+    Each query's scores minus their mean over its candidates, student against teacher: only the
+    differences between a query's candidates count, never the query's overall level, so the
+    loss trains what decides the ranking.
+
+    Args:
+        student: (B, G) the student's scores (`option_margin`) of each query's candidates.
+        teacher: (B, G) the teacher's.
+        mask: (B, G) True where a candidate exists (queries have G or fewer).
+
+    Returns:
+        Scalar: mean over queries with >= 2 candidates of the mean squared difference of the
+        centred scores over their candidates; 0 when no query has two.
+    """
+    m = mask.float()  # (B, G)
+    n = m.sum(dim=-1)  # (B,)
+    per = n.clamp(min=1)[:, None]  # (B, 1)
+
+    def centred(x: torch.Tensor) -> torch.Tensor:
+        x = x.float() * m
+        return (x - x.sum(dim=-1, keepdim=True) / per) * m  # (B, G)
+
+    squared = ((centred(student) - centred(teacher)) ** 2).sum(dim=-1) / per[:, 0]  # (B,)
+    keep = n >= 2
+    return squared[keep].mean() if keep.any() else student.sum() * 0.0
+
+
 def distill_losses(
     predicted: torch.Tensor,
     teacher: torch.Tensor,
@@ -81,16 +117,20 @@ class PredictorConfig:
         inner: The MLP's inner width (default 2H).
         layers: Linear layers (>= 1; 2 = the default MLP).
         residual: Add `h_Q` to the MLP's output (the predictor starts near the query state).
+        dropout: Dropout on the MLP's input and after each hidden activation (training only).
     """
 
     hidden: int
     inner: int | None = None
     layers: int = 2
     residual: bool = True
+    dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.layers < 1:
             raise ValueError(f"predictor layers must be >= 1, got {self.layers}")
+        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"predictor dropout must be in [0, 1), got {self.dropout!r}")
 
 
 class Predictor(nn.Module):
@@ -101,11 +141,13 @@ class Predictor(nn.Module):
         self.config = config
         h, inner = config.hidden, config.inner or 2 * config.hidden
         dims = [2 * h] + [inner] * (config.layers - 1) + [h]
-        blocks: list[nn.Module] = []
+        blocks: list[nn.Module] = [nn.Dropout(config.dropout)] if config.dropout else []
         for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
             blocks.append(nn.Linear(a, b))
             if i < config.layers - 1:
                 blocks.append(nn.GELU())
+                if config.dropout:
+                    blocks.append(nn.Dropout(config.dropout))
         self.mlp = nn.Sequential(*blocks)
 
     def forward(self, query: torch.Tensor, document: torch.Tensor) -> torch.Tensor:
@@ -224,78 +266,6 @@ def distill_features(
         teacher=teacher.cpu(),
         teacher_logits=encoder.lm_head_options(teacher).cpu(),
     )
-
-
-class FeatureSet(torch.utils.data.Dataset):
-    """Rows of `DistillFeatures` as dicts (for the shared trainer)."""
-
-    def __init__(self, features: DistillFeatures) -> None:
-        self.f = features
-
-    def __len__(self) -> int:
-        return self.f.query.shape[0]
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {k: v[i] for k, v in asdict(self.f).items()}
-
-
-def distill_loss_fn(encoder: RabtrieverEncoder, kl_weight: float) -> Any:
-    """The `NamedLossFn` of the predictor: (predictor, batch of features) -> {mse, reverse_kl}."""
-
-    def loss_fn(predictor: Any, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        predicted = predictor(inputs["query"], inputs["document"])  # (B, H)
-        student = encoder.lm_head_options(predicted)  # (B, 2)
-        return distill_losses(
-            predicted, inputs["teacher"], student, inputs["teacher_logits"], kl_weight
-        )
-
-    return loss_fn
-
-
-# The predictor's training defaults (under a recipe's `training:`): a small MLP on fixed features
-# learns fast at a large step, and a run takes minutes, so no checkpoints; one process, so the
-# last short batch is kept (a few pairs still train).
-PREDICTOR_TRAINING: dict[str, Any] = {
-    "learning_rate": 1e-3,
-    "num_train_epochs": 3,
-    "max_steps": -1,
-    "per_device_train_batch_size": 64,
-    "warmup_steps": 0,
-    "logging_steps": 10,
-    "save_strategy": "no",
-    "dataloader_drop_last": False,
-}
-
-
-def train_predictor(
-    encoder: RabtrieverEncoder,
-    features: DistillFeatures,
-    output_dir: str | Path,
-    config: PredictorConfig | None = None,
-    kl_weight: float = 1.0,
-    training: Mapping[str, Any] | None = None,
-) -> Predictor:
-    """Train the predictor on precomputed features with the shared `NamedLossTrainer`; the
-    predictor (`save_predictor`) and the log (`train_log.jsonl`) go to `output_dir`."""
-    from transformers import set_seed
-
-    from chatretriever.modeling.recipe import LOG_FILE, write_log
-    from chatretriever.modeling.trainer import NamedLossTrainer, training_arguments
-
-    args = training_arguments(output_dir, {**PREDICTOR_TRAINING, **dict(training or {})})
-    set_seed(args.seed)  # the predictor's initialisation comes before the Trainer seeds anything
-    predictor = Predictor(config or PredictorConfig(hidden=features.query.shape[1]))
-    trainer = NamedLossTrainer(
-        model=predictor,
-        args=args,
-        train_dataset=FeatureSet(features),
-        data_collator=lambda rows: {k: torch.stack([r[k] for r in rows]) for k in rows[0]},
-        loss_fn=distill_loss_fn(encoder, kl_weight),
-    )
-    trainer.train()
-    save_predictor(predictor, output_dir)
-    write_log(Path(output_dir) / LOG_FILE, trainer.state.log_history)
-    return predictor
 
 
 PREDICTOR_WEIGHTS = "predictor.safetensors"

@@ -31,7 +31,6 @@ from chatretriever.io.files import atomic_path
 from chatretriever.io.sessions import session_to_dict
 from chatretriever.methods.rationale.distill import (
     PREDICTOR_CONFIG,
-    PREDICTOR_TRAINING,
     PREDICTOR_WEIGHTS,
     DistillFeatures,
     Predictor,
@@ -39,6 +38,14 @@ from chatretriever.methods.rationale.distill import (
     RabtrieverEncoder,
     distill_features,
     load_predictor,
+)
+from chatretriever.methods.rationale.distill_train import (
+    PREDICTOR_TRAINING,
+    Validation,
+    query_groups,
+    renumber,
+    split_groups,
+    subset,
     train_predictor,
 )
 from chatretriever.methods.rationale.prompts import WORDINGS
@@ -83,6 +90,7 @@ class PredictorSettings:
     inner: int | None = None
     layers: int = 2
     residual: bool = True
+    dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.inner is not None and (not isinstance(self.inner, int) or self.inner < 1):
@@ -91,7 +99,7 @@ class PredictorSettings:
 
     def config(self, hidden: int) -> PredictorConfig:
         """The predictor's config for an LLM of hidden size `hidden`."""
-        return PredictorConfig(hidden, self.inner, self.layers, self.residual)
+        return PredictorConfig(hidden, self.inner, self.layers, self.residual, self.dropout)
 
 
 @dataclass
@@ -107,8 +115,13 @@ class DistillConfig:
         data: The training pairs (`DistillData`).
         predictor: Its shape (`PredictorSettings`).
         kl_weight: Weight of the reverse-KL part (the MSE part has weight 1).
+        rank_weight: Weight of the `rank` part (within-query MSE of centred log-odds; 0: off).
+        validation: Fraction of the training dialogs (a session's `metadata["dialog"]`, else
+            its id) held out to pick the best predictor state (0: off, the last state is kept).
+        eval_steps: Steps between validation checks.
         batch_size: Sequences per LLM forward when computing features.
-        training: Any `TrainingArguments` field, over `distill.PREDICTOR_TRAINING`.
+        training: Any `TrainingArguments` field, over `distill_train.PREDICTOR_TRAINING`; the
+            batch size counts queries (each with all its pairs).
     """
 
     model: str = "smollm2-135m-instruct"
@@ -120,6 +133,9 @@ class DistillConfig:
     data: DistillData = field(default_factory=DistillData)
     predictor: PredictorSettings = field(default_factory=PredictorSettings)
     kl_weight: float = 1.0
+    rank_weight: float = 0.0
+    validation: float = 0.0
+    eval_steps: int = 20
     batch_size: int = 16
     training: dict[str, Any] = field(default_factory=dict)
 
@@ -128,12 +144,16 @@ class DistillConfig:
 
         if self.wording not in WORDINGS:
             raise ValueError(f"wording must be one of {sorted(WORDINGS)}, got {self.wording!r}")
-        for name in ("max_document_tokens", "max_query_tokens", "batch_size"):
+        for name in ("max_document_tokens", "max_query_tokens", "batch_size", "eval_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.kl_weight, (int, float)) or self.kl_weight < 0:
-            raise ValueError(f"kl_weight must be a number >= 0, got {self.kl_weight!r}")
+        for name in ("kl_weight", "rank_weight"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        if not isinstance(self.validation, (int, float)) or not 0 <= self.validation < 1:
+            raise ValueError(f"validation must be a fraction in [0, 1), got {self.validation!r}")
         known = {f.name for f in fields(TrainingArguments)}
         unknown = sorted(set(self.training) - known)
         if unknown:
@@ -261,7 +281,13 @@ def run_distill(config: DistillConfig) -> Path:
     fingerprint = features_fingerprint(local, pairs)
     features = cached_features(encoder, pairs, out / FEATURES, fingerprint)
     predictor = config.predictor.config(features.query.shape[1])
-    train_predictor(encoder, features, out, predictor, config.kl_weight, config.training)
+    train, val = split_groups(pairs, query_groups(pairs), config.validation)
+    validation = None
+    if val:
+        logger.info("%d training / %d validation queries", len(train), len(val))
+        validation = Validation(subset(features, val), renumber(val), config.eval_steps)
+    train_predictor(encoder, subset(features, train), out, predictor, config.kl_weight,
+                    config.training, renumber(train), config.rank_weight, validation)  # fmt: skip
     save_recipe(config, out)
     return out
 
