@@ -196,11 +196,32 @@ class NamedLossTrainer(Trainer):
         target.load_trainable_state(resume_from_checkpoint)
         logger.info("resumed trainable weights from %s", resume_from_checkpoint)
 
+    def _already_done(self, checkpoint: str) -> bool:
+        """Whether `checkpoint`'s step is at or past a positive `max_steps` (its state and log
+        become this trainer's)."""
+        from transformers import TrainerState
+        from transformers.trainer import TRAINER_STATE_NAME
+
+        path = Path(checkpoint) / TRAINER_STATE_NAME
+        if self.args.max_steps <= 0 or not path.is_file():
+            return False
+        state = TrainerState.load_from_json(str(path))
+        if state.global_step < self.args.max_steps:
+            return False
+        self.state = state
+        return True
+
     def train_and_save(self, checkpoint: str | None, recipe: RecipeConfig) -> Path:
         """Train (from `checkpoint` if given); then the main process saves the final model, the
         resolved recipe and the log history into `output_dir`, which is returned."""
         out = Path(self.args.output_dir)
-        self.train(resume_from_checkpoint=checkpoint)
+        if checkpoint is not None and self._already_done(checkpoint):
+            # The Trainer would run one more step before it checks max_steps: finalise instead.
+            self._load_from_checkpoint(checkpoint)
+            logger.info("%s already reached max_steps=%d: saving it", checkpoint,
+                        self.args.max_steps)  # fmt: skip
+        else:
+            self.train(resume_from_checkpoint=checkpoint)
         if self.args.process_index == 0:
             self.accelerator.unwrap_model(self.model).save_pretrained(out)
             save_recipe(recipe, out)
