@@ -164,11 +164,14 @@ def student_runs(
     sessions: Sequence[Session],
     tasks_docs: dict[str, tuple[Sequence[Passage], int]],
     batch_size: int,
+    readings: dict[Any, dict[str, Any]] | None = None,
 ) -> dict[str, tuple[Run, dict[str, Any]]]:
     """A Rabtriever student (`rerank-distill` output) on each task: {task: (run, timing)}.
 
     Args:
         tasks_docs: {task: (candidates, depth kept per query)}.
+        readings: States already computed by another student of the same teacher (its
+            `reading_key`), with their measured seconds; filled in here.
 
     The query states are computed once for every task; each task's timing counts them with its
     own scoring (online), its document states apart (offline).
@@ -176,14 +179,21 @@ def student_runs(
     from chatretriever.methods.rationale.student import RabtrieverStudent
 
     student = RabtrieverStudent.from_pretrained(directory, batch_size=batch_size)
-    start = time.perf_counter()
-    queries = student.query_states(sessions, show_progress=True)  # (Q, H)
-    query_s = time.perf_counter() - start
+    readings = {} if readings is None else readings
+    key = student.reading_key()
+    seen = readings.setdefault(key, {}) if key is not None else {}
+    if "queries" not in seen:
+        start = time.perf_counter()
+        seen["queries"] = student.query_states(sessions, show_progress=True)  # (Q, H)
+        seen["query_s"] = time.perf_counter() - start
+    queries, query_s = seen["queries"], seen["query_s"]
     out = {}
     for task, (docs, k) in tasks_docs.items():
-        start = time.perf_counter()
-        states = student.document_states([passage_text(d) for d in docs], True)  # (N, H)
-        document_s = time.perf_counter() - start
+        if task not in seen:
+            start = time.perf_counter()
+            states = student.document_states([passage_text(d) for d in docs], True)  # (N, H)
+            seen[task] = (states, time.perf_counter() - start)
+        states, document_s = seen[task]
         start = time.perf_counter()
         sims = student.score(queries, states).numpy()  # (Q, N)
         score_s = time.perf_counter() - start
@@ -211,7 +221,10 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
     }
     docs, rdocs = tasks.strategy_passages(), tasks.response_passages(evals)
     candidates = {"strategy": (docs, 8), "response": (rdocs, 200)}
-    students = {n: student_runs(d, n, evals, candidates, args.batch_size) for n, d in args.student}
+    readings: dict[Any, dict[str, Any]] = {}  # students of one teacher share its readings
+    students = {
+        n: student_runs(d, n, evals, candidates, args.batch_size, readings) for n, d in args.student
+    }
     # strategy retrieval
     qrels = tasks.strategy_qrels(evals)
     write_qrels(out / "strategy.qrels", qrels)

@@ -274,3 +274,30 @@ def test_distill_command_with_validation_and_rank(recipe):
     saved = yaml.safe_load((out / "train_config.yaml").read_text())
     assert saved["validation"] == 0.6 and saved["rank_weight"] == 1
     assert main(["rerank-distill", str(recipe), "--set", "validation=0.1"]) == 2  # none held out
+
+
+def test_benchmark_students_of_one_teacher_share_their_readings(recipe, monkeypatch):
+    import shutil
+
+    from test_benchmarks import load_benchmark
+
+    bench = load_benchmark("rationale")
+    out = recipe.parent / "student"
+    assert main(["rerank-distill", str(recipe)]) == 0
+    shutil.copytree(out, recipe.parent / "twin")
+    calls = []
+    real = RabtrieverEncoder.query_states
+
+    def counting(self, sessions, show_progress=False):
+        calls.append(len(sessions))
+        return real(self, sessions, show_progress)
+
+    monkeypatch.setattr(RabtrieverEncoder, "query_states", counting)
+    docs = [Passage("p1", "ask a question"), Passage("p2", "give advice")]
+    readings = {}
+    first = bench.student_runs(str(out), "a", SESSIONS, {"t": (docs, 2)}, 2, readings)
+    second = bench.student_runs(str(recipe.parent / "twin"), "b", SESSIONS, {"t": (docs, 2)}, 2,
+                                readings)  # fmt: skip
+    assert calls == [2]  # the twin reused the first student's query states
+    assert first["t"][0].scores == second["t"][0].scores  # the same predictor, the same run
+    assert first["t"][1]["document_states_s"] == second["t"][1]["document_states_s"]  # reused

@@ -309,6 +309,7 @@ class RabtrieverStudent:
         self.device = next(encoder.model.parameters()).device
         self.predictor = predictor.eval().to(self.device)
         self.chunk = chunk
+        self.config: DistillConfig | None = None  # the recipe, when loaded by from_pretrained
 
     @classmethod
     def from_pretrained(
@@ -351,7 +352,18 @@ class RabtrieverStudent:
                 config.adapter = str(resolve_adapter(config.adapter, base=directory))
             except ValueError as e:
                 raise DataFormatError(recipe, str(e), field="adapter") from e
-        return cls(teacher_encoder(config, device), load_predictor(directory))
+        student = cls(teacher_encoder(config, device), load_predictor(directory))
+        student.config = config
+        return student
+
+    def reading_key(self) -> tuple[Any, ...] | None:
+        """What the LLM's readings depend on (backbone, resolved adapter, wording, budgets):
+        students with equal keys have equal query and document states. None: unknown (not
+        loaded from a recipe)."""
+        if self.config is None:
+            return None
+        keys = ("model", "adapter", "wording", "max_document_tokens", "max_query_tokens")
+        return tuple(getattr(self.config, k) for k in keys)
 
     def document_states(self, texts: Sequence[str], show_progress: bool = False) -> torch.Tensor:
         """(N, H) document states (once per corpus; the index)."""
