@@ -215,7 +215,7 @@ def test_recipe_fields_are_checked(tmp_path, capsys):
     config = DistillConfig.from_dict({**DATA, "rank_weight": 2, "validation": 0.1, "eval_steps": 5,
                                       "predictor": {"dropout": 0.1}})  # fmt: skip
     assert config.predictor.config(8).dropout == 0.1
-    assert config.training["per_device_train_batch_size"] == 16  # queries per batch
+    assert config.training["per_device_train_batch_size"] == 64  # queries per batch
     for raw, message in [({"rank_weight": -1}, "rank_weight must be a number >= 0"),
                          ({"validation": 1.0}, "validation must be a fraction"),
                          ({"eval_steps": 0}, "eval_steps must be a positive integer"),

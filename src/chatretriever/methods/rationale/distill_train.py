@@ -46,7 +46,7 @@ PREDICTOR_TRAINING: dict[str, Any] = {
     "learning_rate": 1e-3,
     "num_train_epochs": 3,
     "max_steps": -1,
-    "per_device_train_batch_size": 16,
+    "per_device_train_batch_size": 64,
     "warmup_steps": 0,
     "logging_steps": 10,
     "save_strategy": "no",
