@@ -195,7 +195,8 @@ def test_resume_at_max_steps_trains_no_further_step(tmp_path, tokenizer):
     assert not (out / "checkpoint-3").exists()
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     assert max(r.get("step", 0) for r in log) == 2
-    final, ckpt = load_file(str(out / "model.safetensors")), load_file(
-        str(out / "checkpoint-2" / "model.safetensors")
+    final, ckpt = (
+        load_file(str(out / "model.safetensors")),
+        load_file(str(out / "checkpoint-2" / "model.safetensors")),
     )
     assert all(torch.equal(final[k], ckpt[k]) for k in ckpt)

@@ -194,7 +194,8 @@ def test_distill_bad_recipe_names_the_problem(recipe, tmp_path, capsys):
         (["--set", "data.limit=0"], "data.limit must be a positive integer"),
         (["--set", "kl_weight=-1"], "kl_weight must be a number >= 0"),
         (["--set", f"data.files=[{{path: {tmp_path}/none.jsonl}}]"], "none.jsonl: file not found"),
-        (["--set", f"adapter={tmp_path}"], "field 'adapter': not a LoRA adapter dir"),
+        (["--set", f"adapter={tmp_path}"], "field 'adapter': adapter "),
+        (["--set", f"adapter={tmp_path}"], "not a LoRA adapter dir (no adapter_config.json)"),
     ]
     for overrides, message in cases:
         assert main(["rerank-distill", str(recipe), *overrides]) == 2, overrides

@@ -222,11 +222,14 @@ def test_init_adapter_must_be_an_adapter_dir(tmp_path, tiny_llama_dir, objective
     if objective == "dpo":
         pytest.importorskip("trl")
     missing = _recipe(tmp_path, tiny_llama_dir, objective, init_adapter=str(tmp_path / "nope"))
-    with pytest.raises(ValueError, match=r"init_adapter: .*nope is not a directory"):
+    with pytest.raises(ValueError, match=r"init_adapter: .*nope: not a directory"):
         run(missing)
     (tmp_path / "empty").mkdir()
     empty = _recipe(tmp_path, tiny_llama_dir, objective, init_adapter=str(tmp_path / "empty"))
-    with pytest.raises(ValueError, match=r"init_adapter: .*empty holds no adapter_config.json"):
+    with pytest.raises(
+        ValueError,
+        match=r"init_adapter: .*empty: not a LoRA adapter dir \(no adapter_config.json\)",
+    ):
         run(empty)
     with pytest.raises(DataFormatError, match="init_adapter"):
         load_config(_write(tmp_path, {"init_adapter": 3}), TuneConfig.from_dict)

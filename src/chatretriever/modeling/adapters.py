@@ -13,6 +13,17 @@ from chatretriever.config import LoraSettings
 from chatretriever.errors import require_extra
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # what peft's save_pretrained writes
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def adapter_dir_problem(path: str | Path) -> str | None:
+    """What keeps `path` from being a saved LoRA adapter dir (None: nothing)."""
+    path = Path(path)
+    if not path.is_dir():
+        return "not a directory"
+    if not (path / ADAPTER_CONFIG).is_file():
+        return f"not a LoRA adapter dir (no {ADAPTER_CONFIG})"
+    return None
 
 
 def is_peft(model: Any) -> bool:

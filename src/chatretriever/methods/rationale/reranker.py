@@ -26,6 +26,7 @@ from chatretriever.methods.rationale.scoring import (
     prefix_kv,
     relevance_scores,
 )
+from chatretriever.modeling.adapters import adapter_dir_problem
 from chatretriever.modeling.recipe import SAVED_RECIPE, read_recipe
 from chatretriever.modeling.sources import BUILTIN_MODELS, builtin, resolve_model_dir
 from chatretriever.types import Run, Session
@@ -68,8 +69,9 @@ def resolve_adapter(adapter: str | Path, base: Path | None = None) -> Path:
                 f"the built-in adapters {names}"
             )
         found = resolve_model_dir(info.name)  # FileNotFoundError when not shipped
-    if not (found / "adapter_config.json").is_file():
-        raise ValueError(f"adapter {found}: not a LoRA adapter dir (no adapter_config.json)")
+    problem = adapter_dir_problem(found)
+    if problem is not None:
+        raise ValueError(f"adapter {found}: {problem}")
     return found
 
 

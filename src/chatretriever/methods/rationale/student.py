@@ -197,13 +197,6 @@ def load_pairs(data: DistillData) -> list[ChoicePair]:
     return pairs if data.limit is None else spread_pairs(pairs, data.limit)
 
 
-def _check_adapter(adapter: str | None, recipe: str | Path | None = None) -> None:
-    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
-        where = f" (named by {recipe})" if recipe else ""
-        raise DataFormatError(adapter, f"not a LoRA adapter dir, no adapter_config.json{where}",
-                              field="adapter")  # fmt: skip
-
-
 def teacher_encoder(config: DistillConfig, device: str | None = None) -> RabtrieverEncoder:
     """The frozen LLM exactly as the reranker loads it (backbone + adapter + prompt)."""
     from chatretriever.methods.rationale.reranker import BinaryChoiceReranker
@@ -273,9 +266,13 @@ def run_distill(config: DistillConfig) -> Path:
 
     # A built-in teacher ("rahore-smol") is read from its dir; the saved recipe keeps the name.
     local = config
-    if config.adapter is not None and not Path(config.adapter).exists():
-        local = replace(config, adapter=str(resolve_adapter(config.adapter)))
-    _check_adapter(local.adapter)
+    if config.adapter is not None:
+        try:
+            found = resolve_adapter(config.adapter)
+        except ValueError as e:
+            raise DataFormatError(config.adapter, str(e), field="adapter") from e
+        if not Path(config.adapter).exists():
+            local = replace(config, adapter=str(found))
     out = Path(config.output_dir)
     encoder = teacher_encoder(local)
     fingerprint = features_fingerprint(local, pairs)

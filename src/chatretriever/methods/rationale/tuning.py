@@ -260,11 +260,12 @@ def _init_adapter(config: TuneConfig) -> Path | None:
     """
     if config.init_adapter is None:
         return None
+    from chatretriever.modeling.adapters import adapter_dir_problem
+
     path = Path(config.init_adapter)
-    if not path.is_dir():
-        raise ValueError(f"init_adapter: {path} is not a directory (train the adapter first)")
-    if not (path / "adapter_config.json").is_file():
-        raise ValueError(f"init_adapter: {path} holds no adapter_config.json (not a LoRA adapter)")
+    problem = adapter_dir_problem(path)
+    if problem is not None:
+        raise ValueError(f"init_adapter: {path}: {problem} (train the adapter first)")
     return path
 
 
