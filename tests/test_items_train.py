@@ -89,11 +89,10 @@ def _tiny_bert(root, tokenizer):
     return out
 
 
-def test_training_smoke_and_resume(tmp_path, tokenizer):
+def _data_and_recipe(tmp_path, tokenizer, max_steps: int):
+    """Built item data, a tiny BERT and a recipe training it (checkpoints every 2 steps)."""
     from chatretriever.io.reclm import load_reclm
     from chatretriever.methods.items.build import BuildConfig, build_items
-    from chatretriever.methods.items.recipe import load_item_recipe, run_item_training
-    from chatretriever.retrieval.baselines import TextEmbedder
 
     data = tmp_path / "data"
     config = BuildConfig(train_per_task=3, test_per_task=1, test_fraction=0.3, max_targets=10)
@@ -104,9 +103,17 @@ def test_training_smoke_and_resume(tmp_path, tokenizer):
         f"model: {base}\noutput_dir: {tmp_path / 'run'}\n"
         f"data: {{files: [{{path: {data / 'train.jsonl.gz'}}}]}}\n"
         "lengths: {query: 64, item: 32}\n"
-        "training: {max_steps: 3, per_device_train_batch_size: 4, learning_rate: 1.0e-3,"
-        " save_steps: 2, logging_steps: 1, warmup_steps: 0}\n"
+        f"training: {{max_steps: {max_steps}, per_device_train_batch_size: 4,"
+        " learning_rate: 1.0e-3, save_steps: 2, logging_steps: 1, warmup_steps: 0}\n"
     )
+    return base, recipe
+
+
+def test_training_smoke_and_resume(tmp_path, tokenizer):
+    from chatretriever.methods.items.recipe import load_item_recipe, run_item_training
+    from chatretriever.retrieval.baselines import TextEmbedder
+
+    base, recipe = _data_and_recipe(tmp_path, tokenizer, 3)
     cfg = load_item_recipe(recipe)
     assert cfg.loss.in_batch is False and cfg.loss.n_negatives == 7
     out = run_item_training(cfg)
@@ -166,30 +173,17 @@ def test_llm_embedder_is_injected_by_the_cli(tmp_path, tiny_llama_dir, capsys):
 def test_resume_at_max_steps_trains_no_further_step(tmp_path, tokenizer):
     """A run stopped at checkpoint-N and resumed with max_steps=N finalises it: the Trainer
     alone would run one more step (N + 1) before it checks max_steps."""
+    import shutil
+
     from safetensors.torch import load_file
 
-    from chatretriever.io.reclm import load_reclm
-    from chatretriever.methods.items.build import BuildConfig, build_items
     from chatretriever.methods.items.recipe import load_item_recipe, run_item_training
 
-    data = tmp_path / "data"
-    config = BuildConfig(train_per_task=3, test_per_task=1, test_fraction=0.3, max_targets=10)
-    build_items(load_reclm(write_domain(tmp_path / "steam")), data, config)
-    base = _tiny_bert(tmp_path, tokenizer)
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(
-        f"model: {base}\noutput_dir: {tmp_path / 'run'}\n"
-        f"data: {{files: [{{path: {data / 'train.jsonl.gz'}}}]}}\n"
-        "lengths: {query: 64, item: 32}\n"
-        "training: {max_steps: 4, per_device_train_batch_size: 4, learning_rate: 1.0e-3,"
-        " save_steps: 2, logging_steps: 1, warmup_steps: 0}\n"
-    )
+    _, recipe = _data_and_recipe(tmp_path, tokenizer, 4)
     run_item_training(load_item_recipe(recipe))
     out = tmp_path / "run"
     for name in ("model.safetensors", "train_log.jsonl"):
         (out / name).unlink()
-    import shutil
-
     shutil.rmtree(out / "checkpoint-4")  # as if stopped after checkpoint-2
     run_item_training(load_item_recipe(recipe, ["training.max_steps=2"]), resume=True)
     assert not (out / "checkpoint-3").exists()
