@@ -162,8 +162,10 @@ def split_groups(
         digest = hashlib.sha1(_dialog(pairs[g[0]].session).encode()).digest()
         return int.from_bytes(digest[:8], "big") < fraction * 2**64
 
-    train = [g for g in groups if not held_out(g)]
-    val = [g for g in groups if held_out(g)]
+    train: list[list[int]] = []
+    val: list[list[int]] = []
+    for g in groups:
+        (val if held_out(g) else train).append(g)
     if not train or not val:
         dialogs = len({_dialog(pairs[g[0]].session) for g in groups})
         raise ValueError(f"validation {fraction} of {dialogs} dialog(s) leaves a side empty")
