@@ -181,6 +181,11 @@ def test_recipe_overrides_and_errors(tmp_path, tiny_llama_dir):
     assert isinstance(cfg, TrainConfig)
     assert (cfg.loss.alpha, cfg.retriever.n_emb_tokens, cfg.data.query) == (0, 1, "last_turn")
     assert cfg.retriever.base_model == str(tiny_llama_dir)
+    # exponent numbers without a dot are floats (plain PyYAML reads "2e-4" as a string)
+    cfg = load_recipe(path, ["training.learning_rate=2e-4", "loss.temperature=1E-2"])
+    assert cfg.training["learning_rate"] == pytest.approx(2e-4)
+    assert cfg.loss.temperature == pytest.approx(0.01)
+    assert load_recipe(path, ["output_dir=2e-4x"]).output_dir == "2e-4x"
     with pytest.raises(DataFormatError, match="recipe.yaml.*LossConfig.*alpah"):
         load_recipe(path, ["loss.alpah=0"])
     with pytest.raises(DataFormatError, match="key=value"):

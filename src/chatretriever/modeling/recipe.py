@@ -7,6 +7,8 @@ into its own validated config (`load_config(path, TrainConfig.from_dict, overrid
   one's keys replace or extend it (mappings merge key by key; scalars and lists replace), so an
   ablation names only what it changes. A loop of bases is an error.
 - `--set key.sub=value` overrides any field (the value is parsed as YAML).
+- Numbers in exponent form without a dot (`2e-4`, `1E5`) are floats, in recipes and in `--set`
+  (plain PyYAML follows YAML 1.1 and reads them as strings).
 - The resolved recipe is saved beside the model as `train_config.yaml` (`save_recipe`) and the
   Trainer's log history as `train_log.jsonl` (`write_log`).
 - `data.files` lists the training JSONL files: `DataFile` (path, repeat, limit), read by the
@@ -73,10 +75,27 @@ class BaseDataSettings:
             raise ValueError("data.files must list at least one training JSONL file")
 
 
-def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Apply `key.sub=value` overrides (values parsed as YAML) to a raw recipe dict."""
+# YAML 1.1 (PyYAML) only reads "2.0e-4" as a float; YAML 1.2 also reads "2e-4", "1E5", "+3e2".
+_EXPONENT_FLOAT = r"^[-+]?[0-9]+(?:\.[0-9]*)?[eE][-+]?[0-9]+$"
+
+
+def _yaml_load(text: str) -> Any:
+    """`yaml.safe_load`, reading exponent numbers without a dot ("2e-4") as floats."""
+    import re
+
     import yaml
 
+    class _Loader(yaml.SafeLoader):
+        pass
+
+    _Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float", re.compile(_EXPONENT_FLOAT), list("-+0123456789")
+    )
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply `key.sub=value` overrides (values parsed as YAML) to a raw recipe dict."""
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -88,7 +107,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
             if not isinstance(child, dict):
                 raise ValueError(f"--set {item!r}: {part!r} is not a mapping")
             node = child
-        node[leaf] = yaml.safe_load(value)
+        node[leaf] = _yaml_load(value)
     return raw
 
 
@@ -104,7 +123,7 @@ def read_recipe(path: str | Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]
     if path.resolve() in seen:
         raise DataFormatError(path, "recipes include each other in a loop (base:)")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = _yaml_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = None if mark is None else mark.line + 1
