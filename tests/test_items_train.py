@@ -194,3 +194,97 @@ def test_resume_at_max_steps_trains_no_further_step(tmp_path, tokenizer):
         load_file(str(out / "checkpoint-2" / "model.safetensors")),
     )
     assert all(torch.equal(final[k], ckpt[k]) for k in ckpt)
+
+
+def test_lora_run_saves_a_small_adapter_and_a_merged_model(tmp_path, tokenizer, monkeypatch):
+    """`lora.enabled`: only the adapter trains; the run dir is a merged sentence-transformers
+    model that embeds exactly as the LoRA model; `adapter/` resumes; shipped as a built-in
+    (`ShippedEncoderAdapter`), the adapter is merged once into the cache and loads by name."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from chatretriever.methods.items.recipe import load_item_recipe, run_item_training
+    from chatretriever.methods.items.train import SentenceEmbedder
+    from chatretriever.modeling import sources
+    from chatretriever.retrieval.baselines import TextEmbedder
+
+    base, recipe = _data_and_recipe(tmp_path, tokenizer, 3)
+    cfg = load_item_recipe(recipe, ["lora.enabled=true", "lora.r=4"])
+    assert cfg.lora.target_modules == ("all-linear",)
+    out = run_item_training(cfg)
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert adapter and all("lora_" in k for k in adapter)
+    assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in adapter.items() if "lora_B" in k)
+    merged, initial = (
+        load_file(str(out / "model.safetensors")),
+        load_file(str(base / "model.safetensors")),
+    )
+    assert set(merged) == set(initial)  # plain encoder keys: no peft prefixes
+    assert any(not torch.equal(initial[k], merged[k]) for k in initial)
+    texts = ["co-op roguelike", "title: Portal, tags: puzzle"]
+    trained = SentenceEmbedder.from_pretrained(str(base), lora=cfg.lora, item_max_len=32)
+    trained.load_trainable_state(out)
+    trained.eval()
+    with torch.no_grad():
+        want = trained.embed(texts, "item")
+
+    def fp32(name):  # exact comparison: no bf16 autocast on CPUs that have it
+        emb = TextEmbedder.from_pretrained(name)
+        emb.bf16 = False
+        return emb
+
+    got = fp32(str(out)).encode_texts(texts)
+    assert torch.allclose(torch.as_tensor(got), want, atol=1e-5)
+    # resume continues the adapter from checkpoint-2
+    run_item_training(
+        load_item_recipe(recipe, ["lora.enabled=true", "lora.r=4", "training.max_steps=4"]),
+        resume=True,
+    )
+    state = json.loads((tmp_path / "run" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+
+    # shipped inside a package as a built-in on a (registered) base encoder
+    pkg = tmp_path / "site" / "shippkg"
+    shutil.copytree(
+        out,
+        pkg / "assets" / "tiny-items",
+        ignore=shutil.ignore_patterns("*.safetensors", "checkpoint-*"),
+    )
+    shutil.copy(
+        out / "adapter" / "adapter_model.safetensors", pkg / "assets" / "tiny-items" / "adapter"
+    )
+    (pkg / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("CHATRETRIEVER_CACHE", str(tmp_path / "cache"))
+
+    class LocalDir:
+        packages: tuple[str, ...] = ()
+
+        def available(self) -> bool:
+            return True
+
+        def materialise(self, name: str):
+            return base
+
+    monkeypatch.setitem(
+        sources.BUILTIN_MODELS,
+        "tiny-base",
+        sources.ModelInfo("tiny-base", "t", "encoder", "MIT", LocalDir()),
+    )
+    source = sources.ShippedEncoderAdapter("assets/tiny-items", anchor="shippkg", base="tiny-base")
+    monkeypatch.setitem(
+        sources.BUILTIN_MODELS,
+        "tiny-items",
+        sources.ModelInfo("tiny-items", "t", "encoder", "MIT", source),
+    )
+    assert source.available() and source.packages == ()
+    built = sources.resolve_model_dir("tiny-items")
+    assert built.parent == tmp_path / "cache" / "models" and built.name.startswith("tiny-items-")
+    assert sources.resolve_model_dir("tiny-items") == built  # merged once, reused
+    by_name = fp32("tiny-items").encode_texts(texts)
+    assert torch.allclose(torch.as_tensor(by_name), want, atol=1e-5)
+    (pkg / "assets" / "tiny-items" / "adapter" / "adapter_model.safetensors").unlink()
+    shutil.rmtree(tmp_path / "cache")
+    with pytest.raises(FileNotFoundError, match="holds no adapter"):
+        sources.resolve_model_dir("tiny-items")

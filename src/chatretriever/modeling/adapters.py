@@ -136,3 +136,37 @@ def check_adapter_keys(model: Any, saved: Iterable[str], where: str | Path) -> N
             f"{where}: holds {len(unexpected)} adapter weights the model does not have "
             f"(first: {unexpected[0]!r}); was it saved with other LoRA settings?"
         )
+
+
+# Files of a sentence-transformers directory that describe its modules (not weights).
+ST_FILES = ("modules.json", "sentence_bert_config.json", "1_Pooling/config.json")
+
+
+def merge_encoder_adapter(base_dir: Path, adapter_dir: Path, st_dir: Path, out: Path) -> Path:
+    """Writes a plain sentence-transformers directory: a LoRA adapter merged into an encoder.
+
+    Args:
+        base_dir: The base encoder (a Hugging Face or sentence-transformers directory).
+        adapter_dir: The peft adapter trained on it (`adapter_config.json`, `ADAPTER_WEIGHTS`).
+        st_dir: Where the sentence-transformers module files (`ST_FILES`) are taken from.
+        out: The new directory (created).
+
+    Raises:
+        ValueError: `adapter_dir` is not an adapter, or its weights do not fit the base.
+    """
+    from transformers import AutoModel, AutoTokenizer
+
+    problem = adapter_dir_problem(adapter_dir)
+    if problem is not None:
+        raise ValueError(f"{adapter_dir}: {problem}")
+    model = load_adapter(AutoModel.from_pretrained(base_dir), Path(adapter_dir), False)
+    out.mkdir(parents=True, exist_ok=True)
+    model.merge_and_unload().save_pretrained(out)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(out)
+    for name in ST_FILES:
+        src = Path(st_dir) / name
+        if not src.is_file():
+            raise ValueError(f"{st_dir}: lacks the sentence-transformers file {name}")
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(src.read_bytes())
+    return out

@@ -189,6 +189,45 @@ class ShippedDir:
         return path
 
 
+@dataclass(frozen=True)
+class ShippedEncoderAdapter(ShippedDir):
+    """A LoRA adapter shipped inside a package for a built-in sentence encoder; the merged
+    sentence-transformers directory is built once into the model cache.
+
+    The shipped folder holds `adapter/` (the peft adapter) and the sentence-transformers module
+    files (`modules.json`, `sentence_bert_config.json`, `1_Pooling/config.json`), as
+    `methods.items.train.SentenceEmbedder.save_pretrained` writes them for a LoRA run.
+
+    Args:
+        path: The folder relative to the package, e.g. "assets/items-minilm".
+        base: The built-in encoder the adapter was trained on, e.g. "minilm-l6".
+        anchor: The importable package it lives in.
+    """
+
+    base: str = ""
+
+    @property
+    def packages(self) -> tuple[str, ...]:
+        return BUILTIN_MODELS[self.base].packages
+
+    def available(self) -> bool:
+        return super().available() and BUILTIN_MODELS[self.base].source.available()
+
+    def materialise(self, name: str) -> Path:
+        from chatretriever.modeling.adapters import ADAPTER_WEIGHTS, merge_encoder_adapter
+
+        shipped = super().materialise(name)
+        adapter = shipped / "adapter"
+        if not (adapter / ADAPTER_WEIGHTS).is_file():
+            raise FileNotFoundError(f"built-in model '{name}': {adapter} holds no adapter")
+        base_dir = resolve_model_dir(self.base)
+        key = model_cache.fingerprint(str(base_dir), model_cache.sha256(adapter / ADAPTER_WEIGHTS))
+        target = model_cache.cache_dir() / "models" / f"{name}-{key}"
+        return model_cache.materialise(
+            target, lambda out, _: merge_encoder_adapter(base_dir, adapter, shipped, out)
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 # The registry of built-in models
 # ---------------------------------------------------------------------------------------------
@@ -201,7 +240,8 @@ class ModelInfo:
     Args:
         name: The name users type ("smollm2-135m-instruct").
         description: What it is, in a few words.
-        kind: "causal" (chat LLM backbone), "encoder" (off-the-shelf embedder), "chatretriever"
+        kind: "causal" (chat LLM backbone), "encoder" (a sentence embedder: off the shelf, or
+            fine-tuned and shipped as an adapter, `ShippedEncoderAdapter`), "chatretriever"
             (a trained retriever directory, loaded by `chatretriever.methods.chatretriever.model`),
             "rahore" (a tuned reranker's LoRA adapter, the `adapter` of
             `methods.rationale.reranker.BinaryChoiceReranker.from_pretrained`) or "rabtriever" (a
@@ -209,7 +249,7 @@ class ModelInfo:
             Only "causal" and "encoder" entries are backbones or embedders.
         licence: The licence of the weights.
         source: Where the weights come from (`PackagedGGUF`, `PackagedZip`, `PackagedDir`,
-            `ShippedDir`, or any object with `packages`, `available()` and `materialise(name)`).
+            `ShippedDir`, `ShippedEncoderAdapter`, or any object with `packages`, `available()` and `materialise(name)`).
         embedding_dim: The embedding size for ready-made embedders, else None.
     """
 

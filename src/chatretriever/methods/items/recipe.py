@@ -4,6 +4,7 @@
     output_dir: runs/items-minilm
     loss: {temperature: 0.01, in_batch: false, n_negatives: 7}
     lengths: {query: 512, item: 128}
+    lora: {enabled: false, r: 16, alpha: 32, dropout: 0.05, target_modules: [all-linear]}
     data:
       files: [{path: outputs/items/train.jsonl.gz}]
       exclude_tasks: []               # leave-one-task-out: train without these tasks
@@ -20,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from chatretriever.config import LoraSettings
 from chatretriever.methods.items.templates import TASKS
 from chatretriever.modeling.recipe import (
     BaseDataSettings,
@@ -66,6 +68,15 @@ class ItemDataSettings(BaseDataSettings):
 
 
 @dataclass
+class ItemLoraSettings(LoraSettings):
+    """Full fine-tuning by default; with `enabled: true`, LoRA on every linear layer of the
+    encoder (peft's "all-linear": attention and feed-forward, whatever their names)."""
+
+    enabled: bool = False
+    target_modules: tuple[str, ...] = ("all-linear",)
+
+
+@dataclass
 class ItemTrainConfig:
     """The whole recipe of one item-embedder run (see the module docstring)."""
 
@@ -74,6 +85,7 @@ class ItemTrainConfig:
     data: ItemDataSettings
     loss: ItemLossSettings = field(default_factory=ItemLossSettings)
     lengths: Lengths = field(default_factory=Lengths)
+    lora: LoraSettings = field(default_factory=ItemLoraSettings)
     training: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -81,7 +93,12 @@ class ItemTrainConfig:
         return recipe_from_dict(
             cls,
             data,
-            {"data": ItemDataSettings, "loss": ItemLossSettings, "lengths": Lengths},
+            {
+                "data": ItemDataSettings,
+                "loss": ItemLossSettings,
+                "lengths": Lengths,
+                "lora": ItemLoraSettings,
+            },
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -123,7 +140,10 @@ def run_item_training(config: ItemTrainConfig, resume: bool = False, model: Any 
     set_seed(args.seed)
     if model is None:
         model = SentenceEmbedder.from_pretrained(
-            config.model, query_max_len=config.lengths.query, item_max_len=config.lengths.item
+            config.model,
+            query_max_len=config.lengths.query,
+            item_max_len=config.lengths.item,
+            lora=config.lora,
         )
     model.train()
     if args.process_index == 0:

@@ -2,7 +2,8 @@
 
 The trainer is built on a small protocol, `ItemEmbedder` (embed texts with gradients; save and
 reload what trains), so any embedder trains here: `SentenceEmbedder` (a sentence-transformer:
-MiniLM, MPNet; mean pooling, L2-normalised) is the one this method ships; a ChatRetriever-style
+MiniLM, MPNet; mean pooling, L2-normalised; fully fine-tuned, or LoRA on its linear layers) is
+the one this method ships; a ChatRetriever-style
 LLM embedder is built by the apps/CLI layer (which may import both methods) and passed in as an
 object (dependency injection): this method never imports another one.
 
@@ -16,6 +17,7 @@ the query.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import random
@@ -27,6 +29,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
+from chatretriever.config import LoraSettings
+from chatretriever.errors import require_extra
 from chatretriever.io.files import atomic_write
 from chatretriever.methods.items.data import ItemExample
 from chatretriever.modeling.losses import N_KEYS, CandidateLayout, layout_contrastive_loss
@@ -48,24 +52,49 @@ class ItemEmbedder(Protocol):
         """Load trained weights from `directory` in place (resume)."""
 
 
+ADAPTER_SUBDIR = "adapter"  # a LoRA run's adapter alone, beside the merged model
+
+
 class SentenceEmbedder(torch.nn.Module):
     """A Hugging Face encoder with mean pooling as a trainable `ItemEmbedder`.
 
     `save_pretrained` writes a sentence-transformers directory (weights, tokenizer,
     `sentence_bert_config.json`, mean-pooling module), which `TextEmbedder.from_pretrained` and
-    `apps.registry.load_encoder` load.
+    `apps.registry.load_encoder` load. With LoRA the directory holds the merged weights (so every
+    loader reads it unchanged) and `adapter/` the adapter alone (a few MB: what a built-in
+    model ships, see `modeling.sources.ShippedEncoderAdapter`).
 
     Args:
         model: The encoder (returns `last_hidden_state`).
         tokenizer: Its tokenizer.
         query_max_len: Tokens per query.
         item_max_len: Tokens per item.
+        lora: LoRA settings; None or `enabled: false` trains every weight.
     """
 
     def __init__(
-        self, model: Any, tokenizer: Any, query_max_len: int = 512, item_max_len: int = 128
+        self,
+        model: Any,
+        tokenizer: Any,
+        query_max_len: int = 512,
+        item_max_len: int = 128,
+        lora: LoraSettings | None = None,
     ) -> None:
         super().__init__()
+        self.lora = lora is not None and lora.enabled
+        if self.lora:
+            peft = require_extra("peft", "train", "LoRA")
+            targets = list(lora.target_modules)
+            config = peft.LoraConfig(
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules="all-linear" if targets == ["all-linear"] else targets,
+            )
+            try:
+                model = peft.get_peft_model(model, config)
+            except ValueError as e:  # peft: "Target modules {...} not found in the base model"
+                raise ValueError(f"lora.target_modules {list(lora.target_modules)}: {e}") from e
         self.model = model
         self.tokenizer = tokenizer
         self.max_len = {"query": query_max_len, "item": item_max_len}
@@ -96,10 +125,16 @@ class SentenceEmbedder(torch.nn.Module):
         return F.normalize(pooled.float(), dim=-1)
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """A sentence-transformers directory (mean pooling; max_seq_length = item length)."""
+        """A sentence-transformers directory (mean pooling; max_seq_length = item length); with
+        LoRA the merged weights, and the adapter alone in `adapter/`."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(out)
+        if self.lora:
+            self.model.save_pretrained(out / ADAPTER_SUBDIR)
+            merged = copy.deepcopy(self.model).merge_and_unload()  # the live model stays LoRA
+            merged.save_pretrained(out)
+        else:
+            self.model.save_pretrained(out)
         self.tokenizer.save_pretrained(out)
         dim = int(self.model.config.hidden_size)
         st = "sentence_transformers.models."
@@ -124,6 +159,15 @@ class SentenceEmbedder(torch.nn.Module):
     def load_trainable_state(self, directory: str | Path) -> None:
         from safetensors.torch import load_file
 
+        if self.lora:
+            from chatretriever.modeling.adapters import ADAPTER_WEIGHTS, check_adapter_keys
+
+            peft = require_extra("peft", "train", "LoRA")
+            path = Path(directory) / ADAPTER_SUBDIR / ADAPTER_WEIGHTS
+            state = load_file(str(path))
+            check_adapter_keys(self.model, state.keys(), path)
+            peft.set_peft_model_state_dict(self.model, state)
+            return
         state = load_file(str(Path(directory) / "model.safetensors"))
         self.model.load_state_dict(state)
 
