@@ -65,6 +65,7 @@ def _recipe_settings(args: argparse.Namespace) -> dict[str, Any]:
         "training.max_steps": args.steps,
         "training.per_device_train_batch_size": args.batch_size,
         "training.learning_rate": args.lr,
+        "lora.enabled": True if args.lora else None,
     }
     return {k: v for k, v in fields.items() if v is not None}
 
@@ -131,11 +132,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     base = recipe.model
     _timed(timings, f"eval {base}", lambda: evaluate(base, lambda: embed(base)))
-    variants: dict[str, list[str]] = {f"{base} fine-tuned": []}
+    tuned = f"{base} fine-tuned" + (" (LoRA)" if args.lora else "")
+    variants: dict[str, list[str]] = {tuned: []}
     if not args.no_ablation:
-        variants[f"{base} fine-tuned, in-batch on"] = ["loss.in_batch=true"]
+        variants[f"{tuned}, in-batch on"] = ["loss.in_batch=true"]
     if args.holdout:
-        variants[f"{base} fine-tuned without {args.holdout}"] = [
+        variants[f"{tuned} without {args.holdout}"] = [
             f"data.exclude_tasks=[{args.holdout}]"
         ]
     for i, (name, changes) in enumerate(variants.items()):
@@ -197,6 +199,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=None, help="the recipe's unless given")
     p.add_argument("--holdout", default="UQ2I", help="task left out of one run ('' = none)")
     p.add_argument("--no-ablation", action="store_true", help="skip the in-batch-on run")
+    p.add_argument(
+        "--lora", action="store_true", help="fine-tune LoRA adapters (lora.enabled) instead"
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     report = run(args)

@@ -221,6 +221,8 @@ def test_lora_run_saves_a_small_adapter_and_a_merged_model(tmp_path, tokenizer, 
         load_file(str(base / "model.safetensors")),
     )
     assert set(merged) == set(initial)  # plain encoder keys: no peft prefixes
+    st_config = json.loads((out / "sentence_bert_config.json").read_text())
+    assert st_config["max_seq_length"] == 64  # the longer of query 64 / item 32
     assert any(not torch.equal(initial[k], merged[k]) for k in initial)
     texts = ["co-op roguelike", "title: Portal, tags: puzzle"]
     trained = SentenceEmbedder.from_pretrained(str(base), lora=cfg.lora, item_max_len=32)

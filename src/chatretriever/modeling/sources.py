@@ -214,14 +214,18 @@ class ShippedEncoderAdapter(ShippedDir):
         return super().available() and BUILTIN_MODELS[self.base].source.available()
 
     def materialise(self, name: str) -> Path:
-        from chatretriever.modeling.adapters import ADAPTER_WEIGHTS, merge_encoder_adapter
+        from chatretriever.modeling.adapters import ADAPTER_WEIGHTS, ST_FILES, merge_encoder_adapter
 
         shipped = super().materialise(name)
         adapter = shipped / "adapter"
         if not (adapter / ADAPTER_WEIGHTS).is_file():
             raise FileNotFoundError(f"built-in model '{name}': {adapter} holds no adapter")
         base_dir = resolve_model_dir(self.base)
-        key = model_cache.fingerprint(str(base_dir), model_cache.sha256(adapter / ADAPTER_WEIGHTS))
+        files = [
+            adapter / ADAPTER_WEIGHTS,
+            *(shipped / f for f in ST_FILES if (shipped / f).is_file()),
+        ]
+        key = model_cache.fingerprint(str(base_dir), [model_cache.sha256(f) for f in files])
         target = model_cache.cache_dir() / "models" / f"{name}-{key}"
         return model_cache.materialise(
             target, lambda out, _: merge_encoder_adapter(base_dir, adapter, shipped, out)
@@ -249,7 +253,8 @@ class ModelInfo:
             Only "causal" and "encoder" entries are backbones or embedders.
         licence: The licence of the weights.
         source: Where the weights come from (`PackagedGGUF`, `PackagedZip`, `PackagedDir`,
-            `ShippedDir`, `ShippedEncoderAdapter`, or any object with `packages`, `available()` and `materialise(name)`).
+            `ShippedDir`, `ShippedEncoderAdapter`, or any object with `packages`, `available()`
+            and `materialise(name)`).
         embedding_dim: The embedding size for ready-made embedders, else None.
     """
 
@@ -344,6 +349,15 @@ for _info in (
         "Apache-2.0",
         ShippedDir("assets/chatretriever-smol"),
         embedding_dim=576,
+    ),
+    ModelInfo(
+        "items-minilm",
+        "minilm-l6 fine-tuned (LoRA) on the ten RecLM-emb item tasks over Steam: an item "
+        "embedder; the adapter ships in this package and is merged once (needs minilm-l6)",
+        "encoder",
+        "Apache-2.0",
+        ShippedEncoderAdapter("assets/items-minilm", base="minilm-l6"),
+        embedding_dim=384,
     ),
     ModelInfo(
         "rahore-smol",

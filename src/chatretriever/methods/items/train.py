@@ -125,7 +125,8 @@ class SentenceEmbedder(torch.nn.Module):
         return F.normalize(pooled.float(), dim=-1)
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """A sentence-transformers directory (mean pooling; max_seq_length = item length); with
+        """A sentence-transformers directory (mean pooling; max_seq_length = the longer of the
+        query and item lengths); with
         LoRA the merged weights, and the adapter alone in `adapter/`."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
@@ -146,7 +147,8 @@ class SentenceEmbedder(torch.nn.Module):
         ]
         pooling = {"word_embedding_dimension": dim, "pooling_mode_mean_tokens": True}
         files = {
-            "sentence_bert_config.json": {"max_seq_length": self.max_len["item"]},
+            # one length for both sides (TextEmbedder has one): the longer, as the benchmark
+            "sentence_bert_config.json": {"max_seq_length": max(self.max_len.values())},
             "modules.json": modules,
             "1_Pooling/config.json": pooling,
         }
