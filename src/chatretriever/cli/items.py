@@ -54,7 +54,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("recommend", help="chat with a conversational item recommender")
     p.add_argument("--items", required=True, help="catalog (build-items catalog.jsonl.gz or a "
                    "RecLM-emb domain dir)")  # fmt: skip
-    p.add_argument("--model", default="minilm-l6", help="item embedder (default minilm-l6)")
+    p.add_argument(
+        "--model",
+        default="items-minilm",
+        help="item embedder (default items-minilm, the built-in one fine-tuned on the item tasks)",
+    )
     p.add_argument("--llm", default="smollm2-135m-instruct", help="chat LLM ('none': list)")
     p.set_defaults(func=cmd_recommend)
 
