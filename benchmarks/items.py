@@ -3,7 +3,8 @@
 Stages (each timed): build the ten tasks' data, evaluate BM25 and off-the-shelf `minilm-l6`,
 fine-tune MiniLM (in-batch negatives off, the paper's setting) and evaluate it, the ablation
 with in-batch negatives on, and the leave-one-task-out row (trained without `--holdout`, tested
-on it). Writes results.json, results.md (Hit@5 and nDCG@10 tables, a column per task and the
+on it); `--lora` fine-tunes LoRA adapters instead of every weight (the rows say "(LoRA)").
+Writes results.json, results.md (Hit@5 and nDCG@10 tables, a column per task and the
 mean) and hit5.png (a heatmap) into --out. Heavy: run it under the shared lock, e.g.
 
     nohup flock /tmp/chatretriever-heavy.lock .venv/bin/python benchmarks/items.py \
