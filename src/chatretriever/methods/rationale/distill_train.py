@@ -81,20 +81,22 @@ class QueryGroups(torch.utils.data.Dataset):
         }
 
 
+def pad_rows(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row blocks of different lengths, zero-padded to the longest: (B, G, ...) and the (B, G)
+    mask of the real rows."""
+    size = max(r.shape[0] for r in rows)
+    out = rows[0].new_zeros(len(rows), size, *rows[0].shape[1:])  # (B, G, ...)
+    mask = torch.zeros(len(rows), size, dtype=torch.bool)  # (B, G)
+    for i, r in enumerate(rows):
+        out[i, : r.shape[0]], mask[i, : r.shape[0]] = r, True
+    return out, mask
+
+
 def collate_groups(items: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Queries padded to the largest group: (B, H) query, (B, G, ...) rows, (B, G) mask."""
-    size = max(item["document"].shape[0] for item in items)
     batch: dict[str, torch.Tensor] = {"query": torch.stack([item["query"] for item in items])}
     for key in ("document", "teacher", "teacher_logits"):
-        rows = [item[key] for item in items]
-        out = rows[0].new_zeros(len(rows), size, *rows[0].shape[1:])  # (B, G, ...)
-        for i, r in enumerate(rows):
-            out[i, : r.shape[0]] = r
-        batch[key] = out
-    mask = torch.zeros(len(items), size, dtype=torch.bool)  # (B, G)
-    for i, item in enumerate(items):
-        mask[i, : item["document"].shape[0]] = True
-    batch["mask"] = mask
+        batch[key], batch["mask"] = pad_rows([item[key] for item in items])
     return batch
 
 
@@ -225,11 +227,8 @@ class _KeepBest(TrainerCallback):
         student = option_margin(self.encoder.lm_head_options(predicted)).cpu()  # (N,)
         self.predictor.train(was_training)
         agreement = top1_agreement(student, self.teacher, self.val.groups)
-        size = max(len(g) for g in self.val.groups)
-        s, t = torch.zeros(len(self.val.groups), size), torch.zeros(len(self.val.groups), size)
-        mask = torch.zeros(s.shape, dtype=torch.bool)
-        for i, g in enumerate(self.val.groups):
-            s[i, : len(g)], t[i, : len(g)], mask[i, : len(g)] = student[g], self.teacher[g], True
+        s, mask = pad_rows([student[list(g)] for g in self.val.groups])  # (Q, G)
+        t, _ = pad_rows([self.teacher[list(g)] for g in self.val.groups])  # (Q, G)
         row = {"step": state.global_step, "val_agreement": round(agreement, 6),
                "val_rank": round(float(rank_loss(s, t, mask)), 6)}  # fmt: skip
         state.log_history.append(row)
