@@ -3,9 +3,9 @@
 The trainer is built on a small protocol, `ItemEmbedder` (embed texts with gradients; save and
 reload what trains), so any embedder trains here: `SentenceEmbedder` (a sentence-transformer:
 MiniLM, MPNet; mean pooling, L2-normalised; fully fine-tuned, or LoRA on its linear layers) is
-the one this method ships; a ChatRetriever-style
-LLM embedder is built by the apps/CLI layer (which may import both methods) and passed in as an
-object (dependency injection): this method never imports another one.
+the one this method ships; a ChatRetriever-style LLM embedder is built by the apps/CLI layer
+(which may import both methods) and passed in as an object (dependency injection): this method
+never imports another one.
 
 One step: the collator gives the queries, the unique item texts of the batch (each example's
 positive for this epoch and its hard negatives) and their `CandidateLayout`; the loss is the
@@ -126,8 +126,8 @@ class SentenceEmbedder(torch.nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """A sentence-transformers directory (mean pooling; max_seq_length = the longer of the
-        query and item lengths); with
-        LoRA the merged weights, and the adapter alone in `adapter/`."""
+        query and item lengths); with LoRA the merged weights, and the adapter alone in
+        `adapter/`."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         if self.lora:
