@@ -138,9 +138,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not args.no_ablation:
         variants[f"{tuned}, in-batch on"] = ["loss.in_batch=true"]
     if args.holdout:
-        variants[f"{tuned} without {args.holdout}"] = [
-            f"data.exclude_tasks=[{args.holdout}]"
-        ]
+        variants[f"{tuned} without {args.holdout}"] = [f"data.exclude_tasks=[{args.holdout}]"]
     for i, (name, changes) in enumerate(variants.items()):
         run_dir = _timed(
             timings, f"train {name}", lambda c=changes, i=i: _train(args, data, f"v{i}", c)
