@@ -360,6 +360,15 @@ for _info in (
         embedding_dim=384,
     ),
     ModelInfo(
+        "items-mpnet",
+        "mpnet-base fine-tuned (LoRA r 8, stored in bf16) on the ten RecLM-emb item tasks over "
+        "Steam: the best shipped item embedder; merged once (needs mpnet-base)",
+        "encoder",
+        "Apache-2.0",
+        ShippedEncoderAdapter("assets/items-mpnet", base="mpnet-base"),
+        embedding_dim=768,
+    ),
+    ModelInfo(
         "rahore-smol",
         "RaHoRe binary-choice reranker supervised-tuned on ESConv (SFT): LoRA adapter for "
         "smollm2-135m-instruct, shipped in this package (rerank --adapter rahore-smol)",
