@@ -288,5 +288,5 @@ def test_lora_run_saves_a_small_adapter_and_a_merged_model(tmp_path, tokenizer, 
     assert torch.allclose(torch.as_tensor(by_name), want, atol=1e-5)
     (pkg / "assets" / "tiny-items" / "adapter" / "adapter_model.safetensors").unlink()
     shutil.rmtree(tmp_path / "cache")
-    with pytest.raises(FileNotFoundError, match="holds no adapter"):
+    with pytest.raises(FileNotFoundError, match="incomplete.*adapter_model.safetensors"):
         sources.resolve_model_dir("tiny-items")

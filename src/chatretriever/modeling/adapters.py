@@ -3,6 +3,7 @@ a saved peft adapter."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -62,17 +63,28 @@ def resize_and_init(model: Any, tokenizer: Any, emb_ids: Sequence[int], init: st
 def wrap_lora(model: Any, lora: LoraSettings, emb_ids: Sequence[int]) -> Any:
     """LoRA on `lora.target_modules`; the EMB rows train through peft's trainable tokens."""
     peft = require_extra("peft", "train", "LoRA")
-    return peft.get_peft_model(model, _lora_config(peft, lora, emb_ids))
+    return peft.get_peft_model(model, peft_lora_config(lora, emb_ids))
 
 
-def _lora_config(peft: Any, lora: LoraSettings, emb_ids: Sequence[int]) -> Any:
+def peft_lora_config(
+    lora: LoraSettings, emb_ids: Sequence[int] = (), task_type: str | None = "CAUSAL_LM"
+) -> Any:
+    """The peft `LoraConfig` of the project's LoRA settings.
+
+    Args:
+        lora: The settings; `target_modules: [all-linear]` is peft's every-linear-layer choice.
+        emb_ids: Token rows trained beside the adapter (peft's trainable tokens); none if empty.
+        task_type: peft's task type ("CAUSAL_LM"; None for a bare encoder).
+    """
+    peft = require_extra("peft", "train", "LoRA")
+    targets = list(lora.target_modules)
     return peft.LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
-        trainable_token_indices=list(emb_ids),
-        task_type="CAUSAL_LM",
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        trainable_token_indices=list(emb_ids) or None,
+        task_type=task_type,
     )
 
 
@@ -98,7 +110,7 @@ def load_adapter(
             itself only warns and leaves such weights at their random start).
     """
     peft = require_extra("peft", "train", "a LoRA retriever")
-    config = None if lora is None else _lora_config(peft, lora, emb_ids)
+    config = None if lora is None else peft_lora_config(lora, emb_ids)
     wrapped = peft.PeftModel.from_pretrained(model, path, is_trainable=is_trainable, config=config)
     weights = Path(path) / ADAPTER_WEIGHTS
     if weights.is_file():
@@ -159,14 +171,14 @@ def merge_encoder_adapter(base_dir: Path, adapter_dir: Path, st_dir: Path, out: 
     problem = adapter_dir_problem(adapter_dir)
     if problem is not None:
         raise ValueError(f"{adapter_dir}: {problem}")
+    missing = [name for name in ST_FILES if not (Path(st_dir) / name).is_file()]
+    if missing:
+        raise ValueError(f"{st_dir}: lacks the sentence-transformers file(s) {missing}")
     model = load_adapter(AutoModel.from_pretrained(base_dir), Path(adapter_dir), False)
     out.mkdir(parents=True, exist_ok=True)
     model.merge_and_unload().save_pretrained(out)
     AutoTokenizer.from_pretrained(base_dir).save_pretrained(out)
     for name in ST_FILES:
-        src = Path(st_dir) / name
-        if not src.is_file():
-            raise ValueError(f"{st_dir}: lacks the sentence-transformers file {name}")
         (out / name).parent.mkdir(parents=True, exist_ok=True)
-        (out / name).write_bytes(src.read_bytes())
+        shutil.copyfile(Path(st_dir) / name, out / name)
     return out

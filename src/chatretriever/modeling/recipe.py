@@ -20,6 +20,7 @@ Torch-free: yaml and transformers are imported only where they are needed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -79,8 +80,9 @@ class BaseDataSettings:
 _EXPONENT_FLOAT = r"^[-+]?[0-9]+(?:\.[0-9]*)?[eE][-+]?[0-9]+$"
 
 
-def _yaml_load(text: str) -> Any:
-    """`yaml.safe_load`, reading exponent numbers without a dot ("2e-4") as floats."""
+@functools.cache
+def _loader() -> type:
+    """A SafeLoader that also reads exponent numbers without a dot as floats (built once)."""
     import re
 
     import yaml
@@ -91,7 +93,14 @@ def _yaml_load(text: str) -> Any:
     _Loader.add_implicit_resolver(
         "tag:yaml.org,2002:float", re.compile(_EXPONENT_FLOAT), list("-+0123456789")
     )
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+    return _Loader
+
+
+def _yaml_load(text: str) -> Any:
+    """`yaml.safe_load`, reading exponent numbers without a dot ("2e-4") as floats."""
+    import yaml
+
+    return yaml.load(text, Loader=_loader())  # noqa: S506 (a SafeLoader subclass)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:

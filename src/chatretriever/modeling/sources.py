@@ -218,13 +218,11 @@ class ShippedEncoderAdapter(ShippedDir):
 
         shipped = super().materialise(name)
         adapter = shipped / "adapter"
-        if not (adapter / ADAPTER_WEIGHTS).is_file():
-            raise FileNotFoundError(f"built-in model '{name}': {adapter} holds no adapter")
         base_dir = resolve_model_dir(self.base)
-        files = [
-            adapter / ADAPTER_WEIGHTS,
-            *(shipped / f for f in ST_FILES if (shipped / f).is_file()),
-        ]
+        files = [adapter / ADAPTER_WEIGHTS, *(shipped / f for f in ST_FILES)]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"built-in model '{name}' is incomplete: {missing} missing")
         key = model_cache.fingerprint(str(base_dir), [model_cache.sha256(f) for f in files])
         target = model_cache.cache_dir() / "models" / f"{name}-{key}"
         return model_cache.materialise(

@@ -83,16 +83,11 @@ class SentenceEmbedder(torch.nn.Module):
         super().__init__()
         self.lora = lora is not None and lora.enabled
         if self.lora:
+            from chatretriever.modeling.adapters import peft_lora_config
+
             peft = require_extra("peft", "train", "LoRA")
-            targets = list(lora.target_modules)
-            config = peft.LoraConfig(
-                r=lora.r,
-                lora_alpha=lora.alpha,
-                lora_dropout=lora.dropout,
-                target_modules="all-linear" if targets == ["all-linear"] else targets,
-            )
             try:
-                model = peft.get_peft_model(model, config)
+                model = peft.get_peft_model(model, peft_lora_config(lora, task_type=None))
             except ValueError as e:  # peft: "Target modules {...} not found in the base model"
                 raise ValueError(f"lora.target_modules {list(lora.target_modules)}: {e}") from e
         self.model = model

@@ -32,6 +32,7 @@ from chatretriever.io.files import iter_jsonl, write_jsonl
 from chatretriever.io.sessions import session_from_dict, session_to_dict
 from chatretriever.methods.rationale.prompts import BinaryChoicePrompt
 from chatretriever.methods.rationale.scoring import option_logits
+from chatretriever.modeling.adapters import peft_lora_config
 from chatretriever.modeling.recipe import BaseDataSettings, load_examples
 from chatretriever.types import Passage, Session, passage_text
 
@@ -240,18 +241,6 @@ def _model_and_prompt(config: TuneConfig) -> tuple[Any, Any, BinaryChoicePrompt]
     return model, tokenizer, prompt
 
 
-def _lora_config(lora: LoraSettings) -> Any:
-    """A peft LoraConfig (no trainable token rows: the prompt adds no token)."""
-    peft = require_extra("peft", "train", "LoRA")
-    return peft.LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
-        task_type="CAUSAL_LM",
-    )
-
-
 def _init_adapter(config: TuneConfig) -> Path | None:
     """`config.init_adapter` as a checked Path (None without one).
 
@@ -296,7 +285,7 @@ def run_sft(config: TuneConfig, resume: bool = False) -> Path:
         model = _load_init_adapter(model, init)
     else:
         peft = require_extra("peft", "train", "LoRA")
-        model = peft.get_peft_model(model, _lora_config(config.lora))
+        model = peft.get_peft_model(model, peft_lora_config(config.lora))
     model.train()
     trainer = NamedLossTrainer(
         model=model,
@@ -352,7 +341,7 @@ def run_dpo(config: TuneConfig, resume: bool = False) -> Path:
         args=args,
         train_dataset=datasets.Dataset.from_list(rows),
         processing_class=tokenizer,
-        peft_config=None if init is not None else _lora_config(config.lora),
+        peft_config=None if init is not None else peft_lora_config(config.lora),
     )
     trainer.train(resume_from_checkpoint=resume_checkpoint(config.output_dir, resume))
     out = Path(config.output_dir)
