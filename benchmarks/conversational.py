@@ -59,8 +59,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="NAME=DIR_OR_BUILTIN",
-        help="a ChatRetriever (saved dir or base chat LLM); repeatable. Delete OUT/emb/NAME "
-        "after retraining a model in place: embeddings are reused by name",
+        help="a ChatRetriever (saved dir or base chat LLM); repeatable. Embeddings and runs are "
+        "kept per model fingerprint (weights, settings, precision), so a model retrained in "
+        "place is encoded again",
     )
     p.add_argument("--rewrite-model", default=systems.REWRITE_MODEL, help="chat LLM for rewrites")
     p.add_argument("--rewrite-dense", default="minilm-l6", help="embedder run on rewrites")

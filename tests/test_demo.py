@@ -85,7 +85,8 @@ def fake_model():
 
 def test_demo_command(tmp_path, fake_model, capsys, data):
     out = tmp_path / "demo"
-    assert main(["demo", "--model", "fake:", "--out", str(out)]) == 0
+    argv = ["demo", "--model", "fake:", "--out", str(out), "--baseline", "fake:other"]
+    assert main(argv) == 0
     text = capsys.readouterr().out
     assert text.startswith("demo: 266 passages, 55 turns of 12 conversations; model fake:")
     for s in data.sessions:
@@ -95,12 +96,20 @@ def test_demo_command(tmp_path, fake_model, capsys, data):
     table = lines[next(i for i, line in enumerate(lines) if line.startswith("system ")) :]
     assert table[0].split() == ["system", "nDCG@3", "MRR@10", "R@10"]
     assert table[1].startswith("fake: (session)") and table[2].startswith("BM25 (last turn)")
-    assert "(55 judged turns)" in table[3]
+    assert table[3].startswith("fake:other (all user turns)")
+    assert table[4].startswith("hybrid: fake: + BM25 (linear)")
+    assert "(55 judged turns)" in table[5]
 
     results = json.loads((out / "results.json").read_text())
     assert results["measures"] == list(MEASURES) and results["model"] == "fake:"
+    assert results["fusion"]["method"] == "linear" and results["fusion"]["weight"] == 0.5
     systems = results["systems"]
-    assert list(systems) == ["fake: (session)", "BM25 (last turn)"]
+    assert list(systems) == [
+        "fake: (session)",
+        "BM25 (last turn)",
+        "fake:other (all user turns)",
+        "hybrid: fake: + BM25 (linear)",
+    ]
     for system in systems.values():
         assert system["num_queries"] == 55 and set(system["aggregate"]) == set(MEASURES)
         assert all(0.0 <= v <= 1.0 for v in system["aggregate"].values())
@@ -108,14 +117,48 @@ def test_demo_command(tmp_path, fake_model, capsys, data):
     bm25 = systems["BM25 (last turn)"]["aggregate"]
     assert table[2].split()[-3:] == [f"{bm25[m]:.3f}" for m in MEASURES]
     # the per-turn top 3 are the heads of the saved runs
-    runs = {"model": read_run(out / "model.trec"), "bm25": read_run(out / "bm25.trec")}
+    runs = {k: read_run(out / f"{k}.trec") for k in ("model", "bm25", "baseline", "hybrid")}
     assert runs["bm25"].name == "bm25.last_turn" and runs["model"].name == "fake-hash.session"
+    assert runs["baseline"].name == "other.all_user_turns"
     for turn in results["turns"]:
-        for key, run in runs.items():
-            assert [h["id"] for h in turn[key]] == [d.doc_id for d in run.ranked(turn["id"])[:3]]
+        for key in ("model", "bm25"):
+            ranked = runs[key].ranked(turn["id"])
+            assert [h["id"] for h in turn[key]] == [d.doc_id for d in ranked[:3]]
     assert (out / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # the demo index is a corpus index that `chat` can use
+    # the demo index is a corpus index that `chat` can use; the baseline has its own
     assert (out / "index-fake" / "index" / "meta.json").exists()
+    assert (out / "index-fake_other" / "index" / "meta.json").exists()
+    # the baseline searched every user turn, not the session: it equals a search by hand
+    baseline = fake_model[1]
+    assert baseline.name == "other" and baseline.passages_encoded == 266
+
+
+def test_demo_hybrid_is_the_fusion_of_the_model_and_bm25_runs(tmp_path, data):
+    from chatretriever.retrieval.baselines import BM25Retriever
+    from chatretriever.retrieval.corpus_index import build_corpus_index
+    from chatretriever.retrieval.fusion import FusionConfig, min_max
+    from chatretriever.retrieval.search import Formulation, search_dense
+
+    fusion = FusionConfig("linear", weight=0.7)
+    result = run_demo(
+        HashEncoder(name="m"), "m", tmp_path, data, show_progress=False, fusion=fusion
+    )
+    labels = list(result.evaluations)
+    assert labels == ["m (session)", "BM25 (last turn)", "hybrid: m + BM25 (linear)"]
+    assert result.evaluations[labels[2]].num_queries == 55
+    hybrid = read_run(tmp_path / "hybrid.trec")
+    # by hand: each side's top 100 min-max normalised, 0.7 dense + 0.3 BM25
+    built = build_corpus_index(HashEncoder(name="m"), "m", data.corpus_path, tmp_path / "again")
+    dense = search_dense(HashEncoder(name="m"), built.index, data.sessions, k=100)
+    bm25 = BM25Retriever(data.passages).search(
+        data.sessions, k=100, formulation=Formulation.LAST_TURN
+    )
+    for s in data.sessions:
+        d = min_max({h.doc_id: h.score for h in dense.ranked(s.id)})
+        b = min_max({h.doc_id: h.score for h in bm25.ranked(s.id)})
+        fused = {doc: 0.7 * d.get(doc, 0.0) + 0.3 * b.get(doc, 0.0) for doc in d.keys() | b.keys()}
+        expected = sorted(fused, key=lambda doc: (-fused[doc], doc))[:10]
+        assert [h.doc_id for h in hybrid.ranked(s.id)] == expected, s.id
 
 
 def test_demo_reads_whole_sessions_and_reuses_its_index(tmp_path, data):

@@ -1,10 +1,12 @@
-"""The demo job: a model reading whole conversations against BM25 reading the last turn only.
+"""The demo job: a model reading whole conversations against the baselines a user would try.
 
 The shipped demo data (`chatretriever/demo/`: corpus.jsonl, conversations.jsonl, qrels.tsv) has
 twelve conversations whose later questions lean on earlier ones ("how long does it live?"), over
 a corpus where every topic has close distractors (the lifespans of four big cats, the moons of four
 planets). `run_demo` indexes the corpus with the model, retrieves for every turn with the full
-session (the model) and with the last turn alone (BM25), scores both runs, and writes the runs,
+session (the model) and with the last turn alone (BM25); optionally with a session-free embedder
+on all user turns (the strongest session-free baseline on MTRAG-UN: all-MiniLM-L6-v2) and with
+the hybrid of the model and BM25 (`retrieval.fusion`). It scores every run and writes the runs,
 `results.json` and `metrics.png` to the output directory. Nothing here prints.
 """
 
@@ -27,6 +29,7 @@ from chatretriever.retrieval.corpus_index import build_corpus_index
 from chatretriever.retrieval.encode import EncodeConfig
 from chatretriever.retrieval.encoders import Encoder
 from chatretriever.retrieval.evaluate import Evaluation, evaluate_run, write_json
+from chatretriever.retrieval.fusion import FusionConfig, fuse_runs
 from chatretriever.retrieval.search import Formulation, save_run, search_dense
 from chatretriever.types import Passage, Qrel, Run, Session, qrels_to_dict
 
@@ -35,7 +38,8 @@ logger = logging.getLogger(__name__)
 # RR@10 averaged over the turns is MRR@10.
 MEASURES = ("nDCG@3", "RR@10", "R@10")
 LABELS = {"RR@10": "MRR@10"}
-DEPTH = 10  # passages retrieved per turn: enough for every measure above
+DEPTH = 10  # passages saved per turn and system: enough for every measure above
+FUSION_DEPTH = 100  # passages each fused run contributes to the hybrid
 SHOWN = 3  # passages shown per turn and system
 
 
@@ -92,6 +96,7 @@ class DemoResult:
     index_dir: Path | None = None
     files: dict[str, Path] = field(default_factory=dict)
     dtype: str | None = None  # compute precision set on the model; None: as loaded
+    fusion: FusionConfig | None = None  # the hybrid's settings; None: no hybrid row
 
 
 def run_demo(
@@ -102,8 +107,10 @@ def run_demo(
     batch_size: int = 16,
     show_progress: bool = True,
     dtype: str | None = None,
+    baseline: tuple[str, Encoder] | None = None,
+    fusion: FusionConfig | None = None,
 ) -> DemoResult:
-    """Index the demo corpus, run both systems on every turn, score them and save everything.
+    """Index the demo corpus, run every system on every turn, score them and save everything.
 
     Args:
         encoder: The model (any `Encoder`; ChatRetriever reads the whole session).
@@ -116,6 +123,10 @@ def run_demo(
         dtype: "fp32", "bf16" or "auto": the model's compute precision (`set_precision`), also
             part of the index directory's name; None leaves the model as loaded. bf16 rounding
             can move a passage by a rank, so fixing fp32 gives the same numbers on every machine.
+        baseline: (name, encoder) of a session-free embedder searched with all user turns
+            concatenated (its own index in out_dir, reused by a rerun); None: no such row.
+        fusion: The hybrid of the model's session run and BM25's last-turn run (each run's top
+            `FUSION_DEPTH` fused); None: no hybrid row.
 
     Returns:
         Per-turn top passages and per-system scores; `files` names what was written.
@@ -131,22 +142,42 @@ def run_demo(
     # One per model and precision: a rerun reuses its embeddings.
     index_dir = out_dir / f"index-{_slug(model)}{suffix}"
     built = build_corpus_index(encoder, model, data.corpus_path, index_dir, config=config)
+    depth = FUSION_DEPTH if fusion is not None else DEPTH
     dense = search_dense(
         encoder,
         built.index,
         data.sessions,
-        k=DEPTH,
+        k=depth,
         formulation=Formulation.SESSION,
         batch_size=batch_size,
         show_progress=show_progress,
     )
     bm25 = BM25Retriever(data.passages, show_progress=show_progress)
-    sparse = bm25.search(data.sessions, k=DEPTH, formulation=Formulation.LAST_TURN)
+    sparse = bm25.search(data.sessions, k=depth, formulation=Formulation.LAST_TURN)
     runs = {f"{model} (session)": dense, "BM25 (last turn)": sparse}
+    if baseline is not None:
+        name, other = baseline
+        other_index = build_corpus_index(
+            other, name, data.corpus_path, out_dir / f"index-{_slug(name)}", config=config
+        )
+        runs[f"{name} (all user turns)"] = search_dense(
+            other,
+            other_index.index,
+            data.sessions,
+            k=DEPTH,
+            formulation=Formulation.ALL_USER_TURNS,
+            batch_size=batch_size,
+            show_progress=show_progress,
+        )
+    if fusion is not None:
+        label = f"hybrid: {model} + BM25 ({fusion.method})"
+        runs[label] = fuse_runs(dense, sparse, fusion)
     evaluations = {label: evaluate_run(run, data.qrels, MEASURES) for label, run in runs.items()}
     turns = _turn_results(data, dense, sparse, built.passages or {})
     names = {label: run.name for label, run in runs.items()}
-    result = DemoResult(model, names, turns, evaluations, out_dir, index_dir, dtype=dtype)
+    result = DemoResult(
+        model, names, turns, evaluations, out_dir, index_dir, dtype=dtype, fusion=fusion
+    )
     result.files = _save(result, runs, data)
     return result
 
@@ -171,7 +202,8 @@ def _turn_results(
 
 def _save(result: DemoResult, runs: Mapping[str, Run], data: DemoData) -> dict[str, Path]:
     files: dict[str, Path] = {}
-    for (label, run), slug in zip(runs.items(), ("model", "bm25"), strict=True):
+    slugs = ("model", "bm25", *(_run_slug(label) for label in list(runs)[2:]))
+    for (label, run), slug in zip(runs.items(), slugs, strict=True):
         path = result.out_dir / f"{slug}.trec"
         save_run(path, run, {"system": label, "model": result.model}, depth=DEPTH)
         files[f"{slug}_run"] = path
@@ -179,6 +211,11 @@ def _save(result: DemoResult, runs: Mapping[str, Run], data: DemoData) -> dict[s
     write_json(files["results"], results_dict(result, data))
     files["plot"] = plot_metrics(result.evaluations, result.out_dir / "metrics.png")
     return files
+
+
+def _run_slug(label: str) -> str:
+    """File name of a run beyond the first two: "hybrid" or "baseline"."""
+    return "hybrid" if label.startswith("hybrid") else "baseline"
 
 
 def results_dict(result: DemoResult, data: DemoData) -> dict[str, Any]:
@@ -199,6 +236,7 @@ def results_dict(result: DemoResult, data: DemoData) -> dict[str, Any]:
         },
         "measures": list(MEASURES),
         "depth": DEPTH,
+        "fusion": None if result.fusion is None else result.fusion.to_dict(),
         "systems": {
             label: {"run": result.systems[label], **ev.to_dict(per_query=True)}
             for label, ev in result.evaluations.items()
@@ -234,10 +272,10 @@ def plot_metrics(evaluations: Mapping[str, Evaluation], path: str | Path) -> Pat
         bars = ax.bar(xs, values, width, label=label)
         ax.bar_label(bars, fmt="%.2f", fontsize=8)
     ax.set_xticks(range(len(MEASURES)), [LABELS.get(m, m) for m in MEASURES])
-    ax.set_ylim(0, 1.15)  # headroom for the legend above the bars
+    ax.set_ylim(0, 1.25)  # headroom for the legend above the bars
     ax.set_ylabel("score (mean over turns)")
-    ax.set_title("Demo conversations: whole session vs last turn")
-    ax.legend(loc="upper center", ncol=len(labels), fontsize=8, frameon=False)
+    ax.set_title("Demo conversations: whole session vs the baselines")
+    ax.legend(loc="upper center", ncol=min(len(labels), 2), fontsize=8, frameon=False)
     fig.tight_layout()
     with atomic_write(path, "wb") as f:
         fig.savefig(f, format="png", dpi=120)
@@ -246,13 +284,14 @@ def plot_metrics(evaluations: Mapping[str, Evaluation], path: str | Path) -> Pat
 
 
 def format_turn(turn: TurnResult, labels: Sequence[str], snippet_chars: int = 0) -> str:
-    """One turn: its id and question, then the top passages of each system ("*" = relevant)."""
+    """One turn: its id and question, then the top passages of the model and BM25 (the first
+    two `labels`; "*" = relevant)."""
     s = turn.session
     earlier = sum(1 for t in s.history if t.role == "user")
     lines = [
         f"{s.id}  {s.question}" + (f"  (after {earlier} earlier questions)" if earlier else "")
     ]
-    for label, hits in zip(labels, (turn.model_hits, turn.bm25_hits), strict=True):
+    for label, hits in zip(labels[:2], (turn.model_hits, turn.bm25_hits), strict=True):
         lines.append(f"  {label}:")
         lines.append(format_hits(hits, turn.relevant, snippet_chars, indent="    "))
     return "\n".join(lines)

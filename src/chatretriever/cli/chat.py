@@ -45,10 +45,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "demo",
-        help="the demo job: a model on whole conversations vs BM25 on the last turn",
+        help="the demo job: a model on whole conversations vs the baselines",
         description="Indexes the shipped demo corpus with --model, retrieves for every turn of "
-        "the demo conversations with the whole session (model) and the last turn (BM25), prints "
-        "the top 3 of both, a metrics table, and writes runs, results.json and metrics.png.",
+        "the demo conversations with the whole session (model), the last turn (BM25), all user "
+        "turns (--baseline, a session-free embedder) and the hybrid of the model and BM25, "
+        "prints the top 3 of the model and BM25, a metrics table of all, and writes runs, "
+        "results.json and metrics.png.",
     )
     p.add_argument("--model", help="the model (default: registry.DEFAULT_MODEL)")
     p.add_argument("--out", default="outputs/demo", help="output directory")
@@ -59,6 +61,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default="fp32",
         help="model precision (default fp32: the same numbers on every machine; auto: bf16 "
         "where the CPU/GPU runs it natively, faster)",
+    )
+    p.add_argument(
+        "--baseline",
+        default="minilm-l6",
+        help="session-free embedder searched with all user turns (default minilm-l6, skipped "
+        "with a note when its weight package is missing; 'none': no such row)",
+    )
+    p.add_argument(
+        "--hybrid",
+        choices=["linear", "rrf", "none"],
+        default="linear",
+        help="fusion of the model's session run and BM25's last-turn run (default linear)",
+    )
+    p.add_argument(
+        "--fusion-weight", type=float, default=0.5, help="the model's weight in the hybrid"
     )
     p.set_defaults(func=cmd_demo)
 
@@ -196,8 +213,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"demo: {len(data.passages)} passages, {len(data.sessions)} turns of "
         f"{len(conversations)} conversations; model {model} ({args.dtype}) -> {args.out}"
     )
+    fusion = None
+    if args.hybrid != "none":
+        from chatretriever.retrieval.fusion import FusionConfig
+
+        fusion = FusionConfig(args.hybrid, weight=args.fusion_weight)
     encoder = _load_encoder(model)
-    result = run_demo(encoder, model, args.out, data, batch_size=args.batch_size, dtype=args.dtype)
+    baseline = None
+    if args.baseline != "none":
+        try:
+            baseline = (args.baseline, _load_encoder(args.baseline))
+        except ValueError as e:  # its weight package is missing: the demo runs without it
+            _echo(f"(no {args.baseline} row: {e})")
+    result = run_demo(
+        encoder,
+        model,
+        args.out,
+        data,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        baseline=baseline,
+        fusion=fusion,
+    )
     labels = list(result.evaluations)
     _echo(f"\ntop {SHOWN} per turn ('*' = judged relevant)\n")
     for turn in result.turns:
