@@ -143,15 +143,13 @@ def run_demo(
     index_dir = out_dir / f"index-{_slug(model)}{suffix}"
     built = build_corpus_index(encoder, model, data.corpus_path, index_dir, config=config)
     depth = FUSION_DEPTH if fusion is not None else DEPTH
-    dense = search_dense(
-        encoder,
-        built.index,
-        data.sessions,
-        k=depth,
-        formulation=Formulation.SESSION,
-        batch_size=batch_size,
-        show_progress=show_progress,
-    )
+
+    def search(model: Encoder, index: Any, formulation: Formulation, k: int) -> Run:
+        return search_dense(
+            model, index, data.sessions, k, formulation, batch_size, show_progress=show_progress
+        )
+
+    dense = search(encoder, built.index, Formulation.SESSION, depth)
     bm25 = BM25Retriever(data.passages, show_progress=show_progress)
     sparse = bm25.search(data.sessions, k=depth, formulation=Formulation.LAST_TURN)
     runs = {f"{model} (session)": dense, "BM25 (last turn)": sparse}
@@ -160,14 +158,8 @@ def run_demo(
         other_index = build_corpus_index(
             other, name, data.corpus_path, out_dir / f"index-{_slug(name)}", config=config
         )
-        runs[f"{name} (all user turns)"] = search_dense(
-            other,
-            other_index.index,
-            data.sessions,
-            k=DEPTH,
-            formulation=Formulation.ALL_USER_TURNS,
-            batch_size=batch_size,
-            show_progress=show_progress,
+        runs[f"{name} (all user turns)"] = search(
+            other, other_index.index, Formulation.ALL_USER_TURNS, DEPTH
         )
     if fusion is not None:
         label = f"hybrid: {model} + BM25 ({fusion.method})"
