@@ -53,24 +53,31 @@ need-data = @test -d $(DATA)/$(1) || { echo "make: $(DATA)/$(1) not found (set D
 benchmark: install models
 	$(call need-data,mtrag)
 	$(PY) benchmarks/conversational.py --data $(DATA)/mtrag --out outputs/benchmark \
-		--model chatretriever-smol=chatretriever-smol \
+		--model chatretriever-smol=chatretriever-smol --hybrid rrf linear \
 		--eval-conversations configs/mtrag-un-heldout.txt
 
-# Training data of configs/chatretriever-smol.yaml, built from $(DATA) with BM25 hard negatives.
+# Training data of configs/chatretriever-smol{,-v2}.yaml, built from $(DATA) with BM25 hard negatives.
 train-data: install
 	$(call need-data,topiocqa)
 	$(call need-data,trec-cast)
 	$(call need-data,mtrag)
+	$(call need-data,ikat-2023)
+	$(call need-data,dstc11-track5)
 	$(VENV)/bin/chatretriever build-train topiocqa $(DATA)/topiocqa/topiocqa_train.json.gz \
 		--out outputs/train/topiocqa.jsonl.gz $(NEG)
 	$(VENV)/bin/chatretriever build-train cast $(DATA)/trec-cast --years 2021 2022 \
 		--out outputs/train/cast.jsonl.gz $(NEG)
 	$(VENV)/bin/chatretriever build-train mtrag $(DATA)/mtrag --out outputs/train/mtrag.jsonl.gz \
 		$(NEG) --holdout-ids configs/mtrag-un-heldout.txt
+	$(VENV)/bin/chatretriever build-train ikat $(DATA)/ikat-2023 --out outputs/train/ikat.jsonl.gz $(NEG)
+	$(VENV)/bin/chatretriever build-train dstc11 $(DATA)/dstc11-track5 \
+		--out outputs/train/dstc11.jsonl.gz $(NEG)
 
-# Rebuilds chatretriever-smol into runs/chatretriever-smol (a GPU: minutes; this CPU: hours).
+# Rebuilds chatretriever-smol: v1 into runs/chatretriever-smol (a GPU: minutes; this CPU: hours),
+# then v2, continued from it, into runs/chatretriever-smol-v2 (this CPU: about an hour).
 train: train-data models
 	$(VENV)/bin/chatretriever train configs/chatretriever-smol.yaml
+	$(VENV)/bin/chatretriever train configs/chatretriever-smol-v2.yaml
 
 # Headless Chromium from Debian's packages for the web page test (tests/test_web_page.py skips
 # without it); apt-get only when chromium or its driver is missing (needs root; ~40 s).
