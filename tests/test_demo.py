@@ -187,6 +187,13 @@ def test_demo_without_the_model_fails_in_one_line(tmp_path, capsys):
     assert code == 2 and err.startswith("error: ") and "no-such-model" in err and "\n" not in err
 
 
+def test_demo_baseline_the_user_names_must_load(tmp_path, fake_model, capsys):
+    missing = str(tmp_path / "no-such-baseline")
+    code = main(["demo", "--model", "fake:", "--baseline", missing, "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and "no-such-baseline" in err
+
+
 def test_demo_fixes_the_model_precision_and_keeps_one_index_per_precision(
     tmp_path, data, tiny_llama_dir
 ):

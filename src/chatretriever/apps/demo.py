@@ -144,15 +144,16 @@ def run_demo(
     built = build_corpus_index(encoder, model, data.corpus_path, index_dir, config=config)
     depth = FUSION_DEPTH if fusion is not None else DEPTH
 
-    def search(model: Encoder, index: Any, formulation: Formulation, k: int) -> Run:
+    def search(enc: Encoder, index: Any, formulation: Formulation, k: int) -> Run:
         return search_dense(
-            model, index, data.sessions, k, formulation, batch_size, show_progress=show_progress
+            enc, index, data.sessions, k, formulation, batch_size, show_progress=show_progress
         )
 
     dense = search(encoder, built.index, Formulation.SESSION, depth)
     bm25 = BM25Retriever(data.passages, show_progress=show_progress)
     sparse = bm25.search(data.sessions, k=depth, formulation=Formulation.LAST_TURN)
     runs = {f"{model} (session)": dense, "BM25 (last turn)": sparse}
+    slugs = ["model", "bm25"]  # the run files' names, in the order of `runs`
     if baseline is not None:
         name, other = baseline
         other_index = build_corpus_index(
@@ -161,16 +162,18 @@ def run_demo(
         runs[f"{name} (all user turns)"] = search(
             other, other_index.index, Formulation.ALL_USER_TURNS, DEPTH
         )
+        slugs.append("baseline")
     if fusion is not None:
         label = f"hybrid: {model} + BM25 ({fusion.method})"
         runs[label] = fuse_runs(dense, sparse, fusion)
+        slugs.append("hybrid")
     evaluations = {label: evaluate_run(run, data.qrels, MEASURES) for label, run in runs.items()}
     turns = _turn_results(data, dense, sparse, built.passages or {})
     names = {label: run.name for label, run in runs.items()}
     result = DemoResult(
         model, names, turns, evaluations, out_dir, index_dir, dtype=dtype, fusion=fusion
     )
-    result.files = _save(result, runs, data)
+    result.files = _save(result, runs, slugs, data)
     return result
 
 
@@ -192,9 +195,10 @@ def _turn_results(
     return out
 
 
-def _save(result: DemoResult, runs: Mapping[str, Run], data: DemoData) -> dict[str, Path]:
+def _save(
+    result: DemoResult, runs: Mapping[str, Run], slugs: Sequence[str], data: DemoData
+) -> dict[str, Path]:
     files: dict[str, Path] = {}
-    slugs = ("model", "bm25", *(_run_slug(label) for label in list(runs)[2:]))
     for (label, run), slug in zip(runs.items(), slugs, strict=True):
         path = result.out_dir / f"{slug}.trec"
         save_run(path, run, {"system": label, "model": result.model}, depth=DEPTH)
@@ -203,11 +207,6 @@ def _save(result: DemoResult, runs: Mapping[str, Run], data: DemoData) -> dict[s
     write_json(files["results"], results_dict(result, data))
     files["plot"] = plot_metrics(result.evaluations, result.out_dir / "metrics.png")
     return files
-
-
-def _run_slug(label: str) -> str:
-    """File name of a run beyond the first two: "hybrid" or "baseline"."""
-    return "hybrid" if label.startswith("hybrid") else "baseline"
 
 
 def results_dict(result: DemoResult, data: DemoData) -> dict[str, Any]:

@@ -9,11 +9,13 @@ from collections.abc import Iterator
 
 from chatretriever.cli.answer import add_answer_arguments
 from chatretriever.cli.pipeline import add_hybrid_arguments
+from chatretriever.retrieval.fusion import FUSION_METHODS
 
 logger = logging.getLogger(__name__)
 
 QUIT = (":quit", ":q", ":exit")
 RESET = ":reset"
+DEMO_BASELINE = "minilm-l6"  # the strongest session-free baseline on MTRAG-UN
 HELP = "type a question; :reset starts a new conversation, :quit (or Ctrl-D) ends"
 
 
@@ -64,13 +66,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--baseline",
-        default="minilm-l6",
-        help="session-free embedder searched with all user turns (default minilm-l6, skipped "
-        "with a note when its weight package is missing; 'none': no such row)",
+        default=DEMO_BASELINE,
+        help=f"session-free embedder searched with all user turns (default {DEMO_BASELINE}, "
+        "skipped with a note when its weight package is missing; 'none': no such row)",
     )
     p.add_argument(
         "--hybrid",
-        choices=["linear", "rrf", "none"],
+        choices=[*FUSION_METHODS, "none"],
         default="linear",
         help="fusion of the model's session run and BM25's last-turn run (default linear)",
     )
@@ -223,8 +225,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.baseline != "none":
         try:
             baseline = (args.baseline, _load_encoder(args.baseline))
-        except ValueError as e:  # its weight package is missing: the demo runs without it
-            _echo(f"(no {args.baseline} row: {e})")
+        except ValueError as e:
+            if args.baseline != DEMO_BASELINE:  # a name the user gave must load
+                raise
+            _echo(f"(no {args.baseline} row: {e})")  # the default's weights are not installed
     result = run_demo(
         encoder,
         model,
