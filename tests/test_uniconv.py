@@ -252,3 +252,34 @@ class _ExactIndex:
             order = sorted(range(len(self.ids)), key=lambda i: (-scores[i], self.ids[i]))[:k]
             out.append([(self.ids[i], float(scores[i])) for i in order])
         return out
+
+
+def test_uniconv_starts_from_a_saved_chatretriever(tmp_path, tiny_llama_dir):
+    """`uniconv-smol` starts from `chatretriever-smol`: a UniConv recipe's `model` may be a saved
+    ChatRetriever; its adapter and EMB rows are loaded (same embeddings), and the run saves a
+    UniConv. The other way round is refused (a ChatRetriever does not read uniconv.json)."""
+    from chatretriever import ChatRetriever
+
+    cfg = load_recipe(_recipe(tmp_path, tiny_llama_dir))
+    retriever = ChatRetriever.from_pretrained(
+        tiny_llama_dir, config=cfg.retriever, lora=cfg.lora, device="cpu", dtype="fp32"
+    )
+    with torch.no_grad():
+        for name, p in retriever.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    saved = retriever.save_pretrained(tmp_path / "csit")
+    uni = UniConv.from_pretrained(saved, device="cpu", dtype="fp32")
+    session = _rows()[0]["messages"]
+    np.testing.assert_allclose(
+        uni.encode_sessions([session]), retriever.encode_sessions([session]), atol=1e-5
+    )
+    assert uni.name.startswith("uniconv/")
+
+    path = _recipe(tmp_path, saved)
+    out = run_training(load_recipe(path))
+    assert (out / "uniconv.json").is_file() and not (out / "chatretriever.json").exists()
+    trained = UniConv.from_pretrained(out, device="cpu", dtype="fp32")
+    assert not np.allclose(trained.encode_sessions([session]), uni.encode_sessions([session]))
+    with pytest.raises(ValueError, match="saved uniconv model"):
+        ChatRetriever.from_pretrained(out, device="cpu", dtype="fp32")

@@ -61,6 +61,9 @@ class EmbLLM(torch.nn.Module):
 
     SAVED_CONFIG = "emb_llm.json"
     NAME_PREFIX = "emb-llm"
+    # Saved configs of OTHER methods on this same body whose directories this class can start
+    # from (a recipe continuing another method's model); its own SAVED_CONFIG is tried first.
+    CONTINUES_FROM: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -107,7 +110,8 @@ class EmbLLM(torch.nn.Module):
         device: str | torch.device | None = None,
         **overrides: Any,
     ) -> EmbLLM:
-        """A new model from a base chat LLM, or a saved directory (holding `SAVED_CONFIG`).
+        """A new model from a base chat LLM, or a saved directory (holding `SAVED_CONFIG`, or
+        one of `CONTINUES_FROM`: another method's model on the same body, to train on from).
 
         Args:
             name_or_dir: Base model (built-in name, HF dir, .gguf) or a `save_pretrained` dir.
@@ -134,9 +138,13 @@ class EmbLLM(torch.nn.Module):
         """
         path = Path(name_or_dir)
         path = builtin_retriever_dir(name_or_dir) or path
-        if (path / cls.SAVED_CONFIG).is_file():
-            retriever = emb_llm_io.load_saved(cls, path, is_trainable, overrides, config, lora)
+        saved = [n for n in (cls.SAVED_CONFIG, *cls.CONTINUES_FROM) if (path / n).is_file()]
+        if saved:
+            retriever = emb_llm_io.load_saved(
+                cls, path, is_trainable, overrides, config, lora, config_file=saved[0]
+            )
         else:
+            emb_llm_io.refuse_other_saved(cls, path)
             base = str(path.resolve()) if path.exists() else str(name_or_dir)
             retriever = emb_llm_io.load_new(cls, base, config, lora, overrides)
         return retriever.to(default_device() if device is None else torch.device(device))

@@ -92,6 +92,7 @@ def load_saved(
     overrides: Mapping[str, Any],
     config: RetrieverConfig | None = None,
     lora: LoraSettings | None = None,
+    config_file: str | None = None,
 ) -> E:
     """The retriever a `save_pretrained` directory holds (see the module's layout).
 
@@ -102,6 +103,8 @@ def load_saved(
         overrides: RetrieverConfig fields to change (`saved.continued_settings` checks them).
         config: Settings to continue with, or None for the saved ones.
         lora: LoRA settings to continue with, or None for the saved ones.
+        config_file: The saved config to read (default `cls.SAVED_CONFIG`; another method's
+            on the same body when `cls` starts from that method's model).
 
     Returns:
         The retriever, weights in fp32.
@@ -111,10 +114,11 @@ def load_saved(
             whose EMB ids differ from the saved ones, or an adapter's base model with other
             weights than the one it was trained on.
     """
-    saved = read_json(path / cls.SAVED_CONFIG)
+    config_path = path / (config_file or cls.SAVED_CONFIG)
+    saved = read_json(config_path)
     fmt = saved["format"]
     if fmt not in FORMATS:
-        raise ValueError(f"{path / cls.SAVED_CONFIG}: unknown format {fmt!r}")
+        raise ValueError(f"{config_path}: unknown format {fmt!r}")
     lora_given = lora is not None
     cfg, lora = continued_settings(path, saved, config, lora, overrides)
     from transformers import AutoTokenizer
@@ -133,6 +137,33 @@ def load_saved(
         model, _ = load_backbone_fp32(str(path), cfg)
     name = f"{cls.NAME_PREFIX}/{path.resolve().name}"
     return cls(model, tokenizer, cfg, lora, name=name, base_fingerprint=base_fp)
+
+
+def refuse_other_saved(cls: type, path: Path) -> None:
+    """Refuse a directory that holds a saved model this class cannot load (another method's
+    saved config, or a LoRA adapter without any): it is not a base model either.
+
+    Raises:
+        ValueError: Naming the directory, what it holds and the class asked for.
+    """
+    if not path.is_dir():
+        return
+    for f in sorted(path.glob("*.json")):
+        try:
+            saved = read_json(f)
+        except (OSError, ValueError):
+            continue
+        if isinstance(saved, dict) and "emb_token_ids" in saved and "format" in saved:
+            method = saved.get("method", f.stem)
+            raise ValueError(
+                f"{path} holds a saved {method} model ({f.name}), not a {cls.__name__} "
+                f"({cls.SAVED_CONFIG}): load it with that method's class"
+            )
+    if (path / "adapter_config.json").is_file():
+        raise ValueError(
+            f"{path} is a LoRA adapter without {cls.SAVED_CONFIG}: not a saved "
+            f"{cls.__name__} and not a base model"
+        )
 
 
 def load_trained_weights(model: Any, directory: Path) -> None:

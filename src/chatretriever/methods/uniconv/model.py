@@ -38,6 +38,10 @@ class UniConv(EmbLLM):
 
     SAVED_CONFIG = SAVED_CONFIG
     NAME_PREFIX = "uniconv"
+    # A ChatRetriever's saved dir (the same EmbLLM body and format; method rooms do not import
+    # each other, so its file name is spelled here): a UniConv recipe may start from a trained
+    # session retriever (`uniconv-smol` starts from `chatretriever-smol`).
+    CONTINUES_FROM = ("chatretriever.json",)
 
     # ------------------------------------------------------------------ training forward
     def cii_forward(self, batch: CiiBatch, normalize: str = "mean") -> torch.Tensor:
