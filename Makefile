@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM := false
 # (e.g. `make test TORCH_INDEX=<your PyTorch CPU wheel index URL>`); empty: the default index.
 TORCH_INDEX ?=
 
-.PHONY: install models test lint demo benchmark train-data train clean browser screenshot serve-load
+.PHONY: install models test lint demo benchmark benchmark-rag train-data train train-uniconv clean browser screenshot serve-load
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -78,6 +78,18 @@ train-data: install
 train: train-data models
 	$(VENV)/bin/chatretriever train configs/chatretriever-smol.yaml
 	$(VENV)/bin/chatretriever train configs/chatretriever-smol-v2.yaml
+
+# Rebuilds uniconv-smol into runs/uniconv-smol, continued from the shipped chatretriever-smol
+# (this CPU: about 45 minutes).
+train-uniconv: train-data models
+	$(VENV)/bin/chatretriever train configs/uniconv-smol.yaml
+
+# Retrieval and grounded answers on MTRAG-UN held-out turns (README, UniConv): uniconv-smol, the
+# decoupled pipeline, BM25 + generator, closed book, oracle, chatretriever-smol as generator.
+benchmark-rag: install models
+	$(call need-data,mtrag)
+	$(PY) benchmarks/rag.py --data $(DATA)/mtrag --out outputs/rag --uniconv uniconv-smol \
+		--limit 60 --pool 30
 
 # Headless Chromium from Debian's packages for the web page test (tests/test_web_page.py skips
 # without it); apt-get only when chromium or its driver is missing (needs root; ~40 s).

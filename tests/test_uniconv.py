@@ -279,7 +279,14 @@ def test_uniconv_starts_from_a_saved_chatretriever(tmp_path, tiny_llama_dir):
     path = _recipe(tmp_path, saved)
     out = run_training(load_recipe(path))
     assert (out / "uniconv.json").is_file() and not (out / "chatretriever.json").exists()
+    base = json.loads((out / "uniconv.json").read_text())["retriever"]["base_model"]
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == base
     trained = UniConv.from_pretrained(out, device="cpu", dtype="fp32")
     assert not np.allclose(trained.encode_sessions([session]), uni.encode_sessions([session]))
+    # adapter_config.json names the base as the config does (a built-in name, not the cache dir)
+    trained.config.base_model = "tiny-base-by-name"
+    again = trained.save_pretrained(tmp_path / "renamed")
+    config = json.loads((again / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "tiny-base-by-name"
     with pytest.raises(ValueError, match="saved uniconv model"):
         ChatRetriever.from_pretrained(out, device="cpu", dtype="fp32")

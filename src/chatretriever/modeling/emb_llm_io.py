@@ -252,6 +252,10 @@ def write_saved_files(retriever: EmbLLM, out: Path, merged: bool) -> str:
     """
     model = retriever.model
     if is_peft(model) and not merged:
+        # adapter_config.json names the base as the config does (a built-in name stays a name),
+        # not the local cache directory the base was loaded from.
+        for peft_config in model.peft_config.values():
+            peft_config.base_model_name_or_path = retriever.config.base_model
         model.save_pretrained(out, save_embedding_layers=False, safe_serialization=True)
         fmt = "adapter"
     elif is_peft(model):

@@ -5,7 +5,8 @@ Nothing is downloaded. A GGUF model is dequantized once and a zipped model unpac
 model cache (`model_cache`); later loads read the plain safetensors directory.
 
 Built-in models are `ModelInfo` entries in `BUILTIN_MODELS`; `register_model` adds more, e.g. a
-trained ChatRetriever adapter shipped inside this package (`ShippedDir`, kind "chatretriever"), the
+trained ChatRetriever or UniConv adapter shipped inside this package (`ShippedDir`, kind
+"chatretriever"), the
 tuned RaHoRe reranker adapter (kind "rahore") and its distilled Rabtriever student ("rabtriever").
 """
 
@@ -244,7 +245,8 @@ class ModelInfo:
         description: What it is, in a few words.
         kind: "causal" (chat LLM backbone), "encoder" (a sentence embedder: off the shelf, or
             fine-tuned and shipped as an adapter, `ShippedEncoderAdapter`), "chatretriever"
-            (a trained retriever directory, loaded by `chatretriever.methods.chatretriever.model`),
+            (a trained LLM-embedder directory: a ChatRetriever's or a UniConv's, loaded by the
+            class whose saved config it holds; `apps.registry.load_encoder` picks it),
             "rahore" (a tuned reranker's LoRA adapter, the `adapter` of
             `methods.rationale.reranker.BinaryChoiceReranker.from_pretrained`) or "rabtriever" (a
             `rerank-distill` output, loaded by `methods.rationale.student.RabtrieverStudent`).
@@ -349,6 +351,16 @@ for _info in (
         embedding_dim=576,
     ),
     ModelInfo(
+        "uniconv-smol",
+        "UniConv on SmolLM2-135M-Instruct: one model that retrieves for a conversation and "
+        "answers from the passages (LoRA adapter + [EMB] tokens continued from chatretriever-smol, "
+        "shipped in this package; needs smollm2-135m-instruct)",
+        "chatretriever",
+        "Apache-2.0",
+        ShippedDir("assets/uniconv-smol"),
+        embedding_dim=576,
+    ),
+    ModelInfo(
         "items-minilm",
         "minilm-l6 fine-tuned (LoRA) on the ten RecLM-emb item tasks over Steam: an item "
         "embedder; the adapter ships in this package and is merged once (needs minilm-l6)",
@@ -405,7 +417,8 @@ def builtin(name_or_path: str | Path) -> ModelInfo | None:
 
 
 def builtin_retriever_dir(name_or_path: str | Path) -> Path | None:
-    """The directory of a built-in trained retriever ("chatretriever-smol"), else None."""
+    """The directory of a built-in trained retriever ("chatretriever-smol", "uniconv-smol"),
+    else None."""
     info = builtin(name_or_path)
     if info is None or info.kind != "chatretriever":
         return None
