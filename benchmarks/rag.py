@@ -322,10 +322,13 @@ def evaluate_system(
     metrics: dict[str, float | None] = dict.fromkeys(MEASURES)
     metrics.update({"F1": generation["f1"], "ROUGE-L": generation["rouge_l"]})
     record: dict[str, Any] = {"metrics": metrics, "n": generation["n"], "consistency": None}
+    # per turn, for the paired tests against the baseline row (`paired_tests`)
+    record["per_turn"] = {"F1": {q: v["f1"] for q, v in scores.items()}}
     if run is not None and system.retrieval in ("dense", "bm25"):
         ev = evaluate_run(run, ws.judged, MEASURES)
         metrics.update(ev.aggregate)
         record["n_judged"] = ev.num_queries
+        record["per_turn"]["nDCG@3"] = {q: v["nDCG@3"] for q, v in ev.per_query.items()}
         judged_scores = {q: v for q, v in scores.items() if q in ws.judged}
         record["consistency"] = consistency(judged_scores, run.scores, ws.judged, ws.args.k)
     return record
@@ -340,6 +343,36 @@ def describe(system: RagSystem, k: int) -> str:
     }[system.retrieval]
     who = {"self": system.label, "llm": system.generator, "retriever-lm": f"{system.label}'s LM"}
     return f"{who[system.answerer]} answers from {reads}"
+
+
+BASELINE_ROW = "decoupled"  # the paired tests compare every row with it
+
+
+def paired_tests(records: Sequence[Mapping[str, Any]], baseline: str) -> str | None:
+    """Adds to each record `paired`: measure -> {"diff", "p"} against the baseline row, over the
+    turns both scored (paired randomisation test, 10,000 sign flips). Returns the baseline's id,
+    or None when it was not run."""
+    import numpy as np
+
+    from chatretriever.retrieval.evaluate import randomization_test
+
+    base = next((r for r in records if r["id"] == baseline), None)
+    if base is None:
+        return None
+    for r in records:
+        r["paired"] = {}
+        for measure, values in r["per_turn"].items():
+            other = base["per_turn"].get(measure)
+            if r is base or other is None:
+                continue
+            qids = sorted(set(values) & set(other))
+            diff = np.array([values[q] - other[q] for q in qids])
+            r["paired"][measure] = {
+                "diff": float(diff.mean()) if qids else 0.0,
+                "p": randomization_test(diff),
+                "n": len(qids),
+            }
+    return baseline
 
 
 # ------------------------------------------------------------------------------------ main
@@ -396,6 +429,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "corpus": corpus,
         "skipped": skipped,
     }
+    summary["paired_against"] = paired_tests(records, BASELINE_ROW)
     write_json(out / "rag.json", {**summary, "systems": records})
     print(write_markdown(out / "rag.md", summary, records))
     write_plot(out / "rag.png", records)

@@ -351,6 +351,33 @@ def test_results_table_and_corpus_line(rag):
     assert full == "Corpus: the full MTRAG corpus, 38,000 passages."
 
 
+def test_paired_tests_against_the_baseline_row(rag):
+    base = {"id": "decoupled", "per_turn": {"F1": {"a": 0.5, "b": 0.25}, "nDCG@3": {"a": 1.0}}}
+    uni = {
+        "id": "uniconv",
+        "per_turn": {"F1": {"a": 0.75, "b": 0.5, "c": 0.9}, "nDCG@3": {"a": 0.5}},
+    }
+    closed = {"id": "closed-book", "per_turn": {"F1": {"a": 0.5, "b": 0.25}}}
+    assert rag.paired_tests([uni, base, closed], "no-such-row") is None
+    assert rag.paired_tests([uni, base, closed], "decoupled") == "decoupled"
+    # turn c has no baseline value: left out; +0.25 on both common turns, and with two turns
+    # only the all-same-sign flips (2 of 4) are as extreme: p ~ 0.5
+    f1 = uni["paired"]["F1"]
+    assert f1["diff"] == pytest.approx(0.25) and f1["n"] == 2 and 0.4 < f1["p"] < 0.6
+    assert uni["paired"]["nDCG@3"]["diff"] == pytest.approx(-0.5)
+    assert closed["paired"] == {"F1": {"diff": 0.0, "p": 1.0, "n": 2}}  # identical: p = 1
+    assert base["paired"] == {}
+    records = [
+        {**r, "metrics": dict.fromkeys(("nDCG@3", "R@10", "F1", "ROUGE-L"), 0.5), "n": 2}
+        for r in (base, uni)
+    ]
+    lines = rag.results_table(records, "decoupled").splitlines()
+    assert lines[0].endswith("| ΔnDCG@3 vs decoupled (p) | ΔF1 vs decoupled (p) |")
+    assert (
+        lines[2].endswith("| - | - |") and "| -0.5000 (" in lines[3] and "| +0.2500 (" in lines[3]
+    )
+
+
 def test_plan_systems(rag):
     args = rag.parse_args(
         ["--systems", "uniconv", "bm25", "oracle", "--ablation", "no-cii=/x", "--generator", "g"]

@@ -25,14 +25,24 @@ def _hit_miss(c: Mapping[str, Any] | None) -> str:
     return f"{_cell(hit['f1'])} / {_cell(miss['f1'])} ({hit['n']}/{miss['n']})"
 
 
-def results_table(records: Sequence[Mapping[str, Any]]) -> str:
-    """The markdown table: one row per system (metrics of rows that do not retrieve are "-")."""
+def _paired(r: Mapping[str, Any], measure: str) -> str:
+    test = (r.get("paired") or {}).get(measure)
+    return "-" if test is None else f"{test['diff']:+.4f} ({test['p']:.3f})"
+
+
+def results_table(records: Sequence[Mapping[str, Any]], baseline: str | None = None) -> str:
+    """The markdown table: one row per system (metrics of rows that do not retrieve are "-"),
+    with the paired differences against the `baseline` row when it was run."""
     head = ["system", *MEASURES, "F1", "ROUGE-L", "F1 hit / miss (n)", "n"]
+    if baseline:
+        head += [f"ΔnDCG@3 vs {baseline} (p)", f"ΔF1 vs {baseline} (p)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         m = r["metrics"]
         cells = [r["id"], *(_cell(m[x]) for x in (*MEASURES, "F1", "ROUGE-L"))]
         cells += [_hit_miss(r.get("consistency")), str(r["n"])]
+        if baseline:
+            cells += [_paired(r, "nDCG@3"), _paired(r, "F1")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -60,10 +70,11 @@ def write_markdown(path: Path, summary: Mapping[str, Any], records: Sequence[Map
         f"judged ones; each answer reads the top {summary['k']} passages. "
         + corpus_line(summary["corpus"], summary["turns"]),
         "",
-        results_table(records),
+        results_table(records, summary.get("paired_against")),
         "",
         "F1: SQuAD token F1, ROUGE-L: F-measure, both against the reference response. "
-        f"F1 hit / miss: judged turns whose top {summary['k']} holds a relevant passage or not.",
+        f"F1 hit / miss: judged turns whose top {summary['k']} holds a relevant passage or not. "
+        "Δ: paired randomisation test (10,000 sign flips) over the turns both rows scored.",
         "",
     ]
     text += [f"- {r['id']}: {r['description']}" for r in records]
