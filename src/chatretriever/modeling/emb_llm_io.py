@@ -149,6 +149,8 @@ def refuse_other_saved(cls: type, path: Path) -> None:
     if not path.is_dir():
         return
     for f in sorted(path.glob("*.json")):
+        if f.stat().st_size > 1 << 20:  # a tokenizer, not a saved config (a few hundred bytes)
+            continue
         try:
             saved = read_json(f)
         except (OSError, ValueError):
