@@ -142,11 +142,18 @@ def test_the_v2_recipe_is_the_one_the_shipped_model_records():
     recipe = load_recipe(SHIPPED.parents[3] / "configs" / "chatretriever-smol-v2.yaml")
     saved = yaml.safe_load((SHIPPED / "train_config.yaml").read_text())
     assert recipe.model == "runs/chatretriever-smol"  # continued from stage 1 (v1)
+    assert_recipe_made(recipe, saved)
+    assert recipe.data.caps == {"topiocqa": 2000}
+    assert recipe.training["gradient_checkpointing"] is True
+    assert (recipe.loss.alpha, recipe.loss.temperature) == (saved["loss"]["alpha"], 0.01)
+
+
+def assert_recipe_made(recipe, saved: dict) -> None:
+    """The recipe in configs/ is the one a shipped model's train_config.yaml records: its data
+    (files, repeats, caps) and its training budget."""
     assert [(f.path, f.repeat) for f in recipe.data.files] == [
         (f["path"], f["repeat"]) for f in saved["data"]["files"]
     ]
-    assert recipe.data.caps == saved["data"]["caps"] == {"topiocqa": 2000}
+    assert recipe.data.caps == saved["data"]["caps"]
     for key in ("max_steps", "per_device_train_batch_size", "learning_rate", "warmup_steps"):
         assert recipe.training[key] == saved["training"][key], key
-    assert recipe.training["gradient_checkpointing"] is True
-    assert (recipe.loss.alpha, recipe.loss.temperature) == (saved["loss"]["alpha"], 0.01)

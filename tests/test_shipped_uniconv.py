@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 from safetensors import safe_open
-from test_shipped_model import CORPUS, needs_smol
+from test_shipped_model import CORPUS, assert_recipe_made, needs_smol
 
 from chatretriever.modeling.sources import BUILTIN_MODELS, builtin_retriever_dir
 
@@ -55,12 +55,7 @@ def test_the_recipe_is_the_one_the_shipped_model_records():
     recipe = load_recipe(ROOT / "configs" / "uniconv-smol.yaml")
     saved = yaml.safe_load((SHIPPED / "train_config.yaml").read_text())
     assert recipe.model == saved["model"] == "chatretriever-smol"
-    assert [(f.path, f.repeat) for f in recipe.data.files] == [
-        (f["path"], f["repeat"]) for f in saved["data"]["files"]
-    ]
-    assert recipe.data.caps == saved["data"]["caps"]
-    for key in ("max_steps", "per_device_train_batch_size", "learning_rate", "warmup_steps"):
-        assert recipe.training[key] == saved["training"][key], key
+    assert_recipe_made(recipe, saved)
     assert (recipe.uniconv.alpha, recipe.loss.alpha) == (
         saved["uniconv"]["alpha"],
         saved["loss"]["alpha"],

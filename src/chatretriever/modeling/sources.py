@@ -6,8 +6,8 @@ model cache (`model_cache`); later loads read the plain safetensors directory.
 
 Built-in models are `ModelInfo` entries in `BUILTIN_MODELS`; `register_model` adds more, e.g. a
 trained ChatRetriever or UniConv adapter shipped inside this package (`ShippedDir`, kind
-"chatretriever"), the
-tuned RaHoRe reranker adapter (kind "rahore") and its distilled Rabtriever student ("rabtriever").
+"chatretriever"), the tuned RaHoRe reranker adapter (kind "rahore") and its distilled Rabtriever
+student ("rabtriever").
 """
 
 from __future__ import annotations
