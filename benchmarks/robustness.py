@@ -34,7 +34,7 @@ from chatretriever.io.files import atomic_path, atomic_write
 from chatretriever.retrieval.evaluate import write_json
 from chatretriever.retrieval.fusion import DEFAULT_RRF_K, FUSION_METHODS
 from chatretriever.retrieval.robustness import systems as rsys
-from chatretriever.retrieval.robustness.generation import RobustnessLLM, hf_batch_generator
+from chatretriever.retrieval.robustness.generation import LazyHFGenerator, RobustnessLLM
 from chatretriever.retrieval.robustness.partial import Retrieve
 from chatretriever.types import Passage, Run, Session, passage_text
 
@@ -69,6 +69,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=192, help="of one generation")
     p.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
     p.add_argument("--gen-batch-size", type=int, default=8, help="prompts per LLM forward")
+    p.add_argument(
+        "--gen-dtype", default="bf16", help="generator weights (bf16, float32, ...; '': float32)"
+    )
     p.add_argument("--max-retries", type=int, default=2, help="per malformed reply")
     p.add_argument("--device", help="cpu, cuda, ... (default: the accelerator, else cpu)")
     p.add_argument("--k", type=int, default=100, help="passages per query")
@@ -144,30 +147,18 @@ def make_workspace(args: argparse.Namespace, sessions: list, corpus: Path) -> ru
     return _Workspace(args, sessions, corpus, mtrag=not args.sessions)
 
 
-class _Timer:
-    seconds = 0.0
-
-
-def make_llm(args: argparse.Namespace, out: Path) -> tuple[RobustnessLLM, _Timer]:
+def make_llm(args: argparse.Namespace, out: Path) -> tuple[RobustnessLLM, LazyHFGenerator]:
     """The cached generator (its model loads on the first uncached prompt) and its clock."""
-    timer, loaded = _Timer(), []
-
-    def generate(prompts, seeds, cap=None):
-        start = time.perf_counter()
-        if not loaded:
-            loaded.append(
-                hf_batch_generator(
-                    args.generator, args.max_new_tokens, args.temperature, args.device
-                )
-            )
-        texts = loaded[0](prompts, seeds, cap)
-        timer.seconds += time.perf_counter() - start
-        return texts
-
+    a = args
+    timer = LazyHFGenerator(
+        a.generator, a.max_new_tokens, a.temperature, a.device, a.gen_dtype or None
+    )
     cache = out / f"generations.{systems.slug(args.generator)}.jsonl"
     settings = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
+    if args.gen_dtype:
+        settings["dtype"] = args.gen_dtype
     llm = RobustnessLLM(
-        generate, args.generator, cache, args.gen_batch_size, args.max_retries, settings
+        timer, args.generator, cache, args.gen_batch_size, args.max_retries, settings
     )
     return llm, timer
 
@@ -320,6 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "max_new_tokens": args.max_new_tokens,
             "temperature": args.temperature,
             "batch_size": args.gen_batch_size,
+            "dtype": args.gen_dtype or "float32",
             "max_retries": args.max_retries,
             "llm_seconds": round(timer.seconds, 1),
         },

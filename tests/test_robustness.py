@@ -156,7 +156,10 @@ def test_partial_reasonable_keeps_queries_and_replaces_responses() -> None:
     # one retrieval call per turn, conversations batched together
     assert retrieve.calls == [["c1<::>3#turn1", "c2<::>1"], ["c1<::>2"], ["c1<::>3"]]
     assert set(result.run.scores) == {"c1<::>2", "c1<::>3", "c2<::>1"}
-    assert fake.batches == 2 + 1 + 1 + 1  # turn 1: 2 responses in one batch; judge+resp after
+    # turn 1: c1's response (c2 ends there: its last turn gets no response); turn 2: judge +
+    # response; turn 3 (c1's last): the judge only
+    assert fake.batches == 1 + 2 + 1
+    assert sum("Retrieved Passages" in u for u, _ in fake.calls) == 2
 
 
 def test_unreasonable_judge_uses_human_rewrite_else_llm_rewrite() -> None:
@@ -173,7 +176,7 @@ def test_unreasonable_judge_uses_human_rewrite_else_llm_rewrite() -> None:
     assert by_id["c1<::>2"].metadata["original_question"] == "Which team drafted him?"
     assert by_id["c2<::>1"].metadata["query_form"] == "original"  # a first turn is not judged
     assert result.forms == {"llm_rewrite": 1, "human_rewrite": 1, "original": 1}
-    assert set(fake.caps) == {16, 64, None}  # judge, rewrite, response
+    assert set(fake.caps) == {16, 64, 96}  # judge, rewrite, response
     # the history carries the question that was asked
     assert by_id["c1<::>3"].turns[2].content == "Which team drafted him? about LeBron James"
 
@@ -187,7 +190,7 @@ def test_judge_without_verdict_is_retried_then_counted() -> None:
     assert result.forms == {"original": 3}  # no verdict: the query stays
     judge_seeds = [s for u, s in fake.calls if "reasonable or unreasonable" in u]
     assert judge_seeds == [0, 1000, 2000] * 2  # two later turns, three tries each
-    assert set(fake.caps) == {16, None}  # judgments are capped at 16 new tokens, responses not
+    assert set(fake.caps) == {16, 96}  # judgments are capped at 16 new tokens, responses at 96
     assert llm.stats.failures == {"judge": 2} and llm.stats.retries == {"judge": 4}
 
 
@@ -272,3 +275,88 @@ def test_a_plain_rewrite_generator_works_batched() -> None:
         "Reasonable"
     ]
     assert len(seen) == 2
+
+
+class ChoosingLLM(FakeLLM):
+    """A FakeLLM that also scores options (the judge then chooses, never samples) and continues
+    a started reply (contexts are written slot by slot); every continuation runs on past its
+    line, as a model does, so the stop string is what ends it."""
+
+    continues_reply = True
+
+    def __init__(self, verdict: str = "reasonable", empty_slots: int = 0) -> None:
+        super().__init__(verdict)
+        self.empty_slots = empty_slots
+        self.scored: list[str] = []
+        self.stops: list[str | None] = []
+
+    def __call__(self, prompts, seeds, cap=None, stop=None):
+        self.stops.append(stop)
+        if prompts[0][-1]["role"] != "assistant":
+            return super().__call__(prompts, seeds, cap)
+        self.batches += 1
+        out = []
+        for messages, seed in zip(prompts, seeds, strict=True):
+            label = messages[-1]["content"].split("\n")[-1]
+            self.calls.append((label, seed))
+            if self.empty_slots > 0:
+                self.empty_slots -= 1
+                out.append("   ")
+            else:
+                out.append(f" {label[:-1]} text (seed {seed})\nResponse9: runs on")
+        return out
+
+    def score(self, prompts, options):
+        self.scored += [m[-1]["content"] for m in prompts]
+        return [[0.0 if o == self.verdict else -1.0 for o in options] for _ in prompts]
+
+
+def test_a_scoring_llm_judges_by_choice_and_caches_it(tmp_path) -> None:
+    fake = ChoosingLLM("unreasonable")
+    cache = tmp_path / "g.jsonl"
+    llm = RobustnessLLM(fake, "fake", cache_path=cache)
+    result = partial_modification(
+        group_conversations(conversation_sessions()), hash_retrieve(HashEncoder()), PASSAGES, llm
+    )
+    assert result.forms == {"llm_rewrite": 1, "human_rewrite": 1, "original": 1}
+    assert len(fake.scored) == 2 and not any("reasonable or" in u for u, _ in fake.calls)
+    assert llm.stats.choices == {"judge": {"unreasonable": 2}} and llm.stats.scored == 2
+    llm.close()
+    again = ChoosingLLM("reasonable")  # a rerun reads the verdicts from the cache
+    llm2 = RobustnessLLM(again, "fake", cache_path=cache)
+    partial_modification(
+        group_conversations(conversation_sessions()), hash_retrieve(HashEncoder()), PASSAGES, llm2
+    )
+    assert again.scored == [] and llm2.stats.choices == {"judge": {"unreasonable": 2}}
+    with pytest.raises(ValueError, match="two options"):
+        RobustnessLLM(FakeLLM(), "fake").choose("judge", [[]], ["a", "b"])
+
+
+def test_contexts_are_written_slot_by_slot_when_the_llm_continues_a_reply() -> None:
+    sessions = conversation_sessions()
+    fake = ChoosingLLM(empty_slots=1)
+    llm = RobustnessLLM(fake, "fake", max_retries=1)
+    result = full_modification(sessions, llm, n_contexts=2)
+    assert result.fallbacks == [0, 0]
+    s = result.context_sets[1][0]
+    # each slot is cut at the stop string: the model's run-on "Response9" line is gone
+    assert [(t.role, t.content) for t in s.turns[:4]] == [
+        ("user", "Query1 text (seed 1)"),
+        ("assistant", "Response1 text (seed 1)"),
+        ("user", "Query2 text (seed 1)"),
+        ("assistant", "Response2 text (seed 1)"),
+    ]
+    assert s.question == sessions[0].question and s.metadata["context"] == "synthetic"
+    # the slot prompt: Figure 7, then the reply written so far with the next label open
+    slot_prompts = [u for u, _ in fake.calls if u.startswith(("Query", "Response"))]
+    assert len(slot_prompts) == 2 * 3 * 4 + 1  # sets x sessions x slots + the one retry
+    assert "\n" in fake.stops and llm.stats.retries == {"context_slot": 1}
+    assert llm.stats.reasons == {"empty": 1}
+
+
+def test_a_slot_empty_after_every_retry_fails_its_context() -> None:
+    fake = ChoosingLLM(empty_slots=10**6)
+    llm = RobustnessLLM(fake, "fake", max_retries=1)
+    result = full_modification(conversation_sessions()[:1], llm, n_contexts=1)
+    assert result.fallbacks == [1] and llm.stats.failures == {"context_slot": 1}
+    assert result.context_sets[0][0].metadata["context"] == "original"

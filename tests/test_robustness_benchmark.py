@@ -6,7 +6,7 @@ import json
 
 import pytest
 from test_benchmarks import load_benchmark, loads, mtrag  # noqa: F401 (fixtures)
-from test_robustness import FakeLLM
+from test_robustness import ChoosingLLM
 
 pytest.importorskip("bm25s")
 pytest.importorskip("ir_measures")
@@ -20,8 +20,10 @@ def test_robustness_benchmark_table_json_plot_and_cached_rerun(
     capsys,
 ) -> None:
     rob = load_benchmark("robustness")
-    fake = FakeLLM("unreasonable")
-    monkeypatch.setattr(rob, "hf_batch_generator", lambda *a: fake)
+    fake = ChoosingLLM("unreasonable")
+    from chatretriever.retrieval.robustness import generation
+
+    monkeypatch.setattr(generation, "hf_batch_generator", lambda *a: fake)
     monkeypatch.setattr(rob.runs.backends, "have_faiss", lambda: False)  # numpy search path
     convs = tmp_path / "convs.txt"
     convs.write_text("cA\ncB\n")

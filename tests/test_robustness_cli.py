@@ -6,7 +6,7 @@ import json
 
 import pytest
 from fakes import HashEncoder
-from test_robustness import PASSAGES, QRELS, FakeLLM, conversation_sessions
+from test_robustness import PASSAGES, QRELS, ChoosingLLM, conversation_sessions
 
 from chatretriever.apps.registry import register_encoder, unregister_encoder
 from chatretriever.cli import main
@@ -21,9 +21,9 @@ pytest.importorskip("bm25s")
 def files(tmp_path, monkeypatch):
     register_encoder("fake", lambda rest: HashEncoder(name=rest or "fake-hash"))
     loads: list[str] = []
-    fake = FakeLLM("unreasonable")
+    fake = ChoosingLLM("unreasonable")
 
-    def fake_generator(name, max_new_tokens, temperature):
+    def fake_generator(name, *settings):
         loads.append(name)
         return fake
 

@@ -30,3 +30,36 @@ def test_sampling_is_reproducible_per_seed(tiny_llama_dir) -> None:
     assert generate([CHATS[0]] * 2, [3, 4]) == first
     runs = {tuple(generate([CHATS[0]], [s])) for s in range(5)}
     assert len(runs) > 1  # seeds change a sampled reply
+
+
+def test_score_is_each_options_log_likelihood_as_the_reply(tiny_llama_dir) -> None:
+    import torch
+
+    generate = hf_batch_generator(str(tiny_llama_dir), temperature=0.0)
+    model, tok = generate.model, generate.tokenizer
+    options = ["reasonable", "unreasonable"]
+    got = generate.score(CHATS, options)  # left-padded: the two prompts differ in length
+    for chat, row in zip(CHATS, got, strict=True):
+        head = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+        head_ids = tok(head, add_special_tokens=False)["input_ids"]
+        for option, value in zip(options, row, strict=True):
+            tail = tok(option, add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([head_ids + tail])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)  # (T, V)
+            want = sum(float(logp[len(head_ids) - 1 + j, t]) for j, t in enumerate(tail))
+            assert value == pytest.approx(want, abs=1e-3)
+    assert got[0] != got[1]
+
+
+def test_a_last_assistant_message_is_continued_and_cut_at_the_stop(tiny_llama_dir) -> None:
+    generate = hf_batch_generator(str(tiny_llama_dir), max_new_tokens=12, temperature=0.0)
+    tok = generate.tokenizer
+    started = [*CHATS[1], {"role": "assistant", "content": "Query1:"}]
+    text = generate._text(started)
+    opened = tok.apply_chat_template(CHATS[1], add_generation_prompt=True, tokenize=False)
+    assert text == opened + "Query1:"  # the reply is continued, not closed and answered
+    free = generate([started], [0])[0]
+    stop = free[len(free) // 2]  # text the free reply reaches (a stop is any string)
+    cut = generate([started], [0], None, stop)[0]
+    assert stop not in cut and free.startswith(cut) and len(cut) < len(free)

@@ -37,26 +37,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=192)
     p.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
     p.add_argument("--gen-batch-size", type=int, default=8, help="prompts per LLM call")
+    p.add_argument("--gen-dtype", default="bf16", help="generator weights ('': float32)")
     p.add_argument("--max-retries", type=int, default=2, help="per malformed reply")
     p.add_argument("--k", type=int, default=100)
     add_hybrid_arguments(p)
     p.set_defaults(func=cmd_robustness)
-
-
-def _lazy_generator(args: argparse.Namespace):
-    """The LLM, loaded on its first call only (an all-cached rerun loads none)."""
-    from chatretriever.retrieval.robustness import generation
-
-    loaded = []
-
-    def generate(prompts, seeds, cap=None):
-        if not loaded:
-            loaded.append(
-                generation.hf_batch_generator(args.generator, args.max_new_tokens, args.temperature)
-            )
-        return loaded[0](prompts, seeds, cap)
-
-    return generate
 
 
 def _system(args: argparse.Namespace, llm):
@@ -124,9 +109,14 @@ def cmd_robustness(args: argparse.Namespace) -> int:
     qrels = read_qrels(args.qrels)
     out = Path(args.out)
     cache = Path(args.cache) if args.cache else out / "generations.jsonl"
+    from chatretriever.retrieval.robustness.generation import LazyHFGenerator
+
     settings = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
+    if args.gen_dtype:
+        settings["dtype"] = args.gen_dtype
+    a = args
     llm = RobustnessLLM(
-        _lazy_generator(args),
+        LazyHFGenerator(a.generator, a.max_new_tokens, a.temperature, None, a.gen_dtype or None),
         args.generator,
         cache,
         args.gen_batch_size,

@@ -20,7 +20,12 @@ from chatretriever.retrieval.robustness.partial import (
     Standalone,
     llm_standalone,
 )
-from chatretriever.retrieval.robustness.prompts import RobustnessPrompts, parse_context
+from chatretriever.retrieval.robustness.prompts import (
+    CONTEXT_SLOTS,
+    RobustnessPrompts,
+    malformed_reason,
+    parse_context,
+)
 from chatretriever.types import Session, Turn
 
 logger = logging.getLogger(__name__)
@@ -87,7 +92,10 @@ def full_modification(
     sets, seeds, fallbacks = [], [], []
     for r in range(n_contexts):
         seed = first_seed + r
-        contexts = llm.generate_valid("context", messages, [seed] * len(messages), parse)
+        if llm.continues_reply:
+            contexts = _slotwise_contexts(sessions, rewrites, llm, prompts, seed)
+        else:
+            contexts = llm.generate_valid("context", messages, [seed] * len(messages), parse)
         out = []
         for s, turns, form in zip(sessions, contexts, forms, strict=True):
             meta = {**s.metadata, "context_seed": seed, "standalone_form": form}
@@ -102,6 +110,40 @@ def full_modification(
         seeds.append(seed)
         fallbacks.append(sum(1 for t in contexts if t is None))
     return FullResult(sets, seeds, fallbacks)
+
+
+def _slotwise_contexts(
+    sessions: Sequence[Session],
+    rewrites: Sequence[str],
+    llm: RobustnessLLM,
+    prompts: RobustnessPrompts,
+    seed: int,
+) -> list[tuple[Turn, ...] | None]:
+    """Figure 7 contexts written one slot (line) at a time after its label, so the layout holds
+    by construction; a slot still empty or runaway after the retries fails its context."""
+
+    def parse(text: str) -> tuple[str | None, str | None]:
+        reason = malformed_reason(text, prompts.max_turn_chars * 2)
+        return (None, reason) if reason else (text.strip(), None)
+
+    filled: list[list[str] | None] = [[] for _ in sessions]
+    for _ in CONTEXT_SLOTS:
+        live = [i for i, f in enumerate(filled) if f is not None]
+        messages = [
+            prompts.context_slot_messages(
+                sessions[i].question, rewrites[i], sessions[i].response or "(no response)",
+                filled[i],  # type: ignore[arg-type]
+            )
+            for i in live
+        ]  # fmt: skip
+        slots = llm.generate_valid("context_slot", messages, [seed] * len(live), parse)
+        for i, slot in zip(live, slots, strict=True):
+            filled[i] = None if slot is None else [*filled[i], slot]  # type: ignore[misc]
+    roles = ("user", "assistant") * (len(CONTEXT_SLOTS) // 2)
+    return [
+        None if f is None else tuple(Turn(r, t) for r, t in zip(roles, f, strict=True))
+        for f in filled
+    ]
 
 
 def _rewrites(sessions: Sequence[Session], standalone: Standalone) -> tuple[list[str], list[str]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,22 +27,37 @@ T = TypeVar("T")
 
 class BatchGenerator(Protocol):
     """Generates one reply per (messages, seed); a batch is one forward pass where it can be.
-    `max_new_tokens`, when given, caps this call's replies (a judgment needs few tokens)."""
+    `max_new_tokens`, when given, caps this call's replies (a judgment needs few tokens); `stop`,
+    when given, ends a reply at its first occurrence (a generator that cannot stop there may run
+    on: `RobustnessLLM` cuts the reply). A generator may also offer
+    `score(prompts, options) -> [[log-likelihood per option]]` (choices without sampling) and
+    `continues_reply = True` (a last assistant message is continued, not answered)."""
 
     def __call__(
-        self, prompts: Sequence[Messages], seeds: Sequence[int], max_new_tokens: int | None = None
+        self,
+        prompts: Sequence[Messages],
+        seeds: Sequence[int],
+        max_new_tokens: int | None = None,
+        stop: str | None = None,
     ) -> list[str]: ...
 
 
-# Token caps per prompt kind: a verdict is a word, a rewrite one question (as in rewrite.py).
-KIND_MAX_NEW_TOKENS = {"judge": 16, "rewrite": 64}
+# Token caps per prompt kind: a verdict is a word, a rewrite one question (as in rewrite.py), a
+# response about what a later context shows of it (`RobustnessPrompts.max_turn_chars`, 400
+# characters, ~100 tokens: more is never read), a slot of a context one line.
+KIND_MAX_NEW_TOKENS = {"judge": 16, "rewrite": 64, "response": 96, "context_slot": 64}
+# Stop strings per prompt kind: a context slot is one line.
+KIND_STOP = {"context_slot": "\n"}
 
 
 def batched(generate: Generator) -> BatchGenerator:
     """A `rewrite.Generator` (messages -> reply) as a BatchGenerator (one call per prompt)."""
 
     def run(
-        prompts: Sequence[Messages], seeds: Sequence[int], max_new_tokens: int | None = None
+        prompts: Sequence[Messages],
+        seeds: Sequence[int],
+        max_new_tokens: int | None = None,
+        stop: str | None = None,
     ) -> list[str]:
         return [generate(list(m)) for m in prompts]
 
@@ -63,6 +79,8 @@ class GenerationStats:
 
     generated: int = 0
     cached: int = 0
+    scored: int = 0
+    choices: dict[str, dict[str, int]] = field(default_factory=dict)
     retries: dict[str, int] = field(default_factory=dict)
     failures: dict[str, int] = field(default_factory=dict)
     reasons: dict[str, int] = field(default_factory=dict)
@@ -71,6 +89,8 @@ class GenerationStats:
         return {
             "generated": self.generated,
             "cached": self.cached,
+            "scored": self.scored,
+            "choices": {k: dict(v) for k, v in self.choices.items()},
             "retries": dict(self.retries),
             "failures": dict(self.failures),
             "malformed_reasons": dict(self.reasons),
@@ -127,9 +147,12 @@ class RobustnessLLM:
             One reply per prompt, in order.
         """
         cap = self.kind_max_new_tokens.get(kind) if kind else None
+        stop = KIND_STOP.get(kind) if kind else None
         settings = dict(self.settings)
         if cap is not None:  # the key records the limit the generator really applies
             settings["max_new_tokens"] = min(cap, settings.get("max_new_tokens", cap))
+        if stop is not None:
+            settings["stop"] = stop
         keys = [
             generation_key(m, self.model, s, settings) for m, s in zip(prompts, seeds, strict=True)
         ]
@@ -138,12 +161,59 @@ class RobustnessLLM:
         self.stats.cached += len(prompts) - len(todo)
         for start in range(0, len(todo), self.batch_size):
             part = todo[start : start + self.batch_size]
-            texts = self.generate_batch([prompts[i] for i in part], [seeds[i] for i in part], cap)
+            batch = [prompts[i] for i in part], [seeds[i] for i in part], cap
+            texts = self.generate_batch(*batch, stop) if stop else self.generate_batch(*batch)
             for i, text in zip(part, texts, strict=True):
+                if stop is not None:
+                    text = text.split(stop)[0]
                 self.cache.put(keys[i], {"model": self.model, "seed": seeds[i], "rewrite": text})
                 out[i] = text
             self.stats.generated += len(part)
         return [str(t) for t in out]
+
+    @property
+    def can_choose(self) -> bool:
+        """Whether the generator scores options (`choose` then needs no sampling)."""
+        return callable(getattr(self.generate_batch, "score", None))
+
+    @property
+    def continues_reply(self) -> bool:
+        """Whether the generator continues a last assistant message (slot-wise contexts)."""
+        return bool(getattr(self.generate_batch, "continues_reply", False))
+
+    def choose(self, kind: str, prompts: Sequence[Messages], options: Sequence[str]) -> list[int]:
+        """The option each prompt's reply most likely starts with (highest summed token
+        log-likelihood as the assistant's reply: lm-evaluation-harness's "acc"); cached.
+
+        Args:
+            kind: The prompt kind (counted per chosen option in `stats.choices`).
+            prompts: Chat messages.
+            options: The replies to choose from (at least two).
+
+        Returns:
+            The index of the chosen option per prompt.
+        """
+        if len(options) < 2 or not self.can_choose:
+            raise ValueError("choose needs two options and a generator with score()")
+        settings = {"choose": list(options)}
+        keys = [generation_key(m, self.model, 0, settings) for m in prompts]
+        cached = [self.cache.get(k) for k in keys]
+        out = [options.index(c) if c in options else None for c in cached]
+        todo = [i for i, c in enumerate(out) if c is None]
+        self.stats.cached += len(prompts) - len(todo)
+        score = self.generate_batch.score  # type: ignore[attr-defined]
+        for start in range(0, len(todo), self.batch_size):
+            part = todo[start : start + self.batch_size]
+            rows = score([prompts[i] for i in part], list(options))
+            for i, row in zip(part, rows, strict=True):
+                best = max(range(len(options)), key=lambda o: row[o])
+                self.cache.put(keys[i], {"model": self.model, "seed": 0, "rewrite": options[best]})
+                out[i] = best
+            self.stats.scored += len(part)
+        counts = self.stats.choices.setdefault(kind, {})
+        for c in out:
+            counts[options[c]] = counts.get(options[c], 0) + 1
+        return [int(c) for c in out]  # type: ignore[arg-type]
 
     def generate_valid(
         self,
@@ -204,7 +274,8 @@ def hf_batch_generator(
     max_new_tokens: int = 192,
     temperature: float = 0.7,
     device: str | None = None,
-) -> BatchGenerator:
+    dtype: str | None = None,
+) -> HFChatGenerator:
     """A sampling chat generator over a causal LM (`load_backbone(kind="causal")`), batched with
     left padding; each seed group is generated after `torch.manual_seed(seed)`.
 
@@ -213,46 +284,158 @@ def hf_batch_generator(
         max_new_tokens: The most tokens of one reply.
         temperature: Sampling temperature (0: greedy; seeds then change nothing).
         device: Where to run; default the current accelerator, else CPU.
+        dtype: Weights' dtype (`load_backbone`: None is float32; "bf16" halves the time of a
+            generation on a CPU with AVX512-BF16/AMX; the name belongs in the cache settings).
 
     Returns:
-        (prompts, seeds) -> replies.
+        (prompts, seeds[, max_new_tokens, stop]) -> replies; it also scores options and
+        continues a last assistant message (see `BatchGenerator`).
     """
-    import torch
+    return HFChatGenerator(model_name, max_new_tokens, temperature, device, dtype)
 
-    from chatretriever.modeling.backbones import default_device, load_backbone
 
-    model, tokenizer = load_backbone(model_name, kind="causal")
-    model.to(default_device() if device is None else device).eval()
-    tokenizer.padding_side = "left"  # generation continues from the right end of every row
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
+class HFChatGenerator:
+    """See `hf_batch_generator`."""
 
-    def run(prompts: Sequence[Messages], seeds: Sequence[int], cap: int | None = None) -> list[str]:
+    continues_reply = True
+
+    def __init__(
+        self,
+        model_name: str,
+        max_new_tokens: int,
+        temperature: float,
+        device: str | None,
+        dtype: str | None,
+    ) -> None:
+        from chatretriever.modeling.backbones import default_device, load_backbone
+
+        model, tokenizer = load_backbone(model_name, kind="causal", dtype=dtype)
+        self.model = model.to(default_device() if device is None else device).eval()
+        tokenizer.padding_side = "left"  # generation continues from the right end of every row
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.tokenizer = tokenizer
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+
+    def _text(self, messages: Messages) -> str:
+        """The chat template; a last assistant message is left open to be continued."""
+        if messages and messages[-1]["role"] == "assistant":
+            return self.tokenizer.apply_chat_template(
+                messages, continue_final_message=True, tokenize=False
+            )
+        return self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False
+        )
+
+    def __call__(
+        self,
+        prompts: Sequence[Messages],
+        seeds: Sequence[int],
+        cap: int | None = None,
+        stop: str | None = None,
+    ) -> list[str]:
+        import torch
+
+        tokenizer, model = self.tokenizer, self.model
+        limit = self.max_new_tokens if cap is None else min(cap, self.max_new_tokens)
+        extra = {"stop_strings": [stop], "tokenizer": tokenizer} if stop else {}
         out: list[str] = [""] * len(prompts)
         for seed in sorted(set(seeds)):
             rows = [i for i, s in enumerate(seeds) if s == seed]
-            texts = [
-                tokenizer.apply_chat_template(
-                    prompts[i], add_generation_prompt=True, tokenize=False
-                )
-                for i in rows
-            ]
+            texts = [self._text(prompts[i]) for i in rows]
             enc = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
             enc = enc.to(model.device)
             torch.manual_seed(seed)
             with torch.no_grad():
                 gen = model.generate(
                     **enc,
-                    max_new_tokens=max_new_tokens if cap is None else min(cap, max_new_tokens),
-                    do_sample=temperature > 0,
-                    temperature=temperature if temperature > 0 else None,
+                    max_new_tokens=limit,
+                    do_sample=self.temperature > 0,
+                    temperature=self.temperature if self.temperature > 0 else None,
                     top_p=None,
                     top_k=None,
                     pad_token_id=tokenizer.pad_token_id,
+                    **extra,
                 )  # (B, T + T_new)
             new = gen[:, enc["input_ids"].shape[1] :]  # (B, T_new)
             for i, row in zip(rows, new.tolist(), strict=True):
-                out[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+                text = tokenizer.decode(row, skip_special_tokens=True)
+                out[i] = (text.split(stop)[0] if stop else text).strip()
         return out
 
-    return run
+    def score(self, prompts: Sequence[Messages], options: Sequence[str]) -> list[list[float]]:
+        """Summed log-likelihood of each option as the assistant's reply to each prompt: one
+        forward over len(prompts) x len(options) left-padded rows, logits kept only for the
+        options' tokens (a full vocabulary at every prompt position would be gigabytes)."""
+        import torch
+
+        tokenizer, model = self.tokenizer, self.model
+        heads = [tokenizer(self._text(m), add_special_tokens=False)["input_ids"] for m in prompts]
+        tails = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]
+        if any(not t for t in tails):
+            raise ValueError("an option has no tokens")
+        rows = [h + t for h in heads for t in tails]
+        width, keep = max(len(r) for r in rows), max(len(t) for t in tails) + 1
+        pad = tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=model.device)
+        mask = torch.tensor(
+            [[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device
+        )
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens from 0
+        with torch.no_grad():
+            logits = model(
+                input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=keep
+            ).logits.float()  # (R, keep, V): positions width - keep .. width - 1
+        logp = torch.log_softmax(logits, dim=-1)
+        out: list[list[float]] = []
+        for p in range(len(heads)):
+            scores = []
+            for o, tail in enumerate(tails):
+                # tail token j sits at width - len + j, predicted one position earlier
+                at = torch.arange(keep - 1 - len(tail), keep - 1, device=model.device)
+                target = torch.tensor(tail, device=model.device)
+                scores.append(float(logp[p * len(tails) + o, at, target].sum()))
+            out.append(scores)
+        return out
+
+
+class LazyHFGenerator:
+    """`hf_batch_generator` loaded on its first call (an all-cached rerun loads no model), with
+    the seconds spent in it (`seconds`, loading included). It scores and continues replies as
+    the HF generator does, known before loading (the cache keys depend on it)."""
+
+    continues_reply = True
+
+    def __init__(
+        self,
+        model_name: str = DEFAULT_MODEL,
+        max_new_tokens: int = 192,
+        temperature: float = 0.7,
+        device: str | None = None,
+        dtype: str | None = None,
+    ) -> None:
+        self._args = (model_name, max_new_tokens, temperature, device, dtype)
+        self._model: HFChatGenerator | None = None
+        self.seconds = 0.0
+
+    def _timed(self, method: str, *args: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            if self._model is None:
+                self._model = hf_batch_generator(*self._args)
+            return getattr(self._model, method)(*args)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def __call__(
+        self,
+        prompts: Sequence[Messages],
+        seeds: Sequence[int],
+        cap: int | None = None,
+        stop: str | None = None,
+    ) -> list[str]:
+        return self._timed("__call__", prompts, seeds, cap, stop)  # type: ignore[no-any-return]
+
+    def score(self, prompts: Sequence[Messages], options: Sequence[str]) -> list[list[float]]:
+        return self._timed("score", prompts, options)  # type: ignore[no-any-return]

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from chatretriever.retrieval.robustness.conversations import Conversation, Step, with_history
 from chatretriever.retrieval.robustness.generation import RobustnessLLM
 from chatretriever.retrieval.robustness.prompts import (
+    JUDGE_OPTIONS,
     RobustnessPrompts,
     malformed_reason,
     parse_verdict,
@@ -112,9 +113,22 @@ def partial_modification(
             for st, step, q in zip(active, steps, questions, strict=True)
         ]
         run = retrieve(sessions)
-        responses = _responses(run, sessions, steps, passages, llm, prompts, top_passages, seed)
-        for st, step, s, form, reply in zip(active, steps, sessions, used, responses, strict=True):
-            st.history += [Turn("user", s.question), Turn("assistant", reply)]
+        # A conversation's last turn has no later turn to read its response: none is written.
+        go_on = [i for i, st in enumerate(active) if j + 1 < len(st.conversation.steps)]
+        replies = _responses(
+            run,
+            [sessions[i] for i in go_on],
+            [steps[i] for i in go_on],
+            passages,
+            llm,
+            prompts,
+            top_passages,
+            seed,
+        )
+        responses = dict(zip(go_on, replies, strict=True))
+        for i, (st, step, s, form) in enumerate(zip(active, steps, sessions, used, strict=True)):
+            if i in responses:
+                st.history += [Turn("user", s.question), Turn("assistant", responses[i])]
             if step.task:
                 scores[s.id] = dict(run.scores.get(s.id, {}))
                 meta = {**s.metadata, "query_form": form, "original_question": step.question}
@@ -139,12 +153,13 @@ def _questions(
     forms = [ORIGINAL] * len(steps)
     if j == 0:  # no context yet: every first question is reasonable
         return questions, forms
-    verdicts = llm.generate_valid(
-        "judge",
-        [prompts.judge_messages(st.history, q) for st, q in zip(active, questions, strict=True)],
-        [seed] * len(steps),
-        _parse_verdict,
-    )
+    pairs = zip(active, questions, strict=True)
+    messages = [prompts.judge_messages(st.history, q) for st, q in pairs]
+    if llm.can_choose:  # a verdict by likelihood: always one, no sampling, one forward
+        picks = llm.choose("judge", messages, JUDGE_OPTIONS)
+        verdicts: list[bool | None] = [JUDGE_OPTIONS[c] == "reasonable" for c in picks]
+    else:
+        verdicts = llm.generate_valid("judge", messages, [seed] * len(steps), _parse_verdict)
     # A judge that never answered leaves the query as it is (counted among the failures).
     bad = [i for i, v in enumerate(verdicts) if v is False]
     need_llm = [i for i in bad if not steps[i].session.rewrite]

@@ -48,6 +48,11 @@ CONTEXT_TEMPLATE = (
     "Query1: ...\nResponse1: ...\nQuery2: ...\nResponse2: ..."
 )
 
+# The judge's two answers (scored by likelihood when the generator can, else parsed).
+JUDGE_OPTIONS = ("reasonable", "unreasonable")
+# The Figure 7 layout, written slot by slot when the generator continues a reply.
+CONTEXT_SLOTS = ("Query1", "Response1", "Query2", "Response2")
+
 
 @dataclass(frozen=True)
 class RobustnessPrompts:
@@ -110,6 +115,21 @@ class RobustnessPrompts:
             query=query.strip(), rewrite=rewrite.strip(), response=self._cut(response)
         )
         return self._messages(user)
+
+    def context_slot_messages(
+        self, query: str, rewrite: str, response: str, filled: Sequence[str]
+    ) -> list[dict[str, str]]:
+        """Figure 7 with the reply started: the slots in `filled` written, the next slot's label
+        open ("Query1: ...\nResponse1:"), so the model writes one line of the layout."""
+        labels = CONTEXT_SLOTS[: len(filled) + 1]
+        if len(filled) >= len(CONTEXT_SLOTS):
+            raise ValueError(f"a context has {len(CONTEXT_SLOTS)} slots")
+        lines = [f"{label}: {text}" for label, text in zip(labels, filled, strict=False)]
+        reply = "\n".join([*lines, f"{labels[-1]}:"])
+        return [
+            *self.context_messages(query, rewrite, response),
+            {"role": "assistant", "content": reply},
+        ]
 
 
 def parse_verdict(text: str) -> bool | None:
