@@ -12,10 +12,12 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
+
+from tqdm.auto import tqdm
 
 from chatretriever.retrieval.rewrite import DEFAULT_MODEL, Generator, RewriteCache
 
@@ -159,7 +161,7 @@ class RobustnessLLM:
         out = [self.cache.get(k) for k in keys]
         todo = [i for i, t in enumerate(out) if t is None]
         self.stats.cached += len(prompts) - len(todo)
-        for start in range(0, len(todo), self.batch_size):
+        for start in self._progress(len(todo), kind or "generate"):
             part = todo[start : start + self.batch_size]
             batch = [prompts[i] for i in part], [seeds[i] for i in part], cap
             texts = self.generate_batch(*batch, stop) if stop else self.generate_batch(*batch)
@@ -170,6 +172,11 @@ class RobustnessLLM:
                 out[i] = text
             self.stats.generated += len(part)
         return [str(t) for t in out]
+
+    def _progress(self, n: int, kind: str) -> Iterable[int]:
+        """Batch starts over n prompts, with a progress bar when there is more than one batch."""
+        starts = range(0, n, self.batch_size)
+        return tqdm(starts, desc=f"LLM {kind}", unit="batch", disable=len(starts) < 2, leave=False)
 
     @property
     def can_choose(self) -> bool:
@@ -202,7 +209,7 @@ class RobustnessLLM:
         todo = [i for i, c in enumerate(out) if c is None]
         self.stats.cached += len(prompts) - len(todo)
         score = self.generate_batch.score  # type: ignore[attr-defined]
-        for start in range(0, len(todo), self.batch_size):
+        for start in self._progress(len(todo), kind):
             part = todo[start : start + self.batch_size]
             rows = score([prompts[i] for i in part], list(options))
             for i, row in zip(part, rows, strict=True):

@@ -166,8 +166,9 @@ def parse_context(text: str) -> tuple[Turn, ...] | None:
 
 
 def malformed_reason(text: str, max_chars: int) -> str | None:
-    """Why a free-text reply is unusable ("empty", "runaway"), or None when it is usable."""
-    if not text.strip():
+    """Why a free-text reply is unusable ("empty": no letter or digit, as the "..." a small model
+    copies from the Figure 7 layout; "runaway"), or None when it is usable."""
+    if not any(c.isalnum() for c in text):
         return "empty"
     if len(text) > max_chars:
         return "runaway"
