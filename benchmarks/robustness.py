@@ -225,8 +225,9 @@ def write_results(out: Path, summary: dict) -> str:
             "",
             table(summary),
             "",
-            f"LLM: {llm['generated']} generations ({summary['generation']['llm_seconds']} s), "
-            f"{llm['cached']} from the cache; retries {llm['retries']}, failures "
+            f"LLM: {llm['generated']} generations and {llm.get('scored', 0)} scored choices "
+            f"({summary['generation']['llm_seconds']} s), {llm['cached']} from the cache; "
+            f"choices {llm.get('choices', {})}; retries {llm['retries']}, failures "
             f"{llm['failures']} ({llm['malformed_reasons']}); full-context fallbacks per set "
             f"{summary['full_fallbacks']}.",
             "",

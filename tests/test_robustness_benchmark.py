@@ -54,6 +54,13 @@ def test_robustness_benchmark_table_json_plot_and_cached_rerun(
     assert summary["judged_turns"] == 3 and summary["generator"] == "fake-llm"
     md = (out / "robustness.md").read_text()
     assert "| csit.session |" in md and "full SD" in md
+    # the judge chose by likelihood (the fake scores): one verdict per system (cA's turn 2),
+    # scored afresh only where a system's modified history is new
+    judged = summary["llm"]["choices"]["judge"]
+    assert judged == {"unreasonable": len(names)} and "'unreasonable': 9" in md
+    assert 1 <= summary["llm"]["scored"] <= len(names)
+    assert not any("reasonable or unreasonable" in u for u, _ in fake.calls)
+    assert summary["generation"]["dtype"] == "bf16"
     assert (out / "robustness.png").stat().st_size > 0
     assert len(list(out.glob("partial.*.jsonl"))) == 9 and (out / "full.seed2.jsonl").exists()
     calls = len(fake.calls)
