@@ -408,21 +408,14 @@ class HFChatGenerator:
 
 
 class LazyHFGenerator:
-    """`hf_batch_generator` loaded on its first call (an all-cached rerun loads no model), with
-    the seconds spent in it (`seconds`, loading included). It scores and continues replies as
-    the HF generator does, known before loading (the cache keys depend on it)."""
+    """`hf_batch_generator(*settings)` loaded on its first call (an all-cached rerun loads no
+    model), with the seconds spent in it (`seconds`, loading included). It scores and continues
+    replies as the HF generator does, known before loading (the cache keys depend on it)."""
 
     continues_reply = True
 
-    def __init__(
-        self,
-        model_name: str = DEFAULT_MODEL,
-        max_new_tokens: int = 192,
-        temperature: float = 0.7,
-        device: str | None = None,
-        dtype: str | None = None,
-    ) -> None:
-        self._args = (model_name, max_new_tokens, temperature, device, dtype)
+    def __init__(self, *settings: Any) -> None:
+        self._settings = settings
         self._model: HFChatGenerator | None = None
         self.seconds = 0.0
 
@@ -430,19 +423,13 @@ class LazyHFGenerator:
         start = time.perf_counter()
         try:
             if self._model is None:
-                self._model = hf_batch_generator(*self._args)
+                self._model = hf_batch_generator(*self._settings)
             return getattr(self._model, method)(*args)
         finally:
             self.seconds += time.perf_counter() - start
 
-    def __call__(
-        self,
-        prompts: Sequence[Messages],
-        seeds: Sequence[int],
-        cap: int | None = None,
-        stop: str | None = None,
-    ) -> list[str]:
-        return self._timed("__call__", prompts, seeds, cap, stop)  # type: ignore[no-any-return]
+    def __call__(self, *args: Any) -> list[str]:
+        return self._timed("__call__", *args)  # type: ignore[no-any-return]
 
-    def score(self, prompts: Sequence[Messages], options: Sequence[str]) -> list[list[float]]:
-        return self._timed("score", prompts, options)  # type: ignore[no-any-return]
+    def score(self, *args: Any) -> list[list[float]]:
+        return self._timed("score", *args)  # type: ignore[no-any-return]
