@@ -35,7 +35,7 @@ from chatretriever.retrieval.evaluate import write_json
 from chatretriever.retrieval.fusion import DEFAULT_RRF_K, FUSION_METHODS
 from chatretriever.retrieval.robustness import systems as rsys
 from chatretriever.retrieval.robustness.generation import LazyHFGenerator, RobustnessLLM
-from chatretriever.retrieval.robustness.partial import Retrieve
+from chatretriever.retrieval.robustness.partial import Retrieve, judge_check
 from chatretriever.types import Passage, Run, Session, passage_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -73,6 +73,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--gen-dtype", default="bf16", help="generator weights (bf16, float32, ...; '': float32)"
     )
     p.add_argument("--max-retries", type=int, default=2, help="per malformed reply")
+    p.add_argument(
+        "--judge-check",
+        type=int,
+        default=60,
+        metavar="N",
+        help="judge N training turns after their own and another conversation's history (0: off)",
+    )
     p.add_argument("--device", help="cpu, cuda, ... (default: the accelerator, else cpu)")
     p.add_argument("--k", type=int, default=100, help="passages per query")
     p.add_argument("--batch-size", type=int, default=64, help="passages per encoder call")
@@ -118,6 +125,21 @@ def load_data(args: argparse.Namespace) -> tuple[list, list, Path]:
         sessions = [s for s in sessions if s.id in keep]
     ids = {s.id for s in sessions}
     return sessions, [q for q in qrels if q.query_id in ids], Path(corpus)
+
+
+def judge_check_sessions(args: argparse.Namespace) -> list[Session]:
+    """The turns the judge is checked on: MTRAG's training conversations (those outside
+    --eval-conversations), or the given --sessions."""
+    if args.sessions:
+        from chatretriever.io.sessions import read_sessions
+
+        return read_sessions(args.sessions)
+    from chatretriever.io.mtrag import load_mtrag
+
+    held = (
+        set(tasks.read_conversations(args.eval_conversations)) if args.eval_conversations else set()
+    )
+    return [s for s in load_mtrag(args.data).sessions if tasks.conversation_of(s.id) not in held]
 
 
 def first_conversations(sessions: Sequence[Session], n: int) -> set[str]:
@@ -212,6 +234,19 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def judge_line(check: dict | None) -> str:
+    """The judge check in words."""
+    if not check:
+        return "Judge check: not run."
+    if "skipped" in check:
+        return f"Judge check skipped: {check['skipped']}."
+    return (
+        f"Judge check ({check['n']} training turns): unreasonable after the turn's own history "
+        f"{check['unreasonable_own']} / {check['n']}, after another conversation's "
+        f"{check['unreasonable_other']} / {check['n']}; no verdict {check['no_verdict']}."
+    )
+
+
 def write_results(out: Path, summary: dict) -> str:
     """OUT/robustness.{json,md,png}; returns the markdown."""
     llm = summary["llm"]
@@ -230,6 +265,8 @@ def write_results(out: Path, summary: dict) -> str:
             f"choices {llm.get('choices', {})}; retries {llm['retries']}, failures "
             f"{llm['failures']} ({llm['malformed_reasons']}); full-context fallbacks per set "
             f"{summary['full_fallbacks']}.",
+            "",
+            judge_line(summary.get("judge_check")),
             "",
             f"`{summary['command']}`",
             "",
@@ -299,6 +336,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = evaluate_robustness(
             retrievers, sessions, qrels, passages, llm, out, args.contexts, modes=args.modes
         )
+        check = None
+        if args.judge_check:
+            try:
+                check = judge_check(llm, judge_check_sessions(args), args.judge_check)
+            except ValueError as e:  # too few turns with history: the table still stands
+                check = {"skipped": str(e)}
     finally:
         llm.close()
     summary = {
@@ -318,6 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "wall_s": round(time.perf_counter() - start, 1),
         "skipped": skipped,
+        "judge_check": check,
         **result,
     }
     table = write_results(out, summary)

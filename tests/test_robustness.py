@@ -14,7 +14,7 @@ from chatretriever.retrieval.robustness.conversations import group_conversations
 from chatretriever.retrieval.robustness.evaluation import evaluate_robustness
 from chatretriever.retrieval.robustness.full import full_modification
 from chatretriever.retrieval.robustness.generation import RobustnessLLM, batched
-from chatretriever.retrieval.robustness.partial import partial_modification
+from chatretriever.retrieval.robustness.partial import judge_check, partial_modification
 from chatretriever.retrieval.robustness.prompts import (
     RobustnessPrompts,
     parse_context,
@@ -360,3 +360,33 @@ def test_a_slot_empty_after_every_retry_fails_its_context() -> None:
     result = full_modification(conversation_sessions()[:1], llm, n_contexts=1)
     assert result.fallbacks == [1] and llm.stats.failures == {"context_slot": 1}
     assert result.context_sets[0][0].metadata["context"] == "original"
+
+
+class ContextReadingLLM(ChoosingLLM):
+    """Scores "unreasonable" higher when the history never mentions the question's last word."""
+
+    def score(self, prompts, options):
+        rows = []
+        for m in prompts:
+            user = m[-1]["content"]
+            context = user.split("# Context:\n")[-1].split("# Next Query")[0].lower()
+            last = user.split("# Next Query\n")[-1].split("\n")[0].strip("?").split()[-1].lower()
+            bad = last not in context
+            rows.append([-1.0 if (o == "reasonable") == bad else 0.0 for o in options])
+        return rows
+
+
+def test_judge_check_counts_verdicts_on_own_and_swapped_histories() -> None:
+    sessions = [
+        Session(f"c{i}<::>2", (Turn("user", f"tell me about {w}"), Turn("assistant", f"{w}."),
+                               Turn("user", f"what else about {w}?")))
+        for i, w in enumerate(["doors", "cats", "trains", "bees"])
+    ] + [Session("c9<::>1", (Turn("user", "a first question"),))]  # fmt: skip
+    llm = RobustnessLLM(ContextReadingLLM(), "fake")
+    report = judge_check(llm, sessions, n=10)
+    assert report == {"n": 4, "unreasonable_own": 0, "unreasonable_other": 4, "no_verdict": 0}
+    assert llm.stats.choices == {"judge_check": {"reasonable": 4, "unreasonable": 4}}
+    blind = judge_check(RobustnessLLM(FakeLLM("maybe"), "fake", max_retries=0), sessions, n=3)
+    assert blind == {"n": 3, "unreasonable_own": 0, "unreasonable_other": 0, "no_verdict": 6}
+    with pytest.raises(ValueError, match="two sessions"):
+        judge_check(RobustnessLLM(FakeLLM(), "fake"), sessions[-1:])

@@ -61,6 +61,9 @@ def test_robustness_benchmark_table_json_plot_and_cached_rerun(
     assert 1 <= summary["llm"]["scored"] <= len(names)
     assert not any("reasonable or unreasonable" in u for u, _ in fake.calls)
     assert summary["generation"]["dtype"] == "bf16"
+    # the judge check runs on training conversations: the fixture's are all evaluated
+    assert summary["judge_check"] == {"skipped": "the judge check needs two sessions with history"}
+    assert "Judge check skipped" in md
     assert (out / "robustness.png").stat().st_size > 0
     assert len(list(out.glob("partial.*.jsonl"))) == 9 and (out / "full.seed2.jsonl").exists()
     calls = len(fake.calls)

@@ -12,13 +12,15 @@ and one batch of responses.
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from tqdm.auto import tqdm
 
 from chatretriever.retrieval.robustness.conversations import Conversation, Step, with_history
-from chatretriever.retrieval.robustness.generation import RobustnessLLM
+from chatretriever.retrieval.robustness.generation import Messages, RobustnessLLM
 from chatretriever.retrieval.robustness.prompts import (
     JUDGE_OPTIONS,
     RobustnessPrompts,
@@ -154,12 +156,7 @@ def _questions(
     if j == 0:  # no context yet: every first question is reasonable
         return questions, forms
     pairs = zip(active, questions, strict=True)
-    messages = [prompts.judge_messages(st.history, q) for st, q in pairs]
-    if llm.can_choose:  # a verdict by likelihood: always one, no sampling, one forward
-        picks = llm.choose("judge", messages, JUDGE_OPTIONS)
-        verdicts: list[bool | None] = [JUDGE_OPTIONS[c] == "reasonable" for c in picks]
-    else:
-        verdicts = llm.generate_valid("judge", messages, [seed] * len(steps), _parse_verdict)
+    verdicts = judge(llm, [prompts.judge_messages(st.history, q) for st, q in pairs], seed)
     # A judge that never answered leaves the query as it is (counted among the failures).
     bad = [i for i, v in enumerate(verdicts) if v is False]
     need_llm = [i for i in bad if not steps[i].session.rewrite]
@@ -171,6 +168,53 @@ def _questions(
         else:
             questions[i], forms[i] = str(steps[i].session.rewrite), HUMAN_REWRITE
     return questions, forms
+
+
+def judge(
+    llm: RobustnessLLM, messages: Sequence[Messages], seed: int = 0, kind: str = "judge"
+) -> list[bool | None]:
+    """Figure 6 verdicts (True: reasonable): by likelihood when the LLM scores options (always
+    one, no sampling), else written, parsed and retried; None where no try named a verdict.
+    `kind` names the verdicts in the LLM's counts."""
+    if llm.can_choose:
+        picks = llm.choose(kind, messages, JUDGE_OPTIONS)
+        return [JUDGE_OPTIONS[c] == "reasonable" for c in picks]
+    return llm.generate_valid(kind, messages, [seed] * len(messages), _parse_verdict)
+
+
+def judge_check(
+    llm: RobustnessLLM,
+    sessions: Sequence[Session],
+    n: int = 60,
+    prompts: RobustnessPrompts | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Does the judge tell a question's own history from another conversation's? A sanity
+    check of the Figure 6 judge, to run on training conversations: n sessions with history
+    (a seeded sample), each judged after its own history and after the next sampled session's.
+
+    Returns:
+        {"n", "unreasonable_own", "unreasonable_other", "no_verdict"}: counts; a judge that
+        reads the context says "unreasonable" more often after another conversation's history.
+    """
+    prompts = prompts or RobustnessPrompts()
+    pool = [s for s in sessions if any(t.role == "assistant" for t in s.history)]
+    random.Random(seed).shuffle(pool)
+    pool = pool[:n]
+    if len(pool) < 2:
+        raise ValueError("the judge check needs two sessions with history")
+    own = [prompts.judge_messages(s.history, s.question) for s in pool]
+    other = [
+        prompts.judge_messages(pool[(i + 1) % len(pool)].history, s.question)
+        for i, s in enumerate(pool)
+    ]
+    verdicts = judge(llm, own + other, seed, "judge_check")
+    return {
+        "n": len(pool),
+        "unreasonable_own": sum(v is False for v in verdicts[: len(pool)]),
+        "unreasonable_other": sum(v is False for v in verdicts[len(pool) :]),
+        "no_verdict": sum(v is None for v in verdicts),
+    }
 
 
 def _parse_verdict(text: str) -> tuple[bool | None, str | None]:
