@@ -390,3 +390,13 @@ def test_judge_check_counts_verdicts_on_own_and_swapped_histories() -> None:
     assert blind == {"n": 3, "unreasonable_own": 0, "unreasonable_other": 0, "no_verdict": 6}
     with pytest.raises(ValueError, match="two sessions"):
         judge_check(RobustnessLLM(FakeLLM(), "fake"), sessions[-1:])
+
+
+def test_rewrites_are_generated_in_one_batch_then_read_from_the_cache() -> None:
+    fake = FakeLLM()
+    llm = RobustnessLLM(fake, "fake", batch_size=8)
+    sessions = conversation_sessions()  # c1's two turns have history, c2's first turn none
+    out = llm.rewrite_sessions(sessions)
+    assert fake.batches == 1 and len(fake.calls) == 2  # the rewriter's own calls hit the cache
+    assert out[0].rewrite == "Which team drafted him? about LeBron James"
+    assert out[2].rewrite == sessions[2].question  # a first turn is its own rewrite

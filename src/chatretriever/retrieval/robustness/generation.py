@@ -20,6 +20,7 @@ from typing import Any, Protocol, TypeVar
 from tqdm.auto import tqdm
 
 from chatretriever.retrieval.rewrite import DEFAULT_MODEL, Generator, RewriteCache
+from chatretriever.types import Session
 
 logger = logging.getLogger(__name__)
 
@@ -263,6 +264,22 @@ class RobustnessLLM:
             self.stats.failures[kind] = self.stats.failures.get(kind, 0) + len(todo)
             logger.warning("%d %s prompts stayed malformed after retries", len(todo), kind)
         return values
+
+    def rewrite_sessions(self, sessions: Sequence[Session]) -> list[Session]:
+        """`rewrite.rewrite_sessions` through this LLM (seed 0), its prompts generated in
+        batches first (the rewriter asks one prompt at a time; then it reads the cache)."""
+        from chatretriever.retrieval.rewrite import RewritePrompt, build_messages, rewrite_sessions
+
+        prompt = RewritePrompt()
+        need = [
+            build_messages(s, prompt)
+            for s in sessions
+            if any(t.role != "system" for t in s.history)
+        ]
+        self.generate(need, [0] * len(need), "rewrite")
+        return rewrite_sessions(
+            sessions, self.plain(), self.model, prompt=prompt, show_progress=False
+        )
 
     def plain(self, seed: int = 0) -> Generator:
         """This LLM (cached) as a `rewrite.Generator`: messages -> reply."""

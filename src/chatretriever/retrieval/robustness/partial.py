@@ -41,11 +41,10 @@ ORIGINAL, HUMAN_REWRITE, LLM_REWRITE = "original", "human_rewrite", "llm_rewrite
 
 def llm_standalone(llm: RobustnessLLM) -> Standalone:
     """Standalone questions from `rewrite.rewrite_sessions` on this (cached) LLM."""
-    from chatretriever.retrieval.rewrite import rewrite_sessions
 
     def run(sessions: Sequence[Session]) -> list[str]:
         plain = [Session(s.id, s.turns) for s in sessions]  # no dataset rewrite to keep
-        out = rewrite_sessions(plain, llm.plain(), llm.model, show_progress=False)
+        out = llm.rewrite_sessions(plain)
         return [s.rewrite or s.question for s in out]
 
     return run

@@ -46,13 +46,13 @@ def sparse_system(
 
 
 def rewrite_system(inner: Retrieve, llm: RobustnessLLM) -> Retrieve:
-    """LLM4CS "REW": the LLM rewrites every last question (`rewrite.rewrite_sessions`, through
-    the LLM's cache), then `inner` searches the rewrites (a system on the "rewrite" form)."""
-    from chatretriever.retrieval.rewrite import rewrite_sessions
+    """LLM4CS "REW": the LLM rewrites every last question (`RobustnessLLM.rewrite_sessions`:
+    batched, through the LLM's cache), then `inner` searches the rewrites (a system on the
+    "rewrite" form)."""
 
     def retrieve(sessions: Sequence[Session]) -> Run:
         plain = [Session(s.id, s.turns, None, s.response, s.metadata) for s in sessions]
-        return inner(rewrite_sessions(plain, llm.plain(), llm.model, show_progress=False))
+        return inner(llm.rewrite_sessions(plain))
 
     return retrieve
 
