@@ -59,6 +59,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="outputs/robustness", help="output directory")
     p.add_argument("--systems", nargs="+", choices=systems.FAMILIES, default=list(systems.FAMILIES))
     p.add_argument("--dense", nargs="*", default=["minilm-l6"], help="embedders")
+    p.add_argument("--only", nargs="+", metavar="ROW", help="only these rows (system names)")
     p.add_argument("--model", action="append", metavar="NAME=DIR_OR_BUILTIN", help="retrievers")
     p.add_argument(
         "--generator", default=systems.REWRITE_MODEL, help="the chat LLM of every prompt"
@@ -321,6 +322,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     sessions, qrels, corpus = load_data(args)
     planned, skipped = systems.plan_systems(args, has_rewrites=False)
     planned = [s for s in planned if s.formulation != "full_history"]
+    if args.only:
+        unknown = sorted(set(args.only) - {s.id for s in planned})
+        if unknown:
+            raise SystemExit(f"--only: no row {unknown}; rows: {[s.id for s in planned]}")
+        planned = [s for s in planned if s.id in args.only]
     for s in skipped:
         print(f"skip {s['system']}: {s['reason']}")
     if not planned:

@@ -8,6 +8,7 @@ prompt and its seed is only part of the key.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -389,9 +390,10 @@ class HFChatGenerator:
         return out
 
     def score(self, prompts: Sequence[Messages], options: Sequence[str]) -> list[list[float]]:
-        """Summed log-likelihood of each option as the assistant's reply to each prompt: one
-        forward over len(prompts) x len(options) left-padded rows, logits kept only for the
-        options' tokens (a full vocabulary at every prompt position would be gigabytes)."""
+        """Summed log-likelihood of each option as the assistant's reply to each prompt. The
+        prompts are read once (left-padded, one forward, its key/value cache kept); each
+        option's later tokens are then read on a copy of that cache, so a long prompt costs
+        one prefill whatever the number of options."""
         import torch
 
         tokenizer, model = self.tokenizer, self.model
@@ -399,29 +401,41 @@ class HFChatGenerator:
         tails = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]
         if any(not t for t in tails):
             raise ValueError("an option has no tokens")
-        rows = [h + t for h in heads for t in tails]
-        width, keep = max(len(r) for r in rows), max(len(t) for t in tails) + 1
+        width, dev = max(len(h) for h in heads), model.device
         pad = tokenizer.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=model.device)
-        mask = torch.tensor(
-            [[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device
-        )
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens from 0
+        ids = torch.tensor([[pad] * (width - len(h)) + h for h in heads], device=dev)
+        mask = torch.tensor([[0] * (width - len(h)) + [1] * len(h) for h in heads], device=dev)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens from 0
+        totals = []
         with torch.no_grad():
-            logits = model(
-                input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=keep
-            ).logits.float()  # (R, keep, V): positions width - keep .. width - 1
-        logp = torch.log_softmax(logits, dim=-1)
-        out: list[list[float]] = []
-        for p in range(len(heads)):
-            scores = []
+            out = model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (P, V)
             for o, tail in enumerate(tails):
-                # tail token j sits at width - len + j, predicted one position earlier
-                at = torch.arange(keep - 1 - len(tail), keep - 1, device=model.device)
-                target = torch.tensor(tail, device=model.device)
-                scores.append(float(logp[p * len(tails) + o, at, target].sum()))
-            out.append(scores)
-        return out
+                total = first[:, tail[0]]  # (P,)
+                if len(tail) > 1:  # feed tokens 0 .. L-2, each predicting the next
+                    n = len(tail) - 1
+                    cache = out.cache  # transformers 5 names the key/value cache "cache"
+                    cache = cache if o == len(tails) - 1 else copy.deepcopy(cache)
+                    feed = torch.tensor([tail[:-1]] * len(heads), device=dev)  # (P, n)
+                    step = torch.arange(1, n + 1, device=dev)
+                    more = model(
+                        input_ids=feed,
+                        attention_mask=torch.cat([mask, torch.ones_like(feed)], dim=1),
+                        position_ids=positions[:, -1:] + step,
+                        cache=cache,
+                        use_cache=True,
+                    )
+                    logp = torch.log_softmax(more.logits.float(), dim=-1)  # (P, n, V)
+                    target = torch.tensor(tail[1:], device=dev).expand(len(heads), n)
+                    total = total + logp.gather(-1, target.unsqueeze(-1)).squeeze(-1).sum(-1)
+                totals.append(total.tolist())
+        return [[totals[o][p] for o in range(len(tails))] for p in range(len(heads))]
 
 
 class LazyHFGenerator:
