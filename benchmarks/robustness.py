@@ -34,7 +34,11 @@ from chatretriever.io.files import atomic_path, atomic_write
 from chatretriever.retrieval.evaluate import write_json
 from chatretriever.retrieval.fusion import DEFAULT_RRF_K, FUSION_METHODS
 from chatretriever.retrieval.robustness import systems as rsys
-from chatretriever.retrieval.robustness.generation import LazyHFGenerator, RobustnessLLM
+from chatretriever.retrieval.robustness.generation import (
+    LazyHFGenerator,
+    RobustnessLLM,
+    resolve_dtype,
+)
 from chatretriever.retrieval.robustness.partial import Retrieve, judge_check
 from chatretriever.types import Passage, Run, Session, passage_text
 
@@ -71,7 +75,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
     p.add_argument("--gen-batch-size", type=int, default=8, help="prompts per LLM forward")
     p.add_argument(
-        "--gen-dtype", default="bf16", help="generator weights (bf16, float32, ...; '': float32)"
+        "--gen-dtype",
+        default="auto",
+        help="generator weights: auto (bf16 where native, else float32), bf16, float32, ...",
     )
     p.add_argument("--max-retries", type=int, default=2, help="per malformed reply")
     p.add_argument(
@@ -98,6 +104,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be positive")
     args.model = args.model or ["chatretriever-smol"]
+    args.gen_dtype = resolve_dtype(args.gen_dtype, args.device)  # the cache keys name it
     args.rewrite_model = args.generator  # the workspace's name for it
     return args
 
@@ -173,12 +180,10 @@ def make_workspace(args: argparse.Namespace, sessions: list, corpus: Path) -> ru
 def make_llm(args: argparse.Namespace, out: Path) -> tuple[RobustnessLLM, LazyHFGenerator]:
     """The cached generator (its model loads on the first uncached prompt) and its clock."""
     a = args
-    timer = LazyHFGenerator(
-        a.generator, a.max_new_tokens, a.temperature, a.device, a.gen_dtype or None
-    )
+    timer = LazyHFGenerator(a.generator, a.max_new_tokens, a.temperature, a.device, a.gen_dtype)
     cache = out / f"generations.{systems.slug(args.generator)}.jsonl"
     settings = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
-    if args.gen_dtype:
+    if args.gen_dtype != "float32":  # float32 runs keep the keys they had before dtypes
         settings["dtype"] = args.gen_dtype
     llm = RobustnessLLM(
         timer, args.generator, cache, args.gen_batch_size, args.max_retries, settings
@@ -361,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "max_new_tokens": args.max_new_tokens,
             "temperature": args.temperature,
             "batch_size": args.gen_batch_size,
-            "dtype": args.gen_dtype or "float32",
+            "dtype": args.gen_dtype,
             "max_retries": args.max_retries,
             "llm_seconds": round(timer.seconds, 1),
         },

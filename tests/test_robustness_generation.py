@@ -63,3 +63,15 @@ def test_a_last_assistant_message_is_continued_and_cut_at_the_stop(tiny_llama_di
     stop = free[len(free) // 2]  # text the free reply reaches (a stop is any string)
     cut = generate([started], [0], None, stop)[0]
     assert stop not in cut and free.startswith(cut) and len(cut) < len(free)
+
+
+def test_auto_dtype_is_bf16_only_where_it_is_native() -> None:
+    import torch
+
+    from chatretriever.modeling.backbones import native_bf16
+    from chatretriever.retrieval.robustness.generation import resolve_dtype
+
+    assert resolve_dtype(None) == resolve_dtype("") == "float32"
+    assert resolve_dtype("fp16") == "fp16"  # a named dtype is kept
+    native = native_bf16(torch.device("cpu"))
+    assert resolve_dtype("auto", "cpu") == ("bf16" if native else "float32")

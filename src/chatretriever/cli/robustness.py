@@ -37,7 +37,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=192)
     p.add_argument("--temperature", type=float, default=0.7, help="0: greedy")
     p.add_argument("--gen-batch-size", type=int, default=8, help="prompts per LLM call")
-    p.add_argument("--gen-dtype", default="bf16", help="generator weights ('': float32)")
+    p.add_argument(
+        "--gen-dtype", default="auto", help="generator weights: auto (bf16 where native), ..."
+    )
     p.add_argument("--max-retries", type=int, default=2, help="per malformed reply")
     p.add_argument("--k", type=int, default=100)
     add_hybrid_arguments(p)
@@ -109,14 +111,15 @@ def cmd_robustness(args: argparse.Namespace) -> int:
     qrels = read_qrels(args.qrels)
     out = Path(args.out)
     cache = Path(args.cache) if args.cache else out / "generations.jsonl"
-    from chatretriever.retrieval.robustness.generation import LazyHFGenerator
+    from chatretriever.retrieval.robustness.generation import LazyHFGenerator, resolve_dtype
 
     settings = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
-    if args.gen_dtype:
-        settings["dtype"] = args.gen_dtype
+    dtype = resolve_dtype(args.gen_dtype)
+    if dtype != "float32":
+        settings["dtype"] = dtype
     a = args
     llm = RobustnessLLM(
-        LazyHFGenerator(a.generator, a.max_new_tokens, a.temperature, None, a.gen_dtype or None),
+        LazyHFGenerator(a.generator, a.max_new_tokens, a.temperature, None, dtype),
         args.generator,
         cache,
         args.gen_batch_size,
