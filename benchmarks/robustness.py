@@ -37,6 +37,7 @@ from chatretriever.retrieval.robustness import systems as rsys
 from chatretriever.retrieval.robustness.generation import (
     LazyHFGenerator,
     RobustnessLLM,
+    generation_settings,
     resolve_dtype,
 )
 from chatretriever.retrieval.robustness.partial import Retrieve, judge_check
@@ -182,9 +183,7 @@ def make_llm(args: argparse.Namespace, out: Path) -> tuple[RobustnessLLM, LazyHF
     a = args
     timer = LazyHFGenerator(a.generator, a.max_new_tokens, a.temperature, a.device, a.gen_dtype)
     cache = out / f"generations.{systems.slug(args.generator)}.jsonl"
-    settings = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
-    if args.gen_dtype != "float32":  # float32 runs keep the keys they had before dtypes
-        settings["dtype"] = args.gen_dtype
+    settings = generation_settings(args.max_new_tokens, args.temperature, args.gen_dtype)
     llm = RobustnessLLM(
         timer, args.generator, cache, args.gen_batch_size, args.max_retries, settings
     )

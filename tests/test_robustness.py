@@ -16,6 +16,7 @@ from chatretriever.retrieval.robustness.full import full_modification
 from chatretriever.retrieval.robustness.generation import RobustnessLLM, batched
 from chatretriever.retrieval.robustness.partial import judge_check, partial_modification
 from chatretriever.retrieval.robustness.prompts import (
+    JUDGE_OPTIONS,
     RobustnessPrompts,
     parse_context,
     parse_verdict,
@@ -400,3 +401,18 @@ def test_rewrites_are_generated_in_one_batch_then_read_from_the_cache() -> None:
     assert fake.batches == 1 and len(fake.calls) == 2  # the rewriter's own calls hit the cache
     assert out[0].rewrite == "Which team drafted him? about LeBron James"
     assert out[2].rewrite == sessions[2].question  # a first turn is its own rewrite
+
+
+def test_a_choice_is_cached_per_generation_settings(tmp_path) -> None:
+    cache = tmp_path / "g.jsonl"
+    prompt = [[{"role": "user", "content": "Next Query\nok?"}]]
+    first = ChoosingLLM("unreasonable")
+    llm = RobustnessLLM(first, "fake", cache_path=cache, settings={"dtype": "bf16"})
+    assert llm.choose("judge", prompt, JUDGE_OPTIONS) == [1]
+    llm.close()
+    same = ChoosingLLM("reasonable")
+    again = RobustnessLLM(same, "fake", cache_path=cache, settings={"dtype": "bf16"})
+    assert again.choose("judge", prompt, JUDGE_OPTIONS) == [1] and same.scored == []
+    other = ChoosingLLM("reasonable")  # float32 weights score differently: not the same key
+    fp32 = RobustnessLLM(other, "fake", cache_path=cache)
+    assert fp32.choose("judge", prompt, JUDGE_OPTIONS) == [0] and len(other.scored) == 1

@@ -111,12 +111,14 @@ def cmd_robustness(args: argparse.Namespace) -> int:
     qrels = read_qrels(args.qrels)
     out = Path(args.out)
     cache = Path(args.cache) if args.cache else out / "generations.jsonl"
-    from chatretriever.retrieval.robustness.generation import LazyHFGenerator, resolve_dtype
+    from chatretriever.retrieval.robustness.generation import (
+        LazyHFGenerator,
+        generation_settings,
+        resolve_dtype,
+    )
 
-    settings = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
     dtype = resolve_dtype(args.gen_dtype)
-    if dtype != "float32":
-        settings["dtype"] = dtype
+    settings = generation_settings(args.max_new_tokens, args.temperature, dtype)
     a = args
     llm = RobustnessLLM(
         LazyHFGenerator(a.generator, a.max_new_tokens, a.temperature, None, dtype),

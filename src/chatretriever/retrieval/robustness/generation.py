@@ -204,7 +204,7 @@ class RobustnessLLM:
         """
         if len(options) < 2 or not self.can_choose:
             raise ValueError("choose needs two options and a generator with score()")
-        settings = {"choose": list(options)}
+        settings = {**self.settings, "choose": list(options)}  # the dtype changes scores too
         keys = [generation_key(m, self.model, 0, settings) for m in prompts]
         cached = [self.cache.get(k) for k in keys]
         out = [options.index(c) if c in options else None for c in cached]
@@ -292,6 +292,15 @@ class RobustnessLLM:
 
     def close(self) -> None:
         self.cache.close()
+
+
+def generation_settings(max_new_tokens: int, temperature: float, dtype: str) -> dict[str, Any]:
+    """The settings that change a reply (part of every cache key); float32, the default, is
+    left out so that caches written before dtypes were recorded stay valid."""
+    settings: dict[str, Any] = {"max_new_tokens": max_new_tokens, "temperature": temperature}
+    if dtype != "float32":
+        settings["dtype"] = dtype
+    return settings
 
 
 def resolve_dtype(name: str | None, device: str | None = None) -> str:
