@@ -166,6 +166,8 @@ def test_collator_leaves_examples_without_reference_out_of_cii(tmp_path, tiny_ll
         ({"alpha": 0.0}, 0.0, {"retrieval"}),  # retrieval-only
         ({"retrieval_weight": 0.0}, 1.0, {"generation", "cii"}),  # generation-only
         ({"cii_score": "embedding"}, 1.0, {"retrieval", "generation", "cii"}),
+        ({"grounded_weight": 1.0}, 1.0, {"retrieval", "generation", "cii", "grounded"}),
+        ({"alpha": 0.0, "grounded_weight": 1.0}, 1.0, {"retrieval", "generation", "grounded"}),
     ],
 )
 def test_loss_parts_and_ablations(tmp_path, tiny_llama_dir, settings, loss_alpha, parts):
@@ -189,6 +191,50 @@ def test_cii_part_is_alpha_times_the_hand_computed_loss(tmp_path, tiny_llama_dir
         scores = model.cii_forward(batch["cii"])  # (B, K), column 0 = the reference
     expected = (-torch.log_softmax(scores, -1)[:, 0]).mean()
     assert out["cii"].item() == pytest.approx(cfg.uniconv.alpha * expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("normalize", ["mean", "sum"])
+def test_grounded_part_is_the_reference_nll_after_the_grounded_prompt(
+    tmp_path, tiny_llama_dir, normalize
+):
+    model, cfg = _model(tmp_path, tiny_llama_dir)
+    uc = UniConvSettings(
+        **{**cfg.uniconv.__dict__, "grounded_weight": 0.7, "cii_normalize": normalize}
+    )
+    examples = [example_from_dict(r) for r in _rows()]
+    batch = make_collator(model, cfg.loss, uc)(examples)
+    with torch.no_grad():
+        out = uniconv_losses(model, batch, cfg.loss, uc)
+    cii = batch["cii"]
+    nll = []
+    for i in range(len(examples)):
+        row = cii.input_ids[i].tolist()
+        (start, end) = _spans(cii, i)[0]
+        nll.append(-_separate_loglik(model, row[:start], row[start:end]))
+    # the token mean per reference, whatever L_CII's normalisation; the mean over examples
+    assert out["grounded"].item() == pytest.approx(0.7 * float(np.mean(nll)), rel=1e-4)
+
+
+def test_grounded_part_alone_needs_no_other_reference(tmp_path, tiny_llama_dir):
+    model, cfg = _model(tmp_path, tiny_llama_dir)
+    uc = UniConvSettings(**{**cfg.uniconv.__dict__, "alpha": 0.0, "grounded_weight": 1.0})
+    rows = _rows()[:1] + _rows(with_target=False)[1:]
+    batch = make_collator(model, cfg.loss, uc)([example_from_dict(r) for r in rows])
+    assert batch["cii_rows"] == [0] and batch["cii"].n_candidates == 1  # the reference only
+    out = uniconv_losses(model, batch, cfg.loss, uc)
+    assert set(out) == {"retrieval", "generation", "grounded"} and out["grounded"].item() > 0
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"grounded_weight": -1.0}, "must be >= 0"),
+        ({"grounded_weight": 1.0, "cii_score": "embedding"}, "needs uniconv.cii_score: likelihood"),
+    ],
+)
+def test_grounded_settings_are_checked(settings, message):
+    with pytest.raises(ValueError, match=message):
+        UniConvSettings(**settings)
 
 
 def test_training_run_save_load_and_answer(tmp_path, tiny_llama_dir, capsys):

@@ -18,7 +18,7 @@ from chatretriever.methods.uniconv.cii import (
     response_logliks,
     sequence_logliks,
 )
-from chatretriever.methods.uniconv.losses import cii_loss, uniconv_total
+from chatretriever.methods.uniconv.losses import cii_loss, grounded_lm_loss, uniconv_total
 from chatretriever.modeling.collate import additive_mask
 
 VOCAB = 64
@@ -72,6 +72,7 @@ def test_batch_with_padding_and_fewer_candidates():
     assert batch.pred_pos.tolist() == [1, 2, 1, 2]
     assert batch.targets.tolist() == [21, 22, 31, 8]
     assert batch.segment.tolist() == [0, 0, 1, 2]  # b * K + k
+    assert batch.candidate_tokens().tolist() == [[2, 1], [1, 0]]
 
 
 def test_additive_mask_is_the_collate_one():
@@ -204,3 +205,16 @@ def test_uniconv_total_weights_only_cii():
     assert uniconv_total(parts, alpha=0.5).item() == pytest.approx(4.5)
     with pytest.raises(ValueError):
         uniconv_total({}, alpha=1.0)
+
+
+def test_grounded_lm_loss_by_hand():
+    ref = torch.tensor([-0.5, -2.0, -9.0], requires_grad=True)  # token-mean log-likelihoods
+    valid = torch.tensor([True, True, False])  # row 2 has no reference
+    loss = grounded_lm_loss(ref, valid)["grounded"]
+    assert loss.item() == pytest.approx(1.25)  # (0.5 + 2.0) / 2
+    loss.backward()
+    assert ref.grad.tolist() == [-0.5, -0.5, 0.0]
+    none = grounded_lm_loss(ref.detach(), torch.zeros(3, dtype=torch.bool))["grounded"]
+    assert none.item() == 0.0
+    with pytest.raises(ValueError, match="must both be"):
+        grounded_lm_loss(torch.zeros(2, 2), torch.ones(2, 2, dtype=torch.bool))

@@ -145,6 +145,11 @@ class CiiBatch:
         """K, the candidate slots of each row."""
         return self.candidate_mask.shape[1]
 
+    def candidate_tokens(self) -> torch.Tensor:
+        """(B, K) long: the scored tokens of each candidate (0 for an empty slot)."""
+        b, k = self.candidate_mask.shape
+        return torch.bincount(self.segment, minlength=b * k).view(b, k)
+
     def additive_mask(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(B, 1, L, L) float mask: 0 where allowed, finfo(dtype).min elsewhere."""
         return additive_from_allowed(self.allowed, dtype)

@@ -45,6 +45,34 @@ def cii_loss(
     return {CII: total / ranks.sum().clamp(min=1)}
 
 
+GROUNDED = "grounded"
+"""The name of the grounded-generation part (the answer path's LM loss)."""
+
+
+def grounded_lm_loss(ref_loglik: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Negative log-likelihood of each reference response after its grounded prompt.
+
+    The answer path (`UniConv.answer`: the session and its passages, then the response) trained
+    directly; the reference's scores come from the L_CII forward, so this part costs no forward
+    of its own.
+
+    Args:
+        ref_loglik: (B,) per-token MEAN log-likelihood of each example's reference response.
+        valid: (B,) bool, False = the row has no reference (left out).
+
+    Returns:
+        {"grounded": scalar}: minus the mean over valid rows (0, gradient connected, when none).
+    """
+    if ref_loglik.dim() != 1 or valid.shape != ref_loglik.shape:
+        raise ValueError(
+            f"ref_loglik and valid must both be (B,), got {tuple(ref_loglik.shape)}, "
+            f"{tuple(valid.shape)}"
+        )
+    valid = valid.to(ref_loglik.device).bool()
+    total = torch.where(valid, -ref_loglik.float(), torch.zeros_like(ref_loglik.float())).sum()
+    return {GROUNDED: total / valid.sum().clamp(min=1)}
+
+
 def uniconv_total(parts: Mapping[str, torch.Tensor], alpha: float) -> torch.Tensor:
     """L = L_R + L_G + alpha * L_CII over the parts present.
 

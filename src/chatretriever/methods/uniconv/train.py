@@ -14,6 +14,9 @@ response; `io.training`):
   responses in ONE forward that computes the context once (`cii.py`); or by embeddings
   ("embedding": the grounded prompt's EMB embedding against the responses' passage embeddings,
   InfoNCE), which trains the retrieval space instead and never touches the LM head.
+Optional, off by default ("grounded", weight `uniconv.grounded_weight`): the reference response's
+negative log-likelihood after the grounded prompt, i.e. the answer path itself trained as a
+language model; read from the L_CII forward's reference column, so it costs nothing more.
 An example without a reference response has no L_CII row and its L_G target is its first
 positive (what a format-mismatched source, e.g. TopiOCQA's answer-as-passage, can offer).
 """
@@ -29,7 +32,7 @@ import torch
 from chatretriever.config import LossConfig
 from chatretriever.io.training import TrainingExample
 from chatretriever.methods.uniconv.cii import CiiBatch, cii_batch, cii_row
-from chatretriever.methods.uniconv.losses import cii_loss
+from chatretriever.methods.uniconv.losses import cii_loss, grounded_lm_loss
 from chatretriever.modeling.candidates import contrastive_batch, layout_contrastive_part
 from chatretriever.modeling.collate import encode_batch
 from chatretriever.modeling.grounded import grounded_messages
@@ -57,6 +60,8 @@ class UniConvSettings:
         cii_temperature: Softmax temperature of L_CII.
         max_context_tokens: The grounded prompt keeps its last this many tokens.
         max_passage_chars: The positive passage is cut to this many characters in the prompt.
+        grounded_weight: Weight of the grounded-generation part (the reference's token-mean NLL
+            after the grounded prompt, from the L_CII forward; 0 = off, the paper's recipe).
     """
 
     alpha: float = 0.5
@@ -67,10 +72,18 @@ class UniConvSettings:
     cii_temperature: float = 1.0
     max_context_tokens: int = 512
     max_passage_chars: int = 800
+    grounded_weight: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.alpha < 0 or self.retrieval_weight < 0:
-            raise ValueError("uniconv.alpha and uniconv.retrieval_weight must be >= 0")
+        if self.alpha < 0 or self.retrieval_weight < 0 or self.grounded_weight < 0:
+            raise ValueError(
+                "uniconv.alpha, uniconv.retrieval_weight and uniconv.grounded_weight must be >= 0"
+            )
+        if self.grounded_weight > 0 and self.cii_score != "likelihood":
+            raise ValueError(
+                "uniconv.grounded_weight > 0 needs uniconv.cii_score: likelihood (the grounded "
+                f"part reads the likelihood forward), got {self.cii_score!r}"
+            )
         if self.cii_score not in CII_SCORES:
             raise ValueError(
                 f"uniconv.cii_score must be one of {CII_SCORES}, got {self.cii_score!r}"
@@ -125,7 +138,7 @@ class UniConvCollator:
             self.seed,
             self.epoch,
         )
-        if self.settings.alpha > 0:
+        if self.settings.alpha > 0 or self.settings.grounded_weight > 0:
             batch.update(self.cii_inputs(examples, passages, batch["layout"].rows[:, 0].tolist()))
         return batch
 
@@ -139,9 +152,11 @@ class UniConvCollator:
     def cii_inputs(
         self, examples: Sequence[TrainingExample], passages: Sequence[Any], pos_rows: list[int]
     ) -> dict[str, Any]:
-        """L_CII inputs of the examples with a reference response and >= 1 other reference."""
+        """L_CII inputs of the examples with a reference response and >= 1 other reference
+        (>= 0 others when only the grounded part reads them)."""
         rows = [i for i, ex in enumerate(examples) if has_reference(ex)]
-        if len(rows) < 2:  # nothing to contrast with
+        contrasts = self.settings.alpha > 0
+        if len(rows) < (2 if contrasts else 1):  # nothing to contrast with
             return {"cii": None, "cii_rows": []}
         prompts = self.contexts([examples[i] for i in rows], [passages[pos_rows[i]] for i in rows])
         refs = [str(examples[i].target) for i in rows]
@@ -170,7 +185,7 @@ class UniConvCollator:
         eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
         cap = max(1, self.max_response_len - len(eos))
         responses = [ids[:cap] + eos for ids in tok(refs, add_special_tokens=False)["input_ids"]]
-        k = min(self.settings.cii_negatives, len(refs) - 1)
+        k = min(self.settings.cii_negatives if self.settings.alpha > 0 else 0, len(refs) - 1)
         keep = self.settings.max_context_tokens
         out = []
         for i, ctx in enumerate(contexts):
@@ -182,8 +197,9 @@ class UniConvCollator:
 def uniconv_losses(
     model: Any, inputs: Mapping[str, Any], loss: LossConfig, settings: UniConvSettings
 ) -> dict[str, torch.Tensor]:
-    """The named, weighted loss parts of one step: {"retrieval", "generation", "cii"} (a part
-    whose weight is 0 is left out); their sum is L_R + L_G + alpha * L_CII."""
+    """The named, weighted loss parts of one step: {"retrieval", "generation", "cii",
+    "grounded"} (a part whose weight is 0 is left out); their sum is L_R + L_G + alpha * L_CII
+    (+ grounded_weight * the grounded NLL when it is on)."""
     cii = inputs.get("cii")
     packed = cii if isinstance(cii, CiiBatch) else None
     out = model(
@@ -201,6 +217,12 @@ def uniconv_losses(
     if loss.uses_lm and loss.alpha > 0:
         lm = session_masked_lm_loss(out["lm_logits"], out["lm_labels"], loss.label_smoothing)
         parts["generation"] = loss.alpha * lm["session_lm"]
+    if settings.grounded_weight > 0 and packed is not None:
+        ref = out["cii_scores"][:, 0]  # (B',) the reference after its grounded prompt
+        if settings.cii_normalize == "sum":
+            ref = ref / packed.candidate_tokens()[:, 0].clamp(min=1).to(ref.device)
+        grounded = grounded_lm_loss(ref, packed.candidate_mask[:, 0])["grounded"]
+        parts["grounded"] = settings.grounded_weight * grounded
     if settings.alpha > 0 and cii is not None:
         if packed is not None:
             scores = out["cii_scores"] / settings.cii_temperature  # (B', K)
