@@ -504,3 +504,23 @@ def test_rag_benchmark_end_to_end_then_from_its_caches(rag, mtrag, tmp_path, mod
     again = json.loads((out / "rag.json").read_text())
     assert [s["metrics"] for s in again["systems"]] == [s["metrics"] for s in result["systems"]]
     assert all(s["answers"]["cached"] for s in again["systems"])
+    # bf16 answers are not float32 ones: the generator rows answer again, loaded in bf16
+    dtypes = []
+    monkeypatch.setattr(
+        GroundedGenerator,
+        "from_pretrained",
+        classmethod(lambda cls, name, *a, **kw: dtypes.append(kw.get("dtype")) or gen),
+    )
+    assert rag.main([*argv, "--gen-dtype", "bf16"]) == 0
+    bf16 = {
+        s["id"]: s["answers"]["cached"]
+        for s in json.loads((out / "rag.json").read_text())["systems"]
+    }
+    assert bf16 == {
+        "uniconv": True,
+        "decoupled": False,
+        "bm25": False,
+        "closed-book": False,
+        "oracle": False,
+    }
+    assert dtypes == ["bf16"] and json.loads((out / "rag.json").read_text())["gen_dtype"] == "bf16"
