@@ -231,9 +231,9 @@ class RagWorkspace(runs.Workspace):
 
     def gen_dtype(self) -> str:
         """`--gen-dtype` resolved ("auto" -> bf16 or float32 on this device)."""
-        from chatretriever.retrieval.robustness.generation import resolve_dtype
+        from chatretriever.modeling.precision import dtype_name
 
-        return resolve_dtype(self.args.gen_dtype, self.args.device)
+        return dtype_name(self.args.gen_dtype, self.args.device)
 
     def answerer_key(self, system: RagSystem) -> dict[str, Any]:
         """What identifies the answering model (cache key of its answers; the dtype is in it

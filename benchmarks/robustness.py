@@ -38,7 +38,6 @@ from chatretriever.retrieval.robustness.generation import (
     LazyHFGenerator,
     RobustnessLLM,
     generation_settings,
-    resolve_dtype,
 )
 from chatretriever.retrieval.robustness.partial import Retrieve, judge_check
 from chatretriever.types import Passage, Run, Session, passage_text
@@ -105,7 +104,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be positive")
     args.model = args.model or ["chatretriever-smol"]
-    args.gen_dtype = resolve_dtype(args.gen_dtype, args.device)  # the cache keys name it
+    from chatretriever.modeling.precision import dtype_name
+
+    args.gen_dtype = dtype_name(args.gen_dtype, args.device)  # the cache keys name it
     args.rewrite_model = args.generator  # the workspace's name for it
     return args
 

@@ -8,7 +8,7 @@ import pytest
 from test_benchmarks import load_benchmark, loads, mtrag  # noqa: F401 (fixtures)
 from test_robustness import ChoosingLLM
 
-from chatretriever.retrieval.robustness.generation import resolve_dtype
+from chatretriever.modeling.precision import dtype_name
 
 pytest.importorskip("bm25s")
 pytest.importorskip("ir_measures")
@@ -62,7 +62,7 @@ def test_robustness_benchmark_table_json_plot_and_cached_rerun(
     assert judged == {"unreasonable": len(names)} and "'unreasonable': 9" in md
     assert 1 <= summary["llm"]["scored"] <= len(names)
     assert not any("reasonable or unreasonable" in u for u, _ in fake.calls)
-    assert summary["generation"]["dtype"] == resolve_dtype("auto")  # as this machine resolves it
+    assert summary["generation"]["dtype"] == dtype_name("auto")  # as this machine resolves it
     # the judge check runs on training conversations: the fixture's are all evaluated
     assert summary["judge_check"] == {"skipped": "the judge check needs two sessions with history"}
     assert "Judge check skipped" in md

@@ -65,13 +65,12 @@ def test_a_last_assistant_message_is_continued_and_cut_at_the_stop(tiny_llama_di
     assert stop not in cut and free.startswith(cut) and len(cut) < len(free)
 
 
-def test_auto_dtype_is_bf16_only_where_it_is_native() -> None:
-    import torch
+def test_auto_dtype_is_bf16_only_where_it_is_native(monkeypatch) -> None:
+    from chatretriever.modeling import precision
 
-    from chatretriever.modeling.backbones import native_bf16
-    from chatretriever.retrieval.robustness.generation import resolve_dtype
-
-    assert resolve_dtype(None) == resolve_dtype("") == "float32"
-    assert resolve_dtype("fp16") == "fp16"  # a named dtype is kept
-    native = native_bf16(torch.device("cpu"))
-    assert resolve_dtype("auto", "cpu") == ("bf16" if native else "float32")
+    assert precision.dtype_name(None) == precision.dtype_name("") == "float32"
+    assert precision.dtype_name("fp16") == "fp16"  # a named dtype is kept
+    monkeypatch.setattr(precision, "native_bf16", lambda device: device.type == "cpu")
+    assert precision.dtype_name("auto", "cpu") == "bf16"
+    monkeypatch.setattr(precision, "native_bf16", lambda device: False)
+    assert precision.dtype_name("auto", "cpu") == "float32"

@@ -111,13 +111,13 @@ def cmd_robustness(args: argparse.Namespace) -> int:
     qrels = read_qrels(args.qrels)
     out = Path(args.out)
     cache = Path(args.cache) if args.cache else out / "generations.jsonl"
+    from chatretriever.modeling.precision import dtype_name
     from chatretriever.retrieval.robustness.generation import (
         LazyHFGenerator,
         generation_settings,
-        resolve_dtype,
     )
 
-    dtype = resolve_dtype(args.gen_dtype)
+    dtype = dtype_name(args.gen_dtype)
     settings = generation_settings(args.max_new_tokens, args.temperature, dtype)
     a = args
     llm = RobustnessLLM(

@@ -20,6 +20,20 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if native_bf16(device) else torch.float32
 
 
+def dtype_name(setting: str | None, device: torch.device | str | None = None) -> str:
+    """The NAME of the dtype a model load gets (what cache keys and reports record): "auto" is
+    `resolve_dtype`'s choice on `device` (default: the accelerator, else the CPU) as "bf16" or
+    "float32"; None or "" is "float32"; any other name is kept as given."""
+    if not setting:
+        return "float32"
+    if setting != "auto":
+        return setting
+    from chatretriever.modeling.backbones import default_device
+
+    dev = torch.device(device) if device else default_device()
+    return "bf16" if resolve_dtype("auto", dev) == torch.bfloat16 else "float32"
+
+
 def keep_fp32(modules: Sequence[torch.nn.Module]) -> list[Any]:
     """Runs each module with autocast off (fp32 math) even inside a bf16 autocast region.
 

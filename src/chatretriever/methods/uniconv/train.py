@@ -185,7 +185,8 @@ class UniConvCollator:
         eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
         cap = max(1, self.max_response_len - len(eos))
         responses = [ids[:cap] + eos for ids in tok(refs, add_special_tokens=False)["input_ids"]]
-        k = min(self.settings.cii_negatives if self.settings.alpha > 0 else 0, len(refs) - 1)
+        contrasts = self.settings.alpha > 0  # else only the grounded part reads the references
+        k = min(self.settings.cii_negatives if contrasts else 0, len(refs) - 1)
         keep = self.settings.max_context_tokens
         out = []
         for i, ctx in enumerate(contexts):

@@ -303,22 +303,6 @@ def generation_settings(max_new_tokens: int, temperature: float, dtype: str) -> 
     return settings
 
 
-def resolve_dtype(name: str | None, device: str | None = None) -> str:
-    """The generator's weight dtype: "auto" is "bf16" where `device` (default: the
-    accelerator, else the CPU) runs bf16 natively (`backbones.native_bf16`: half the time of a
-    generation on a CPU with AVX512-BF16/AMX), else "float32"; None or "" is "float32"."""
-    if not name:
-        return "float32"
-    if name != "auto":
-        return name
-    import torch
-
-    from chatretriever.modeling.backbones import default_device, native_bf16
-
-    dev = torch.device(device) if device else default_device()
-    return "bf16" if native_bf16(dev) else "float32"
-
-
 def hf_batch_generator(
     model_name: str = DEFAULT_MODEL,
     max_new_tokens: int = 192,
