@@ -795,3 +795,37 @@ def test_gathered_candidates_give_the_gradients_of_one_process(tmp_path):
         real = torch.tensor(_SLOT_KEYS[lo : lo + 2])[..., 0] >= 0
         want = slots.grad[lo : lo + 2][real]  # (R, D) real slots, in slot order
         torch.testing.assert_close(g["emb_grad"] / 2, want, rtol=1e-4, atol=1e-6)
+
+
+def test_recipe_base_merges_mappings_and_an_empty_one_clears(tmp_path):
+    from chatretriever.modeling.recipe import read_recipe
+
+    write(
+        tmp_path / "base.yaml",
+        "model: m\noutput_dir: o\nloss: {alpha: 0.3, temperature: 0.01}\n"
+        "data:\n  caps: {topiocqa: 2000}\n  files: [{path: a.jsonl}, {path: b.jsonl}]\n",
+    )
+    top = write(
+        tmp_path / "top.yaml",
+        "base: base.yaml\nloss: {alpha: 0}\ndata:\n  files: [{path: b.jsonl}]\n",
+    )
+    raw = read_recipe(top)
+    assert raw["loss"] == {"alpha": 0, "temperature": 0.01}  # key by key
+    assert raw["data"]["files"] == [{"path": "b.jsonl"}]  # lists replace
+    assert raw["data"]["caps"] == {"topiocqa": 2000}  # kept from the base
+    write(tmp_path / "clear.yaml", "base: top.yaml\ndata: {caps: {}}\n")
+    raw = read_recipe(tmp_path / "clear.yaml")
+    assert raw["data"]["caps"] == {} and raw["data"]["files"] == [{"path": "b.jsonl"}]
+
+
+def test_uniconv_mismatched_only_ablation_keeps_the_topiocqa_cap():
+    from chatretriever.modeling.recipe import read_recipe
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    full = read_recipe(root / "uniconv-smol.yaml")
+    ablation = read_recipe(root / "uniconv-ablations" / "mismatched-only.yaml")
+    assert ablation["data"]["caps"] == full["data"]["caps"] == {"topiocqa": 2000}
+    assert [f["path"] for f in ablation["data"]["files"]] == ["outputs/train/topiocqa.jsonl.gz"]
+    assert {k: v for k, v in ablation.items() if k not in ("data", "output_dir")} == {
+        k: v for k, v in full.items() if k not in ("data", "output_dir")
+    }

@@ -147,10 +147,11 @@ def read_recipe(path: str | Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]
 
 
 def deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
-    """`base` updated by `top`: nested mappings merge key by key; scalars and lists replace."""
+    """`base` updated by `top`: nested mappings merge key by key; scalars, lists and an EMPTY
+    mapping replace (`caps: {}` clears the base's caps; merged key by key it would do nothing)."""
     out = dict(base)
     for key, value in top.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+        if isinstance(value, Mapping) and value and isinstance(out.get(key), dict):
             out[key] = deep_merge(out[key], value)
         else:
             out[key] = value  # scalars and lists replace
