@@ -33,7 +33,7 @@ import logging
 import shlex
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,7 @@ from _conversational import backends, runs, tasks  # noqa: E402
 from _conversational.systems import missing_model, parse_model, slug  # noqa: E402
 from _rag.report import (  # noqa: E402
     MEASURES,
+    ablation_table,  # noqa: E402, F401  (part of this script's surface)
     corpus_line,
     results_table,  # noqa: E402, F401  (part of this script's surface)
     write_markdown,
@@ -107,6 +108,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
     p.add_argument("--uniconv", metavar="DIR", help="the UniConv of the `uniconv` row")
     p.add_argument("--ablation", action="append", default=[], metavar="NAME=DIR")
+    p.add_argument(
+        "--ablation-baseline",
+        default="uniconv",
+        metavar="ID",
+        help="the row each --ablation row is also compared with (paired): the model it ablates",
+    )
     p.add_argument("--retriever", default="chatretriever-smol", help="retriever of `decoupled`")
     p.add_argument("--generator", default="smollm2-135m-instruct", help="chat LLM that answers")
     p.add_argument(
@@ -369,10 +376,15 @@ def describe(system: RagSystem, k: int) -> str:
 BASELINE_ROW = "decoupled"  # the paired tests compare every row with it
 
 
-def paired_tests(records: Sequence[Mapping[str, Any]], baseline: str) -> str | None:
-    """Adds to each record `paired`: measure -> {"diff", "p"} against the baseline row, over the
-    turns both scored (paired randomisation test, 10,000 sign flips). Returns the baseline's id,
-    or None when it was not run."""
+def paired_tests(
+    records: Sequence[Mapping[str, Any]],
+    baseline: str,
+    key: str = "paired",
+    rows: Collection[str] | None = None,
+) -> str | None:
+    """Adds to each record (of `rows` ids, default all) `key`: measure -> {"diff", "p", "n"}
+    against the baseline row, over the turns both scored (paired randomisation test, 10,000
+    sign flips). Returns the baseline's id, or None when it was not run."""
     import numpy as np
 
     from chatretriever.retrieval.evaluate import randomization_test
@@ -381,14 +393,16 @@ def paired_tests(records: Sequence[Mapping[str, Any]], baseline: str) -> str | N
     if base is None:
         return None
     for r in records:
-        r["paired"] = {}
+        if rows is not None and r["id"] not in rows:
+            continue
+        r[key] = {}
         for measure, values in r["per_turn"].items():
             other = base["per_turn"].get(measure)
             if r is base or other is None:
                 continue
             qids = sorted(set(values) & set(other))
             diff = np.array([values[q] - other[q] for q in qids])
-            r["paired"][measure] = {
+            r[key][measure] = {
                 "diff": float(diff.mean()) if qids else 0.0,
                 "p": randomization_test(diff),
                 "n": len(qids),
@@ -452,6 +466,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "skipped": skipped,
     }
     summary["paired_against"] = paired_tests(records, BASELINE_ROW)
+    ablations = {parse_model(text)[0] for text in args.ablation}
+    summary["ablations_against"] = (
+        paired_tests(records, args.ablation_baseline, "paired_ablation", ablations)
+        if ablations
+        else None
+    )
+    if ablations and summary["ablations_against"] is None:
+        print(f"  no ablation comparison: row {args.ablation_baseline!r} was not run")
     write_json(out / "rag.json", {**summary, "systems": records})
     print(write_markdown(out / "rag.md", summary, records))
     write_plot(out / "rag.png", records)

@@ -371,6 +371,22 @@ def test_paired_tests_against_the_baseline_row(rag):
         {**r, "metrics": dict.fromkeys(("nDCG@3", "R@10", "F1", "ROUGE-L"), 0.5), "n": 2}
         for r in (base, uni)
     ]
+    # only the given rows, under another key: the ablation comparison
+    assert rag.paired_tests([uni, base, closed], "uniconv", "paired_ablation", {"closed-book"})
+    assert "paired_ablation" not in base and "paired_ablation" not in uni
+    assert closed["paired_ablation"]["F1"]["diff"] == pytest.approx(-0.25)
+    table = rag.ablation_table(
+        [
+            {**r, "metrics": {"nDCG@3": None, "F1": 0.5, "ROUGE-L": 0.25}}
+            for r in (base, uni, closed)
+        ],
+        "uniconv",
+    ).splitlines()
+    assert table[0] == (
+        "| system | nDCG@3 | F1 | ROUGE-L | ΔnDCG@3 vs uniconv (p) | ΔF1 vs uniconv (p) |"
+    )
+    assert [line.split(" | ")[0] for line in table[2:]] == ["| uniconv", "| closed-book"]
+    assert table[3].startswith("| closed-book | - | 0.5000 | 0.2500 | - | -0.2500 (")
     lines = rag.results_table(records, "decoupled").splitlines()
     assert lines[0].endswith("| ΔnDCG@3 vs decoupled (p) | ΔF1 vs decoupled (p) |")
     assert (
@@ -524,3 +540,15 @@ def test_rag_benchmark_end_to_end_then_from_its_caches(rag, mtrag, tmp_path, mod
         "oracle": False,
     }
     assert dtypes == ["bf16"] and json.loads((out / "rag.json").read_text())["gen_dtype"] == "bf16"
+    # an ablation row is also compared with the row it ablates (here the same model: diff 0)
+    assert rag.main([*argv, "--ablation", "same=fakeuni:"]) == 0
+    result = json.loads((out / "rag.json").read_text())
+    rows = {s["id"]: s for s in result["systems"]}
+    assert result["ablations_against"] == "uniconv" and "paired_ablation" not in rows["bm25"]
+    assert rows["same"]["paired_ablation"]["F1"] == {"diff": 0.0, "p": 1.0, "n": 2}
+    assert rows["same"]["paired"]["F1"]["n"] == 2  # and against decoupled, as every row
+    md = (out / "rag.md").read_text()
+    assert "Ablations against `uniconv`:" in md and "| same | 1.0000 |" in md
+    assert rag.main([*argv, "--ablation", "same=fakeuni:", "--ablation-baseline", "nope"]) == 0
+    assert json.loads((out / "rag.json").read_text())["ablations_against"] is None
+    assert "Ablations against" not in (out / "rag.md").read_text()

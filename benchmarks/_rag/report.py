@@ -25,8 +25,8 @@ def _hit_miss(c: Mapping[str, Any] | None) -> str:
     return f"{_cell(hit['f1'])} / {_cell(miss['f1'])} ({hit['n']}/{miss['n']})"
 
 
-def _paired(r: Mapping[str, Any], measure: str) -> str:
-    test = (r.get("paired") or {}).get(measure)
+def _paired(r: Mapping[str, Any], measure: str, key: str = "paired") -> str:
+    test = (r.get(key) or {}).get(measure)
     return "-" if test is None else f"{test['diff']:+.4f} ({test['p']:.3f})"
 
 
@@ -43,6 +43,21 @@ def results_table(records: Sequence[Mapping[str, Any]], baseline: str | None = N
         cells += [_hit_miss(r.get("consistency")), str(r["n"])]
         if baseline:
             cells += [_paired(r, "nDCG@3"), _paired(r, "F1")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def ablation_table(records: Sequence[Mapping[str, Any]], baseline: str) -> str:
+    """The ablation rows against the row they ablate (`baseline`), paired over the same turns."""
+    head = ["system", "nDCG@3", "F1", "ROUGE-L"]
+    head += [f"ΔnDCG@3 vs {baseline} (p)", f"ΔF1 vs {baseline} (p)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in records:
+        if r["id"] != baseline and "paired_ablation" not in r:
+            continue
+        m = r["metrics"]
+        cells = [r["id"], *(_cell(m[x]) for x in ("nDCG@3", "F1", "ROUGE-L"))]
+        cells += [_paired(r, x, "paired_ablation") for x in ("nDCG@3", "F1")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -77,6 +92,9 @@ def write_markdown(path: Path, summary: Mapping[str, Any], records: Sequence[Map
         "Δ: paired randomisation test (10,000 sign flips) over the turns both rows scored.",
         "",
     ]
+    against = summary.get("ablations_against")
+    if against:
+        text += [f"Ablations against `{against}`:", "", ablation_table(records, against), ""]
     text += [f"- {r['id']}: {r['description']}" for r in records]
     text += [f"- skipped {s['system']}: {s['reason']}" for s in summary["skipped"]]
     text.append(f"\n`{summary['command']}`\n")
