@@ -13,7 +13,8 @@ Systems (`--systems`, each optional):
     closed-book             `--generator` answers without passages
     oracle                  `--generator` answers from the judged-relevant passages (qrels)
     retriever-as-generator  `--retriever`'s own causal LM (LoRA merged) answers from its passages
-    `--ablation NAME=DIR`   more UniConv rows (repeatable)
+    `--ablation NAME=DIR`   more UniConv rows (repeatable); each is also compared, paired, with
+                            the row it ablates (`--ablation-baseline ID`, default uniconv)
 
 `--pool P` searches a pooled corpus: every passage judged for an evaluated turn plus BM25's top P
 of each turn on the full corpus (encoding all 38k passages with an LLM takes ~35 min on a 2-core
