@@ -650,8 +650,8 @@ def test_loss_parts_are_read_back_only_when_logging(tmp_path, monkeypatch):
     logs = {"loss": 0.0}
     trainer.log(logs)
     parts = _two_parts(model, batch)
-    assert logs["loss_fit"] == pytest.approx(float(parts["fit"]), abs=1e-6)
-    assert logs["loss_l2"] == pytest.approx(float(parts["l2"]), abs=1e-6)
+    assert logs["loss_fit"] == pytest.approx(float(parts["fit"].detach()), abs=1e-6)
+    assert logs["loss_l2"] == pytest.approx(float(parts["l2"].detach()), abs=1e-6)
 
 
 # ------------------------------------------------------------------ DDP
