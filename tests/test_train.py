@@ -829,3 +829,21 @@ def test_uniconv_mismatched_only_ablation_keeps_the_topiocqa_cap():
     assert {k: v for k, v in ablation.items() if k not in ("data", "output_dir")} == {
         k: v for k, v in full.items() if k not in ("data", "output_dir")
     }
+
+
+def test_close_process_group_ends_a_launched_group_and_is_a_no_op_without_one(tmp_path):
+    import torch.distributed as dist
+
+    from chatretriever.modeling.trainer import close_process_group, rank_and_world
+
+    assert close_process_group() is False
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        assert rank_and_world() == (0, 1)
+        assert close_process_group() is True
+        assert not dist.is_initialized() and rank_and_world() == (0, 1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -43,6 +43,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         yaml.safe_dump(config.to_dict(), sys.stdout, sort_keys=False)
         return 0
+    from chatretriever.modeling.trainer import close_process_group
+
     out = run_training(config, resume=args.resume)
+    close_process_group()  # after success only: it waits for every rank
     print(f"saved {out}")
     return 0

@@ -351,6 +351,20 @@ def gather(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def close_process_group() -> bool:
+    """Destroys the process group of a launched run (torchrun, accelerate) once training is done
+    (call it on success only: it waits for every rank); a no-op without one. Left to interpreter
+    exit, gloo's threads can abort a process that already saved ("terminate called without an
+    active exception"). Returns whether a group was closed."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    dist.barrier()  # no rank tears down while another still talks
+    dist.destroy_process_group()
+    return True
+
+
 def rank_and_world() -> tuple[int, int]:
     """(this process's rank, number of processes); (0, 1) without an initialised process group."""
     import torch.distributed as dist
