@@ -16,6 +16,12 @@ Systems (`--systems`, default: every family whose packages are installed):
                    dense embedder's all_user_turns run fused with BM25 on `--bm25-formulation`
                    (`chatretriever.retrieval.fusion`; `--rrf-k`, `--fusion-weight` = dense weight)
 
+`--pool P` searches a pooled corpus instead of all 38,104 passages: the passages judged for the
+evaluated tasks plus BM25's top P of each on its last turn (`_conversational.pool`), for the
+evaluated tasks only; a model then costs the pool's encoding (a few thousand passages). Pooled
+numbers are comparable with each other, not with full-corpus ones (fewer distractors); runs,
+embeddings and results are kept apart (OUT/runs.<pool tag>/, results.<...>.pool<P>.*).
+
 Dense search uses a Faiss Flat index when Faiss is installed, else an exact numpy top-k, so runs
 can be made on a GPU machine with only torch and transformers (`--runs-only`) and evaluated later.
 
@@ -73,6 +79,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--chunk-size", type=int, default=5000, help="passages per embedding chunk")
     p.add_argument("--eval-conversations", metavar="FILE", help="conversation ids to evaluate")
     p.add_argument(
+        "--pool",
+        type=int,
+        default=0,
+        metavar="P",
+        help="search a pooled corpus: the passages judged for the evaluated tasks plus BM25's "
+        "top P of each on its last turn (0: the whole corpus). Pooled numbers are comparable "
+        "with each other only; runs, embeddings and results are kept apart from full ones",
+    )
+    p.add_argument(
         "--hybrid", nargs="+", choices=FUSION_METHODS, default=[], help="fused rows (see above)"
     )
     p.add_argument("--rrf-k", type=int, default=DEFAULT_RRF_K, help="k of reciprocal rank fusion")
@@ -89,6 +104,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for name in ("k", "batch_size", "query_batch_size", "chunk_size", "max_new_tokens"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be positive")
+    if args.pool < 0:
+        p.error("--pool must be at least 0")
     try:
         FusionConfig("rrf", args.rrf_k, args.fusion_weight)
     except ValueError as e:
@@ -121,17 +138,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{len(planned)} systems; dense search: "
         f"{'faiss Flat' if backends.have_faiss() else 'numpy exact'}"
     )
-    ws = runs.Workspace(args, data.sessions, data.corpus_path)
-    records = runs.produce_runs(planned, ws, args.data)
-    if args.runs_only:
-        for r in records:
-            print(f"{r['id']}\t{r['wall_s']:.1f} s\t{r['run']}")
-        return 0
     sessions, qrels, suffix = data.sessions, data.qrels, ""
     if args.eval_conversations:
         convs = tasks.read_conversations(args.eval_conversations)
         sessions, qrels = tasks.restrict(sessions, qrels, convs, args.eval_conversations)
         suffix = "." + systems.slug(Path(args.eval_conversations).stem)
+    pool = runs.Pool(args.pool, sessions, qrels) if args.pool else None
+    if pool:
+        suffix += f".pool{args.pool}"
+    # a pool is made for the evaluated tasks: only they are searched
+    ws = runs.Workspace(args, sessions if pool else data.sessions, data.corpus_path, pool)
+    records = runs.produce_runs(planned, ws, args.data)
+    if args.runs_only:
+        for r in records:
+            print(f"{r['id']}\t{r['wall_s']:.1f} s\t{r['run']}")
+        return 0
     baseline = report.evaluate_records(records, qrels)
     summary = {
         "command": shlex.join(["python", "benchmarks/conversational.py", *argv]),
@@ -140,6 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "queries_evaluated": records[0]["num_queries"],
         "corpus_passages": records[0]["corpus_passages"],
         "eval_conversations": args.eval_conversations,
+        "pool": ws.pool_info(),
         "k": args.k,
         "measures": list(report.MEASURES),
         "baseline": baseline,

@@ -479,3 +479,35 @@ def test_train_speed_skips_bf16_only_without_native_support(monkeypatch):
     )
     why = train_speed.bf16_unsupported("cpu")
     assert "no native bf16" in why and "140 ms against 2.0 ms" in why and "70x slower" in why
+
+
+def test_pooled_corpus_runs_are_kept_apart_from_full_ones(conv, mtrag, tmp_path, loads):
+    pytest.importorskip("bm25s")
+    pytest.importorskip("ir_measures")
+    out = tmp_path / "out"
+    argv = ["--data", str(mtrag), "--out", str(out), "--systems", "bm25", "dense"]
+    argv += ["--dense", "fake:hash", "--chunk-size", "4", "--k", "5"]
+    assert conv.main(argv) == 0
+    full_runs = {p.name: p.read_bytes() for p in (out / "runs").iterdir()}
+    ids_file = write(tmp_path / "held.txt", "cA\n")  # two tasks: jag-diet, jag-range judged
+    assert conv.main([*argv, "--pool", "1", "--eval-conversations", str(ids_file)]) == 0
+    result = json.loads((out / "results.held.pool1.json").read_text())
+    pool = result["pool"]
+    # judged passages of the evaluated tasks + BM25's top 1 of each (both judged ones here)
+    assert pool["depth"] == 1 and pool["tasks"] == 2 and pool["full_passages"] == 6
+    (ids,) = (out / "pools").glob("pool1.*.txt")
+    assert set(ids.read_text().split()) == {"jag-diet", "jag-range"}
+    assert pool["passages"] == 2 == result["corpus_passages"]
+    runs_dir = out / f"runs.{pool['tag']}"
+    assert (runs_dir / "bm25.last_turn.trec").exists()
+    run = (runs_dir / "fake_hash.all_user_turns.trec").read_text().split("\n")
+    assert {line.split()[2] for line in run if line} <= {"jag-diet", "jag-range"}
+    assert {line.split()[0] for line in run if line} == {"cA<::>1", "cA<::>2"}  # evaluated only
+    assert {p.name: p.read_bytes() for p in (out / "runs").iterdir()} == full_runs  # untouched
+    assert any(p.name.endswith(pool["tag"]) for p in (out / "emb").iterdir())
+    settings = json.loads((runs_dir / "bm25.last_turn.trec.settings.json").read_text())
+    assert settings["key"]["corpus"] == pool["tag"]
+    assert conv.main([*argv, "--pool", "1", "--eval-conversations", str(ids_file)]) == 0
+    again = json.loads((out / "results.held.pool1.json").read_text())
+    assert all(s["cached"] for s in again["systems"])
+    assert json.loads((out / "results.json").read_text())["pool"] is None

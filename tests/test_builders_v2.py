@@ -293,3 +293,42 @@ def test_plausible_question(reply, ok):
     from chatretriever.retrieval.training_data.synthetic import plausible_question
 
     assert plausible_question(reply) is ok
+
+
+def test_cli_sample_keeps_what_a_recipe_cap_keeps_and_scores_only_those(tmp_path, fake_teacher):
+    pytest.importorskip("bm25s")
+    from chatretriever.modeling.recipe import cap_sources
+
+    topics = [
+        {
+            "number": f"{t}-1",
+            "title": "Universities",
+            "ptkb": {},
+            "turns": [
+                {
+                    "turn_id": i,
+                    "utterance": f"question {t} {i}",
+                    "resolved_utterance": f"question {t} {i}",
+                    "response": "an answer",
+                    "ptkb_provenance": [],
+                    "response_provenance": ["cw-1:2"],
+                }
+                for i in (1, 2, 3)
+            ],
+        }
+        for t in (1, 2, 3)
+    ]
+    ikat = _ikat_dir(tmp_path, topics)
+    base = ["build-train", "ikat", str(ikat), "--splits", "train", "--negatives", "0"]
+    full, sampled = tmp_path / "full.jsonl", tmp_path / "sampled.jsonl"
+    assert main([*base, "--out", str(full)]) == 0
+    assert main([*base, "--out", str(sampled), "--sample", "4", "--teacher", "fake:t"]) == 0
+    everything = read_training_examples(full)
+    kept = read_training_examples(sampled)
+    assert len(everything) == 9 and len(kept) == 4
+    ((capped, _),) = cap_sources([(everything, 1)], {"ikat": 4})
+    assert [e.id for e in kept] == [e.id for e in capped]  # same examples, same order
+    assert all(e.teacher is not None for e in kept)
+    meta = json.loads((tmp_path / "sampled.jsonl.meta.json").read_text())
+    assert meta["sample"] == {"n": 4, "seed": 0} and meta["examples"] == 4
+    assert main([*base, "--out", str(sampled), "--sample", "0"]) == 2

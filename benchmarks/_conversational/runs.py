@@ -9,6 +9,10 @@ embeddings go chunk by chunk into OUT/emb/<label>.<fingerprint>/ (`chatretriever
 encode`, resumable) and LLM rewrites into OUT/rewrites.<model>.jsonl, so a rerun costs nothing:
 OUT/fingerprints.json remembers each model's fingerprint while its files are unchanged (their
 names, sizes and mtimes), so a cached run needs no model load.
+
+With `--pool P` the searched corpus is a pool (`_conversational.pool`): its runs go to
+OUT/runs.<tag>/, its embeddings to OUT/emb/<label>.<fingerprint>.<tag>/, and the key records
+the tag, so pooled and full-corpus results never mix.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from _conversational import backends
+from _conversational.pool import pooled_corpus
 from _conversational.systems import HYBRID, System, fused_formulation, slug
 from chatretriever.apps.registry import precision_of
 from chatretriever.io.files import read_json
@@ -35,9 +40,24 @@ from chatretriever.retrieval.encoders import Encoder, fingerprint_of
 from chatretriever.retrieval.evaluate import write_json
 from chatretriever.retrieval.fusion import FusionConfig, fuse_runs
 from chatretriever.retrieval.search import Formulation, save_run, search_dense, settings_path
-from chatretriever.types import Passage, Run, Session
+from chatretriever.types import Passage, Qrel, Run, Session
 
 FINGERPRINTS = "fingerprints.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Pool:
+    """`--pool P`: the pool of the evaluated tasks (their judgments and BM25's top `depth`)."""
+
+    depth: int
+    sessions: Sequence[Session]
+    qrels: Sequence[Qrel]
+
+    def judged(self) -> dict[str, dict[str, int]]:
+        judged: dict[str, dict[str, int]] = {}
+        for q in self.qrels:
+            judged.setdefault(q.query_id, {})[q.doc_id] = q.relevance
+        return judged
 
 
 class Workspace:
@@ -48,23 +68,62 @@ class Workspace:
     """
 
     def __init__(
-        self, args: argparse.Namespace, sessions: list[Session], corpus_path: Path
+        self,
+        args: argparse.Namespace,
+        sessions: list[Session],
+        corpus_path: Path,
+        pool: Pool | None = None,
     ) -> None:
         self.args = args
         self.sessions = sessions
         self.corpus_path = corpus_path
+        self.pool = pool
         self.out = Path(args.out)
         self._corpus: list[Passage] | None = None
+        self._pool_info: dict[str, Any] | None = None
         self._bm25: tuple[Any, float] | None = None
         self._encoder: tuple[str, Encoder] | None = None
         self._index: tuple[str, Any, dict[str, float]] | None = None
         self._rewritten: tuple[list[Session], float] | None = None
 
     def corpus(self) -> list[Passage]:
+        """The searched passages: the whole corpus, or with a `Pool` its pooled passages."""
         if self._corpus is None:
             bar = tqdm(iter_mtrag_corpus(self.corpus_path), desc="read corpus", unit="passage")
-            self._corpus = list(bar)
+            full = list(bar)
+            self._corpus = full
+            if self.pool is not None:
+                pooled, tag = pooled_corpus(
+                    full, self.pool.sessions, self.pool.judged(), self.pool.depth,
+                    self.out / "pools",
+                )  # fmt: skip
+                self._corpus = pooled
+                self._pool_info = {
+                    "depth": self.pool.depth,
+                    "tag": tag,
+                    "passages": len(pooled),
+                    "full_passages": len(full),
+                    "tasks": len(self.pool.sessions),
+                }
+                print(f"pooled corpus {tag}: {len(pooled):,} of {len(full):,} passages")
         return self._corpus
+
+    def pool_info(self) -> dict[str, Any] | None:
+        """The pool's depth, tag and size (None: the whole corpus is searched)."""
+        if self.pool is None:
+            return None
+        self.corpus()
+        return self._pool_info
+
+    @property
+    def corpus_tag(self) -> str:
+        """ "full", or the pool's tag (`pool<P>-<sha of its ids>`)."""
+        info = self.pool_info()
+        return "full" if info is None else str(info["tag"])
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.out / ("runs" if self.pool is None else f"runs.{self.corpus_tag}")
 
     def bm25(self) -> tuple[Any, float]:
         """(BM25Retriever over the corpus, seconds to build it)."""
@@ -110,6 +169,8 @@ class Workspace:
         if self._index is None or self._index[0] != spec:
             encoder = self.encoder(spec)
             emb_dir = self.out / "emb" / f"{slug(label)}.{self.fingerprint(spec)}"
+            if self.pool is not None:
+                emb_dir = emb_dir.with_name(f"{emb_dir.name}.{self.corpus_tag}")
             encode_s = self._encode(encoder, emb_dir)
             start = time.perf_counter()
             index = backends.build_index(list_shards([emb_dir]))
@@ -210,7 +271,7 @@ def make_hybrid_run(system: System, ws: Workspace) -> tuple[Run, dict[str, float
     """Fuse a dense system's run (made earlier in this benchmark: it is planned first) with
     BM25 on `--bm25-formulation`."""
     args = ws.args
-    dense_path = ws.out / "runs" / f"{slug(f'{system.label}.{fused_formulation(system)}')}.trec"
+    dense_path = ws.runs_dir / f"{slug(f'{system.label}.{fused_formulation(system)}')}.trec"
     if not dense_path.exists():
         raise ValueError(f"{system.id}: the run it fuses is missing ({dense_path})")
     retriever, index_s = ws.bm25()
@@ -283,9 +344,11 @@ def produce_runs(systems: Sequence[System], ws: Workspace, data_path: str) -> li
     """Make (or reuse) the run of every system; returns one record per system."""
     records = []
     for n, system in enumerate(systems, start=1):
-        run_path = ws.out / "runs" / f"{system.id}.trec"
+        run_path = ws.runs_dir / f"{system.id}.trec"
         fingerprint = ws.fingerprint(system.retriever) if system.dense else None
         key = run_key(system, ws.args, ws.sessions, fingerprint)
+        if ws.pool is not None:
+            key["corpus"] = ws.corpus_tag
         settings = cached_settings(run_path, key)
         cached = settings is not None
         print(f"[{n}/{len(systems)}] {system.id}: " + ("cached run" if cached else "running"))

@@ -81,6 +81,15 @@ def add_parser(sub: Any) -> None:
     t = p.add_argument_group("teacher scores (for the distillation loss)")
     t.add_argument("--teacher", help="score positives and negatives with this encoder")
     t.add_argument("--teacher-batch-size", type=int, default=64)
+    t.add_argument(
+        "--sample",
+        type=int,
+        default=None,
+        metavar="N",
+        help="keep N examples after mining (before scoring): the ones a recipe's data.caps of N "
+        "keeps with cap_seed --sample-seed, so a capped source is scored only where it is used",
+    )
+    t.add_argument("--sample-seed", type=int, default=0, help="the recipe's data.cap_seed")
     g = p.add_argument_group("hard negatives")
     g.add_argument(
         "--corpus",
@@ -264,6 +273,13 @@ def run_build_train(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.source}: no training examples with a positive")
     if mining.num_negatives:
         examples = source.mine(examples, mining, not args.no_progress)
+    if args.sample is not None:
+        if args.sample < 1:
+            raise ValueError(f"--sample must be at least 1, got {args.sample}")
+        from chatretriever.modeling.recipe import hash_sample
+
+        kept = {ex.id for ex in hash_sample(examples, args.sample, args.sample_seed)}
+        examples = [ex for ex in examples if ex.id in kept]  # in the file's order
     if args.teacher:  # after mining: the scores cover the final negatives
         from chatretriever.apps.registry import load_encoder
 
@@ -285,6 +301,7 @@ def run_build_train(args: argparse.Namespace) -> int:
         "mining_corpus": source.mining_corpus,
         "positives": args.positives,
         "teacher": examples[0].teacher.model if args.teacher else None,
+        "sample": None if args.sample is None else {"n": args.sample, "seed": args.sample_seed},
         "holdout": {k: getattr(args, f"holdout_{k}") for k in ("ids", "fraction", "key", "seed")},
         "seconds": round(time.perf_counter() - start, 1),
     }

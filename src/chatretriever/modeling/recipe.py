@@ -263,20 +263,24 @@ class DataSettings(BaseDataSettings):
                 raise ValueError(f"data.caps.{source} must be a positive integer, got {n!r}")
 
 
+def hash_sample(examples: list[Any], n: int, seed: int = 0) -> list[Any]:
+    """The `n` examples whose sha256 of (seed, id) is lowest, in that order: the same ones every
+    run, and a smaller n keeps a subset of a larger one (what `data.caps` keeps of a source)."""
+    return sorted(examples, key=lambda ex: hashlib.sha256(f"{seed}\x1f{ex.id}".encode()).digest())[
+        :n
+    ]
+
+
 def cap_sources(
     parts: list[tuple[list[Any], int]], caps: Mapping[str, int], seed: int = 0
 ) -> list[tuple[list[Any], int]]:
     """Apply `DataSettings.caps` to (examples, repeat) per file (examples keep their order)."""
     if not caps:
         return parts
-
-    def rank(ex: Any) -> bytes:
-        return hashlib.sha256(f"{seed}\x1f{ex.id}".encode()).digest()
-
     keep: set[str] = set()
     for source, n in caps.items():
         of_source = [ex for examples, _ in parts for ex in examples if ex.source == source]
-        keep.update(ex.id for ex in sorted(of_source, key=rank)[:n])
+        keep.update(ex.id for ex in hash_sample(of_source, n, seed))
     return [
         ([ex for ex in examples if ex.source not in caps or ex.id in keep], repeat)
         for examples, repeat in parts
