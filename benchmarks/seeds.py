@@ -30,15 +30,15 @@ from typing import Any
 
 import numpy as np
 
-from chatretriever.errors import DataFormatError, MissingExtraError, require_extra
-from chatretriever.io.files import atomic_path, atomic_write
+from chatretriever.errors import DataFormatError
+from chatretriever.io.files import atomic_write
 from chatretriever.io.mtrag import load_mtrag
 from chatretriever.io.trec import read_run
 from chatretriever.retrieval.evaluate import Evaluation, compare, evaluate_run, write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _conversational import tasks  # noqa: E402
-from _conversational.report import MEASURE_LABELS, MEASURES  # noqa: E402
+from _conversational.report import MEASURE_LABELS, MEASURES, pyplot, save_figure  # noqa: E402
 
 
 def parse_spec(spec: str, what: str) -> tuple[str, list[Path]]:
@@ -114,12 +114,7 @@ def table(rows: Sequence[dict], reference: str | None) -> str:
 
 def write_plot(path: Path, rows: Sequence[dict]) -> bool:
     """nDCG@3 per configuration: each seed a dot, the mean a bar, the sd an error bar."""
-    try:
-        matplotlib = require_extra("matplotlib", "plot", "the plot")
-        matplotlib.use("Agg")
-        plt = require_extra("matplotlib.pyplot", "plot", "the plot")
-    except MissingExtraError as e:
-        print(f"no plot: {e}")
+    if (plt := pyplot()) is None:
         return False
     y = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(8, 1.2 + 0.5 * len(rows)))
@@ -136,10 +131,7 @@ def write_plot(path: Path, rows: Sequence[dict]) -> bool:
     ax.set_xlim(
         max(0.0, lo - 0.1), min(1.0, max(m + s for m, s in zip(means, sds, strict=True)) + 0.05)
     )
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+    save_figure(plt, fig, path)
     return True
 
 

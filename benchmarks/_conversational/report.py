@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -100,14 +101,28 @@ def write_markdown(path: Path, summary: dict, records: list[dict], baseline: str
     return out
 
 
-def write_plot(path: Path, records: list[dict]) -> bool:
-    """Bar chart of nDCG@3 and R@100 per system (needs matplotlib)."""
+def pyplot() -> Any | None:
+    """matplotlib.pyplot on the Agg backend, or None (saying why) when matplotlib is missing."""
     try:
         matplotlib = require_extra("matplotlib", "plot", "the plot")
         matplotlib.use("Agg")
-        plt = require_extra("matplotlib.pyplot", "plot", "the plot")
+        return require_extra("matplotlib.pyplot", "plot", "the plot")
     except MissingExtraError as e:
         print(f"  no plot: {e}")
+        return None
+
+
+def save_figure(plt: Any, fig: Any, path: Path) -> None:
+    """Save a figure atomically (never a half-written PNG) and close it."""
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+
+
+def write_plot(path: Path, records: list[dict]) -> bool:
+    """Bar chart of nDCG@3 and R@100 per system (needs matplotlib)."""
+    if (plt := pyplot()) is None:
         return False
     names = [r["id"] for r in records]
     y = np.arange(len(names))
@@ -119,10 +134,7 @@ def write_plot(path: Path, records: list[dict]) -> bool:
     ax.set_xlim(0, 1)
     ax.set_xlabel("score")
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:  # never a half-written PNG
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+    save_figure(plt, fig, path)
     return True
 
 
