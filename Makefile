@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM := false
 # (e.g. `make test TORCH_INDEX=<your PyTorch CPU wheel index URL>`); empty: the default index.
 TORCH_INDEX ?=
 
-.PHONY: install models test lint demo benchmark benchmark-rag train-data train train-uniconv clean browser screenshot serve-load
+.PHONY: install models test lint demo benchmark benchmark-rag train-data teacher-data datamix-data train train-uniconv clean browser screenshot serve-load
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -72,6 +72,40 @@ train-data: install
 	$(VENV)/bin/chatretriever build-train ikat $(DATA)/ikat-2023 --out outputs/train/ikat.jsonl.gz $(NEG)
 	$(VENV)/bin/chatretriever build-train dstc11 $(DATA)/dstc11-track5 \
 		--out outputs/train/dstc11.jsonl.gz $(NEG)
+	$(MAKE) teacher-data
+
+# The same examples scored by the teacher (all-MiniLM-L6-v2) for the distillation loss
+# (configs/chatretriever-smol-v2-distill.yaml); TopiOCQA only where its cap of 2,000 keeps it.
+TEACHER := --teacher minilm-l6
+teacher-data: install models
+	$(VENV)/bin/chatretriever build-train topiocqa $(DATA)/topiocqa/topiocqa_train.json.gz \
+		--out outputs/train/topiocqa-2000-t.jsonl.gz $(NEG) --sample 2000 $(TEACHER)
+	$(VENV)/bin/chatretriever build-train cast $(DATA)/trec-cast --years 2021 2022 \
+		--out outputs/train/cast-t.jsonl.gz $(NEG) $(TEACHER)
+	$(VENV)/bin/chatretriever build-train mtrag $(DATA)/mtrag --out outputs/train/mtrag-t.jsonl.gz \
+		$(NEG) --holdout-ids configs/mtrag-un-heldout.txt $(TEACHER)
+	$(VENV)/bin/chatretriever build-train ikat $(DATA)/ikat-2023 --out outputs/train/ikat-t.jsonl.gz \
+		$(NEG) $(TEACHER)
+	$(VENV)/bin/chatretriever build-train dstc11 $(DATA)/dstc11-track5 \
+		--out outputs/train/dstc11-t.jsonl.gz $(NEG) $(TEACHER)
+
+# The data-mix ablation's files (configs/datamix/): MTRAG with the dev split held out too, the
+# answers-as-positives variants, and the teacher-scored dev-split MTRAG (after `make train-data`).
+datamix-data: install models
+	mkdir -p outputs/train && cat configs/mtrag-un-heldout.txt configs/mtrag-un-dev.txt \
+		> outputs/train/holdout-heldout-dev.txt
+	for pos in passages answers; do \
+		suffix=$$( [ $$pos = answers ] && echo -answers ); \
+		$(VENV)/bin/chatretriever build-train mtrag $(DATA)/mtrag $(NEG) --positives $$pos \
+			--holdout-ids outputs/train/holdout-heldout-dev.txt \
+			--out outputs/train/mtrag-nodev$$suffix.jsonl.gz || exit 1; \
+	done
+	$(VENV)/bin/chatretriever build-train ikat $(DATA)/ikat-2023 $(NEG) --positives answers \
+		--out outputs/train/ikat-answers.jsonl.gz
+	$(VENV)/bin/chatretriever build-train dstc11 $(DATA)/dstc11-track5 $(NEG) --positives answers \
+		--out outputs/train/dstc11-answers.jsonl.gz
+	$(VENV)/bin/chatretriever build-train mtrag $(DATA)/mtrag $(NEG) $(TEACHER) \
+		--holdout-ids outputs/train/holdout-heldout-dev.txt --out outputs/train/mtrag-nodev-t.jsonl.gz
 
 # Rebuilds chatretriever-smol: v1 into runs/chatretriever-smol (a GPU: minutes; this CPU: hours),
 # then v2, continued from it, into runs/chatretriever-smol-v2 (this CPU: about an hour).
