@@ -108,10 +108,11 @@ datamix-data: install models
 		--holdout-ids outputs/train/holdout-heldout-dev.txt --out outputs/train/mtrag-nodev-t.jsonl.gz
 
 # Rebuilds chatretriever-smol: v1 into runs/chatretriever-smol (a GPU: minutes; this CPU: hours),
-# then v2, continued from it, into runs/chatretriever-smol-v2 (this CPU: about an hour).
+# then v2 + distillation, continued from it, into runs/chatretriever-smol-v2-distill (a GPU: about
+# 3 minutes; this CPU: about an hour).
 train: train-data models
 	$(VENV)/bin/chatretriever train configs/chatretriever-smol.yaml
-	$(VENV)/bin/chatretriever train configs/chatretriever-smol-v2.yaml
+	$(VENV)/bin/chatretriever train configs/chatretriever-smol-v2-distill.yaml
 
 # Rebuilds uniconv-smol into runs/uniconv-smol, continued from the shipped chatretriever-smol
 # (this CPU: about 45 minutes).
