@@ -93,10 +93,8 @@ class Workspace:
             full = list(bar)
             self._corpus = full
             if self.pool is not None:
-                pooled, tag = pooled_corpus(
-                    full, self.pool.sessions, self.pool.judged(), self.pool.depth,
-                    self.out / "pools",
-                )  # fmt: skip
+                pool, cache = self.pool, self.out / "pools"
+                pooled, tag = pooled_corpus(full, pool.sessions, pool.judged(), pool.depth, cache)
                 self._corpus = pooled
                 self._pool_info = {
                     "depth": self.pool.depth,
@@ -117,7 +115,7 @@ class Workspace:
 
     @property
     def corpus_tag(self) -> str:
-        """ "full", or the pool's tag (`pool<P>-<sha of its ids>`)."""
+        """The pool's tag (`pool<P>-<sha of its ids>`), or "full"."""
         info = self.pool_info()
         return "full" if info is None else str(info["tag"])
 
