@@ -51,6 +51,7 @@ from chatretriever.types import Passage, Run, Session, qrels_to_dict
 # The helper package of benchmarks/conversational.py, beside this script (see that script).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _conversational import backends, runs, tasks  # noqa: E402
+from _conversational.pool import ids_sha, pool_ids  # noqa: E402, F401  (pool_ids: this script's surface)
 from _conversational.systems import missing_model, parse_model, slug  # noqa: E402
 from _rag.report import (  # noqa: E402
     MEASURES,
@@ -60,12 +61,7 @@ from _rag.report import (  # noqa: E402
     write_markdown,
     write_plot,
 )
-from _rag.turns import (  # noqa: E402
-    ids_sha,
-    load_corpus,
-    pool_ids,  # noqa: E402, F401  (part of this script's surface)
-    select_turns,
-)
+from _rag.turns import load_corpus, select_turns  # noqa: E402
 
 SYSTEMS = ("uniconv", "decoupled", "bm25", "closed-book", "oracle", "retriever-as-generator")
 RUN_DEPTH = 10  # R@10 reads the top 10 of a run whatever k the answers read

@@ -38,7 +38,13 @@ from chatretriever.retrieval.evaluate import Evaluation, compare, evaluate_run, 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _conversational import tasks  # noqa: E402
-from _conversational.report import MEASURE_LABELS, MEASURES, pyplot, save_figure  # noqa: E402
+from _conversational.report import (  # noqa: E402
+    MEASURE_LABELS,
+    MEASURES,
+    fmt_p,
+    pyplot,
+    save_figure,
+)
 
 
 def parse_spec(spec: str, what: str) -> tuple[str, list[Path]]:
@@ -104,8 +110,7 @@ def table(rows: Sequence[dict], reference: str | None) -> str:
         if r["label"] == reference:
             cells.append("reference")
         elif test:
-            p = test["randomization_p"]
-            cells.append(f"{test['diff']:+.4f} ({'<0.001' if p < 0.001 else f'{p:.3f}'})")
+            cells.append(f"{test['diff']:+.4f} ({fmt_p(test['randomization_p'])})")
         else:
             cells.append("-")
         lines.append("| " + " | ".join(cells) + " |")

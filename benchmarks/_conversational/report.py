@@ -51,7 +51,8 @@ def evaluate_records(records: list[dict], qrels: Sequence[Qrel]) -> str | None:
     return baseline
 
 
-def _fmt_p(p: float) -> str:
+def fmt_p(p: float) -> str:
+    """A p-value for a table: "<0.001" below that, else three decimals."""
     return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
@@ -66,7 +67,7 @@ def results_table(records: list[dict], baseline: str | None) -> str:
         if r["family"] == "rewrite":
             formulation = f"{LLM_REWRITE} ({r['rewrite_model']})"
         test = r.get("vs_baseline", {}).get("nDCG@3")
-        delta = f"{test['diff']:+.4f} ({_fmt_p(test['randomization_p'])})" if test else "-"
+        delta = f"{test['diff']:+.4f} ({fmt_p(test['randomization_p'])})" if test else "-"
         if r["id"] == baseline:
             delta = "baseline"
         cells = [r["label"], formulation]

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from _conversational import tasks
-from _conversational.pool import ids_sha, pool_ids, pooled_corpus  # noqa: F401 (rag.py surface)
+from _conversational.pool import pooled_corpus
 
 from chatretriever.io.mtrag import iter_mtrag_corpus
 from chatretriever.types import Passage, Session
