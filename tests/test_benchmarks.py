@@ -73,14 +73,18 @@ QRELS = {
 }
 
 
-@pytest.fixture
-def mtrag(tmp_path):
-    root = tmp_path / "mtrag"
+def write_mtrag(root: Path) -> Path:
+    """The tiny MTRAG-format data above (6 passages, 3 tasks, 3 judgments) under `root`."""
     write(root / "corpus.jsonl.gz", jsonl(CORPUS))
     write(root / "mtrag-un" / "reference.jsonl", jsonl(TASKS))
     for domain, text in QRELS.items():
         write(root / "mtrag-un" / "qrels" / f"{domain}.tsv", text)
     return root
+
+
+@pytest.fixture
+def mtrag(tmp_path):
+    return write_mtrag(tmp_path / "mtrag")
 
 
 @pytest.fixture

@@ -1,0 +1,196 @@
+"""Recipes x seeds on MTRAG-UN: train every run not yet trained, search, tabulate mean +- sd.
+
+Each recipe (the shipped recipe and its ablations, say) is trained once per seed, N runs side by
+side, each into OUT/runs/<label>-s<seed>; the held-out tasks are then searched with every trained
+model (`benchmarks/conversational.py`) and `benchmarks/seeds.py` reports each recipe as mean +- sd
+over its seeds, compared (paired, seed-averaged) with the first recipe:
+
+    python benchmarks/ablation_seeds.py --out outputs/ablation-seeds --parallel 3 \\
+        --recipe configs/chatretriever-smol.yaml --recipe configs/ablations/no-session-lm.yaml \\
+        --recipe configs/ablations/vanilla-it.yaml --seeds 42 1 2 \\
+        --data ../shared/data/mtrag --eval-conversations configs/mtrag-un-heldout.txt --bm25
+
+A run whose directory holds its saved model is never trained again, and an interrupted one resumes
+from its newest checkpoint (`chatretriever train --resume`), so the job can be spread over several
+sessions or machines: `--train-only` where the GPU is, `--runs-only` (search, no scoring: torch
+and transformers suffice) wherever the models are, and the table where ir_measures is. Training logs
+go to OUT/logs/<run>.log; runs and embeddings stay in OUT/bench (`conversational.py`'s layout).
+Writes OUT/seeds.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from chatretriever.errors import DataFormatError
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import conversational  # noqa: E402
+import seeds  # noqa: E402
+
+FINISHED = "chatretriever.json"  # written into the run directory when training has ended
+
+
+@dataclass(frozen=True)
+class Job:
+    label: str  # the recipe's label: one row of the table
+    recipe: Path
+    seed: int
+    out: Path  # OUT/runs/<label>-s<seed>
+
+    @property
+    def name(self) -> str:
+        return self.out.name
+
+    @property
+    def finished(self) -> bool:
+        return (self.out / FINISHED).is_file()
+
+
+def parse_recipe(spec: str) -> tuple[str, Path]:
+    """ "[LABEL=]RECIPE.yaml" -> (label, path); the label defaults to the file's stem."""
+    label, sep, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
+    recipe = Path(path)
+    if not recipe.is_file():
+        raise FileNotFoundError(f"--recipe {spec!r}: no such file {recipe}")
+    label = label.strip() if sep else recipe.stem
+    if not label or "/" in label:
+        raise ValueError(f"--recipe {spec!r}: a label must be non-empty, without '/'")
+    return label, recipe
+
+
+def plan(recipes: Sequence[str], seed_list: Sequence[int], out: Path) -> list[Job]:
+    """Every (recipe, seed) run, recipe by recipe; labels must differ."""
+    parsed = [parse_recipe(r) for r in recipes]
+    labels = [label for label, _ in parsed]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"recipe labels must differ, got {labels} (name them: LABEL=RECIPE)")
+    if len(set(seed_list)) != len(seed_list):
+        raise ValueError(f"--seeds must differ, got {list(seed_list)}")
+    return [
+        Job(label, recipe, seed, out / "runs" / f"{label}-s{seed}")
+        for label, recipe in parsed
+        for seed in seed_list
+    ]
+
+
+def train_command(job: Job, overrides: Sequence[str]) -> list[str]:
+    """`chatretriever train` for one run: its seed and directory over the recipe, resumable."""
+    sets = [f"training.seed={job.seed}", f"output_dir={job.out}", *overrides]
+    return [
+        sys.executable, "-m", "chatretriever", "train", str(job.recipe), "--resume",
+        *(a for s in sets for a in ("--set", s)),
+    ]  # fmt: skip
+
+
+def train(jobs: Sequence[Job], overrides: Sequence[str], parallel: int, logs: Path) -> list[str]:
+    """Trains the unfinished runs, `parallel` at a time; returns one line per failed run."""
+    todo = [j for j in jobs if not j.finished]
+    print(f"{len(jobs) - len(todo)} of {len(jobs)} runs already trained; {len(todo)} to train")
+    if not todo:
+        return []
+    logs.mkdir(parents=True, exist_ok=True)
+
+    def one(job: Job) -> str | None:
+        log = logs / f"{job.name}.log"
+        with open(log, "w") as f:
+            rc = subprocess.call(train_command(job, overrides), stdout=f, stderr=subprocess.STDOUT)
+        if rc == 0 and job.finished:
+            return None
+        lines = log.read_text(errors="replace").strip().splitlines()
+        return f"{job.name}: exit {rc}, {lines[-1] if lines else 'no output'} (log: {log})"
+
+    failures = []
+    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        bar = tqdm(pool.map(one, todo), total=len(todo), desc="train", unit="run")
+        for failure in bar:
+            if failure:
+                failures.append(failure)
+                tqdm.write(f"failed: {failure}")
+    return failures
+
+
+def search(jobs: Sequence[Job], args: argparse.Namespace) -> Path:
+    """Runs of every trained model (and BM25 on the last turn with --bm25); their directory."""
+    argv = ["--data", args.data, "--out", str(args.out / "bench"), "--runs-only"]
+    argv += ["--systems", "chatretriever", *(["bm25"] if args.bm25 else [])]
+    for job in jobs:
+        argv += ["--model", f"{job.name}={job.out}"]
+    for flag, value in (
+        ("--eval-conversations", args.eval_conversations),
+        ("--pool", args.pool),
+        ("--device", args.device),
+        ("--batch-size", args.batch_size),
+    ):
+        if value is not None:
+            argv += [flag, str(value)]
+    conversational.main(argv)
+    pattern = "runs" if not args.pool else f"runs.pool{args.pool}-*"
+    found = sorted((args.out / "bench").glob(pattern))
+    if len(found) != 1:
+        raise ValueError(f"{args.out / 'bench'}: expected one {pattern} directory, found {found}")
+    return found[0]
+
+
+def tabulate(jobs: Sequence[Job], runs_dir: Path, args: argparse.Namespace) -> None:
+    """seeds.py over the runs: one group per recipe (its seeds in the order given)."""
+    argv = ["--data", args.data, "--out", str(args.out), "--title", args.title]
+    if args.eval_conversations:
+        argv += ["--eval-conversations", args.eval_conversations]
+    for label in dict.fromkeys(j.label for j in jobs):
+        files = [str(runs_dir / f"{j.name}.session.trec") for j in jobs if j.label == label]
+        argv += ["--group", f"{label}={','.join(files)}"]
+    if args.bm25:
+        argv += ["--run", f"BM25, last turn={runs_dir / 'bm25.last_turn.trec'}"]
+    seeds.main(argv)
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--recipe", action="append", required=True, metavar="[LABEL=]RECIPE",
+                   help="a recipe YAML (repeatable); the first is the reference row")  # fmt: skip
+    p.add_argument("--seeds", nargs="+", type=int, default=[42, 1, 2])
+    p.add_argument("--out", type=Path, default=Path("outputs/ablation-seeds"))
+    p.add_argument("--parallel", type=int, default=1, help="runs trained side by side")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override every recipe (as `chatretriever train --set`)")  # fmt: skip
+    p.add_argument("--train-only", action="store_true", help="train, then stop")
+    p.add_argument("--runs-only", action="store_true", help="train and search; no scoring")
+    p.add_argument("--data", default="../shared/data/mtrag", help="the MTRAG directory")
+    p.add_argument("--eval-conversations", metavar="FILE", help="conversation ids to evaluate")
+    p.add_argument("--pool", type=int, help="search a pooled corpus (see conversational.py)")
+    p.add_argument("--device", help="cpu, cuda, ... (default: the accelerator, else cpu)")
+    p.add_argument("--batch-size", type=int, help="passages per encoder call")
+    p.add_argument("--bm25", action="store_true", help="add BM25 on the last turn as a row")
+    p.add_argument("--title", default="Recipes x seeds", help="heading of seeds.md")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    jobs = plan(args.recipe, args.seeds, args.out)
+    failures = train(jobs, args.set, args.parallel, args.out / "logs")
+    if failures:
+        print(f"{len(failures)} runs failed:\n" + "\n".join(failures), file=sys.stderr)
+        return 1
+    if args.train_only:
+        return 0
+    runs_dir = search(jobs, args)
+    if not args.runs_only:
+        tabulate(jobs, runs_dir, args)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (DataFormatError, ValueError, FileNotFoundError, ImportError) as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,89 @@
+"""benchmarks/ablation_seeds.py: each (recipe, seed) trained once, searched, tabulated."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fixtures import write
+from test_benchmarks import load_benchmark, write_mtrag
+from test_train import _recipe
+
+
+@pytest.fixture(scope="module")
+def ab():
+    return load_benchmark("ablation_seeds")
+
+
+def test_recipes_times_seeds_train_once_then_search_and_tabulate(
+    ab, tmp_path, tiny_llama_dir, capsys
+):
+    pytest.importorskip("ir_measures")
+    base = _recipe(tmp_path / "a", tiny_llama_dir)
+    alpha0 = _recipe(tmp_path / "b", tiny_llama_dir, loss={"alpha": 0.0})
+    out, data = tmp_path / "out", write_mtrag(tmp_path / "mtrag")
+    argv = ["--recipe", f"csit={base}", "--recipe", f"alpha0={alpha0}", "--seeds", "1", "2",
+            "--parallel", "2", "--out", str(out), "--data", str(data)]  # fmt: skip
+    assert ab.main(argv) == 0
+    names = ["csit-s1", "csit-s2", "alpha0-s1", "alpha0-s2"]
+    for name in names:
+        assert (out / "runs" / name / "chatretriever.json").is_file()
+        assert (out / "logs" / f"{name}.log").is_file()
+    recipe = (out / "runs" / "alpha0-s2" / "train_config.yaml").read_text()
+    assert "seed: 2" in recipe and "alpha: 0.0" in recipe
+    adapters = {n: (out / "runs" / n / "adapter_model.safetensors").read_bytes() for n in names}
+    assert adapters["csit-s1"] != adapters["csit-s2"]  # the seed reaches the run
+
+    summary = json.loads((out / "seeds.json").read_text())
+    rows = {r["label"]: r for r in summary["rows"]}
+    assert list(rows) == ["csit", "alpha0"] and summary["reference"] == "csit"
+    assert all(r["n"] == 2 and len(r["per_run"]) == 2 for r in rows.values())
+    assert [p.split("/")[-1] for p in rows["alpha0"]["runs"]] == [
+        "alpha0-s1.session.trec", "alpha0-s2.session.trec"]  # fmt: skip
+    assert "vs_reference" in rows["alpha0"] and "vs_reference" not in rows["csit"]
+    assert (out / "seeds.md").is_file() and (out / "seeds.png").is_file()
+
+    # again: nothing is trained, every run is read back, the same table
+    capsys.readouterr()
+    assert ab.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "4 of 4 runs already trained; 0 to train" in printed
+    assert printed.count("cached run") == 4
+    assert {n: (out / "runs" / n / "adapter_model.safetensors").read_bytes() for n in names} == (
+        adapters
+    )
+    assert json.loads((out / "seeds.json").read_text())["rows"] == summary["rows"]
+
+
+def test_a_failed_run_is_named_with_its_log_and_the_others_still_train(
+    ab, tmp_path, tiny_llama_dir, capsys
+):
+    good = _recipe(tmp_path / "a", tiny_llama_dir)
+    bad = write(tmp_path / "bad.yaml", f"model: {tiny_llama_dir}\noutput_dir: x\n")  # no data
+    out = tmp_path / "out"
+    argv = ["--recipe", str(good), "--recipe", str(bad), "--seeds", "7", "--parallel", "2",
+            "--out", str(out), "--train-only"]  # fmt: skip
+    assert ab.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "1 runs failed" in err and "bad-s7: exit 2" in err
+    assert "data" in err and str(out / "logs" / "bad-s7.log") in err
+    assert (out / "runs" / "recipe-s7" / "chatretriever.json").is_file()
+    assert not (out / "runs" / "bad-s7").exists()
+
+
+def test_plan_checks_recipes_labels_and_seeds(ab, tmp_path):
+    a = write(tmp_path / "a" / "r.yaml", "model: m\n")
+    b = write(tmp_path / "b" / "r.yaml", "model: m\n")
+    jobs = ab.plan([f"x={a}", str(b)], [42, 1], tmp_path / "out")
+    assert [j.name for j in jobs] == ["x-s42", "x-s1", "r-s42", "r-s1"]
+    assert not any(j.finished for j in jobs)
+    with pytest.raises(ValueError, match="labels must differ"):
+        ab.plan([str(a), str(b)], [1], tmp_path)
+    with pytest.raises(ValueError, match="seeds must differ"):
+        ab.plan([str(a)], [1, 1], tmp_path)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        ab.plan([str(tmp_path / "missing.yaml")], [1], tmp_path)
+    command = ab.train_command(jobs[0], ["loss.alpha=0"])
+    assert command[3:6] == ["train", str(a), "--resume"]
+    assert command[6:] == ["--set", "training.seed=42", "--set", f"output_dir={jobs[0].out}",
+                           "--set", "loss.alpha=0"]  # fmt: skip
