@@ -30,11 +30,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from chatretriever.errors import DataFormatError
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import conversational  # noqa: E402
 import seeds  # noqa: E402
+from _conversational import script  # noqa: E402
 
 FINISHED = "chatretriever.json"  # written into the run directory when training has ended
 
@@ -190,7 +189,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (DataFormatError, ValueError, FileNotFoundError, ImportError) as e:
-        sys.exit(f"error: {e}")
+    script.run(main)

@@ -42,14 +42,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from chatretriever.errors import DataFormatError
 from chatretriever.io.mtrag import load_mtrag
 from chatretriever.retrieval.fusion import DEFAULT_RRF_K, FUSION_METHODS, FusionConfig
 
 # The helper package beside this script: on sys.path when the script runs, not when it is imported
 # from its file (tests/test_benchmarks.py).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _conversational import backends, report, runs, systems, tasks  # noqa: E402
+from _conversational import backends, report, runs, script, systems, tasks  # noqa: E402
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -174,7 +173,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (DataFormatError, ValueError, FileNotFoundError, ImportError) as e:
-        sys.exit(f"error: {e}")
+    script.run(main)

@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 from chatretriever.apps.chat import answer_sessions, generation_kwargs, top_passages
-from chatretriever.errors import DataFormatError
 from chatretriever.io.files import read_json
 from chatretriever.io.mtrag import load_mtrag
 from chatretriever.io.trec import read_run
@@ -50,7 +49,7 @@ from chatretriever.types import Passage, Run, Session, qrels_to_dict
 
 # The helper package of benchmarks/conversational.py, beside this script (see that script).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _conversational import backends, runs, tasks  # noqa: E402
+from _conversational import backends, runs, script, tasks  # noqa: E402
 from _conversational.pool import ids_sha, pool_ids  # noqa: E402, F401  (pool_ids: this script's surface)
 from _conversational.systems import missing_model, parse_model, slug  # noqa: E402
 from _rag.report import (  # noqa: E402
@@ -479,7 +478,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (DataFormatError, ValueError, FileNotFoundError, ImportError) as e:
-        sys.exit(f"error: {e}")
+    script.run(main)

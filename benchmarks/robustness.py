@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chatretriever.errors import DataFormatError, MissingExtraError, require_extra
+from chatretriever.errors import MissingExtraError, require_extra
 from chatretriever.io.files import atomic_path, atomic_write
 from chatretriever.retrieval.evaluate import write_json
 from chatretriever.retrieval.fusion import DEFAULT_RRF_K, FUSION_METHODS
@@ -43,7 +43,7 @@ from chatretriever.retrieval.robustness.partial import Retrieve, judge_check
 from chatretriever.types import Passage, Run, Session, passage_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _conversational import runs, systems, tasks  # noqa: E402
+from _conversational import runs, script, systems, tasks  # noqa: E402
 
 from chatretriever.retrieval.robustness.evaluation import evaluate_robustness  # noqa: E402
 
@@ -382,7 +382,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (DataFormatError, ValueError, FileNotFoundError, ImportError) as e:
-        sys.exit(f"error: {e}")
+    script.run(main)

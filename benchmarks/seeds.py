@@ -30,14 +30,13 @@ from typing import Any
 
 import numpy as np
 
-from chatretriever.errors import DataFormatError
 from chatretriever.io.files import atomic_write
 from chatretriever.io.mtrag import load_mtrag
 from chatretriever.io.trec import read_run
 from chatretriever.retrieval.evaluate import Evaluation, compare, evaluate_run, write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _conversational import tasks  # noqa: E402
+from _conversational import script, tasks  # noqa: E402
 from _conversational.report import (  # noqa: E402
     MEASURE_LABELS,
     MEASURES,
@@ -214,7 +213,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (DataFormatError, ValueError, FileNotFoundError, ImportError) as e:
-        sys.exit(f"error: {e}")
+    script.run(main)

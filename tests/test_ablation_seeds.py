@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from fixtures import write
@@ -87,3 +90,18 @@ def test_plan_checks_recipes_labels_and_seeds(ab, tmp_path):
     assert command[3:6] == ["train", str(a), "--resume"]
     assert command[6:] == ["--set", "training.seed=42", "--set", f"output_dir={jobs[0].out}",
                            "--set", "loss.alpha=0"]  # fmt: skip
+
+
+def test_bad_input_ends_as_one_error_line(tmp_path):
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "ablation_seeds.py"
+    missing = tmp_path / "missing.yaml"
+    done = subprocess.run(
+        [sys.executable, str(script), "--recipe", str(missing), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"error: --recipe '{missing}': no such file {missing}"
+    ]
+    assert not (tmp_path / "o").exists()
