@@ -21,8 +21,10 @@ Writes OUT/seeds.{json,md,png}.
 from __future__ import annotations
 
 import argparse
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -91,29 +93,62 @@ def train_command(job: Job, overrides: Sequence[str]) -> list[str]:
 
 
 def train(jobs: Sequence[Job], overrides: Sequence[str], parallel: int, logs: Path) -> list[str]:
-    """Trains the unfinished runs, `parallel` at a time; returns one line per failed run."""
+    """Trains the unfinished runs, `parallel` at a time; returns one line per failed run.
+
+    Interrupted (Ctrl-C, or SIGTERM to this process), it stops the trainings it started before it
+    stops itself: a run resumes from its newest checkpoint next time."""
     todo = [j for j in jobs if not j.finished]
     print(f"{len(jobs) - len(todo)} of {len(jobs)} runs already trained; {len(todo)} to train")
     if not todo:
         return []
     logs.mkdir(parents=True, exist_ok=True)
+    running: set[subprocess.Popen] = set()
+    lock = threading.Lock()
+    stopping = threading.Event()
 
     def one(job: Job) -> str | None:
         log = logs / f"{job.name}.log"
         with open(log, "w") as f:
-            rc = subprocess.call(train_command(job, overrides), stdout=f, stderr=subprocess.STDOUT)
+            with lock:
+                if stopping.is_set():
+                    return f"{job.name}: not started (interrupted)"
+                proc = subprocess.Popen(
+                    train_command(job, overrides), stdout=f, stderr=subprocess.STDOUT
+                )
+                running.add(proc)
+            rc = proc.wait()
+            with lock:
+                running.discard(proc)
         if rc == 0 and job.finished:
             return None
         lines = log.read_text(errors="replace").strip().splitlines()
         return f"{job.name}: exit {rc}, {lines[-1] if lines else 'no output'} (log: {log})"
 
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, interrupt) if main_thread else None
     failures = []
-    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, parallel))
+    try:
         bar = tqdm(pool.map(one, todo), total=len(todo), desc="train", unit="run")
         for failure in bar:
             if failure:
                 failures.append(failure)
                 tqdm.write(f"failed: {failure}")
+    except KeyboardInterrupt:
+        pool.shutdown(wait=False, cancel_futures=True)  # no new run starts
+        with lock:
+            stopping.set()
+            for proc in running:
+                proc.terminate()
+        print(f"interrupted: {len(running)} trainings stopped", file=sys.stderr)
+        raise
+    finally:
+        pool.shutdown(wait=True)
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return failures
 
 
@@ -176,7 +211,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     jobs = plan(args.recipe, args.seeds, args.out)
-    failures = train(jobs, args.set, args.parallel, args.out / "logs")
+    try:
+        failures = train(jobs, args.set, args.parallel, args.out / "logs")
+    except KeyboardInterrupt:
+        return 130
     if failures:
         print(f"{len(failures)} runs failed:\n" + "\n".join(failures), file=sys.stderr)
         return 1

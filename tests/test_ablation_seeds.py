@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -105,3 +109,39 @@ def test_bad_input_ends_as_one_error_line(tmp_path):
         f"error: --recipe '{missing}': no such file {missing}"
     ]
     assert not (tmp_path / "o").exists()
+
+
+def test_sigterm_stops_the_trainings_it_started(ab, tmp_path, monkeypatch):
+    recipe = write(tmp_path / "r.yaml", "model: m\n")
+    jobs = ab.plan([str(recipe)], [1, 2, 3], tmp_path / "out")
+    started = tmp_path / "started"
+    sleeper = (
+        "import pathlib, sys, time; "
+        f"pathlib.Path({str(started)!r}).joinpath(sys.argv[1]).touch(); time.sleep(60)"
+    )
+    procs = []
+    real_popen = subprocess.Popen
+
+    def popen(command, **kwargs):
+        name = command[-1].rsplit("/", 1)[-1]  # output_dir=.../runs/<name>
+        proc = real_popen([sys.executable, "-c", sleeper, name], **kwargs)
+        procs.append(proc)
+        return proc
+
+    monkeypatch.setattr(ab.subprocess, "Popen", popen)
+    started.mkdir()
+
+    def stop_when_both_run():
+        deadline = time.monotonic() + 30
+        while len(list(started.iterdir())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=stop_when_both_run, daemon=True).start()
+    begin = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        ab.train(jobs, [], parallel=2, logs=tmp_path / "logs")
+    assert time.monotonic() - begin < 20  # not the sleepers' 60 s
+    assert len(procs) == 2  # the third run never started
+    assert all(p.poll() is not None for p in procs)  # both stopped
+    assert signal.getsignal(signal.SIGTERM) is not None  # the previous handler is back
