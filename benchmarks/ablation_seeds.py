@@ -107,18 +107,18 @@ def train(jobs: Sequence[Job], overrides: Sequence[str], parallel: int, logs: Pa
     stopping = threading.Event()
 
     def one(job: Job) -> str | None:
-        log = logs / f"{job.name}.log"
-        with open(log, "w") as f:
-            with lock:
-                if stopping.is_set():
-                    return f"{job.name}: not started (interrupted)"
+        log = logs / f"{job.name}.log"  # appended to: a resumed run keeps its earlier attempts
+        with lock:
+            if stopping.is_set():
+                return f"{job.name}: not started (interrupted)"
+            with open(log, "a") as f:
                 proc = subprocess.Popen(
                     train_command(job, overrides), stdout=f, stderr=subprocess.STDOUT
                 )
-                running.add(proc)
-            rc = proc.wait()
-            with lock:
-                running.discard(proc)
+            running.add(proc)
+        rc = proc.wait()
+        with lock:
+            running.discard(proc)
         if rc == 0 and job.finished:
             return None
         lines = log.read_text(errors="replace").strip().splitlines()
