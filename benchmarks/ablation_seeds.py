@@ -14,8 +14,9 @@ A run whose directory holds its saved model is never trained again, and an inter
 from its newest checkpoint (`chatretriever train --resume`), so the job can be spread over several
 sessions or machines: `--train-only` where the GPU is, `--runs-only` (search, no scoring: torch
 and transformers suffice) wherever the models are, and the table where ir_measures is. Training logs
-go to OUT/logs/<run>.log; runs and embeddings stay in OUT/bench (`conversational.py`'s layout).
-Writes OUT/seeds.{json,md,png}.
+go to OUT/logs/<run>.log. Each evaluation (the conversations file and `--pool`) has its own
+directory, OUT/eval.<conversations stem or all>[.pool<P>]: the search there (`conversational.py`'s
+runs and embeddings) and the table, seeds.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -152,9 +153,16 @@ def train(jobs: Sequence[Job], overrides: Sequence[str], parallel: int, logs: Pa
     return failures
 
 
+def eval_dir(args: argparse.Namespace) -> Path:
+    """OUT/eval.<conversations>[.pool<P>]: one directory per set of evaluated tasks and corpus."""
+    tasks = Path(args.eval_conversations).stem if args.eval_conversations else "all"
+    return args.out / (f"eval.{tasks}" + (f".pool{args.pool}" if args.pool else ""))
+
+
 def search(jobs: Sequence[Job], args: argparse.Namespace) -> Path:
     """Runs of every trained model (and BM25 on the last turn with --bm25); their directory."""
-    argv = ["--data", args.data, "--out", str(args.out / "bench"), "--runs-only"]
+    bench = eval_dir(args) / "bench"
+    argv = ["--data", args.data, "--out", str(bench), "--runs-only"]
     argv += ["--systems", "chatretriever", *(["bm25"] if args.bm25 else [])]
     for job in jobs:
         argv += ["--model", f"{job.name}={job.out}"]
@@ -168,15 +176,15 @@ def search(jobs: Sequence[Job], args: argparse.Namespace) -> Path:
             argv += [flag, str(value)]
     conversational.main(argv)
     pattern = "runs" if not args.pool else f"runs.pool{args.pool}-*"
-    found = sorted((args.out / "bench").glob(pattern))
+    found = sorted(bench.glob(pattern))
     if len(found) != 1:
-        raise ValueError(f"{args.out / 'bench'}: expected one {pattern} directory, found {found}")
+        raise ValueError(f"{bench}: expected one {pattern} directory, found {found}")
     return found[0]
 
 
 def tabulate(jobs: Sequence[Job], runs_dir: Path, args: argparse.Namespace) -> None:
     """seeds.py over the runs: one group per recipe (its seeds in the order given)."""
-    argv = ["--data", args.data, "--out", str(args.out), "--title", args.title]
+    argv = ["--data", args.data, "--out", str(eval_dir(args)), "--title", args.title]
     if args.eval_conversations:
         argv += ["--eval-conversations", args.eval_conversations]
     for label in dict.fromkeys(j.label for j in jobs):

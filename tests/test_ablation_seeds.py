@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -41,14 +42,16 @@ def test_recipes_times_seeds_train_once_then_search_and_tabulate(
     adapters = {n: (out / "runs" / n / "adapter_model.safetensors").read_bytes() for n in names}
     assert adapters["csit-s1"] != adapters["csit-s2"]  # the seed reaches the run
 
-    summary = json.loads((out / "seeds.json").read_text())
+    table = out / "eval.all"  # every task of the data (no --eval-conversations), whole corpus
+    assert (table / "bench" / "runs" / "alpha0-s1.session.trec").is_file()
+    summary = json.loads((table / "seeds.json").read_text())
     rows = {r["label"]: r for r in summary["rows"]}
     assert list(rows) == ["csit", "alpha0"] and summary["reference"] == "csit"
     assert all(r["n"] == 2 and len(r["per_run"]) == 2 for r in rows.values())
     assert [p.split("/")[-1] for p in rows["alpha0"]["runs"]] == [
         "alpha0-s1.session.trec", "alpha0-s2.session.trec"]  # fmt: skip
     assert "vs_reference" in rows["alpha0"] and "vs_reference" not in rows["csit"]
-    assert (out / "seeds.md").is_file() and (out / "seeds.png").is_file()
+    assert (table / "seeds.md").is_file() and (table / "seeds.png").is_file()
 
     # again: nothing is trained, every run is read back, the same table
     capsys.readouterr()
@@ -59,7 +62,7 @@ def test_recipes_times_seeds_train_once_then_search_and_tabulate(
     assert {n: (out / "runs" / n / "adapter_model.safetensors").read_bytes() for n in names} == (
         adapters
     )
-    assert json.loads((out / "seeds.json").read_text())["rows"] == summary["rows"]
+    assert json.loads((table / "seeds.json").read_text())["rows"] == summary["rows"]
 
 
 def test_a_failed_run_is_named_with_its_log_and_the_others_still_train(
@@ -90,6 +93,8 @@ def test_plan_checks_recipes_labels_and_seeds(ab, tmp_path):
         ab.plan([str(a)], [1, 1], tmp_path)
     with pytest.raises(FileNotFoundError, match="no such file"):
         ab.plan([str(tmp_path / "missing.yaml")], [1], tmp_path)
+    held_out = argparse.Namespace(out=Path("o"), eval_conversations="c/heldout.txt", pool=30)
+    assert ab.eval_dir(held_out) == Path("o/eval.heldout.pool30")  # apart from other evaluations
     command = ab.train_command(jobs[0], ["loss.alpha=0"])
     assert command[3:6] == ["train", str(a), "--resume"]
     assert command[6:] == ["--set", "training.seed=42", "--set", f"output_dir={jobs[0].out}",
