@@ -38,11 +38,11 @@ from chatretriever.retrieval.evaluate import Evaluation, compare, evaluate_run, 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _conversational import script, tasks  # noqa: E402
 from _conversational.report import (  # noqa: E402
-    MEASURE_LABELS,
     MEASURES,
-    fmt_p,
+    delta_cell,
     pyplot,
     save_figure,
+    table_head,
 )
 
 
@@ -95,10 +95,7 @@ def summarize(label: str, paths: Sequence[Path], qrels: Any) -> tuple[dict, Eval
 
 
 def table(rows: Sequence[dict], reference: str | None) -> str:
-    labels = [MEASURE_LABELS.get(m, m) for m in MEASURES]
-    vs = f"ΔnDCG@3 vs {reference} (p)" if reference else "ΔnDCG@3"
-    head = ["system", "seeds", *labels, "nDCG@3 per seed", vs]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = table_head(["system", "seeds"], ["nDCG@3 per seed"], reference)
     for r in rows:
         cells = [r["label"], str(r["n"])]
         for m in MEASURES:
@@ -106,12 +103,7 @@ def table(rows: Sequence[dict], reference: str | None) -> str:
             cells.append(f"{r['mean'][m]:.4f}{sd}")
         cells.append(" / ".join(f"{v['nDCG@3']:.4f}" for v in r["per_run"]))
         test = r.get("vs_reference", {}).get("nDCG@3")
-        if r["label"] == reference:
-            cells.append("reference")
-        elif test:
-            cells.append(f"{test['diff']:+.4f} ({fmt_p(test['randomization_p'])})")
-        else:
-            cells.append("-")
+        cells.append("reference" if r["label"] == reference else delta_cell(test))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

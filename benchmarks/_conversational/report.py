@@ -56,18 +56,28 @@ def fmt_p(p: float) -> str:
     return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
+def delta_cell(test: dict | None) -> str:
+    """A paired comparison (`evaluate.compare`'s entry of one measure) as "+0.0123 (0.045)"."""
+    return f"{test['diff']:+.4f} ({fmt_p(test['randomization_p'])})" if test else "-"
+
+
+def table_head(first: Sequence[str], last: Sequence[str], reference: str | None) -> list[str]:
+    """The two header lines of a results table: `first` columns, one per measure, `last`
+    columns, then the nDCG@3 difference against `reference`."""
+    vs = f"ΔnDCG@3 vs {reference} (p)" if reference else "ΔnDCG@3"
+    head = [*first, *(MEASURE_LABELS.get(m, m) for m in MEASURES), *last, vs]
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+
 def results_table(records: list[dict], baseline: str | None) -> str:
     """The markdown table: one row per system, in planning order (family, model, formulation)."""
-    labels = [MEASURE_LABELS.get(m, m) for m in MEASURES]
-    vs = f"ΔnDCG@3 vs {baseline} (p)" if baseline else "ΔnDCG@3"
-    head = ["system", "formulation", *labels, "wall s", vs]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = table_head(["system", "formulation"], ["wall s"], baseline)
     for r in records:
         formulation = r["formulation"]
         if r["family"] == "rewrite":
             formulation = f"{LLM_REWRITE} ({r['rewrite_model']})"
         test = r.get("vs_baseline", {}).get("nDCG@3")
-        delta = f"{test['diff']:+.4f} ({fmt_p(test['randomization_p'])})" if test else "-"
+        delta = delta_cell(test)
         if r["id"] == baseline:
             delta = "baseline"
         cells = [r["label"], formulation]

@@ -40,7 +40,7 @@ from chatretriever.retrieval.encoders import Encoder, fingerprint_of
 from chatretriever.retrieval.evaluate import write_json
 from chatretriever.retrieval.fusion import FusionConfig, fuse_runs
 from chatretriever.retrieval.search import Formulation, save_run, search_dense, settings_path
-from chatretriever.types import Passage, Qrel, Run, Session
+from chatretriever.types import Passage, Qrel, Run, Session, qrels_to_dict
 
 FINGERPRINTS = "fingerprints.json"
 
@@ -54,10 +54,7 @@ class Pool:
     qrels: Sequence[Qrel]
 
     def judged(self) -> dict[str, dict[str, int]]:
-        judged: dict[str, dict[str, int]] = {}
-        for q in self.qrels:
-            judged.setdefault(q.query_id, {})[q.doc_id] = q.relevance
-        return judged
+        return qrels_to_dict(self.qrels)
 
 
 class Workspace:
