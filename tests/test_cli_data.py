@@ -84,6 +84,52 @@ FIXTURES = {
         {"topics": 1, "turns": 2, "with manual rewrite": 1, "with response": 0},
     ),
     "resolved.tsv": ("7_1\ta?\n7_2\tb?\n", "cast-rewrites", {"rewrites": 2}),
+    "2024_test_topics.json": (  # iKAT 2024: topics numbered with integers
+        json.dumps(
+            [
+                {
+                    "number": 0,
+                    "title": "Egypt",
+                    "ptkb": {"1": "I am from San Francisco."},
+                    "turns": [
+                        {
+                            "turn_id": 1,
+                            "utterance": "When should I go?",
+                            "resolved_utterance": "When should I go to Egypt?",
+                            "response": "In winter.",
+                            "ptkb_provenance": [],
+                            "response_provenance": ["cw-1:0", "cw-2:3"],
+                        },
+                        {
+                            "turn_id": 2,
+                            "utterance": "Do I need a visa?",
+                            "resolved_utterance": "Do I need a visa for Egypt?",
+                            "response": "Yes.",
+                            "ptkb_provenance": [1],
+                            "response_provenance": ["cw-1:0"],
+                        },
+                    ],
+                }
+            ],
+            indent=4,
+        ),
+        "ikat-topics",
+        {"topics": 1, "turns": 2, "with rewrite": 2, "citing passages": 2, "cited passages": 2},
+    ),
+    "logs.json": (  # DSTC11 track 5 dialogue contexts (no labels.json beside them here)
+        json.dumps(
+            [
+                [{"speaker": "U", "text": "A hotel in the north?"}],
+                [
+                    {"speaker": "U", "text": "A hotel in the north?"},
+                    {"speaker": "S", "text": "Hobsons House."},
+                    {"speaker": "U", "text": "Is it clean?"},
+                ],
+            ]
+        ),
+        "dstc11-logs",
+        {"contexts": 2, "dialogues": 1, "turns": 4},
+    ),
     "topiocqa_dev.json.gz": (
         json.dumps(
             [
@@ -289,6 +335,13 @@ REAL = [
     ("esconv/devWithStrategy_short.tsv", "esconv-tsv", {"examples": 2_985}),
     ("esconv/strategy.json", "strategy-list", {"strategies": 8}),
     ("steam/metadata.jsonl.gz", "reclm-items", {"items": 32_131}),
+    ("ikat-2023/2023_test_topics.json", "ikat-topics", {"topics": 25, "turns": 332}),
+    ("ikat-2023/2023_train_topics.json", "ikat-topics", {"topics": 11}),
+    (
+        "dstc11-track5/val/logs.json",
+        "dstc11-logs",
+        {"contexts": 4_173, "knowledge-seeking": 2_129},
+    ),
     ("steam/sequential_data.txt", "reclm-sequences", {"users": 6_684}),
     ("trec-cast/2019/data/2019qrels.txt", "trec-qrels", {"queries": 173}),
     (

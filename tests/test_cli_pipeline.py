@@ -276,7 +276,7 @@ def test_search_refuses_another_encoder(files, capsys):
         (["encode", "{d}/missing.jsonl", "--model", "fake:", "--out", "{d}/e"], "file not found"),
         (
             ["search", "--bm25", "{d}/corpus.jsonl", "--sessions", "{d}", "--out", "{d}/r"],
-            "is a directory; expected a file",
+            "is a directory; give one of its files",
         ),
         (["encode", "{d}/bad.jsonl", "--model", "fake:", "--out", "{d}/e"], "bad.jsonl:2"),
         (

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from chatretriever.cli.data import add_sessions_arguments, load_sessions
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_GENERATOR_HINT = "smollm2-135m-instruct"
@@ -28,7 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         'Writes one line per session: {"qid", "answer", "passages": [ids]}, and the settings '
         "beside it (OUT.settings.json).",
     )
-    p.add_argument("--sessions", required=True, help="sessions JSONL")
+    add_sessions_arguments(p)
     p.add_argument("--out", required=True, help="answers JSONL to write")
     p.add_argument("--index", help="index dir (from `index CORPUS --out DIR`)")
     p.add_argument("--model", help="query encoder (default: the model the index records)")
@@ -141,12 +143,11 @@ def cmd_answer(args: argparse.Namespace) -> int:
     from chatretriever.apps.chat import answer_sessions
     from chatretriever.io.answers import write_answers
     from chatretriever.io.files import atomic_write
-    from chatretriever.io.sessions import read_sessions
 
     _positive(args.k, "--k")
     _positive(args.max_new_tokens, "--max-new-tokens")
     batch_size = _positive(args.batch_size, "--batch-size")
-    sessions = read_sessions(args.sessions)
+    sessions = load_sessions(args)
     corpus_index, encoder = _load_retriever(args)
     answerer, name, kwargs = resolve_answerer(
         encoder, args.generator, args.max_new_tokens, batch_size

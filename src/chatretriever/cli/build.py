@@ -64,8 +64,19 @@ def add_parser(sub: Any) -> None:
     p.add_argument("paths", nargs="+", help="dataset directory or files")
     p.add_argument("--out", required=True, help="training JSONL to write (.gz compresses)")
     p.add_argument("--domains", nargs="+", default=None, help="mtrag: domains to use")
-    p.add_argument("--years", nargs="+", type=int, default=[2021, 2022], help="cast: years")
-    p.add_argument("--splits", nargs="+", default=None, help="ikat: train test; dstc11: val")
+    p.add_argument(
+        "--years",
+        nargs="+",
+        type=int,
+        default=None,
+        help="cast: years (default 2021 2022); ikat: years (default 2023)",
+    )
+    p.add_argument(
+        "--splits",
+        nargs="+",
+        default=None,
+        help="ikat: train test (default: those present); dstc11: val",
+    )
     p.add_argument(
         "--positives",
         choices=POSITIVES,
@@ -165,7 +176,7 @@ def _load(args: argparse.Namespace) -> _Source:
     if src == "cast":
         from chatretriever.io.cast import load_cast
 
-        sessions = [s for y in args.years for s in load_cast(paths[0], y).sessions]
+        sessions = [s for y in args.years or (2021, 2022) for s in load_cast(paths[0], y).sessions]
         return _Source(sessions, cast_examples, mine, name)
     reader = read_chat_examples if src == "sessions" else read_triples
     return _Source([ex for p in paths for ex in reader(p)], list, mine, name)
@@ -190,9 +201,9 @@ def _load_new(args: argparse.Namespace) -> _Source:
         corpus = list(iter_corpus(args.corpus)) if args.corpus else own
         return _Source(examples, list, *_mine_over(corpus, str(args.corpus or path)))
     if args.source == "ikat":
-        from chatretriever.io.ikat import SPLITS, load_ikat
+        from chatretriever.io.ikat import load_ikat
 
-        data = load_ikat(path, args.splits or SPLITS)
+        data = load_ikat(path, args.splits, args.years or (2023,))
         passages, build = data.passages, ikat_examples
     else:
         from chatretriever.io.dstc11 import load_dstc11

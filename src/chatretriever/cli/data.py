@@ -6,13 +6,49 @@ import argparse
 import sys
 from typing import Any
 
+from chatretriever.io.conversations import SESSION_FORMATS, read_conversations
 from chatretriever.io.stats import FORMATS, dataset_stats
+from chatretriever.types import Session
+
+
+def add_sessions_arguments(p: argparse.ArgumentParser, what: str = "") -> None:
+    """`--sessions FILE` (any conversation format, see `chatretriever.io.conversations`) and
+    `--sessions-format`."""
+    p.add_argument(
+        "--sessions",
+        required=True,
+        help="conversations: sessions JSONL, or a dataset file as published (MTRAG "
+        "reference.jsonl, TopiOCQA, TREC CAsT / iKAT topics, DSTC11 logs.json, ESConv)" + what,
+    )
+    p.add_argument(
+        "--sessions-format",
+        choices=SESSION_FORMATS,
+        default=None,
+        help="the format of --sessions (default: told from the file)",
+    )
+
+
+def load_sessions(args: argparse.Namespace) -> list[Session]:
+    """The sessions `add_sessions_arguments` named."""
+    return read_conversations(args.sessions, args.sessions_format)
 
 
 def add_parser(sub: Any) -> None:
-    """Register `data stats PATH [--format NAME]`."""
-    data = sub.add_parser("data", help="inspect dataset files")
+    """Register `data stats PATH [--format NAME]` and `data convert PATH --out FILE`."""
+    data = sub.add_parser("data", help="inspect and convert dataset files")
     data_sub = data.add_subparsers(dest="data_command", required=True)
+    convert = data_sub.add_parser(
+        "convert",
+        help="write a conversation dataset file as sessions JSONL (its format is guessed)",
+        description="Reads any conversation file `--sessions` accepts (MTRAG reference.jsonl, "
+        "TopiOCQA, TREC CAsT / iKAT topics, DSTC11 logs.json with its labels.json, ESConv, "
+        "MultiESC) and writes one session per line: "
+        '{"id", "messages": [{"role", "content"}], "rewrite"?, "response"?, ...metadata}.',
+    )
+    convert.add_argument("path", help="a conversation dataset file (.gz read transparently)")
+    convert.add_argument("--out", required=True, help="sessions JSONL to write (.gz compresses)")
+    convert.add_argument("--format", choices=SESSION_FORMATS, default=None, help="skip guessing")
+    convert.set_defaults(func=run_convert)
     stats = data_sub.add_parser(
         "stats", help="count what a dataset file holds (its format is guessed)"
     )
@@ -51,4 +87,14 @@ def run_stats(args: argparse.Namespace) -> int:
     """Print the counts of one file; bad input raises DataFormatError (exit 2 in `main`)."""
     stats = dataset_stats(args.path, args.format, show_progress=not args.no_progress)
     sys.stdout.write(format_stats(stats) + "\n")  # command output; logging goes to stderr
+    return 0
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    """Write the sessions of one conversation file as JSONL (atomically)."""
+    from chatretriever.io.sessions import write_sessions
+
+    sessions = read_conversations(args.path, args.format)
+    n = write_sessions(args.out, sessions)
+    sys.stderr.write(f"{n} sessions -> {args.out}\n")
     return 0

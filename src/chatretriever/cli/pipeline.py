@@ -10,6 +10,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from chatretriever.cli.data import add_sessions_arguments, load_sessions
 from chatretriever.retrieval.fusion import DEFAULT_RRF_K, FUSION_METHODS
 from chatretriever.retrieval.index import BACKENDS
 from chatretriever.retrieval.search import FORMULATIONS, MISSING_REWRITE
@@ -57,7 +58,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("search", help="retrieve passages for sessions into a TREC run")
-    p.add_argument("--sessions", required=True, help="sessions JSONL")
+    add_sessions_arguments(p)
     p.add_argument("--out", required=True, help="TREC run file to write")
     p.add_argument("--index", help="index directory (dense search)")
     p.add_argument("--model", help="query encoder (dense search; default: the index's model)")
@@ -89,7 +90,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("rewrite", help="rewrite last questions into standalone ones with an LLM")
-    p.add_argument("--sessions", required=True, help="sessions JSONL")
+    add_sessions_arguments(p)
     p.add_argument("--out", required=True, help="sessions JSONL with `rewrite` set")
     p.add_argument("--model", default="smollm2-135m-instruct", help="chat LLM (causal)")
     p.add_argument("--cache", help="rewrite cache JSONL (default: <out>.cache.jsonl)")
@@ -309,7 +310,6 @@ def _bm25_side(args: argparse.Namespace, built) -> None:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from chatretriever.io.sessions import read_sessions
     from chatretriever.retrieval.search import save_run
 
     _positive(args.k, "--k")
@@ -317,7 +317,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise ValueError("give either --bm25 CORPUS, or --index DIR with --model NAME")
     if args.bm25 and args.hybrid:
         raise ValueError("--hybrid fuses a dense index with its BM25 side: give --index DIR")
-    sessions = read_sessions(args.sessions)
+    sessions = load_sessions(args)
     settings = {k: v for k, v in vars(args).items() if k != "func"}
     if args.bm25:
         from chatretriever.io.corpus import read_corpus
@@ -425,10 +425,10 @@ def _print_comparison(a: str, b: str, tests: dict) -> None:
 
 def cmd_rewrite(args: argparse.Namespace) -> int:
     from chatretriever.io.files import atomic_write
-    from chatretriever.io.sessions import read_sessions, write_sessions
+    from chatretriever.io.sessions import write_sessions
     from chatretriever.retrieval.rewrite import RewritePrompt, hf_generator, rewrite_sessions
 
-    sessions = read_sessions(args.sessions)
+    sessions = load_sessions(args)
     out = Path(args.out)
     cache = args.cache or out.with_name(out.name + ".cache.jsonl")
     generate = _lazy(lambda: hf_generator(args.model, args.max_new_tokens))

@@ -10,6 +10,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from chatretriever.cli.data import add_sessions_arguments, load_sessions
+
 logger = logging.getLogger(__name__)
 
 
@@ -24,7 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--run", required=True, help="first-stage TREC run")
     p.add_argument("--corpus", required=True, help="BEIR corpus JSONL (.gz ok)")
-    p.add_argument("--sessions", required=True, help="sessions JSONL (the run's queries)")
+    add_sessions_arguments(p, "; the run's queries")
     p.add_argument("--out", required=True, help="reranked TREC run to write")
     p.add_argument("--model", default="smollm2-135m-instruct", help="chat LLM (causal)")
     p.add_argument(
@@ -83,7 +85,6 @@ def _echo(text: str) -> None:
 
 def cmd_rerank(args: argparse.Namespace) -> int:
     from chatretriever.io.corpus import iter_corpus
-    from chatretriever.io.sessions import read_sessions
     from chatretriever.io.trec import read_run
     from chatretriever.methods.rationale.reranker import BinaryChoiceReranker
     from chatretriever.retrieval.search import save_run
@@ -92,7 +93,7 @@ def cmd_rerank(args: argparse.Namespace) -> int:
     for flag in ("k", "batch_size", "max_document_tokens", "max_query_tokens"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive")
-    sessions = read_sessions(args.sessions)
+    sessions = load_sessions(args)
     documents = {p.id: passage_text(p) for p in iter_corpus(args.corpus)}
     run = read_run(args.run, known_queries={s.id for s in sessions}, known_docs=documents)
     reranker = BinaryChoiceReranker.from_pretrained(

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from chatretriever.cli.data import add_sessions_arguments, load_sessions
 from chatretriever.retrieval.search import FORMULATIONS
 
 
@@ -22,7 +23,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "two-turn contexts, one set per seed; Mean and SD of nDCG@3). Every generation is "
         "cached, so a rerun makes no LLM call; the modified datasets are written to --out.",
     )
-    p.add_argument("--sessions", required=True, help="sessions JSONL (one per evaluated turn)")
+    add_sessions_arguments(p, "; one session per evaluated turn")
     p.add_argument("--qrels", required=True, help="TREC or BEIR qrels")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--index", help="corpus index directory (dense search; its passages are used)")
@@ -99,7 +100,6 @@ def _dense(args: argparse.Namespace):
 
 def cmd_robustness(args: argparse.Namespace) -> int:
     from chatretriever.io.files import atomic_write
-    from chatretriever.io.sessions import read_sessions
     from chatretriever.io.trec import read_qrels
     from chatretriever.retrieval.robustness.evaluation import evaluate_robustness
     from chatretriever.retrieval.robustness.generation import RobustnessLLM
@@ -107,7 +107,7 @@ def cmd_robustness(args: argparse.Namespace) -> int:
     for flag in ("contexts", "max_new_tokens", "gen_batch_size", "k"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive")
-    sessions = read_sessions(args.sessions)
+    sessions = load_sessions(args)
     qrels = read_qrels(args.qrels)
     out = Path(args.out)
     cache = Path(args.cache) if args.cache else out / "generations.jsonl"

@@ -101,23 +101,36 @@ def _label(raw: Any, path: Path, i: int) -> tuple[list[str], str | None, bool]:
     return ids, response, raw["target"]
 
 
-def read_dialogues(logs_path: str | Path, labels_path: str | Path, split: str) -> list[Session]:
-    """The contexts of `logs.json` with their `labels.json` as Sessions (id `{split}-{i}`).
+def read_dialogues(
+    logs_path: str | Path, labels_path: str | Path | None, split: str
+) -> list[Session]:
+    """The contexts of `logs.json` (with their `labels.json`, if given) as Sessions.
 
-    Metadata: `snippet_ids` (the grounding knowledge), `target` (knowledge-seeking or not),
-    `conversation` (a hash of the dialogue's first turn: contexts cut from one dialogue share
-    it, so a hold-out never splits a dialogue).
+    Ids are `{split}-{i}`. Metadata: `conversation` (a hash of the dialogue's first turn:
+    contexts cut from one dialogue share it, so a hold-out never splits a dialogue) and, with
+    labels, `snippet_ids` (the grounding knowledge) and `target` (knowledge-seeking or not);
+    `response` is the label's gold response.
     """
-    logs_path, labels_path = Path(logs_path), Path(labels_path)
-    logs, labels = read_json(logs_path), read_json(labels_path)
-    if not isinstance(logs, list) or not isinstance(labels, list) or len(logs) != len(labels):
-        raise DataFormatError(labels_path, f"expected one label per context of {logs_path}")
+    logs_path = Path(logs_path)
+    logs = read_json(logs_path)
+    if not isinstance(logs, list):
+        raise DataFormatError(logs_path, "expected a JSON list of dialogue contexts")
+    labels: list[Any] | None = None
+    if labels_path is not None:
+        labels_path = Path(labels_path)
+        labels = read_json(labels_path)
+        if not isinstance(labels, list) or len(labels) != len(logs):
+            raise DataFormatError(labels_path, f"expected one label per context of {logs_path}")
     out = []
-    for i, (log, raw) in enumerate(zip(logs, labels, strict=True)):
+    for i, log in enumerate(logs):
         turns = _turns(log, logs_path, i)
-        ids, response, target = _label(raw, labels_path, i)
         first = hashlib.sha1(turns[0].content.encode("utf-8")).hexdigest()[:12]
-        meta = {"snippet_ids": ids, "target": target, "conversation": f"dstc11-{first}"}
+        meta: dict[str, Any] = {}
+        response = None
+        if labels is not None and labels_path is not None:
+            ids, response, target = _label(labels[i], labels_path, i)
+            meta.update(snippet_ids=ids, target=target)
+        meta["conversation"] = f"dstc11-{first}"
         out.append(Session(f"{split}-{i}", turns, response=response, metadata=meta))
     return out
 

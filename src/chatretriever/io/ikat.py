@@ -12,6 +12,10 @@
 `response_provenance`. Each turn becomes a Session (id `{number}_{turn_id}`): the earlier
 utterances and responses of its topic, then its utterance; rewrite = `resolved_utterance`,
 response = `response`. Torch-free.
+
+Later years are read the same way: 2024's topics number topics with integers; 2025's name the
+turn list `responses`, a turn's question `user_utterance`, its cited passages `citations` and its
+PTKB statements `relevant_ptkbs` (and give `ptkb` as a list).
 """
 
 from __future__ import annotations
@@ -26,7 +30,13 @@ from chatretriever.io.files import iter_jsonl, read_json
 from chatretriever.types import Passage, Session, Turn
 
 SPLITS = ("train", "test")
-_TURN = ("turn_id", "utterance", "resolved_utterance", "response")
+# field: its name in 2023/2024 topics, then in 2025's
+_ALIASES = {
+    "turns": ("turns", "responses"),
+    "utterance": ("utterance", "user_utterance"),
+    "response_provenance": ("response_provenance", "citations"),
+    "ptkb_provenance": ("ptkb_provenance", "relevant_ptkbs"),
+}
 
 
 @dataclass
@@ -37,11 +47,20 @@ class IkatData:
     passages: dict[str, Passage]
 
 
-def _get(obj: Mapping[str, Any], key: str, kind: type, path: Path, where: str) -> Any:
+def _key(obj: Mapping[str, Any], key: str) -> str:
+    """The name `key` has in this record (2025 renamed some fields; see `_ALIASES`)."""
+    return next((k for k in _ALIASES.get(key, (key,)) if k in obj), key)
+
+
+def _get(
+    obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...], path: Path, where: str
+) -> Any:
+    key = _key(obj, key)
     value = obj.get(key)
     if not isinstance(value, kind) or isinstance(value, bool):
         got = "missing" if key not in obj else f"got {type(value).__name__}"
-        raise DataFormatError(path, f"expected {kind.__name__} ({got})", None, f"{where}.{key}")
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise DataFormatError(path, f"expected {names} ({got})", None, f"{where}.{key}")
     return value
 
 
@@ -58,27 +77,29 @@ def topic_sessions(topic: Mapping[str, Any], path: str | Path, index: int = 0) -
         `turn`, `title`, `passage_ids` (cited passages), `ptkb_provenance`.
     """
     path, where = Path(path), f"[{index}]"
-    number = str(_get(topic, "number", str, path, where))
+    number = str(_get(topic, "number", (str, int), path, where))
     title = topic.get("title") or ""
     history: list[Turn] = []
     out = []
     for j, raw in enumerate(_get(topic, "turns", list, path, where)):
-        at = f"{where}.turns[{j}]"
+        at = f"{where}.{_key(topic, 'turns')}[{j}]"
         if not isinstance(raw, Mapping):
             raise DataFormatError(path, "expected an object", None, at)
         turn_id = _get(raw, "turn_id", int, path, at)
-        utterance, rewrite, response = (_get(raw, k, str, path, at) for k in _TURN[1:])
-        cited = raw.get("response_provenance") or []
+        utterance, rewrite, response = (
+            _get(raw, k, str, path, at) for k in ("utterance", "resolved_utterance", "response")
+        )
+        cited = raw.get(_key(raw, "response_provenance")) or []
         if not isinstance(cited, list) or not all(isinstance(c, str) for c in cited):
             raise DataFormatError(
-                path, "expected a list of strings", None, f"{at}.response_provenance"
+                path, "expected a list of strings", None, f"{at}.{_key(raw, 'response_provenance')}"
             )
         meta = {
             "conversation": number,
             "turn": turn_id,
             "title": title,
             "passage_ids": list(cited),
-            "ptkb_provenance": list(raw.get("ptkb_provenance") or []),
+            "ptkb_provenance": list(raw.get(_key(raw, "ptkb_provenance")) or []),
         }
         turns = (*history, Turn("user", utterance))
         out.append(Session(f"{number}_{turn_id}", turns, rewrite, response, meta))
@@ -120,19 +141,47 @@ def read_ikat_passages(path: str | Path) -> dict[str, Passage]:
     return out
 
 
-def load_ikat(directory: str | Path, splits: Sequence[str] = SPLITS) -> IkatData:
-    """Sessions and cited passages of the chosen splits of an `ikat-2023/` directory.
+def load_ikat(
+    directory: str | Path, splits: Sequence[str] | None = None, years: Sequence[int] = (2023,)
+) -> IkatData:
+    """Sessions and cited passages of the chosen splits and years of an iKAT data directory.
+
+    Reads `{year}_{split}_topics.json` and its `{year}_{split}_topics_psg_text.jsonl` for every
+    year and split present (2024 and 2025 publish only `test`); each split asked for must exist
+    in at least one of the years (`splits=None`: every split found).
 
     Raises:
-        DataFormatError: a malformed file (named with its line or `[topic].field`).
-        FileNotFoundError: a split's files are missing.
+        DataFormatError: a malformed file (named with its line or `[topic].field`), or a turn
+            id repeated across the files read.
+        FileNotFoundError: a split with no topics file in any of the years, or a topics file
+            without its passages file.
     """
     directory = Path(directory)
     sessions: list[Session] = []
     passages: dict[str, Passage] = {}
+    seen: dict[str, Path] = {}
+    if splits is None:
+        splits = [
+            s for s in SPLITS if any((directory / f"{y}_{s}_topics.json").is_file() for y in years)
+        ] or list(SPLITS)
     for split in splits:
         if split not in SPLITS:
             raise ValueError(f"iKAT split must be one of {SPLITS}, got {split!r}")
-        sessions += read_ikat_topics(directory / f"2023_{split}_topics.json")
-        passages.update(read_ikat_passages(directory / f"2023_{split}_topics_psg_text.jsonl"))
+        found = [y for y in years if (directory / f"{y}_{split}_topics.json").is_file()]
+        if not found:
+            names = ", ".join(f"{y}_{split}_topics.json" for y in years)
+            raise FileNotFoundError(f"{directory}: no iKAT {split} topics ({names})")
+        for year in found:
+            topics = directory / f"{year}_{split}_topics.json"
+            texts = directory / f"{year}_{split}_topics_psg_text.jsonl"
+            if not texts.is_file():
+                raise FileNotFoundError(
+                    f"{texts}: missing; the cited passages' texts of {topics.name} are needed"
+                )
+            for s in read_ikat_topics(topics):
+                if s.id in seen:
+                    raise DataFormatError(topics, f"turn {s.id!r} is also in {seen[s.id]}")
+                seen[s.id] = topics
+                sessions.append(s)
+            passages.update(read_ikat_passages(texts))
     return IkatData(sessions, passages)

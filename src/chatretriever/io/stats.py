@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from chatretriever.errors import DataFormatError
 from chatretriever.io.cast import read_cast_rewrites, read_cast_topics
 from chatretriever.io.corpus import iter_corpus
+from chatretriever.io.dstc11 import read_dialogues
 from chatretriever.io.esconv import (
     SupportDialog,
     dialogs_sessions,
@@ -25,6 +26,7 @@ from chatretriever.io.esconv import (
     read_esconv,
 )
 from chatretriever.io.files import iter_lines, open_text, read_json
+from chatretriever.io.ikat import read_ikat_topics
 from chatretriever.io.mtrag import iter_mtrag_tasks
 from chatretriever.io.reclm import iter_reclm_items, iter_reclm_sequences
 from chatretriever.io.sessions import iter_sessions
@@ -58,10 +60,14 @@ def _guess_json_document(path: Path, head: str) -> str | None:
     keys = set(_JSON_KEY.findall(head))
     if "Conversation_no" in keys:
         return "topiocqa"
+    if "ptkb" in keys or ({"turns", "turn_id"} <= keys and "utterance" in keys):
+        return "ikat-topics"
     if "turn" in keys and keys & {"raw_utterance", "utterance"}:
         return "cast-topics"
     if "dialog" in keys:
         return "esconv"
+    if {"speaker", "text"} <= keys:
+        return "dstc11-logs"
     if not keys and re.match(r'\[\s*"', head):
         return "strategy-list"
     return None
@@ -207,6 +213,31 @@ def _cast_stats(path: Path, show: bool) -> Stats:
     }
 
 
+def _ikat_stats(path: Path, show: bool) -> Stats:
+    sessions = read_ikat_topics(path)
+    return {
+        "topics": len({s.metadata["conversation"] for s in sessions}),
+        "turns": len(sessions),
+        "with rewrite": sum(bool(s.rewrite) for s in sessions),
+        "citing passages": sum(bool(s.metadata["passage_ids"]) for s in sessions),
+        "cited passages": len({p for s in sessions for p in s.metadata["passage_ids"]}),
+    }
+
+
+def _dstc11_stats(path: Path, show: bool) -> Stats:
+    labels = path.with_name("labels.json")
+    sessions = read_dialogues(path, labels if labels.is_file() else None, path.parent.name)
+    out: Stats = {
+        "contexts": len(sessions),
+        "dialogues": len({s.metadata["conversation"] for s in sessions}),
+        "turns": sum(len(s.turns) for s in sessions),
+    }
+    if labels.is_file():
+        out["labels"] = str(labels)
+        out["knowledge-seeking"] = sum(bool(s.metadata["target"]) for s in sessions)
+    return out
+
+
 def _topiocqa_stats(path: Path, show: bool) -> Stats:
     sessions = list(_progress(iter_topiocqa(path), "turns", show))
     return {
@@ -284,6 +315,8 @@ _STATS: dict[str, Callable[[Path, bool], Stats]] = {
     "mtrag": _mtrag_stats,
     "cast-topics": _cast_stats,
     "cast-rewrites": lambda p, show: {"rewrites": len(read_cast_rewrites(p))},
+    "ikat-topics": _ikat_stats,
+    "dstc11-logs": _dstc11_stats,
     "topiocqa": _topiocqa_stats,
     "esconv": lambda p, show: _dialog_stats(read_esconv(p)),
     "multiesc": lambda p, show: _dialog_stats(list(iter_multiesc(p))),

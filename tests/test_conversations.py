@@ -1,0 +1,224 @@
+"""Conversation files as published, read as sessions: iKAT 2023/2024/2025 topics, DSTC11 logs
+(with or without labels), MTRAG tasks; `data convert`; `search --sessions` on them (inline data)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fixtures import jsonl, write
+
+from chatretriever.cli import main
+from chatretriever.errors import DataFormatError
+from chatretriever.io.conversations import SESSION_FORMATS, read_conversations
+from chatretriever.io.ikat import load_ikat
+from chatretriever.io.sessions import read_sessions
+from chatretriever.io.trec import read_run
+
+# iKAT 2025 renamed the turn list, the question, the citations and the PTKB provenance
+IKAT_2025 = [
+    {
+        "number": "1-1",
+        "title": "Acid reflux",
+        "ptkb": ["I eat dinner late.", "I like fruit."],
+        "responses": [
+            {
+                "turn_id": 1,
+                "user_utterance": "Foods good for reflux?",
+                "resolved_utterance": "Foods good for acid reflux?",
+                "response": "Bananas and melons.",
+                "relevant_ptkbs": [2],
+                "citations": ["cw-7:1"],
+            },
+            {
+                "turn_id": 2,
+                "user_utterance": "And to avoid?",
+                "resolved_utterance": "Which foods should I avoid with acid reflux?",
+                "response": "Citrus and late dinners.",
+                "relevant_ptkbs": [1],
+                "citations": [],
+            },
+        ],
+    }
+]
+
+
+def _ikat_2023(number="9-1"):
+    return [
+        {
+            "number": number,
+            "title": "Universities",
+            "ptkb": {"1": "I live in Delft."},
+            "turns": [
+                {
+                    "turn_id": 1,
+                    "utterance": "Best university here?",
+                    "resolved_utterance": "Best university in Delft?",
+                    "response": "TU Delft.",
+                    "ptkb_provenance": [1],
+                    "response_provenance": ["cw-1:2"],
+                }
+            ],
+        }
+    ]
+
+
+def test_ikat_2025_schema_reads_like_2023(tmp_path):
+    path = write(tmp_path / "2025_test_topics.json", json.dumps(IKAT_2025))
+    first, second = read_conversations(path)
+    assert (first.id, second.id) == ("1-1_1", "1-1_2")
+    assert [(t.role, t.content) for t in second.turns] == [
+        ("user", "Foods good for reflux?"),
+        ("assistant", "Bananas and melons."),
+        ("user", "And to avoid?"),
+    ]
+    assert second.rewrite == "Which foods should I avoid with acid reflux?"
+    assert first.metadata["passage_ids"] == ["cw-7:1"] and second.metadata["passage_ids"] == []
+    assert first.metadata["ptkb_provenance"] == [2]
+    bad = json.loads(json.dumps(IKAT_2025))
+    bad[0]["responses"][1]["user_utterance"] = 5
+    write(path, json.dumps(bad))
+    with pytest.raises(DataFormatError, match=r"'\[0\]\.responses\[1\]\.user_utterance'.*got int"):
+        read_conversations(path)
+
+
+def test_ikat_2024_integer_topic_numbers(tmp_path):
+    topics = _ikat_2023(number=0)
+    (s,) = read_conversations(write(tmp_path / "2024_test_topics.json", json.dumps(topics)))
+    assert s.id == "0_1" and s.metadata["conversation"] == "0"
+    topics[0]["number"] = 1.5
+    write(tmp_path / "2024_test_topics.json", json.dumps(topics))
+    with pytest.raises(
+        DataFormatError, match=r"field '\[0\]\.number': expected str or int \(got float\)"
+    ):
+        read_conversations(tmp_path / "2024_test_topics.json")
+
+
+def test_load_ikat_reads_the_years_and_splits_present(tmp_path):
+    psg = jsonl([{"doc_id": "cw-1", "passage_id": 2, "passage_text": "TU Delft ranks first."}])
+    write(tmp_path / "2023_train_topics.json", json.dumps(_ikat_2023()))
+    write(tmp_path / "2023_train_topics_psg_text.jsonl", psg)
+    write(tmp_path / "2025_test_topics.json", json.dumps(IKAT_2025))
+    write(tmp_path / "2025_test_topics_psg_text.jsonl", jsonl([]))
+    both = load_ikat(tmp_path, years=[2023, 2025])  # 2023 has no test, 2025 no train
+    assert [s.id for s in both.sessions] == ["9-1_1", "1-1_1", "1-1_2"]
+    assert list(both.passages) == ["cw-1:2"]
+    assert [s.id for s in load_ikat(tmp_path).sessions] == ["9-1_1"]  # default: 2023
+    with pytest.raises(FileNotFoundError, match=r"no iKAT test topics \(2023_test_topics.json\)"):
+        load_ikat(tmp_path, ["test"])
+    (tmp_path / "2025_test_topics_psg_text.jsonl").unlink()
+    with pytest.raises(FileNotFoundError, match="2025_test_topics_psg_text.jsonl: missing"):
+        load_ikat(tmp_path, ["test"], years=[2025])
+    write(tmp_path / "2024_test_topics.json", json.dumps(_ikat_2023()))  # 9-1_1 again
+    write(tmp_path / "2024_test_topics_psg_text.jsonl", psg)
+    with pytest.raises(DataFormatError, match=r"turn '9-1_1' is also in .*2023_train"):
+        load_ikat(tmp_path, years=[2023, 2024])
+
+
+LOGS = [
+    [{"speaker": "U", "text": "A hotel in the north?"}],
+    [
+        {"speaker": "U", "text": "A hotel in the north?"},
+        {"speaker": "S", "text": "Hobsons House."},
+        {"speaker": "U", "text": "Are its bathrooms clean?"},
+    ],
+]
+LABELS = [
+    {"target": False},
+    {
+        "target": True,
+        "knowledge": [
+            {"domain": "hotel", "entity_id": 20, "doc_type": "review", "doc_id": 9, "sent_id": 4}
+        ],
+        "response": "Guests found them spotless.",
+    },
+]
+
+
+def test_dstc11_logs_with_and_without_labels(tmp_path):
+    logs = write(tmp_path / "test" / "logs.json", json.dumps(LOGS))
+    a, b = read_conversations(logs)
+    assert (a.id, b.id) == ("test-0", "test-1")  # the split is the directory's name
+    assert b.response is None and "target" not in b.metadata
+    assert a.metadata["conversation"] == b.metadata["conversation"]
+    write(tmp_path / "test" / "labels.json", json.dumps(LABELS))
+    a, b = read_conversations(logs)
+    assert b.metadata["snippet_ids"] == ["hotel:20:review:9:4"] and a.metadata["target"] is False
+    assert b.response == "Guests found them spotless."
+    write(tmp_path / "test" / "labels.json", json.dumps(LABELS[:1]))
+    with pytest.raises(DataFormatError, match="labels.json.*one label per context"):
+        read_conversations(logs)
+
+
+def test_read_conversations_refuses_what_is_not_a_conversation(tmp_path):
+    corpus = write(tmp_path / "corpus.jsonl", jsonl([{"_id": "d1", "text": "x"}]))
+    with pytest.raises(DataFormatError, match="holds beir-corpus, not conversations"):
+        read_conversations(corpus)
+    with pytest.raises(ValueError, match="unknown sessions format 'csv'"):
+        read_conversations(corpus, "csv")
+    with pytest.raises(DataFormatError, match="cannot tell the format"):
+        read_conversations(write(tmp_path / "notes.txt", "some words\n"))
+    assert "sessions" in SESSION_FORMATS and "beir-corpus" not in SESSION_FORMATS
+
+
+MTRAG_TASKS = [
+    {
+        "conversation_id": "c1",
+        "task_id": f"c1<::>{turn}",
+        "turn": str(turn),
+        "input": inputs,
+        "targets": [{"speaker": "agent", "text": "ok."}],
+        "contexts": [],
+        "answerability": ["ANSWERABLE"],
+        "Question Type": ["Factoid"],
+        "Multi-Turn": ["Follow-up"],
+        "Collection": "govt",
+    }
+    for turn, inputs in (
+        (1, [{"speaker": "user", "text": "How do volcanoes erupt?"}]),
+        (
+            2,
+            [
+                {"speaker": "user", "text": "How do volcanoes erupt?"},
+                {"speaker": "agent", "text": "Magma rises."},
+                {"speaker": "user", "text": "What about penguins on ice?"},
+            ],
+        ),
+    )
+]
+CORPUS = [
+    {"_id": "d1", "title": "Volcano", "text": "volcanoes erupt when magma rises"},
+    {"_id": "d2", "title": "Penguin", "text": "penguins live on the ice of antarctica"},
+    {"_id": "d3", "title": "Violin", "text": "a violin is played with a bow"},
+]
+
+
+def test_convert_writes_sessions_jsonl_and_keeps_the_old_file_on_error(tmp_path, capsys):
+    src = write(tmp_path / "2025_test_topics.json", json.dumps(IKAT_2025))
+    out = tmp_path / "sessions.jsonl"
+    assert main(["data", "convert", str(src), "--out", str(out)]) == 0
+    assert "2 sessions ->" in capsys.readouterr().err
+    assert read_sessions(out) == read_conversations(src)
+    before = out.read_text()
+    corpus = write(tmp_path / "corpus.jsonl", jsonl(CORPUS))
+    assert main(["data", "convert", str(corpus), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not conversations" in err[0]
+    assert out.read_text() == before
+
+
+def test_search_reads_a_published_dataset_file(tmp_path, capsys):
+    pytest.importorskip("bm25s")
+    tasks = write(tmp_path / "reference.jsonl", jsonl(MTRAG_TASKS))
+    corpus = write(tmp_path / "corpus.jsonl", jsonl(CORPUS))
+    out = tmp_path / "run.trec"
+    argv = ["search", "--bm25", str(corpus), "--sessions", str(tasks), "--out", str(out)]
+    assert main([*argv, "--formulation", "last_turn", "--k", "1"]) == 0
+    assert {q: next(iter(d)) for q, d in read_run(out).scores.items()} == {
+        "c1<::>1": "d1",
+        "c1<::>2": "d2",
+    }
+    capsys.readouterr()
+    assert main([*argv, "--sessions-format", "ikat-topics"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {tasks}")
