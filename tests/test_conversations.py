@@ -150,8 +150,37 @@ def test_dstc11_logs_with_and_without_labels(tmp_path):
         read_conversations(logs)
 
 
+def test_queries_files_are_sessions_with_marked_turns_split(tmp_path):
+    # MTRAG's retrieval tasks: BEIR queries whose text marks the turns
+    rows = [
+        {"_id": "c<::>1", "text": "|user|: What are sheltered rooms for?"},
+        {"_id": "c<::>2", "text": "|user|: What are sheltered\nrooms for?\n|user|: What to keep?"},
+        {"_id": "c<::>3", "text": "|user|: a?\n|agent|: b.\n|user|: c?"},
+        {"_id": "plain", "text": "  just a question  "},
+    ]
+    one, two, three, plain = read_conversations(write(tmp_path / "q.jsonl", jsonl(rows)))
+    assert one.id == "c<::>1" and [t.content for t in one.turns] == [
+        "What are sheltered rooms for?"
+    ]
+    assert [t.content for t in two.turns] == ["What are sheltered\nrooms for?", "What to keep?"]
+    assert [t.role for t in three.turns] == ["user", "assistant", "user"]
+    assert plain.turns[0].content == "just a question"
+    tsv = read_conversations(write(tmp_path / "queries.tsv", "q1\tred wine\nq2\t|user|: x\n"))
+    assert [(s.id, s.turns[-1].content) for s in tsv] == [("q1", "red wine"), ("q2", "x")]
+    for bad, match in (
+        ({"_id": "e", "text": " "}, ":2: field 'text': empty query text"),
+        ({"_id": "e", "text": "|user|: a\n|agent|: b"}, ":2: field 'text': the last marked"),
+        ({"_id": "plain", "text": "again"}, ":2: field '_id': duplicate id 'plain'"),
+    ):
+        path = write(tmp_path / "bad.jsonl", jsonl([rows[-1], bad]))
+        with pytest.raises(DataFormatError, match=match):
+            read_conversations(path)
+    with pytest.raises(DataFormatError, match=r"queries.tsv:2: expected 'id<TAB>text'"):
+        read_conversations(write(tmp_path / "queries.tsv", "q1\tx\nno tab here\n"), "queries-tsv")
+
+
 def test_read_conversations_refuses_what_is_not_a_conversation(tmp_path):
-    corpus = write(tmp_path / "corpus.jsonl", jsonl([{"_id": "d1", "text": "x"}]))
+    corpus = write(tmp_path / "corpus.jsonl", jsonl([{"_id": "d1", "title": "D", "text": "x"}]))
     with pytest.raises(DataFormatError, match="holds beir-corpus, not conversations"):
         read_conversations(corpus)
     with pytest.raises(ValueError, match="unknown sessions format 'csv'"):

@@ -116,6 +116,29 @@ def test_domain_of():
     assert domain_of("wikipedia") is None
 
 
+def test_mtrag_release_variants_read_the_same(tmp_path):
+    # MTRAG's README documents `collection`, an integer `turn` and the labels in the question's
+    # `enrichments`; the files use `Collection`, a string turn and top-level labels
+    task = mtrag_task("c1", 2, "mt-rag-fiqa-beir-elser-512-100-20240501")
+    variant = {k: v for k, v in task.items() if k not in ("Collection", "answerability")}
+    labels = {k: variant.pop(k) for k in ("Question Type", "Multi-Turn")}
+    question = {**variant["input"][-1], "enrichments": {**labels, "answerability": ["PARTIAL"]}}
+    variant.update(collection=task["Collection"], turn=2, input=[*variant["input"][:-1], question])
+    path = write(
+        tmp_path / "reference.jsonl",
+        jsonl([task, {**variant, "conversation_id": "c2", "task_id": "c2<::>2"}]),
+    )
+    a, b = iter_mtrag_tasks(path)
+    assert b.metadata["domain"] == a.metadata["domain"] == "fiqa" and b.metadata["turn"] == 2
+    assert b.metadata["question_type"] == ["Factoid", "Comparative"]
+    assert b.metadata["multi_turn"] == ["Follow-up"] and b.metadata["answerability"] == "PARTIAL"
+    assert b.turns == a.turns and b.response == "answer c1"
+    variant.pop("collection")
+    with pytest.raises(DataFormatError, match="missing field") as e:
+        list(iter_mtrag_tasks(write(tmp_path / "r2.jsonl", jsonl([variant]))))
+    check_error(e, tmp_path / "r2.jsonl", 1, "Collection")
+
+
 @pytest.mark.parametrize(
     "change, field, match",
     [

@@ -13,8 +13,14 @@ the file (`chatretriever.io.stats.guess_format`) or named:
 | `ikat-topics` | TREC iKAT 2023/2024/2025 topics (id = `{number}_{turn_id}`) | turn |
 | `dstc11-logs` | DSTC11 track 5 `logs.json` (+ its `labels.json`; id = `{dir}-{i}`) | context |
 | `esconv`, `multiesc` | ESConv / MultiESC dialogs | supporter turn after a seeker turn |
+| `beir-queries` | BEIR queries JSONL `{"_id", "text"}` (MTRAG's `retrieval_tasks/*.jsonl`) | line |
+| `queries-tsv` | `qid<TAB>text` (a queries TSV, CAsT 2019's rewrites) | line |
 
-Session ids are the ones the datasets' qrels use, so a run scores against them directly.
+Session ids are the ones the datasets' qrels use, so a run scores against them directly. A query
+text that marks its turns as MTRAG's retrieval tasks do (lines opening with `|user|:` or
+`|agent|:`) becomes those turns; any other text is one user turn. A file of `{"_id", "text"}`
+lines looks like a corpus to `guess_format`: given as conversations, it is read as queries
+(unless its lines carry a `title`: then it is a corpus, refused).
 Torch-free.
 """
 
@@ -27,12 +33,74 @@ from chatretriever.errors import DataFormatError
 from chatretriever.io.cast import read_cast_topics
 from chatretriever.io.dstc11 import read_dialogues
 from chatretriever.io.esconv import dialogs_sessions, iter_multiesc, read_esconv
+from chatretriever.io.files import iter_jsonl, iter_lines, require
 from chatretriever.io.ikat import read_ikat_topics
 from chatretriever.io.mtrag import iter_mtrag_tasks
 from chatretriever.io.sessions import read_sessions
 from chatretriever.io.stats import guess_format
 from chatretriever.io.topiocqa import read_topiocqa
-from chatretriever.types import Session
+from chatretriever.types import Session, Turn
+
+_MARKERS = {"|user|:": "user", "|agent|:": "assistant", "|assistant|:": "assistant"}
+
+
+def query_turns(text: str) -> tuple[Turn, ...]:
+    """The turns of a flattened query (`|user|: ...` / `|agent|: ...` lines), else one user turn.
+
+    Lines without a marker continue the turn above them. Raises ValueError when the text is
+    empty or its last marked turn is not the user's.
+    """
+    turns: list[list[str]] = []
+    for line in text.splitlines():
+        head = line.lstrip()
+        marker = next((m for m in _MARKERS if head.startswith(m)), None)
+        if marker is not None:
+            turns.append([_MARKERS[marker], head[len(marker) :].strip()])
+        elif turns:
+            turns[-1][1] = f"{turns[-1][1]}\n{line}".strip()
+    if not turns:
+        if not text.strip():
+            raise ValueError("empty query text")
+        return (Turn("user", text.strip()),)
+    if turns[-1][0] != "user":
+        raise ValueError("the last marked turn must be the user's")
+    return tuple(Turn(role, content) for role, content in turns)
+
+
+def _query(qid: str, text: str, path: Path, line: int, field: str) -> Session:
+    try:
+        return Session(qid, query_turns(text))
+    except ValueError as e:
+        raise DataFormatError(path, str(e), line, field) from None
+
+
+def read_beir_queries(path: str | Path) -> list[Session]:
+    """BEIR queries JSONL (`{"_id", "text"}` per line) as sessions; duplicate ids raise."""
+    out: dict[str, Session] = {}
+    for lineno, obj in iter_jsonl(path):
+        qid, text = require(obj, "_id", path, lineno), require(obj, "text", path, lineno)
+        if qid in out:
+            raise DataFormatError(path, f"duplicate id {qid!r}", lineno, "_id")
+        out[qid] = _query(qid, text, Path(path), lineno, "text")
+    return list(out.values())
+
+
+def read_queries_tsv(path: str | Path) -> list[Session]:
+    """`qid<TAB>text` lines as sessions (the text split as `query_turns`); duplicate ids raise."""
+    out: dict[str, Session] = {}
+    for lineno, line in iter_lines(path):
+        qid, tab, text = line.partition("\t")
+        qid = qid.strip()
+        if not tab or not qid:
+            raise DataFormatError(path, "expected 'id<TAB>text'", lineno)
+        if qid in out:
+            raise DataFormatError(path, f"duplicate id {qid!r}", lineno, "id")
+        out[qid] = _query(qid, text, Path(path), lineno, "text")
+    return list(out.values())
+
+
+def _first_keys(path: Path) -> set[str]:
+    return next((set(obj) for _, obj in iter_jsonl(path)), set())
 
 
 def _dstc11(path: Path) -> list[Session]:
@@ -49,8 +117,12 @@ _READERS: dict[str, Callable[[Path], list[Session]]] = {
     "dstc11-logs": _dstc11,
     "esconv": lambda p: dialogs_sessions(read_esconv(p)),
     "multiesc": lambda p: dialogs_sessions(iter_multiesc(p)),
+    "beir-queries": read_beir_queries,
+    "queries-tsv": read_queries_tsv,
 }
 SESSION_FORMATS = tuple(_READERS)
+# what `guess_format` calls a file that, given as conversations, holds queries
+_AS_QUERIES = {"beir-corpus": "beir-queries", "cast-rewrites": "queries-tsv"}
 
 
 def read_conversations(path: str | Path, fmt: str | None = None) -> list[Session]:
@@ -68,7 +140,11 @@ def read_conversations(path: str | Path, fmt: str | None = None) -> list[Session
     path = Path(path)
     if fmt is not None and fmt not in _READERS:
         raise ValueError(f"unknown sessions format {fmt!r}; choose from {', '.join(_READERS)}")
-    fmt = fmt or guess_format(path)
+    if fmt is None:
+        guessed = guess_format(path)
+        fmt = _AS_QUERIES.get(guessed, guessed)
+        if guessed == "beir-corpus" and "title" in _first_keys(path):
+            fmt = guessed  # passages, not queries: refused below
     if fmt not in _READERS:
         raise DataFormatError(
             path, f"holds {fmt}, not conversations; give one of: {', '.join(_READERS)}"

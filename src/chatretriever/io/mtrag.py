@@ -140,19 +140,25 @@ def mtrag_session(obj: Mapping[str, Any], path: str | Path = "<input>", line: in
         raise DataFormatError(
             path, f"expected '{conv}{TASK_SEPARATOR}{turn}', got {task_id!r}", line, "task_id"
         )
-    collection = require(obj, "Collection", path, line)
+    # the release's README spells the field `collection`, its files `Collection`
+    key = "collection" if "Collection" not in obj and "collection" in obj else "Collection"
+    collection = require(obj, key, path, line)
     domain = domain_of(collection)
     if domain is None:
-        raise DataFormatError(path, f"names no known domain: {collection!r}", line, "Collection")
-    answerability = _str_list(obj.get("answerability"))
+        raise DataFormatError(path, f"names no known domain: {collection!r}", line, key)
+    # the labels are top-level fields, or the question's `enrichments` in some releases
+    question = obj.get("input")[-1] if isinstance(obj.get("input"), list) and obj["input"] else {}
+    labels = question.get("enrichments") if isinstance(question, Mapping) else None
+    labels = {**(labels if isinstance(labels, Mapping) else {}), **obj}
+    answerability = _str_list(labels.get("answerability"))
     meta = {
         "conversation_id": conv,
         "turn": int(turn) if turn.isdigit() else turn,
         "domain": domain,
         "collection": collection,
         "answerability": ",".join(answerability) or None,
-        "question_type": _str_list(obj.get("Question Type")),
-        "multi_turn": _str_list(obj.get("Multi-Turn")),
+        "question_type": _str_list(labels.get("Question Type")),
+        "multi_turn": _str_list(labels.get("Multi-Turn")),
         "context_ids": _context_ids(obj.get("contexts"), path, line),
     }
     return Session(
