@@ -93,6 +93,27 @@ def test_killed_encoding_resumes_without_recomputing(tmp_path):
     assert third.passages_encoded == 0
 
 
+def test_a_passage_whose_text_changed_is_encoded_again(tmp_path):
+    corpus, emb_dir = make_corpus(25), tmp_path / "emb"
+    config = EncodeConfig(batch_size=5, chunk_size=10, show_progress=False)
+    encode_corpus(HashEncoder(), corpus, emb_dir, config)
+    changed = list(corpus)
+    changed[13] = Passage("p013", "emperor penguins live in antarctica")  # chunk 1, same id
+    changed[24] = Passage("p024", changed[24].text, title="now with a title")  # chunk 2
+    enc = HashEncoder()
+    result = encode_corpus(enc, changed, emb_dir, config)
+    assert (result.chunks_written, result.chunks_kept) == (2, 1)
+    assert enc.passages_encoded == 15  # chunks 1 and 2; chunk 0 is unchanged
+    ids, emb = read_all(emb_dir)
+    np.testing.assert_array_equal(emb, HashEncoder().encode_passages(changed))
+    # a chunk written before digests were recorded is kept by its ids (old directories resume)
+    meta_path = emb_dir / "chunk-00000" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["extra"]["content"]
+    meta_path.write_text(json.dumps(meta))
+    assert encode_corpus(HashEncoder(), changed, emb_dir, config).chunks_kept == 3
+
+
 class SlowEncoder(HashEncoder):
     """0.02 s per batch: chunk times that rounding cannot hide."""
 

@@ -11,7 +11,9 @@ Chunk j holds passages [j * chunk_size, (j + 1) * chunk_size) in corpus order; p
 encodes the chunks with j % n == i. Each chunk is written atomically (a temporary directory is
 renamed into place), so after an interruption the finished chunks are kept and only the rest is
 computed. Chunks are kept only for the same model, by content (`Encoder.fingerprint`): a model
-retrained in place under the same name is refused, not mixed in. Torch-free: the encoder does
+retrained in place under the same name is refused, not mixed in; and only for the same passages:
+a chunk records a digest of its ids, titles and texts, and one whose passages changed their text
+under the same ids is encoded again. Torch-free: the encoder does
 the model work.
 
 Several processes (`torchrun`: `shard_from_env`) share one directory: each writes the same
@@ -23,6 +25,7 @@ directory look complete. `ray_encode` runs the same layout on a Ray cluster.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -191,14 +194,33 @@ def _fp(meta: EmbeddingMeta) -> str:
     return f"fingerprint {meta.fingerprint}" if meta.fingerprint else "no fingerprint"
 
 
-def chunk_done(path: Path, ids: list[str], settings: dict[str, Any]) -> bool:
-    """True when a finished chunk with exactly these ids is already on disk."""
+def chunk_digest(passages: Sequence[Passage]) -> str:
+    """A digest of a chunk's ids, titles and texts: a kept chunk must hold these very passages."""
+    h = hashlib.sha256()
+    for p in passages:
+        for part in (p.id, p.title, p.text):
+            h.update(part.encode("utf-8"))
+            h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def chunk_done(path: Path, passages: Sequence[Passage], settings: dict[str, Any]) -> bool:
+    """True when a finished chunk of exactly these passages (ids and texts) is already on disk.
+
+    A chunk of other ids is refused (the corpus was reordered or replaced); a chunk whose
+    passages kept their ids but changed their text or title is encoded again, as is another
+    model's chunk. Chunks written before digests were recorded are matched by ids.
+    """
     if not (path / META).exists():
         return False
     meta = read_meta(path)
     on_disk = (path / "ids.txt").read_text(encoding="utf-8").splitlines()
-    if on_disk != ids:
+    if on_disk != [p.id for p in passages]:
         raise ValueError(f"{path} holds other passages than this corpus: was the corpus changed?")
+    digest = meta.extra.get("content")
+    if digest is not None and digest != chunk_digest(passages):
+        logger.info("%s: its passages' texts changed: encoding it again", path)
+        return False
     return meta.compatible_with(_meta_of(settings))  # another model's chunk is encoded again
 
 
@@ -318,14 +340,17 @@ def encode_corpus(
         for j, chunk in own_chunks(passages, config, tally):
             ids = [p.id for p in chunk]
             path = chunk_dir(out_dir, j)
-            if chunk_done(path, ids, settings):
+            if chunk_done(path, chunk, settings):
                 kept += 1
                 bar.update(len(chunk))
                 continue
             start = time.perf_counter()
             emb = encode_chunk(encoder, chunk, config, bar)
             # The time is stored with the chunk, so it survives a killed run.
-            extra: dict[str, Any] = {"seconds": round(time.perf_counter() - start, 3)}
+            extra: dict[str, Any] = {
+                "seconds": round(time.perf_counter() - start, 3),
+                "content": chunk_digest(chunk),
+            }
             runtime = getattr(encoder, "runtime_info", None)  # what ran: hardware, dtype, ...
             if callable(runtime):
                 extra["runtime"] = runtime()

@@ -39,6 +39,7 @@ from chatretriever.retrieval.encode import (
     CorpusTally,
     EncodeConfig,
     EncodeResult,
+    chunk_digest,
     chunk_dir,
     chunk_done,
     chunk_meta,
@@ -121,6 +122,7 @@ class _Pending:
     ids: list[str]
     rows: np.ndarray  # (N, D)
     left: int
+    digest: str = ""  # encode.chunk_digest of its passages
     seconds: float = 0.0
     runtime: str = ""
 
@@ -266,10 +268,11 @@ def _pending_rows(
     dim = int(settings["dim"])
     for j, chunk in own_chunks(passages, config, tally):
         ids = [p.id for p in chunk]
-        if chunk_done(chunk_dir(out_dir, j), ids, settings):
+        if chunk_done(chunk_dir(out_dir, j), chunk, settings):
             kept.append(len(chunk))
             continue
-        pending[j] = _Pending(ids, np.empty((len(chunk), dim), dtype=np.float32), len(chunk))
+        rows_j = np.empty((len(chunk), dim), dtype=np.float32)
+        pending[j] = _Pending(ids, rows_j, len(chunk), chunk_digest(chunk))
         order = length_order(chunk) if config.sort_by_length else range(len(chunk))
         for k in order:
             p = chunk[int(k)]
@@ -333,7 +336,11 @@ def _write_chunk(
     j: int, part: _Pending, out_dir: Path, config: EncodeConfig, settings: dict[str, Any]
 ) -> None:
     """Write chunk j (atomically) with its actor seconds and runtime; drop its rows."""
-    extra: dict[str, Any] = {"seconds": round(part.seconds, 3), "engine": "ray"}
+    extra: dict[str, Any] = {
+        "seconds": round(part.seconds, 3),
+        "content": part.digest,
+        "engine": "ray",
+    }
     if part.runtime:
         extra["runtime"] = json.loads(part.runtime)
     meta = chunk_meta(settings, j, config, extra)
