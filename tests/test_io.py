@@ -357,6 +357,13 @@ def test_corpus_accepts_id_and_numeric_ids(tmp_path):
         (['{"text": "x"}'], 1, "_id", "missing field"),
         (['{"_id": "a", "text": "x"}', '{"_id": "a", "text": "y"}'], 2, "_id", "duplicate id"),
         (['{"_id": "", "text": "x"}'], 1, "_id", "empty id"),
+        (
+            ['{"_id": "a", "text": "x"}', '{"_id": "has space", "text": "y"}'],
+            2,
+            "_id",
+            "whitespace",
+        ),
+        (['{"id": "tab\\there", "text": "y"}'], 1, "id", "contains whitespace"),
         (['{"_id": "a", "text": "x", "title": ["t"]}'], 1, "title", "expected str"),
         (['{"_id": "a", "text": ["x"]}'], 1, "text", "expected str"),
     ],
@@ -429,6 +436,11 @@ def test_session_extra_fields_go_to_metadata():
             {"id": "q", "messages": [{"role": "user", "content": "x"}], "rewrite": 3},
             "rewrite",
             "expected str",
+        ),
+        (
+            {"id": "a b", "messages": [{"role": "user", "content": "x"}]},
+            "id",
+            "id 'a b' contains whitespace: TREC runs",
         ),
     ],
 )
@@ -538,6 +550,15 @@ def test_run_round_trip_keeps_exact_scores_and_depth(tmp_path):
     assert back.scores == run.scores and back.name == "r"
     assert write_run(tmp_path / "top2.trec", run, depth=2) == 2
     assert list(read_run(tmp_path / "top2.trec").scores["q"]) == ["d1", "d2"]
+
+
+def test_write_run_refuses_ids_a_trec_file_cannot_hold_and_keeps_the_old_file(tmp_path):
+    path = tmp_path / "r.trec"
+    write_run(path, Run({"q": {"d1": 1.0}}, name="r"))
+    for scores in ({"q": {"has space": 1.0}}, {"a b": {"d1": 1.0}}):
+        with pytest.raises(DataFormatError, match="contains whitespace"):
+            write_run(path, Run(scores, name="r"))
+    assert read_run(path).scores == {"q": {"d1": 1.0}}
 
 
 def test_read_run_recomputes_ranks(tmp_path):

@@ -33,7 +33,7 @@ from chatretriever.errors import DataFormatError
 from chatretriever.io.cast import read_cast_topics
 from chatretriever.io.dstc11 import read_dialogues
 from chatretriever.io.esconv import dialogs_sessions, iter_multiesc, read_esconv
-from chatretriever.io.files import iter_jsonl, iter_lines, require
+from chatretriever.io.files import check_id, iter_jsonl, iter_lines, require, require_id
 from chatretriever.io.ikat import read_ikat_topics
 from chatretriever.io.mtrag import iter_mtrag_tasks
 from chatretriever.io.sessions import read_sessions
@@ -78,7 +78,7 @@ def read_beir_queries(path: str | Path) -> list[Session]:
     """BEIR queries JSONL (`{"_id", "text"}` per line) as sessions; duplicate ids raise."""
     out: dict[str, Session] = {}
     for lineno, obj in iter_jsonl(path):
-        qid, text = require(obj, "_id", path, lineno), require(obj, "text", path, lineno)
+        qid, text = require_id(obj, "_id", path, lineno), require(obj, "text", path, lineno)
         if qid in out:
             raise DataFormatError(path, f"duplicate id {qid!r}", lineno, "_id")
         out[qid] = _query(qid, text, Path(path), lineno, "text")
@@ -93,6 +93,7 @@ def read_queries_tsv(path: str | Path) -> list[Session]:
         qid = qid.strip()
         if not tab or not qid:
             raise DataFormatError(path, "expected 'id<TAB>text'", lineno)
+        check_id(qid, path, lineno, "id")
         if qid in out:
             raise DataFormatError(path, f"duplicate id {qid!r}", lineno, "id")
         out[qid] = _query(qid, text, Path(path), lineno, "text")

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from chatretriever.errors import DataFormatError
-from chatretriever.io.files import iter_jsonl, require, write_jsonl
+from chatretriever.io.files import iter_jsonl, require, require_id, write_jsonl
 from chatretriever.types import Passage
 
 _CORE = ("_id", "id", "title", "text")
@@ -18,9 +18,7 @@ def iter_numbered_corpus(path: str | Path) -> Iterator[tuple[int, Passage]]:
     seen: set[str] = set()
     for lineno, obj in iter_jsonl(path):
         key = "_id" if "_id" in obj else "id" if "id" in obj else "_id"
-        pid = require(obj, key, path, lineno)
-        if not pid:
-            raise DataFormatError(path, "empty id", line=lineno, field=key)
+        pid = require_id(obj, key, path, lineno)
         if pid in seen:
             raise DataFormatError(path, f"duplicate id {pid!r}", line=lineno, field=key)
         seen.add(pid)

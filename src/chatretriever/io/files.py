@@ -70,6 +70,21 @@ def read_json(path: str | Path) -> Any:
             raise DataFormatError(path, f"cannot read file: {e}") from None
 
 
+def check_id(value: str, path: str | Path, line: int | None, field: str) -> str:
+    """An id as TREC runs and qrels can hold it: non-empty, without whitespace."""
+    if not value or any(c.isspace() for c in value):
+        what = "empty id" if not value else f"id {value!r} contains whitespace"
+        raise DataFormatError(
+            path, f"{what}: TREC runs and qrels (space-separated) cannot hold it", line, field
+        )
+    return value
+
+
+def require_id(obj: Mapping[str, Any], key: str, path: str | Path, line: int | None) -> str:
+    """`require(obj, key)` checked by `check_id`."""
+    return check_id(require(obj, key, path, line), path, line, key)
+
+
 def require(
     obj: Mapping[str, Any], key: str, path: str | Path, line: int | None, kind: type = str
 ) -> Any:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from chatretriever.errors import DataFormatError
-from chatretriever.io.files import iter_jsonl, require, write_jsonl
+from chatretriever.io.files import iter_jsonl, require_id, write_jsonl
 from chatretriever.types import ROLES, Session, Turn
 
 _CORE = ("id", "messages", "rewrite", "response", "metadata")
@@ -39,9 +39,7 @@ def session_from_dict(
     obj: Mapping[str, Any], path: str | Path = "<input>", line: int | None = None
 ) -> Session:
     """Parse one session object (the JSONL schema above)."""
-    sid = require(obj, "id", path, line)
-    if not sid:
-        raise DataFormatError(path, "empty id", line, "id")
+    sid = require_id(obj, "id", path, line)
     turns = parse_messages(obj.get("messages"), path, line)
     raw_meta = obj.get("metadata") or {}
     if not isinstance(raw_meta, Mapping):

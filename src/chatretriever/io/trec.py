@@ -8,7 +8,7 @@ from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 
 from chatretriever.errors import DataFormatError
-from chatretriever.io.files import atomic_write, iter_lines
+from chatretriever.io.files import atomic_write, check_id, iter_lines
 from chatretriever.types import Qrel, Run, rank_key
 
 logger = logging.getLogger(__name__)
@@ -163,6 +163,9 @@ def write_run(path: str | Path, run: Run, depth: int | None = None) -> int:
         for qid in sorted(run.scores):
             docs = sorted(run.scores[qid].items(), key=lambda kv: rank_key(kv[0], kv[1]))
             for rank, (did, score) in enumerate(docs[:depth], start=1):
+                if rank == 1:
+                    check_id(qid, path, None, "query id")
+                check_id(did, path, None, "document id")
                 # repr keeps every digit: rounding could create ties the ranks above do not show
                 f.write(f"{qid} Q0 {did} {rank} {float(score)!r} {tag}\n")
                 n += 1
