@@ -185,8 +185,16 @@ def test_read_conversations_refuses_what_is_not_a_conversation(tmp_path):
         read_conversations(corpus)
     with pytest.raises(ValueError, match="unknown sessions format 'csv'"):
         read_conversations(corpus, "csv")
-    with pytest.raises(DataFormatError, match="cannot tell the format"):
+    with pytest.raises(DataFormatError, match="cannot tell its conversation format; name it"):
         read_conversations(write(tmp_path / "notes.txt", "some words\n"))
+    # JSON lines that match no format: the sessions reader names what is wrong, where
+    for text, match in (
+        ("", "empty.jsonl: holds no sessions"),
+        ('{"id": "a", "messages": [\n', "empty.jsonl:1: malformed JSON"),
+        ('{"id": "a", "msgs": []}\n', "empty.jsonl:1: field 'messages'"),
+    ):
+        with pytest.raises(DataFormatError, match=match):
+            read_conversations(write(tmp_path / "empty.jsonl", text))
     assert "sessions" in SESSION_FORMATS and "beir-corpus" not in SESSION_FORMATS
 
 

@@ -100,6 +100,11 @@ def read_queries_tsv(path: str | Path) -> list[Session]:
     return list(out.values())
 
 
+def _looks_like_json_lines(path: Path) -> bool:
+    first = next((line for _, line in iter_lines(path)), "")
+    return not first.strip() or first.lstrip().startswith("{")
+
+
 def _first_keys(path: Path) -> set[str]:
     return next((set(obj) for _, obj in iter_jsonl(path)), set())
 
@@ -142,7 +147,20 @@ def read_conversations(path: str | Path, fmt: str | None = None) -> list[Session
     if fmt is not None and fmt not in _READERS:
         raise ValueError(f"unknown sessions format {fmt!r}; choose from {', '.join(_READERS)}")
     if fmt is None:
-        guessed = guess_format(path)
+        try:
+            guessed = guess_format(path)
+        except DataFormatError as e:
+            if "cannot tell the format" not in str(e):
+                raise
+            if not _looks_like_json_lines(path):
+                names = ", ".join(_READERS)
+                msg = f"cannot tell its conversation format; name it (one of {names})"
+                raise DataFormatError(path, msg) from None
+            # most likely meant as sessions JSONL: its reader names the line and field at fault
+            sessions = read_sessions(path)
+            if not sessions:
+                raise DataFormatError(path, "holds no sessions") from None
+            return sessions
         fmt = _AS_QUERIES.get(guessed, guessed)
         if guessed == "beir-corpus" and "title" in _first_keys(path):
             fmt = guessed  # passages, not queries: refused below
