@@ -98,6 +98,21 @@ def test_ivf_pq_is_trained_on_a_sample(tmp_path):
     assert index.memory_bytes < 400 * 16 * 4 + 400 * 60  # compressed codes
 
 
+def test_faiss_errors_are_one_line_value_errors(tmp_path):
+    dirs, _, emb = random_shards(tmp_path, n=40)
+    with pytest.raises(ValueError, match=r"^Faiss factory 'Bogus99': could not parse index string"):
+        DenseIndex.build(dirs, factory="Bogus99")
+    with pytest.raises(ValueError, match=r"'IVF64,Flat' cannot be trained on 40 vectors: .*\(64\)"):
+        DenseIndex.build(dirs, factory="IVF64,Flat")
+    flat, hnsw = DenseIndex.build(dirs), DenseIndex.build(dirs, factory="HNSW8")
+    for params in ("garbage", "efSearch=zz", "efSearch=", "=3"):
+        with pytest.raises(ValueError, match="expected name=number"):
+            hnsw.set_search_params(params)
+    with pytest.raises(ValueError, match=r"'efSearch=64' do not apply to a Flat index"):
+        flat.search(emb[:1], k=3, params="efSearch=64")
+    assert hnsw.search(emb[:1], k=3, params="efSearch=64")[0][0][0] == "d0"
+
+
 def test_refuses_query_encoder_with_other_metadata(tmp_path):
     dirs, _, _ = random_shards(tmp_path, model="model-a")
     index = DenseIndex.build(dirs)

@@ -350,6 +350,9 @@ def _search_dense(args: argparse.Namespace, sessions: list) -> tuple:
     encoder = load_encoder(model)
     fingerprint = fingerprint_of(encoder)  # checked before any query is encoded
     loaded.index.check_encoder(encoder.name, encoder.dim, encoder.normalize, fingerprint)
+    check_params = getattr(loaded.index, "set_search_params", None)
+    if args.params and check_params is not None:
+        check_params(args.params)  # before any query is encoded
     dense_kwargs = {
         "formulation": args.formulation,
         "batch_size": _positive(args.batch_size, "--batch-size"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -69,6 +70,13 @@ class VectorIndex(Protocol):
 
 def _faiss():
     return require_extra("faiss", "faiss", "the index")
+
+
+def faiss_message(error: Exception) -> str:
+    """The reason in a Faiss exception, without its C++ location."""
+    text = " ".join(str(error).split())
+    match = re.search(r"\.(?:cpp|h):\d+: (.*)", text)
+    return (match.group(1) if match else text).strip()
 
 
 def read_shards(
@@ -157,11 +165,18 @@ class DenseIndex:
         """
         faiss = _faiss()
         ids, arrays, meta = read_shards(shard_dirs)
-        index = faiss.index_factory(meta.dim, factory, faiss.METRIC_INNER_PRODUCT)
+        try:
+            index = faiss.index_factory(meta.dim, factory, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as e:
+            raise ValueError(f"Faiss factory {factory!r}: {faiss_message(e)}") from None
         if not index.is_trained:
             sample = _sample_rows(arrays, train_size, seed)
             logger.info("training %s on %d vectors", factory, len(sample))
-            index.train(sample)
+            try:
+                index.train(sample)
+            except RuntimeError as e:
+                msg = f"Faiss factory {factory!r} cannot be trained on {len(sample)} vectors"
+                raise ValueError(f"{msg}: {faiss_message(e)}") from None
         desc = f"index {factory}"
         with tqdm(total=len(ids), desc=desc, unit="vec", disable=not show_progress) as bar:
             for emb in arrays:
@@ -199,17 +214,43 @@ class DenseIndex:
         Returns:
             For each query, (passage id, score) pairs, best first.
         """
-        faiss = _faiss()
+        _faiss()  # a clear error when the extra is missing
         queries = np.ascontiguousarray(queries, dtype=np.float32)  # (Q, D)
         if queries.ndim != 2 or queries.shape[1] != self.meta.dim:
             raise ValueError(f"queries have shape {queries.shape}, index dim is {self.meta.dim}")
-        if params:
-            faiss.ParameterSpace().set_index_parameters(self.index, params)
+        self.set_search_params(params)
         scores, rows = self.index.search(queries, min(k, len(self.ids)))  # (Q, k) each
         return [
             [(self.ids[r], float(s)) for s, r in zip(srow, rrow, strict=True) if r >= 0]
             for srow, rrow in zip(scores, rows, strict=True)
         ]
+
+    def set_search_params(self, params: str | None) -> None:
+        """Apply Faiss search parameters ("efSearch=128", "nprobe=16", comma-separated).
+
+        Raises:
+            ValueError: malformed text, or a parameter this kind of index does not have.
+        """
+        if not params:
+            return
+        for item in params.split(","):
+            name, eq, value = item.partition("=")
+            try:
+                float(value)
+            except ValueError:
+                eq = ""
+            if not eq or not name.strip():
+                raise ValueError(
+                    f"search parameters {params!r}: expected name=number[,name=number], "
+                    f"e.g. efSearch=128 (HNSW) or nprobe=16 (IVF)"
+                )
+        try:
+            _faiss().ParameterSpace().set_index_parameters(self.index, params)
+        except RuntimeError as e:
+            raise ValueError(
+                f"search parameters {params!r} do not apply to a {self.factory} index "
+                f"({faiss_message(e)})"
+            ) from None
 
     @property
     def memory_bytes(self) -> int:
