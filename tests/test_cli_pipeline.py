@@ -296,6 +296,33 @@ def test_search_refuses_another_encoder(files, capsys):
             [
                 "search",
                 "--bm25",
+                "{d}/empty.jsonl",
+                "--sessions",
+                "{d}/sessions.jsonl",
+                "--out",
+                "r",
+            ],
+            "empty.jsonl: holds no passages",
+        ),
+        (["encode", "{d}/empty.jsonl", "--model", "fake:", "--out", "{d}/e"], "holds no passages"),
+        (
+            [
+                "search",
+                "--bm25",
+                "{d}/corpus.jsonl",
+                "--model",
+                "fake:",
+                "--sessions",
+                "x",
+                "--out",
+                "r",
+            ],
+            "BM25 alone: drop --index/--model",
+        ),
+        (
+            [
+                "search",
+                "--bm25",
                 "{d}/corpus.jsonl",
                 "--sessions",
                 "{d}/sessions.jsonl",
@@ -326,6 +353,7 @@ def test_search_refuses_another_encoder(files, capsys):
 )
 def test_bad_input_gives_one_line_errors(files, capsys, argv, message):
     (files / "bad.jsonl").write_text('{"_id": "a", "text": "x"}\n{"_id": "b"}\n')
+    (files / "empty.jsonl").write_text("")
     code = main([a.format(d=files) for a in argv])
     err = capsys.readouterr().err.strip()
     assert code == 2

@@ -12,6 +12,7 @@ from functools import partial
 from typing import Any
 
 from chatretriever.cli.pipeline import _echo, _positive, add_runtime_argument, set_runtime
+from chatretriever.errors import DataFormatError
 
 ENGINES = ("local", "ray")
 
@@ -72,6 +73,8 @@ def cmd_encode(args: argparse.Namespace) -> int:
         raise ValueError("--address and --actors go with --engine ray")
     # A first pass checks the whole corpus (and counts it) before any model is loaded.
     total = sum(1 for _ in iter_corpus(args.corpus))
+    if total == 0:
+        raise DataFormatError(args.corpus, "holds no passages")
     if args.engine == "ray":
         from chatretriever.retrieval.ray_encode import encode_corpus_ray
 

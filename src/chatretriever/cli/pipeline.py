@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from chatretriever.cli.data import add_sessions_arguments, load_sessions
+from chatretriever.errors import DataFormatError
 from chatretriever.retrieval.fusion import DEFAULT_RRF_K, FUSION_METHODS
 from chatretriever.retrieval.index import BACKENDS
 from chatretriever.retrieval.search import FORMULATIONS, MISSING_REWRITE
@@ -313,7 +314,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     from chatretriever.retrieval.search import save_run
 
     _positive(args.k, "--k")
-    if bool(args.bm25) == bool(args.index or args.model):
+    if args.bm25 and (args.index or args.model):
+        raise ValueError(
+            "--bm25 CORPUS searches with BM25 alone: drop --index/--model "
+            "(dense + BM25: --index DIR --hybrid rrf|linear)"
+        )
+    if not (args.bm25 or args.index or args.model):
         raise ValueError("give either --bm25 CORPUS, or --index DIR with --model NAME")
     if args.bm25 and args.hybrid:
         raise ValueError("--hybrid fuses a dense index with its BM25 side: give --index DIR")
@@ -323,7 +329,10 @@ def cmd_search(args: argparse.Namespace) -> int:
         from chatretriever.io.corpus import read_corpus
         from chatretriever.retrieval.baselines import BM25Retriever
 
-        retriever = BM25Retriever(read_corpus(args.bm25))
+        passages = read_corpus(args.bm25)
+        if not passages:
+            raise DataFormatError(args.bm25, "holds no passages")
+        retriever = BM25Retriever(passages)
         settings["bm25"] = {"corpus": args.bm25, **retriever.settings}
         run = retriever.search(sessions, args.k, args.formulation, args.missing_rewrite)
     else:

@@ -101,7 +101,8 @@ def formulate_all(
         if missing and missing_rewrite == "error":
             raise ValueError(
                 f"{len(missing)} of {len(sessions)} sessions have no rewrite (first: "
-                f"{missing[0]!r}); run `chatretriever rewrite` or use missing_rewrite='last_turn'"
+                f"{missing[0]!r}); run `chatretriever rewrite` first, or search their last turn "
+                "instead (`--missing-rewrite last_turn`; in Python missing_rewrite='last_turn')"
             )
         if missing:
             logger.warning(
