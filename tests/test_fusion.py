@@ -179,6 +179,10 @@ def test_cli_index_bm25_then_search_hybrid_records_its_settings(tmp_path, fake_m
         "depth": None,
     }
     assert settings["hybrid"]["bm25_formulation"] == "all_user_turns"  # the index's record
+    assert settings["hybrid"]["fusion_depth"] == 100
+    assert main([*search, "--out", str(out), *hybrid, "--fusion-depth", "2"]) == 0
+    settings = json.loads(out.with_name(out.name + ".settings.json").read_text())
+    assert settings["hybrid"]["fusion_depth"] == 3  # the depth fused: at least --k
     assert settings["hybrid"]["bm25"]["k1"] == 0.9
     run = read_run(out)
     assert run.ranked("q2")[0].doc_id == "pasta" and len(run.scores["q1"]) == 3

@@ -150,7 +150,9 @@ def add_hybrid_arguments(p: argparse.ArgumentParser) -> None:
         choices=FORMULATIONS,
         help="BM25 side's query formulation (default: the one the index records)",
     )
-    g.add_argument("--fusion-depth", type=int, default=100, help="hits of each side fused")
+    g.add_argument(
+        "--fusion-depth", type=int, default=100, help="hits of each side fused (at least --k)"
+    )
 
 
 def add_runtime_argument(p: argparse.ArgumentParser) -> None:
@@ -211,7 +213,8 @@ def hybrid_side(args: argparse.Namespace, corpus_index) -> tuple:
     formulation = args.bm25_formulation or bm25.info.get("formulation", "last_turn")
     settings = {
         "fusion": fusion.to_dict(),
-        "fusion_depth": args.fusion_depth,
+        # the depth fused: never below the hits a query returns (`search.search_hybrid`)
+        "fusion_depth": max(args.fusion_depth, getattr(args, "k", 0)),
         "bm25_formulation": formulation,
         "bm25": {"dir": str(side), **bm25.settings, **bm25.info},
     }
