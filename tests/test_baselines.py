@@ -227,6 +227,20 @@ def test_registry_resolves_registered_prefixes(fake_prefix):
         register_encoder("bad:prefix", HashEncoder)
 
 
+def test_a_directory_that_holds_no_model_is_one_clear_error(tmp_path, capsys):
+    from chatretriever.cli import main
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"empty: not a model directory \(it has none of"):
+        load_encoder(str(tmp_path / "empty"))
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"_id": "a", "text": "x"}\n')
+    argv = ["encode", str(corpus), "--model", str(tmp_path / "empty"), "--out", str(tmp_path / "e")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a model directory" in err[0]
+
+
 @pytest.mark.slow
 def test_minilm_ranks_the_related_passage_first():
     pytest.importorskip("chatretriever.modeling.backbones")

@@ -59,11 +59,29 @@ def _is_uniconv(name: str) -> bool:
     return (directory / SAVED_CONFIG).is_file()
 
 
+# what a model directory holds at least one of (ChatRetriever, UniConv, transformers,
+# sentence-transformers, a PEFT adapter, Rabtriever's predictor)
+_MODEL_FILES = (
+    "chatretriever.json",
+    "uniconv.json",
+    "config.json",
+    "modules.json",
+    "adapter_config.json",
+    "predictor.json",
+)
+
+
 def load_encoder(name: str) -> Encoder:
     """The encoder a model name stands for (see the module docstring)."""
     prefix, sep, rest = name.partition(":")
     if sep and prefix in _FACTORIES:
         return _FACTORIES[prefix](rest)
+    if Path(name).is_dir() and not any((Path(name) / f).is_file() for f in _MODEL_FILES):
+        raise ValueError(
+            f"{name}: not a model directory (it has none of {', '.join(_MODEL_FILES)}): give a "
+            "trained ChatRetriever, a transformers or sentence-transformers directory, or a "
+            "built-in name (`chatretriever models`)"
+        )
     if _is_builtin_embedder(name) or is_sentence_transformers_dir(name):
         from chatretriever.retrieval.baselines import TextEmbedder
 
