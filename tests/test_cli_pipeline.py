@@ -334,6 +334,9 @@ def test_search_refuses_another_encoder(files, capsys):
             "1 of 2 sessions have no rewrite",
         ),
         (["evaluate", "{d}/qrels.txt", "{d}/qrels.txt"], "expected 6 columns"),
+        (["evaluate", "{d}/empty.jsonl", "{d}/qrels.txt"], "empty.jsonl: holds no results"),
+        (["evaluate", "{d}/r.trec", "{d}/empty.qrels"], "empty.qrels: holds no judgments"),
+        (["index", "{d}/nowhere", "--out", "{d}/idx"], "nowhere: not found"),
         (["evaluate", "{d}/bad.jsonl", "{d}/qrels.txt", "--measures", "Nope@3"], "6 columns"),
         (
             [
@@ -354,6 +357,8 @@ def test_search_refuses_another_encoder(files, capsys):
 def test_bad_input_gives_one_line_errors(files, capsys, argv, message):
     (files / "bad.jsonl").write_text('{"_id": "a", "text": "x"}\n{"_id": "b"}\n')
     (files / "empty.jsonl").write_text("")
+    (files / "empty.qrels").write_text("")
+    (files / "r.trec").write_text("q1 Q0 d1 1 0.5 t\n")
     code = main([a.format(d=files) for a in argv])
     err = capsys.readouterr().err.strip()
     assert code == 2

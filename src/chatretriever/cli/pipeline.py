@@ -389,23 +389,34 @@ def _search_dense(args: argparse.Namespace, sessions: list) -> tuple:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from chatretriever.io.trec import read_qrels, read_run
+    from chatretriever.io.trec import read_qrels
     from chatretriever.retrieval.evaluate import DEFAULT_MEASURES, compare, evaluate_run, write_json
 
     qrels = read_qrels(args.qrels)
+    if not qrels:
+        raise DataFormatError(args.qrels, "holds no judgments: nothing to evaluate")
     measures = args.measures or list(DEFAULT_MEASURES)
     drop = args.drop_no_relevant
-    result = evaluate_run(read_run(args.run), qrels, measures, args.rel, drop_no_relevant=drop)
+    result = evaluate_run(_read_results(args.run), qrels, measures, args.rel, drop)
     _print_evaluation(args.run, result, args.per_query)
     out = {"run": args.run, "qrels": args.qrels, **result.to_dict(per_query=args.per_query)}
     if args.compare:
-        other = evaluate_run(read_run(args.compare), qrels, measures, args.rel, drop)
+        other = evaluate_run(_read_results(args.compare), qrels, measures, args.rel, drop)
         tests = compare(result, other)
         _print_comparison(args.run, args.compare, tests)
         out["compare"] = {"run": args.compare, "evaluation": other.to_dict(False), "tests": tests}
     if args.out:
         write_json(args.out, out)
     return 0
+
+
+def _read_results(path: str):
+    from chatretriever.io.trec import read_run
+
+    run = read_run(path)
+    if not run.scores:
+        raise DataFormatError(path, "holds no results: nothing to evaluate")
+    return run
 
 
 def _print_evaluation(name: str, result, per_query: bool) -> None:

@@ -399,6 +399,8 @@ def list_shards(paths: Iterable[str | Path]) -> list[Path]:
     """
     out: list[Path] = []
     for path in map(Path, paths):
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: not found")
         if (path / META).exists():
             out.append(path)
             continue
