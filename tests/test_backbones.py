@@ -81,6 +81,14 @@ def test_auto_kind_reads_the_config_architectures(tmp_path):
     assert not model.can_generate()
 
 
+def test_an_encoder_asked_for_as_a_chat_llm_is_refused(tmp_path):
+    bert = _save_encoder(tmp_path, _tiny_encoder_config("bert"))
+    with pytest.raises(ValueError, match=r"holds a BertModel, not a chat \(causal\) LLM"):
+        load_backbone(bert, kind="causal")
+    with pytest.raises(ValueError, match="'minilm-l6' is an encoder .*, not a chat LLM"):
+        load_backbone("minilm-l6", kind="causal")  # refused before any file is read
+
+
 def test_sdpa_falls_back_to_eager_for_models_without_it(tmp_path):
     model, _ = load_backbone(_save_encoder(tmp_path, _tiny_encoder_config("mpnet")))
     assert type(model).__name__ == "MPNetModel"

@@ -72,6 +72,9 @@ def _torch_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str:
     raise ValueError(f"unknown dtype {dtype!r}: use one of {sorted(_DTYPE_NAMES)} or 'auto'")
 
 
+_CHAT_HINT = "give a causal chat LLM, e.g. smollm2-135m-instruct (`chatretriever models`)"
+
+
 def _resolve_kind(kind: str, info: ModelInfo | None, model_dir: Path, remote: bool) -> str:
     if kind not in ("auto", "causal", "encoder"):
         raise ValueError(f"kind must be 'auto', 'causal' or 'encoder', got {kind!r}")
@@ -85,15 +88,18 @@ def _resolve_kind(kind: str, info: ModelInfo | None, model_dir: Path, remote: bo
             f"'{info.name}' is a trained {info.kind} model (an adapter or predictor), not a "
             "backbone: pass it as the reranker's adapter or load it with its method's loader"
         )
-    if kind != "auto":
-        return kind
     if info is not None:
-        return info.kind
+        return info.kind if kind == "auto" else kind
+    if kind == "encoder":
+        return kind
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True, trust_remote_code=remote)
     archs = config.architectures or []
-    return "causal" if any(a.endswith(_CAUSAL_SUFFIXES) for a in archs) else "encoder"
+    causal = any(a.endswith(_CAUSAL_SUFFIXES) for a in archs)
+    if kind == "causal" and archs and not causal:
+        raise ValueError(f"{model_dir} holds a {archs[0]}, not a chat (causal) LLM: {_CHAT_HINT}")
+    return kind if kind != "auto" else ("causal" if causal else "encoder")
 
 
 def load_backbone(
@@ -120,6 +126,8 @@ def load_backbone(
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     info = builtin(name_or_path)
+    if kind == "causal" and info is not None and info.kind == "encoder":
+        raise ValueError(f"'{info.name}' is an encoder (an embedder), not a chat LLM: {_CHAT_HINT}")
     model_dir = resolve_model_dir(name_or_path)
     kind = _resolve_kind(kind, info, model_dir, trust_remote_code)
     cls = AutoModelForCausalLM if kind == "causal" else AutoModel
