@@ -227,6 +227,21 @@ def test_registry_resolves_registered_prefixes(fake_prefix):
         register_encoder("bad:prefix", HashEncoder)
 
 
+def test_queries_are_computed_in_the_precision_of_the_index(tiny_bert):
+    from chatretriever.apps.registry import match_precision, precision_of
+
+    model, tok = tiny_bert
+    enc = TextEmbedder(model, tok, name="t", bf16=True)
+    fp32_index = TextEmbedder(model, tok, name="t", bf16=False).fingerprint  # the demo's kind
+    assert match_precision(enc, fp32_index) == "fp32" and precision_of(enc) == "fp32"
+    assert enc.fingerprint == fp32_index
+    assert match_precision(enc, fp32_index) is None  # already matching: nothing changes
+    assert match_precision(enc, "another-model") is None and precision_of(enc) == "fp32"
+    enc.bf16 = True
+    assert match_precision(enc, "another-model") is None and precision_of(enc) == "bf16"
+    assert match_precision(HashEncoder(), "x") is None  # no precision switch
+
+
 def test_a_directory_that_holds_no_model_is_one_clear_error(tmp_path, capsys):
     from chatretriever.cli import main
 

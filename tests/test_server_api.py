@@ -517,6 +517,16 @@ def test_serve_refuses_unsafe_settings(built, fake_model, monkeypatch, capsys):
     assert main(["serve", "--index", str(index_dir), "--no-auth", "--host", "0.0.0.0"]) == 2
     assert "loopback" in capsys.readouterr().err
     assert main(["serve", "--index", str(index_dir), "--no-auth", "--max-batch", "0"]) == 2
+    import socket
+
+    with socket.socket() as taken:  # another process listens there: refused before the model loads
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        capsys.readouterr()
+        assert main(["serve", "--index", str(index_dir), "--no-auth", "--port", port]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"cannot serve on 127.0.0.1:{port}" in err[0]
 
 
 def test_serve_builds_the_app_and_runs_uvicorn(built, fake_model, monkeypatch, tmp_path, capsys):

@@ -11,10 +11,13 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from chatretriever.retrieval.encoders import Encoder
+from chatretriever.retrieval.encoders import Encoder, fingerprint_of
+
+logger = logging.getLogger(__name__)
 
 # The shipped ChatRetriever model: what `index`, `chat` and `demo` use when no --model is given.
 DEFAULT_MODEL = "chatretriever-smol"
@@ -131,4 +134,33 @@ def precision_of(encoder: Encoder) -> str | None:
         return "bf16" if str(encoder.compute_dtype) == "torch.bfloat16" else "fp32"
     if isinstance(encoder, TextEmbedder):
         return "bf16" if encoder.bf16 else "fp32"
+    return None
+
+
+def match_precision(encoder: Encoder, fingerprint: str | None) -> str | None:
+    """Compute queries in the precision an index's vectors were computed in.
+
+    An index records its encoder's fingerprint, which covers the compute precision: an index
+    encoded in fp32 (the demo's) refuses bf16 queries of the very same model, and the other
+    way round. When switching this encoder's precision makes its fingerprint equal to
+    `fingerprint`, the switch is kept.
+
+    Args:
+        encoder: The query encoder (left as it is when it has no precision switch).
+        fingerprint: The index's recorded encoder fingerprint (None: nothing to match).
+
+    Returns:
+        The precision switched to ("fp32" or "bf16"), or None when nothing changed (already
+        matching, no switch, or no precision matches: then the index check says why).
+    """
+    current = fingerprint_of(encoder)
+    before = precision_of(encoder)
+    if not fingerprint or current in (None, fingerprint) or before is None:
+        return None
+    other = "bf16" if before == "fp32" else "fp32"
+    set_precision(encoder, other)
+    if fingerprint_of(encoder) == fingerprint:
+        logger.info("queries computed in %s: the precision the index was encoded in", other)
+        return other
+    set_precision(encoder, before)
     return None

@@ -123,7 +123,7 @@ def _retrieve(
 def _load_retriever(args: argparse.Namespace) -> tuple[Any, Any]:
     """(corpus index, encoder) of `--index`; (None, None) when nothing retrieves or answers
     with the index's model (closed book with --generator)."""
-    from chatretriever.apps.registry import load_encoder
+    from chatretriever.apps.registry import load_encoder, match_precision
     from chatretriever.retrieval.corpus_index import CorpusIndex
 
     if args.closed_book and args.generator:
@@ -136,7 +136,9 @@ def _load_retriever(args: argparse.Namespace) -> tuple[Any, Any]:
     model = args.model or corpus_index.model
     if not model:
         raise ValueError(f"{args.index} does not record its model: pass --model NAME")
-    return corpus_index, load_encoder(model)
+    encoder = load_encoder(model)
+    match_precision(encoder, corpus_index.index.meta.fingerprint)  # the passages' precision
+    return corpus_index, encoder
 
 
 def cmd_answer(args: argparse.Namespace) -> int:

@@ -140,6 +140,7 @@ def _searcher(args: argparse.Namespace, corpus_index, encoder):
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from chatretriever.apps.chat import Conversation
+    from chatretriever.apps.registry import match_precision
     from chatretriever.retrieval.corpus_index import CorpusIndex
 
     if args.k < 1 or args.snippet_chars < 0:
@@ -151,6 +152,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if corpus_index.passages is None and not args.answer:
         logger.warning("%s holds no passage texts: showing ids (pass --corpus)", args.index)
     encoder = _load_encoder(model)
+    match_precision(encoder, corpus_index.index.meta.fingerprint)
     answerer = _answerer(args, corpus_index, encoder)
     searcher = _searcher(args, corpus_index, encoder)
     interactive = sys.stdin.isatty()

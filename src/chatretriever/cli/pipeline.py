@@ -348,7 +348,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 def _search_dense(args: argparse.Namespace, sessions: list) -> tuple:
     """The dense (or, with --hybrid, fused) run, the model name it used (--model, else the one
     the index records) and the hybrid settings ({} without --hybrid)."""
-    from chatretriever.apps.registry import load_encoder
+    from chatretriever.apps.registry import load_encoder, match_precision
     from chatretriever.retrieval.corpus_index import CorpusIndex
     from chatretriever.retrieval.encoders import fingerprint_of
     from chatretriever.retrieval.search import search_dense, search_hybrid
@@ -360,6 +360,7 @@ def _search_dense(args: argparse.Namespace, sessions: list) -> tuple:
     if not model:
         raise ValueError(f"{args.index} does not record its model: pass --model NAME")
     encoder = load_encoder(model)
+    match_precision(encoder, loaded.index.meta.fingerprint)  # the passages' precision
     fingerprint = fingerprint_of(encoder)  # checked before any query is encoded
     loaded.index.check_encoder(encoder.name, encoder.dim, encoder.normalize, fingerprint)
     check_params = getattr(loaded.index, "set_search_params", None)

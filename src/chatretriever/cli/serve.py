@@ -40,8 +40,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """Refuse a port another process listens on now, before the model is loaded."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise ValueError(f"--host {host}: {e}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as e:
+            raise ValueError(f"cannot serve on {host}:{port}: {e.strerror}") from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    from chatretriever.apps.registry import set_precision
+    from chatretriever.apps.registry import match_precision, set_precision
     from chatretriever.apps.server.auth import check_auth_settings, load_api_keys
     from chatretriever.cli.chat import _load_encoder
     from chatretriever.retrieval.corpus_index import CorpusIndex
@@ -54,6 +71,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     keys = load_api_keys(args.api_keys_file)
     check_auth_settings(keys, args.no_auth, args.host)  # before minutes of model loading
+    _check_port_free(args.host, args.port)
     corpus_index = CorpusIndex.load(args.index, corpus=args.corpus)
     model = args.model or corpus_index.model
     if not model:
@@ -65,6 +83,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     encoder = _load_encoder(model)
     if args.dtype:
         set_precision(encoder, args.dtype)
+    else:  # queries in the precision the index's passages were encoded in
+        match_precision(encoder, corpus_index.index.meta.fingerprint)
     set_runtime(encoder, args.runtime)
     if args.runtime != "torch":
         encoder.encode_body()  # converted now, not during the first request

@@ -363,7 +363,10 @@ def _mismatch(index: EmbeddingMeta, query: EmbeddingMeta) -> str:
     """The one-line message of queries that do not fit an index."""
     why = ""
     if index.model == query.model and not index.same_model(query):
-        why = " (same name, other weights or settings: retrained, or another model saved so)"
+        why = (
+            " (same name, other weights or settings: retrained, another model saved so, or a "
+            "--dtype other than the index's)"
+        )
     return (
         f"the index was built with {index.describe()}, but the queries come from "
         f"{query.describe()}{why}: encode the corpus again with this model, or search with "
