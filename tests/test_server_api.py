@@ -430,7 +430,10 @@ class FakeIncremental:
         self.encoder = encoder
         self.keys: list[str] = []
         self.resets: list[str] = []
-        self.stats = {"hits": 0}
+
+    @property
+    def stats(self):
+        return {"hits": 0, "conversations": len(set(self.keys) - set(self.resets))}
 
     def encode(self, conversation_id, messages):
         self.keys.append(conversation_id)
@@ -454,9 +457,12 @@ def test_conversation_ids_use_the_incremental_encoder_per_client(built, monkeypa
         assert first["data"] == plain == other["data"] and first["conversation_id"] == "c1"
         assert len(fake.keys) == 2 and fake.keys[0] != fake.keys[1]  # clients kept apart
         assert all(k.endswith("/c1") for k in fake.keys)
+        assert c.get("/healthz").json()["incremental_stats"]["conversations"] == 2
         assert c.delete("/v1/conversations/c1", headers=AUTH).status_code == 204
         assert fake.resets == [fake.keys[0]]
-        assert c.get("/healthz").json()["incremental"] is True
+        health = c.get("/healthz").json()
+        assert health["incremental"] is True
+        assert health["incremental_stats"]["conversations"] == 1  # the counters follow a DELETE
 
 
 def test_other_encoders_get_no_incremental_encoder():

@@ -164,6 +164,7 @@ class SearchEngine:
         """Forget the incremental cache of one conversation (a no-op without one)."""
         if self.incremental is not None:
             self.incremental.reset(conversation)
+            self._incremental_stats = dict(self.incremental.stats)  # on the model thread too
 
     def incremental_stats(self) -> dict[str, int]:
         """The incremental encoder's counters after the last search that used it (a copy taken
