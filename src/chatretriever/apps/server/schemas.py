@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, model_validator
 
 MAX_MESSAGES = 64  # chat messages in one session
 MAX_TEXT_CHARS = 16_000  # characters in one message or one input string
@@ -24,6 +24,16 @@ DEFAULT_K = 10
 # can carry as "\ud800"): a 422, never an error inside the model.
 Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
 Name = Annotated[str, Field(max_length=MAX_ID_CHARS)]
+
+
+def _json_integer(value: object) -> object:
+    if isinstance(value, (bool, str)):  # pydantic would read "3" as 3 and true as 1
+        raise ValueError("expected a JSON integer")
+    return value
+
+
+# An integer as JSON has it: 3 or 3.0 (JSON Schema's "integer"), never "3" or true.
+JsonInt = Annotated[int, BeforeValidator(_json_integer)]
 
 
 class _Strict(BaseModel):
@@ -50,11 +60,13 @@ class SearchRequest(_Strict):
     """`POST /v1/search`: the conversation so far -> the top-k passages for it."""
 
     messages: Messages = Field(min_length=1, max_length=MAX_MESSAGES)
-    k: int = Field(DEFAULT_K, ge=1, le=MAX_K)
+    k: JsonInt = Field(DEFAULT_K, ge=1, le=MAX_K)
     conversation_id: str | None = Field(
         None, min_length=1, max_length=MAX_ID_CHARS, pattern=r"^[A-Za-z0-9_.:\-]+$"
     )
-    hybrid: bool = Field(False, description="fuse with the index's BM25 side (when it has one)")
+    hybrid: StrictBool = Field(
+        False, description="fuse with the index's BM25 side (when it has one)"
+    )
 
     @model_validator(mode="after")
     def _ends_with_user(self) -> SearchRequest:
@@ -93,7 +105,9 @@ class EmbeddingsRequest(_Strict):
     )
     model: Name
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(None, ge=1, description="must equal the model's size if given")
+    dimensions: JsonInt | None = Field(
+        None, ge=1, description="must equal the model's size if given"
+    )
     user: Name | None = None
 
     @model_validator(mode="after")
