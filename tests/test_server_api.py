@@ -239,11 +239,11 @@ def test_checker_compares_digests_of_every_key():
 
 def test_keys_from_env_and_file(tmp_path):
     f = tmp_path / "keys.txt"
-    f.write_text(f"# team keys\n\n{KEY}\n  {OTHER_KEY}  \n{KEY}\n")
+    f.write_text(f"# team keys\n\n{KEY}  # the web page\n  {OTHER_KEY}  \n{KEY}\n")
     env = {ENV_VAR: f" {OTHER_KEY}, ,third-key-0123456789abcdef"}
     assert load_api_keys(f, env) == [OTHER_KEY, "third-key-0123456789abcdef", KEY]
     assert load_api_keys(None, {}) == []
-    f.write_text(f"{KEY}\nshort\n")
+    f.write_text(f"{KEY}\nshort # too short\n")
     with pytest.raises(DataFormatError, match=r"keys.txt:2: .*at least 16") as e:
         load_api_keys(f, {})
     assert e.value.line == 2

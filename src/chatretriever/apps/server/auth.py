@@ -1,7 +1,7 @@
 """API keys: where they come from, when the server may run without them, and the Bearer check.
 
 Keys come from the environment variable `CHATRETRIEVER_API_KEYS` (comma-separated) and/or a file
-(one key per line; blank lines and `#` comments are skipped). A server without keys refuses to
+(one key per line; blank lines, `#` comment lines and ` # ...` after a key are skipped). A server without keys refuses to
 start unless `--no-auth` is given, and `--no-auth` is accepted only on a loopback host. Presented
 keys are compared in constant time (`hmac.compare_digest` on SHA-256 digests, against every key,
 with no early exit), and a refusal never says which part was wrong.
@@ -40,7 +40,8 @@ def load_api_keys(
     """The API keys from `CHATRETRIEVER_API_KEYS` and `keys_file`.
 
     Args:
-        keys_file: A file with one key per line (`#` comments and blank lines skipped), or None.
+        keys_file: A file with one key per line (`#` comments, ` # ...` after a key and blank
+            lines skipped), or None.
         environ: The environment to read (default `os.environ`).
 
     Returns:
@@ -58,6 +59,9 @@ def load_api_keys(
             key = line.strip()
             if not key or key.startswith("#"):
                 continue
+            first, _, rest = key.partition(" ")
+            if rest.strip().startswith("#"):  # "KEY  # who holds it"
+                key = first
             try:
                 _check_key(key, "key")
             except ValueError as e:
