@@ -8,11 +8,16 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from chatretriever.cli.data import add_sessions_arguments, load_sessions
 
 logger = logging.getLogger(__name__)
+
+
+# the repository checkout this package runs from (src/chatretriever/cli/ -> the root)
+_CHECKOUT = Path(__file__).resolve().parents[3]
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -45,7 +50,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "esconv-tasks",
         help="write the ESConv strategy / response retrieval tasks (corpus, sessions, qrels)",
     )
-    p.add_argument("--split", default="configs/esconv-split.json", help="the split file")
+    p.add_argument(
+        "--split",
+        default=str(_CHECKOUT / "configs" / "esconv-split.json"),
+        help="the split file (default: configs/esconv-split.json of this checkout, whatever the "
+        "current directory)",
+    )
     p.add_argument("--data-dir", help="ESConv data dir (default: the split file's data_dir)")
     p.add_argument("--out", required=True, help="output dir: {strategy,response}/{train,eval}/")
     p.add_argument("--situation", action="store_true", help="prompts show the seeker's situation")
