@@ -2,9 +2,10 @@
 
 Keys come from the environment variable `CHATRETRIEVER_API_KEYS` (comma-separated) and/or a file
 (one key per line; blank lines, `#` comment lines and ` # ...` after a key are skipped). A
-server without keys refuses to start unless `--no-auth` is given, and `--no-auth` is accepted only on a loopback host. Presented
-keys are compared in constant time (`hmac.compare_digest` on SHA-256 digests, against every key,
-with no early exit), and a refusal never says which part was wrong.
+server without keys refuses to start unless `--no-auth` is given, and `--no-auth` is accepted
+only on a loopback host. Presented keys are compared in constant time (`hmac.compare_digest` on
+SHA-256 digests, against every key, with no early exit), and a refusal never says which part was
+wrong.
 """
 
 from __future__ import annotations
