@@ -313,3 +313,29 @@ def test_real_steam_queries_keep_their_constraints(shared_data):
             assert all(catalog.satisfies_all(p, q.constraints) for p in q.positives)
             if q.constraints:
                 assert not any(catalog.satisfies_all(n, q.constraints) for n in q.negatives)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"train_per_task": -1}, "train_per_task must be at least 1, got -1"),
+        ({"test_per_task": 0}, "test_per_task must be at least 1"),
+        ({"catalog_size": 0}, "catalog_size must be at least 1"),
+        ({"n_negatives": -2}, "n_negatives must be at least 0"),
+        ({"tasks": ["XX"]}, "unknown tasks"),
+    ],
+)
+def test_build_config_refuses_counts_below_one(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        BuildConfig(**kwargs)
+
+
+def test_a_catalog_smaller_than_the_histories_keeps_them_and_says_so(caplog):
+    from chatretriever.methods.items.build import subsample_catalog
+
+    data = domain()
+    needed = {i for h in data.histories for i in h.items}
+    with caplog.at_level("WARNING"):
+        kept = subsample_catalog(data, 1, seed=0)
+    assert {p.id for p in kept} == needed
+    assert f"the histories name {len(needed)} items, every one kept" in caplog.text

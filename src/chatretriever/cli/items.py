@@ -20,7 +20,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--train-per-task", type=int, default=800)
     p.add_argument("--test-per-task", type=int, default=200)
     p.add_argument("--tasks", nargs="+", default=None, help="task codes (default: all ten)")
-    p.add_argument("--catalog-size", type=int, default=None, help="items kept (default: all)")
+    p.add_argument(
+        "--catalog-size",
+        type=int,
+        default=None,
+        help="items kept: every item of a history, then random others up to this many "
+        "(default: all)",
+    )
     p.add_argument("--test-fraction", type=float, default=0.1, help="share of test users")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(

@@ -107,6 +107,8 @@ def cmd_robustness(args: argparse.Namespace) -> int:
     for flag in ("contexts", "max_new_tokens", "gen_batch_size", "k"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive")
+    if args.temperature < 0:
+        raise ValueError("--temperature must be at least 0 (0: greedy)")
     sessions = load_sessions(args)
     qrels = read_qrels(args.qrels)
     out = Path(args.out)

@@ -80,6 +80,19 @@ class BuildConfig:
             raise ValueError(f"unknown tasks {unknown}; tasks: {', '.join(TASKS)}")
         if not 0 < self.test_fraction < 1:
             raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+        counts = {
+            "train_per_task": self.train_per_task,
+            "test_per_task": self.test_per_task,
+            "behaviour_boost": self.behaviour_boost,
+            "max_history": self.max_history,
+            "max_targets": self.max_targets,
+            "catalog_size": 1 if self.catalog_size is None else self.catalog_size,
+        }
+        for name, value in counts.items():
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        if self.n_negatives < 0:
+            raise ValueError(f"n_negatives must be at least 0, got {self.n_negatives}")
 
 
 def in_test(key: str, fraction: float, seed: int) -> bool:
@@ -93,6 +106,10 @@ def subsample_catalog(data: RecLMData, size: int | None, seed: int) -> list[Pass
     if size is None or size >= len(data.items):
         return list(data.items)
     needed = {i for h in data.histories for i in h.items}
+    if len(needed) > size:
+        logger.warning(
+            "catalog size %d: the histories name %d items, every one kept", size, len(needed)
+        )
     rest = [p.id for p in data.items if p.id not in needed]
     extra = random.Random(seed).sample(rest, max(0, min(len(rest), size - len(needed))))
     keep = needed | set(extra)
