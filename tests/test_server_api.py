@@ -157,13 +157,15 @@ def test_embeddings_of_sessions(client):
         ({"input": "x", "model": "fake:", "dimensions": 3}, 422, "dimensions", "64"),
         ({"input": [], "model": "fake:"}, 422, "body", "empty"),
         ({"input": ["x"] * 257, "model": "fake:"}, 422, "body", "at most 256"),
-        ({"input": [1, 2, 3], "model": "fake:"}, 422, None, "input"),
+        ({"input": [1, 2, 3], "model": "fake:"}, 422, "body", "token arrays are not supported"),
+        ({"input": [[1, 2], [3]], "model": "fake:"}, 422, "body", "check_embedding_ctx_length"),
         ({"input": "x", "model": "fake:", "encoding_format": "int8"}, 422, None, "encoding_format"),
         ({"input": "x"}, 422, "model", "Field required"),
         ({"input": "x", "model": "fake:", "extra": 1}, 422, None, "extra"),
         ({"input": [JAGUAR, [{"role": "assistant", "content": "x"}]], "model": "fake:"}, 422, None,
          "input[1]"),
-        ({"input": "x" * 16_001, "model": "fake:"}, 422, None, "16000"),
+        ({"input": "x" * 16_001, "model": "fake:"}, 422, "body", "input: at most 16000 characters"),
+        ({"input": ["x", "y" * 16_001], "model": "fake:"}, 422, "body", "input[1]: at most 16000"),
     ],
 )  # fmt: skip
 def test_embeddings_bad_requests(client, body, status, param, words):

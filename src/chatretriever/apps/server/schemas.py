@@ -8,7 +8,7 @@ enforced before parsing (`app.BodyLimitMiddleware`, 413).
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, model_validator
 
@@ -109,6 +109,26 @@ class EmbeddingsRequest(_Strict):
         None, ge=1, description="must equal the model's size if given"
     )
     user: Name | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_input_errors(cls, data: Any) -> Any:
+        """Say plainly what the union of input shapes would report as a list of mismatches."""
+        raw = data.get("input") if isinstance(data, dict) else None
+        items = raw if isinstance(raw, list) else [raw]
+        first = items[0] if items else None
+        if isinstance(first, int) or (
+            isinstance(first, list) and first and isinstance(first[0], int)
+        ):
+            raise ValueError(
+                "input: token arrays are not supported, send the texts as strings (LangChain's "
+                "OpenAIEmbeddings: check_embedding_ctx_length=False)"
+            )
+        for i, item in enumerate(items):
+            if isinstance(item, str) and len(item) > MAX_TEXT_CHARS:
+                where = f"input[{i}]" if isinstance(raw, list) else "input"
+                raise ValueError(f"{where}: at most {MAX_TEXT_CHARS} characters, got {len(item)}")
+        return data
 
     @model_validator(mode="after")
     def _check_input(self) -> EmbeddingsRequest:
