@@ -662,3 +662,11 @@ def test_lone_surrogates_are_refused_before_any_tokenizer(client, body):
     headers = {**AUTH, "Content-Type": "application/json"}
     err = _error(client.post(path, content=raw, headers=headers), 422)
     assert "unicode" in err["message"].lower() or "surrogate" in err["message"]
+
+
+def test_the_openapi_schema_keeps_every_numeric_bound():
+    """The JSON-integer validators must not hide the bounds from the schema clients read."""
+    search = schemas.SearchRequest.model_json_schema()["properties"]["k"]
+    assert (search["minimum"], search["maximum"]) == (1, schemas.MAX_K)
+    dims = schemas.EmbeddingsRequest.model_json_schema()["properties"]["dimensions"]["anyOf"][0]
+    assert dims == {"minimum": 1, "type": "integer"}

@@ -105,8 +105,9 @@ class EmbeddingsRequest(_Strict):
     )
     model: Name
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: JsonInt | None = Field(
-        None, ge=1, description="must equal the model's size if given"
+    # the bound before the validator: after it, the OpenAPI schema would lose its "minimum"
+    dimensions: Annotated[int, Field(ge=1), BeforeValidator(_json_integer)] | None = Field(
+        None, description="must equal the model's size if given"
     )
     user: Name | None = None
 
