@@ -45,3 +45,23 @@ def next_token_logits(model, tokenizer, text: str):
     ids = tokenizer(text, return_tensors="pt").input_ids
     with torch.no_grad():
         return model(ids).logits
+
+
+DSTC11_LOGS = [  # two contexts of one DSTC11 track 5 dialogue
+    [{"speaker": "U", "text": "I need a hotel in the north."}],
+    [
+        {"speaker": "U", "text": "I need a hotel in the north."},
+        {"speaker": "S", "text": "Hobsons House is nice."},
+        {"speaker": "U", "text": "Are its bathrooms clean?"},
+    ],
+]
+DSTC11_LABELS = [  # their labels.json
+    {"target": False},
+    {
+        "target": True,
+        "knowledge": [
+            {"domain": "hotel", "entity_id": 20, "doc_type": "review", "doc_id": 9, "sent_id": 4}
+        ],
+        "response": "Guests found the bathrooms spotless.",
+    },
+]

@@ -7,7 +7,7 @@ import json
 
 import pytest
 from fakes import HashEncoder
-from fixtures import jsonl, write
+from fixtures import DSTC11_LABELS, DSTC11_LOGS, jsonl, write
 
 from chatretriever.apps.registry import register_encoder, unregister_encoder
 from chatretriever.cli import main
@@ -90,24 +90,7 @@ KNOWLEDGE = {
         }
     }
 }
-LOGS = [
-    [{"speaker": "U", "text": "I need a hotel in the north."}],
-    [
-        {"speaker": "U", "text": "I need a hotel in the north."},
-        {"speaker": "S", "text": "Hobsons House is nice."},
-        {"speaker": "U", "text": "Are its bathrooms clean?"},
-    ],
-]
-LABELS = [
-    {"target": False},
-    {
-        "target": True,
-        "knowledge": [
-            {"domain": "hotel", "entity_id": 20, "doc_type": "review", "doc_id": 9, "sent_id": 4}
-        ],
-        "response": "Guests found the bathrooms spotless.",
-    },
-]
+LOGS, LABELS = DSTC11_LOGS, DSTC11_LABELS
 
 
 def _dstc_dir(tmp_path, labels=LABELS):

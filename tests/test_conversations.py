@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from fixtures import jsonl, write
+from fixtures import DSTC11_LABELS, DSTC11_LOGS, jsonl, write
 
 from chatretriever.cli import main
 from chatretriever.errors import DataFormatError
@@ -115,24 +115,7 @@ def test_load_ikat_reads_the_years_and_splits_present(tmp_path):
         load_ikat(tmp_path, years=[2023, 2024])
 
 
-LOGS = [
-    [{"speaker": "U", "text": "A hotel in the north?"}],
-    [
-        {"speaker": "U", "text": "A hotel in the north?"},
-        {"speaker": "S", "text": "Hobsons House."},
-        {"speaker": "U", "text": "Are its bathrooms clean?"},
-    ],
-]
-LABELS = [
-    {"target": False},
-    {
-        "target": True,
-        "knowledge": [
-            {"domain": "hotel", "entity_id": 20, "doc_type": "review", "doc_id": 9, "sent_id": 4}
-        ],
-        "response": "Guests found them spotless.",
-    },
-]
+LOGS, LABELS = DSTC11_LOGS, DSTC11_LABELS
 
 
 def test_dstc11_logs_with_and_without_labels(tmp_path):
@@ -144,7 +127,7 @@ def test_dstc11_logs_with_and_without_labels(tmp_path):
     write(tmp_path / "test" / "labels.json", json.dumps(LABELS))
     a, b = read_conversations(logs)
     assert b.metadata["snippet_ids"] == ["hotel:20:review:9:4"] and a.metadata["target"] is False
-    assert b.response == "Guests found them spotless."
+    assert b.response == "Guests found the bathrooms spotless."
     write(tmp_path / "test" / "labels.json", json.dumps(LABELS[:1]))
     with pytest.raises(DataFormatError, match="labels.json.*one label per context"):
         read_conversations(logs)
