@@ -3,8 +3,10 @@ a saved peft adapter."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,17 @@ from chatretriever.errors import require_extra
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # what peft's save_pretrained writes
 ADAPTER_CONFIG = "adapter_config.json"
+
+
+@contextlib.contextmanager
+def _peft_quiet() -> Iterator[None]:
+    """peft reads transformers' deprecated `is_gradient_checkpointing`: that FutureWarning is
+    theirs to fix, not something a user of ours can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=".*is_gradient_checkpointing", category=FutureWarning
+        )
+        yield
 
 
 def adapter_dir_problem(path: str | Path) -> str | None:
@@ -63,7 +76,8 @@ def resize_and_init(model: Any, tokenizer: Any, emb_ids: Sequence[int], init: st
 def wrap_lora(model: Any, lora: LoraSettings, emb_ids: Sequence[int]) -> Any:
     """LoRA on `lora.target_modules`; the EMB rows train through peft's trainable tokens."""
     peft = require_extra("peft", "train", "LoRA")
-    return peft.get_peft_model(model, peft_lora_config(lora, emb_ids))
+    with _peft_quiet():
+        return peft.get_peft_model(model, peft_lora_config(lora, emb_ids))
 
 
 def peft_lora_config(
@@ -111,7 +125,10 @@ def load_adapter(
     """
     peft = require_extra("peft", "train", "a LoRA retriever")
     config = None if lora is None else peft_lora_config(lora, emb_ids)
-    wrapped = peft.PeftModel.from_pretrained(model, path, is_trainable=is_trainable, config=config)
+    with _peft_quiet():
+        wrapped = peft.PeftModel.from_pretrained(
+            model, path, is_trainable=is_trainable, config=config
+        )
     weights = Path(path) / ADAPTER_WEIGHTS
     if weights.is_file():
         from safetensors import safe_open
