@@ -8,7 +8,7 @@ import sys
 from collections.abc import Iterator
 
 from chatretriever.cli.answer import add_answer_arguments
-from chatretriever.cli.pipeline import add_hybrid_arguments
+from chatretriever.cli.pipeline import add_hybrid_arguments, refuse_unused_hybrid_options
 from chatretriever.retrieval.fusion import FUSION_METHODS
 
 logger = logging.getLogger(__name__)
@@ -145,6 +145,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     if args.k < 1 or args.snippet_chars < 0:
         raise ValueError("--k must be positive and --snippet-chars at least 0")
+    refuse_unused_hybrid_options(args)
     corpus_index = CorpusIndex.load(args.index, corpus=args.corpus)
     model = args.model or corpus_index.model
     if not model:

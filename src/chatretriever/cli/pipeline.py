@@ -155,6 +155,19 @@ def add_hybrid_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def refuse_unused_hybrid_options(args: argparse.Namespace) -> None:
+    """Without --hybrid nothing is fused: a fusion option given then would be silently ignored."""
+    if args.hybrid:
+        return
+    defaults = {"rrf_k": DEFAULT_RRF_K, "fusion_weight": 0.5, "fusion_depth": 100}
+    given = [k for k, v in defaults.items() if getattr(args, k) != v]
+    given += ["bm25_formulation"] if args.bm25_formulation else []
+    if given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        verb = "applies" if len(given) == 1 else "apply"
+        raise ValueError(f"{flags} {verb} only with --hybrid rrf|linear (nothing is fused without)")
+
+
 def add_runtime_argument(p: argparse.ArgumentParser) -> None:
     """`--runtime torch|openvino`: what runs an LLM embedder's body (encode, index, serve)."""
     p.add_argument(
@@ -326,6 +339,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         raise ValueError("give either --bm25 CORPUS, or --index DIR with --model NAME")
     if args.bm25 and args.hybrid:
         raise ValueError("--hybrid fuses a dense index with its BM25 side: give --index DIR")
+    refuse_unused_hybrid_options(args)
     sessions = load_sessions(args)
     settings = {k: v for k, v in vars(args).items() if k != "func"}
     if args.bm25:

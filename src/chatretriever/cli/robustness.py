@@ -73,7 +73,7 @@ def _system(args: argparse.Namespace, llm):
 
 
 def _dense(args: argparse.Namespace):
-    from chatretriever.apps.registry import load_encoder
+    from chatretriever.apps.registry import load_encoder, match_precision
     from chatretriever.cli.pipeline import hybrid_side
     from chatretriever.retrieval.corpus_index import CorpusIndex
     from chatretriever.retrieval.robustness import systems
@@ -86,6 +86,7 @@ def _dense(args: argparse.Namespace):
     if not model:
         raise ValueError(f"{args.index} does not record its model: pass --model NAME")
     encoder = load_encoder(model)
+    match_precision(encoder, loaded.index.meta.fingerprint)  # the passages' precision
     formulation = "rewrite" if args.llm_rewrite else args.formulation
     system = systems.dense_system(encoder, loaded.index, formulation, args.k)
     name = f"{model}.{formulation}"
@@ -99,6 +100,7 @@ def _dense(args: argparse.Namespace):
 
 
 def cmd_robustness(args: argparse.Namespace) -> int:
+    from chatretriever.cli.pipeline import refuse_unused_hybrid_options
     from chatretriever.io.files import atomic_write
     from chatretriever.io.trec import read_qrels
     from chatretriever.retrieval.robustness.evaluation import evaluate_robustness
@@ -109,6 +111,7 @@ def cmd_robustness(args: argparse.Namespace) -> int:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive")
     if args.temperature < 0:
         raise ValueError("--temperature must be at least 0 (0: greedy)")
+    refuse_unused_hybrid_options(args)
     sessions = load_sessions(args)
     qrels = read_qrels(args.qrels)
     out = Path(args.out)
