@@ -37,7 +37,7 @@ from chatretriever.io.files import check_id, iter_jsonl, iter_lines, require, re
 from chatretriever.io.ikat import read_ikat_topics
 from chatretriever.io.mtrag import iter_mtrag_tasks
 from chatretriever.io.sessions import read_sessions
-from chatretriever.io.stats import guess_format
+from chatretriever.io.stats import UnknownFormatError, guess_format
 from chatretriever.io.topiocqa import read_topiocqa
 from chatretriever.types import Session, Turn
 
@@ -149,9 +149,7 @@ def read_conversations(path: str | Path, fmt: str | None = None) -> list[Session
     if fmt is None:
         try:
             guessed = guess_format(path)
-        except DataFormatError as e:
-            if "cannot tell the format" not in str(e):
-                raise
+        except UnknownFormatError:
             if not _looks_like_json_lines(path):
                 names = ", ".join(_READERS)
                 msg = f"cannot tell its conversation format; name it (one of {names})"

@@ -48,6 +48,10 @@ def _progress(items: Iterable[T], desc: str, show: bool) -> Iterator[T]:
     yield from tqdm(items, desc=desc, unit=" rows", disable=None if show else True, leave=False)
 
 
+class UnknownFormatError(DataFormatError):
+    """A readable file whose format `guess_format` cannot tell."""
+
+
 def _read_head(path: Path) -> str:
     with open_text(path) as f:
         try:
@@ -139,7 +143,7 @@ def guess_format(path: str | Path) -> str:
     else:
         fmt = _guess_text(path, head.splitlines()[0])
     if fmt is None:
-        raise DataFormatError(path, f"cannot tell the format; pass one of {', '.join(FORMATS)}")
+        raise UnknownFormatError(path, f"cannot tell the format; pass one of {', '.join(FORMATS)}")
     return fmt
 
 
