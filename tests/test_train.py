@@ -193,6 +193,19 @@ def test_recipe_overrides_and_errors(tmp_path, tiny_llama_dir):
     bad = write(tmp_path / "bad.yaml", "model: x\n  output_dir: [\n")
     with pytest.raises(DataFormatError, match="bad.yaml"):
         load_recipe(bad)
+    # values of the wrong type and TrainingArguments typos are named before any model loads
+    for override, match in (
+        ("loss.alpha=abc", "LossConfig.alpha: expected a number, got 'abc'"),
+        ("loss.in_batch=maybe", "LossConfig.in_batch: expected true or false"),
+        ("lora.target_modules=q_proj", "target_modules: expected a list of strings"),
+        ("training.max_stpes=3", "training.max_stpes: not a TrainingArguments field; did you "
+         "mean 'max_steps'"),
+        ("training.max_steps=abc", "training.max_steps: expected an integer, got 'abc'"),
+        ("training.max_steps=0", r"training.max_steps: expected >= 1 \(or -1"),
+        ("training.per_device_train_batch_size=0", "per_device_train_batch_size: expected >= 1"),
+    ):  # fmt: skip
+        with pytest.raises(DataFormatError, match=match):
+            load_recipe(path, [override])
 
 
 def test_cli_bad_recipe_is_one_line(tmp_path, capsys):
@@ -346,6 +359,8 @@ def test_cli_train_dry_run_and_resume_flag(tmp_path, tiny_llama_dir, capsys):
     recipe = _recipe(tmp_path, tiny_llama_dir)
     assert main(["train", str(recipe), "--dry-run", "--set", "loss.alpha=0"]) == 0
     assert "alpha: 0" in capsys.readouterr().out
+    assert main(["train", str(recipe), "--dry-run", "--set", "training.lerning_rate=1"]) == 2
+    assert "did you mean 'learning_rate'" in capsys.readouterr().err
     assert main(["train", str(recipe), "--resume"]) == 0  # nothing to resume: starts fresh
     assert (tmp_path / "run" / "chatretriever.json").is_file()
 

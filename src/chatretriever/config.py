@@ -8,6 +8,8 @@ Each ablation of the paper is a value here, never a code copy:
 
 from __future__ import annotations
 
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -19,12 +21,76 @@ SESSION_MASKS = ("csit", "vanilla", "none")
 
 
 def _from_dict(cls: type, data: Mapping[str, Any]) -> Any:
-    """Build a config dataclass from a dict; unknown keys (typos) raise ValueError."""
+    """Build a config dataclass from a dict; unknown keys (typos) and values of the wrong simple
+    type (`check_value`) raise ValueError."""
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
         raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known: {sorted(names)}")
+    hints = _hints(cls)
+    for name, value in data.items():
+        check_value(f"{cls.__name__}.{name}", value, hints.get(name))
     return cls(**dict(data))
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls)
+    except (NameError, TypeError):  # an annotation naming what this module cannot resolve
+        return {}
+
+
+_SIMPLE = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _accepts(value: Any, kind: Any) -> bool | None:
+    """Whether `value` is of the simple type `kind`; None: `kind` is not one this checks."""
+    if kind is type(None):
+        return value is None
+    if kind in _SIMPLE:
+        if isinstance(value, bool):
+            return kind is bool
+        if kind is float:
+            return isinstance(value, (int, float))
+        return isinstance(value, kind)
+    origin = typing.get_origin(kind)
+    if origin in (list, tuple):  # tuple[X, ...]: a YAML list of X
+        item = (typing.get_args(kind) or (Any,))[0]
+        if not isinstance(value, (list, tuple)):
+            return False
+        return all(_accepts(v, item) is not False for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    return None
+
+
+def check_value(name: str, value: Any, hint: Any) -> None:
+    """Raise ValueError when `value` does not fit a simple annotation (int, float, bool, str,
+    lists and dicts of them, optional ones); other annotations are left to the dataclass."""
+    if hint is None:
+        return
+    options = (
+        typing.get_args(hint)
+        if typing.get_origin(hint) in (typing.Union, types.UnionType)
+        else (hint,)
+    )
+    verdicts = [_accepts(value, k) for k in options]
+    if any(v is None for v in verdicts) or any(verdicts):
+        return
+    wanted = " or ".join(_describe(k) for k in options)
+    raise ValueError(f"{name}: expected {wanted}, got {value!r}")
+
+
+def _describe(kind: Any) -> str:
+    if kind is type(None):
+        return "null"
+    if kind in _SIMPLE:
+        return _SIMPLE[kind]
+    origin = typing.get_origin(kind)
+    if origin in (list, tuple):
+        item = (typing.get_args(kind) or (Any,))[0]
+        return f"a list of {_describe(item).removeprefix('a ').removeprefix('an ')}s"
+    return "a mapping" if origin is dict else str(kind)
 
 
 @dataclass

@@ -179,7 +179,44 @@ def recipe_from_dict(cls: type[T], data: Mapping[str, Any], sections: Mapping[st
         d["retriever"].base_model = str(d["model"])
     if not isinstance(d.get("training", {}), Mapping):
         raise ValueError("training must be a mapping of TrainingArguments fields")
+    check_training_settings(d.get("training", {}))
     return _from_dict(cls, d)
+
+
+def check_training_settings(settings: Mapping[str, Any]) -> None:
+    """The `training:` section against transformers' TrainingArguments, before any model loads
+    (and in `--dry-run`): unknown fields (with the closest name), values of the wrong simple type,
+    and step and batch counts that train nothing.
+
+    Raises:
+        ValueError: naming `training.<field>`.
+    """
+    import dataclasses
+    import difflib
+    import typing
+
+    from transformers import TrainingArguments
+
+    from chatretriever.config import check_value
+
+    known = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    try:
+        hints = typing.get_type_hints(TrainingArguments)
+    except (NameError, TypeError):
+        hints = {}
+    for key, value in settings.items():
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"training.{key}: not a TrainingArguments field{hint}")
+        check_value(f"training.{key}", value, hints.get(key))
+    steps = settings.get("max_steps")
+    if isinstance(steps, int) and (steps == 0 or steps < -1):
+        raise ValueError(f"training.max_steps: expected >= 1 (or -1: train by epochs), got {steps}")
+    for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        value = settings.get(key)
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"training.{key}: expected >= 1, got {value}")
 
 
 def load_config(
