@@ -363,6 +363,19 @@ def test_cli_train_dry_run_and_resume_flag(tmp_path, tiny_llama_dir, capsys):
     assert "did you mean 'learning_rate'" in capsys.readouterr().err
     assert main(["train", str(recipe), "--resume"]) == 0  # nothing to resume: starts fresh
     assert (tmp_path / "run" / "chatretriever.json").is_file()
+    # a fresh run into a dir that holds a run: refused (its checkpoints would be resumed later)
+    checkpoints = sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*"))
+    assert checkpoints
+    capsys.readouterr()
+    assert main(["train", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--overwrite" in err and "\n" not in err.strip()
+    (tmp_path / "run" / "uniconv.json").write_text("{}")  # another method's marker, left over
+    (tmp_path / "run" / "checkpoint-999").mkdir()  # a later step than this run reaches
+    assert main(["train", str(recipe), "--overwrite"]) == 0
+    assert not (tmp_path / "run" / "checkpoint-999").exists()  # the old run's are gone
+    assert not (tmp_path / "run" / "uniconv.json").exists()
+    assert (tmp_path / "run" / "chatretriever.json").is_file()
 
 
 # ------------------------------------------------------------------ the loss of a step, by hand

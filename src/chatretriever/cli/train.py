@@ -25,6 +25,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--resume", action="store_true", help="continue from the newest checkpoint in output_dir"
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in an output_dir that holds another run (its checkpoints are removed)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the resolved recipe and stop")
     p.set_defaults(func=cmd_train)
 
@@ -45,7 +50,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     from chatretriever.modeling.trainer import close_process_group
 
-    out = run_training(config, resume=args.resume)
+    if args.resume and args.overwrite:
+        raise ValueError(
+            "--resume continues the run in output_dir, --overwrite replaces it: not both"
+        )
+    out = run_training(config, resume=args.resume, overwrite=args.overwrite)
     close_process_group()  # after success only: it waits for every rank
     print(f"saved {out}")
     return 0

@@ -324,7 +324,44 @@ def cap_sources(
     ]
 
 
-def prepare_llm_run(config: Any, resume: bool, model_cls: Any) -> tuple[Any, str | None, Any, Any]:
+# files that make an output dir a saved model (ChatRetriever, UniConv)
+_MODEL_MARKERS = ("chatretriever.json", "uniconv.json")
+
+
+def check_output_dir(output_dir: str | Path, resume: bool, overwrite: bool) -> list[Path]:
+    """What a fresh run would leave behind in `output_dir`: refused unless asked for.
+
+    A fresh run into a directory that holds checkpoints or a saved model would keep the old
+    checkpoints (a later `--resume` would continue the OLD run) and could keep another method's
+    marker file (a UniConv's `uniconv.json` beside a new ChatRetriever makes it load as a
+    UniConv). So: `resume` continues what is there; `overwrite` returns the checkpoints and
+    marker files to delete before starting over; otherwise ValueError.
+    """
+    out = Path(output_dir)
+    if resume or not out.is_dir():
+        return []
+    stale = sorted(p for p in out.glob("checkpoint-*") if p.is_dir())
+    stale += [out / m for m in _MODEL_MARKERS if (out / m).is_file()]
+    if stale and not overwrite:
+        raise ValueError(
+            f"{out} already holds a run ({', '.join(p.name for p in stale[:3])}"
+            f"{', ...' if len(stale) > 3 else ''}): --resume continues it, --overwrite starts "
+            "over (removing its checkpoints), or give another output_dir"
+        )
+    return stale
+
+
+def _remove(paths: Sequence[Path]) -> None:
+    import shutil
+
+    for p in paths:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+        logger.info("removed %s (--overwrite)", p)
+
+
+def prepare_llm_run(
+    config: Any, resume: bool, model_cls: Any, overwrite: bool = False
+) -> tuple[Any, str | None, Any, Any]:
     """What every EmbLLM training run does first: the TrainingArguments, the checkpoint to
     resume from, the training set (files x repeat, per-source caps), the seed, the trainable
     model (a saved dir: its weights, trainable) and the resolved recipe saved beside it.
@@ -334,6 +371,7 @@ def prepare_llm_run(config: Any, resume: bool, model_cls: Any) -> tuple[Any, str
             `retriever` and `lora`.
         resume: Continue from the newest checkpoint in `output_dir`.
         model_cls: The `EmbLLM` subclass to load (`ChatRetriever`, `UniConv`).
+        overwrite: Start over in an `output_dir` that holds another run (`check_output_dir`).
 
     Returns:
         (TrainingArguments, checkpoint or None, the TrainingSet, the model on the CPU).
@@ -344,7 +382,10 @@ def prepare_llm_run(config: Any, resume: bool, model_cls: Any) -> tuple[Any, str
     from chatretriever.modeling.trainer import TrainingSet, training_arguments
 
     out = Path(config.output_dir)
+    stale = check_output_dir(out, resume, overwrite)  # every process, before anyone writes
     args = training_arguments(out, config.training)
+    if args.process_index == 0:
+        _remove(stale)
     checkpoint = resume_checkpoint(out, resume)
     parts = load_examples(config.data, iter_training_examples)
     dataset = TrainingSet(cap_sources(parts, config.data.caps, config.data.cap_seed))

@@ -109,12 +109,13 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
     return load_config(path, TrainConfig.from_dict, overrides)
 
 
-def run_training(config: TrainConfig, resume: bool = False) -> Path:
+def run_training(config: TrainConfig, resume: bool = False, overwrite: bool = False) -> Path:
     """Train a ChatRetriever with CSIT as the recipe says; returns the saved model dir.
 
     Args:
         config: The recipe.
         resume: Continue from the newest checkpoint in `output_dir` (a fresh start if none).
+        overwrite: Start over in an `output_dir` that holds another run (`check_output_dir`).
 
     Returns:
         `output_dir`, holding the final model, the resolved recipe and the training log.
@@ -122,7 +123,7 @@ def run_training(config: TrainConfig, resume: bool = False) -> Path:
     from chatretriever.methods.chatretriever.model import ChatRetriever
     from chatretriever.methods.chatretriever.train import CsitTrainer, make_collator
 
-    args, checkpoint, dataset, retriever = prepare_llm_run(config, resume, ChatRetriever)
+    args, checkpoint, dataset, retriever = prepare_llm_run(config, resume, ChatRetriever, overwrite)
     trainer = CsitTrainer(
         model=retriever,
         args=args,

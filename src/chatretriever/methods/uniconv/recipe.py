@@ -83,12 +83,12 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> UniConvRecip
     return load_config(path, UniConvRecipe.from_dict, overrides)
 
 
-def run_training(config: UniConvRecipe, resume: bool = False) -> Path:
+def run_training(config: UniConvRecipe, resume: bool = False, overwrite: bool = False) -> Path:
     """Train a UniConv as the recipe says; returns the saved model dir (`output_dir`)."""
     from chatretriever.methods.uniconv.model import UniConv
     from chatretriever.methods.uniconv.train import UniConvTrainer, make_collator
 
-    args, checkpoint, dataset, model = prepare_llm_run(config, resume, UniConv)
+    args, checkpoint, dataset, model = prepare_llm_run(config, resume, UniConv, overwrite)
     trainer = UniConvTrainer(
         model=model,
         args=args,
