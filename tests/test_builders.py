@@ -552,6 +552,14 @@ def test_cli_mtrag_holdout_is_disjoint(mtrag_root, tmp_path, capsys):
     argv2 = ["mtrag", str(mtrag_root), "--out", str(out2), "--holdout-ids", str(ids)]
     assert _cli(*argv2, "--negatives", "0") == 0
     assert {conversation_id(e) for e in read_training_examples(out2)} == train_convs
+    # ids that name no conversation (task ids here) would hold nothing out: refused
+    tasks = write(tmp_path / "task_ids.txt", "c1<::>3\nc2<::>5\n")
+    argv3 = ["mtrag", str(mtrag_root), "--out", str(tmp_path / "t3.jsonl"), "--negatives", "0"]
+    with pytest.raises(DataFormatError, match="none of its 2 ids names a conversation"):
+        _cli(*argv3, "--holdout-ids", str(tasks))
+    assert not (tmp_path / "t3.jsonl").exists()
+    with pytest.raises(ValueError, match="--positives answers: only mtrag, ikat and dstc11"):
+        _cli("topiocqa", str(ids), "--out", str(tmp_path / "t4.jsonl"), "--positives", "answers")
 
 
 def test_cli_cast_triples_sessions(cast_root, tmp_path, capsys):

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import asdict, replace
 from typing import Any, NamedTuple
 
+from chatretriever.errors import DataFormatError
 from chatretriever.io.corpus import iter_corpus
 from chatretriever.io.files import atomic_write
 from chatretriever.io.sessions import write_sessions
@@ -266,12 +267,42 @@ def _write_heldout(args: argparse.Namespace, held: list[Any]) -> None:
         write_sessions(args.eval_sessions_out, sessions)
 
 
+def _check_holdout_ids(path: str | None, ids: set[str], items: list[Any]) -> None:
+    """Held-out ids that name no conversation would leak the conversations meant to be held
+    out into training: none matching is an error, some not matching a warning."""
+    if not ids:
+        return
+    known = {conversation_id(it) for it in items}
+    missing = sorted(ids - known)
+    if len(missing) == len(ids):
+        example = next(iter(sorted(known)), "none")
+        raise DataFormatError(
+            str(path),
+            f"none of its {len(ids)} ids names a conversation here (first: {missing[0]!r}; "
+            f"the conversation ids look like {example!r}): nothing would be held out",
+        )
+    if missing:
+        logger.warning(
+            "%s: %d of %d ids name no conversation here (first: %r)",
+            path,
+            len(missing),
+            len(ids),
+            missing[0],
+        )
+
+
 def run_build_train(args: argparse.Namespace) -> int:
     """Load, hold out, build, mine and write; prints one summary line."""
     start = time.perf_counter()
+    if args.positives != "passages" and args.source not in ("mtrag", "ikat", "dstc11"):
+        raise ValueError(
+            f"--positives {args.positives}: only mtrag, ikat and dstc11 have passages and "
+            f"answers to choose from ({args.source}'s positives are what it has)"
+        )
     mining = MiningConfig(args.negatives, tuple(args.rank_window), args.seed, args.mining_query)
     source = _load(args)
-    heldout_ids = read_id_list(args.holdout_ids) if args.holdout_ids else ()
+    heldout_ids = read_id_list(args.holdout_ids) if args.holdout_ids else set()
+    _check_holdout_ids(args.holdout_ids, heldout_ids, source.items)
     train, held = split_heldout(
         source.items,
         heldout_ids,
