@@ -553,3 +553,15 @@ def test_index_records_its_backend_and_keeps_milvus_flags_to_milvus(files, capsy
         assert main(["index", str(d / "emb"), "--out", str(d / "other"), *flags]) == 2
         assert "go with --backend milvus" in capsys.readouterr().err
     assert not (d / "other").exists()
+
+
+def test_ctrl_c_is_one_line_and_exit_130(files, capsys, monkeypatch):
+    from chatretriever.cli import pipeline
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "cmd_evaluate", interrupted)
+    code = main(["evaluate", str(files / "qrels.txt"), str(files / "qrels.txt")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 130 and len(err) == 1 and err[0].startswith("interrupted: finished work is kept")

@@ -16,6 +16,7 @@ from chatretriever.errors import DataFormatError, as_missing_extra
 from chatretriever.modeling.sources import ModelNotInstalledError
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,6 +110,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        # every writer is atomic: what was finished (chunks, checkpoints, cached generations) is
+        # kept, and the resumable commands pick up from it
+        print(
+            f"interrupted: finished work is kept ({args.command} resumes where it can)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":
