@@ -393,6 +393,8 @@ def prepare_llm_run(
     model = model_cls.from_pretrained(
         config.model, config=config.retriever, lora=config.lora, is_trainable=True, device="cpu"
     )
-    if args.process_index == 0:
+    if args.process_index == 0 and checkpoint is None:
+        # a resumed run keeps the recipe it was started with until it finishes (a resume that
+        # fails, e.g. with other adapter settings, must not overwrite it)
         save_recipe(config, out)
     return args, checkpoint, dataset, model

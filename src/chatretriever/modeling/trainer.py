@@ -193,7 +193,16 @@ class NamedLossTrainer(Trainer):
         if not isinstance(target, TrainableModel):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
             return
-        target.load_trainable_state(resume_from_checkpoint)
+        try:
+            target.load_trainable_state(resume_from_checkpoint)
+        except RuntimeError as e:
+            if "size mismatch" not in str(e) and "Missing key" not in str(e):
+                raise
+            raise ValueError(
+                f"{resume_from_checkpoint} was trained with other model settings than this "
+                "recipe's (e.g. lora.r, retriever.n_emb_tokens): resume with the recipe it was "
+                "trained with (its train_config.yaml), or start over with --overwrite"
+            ) from None
         logger.info("resumed trainable weights from %s", resume_from_checkpoint)
 
     def _already_done(self, checkpoint: str) -> bool:
