@@ -189,7 +189,7 @@ def test_distill_dry_run_prints_the_resolved_recipe(recipe, capsys):
 def test_distill_bad_recipe_names_the_problem(recipe, tmp_path, capsys):
     cases = [
         (["--set", "predictor.layer=3"], "unknown field(s) ['layer']"),
-        (["--set", "training.lr=3"], "unknown TrainingArguments field(s) ['lr']"),
+        (["--set", "training.lr=3"], "training.lr: not a TrainingArguments field"),
         (["--set", "wording=xy"], "wording must be one of"),
         (["--set", "data.limit=0"], "data.limit must be a positive integer"),
         (["--set", "kl_weight=-1"], "kl_weight must be a number >= 0"),

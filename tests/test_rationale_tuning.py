@@ -145,6 +145,13 @@ def _write(tmp_path, raw):
     return path
 
 
+def test_recipe_rejects_an_unknown_wording_and_training_typos(tmp_path):
+    with pytest.raises(DataFormatError, match="wording must be one of ab, tf, got 'xyz'"):
+        load_config(_write(tmp_path, {"wording": "xyz"}), TuneConfig.from_dict)
+    with pytest.raises(DataFormatError, match="did you mean 'learning_rate'"):
+        load_config(_write(tmp_path, {"training": {"lerning_rate": 1}}), TuneConfig.from_dict)
+
+
 def test_recipe_rejects_unknown_dtype(tmp_path):
     with pytest.raises(DataFormatError, match="dtype"):
         load_config(_write(tmp_path, {"dtype": "fp16"}), TuneConfig.from_dict)

@@ -54,6 +54,7 @@ from chatretriever.methods.rationale.tuning import ChoicePair, iter_pairs
 from chatretriever.modeling.recipe import (
     SAVED_RECIPE,
     BaseDataSettings,
+    check_training_settings,
     load_config,
     load_examples,
     save_recipe,
@@ -170,6 +171,7 @@ class DistillConfig:
             raw[key] = _from_dict(kind, value)
         if not isinstance(raw.get("training") or {}, Mapping):
             raise ValueError("training must be a mapping of TrainingArguments fields")
+        check_training_settings(raw.get("training") or {})
         return _from_dict(cls, raw)
 
     def to_dict(self) -> dict[str, Any]:

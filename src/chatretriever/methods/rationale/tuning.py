@@ -30,10 +30,10 @@ from chatretriever.config import DTYPES, LoraSettings, _from_dict
 from chatretriever.errors import DataFormatError, require_extra
 from chatretriever.io.files import iter_jsonl, write_jsonl
 from chatretriever.io.sessions import session_from_dict, session_to_dict
-from chatretriever.methods.rationale.prompts import BinaryChoicePrompt
+from chatretriever.methods.rationale.prompts import WORDINGS, BinaryChoicePrompt
 from chatretriever.methods.rationale.scoring import option_logits
 from chatretriever.modeling.adapters import peft_lora_config
-from chatretriever.modeling.recipe import BaseDataSettings, load_examples
+from chatretriever.modeling.recipe import BaseDataSettings, check_training_settings, load_examples
 from chatretriever.types import Passage, Session, passage_text
 
 logger = logging.getLogger(__name__)
@@ -216,6 +216,8 @@ class TuneConfig:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.init_adapter is not None and not isinstance(self.init_adapter, str):
             raise ValueError(f"init_adapter must be a directory path, got {self.init_adapter!r}")
+        if self.wording not in WORDINGS:
+            raise ValueError(f"wording must be one of {', '.join(WORDINGS)}, got {self.wording!r}")
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> TuneConfig:
@@ -223,6 +225,7 @@ class TuneConfig:
         raw["lora"] = _from_dict(LoraSettings, raw.get("lora") or {})
         raw["data"] = _from_dict(BaseDataSettings, raw.get("data") or {})
         raw["dpo"] = _from_dict(DpoSettings, raw.get("dpo") or {})
+        check_training_settings(raw.get("training") or {})
         return _from_dict(cls, raw)
 
     def to_dict(self) -> dict[str, Any]:
