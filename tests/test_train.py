@@ -203,6 +203,7 @@ def test_recipe_overrides_and_errors(tmp_path, tiny_llama_dir):
         ("training.max_steps=abc", "training.max_steps: expected an integer, got 'abc'"),
         ("training.max_steps=0", r"training.max_steps: expected >= 1 \(or -1"),
         ("training.per_device_train_batch_size=0", "per_device_train_batch_size: expected >= 1"),
+        ("retriever.base_model=other-llm", "retriever.base_model .* differs from model"),
     ):  # fmt: skip
         with pytest.raises(DataFormatError, match=match):
             load_recipe(path, [override])

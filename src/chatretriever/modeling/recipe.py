@@ -170,6 +170,16 @@ def recipe_from_dict(cls: type[T], data: Mapping[str, Any], sections: Mapping[st
     for key in ("model", "output_dir", "data"):
         if key not in d:
             raise ValueError(f"missing required key {key!r}")
+    named = (
+        (d.get("retriever") or {}).get("base_model")
+        if isinstance(d.get("retriever"), Mapping)
+        else None
+    )
+    if named is not None and str(named) != str(d["model"]):
+        raise ValueError(
+            f"retriever.base_model ({named!r}) differs from model ({d['model']!r}): the base "
+            "model is named once, by `model:`"
+        )
     for key, kind in sections.items():
         if key in d:
             if not isinstance(d[key], Mapping):
