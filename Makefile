@@ -109,15 +109,16 @@ datamix-data: install models
 
 # Rebuilds chatretriever-smol: v1 into runs/chatretriever-smol (a GPU: minutes; this CPU: hours),
 # then v2 + distillation, continued from it, into runs/chatretriever-smol-v2-distill (a GPU: about
-# 3 minutes; this CPU: about an hour).
+# 3 minutes; this CPU: about an hour). --resume: a rerun continues an interrupted run, and a
+# finished one is kept.
 train: train-data models
-	$(VENV)/bin/chatretriever train configs/chatretriever-smol.yaml
-	$(VENV)/bin/chatretriever train configs/chatretriever-smol-v2-distill.yaml
+	$(VENV)/bin/chatretriever train configs/chatretriever-smol.yaml --resume
+	$(VENV)/bin/chatretriever train configs/chatretriever-smol-v2-distill.yaml --resume
 
 # Rebuilds uniconv-smol into runs/uniconv-smol, continued from the shipped chatretriever-smol
 # (this CPU: about 45 minutes).
 train-uniconv: train-data models
-	$(VENV)/bin/chatretriever train configs/uniconv-smol.yaml
+	$(VENV)/bin/chatretriever train configs/uniconv-smol.yaml --resume
 
 # Retrieval and grounded answers on MTRAG-UN held-out turns (README, UniConv): uniconv-smol, the
 # decoupled pipeline, BM25 + generator, closed book, oracle, chatretriever-smol as generator.
