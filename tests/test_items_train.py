@@ -162,6 +162,9 @@ def test_llm_embedder_is_injected_by_the_cli(tmp_path, tiny_llama_dir, capsys):
         "training: {max_steps: 2, per_device_train_batch_size: 2, learning_rate: 1.0e-3,"
         " logging_steps: 1, warmup_steps: 0}\n"
     )
+    capsys.readouterr()
+    assert main(["train-items", str(recipe)]) == 2  # a chat LLM as a sentence transformer
+    assert "pass --embedder chatretriever" in capsys.readouterr().err
     assert main(["train-items", str(recipe), "--embedder", "chatretriever"]) == 0
     log = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert any("loss_contrastive" in r for r in log)
