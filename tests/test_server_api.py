@@ -166,6 +166,8 @@ def test_embeddings_of_sessions(client):
          "input[1]"),
         ({"input": "x" * 16_001, "model": "fake:"}, 422, "body", "input: at most 16000 characters"),
         ({"input": ["x", "y" * 16_001], "model": "fake:"}, 422, "body", "input[1]: at most 16000"),
+        ({"input": "", "model": "fake:"}, 422, "body", "input: the text is empty"),
+        ({"input": ["x", "  "], "model": "fake:"}, 422, "body", "input[1]: the text is empty"),
     ],
 )  # fmt: skip
 def test_embeddings_bad_requests(client, body, status, param, words):
@@ -296,6 +298,7 @@ def test_body_size_limit_is_a_413_before_parsing(built):
         ({"messages": JAGUAR, "k": "3"}, "k", "expected a JSON integer"),
         ({"messages": JAGUAR, "k": True}, "k", "expected a JSON integer"),
         ({"messages": JAGUAR, "hybrid": "yes"}, "hybrid", "valid boolean"),
+        ({"messages": [{"role": "user", "content": "   "}]}, "body", "current question"),
         ({"messages": JAGUAR, "mesages": 1}, "mesages", "Extra inputs"),
         ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role", "'user'"),
         ({"messages": [{"role": "user", "content": 3}]}, "messages.0.content", "string"),

@@ -54,6 +54,7 @@ CROSS_FIELD_RULES = (
     "at most 256 items",
     "a session holds",
     "must not be empty",
+    "is empty",  # an empty question or text (JSON Schema cannot say "not blank")
 )
 
 OPERATIONS = [

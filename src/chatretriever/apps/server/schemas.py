@@ -54,6 +54,8 @@ def _check_session(messages: Messages, where: str) -> None:
     """A session must end with the user's current question (what `types.Session` requires)."""
     if messages and messages[-1].role != "user":
         raise ValueError(f"{where}: the last message must have role 'user' (the current question)")
+    if messages and not messages[-1].content.strip():
+        raise ValueError(f"{where}: the current question (the last message) is empty")
 
 
 class SearchRequest(_Strict):
@@ -139,7 +141,11 @@ class EmbeddingsRequest(_Strict):
         if len(items) > MAX_INPUTS:
             raise ValueError(f"input: at most {MAX_INPUTS} items per request, got {len(items)}")
         if isinstance(items[0], str):
-            pass  # each string's length and text are checked by `Text`
+            # each string's length and text are checked by `Text`; an empty one encodes nothing
+            blank = next((i for i, x in enumerate(items) if not str(x).strip()), None)
+            if blank is not None:
+                where = f"input[{blank}]" if isinstance(self.input, list) else "input"
+                raise ValueError(f"{where}: the text is empty")
         elif isinstance(items[0], Message):
             _check_session(items, "input")  # type: ignore[arg-type]
             if len(items) > MAX_MESSAGES:
