@@ -81,8 +81,12 @@ def test_auto_kind_reads_the_config_architectures(tmp_path):
     assert not model.can_generate()
 
 
-def test_an_encoder_asked_for_as_a_chat_llm_is_refused(tmp_path):
+def test_an_encoder_asked_for_as_a_chat_llm_is_refused(tmp_path, tiny_llama_dir):
+    from chatretriever.modeling.backbones import is_chat_llm
+
     bert = _save_encoder(tmp_path, _tiny_encoder_config("bert"))
+    assert is_chat_llm(tiny_llama_dir) and is_chat_llm("smollm2-135m-instruct")
+    assert not is_chat_llm(bert) and not is_chat_llm("minilm-l6") and not is_chat_llm(tmp_path)
     with pytest.raises(ValueError, match=r"holds a BertModel, not a chat \(causal\) LLM"):
         load_backbone(bert, kind="causal")
     with pytest.raises(ValueError, match="'minilm-l6' is an encoder .*, not a chat LLM"):

@@ -110,7 +110,9 @@ def cmd_train_items(args: argparse.Namespace) -> int:
 
         yaml.safe_dump(config.to_dict(), sys.stdout, sort_keys=False)
         return 0
-    if args.embedder == "sentence" and _is_chat_llm(config.model):
+    from chatretriever.modeling.backbones import is_chat_llm
+
+    if args.embedder == "sentence" and is_chat_llm(config.model):
         raise ValueError(
             f"{config.model} is a chat LLM or a trained ChatRetriever, not a sentence "
             "transformer: pass --embedder chatretriever"
@@ -118,25 +120,6 @@ def cmd_train_items(args: argparse.Namespace) -> int:
     model = _chatretriever_embedder(config) if args.embedder == "chatretriever" else None
     print(f"saved {run_item_training(config, resume=args.resume, model=model)}")
     return 0
-
-
-def _is_chat_llm(name: str) -> bool:
-    """A built-in causal LLM or trained ChatRetriever, or a directory saved as one."""
-    from pathlib import Path
-
-    from chatretriever.modeling.sources import builtin
-
-    info = builtin(name)
-    if info is not None:
-        return info.kind in ("causal", "chatretriever")
-    directory = Path(name)
-    if (directory / "chatretriever.json").is_file():
-        return True
-    try:
-        archs = json.loads((directory / "config.json").read_text()).get("architectures") or []
-    except (OSError, ValueError, AttributeError):
-        return False
-    return any(str(a).endswith("ForCausalLM") for a in archs)
 
 
 def _chatretriever_embedder(config):

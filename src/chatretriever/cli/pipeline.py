@@ -137,13 +137,22 @@ def _milvus_settings(args: argparse.Namespace):
     return MilvusSettings(args.uri, args.collection, batch, args.overwrite)
 
 
+# the fusion options' defaults: what the parser gives and what "not given" means without --hybrid
+HYBRID_DEFAULTS = {"rrf_k": DEFAULT_RRF_K, "fusion_weight": 0.5, "fusion_depth": 100}
+
+
 def add_hybrid_arguments(p: argparse.ArgumentParser) -> None:
     """`--hybrid rrf|linear` and its settings (search, chat)."""
     g = p.add_argument_group("hybrid: fuse the dense run with the index's BM25 side")
     g.add_argument("--hybrid", choices=FUSION_METHODS, help="fusion method (default: dense only)")
-    g.add_argument("--rrf-k", type=int, default=DEFAULT_RRF_K, help="k of reciprocal rank fusion")
     g.add_argument(
-        "--fusion-weight", type=float, default=0.5, help="dense weight in [0, 1]; BM25: 1 - it"
+        "--rrf-k", type=int, default=HYBRID_DEFAULTS["rrf_k"], help="k of reciprocal rank fusion"
+    )
+    g.add_argument(
+        "--fusion-weight",
+        type=float,
+        default=HYBRID_DEFAULTS["fusion_weight"],
+        help="dense weight in [0, 1]; BM25: 1 - it",
     )
     g.add_argument(
         "--bm25-formulation",
@@ -151,7 +160,10 @@ def add_hybrid_arguments(p: argparse.ArgumentParser) -> None:
         help="BM25 side's query formulation (default: the one the index records)",
     )
     g.add_argument(
-        "--fusion-depth", type=int, default=100, help="hits of each side fused (at least --k)"
+        "--fusion-depth",
+        type=int,
+        default=HYBRID_DEFAULTS["fusion_depth"],
+        help="hits of each side fused (at least --k)",
     )
 
 
@@ -159,8 +171,7 @@ def refuse_unused_hybrid_options(args: argparse.Namespace) -> None:
     """Without --hybrid nothing is fused: a fusion option given then would be silently ignored."""
     if args.hybrid:
         return
-    defaults = {"rrf_k": DEFAULT_RRF_K, "fusion_weight": 0.5, "fusion_depth": 100}
-    given = [k for k, v in defaults.items() if getattr(args, k) != v]
+    given = [k for k, v in HYBRID_DEFAULTS.items() if getattr(args, k) != v]
     given += ["bm25_formulation"] if args.bm25_formulation else []
     if given:
         flags = ", ".join("--" + k.replace("_", "-") for k in given)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from chatretriever.errors import DataFormatError
 from chatretriever.io.cast import read_cast_topics
-from chatretriever.io.dstc11 import read_dialogues
+from chatretriever.io.dstc11 import read_logs
 from chatretriever.io.esconv import dialogs_sessions, iter_multiesc, read_esconv
 from chatretriever.io.files import check_id, iter_jsonl, iter_lines, require, require_id
 from chatretriever.io.ikat import read_ikat_topics
@@ -109,18 +109,13 @@ def _first_keys(path: Path) -> set[str]:
     return next((set(obj) for _, obj in iter_jsonl(path)), set())
 
 
-def _dstc11(path: Path) -> list[Session]:
-    labels = path.with_name("labels.json")
-    return read_dialogues(path, labels if labels.is_file() else None, path.parent.name or "logs")
-
-
 _READERS: dict[str, Callable[[Path], list[Session]]] = {
     "sessions": read_sessions,
     "mtrag": lambda p: list(iter_mtrag_tasks(p)),
     "topiocqa": read_topiocqa,
     "cast-topics": read_cast_topics,
     "ikat-topics": read_ikat_topics,
-    "dstc11-logs": _dstc11,
+    "dstc11-logs": read_logs,
     "esconv": lambda p: dialogs_sessions(read_esconv(p)),
     "multiesc": lambda p: dialogs_sessions(iter_multiesc(p)),
     "beir-queries": read_beir_queries,

@@ -135,6 +135,15 @@ def read_dialogues(
     return out
 
 
+def read_logs(logs_path: str | Path) -> list[Session]:
+    """A `logs.json` as published: with the `labels.json` beside it when there is one, ids
+    `{its directory}-{i}` (`read_dialogues`)."""
+    logs_path = Path(logs_path)
+    labels = logs_path.with_name("labels.json")
+    split = logs_path.resolve().parent.name or "logs"
+    return read_dialogues(logs_path, labels if labels.is_file() else None, split)
+
+
 def load_dstc11(directory: str | Path, split: str = "val") -> Dstc11Data:
     """Sessions of a split and the knowledge snippets of a `dstc11-track5/` directory."""
     directory = Path(directory)

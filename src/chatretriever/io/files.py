@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -70,9 +71,12 @@ def read_json(path: str | Path) -> Any:
             raise DataFormatError(path, f"cannot read file: {e}") from None
 
 
+_WHITESPACE = re.compile(r"\s")
+
+
 def check_id(value: str, path: str | Path, line: int | None, field: str) -> str:
     """An id as TREC runs and qrels can hold it: non-empty, without whitespace."""
-    if not value or any(c.isspace() for c in value):
+    if not value or _WHITESPACE.search(value):
         what = "empty id" if not value else f"id {value!r} contains whitespace"
         raise DataFormatError(
             path, f"{what}: TREC runs and qrels (space-separated) cannot hold it", line, field

@@ -120,6 +120,14 @@ def _context_ids(raw: Any, path: str | Path, line: int) -> list[str]:
     return ids
 
 
+def _enrichments(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The labels some releases keep in the current question's `enrichments` ({} if none)."""
+    turns = obj.get("input")
+    question = turns[-1] if isinstance(turns, list) and turns else None
+    labels = question.get("enrichments") if isinstance(question, Mapping) else None
+    return labels if isinstance(labels, Mapping) else {}
+
+
 def mtrag_session(obj: Mapping[str, Any], path: str | Path = "<input>", line: int = 0) -> Session:
     """Turn one `reference.jsonl` task into a Session (id = `task_id`).
 
@@ -147,18 +155,16 @@ def mtrag_session(obj: Mapping[str, Any], path: str | Path = "<input>", line: in
     if domain is None:
         raise DataFormatError(path, f"names no known domain: {collection!r}", line, key)
     # the labels are top-level fields, or the question's `enrichments` in some releases
-    question = obj.get("input")[-1] if isinstance(obj.get("input"), list) and obj["input"] else {}
-    labels = question.get("enrichments") if isinstance(question, Mapping) else None
-    labels = {**(labels if isinstance(labels, Mapping) else {}), **obj}
-    answerability = _str_list(labels.get("answerability"))
+    labels = _enrichments(obj)
+    answerability = _str_list(obj.get("answerability", labels.get("answerability")))
     meta = {
         "conversation_id": conv,
         "turn": int(turn) if turn.isdigit() else turn,
         "domain": domain,
         "collection": collection,
         "answerability": ",".join(answerability) or None,
-        "question_type": _str_list(labels.get("Question Type")),
-        "multi_turn": _str_list(labels.get("Multi-Turn")),
+        "question_type": _str_list(obj.get("Question Type", labels.get("Question Type"))),
+        "multi_turn": _str_list(obj.get("Multi-Turn", labels.get("Multi-Turn"))),
         "context_ids": _context_ids(obj.get("contexts"), path, line),
     }
     return Session(

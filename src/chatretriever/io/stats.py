@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from chatretriever.errors import DataFormatError
 from chatretriever.io.cast import read_cast_rewrites, read_cast_topics
 from chatretriever.io.corpus import iter_corpus
-from chatretriever.io.dstc11 import read_dialogues
+from chatretriever.io.dstc11 import read_logs
 from chatretriever.io.esconv import (
     SupportDialog,
     dialogs_sessions,
@@ -230,7 +230,7 @@ def _ikat_stats(path: Path, show: bool) -> Stats:
 
 def _dstc11_stats(path: Path, show: bool) -> Stats:
     labels = path.with_name("labels.json")
-    sessions = read_dialogues(path, labels if labels.is_file() else None, path.parent.name)
+    sessions = read_logs(path)
     out: Stats = {
         "contexts": len(sessions),
         "dialogues": len({s.metadata["conversation"] for s in sessions}),

@@ -75,6 +75,23 @@ def _torch_dtype(dtype: torch.dtype | str | None) -> torch.dtype | str:
 _CHAT_HINT = "give a causal chat LLM, e.g. smollm2-135m-instruct (`chatretriever models`)"
 
 
+def is_chat_llm(name_or_path: str | Path) -> bool:
+    """Whether a model name or directory is a causal chat LLM (a built-in one, a trained
+    ChatRetriever on one, or a directory whose config names a causal LM architecture)."""
+    info = builtin(name_or_path)
+    if info is not None:
+        return info.kind in ("causal", "chatretriever")
+    directory = Path(name_or_path)
+    if (directory / "chatretriever.json").is_file():
+        return True
+    if not (directory / "config.json").is_file():
+        return False
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    return any(a.endswith(_CAUSAL_SUFFIXES) for a in config.architectures or [])
+
+
 def _resolve_kind(kind: str, info: ModelInfo | None, model_dir: Path, remote: bool) -> str:
     if kind not in ("auto", "causal", "encoder"):
         raise ValueError(f"kind must be 'auto', 'causal' or 'encoder', got {kind!r}")

@@ -170,11 +170,8 @@ def recipe_from_dict(cls: type[T], data: Mapping[str, Any], sections: Mapping[st
     for key in ("model", "output_dir", "data"):
         if key not in d:
             raise ValueError(f"missing required key {key!r}")
-    named = (
-        (d.get("retriever") or {}).get("base_model")
-        if isinstance(d.get("retriever"), Mapping)
-        else None
-    )
+    retriever = d.get("retriever")
+    named = retriever.get("base_model") if isinstance(retriever, Mapping) else None
     if named is not None and str(named) != str(d["model"]):
         raise ValueError(
             f"retriever.base_model ({named!r}) differs from model ({d['model']!r}): the base "

@@ -19,7 +19,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -141,8 +141,6 @@ class DistillConfig:
     training: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from transformers import TrainingArguments
-
         if self.wording not in WORDINGS:
             raise ValueError(f"wording must be one of {sorted(WORDINGS)}, got {self.wording!r}")
         for name in ("max_document_tokens", "max_query_tokens", "batch_size", "eval_steps"):
@@ -155,10 +153,7 @@ class DistillConfig:
                 raise ValueError(f"{name} must be a number >= 0, got {value!r}")
         if not isinstance(self.validation, (int, float)) or not 0 <= self.validation < 1:
             raise ValueError(f"validation must be a fraction in [0, 1), got {self.validation!r}")
-        known = {f.name for f in fields(TrainingArguments)}
-        unknown = sorted(set(self.training) - known)
-        if unknown:
-            raise ValueError(f"training: unknown TrainingArguments field(s) {unknown}")
+        check_training_settings(self.training)
         self.training = {**PREDICTOR_TRAINING, **self.training}
 
     @classmethod
@@ -171,7 +166,6 @@ class DistillConfig:
             raw[key] = _from_dict(kind, value)
         if not isinstance(raw.get("training") or {}, Mapping):
             raise ValueError("training must be a mapping of TrainingArguments fields")
-        check_training_settings(raw.get("training") or {})
         return _from_dict(cls, raw)
 
     def to_dict(self) -> dict[str, Any]:

@@ -218,6 +218,7 @@ class TuneConfig:
             raise ValueError(f"init_adapter must be a directory path, got {self.init_adapter!r}")
         if self.wording not in WORDINGS:
             raise ValueError(f"wording must be one of {', '.join(WORDINGS)}, got {self.wording!r}")
+        check_training_settings(self.training)
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> TuneConfig:
@@ -225,7 +226,6 @@ class TuneConfig:
         raw["lora"] = _from_dict(LoraSettings, raw.get("lora") or {})
         raw["data"] = _from_dict(BaseDataSettings, raw.get("data") or {})
         raw["dpo"] = _from_dict(DpoSettings, raw.get("dpo") or {})
-        check_training_settings(raw.get("training") or {})
         return _from_dict(cls, raw)
 
     def to_dict(self) -> dict[str, Any]:
