@@ -42,6 +42,17 @@ FIXTURES = {
         "beir-corpus",
         {"passages": 3, "with title": 1, "domains": {"fiqa": 2, "govt": 1}},
     ),
+    # BEIR queries share the corpus's keys: no title, and turns marked (MTRAG's retrieval tasks)
+    "govt_lastturn.jsonl": (
+        jsonl(
+            [
+                {"_id": "t1", "text": "|user|: a?\n|agent|: b.\n|user|: c?"},
+                {"_id": "t2", "text": "d?"},
+            ]
+        ),
+        "beir-queries",
+        {"queries": 2, "with earlier turns": 1, "turns": 4, "max turns": 3},
+    ),
     "sessions.jsonl": (
         jsonl([{"id": "q", "messages": [{"role": "user", "content": "x"}], "rewrite": "x"}]),
         "sessions",
@@ -257,6 +268,12 @@ def test_guess_format_edge_cases(tmp_path):
         guess_format(tmp_path)
     with pytest.raises(ValueError, match="unknown format"):
         dataset_stats(tmp_path / "cast2022.qrel", fmt="parquet")
+    # {"_id", "text"} lines: queries by their name or marked turns, else (or with a title) passages
+    plain = jsonl([{"_id": "q1", "text": "what is bm25"}])
+    assert guess_format(write(tmp_path / "test_queries.jsonl", plain)) == "beir-queries"
+    assert guess_format(write(tmp_path / "docs.jsonl", plain)) == "beir-corpus"
+    titled = jsonl([{"_id": "d", "title": "T", "text": "|user|: x"}])
+    assert guess_format(write(tmp_path / "queries.jsonl", titled)) == "beir-corpus"
 
 
 def test_cli_prints_a_table(fixture_files, capsys):

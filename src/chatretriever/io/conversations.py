@@ -18,9 +18,10 @@ the file (`chatretriever.io.stats.guess_format`) or named:
 
 Session ids are the ones the datasets' qrels use, so a run scores against them directly. A query
 text that marks its turns as MTRAG's retrieval tasks do (lines opening with `|user|:` or
-`|agent|:`) becomes those turns; any other text is one user turn. A file of `{"_id", "text"}`
-lines looks like a corpus to `guess_format`: given as conversations, it is read as queries
-(unless its lines carry a `title`: then it is a corpus, refused).
+`|agent|:`) becomes those turns; any other text is one user turn. `guess_format` calls a file of
+`{"_id", "text"}` lines queries when its name says so or its turns are marked, else a corpus; given
+as conversations, either is read as queries (unless its lines carry a `title`: then it is a
+corpus, refused).
 Torch-free.
 """
 

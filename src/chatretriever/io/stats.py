@@ -92,6 +92,10 @@ def _guess_json_lines(path: Path) -> str | None:
     if "dialog" in keys:
         return "multiesc"
     if "text" in keys and keys & {"_id", "id"}:
+        # corpora and queries share {"_id", "text"}: passages carry a title, queries do not,
+        # and MTRAG's conversational queries mark their turns
+        if "title" not in keys and ("quer" in path.name.lower() or "|user|:" in first):
+            return "beir-queries"
         return "beir-corpus"
     return None
 
@@ -169,6 +173,19 @@ def _sessions_stats(path: Path, show: bool) -> Stats:
         rewrites += s.rewrite is not None
         responses += s.response is not None
     return {"sessions": n, "turns": turns, "with rewrite": rewrites, "with response": responses}
+
+
+def _queries_stats(path: Path, show: bool) -> Stats:
+    from chatretriever.io.conversations import read_beir_queries  # it imports this module
+
+    sessions = read_beir_queries(path)
+    turns = [len(s.turns) for s in sessions]
+    return {
+        "queries": len(sessions),
+        "with earlier turns": sum(n > 1 for n in turns),
+        "turns": sum(turns),
+        "max turns": max(turns, default=0),
+    }
 
 
 def _qrels_stats(qrels: list[Qrel]) -> Stats:
@@ -312,6 +329,7 @@ def _sequences_stats(path: Path, show: bool) -> Stats:
 
 _STATS: dict[str, Callable[[Path, bool], Stats]] = {
     "beir-corpus": _corpus_stats,
+    "beir-queries": _queries_stats,
     "sessions": _sessions_stats,
     "trec-qrels": lambda p, show: _qrels_stats(read_trec_qrels(p)),
     "beir-qrels": lambda p, show: _qrels_stats(read_beir_qrels(p)),
