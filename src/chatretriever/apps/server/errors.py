@@ -89,6 +89,10 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     return text, first
 
 
+# what FastAPI raises (as a 400) when reading the JSON body fails other than by a JSONDecodeError
+_FASTAPI_BODY_ERROR = "There was an error parsing the body"
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Map validation errors to 422, HTTP errors to their status, busy to 503, the rest to 500
     (logged with its traceback on the server, a plain message to the client)."""
@@ -105,6 +109,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.detail == _FASTAPI_BODY_ERROR:
+            # a body json.loads could not take other than by a JSONDecodeError (bytes that are
+            # not UTF-8, nesting deeper than the parser's limit): bad JSON, a 422 like the rest
+            message = "body: invalid JSON (not UTF-8 text, or nested too deeply)"
+            return error_response(422, message, "body")
         return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
 
     @app.exception_handler(BatcherBusyError)
