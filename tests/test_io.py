@@ -349,6 +349,22 @@ def test_corpus_accepts_id_and_numeric_ids(tmp_path):
     assert read_corpus(path)[0].text == "3.5"
 
 
+def test_corpus_warns_of_blank_passages(tmp_path, caplog):
+    lines = ['{"_id": "a", "text": "x"}', '{"_id": "b", "text": " "}', '{"_id": "c", "text": ""}']
+    path = write(
+        tmp_path / "c.jsonl", "\n".join([*lines, '{"_id": "d", "title": "T", "text": ""}'])
+    )
+    assert [p.id for p in read_corpus(path)] == ["a", "b", "c", "d"]  # kept
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [
+        f"{path}: 2 passage(s) with neither text nor title (first: line 2, id 'b'): kept, "
+        "but they can only match a query by chance"
+    ]
+    caplog.clear()
+    read_corpus(write(tmp_path / "ok.jsonl", lines[0]))
+    assert not caplog.records
+
+
 @pytest.mark.parametrize(
     "lines, line, field, match",
     [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -10,12 +11,15 @@ from chatretriever.errors import DataFormatError
 from chatretriever.io.files import iter_jsonl, require, require_id, write_jsonl
 from chatretriever.types import Passage
 
+logger = logging.getLogger(__name__)
+
 _CORE = ("_id", "id", "title", "text")
 
 
 def iter_numbered_corpus(path: str | Path) -> Iterator[tuple[int, Passage]]:
     """Stream (1-based line number, passage) from a BEIR corpus file; see `iter_corpus`."""
     seen: set[str] = set()
+    blank: list[tuple[int, str]] = []
     for lineno, obj in iter_jsonl(path):
         key = "_id" if "_id" in obj else "id" if "id" in obj else "_id"
         pid = require_id(obj, key, path, lineno)
@@ -26,8 +30,20 @@ def iter_numbered_corpus(path: str | Path) -> Iterator[tuple[int, Passage]]:
         title = obj.get("title") or ""
         if not isinstance(title, str):
             raise DataFormatError(path, "expected str", line=lineno, field="title")
+        if not text.strip() and not title.strip():
+            blank.append((lineno, pid))
         meta = {k: v for k, v in obj.items() if k not in _CORE}
         yield lineno, Passage(id=pid, text=text, title=title, metadata=meta)
+    if blank:
+        lineno, pid = blank[0]
+        logger.warning(
+            "%s: %d passage(s) with neither text nor title (first: line %d, id %r): kept, "
+            "but they can only match a query by chance",
+            path,
+            len(blank),
+            lineno,
+            pid,
+        )
 
 
 def iter_corpus(path: str | Path) -> Iterator[Passage]:
