@@ -7,6 +7,7 @@ from fixtures import jsonl, write
 
 from chatretriever.errors import DataFormatError
 from chatretriever.io.cast import load_cast
+from chatretriever.io.conversations import read_conversations
 from chatretriever.io.mtrag import iter_mtrag_corpus, load_mtrag
 from chatretriever.io.sessions import read_sessions
 from chatretriever.io.topiocqa import read_topiocqa
@@ -24,6 +25,7 @@ from chatretriever.retrieval.training_data.builders import (
     first_question,
     in_holdout_fraction,
     mtrag_examples,
+    qrecc_examples,
     read_chat_examples,
     read_id_list,
     read_triples,
@@ -430,6 +432,40 @@ def test_topiocqa_examples(tmp_path):
     assert b.positives == (TrainingPassage("Landscapes."),) and b.target == "Landscapes."
     assert [t.content for t in b.messages] == ["who is x?", "X is a painter.", "what did he paint?"]
     assert conversation_id(b) == "1" and b.source == "topiocqa"
+
+
+def test_qrecc_rewrites_and_examples(tmp_path):
+    turns = [
+        {
+            "Context": [],
+            "Question": "what is x",
+            "Rewrite": "what is x",
+            "Answer": "A thing.",
+            "Answer_URL": "http://x",
+            "Conversation_no": 74,
+            "Turn_no": 1,
+            "Conversation_source": "trec",
+        },
+        {
+            "Context": ["what is x", "A thing."],
+            "Question": "is it big",
+            "Rewrite": "is x big",
+            "Answer": "",
+            "Answer_URL": "",
+            "Conversation_no": 74,
+            "Turn_no": 2,
+            "Conversation_source": "trec",
+        },
+    ]
+    path = write(tmp_path / "qrecc_test.json", json.dumps(turns))
+    sessions = read_conversations(path)  # told from the file: QReCC, read by TopiOCQA's reader
+    assert [(s.id, s.rewrite) for s in sessions] == [("74_1", "what is x"), ("74_2", "is x big")]
+    assert sessions[1].metadata["answer_url"] == "" and "topic" not in sessions[1].metadata
+    (ex,) = qrecc_examples(sessions)  # the unanswered turn is skipped
+    assert ex.id == "74_1" and ex.source == "qrecc" and ex.target == "A thing."
+    bad = write(tmp_path / "bad.json", json.dumps([{**turns[0], "Rewrite": 3}]))
+    with pytest.raises(DataFormatError, match=r"field '\[0\].Rewrite': expected str"):
+        read_conversations(bad)
 
 
 _CAST_2021 = [

@@ -170,6 +170,35 @@ FIXTURES = {
         "topiocqa",
         {"conversations": 1, "turns": 2, "topics": 1},
     ),
+    # QReCC (apple/ml-qrecc): TopiOCQA's layout plus the human rewrite, no topics
+    "qrecc_test.json": (
+        json.dumps(
+            [
+                {
+                    "Context": [],
+                    "Question": "what is x",
+                    "Rewrite": "what is x",
+                    "Answer": "a thing",
+                    "Answer_URL": "http://x",
+                    "Conversation_no": 74,
+                    "Turn_no": 1,
+                    "Conversation_source": "trec",
+                },
+                {
+                    "Context": ["what is x", "a thing"],
+                    "Question": "is it big",
+                    "Rewrite": "is x big",
+                    "Answer": "",
+                    "Answer_URL": "",
+                    "Conversation_no": 74,
+                    "Turn_no": 2,
+                    "Conversation_source": "trec",
+                },
+            ]
+        ),
+        "qrecc",
+        {"conversations": 1, "turns": 2, "with rewrite": 2, "with answer": 1},
+    ),
     "ESConv.json": (
         json.dumps(
             [

@@ -26,6 +26,7 @@ from chatretriever.retrieval.training_data.builders import (
     first_question,
     ikat_examples,
     mtrag_examples,
+    qrecc_examples,
     read_chat_examples,
     read_id_list,
     read_triples,
@@ -43,7 +44,17 @@ from chatretriever.types import Passage, Session
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("mtrag", "topiocqa", "cast", "ikat", "dstc11", "synthetic", "sessions", "triples")
+SOURCES = (
+    "mtrag",
+    "topiocqa",
+    "qrecc",
+    "cast",
+    "ikat",
+    "dstc11",
+    "synthetic",
+    "sessions",
+    "triples",
+)
 _HOLDOUT_KEYS: dict[str, Callable[[Any], str]] = {
     "conversation": conversation_id,
     "first_question": first_question,
@@ -56,7 +67,8 @@ def add_parser(sub: Any) -> None:
         "build-train",
         help="build a training JSONL file from a dataset (with BM25 hard negatives)",
         description="SOURCE and its PATHs: mtrag DIR (the mtrag/ directory); topiocqa FILE...; "
-        "cast DIR (trec-cast/, see --years); ikat DIR (ikat-2023/); dstc11 DIR (dstc11-track5/); "
+        "qrecc FILE...; cast DIR (trec-cast/, see --years); ikat DIR (ikat-2023/); "
+        "dstc11 DIR (dstc11-track5/); "
         "synthetic CORPUS (a chat LLM writes a question per passage, see --n); sessions FILE... "
         "(sessions JSONL, each with a response or a final assistant turn); triples FILE... "
         "(TSV query, positive, negative).",
@@ -170,10 +182,11 @@ def _load(args: argparse.Namespace) -> _Source:
         return mine_hard_negatives(ex, mining, cfg, bar)
 
     name = str(args.corpus) if args.corpus else "all positives"
-    if src == "topiocqa":
+    if src in ("topiocqa", "qrecc"):
         from chatretriever.io.topiocqa import read_topiocqa
 
-        return _Source([s for p in paths for s in read_topiocqa(p)], topiocqa_examples, mine, name)
+        build = topiocqa_examples if src == "topiocqa" else qrecc_examples
+        return _Source([s for p in paths for s in read_topiocqa(p)], build, mine, name)
     if src == "cast":
         from chatretriever.io.cast import load_cast
 

@@ -9,6 +9,7 @@ the file (`chatretriever.io.stats.guess_format`) or named:
 | `sessions` | sessions JSONL | line |
 | `mtrag` | MTRAG `reference.jsonl` (id = `task_id`) | task |
 | `topiocqa` | TopiOCQA `*.json` (id = `{Conversation_no}_{Turn_no}`) | turn |
+| `qrecc` | QReCC `qrecc_*.json` (id as TopiOCQA's; `Rewrite` is the rewrite) | turn |
 | `cast-topics` | TREC CAsT topics (id = `{topic}_{turn}`) | turn |
 | `ikat-topics` | TREC iKAT 2023/2024/2025 topics (id = `{number}_{turn_id}`) | turn |
 | `dstc11-logs` | DSTC11 track 5 `logs.json` (+ its `labels.json`; id = `{dir}-{i}`) | context |
@@ -114,6 +115,7 @@ _READERS: dict[str, Callable[[Path], list[Session]]] = {
     "sessions": read_sessions,
     "mtrag": lambda p: list(iter_mtrag_tasks(p)),
     "topiocqa": read_topiocqa,
+    "qrecc": read_topiocqa,
     "cast-topics": read_cast_topics,
     "ikat-topics": read_ikat_topics,
     "dstc11-logs": read_logs,

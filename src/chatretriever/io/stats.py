@@ -30,7 +30,7 @@ from chatretriever.io.ikat import read_ikat_topics
 from chatretriever.io.mtrag import iter_mtrag_tasks
 from chatretriever.io.reclm import iter_reclm_items, iter_reclm_sequences
 from chatretriever.io.sessions import iter_sessions
-from chatretriever.io.topiocqa import iter_topiocqa
+from chatretriever.io.topiocqa import is_qrecc, iter_topiocqa
 from chatretriever.io.trec import read_beir_qrels, read_run, read_trec_qrels
 from chatretriever.types import Qrel
 
@@ -63,7 +63,7 @@ def _read_head(path: Path) -> str:
 def _guess_json_document(path: Path, head: str) -> str | None:
     keys = set(_JSON_KEY.findall(head))
     if "Conversation_no" in keys:
-        return "topiocqa"
+        return "qrecc" if is_qrecc(keys) else "topiocqa"
     if "ptkb" in keys or ({"turns", "turn_id"} <= keys and "utterance" in keys):
         return "ikat-topics"
     if "turn" in keys and keys & {"raw_utterance", "utterance"}:
@@ -268,6 +268,16 @@ def _topiocqa_stats(path: Path, show: bool) -> Stats:
     }
 
 
+def _qrecc_stats(path: Path, show: bool) -> Stats:
+    sessions = list(_progress(iter_topiocqa(path), "turns", show))
+    return {
+        "conversations": len({s.metadata["conversation"] for s in sessions}),
+        "turns": len(sessions),
+        "with rewrite": sum(s.rewrite is not None for s in sessions),
+        "with answer": sum(bool((s.response or "").strip()) for s in sessions),
+    }
+
+
 def _dialog_stats(dialogs: list[SupportDialog]) -> Stats:
     # ESConv's raw labels have variant spellings (Questions/Question, ...); count both ways
     strategies = Counter(normalize_strategy(s) for d in dialogs for s in d.strategies if s)
@@ -340,6 +350,7 @@ _STATS: dict[str, Callable[[Path, bool], Stats]] = {
     "ikat-topics": _ikat_stats,
     "dstc11-logs": _dstc11_stats,
     "topiocqa": _topiocqa_stats,
+    "qrecc": _qrecc_stats,
     "esconv": lambda p, show: _dialog_stats(read_esconv(p)),
     "multiesc": lambda p, show: _dialog_stats(list(iter_multiesc(p))),
     "esconv-tsv": _esconv_tsv_stats,

@@ -7,11 +7,15 @@ A file (`topiocqa_{train,dev}.json[.gz]`) is one JSON list of turns::
      "Topic": "...", "Topic_section": "...", "is_nq": false}
 
 No passages ship with it here: each turn is a session -> response pair.
+
+QReCC (apple/ml-qrecc, `qrecc_{train,test}.json`) has the same layout without topics and with
+the human rewrite of each question (`Rewrite`, kept as `Session.rewrite`), `Answer_URL` and
+`Conversation_source`: this reader reads both (`is_qrecc` tells them apart).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +23,20 @@ from chatretriever.errors import DataFormatError
 from chatretriever.io.files import read_json
 from chatretriever.types import Session, Turn
 
-_CORE = ("Conversation_no", "Turn_no", "Question", "Answer", "Context")
-_RENAMED = {"Topic": "topic", "Topic_section": "topic_section"}
+_CORE = ("Conversation_no", "Turn_no", "Question", "Answer", "Context", "Rewrite")
+_RENAMED = {
+    "Topic": "topic",
+    "Topic_section": "topic_section",
+    "Answer_URL": "answer_url",
+    "Conversation_source": "conversation_source",
+}
+QRECC_KEYS = frozenset({"Rewrite", "Conversation_source", "Answer_URL"})
+"""Keys only QReCC's turns carry."""
+
+
+def is_qrecc(keys: Collection[str]) -> bool:
+    """Whether a turn record with these keys is QReCC's rather than TopiOCQA's."""
+    return bool(QRECC_KEYS & set(keys))
 
 
 def _field(obj: Mapping[str, Any], key: str, kind: type, path: Path, where: str) -> Any:
@@ -45,7 +61,8 @@ def topiocqa_session(
 
     Returns:
         The session: `Context` as alternating user/assistant turns, then `Question`;
-        `response` = `Answer`; metadata `conversation`, `turn`, `topic`, `topic_section`, `is_nq`.
+        `response` = `Answer`; `rewrite` = QReCC's `Rewrite`; metadata `conversation`, `turn` and
+        the other fields (`topic`, `topic_section`, `is_nq`; QReCC's `answer_url`, ...).
     """
     path, where = Path(path), f"[{index}]"
     conv = _field(obj, "Conversation_no", int, path, where)
@@ -58,6 +75,10 @@ def topiocqa_session(
         raise DataFormatError(path, msg, None, f"{where}.Context")
     if not all(isinstance(c, str) for c in context):
         raise DataFormatError(path, "expected a list of strings", None, f"{where}.Context")
+    rewrite = obj.get("Rewrite")
+    if rewrite is not None and not isinstance(rewrite, str):
+        msg = f"expected str, got {type(rewrite).__name__}"
+        raise DataFormatError(path, msg, None, f"{where}.Rewrite")
     history = [Turn("user" if i % 2 == 0 else "assistant", c) for i, c in enumerate(context)]
     meta = {"conversation": conv, "turn": turn}
     meta.update({_RENAMED.get(k, k): v for k, v in obj.items() if k not in _CORE})
@@ -65,6 +86,7 @@ def topiocqa_session(
         id=f"{conv}_{turn}",
         turns=(*history, Turn("user", question)),
         response=answer,
+        rewrite=(rewrite or "").strip() or None,
         metadata=meta,
     )
 

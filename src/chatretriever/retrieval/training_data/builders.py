@@ -262,6 +262,11 @@ def topiocqa_examples(sessions: Iterable[Session]) -> list[TrainingExample]:
     return examples_from_responses(sessions, "topiocqa", skip=["UNANSWERABLE"])
 
 
+def qrecc_examples(sessions: Iterable[Session]) -> list[TrainingExample]:
+    """QReCC turn -> its answer as the positive and target (turns without one are skipped)."""
+    return examples_from_responses(sessions, "qrecc")
+
+
 def _cast_passage_id(session: Session) -> str | None:
     """CAsT 2021 names its canonical response passage `{canonical_result_id}-{passage_id}`."""
     doc, part = (session.metadata.get(k) for k in ("canonical_result_id", "passage_id"))
