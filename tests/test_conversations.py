@@ -107,12 +107,35 @@ def test_load_ikat_reads_the_years_and_splits_present(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no iKAT test topics \(2023_test_topics.json\)"):
         load_ikat(tmp_path, ["test"])
     (tmp_path / "2025_test_topics_psg_text.jsonl").unlink()
-    with pytest.raises(FileNotFoundError, match="2025_test_topics_psg_text.jsonl: missing"):
+    with pytest.raises(FileNotFoundError, match="psg_text.jsonl: missing.*--positives answers"):
         load_ikat(tmp_path, ["test"], years=[2025])
+    # 2024 and 2025 published no passage texts: the responses can still be positives
+    answers_only = load_ikat(tmp_path, ["test"], years=[2025], need_passages=False)
+    assert [s.id for s in answers_only.sessions] == ["1-1_1", "1-1_2"]
+    assert answers_only.passages == {}
     write(tmp_path / "2024_test_topics.json", json.dumps(_ikat_2023()))  # 9-1_1 again
     write(tmp_path / "2024_test_topics_psg_text.jsonl", psg)
     with pytest.raises(DataFormatError, match=r"turn '9-1_1' is also in .*2023_train"):
         load_ikat(tmp_path, years=[2023, 2024])
+
+
+def test_build_train_ikat_2025_on_its_responses(tmp_path, capsys):
+    topics = json.loads(json.dumps(IKAT_2025))
+    topics[0]["responses"].append({**topics[0]["responses"][1], "turn_id": 3, "citations": []})
+    topics[0]["responses"][1].update(citations=["cw-9:4"], response="Citrus worsens reflux.")
+    write(tmp_path / "2025_test_topics.json", json.dumps(topics))
+    out = tmp_path / "train.jsonl"
+    argv = ["build-train", "ikat", str(tmp_path), "--years", "2025", "--out", str(out)]
+    assert main([*argv, "--negatives", "1", "--no-progress"]) == 2
+    assert "--positives answers" in capsys.readouterr().err
+    assert main([*argv, "--negatives", "1", "--no-progress", "--positives", "answers"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["id"], r["positives"][0]["text"]) for r in rows] == [
+        ("1-1_1", "Bananas and melons."),
+        ("1-1_2", "Citrus worsens reflux."),
+    ]
+    # turn 3 cites nothing: skipped as with passages; negatives mined among the other positives
+    assert rows[0]["negatives"][0]["text"] == "Citrus worsens reflux."
 
 
 LOGS, LABELS = DSTC11_LOGS, DSTC11_LABELS

@@ -217,7 +217,8 @@ def _load_new(args: argparse.Namespace) -> _Source:
     if args.source == "ikat":
         from chatretriever.io.ikat import load_ikat
 
-        data = load_ikat(path, args.splits, args.years or (2023,))
+        need = args.positives != "answers"
+        data = load_ikat(path, args.splits, args.years or (2023,), need_passages=need)
         passages, build = data.passages, ikat_examples
     else:
         from chatretriever.io.dstc11 import load_dstc11
@@ -228,8 +229,15 @@ def _load_new(args: argparse.Namespace) -> _Source:
         split = splits[0]
         data = load_dstc11(path, split)
         passages, build = data.snippets, dstc11_examples
-    corpus = list(iter_corpus(args.corpus)) if args.corpus else list(passages.values())
-    mine, name = _mine_over(corpus, str(args.corpus or f"{args.source} passages"))
+    if args.corpus or passages:
+        corpus = list(iter_corpus(args.corpus)) if args.corpus else list(passages.values())
+        mine, name = _mine_over(corpus, str(args.corpus or f"{args.source} passages"))
+    else:  # iKAT 2024/2025 answers: no passages published, mine among the positives
+
+        def mine(ex: list[TrainingExample], cfg: MiningConfig, bar: bool) -> list:
+            return mine_hard_negatives(ex, None, cfg, bar)
+
+        name = "all positives"
 
     def make(ss: list[Session]) -> list[TrainingExample]:
         return build(ss, passages, args.positives)

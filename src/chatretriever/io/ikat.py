@@ -142,13 +142,18 @@ def read_ikat_passages(path: str | Path) -> dict[str, Passage]:
 
 
 def load_ikat(
-    directory: str | Path, splits: Sequence[str] | None = None, years: Sequence[int] = (2023,)
+    directory: str | Path,
+    splits: Sequence[str] | None = None,
+    years: Sequence[int] = (2023,),
+    need_passages: bool = True,
 ) -> IkatData:
     """Sessions and cited passages of the chosen splits and years of an iKAT data directory.
 
     Reads `{year}_{split}_topics.json` and its `{year}_{split}_topics_psg_text.jsonl` for every
     year and split present (2024 and 2025 publish only `test`); each split asked for must exist
-    in at least one of the years (`splits=None`: every split found).
+    in at least one of the years (`splits=None`: every split found). The organisers published
+    passage texts for 2023 only: with `need_passages=False` a missing passages file is skipped
+    (the sessions' responses can still be positives).
 
     Raises:
         DataFormatError: a malformed file (named with its line or `[topic].field`), or a turn
@@ -174,14 +179,17 @@ def load_ikat(
         for year in found:
             topics = directory / f"{year}_{split}_topics.json"
             texts = directory / f"{year}_{split}_topics_psg_text.jsonl"
-            if not texts.is_file():
+            if not texts.is_file() and need_passages:
                 raise FileNotFoundError(
-                    f"{texts}: missing; the cited passages' texts of {topics.name} are needed"
+                    f"{texts}: missing; the cited passages' texts of {topics.name} are needed "
+                    "(iKAT published them for 2023 only; --positives answers trains on the "
+                    "responses instead)"
                 )
             for s in read_ikat_topics(topics):
                 if s.id in seen:
                     raise DataFormatError(topics, f"turn {s.id!r} is also in {seen[s.id]}")
                 seen[s.id] = topics
                 sessions.append(s)
-            passages.update(read_ikat_passages(texts))
+            if texts.is_file():
+                passages.update(read_ikat_passages(texts))
     return IkatData(sessions, passages)

@@ -297,7 +297,8 @@ def examples_from_cited(
         passages: Passage id -> Passage.
         source: Source name stored on each example.
         key: The metadata field of cited ids ("passage_ids", "snippet_ids").
-        positives: "passages" or "answers" (`examples_from_responses`, cited sessions only).
+        positives: "passages" or "answers" (`examples_from_responses`, cited sessions only;
+            with no passages at all, sessions citing any id).
 
     Returns:
         The examples of sessions that cite at least one known passage, in session order.
@@ -306,6 +307,8 @@ def examples_from_cited(
         raise ValueError(f"positives must be one of {POSITIVES}, got {positives!r}")
     cited = [s for s in sessions if any(p in passages for p in s.metadata.get(key, ()))]
     if positives == "answers":
+        if not passages:  # no texts published (iKAT 2024/2025): whatever cites a passage
+            cited = [s for s in sessions if s.metadata.get(key)]
         return examples_from_responses(cited, source)
     out = []
     for s in cited:
