@@ -11,6 +11,7 @@ from fixtures import DSTC11_LABELS, DSTC11_LOGS, jsonl, write
 from chatretriever.cli import main
 from chatretriever.errors import DataFormatError
 from chatretriever.io.conversations import SESSION_FORMATS, read_conversations
+from chatretriever.io.dstc11 import load_dstc11
 from chatretriever.io.ikat import load_ikat
 from chatretriever.io.sessions import read_sessions
 from chatretriever.io.trec import read_run
@@ -154,6 +155,51 @@ def test_dstc11_logs_with_and_without_labels(tmp_path):
     write(tmp_path / "test" / "labels.json", json.dumps(LABELS[:1]))
     with pytest.raises(DataFormatError, match="labels.json.*one label per context"):
         read_conversations(logs)
+
+
+# DSTC9 track 1 / DSTC10 track 2: knowledge `docs` (title, body), domain-wide entity "*" without
+# a name, label references without doc_type (alexa/alexa-with-dstc9-track1-dataset data/README.md)
+DSTC9_KNOWLEDGE = {
+    "hotel": {"3": {"name": "Alpha Inn", "docs": {"0": {"title": "Pets?", "body": "No pets."}}}},
+    "taxi": {"*": {"docs": {"1": {"title": "Can I pay by card?", "body": "Yes, all taxis."}}}},
+}
+DSTC9_LOGS = [
+    [{"speaker": "U", "text": "I need a taxi."}],
+    [
+        {"speaker": "U", "text": "I need a taxi."},
+        {"speaker": "S", "text": "Where to?"},
+        {"speaker": "U", "text": "Can I pay by card?"},
+    ],
+]
+DSTC9_LABELS = [
+    {"target": False},
+    {
+        "target": True,
+        "knowledge": [{"domain": "taxi", "entity_id": "*", "doc_id": 1}],
+        "response": "Yes, every taxi takes cards.",
+    },
+]
+
+
+def test_dstc9_and_dstc10_files_read_like_dstc11(tmp_path):
+    write(tmp_path / "knowledge.json", json.dumps(DSTC9_KNOWLEDGE))
+    logs = write(tmp_path / "val" / "logs.json", json.dumps(DSTC9_LOGS))
+    write(tmp_path / "val" / "labels.json", json.dumps(DSTC9_LABELS))
+    _, b = read_conversations(logs)
+    assert b.metadata["snippet_ids"] == ["taxi:*:faq:1"] and b.response.startswith("Yes, every")
+    data = load_dstc11(tmp_path, "val")
+    snippet = data.snippets["taxi:*:faq:1"]
+    assert (snippet.title, snippet.text) == ("taxi", "Can I pay by card? Yes, all taxis.")
+    assert data.snippets["hotel:3:faq:0"].title == "Alpha Inn"
+    out = tmp_path / "train.jsonl"
+    argv = ["build-train", "dstc11", str(tmp_path), "--out", str(out), "--negatives", "1"]
+    assert main([*argv, "--no-progress"]) == 0
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["positives"][0]["id"] == "taxi:*:faq:1"
+    bad = {"hotel": {"3": {"name": "Alpha Inn", "docs": {"0": {"title": "Pets?"}}}}}
+    write(tmp_path / "knowledge.json", json.dumps(bad))
+    with pytest.raises(DataFormatError, match=r"field 'hotel.3.docs.0': expected title and body"):
+        load_dstc11(tmp_path, "val")
 
 
 def test_queries_files_are_sessions_with_marked_turns_split(tmp_path):

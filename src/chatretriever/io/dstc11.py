@@ -8,6 +8,10 @@ is the user turn); `{split}/labels.json` the labels in the same order: `{"target
 
 A snippet's id is `{domain}:{entity_id}:review:{doc_id}:{sent_id}` or
 `{domain}:{entity_id}:faq:{doc_id}`; its title is the entity's name. Torch-free.
+
+DSTC9 track 1 and DSTC10 track 2 (the format track 5 grew from) are read too: their knowledge
+entities hold `docs[doc_id]` (`title`, `body`), read as FAQs; entity `"*"` is domain-wide
+knowledge without a name (titled by its domain); their labels' references have no `doc_type`.
 """
 
 from __future__ import annotations
@@ -35,8 +39,25 @@ class Dstc11Data:
 
 def snippet_id(ref: Mapping[str, Any]) -> str:
     """The id of a knowledge reference (a label's `knowledge` item)."""
-    base = f"{ref['domain']}:{ref['entity_id']}:{ref['doc_type']}:{ref['doc_id']}"
-    return base if ref["doc_type"] == "faq" else f"{base}:{ref['sent_id']}"
+    kind = ref.get("doc_type", "faq")  # DSTC9/10 references name FAQ-like docs only
+    base = f"{ref['domain']}:{ref['entity_id']}:{kind}:{ref['doc_id']}"
+    return base if kind == "faq" else f"{base}:{ref['sent_id']}"
+
+
+def _faq_docs(entity: Mapping[str, Any], path: Path, where: str) -> dict[str, str]:
+    """An entity's FAQs as doc id -> text: DSTC11 `faqs` (question, answer), DSTC9/10 `docs`
+    (title, body)."""
+    out: dict[str, str] = {}
+    for group, (first, second) in (("faqs", ("question", "answer")), ("docs", ("title", "body"))):
+        for doc_id, doc in (entity.get(group) or {}).items():
+            ok = isinstance(doc, Mapping) and all(
+                isinstance(doc.get(k), str) for k in (first, second)
+            )
+            if not ok:
+                msg = f"expected {first} and {second} strings"
+                raise DataFormatError(path, msg, None, f"{where}.{group}.{doc_id}")
+            out[str(doc_id)] = f"{doc[first]} {doc[second]}"
+    return out
 
 
 def read_knowledge(path: str | Path) -> dict[str, Passage]:
@@ -50,23 +71,20 @@ def read_knowledge(path: str | Path) -> dict[str, Passage]:
             raise DataFormatError(path, "expected an object of entities", None, domain)
         for eid, entity in entities.items():
             where = f"{domain}.{eid}"
-            if not isinstance(entity, Mapping) or not isinstance(entity.get("name"), str):
+            name = entity.get("name") if isinstance(entity, Mapping) else None
+            if eid == "*" and isinstance(entity, Mapping) and name is None:
+                name = domain  # DSTC9/10 domain-wide knowledge has no name
+            if not isinstance(name, str):
                 raise DataFormatError(path, "expected an entity with a name", None, where)
             meta = {"domain": domain, "entity_id": eid}
+            ref = {"domain": domain, "entity_id": eid}
             for doc_id, review in (entity.get("reviews") or {}).items():
                 for sent_id, text in (review.get("sentences") or {}).items():
-                    ref = {"domain": domain, "entity_id": eid, "doc_type": "review"}
-                    pid = snippet_id({**ref, "doc_id": doc_id, "sent_id": sent_id})
-                    out[pid] = Passage(pid, str(text), entity["name"], meta)
-            for doc_id, faq in (entity.get("faqs") or {}).items():
-                if not isinstance(faq, Mapping) or not {"question", "answer"} <= set(faq):
-                    raise DataFormatError(
-                        path, "expected question and answer", None, f"{where}.faqs.{doc_id}"
-                    )
-                pid = snippet_id(
-                    {"domain": domain, "entity_id": eid, "doc_type": "faq", "doc_id": doc_id}
-                )
-                out[pid] = Passage(pid, f"{faq['question']} {faq['answer']}", entity["name"], meta)
+                    rid = {**ref, "doc_type": "review", "doc_id": doc_id, "sent_id": sent_id}
+                    out[snippet_id(rid)] = Passage(snippet_id(rid), str(text), name, meta)
+            for doc_id, text in _faq_docs(entity, path, where).items():
+                pid = snippet_id({**ref, "doc_type": "faq", "doc_id": doc_id})
+                out[pid] = Passage(pid, text, name, meta)
     return out
 
 
