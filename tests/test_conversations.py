@@ -247,6 +247,17 @@ def test_read_conversations_refuses_what_is_not_a_conversation(tmp_path):
     ):
         with pytest.raises(DataFormatError, match=match):
             read_conversations(write(tmp_path / "empty.jsonl", text))
+    # valid files of formats not known: said so, not "malformed JSON" or a missing sessions field
+    doc2dial = json.dumps(
+        {"dial_data": {"dmv": {"doc": [{"dial_id": "d", "turns": []}]}}}, indent=2
+    )
+    quac = json.dumps({"data": [{"paragraphs": []}], "version": "0.2"})
+    for name, text, match in (
+        ("doc2dial.json", doc2dial, "a JSON document in none of the conversation formats known"),
+        ("quac.json", quac, r"cannot tell its conversation format \(first line's keys: data, ver"),
+    ):
+        with pytest.raises(DataFormatError, match=match + ".*; name it"):
+            read_conversations(write(tmp_path / name, text))
     assert "sessions" in SESSION_FORMATS and "beir-corpus" not in SESSION_FORMATS
 
 

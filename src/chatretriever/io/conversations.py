@@ -28,6 +28,7 @@ Torch-free.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,7 +36,14 @@ from chatretriever.errors import DataFormatError
 from chatretriever.io.cast import read_cast_topics
 from chatretriever.io.dstc11 import read_logs
 from chatretriever.io.esconv import dialogs_sessions, iter_multiesc, read_esconv
-from chatretriever.io.files import check_id, iter_jsonl, iter_lines, require, require_id
+from chatretriever.io.files import (
+    check_id,
+    iter_jsonl,
+    iter_lines,
+    open_text,
+    require,
+    require_id,
+)
 from chatretriever.io.ikat import read_ikat_topics
 from chatretriever.io.mtrag import iter_mtrag_tasks
 from chatretriever.io.sessions import read_sessions
@@ -102,9 +110,37 @@ def read_queries_tsv(path: str | Path) -> list[Session]:
     return list(out.values())
 
 
-def _looks_like_json_lines(path: Path) -> bool:
+def _sessions_or_unknown(path: Path) -> list[Session]:
+    """A file no format was told from: sessions JSONL if it may be one (its reader then names
+    the line and field at fault), else an error naming the formats that can be given."""
+    name_it = f"name it (one of {', '.join(_READERS)})"
     first = next((line for _, line in iter_lines(path)), "")
-    return not first.strip() or first.lstrip().startswith("{")
+    if first.strip() and not first.lstrip().startswith("{"):
+        raise DataFormatError(path, f"cannot tell its conversation format; {name_it}")
+    try:
+        obj = json.loads(first) if first.strip() else None
+    except json.JSONDecodeError:
+        obj = None
+        if _is_json_document(path):  # pretty-printed JSON, not JSON lines
+            msg = f"a JSON document in none of the conversation formats known; {name_it}"
+            raise DataFormatError(path, msg) from None
+    if isinstance(obj, dict) and not obj.keys() & {"id", "messages"}:
+        keys = ", ".join(sorted(obj)[:6])
+        msg = f"cannot tell its conversation format (first line's keys: {keys}); {name_it}"
+        raise DataFormatError(path, msg)
+    sessions = read_sessions(path)
+    if not sessions:
+        raise DataFormatError(path, "holds no sessions")
+    return sessions
+
+
+def _is_json_document(path: Path) -> bool:
+    try:
+        with open_text(path) as f:
+            json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        return False
+    return True
 
 
 def _first_keys(path: Path) -> set[str]:
@@ -148,15 +184,7 @@ def read_conversations(path: str | Path, fmt: str | None = None) -> list[Session
         try:
             guessed = guess_format(path)
         except UnknownFormatError:
-            if not _looks_like_json_lines(path):
-                names = ", ".join(_READERS)
-                msg = f"cannot tell its conversation format; name it (one of {names})"
-                raise DataFormatError(path, msg) from None
-            # most likely meant as sessions JSONL: its reader names the line and field at fault
-            sessions = read_sessions(path)
-            if not sessions:
-                raise DataFormatError(path, "holds no sessions") from None
-            return sessions
+            return _sessions_or_unknown(path)
         fmt = _AS_QUERIES.get(guessed, guessed)
         if guessed == "beir-corpus" and "title" in _first_keys(path):
             fmt = guessed  # passages, not queries: refused below

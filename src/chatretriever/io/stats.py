@@ -68,7 +68,7 @@ def _guess_json_document(path: Path, head: str) -> str | None:
         return "ikat-topics"
     if "turn" in keys and keys & {"raw_utterance", "utterance"}:
         return "cast-topics"
-    if "dialog" in keys:
+    if "dialog" in keys and "content" in keys:  # Wizard of Wikipedia's dialogs have `text`
         return "esconv"
     if {"speaker", "text"} <= keys:
         return "dstc11-logs"
