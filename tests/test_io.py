@@ -29,6 +29,7 @@ from chatretriever.io.files import (
 from chatretriever.io.sessions import read_sessions, session_from_dict, write_sessions
 from chatretriever.io.trec import (
     read_beir_qrels,
+    read_json_qrels,
     read_qrels,
     read_run,
     read_trec_qrels,
@@ -507,6 +508,26 @@ def test_beir_qrels_with_and_without_header(tmp_path):
     assert read_beir_qrels(with_header) == expected
     assert read_beir_qrels(without) == expected
     assert read_qrels(with_header) == expected  # told apart from TREC by the first line
+
+
+def test_json_qrels(tmp_path):
+    # pytrec_eval's dict, as OR-QuAC publishes its qrels.txt
+    path = write(
+        tmp_path / "qrels.txt", json.dumps({"C_1_q#0": {"d1": 1, "d2": 0}, "b": {"d1": 2.0}})
+    )
+    expected = [Qrel("C_1_q#0", "d1", 1), Qrel("C_1_q#0", "d2", 0), Qrel("b", "d1", 2)]
+    assert read_qrels(path) == expected
+    for text, field, match in (
+        ('{"a": {"d1": "high"}}', "a.d1", "expected a number, got 'high'"),
+        ('{"a": ["d1"]}', "a", "expected an object of doc id: grade"),
+        ('{"a": {"d 1": 1}}', "a doc id", "contains whitespace"),
+        ('[{"a": 1}]', None, "expected a JSON object"),
+    ):
+        with pytest.raises(DataFormatError, match=match) as e:
+            read_json_qrels(write(tmp_path / "bad.json", text))
+        assert (e.value.line, e.value.field) == (None, field)
+    with pytest.raises(DataFormatError, match="names no document"):
+        read_qrels(path, known_docs={"d1"})
 
 
 def test_repeated_identical_judgment_is_kept_once(tmp_path):

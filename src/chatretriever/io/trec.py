@@ -1,4 +1,4 @@
-"""TREC qrels (graded), BEIR qrels TSV and 6-column TREC run files."""
+"""TREC qrels (graded), BEIR qrels TSV, JSON qrels and 6-column TREC run files."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 
 from chatretriever.errors import DataFormatError
-from chatretriever.io.files import atomic_write, check_id, iter_lines
+from chatretriever.io.files import atomic_write, check_id, iter_lines, read_json
 from chatretriever.types import Qrel, Run, rank_key
 
 logger = logging.getLogger(__name__)
@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 
 def _check_known(
     path: str | Path,
-    line: int,
+    line: int | None,
     qid: str,
     did: str,
     known_queries: Collection[str] | None,
@@ -30,7 +30,7 @@ def _check_known(
         )
 
 
-def _int(path: str | Path, line: int, value: str, field: str) -> int:
+def _int(path: str | Path, line: int | None, value: str, field: str) -> int:
     try:
         return int(float(value)) if "." in value else int(value)
     except ValueError:
@@ -39,7 +39,7 @@ def _int(path: str | Path, line: int, value: str, field: str) -> int:
 
 def _collect(
     path: str | Path,
-    rows: Iterator[tuple[int, str, str, str]],
+    rows: Iterator[tuple[int | None, str, str, str]],
     known_queries: Collection[str] | None,
     known_docs: Collection[str] | None,
     rel_field: str,
@@ -85,6 +85,31 @@ def _beir_rows(path: str | Path) -> Iterator[tuple[int, str, str, str]]:
         yield lineno, qid, did, rel
 
 
+def _json_rows(path: str | Path) -> Iterator[tuple[int | None, str, str, str]]:
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise DataFormatError(path, 'expected a JSON object {"query id": {"doc id": grade}}')
+    for qid, docs in data.items():
+        if not isinstance(docs, dict):
+            raise DataFormatError(path, "expected an object of doc id: grade", None, qid)
+        check_id(str(qid), path, None, "query id")
+        for did, rel in docs.items():
+            if isinstance(rel, bool) or not isinstance(rel, (int, float)):
+                raise DataFormatError(path, f"expected a number, got {rel!r}", None, f"{qid}.{did}")
+            check_id(str(did), path, None, f"{qid} doc id")
+            yield None, str(qid), str(did), str(rel)
+
+
+def read_json_qrels(
+    path: str | Path,
+    known_queries: Collection[str] | None = None,
+    known_docs: Collection[str] | None = None,
+) -> list[Qrel]:
+    """Read qrels as one JSON object `{"query id": {"doc id": grade}}` (pytrec_eval's layout;
+    OR-QuAC's `qrels.txt`)."""
+    return _collect(path, _json_rows(path), known_queries, known_docs, "grade")
+
+
 def read_trec_qrels(
     path: str | Path,
     known_queries: Collection[str] | None = None,
@@ -108,8 +133,10 @@ def read_qrels(
     known_queries: Collection[str] | None = None,
     known_docs: Collection[str] | None = None,
 ) -> list[Qrel]:
-    """Read qrels in TREC or BEIR TSV form, told apart by the first line."""
+    """Read qrels in TREC, BEIR TSV or JSON form, told apart by the first line."""
     for _, first in iter_lines(path):
+        if first.lstrip().startswith("{"):
+            return read_json_qrels(path, known_queries, known_docs)
         beir = "\t" in first and len(first.split("\t")) == 3
         reader = read_beir_qrels if beir else read_trec_qrels
         return reader(path, known_queries, known_docs)
