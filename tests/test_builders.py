@@ -255,12 +255,15 @@ def test_read_chat_examples(tmp_path):
     a, b = read_chat_examples(path)
     assert a.target == "r1" and a.positives == (TrainingPassage("r1"),)
     assert b.target == "a2" and [t.content for t in b.messages] == ["q1", "a1", "q2"]
-    path.write_text(
-        json.dumps(rows[0]) + "\n" + json.dumps({**rows[0], "id": "s3", "response": None})
-    )
-    with pytest.raises(DataFormatError) as err:
+    # a line without a response (as `data convert` writes an unanswered turn) is skipped ...
+    unanswered = {**rows[0], "id": "s3", "response": None}
+    path.write_text(json.dumps(rows[0]) + "\n" + json.dumps(unanswered))
+    assert [ex.id for ex in read_chat_examples(path)] == ["s1"]
+    # ... but a file in which no line has one is an error naming the first
+    path.write_text(json.dumps(unanswered) + "\n" + json.dumps({**unanswered, "response": " "}))
+    with pytest.raises(DataFormatError, match="no line has one") as err:
         read_chat_examples(path)
-    assert err.value.line == 2
+    assert (err.value.line, err.value.field) == (1, "response")
 
 
 def test_read_triples(tmp_path):
@@ -292,10 +295,10 @@ def test_read_chat_examples_errors_name_the_line_and_field(tmp_path):
     with pytest.raises(DataFormatError) as err:
         read_chat_examples(path)
     assert (err.value.line, err.value.field) == (2, "messages[1].content")
-    path.write_text(json.dumps(good) + "\n\n" + json.dumps({**good, "response": " "}) + "\n")
+    path.write_text(json.dumps({**good, "response": " "}) + "\n\n" + json.dumps(bad) + "\n")
     with pytest.raises(DataFormatError) as err:
         read_chat_examples(path)
-    assert (err.value.line, err.value.field) == (3, "response")
+    assert (err.value.line, err.value.field) == (3, "messages[1].content")
 
 
 # ----------------------------------------------------------------------------- dataset builders

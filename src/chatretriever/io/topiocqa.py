@@ -85,7 +85,7 @@ def topiocqa_session(
     return Session(
         id=f"{conv}_{turn}",
         turns=(*history, Turn("user", question)),
-        response=answer,
+        response=answer if answer.strip() else None,  # QReCC leaves unanswered turns blank
         rewrite=(rewrite or "").strip() or None,
         metadata=meta,
     )

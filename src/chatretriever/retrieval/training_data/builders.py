@@ -173,11 +173,13 @@ def examples_from_qrels(
 def read_chat_examples(path: str | Path, source: str = "sessions") -> list[TrainingExample]:
     """Examples from a sessions JSONL file (see `chatretriever.io.sessions`).
 
-    A line whose messages end with the user's question needs a `"response"`; a line whose
+    A line whose messages end with the user's question takes its `"response"`; a line whose
     messages end with an assistant turn uses that turn as the response to the turns before it.
-    The response is the positive and the target.
+    The response is the positive and the target. Lines without a response (none, or blank, as
+    `data convert` writes unanswered turns) are skipped and counted; a file where no line has
+    one raises, naming the first.
     """
-    sessions = []
+    sessions, first_without = [], None
     for lineno, obj in iter_jsonl(path):
         msgs = obj.get("messages")
         if isinstance(msgs, list) and msgs and isinstance(msgs[-1], Mapping):
@@ -188,11 +190,12 @@ def read_chat_examples(path: str | Path, source: str = "sessions") -> list[Train
                     raise DataFormatError(path, "content must be a string", lineno, where)
                 obj = {**obj, "messages": msgs[:-1], "response": content}
         s = session_from_dict(obj, path, lineno)
-        if not isinstance(s.response, str) or not s.response.strip():
-            raise DataFormatError(
-                path, "needs a response or a final assistant turn", lineno, "response"
-            )
+        if not (s.response or "").strip():
+            first_without = first_without or lineno
         sessions.append(s)
+    if first_without is not None and all(not (s.response or "").strip() for s in sessions):
+        msg = "needs a response or a final assistant turn (no line has one)"
+        raise DataFormatError(path, msg, first_without, "response")
     return examples_from_responses(sessions, source)
 
 
