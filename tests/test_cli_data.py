@@ -94,7 +94,7 @@ FIXTURES = {
         "cast-topics",
         {"topics": 1, "turns": 2, "with manual rewrite": 1, "with response": 0},
     ),
-    "resolved.tsv": ("7_1\ta?\n7_2\tb?\n", "cast-rewrites", {"rewrites": 2}),
+    "resolved.tsv": ("qid\tquery\n7_1\ta?\n7_2\tb?\n", "queries-tsv", {"queries": 2}),
     "2024_test_topics.json": (  # iKAT 2024: topics numbered with integers
         json.dumps(
             [
@@ -315,11 +315,11 @@ def test_cli_prints_a_table(fixture_files, capsys):
 
 
 def test_cli_format_option_overrides_guessing(fixture_files, capsys):
-    # a 3-column TSV read as CAsT rewrites would fail; forcing beir-qrels reads it
+    # a 3-column TSV read as a run would fail; forcing beir-qrels reads it
     path = fixture_files["fiqa.tsv"]
     assert main(["data", "stats", str(path), "--format", "beir-qrels", "--no-progress"]) == 0
     assert "judgments" in capsys.readouterr().out
-    assert main(["data", "stats", str(path), "--format", "cast-rewrites"]) == 2
+    assert main(["data", "stats", str(path), "--format", "trec-run"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {path}:1: ")
 

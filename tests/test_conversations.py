@@ -219,6 +219,8 @@ def test_queries_files_are_sessions_with_marked_turns_split(tmp_path):
     assert plain.turns[0].content == "just a question"
     tsv = read_conversations(write(tmp_path / "queries.tsv", "q1\tred wine\nq2\t|user|: x\n"))
     assert [(s.id, s.turns[-1].content) for s in tsv] == [("q1", "red wine"), ("q2", "x")]
+    headed = write(tmp_path / "queries.tsv", "query_id\tquery\nq1\tred wine\n")  # a header
+    assert [s.id for s in read_conversations(headed)] == ["q1"]
     for bad, match in (
         ({"_id": "e", "text": " "}, ":2: field 'text': empty query text"),
         ({"_id": "e", "text": "|user|: a\n|agent|: b"}, ":2: field 'text': the last marked"),

@@ -95,12 +95,19 @@ def read_beir_queries(path: str | Path) -> list[Session]:
     return list(out.values())
 
 
+_TSV_HEADER = ({"qid", "query_id", "query-id", "queryid", "id"}, {"query", "text", "question"})
+
+
 def read_queries_tsv(path: str | Path) -> list[Session]:
-    """`qid<TAB>text` lines as sessions (the text split as `query_turns`); duplicate ids raise."""
+    """`qid<TAB>text` lines as sessions (the text split as `query_turns`); duplicate ids raise.
+    A header line (`query_id<TAB>query`, `qid<TAB>text`, ...) is skipped."""
     out: dict[str, Session] = {}
     for lineno, line in iter_lines(path):
         qid, tab, text = line.partition("\t")
         qid = qid.strip()
+        ids, texts = _TSV_HEADER
+        if lineno == 1 and qid.lower() in ids and text.strip().lower() in texts:
+            continue
         if not tab or not qid:
             raise DataFormatError(path, "expected 'id<TAB>text'", lineno)
         check_id(qid, path, lineno, "id")
@@ -162,7 +169,7 @@ _READERS: dict[str, Callable[[Path], list[Session]]] = {
 }
 SESSION_FORMATS = tuple(_READERS)
 # what `guess_format` calls a file that, given as conversations, holds queries
-_AS_QUERIES = {"beir-corpus": "beir-queries", "cast-rewrites": "queries-tsv"}
+_AS_QUERIES = {"beir-corpus": "beir-queries"}
 
 
 def read_conversations(path: str | Path, fmt: str | None = None) -> list[Session]:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from chatretriever.errors import DataFormatError
-from chatretriever.io.cast import read_cast_rewrites, read_cast_topics
+from chatretriever.io.cast import read_cast_topics
 from chatretriever.io.corpus import iter_corpus
 from chatretriever.io.dstc11 import read_logs
 from chatretriever.io.esconv import (
@@ -115,7 +115,7 @@ def _guess_text(path: Path, first: str) -> str | None:
     if len(tabs) == 3 and (tabs[0].strip().lower() in ("query-id", "qid") or _is_number(tabs[2])):
         return "beir-qrels"
     if len(tabs) == 2:
-        return "cast-rewrites"
+        return "queries-tsv"
     if "sequential" in path.name.lower():
         return "reclm-sequences"
     if len(cols) == 6 and _is_number(cols[3]) and _is_number(cols[4]):
@@ -186,6 +186,13 @@ def _queries_stats(path: Path, show: bool) -> Stats:
         "turns": sum(turns),
         "max turns": max(turns, default=0),
     }
+
+
+def _queries_tsv_stats(path: Path, show: bool) -> Stats:
+    """`id<TAB>text` lines: queries (MS MARCO, TREC), or CAsT 2019's resolved rewrites."""
+    from chatretriever.io.conversations import read_queries_tsv  # it imports this module
+
+    return {"queries": len(read_queries_tsv(path))}
 
 
 def _qrels_stats(qrels: list[Qrel]) -> Stats:
@@ -346,7 +353,7 @@ _STATS: dict[str, Callable[[Path, bool], Stats]] = {
     "trec-run": _run_stats,
     "mtrag": _mtrag_stats,
     "cast-topics": _cast_stats,
-    "cast-rewrites": lambda p, show: {"rewrites": len(read_cast_rewrites(p))},
+    "queries-tsv": _queries_tsv_stats,
     "ikat-topics": _ikat_stats,
     "dstc11-logs": _dstc11_stats,
     "topiocqa": _topiocqa_stats,
