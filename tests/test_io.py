@@ -350,6 +350,23 @@ def test_corpus_accepts_id_and_numeric_ids(tmp_path):
     assert read_corpus(path)[0].text == "3.5"
 
 
+def test_tsv_corpora(tmp_path):
+    marco = write(tmp_path / "collection.tsv", "0\tThe cheetah runs fast.\n7\tBM25 ranks.\n")
+    assert read_corpus(marco) == [
+        Passage("0", "The cheetah runs fast."),
+        Passage("7", "BM25 ranks."),
+    ]
+    dpr = write(tmp_path / "psgs_w100.tsv", "id\ttext\ttitle\n1\tAaron was a prophet.\tAaron\n")
+    assert read_corpus(dpr) == [Passage("1", "Aaron was a prophet.", "Aaron")]
+    for name, text, match in (
+        ("a.tsv", "1\tt\tT\n", ":1: a tab-separated corpus needs id<TAB>text lines or a header"),
+        ("b.tsv", "1\tt\n2\tu\tv\n", r":2: expected 2 tab-separated columns \(id, text\), got 3"),
+        ("c.tsv", "1\tt\n1\tu\n", ":2: field 'id': duplicate id '1'"),
+    ):
+        with pytest.raises(DataFormatError, match=match):
+            read_corpus(write(tmp_path / name, text))
+
+
 def test_corpus_warns_of_blank_passages(tmp_path, caplog):
     lines = ['{"_id": "a", "text": "x"}', '{"_id": "b", "text": " "}', '{"_id": "c", "text": ""}']
     path = write(

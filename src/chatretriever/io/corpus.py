@@ -1,4 +1,8 @@
-"""BEIR corpus JSONL: one `{"_id", "title", "text", ...}` object per line."""
+"""BEIR corpus JSONL: one `{"_id", "title", "text", ...}` object per line.
+
+A tab-separated corpus is read too: `id<TAB>text` lines (MS MARCO's `collection.tsv`), or any
+columns named by a header line holding `id` and `text` (DPR's `psgs_w100.tsv`: `id text title`).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from chatretriever.errors import DataFormatError
-from chatretriever.io.files import iter_jsonl, require, require_id, write_jsonl
+from chatretriever.io.files import iter_jsonl, iter_lines, require, require_id, write_jsonl
 from chatretriever.types import Passage
 
 logger = logging.getLogger(__name__)
@@ -16,11 +20,39 @@ logger = logging.getLogger(__name__)
 _CORE = ("_id", "id", "title", "text")
 
 
+def _tsv_rows(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """A TSV corpus's lines as objects keyed by its header, or `id`, `text` without one."""
+    columns: list[str] | None = None
+    for lineno, line in iter_lines(path):
+        cols = line.split("\t")
+        if columns is None:
+            named = [c.strip().lower().removeprefix("_") for c in cols]
+            if {"id", "text"} <= set(named):
+                columns = named
+                continue
+            if len(cols) != 2:
+                msg = (
+                    f"a tab-separated corpus needs id<TAB>text lines or a header naming its "
+                    f"columns (id, text, title), got {len(cols)} columns"
+                )
+                raise DataFormatError(path, msg, lineno)
+            columns = ["id", "text"]
+        if len(cols) != len(columns):
+            msg = f"expected {len(columns)} tab-separated columns ({', '.join(columns)})"
+            raise DataFormatError(path, f"{msg}, got {len(cols)}", lineno)
+        yield lineno, dict(zip(columns, cols, strict=True))
+
+
+def _rows(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    first = next((line for _, line in iter_lines(path)), "")
+    return iter_jsonl(path) if not first or first.lstrip().startswith("{") else _tsv_rows(path)
+
+
 def iter_numbered_corpus(path: str | Path) -> Iterator[tuple[int, Passage]]:
     """Stream (1-based line number, passage) from a BEIR corpus file; see `iter_corpus`."""
     seen: set[str] = set()
     blank: list[tuple[int, str]] = []
-    for lineno, obj in iter_jsonl(path):
+    for lineno, obj in _rows(path):
         key = "_id" if "_id" in obj else "id" if "id" in obj else "_id"
         pid = require_id(obj, key, path, lineno)
         if pid in seen:
@@ -47,7 +79,7 @@ def iter_numbered_corpus(path: str | Path) -> Iterator[tuple[int, Passage]]:
 
 
 def iter_corpus(path: str | Path) -> Iterator[Passage]:
-    """Stream passages from a BEIR corpus file (`.jsonl` or `.jsonl.gz`).
+    """Stream passages from a BEIR corpus file (`.jsonl` or `.jsonl.gz`; or TSV, module doc).
 
     Extra fields (e.g. `domain`) go to `Passage.metadata`. Duplicate ids raise.
     """
