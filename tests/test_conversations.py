@@ -76,6 +76,7 @@ def test_ikat_2025_schema_reads_like_2023(tmp_path):
     assert second.rewrite == "Which foods should I avoid with acid reflux?"
     assert first.metadata["passage_ids"] == ["cw-7:1"] and second.metadata["passage_ids"] == []
     assert first.metadata["ptkb_provenance"] == [2]
+    assert first.metadata["ptkb"] == {"1": "I eat dinner late.", "2": "I like fruit."}
     bad = json.loads(json.dumps(IKAT_2025))
     bad[0]["responses"][1]["user_utterance"] = 5
     write(path, json.dumps(bad))
@@ -87,6 +88,11 @@ def test_ikat_2024_integer_topic_numbers(tmp_path):
     topics = _ikat_2023(number=0)
     (s,) = read_conversations(write(tmp_path / "2024_test_topics.json", json.dumps(topics)))
     assert s.id == "0_1" and s.metadata["conversation"] == "0"
+    assert s.metadata["ptkb"] == {"1": "I live in Delft."}
+    topics[0]["ptkb"] = "I live in Delft."
+    with pytest.raises(DataFormatError, match=r"field '\[0\]\.ptkb': expected the statements"):
+        read_conversations(write(tmp_path / "2024_test_topics.json", json.dumps(topics)))
+    topics[0]["ptkb"] = {"1": "I live in Delft."}
     topics[0]["number"] = 1.5
     write(tmp_path / "2024_test_topics.json", json.dumps(topics))
     with pytest.raises(

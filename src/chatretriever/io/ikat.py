@@ -64,6 +64,23 @@ def _get(
     return value
 
 
+def _ptkb(raw: Any, path: Path, where: str) -> dict[str, str]:
+    """The topic's personal statements by number: 2023/2024 give an object, 2025 a list
+    (numbered from 1, as its `relevant_ptkbs` count)."""
+    if raw is None:
+        return {}
+    if isinstance(raw, Mapping):
+        pairs = {str(k): v for k, v in raw.items()}
+    elif isinstance(raw, list):
+        pairs = {str(i): v for i, v in enumerate(raw, start=1)}
+    else:
+        pairs = {"": None}
+    if not all(isinstance(v, str) for v in pairs.values()):
+        msg = "expected the statements as an object or a list of strings"
+        raise DataFormatError(path, msg, None, f"{where}.ptkb")
+    return pairs
+
+
 def topic_sessions(topic: Mapping[str, Any], path: str | Path, index: int = 0) -> list[Session]:
     """The sessions of one topic tree, one per turn, in turn order.
 
@@ -74,11 +91,13 @@ def topic_sessions(topic: Mapping[str, Any], path: str | Path, index: int = 0) -
 
     Returns:
         Sessions with rewrite, response and metadata `conversation` (the topic number),
-        `turn`, `title`, `passage_ids` (cited passages), `ptkb_provenance`.
+        `turn`, `title`, `passage_ids` (cited passages), `ptkb_provenance` and `ptkb` (the
+        user's statements by number, which `ptkb_provenance` names).
     """
     path, where = Path(path), f"[{index}]"
     number = str(_get(topic, "number", (str, int), path, where))
     title = topic.get("title") or ""
+    ptkb = _ptkb(topic.get("ptkb"), path, where)
     history: list[Turn] = []
     out = []
     for j, raw in enumerate(_get(topic, "turns", list, path, where)):
@@ -100,6 +119,7 @@ def topic_sessions(topic: Mapping[str, Any], path: str | Path, index: int = 0) -
             "title": title,
             "passage_ids": list(cited),
             "ptkb_provenance": list(raw.get(_key(raw, "ptkb_provenance")) or []),
+            "ptkb": ptkb,
         }
         turns = (*history, Turn("user", utterance))
         out.append(Session(f"{number}_{turn_id}", turns, rewrite, response, meta))
