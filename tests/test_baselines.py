@@ -299,6 +299,10 @@ def chat(i: int) -> Session:
         ("**Standalone question:** What is X?", "What is X?"),
         ("\n\n  What is X?  ", "What is X?"),
         ("Why: because?", "Why: because?"),
+        ('The user asked: "Are all of them made of alcohol?', "Are all of them made of alcohol?"),
+        ("The user is asking: where is it?", "where is it?"),
+        ("User: Is X big?", "Is X big?"),
+        ("Users: who are they?", "Users: who are they?"),
         ("", ""),
     ],
 )
@@ -324,7 +328,7 @@ def test_build_messages_shows_history_and_question():
     assert "secret" not in user
 
 
-def test_rewrites_are_cached_and_feed_bm25(tmp_path):
+def test_rewrites_are_cached_and_feed_bm25(tmp_path, caplog):
     cache = tmp_path / "cache.jsonl"
     first_turn = Session("f", (Turn("user", "what do jaguars eat"),))
     llm = FakeLLM()
@@ -332,6 +336,7 @@ def test_rewrites_are_cached_and_feed_bm25(tmp_path):
     assert [s.rewrite for s in out] == ["what do jaguars eat?", "what do jaguars eat"]
     assert len(llm.calls) == 1  # a first turn needs no rewriting
     assert out[0].metadata["dataset_rewrite"] == "what do jaguars eat"
+    assert "1 of 2 sessions carry the dataset's own rewrite" in caplog.text
     rows = [json.loads(line) for line in cache.read_text().splitlines()]
     assert len(rows) == 2 and {r["model"] for r in rows} == {"fake-llm"}
 

@@ -70,8 +70,10 @@ def build_messages(session: Session, prompt: RewritePrompt) -> list[dict[str, st
 
 
 _PREFIX = re.compile(
-    r"^\s*(?:\*\*)?(?:rewritten|standalone|rewrite[d]?|reformulated)?\s*(?:question|query)?"
-    r"\s*(?:\*\*)?\s*:\s*",
+    r"^\s*(?:\*\*)?(?:"
+    r"(?:rewritten|standalone|rewrite[d]?|reformulated)?\s*(?:question|query)?"
+    r"|(?:the\s+)?user(?:'s)?(?:\s+(?:asked|asks|is\s+asking|wants\s+to\s+know|question))?"
+    r")\s*(?:\*\*)?\s*:\s*",
     re.IGNORECASE,
 )
 
@@ -181,6 +183,15 @@ def rewrite_sessions(
         an answer, a refusal) falls back to the question.
     """
     prompt = prompt or RewritePrompt()
+    own = sum(s.rewrite is not None for s in sessions)
+    if own:
+        logger.warning(
+            "%d of %d sessions carry the dataset's own rewrite (human ones, in most datasets): "
+            "the LLM's replace it, the dataset's kept as metadata dataset_rewrite; "
+            "search --formulation rewrite on the input file uses the dataset's",
+            own,
+            len(sessions),
+        )
     cache = RewriteCache(cache_path)
     out, new = [], 0
     try:
