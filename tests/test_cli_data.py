@@ -94,6 +94,11 @@ FIXTURES = {
         "cast-topics",
         {"topics": 1, "turns": 2, "with manual rewrite": 1, "with response": 0},
     ),
+    "evaluation_topics_v1.0.txt": (  # CAsT 2019 plain-text topics
+        "Number: 31\nTitle: cancer\nDescription: compare\n1\tWhat is it?\n9 \tIs it treatable?\n",
+        "cast-topics-txt",
+        {"topics": 1, "turns": 2, "with manual rewrite": 0},
+    ),
     "resolved.tsv": ("qid\tquery\n7_1\ta?\n7_2\tb?\n", "queries-tsv", {"queries": 2}),
     "2024_test_topics.json": (  # iKAT 2024: topics numbered with integers
         json.dumps(

@@ -10,6 +10,7 @@ from fixtures import jsonl, write
 
 from chatretriever.errors import DataFormatError
 from chatretriever.io.cast import load_cast, read_cast_rewrites, read_cast_topics
+from chatretriever.io.cast_txt import looks_like_cast_txt, read_cast_topics_txt
 from chatretriever.io.esconv import (
     dialog_sessions,
     dialogs_sessions,
@@ -840,3 +841,192 @@ def test_real_steam(shared_data):
     data = load_reclm(shared_data / "steam")
     assert len(data.items) == 32_131 and len(data.histories) == 6_684
     assert min(len(h.items) for h in data.histories) >= 3
+
+
+# --- TREC CAsT: 2019 resolved TSV beside the topics, 2022 trees, 2019 plain text ---------------
+
+RESOLVED_2019 = "31_1\tWhat is throat cancer?\n31_2\tIs throat cancer treatable?\n32_1\tSharks?\n"
+
+
+def test_cast_2019_topics_take_the_resolved_tsv_beside_them(tmp_path, caplog):
+    topics = write(tmp_path / "eval" / "evaluation_topics_v1.0.json", json.dumps(CAST_2019))
+    assert all(s.rewrite is None for s in read_cast_topics(topics))  # no TSV yet
+    tsv = write(tmp_path / "eval" / "evaluation_topics_annotated_resolved_v1.0.tsv", RESOLVED_2019)
+    write(tmp_path / "eval" / "old_resolved.tsv", "31_1\tWhat is throat cancer?\n")  # covers less
+    write(tmp_path / "eval" / "train_sample_resolved.tsv", "1_1\tWhat is a PA?\n")  # other turns
+    write(tmp_path / "eval" / "broken_resolved.tsv", "31_1 no tab\n")  # skipped with a warning
+    with caplog.at_level("INFO", logger="chatretriever.io.cast"):
+        sessions = read_cast_topics(topics)
+    assert [s.id for s in sessions] == ["31_1", "31_2", "32_1"]
+    assert [s.rewrite for s in sessions] == [
+        "What is throat cancer?",
+        "Is throat cancer treatable?",
+        "Sharks?",
+    ]
+    assert sessions[1].question == "Is it treatable?"  # the raw utterance stays the question
+    assert f"3 of 3 turns from {tsv}" in caplog.text and "broken_resolved.tsv" in caplog.text
+    # a TSV never replaces rewrites the topics carry themselves (2020-2022)
+    topics = write(
+        tmp_path / "2021" / "2021_manual_evaluation_topics_v1.0.json", json.dumps(CAST_2021)
+    )
+    write(tmp_path / "2021" / "x_resolved.tsv", "106_1\tother\n106_2\tother\n")
+    sessions = read_cast_topics(topics)
+    assert [s.rewrite for s in sessions] == [
+        t["manual_rewritten_utterance"] for t in CAST_2021[0]["turn"]
+    ]
+    assert sessions[1].metadata["automatic_rewrite"] == "How likely is cancer to spread?"
+
+
+def _tree_turn(number, parent, participant, **fields):
+    turn = {"number": number, "participant": participant, **fields}
+    return turn if parent is None else {**turn, "parent": parent}
+
+
+CAST_2022_TREE = [
+    {
+        "number": 132,
+        "turn": [
+            _tree_turn(
+                "1-1",
+                None,
+                "User",
+                utterance="What was COP26?",
+                manual_rewritten_utterance="What was COP26?",
+            ),
+            _tree_turn("1-2", "1-1", "System", response="A summit.", provenance=["M_1"]),
+            _tree_turn(
+                "1-3",
+                "1-2",
+                "User",
+                utterance="Its effects?",
+                manual_rewritten_utterance="COP26 effects?",
+            ),
+            _tree_turn("1-4", "1-3", "System", response="Pledges.", provenance=["M_2"]),
+            _tree_turn(
+                "2-1",
+                "1-2",
+                "User",
+                utterance="Who came?",
+                manual_rewritten_utterance="Who came to COP26?",
+            ),
+            _tree_turn("2-2", "1-1", "System", response="Which COP26?", provenance=[]),
+            _tree_turn(
+                "3-1",
+                "2-2",
+                "User",
+                utterance="The 2021 one.",
+                manual_rewritten_utterance="COP26 2021",
+            ),
+        ],
+    }
+]
+
+
+def test_cast_2022_tree_one_session_per_user_turn(tmp_path):
+    path = write(tmp_path / "2022_evaluation_topics_tree_v1.0.json", json.dumps(CAST_2022_TREE))
+    sessions = {s.id: s for s in read_cast_topics(path)}
+    assert list(sessions) == ["132_1-1", "132_1-3", "132_2-1", "132_3-1"]
+    branch = sessions["132_2-1"]  # continues 1-2, not 1-3: its history is its parent chain
+    assert [(t.role, t.content) for t in branch.turns] == [
+        ("user", "What was COP26?"),
+        ("assistant", "A summit."),
+        ("user", "Who came?"),
+    ]
+    assert branch.rewrite == "Who came to COP26?" and branch.response is None
+    assert branch.metadata == {"topic": "132", "turn": "2-1", "parent": "1-2"}
+    first = sessions["132_1-1"]  # two System replies: the first in the file is the response
+    assert first.response == "A summit." and first.metadata["provenance"] == ["M_1"]
+    assert sessions["132_1-3"].response == "Pledges."
+    assert [t.content for t in sessions["132_3-1"].history] == ["What was COP26?", "Which COP26?"]
+    auto = json.loads(json.dumps(CAST_2022_TREE))
+    for turn in auto[0]["turn"]:
+        if "manual_rewritten_utterance" in turn:
+            turn["automatic_rewritten_utterance"] = turn.pop("manual_rewritten_utterance")
+    path = write(tmp_path / "2022_automatic_evaluation_topics_tree_v1.0.json", json.dumps(auto))
+    s = read_cast_topics(path)[2]
+    assert s.rewrite is None and s.metadata["automatic_rewrite"] == "Who came to COP26?"
+
+
+@pytest.mark.parametrize(
+    "change, field, match",
+    [
+        (lambda t: t[2].update(parent="9-9"), "[0].turn[2].parent", "names no turn"),
+        (lambda t: t[0].update(parent="1-3"), "[0].turn[1].parent", "loops"),
+        (lambda t: t[1].update(participant="Bot"), "[0].turn[1].participant", "'User' or 'System'"),
+        (lambda t: t[1].pop("response"), "[0].turn[1].response", "missing"),
+        (lambda t: t[2].pop("utterance"), "[0].turn[2].utterance", "missing"),
+        (lambda t: t[4].update(number="1-3"), "[0].turn[4].number", "duplicate turn"),
+        (lambda t: t[2].update(parent=[1]), "[0].turn[2].parent", "expected a turn number"),
+    ],
+)
+def test_cast_2022_tree_bad_input(tmp_path, change, field, match):
+    topics = json.loads(json.dumps(CAST_2022_TREE))
+    change(topics[0]["turn"])
+    path = write(tmp_path / "tree.json", json.dumps(topics))
+    with pytest.raises(DataFormatError, match=match) as e:
+        read_cast_topics(path)
+    check_error(e, path, None, field)
+
+
+CAST_2019_TXT = (
+    "Number: 31\n"
+    "Title: head and neck cancer\n"
+    "Description: compare cancers   \n"
+    "1\tWhat is throat cancer?\n"
+    "2 \tIs it treatable? \n"  # the real file has a space before one tab
+    "\n"
+    "-----\n"
+    "Number: 32\r\n"
+    "Title: sharks\r\n"
+    "Description: sharks\r\n"
+    "1\tWhat are sharks?\r\n"
+)
+
+
+def test_cast_2019_plain_text_topics_read_as_the_json(tmp_path):
+    path = write(tmp_path / "evaluation_topics_v1.0.txt", CAST_2019_TXT)
+    json_path = write(tmp_path / "json" / "evaluation_topics_v1.0.json", json.dumps(CAST_2019))
+    sessions = read_cast_topics_txt(path)
+    assert sessions == read_cast_topics(json_path)
+    assert [s.id for s in sessions] == ["31_1", "31_2", "32_1"]
+    assert [t.content for t in sessions[1].turns] == ["What is throat cancer?", "Is it treatable?"]
+    assert sessions[1].metadata == {
+        "topic": "31",
+        "turn": "2",
+        "title": "head and neck cancer",
+        "description": "compare cancers",
+    }
+    write(tmp_path / "evaluation_topics_annotated_resolved_v1.0.tsv", RESOLVED_2019)
+    assert [s.rewrite for s in read_cast_topics_txt(path)][1] == "Is throat cancer treatable?"
+
+
+def test_looks_like_cast_txt():
+    assert looks_like_cast_txt(CAST_2019_TXT) and looks_like_cast_txt("\ufeffNumber: 1\n")
+    assert looks_like_cast_txt("\nNumber: 31\n1\tWhat is throat cancer?\n")
+    assert not looks_like_cast_txt(RESOLVED_2019)
+    assert not looks_like_cast_txt("31_1 Q0 CAR_a 0\n")
+    assert not looks_like_cast_txt('[{"number": 31, "turn": []}]')
+    assert not looks_like_cast_txt("Number: 31\nsomething else\n")
+    assert not looks_like_cast_txt("")
+
+
+@pytest.mark.parametrize(
+    "text, line, field, match",
+    [
+        ("1\tWhat?\n", 1, None, "before any 'Number:'"),
+        ("Title: t\nNumber: 1\n1\tWhat?\n", 1, "Title", "before any 'Number:'"),
+        ("Number: 1\n1\tWhat?\nWhat next?\n", 3, None, "expected 'Number:'"),
+        ("Number: 1\n1\tWhat?\n1\tAgain?\n", 3, "turn", "duplicate turn"),
+        ("Number: 1\n1\t  \n", 2, "utterance", "empty utterance"),
+        ("Number: 1\nTitle: a\n\nNumber: 2\n1\tWhat?\n", 1, "Number", "has no turns"),
+        ("Number: 1\n1\tWhat?\nNumber: 1\n1\tWhat?\n", 3, "Number", "duplicate topic"),
+        ("Number: 1 2\n1\tWhat?\n", 1, "Number", "whitespace"),
+        ("Number: 1\nTitle: a\nTitle: b\n1\tWhat?\n", 3, "Title", "a second Title"),
+        ("\n\n", None, None, "no topics"),
+    ],
+)
+def test_cast_2019_plain_text_bad_input(tmp_path, text, line, field, match):
+    path = write(tmp_path / "topics.txt", text)
+    with pytest.raises(DataFormatError, match=match) as e:
+        read_cast_topics_txt(path)
+    check_error(e, path, line, field)

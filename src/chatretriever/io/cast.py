@@ -3,23 +3,27 @@
 Each year's topic file is a JSON list of topics `{"number", "turn": [...]}`; turn fields differ:
 
 - 2019: `raw_utterance` only; the manual rewrites of the evaluation topics are a separate TSV
-  (`evaluation_topics_annotated_resolved_v1.0.tsv`: `{topic}_{turn}<TAB>rewrite`).
+  (`evaluation_topics_annotated_resolved_v1.0.tsv`: `{topic}_{turn}<TAB>rewrite`). The same
+  topics also ship as plain text (`evaluation_topics_v1.0.txt`, `chatretriever.io.cast_txt`).
 - 2020: `manual_rewritten_utterance`, `automatic_rewritten_utterance`, canonical result ids
   (no response texts); the automatic file adds `automatic_canonical_result_id`.
 - 2021: as 2020 plus `passage`, the canonical response text shown to the user.
 - 2022 (flattened, duplicated): `utterance`, `manual_rewritten_utterance`, `response`,
   `provenance`; turn numbers are strings like `"2-3"` and each branch of a topic tree is listed
   as a separate topic, so shared turns repeat (they are kept once).
+- 2022 (tree): each turn is one message, `participant` "User" (`utterance`, rewrites) or
+  "System" (`response`, `provenance`), linked to the turn it continues by `parent`.
 
-One Session per turn, id `{topic}_{turn}` (the qrels ids). History: the earlier utterances and,
-where the year has them, the canonical responses as assistant turns.
+One Session per user turn, id `{topic}_{turn}` (the qrels ids). History: the earlier utterances
+and, where the year has them, the canonical responses as assistant turns (in a tree, the chain of
+`parent`s). Topics without manual rewrites (2019) take them from a `*resolved*.tsv` beside them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +39,9 @@ YEARS = (2019, 2020, 2021, 2022)
 SPLITS = ("eval", "train")
 _UTTERANCE = ("raw_utterance", "utterance")
 _RESPONSE = ("passage", "response")
+_PARTICIPANTS = {"user": "user", "system": "assistant"}  # 2022 tree
 _RENAMED = {"automatic_rewritten_utterance": "automatic_rewrite"}
+_TSV_ENDS = (".tsv", ".tsv.gz")
 _TEXT_KEYS = {"number", "manual_rewritten_utterance", *_UTTERANCE, *_RESPONSE}
 
 
@@ -119,13 +125,98 @@ def _turn_session(
     return session, response
 
 
-def read_cast_topics(path: str | Path) -> list[Session]:
-    """Read any year's CAsT topic JSON into sessions (one per turn, id `{topic}_{turn}`).
+def linear_sessions(topic: Mapping[str, Any], path: Path, ti: int) -> Iterator[tuple[Session, str]]:
+    """The sessions of a topic whose turns are listed in order (one per user turn)."""
+    history: list[Turn] = []
+    for tj, raw in enumerate(topic["turn"]):
+        where = f"[{ti}].turn[{tj}]"
+        session, response = _turn_session(topic, raw, history, path, where)
+        yield session, where
+        history = [*session.turns]
+        if response:
+            history.append(Turn("assistant", response))
 
-    Turns repeated by the flattened 2022 file are kept once; a repeat whose conversation differs
-    from the first raises DataFormatError. Errors name the record as `[topic].turn[i].field`.
-    """
-    path = Path(path)
+
+@dataclass(frozen=True)
+class _Node:
+    """One message of a 2022 topic tree."""
+
+    where: str
+    raw: Mapping[str, Any]
+    role: str  # "user" or "assistant"
+    text: str
+    parent: str | None
+
+
+def _tree_node(raw: Any, path: Path, where: str) -> _Node:
+    if not isinstance(raw, Mapping):
+        raise DataFormatError(path, "expected an object", None, where)
+    who = raw.get("participant")
+    role = _PARTICIPANTS.get(who.lower()) if isinstance(who, str) else None
+    if role is None:
+        msg = f"expected 'User' or 'System', got {who!r}"
+        raise DataFormatError(path, msg, None, f"{where}.participant")
+    keys, name = (_UTTERANCE, "utterance") if role == "user" else (_RESPONSE, "response")
+    text = _text(raw, keys, path, where)
+    if text is None:
+        raise DataFormatError(path, "missing field", None, f"{where}.{name}")
+    parent = raw.get("parent")
+    if isinstance(parent, bool) or not isinstance(parent, (int, str, type(None))):
+        raise DataFormatError(
+            path, f"expected a turn number, got {parent!r}", None, f"{where}.parent"
+        )
+    return _Node(where, raw, role, text, None if parent is None else str(parent))
+
+
+def _tree_nodes(topic: Mapping[str, Any], path: Path, ti: int) -> dict[str, _Node]:
+    """A tree topic's messages by turn number, each parent checked to name one of them."""
+    nodes: dict[str, _Node] = {}
+    for tj, raw in enumerate(topic["turn"]):
+        node = _tree_node(raw, path, f"[{ti}].turn[{tj}]")
+        number = _number(node.raw, path, f"{node.where}.number")
+        if number in nodes:
+            raise DataFormatError(path, f"duplicate turn {number!r}", None, f"{node.where}.number")
+        nodes[number] = node
+    for node in nodes.values():
+        if node.parent is not None and node.parent not in nodes:
+            msg = f"parent {node.parent!r} names no turn of topic {topic['number']}"
+            raise DataFormatError(path, msg, None, f"{node.where}.parent")
+    return nodes
+
+
+def _ancestors(nodes: Mapping[str, _Node], number: str, path: Path) -> list[Turn]:
+    """The messages before turn `number`, oldest first, following `parent` to the root."""
+    turns: list[Turn] = []
+    seen, node = {number}, nodes[number]
+    while node.parent is not None:
+        if node.parent in seen:
+            raise DataFormatError(path, "the parent chain loops", None, f"{node.where}.parent")
+        seen.add(node.parent)
+        node = nodes[node.parent]
+        if node.text:  # an empty system response adds nothing to read
+            turns.append(Turn(node.role, node.text))
+    return turns[::-1]
+
+
+def _tree_sessions(topic: Mapping[str, Any], path: Path, ti: int) -> Iterator[tuple[Session, str]]:
+    """The sessions of a 2022 tree topic: one per User turn; its reply is the first System child."""
+    nodes = _tree_nodes(topic, path, ti)
+    replies: dict[str, _Node] = {}
+    for node in nodes.values():
+        if node.role == "assistant" and node.parent is not None:
+            replies.setdefault(node.parent, node)
+    for number, node in nodes.items():
+        if node.role != "user":
+            continue
+        raw = {k: v for k, v in node.raw.items() if k != "participant"}
+        if number in replies:
+            reply = replies[number].raw
+            raw |= {k: reply[k] for k in ("response", "provenance") if k in reply}
+        history = _ancestors(nodes, number, path)
+        yield _turn_session(topic, raw, history, path, node.where)[0], node.where
+
+
+def _read_topics_json(path: Path) -> list[Session]:
     data = read_json(path)
     if not isinstance(data, list):
         raise DataFormatError(path, "expected a JSON list of topics")
@@ -134,18 +225,25 @@ def read_cast_topics(path: str | Path) -> list[Session]:
         if not isinstance(topic, Mapping) or not isinstance(topic.get("turn"), list):
             raise DataFormatError(path, "expected a topic object with a turn list", None, f"[{ti}]")
         topic = {**topic, "number": _number(topic, path, f"[{ti}].number")}
-        history: list[Turn] = []
-        for tj, raw in enumerate(topic["turn"]):
-            where = f"[{ti}].turn[{tj}]"
-            session, response = _turn_session(topic, raw, history, path, where)
+        tree = any(isinstance(t, Mapping) and "participant" in t for t in topic["turn"])
+        sessions = _tree_sessions if tree else linear_sessions
+        for session, where in sessions(topic, path, ti):
             first = out.setdefault(session.id, session)
             if (first.turns, first.rewrite) != (session.turns, session.rewrite):
                 msg = f"duplicate id {session.id!r} repeats with another conversation"
                 raise DataFormatError(path, msg, None, where)
-            history = [*session.turns]
-            if response:
-                history.append(Turn("assistant", response))
     return list(out.values())
+
+
+def read_cast_topics(path: str | Path) -> list[Session]:
+    """Read any year's CAsT topic JSON into sessions (one per user turn, id `{topic}_{turn}`).
+
+    Turns repeated by the flattened 2022 file are kept once; a repeat whose conversation differs
+    from the first raises DataFormatError. Errors name the record as `[topic].turn[i].field`.
+    Turns without a manual rewrite take it from a `*resolved*.tsv` beside the file (2019).
+    """
+    path = Path(path)
+    return with_sibling_rewrites(_read_topics_json(path), path)
 
 
 def read_cast_rewrites(path: str | Path, known: Collection[str] | None = None) -> dict[str, str]:
@@ -170,9 +268,45 @@ def read_cast_rewrites(path: str | Path, known: Collection[str] | None = None) -
     return out
 
 
+def _sibling_tsvs(path: Path) -> list[Path]:
+    try:
+        names = sorted(p.name for p in path.parent.iterdir())
+    except OSError:  # an unlistable directory: no rewrites to add, the topics still read
+        return []
+    return [path.parent / n for n in names if "resolved" in n and n.endswith(_TSV_ENDS)]
+
+
+def with_sibling_rewrites(sessions: list[Session], path: Path) -> list[Session]:
+    """Fill missing rewrites from the `*resolved*.tsv` beside `path` that covers most turns.
+
+    A TSV is used only when every id in it names one of the sessions (so the training sample's
+    TSV never lends rewrites to the evaluation topics, nor the reverse); an unreadable one is
+    skipped with a warning, since the topics themselves read fine.
+    """
+    if all(s.rewrite for s in sessions):
+        return sessions
+    ids = {s.id for s in sessions}
+    best: tuple[Path, dict[str, str]] | None = None
+    for tsv in _sibling_tsvs(path):
+        try:
+            rewrites = read_cast_rewrites(tsv)
+        except DataFormatError as e:
+            logger.warning("not taking CAsT rewrites from %s: %s", tsv, e)
+            continue
+        if not rewrites.keys() <= ids:
+            logger.debug("not taking CAsT rewrites from %s: it names other turns", tsv)
+        elif rewrites and (best is None or len(rewrites) > len(best[1])):
+            best = tsv, rewrites
+    if best is None:
+        return sessions
+    tsv, rewrites = best
+    logger.info("CAsT rewrites for %d of %d turns from %s", len(rewrites), len(sessions), tsv)
+    return [dataclasses.replace(s, rewrite=s.rewrite or rewrites.get(s.id)) for s in sessions]
+
+
 def _merge_automatic(sessions: list[Session], path: Path) -> list[Session]:
     """Add the fields only the automatic topic file has (e.g. its canonical result ids)."""
-    auto = {s.id: s.metadata for s in read_cast_topics(path)}
+    auto = {s.id: s.metadata for s in _read_topics_json(path)}
     stray = sorted(set(auto) - {s.id for s in sessions})
     if stray:
         msg = f"turn {stray[0]!r} is not in the manual topics"

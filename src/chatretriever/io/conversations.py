@@ -10,7 +10,8 @@ the file (`chatretriever.io.stats.guess_format`) or named:
 | `mtrag` | MTRAG `reference.jsonl` (id = `task_id`) | task |
 | `topiocqa` | TopiOCQA `*.json` (id = `{Conversation_no}_{Turn_no}`) | turn |
 | `qrecc` | QReCC `qrecc_*.json` (id as TopiOCQA's; `Rewrite` is the rewrite) | turn |
-| `cast-topics` | TREC CAsT topics (id = `{topic}_{turn}`) | turn |
+| `cast-topics` | TREC CAsT topics JSON, 2022 trees too (id = `{topic}_{turn}`) | user turn |
+| `cast-topics-txt` | TREC CAsT 2019 plain-text topics (id = `{topic}_{turn}`) | turn |
 | `ikat-topics` | TREC iKAT 2023/2024/2025 topics (id = `{number}_{turn_id}`) | turn |
 | `dstc11-logs` | DSTC11 track 5 `logs.json` (+ its `labels.json`; id = `{dir}-{i}`) | context |
 | `esconv`, `multiesc` | ESConv / MultiESC dialogs | supporter turn after a seeker turn |
@@ -34,6 +35,7 @@ from pathlib import Path
 
 from chatretriever.errors import DataFormatError
 from chatretriever.io.cast import read_cast_topics
+from chatretriever.io.cast_txt import read_cast_topics_txt
 from chatretriever.io.dstc11 import read_logs
 from chatretriever.io.esconv import dialogs_sessions, iter_multiesc, read_esconv
 from chatretriever.io.files import (
@@ -160,6 +162,7 @@ _READERS: dict[str, Callable[[Path], list[Session]]] = {
     "topiocqa": read_topiocqa,
     "qrecc": read_topiocqa,
     "cast-topics": read_cast_topics,
+    "cast-topics-txt": read_cast_topics_txt,
     "ikat-topics": read_ikat_topics,
     "dstc11-logs": read_logs,
     "esconv": lambda p: dialogs_sessions(read_esconv(p)),

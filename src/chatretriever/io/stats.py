@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from chatretriever.errors import DataFormatError
 from chatretriever.io.cast import read_cast_topics
+from chatretriever.io.cast_txt import looks_like_cast_txt, read_cast_topics_txt
 from chatretriever.io.corpus import iter_corpus
 from chatretriever.io.dstc11 import read_logs
 from chatretriever.io.esconv import (
@@ -32,7 +33,7 @@ from chatretriever.io.reclm import iter_reclm_items, iter_reclm_sequences
 from chatretriever.io.sessions import iter_sessions
 from chatretriever.io.topiocqa import is_qrecc, iter_topiocqa
 from chatretriever.io.trec import read_beir_qrels, read_run, read_trec_qrels
-from chatretriever.types import Qrel
+from chatretriever.types import Qrel, Session
 
 T = TypeVar("T")
 Stats = dict[str, Any]
@@ -144,6 +145,8 @@ def guess_format(path: str | Path) -> str:
         fmt = _guess_json_document(path, head)
     elif head.startswith("{"):
         fmt = _guess_json_lines(path)
+    elif looks_like_cast_txt(head):
+        fmt = "cast-topics-txt"
     else:
         fmt = _guess_text(path, head.splitlines()[0])
     if fmt is None:
@@ -230,8 +233,10 @@ def _mtrag_stats(path: Path, show: bool) -> Stats:
     }
 
 
-def _cast_stats(path: Path, show: bool) -> Stats:
-    sessions = read_cast_topics(path)
+def _cast_stats(
+    path: Path, show: bool, read: Callable[[Path], list[Session]] = read_cast_topics
+) -> Stats:
+    sessions = read(path)
     return {
         "topics": len({s.metadata["topic"] for s in sessions}),
         "turns": len(sessions),
@@ -353,6 +358,7 @@ _STATS: dict[str, Callable[[Path, bool], Stats]] = {
     "trec-run": _run_stats,
     "mtrag": _mtrag_stats,
     "cast-topics": _cast_stats,
+    "cast-topics-txt": lambda p, show: _cast_stats(p, show, read_cast_topics_txt),
     "queries-tsv": _queries_tsv_stats,
     "ikat-topics": _ikat_stats,
     "dstc11-logs": _dstc11_stats,
