@@ -175,6 +175,37 @@ FIXTURES = {
         "topiocqa",
         {"conversations": 1, "turns": 2, "topics": 1},
     ),
+    "orquac_test.txt": (
+        jsonl(
+            [
+                {"qid": "C_1_q#0", "question": "q?", "rewrite": "q?", "history": []},
+                {
+                    "qid": "C_1_q#1",
+                    "question": "r?",
+                    "history": [{"question": "q?", "answer": {"text": "a."}}],
+                    "answer": {"text": "b."},
+                },
+            ]
+        ),
+        "orquac",
+        {"conversations": 1, "questions": 2, "with rewrite": 1, "with answer": 1},
+    ),
+    "canard_test.json": (
+        json.dumps(
+            [
+                {
+                    "History": ["T", "S"],
+                    "QuAC_dialog_id": "C_1",
+                    "Question": "q?",
+                    "Question_no": 1,
+                    "Rewrite": "q?",
+                }
+            ],
+            indent=4,
+        ),
+        "canard",
+        {"conversations": 1, "questions": 1, "with rewrite": 1},
+    ),
     # QReCC (apple/ml-qrecc): TopiOCQA's layout plus the human rewrite, no topics
     "qrecc_test.json": (
         json.dumps(

@@ -330,3 +330,57 @@ def test_search_reads_a_published_dataset_file(tmp_path, capsys):
     assert main([*argv, "--sessions-format", "ikat-topics"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {tasks}")
+
+
+# OR-QuAC (prdwb/orconvqa-release preprocessed/*.txt) and CANARD, both grown from QuAC
+ORQUAC = [
+    {
+        "qid": "C_ab_1_q#0",
+        "question": "What was Zappa's first band?",
+        "rewrite": "What was Zappa's first band?",
+        "history": [],
+        "answer": {"text": "The Mothers of Invention", "answer_start": 0},
+    },
+    {
+        "qid": "C_ab_1_q#1",
+        "question": "When was it founded?",
+        "rewrite": "When was The Mothers of Invention founded?",
+        "history": [
+            {"question": "What was Zappa's first band?", "answer": {"text": "The Mothers"}},
+        ],
+        "answer": {"text": "CANNOTANSWER"},
+    },
+]
+CANARD = [
+    {
+        "History": ["Frank Zappa", "Disbandment", "What group disbanded", "The Mothers"],
+        "QuAC_dialog_id": "C_ab_1",
+        "Question": "When did they disband?",
+        "Question_no": 2,
+        "Rewrite": "When did the Mothers of Invention disband?",
+    }
+]
+
+
+def test_orquac_and_canard(tmp_path):
+    first, second = read_conversations(write(tmp_path / "test.txt", jsonl(ORQUAC)))
+    assert (first.id, first.response) == ("C_ab_1_q#0", "The Mothers of Invention")
+    assert [t.content for t in second.turns] == [
+        "What was Zappa's first band?",
+        "The Mothers",
+        "When was it founded?",
+    ]
+    assert second.rewrite.endswith("Invention founded?") and second.response is None
+    assert first.metadata["conversation"] == second.metadata["conversation"] == "C_ab_1"
+    (c,) = read_conversations(write(tmp_path / "test.json", json.dumps(CANARD)))
+    assert c.id == "C_ab_1_q#1" and c.metadata["title"] == "Frank Zappa"  # OR-QuAC's qid
+    assert [t.role for t in c.turns] == ["user", "assistant", "user"]
+    assert c.rewrite == "When did the Mothers of Invention disband?"
+    for path, match in (
+        (write(tmp_path / "a.txt", jsonl([{**ORQUAC[0], "history": "none"}])), "'history'"),
+        (write(tmp_path / "b.txt", jsonl([ORQUAC[0], ORQUAC[0]])), r":2: .*duplicate qid"),
+        (write(tmp_path / "c.json", json.dumps([{**CANARD[0], "History": ["t"]}])), "History"),
+        (write(tmp_path / "d.json", json.dumps([{**CANARD[0], "Question_no": 0}])), "Question_no"),
+    ):
+        with pytest.raises(DataFormatError, match=match):
+            read_conversations(path)

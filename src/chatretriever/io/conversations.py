@@ -9,6 +9,8 @@ the file (`chatretriever.io.stats.guess_format`) or named:
 | `sessions` | sessions JSONL | line |
 | `mtrag` | MTRAG `reference.jsonl` (id = `task_id`) | task |
 | `topiocqa` | TopiOCQA `*.json` (id = `{Conversation_no}_{Turn_no}`) | turn |
+| `orquac` | OR-QuAC preprocessed `{train,dev,test}.txt` JSON lines (id = `qid`) | line |
+| `canard` | CANARD `*.json` (id = OR-QuAC's `{QuAC_dialog_id}_q#{Question_no - 1}`) | question |
 | `qrecc` | QReCC `qrecc_*.json` (id as TopiOCQA's; `Rewrite` is the rewrite) | turn |
 | `cast-topics` | TREC CAsT topics JSON, 2022 trees too (id = `{topic}_{turn}`) | user turn |
 | `cast-topics-txt` | TREC CAsT 2019 plain-text topics (id = `{topic}_{turn}`) | turn |
@@ -48,6 +50,7 @@ from chatretriever.io.files import (
 )
 from chatretriever.io.ikat import read_ikat_topics
 from chatretriever.io.mtrag import iter_mtrag_tasks
+from chatretriever.io.quac import read_canard, read_orquac
 from chatretriever.io.sessions import read_sessions
 from chatretriever.io.stats import UnknownFormatError, guess_format
 from chatretriever.io.topiocqa import read_topiocqa
@@ -161,6 +164,8 @@ _READERS: dict[str, Callable[[Path], list[Session]]] = {
     "mtrag": lambda p: list(iter_mtrag_tasks(p)),
     "topiocqa": read_topiocqa,
     "qrecc": read_topiocqa,
+    "orquac": read_orquac,
+    "canard": read_canard,
     "cast-topics": read_cast_topics,
     "cast-topics-txt": read_cast_topics_txt,
     "ikat-topics": read_ikat_topics,

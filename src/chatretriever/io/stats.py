@@ -29,6 +29,7 @@ from chatretriever.io.esconv import (
 from chatretriever.io.files import iter_lines, open_text, read_json
 from chatretriever.io.ikat import read_ikat_topics
 from chatretriever.io.mtrag import iter_mtrag_tasks
+from chatretriever.io.quac import read_canard, read_orquac
 from chatretriever.io.reclm import iter_reclm_items, iter_reclm_sequences
 from chatretriever.io.sessions import iter_sessions
 from chatretriever.io.topiocqa import is_qrecc, iter_topiocqa
@@ -63,6 +64,8 @@ def _read_head(path: Path) -> str:
 
 def _guess_json_document(path: Path, head: str) -> str | None:
     keys = set(_JSON_KEY.findall(head))
+    if "QuAC_dialog_id" in keys:
+        return "canard"
     if "Conversation_no" in keys:
         return "qrecc" if is_qrecc(keys) else "topiocqa"
     if "ptkb" in keys or ({"turns", "turn_id"} <= keys and "utterance" in keys):
@@ -86,6 +89,8 @@ def _guess_json_lines(path: Path) -> str | None:
         return None
     if {"conversation_id", "task_id", "input"} <= keys:
         return "mtrag"
+    if {"qid", "question", "history"} <= keys:
+        return "orquac"
     if "messages" in keys:
         return "sessions"
     if "item_id" in keys:
@@ -280,6 +285,19 @@ def _topiocqa_stats(path: Path, show: bool) -> Stats:
     }
 
 
+def _quac_stats(read: Callable[[Path], list[Session]]) -> Callable[[Path, bool], Stats]:
+    def stats(path: Path, show: bool) -> Stats:
+        sessions = read(path)
+        return {
+            "conversations": len({s.metadata["conversation"] for s in sessions}),
+            "questions": len(sessions),
+            "with rewrite": sum(s.rewrite is not None for s in sessions),
+            "with answer": sum(s.response is not None for s in sessions),
+        }
+
+    return stats
+
+
 def _qrecc_stats(path: Path, show: bool) -> Stats:
     sessions = list(_progress(iter_topiocqa(path), "turns", show))
     return {
@@ -364,6 +382,8 @@ _STATS: dict[str, Callable[[Path, bool], Stats]] = {
     "dstc11-logs": _dstc11_stats,
     "topiocqa": _topiocqa_stats,
     "qrecc": _qrecc_stats,
+    "orquac": _quac_stats(read_orquac),
+    "canard": _quac_stats(read_canard),
     "esconv": lambda p, show: _dialog_stats(read_esconv(p)),
     "multiesc": lambda p, show: _dialog_stats(list(iter_multiesc(p))),
     "esconv-tsv": _esconv_tsv_stats,
