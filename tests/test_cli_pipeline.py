@@ -565,3 +565,20 @@ def test_ctrl_c_is_one_line_and_exit_130(files, capsys, monkeypatch):
     code = main(["evaluate", str(files / "qrels.txt"), str(files / "qrels.txt")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 130 and len(err) == 1 and err[0].startswith("interrupted: finished work is kept")
+
+
+def test_a_closed_stdout_is_a_quiet_exit_141(tmp_path):
+    # `chatretriever evaluate ... --per-query | head -1`: the reader goes away mid-output
+    run = "".join(f"q{i} Q0 d{i} 1 1.0 x\n" for i in range(3000))
+    qrels = "".join(f"q{i} 0 d{i} 1\n" for i in range(3000))
+    (tmp_path / "run.trec").write_text(run)
+    (tmp_path / "qrels.txt").write_text(qrels)
+    argv = [sys.executable, "-m", "chatretriever", "evaluate", "run.trec", "qrels.txt"]
+    proc = subprocess.Popen(
+        [*argv, "--per-query"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdout is not None and proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "BrokenPipe" not in err
