@@ -332,6 +332,34 @@ def test_search_reads_a_published_dataset_file(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith(f"error: {tasks}")
 
 
+def test_search_takes_rewrites_from_a_metadata_field(tmp_path, capsys):
+    pytest.importorskip("bm25s")
+    rows = [  # CAsT 2020/2021 keep the organisers' automatic rewrites as automatic_rewrite
+        {
+            "id": "t_2",
+            "messages": [{"role": "user", "content": "and the other one?"}],
+            "rewrite": "how is a violin played",
+            "metadata": {"automatic_rewrite": "where do penguins live", "topic": "t"},
+        },
+        {"id": "t_3", "messages": [{"role": "user", "content": "volcanoes?"}]},
+    ]
+    sessions = write(tmp_path / "s.jsonl", jsonl(rows))
+    corpus = write(tmp_path / "corpus.jsonl", jsonl(CORPUS))
+    out = tmp_path / "run.trec"
+    argv = ["search", "--bm25", str(corpus), "--sessions", str(sessions), "--out", str(out)]
+    argv += ["--formulation", "rewrite", "--missing-rewrite", "last_turn", "--k", "1"]
+    assert main(argv) == 0
+    assert next(iter(read_run(out).scores["t_2"])) == "d3"  # the session's own rewrite
+    assert main([*argv, "--rewrite-field", "automatic_rewrite"]) == 0
+    run = read_run(out).scores
+    assert next(iter(run["t_2"])) == "d2" and next(iter(run["t_3"])) == "d1"  # no rewrite there
+    capsys.readouterr()
+    assert main([*argv, "--rewrite-field", "manual"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no session has a text in metadata field 'manual'" in err
+    assert err.endswith("text fields there: automatic_rewrite, topic")
+
+
 # OR-QuAC (prdwb/orconvqa-release preprocessed/*.txt) and CANARD, both grown from QuAC
 ORQUAC = [
     {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import Any
 
@@ -18,7 +19,8 @@ def add_sessions_arguments(p: argparse.ArgumentParser, what: str = "") -> None:
         "--sessions",
         required=True,
         help="conversations: sessions JSONL, or a dataset file as published (MTRAG "
-        "reference.jsonl, TopiOCQA, TREC CAsT / iKAT topics, DSTC11 logs.json, ESConv)" + what,
+        "reference.jsonl, TopiOCQA, QReCC, OR-QuAC, CANARD, TREC CAsT / iKAT topics, DSTC9-11 "
+        "logs.json, ESConv, BEIR queries, qid<TAB>text)" + what,
     )
     p.add_argument(
         "--sessions-format",
@@ -26,11 +28,40 @@ def add_sessions_arguments(p: argparse.ArgumentParser, what: str = "") -> None:
         default=None,
         help="the format of --sessions (default: told from the file)",
     )
+    p.add_argument(
+        "--rewrite-field",
+        default=None,
+        metavar="KEY",
+        help="take each session's rewrite from this metadata field instead (e.g. "
+        "automatic_rewrite: the TREC CAsT organisers' automatic rewrites; dataset_rewrite "
+        "after `chatretriever rewrite`)",
+    )
 
 
 def load_sessions(args: argparse.Namespace) -> list[Session]:
-    """The sessions `add_sessions_arguments` named."""
-    return read_conversations(args.sessions, args.sessions_format)
+    """The sessions `add_sessions_arguments` named (rewrites from `--rewrite-field` if given)."""
+    sessions = read_conversations(args.sessions, args.sessions_format)
+    key = getattr(args, "rewrite_field", None)
+    return sessions if key is None else rewrites_from(sessions, key, args.sessions)
+
+
+def rewrites_from(sessions: list[Session], key: str, where: str) -> list[Session]:
+    """The sessions with `rewrite` = their metadata[key] (None where they have none).
+
+    Raises:
+        ValueError: no session has a text under `key` (the message lists the fields there are).
+    """
+    texts = [s.metadata.get(key) for s in sessions]
+    if not any(isinstance(t, str) and t.strip() for t in texts):
+        fields = sorted({k for s in sessions for k, v in s.metadata.items() if isinstance(v, str)})
+        raise ValueError(
+            f"{where}: no session has a text in metadata field {key!r} (--rewrite-field); "
+            f"text fields there: {', '.join(fields) or 'none'}"
+        )
+    return [
+        dataclasses.replace(s, rewrite=t.strip() if isinstance(t, str) and t.strip() else None)
+        for s, t in zip(sessions, texts, strict=True)
+    ]
 
 
 def add_parser(sub: Any) -> None:
