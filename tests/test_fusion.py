@@ -189,8 +189,11 @@ def test_cli_index_bm25_then_search_hybrid_records_its_settings(tmp_path, fake_m
     assert set(run.scores["q1"]) >= {"diet"}
 
 
-def test_cli_hybrid_without_a_bm25_side_is_one_clear_error(tmp_path, fake_model, capsys):
+def test_cli_hybrid_without_a_bm25_side_is_one_clear_error(
+    tmp_path, fake_model, capsys, monkeypatch
+):
     pytest.importorskip("faiss")
+    from chatretriever.apps import registry
     from chatretriever.cli import main
 
     (tmp_path / "corpus.jsonl").write_text(jsonl(CORPUS))
@@ -200,6 +203,11 @@ def test_cli_hybrid_without_a_bm25_side_is_one_clear_error(tmp_path, fake_model,
         main(["index", str(tmp_path / "corpus.jsonl"), "--out", str(idx), "--model", "fake:"]) == 0
     )
     search = ["search", "--sessions", str(tmp_path / "sessions.jsonl"), "--index", str(idx)]
+
+    def no_loading(*args, **kwargs):  # told before the (slow) model loads
+        raise AssertionError("the model was loaded before the missing BM25 side was told")
+
+    monkeypatch.setattr(registry, "load_encoder", no_loading)
     assert main([*search, "--out", str(tmp_path / "r.trec"), "--hybrid", "rrf"]) == 2
     assert "no BM25 side" in capsys.readouterr().err
 

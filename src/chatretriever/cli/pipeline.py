@@ -384,6 +384,7 @@ def _search_dense(args: argparse.Namespace, sessions: list) -> tuple:
     model = args.model or loaded.model
     if not model:
         raise ValueError(f"{args.index} does not record its model: pass --model NAME")
+    side = hybrid_side(args, loaded) if args.hybrid else None  # before the model loads
     encoder = load_encoder(model)
     match_precision(encoder, loaded.index.meta.fingerprint)  # the passages' precision
     fingerprint = fingerprint_of(encoder)  # checked before any query is encoded
@@ -397,9 +398,9 @@ def _search_dense(args: argparse.Namespace, sessions: list) -> tuple:
         "missing_rewrite": args.missing_rewrite,
         "params": args.params,
     }
-    if not args.hybrid:
+    if side is None:
         return search_dense(encoder, loaded.index, sessions, k=args.k, **dense_kwargs), model, {}
-    bm25, formulation, fusion, hybrid = hybrid_side(args, loaded)
+    bm25, formulation, fusion, hybrid = side
     run = search_hybrid(
         encoder,
         loaded.index,
