@@ -208,6 +208,42 @@ def test_changed_corpus_is_refused(tmp_path):
         encode_corpus(HashEncoder(), changed, tmp_path / "emb", cfg)
 
 
+def test_shard_jobs_on_different_corpora_are_not_mixed(tmp_path):
+    cfg = [EncodeConfig(chunk_size=4, shard=(i, 2), show_progress=False) for i in (0, 1)]
+    corpus = make_corpus(16)
+    other = [Passage(p.id, p.text + " edited") for p in corpus]  # same ids, other texts
+    emb = tmp_path / "emb"
+    encode_corpus(HashEncoder(), corpus, emb, cfg[0])  # chunks 0 and 2
+    # shard jobs that ran at once, on two machines, on different corpora: gathered into one
+    # directory, each chunk is complete, but together they are no corpus: index refuses
+    encode_corpus(HashEncoder(), other, tmp_path / "there", cfg[1])
+    mixed = tmp_path / "mixed"
+    shutil.copytree(emb, mixed)
+    for chunk in (tmp_path / "there").glob("chunk-*"):
+        shutil.copytree(chunk, mixed / chunk.name)
+    with pytest.raises(ValueError, match="do not make up the corpus its last encode job read"):
+        list_shards([mixed])
+    # one after the other into one directory: the later job meets the other's chunk 0 first
+    late = HashEncoder()
+    with pytest.raises(ValueError, match="chunk-00000 holds other passages than this corpus"):
+        encode_corpus(late, other, emb, cfg[1])
+    assert late.passages_encoded == 0  # refused before its own chunk 1
+    encode_corpus(HashEncoder(), corpus, emb, cfg[1])  # the right corpus completes the job
+    assert read_all(emb)[0] == [p.id for p in corpus]
+
+
+def test_gathered_chunks_without_settings_must_have_no_gap(tmp_path):
+    emb = tmp_path / "emb"
+    encode_corpus(
+        HashEncoder(), make_corpus(12), emb, EncodeConfig(chunk_size=4, show_progress=False)
+    )
+    (emb / SETTINGS).unlink()  # chunk dirs collected from several machines
+    assert len(list_shards([emb])) == 3
+    shutil.rmtree(emb / "chunk-00001")
+    with pytest.raises(ValueError, match="up to chunk-00002 but not chunk-00001"):
+        list_shards([emb])
+
+
 @pytest.mark.parametrize("text", ["2/2", "1", "a/b", "-1/3"])
 def test_parse_shard_rejects_bad_values(text):
     with pytest.raises(ValueError):

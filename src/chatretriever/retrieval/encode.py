@@ -31,7 +31,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -257,24 +257,52 @@ def _chunks(passages: Iterable[Passage], size: int) -> Iterator[list[Passage]]:
 
 @dataclass
 class CorpusTally:
-    """Chunks and passages of the whole corpus, counted while `own_chunks` reads it."""
+    """Chunks and passages of the whole corpus, counted while `own_chunks` reads it, and the
+    content digest of every chunk (`corpus_digest` combines them)."""
 
     num_chunks: int = 0
     num_passages: int = 0
+    digests: list[str] = field(default_factory=list)
+
+
+def corpus_digest(chunk_digests: Iterable[str]) -> str:
+    """One digest of a corpus from its chunks' `chunk_digest`s, in chunk order."""
+    return hashlib.sha256("\n".join(chunk_digests).encode("ascii")).hexdigest()[:16]
 
 
 def own_chunks(
-    passages: Iterable[Passage], config: EncodeConfig, tally: CorpusTally
+    passages: Iterable[Passage],
+    config: EncodeConfig,
+    tally: CorpusTally,
+    out_dir: Path | None = None,
 ) -> Iterator[tuple[int, list[Passage]]]:
     """Yield (j, passages of chunk j) for this shard's chunks (j % n == i), in corpus order.
 
-    Every chunk, this shard's or not, is counted into `tally` (complete once exhausted).
+    Every chunk, this shard's or not, is counted into `tally` (complete once exhausted). With
+    `out_dir`, another shard's chunk already there must hold this corpus's passages: a shard
+    job run on another corpus (or on this one edited since) is refused, not mixed in.
     """
     i, n = config.shard
     for j, chunk in enumerate(_chunks(passages, config.chunk_size)):
+        digest = chunk_digest(chunk)
         tally.num_chunks, tally.num_passages = j + 1, tally.num_passages + len(chunk)
+        tally.digests.append(digest)
         if j % n == i:
             yield j, chunk
+        elif out_dir is not None:
+            _check_other_chunk(chunk_dir(out_dir, j), digest)
+
+
+def _check_other_chunk(path: Path, digest: str) -> None:
+    if not (path / META).exists():
+        return
+    held = read_meta(path).extra.get("content")
+    if held is not None and held != digest:
+        raise ValueError(
+            f"{path} holds other passages than this corpus's chunk there: {path.parent} was "
+            "encoded (by another shard job) from another corpus, or from this one before it "
+            "changed; encode into another directory, or rerun every shard on this corpus"
+        )
 
 
 def start_output(encoder: Encoder, out_dir: Path, config: EncodeConfig) -> dict[str, Any]:
@@ -306,7 +334,11 @@ def chunk_meta(
 
 def finish_output(out_dir: Path, settings: dict[str, Any], tally: CorpusTally) -> None:
     """Record the corpus's chunk and passage counts (what `list_shards` checks against)."""
-    counts = {"num_chunks": tally.num_chunks, "num_passages": tally.num_passages}
+    counts = {
+        "num_chunks": tally.num_chunks,
+        "num_passages": tally.num_passages,
+        "corpus_digest": corpus_digest(tally.digests),
+    }
     _write_settings(out_dir, {**settings, **counts})
 
 
@@ -337,7 +369,7 @@ def encode_corpus(
     written = kept = encoded = 0
     tally = CorpusTally()
     with progress_bar(total, config) as bar:
-        for j, chunk in own_chunks(passages, config, tally):
+        for j, chunk in own_chunks(passages, config, tally, out_dir):
             ids = [p.id for p in chunk]
             path = chunk_dir(out_dir, j)
             if chunk_done(path, chunk, settings):
@@ -419,9 +451,11 @@ def _check_complete(path: Path, chunks: list[Path]) -> None:
     first has recorded num_chunks while the others still write theirs.
     """
     settings_path = path / SETTINGS
-    if not settings_path.exists():
-        return  # shard directories made by hand: nothing to check against
-    expected = json.loads(settings_path.read_text(encoding="utf-8")).get("num_chunks")
+    if not settings_path.exists():  # chunk dirs gathered by hand: at least no gap among them
+        _check_contiguous(path, chunks)
+        return
+    settings = json.loads(settings_path.read_text(encoding="utf-8"))
+    expected = settings.get("num_chunks")
     if expected is None:
         raise ValueError(f"{path}: the encode job is unfinished (rerun it to resume)")
     want = {chunk_dir(path, j).name for j in range(expected)}
@@ -436,6 +470,32 @@ def _check_complete(path: Path, chunks: list[Path]) -> None:
         raise ValueError(
             f"{path} holds chunks beyond the corpus's {expected} ({_few(stray)}): left by an "
             "encoding of a longer corpus? use another output directory"
+        )
+    _check_one_corpus(path, chunks, settings.get("corpus_digest"))
+
+
+def _check_one_corpus(path: Path, chunks: list[Path], recorded: str | None) -> None:
+    """Raise unless the chunks' content digests make up the corpus the settings recorded."""
+    held = [read_meta(c).extra.get("content") for c in chunks]
+    if recorded is None or None in held:  # encoded before digests were recorded
+        return
+    if corpus_digest(held) != recorded:
+        raise ValueError(
+            f"{path}: its chunks do not make up the corpus its last encode job read (shard "
+            "jobs run on different corpora, or on one that changed between them); rerun "
+            "every shard on one corpus, or encode into another directory"
+        )
+
+
+def _check_contiguous(path: Path, chunks: list[Path]) -> None:
+    """Chunk dirs without the job's settings: refuse a gap (chunk 0 .. the last one found)."""
+    numbers = sorted(int(c.name[len(CHUNK_PREFIX) :]) for c in chunks)
+    missing = sorted(set(range(numbers[-1] + 1)) - set(numbers))
+    if missing:
+        names = [chunk_dir(path, j).name for j in missing]
+        raise ValueError(
+            f"{path} holds chunks up to {chunks[-1].name} but not {_few(names)} (and no "
+            f"{SETTINGS} to tell the corpus's size): gather every chunk, or encode again"
         )
 
 

@@ -266,7 +266,7 @@ def _pending_rows(
     pending: dict[int, _Pending] = {}
     kept: list[int] = []
     dim = int(settings["dim"])
-    for j, chunk in own_chunks(passages, config, tally):
+    for j, chunk in own_chunks(passages, config, tally, out_dir):
         ids = [p.id for p in chunk]
         if chunk_done(chunk_dir(out_dir, j), chunk, settings):
             kept.append(len(chunk))
