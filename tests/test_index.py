@@ -44,6 +44,25 @@ def test_flat_is_exact_inner_product(tmp_path):
     assert index.memory_bytes >= 300 * 16 * 4
 
 
+def test_ties_at_the_cut_are_broken_by_id_whatever_k(tmp_path):
+    # each of 20 vectors under three ids (a corpus with duplicates): every score is tied 3 ways
+    rng = np.random.default_rng(1)
+    base = rng.standard_normal((20, 8)).astype(np.float32)
+    emb = np.repeat(base, 3, axis=0)
+    ids = [f"{prefix}{i:02d}" for i in range(20) for prefix in ("z", "m", "a")]
+    meta = EmbeddingMeta(model="m", dim=8, normalized=False)
+    index = DenseIndex.build([write_embeddings(tmp_path / "s", ids, emb, meta)])
+    queries = base[:4] + 0.05
+    for k in (1, 2, 4, 7, 10, 20, 60):
+        hits = index.search(queries, k=k)
+        for q, h in zip(queries, hits, strict=True):
+            scores = emb @ q
+            expected = sorted(range(60), key=lambda i: (-scores[i], ids[i]))[:k]
+            assert [d for d, _ in h] == [ids[i] for i in expected], k
+    longer = index.search(queries, k=20)
+    assert [h[:10] for h in longer] == index.search(queries, k=10)  # k=10 is k=20's prefix
+
+
 def test_blockwise_add_shows_progress_and_keeps_the_row_order(tmp_path, monkeypatch, capsys):
     import chatretriever.retrieval.index as index_module
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from chatretriever.errors import DataFormatError, require_extra
 from chatretriever.io.embeddings import EmbeddingMeta, read_embeddings, warn_if_by_name
 from chatretriever.io.files import atomic_dir
+from chatretriever.types import rank_key
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +78,31 @@ def faiss_message(error: Exception) -> str:
     text = " ".join(str(error).split())
     match = re.search(r"\.(?:cpp|h):\d+: (.*)", text)
     return (match.group(1) if match else text).strip()
+
+
+TIE_MARGIN = 8  # hits fetched past k, to see whether the score at the cut is tied
+
+
+def top_k_with_ties(
+    search_at: Callable[[int], list[list[tuple[str, float]]]], k: int, total: int
+) -> list[list[tuple[str, float]]]:
+    """Each query's top k, ties broken by (-score, id) as in every run file, at the cut too.
+
+    An index returns tied passages (duplicates under several ids) in an order of its own, so
+    which of them make the cut would depend on the backend and on k. `search_at(depth)` is
+    asked past k until the score after the cut differs from the k-th (or the index is spent).
+    """
+    k = min(k, total)
+    if k < 1:
+        raise ValueError(f"k must be at least 1 (and the index not empty), got k={k}")
+    depth = min(k + TIE_MARGIN, total)
+    while True:
+        hits = search_at(depth)
+        tied = any(len(h) == depth and h[-1][1] == h[k - 1][1] for h in hits)
+        if not tied or depth >= total:
+            break
+        depth = min(2 * depth, total)
+    return [sorted(h, key=lambda p: rank_key(*p))[:k] for h in hits]
 
 
 def read_shards(
@@ -219,11 +245,17 @@ class DenseIndex:
         if queries.ndim != 2 or queries.shape[1] != self.meta.dim:
             raise ValueError(f"queries have shape {queries.shape}, index dim is {self.meta.dim}")
         self.set_search_params(params)
-        scores, rows = self.index.search(queries, min(k, len(self.ids)))  # (Q, k) each
-        return [
-            [(self.ids[r], float(s)) for s, r in zip(srow, rrow, strict=True) if r >= 0]
-            for srow, rrow in zip(scores, rows, strict=True)
-        ]
+
+        def search_at(depth: int) -> list[list[tuple[str, float]]]:
+            scores, rows = self.index.search(queries, depth)  # (Q, depth) each
+            return [
+                [(self.ids[r], float(s)) for s, r in zip(srow, rrow, strict=True) if r >= 0]
+                for srow, rrow in zip(scores, rows, strict=True)
+            ]
+
+        if min(k, len(self.ids)) < 1:
+            return [[] for _ in queries]
+        return top_k_with_ties(search_at, k, len(self.ids))
 
     def set_search_params(self, params: str | None) -> None:
         """Apply Faiss search parameters ("efSearch=128", "nprobe=16", comma-separated).
