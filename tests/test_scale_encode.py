@@ -361,3 +361,21 @@ def test_importing_the_ray_engine_imports_neither_ray_nor_torch():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_an_unreachable_ray_address_is_refused_at_once():
+    import socket
+
+    from chatretriever.retrieval.ray_encode import check_reachable
+
+    with socket.socket() as s:  # a port nothing listens on: bound, never listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+            with pytest.raises(ValueError, match=f"--address {address}: no Ray cluster answers"):
+                check_reachable(address, timeout=2)
+    with socket.socket() as server:  # something answers: left to Ray
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        check_reachable(f"127.0.0.1:{server.getsockname()[1]}")
+    check_reachable("auto")  # not host:port: left to Ray

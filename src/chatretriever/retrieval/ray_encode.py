@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -187,6 +188,24 @@ def encode_corpus_ray(
     return EncodeResult(out_dir, *counts)
 
 
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Refuse a `host:port` (or `ray://host:port`) no server answers on within `timeout` s.
+
+    Ray itself retries an unreachable cluster for minutes; "auto" and other forms are left
+    to it.
+    """
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ValueError(
+            f"--address {address}: no Ray cluster answers there ({e.strerror or e}); start one "
+            "(`ray start --head`) or leave --address out to run Ray on this machine"
+        ) from None
+
+
 @contextmanager
 def _ray_session(ray: Any, address: str | None) -> Iterator[None]:
     """Use this process's Ray when it has one, else join `address` or start a local Ray.
@@ -202,6 +221,7 @@ def _ray_session(ray: Any, address: str | None) -> Iterator[None]:
     if address is None:
         ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, **quiet)
     else:
+        check_reachable(address)
         ray.init(address=address, **quiet)
     try:
         yield
