@@ -12,7 +12,7 @@ from fakes import HashEncoder
 
 from chatretriever.errors import DataFormatError
 from chatretriever.io.embeddings import EmbeddingMeta, write_embeddings
-from chatretriever.retrieval.index import EncoderMismatchError, load_index
+from chatretriever.retrieval.index import TIE_MARGIN, EncoderMismatchError, load_index
 
 pytest.importorskip("pymilvus")
 pytest.importorskip("milvus_lite")
@@ -85,6 +85,22 @@ def test_ties_are_broken_by_id(tmp_path, db):
     (hits,) = index.search(np.eye(4, dtype=np.float32)[:1], k=4)
     assert [d for d, _ in hits] == ["a", "m", "z", "other"]
     assert [s for _, s in hits] == pytest.approx([1.0, 1.0, 1.0, 0.0])
+
+
+def test_ties_at_the_cut_agree_with_faiss_for_every_k(tmp_path, db):
+    from chatretriever.retrieval.index import DenseIndex
+
+    rng = np.random.default_rng(3)
+    base = rng.standard_normal((15, 8)).astype(np.float32)
+    ids = [f"{p}{i:02d}" for i in range(15) for p in ("x", "d", "a")]  # each vector 3 times
+    meta = EmbeddingMeta(model="m", dim=8, fingerprint="fp-a")
+    shard = write_embeddings(tmp_path / "s", ids, np.repeat(base, 3, axis=0), meta)
+    milvus, faiss = MilvusIndex.build([shard], db, "tied"), DenseIndex.build([shard])
+    queries = base[:5] + 0.1
+    for k in (1, 4, 10, 20):
+        got = [[d for d, _ in h] for h in milvus.search(queries, k=k)]
+        assert got == [[d for d, _ in h] for h in faiss.search(queries, k=k)], k
+        assert all(h[0].startswith("a") for h in got)  # the tied three: by id, "a" first
 
 
 def test_hnsw_finds_each_vector_itself(tmp_path, db):
@@ -381,3 +397,157 @@ def test_cli_index_of_a_corpus_on_milvus(cli_files, capsys, caplog):
     assert main([*argv, "--factory", "HNSW:M=8"]) == 0  # a re-run keeps chunks and rows
     assert "jaguars: 0 rows upserted, 4 kept" in caplog.text
     _same_run(_search(d, d / "mv", "mv.trec"), _search(d, d / "faiss", "f.trec"))
+
+
+# --- one-line errors: index specs, Milvus failures, a busy database, search parameters ----------
+
+
+@pytest.fixture
+def milvus_error_logs(caplog):
+    """ERROR records of pymilvus (which does not propagate to the root logger) and milvus-lite."""
+    import logging
+
+    pymilvus_logger = logging.getLogger("pymilvus")
+    pymilvus_logger.addHandler(caplog.handler)
+    yield lambda: [r for r in caplog.records if r.levelno >= logging.ERROR]
+    pymilvus_logger.removeHandler(caplog.handler)
+
+
+def _release(index, db_path):
+    """Close an index and stop this process's milvus-lite server of its file (as at exit)."""
+    from milvus_lite.server_manager import server_manager_instance
+
+    index.close()
+    server_manager_instance.release_server(str(db_path))
+
+
+def test_an_index_spec_is_checked_when_parsed(tmp_path, db):
+    with pytest.raises(ValueError, match=r"--factory 'HNSW32'.*Faiss factory.*HNSW:M=32"):
+        parse_index_spec("HNSW32")
+    with pytest.raises(ValueError, match=r"IVF_FLAT:nlist=4096"):
+        parse_index_spec("IVF4096,Flat")
+    with pytest.raises(ValueError, match=r"'IVF_PQ' is not supported; supported: FLAT, HNSW"):
+        parse_index_spec("IVF_PQ:nlist=4")
+    with pytest.raises(ValueError, match=r"--factory 'HNSW:M=abc': M must be an integer"):
+        parse_index_spec("HNSW:M=abc")
+    with pytest.raises(ValueError, match=r"HNSW takes no parameter 'm' \(it takes M, efCons"):
+        parse_index_spec("HNSW:m=16")
+    with pytest.raises(ValueError, match=r"FLAT takes no parameter 'nlist' \(it takes none\)"):
+        parse_index_spec("FLAT:nlist=4")
+    with pytest.raises(ValueError, match=r"M must be an integer in \[2, 2048\], got '1'"):
+        parse_index_spec("HNSW:M=1")
+    assert parse_index_spec("AUTOINDEX") == ("AUTOINDEX", {})
+    dirs, _, _ = random_shards(tmp_path, n=8, dim=4, parts=1)
+    with pytest.raises(ValueError, match="HNSW:M=32"):
+        MilvusIndex.build(dirs, db, "faiss_spelling", index_spec="HNSW32")
+    client = mi.connect(db)
+    assert "faiss_spelling" not in client.list_collections()  # refused before anything
+    client.close()
+
+
+def test_a_collection_milvus_cannot_load_is_one_line(
+    tmp_path, monkeypatch, caplog, milvus_error_logs
+):
+    """An index built before specs were checked ("HNSW32" was stored as given) fails to load in
+    milvus-lite: one line naming the index directory, no logged traceback."""
+    dirs, _, _ = random_shards(tmp_path, n=8, dim=4, parts=1)
+    monkeypatch.setattr(mi, "parse_index_spec", lambda spec: ("HNSW32", {}))  # the old parser
+    index = MilvusIndex.build(dirs, str(tmp_path / "idx/milvus.db"), "old")
+    index.save(tmp_path / "idx")
+    _release(index, tmp_path / "idx/milvus.db")
+    monkeypatch.undo()
+    caplog.clear()  # milvus-lite's background index build of the bad type, during the build
+    with pytest.raises(DataFormatError, match=r"idx: Milvus could not load .*'old'.*HNSW32"):
+        load_index(tmp_path / "idx")
+    assert [r.name for r in milvus_error_logs() if r.name.startswith("pymilvus")] == []
+    assert "milvus_lite.adapter.grpc.servicer" not in [r.name for r in milvus_error_logs()]
+
+
+def test_a_database_open_in_another_process_is_one_line(tmp_path, milvus_error_logs):
+    import subprocess
+    import sys
+
+    dirs, _, _ = random_shards(tmp_path, n=8, dim=4, parts=1)
+    path = tmp_path / "idx/milvus.db"
+    index = MilvusIndex.build(dirs, str(path), "busy")
+    index.save(tmp_path / "idx")
+    _release(index, path)
+    hold = "import sys; from pymilvus import MilvusClient; MilvusClient(uri=sys.argv[1]); "
+    hold += "print('ready', flush=True); sys.stdin.read()"  # holds the file until stdin closes
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        with pytest.raises(ValueError, match="is open in another process") as e:
+            load_index(tmp_path / "idx")
+    finally:
+        holder.stdin.close()
+        try:
+            holder.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            holder.kill()
+    assert str(path) in str(e.value) and "one process per file" in str(e.value)
+    assert "--uri http://" in str(e.value) and "\n" not in str(e.value)
+    assert milvus_error_logs() == []  # milvus-lite's "Failed to start" traceback is not logged
+
+
+def test_search_params_follow_the_index_type(tmp_path, db):
+    from pymilvus import MilvusException
+
+    from chatretriever.retrieval.milvus_spec import check_search_params
+
+    dirs, ids, emb = random_shards(tmp_path, n=40, dim=8, parts=1)
+    flat = MilvusIndex.build(dirs, db, "params_flat")
+    with pytest.raises(ValueError, match=r"--params\) 'foo=7'.*FLAT index takes no param.*'foo'"):
+        flat.set_search_params("foo=7")
+    with pytest.raises(ValueError, match=r"takes no parameter 'ef' \(it takes none\)"):
+        flat.search(emb[:1], k=3, params="ef=128")
+    hnsw = MilvusIndex.build(dirs, db, "params_hnsw", index_spec="HNSW:M=8")
+    with pytest.raises(ValueError, match=r"'nprobe' \(it takes ef\)"):
+        hnsw.set_search_params("nprobe=4")
+    with pytest.raises(ValueError, match=r"ef must be an integer >= 1, got 'abc'"):
+        hnsw.set_search_params("ef=abc")
+    assert check_search_params("nprobe=2", "IVF_FLAT") == {"nprobe": 2}
+    sent = []
+    search = hnsw.client.search
+
+    def spy(*args, **kwargs):
+        sent.append(kwargs["search_params"]["params"])
+        return search(*args, **kwargs)
+
+    hnsw.client.search = spy
+    # below k: raised to the depth searched (k and the margin past it that ties are looked for)
+    low = hnsw.search(emb[:3], k=10, params="ef=1")
+    assert sent[-1] == {"ef": 10 + TIE_MARGIN} and [len(h) for h in low] == [10, 10, 10]
+    assert hnsw.search(emb[:3], k=10, params="efSearch=10") == low
+    hnsw.search(emb[:1], k=5, params="ef=32")
+    hnsw.search(emb[:1], k=40)  # the kept ef=32 is below k=40
+    assert sent[-2:] == [{"ef": 32}, {"ef": min(40 + TIE_MARGIN, len(hnsw.ids))}]
+
+    def failing(*args, **kwargs):
+        raise MilvusException(code=1, message="collection not loaded")
+
+    hnsw.save(tmp_path / "desc")
+    hnsw.client.search = failing
+    with pytest.raises(DataFormatError, match=r"desc: Milvus could not search .*not loaded"):
+        hnsw.search(emb[:1], k=3)
+
+
+def test_cli_refuses_a_faiss_factory_and_unknown_params_on_milvus(cli_files, capsys):
+    from chatretriever.cli import main
+
+    d = cli_files
+    base = ["index", str(d / "corpus.jsonl"), "--model", "fake:", "--backend", "milvus"]
+    assert main([*base, "--out", str(d / "bad"), "--factory", "HNSW32"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: --factory 'HNSW32'") and "HNSW:M=32" in err[-1]
+    assert main([*base, "--out", str(d / "mv")]) == 0
+    argv = ["search", "--index", str(d / "mv"), "--sessions", str(d / "sessions.jsonl")]
+    capsys.readouterr()
+    assert main([*argv, "--model", "fake:", "--out", str(d / "r"), "--params", "foo=7"]) == 2
+    assert capsys.readouterr().err.startswith("error: search parameters (--params) 'foo=7'")
+    assert not (d / "r").exists()

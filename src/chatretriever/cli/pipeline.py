@@ -40,7 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--factory",
         default="Flat",
         help='Faiss factory: "Flat", "HNSW32", "IVF..."; Milvus index: "FLAT" ("Flat"), '
-        '"HNSW:M=16,efConstruction=200", "IVF_FLAT:nlist=128"',
+        '"HNSW:M=16,efConstruction=200", "IVF_FLAT:nlist=128", "AUTOINDEX"',
     )
     p.add_argument("--train-size", type=int, default=100_000)
     add_backend_arguments(p)
@@ -126,6 +126,7 @@ def _milvus_settings(args: argparse.Namespace):
     """`MilvusSettings` of `--uri ...`; None for the Faiss backend (which takes none of them)."""
     from chatretriever.retrieval.corpus_index import MilvusSettings
     from chatretriever.retrieval.milvus_index import DEFAULT_BATCH
+    from chatretriever.retrieval.milvus_spec import parse_index_spec
 
     given = [args.uri, args.collection, args.upsert_batch_size, args.overwrite or None]
     if args.backend != "milvus":
@@ -134,6 +135,7 @@ def _milvus_settings(args: argparse.Namespace):
             raise ValueError(f"{flags} go with --backend milvus")
         return None
     batch = _positive(args.upsert_batch_size or DEFAULT_BATCH, "--upsert-batch-size")
+    parse_index_spec(args.factory)  # a bad Milvus --factory fails before any passage is encoded
     return MilvusSettings(args.uri, args.collection, batch, args.overwrite)
 
 

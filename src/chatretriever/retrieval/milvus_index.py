@@ -46,6 +46,7 @@ from chatretriever.retrieval.index import (
     META_FILE,
     check_query_encoder,
     read_shards,
+    top_k_with_ties,
 )
 from chatretriever.retrieval.milvus_spec import (
     DEFAULT_INDEX,
@@ -54,11 +55,18 @@ from chatretriever.retrieval.milvus_spec import (
     check_finished,
     check_ids,
     check_resumable,
+    check_search_params,
     parse_index_spec,
-    parse_params,
     spec_text,
 )
-from chatretriever.retrieval.milvus_uri import connect, is_local, resolve_uri, stored_uri
+from chatretriever.retrieval.milvus_uri import (
+    connect,
+    is_local,
+    milvus_errors,
+    resolve_uri,
+    stored_uri,
+)
+from chatretriever.types import rank_key
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +75,7 @@ DEFAULT_BATCH = 1000  # rows per upsert call
 ID_FIELD = "id"
 VECTOR_FIELD = "vector"
 MAX_TOPK = 16_384  # Milvus's limit on hits per query
+DEFAULT_EF = 64  # HNSW's ef when none is given (milvus-lite's default), raised to k when below
 SEARCH_BLOCK = 256  # queries per search call: bounded gRPC messages
 STATE_KEY = "chatretriever.index"  # collection property: encoder, id digest, index type
 DONE_KEY = "chatretriever.rows_done"  # collection property: leading rows upserted (per shard)
@@ -208,7 +217,12 @@ class MilvusIndex:
         self.meta = meta
         self.factory = factory
         self.upserted = 0  # rows the last `build` wrote (fewer than len(ids) when it resumed)
+        self.directory: Path | None = None  # the descriptor's directory, once saved or loaded
+        # the index type, as recorded (not checked again: a descriptor of an older version loads)
+        self.kind = factory.removeprefix(f"{BACKEND}:").partition(":")[0].upper()
+        self._search_params: dict[str, Any] = {}
         self._warned_by_name = False
+        self._told_ef = False  # logged once that an ef below k was raised
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -281,6 +295,34 @@ class MilvusIndex:
         )
         self._warned_by_name = self._warned_by_name or warned
 
+    def set_search_params(self, params: str | None) -> None:
+        """Check and keep search parameters ("ef=128" for HNSW, "nprobe=16" for IVF_FLAT).
+
+        Later searches use them until others are set (as `DenseIndex.set_search_params`).
+
+        Raises:
+            ValueError: Malformed text, a parameter this index type does not take (the message
+                names the ones it takes), or a value out of range.
+        """
+        if params:
+            self._search_params = check_search_params(params, self.kind)
+
+    def _params_for(self, limit: int) -> dict[str, Any]:
+        """The search parameters of one call returning `limit` hits per query.
+
+        HNSW's ef is at least `limit`: Milvus servers refuse an ef below k, and milvus-lite
+        returns fewer and worse hits (so ef=1 with k=10 means ef=10, as does the default 64
+        with k=100).
+        """
+        params = dict(self._search_params)
+        if self.kind == "HNSW":
+            ef = params.get("ef", DEFAULT_EF)
+            if ef < limit and "ef" in params and not self._told_ef:
+                logger.info("ef=%d is below k=%d: Milvus searches with ef=k", ef, limit)
+                self._told_ef = True
+            params["ef"] = max(ef, limit)
+        return params
+
     def search(
         self, queries: np.ndarray, k: int = 100, params: str | None = None
     ) -> list[list[tuple[str, float]]]:
@@ -289,12 +331,18 @@ class MilvusIndex:
         Args:
             queries: (Q, D) query embeddings.
             k: Passages per query (fewer when the index holds fewer; at most 16384).
-            params: Milvus search parameters, e.g. "ef=128" (HNSW; Faiss's "efSearch" is
-                accepted) or "nprobe=16" (IVF).
+            params: Milvus search parameters, kept for later calls (`set_search_params`):
+                "ef=128" (HNSW; Faiss's "efSearch" is accepted; raised to k when below) or
+                "nprobe=16" (IVF_FLAT).
 
         Returns:
             For each query, (passage id, inner product) pairs, best first.
+
+        Raises:
+            ValueError: Bad queries, k or parameters.
+            DataFormatError: Milvus failed (one line naming the index directory).
         """
+        self.set_search_params(params)
         queries = np.ascontiguousarray(queries, dtype=np.float32)  # (Q, D)
         if queries.ndim != 2 or queries.shape[1] != self.meta.dim:
             raise ValueError(f"queries have shape {queries.shape}, index dim is {self.meta.dim}")
@@ -303,22 +351,29 @@ class MilvusIndex:
             raise ValueError(f"Milvus returns at most {MAX_TOPK} hits per query, asked for {k}")
         if limit < 1 or len(queries) == 0:
             return [[] for _ in queries]
-        search_params = {"metric_type": "IP", "params": parse_params(params)}
-        out: list[list[tuple[str, float]]] = []
-        for start in range(0, len(queries), SEARCH_BLOCK):
-            block = queries[start : start + SEARCH_BLOCK]  # (B, D)
-            result = self.client.search(
-                self.collection,
-                data=block,
-                limit=limit,
-                output_fields=[ID_FIELD],
-                search_params=search_params,
-                anns_field=VECTOR_FIELD,
-            )
-            for hits in result:
-                pairs = [(str(h[ID_FIELD]), float(h["distance"])) for h in hits]
-                out.append(sorted(pairs, key=lambda p: (-p[1], p[0])))
-        return out
+        where = self.directory or self.uri
+
+        def search_at(depth: int) -> list[list[tuple[str, float]]]:
+            search_params = {"metric_type": "IP", "params": self._params_for(depth)}
+            out: list[list[tuple[str, float]]] = []
+            with milvus_errors(where, f"search the collection {self.collection!r} at {self.uri}"):
+                for start in range(0, len(queries), SEARCH_BLOCK):
+                    block = queries[start : start + SEARCH_BLOCK]  # (B, D)
+                    result = self.client.search(
+                        self.collection,
+                        data=block,
+                        limit=depth,
+                        output_fields=[ID_FIELD],
+                        search_params=search_params,
+                        anns_field=VECTOR_FIELD,
+                    )
+                    for hits in result:
+                        pairs = [(str(h[ID_FIELD]), float(h["distance"])) for h in hits]
+                        out.append(sorted(pairs, key=lambda p: rank_key(*p)))
+            return out
+
+        # past k while the score at the cut is tied (`index.top_k_with_ties`), within Milvus's cap
+        return top_k_with_ties(search_at, limit, min(len(self.ids), MAX_TOPK))
 
     @property
     def memory_bytes(self) -> int:
@@ -330,7 +385,7 @@ class MilvusIndex:
         """
         size = len(self.ids) * self.meta.dim * 4
         kind, params = parse_index_spec(self.factory.removeprefix(f"{BACKEND}:"))
-        if kind.startswith("HNSW") and "M" in params:
+        if kind == "HNSW" and "M" in params:
             size += len(self.ids) * 2 * int(params["M"]) * 4
         return int(size + sum(len(i) + 49 for i in self.ids))  # 49: a small str object
 
@@ -360,6 +415,7 @@ class MilvusIndex:
         with atomic_files(directory, last=(META_FILE,), stale=(INDEX_FILE,)) as tmp:
             (tmp / IDS_FILE).write_text("".join(f"{i}\n" for i in self.ids), encoding="utf-8")
             (tmp / META_FILE).write_text(json.dumps(info, indent=2), encoding="utf-8")
+        self.directory = directory
         return directory
 
     @classmethod
@@ -368,8 +424,9 @@ class MilvusIndex:
 
         Raises:
             EncoderMismatchError: The collection records another encoder than the descriptor.
-            DataFormatError: A bad descriptor, a missing database or collection, or a
-                collection holding other passages (or an unfinished build).
+            DataFormatError: A bad descriptor, a missing database or collection, a collection
+                holding other passages (or an unfinished build), or Milvus failing to load it.
+            ValueError: The database cannot be opened (e.g. another process has the file).
         """
         directory = Path(directory)
         meta_path = directory / META_FILE
@@ -385,13 +442,15 @@ class MilvusIndex:
         if is_local(uri) and not Path(uri).exists():
             raise DataFormatError(meta_path, f"the Milvus database {uri} is missing", field="uri")
         client = connect(uri)
-        if not client.has_collection(collection):
-            msg = f"no Milvus collection {collection!r} at {uri}"
-            raise DataFormatError(meta_path, msg, field="collection")
-        ids = (directory / IDS_FILE).read_text(encoding="utf-8").splitlines()
-        state, done = _state(client, collection)
-        check_finished(state, done, meta, ids, collection, directory)
-        client.load_collection(collection)
-        index = cls(client, uri, collection, ids, meta, factory)
-        index._check_count()
+        with milvus_errors(directory, f"load the collection {collection!r} at {uri}"):
+            if not client.has_collection(collection):
+                msg = f"no Milvus collection {collection!r} at {uri}"
+                raise DataFormatError(meta_path, msg, field="collection")
+            ids = (directory / IDS_FILE).read_text(encoding="utf-8").splitlines()
+            state, done = _state(client, collection)
+            check_finished(state, done, meta, ids, collection, directory)
+            client.load_collection(collection)
+            index = cls(client, uri, collection, ids, meta, factory)
+            index._check_count()
+        index.directory = directory
         return index

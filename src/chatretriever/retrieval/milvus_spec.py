@@ -2,7 +2,11 @@
 
 An index spec is "TYPE[:key=value,...]" ("FLAT", "HNSW:M=16,efConstruction=200"): Milvus's index
 type and build parameters (`parse_index_spec`, spelled back by `spec_text`); search parameters
-are "key=value,..." (`parse_params`, which accepts Faiss's "efSearch" for Milvus's "ef").
+are "key=value,..." (`check_search_params`, which accepts Faiss's "efSearch" for Milvus's "ef").
+`INDEX_KINDS` is what is supported: a spec of another type, or a parameter the type does not
+take, is refused when parsed (milvus-lite would store it and fail at every later load), and so
+are search parameters that do not apply to an index's type. `parse_params` reads any
+"key=value,..." text unchecked.
 
 The state a build records in its collection's properties (`build_state`) names the encoder
 (model, dim, normalisation, fingerprint), a digest of the passage ids in order (`ids_digest`) and
@@ -17,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,32 +35,117 @@ MAX_ID_BYTES = 512  # VARCHAR max_length of the primary key (Milvus counts bytes
 _PARAM_ALIASES = {"efSearch": "ef"}
 
 
+@dataclass(frozen=True)
+class IndexKind:
+    """What one supported Milvus index type takes: integer parameters with their (least, most).
+
+    Args:
+        build: Build parameters (in the index spec, `--factory`).
+        search: Search parameters (`search --params`).
+    """
+
+    build: dict[str, tuple[int, int]] = field(default_factory=dict)
+    search: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+_INT_MAX = 2**31 - 1
+# The documented (and tested) index types, with Milvus's ranges for their parameters. AUTOINDEX
+# lets Milvus choose the index and its search parameters (milvus-lite: HNSW with ef 64).
+INDEX_KINDS: dict[str, IndexKind] = {
+    "FLAT": IndexKind(),
+    "HNSW": IndexKind({"M": (2, 2048), "efConstruction": (1, _INT_MAX)}, {"ef": (1, _INT_MAX)}),
+    "IVF_FLAT": IndexKind({"nlist": (1, 65536)}, {"nprobe": (1, 65536)}),
+    "AUTOINDEX": IndexKind(),
+}
+SUPPORTED_SPECS = "FLAT, HNSW:M=..,efConstruction=.., IVF_FLAT:nlist=.., AUTOINDEX"
+
+
 def parse_index_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """A Milvus index type with its build parameters from "TYPE[:key=value,...]".
 
     Args:
         spec: "FLAT" (or "Flat", the Faiss default's spelling), "HNSW:M=32,efConstruction=200",
-            "IVF_FLAT:nlist=128", "AUTOINDEX", ...
+            "IVF_FLAT:nlist=128", "AUTOINDEX" (`INDEX_KINDS`).
 
     Returns:
-        (index type in upper case, build parameters with numbers parsed).
+        (index type in upper case, build parameters as integers).
+
+    Raises:
+        ValueError: Another index type (a Faiss factory such as "HNSW32" is answered with its
+            Milvus spelling), a parameter the type does not take, or a value out of its range.
     """
     kind, _, rest = spec.partition(":")
     kind = kind.strip().upper()
-    if not re.fullmatch(r"[A-Z][A-Z0-9_]*", kind):
-        raise ValueError(f"bad Milvus index type {spec!r}: e.g. FLAT, HNSW:M=32, IVF_FLAT:nlist=64")
-    return kind, parse_params(rest)
+    if kind not in INDEX_KINDS:
+        faiss = re.fullmatch(r"(HNSW|IVF)(\d+)([,_].*)?", kind)
+        hint = ""
+        if faiss:
+            name, key = ("HNSW", "M") if faiss[1] == "HNSW" else ("IVF_FLAT", "nlist")
+            hint = f" ({spec.strip()!r} is a Faiss factory: for Milvus, {name}:{key}={faiss[2]})"
+        raise ValueError(
+            f"--factory {spec!r}: Milvus index type {kind!r} is not supported{hint}; "
+            f"supported: {SUPPORTED_SPECS}"
+        )
+    allowed = INDEX_KINDS[kind].build
+    params = {}
+    for key, value in _pairs(rest):
+        params[key] = _checked((f"--factory {spec!r}", f"Milvus {kind}"), key, value, allowed)
+    return kind, params
 
 
-def parse_params(text: str | None) -> dict[str, Any]:
-    """ "key=value,key=value" -> {key: int, float or str}; Faiss's "efSearch" is Milvus's "ef"."""
-    out: dict[str, Any] = {}
+def check_search_params(text: str | None, kind: str) -> dict[str, Any]:
+    """Search parameters ("ef=128", "nprobe=16") checked against what an index type takes.
+
+    Args:
+        text: "key=value,..." (Faiss's "efSearch" is Milvus's "ef"); None or "": none.
+        kind: The index type (`parse_index_spec`).
+
+    Returns:
+        {Milvus name: integer}.
+
+    Raises:
+        ValueError: Malformed text, a key the index type does not take (naming the ones it
+            takes), or a value out of its range.
+    """
+    allowed = INDEX_KINDS[kind].search if kind in INDEX_KINDS else {}
+    what = (f"search parameters (--params) {text!r}", f"a Milvus {kind} index")
+    return {_PARAM_ALIASES.get(k, k): _checked(what, k, v, allowed) for k, v in _pairs(text)}
+
+
+def _checked(
+    what: tuple[str, str], key: str, value: str, allowed: dict[str, tuple[int, int]]
+) -> int:
+    """`value` as an integer in the range `allowed` gives `key`; ValueError naming both.
+
+    Args:
+        what: (the option and its text, what takes the parameters), for the messages.
+    """
+    (option, taker), name = what, _PARAM_ALIASES.get(key, key)
+    if name not in allowed:
+        takes = ", ".join(allowed) if allowed else "none"
+        raise ValueError(f"{option}: {taker} takes no parameter {key!r} (it takes {takes})")
+    low, high = allowed[name]
+    number = _number(value)
+    if not isinstance(number, int) or not low <= number <= high:
+        span = f">= {low}" if high == _INT_MAX else f"in [{low}, {high}]"
+        raise ValueError(f"{option}: {key} must be an integer {span}, got {value!r}")
+    return number
+
+
+def _pairs(text: str | None) -> list[tuple[str, str]]:
+    """ "key=value,key=value" -> [(key, value)], stripped; ValueError on an item without '='."""
+    out = []
     for item in filter(None, (s.strip() for s in (text or "").split(","))):
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"bad Milvus parameter {item!r}: expected key=value")
-        out[_PARAM_ALIASES.get(key.strip(), key.strip())] = _number(value.strip())
+        out.append((key.strip(), value.strip()))
     return out
+
+
+def parse_params(text: str | None) -> dict[str, Any]:
+    """ "key=value,key=value" -> {key: int, float or str}; Faiss's "efSearch" is Milvus's "ef"."""
+    return {_PARAM_ALIASES.get(k, k): _number(v) for k, v in _pairs(text)}
 
 
 def spec_text(kind: str, params: dict[str, Any]) -> str:
