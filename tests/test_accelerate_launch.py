@@ -179,5 +179,8 @@ def test_accelerate_launch_step_equals_one_process_over_the_global_batch(tmp_pat
     single = _trainable(run_training(cfg))
     multi = _trainable(tmp_path / "acc" / "run")
     _assert_same_update(multi, single, _trainable_of(_initial_retriever(cfg)))
-    logged = _first_step(tmp_path / "acc" / "run")["loss"]  # the mean over the processes
-    assert logged == pytest.approx(sum(_hand_loss(cfg).values()), rel=1e-4, abs=1e-4)
+    first, hand = _first_step(tmp_path / "acc" / "run"), _hand_loss(cfg)
+    logged = first["loss"]  # the mean over the processes
+    assert logged == pytest.approx(sum(hand.values()), rel=1e-4, abs=1e-4)
+    for name, value in hand.items():  # each part too (it was the first process's alone)
+        assert first[f"loss_{name}"] == pytest.approx(value, rel=1e-4, abs=1e-4), name

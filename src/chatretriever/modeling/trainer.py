@@ -3,7 +3,8 @@
 A method supplies a loss function `(model, inputs) -> {name: weighted part}` (a `NamedLossFn`):
 it runs the model's forward on the collated batch and returns each already-weighted part of its
 loss. `NamedLossTrainer` backpropagates their sum and logs every part as `loss_<name>`, averaged
-over the micro-batches of the logging window, beside the Trainer's own `loss` (the parts stay on
+over the micro-batches of the logging window (and, under DDP, over the processes, as `loss` is),
+beside the Trainer's own `loss` (the parts stay on
 the device until a log is written: no device sync per micro-step). A data collator with a
 `set_epoch(epoch, seed)` method is told the epoch and the trainer's seed as each epoch begins (to
 vary, reproducibly, what it samples; with `dataloader_persistent_workers` workers keep the epoch
@@ -112,8 +113,12 @@ class NamedLossTrainer(Trainer):
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if self._part_count and "loss" in logs:
-            for name, value in self._part_sums.items():
-                logs[f"loss_{name}"] = round(float(value) / self._part_count, 6)
+            names = list(self._part_sums)
+            means = torch.stack([self._part_sums[n] for n in names]) / self._part_count
+            if self.accelerator.num_processes > 1:  # as `loss` is: the mean over processes
+                means = self.accelerator.reduce(means, reduction="mean")
+            for name, value in zip(names, means.tolist(), strict=True):
+                logs[f"loss_{name}"] = round(float(value), 6)
             self._part_sums.clear()
             self._part_count = 0
         super().log(logs, *args, **kwargs)
