@@ -206,6 +206,46 @@ FIXTURES = {
         "canard",
         {"conversations": 1, "questions": 1, "with rewrite": 1},
     ),
+    "multidoc2dial_dial_validation.json": (
+        json.dumps(
+            {
+                "dial_data": {
+                    "dmv": [
+                        {
+                            "dial_id": "d",
+                            "turns": [
+                                {"turn_id": 1, "role": "user", "utterance": "q?"},
+                                {
+                                    "turn_id": 2,
+                                    "role": "agent",
+                                    "utterance": "a.",
+                                    "references": [],
+                                },
+                            ],
+                        }
+                    ]
+                }
+            },
+            indent=2,
+        ),
+        "doc2dial",
+        {"dialogues": 1, "answered turns": 1, "grounded": 0},
+    ),
+    "wow_test_random_split.json": (
+        json.dumps(
+            [
+                {
+                    "chosen_topic": "T",
+                    "dialog": [
+                        {"speaker": "0_Apprentice", "text": "q?"},
+                        {"speaker": "1_Wizard", "text": "a.", "checked_sentence": {"k": "s."}},
+                    ],
+                }
+            ]
+        ),
+        "wow",
+        {"dialogues": 1, "answered turns": 1, "grounded": 1},
+    ),
     # QReCC (apple/ml-qrecc): TopiOCQA's layout plus the human rewrite, no topics
     "qrecc_test.json": (
         json.dumps(

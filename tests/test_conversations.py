@@ -256,12 +256,10 @@ def test_read_conversations_refuses_what_is_not_a_conversation(tmp_path):
         with pytest.raises(DataFormatError, match=match):
             read_conversations(write(tmp_path / "empty.jsonl", text))
     # valid files of formats not known: said so, not "malformed JSON" or a missing sessions field
-    doc2dial = json.dumps(
-        {"dial_data": {"dmv": {"doc": [{"dial_id": "d", "turns": []}]}}}, indent=2
-    )
+    coqa = json.dumps({"version": "1.0", "data": [{"story": "s", "questions": []}]}, indent=2)
     quac = json.dumps({"data": [{"paragraphs": []}], "version": "0.2"})
     for name, text, match in (
-        ("doc2dial.json", doc2dial, "a JSON document in none of the conversation formats known"),
+        ("coqa.json", coqa, "a JSON document in none of the conversation formats known"),
         ("quac.json", quac, r"cannot tell its conversation format \(first line's keys: data, ver"),
     ):
         with pytest.raises(DataFormatError, match=match + ".*; name it"):
@@ -412,3 +410,90 @@ def test_orquac_and_canard(tmp_path):
     ):
         with pytest.raises(DataFormatError, match=match):
             read_conversations(path)
+
+
+# MultiDoc2Dial (IBM/multidoc2dial) and Wizard of Wikipedia: document-grounded dialogues
+MDD = {
+    "dial_data": {
+        "dmv": [
+            {
+                "dial_id": "d1",
+                "turns": [
+                    {
+                        "turn_id": 1,
+                        "role": "user",
+                        "utterance": "How do I renew?",
+                        "references": [],
+                    },
+                    {
+                        "turn_id": 2,
+                        "role": "agent",
+                        "utterance": "Visit the DMV.",
+                        "references": [{"doc_id": "Renew#1_0", "id_sp": "4"}],
+                    },
+                    {"turn_id": 3, "role": "user", "utterance": "Cost?", "references": []},
+                    {"turn_id": 4, "role": "user", "utterance": "Anyone?", "references": []},
+                    {
+                        "turn_id": 5,
+                        "role": "agent",
+                        "utterance": "35 dollars.",
+                        "references": [
+                            {"doc_id": "Fees#1_0", "id_sp": "2"},
+                            {"doc_id": "Fees#1_0", "id_sp": "3"},
+                        ],
+                    },
+                ],
+            }
+        ]
+    }
+}
+WOW = [
+    {
+        "chosen_topic": "Cheetah",
+        "dialog": [
+            {"speaker": "1_Wizard", "text": "Hi! Cheetahs are fast.", "checked_sentence": {}},
+            {"speaker": "0_Apprentice", "text": "How fast?"},
+            {
+                "speaker": "1_Wizard",
+                "text": "110 km/h!",
+                "checked_sentence": {"chosen_Cheetah_0": "It reaches 110 km/h."},
+                "checked_passage": {"chosen_Cheetah": "Cheetah"},
+            },
+            {"speaker": "0_Apprentice", "text": "Wow."},
+            {
+                "speaker": "1_Wizard",
+                "text": "Yes!",
+                "checked_sentence": {"no_passages_used": "no_passages_used"},
+            },
+        ],
+    }
+]
+
+
+def test_doc2dial_and_wizard_of_wikipedia(tmp_path):
+    first, second = read_conversations(
+        write(tmp_path / "multidoc2dial_dial_validation.json", json.dumps(MDD, indent=2))
+    )
+    assert (first.id, first.response, first.metadata["doc_ids"]) == (
+        "d1_1",
+        "Visit the DMV.",
+        ["Renew#1_0"],
+    )
+    # turn 3 is not answered by the next turn: only turn 4's session, with turn 3 in its history
+    assert second.id == "d1_4" and [t.content for t in second.turns][-2:] == ["Cost?", "Anyone?"]
+    assert second.metadata["doc_ids"] == ["Fees#1_0"]
+    assert second.metadata["spans"] == ["Fees#1_0#2", "Fees#1_0#3"]
+    nested = {"dial_data": {"dmv": {"Renew#1_0": MDD["dial_data"]["dmv"]}}}  # Doc2Dial's nesting
+    assert read_conversations(write(tmp_path / "d.json", json.dumps(nested))) == [first, second]
+    a, b = read_conversations(write(tmp_path / "test_random_split.json", json.dumps(WOW)))
+    assert (a.id, a.response, a.metadata["checked_sentence"]) == (
+        "0_2",
+        "110 km/h!",
+        ["It reaches 110 km/h."],
+    )
+    assert [t.role for t in a.turns] == ["assistant", "user"]  # the wizard's opener is history
+    assert b.id == "0_4" and b.metadata["checked_sentence"] == []  # no knowledge used
+    bad = json.loads(json.dumps(WOW))
+    bad[0]["dialog"][1]["speaker"] = "Student"
+    with pytest.raises(DataFormatError, match=r"'\[0\]\.dialog\[1\]': expected a speaker"):
+        read_conversations(write(tmp_path / "test_random_split.json", json.dumps(bad)), "wow")

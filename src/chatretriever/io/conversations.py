@@ -11,6 +11,8 @@ the file (`chatretriever.io.stats.guess_format`) or named:
 | `topiocqa` | TopiOCQA `*.json` (id = `{Conversation_no}_{Turn_no}`) | turn |
 | `orquac` | OR-QuAC preprocessed `{train,dev,test}.txt` JSON lines (id = `qid`) | line |
 | `canard` | CANARD `*.json` (id = OR-QuAC's `{QuAC_dialog_id}_q#{Question_no - 1}`) | question |
+| `doc2dial` | Doc2Dial / MultiDoc2Dial `*_dial_*.json` (id `{dial_id}_{turn_id}`) | answered turn |
+| `wow` | Wizard of Wikipedia `*.json` (id `{dialogue}_{turn}`) | wizard turn after apprentice |
 | `qrecc` | QReCC `qrecc_*.json` (id as TopiOCQA's; `Rewrite` is the rewrite) | turn |
 | `cast-topics` | TREC CAsT topics JSON, 2022 trees too (id = `{topic}_{turn}`) | user turn |
 | `cast-topics-txt` | TREC CAsT 2019 plain-text topics (id = `{topic}_{turn}`) | turn |
@@ -48,6 +50,7 @@ from chatretriever.io.files import (
     require,
     require_id,
 )
+from chatretriever.io.grounded_dialogs import read_doc2dial, read_wow
 from chatretriever.io.ikat import read_ikat_topics
 from chatretriever.io.mtrag import iter_mtrag_tasks
 from chatretriever.io.quac import read_canard, read_orquac
@@ -165,6 +168,8 @@ _READERS: dict[str, Callable[[Path], list[Session]]] = {
     "topiocqa": read_topiocqa,
     "qrecc": read_topiocqa,
     "orquac": read_orquac,
+    "doc2dial": read_doc2dial,
+    "wow": read_wow,
     "canard": read_canard,
     "cast-topics": read_cast_topics,
     "cast-topics-txt": read_cast_topics_txt,

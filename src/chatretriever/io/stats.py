@@ -27,6 +27,7 @@ from chatretriever.io.esconv import (
     read_esconv,
 )
 from chatretriever.io.files import iter_lines, open_text, read_json
+from chatretriever.io.grounded_dialogs import read_doc2dial, read_wow
 from chatretriever.io.ikat import read_ikat_topics
 from chatretriever.io.mtrag import iter_mtrag_tasks
 from chatretriever.io.quac import read_canard, read_orquac
@@ -72,6 +73,8 @@ def _guess_json_document(path: Path, head: str) -> str | None:
         return "ikat-topics"
     if "turn" in keys and keys & {"raw_utterance", "utterance"}:
         return "cast-topics"
+    if "chosen_topic" in keys and "dialog" in keys:
+        return "wow"
     if "dialog" in keys and "content" in keys:  # Wizard of Wikipedia's dialogs have `text`
         return "esconv"
     if {"speaker", "text"} <= keys:
@@ -149,7 +152,7 @@ def guess_format(path: str | Path) -> str:
     elif head.startswith("["):
         fmt = _guess_json_document(path, head)
     elif head.startswith("{"):
-        fmt = _guess_json_lines(path)
+        fmt = "doc2dial" if re.match(r'\{\s*"dial_data"\s*:', head) else _guess_json_lines(path)
     elif looks_like_cast_txt(head):
         fmt = "cast-topics-txt"
     else:
@@ -298,6 +301,19 @@ def _quac_stats(read: Callable[[Path], list[Session]]) -> Callable[[Path, bool],
     return stats
 
 
+def _grounded_stats(read: Callable[[Path], list[Session]]) -> Callable[[Path, bool], Stats]:
+    def stats(path: Path, show: bool) -> Stats:
+        sessions = read(path)
+        grounded = ("doc_ids", "checked_sentence")
+        return {
+            "dialogues": len({s.metadata["conversation"] for s in sessions}),
+            "answered turns": len(sessions),
+            "grounded": sum(any(s.metadata.get(k) for k in grounded) for s in sessions),
+        }
+
+    return stats
+
+
 def _qrecc_stats(path: Path, show: bool) -> Stats:
     sessions = list(_progress(iter_topiocqa(path), "turns", show))
     return {
@@ -383,6 +399,8 @@ _STATS: dict[str, Callable[[Path, bool], Stats]] = {
     "topiocqa": _topiocqa_stats,
     "qrecc": _qrecc_stats,
     "orquac": _quac_stats(read_orquac),
+    "doc2dial": _grounded_stats(read_doc2dial),
+    "wow": _grounded_stats(read_wow),
     "canard": _quac_stats(read_canard),
     "esconv": lambda p, show: _dialog_stats(read_esconv(p)),
     "multiesc": lambda p, show: _dialog_stats(list(iter_multiesc(p))),

@@ -1,0 +1,129 @@
+"""Document-grounded dialogue sets: Doc2Dial / MultiDoc2Dial and Wizard of Wikipedia.
+
+Doc2Dial and MultiDoc2Dial (IBM, `*_dial_{train,validation,test}.json`) are one JSON object
+`{"dial_data": {domain: [dialogue, ...]}}` (Doc2Dial nests one more level, by document id);
+a dialogue is `{"dial_id", "turns": [{"turn_id", "role": "user"|"agent", "utterance",
+"references": [{"doc_id", "id_sp", ...}], "da"}]}`. One Session per user turn that an agent turn
+answers, id `{dial_id}_{turn_id}` (the id MultiDoc2Dial's retrieval files give it); response = the
+agent's utterance; metadata `doc_ids` (the documents the answer is grounded in), `spans`
+(`doc_id#id_sp`), `domain`.
+
+Wizard of Wikipedia (`{train,valid,test_random_split,test_topic_split}.json`) is a JSON list of
+dialogues `{"chosen_topic", "dialog": [{"speaker": "0_Wizard"|"1_Apprentice"|..., "text",
+"checked_sentence": {key: sentence}, "checked_passage": {key: title}}]}`. One Session per wizard
+turn after an apprentice turn, id `{dialogue index}_{turn index}`; response = the wizard's text;
+metadata `checked_sentence`, `checked_passage` (the knowledge the wizard chose; empty when none),
+`topic`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from chatretriever.errors import DataFormatError
+from chatretriever.io.files import check_id, read_json
+from chatretriever.types import Session, Turn
+
+_ROLES = {"user": "user", "agent": "assistant"}
+_NO_KNOWLEDGE = "no_passages_used"  # what WoW records when the wizard used no knowledge
+
+
+def _doc2dial_dialogues(data: Any, path: Path) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """(where, dialogue) of MultiDoc2Dial's {domain: [...]}, Doc2Dial's {domain: {doc: [...]}}."""
+    if not isinstance(data, Mapping) or not isinstance(data.get("dial_data"), Mapping):
+        raise DataFormatError(path, 'expected an object {"dial_data": {domain: dialogues}}')
+    for domain, group in data["dial_data"].items():
+        lists = group.items() if isinstance(group, Mapping) else [("", group)]
+        for doc, dialogues in lists:
+            where = f"dial_data.{domain}" + (f".{doc}" if doc else "")
+            if not isinstance(dialogues, list):
+                raise DataFormatError(path, "expected a list of dialogues", None, where)
+            for i, dialogue in enumerate(dialogues):
+                if not isinstance(dialogue, Mapping) or not isinstance(dialogue.get("turns"), list):
+                    msg = "expected a dialogue with a turns list"
+                    raise DataFormatError(path, msg, None, f"{where}[{i}]")
+                yield f"{where}[{i}]", {"domain": domain, **dialogue}
+
+
+def _doc2dial_turn(raw: Any, path: Path, where: str) -> tuple[str, str, Any]:
+    ok = isinstance(raw, Mapping) and raw.get("role") in _ROLES
+    if not ok or not isinstance(raw.get("utterance"), str):
+        raise DataFormatError(path, "expected {role: user|agent, utterance, ...}", None, where)
+    return _ROLES[raw["role"]], raw["utterance"], raw.get("turn_id")
+
+
+def read_doc2dial(path: str | Path) -> list[Session]:
+    """Doc2Dial / MultiDoc2Dial dialogues as sessions (see the module doc); duplicates raise."""
+    path = Path(path)
+    out: dict[str, Session] = {}
+    for where, dialogue in _doc2dial_dialogues(read_json(path), path):
+        dial_id = check_id(str(dialogue.get("dial_id") or ""), path, None, f"{where}.dial_id")
+        history: list[Turn] = []
+        turns = dialogue["turns"]
+        for j, raw in enumerate(turns):
+            role, text, turn_id = _doc2dial_turn(raw, path, f"{where}.turns[{j}]")
+            nxt = turns[j + 1] if j + 1 < len(turns) else None
+            if role == "user" and isinstance(nxt, Mapping) and nxt.get("role") == "agent":
+                refs = [r for r in nxt.get("references") or [] if isinstance(r, Mapping)]
+                sid = f"{dial_id}_{turn_id}"
+                if sid in out:
+                    raise DataFormatError(
+                        path, f"duplicate id {sid!r}", None, f"{where}.turns[{j}]"
+                    )
+                out[sid] = Session(
+                    sid,
+                    (*history, Turn("user", text)),
+                    response=str(nxt.get("utterance") or "") or None,
+                    metadata={
+                        "conversation": dial_id,
+                        "domain": dialogue["domain"],
+                        "doc_ids": list(dict.fromkeys(str(r.get("doc_id")) for r in refs)),
+                        "spans": [f"{r.get('doc_id')}#{r.get('id_sp')}" for r in refs],
+                    },
+                )
+            history.append(Turn(role, text))
+    return list(out.values())
+
+
+def _wow_turn(raw: Any, path: Path, where: str) -> tuple[str, str]:
+    speaker = raw.get("speaker") if isinstance(raw, Mapping) else None
+    if not isinstance(speaker, str) or not speaker.endswith(("Wizard", "Apprentice")):
+        raise DataFormatError(
+            path, "expected a speaker ending in Wizard or Apprentice", None, where
+        )
+    if not isinstance(raw.get("text"), str):
+        raise DataFormatError(path, "expected a text", None, f"{where}.text")
+    return ("assistant" if speaker.endswith("Wizard") else "user"), raw["text"]
+
+
+def _chosen(raw: Mapping[str, Any], key: str) -> list[str]:
+    """The values of a WoW `checked_*` map, without the 'no passage used' marker."""
+    values = (raw.get(key) or {}).values() if isinstance(raw.get(key), Mapping) else []
+    return [str(v) for v in values if v and str(v) != _NO_KNOWLEDGE]
+
+
+def read_wow(path: str | Path) -> list[Session]:
+    """Wizard of Wikipedia dialogues as sessions (see the module doc)."""
+    path = Path(path)
+    data = read_json(path)
+    if not isinstance(data, list):
+        raise DataFormatError(path, "expected a JSON list of dialogues")
+    out = []
+    for i, dialogue in enumerate(data):
+        if not isinstance(dialogue, Mapping) or not isinstance(dialogue.get("dialog"), list):
+            raise DataFormatError(path, "expected a dialogue with a dialog list", None, f"[{i}]")
+        history: list[Turn] = []
+        for j, raw in enumerate(dialogue["dialog"]):
+            role, text = _wow_turn(raw, path, f"[{i}].dialog[{j}]")
+            if role == "assistant" and history and history[-1].role == "user":
+                meta = {
+                    "conversation": str(i),
+                    "topic": dialogue.get("chosen_topic"),
+                    "checked_sentence": _chosen(raw, "checked_sentence"),
+                    "checked_passage": _chosen(raw, "checked_passage"),
+                }
+                out.append(Session(f"{i}_{j}", tuple(history), response=text, metadata=meta))
+            history.append(Turn(role, text))
+    return out
