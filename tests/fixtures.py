@@ -65,3 +65,27 @@ DSTC11_LABELS = [  # their labels.json
         "response": "Guests found the bathrooms spotless.",
     },
 ]
+
+
+QRECC_TURNS = [  # two turns of one QReCC conversation (apple/ml-qrecc), the second unanswered
+    {
+        "Context": [],
+        "Question": "what is x",
+        "Rewrite": "what is x",
+        "Answer": "A thing.",
+        "Answer_URL": "http://x",
+        "Conversation_no": 74,
+        "Turn_no": 1,
+        "Conversation_source": "trec",
+    },
+    {
+        "Context": ["what is x", "A thing."],
+        "Question": "is it big",
+        "Rewrite": "is x big",
+        "Answer": "",
+        "Answer_URL": "",
+        "Conversation_no": 74,
+        "Turn_no": 2,
+        "Conversation_source": "trec",
+    },
+]

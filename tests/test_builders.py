@@ -3,7 +3,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from fixtures import jsonl, write
+from fixtures import QRECC_TURNS, jsonl, write
 
 from chatretriever.errors import DataFormatError
 from chatretriever.io.cast import load_cast
@@ -438,28 +438,7 @@ def test_topiocqa_examples(tmp_path):
 
 
 def test_qrecc_rewrites_and_examples(tmp_path):
-    turns = [
-        {
-            "Context": [],
-            "Question": "what is x",
-            "Rewrite": "what is x",
-            "Answer": "A thing.",
-            "Answer_URL": "http://x",
-            "Conversation_no": 74,
-            "Turn_no": 1,
-            "Conversation_source": "trec",
-        },
-        {
-            "Context": ["what is x", "A thing."],
-            "Question": "is it big",
-            "Rewrite": "is x big",
-            "Answer": "",
-            "Answer_URL": "",
-            "Conversation_no": 74,
-            "Turn_no": 2,
-            "Conversation_source": "trec",
-        },
-    ]
+    turns = QRECC_TURNS
     path = write(tmp_path / "qrecc_test.json", json.dumps(turns))
     sessions = read_conversations(path)  # told from the file: QReCC, read by TopiOCQA's reader
     assert [(s.id, s.rewrite) for s in sessions] == [("74_1", "what is x"), ("74_2", "is x big")]

@@ -6,7 +6,7 @@ import json
 import shutil
 
 import pytest
-from fixtures import jsonl, write
+from fixtures import QRECC_TURNS, jsonl, write
 
 from chatretriever.cli import main
 from chatretriever.errors import DataFormatError
@@ -248,32 +248,9 @@ FIXTURES = {
     ),
     # QReCC (apple/ml-qrecc): TopiOCQA's layout plus the human rewrite, no topics
     "qrecc_test.json": (
-        json.dumps(
-            [
-                {
-                    "Context": [],
-                    "Question": "what is x",
-                    "Rewrite": "what is x",
-                    "Answer": "a thing",
-                    "Answer_URL": "http://x",
-                    "Conversation_no": 74,
-                    "Turn_no": 1,
-                    "Conversation_source": "trec",
-                },
-                {
-                    "Context": ["what is x", "a thing"],
-                    "Question": "is it big",
-                    "Rewrite": "is x big",
-                    "Answer": "",
-                    "Answer_URL": "",
-                    "Conversation_no": 74,
-                    "Turn_no": 2,
-                    "Conversation_source": "trec",
-                },
-            ]
-        ),
+        json.dumps(QRECC_TURNS),
         "qrecc",
-        {"conversations": 1, "turns": 2, "with rewrite": 2, "with answer": 1},
+        {"conversations": 1, "questions": 2, "with rewrite": 2, "with answer": 1},
     ),
     "ESConv.json": (
         json.dumps(

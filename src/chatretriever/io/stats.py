@@ -33,7 +33,7 @@ from chatretriever.io.mtrag import iter_mtrag_tasks
 from chatretriever.io.quac import read_canard, read_orquac
 from chatretriever.io.reclm import iter_reclm_items, iter_reclm_sequences
 from chatretriever.io.sessions import iter_sessions
-from chatretriever.io.topiocqa import is_qrecc, iter_topiocqa
+from chatretriever.io.topiocqa import is_qrecc, iter_topiocqa, read_topiocqa
 from chatretriever.io.trec import read_beir_qrels, read_run, read_trec_qrels
 from chatretriever.types import Qrel, Session
 
@@ -288,7 +288,7 @@ def _topiocqa_stats(path: Path, show: bool) -> Stats:
     }
 
 
-def _quac_stats(read: Callable[[Path], list[Session]]) -> Callable[[Path, bool], Stats]:
+def _qa_stats(read: Callable[[Path], list[Session]]) -> Callable[[Path, bool], Stats]:
     def stats(path: Path, show: bool) -> Stats:
         sessions = read(path)
         return {
@@ -312,16 +312,6 @@ def _grounded_stats(read: Callable[[Path], list[Session]]) -> Callable[[Path, bo
         }
 
     return stats
-
-
-def _qrecc_stats(path: Path, show: bool) -> Stats:
-    sessions = list(_progress(iter_topiocqa(path), "turns", show))
-    return {
-        "conversations": len({s.metadata["conversation"] for s in sessions}),
-        "turns": len(sessions),
-        "with rewrite": sum(s.rewrite is not None for s in sessions),
-        "with answer": sum(bool((s.response or "").strip()) for s in sessions),
-    }
 
 
 def _dialog_stats(dialogs: list[SupportDialog]) -> Stats:
@@ -397,11 +387,11 @@ _STATS: dict[str, Callable[[Path, bool], Stats]] = {
     "ikat-topics": _ikat_stats,
     "dstc11-logs": _dstc11_stats,
     "topiocqa": _topiocqa_stats,
-    "qrecc": _qrecc_stats,
-    "orquac": _quac_stats(read_orquac),
+    "qrecc": _qa_stats(read_topiocqa),
+    "orquac": _qa_stats(read_orquac),
     "doc2dial": _grounded_stats(read_doc2dial),
     "wow": _grounded_stats(read_wow),
-    "canard": _quac_stats(read_canard),
+    "canard": _qa_stats(read_canard),
     "esconv": lambda p, show: _dialog_stats(read_esconv(p)),
     "multiesc": lambda p, show: _dialog_stats(list(iter_multiesc(p))),
     "esconv-tsv": _esconv_tsv_stats,
