@@ -278,3 +278,14 @@ def test_the_faiss_backend_imports_no_milvus(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_passage_id_in_two_shards_is_named_with_them(tmp_path):
+    dirs, _, _ = random_shards(tmp_path, n=30, parts=3)
+    with pytest.raises(ValueError, match=r"passage id 'd0' occurs in .*s0 \(twice\)"):
+        DenseIndex.build([dirs[0], dirs[0]])
+    meta = EmbeddingMeta(model="m", dim=16)
+    rows = np.eye(16, dtype=np.float32)[:2]
+    other = write_embeddings(tmp_path / "x", ["d25", "new"], rows, meta)  # d25 is in s2
+    with pytest.raises(ValueError, match=r"passage id 'd25' occurs in .*s2 and .*x: give each"):
+        DenseIndex.build([*dirs, other])

@@ -379,3 +379,13 @@ def test_an_unreachable_ray_address_is_refused_at_once():
         server.listen()
         check_reachable(f"127.0.0.1:{server.getsockname()[1]}")
     check_reachable("auto")  # not host:port: left to Ray
+
+
+def test_an_actor_computing_another_precision_is_refused(tmp_path):
+    from chatretriever.retrieval.ray_encode import _check_fingerprints
+
+    settings = {"fingerprint": "fp-bf16"}
+    _check_fingerprints(np.asarray(["fp-bf16", "fp-bf16"], dtype=object), settings, tmp_path)
+    mixed = np.asarray(["fp-bf16", "fp-fp32"], dtype=object)  # a node without native bf16
+    with pytest.raises(ValueError, match="a Ray actor encodes as fingerprint fp-fp32, not fp-bf16"):
+        _check_fingerprints(mixed, settings, tmp_path)

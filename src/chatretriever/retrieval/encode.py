@@ -497,6 +497,15 @@ def _check_contiguous(path: Path, chunks: list[Path]) -> None:
             f"{path} holds chunks up to {chunks[-1].name} but not {_few(names)} (and no "
             f"{SETTINGS} to tell the corpus's size): gather every chunk, or encode again"
         )
+    logger.warning(
+        "%s has no %s: chunks %s .. %s have no gap, but whether chunks after the last are "
+        "missing cannot be told (copy the encode job's %s with its chunks)",
+        path,
+        SETTINGS,
+        chunks[0].name,
+        chunks[-1].name,
+        SETTINGS,
+    )
 
 
 def _few(names: list[str], shown: int = 3) -> str:

@@ -80,6 +80,18 @@ def faiss_message(error: Exception) -> str:
     return (match.group(1) if match else text).strip()
 
 
+def _duplicate_message(dirs: Sequence[str | Path], ids: Sequence[list[str]]) -> str:
+    """Name the first passage id that two shards (or one shard twice) hold, and where."""
+    seen: dict[str, str | Path] = {}
+    for d, shard_ids in zip(dirs, ids, strict=True):
+        for i in shard_ids:
+            if i in seen:
+                where = f"{seen[i]} and {d}" if seen[i] != d else f"{d} (twice)"
+                return f"passage id {i!r} occurs in {where}: give each shard once"
+            seen[i] = d
+    return "a passage id occurs twice"
+
+
 TIE_MARGIN = 8  # hits fetched past k, to see whether the score at the cut is tied
 
 
@@ -131,7 +143,7 @@ def read_shards(
             break  # once is enough
     ids = [i for shard_ids, _, _ in shards for i in shard_ids]
     if len(set(ids)) != len(ids):
-        raise ValueError("the same passage id occurs in more than one shard")
+        raise ValueError(_duplicate_message(shard_dirs, [s[0] for s in shards]))
     meta = EmbeddingMeta(**{**asdict(meta), "count": len(ids), "extra": {}})
     return ids, [emb for _, emb, _ in shards], meta
 

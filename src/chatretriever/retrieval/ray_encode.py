@@ -88,13 +88,17 @@ class EncodeActor:
 
     def __init__(self, factory: EncoderFactory) -> None:
         self.encoder = factory()
+        # what this actor computes: on a node with other hardware the precision `auto` picks
+        # (hence the fingerprint) may differ from the identity task's, checked by `_collect`
+        self.fingerprint = fingerprint_of(self.encoder) or ""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Encode one batch of rows {"chunk", "pos", "id", "title", "text"} (B rows).
 
         Returns:
             {"chunk", "pos": (B,), "embedding": (B, D) float32, "seconds": (B,) this call's
-            time shared out, "runtime": (B,) JSON of `runtime_info()` in row 0, else ""}.
+            time shared out, "runtime": (B,) JSON of `runtime_info()` in row 0, else "",
+            "fingerprint": (B,) this actor's encoder fingerprint}.
         """
         rows = zip(batch["id"], batch["text"], batch["title"], strict=True)
         passages = [Passage(str(i), str(text), str(title)) for i, text, title in rows]
@@ -113,6 +117,7 @@ class EncodeActor:
             "embedding": emb,
             "seconds": np.full(len(passages), seconds),
             "runtime": np.asarray(runtime, dtype=object),
+            "fingerprint": np.asarray([self.fingerprint] * len(passages), dtype=object),
         }
 
 
@@ -339,6 +344,7 @@ def _collect(
         emb = np.asarray(batch["embedding"], dtype=np.float32)  # (B, D)
         if emb.ndim != 2 or emb.shape[1] != dim:
             raise ValueError(f"encoder returned rows of shape {emb.shape[1:]}, expected ({dim},)")
+        _check_fingerprints(batch.get("fingerprint"), settings, out_dir)
         chunks = np.asarray(batch["chunk"])
         for j in np.unique(chunks):
             sel = chunks == j
@@ -350,6 +356,19 @@ def _collect(
             if part.left == 0:
                 _write_chunk(int(j), part, out_dir, config, settings)
         bar.update(len(chunks))
+
+
+def _check_fingerprints(got: Any, settings: dict[str, Any], out_dir: Path) -> None:
+    """Refuse vectors an actor computed as another encoder than the one the settings record."""
+    want = settings.get("fingerprint") or ""
+    other = sorted({str(f) for f in (got if got is not None else []) if str(f) != want})
+    if other:
+        raise ValueError(
+            f"{out_dir}: a Ray actor encodes as fingerprint {other[0]}, not {want} as the "
+            "identity task did: another precision on its node (bf16 where the hardware has it "
+            "natively, fp32 elsewhere)? pin the model's precision (`dtype` fp32 or bf16 in its "
+            "chatretriever.json, not auto) so every node computes alike; finished chunks are kept"
+        )
 
 
 def _write_chunk(
