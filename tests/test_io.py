@@ -360,6 +360,7 @@ def test_tsv_corpora(tmp_path):
     assert read_corpus(dpr) == [Passage("1", "Aaron was a prophet.", "Aaron")]
     for name, text, match in (
         ("a.tsv", "1\tt\tT\n", ":1: a tab-separated corpus needs id<TAB>text lines or a header"),
+        ("d.jsonl", "not json\n", ":1: malformed JSON"),  # no tab: JSON lines, as before
         ("b.tsv", "1\tt\n2\tu\tv\n", r":2: expected 2 tab-separated columns \(id, text\), got 3"),
         ("c.tsv", "1\tt\n1\tu\n", ":2: field 'id': duplicate id '1'"),
     ):

@@ -44,8 +44,10 @@ def _tsv_rows(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def _rows(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """JSON lines, unless the first line is tab-separated text (then a TSV corpus)."""
     first = next((line for _, line in iter_lines(path)), "")
-    return iter_jsonl(path) if not first or first.lstrip().startswith("{") else _tsv_rows(path)
+    tsv = "\t" in first and not first.lstrip().startswith("{")
+    return _tsv_rows(path) if tsv else iter_jsonl(path)
 
 
 def iter_numbered_corpus(path: str | Path) -> Iterator[tuple[int, Passage]]:
