@@ -22,6 +22,7 @@ runs and embeddings) and the table, seeds.{json,md,png}.
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import subprocess
 import sys
@@ -33,12 +34,22 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from chatretriever.io.files import atomic_write
+from chatretriever.modeling.recipe import SAVED_RECIPE, apply_overrides, read_recipe
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import conversational  # noqa: E402
 import seeds  # noqa: E402
 from _conversational import script  # noqa: E402
+from _shared.paths import repo_path  # noqa: E402
 
 FINISHED = "chatretriever.json"  # written into the run directory when training has ended
+CONFIG = ".config.json"  # OUT/runs/<run>.config.json: the training config a run was made with
+# settings of logging, checkpoints and data loading: a run that differs only in them is the same
+UNCOMPARED = frozenset(
+    f"training.{k}"
+    for k in ("logging_steps", "save_steps", "save_total_limit", "dataloader_num_workers")
+)
 
 
 @dataclass(frozen=True)
@@ -55,6 +66,10 @@ class Job:
     @property
     def finished(self) -> bool:
         return (self.out / FINISHED).is_file()
+
+    @property
+    def config_file(self) -> Path:
+        return self.out.with_name(self.out.name + CONFIG)
 
 
 def parse_recipe(spec: str) -> tuple[str, Path]:
@@ -84,13 +99,90 @@ def plan(recipes: Sequence[str], seed_list: Sequence[int], out: Path) -> list[Jo
     ]
 
 
+def run_sets(job: Job, overrides: Sequence[str]) -> list[str]:
+    """The `--set`s of one run: its seed and directory, then the overrides of every run."""
+    return [f"training.seed={job.seed}", f"output_dir={job.out}", *overrides]
+
+
 def train_command(job: Job, overrides: Sequence[str]) -> list[str]:
     """`chatretriever train` for one run: its seed and directory over the recipe, resumable."""
-    sets = [f"training.seed={job.seed}", f"output_dir={job.out}", *overrides]
+    sets = run_sets(job, overrides)
     return [
         sys.executable, "-m", "chatretriever", "train", str(job.recipe), "--resume",
         *(a for s in sets for a in ("--set", s)),
     ]  # fmt: skip
+
+
+def training_config(job: Job, overrides: Sequence[str]) -> dict:
+    """The run's training config: its recipe (with `base:`) under the `--set`s and its seed, as
+    `train_command` asks for it; output_dir left out (OUT may move)."""
+    config = apply_overrides(read_recipe(job.recipe), run_sets(job, overrides))
+    config.pop("output_dir", None)
+    return json.loads(json.dumps(config, default=str))
+
+
+def _leaves(tree: object, prefix: str = "") -> dict[str, object]:
+    """{"training.max_steps": 2, ...}: the scalar or list values of a nested mapping."""
+    if not isinstance(tree, dict) or not tree:
+        return {prefix: tree}
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        out.update(_leaves(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def config_changes(job: Job, wanted: dict) -> list[str]:
+    """How the config `job` was trained with differs from `wanted` ("key: old -> new" each);
+    [] when they agree (but for `UNCOMPARED` keys) or nothing was trained there. A run trained
+    before configs were recorded is compared on the scalar values of `wanted` against its saved
+    train_config.yaml."""
+    if not job.out.exists():
+        return []
+    new = _leaves(wanted)
+    if job.config_file.is_file():
+        old = _leaves(json.loads(job.config_file.read_text())["config"])
+    elif (job.out / SAVED_RECIPE).is_file():
+        saved = _leaves(read_recipe(job.out / SAVED_RECIPE))
+        old = {k: saved.get(k) for k, v in new.items() if not isinstance(v, list | dict)}
+        new = {k: new[k] for k in old}
+    else:
+        return []
+    missing = "-"
+    return [
+        f"{k}: {old.get(k, missing)!r} -> {new.get(k, missing)!r}"
+        for k in sorted((set(old) | set(new)) - UNCOMPARED)
+        if old.get(k, missing) != new.get(k, missing)
+    ]
+
+
+def check_configs(jobs: Sequence[Job], overrides: Sequence[str], retrain: bool) -> None:
+    """Records each run's training config (OUT/runs/<run>.config.json) before it trains; a run
+    already there with another config is refused (ValueError naming it and the differing keys),
+    or with `retrain` moved aside to <run>.replaced[-N] and trained again."""
+    wanted = {job: training_config(job, overrides) for job in jobs}
+    stale = {job: changes for job in jobs if (changes := config_changes(job, wanted[job]))}
+    if stale and not retrain:
+        job, changes = next(iter(stale.items()))
+        more = f" (and {len(stale) - 1} more runs)" if len(stale) > 1 else ""
+        raise ValueError(
+            f"run {job.name} ({job.out}) was trained with another config{more}: "
+            f"{'; '.join(changes)}; pass --retrain to train it again (the old run is kept "
+            "aside), or choose another --out"
+        )
+    for job in stale:
+        aside, n = job.out.with_name(job.name + ".replaced"), 1
+        while aside.exists():
+            n += 1
+            aside = job.out.with_name(f"{job.name}.replaced-{n}")
+        job.out.rename(aside)
+        if job.config_file.is_file():
+            job.config_file.rename(aside.with_name(aside.name + CONFIG))
+        print(f"{job.name}: trained with another config, moved to {aside}; training it again")
+    for job in jobs:
+        record = {"recipe": str(job.recipe), "config": wanted[job]}
+        job.config_file.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(job.config_file) as f:
+            json.dump(record, f, indent=1)
 
 
 def train(jobs: Sequence[Job], overrides: Sequence[str], parallel: int, logs: Path) -> list[str]:
@@ -200,13 +292,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--recipe", action="append", required=True, metavar="[LABEL=]RECIPE",
                    help="a recipe YAML (repeatable); the first is the reference row")  # fmt: skip
     p.add_argument("--seeds", nargs="+", type=int, default=[42, 1, 2])
-    p.add_argument("--out", type=Path, default=Path("outputs/ablation-seeds"))
+    p.add_argument("--out", type=Path, default=Path(repo_path("outputs/ablation-seeds")))
     p.add_argument("--parallel", type=int, default=1, help="runs trained side by side")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override every recipe (as `chatretriever train --set`)")  # fmt: skip
+    p.add_argument("--retrain", action="store_true",
+                   help="retrain runs made with another config (moved aside first)")  # fmt: skip
     p.add_argument("--train-only", action="store_true", help="train, then stop")
     p.add_argument("--runs-only", action="store_true", help="train and search; no scoring")
-    p.add_argument("--data", default="../shared/data/mtrag", help="the MTRAG directory")
+    p.add_argument("--data", default=repo_path("../shared/data/mtrag"), help="the MTRAG directory")
     p.add_argument("--eval-conversations", metavar="FILE", help="conversation ids to evaluate")
     p.add_argument("--pool", type=int, help="search a pooled corpus (see conversational.py)")
     p.add_argument("--device", help="cpu, cuda, ... (default: the accelerator, else cpu)")
@@ -219,6 +313,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     jobs = plan(args.recipe, args.seeds, args.out)
+    check_configs(jobs, args.set, args.retrain)
     try:
         failures = train(jobs, args.set, args.parallel, args.out / "logs")
     except KeyboardInterrupt:

@@ -49,14 +49,16 @@ from chatretriever.retrieval.fusion import DEFAULT_RRF_K, FUSION_METHODS, Fusion
 # from its file (tests/test_benchmarks.py).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _conversational import backends, report, runs, script, systems, tasks  # noqa: E402
+from _shared.machine import machine  # noqa: E402
+from _shared.paths import repo_path  # noqa: E402
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
-    p.add_argument("--data", default="../shared/data/mtrag", help="the MTRAG directory")
-    p.add_argument("--out", default="outputs/benchmark", help="output directory")
+    p.add_argument("--data", default=repo_path("../shared/data/mtrag"), help="the MTRAG directory")
+    p.add_argument("--out", default=repo_path("outputs/benchmark"), help="output directory")
     p.add_argument("--systems", nargs="+", choices=systems.FAMILIES, default=list(systems.FAMILIES))
     p.add_argument("--dense", nargs="*", default=["minilm-l6", "mpnet-base"], help="embedders")
     p.add_argument(
@@ -112,6 +114,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def results_settings(args: argparse.Namespace) -> dict:
+    """The options that shape the results (file names hold only the tasks file's stem and the
+    pool): a results file of other settings is kept aside rather than replaced."""
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "verbose", "runs_only")}
+    if args.eval_conversations:
+        settings["eval_conversations"] = str(Path(args.eval_conversations).resolve())
+    return settings
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -165,6 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "measures": list(report.MEASURES),
         "baseline": baseline,
         "skipped": skipped,
+        "settings": results_settings(args),
+        "machine": machine(),
     }
     table = report.write_results(out, suffix, summary, records, baseline)
     print(table)

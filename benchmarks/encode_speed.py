@@ -47,6 +47,8 @@ from chatretriever.types import Passage
 # from its file (tests/test_benchmarks.py).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _ov_runtime  # noqa: E402
+from _conversational import script  # noqa: E402
+from _shared.paths import repo_path  # noqa: E402
 
 TARGET_SPEEDUP = 2.5
 TARGET_COSINE = 0.999
@@ -295,10 +297,10 @@ def bench_encoders(
     }
     reference, cache = None, getattr(args, "reference", None)
     key = {"weights": retriever.weights_fingerprint(), "ids": [p.id for p in passages]}
-    if cache and Path(cache).with_suffix(".json").is_file():
-        if json.loads(Path(cache).with_suffix(".json").read_text()) == key:
-            reference = np.load(cache)  # the fp32 reference of an earlier run: not timed again
-            result["reference_from"] = str(cache)
+    if cache and Path(cache).exists():
+        check_reference(cache, key)  # another model's reference is refused, not replaced
+        reference = np.load(cache)  # the fp32 reference of an earlier run: not timed again
+        result["reference_from"] = str(cache)
     rows = (
         list(args.rows)
         if reference is not None
@@ -325,11 +327,43 @@ def bench_encoders(
     return result, dim
 
 
+def reference_key_file(path: str | Path) -> Path:
+    """The key beside a reference cache: <path>.json (never a neighbour's <stem>.json); a cache
+    written before that name has its key at <stem>.json, read (never written) for it."""
+    new = Path(f"{path}.json")
+    legacy = Path(path).with_suffix(".json")
+    return new if new.is_file() or not legacy.is_file() else legacy
+
+
+def check_reference(path: str | Path, key: dict | None) -> None:
+    """A --reference file that exists must be a reference this script wrote (its key beside it)
+    of the same passages (and, given the weights in `key`, the same model): else ValueError
+    (the file is kept; choose another path)."""
+    key_file = reference_key_file(path)
+    if not key_file.is_file():
+        raise ValueError(
+            f"--reference {path}: not a reference cache of this script (no {Path(f'{path}.json')}"
+            "); it is kept: choose another path"
+        )
+    saved = json.loads(key_file.read_text())
+    key = json.loads(json.dumps(key)) if key is not None else None  # tuples as the file has them
+    if saved.get("ids") != (key or {}).get("ids", saved.get("ids")):
+        raise ValueError(
+            f"--reference {path}: the reference of {len(saved.get('ids', []))} other passages "
+            "(another --n, --seed or --data); it is kept: choose another path"
+        )
+    if key is not None and "weights" in key and saved.get("weights") != key["weights"]:
+        raise ValueError(
+            f"--reference {path}: the reference of another model's weights; it is kept: "
+            "choose another path"
+        )
+
+
 def _save_reference(path: Path, emb: np.ndarray, key: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path, "wb") as f:
         np.save(f, emb)
-    with atomic_write(path.with_suffix(".json")) as f:
+    with atomic_write(Path(f"{path}.json")) as f:
         json.dump(key, f)
 
 
@@ -480,9 +514,11 @@ def markdown(result: dict) -> str:
         lines.append(
             f"| {r['row']} | {r['what']} | {dtype} | {r['compiled']} | {r['tokens_per_s']:.0f} | "
             f"{r['passages_per_s']:.1f} | {r['seconds']:.1f} | {r['warmup_s']:.1f} | "
-            f"{r.get('speedup_vs_v1-autocast', float('nan')):.2f} | {r['cosine_min']:.5f} | "
+            f"{_ratio(r)} | {r['cosine_min']:.5f} | "
             f"{r['cosine_mean']:.6f} |"
         )
+    if any(_ratio(r) == "-" for r in a["rows"]):
+        lines += ["", "x v1-autocast: - where that row was not run (name it in --rows)."]
     converted = [r for r in a["rows"] if "convert_s" in r]
     if converted:
         lines += ["", "Other runtimes, conversion + compile (in the warm-up, not in tokens/s): "]
@@ -517,12 +553,18 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _ratio(row: dict) -> str:
+    """The speed-up against v1-autocast, "-" when that row was not run (name it in --rows)."""
+    ratio = row.get("speedup_vs_v1-autocast")
+    return "-" if ratio is None else f"{ratio:.2f}"
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
-    p.add_argument("--data", default="../shared/data/mtrag", help="the MTRAG directory")
-    p.add_argument("--out", default="outputs/encode_speed", help="output directory")
+    p.add_argument("--data", default=repo_path("../shared/data/mtrag"), help="the MTRAG directory")
+    p.add_argument("--out", default=repo_path("outputs/encode_speed"), help="output directory")
     p.add_argument("--model", default="chatretriever-smol", help="retriever or base chat LLM")
     p.add_argument("--n", type=int, default=2000, help="MTRAG passages to encode")
     p.add_argument(
@@ -564,6 +606,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     env = environment()  # first: the load average before this process works
     passages, corpus_size = sample_passages(args.data, args.n, args.seed)
+    if args.reference and Path(args.reference).exists():  # before the model loads
+        check_reference(args.reference, {"ids": [p.id for p in passages]})
     out = Path(args.out)
     result: dict[str, Any] = {
         "command": shlex.join(["python", "benchmarks/encode_speed.py", *argv]),
@@ -593,4 +637,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    script.run(main)

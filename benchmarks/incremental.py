@@ -27,7 +27,6 @@ import argparse
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -44,21 +43,14 @@ from chatretriever.io.mtrag import load_mtrag
 from chatretriever.retrieval.evaluate import write_json
 from chatretriever.types import Session
 
+# The helper package beside this script (on sys.path when the script runs)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _shared.machine import cpu_model  # noqa: E402, F401  (also this script's surface)
+from _shared.paths import repo_path  # noqa: E402
+
 TARGET_SPEEDUP = 5.0  # at turn 6 and beyond, without truncation
 TARGET_FROM_TURN = 6
 TARGET_COSINE = 0.9999
-
-
-def cpu_model() -> str:
-    """The CPU's model name as `lscpu` reports it ("" when lscpu is missing)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor()
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return ""
 
 
 def environment() -> dict[str, Any]:
@@ -285,8 +277,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
-    p.add_argument("--data", default="../shared/data/mtrag", help="the MTRAG directory")
-    p.add_argument("--out", default="outputs/incremental", help="output directory")
+    p.add_argument("--data", default=repo_path("../shared/data/mtrag"), help="the MTRAG directory")
+    p.add_argument("--out", default=repo_path("outputs/incremental"), help="output directory")
     p.add_argument("--model", default="chatretriever-smol", help="a ChatRetriever name or dir")
     p.add_argument("--n-conversations", type=int, default=30, help="conversations replayed")
     p.add_argument("--max-turns", type=int, default=10, help="user turns replayed per conversation")

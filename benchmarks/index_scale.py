@@ -56,6 +56,7 @@ import numpy as np
 # from its file (tests/test_index_scale.py).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _index_scale import report, systems, vectors  # noqa: E402
+from _shared.paths import repo_path  # noqa: E402
 
 
 def _positive_ints(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -78,7 +79,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--emb",
         metavar="DIR",
-        default="outputs/benchmark/emb",
+        default=repo_path("outputs/benchmark/emb"),
         help="real embeddings: an encode output dir, or a folder holding exactly one",
     )
     p.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
@@ -86,7 +87,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--queries", type=int, default=1000, help="held-out query sample")
     p.add_argument("--single", type=int, default=200, help="queries timed one a call")
     p.add_argument("--k", type=int, default=10)
-    p.add_argument("--out", default="outputs/index_scale", help="output directory")
+    p.add_argument("--out", default=repo_path("outputs/index_scale"), help="output directory")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="Faiss threads")
     _add_index_args(p)
     p.add_argument("--noise", type=float, default=0.5, help="noise norm / median NN distance")

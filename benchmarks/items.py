@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,12 @@ from chatretriever.methods.items.recipe import load_item_recipe, run_item_traini
 from chatretriever.methods.items.recommend import multi_turn_requests, session_vs_last_turn
 from chatretriever.methods.items.templates import TASKS
 from chatretriever.retrieval.evaluate import write_json
+
+# The helper packages beside this script: on sys.path when the script runs
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _conversational import script  # noqa: E402
+from _shared.machine import machine, machine_line  # noqa: E402
+from _shared.paths import repo_path  # noqa: E402
 
 
 def _timed(timings: dict[str, float], name: str, fn: Callable[[], Any]) -> Any:
@@ -151,7 +157,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "timings_s": timings,
         "total_s": round(sum(timings.values()), 1),
         "settings": vars(args),
-        "machine": {"platform": platform.platform(), "processor": platform.processor()},
+        "machine": machine("float32"),  # the item trainer is fp32 only
         "results": results,
     }
 
@@ -177,6 +183,10 @@ def write_report(report: dict[str, Any], out: Path) -> None:
         ),
         "",
         "## Timings (s)",
+        machine_line(report["machine"]) if "machine" in report else "",
+        "Settings: "
+        + ", ".join(f"{k}={v}" for k, v in report.get("settings", {}).items() if k != "out"),
+        "",
         json.dumps(report["timings_s"], indent=1),
     ]
     with atomic_write(out / "results.md") as f:
@@ -184,11 +194,11 @@ def write_report(report: dict[str, Any], out: Path) -> None:
     _heatmap(results, out / "hit5.png")
 
 
-def main() -> None:
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--root", default="../shared/data/steam")
-    p.add_argument("--out", default="outputs/bench-items")
-    p.add_argument("--recipe", default="configs/items-minilm.yaml")
+    p.add_argument("--root", default=repo_path("../shared/data/steam"), help="Steam directory")
+    p.add_argument("--out", default=repo_path("outputs/bench-items"))
+    p.add_argument("--recipe", default=repo_path("configs/items-minilm.yaml"))
     p.add_argument("--model", default=None, help="the recipe's model unless given")
     p.add_argument("--train-per-task", type=int, default=200)
     p.add_argument("--test-per-task", type=int, default=100)
@@ -202,12 +212,36 @@ def main() -> None:
         "--lora", action="store_true", help="fine-tune LoRA adapters (lora.enabled) instead"
     )
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
+    return p.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Bad input as a ValueError / FileNotFoundError naming the option, before any work."""
+    for name in ("train_per_task", "test_per_task", "catalog_size", "steps", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if args.lr is not None and not args.lr > 0:
+        raise ValueError(f"--lr must be positive, got {args.lr}")
+    if args.holdout and args.holdout not in TASKS:
+        raise ValueError(f"--holdout {args.holdout!r} is none of the tasks {list(TASKS)}")
+    if not Path(args.root).is_dir():
+        raise FileNotFoundError(f"--root {args.root}: no such directory")
+    if not Path(args.recipe).is_file():
+        raise FileNotFoundError(f"--recipe {args.recipe}: no such file")
+    # the recipe with this run's settings: a bad field fails here, not after minutes of work
+    load_item_recipe(args.recipe, [f"{k}={v}" for k, v in _recipe_settings(args).items()])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    check_args(args)
     report = run(args)
     write_report(report, Path(args.out))
     print(results_table(report["results"], "hit@5"))
     print(f"total {report['total_s']} s")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    script.run(main)

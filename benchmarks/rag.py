@@ -39,6 +39,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from chatretriever.apps.chat import answer_sessions, generation_kwargs, top_passages
 from chatretriever.io.files import read_json
 from chatretriever.io.mtrag import load_mtrag
@@ -61,6 +63,8 @@ from _rag.report import (  # noqa: E402
     write_plot,
 )
 from _rag.turns import load_corpus, select_turns  # noqa: E402
+from _shared.machine import machine  # noqa: E402
+from _shared.paths import keep_previous, repo_path  # noqa: E402
 
 SYSTEMS = ("uniconv", "decoupled", "bm25", "closed-book", "oracle", "retriever-as-generator")
 RUN_DEPTH = 10  # R@10 reads the top 10 of a run whatever k the answers read
@@ -99,8 +103,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
-    p.add_argument("--data", default="../shared/data/mtrag", help="the MTRAG directory")
-    p.add_argument("--out", default="outputs/rag", help="output directory (and caches)")
+    p.add_argument("--data", default=repo_path("../shared/data/mtrag"), help="the MTRAG directory")
+    p.add_argument("--out", default=repo_path("outputs/rag"), help="output directory (and caches)")
     p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
     p.add_argument("--uniconv", metavar="DIR", help="the UniConv of the `uniconv` row")
     p.add_argument("--ablation", action="append", default=[], metavar="NAME=DIR")
@@ -120,7 +124,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--eval-conversations",
-        default="configs/mtrag-un-heldout.txt",
+        default=repo_path("configs/mtrag-un-heldout.txt"),
         help="conversation ids to evaluate ('' = every conversation)",
     )
     p.add_argument("--limit", type=int, default=0, help="N turns: the lowest sha1 of id (0: all)")
@@ -166,6 +170,9 @@ def plan_systems(args: argparse.Namespace) -> tuple[list[RagSystem], list[dict[s
     }
     out += [system for name, system in plain.items() if name in chosen]
     for text in args.ablation:
+        name, sep, path = text.partition("=")
+        if not (sep and name.strip() and path.strip()):
+            raise ValueError(f"--ablation {text!r}: expected NAME=DIR")
         name, path = parse_model(text)
         out.append(RagSystem(name, "dense", path, name, "self"))
     kept = []
@@ -178,6 +185,11 @@ def plan_systems(args: argparse.Namespace) -> tuple[list[RagSystem], list[dict[s
     ids = [s.id for s in kept]
     if len(set(ids)) != len(ids):
         raise ValueError(f"two systems share a name: {ids}; give each --ablation its own NAME")
+    rows = [*ids, *(s["system"] for s in skipped)]
+    if args.ablation and args.ablation_baseline not in rows:
+        raise ValueError(
+            f"--ablation-baseline {args.ablation_baseline!r} is none of the rows {rows}"
+        )
     return kept, skipped
 
 
@@ -289,48 +301,96 @@ def oracle_run(judged: Mapping[str, Mapping[str, int]], qids: Iterable[str]) -> 
     return Run(scores, name="oracle")
 
 
-def answers_of(
-    system: RagSystem, ws: RagWorkspace, passages: Mapping[str, list[Passage]]
-) -> tuple[dict[str, str], dict]:
-    """The system's answers (cached in OUT/answers/ under the model, passages and settings)."""
-    from chatretriever.io.answers import read_answers, write_answers
+def answers_key(system: RagSystem, ws: RagWorkspace) -> dict[str, Any]:
+    """What makes an answer, the passages aside (checked per turn): the system, the answering
+    model, the length and the prompts."""
     from chatretriever.modeling.grounded import CLOSED_BOOK_SYSTEM, GROUNDED_SYSTEM
 
-    path = ws.out / "answers" / f"{slug(system.id)}.jsonl"
-    settings_file = path.with_name(path.name + ".settings.json")
     prompts = hashlib.sha1((GROUNDED_SYSTEM + CLOSED_BOOK_SYSTEM).encode()).hexdigest()[:12]
-    key = {
+    return {
         "system": asdict(system),
         "answerer": ws.answerer_key(system),
-        "passages_sha1": hashlib.sha1(
-            json.dumps({s.id: [p.id for p in passages[s.id]] for s in ws.sessions}).encode()
-        ).hexdigest(),
         "max_new_tokens": ws.args.max_new_tokens,
         "prompts": prompts,
     }
-    if path.exists() and settings_file.exists() and read_json(settings_file).get("key") == key:
-        return read_answers(path), {
-            "answers": str(path),
-            "cached": True,
-            **read_json(settings_file),
-        }
-    model = ws.answering_model(system)
-    batch_size = ws.args.gen_batch_size
-    kwargs = generation_kwargs(model, ws.args.max_new_tokens, batch_size)  # UniConv: per call
-    items = [(s, passages[s.id]) for s in ws.sessions]
-    start = time.perf_counter()
-    answers = answer_sessions(model, items, batch_size, True, kwargs)
-    settings = {"key": key, "answer_s": round(time.perf_counter() - start, 3)}
-    rows = [
-        {"qid": s.id, "answer": a, "passages": [p.id for p in ps]}
-        for (s, ps), a in zip(items, answers, strict=True)
+
+
+def _settings_file(path: Path) -> Path:
+    return path.with_name(path.name + ".settings.json")
+
+
+def cached_answers(path: Path, legacy: Path, key: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """qid -> {"answer", "passages"} of the answers cached under `key`: OUT/answers/<system>.<key
+    sha>.jsonl, else a file of the earlier one-turn-set layout (<system>.jsonl) made alike."""
+    from chatretriever.io.answers import iter_answer_rows
+
+    for candidate in (path, legacy):
+        settings = _settings_file(candidate)
+        if not (candidate.is_file() and settings.is_file()):
+            continue
+        old = {k: v for k, v in read_json(settings).get("key", {}).items() if k != "passages_sha1"}
+        if old == key:
+            rows = iter_answer_rows(candidate)
+            return {r.qid: {"answer": r.answer, "passages": list(r.passages)} for r in rows}
+    return {}
+
+
+def save_answers(path: Path, key: Mapping, cache: Mapping[str, dict], answer_s: float) -> None:
+    """The cache, rewritten atomically (an interrupted write leaves the previous file)."""
+    from chatretriever.io.answers import write_answers
+
+    write_answers(path, ({"qid": q, **row} for q, row in sorted(cache.items())))
+    write_json(_settings_file(path), {"key": key, "answer_s": round(answer_s, 3)})
+
+
+def answers_of(
+    system: RagSystem, ws: RagWorkspace, passages: Mapping[str, list[Passage]]
+) -> tuple[dict[str, str], dict]:
+    """The system's answers, cached per turn in OUT/answers/ under the model and settings.
+
+    A turn answered before from the same passages is read back; the others are answered and
+    added to the cache after every generation batch, so an interrupted run keeps what it
+    answered. The cache never loses a turn (answers of other turn sets stay)."""
+    key = answers_key(system, ws)
+    sha = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    path = ws.out / "answers" / f"{slug(system.id)}.{sha}.jsonl"
+    cache = cached_answers(path, path.with_name(f"{slug(system.id)}.jsonl"), key)
+    settings_file = _settings_file(path)
+    total_s = read_json(settings_file).get("answer_s", 0.0) if settings_file.is_file() else 0.0
+    ids = {s.id: [p.id for p in passages[s.id]] for s in ws.sessions}
+    todo = [
+        (s, passages[s.id]) for s in ws.sessions if cache.get(s.id, {}).get("passages") != ids[s.id]
     ]
-    write_answers(path, rows)
-    write_json(settings_file, settings)
-    return dict(zip((s.id for s in ws.sessions), answers, strict=True)), {
+    start = time.perf_counter()
+    if todo:
+        model = ws.answering_model(system)
+        size = ws.args.gen_batch_size
+        kwargs = generation_kwargs(model, ws.args.max_new_tokens, size)  # UniConv: per call
+        # longest prompts first, as answer_sessions orders them, one batch per call
+        todo.sort(
+            key=lambda it: (
+                -sum(len(t.content) for t in it[0].turns) - sum(len(p.text) for p in it[1])
+            )
+        )
+        with tqdm(total=len(todo), desc="answer", unit="turn") as bar:
+            for i in range(0, len(todo), size):
+                batch = todo[i : i + size]
+                answers = answer_sessions(model, batch, size, False, kwargs)
+                for (s, _), answer in zip(batch, answers, strict=True):
+                    cache[s.id] = {"answer": answer, "passages": ids[s.id]}
+                elapsed = time.perf_counter() - start
+                save_answers(path, key, cache, total_s + elapsed)
+                bar.update(len(batch))
+    elif not path.is_file():  # read from a file of the earlier layout: copied to this name
+        save_answers(path, key, cache, total_s)
+    return {s.id: cache[s.id]["answer"] for s in ws.sessions}, {
         "answers": str(path),
-        "cached": False,
-        **settings,
+        "cached": not todo,
+        "reused": len(ws.sessions) - len(todo),
+        "generated": len(todo),
+        "answer_s": round(time.perf_counter() - start, 3),  # this run's generation
+        "answer_s_all": round(total_s + time.perf_counter() - start, 3),  # every cached answer
+        "key": key,
     }
 
 
@@ -348,7 +408,7 @@ def evaluate_system(
     record: dict[str, Any] = {"metrics": metrics, "n": generation["n"], "consistency": None}
     # per turn, for the paired tests against the baseline row (`paired_tests`)
     record["per_turn"] = {"F1": {q: v["f1"] for q, v in scores.items()}}
-    if run is not None and system.retrieval in ("dense", "bm25"):
+    if run is not None and system.retrieval in ("dense", "bm25") and ws.judged:
         ev = evaluate_run(run, ws.judged, MEASURES)
         metrics.update(ev.aggregate)
         record["n_judged"] = ev.num_queries
@@ -443,12 +503,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"MTRAG-UN RAG: {len(turns)} turns, {len(judged)} judged. {corpus_line(corpus, len(turns))}"
     )
+    if not judged:
+        print("  no judged turn among them: retrieval columns are '-' (generation is scored)")
     ws = RagWorkspace(args, turns, passages, judged, data.corpus_path)
     records = []
-    for n, system in enumerate(planned, start=1):
-        print(f"[{n}/{len(planned)}] {system.id}: {describe(system, args.k)}")
-        records.append(run_system(system, ws, corpus["tag"]))
-        backends.release_memory()
+    try:
+        for n, system in enumerate(planned, start=1):
+            print(f"[{n}/{len(planned)}] {system.id}: {describe(system, args.k)}")
+            records.append(run_system(system, ws, corpus["tag"]))
+            backends.release_memory()
+    except KeyboardInterrupt:
+        print(
+            f"interrupted: the answers so far are kept in {out / 'answers'}; rerun to resume",
+            file=sys.stderr,
+        )
+        return script.INTERRUPTED
     summary = {
         "command": shlex.join(["python", "benchmarks/rag.py", *argv]),
         "data": args.data,
@@ -458,6 +527,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "k": args.k,
         "max_new_tokens": args.max_new_tokens,
         "gen_dtype": args.gen_dtype,
+        "machine": machine(ws.gen_dtype()),
         "corpus": corpus,
         "skipped": skipped,
     }
@@ -468,8 +538,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ablations
         else None
     )
-    if ablations and summary["ablations_against"] is None:
+    if ablations and summary["ablations_against"] is None:  # the baseline row was skipped
         print(f"  no ablation comparison: row {args.ablation_baseline!r} was not run")
+    summary["settings"] = {k: v for k, v in vars(args).items() if k not in ("out", "verbose")}
+    if kept := keep_previous(
+        [out / f"rag.{ext}" for ext in ("json", "md", "png")], summary["settings"]
+    ):
+        print(f"  the results there had other settings: kept as {kept.with_suffix('')}.*")
     write_json(out / "rag.json", {**summary, "systems": records})
     print(write_markdown(out / "rag.md", summary, records))
     write_plot(out / "rag.png", records)

@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _conversational.systems import missing_model  # noqa: E402
 from _rationale.cost import cost, cost_markdown, write_cost_plot  # noqa: E402
 from _rationale.env import environment  # noqa: E402
+from _shared.paths import repo_path  # noqa: E402
 
 MEASURES = ("R@1", "R@3", "R@5", "RR", "nDCG@10")
 REPO = Path(__file__).resolve().parents[1]
@@ -360,7 +361,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     sub = p.add_subparsers(dest="part", required=True)
     q = sub.add_parser("quality")
     q.add_argument("--split", default=str(REPO / "configs" / "esconv-split.json"))
-    q.add_argument("--out", default="outputs/rationale")
+    q.add_argument("--out", default=repo_path("outputs/rationale"))
     q.add_argument("--model", default="smollm2-135m-instruct")
     q.add_argument("--wording", default="ab", choices=("ab", "tf"))
     q.add_argument(
@@ -387,7 +388,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     q.add_argument("--student", type=named_dir, action="append", default=[], metavar="NAME=DIR",
                    help="a Rabtriever student row, rerank-distill output (repeatable)")  # fmt: skip
     c = sub.add_parser("cost")
-    c.add_argument("--out", default="outputs/rationale")
+    c.add_argument("--out", default=repo_path("outputs/rationale"))
     c.add_argument("--model", default="smollm2-135m-instruct")
     c.add_argument("--candidates", type=int, nargs="+", default=[10, 30, 100])
     c.add_argument("--doc-tokens", type=int, nargs="+", default=[32, 128])

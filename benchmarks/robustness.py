@@ -44,6 +44,7 @@ from chatretriever.types import Passage, Run, Session, passage_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _conversational import runs, script, systems, tasks  # noqa: E402
+from _shared.paths import repo_path  # noqa: E402
 
 from chatretriever.retrieval.robustness.evaluation import evaluate_robustness  # noqa: E402
 
@@ -54,13 +55,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
-    p.add_argument("--data", default="../shared/data/mtrag", help="the MTRAG directory")
+    p.add_argument("--data", default=repo_path("../shared/data/mtrag"), help="the MTRAG directory")
     p.add_argument("--sessions", help="sessions JSONL instead of MTRAG (with --qrels, --corpus)")
     p.add_argument("--qrels", help="TREC or BEIR qrels of --sessions")
     p.add_argument("--corpus", help="BEIR corpus of --sessions")
-    p.add_argument("--eval-conversations", default="configs/mtrag-un-heldout.txt")
+    p.add_argument("--eval-conversations", default=repo_path("configs/mtrag-un-heldout.txt"))
     p.add_argument("--limit-conversations", type=int, help="only the first N (a timing slice)")
-    p.add_argument("--out", default="outputs/robustness", help="output directory")
+    p.add_argument("--out", default=repo_path("outputs/robustness"), help="output directory")
     p.add_argument("--systems", nargs="+", choices=systems.FAMILIES, default=list(systems.FAMILIES))
     p.add_argument("--dense", nargs="*", default=["minilm-l6"], help="embedders")
     p.add_argument("--only", nargs="+", metavar="ROW", help="only these rows (system names)")

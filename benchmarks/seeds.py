@@ -44,6 +44,8 @@ from _conversational.report import (  # noqa: E402
     save_figure,
     table_head,
 )
+from _shared.machine import machine, machine_line  # noqa: E402
+from _shared.paths import repo_path  # noqa: E402
 
 
 def parse_spec(spec: str, what: str) -> tuple[str, list[Path]]:
@@ -78,9 +80,18 @@ def mean_evaluation(evaluations: Sequence[Evaluation]) -> Evaluation:
 def summarize(label: str, paths: Sequence[Path], qrels: Any) -> tuple[dict, Evaluation]:
     """One row: each run's metrics, mean and sd over them (sd 0 for a single run)."""
     evaluations = [evaluate_run(read_run(p), qrels, MEASURES) for p in paths]
+    missing = [len(ev.missing_from_run) for ev in evaluations]
+    for path, n in zip(paths, missing, strict=True):
+        if n:  # scored 0 on them: an interrupted search, or a run of other tasks
+            print(
+                f"warning: {path} lacks {n} of the {evaluations[0].num_queries} evaluated "
+                "tasks (scored 0 on them)",
+                file=sys.stderr,
+            )
     row: dict[str, Any] = {
         "label": label,
         "runs": [str(p) for p in paths],
+        "num_missing_from_run": missing,
         "n": len(paths),
         "per_run": [ev.aggregate for ev in evaluations],
         "mean": {},
@@ -135,13 +146,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
-    p.add_argument("--data", default="../shared/data/mtrag", help="the MTRAG directory")
+    p.add_argument("--data", default=repo_path("../shared/data/mtrag"), help="the MTRAG directory")
     p.add_argument("--eval-conversations", metavar="FILE", help="conversation ids to evaluate")
     p.add_argument("--group", action="append", default=[], metavar="LABEL=RUNS", required=True)
     p.add_argument("--run", action="append", default=[], metavar="LABEL=RUN", help="single run")
     p.add_argument("--reference", help="label of the group the others are compared with")
     p.add_argument("--title", default="Seed-averaged comparison", help="heading of seeds.md")
-    p.add_argument("--out", default="outputs/seeds", help="output directory")
+    p.add_argument("--out", default=repo_path("outputs/seeds"), help="output directory")
     return p.parse_args(argv)
 
 
@@ -179,6 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "queries_evaluated": rows[0]["num_queries"],
         "reference": reference,
         "measures": list(MEASURES),
+        "num_missing_from_run": sum(sum(r["num_missing_from_run"]) for r in rows),
+        "machine": machine(torch_used=False),  # scoring only: no torch
         "rows": rows,
     }
     write_json(out / "seeds.json", summary)
@@ -192,6 +205,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "averaged over the seeds, paired randomisation test (10,000 sign flips).",
         "",
         md,
+        "",
+        *(
+            [f"Runs lacking evaluated tasks (scored 0 on them): {summary['num_missing_from_run']}"]
+            if summary["num_missing_from_run"]
+            else []
+        ),
+        machine_line(summary["machine"]),
         "",
         f"`{command}`",
         "",

@@ -39,6 +39,10 @@ import numpy as np
 from chatretriever.io.files import atomic_write
 from chatretriever.retrieval.evaluate import write_json
 
+# The helper package beside this script (on sys.path when the script runs)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _shared.paths import repo_path  # noqa: E402
+
 TARGET_REQUESTS = 10_000
 TARGET_CONCURRENCY = 32
 TARGET_SPEEDUP = 2.0
@@ -311,7 +315,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-duration", type=float, default=900.0, help="seconds per config at most")
     p.add_argument("--rounds", type=int, default=3, help="alternate the configs this many times")
     p.add_argument("--k", type=int, default=10)
-    p.add_argument("--out", default="outputs/serve_load", help="output directory")
+    p.add_argument("--out", default=repo_path("outputs/serve_load"), help="output directory")
     args = p.parse_args(argv)
     if bool(args.index) == bool(args.url):
         p.error("give --index (servers are started) or --url (a running server)")

@@ -35,8 +35,12 @@ from typing import Any
 from chatretriever.io.files import atomic_path, atomic_write
 from chatretriever.retrieval.evaluate import write_json
 
+# The helper package beside this script (on sys.path when the script runs)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _shared.paths import repo_path  # noqa: E402
+
 MODES = ("one_pass", "two_pass")
-DEFAULT_DATA = "outputs/train/mtrag.jsonl.gz"
+DEFAULT_DATA = repo_path("outputs/train/mtrag.jsonl.gz")
 
 
 # ------------------------------------------------------------------------------ one measurement
@@ -242,7 +246,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--data", default=DEFAULT_DATA, help="training JSONL (build-train output)")
-    p.add_argument("--out", default="outputs/benchmark", help="writes train_speed.{json,md,png}")
+    p.add_argument(
+        "--out", default=repo_path("outputs/benchmark"), help="writes train_speed.{json,md,png}"
+    )
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--negatives", type=int, default=2)
     p.add_argument("--steps", type=int, default=4, help="timed steps per configuration")

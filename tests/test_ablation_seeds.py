@@ -109,7 +109,7 @@ def test_bad_input_ends_as_one_error_line(tmp_path):
         capture_output=True,
         text=True,
     )
-    assert done.returncode == 1
+    assert done.returncode == 2  # bad input, as argparse's usage errors
     assert done.stderr.strip().splitlines() == [
         f"error: --recipe '{missing}': no such file {missing}"
     ]
@@ -151,3 +151,56 @@ def test_sigterm_stops_the_trainings_it_started(ab, tmp_path, monkeypatch):
     assert len(procs) == 2  # the third run never started
     assert all(p.poll() is not None for p in procs)  # both stopped
     assert signal.getsignal(signal.SIGTERM) == before  # the previous handler is back
+
+
+def _fake_training(ab, monkeypatch):
+    """`chatretriever train` replaced by a process that marks its output_dir finished."""
+    trained = []
+    real_popen = subprocess.Popen
+
+    def popen(command, **kwargs):
+        out = next(a.split("=", 1)[1] for a in command if a.startswith("output_dir="))
+        trained.append(Path(out).name)
+        code = f"import pathlib; p = pathlib.Path({out!r}); p.mkdir(parents=True); "
+        code += "(p / 'chatretriever.json').write_text('{}')"
+        return real_popen([sys.executable, "-c", code], **kwargs)
+
+    monkeypatch.setattr(ab.subprocess, "Popen", popen)
+    return trained
+
+
+def test_a_run_trained_with_another_config_is_refused_or_retrained(ab, tmp_path, monkeypatch):
+    recipe = write(tmp_path / "r.yaml", "model: m\ntraining: {max_steps: 2}\n")
+    trained = _fake_training(ab, monkeypatch)
+    out = tmp_path / "out"
+    argv = ["--recipe", str(recipe), "--seeds", "1", "2", "--out", str(out), "--train-only"]
+    assert ab.main(argv) == 0 and trained == ["r-s1", "r-s2"]
+    record = json.loads((out / "runs" / "r-s1.config.json").read_text())
+    assert record["config"]["training"] == {"max_steps": 2, "seed": 1}
+    assert ab.main(argv) == 0 and len(trained) == 2  # the same config: reused
+    logs = [*argv, "--set", "training.logging_steps=1"]  # logging is not the model: reused
+    assert ab.main(logs) == 0 and len(trained) == 2
+    changed = [*argv, "--set", "training.max_steps=50"]
+    with pytest.raises(ValueError, match=r"run r-s1 .*another config \(and 1 more runs\): "
+                       r"training.max_steps: 2 -> 50; pass --retrain"):  # fmt: skip
+        ab.main(changed)
+    assert len(trained) == 2  # nothing trained, nothing moved
+    write(recipe, "model: m\ntraining: {max_steps: 2, learning_rate: 0.1}\n")  # the recipe too
+    with pytest.raises(ValueError, match=r"training.learning_rate: '-' -> 0.1"):
+        ab.main(argv)
+    assert ab.main([*changed, "--retrain"]) == 0 and trained[2:] == ["r-s1", "r-s2"]
+    assert (out / "runs" / "r-s1.replaced" / "chatretriever.json").is_file()  # kept aside
+    assert ab.main(changed) == 0 and len(trained) == 4
+
+
+def test_a_run_trained_before_configs_were_recorded_is_checked_on_its_saved_recipe(
+    ab, tmp_path, monkeypatch
+):
+    recipe = write(tmp_path / "r.yaml", "model: m\ntraining: {max_steps: 2}\n")
+    run = tmp_path / "out" / "runs" / "r-s1"
+    write(run / "chatretriever.json", "{}")
+    write(run / "train_config.yaml", "model: m\ntraining: {max_steps: 3, seed: 1, x: 1}\n")
+    _fake_training(ab, monkeypatch)
+    argv = ["--recipe", str(recipe), "--seeds", "1", "--out", str(tmp_path / "out")]
+    with pytest.raises(ValueError, match=r"run r-s1 .*training.max_steps: 3 -> 2;"):
+        ab.main([*argv, "--train-only"])

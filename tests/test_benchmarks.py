@@ -367,6 +367,34 @@ def test_bench_encoders_ablation_rows(speed, tiny_llama_dir, tmp_path):
     assert "| bf16-packed |" in text
 
 
+def test_a_reference_cache_of_other_passages_or_another_file_is_kept_not_replaced(
+    speed, tiny_llama_dir, tmp_path
+):
+    import argparse
+
+    from chatretriever.types import Passage
+
+    passages = [Passage(f"p{i}", f"text {i}", title="t") for i in range(4)]
+    ref = tmp_path / "ref.npy"
+    neighbour = write(tmp_path / "ref.json", '{"mine": 1}')  # not the cache's: left alone
+    args = argparse.Namespace(model=str(tiny_llama_dir), device="cpu", rows=[], reference=ref)
+    speed.bench_encoders(args, passages)
+    saved = ref.read_bytes()
+    assert (tmp_path / "ref.npy.json").is_file() and neighbour.read_text() == '{"mine": 1}'
+    same = json.loads((tmp_path / "ref.npy.json").read_text())
+    speed.check_reference(ref, same)  # the same passages and weights: read back
+    with pytest.raises(ValueError, match="another model's weights"):
+        speed.check_reference(ref, {**same, "weights": "other"})
+    with pytest.raises(ValueError, match=r"--reference .*ref.npy: the reference of 4 other"):
+        speed.bench_encoders(args, passages[:3])
+    assert ref.read_bytes() == saved
+    other = write(tmp_path / "bad.trec", "q1 Q0 d1 1 x run\n")
+    with pytest.raises(ValueError, match="not a reference cache of this script"):
+        speed.check_reference(other, {"ids": ["p0"]})
+    assert other.read_text() == "q1 Q0 d1 1 x run\n"
+    assert speed._ratio({}) == "-" and speed._ratio({"speedup_vs_v1-autocast": 2.0}) == "2.00"
+
+
 def test_runtime_encode_seqs_batches_longest_first_and_pools_last_emb(speed):
     shapes = []
 
@@ -515,3 +543,60 @@ def test_pooled_corpus_runs_are_kept_apart_from_full_ones(conv, mtrag, tmp_path,
     again = json.loads((out / "results.held.pool1.json").read_text())
     assert all(s["cached"] for s in again["systems"])
     assert json.loads((out / "results.json").read_text())["pool"] is None
+
+
+def test_fused_rows_name_their_settings_and_results_of_other_settings_are_kept(
+    conv, mtrag, tmp_path, loads, monkeypatch
+):
+    pytest.importorskip("bm25s")
+    pytest.importorskip("ir_measures")
+    monkeypatch.setattr(conv.backends, "have_faiss", lambda: False)
+    out = tmp_path / "out"
+    argv = ["--data", str(mtrag), "--out", str(out), "--systems", "bm25", "dense"]
+    argv += ["--dense", "fake:hash", "--hybrid", "rrf", "linear"]
+    assert conv.main(argv) == 0
+    first = json.loads((out / "results.json").read_text())
+    assert first["machine"]["cpu_model"] is not None and first["machine"]["cpu_count"]
+    assert first["settings"]["fusion_weight"] == 0.5
+    md = (out / "results.md").read_text()
+    assert "all_user_turns+bm25.last_turn.rrf (k=60, w=0.5) |" in md
+    assert "all_user_turns+bm25.last_turn.linear (w=0.5) |" in md and "Machine: " in md
+    assert conv.main(argv) == 0  # the same settings: replaced in place, nothing kept aside
+    assert not list(out.glob("results.prev*"))
+    assert conv.main([*argv, "--fusion-weight", "0.0", "--rrf-k", "1"]) == 0
+    kept = json.loads((out / "results.prev.json").read_text())
+    assert kept["settings"] == first["settings"] and (out / "results.prev.md").is_file()
+    assert "linear (w=0.0) |" in (out / "results.md").read_text()
+    # two id files of the same stem are other settings too
+    for d in ("a", "b"):
+        write(tmp_path / d / "ids.txt", "cB\n")
+        assert conv.main([*argv, "--eval-conversations", str(tmp_path / d / "ids.txt")]) == 0
+    assert (out / "results.ids.prev.json").is_file()
+
+
+def test_default_paths_are_the_repository_s_not_the_working_directory(conv, tmp_path, monkeypatch):
+    """Started from elsewhere, a script's defaults still name the repository's data and outputs;
+    a relative path given on the command line stays relative to the working directory."""
+    repo = BENCHMARKS.parent
+    monkeypatch.chdir(tmp_path)
+    args = conv.parse_args([])
+    assert Path(args.data) == repo.parent / "shared" / "data" / "mtrag"
+    assert Path(args.out) == repo / "outputs" / "benchmark"
+    given = conv.parse_args(["--data", "d", "--out", "o"])
+    assert (given.data, given.out) == ("d", "o")
+    rag = load_benchmark("rag").parse_args([])
+    assert Path(rag.eval_conversations) == repo / "configs" / "mtrag-un-heldout.txt"
+    seeds = load_benchmark("seeds").parse_args(["--group", "a=x"])
+    assert Path(seeds.data) == repo.parent / "shared" / "data" / "mtrag"
+
+
+def test_encode_retrieval_check_refuses_bad_input_before_loading_a_model(tmp_path):
+    check = load_benchmark("encode_retrieval_check")
+    run = write(tmp_path / "r.trec", "q1 Q0 d1 1 1.0 r\n")
+    with pytest.raises(FileNotFoundError, match="--run .*nope.trec: no such file"):
+        check.main(["--run", str(tmp_path / "nope.trec"), "--out", str(tmp_path / "o")])
+    with pytest.raises(ValueError, match="--pool must be at least 1, got -3"):
+        check.main(["--run", str(run), "--pool", "-3", "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit):  # argparse: an unknown row is a usage error (exit 2)
+        check.main(["--run", str(run), "--rows", "nosuchrow"])
+    assert not (tmp_path / "o").exists()

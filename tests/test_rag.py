@@ -498,7 +498,7 @@ def test_rag_benchmark_end_to_end_then_from_its_caches(rag, mtrag, tmp_path, mod
         rows["closed-book"]["metrics"]["nDCG@3"] is None
         and rows["closed-book"]["consistency"] is None
     )
-    oracle = {r["qid"]: r["passages"] for r in _rows(out / "answers" / "oracle.jsonl")}
+    oracle = {r["qid"]: r["passages"] for r in _rows(Path(rows["oracle"]["answers"]["answers"]))}
     assert oracle == {"c1<::>1": ["diet"], "c2<::>2": ["owls"]}  # rel > 0 only
     # BM25 on the last turn puts the relevant passage first for both turns: nDCG@3 = R@10 = 1
     assert rows["bm25"]["metrics"]["nDCG@3"] == pytest.approx(1.0)
@@ -507,7 +507,7 @@ def test_rag_benchmark_end_to_end_then_from_its_caches(rag, mtrag, tmp_path, mod
         rows["bm25"]["consistency"]["hit"]["n"] == 2
         and rows["bm25"]["consistency"]["miss"]["n"] == 0
     )
-    uni = _rows(out / "answers" / "uniconv.jsonl")
+    uni = _rows(Path(rows["uniconv"]["answers"]["answers"]))
     assert uni[0]["answer"].startswith("what do jaguars eat <- ") and len(uni[0]["passages"]) == 3
     assert loads == ["g"]  # one generator for the three rows that use it
     md = (out / "rag.md").read_text()
@@ -549,6 +549,76 @@ def test_rag_benchmark_end_to_end_then_from_its_caches(rag, mtrag, tmp_path, mod
     assert rows["same"]["paired"]["F1"]["n"] == 2  # and against decoupled, as every row
     md = (out / "rag.md").read_text()
     assert "Ablations against `uniconv`:" in md and "| same | 1.0000 |" in md
-    assert rag.main([*argv, "--ablation", "same=fakeuni:", "--ablation-baseline", "nope"]) == 0
-    assert json.loads((out / "rag.json").read_text())["ablations_against"] is None
-    assert "Ablations against" not in (out / "rag.md").read_text()
+    # a baseline that is none of the rows, or an --ablation without NAME=: refused before any work
+    with pytest.raises(ValueError, match=r"--ablation-baseline 'nope' is none of the rows \["):
+        rag.main([*argv, "--ablation", "same=fakeuni:", "--ablation-baseline", "nope"])
+    with pytest.raises(ValueError, match="--ablation 'fakeuni:': expected NAME=DIR"):
+        rag.main([*argv, "--ablation", "fakeuni:"])
+
+
+def test_rag_answers_are_cached_per_turn_and_kept_when_interrupted(
+    rag, mtrag, tmp_path, models, monkeypatch, capsys
+):
+    pytest.importorskip("bm25s")
+    pytest.importorskip("rouge_score")
+    from chatretriever.modeling.grounded import GroundedGenerator
+
+    gen = FakeGenerator()
+    monkeypatch.setattr(
+        GroundedGenerator, "from_pretrained", classmethod(lambda cls, *a, **kw: gen)
+    )
+    out = tmp_path / "out"
+    argv = ["--data", str(mtrag), "--out", str(out), "--eval-conversations", "", "--systems"]
+    argv += ["closed-book", "--generator", "g", "--gen-batch-size", "1"]
+
+    def answers() -> dict[str, str]:
+        (path,) = (out / "answers").glob("closed-book*.jsonl")
+        return {r["qid"]: r["answer"] for r in _rows(path)}
+
+    assert rag.main([*argv, "--limit", "1"]) == 0 and len(gen.items) == 1
+    first = answers()
+    assert rag.main([*argv, "--limit", "3"]) == 0  # the cached turn is reused, two added
+    assert len(gen.items) == 3 and len(answers()) == 3 and first.items() <= answers().items()
+    record = json.loads((out / "rag.json").read_text())["systems"][0]["answers"]
+    assert (record["reused"], record["generated"], record["cached"]) == (1, 2, False)
+    assert rag.main([*argv, "--limit", "2"]) == 0 and len(gen.items) == 3  # a subset: all cached
+    assert len(answers()) == 3  # the cache never shrinks
+    # interrupted in its second batch: the first batch's answer is on disk, one line is printed
+    for path in (out / "answers").glob("closed-book.*"):
+        path.unlink()
+    calls = []
+
+    def answer_then_stop(items, **kwargs):
+        calls.append(items)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return [f"answer {len(calls)}" for _ in items]
+
+    monkeypatch.setattr(gen, "answer_batch", answer_then_stop)
+    capsys.readouterr()
+    assert rag.main([*argv, "--limit", "3"]) == rag.script.INTERRUPTED
+    assert answers() and list(answers().values()) == ["answer 1"]
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
+    assert last.startswith("interrupted: the answers so far are kept in")
+    monkeypatch.setattr(gen, "answer_batch", FakeGenerator().answer_batch)
+    calls.clear()
+    assert rag.main([*argv, "--limit", "3"]) == 0 and len(answers()) == 3
+    assert "answer 1" in answers().values()  # resumed: the kept answer is not asked again
+
+
+def test_rag_without_judged_turns_scores_generation_only(rag, mtrag, tmp_path, models, monkeypatch):
+    pytest.importorskip("bm25s")
+    pytest.importorskip("rouge_score")
+    from chatretriever.modeling.grounded import GroundedGenerator
+
+    monkeypatch.setattr(
+        GroundedGenerator, "from_pretrained", classmethod(lambda cls, *a, **kw: FakeGenerator())
+    )
+    write(tmp_path / "c3.txt", "c3\n")  # c3's turn has a response and no judgment
+    out = tmp_path / "out"
+    argv = ["--data", str(mtrag), "--out", str(out), "--eval-conversations"]
+    argv += [str(tmp_path / "c3.txt"), "--systems", "bm25", "--generator", "g"]
+    assert rag.main(argv) == 0
+    (row,) = json.loads((out / "rag.json").read_text())["systems"]
+    assert row["metrics"]["nDCG@3"] is None and row["metrics"]["F1"] is not None
+    assert "| bm25 | - | - |" in (out / "rag.md").read_text()

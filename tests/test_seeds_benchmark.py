@@ -94,3 +94,20 @@ def test_bad_specs_are_clear_errors(data, tmp_path):
     run = run_file(tmp_path / "r.trec", [1, 1, 1])
     with pytest.raises(ValueError, match="--reference 'C'"):
         seeds.main(["--data", str(data), "--group", f"A={run}", "--reference", "C"])
+
+
+def test_a_run_lacking_evaluated_tasks_is_warned_and_counted(data, tmp_path, capsys):
+    pytest.importorskip("ir_measures")
+    seeds = load_benchmark("seeds")
+    full = run_file(tmp_path / "full.trec", [1, 1, 1])
+    part = write(tmp_path / "part.trec", "cA<::>1 Q0 d1 1 10 r\n")  # an interrupted search
+    out = tmp_path / "out"
+    argv = ["--data", str(data), "--out", str(out), "--group", f"full={full}"]
+    assert seeds.main([*argv, "--group", f"part={part}"]) == 0
+    assert f"warning: {part} lacks 2 of the 3 evaluated tasks" in capsys.readouterr().err
+    result = json.loads((out / "seeds.json").read_text())
+    assert [r["num_missing_from_run"] for r in result["rows"]] == [[0], [2]]
+    assert result["num_missing_from_run"] == 2
+    assert result["machine"]["cpu_model"] is not None and result["machine"]["cpu_count"]
+    md = (out / "seeds.md").read_text()
+    assert "Runs lacking evaluated tasks (scored 0 on them): 2" in md and "Machine: " in md

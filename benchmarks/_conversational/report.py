@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _shared.machine import machine_line
+from _shared.paths import keep_previous
 from tqdm.auto import tqdm
 
 from _conversational.systems import LLM_REWRITE
@@ -74,6 +76,10 @@ def results_table(records: list[dict], baseline: str | None) -> str:
     lines = table_head(["system", "formulation"], ["wall s"], baseline)
     for r in records:
         formulation = r["formulation"]
+        if r.get("fusion"):  # the fusion's settings: rows of other weights / k differ
+            f = r["fusion"]
+            k = f"k={f['rrf_k']}, " if f["method"] == "rrf" else ""
+            formulation += f" ({k}w={f['weight']})"
         if r["family"] == "rewrite":
             formulation = f"{LLM_REWRITE} ({r['rewrite_model']})"
         test = r.get("vs_baseline", {}).get("nDCG@3")
@@ -105,6 +111,8 @@ def write_markdown(path: Path, summary: dict, records: list[dict], baseline: str
         text.insert(3, f"Conversations: {summary['eval_conversations']} only.\n")
     for s in summary["skipped"]:
         text.append(f"\n- skipped {s['system']}: {s['reason']}")
+    if "machine" in summary:  # beside the wall s column
+        text.append("\n" + machine_line(summary["machine"]))
     text.append(f"\n`{summary['command']}`\n")
     out = "\n".join(text)
     with atomic_write(path) as f:
@@ -152,7 +160,11 @@ def write_plot(path: Path, records: list[dict]) -> bool:
 def write_results(
     out: Path, suffix: str, summary: dict, records: list[dict], baseline: str | None
 ) -> str:
-    """Write OUT/results<suffix>.{json,md,png}; returns the markdown."""
+    """Write OUT/results<suffix>.{json,md,png}; returns the markdown. Results there made with
+    other settings (`summary["settings"]`) are kept as results<suffix>.prev[-N].*."""
+    names = [out / f"results{suffix}.{ext}" for ext in ("json", "md", "png")]
+    if kept := keep_previous(names, summary.get("settings", {})):
+        print(f"  the results there had other settings: kept as {kept.with_suffix('')}.*")
     write_json(out / f"results{suffix}.json", {**summary, "systems": records})
     table = write_markdown(out / f"results{suffix}.md", summary, records, baseline)
     write_plot(out / f"results{suffix}.png", records)

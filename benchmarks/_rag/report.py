@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _shared.machine import machine_line
 
 from chatretriever.errors import MissingExtraError, require_extra
 from chatretriever.io.files import atomic_path, atomic_write
@@ -88,8 +89,12 @@ def write_markdown(path: Path, summary: Mapping[str, Any], records: Sequence[Map
         results_table(records, summary.get("paired_against")),
         "",
         "F1: SQuAD token F1, ROUGE-L: F-measure, both against the reference response. "
-        f"F1 hit / miss: judged turns whose top {summary['k']} holds a relevant passage or not. "
-        "Δ: paired randomisation test (10,000 sign flips) over the turns both rows scored.",
+        f"F1 hit / miss: judged turns whose top {summary['k']} holds a relevant passage or not."
+        + (
+            " Δ: paired randomisation test (10,000 sign flips) over the turns both rows scored."
+            if summary.get("paired_against") or summary.get("ablations_against")
+            else ""
+        ),
         "",
     ]
     against = summary.get("ablations_against")
@@ -97,6 +102,8 @@ def write_markdown(path: Path, summary: Mapping[str, Any], records: Sequence[Map
         text += [f"Ablations against `{against}`:", "", ablation_table(records, against), ""]
     text += [f"- {r['id']}: {r['description']}" for r in records]
     text += [f"- skipped {s['system']}: {s['reason']}" for s in summary["skipped"]]
+    if "machine" in summary:
+        text.append("\n" + machine_line(summary["machine"]))
     text.append(f"\n`{summary['command']}`\n")
     out = "\n".join(text)
     with atomic_write(path) as f:

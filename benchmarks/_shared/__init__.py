@@ -1,0 +1,8 @@
+"""Helpers every benchmark script shares, by concern.
+
+    machine   where a benchmark ran (CPU model, threads, library versions), recorded with timings
+    paths     default paths resolved against the repository root (not the current directory);
+              earlier results made with other settings kept aside rather than replaced
+
+The scripts put benchmarks/ on sys.path, so these import as `_shared.<module>`.
+"""

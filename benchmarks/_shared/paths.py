@@ -1,0 +1,50 @@
+"""Default paths of the benchmark scripts, resolved against the repository root.
+
+A default such as `--data ../shared/data/mtrag` or `--out outputs/benchmark` names a place beside
+the repository, so a script started from another directory still finds its data and writes its
+outputs into the repository; a path the user gives stays relative to the current directory.
+Results whose file name does not hold every setting are kept aside, not replaced, when a run with
+other settings writes that name (`keep_previous`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]  # benchmarks/_shared/paths.py -> the repository
+
+
+def repo_path(relative: str) -> str:
+    """`relative` (a default of a script) as a path under the repository root."""
+    return os.path.normpath(REPO / relative)
+
+
+def keep_previous(files: Sequence[Path], settings: Mapping[str, Any]) -> Path | None:
+    """Before results are written to `files` (the JSON first, then e.g. its .md and .png): when
+    the JSON there was made with other `settings` (its "settings" key), every one of the files
+    there is renamed to <stem>.prev[-N]<suffix> rather than replaced; returns the JSON's new
+    name, None when nothing was moved (no results there, or the same settings: a plain rerun)."""
+    first = Path(files[0])
+    if not first.is_file():
+        return None
+    try:
+        previous = json.loads(first.read_text()).get("settings")
+    except (ValueError, AttributeError):
+        previous = None
+    if previous == json.loads(json.dumps(settings, default=str)):
+        return None
+    n = 1
+    while any(_aside(Path(f), n).exists() for f in files):
+        n += 1
+    for f in map(Path, files):
+        if f.exists():
+            f.rename(_aside(f, n))
+    return _aside(first, n)
+
+
+def _aside(path: Path, n: int) -> Path:
+    return path.with_name(f"{path.stem}.prev{'' if n == 1 else f'-{n}'}{path.suffix}")
