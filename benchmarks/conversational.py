@@ -107,6 +107,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be positive")
     if args.pool < 0:
         p.error("--pool must be at least 0")
+    if args.eval_conversations and not Path(args.eval_conversations).is_file():
+        p.error(f"--eval-conversations {args.eval_conversations}: no such file")
     try:
         FusionConfig("rrf", args.rrf_k, args.fusion_weight)
     except ValueError as e:

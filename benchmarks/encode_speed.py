@@ -48,7 +48,7 @@ from chatretriever.types import Passage
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _ov_runtime  # noqa: E402
 from _conversational import script  # noqa: E402
-from _shared.paths import repo_path  # noqa: E402
+from _shared.paths import repo_path, require_model  # noqa: E402
 
 TARGET_SPEEDUP = 2.5
 TARGET_COSINE = 0.999
@@ -598,12 +598,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for name in ("n", "n_random", "queries"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be positive")
+    if min(args.ef_search) < 1:
+        p.error(f"--ef-search values must be positive, got {min(args.ef_search)}")
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    require_model(args.model)  # before the corpus is read
     env = environment()  # first: the load average before this process works
     passages, corpus_size = sample_passages(args.data, args.n, args.seed)
     if args.reference and Path(args.reference).exists():  # before the model loads

@@ -45,8 +45,9 @@ from chatretriever.types import Session
 
 # The helper package beside this script (on sys.path when the script runs)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _conversational.script import run  # noqa: E402
 from _shared.machine import cpu_model  # noqa: E402, F401  (also this script's surface)
-from _shared.paths import repo_path  # noqa: E402
+from _shared.paths import repo_path, require_model  # noqa: E402
 
 TARGET_SPEEDUP = 5.0  # at turn 6 and beyond, without truncation
 TARGET_FROM_TURN = 6
@@ -309,6 +310,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for name in ("n_conversations", "max_turns"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be positive")
+    for name in ("long_max_session_len", "threads"):
+        if getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
     return args
 
 
@@ -365,6 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.long_only and not args.long_max_session_len:
         raise SystemExit("--long-only needs --long-max-session-len > 0")
+    require_model(args.model)  # before the data and the model load
     if args.threads:
         import torch
 
@@ -398,4 +403,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

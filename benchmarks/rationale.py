@@ -40,9 +40,11 @@ from chatretriever.types import Passage, Run, Session, passage_text
 
 # The helper package of this script, beside it.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _conversational import script  # noqa: E402
 from _conversational.systems import missing_model  # noqa: E402
 from _rationale.cost import cost, cost_markdown, write_cost_plot  # noqa: E402
 from _rationale.env import environment  # noqa: E402
+from _shared.options import at_least  # noqa: E402
 from _shared.paths import repo_path  # noqa: E402
 
 MEASURES = ("R@1", "R@3", "R@5", "RR", "nDCG@10")
@@ -365,10 +367,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     q.add_argument("--model", default="smollm2-135m-instruct")
     q.add_argument("--wording", default="ab", choices=("ab", "tf"))
     q.add_argument(
-        "--rerank-limit", type=int, default=100, help="eval queries the reranker scores (0: all)"
+        "--rerank-limit",
+        type=at_least(0),
+        default=100,
+        help="eval queries the reranker scores (0: all)",
     )
-    q.add_argument("--batch-size", type=int, default=8)
-    q.add_argument("--max-query-tokens", type=int, default=256)
+    q.add_argument("--batch-size", type=at_least(1), default=8)
+    q.add_argument("--max-query-tokens", type=at_least(1), default=256)
     q.add_argument("--rerank-response", type=int, default=0, metavar="K",
                    help="also rerank minilm-l6's top K response candidates (0: off)")  # fmt: skip
     q.add_argument("--mpnet", action="store_true", help="also all-mpnet-base-v2")
@@ -390,20 +395,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     c = sub.add_parser("cost")
     c.add_argument("--out", default=repo_path("outputs/rationale"))
     c.add_argument("--model", default="smollm2-135m-instruct")
-    c.add_argument("--candidates", type=int, nargs="+", default=[10, 30, 100])
-    c.add_argument("--doc-tokens", type=int, nargs="+", default=[32, 128])
-    c.add_argument("--query-tokens", type=int, default=64)
-    c.add_argument("--queries", type=int, default=2)
-    c.add_argument("--max-full-candidates", type=int, default=100, help="no-reuse runs up to")
+    c.add_argument("--candidates", type=at_least(1), nargs="+", default=[10, 30, 100])
+    c.add_argument("--doc-tokens", type=at_least(1), nargs="+", default=[32, 128])
+    c.add_argument("--query-tokens", type=at_least(1), default=64)
+    c.add_argument("--queries", type=at_least(1), default=2)
+    c.add_argument(
+        "--max-full-candidates", type=at_least(0), default=100, help="no-reuse runs up to"
+    )
     c.add_argument("--split", default=str(REPO / "configs" / "esconv-split.json"))
     args = p.parse_args(argv)
+    part = q if args.part == "quality" else c
+    if not Path(args.split).is_file():
+        part.error(f"--split {args.split}: no such file")
+    needed = [args.model]
     if args.part == "quality":
         _check_names(q, args)
         if args.rerank_response < 0:
             q.error(f"--rerank-response must be >= 0, got {args.rerank_response}")
-        needed = [args.model, "minilm-l6", *(["mpnet-base"] if args.mpnet else [])]
-        for reason in filter(None, map(missing_model, needed)):
-            q.error(reason)  # before any work, not after the first rows
+        needed += ["minilm-l6", *(["mpnet-base"] if args.mpnet else [])]
+    for reason in filter(None, map(missing_model, needed)):
+        part.error(reason)  # before any work, not after the first rows
     return args
 
 
@@ -427,4 +438,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    script.run(main)

@@ -104,6 +104,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     for name in ("contexts", "max_new_tokens", "gen_batch_size", "k", "limit_conversations"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be positive")
+    if not args.temperature >= 0:  # also refuses nan
+        p.error(f"--temperature must be 0 (greedy) or more, got {args.temperature}")
     args.model = args.model or ["chatretriever-smol"]
     from chatretriever.modeling.precision import dtype_name
 

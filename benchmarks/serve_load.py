@@ -41,12 +41,15 @@ from chatretriever.retrieval.evaluate import write_json
 
 # The helper package beside this script (on sys.path when the script runs)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _conversational.script import run  # noqa: E402
+from _shared.options import above_zero, at_least  # noqa: E402
 from _shared.paths import repo_path  # noqa: E402
 
 TARGET_REQUESTS = 10_000
 TARGET_CONCURRENCY = 32
 TARGET_SPEEDUP = 2.0
 START_TIMEOUT = 300.0
+MAX_ERROR_SHARE = 0.5  # a configuration with more than half its requests failed is no measurement
 
 
 @dataclass
@@ -177,14 +180,22 @@ def start_server(
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"serve exited with {proc.returncode}: see {log}")
+            why = last_line(log).removeprefix("error: ") or "no message"
+            raise SystemExit(f"error: serve exited with {proc.returncode}: {why} (log: {log})")
         try:
             if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
                 return proc, url
         except httpx.TransportError:
             time.sleep(0.5)
     proc.kill()
-    raise SystemExit("serve did not answer /healthz in time")
+    proc.wait()
+    raise SystemExit(f"error: serve did not answer /healthz in {START_TIMEOUT:.0f} s (log: {log})")
+
+
+def last_line(log: Path) -> str:
+    """The last non-blank line of a server's log: its own `error: ...` line when it refused."""
+    lines = log.read_text(encoding="utf-8", errors="replace").splitlines()
+    return next((ln.strip() for ln in reversed(lines) if ln.strip()), "")
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -265,6 +276,19 @@ def bench_configs(
     return results
 
 
+def failure(results: Sequence[LoadResult]) -> str | None:
+    """Why these results are no measurement (None when they are one): a configuration without a
+    single successful request, or with more than MAX_ERROR_SHARE of its requests failed."""
+    for r in results:
+        ok = r.requests - r.errors
+        if ok == 0 or r.errors > MAX_ERROR_SHARE * r.requests:
+            first = f" (first: {r.error_samples[0]})" if r.error_samples else ""
+            return (
+                f"{r.label}: {r.errors} of {r.requests} requests failed{first}; no results written"
+            )
+    return None
+
+
 def markdown(results: Sequence[LoadResult], speedup: float | None) -> str:
     rows = [
         "| server | requests | concurrency | errors | req/s | p50 ms | p95 ms | p99 ms | "
@@ -300,6 +324,18 @@ def environment() -> dict[str, Any]:
     }
 
 
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(c) for c in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"a comma list of --max-batch values, got {text!r}"
+        ) from None
+    if any(b < 1 for b in sizes) or len(set(sizes)) < len(sizes):
+        raise argparse.ArgumentTypeError(f"--max-batch values are distinct and >= 1, got {text!r}")
+    return sizes
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--index", help="corpus index dir: a server is started per configuration")
@@ -307,20 +343,37 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["fp32", "bf16", "auto"], help="model precision")
     p.add_argument("--url", help="load an already running server instead (one configuration)")
     p.add_argument("--api-key", help="its API key (with --url)")
-    p.add_argument("--configs", default="32,1", help="--max-batch values to compare (comma list)")
+    p.add_argument(
+        "--configs",
+        type=_batch_sizes,
+        default=[32, 1],
+        help="--max-batch values to compare (comma list, default 32,1)",
+    )
     p.add_argument("--wait", type=float, default=5.0, help="--max-wait-ms of the servers")
-    p.add_argument("--requests", type=int, default=TARGET_REQUESTS, help="requests per config")
-    p.add_argument("--baseline-requests", type=int, help="requests for --max-batch 1 (fewer)")
-    p.add_argument("--concurrency", type=int, default=TARGET_CONCURRENCY)
-    p.add_argument("--max-duration", type=float, default=900.0, help="seconds per config at most")
-    p.add_argument("--rounds", type=int, default=3, help="alternate the configs this many times")
-    p.add_argument("--k", type=int, default=10)
+    p.add_argument(
+        "--requests", type=at_least(1), default=TARGET_REQUESTS, help="requests per config"
+    )
+    p.add_argument(
+        "--baseline-requests", type=at_least(1), help="requests for --max-batch 1 (fewer)"
+    )
+    p.add_argument("--concurrency", type=at_least(1), default=TARGET_CONCURRENCY)
+    p.add_argument(
+        "--max-duration", type=above_zero, default=900.0, help="seconds per config at most"
+    )
+    p.add_argument(
+        "--rounds", type=at_least(1), default=3, help="alternate the configs this many times"
+    )
+    p.add_argument("--k", type=at_least(1), default=10, help="passages per request")
     p.add_argument("--out", default=repo_path("outputs/serve_load"), help="output directory")
     args = p.parse_args(argv)
     if bool(args.index) == bool(args.url):
         p.error("give --index (servers are started) or --url (a running server)")
     if args.url and httpx.URL(args.url).host not in ("127.0.0.1", "localhost", "::1"):
         p.error("--url must be a loopback address: this benchmark only loads local servers")
+    if args.wait < 0:
+        p.error(f"--wait: must be at least 0, got {args.wait}")
+    if args.index and not Path(args.index).is_dir():
+        p.error(f"--index {args.index}: no such directory")
     return args
 
 
@@ -336,9 +389,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         results.append(summarize(args.url, None, args.concurrency, outcome, None))
     if not args.url:
-        batches = [int(c) for c in args.configs.split(",")]
+        batches = args.configs
         print(f"--max-batch {batches}: {args.requests} requests at concurrency {args.concurrency}")
         results += bench_configs(args, payloads, batches)
+    why = failure(results)
+    if why is not None:  # a failed run does not replace the previous measurement
+        print(f"error: {why}", file=sys.stderr)
+        return 1
     by_batch = {r.max_batch: r for r in results}
     speedup = None
     if 1 in by_batch and len(by_batch) > 1 and by_batch[1].throughput > 0:
@@ -366,4 +423,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

@@ -37,7 +37,9 @@ from chatretriever.retrieval.evaluate import write_json
 
 # The helper package beside this script (on sys.path when the script runs)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _shared.paths import repo_path  # noqa: E402
+from _conversational.script import run  # noqa: E402
+from _shared.options import at_least  # noqa: E402
+from _shared.paths import repo_path, require_model  # noqa: E402
 
 MODES = ("one_pass", "two_pass")
 DEFAULT_DATA = repo_path("outputs/train/mtrag.jsonl.gz")
@@ -49,7 +51,6 @@ def measure(cfg: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from chatretriever.config import LoraSettings, LossConfig
-    from chatretriever.io.training import iter_training_examples
     from chatretriever.methods.chatretriever.model import ChatRetriever
     from chatretriever.methods.chatretriever.train import csit_losses, make_collator
     from chatretriever.modeling.collate import encode_batch
@@ -70,17 +71,7 @@ def measure(cfg: dict[str, Any]) -> dict[str, Any]:
     loss_cfg = LossConfig(n_hard_negatives=cfg["negatives"])
     collate = make_collator(retriever, loss_cfg, "session")
     n_steps, bs = cfg["warmup"] + cfg["steps"], cfg["batch_size"]
-    examples = []
-    for ex in iter_training_examples(cfg["data"]):
-        if ex.target_text and len(ex.negatives) >= cfg["negatives"]:
-            examples.append(ex)
-        if len(examples) == n_steps * bs:
-            break
-    if len(examples) < n_steps * bs:
-        raise SystemExit(
-            f"{cfg['data']}: {len(examples)} examples with a target and "
-            f">= {cfg['negatives']} negatives, need {n_steps * bs}"
-        )
+    examples = training_examples(cfg)
     params = [p for p in retriever.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     cuda = retriever.device.type == "cuda"
@@ -128,6 +119,24 @@ def measure(cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def training_examples(cfg: dict[str, Any]) -> list:
+    """The (warmup + steps) x batch_size examples the steps use: the first ones with a target and
+    at least `negatives` hard negatives; a ValueError (DataFormatError) when there are fewer."""
+    from chatretriever.io.training import iter_training_examples
+
+    need = (cfg["warmup"] + cfg["steps"]) * cfg["batch_size"]
+    examples = []
+    for ex in iter_training_examples(cfg["data"]):
+        if ex.target_text and len(ex.negatives) >= cfg["negatives"]:
+            examples.append(ex)
+        if len(examples) == need:
+            return examples
+    raise ValueError(
+        f"{cfg['data']}: {len(examples)} examples with a target and "
+        f">= {cfg['negatives']} negatives, need {need}"
+    )
+
+
 def matmul_ms(dtype_name: str, repeats: int = 5) -> float:
     """Milliseconds of one (512 x 576) @ (576 x 1536) matmul on the CPU: SmolLM2's MLP shape."""
     import torch
@@ -170,8 +179,9 @@ def run_child(cfg: dict[str, Any]) -> dict[str, Any]:
     )
     lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
     if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
-        raise SystemExit(f"train_speed: {cfg['mode']}/{cfg['dtype']} failed:\n" + "\n".join(tail))
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no message"]
+        why = tail[0].removeprefix("error: ")
+        raise SystemExit(f"error: train_speed: {cfg['mode']}/{cfg['dtype']} failed: {why}")
     return json.loads(lines[-1])
 
 
@@ -249,20 +259,29 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--out", default=repo_path("outputs/benchmark"), help="writes train_speed.{json,md,png}"
     )
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--negatives", type=int, default=2)
-    p.add_argument("--steps", type=int, default=4, help="timed steps per configuration")
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--batch-size", type=at_least(1), default=4)
+    p.add_argument("--negatives", type=at_least(0), default=2)
+    p.add_argument("--steps", type=at_least(1), default=4, help="timed steps per configuration")
+    p.add_argument("--warmup", type=at_least(0), default=1)
     p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    p.add_argument("--max-session-len", type=int, default=256)
-    p.add_argument("--max-passage-len", type=int, default=128)
-    p.add_argument("--max-response-len", type=int, default=64)
+    p.add_argument("--max-session-len", type=at_least(1), default=256)
+    p.add_argument("--max-passage-len", type=at_least(1), default=128)
+    p.add_argument("--max-response-len", type=at_least(1), default=64)
     p.add_argument("--device", default=None, help="default: the accelerator if any, else CPU")
     p.add_argument("--force-bf16", action="store_true", help="time bf16 without native support")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument(
+        "--threads", type=at_least(0), default=0, help="torch threads (0: torch's default)"
+    )
     p.add_argument("--child", help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """The model and enough training examples, before any model loads: a FileNotFoundError or
+    ValueError (DataFormatError) naming the option otherwise."""
+    require_model(args.model)
+    training_examples(vars(args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -275,6 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{args.data}: no training data; build it with `chatretriever build-train mtrag ...` "
             "(see configs/chatretriever-smol.yaml) or pass --data"
         )
+    check_inputs(args)
     import torch
 
     from chatretriever.modeling.backbones import native_bf16
@@ -337,4 +357,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

@@ -600,3 +600,104 @@ def test_encode_retrieval_check_refuses_bad_input_before_loading_a_model(tmp_pat
     with pytest.raises(SystemExit):  # argparse: an unknown row is a usage error (exit 2)
         check.main(["--run", str(run), "--rows", "nosuchrow"])
     assert not (tmp_path / "o").exists()
+
+
+def _refused(parse, argv, capsys) -> str:
+    """The usage error (exit 2) `parse(argv)` ends with; its stderr."""
+    with pytest.raises(SystemExit) as stop:
+        parse(argv)
+    assert stop.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "option", [["--steps", "0"], ["--batch-size", "0"], ["--threads", "-2"], ["--warmup", "-1"]]
+)
+def test_train_speed_refuses_bad_numbers_as_usage_errors(option, capsys):
+    train_speed = load_benchmark("train_speed")
+    assert option[0] in _refused(train_speed.parse_args, option, capsys)
+
+
+def test_train_speed_refuses_a_missing_model_or_bad_data_before_any_model_loads(
+    tmp_path, monkeypatch
+):
+    from chatretriever.errors import DataFormatError
+
+    train_speed = load_benchmark("train_speed")
+    monkeypatch.setattr(train_speed, "run_child", lambda cfg: pytest.fail("a model would load"))
+    data = write(tmp_path / "train.jsonl", "not json\n")
+    with pytest.raises(FileNotFoundError, match="--model nosuch: not a local model"):
+        train_speed.main(["--model", "nosuch", "--data", str(data), "--out", str(tmp_path / "o")])
+    with pytest.raises(DataFormatError, match="train.jsonl:1"):
+        train_speed.main(["--model", str(tmp_path), "--data", str(data)])
+    assert not (tmp_path / "o").exists()
+
+
+def test_benchmark_scripts_end_bad_input_with_one_line_and_exit_2(tmp_path):
+    """The scripts run under `script.run`: a missing model or a malformed file is one line."""
+    data = write(tmp_path / "train.jsonl", "not json\n")
+    bad_split = write(tmp_path / "split.json", "[1]\n")
+    commands = [
+        ["train_speed.py", "--model", "nosuch", "--data", str(data)],
+        ["rationale.py", "quality", "--split", str(bad_split), "--skip-reranker"],
+    ]
+    for command in commands:
+        script, *argv = command
+        done = subprocess.run(
+            [sys.executable, str(BENCHMARKS / script), *argv, "--out", str(tmp_path / "o")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 2, (command, done.stderr)
+        (line,) = done.stderr.strip().splitlines()[-1:]
+        assert line.startswith("error: ") and "Traceback" not in done.stderr, done.stderr
+
+
+def test_encode_speed_refuses_a_missing_model_before_reading_the_corpus(
+    speed, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(speed, "sample_passages", lambda *a: pytest.fail("the corpus was read"))
+    with pytest.raises(FileNotFoundError, match="--model nosuchmodel"):
+        speed.main(["--model", "nosuchmodel", "--skip-faiss", "--out", str(tmp_path / "o")])
+    assert "--ef-search" in _refused(speed.parse_args, ["--ef-search", "16", "0"], capsys)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["quality", "--split", "nope.json", "--skip-reranker"],
+        ["cost", "--split", "nope.json"],
+        ["cost", "--candidates", "0"],
+        ["cost", "--queries", "0"],
+        ["cost", "--doc-tokens", "16", "-1"],
+        ["quality", "--batch-size", "0", "--skip-reranker"],
+    ],
+)
+def test_rationale_refuses_bad_input_as_usage_errors(argv, tmp_path, monkeypatch, capsys):
+    rationale = load_benchmark("rationale")
+    monkeypatch.chdir(tmp_path)  # nope.json: not there
+    err = _refused(rationale.parse_args, argv, capsys)
+    assert argv[1] in err and "Traceback" not in err
+
+
+def test_rationale_cost_table_prints_ratios_with_two_decimals():
+    sys.path.insert(0, str(BENCHMARKS))
+    from _rationale.cost import cost_markdown
+
+    env = {"command": "c", "cpu": "cpu", "cpu_count": 2, "loadavg_1_5_15": [0, 0, 0]}
+    rows = [
+        {"doc_tokens": 16, "candidates": 5, "full": 8.33, "kv_reuse": 1.0, "student": 3.053},
+        {"doc_tokens": 16, "candidates": 10, "full": 7.69, "kv_reuse": 1.0, "student": 5.062},
+        {"doc_tokens": 16, "candidates": 200, "full": None, "kv_reuse": 1.0, "student": 9.0},
+    ]
+    table = cost_markdown({"environment": env, "rows": rows})
+    assert "| 3.053 | 2.73x |" in table and "| 5.062 | 1.52x |" in table
+    assert "| 9.000 | - |" in table
+
+
+def test_conversational_names_a_missing_eval_conversations_file_before_loading(
+    conv, tmp_path, capsys
+):
+    err = _refused(conv.parse_args, ["--eval-conversations", str(tmp_path / "nope.txt")], capsys)
+    assert "--eval-conversations" in err and "nope.txt: no such file" in err

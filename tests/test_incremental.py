@@ -394,3 +394,23 @@ def test_benchmark_script_end_to_end(tiny_llama_dir, tmp_path):
     (budget,) = result["budgets"]
     assert budget["serving_weights"] and budget["max_session_len"] == 4096
     assert all(r["cosine_min"] >= 0.9999 for r in budget["per_turn"])
+
+
+@pytest.mark.parametrize("option", [["--threads", "-2"], ["--long-max-session-len", "-5"]])
+def test_benchmark_script_refuses_negative_numbers(option, capsys):
+    from test_benchmarks import load_benchmark
+
+    bench = load_benchmark("incremental")
+    with pytest.raises(SystemExit) as stop:
+        bench.parse_args(option)
+    assert stop.value.code == 2 and option[0] in capsys.readouterr().err
+
+
+def test_benchmark_script_refuses_a_missing_model_before_loading_data(tmp_path, monkeypatch):
+    from test_benchmarks import load_benchmark
+
+    bench = load_benchmark("incremental")
+    monkeypatch.setattr(bench, "pick_conversations", lambda *a: pytest.fail("data loaded"))
+    with pytest.raises(FileNotFoundError, match="--model nosuch"):
+        bench.main(["--model", "nosuch", "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()

@@ -89,3 +89,11 @@ def test_robustness_benchmark_limits_conversations(mtrag, tmp_path) -> None:  # 
         "cA<::>1",
         "cA<::>2",
     } and corpus.name == "corpus.jsonl.gz"
+
+
+@pytest.mark.parametrize("temperature", ["-1", "nan"])
+def test_robustness_benchmark_refuses_a_negative_temperature(temperature, capsys) -> None:
+    rob = load_benchmark("robustness")
+    with pytest.raises(SystemExit) as stop:
+        rob.parse_args(["--temperature", temperature])
+    assert stop.value.code == 2 and "--temperature" in capsys.readouterr().err

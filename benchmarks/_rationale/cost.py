@@ -112,7 +112,7 @@ def cost_markdown(result: dict[str, Any]) -> str:
              "no reuse / student |", "|---|---|---|---|---|---|"]  # fmt: skip
     for r in result["rows"]:
         full = "-" if r["full"] is None else f"{r['full']:.2f}"
-        ratio = "-" if r["full"] is None else f"{r['full'] / r['student']:.0f}x"
+        ratio = "-" if r["full"] is None else f"{r['full'] / r['student']:.2f}x"
         lines.append(f"| {r['doc_tokens']} | {r['candidates']} | {full} | {r['kv_reuse']:.2f} | "
                      f"{r['student']:.3f} | {ratio} |")  # fmt: skip
     return "\n".join(lines) + "\n"

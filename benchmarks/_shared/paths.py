@@ -48,3 +48,15 @@ def keep_previous(files: Sequence[Path], settings: Mapping[str, Any]) -> Path | 
 
 def _aside(path: Path, n: int) -> Path:
     return path.with_name(f"{path.stem}.prev{'' if n == 1 else f'-{n}'}{path.suffix}")
+
+
+def require_model(name_or_path: str, option: str = "--model") -> None:
+    """A FileNotFoundError naming `option` unless `name_or_path` is a built-in model name or an
+    existing path: checked before a script loads data or a model, not minutes into the run."""
+    from chatretriever.modeling.sources import builtin
+
+    if builtin(name_or_path) is None and not Path(name_or_path).expanduser().exists():
+        raise FileNotFoundError(
+            f"{option} {name_or_path}: not a local model directory, a .gguf file or a built-in "
+            "model (`chatretriever models` lists them); nothing is downloaded"
+        )
