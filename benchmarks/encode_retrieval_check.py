@@ -25,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _conversational import script  # noqa: E402
+from _shared.machine import machine, machine_line  # noqa: E402
 from _shared.paths import repo_path  # noqa: E402
 from encode_speed import ROWS, set_row  # noqa: E402
 
@@ -106,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "judged_queries": len(qrels),
         "pool_passages": len(passages),
         "rows": rows,
+        "machine": machine(),
     }
     with atomic_write(out / "encode_check.json") as f:
         json.dump(result, f, indent=2)
@@ -113,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"Pool: top {args.pool} of `{args.run}` + judged passages = {len(passages)} passages; "
         f"{len(qrels)} judged queries; nDCG@3 of the run itself {run_ndcg:.4f} (over the "
         "corpus it searched: the full corpus only when the run is a full-corpus run).",
+        "",
+        machine_line(result["machine"]),
         "",
         "| row | encoder path | nDCG@3 (pool) | cosine min / mean vs first row |",
         "|---|---|---:|---|",

@@ -48,6 +48,7 @@ from chatretriever.types import Passage
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _ov_runtime  # noqa: E402
 from _conversational import script  # noqa: E402
+from _shared.machine import cpu_model  # noqa: E402
 from _shared.paths import repo_path, require_model  # noqa: E402
 
 TARGET_SPEEDUP = 2.5
@@ -62,6 +63,7 @@ def environment() -> dict[str, Any]:
 
     load = os.getloadavg()
     return {
+        "cpu_model": cpu_model(),
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
         "loadavg_1_5_15": [round(x, 2) for x in load],
@@ -493,6 +495,7 @@ def markdown(result: dict) -> str:
     lines = [
         "# Encoding and search speed",
         "",
+        f"CPU {env.get('cpu_model') or '-'}; "
         f"device {a['device']}, torch threads {env['torch_threads']} of {env['cpu_count']} CPUs, "
         f"load average at start {env['loadavg_1_5_15']} "
         f"(other processes busy: {env['other_processes_busy']}); faiss threads "

@@ -44,6 +44,7 @@ from chatretriever.types import Passage, Run, Session, passage_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _conversational import runs, script, systems, tasks  # noqa: E402
+from _shared.machine import machine, machine_line  # noqa: E402
 from _shared.paths import repo_path  # noqa: E402
 
 from chatretriever.retrieval.robustness.evaluation import evaluate_robustness  # noqa: E402
@@ -267,6 +268,8 @@ def write_results(out: Path, summary: dict) -> str:
             f"({summary['generation']}); nDCG@3 x 100; SD over {len(summary['full_fallbacks'])} "
             "context sets (sample SD).",
             "",
+            machine_line(summary["machine"]) if "machine" in summary else "",
+            "",
             table(summary),
             "",
             f"LLM: {llm['generated']} generations and {llm.get('scored', 0)} scored choices "
@@ -360,6 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         llm.close()
     summary = {
         "command": shlex.join(["python", "benchmarks/robustness.py", *argv]),
+        "machine": machine(),
         "data": args.sessions or args.data,
         "eval_conversations": None if args.sessions else args.eval_conversations,
         "limit_conversations": args.limit_conversations,

@@ -38,6 +38,7 @@ from chatretriever.retrieval.evaluate import write_json
 # The helper package beside this script (on sys.path when the script runs)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _conversational.script import run  # noqa: E402
+from _shared.machine import cpu_model  # noqa: E402
 from _shared.options import at_least  # noqa: E402
 from _shared.paths import repo_path, require_model  # noqa: E402
 
@@ -209,7 +210,9 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Model {s['model']}, batch {s['batch_size']}, {s['negatives']} hard negatives, "
         f"{s['steps']} timed steps after {s['warmup']} warmup, LoRA r16 on q/k/v/o; "
-        f"device {result['rows'][0]['device']}; {result['environment']['platform']}, "
+        f"device {result['rows'][0]['device']}; "
+        f"CPU {result['environment'].get('cpu_model') or '-'}; "
+        f"{result['environment']['platform']}, "
         f"torch {result['environment']['torch']}, {result['environment']['torch_threads']} "
         f"threads, load average before the run {result['environment']['loadavg_1_5_15']}.",
         "",
@@ -300,6 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from chatretriever.modeling.backbones import native_bf16
 
     environment = {
+        "cpu_model": cpu_model(),
         "platform": platform.platform(),
         "torch": torch.__version__,
         "torch_threads": args.threads or torch.get_num_threads(),
