@@ -96,16 +96,18 @@ def test_long_history_is_dropped_oldest_exchange_first(tok):
     assert "answer 5 dog" in text
 
 
-def test_too_long_question_is_cut_from_its_end_keeping_frame_and_emb(tok):
-    long_q = "which one is cheaper " * 40
+def test_too_long_question_is_cut_from_its_start_keeping_its_end_frame_and_emb(tok, caplog):
+    # a long current turn (pasted text, then the question): its end, the question, survives
+    long_q = "pasted text " * 40 + "which one is cheaper?"
     msgs = _msgs(("user", "old question"), ("assistant", "old answer"), ("user", long_q))
     tpl = _template(tok, max_session_len=40)
     ids = tpl.session_ids(msgs)
     assert len(ids) == 40
     text = tok.decode(ids[:-3])
     assert "old" not in text  # all history dropped before the question is cut
-    assert text.startswith("<|im_start|>user\nwhich one is cheaper")
-    assert text.endswith("<|im_end|>\n")  # the template's closing tokens survive
+    assert text.startswith("<|im_start|>user\n")
+    assert text.endswith("which one is cheaper?<|im_end|>\n")  # closing tokens survive too
+    assert "current turn over max_session_len=40" in caplog.text
     assert ids[-3:] == list(tpl.emb_ids)
     with pytest.raises(ValueError, match="no room"):
         _template(tok, max_session_len=6).session_ids(msgs)
@@ -287,7 +289,7 @@ def _reference_session_ids(tpl: RetrievalTemplate, messages: list[dict[str, str]
     room = budget - len(pre) - len(post)
     if room < 1:
         raise ValueError("no room")
-    return pre + q[:room] + post + list(tpl.emb_ids)
+    return pre + q[-room:] + post + list(tpl.emb_ids)
 
 
 _WORDS = ["what", "is", "the", "capital", "of", "france", "?", "paris", "reset", "0123", "é"]

@@ -384,7 +384,8 @@ class RetrievalTemplate:
         return _SessionParts(s.id, tuple(system), tuple(history), turns[-1].content)
 
     def _fit(self, parts: list[_SessionParts], questions: list[list[int]]) -> list[list[int]]:
-        """Keep the longest history suffix of whole exchanges that fits, then cut the question.
+        """Keep the longest history suffix of whole exchanges that fits, then cut the question
+        from its start (its end, where a long turn asks, survives).
 
         Suffixes grow newest first, one exchange per round, the new turns of all sessions
         tokenized in one call per round: turns too old to fit are never tokenized. (More turns
@@ -407,7 +408,7 @@ class RetrievalTemplate:
                     frames[i], pos[i] = frame, pos[i] - 1
                     grown.append(i)
             todo = [i for i in grown if pos[i] > 0]
-        out = []
+        out, cut = [], []
         for x, q, c, p, (pre, post) in zip(parts, questions, cuts, pos, frames, strict=True):
             if c[p]:
                 logger.debug(
@@ -419,7 +420,17 @@ class RetrievalTemplate:
                     f"max_session_len={self.max_session_len} leaves no room for the question "
                     f"(template needs {len(pre) + len(post)} + {self.n_emb_tokens} EMB tokens)"
                 )
-            out.append(pre + q[:room] + post + list(self.emb_ids))
+            if len(q) > room:  # keep the end: a long turn (pasted text) ends with its question
+                cut.append(x.id)
+            out.append(pre + q[-room:] + post + list(self.emb_ids))
+        if cut:
+            logger.warning(
+                "%d session(s) with a current turn over max_session_len=%d (first: %r): its "
+                "start was cut, its end (the question) kept",
+                len(cut),
+                self.max_session_len,
+                cut[0],
+            )
         return out
 
     def passage_ids(self, passage: Passage | str) -> list[int]:
