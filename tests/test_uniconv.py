@@ -265,6 +265,10 @@ def test_training_run_save_load_and_answer(tmp_path, tiny_llama_dir, capsys):
 
 
 def test_answer_with_retrieval_uses_its_own_embeddings(tmp_path, tiny_llama_dir):
+    pytest.importorskip("faiss")
+    from chatretriever.io.embeddings import EmbeddingMeta, write_embeddings
+    from chatretriever.retrieval.corpus_index import CorpusIndex
+    from chatretriever.retrieval.index import DenseIndex, EncoderMismatchError
     from chatretriever.types import Passage
 
     model, _ = _model(tmp_path, tiny_llama_dir)
@@ -272,7 +276,14 @@ def test_answer_with_retrieval_uses_its_own_embeddings(tmp_path, tiny_llama_dir)
         f"d{i}": Passage(f"d{i}", text, title=topic) for i, (topic, text) in enumerate(TOPICS)
     }
     emb = model.encode_passages(list(passages.values()))
-    index = _ExactIndex(list(passages), emb)
+
+    def index_of(fingerprint):
+        meta = EmbeddingMeta(model.name, model.dim, fingerprint=fingerprint)
+        return DenseIndex.build(
+            [write_embeddings(tmp_path / fingerprint, list(passages), emb, meta)]
+        )
+
+    index = index_of(model.fingerprint)
     session = _rows()[1]["messages"]
     answer, hits = model.answer_with_retrieval(
         session, index, k=2, passages=passages, max_new_tokens=4
@@ -281,23 +292,23 @@ def test_answer_with_retrieval_uses_its_own_embeddings(tmp_path, tiny_llama_dir)
     best = sorted(passages, key=lambda d: -float(emb[list(passages).index(d)] @ q))[:2]
     assert [pid for pid, _ in hits] == best
     assert answer == model.answer(session, [passages[d] for d in best], max_new_tokens=4)
+    # a CorpusIndex carrying the passages, and passages given as a list, answer alike
+    corpus_index = CorpusIndex(index, model.name, passages)
+    assert model.answer_with_retrieval(session, corpus_index, k=2, max_new_tokens=4) == (
+        answer,
+        hits,
+    )
+    listed = list(passages.values())
+    assert model.answer_with_retrieval(session, index, k=2, passages=listed, max_new_tokens=4) == (
+        answer,
+        hits,
+    )
     with pytest.raises(ValueError, match="passages"):
         model.answer_with_retrieval(session, index, k=1)
-
-
-class _ExactIndex:
-    """Exact inner-product search over a few vectors (what `DenseIndex.search` returns)."""
-
-    def __init__(self, ids: list[str], emb: np.ndarray) -> None:
-        self.ids, self.emb = ids, emb
-
-    def search(self, queries: np.ndarray, k: int = 100) -> list[list[tuple[str, float]]]:
-        out = []
-        for q in queries:
-            scores = self.emb @ q
-            order = sorted(range(len(self.ids)), key=lambda i: (-scores[i], self.ids[i]))[:k]
-            out.append([(self.ids[i], float(scores[i])) for i in order])
-        return out
+    with pytest.raises(ValueError, match="k must be at least 1"):
+        model.answer_with_retrieval(session, index, k=0, passages=passages)
+    with pytest.raises(EncoderMismatchError):  # another model's passage vectors
+        model.answer_with_retrieval(session, index_of("other-model"), k=1, passages=passages)
 
 
 def test_uniconv_starts_from_a_saved_chatretriever(tmp_path, tiny_llama_dir):

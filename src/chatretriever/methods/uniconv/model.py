@@ -21,6 +21,7 @@ from chatretriever.methods.uniconv import SAVED_CONFIG
 from chatretriever.methods.uniconv.cii import CiiBatch, response_logliks
 from chatretriever.modeling.emb_llm import EmbLLM
 from chatretriever.modeling.grounded import GroundedGenerator, grounded_messages
+from chatretriever.retrieval.encoders import fingerprint_of
 from chatretriever.types import Passage, Session, SessionLike, Turn
 
 
@@ -144,7 +145,7 @@ class UniConv(EmbLLM):
         session: SessionLike,
         index: Any,
         k: int = 3,
-        passages: Mapping[str, Passage] | None = None,
+        passages: Mapping[str, Passage] | Sequence[Passage] | None = None,
         **kwargs: Any,
     ) -> tuple[str, list[tuple[str, float]]]:
         """Retrieve the top k passages for the session with this model, then answer from them.
@@ -154,16 +155,28 @@ class UniConv(EmbLLM):
             index: A `DenseIndex` built with this model's passage embeddings, or a
                 `CorpusIndex` (its `.index` and `.passages` are used).
             k: Passages to retrieve and answer from.
-            passages: Passage id -> passage (needed when `index` carries no passages).
+            passages: Passage id -> passage, or a list of passages (needed when `index`
+                carries no passages).
             **kwargs: Passed to `answer_batch`.
 
         Returns:
             (the answer, the (passage id, score) hits, best first).
+
+        Raises:
+            EncoderMismatchError: The index was built with another model's passage embeddings.
         """
-        dense = getattr(index, "index", index)
+        # a DenseIndex (or MilvusIndex) checks queries itself; a CorpusIndex holds one as .index
+        dense = index if hasattr(index, "check_encoder") else getattr(index, "index", None)
+        if not hasattr(dense, "check_encoder"):
+            raise TypeError(f"index must be a DenseIndex or a CorpusIndex, got {type(index)}")
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
         texts = passages if passages is not None else getattr(index, "passages", None)
         if texts is None:
             raise ValueError("answer_with_retrieval needs the passages' texts (passages=...)")
+        if not isinstance(texts, Mapping):  # a list of passages, as read_corpus gives them
+            texts = {p.id: p for p in texts}
+        dense.check_encoder(self.name, self.dim, self.normalize, fingerprint_of(self))
         query = self.encode_sessions([session])  # (1, D)
         hits = dense.search(np.asarray(query, dtype=np.float32), k=k)[0]
         missing = [pid for pid, _ in hits if pid not in texts]
