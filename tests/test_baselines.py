@@ -464,3 +464,54 @@ def test_set_precision_switches_embedders_and_rejects_unknown_dtypes(tiny_bert):
     assert set_precision(HashEncoder(), "bf16") is False and precision_of(HashEncoder()) is None
     with pytest.raises(ValueError, match="dtype must be one of"):
         set_precision(emb, "fp16")
+
+
+def test_batch_arguments_refuse_one_item_given_bare():
+    from chatretriever.types import Passage, as_sessions, passage_texts
+
+    with pytest.raises(TypeError, match="passages must be a list of passages, got a str"):
+        passage_texts("The cheetah reaches 110 km/h.")  # was read character by character
+    with pytest.raises(TypeError, match=r"passages\[1\] must be a Passage, a \{title\?, text\}"):
+        passage_texts(["a", 3])
+    assert passage_texts([Passage("p", "t", "T"), {"text": "u"}, "v"]) == ["T\nt", "u", "v"]
+    msgs = [{"role": "user", "content": "How fast?"}]
+    assert as_sessions([msgs])[0].question == "How fast?"
+    with pytest.raises(TypeError, match=r"sessions\[0\] is one message, not a session"):
+        as_sessions(msgs)  # one session's messages, not wrapped in a list
+    with pytest.raises(TypeError, match="sessions must be a list of sessions, got a str"):
+        as_sessions("How fast?")
+    with pytest.raises(TypeError, match=r"sessions\[0\]: each message needs a role and a content"):
+        as_sessions([[{"role": "user"}]])
+    ending = [*msgs, {"role": "assistant", "content": "Fast."}]
+    with pytest.raises(ValueError, match=r"sessions\[1\]: Session must end with a user turn"):
+        as_sessions([msgs, ending])
+
+
+def test_bm25_refuses_what_it_cannot_index_or_search():
+    from chatretriever.types import Passage
+
+    with pytest.raises(ValueError, match="at least one passage"):
+        BM25Retriever([])
+    with pytest.raises(TypeError, match=r"passages\[0\] must be a Passage"):
+        BM25Retriever([{"_id": "a", "text": "x y"}])
+    bm25 = BM25Retriever([Passage("a", "jaguar diet"), Passage("b", "cheetah speed")])
+    with pytest.raises(TypeError, match="texts must be a list of query texts, got a str"):
+        bm25.search_texts("jaguar diet")
+    with pytest.raises(ValueError, match="k must be an integer of at least 1"):
+        bm25.search_texts(["jaguar"], k=0)
+    assert bm25.search_texts(["jaguar"], k=1) == [
+        [("a", pytest.approx(bm25.top_k(["jaguar"])[0][0][1]))]
+    ]
+
+
+def test_text_embedder_refuses_one_text_given_bare(tiny_bert):
+    model, tok = tiny_bert
+    emb = TextEmbedder(model, tok, name="tiny-bert", bf16=False)
+    for call, arg in (
+        (emb.encode_passages, "The cheetah reaches 110 km/h."),  # was 29 vectors, one a char
+        (emb.encode_texts, "the cat"),
+        (emb.encode_sessions, "How fast?"),
+    ):
+        with pytest.raises(TypeError, match="must be a list of .*, got a str"):
+            call(arg)
+    assert emb.encode_passages(["The cheetah reaches 110 km/h."]).shape == (1, 32)

@@ -483,14 +483,15 @@ def test_every_optional_import_site_names_its_extra(monkeypatch, tmp_path):
     from chatretriever.retrieval.baselines import BM25Retriever
     from chatretriever.retrieval.evaluate import compare, evaluate_run
     from chatretriever.retrieval.index import DenseIndex
+    from chatretriever.types import Passage
 
     generation_eval._rouge_l_scorer.cache_clear()  # a cached scorer would skip the import
     sites = [
         ("faiss", "faiss", lambda: DenseIndex.build([tmp_path])),
         ("ir_measures", "eval", lambda: evaluate_run(None, {})),
         ("scipy.stats", "eval", lambda: compare(_evaluation(), _evaluation())),
-        ("bm25s", "baselines", lambda: BM25Retriever([])),
-        ("Stemmer", "baselines", lambda: BM25Retriever([])),
+        ("bm25s", "baselines", lambda: BM25Retriever([Passage("a", "x")])),
+        ("Stemmer", "baselines", lambda: BM25Retriever([Passage("a", "x")])),
         ("matplotlib", "plot", lambda: plot_metrics({}, tmp_path / "m.png")),
         ("rouge_score", "rag", lambda: generation_eval.rouge_l("a", "b")),
     ]

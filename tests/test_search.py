@@ -166,3 +166,21 @@ def test_save_run_writes_trec_and_settings(index, tmp_path):
     assert lines[0].split()[:4] == ["q1", "Q0", run.ranked("q1")[0].doc_id, "1"]
     settings = json.loads(settings_path(tmp_path / "run.trec").read_text())
     assert settings["k"] == 3 and settings["run_name"] == "fake-hash.session"
+
+
+def test_queries_must_be_sessions_with_distinct_ids_and_k_at_least_1(index):
+    from chatretriever.retrieval.search import search_dense
+
+    enc = HashEncoder()
+    one = Session("s1", (Turn("user", "jaguar"),))
+    with pytest.raises(ValueError, match=r"sessions\[1\]\.id 's1' is also sessions\[0\]'s"):
+        search_dense(enc, index, [one, one], k=3)
+    with pytest.raises(TypeError, match="sessions must be a list of Sessions, got a Session"):
+        search_dense(enc, index, one, k=3)
+    with pytest.raises(TypeError, match=r"sessions\[0\] must be a Session .*from_messages"):
+        search_dense(enc, index, [[{"role": "user", "content": "jaguar"}]], k=3)
+    for k in (0, -1, 2.0):
+        with pytest.raises(ValueError, match="k must be an integer of at least 1"):
+            search_dense(enc, index, [one], k=k)
+    with pytest.raises(ValueError, match="formulation must be one of session, last_turn"):
+        search_dense(enc, index, [one], k=3, formulation="lastturn")

@@ -139,6 +139,59 @@ def as_session(s: SessionLike, id: str = "q") -> Session:
     return Session.from_messages(id, list(s))
 
 
+def batch(items: Any, name: str, one: str) -> list[Any]:
+    """A batch argument as a list. One item given bare (a string, a mapping, a Session), which
+    would be iterated item by item (a string character by character), is a TypeError."""
+    if isinstance(items, (str, bytes, Mapping, Session)) or not isinstance(items, Iterable):
+        kind = type(items).__name__
+        raise TypeError(f"{name} must be a list of {one}s, got a {kind}: wrap one in a list")
+    return list(items)
+
+
+def as_sessions(items: Any, name: str = "sessions") -> list[Session]:
+    """`as_session` of every item of a batch; an error names the item (`sessions[3]`) at fault."""
+    out = []
+    for i, s in enumerate(batch(items, name, "session")):
+        if isinstance(s, Session):
+            out.append(s)
+            continue
+        if isinstance(s, Mapping):
+            raise TypeError(
+                f"{name}[{i}] is one message, not a session: pass a list of sessions, each a "
+                "Session or a list of {role, content} messages"
+            )
+        if isinstance(s, (str, bytes)) or not isinstance(s, Iterable):
+            raise TypeError(
+                f"{name}[{i}] must be a Session or a list of {{role, content}} messages, "
+                f"got a {type(s).__name__}"
+            )
+        try:
+            out.append(Session.from_messages(str(i), list(s)))
+        except (KeyError, TypeError, AttributeError) as e:
+            raise TypeError(
+                f"{name}[{i}]: each message needs a role and a content ({e!r})"
+            ) from None
+        except ValueError as e:
+            raise ValueError(f"{name}[{i}]: {e}") from None
+    return out
+
+
+def passage_texts(items: Any, name: str = "passages") -> list[str]:
+    """`passage_text` of every item of a batch; an error names the item at fault."""
+    out = []
+    for i, p in enumerate(batch(items, name, "passage")):
+        if not isinstance(p, (str, Mapping)) and not isinstance(getattr(p, "text", None), str):
+            raise TypeError(
+                f"{name}[{i}] must be a Passage, a {{title?, text}} mapping or a string, "
+                f"got a {type(p).__name__}"
+            )
+        try:
+            out.append(passage_text(p))
+        except ValueError as e:
+            raise ValueError(f"{name}[{i}]: {e}") from None
+    return out
+
+
 def rank_key(doc_id: str, score: float) -> tuple[float, str]:
     """Sort key of the TREC convention used everywhere here: (-score, docid)."""
     return (-score, doc_id)

@@ -37,7 +37,7 @@ from chatretriever.modeling.losses import IGNORE_INDEX
 from chatretriever.modeling.precision import keep_fp32, resolve_dtype
 from chatretriever.modeling.sources import builtin_retriever_dir
 from chatretriever.modeling.template import RetrievalTemplate
-from chatretriever.types import Passage, SessionLike
+from chatretriever.types import Passage, SessionLike, as_sessions, passage_texts
 
 logger = logging.getLogger(__name__)
 
@@ -361,8 +361,13 @@ class EmbLLM(torch.nn.Module):
     def encode_sessions(
         self, sessions: Sequence[SessionLike], batch_size: int = 16, show_progress: bool = False
     ) -> np.ndarray:
-        """(B, D) float32 embeddings of sessions (Session objects or message lists)."""
-        seqs = self.template.session_ids_batch(sessions)  # few tokenizer calls for all
+        """(B, D) float32 embeddings of sessions (Session objects or message lists); a current
+        turn over `max_session_len` keeps its end (the question), older turns are dropped first.
+
+        Raises:
+            TypeError: `sessions` is one session, a string, or holds something not a session.
+        """
+        seqs = self.template.session_ids_batch(as_sessions(sessions))  # few tokenizer calls
         return self._encode_ids(seqs, batch_size, show_progress, "sessions")
 
     def encode_passages(
@@ -371,8 +376,14 @@ class EmbLLM(torch.nn.Module):
         batch_size: int = 16,
         show_progress: bool = False,
     ) -> np.ndarray:
-        """(B, D) float32 embeddings of passages (each one assistant message)."""
-        seqs = self.template.passage_ids_batch(passages)  # one tokenizer call, not one each
+        """(B, D) float32 embeddings of passages (each one assistant message): `Passage`s,
+        {title?, text} mappings or strings, in a list (a bare string is refused).
+
+        Raises:
+            TypeError: `passages` is one passage (a string, a mapping) or holds something else.
+        """
+        texts = passage_texts(passages)  # a bare string is refused, not read char by char
+        seqs = self.template.passage_ids_batch(texts)  # one tokenizer call, not one each
         return self._encode_ids(seqs, batch_size, show_progress, "passages")
 
     def _encode_ids(

@@ -20,8 +20,23 @@ from chatretriever.errors import DataFormatError, require_extra
 from chatretriever.io.files import atomic_dir
 from chatretriever.modeling.backbones import default_device, native_bf16
 from chatretriever.modeling.fingerprint import digest, model_fingerprint, tensors_fingerprint
-from chatretriever.retrieval.search import Formulation, formulate_all, session_text
-from chatretriever.types import Passage, Run, Session, SessionLike, as_session, passage_text
+from chatretriever.retrieval.search import (
+    Formulation,
+    check_k,
+    formulate_all,
+    formulation_of,
+    session_text,
+)
+from chatretriever.types import (
+    Passage,
+    Run,
+    Session,
+    SessionLike,
+    as_sessions,
+    batch,
+    passage_text,
+    passage_texts,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +76,15 @@ class BM25Retriever:
         show_progress: bool = False,
     ) -> None:
         bm25s = _bm25s()
+        passages = batch(passages, "passages", "Passage")
+        if not passages:
+            raise ValueError("BM25 needs at least one passage to index")
+        for i, p in enumerate(passages):
+            if not isinstance(p, Passage):
+                raise TypeError(
+                    f"passages[{i}] must be a Passage (its id names it in runs), got a "
+                    f"{type(p).__name__}"
+                )
         self.config = config or BM25Config()
         self.ids = [p.id for p in passages]
         self.settings = asdict(self.config)
@@ -130,6 +154,8 @@ class BM25Retriever:
         Passages sharing no term (score 0) are left out; ties are broken by position, so a
         ranking never depends on the platform (hard-negative mining needs that).
         """
+        texts = batch(texts, "texts", "query text")
+        check_k(k)
         if not texts:
             return []
         queries = _bm25s().tokenize(
@@ -160,10 +186,11 @@ class BM25Retriever:
         missing_rewrite: str = "error",
     ) -> Run:
         """Retrieve for sessions under a query formulation; the Run is named bm25.<formulation>."""
+        check_k(k)
         queries = formulate_all(sessions, formulation, missing_rewrite)
         hits = self.search_texts([session_text(s) for s in queries], k)
         scores = {s.id: dict(h) for s, h in zip(queries, hits, strict=True)}
-        return Run(scores=scores, name=f"bm25.{Formulation(formulation).value}")
+        return Run(scores=scores, name=f"bm25.{formulation_of(formulation).value}")
 
 
 def _top_k(scores: np.ndarray, k: int) -> list[tuple[int, float]]:
@@ -286,6 +313,8 @@ class TextEmbedder:
         """Embed texts in length-sorted batches; returns (N, D) float32 in input order."""
         import torch
 
+        texts = batch(texts, "texts", "text")
+
         order = np.argsort([-len(t) for t in texts], kind="stable")
         out = np.zeros((len(texts), self.dim), dtype=np.float32)  # (N, D)
         device = next(self.model.parameters()).device
@@ -313,14 +342,14 @@ class TextEmbedder:
         self, sessions: Sequence[SessionLike], batch_size: int = 16, show_progress: bool = False
     ) -> np.ndarray:
         """(B, D) embeddings of sessions read as one text each."""
-        texts = [session_text(as_session(s)) for s in sessions]
+        texts = [session_text(s) for s in as_sessions(sessions)]
         return self.encode_texts(texts, batch_size, show_progress)
 
     def encode_passages(
         self, passages: Sequence[Passage], batch_size: int = 16, show_progress: bool = False
     ) -> np.ndarray:
         """(B, D) embeddings of passages (title and text)."""
-        return self.encode_texts([passage_text(p) for p in passages], batch_size, show_progress)
+        return self.encode_texts(passage_texts(passages), batch_size, show_progress)
 
 
 def _bf16_supported(model: Any) -> bool:

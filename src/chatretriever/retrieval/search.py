@@ -19,7 +19,7 @@ from chatretriever.io.files import atomic_write
 from chatretriever.io.trec import write_run
 from chatretriever.retrieval.encoders import Encoder, fingerprint_of
 from chatretriever.retrieval.fusion import FusionConfig, fuse_runs
-from chatretriever.types import Run, Session, Turn, rank_key
+from chatretriever.types import Run, Session, Turn, batch, rank_key
 
 if TYPE_CHECKING:
     from chatretriever.retrieval.index import DenseIndex
@@ -89,13 +89,56 @@ def formulate(
     raise ValueError(f"session {session.id!r} has no rewrite (use missing_rewrite='last_turn')")
 
 
+def formulation_of(value: Formulation | str) -> Formulation:
+    """The Formulation a value names; an unknown one is a ValueError listing them."""
+    try:
+        return Formulation(value)
+    except ValueError:
+        raise ValueError(
+            f"formulation must be one of {', '.join(FORMULATIONS)}, got {value!r}"
+        ) from None
+
+
+def check_k(k: int) -> int:
+    """k as a count of hits: an integer of at least 1."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an integer of at least 1, got {k!r}")
+    return k
+
+
+def check_queries(sessions: Sequence[Session]) -> list[Session]:
+    """Sessions searched as queries: Session objects with distinct ids."""
+    seen: dict[str, int] = {}
+    out = batch(sessions, "sessions", "Session")
+    for i, s in enumerate(out):
+        if not isinstance(s, Session):
+            raise TypeError(
+                f"sessions[{i}] must be a Session (its id becomes the query id), got a "
+                f"{type(s).__name__}: Session.from_messages(id, messages) makes one"
+            )
+        if s.id in seen:
+            raise ValueError(
+                f"sessions[{i}].id {s.id!r} is also sessions[{seen[s.id]}]'s: each query needs "
+                "its own id (their results would overwrite each other)"
+            )
+        seen[s.id] = i
+    return out
+
+
 def formulate_all(
     sessions: Sequence[Session], formulation: Formulation | str, missing_rewrite: str = "error"
 ) -> list[Session]:
-    """`formulate` every session; missing rewrites are counted and reported once."""
+    """`formulate` every session; missing rewrites are counted and reported once.
+
+    Raises:
+        TypeError: `sessions` is not a list of Session objects (their ids become query ids).
+        ValueError: Two sessions share an id (their results would overwrite each other), or
+            `formulation` / `missing_rewrite` is unknown.
+    """
+    sessions = check_queries(sessions)
     if missing_rewrite not in MISSING_REWRITE:
         raise ValueError(f"missing_rewrite must be one of {MISSING_REWRITE}")
-    f = Formulation(formulation)
+    f = formulation_of(formulation)
     if f is Formulation.REWRITE:
         missing = [s.id for s in sessions if not s.rewrite]
         if missing and missing_rewrite == "error":
@@ -143,6 +186,7 @@ def search_dense(
     Returns:
         A Run named after the encoder and formulation.
     """
+    check_k(k)
     index.check_encoder(encoder.name, encoder.dim, encoder.normalize, fingerprint_of(encoder))
     queries = formulate_all(sessions, formulation, missing_rewrite)
     name = f"{encoder.name}.{Formulation(formulation).value}"
@@ -194,7 +238,7 @@ def search_hybrid(
     Returns:
         The fused Run, named "<dense run>+<sparse run>.<method>".
     """
-    depth = max(depth, k)
+    depth = max(depth, check_k(k))
     dense = search_dense(encoder, index, sessions, depth, formulation, **dense_kwargs)
     missing = dense_kwargs.get("missing_rewrite", "error")
     bm25 = sparse.search(sessions, depth, sparse_formulation, missing)
