@@ -289,3 +289,13 @@ def test_a_passage_id_in_two_shards_is_named_with_them(tmp_path):
     other = write_embeddings(tmp_path / "x", ["d25", "new"], rows, meta)  # d25 is in s2
     with pytest.raises(ValueError, match=r"passage id 'd25' occurs in .*s2 and .*x: give each"):
         DenseIndex.build([*dirs, other])
+
+
+def test_build_takes_an_encode_job_directory_as_the_cli_does(tmp_path):
+    corpus = [Passage(f"p{i}", f"text {i}") for i in range(9)]
+    cfg = EncodeConfig(chunk_size=4, show_progress=False)
+    out = encode_corpus(HashEncoder(), corpus, tmp_path / "emb", cfg).out_dir
+    assert DenseIndex.build([out]).ids == [p.id for p in corpus]  # chunks expanded
+    assert DenseIndex.build(list_shards([out])).ids == [p.id for p in corpus]
+    with pytest.raises(TypeError, match="shard_dirs must be a list of directories, got a str"):
+        DenseIndex.build(str(out))

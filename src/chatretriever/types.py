@@ -139,19 +139,19 @@ def as_session(s: SessionLike, id: str = "q") -> Session:
     return Session.from_messages(id, list(s))
 
 
-def batch(items: Any, name: str, one: str) -> list[Any]:
+def batch(items: Any, name: str, many: str) -> list[Any]:
     """A batch argument as a list. One item given bare (a string, a mapping, a Session), which
     would be iterated item by item (a string character by character), is a TypeError."""
     if isinstance(items, (str, bytes, Mapping, Session)) or not isinstance(items, Iterable):
         kind = type(items).__name__
-        raise TypeError(f"{name} must be a list of {one}s, got a {kind}: wrap one in a list")
+        raise TypeError(f"{name} must be a list of {many}, got a {kind}: wrap one in a list")
     return list(items)
 
 
 def as_sessions(items: Any, name: str = "sessions") -> list[Session]:
     """`as_session` of every item of a batch; an error names the item (`sessions[3]`) at fault."""
     out = []
-    for i, s in enumerate(batch(items, name, "session")):
+    for i, s in enumerate(batch(items, name, "sessions")):
         if isinstance(s, Session):
             out.append(s)
             continue
@@ -179,7 +179,7 @@ def as_sessions(items: Any, name: str = "sessions") -> list[Session]:
 def passage_texts(items: Any, name: str = "passages") -> list[str]:
     """`passage_text` of every item of a batch; an error names the item at fault."""
     out = []
-    for i, p in enumerate(batch(items, name, "passage")):
+    for i, p in enumerate(batch(items, name, "passages")):
         if not isinstance(p, (str, Mapping)) and not isinstance(getattr(p, "text", None), str):
             raise TypeError(
                 f"{name}[{i}] must be a Passage, a {{title?, text}} mapping or a string, "

@@ -76,7 +76,7 @@ class BM25Retriever:
         show_progress: bool = False,
     ) -> None:
         bm25s = _bm25s()
-        passages = batch(passages, "passages", "Passage")
+        passages = batch(passages, "passages", "Passages")
         if not passages:
             raise ValueError("BM25 needs at least one passage to index")
         for i, p in enumerate(passages):
@@ -154,7 +154,7 @@ class BM25Retriever:
         Passages sharing no term (score 0) are left out; ties are broken by position, so a
         ranking never depends on the platform (hard-negative mining needs that).
         """
-        texts = batch(texts, "texts", "query text")
+        texts = batch(texts, "texts", "query texts")
         check_k(k)
         if not texts:
             return []
@@ -313,7 +313,7 @@ class TextEmbedder:
         """Embed texts in length-sorted batches; returns (N, D) float32 in input order."""
         import torch
 
-        texts = batch(texts, "texts", "text")
+        texts = batch(texts, "texts", "texts")
 
         order = np.argsort([-len(t) for t in texts], kind="stable")
         out = np.zeros((len(texts), self.dim), dtype=np.float32)  # (N, D)

@@ -28,7 +28,7 @@ import numpy as np
 
 from chatretriever.errors import require_extra
 from chatretriever.io.files import atomic_write
-from chatretriever.types import Qrel, Run, qrels_to_dict, rank_key
+from chatretriever.types import Qrel, Run, batch, qrels_to_dict, rank_key
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def parse_measures(names: Iterable[str], rel: int = 1) -> list[Any]:
     """
     irm = _ir_measures()
     out = []
-    for name in names:
+    for name in batch(names, "measures", "measure names"):
         if name.upper().startswith("MRR"):
             name = name[1:]
         try:

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from chatretriever.errors import DataFormatError, require_extra
 from chatretriever.io.embeddings import EmbeddingMeta, read_embeddings, warn_if_by_name
 from chatretriever.io.files import atomic_dir
-from chatretriever.types import rank_key
+from chatretriever.retrieval.encode import list_shards
+from chatretriever.types import batch, rank_key
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +129,9 @@ def read_shards(
         fingerprint; by name for shards written before fingerprints existed) and ValueError
         when there are none or a passage id occurs twice.
     """
+    shard_dirs = list_shards(  # an encode job's output directory is expanded into its chunks
+        batch(shard_dirs, "shard_dirs", "directories")
+    )
     if not shard_dirs:
         raise ValueError("no embedding shards to index")
     shards = [read_embeddings(d) for d in shard_dirs]

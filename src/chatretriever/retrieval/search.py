@@ -109,7 +109,7 @@ def check_k(k: int) -> int:
 def check_queries(sessions: Sequence[Session]) -> list[Session]:
     """Sessions searched as queries: Session objects with distinct ids."""
     seen: dict[str, int] = {}
-    out = batch(sessions, "sessions", "Session")
+    out = batch(sessions, "sessions", "Sessions")
     for i, s in enumerate(out):
         if not isinstance(s, Session):
             raise TypeError(
