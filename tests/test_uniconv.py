@@ -307,6 +307,8 @@ def test_answer_with_retrieval_uses_its_own_embeddings(tmp_path, tiny_llama_dir)
         model.answer_with_retrieval(session, index, k=1)
     with pytest.raises(ValueError, match="k must be at least 1"):
         model.answer_with_retrieval(session, index, k=0, passages=passages)
+    with pytest.raises(TypeError, match=r"items\[0\] passages must be a list of passages"):
+        model.answer(session, "Jaguars live in the Americas.")  # one passage a character
     with pytest.raises(EncoderMismatchError):  # another model's passage vectors
         model.answer_with_retrieval(session, index_of("other-model"), k=1, passages=passages)
 

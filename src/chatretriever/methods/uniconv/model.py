@@ -22,7 +22,7 @@ from chatretriever.methods.uniconv.cii import CiiBatch, response_logliks
 from chatretriever.modeling.emb_llm import EmbLLM
 from chatretriever.modeling.grounded import GroundedGenerator, grounded_messages
 from chatretriever.retrieval.encoders import fingerprint_of
-from chatretriever.types import Passage, Session, SessionLike, Turn
+from chatretriever.types import Passage, Session, SessionLike, Turn, batch
 
 
 def session_turns(session: SessionLike) -> list[Turn | Mapping[str, str]]:
@@ -129,6 +129,9 @@ class UniConv(EmbLLM):
         Returns:
             One answer per item.
         """
+        items = batch(items, "items", "(session, passages) pairs")
+        for i, (_, ps) in enumerate(items):  # a bare string would be one passage per character
+            batch(ps, f"items[{i}] passages", "passages (an empty list: closed book)")
         prompts = [
             grounded_messages(session_turns(s), ps, max_passage_chars, closed_book=not ps)
             for s, ps in items
