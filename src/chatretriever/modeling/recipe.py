@@ -352,8 +352,9 @@ def check_output_dir(output_dir: str | Path, resume: bool, overwrite: bool) -> l
     if stale and not overwrite:
         raise ValueError(
             f"{out} already holds a run ({', '.join(p.name for p in stale[:3])}"
-            f"{', ...' if len(stale) > 3 else ''}): --resume continues it, --overwrite starts "
-            "over (removing its checkpoints), or give another output_dir"
+            f"{', ...' if len(stale) > 3 else ''}): --resume (resume=True) continues it, "
+            "--overwrite (overwrite=True) starts over (removing its checkpoints), or give "
+            "another output_dir"
         )
     return stale
 
