@@ -883,3 +883,12 @@ def test_close_process_group_ends_a_launched_group_and_is_a_no_op_without_one(tm
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_data_files_may_be_paths_alone():
+    from chatretriever.modeling.recipe import BaseDataSettings, DataFile
+
+    data = BaseDataSettings(files=["a.jsonl", {"path": "b.jsonl", "repeat": 2}])
+    assert data.files == [DataFile("a.jsonl"), DataFile("b.jsonl", repeat=2)]
+    with pytest.raises(ValueError, match="data.files must be a list of files, got 'a.jsonl'"):
+        BaseDataSettings(files="a.jsonl")  # was read as a mapping, one key a character

@@ -63,6 +63,15 @@ class DataFile:
             raise ValueError(f"data file {self.path}: limit must be >= 1, got {self.limit}")
 
 
+def _data_file(value: Any) -> DataFile:
+    """A `data.files` entry: a DataFile, {path, repeat?, limit?}, or a path alone."""
+    if isinstance(value, DataFile):
+        return value
+    if isinstance(value, (str, Path)):
+        return DataFile(str(value))
+    return _from_dict(DataFile, value)
+
+
 @dataclass
 class BaseDataSettings:
     """A recipe's `data:` section: the training files. Methods subclass it to add their own
@@ -71,7 +80,9 @@ class BaseDataSettings:
     files: list[DataFile] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.files = [f if isinstance(f, DataFile) else _from_dict(DataFile, f) for f in self.files]
+        if isinstance(self.files, (str, Mapping)):
+            raise ValueError(f"data.files must be a list of files, got {self.files!r}")
+        self.files = [_data_file(f) for f in self.files]
         if not self.files:
             raise ValueError("data.files must list at least one training JSONL file")
 
