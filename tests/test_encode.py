@@ -223,13 +223,24 @@ def test_shard_jobs_on_different_corpora_are_not_mixed(tmp_path):
         shutil.copytree(chunk, mixed / chunk.name)
     with pytest.raises(ValueError, match="do not make up the corpus its last encode job read"):
         list_shards([mixed])
-    # one after the other into one directory: the later job meets the other's chunk 0 first
+    # one after the other into one directory: a corpus of other ids is refused at the other
+    # shard's first chunk, before this shard writes anything
     late = HashEncoder()
-    with pytest.raises(ValueError, match="chunk-00000 holds other passages than this corpus"):
-        encode_corpus(late, other, emb, cfg[1])
-    assert late.passages_encoded == 0  # refused before its own chunk 1
-    encode_corpus(HashEncoder(), corpus, emb, cfg[1])  # the right corpus completes the job
-    assert read_all(emb)[0] == [p.id for p in corpus]
+    renamed = [Passage(f"x{p.id}", p.text) for p in corpus]
+    with pytest.raises(ValueError, match="chunk-00000 holds other passage ids than this corpus"):
+        encode_corpus(late, renamed, emb, cfg[1])
+    assert late.passages_encoded == 0
+    # the same ids with edited texts: each shard re-encodes its own chunks when rerun, and
+    # index refuses the directory until every shard has
+    encode_corpus(HashEncoder(), other, emb, cfg[1])
+    with pytest.raises(ValueError, match="do not make up the corpus its last encode job read"):
+        list_shards([emb])
+    again = HashEncoder()
+    encode_corpus(again, other, emb, cfg[0])
+    assert again.passages_encoded == 8  # chunks 0 and 2, encoded again
+    ids, vectors = read_all(emb)
+    assert ids == [p.id for p in other]
+    np.testing.assert_array_equal(vectors, HashEncoder().encode_passages(other))
 
 
 def test_gathered_chunks_without_settings_must_have_no_gap(tmp_path, caplog):
@@ -240,6 +251,8 @@ def test_gathered_chunks_without_settings_must_have_no_gap(tmp_path, caplog):
     (emb / SETTINGS).unlink()  # chunk dirs collected from several machines
     assert len(list_shards([emb])) == 3
     assert "whether chunks after the last are missing cannot be told" in caplog.text
+    shutil.copytree(emb / "chunk-00001", emb / "chunk-00001.bak")  # a copy is no chunk
+    assert len(list_shards([emb])) == 3
     shutil.rmtree(emb / "chunk-00001")
     with pytest.raises(ValueError, match="up to chunk-00002 but not chunk-00001"):
         list_shards([emb])

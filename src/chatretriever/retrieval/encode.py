@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -40,6 +41,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from chatretriever.io.embeddings import (
+    IDS,
     META,
     EmbeddingMeta,
     read_meta,
@@ -54,6 +56,7 @@ logger = logging.getLogger(__name__)
 
 SETTINGS = "encode_settings.json"
 CHUNK_PREFIX = "chunk-"
+_CHUNK_NAME = re.compile(rf"{CHUNK_PREFIX}\d+")  # chunk-00000; a copy (chunk-00001.bak) is not
 
 
 @dataclass(frozen=True)
@@ -290,18 +293,21 @@ def own_chunks(
         if j % n == i:
             yield j, chunk
         elif out_dir is not None:
-            _check_other_chunk(chunk_dir(out_dir, j), digest)
+            _check_other_chunk(chunk_dir(out_dir, j), chunk)
 
 
-def _check_other_chunk(path: Path, digest: str) -> None:
-    if not (path / META).exists():
+def _check_other_chunk(path: Path, chunk: Sequence[Passage]) -> None:
+    """Refuse another shard's chunk that holds other passage ids (another corpus). Other texts
+    under the same ids are that shard's to encode again (`chunk_done`); `index` refuses the
+    directory until it has (`_check_one_corpus`)."""
+    ids_file = path / IDS
+    if not (path / META).exists() or not ids_file.exists():
         return
-    held = read_meta(path).extra.get("content")
-    if held is not None and held != digest:
+    held = ids_file.read_text(encoding="utf-8").splitlines()
+    if held != [p.id for p in chunk]:
         raise ValueError(
-            f"{path} holds other passages than this corpus's chunk there: {path.parent} was "
-            "encoded (by another shard job) from another corpus, or from this one before it "
-            "changed; encode into another directory, or rerun every shard on this corpus"
+            f"{path} holds other passage ids than this corpus's chunk there: {path.parent} was "
+            "encoded (by another shard job) from another corpus; encode into another directory"
         )
 
 
@@ -436,7 +442,11 @@ def list_shards(paths: Iterable[str | Path]) -> list[Path]:
         if (path / META).exists():
             out.append(path)
             continue
-        chunks = sorted(p for p in path.glob(f"{CHUNK_PREFIX}*") if (p / META).exists())
+        chunks = sorted(
+            (p for p in path.glob(f"{CHUNK_PREFIX}*") if _CHUNK_NAME.fullmatch(p.name)),
+            key=_chunk_number,
+        )
+        chunks = [p for p in chunks if (p / META).exists()]
         if not chunks:
             raise ValueError(f"{path} holds no embedding shards (no meta.json, no chunk-* dirs)")
         _check_complete(path, chunks)
@@ -487,9 +497,13 @@ def _check_one_corpus(path: Path, chunks: list[Path], recorded: str | None) -> N
         )
 
 
+def _chunk_number(path: Path) -> int:
+    return int(path.name[len(CHUNK_PREFIX) :])
+
+
 def _check_contiguous(path: Path, chunks: list[Path]) -> None:
     """Chunk dirs without the job's settings: refuse a gap (chunk 0 .. the last one found)."""
-    numbers = sorted(int(c.name[len(CHUNK_PREFIX) :]) for c in chunks)
+    numbers = sorted(_chunk_number(c) for c in chunks)
     missing = sorted(set(range(numbers[-1] + 1)) - set(numbers))
     if missing:
         names = [chunk_dir(path, j).name for j in missing]
