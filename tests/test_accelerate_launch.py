@@ -5,6 +5,7 @@ launch of `chatretriever train` that makes the same step as one process over the
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -184,3 +185,29 @@ def test_accelerate_launch_step_equals_one_process_over_the_global_batch(tmp_pat
     assert logged == pytest.approx(sum(hand.values()), rel=1e-4, abs=1e-4)
     for name, value in hand.items():  # each part too (it was the first process's alone)
         assert first[f"loss_{name}"] == pytest.approx(value, rel=1e-4, abs=1e-4), name
+
+
+def _names_worker(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from chatretriever.modeling.trainer import _all_part_names
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:  # a UniConv batch without references leaves its generation parts out on one process
+        mine = ["contrastive", "grounded", "cii"] if rank == 0 else ["contrastive"]
+        Path(out, f"{rank}.json").write_text(json.dumps(_all_part_names(mine)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_processes_logging_different_loss_parts_agree_on_the_names(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_names_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    names = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
+    assert names == [["cii", "contrastive", "grounded"]] * 2

@@ -73,6 +73,14 @@ class _EpochToCollator(TrainerCallback):
         self.collator.set_epoch(int(state.epoch or 0), args.seed)
 
 
+def _all_part_names(names: list[str]) -> list[str]:
+    """The sorted union of every process's loss-part names (a method may leave a part out of a
+    batch that lacks its inputs, so processes can differ)."""
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, names)
+    return sorted({n for ns in gathered for n in ns})
+
+
 class NamedLossTrainer(Trainer):
     """A Trainer whose loss is the sum of the named parts of `loss_fn`; each part is logged.
 
@@ -113,8 +121,12 @@ class NamedLossTrainer(Trainer):
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if self._part_count and "loss" in logs:
-            names = list(self._part_sums)
-            means = torch.stack([self._part_sums[n] for n in names]) / self._part_count
+            names = sorted(self._part_sums)
+            if self.accelerator.num_processes > 1:  # every process the same names, in order
+                names = _all_part_names(names)
+            zero = next(iter(self._part_sums.values())).new_zeros(())
+            sums = [self._part_sums.get(n, zero) for n in names]  # a part absent here adds 0
+            means = torch.stack(sums) / self._part_count
             if self.accelerator.num_processes > 1:  # as `loss` is: the mean over processes
                 means = self.accelerator.reduce(means, reduction="mean")
             for name, value in zip(names, means.tolist(), strict=True):
