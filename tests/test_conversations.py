@@ -485,6 +485,17 @@ def test_doc2dial_and_wizard_of_wikipedia(tmp_path):
     assert second.metadata["spans"] == ["Fees#1_0#2", "Fees#1_0#3"]
     nested = {"dial_data": {"dmv": {"Renew#1_0": MDD["dial_data"]["dmv"]}}}  # Doc2Dial's nesting
     assert read_conversations(write(tmp_path / "d.json", json.dumps(nested))) == [first, second]
+    # Doc2Dial proper: the dialogue names its document, a reference only its span (sp_id)
+    d2d = json.loads(json.dumps(nested))
+    dialogue = d2d["dial_data"]["dmv"]["Renew#1_0"][0]
+    for turn in dialogue["turns"]:
+        turn["references"] = [{"sp_id": r["id_sp"], "label": "x"} for r in turn["references"]]
+    a, b = read_conversations(write(tmp_path / "d2d.json", json.dumps(d2d)))
+    assert a.metadata["doc_ids"] == b.metadata["doc_ids"] == ["Renew#1_0"]  # the nesting key
+    assert b.metadata["spans"] == ["Renew#1_0#2", "Renew#1_0#3"]
+    dialogue["doc_id"] = "Fees#1_0"  # a dialogue's own doc_id wins
+    (_, b) = read_conversations(write(tmp_path / "d2d.json", json.dumps(d2d)))
+    assert b.metadata["doc_ids"] == ["Fees#1_0"]
     a, b = read_conversations(write(tmp_path / "test_random_split.json", json.dumps(WOW)))
     assert (a.id, a.response, a.metadata["checked_sentence"]) == (
         "0_2",

@@ -3,7 +3,8 @@
 Doc2Dial and MultiDoc2Dial (IBM, `*_dial_{train,validation,test}.json`) are one JSON object
 `{"dial_data": {domain: [dialogue, ...]}}` (Doc2Dial nests one more level, by document id);
 a dialogue is `{"dial_id", "turns": [{"turn_id", "role": "user"|"agent", "utterance",
-"references": [{"doc_id", "id_sp", ...}], "da"}]}`. One Session per user turn that an agent turn
+"references": [{"doc_id", "id_sp", ...}], "da"}]}` (Doc2Dial: the document is the dialogue's
+`doc_id`, a reference `{"sp_id", "label"}`). One Session per user turn that an agent turn
 answers, id `{dial_id}_{turn_id}` (the id MultiDoc2Dial's retrieval files give it); response = the
 agent's utterance; metadata `doc_ids` (the documents the answer is grounded in), `spans`
 (`doc_id#id_sp`), `domain`.
@@ -44,7 +45,7 @@ def _doc2dial_dialogues(data: Any, path: Path) -> Iterator[tuple[str, Mapping[st
                 if not isinstance(dialogue, Mapping) or not isinstance(dialogue.get("turns"), list):
                     msg = "expected a dialogue with a turns list"
                     raise DataFormatError(path, msg, None, f"{where}[{i}]")
-                yield f"{where}[{i}]", {"domain": domain, **dialogue}
+                yield f"{where}[{i}]", {"domain": domain, "doc_id": doc or None, **dialogue}
 
 
 def _doc2dial_turn(raw: Any, path: Path, where: str) -> tuple[str, str, Any]:
@@ -52,6 +53,20 @@ def _doc2dial_turn(raw: Any, path: Path, where: str) -> tuple[str, str, Any]:
     if not ok or not isinstance(raw.get("utterance"), str):
         raise DataFormatError(path, "expected {role: user|agent, utterance, ...}", None, where)
     return _ROLES[raw["role"]], raw["utterance"], raw.get("turn_id")
+
+
+def _references(turn: Mapping[str, Any], dialogue: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(document id, span id) of a turn's grounding: MultiDoc2Dial names the document in each
+    reference (`doc_id`, `id_sp`); Doc2Dial in the dialogue (`doc_id`, `sp_id`)."""
+    out = []
+    for r in turn.get("references") or []:
+        if not isinstance(r, Mapping):
+            continue
+        doc = r.get("doc_id") or dialogue.get("doc_id")
+        span = r.get("id_sp") if r.get("id_sp") is not None else r.get("sp_id")
+        if doc is not None and span is not None:
+            out.append((str(doc), str(span)))
+    return out
 
 
 def read_doc2dial(path: str | Path) -> list[Session]:
@@ -66,7 +81,7 @@ def read_doc2dial(path: str | Path) -> list[Session]:
             role, text, turn_id = _doc2dial_turn(raw, path, f"{where}.turns[{j}]")
             nxt = turns[j + 1] if j + 1 < len(turns) else None
             if role == "user" and isinstance(nxt, Mapping) and nxt.get("role") == "agent":
-                refs = [r for r in nxt.get("references") or [] if isinstance(r, Mapping)]
+                refs = _references(nxt, dialogue)
                 sid = f"{dial_id}_{turn_id}"
                 if sid in out:
                     raise DataFormatError(
@@ -79,8 +94,8 @@ def read_doc2dial(path: str | Path) -> list[Session]:
                     metadata={
                         "conversation": dial_id,
                         "domain": dialogue["domain"],
-                        "doc_ids": list(dict.fromkeys(str(r.get("doc_id")) for r in refs)),
-                        "spans": [f"{r.get('doc_id')}#{r.get('id_sp')}" for r in refs],
+                        "doc_ids": list(dict.fromkeys(doc for doc, _ in refs)),
+                        "spans": [f"{doc}#{span}" for doc, span in refs],
                     },
                 )
             history.append(Turn(role, text))
