@@ -299,3 +299,24 @@ def test_build_takes_an_encode_job_directory_as_the_cli_does(tmp_path):
     assert DenseIndex.build(list_shards([out])).ids == [p.id for p in corpus]
     with pytest.raises(TypeError, match="shard_dirs must be a list of directories, got a str"):
         DenseIndex.build(str(out))
+
+
+def test_only_the_queries_tied_at_the_cut_are_searched_again(caplog, monkeypatch):
+    from chatretriever.retrieval import index as index_module
+    from chatretriever.retrieval.index import top_k_with_ties
+
+    # query 0: distinct scores; query 1: every passage scores 1.0 (a zero query, boilerplate)
+    scores = [[float(100 - i) for i in range(100)], [1.0] * 100]
+    ids = [f"d{i:03d}" for i in range(100)][::-1]  # the index's order is not the ids'
+    calls = []
+
+    def search_at(depth, rows):
+        calls.append((depth, list(rows)))
+        return [[(ids[i], scores[r][i]) for i in range(depth)] for r in rows]
+
+    monkeypatch.setattr(index_module, "TIE_LIMIT", 40)
+    hits = top_k_with_ties(search_at, 3, 100, 2)
+    assert calls == [(11, [0, 1]), (22, [1]), (43, [1])]  # query 0 once; 1 up to k + the limit
+    assert [d for d, _ in hits[0]] == ids[:3]
+    assert [d for d, _ in hits[1]] == sorted(ids[:43])[:3]  # by id among those fetched
+    assert "1 queries have more than 40 passages tied at rank 3" in caplog.text

@@ -94,27 +94,44 @@ def _duplicate_message(dirs: Sequence[str | Path], ids: Sequence[list[str]]) -> 
 
 
 TIE_MARGIN = 8  # hits fetched past k, to see whether the score at the cut is tied
+TIE_LIMIT = 1024  # at most this many hits past k are fetched to settle a tie
 
 
 def top_k_with_ties(
-    search_at: Callable[[int], list[list[tuple[str, float]]]], k: int, total: int
+    search_at: Callable[[int, list[int]], list[list[tuple[str, float]]]],
+    k: int,
+    total: int,
+    n_queries: int,
 ) -> list[list[tuple[str, float]]]:
     """Each query's top k, ties broken by (-score, id) as in every run file, at the cut too.
 
     An index returns tied passages (duplicates under several ids) in an order of its own, so
-    which of them make the cut would depend on the backend and on k. `search_at(depth)` is
-    asked past k until the score after the cut differs from the k-th (or the index is spent).
+    which of them make the cut would depend on the backend and on k. `search_at(depth, rows)`
+    (the hits of those query rows) is asked past k, again only for the queries whose score
+    after the cut equals the k-th, until it differs, the index is spent or `TIE_LIMIT` hits
+    past k were fetched (then the tie is broken among those, with a warning).
     """
     k = min(k, total)
     if k < 1:
         raise ValueError(f"k must be at least 1 (and the index not empty), got k={k}")
-    depth = min(k + TIE_MARGIN, total)
-    while True:
-        hits = search_at(depth)
-        tied = any(len(h) == depth and h[-1][1] == h[k - 1][1] for h in hits)
-        if not tied or depth >= total:
+    limit = min(total, k + TIE_LIMIT)
+    depth, rows = min(k + TIE_MARGIN, total), list(range(n_queries))
+    hits: list[list[tuple[str, float]]] = [[] for _ in rows]
+    while rows:
+        for row, h in zip(rows, search_at(depth, rows), strict=True):
+            hits[row] = h
+        rows = [r for r in rows if len(hits[r]) == depth and hits[r][-1][1] == hits[r][k - 1][1]]
+        if rows and depth >= limit:
+            if depth < total:
+                logger.warning(
+                    "%d queries have more than %d passages tied at rank %d: the tie is broken "
+                    "by id among those fetched",
+                    len(rows),
+                    TIE_LIMIT,
+                    k,
+                )
             break
-        depth = min(2 * depth, total)
+        depth = min(2 * depth, limit)
     return [sorted(h, key=lambda p: rank_key(*p))[:k] for h in hits]
 
 
@@ -262,8 +279,8 @@ class DenseIndex:
             raise ValueError(f"queries have shape {queries.shape}, index dim is {self.meta.dim}")
         self.set_search_params(params)
 
-        def search_at(depth: int) -> list[list[tuple[str, float]]]:
-            scores, rows = self.index.search(queries, depth)  # (Q, depth) each
+        def search_at(depth: int, which: list[int]) -> list[list[tuple[str, float]]]:
+            scores, rows = self.index.search(queries[which], depth)  # (len(which), depth) each
             return [
                 [(self.ids[r], float(s)) for s, r in zip(srow, rrow, strict=True) if r >= 0]
                 for srow, rrow in zip(scores, rows, strict=True)
@@ -271,7 +288,7 @@ class DenseIndex:
 
         if min(k, len(self.ids)) < 1:
             return [[] for _ in queries]
-        return top_k_with_ties(search_at, k, len(self.ids))
+        return top_k_with_ties(search_at, k, len(self.ids), len(queries))
 
     def set_search_params(self, params: str | None) -> None:
         """Apply Faiss search parameters ("efSearch=128", "nprobe=16", comma-separated).

@@ -353,12 +353,13 @@ class MilvusIndex:
             return [[] for _ in queries]
         where = self.directory or self.uri
 
-        def search_at(depth: int) -> list[list[tuple[str, float]]]:
+        def search_at(depth: int, which: list[int]) -> list[list[tuple[str, float]]]:
             search_params = {"metric_type": "IP", "params": self._params_for(depth)}
             out: list[list[tuple[str, float]]] = []
+            chosen = queries[which]  # (len(which), D)
             with milvus_errors(where, f"search the collection {self.collection!r} at {self.uri}"):
-                for start in range(0, len(queries), SEARCH_BLOCK):
-                    block = queries[start : start + SEARCH_BLOCK]  # (B, D)
+                for start in range(0, len(chosen), SEARCH_BLOCK):
+                    block = chosen[start : start + SEARCH_BLOCK]  # (B, D)
                     result = self.client.search(
                         self.collection,
                         data=block,
@@ -373,7 +374,7 @@ class MilvusIndex:
             return out
 
         # past k while the score at the cut is tied (`index.top_k_with_ties`), within Milvus's cap
-        return top_k_with_ties(search_at, limit, min(len(self.ids), MAX_TOPK))
+        return top_k_with_ties(search_at, limit, min(len(self.ids), MAX_TOPK), len(queries))
 
     @property
     def memory_bytes(self) -> int:
