@@ -356,6 +356,15 @@ def test_guess_format_edge_cases(tmp_path):
     assert guess_format(write(tmp_path / "docs.jsonl", plain)) == "beir-corpus"
     titled = jsonl([{"_id": "d", "title": "T", "text": "|user|: x"}])
     assert guess_format(write(tmp_path / "queries.jsonl", titled)) == "beir-corpus"
+    assert guess_format(write(tmp_path / "query_logs_corpus.jsonl", plain)) == "beir-corpus"
+    assert guess_format(write(tmp_path / "subquery.jsonl", plain)) == "beir-corpus"
+    # tab-separated corpora: named by a header (DPR), a file name, or long texts (MS MARCO)
+    dpr = "id\ttext\ttitle\n1\tAaron was a prophet.\tAaron\n"
+    assert guess_format(write(tmp_path / "psgs_w100.tsv", dpr)) == "beir-corpus"
+    assert guess_format(write(tmp_path / "collection.tsv", "0\tThe cheetah.\n")) == "beir-corpus"
+    long = "7\t" + "word " * 60 + "\n"
+    assert guess_format(write(tmp_path / "x.tsv", long)) == "beir-corpus"
+    assert guess_format(write(tmp_path / "x.tsv", "q1\twhat is bm25\n")) == "queries-tsv"
 
 
 def test_cli_prints_a_table(fixture_files, capsys):

@@ -227,6 +227,8 @@ def test_queries_files_are_sessions_with_marked_turns_split(tmp_path):
     assert [(s.id, s.turns[-1].content) for s in tsv] == [("q1", "red wine"), ("q2", "x")]
     headed = write(tmp_path / "queries.tsv", "query_id\tquery\nq1\tred wine\n")  # a header
     assert [s.id for s in read_conversations(headed)] == ["q1"]
+    long = write(tmp_path / "conv.tsv", "q1\t|user|: " + "word " * 50 + "\n")  # corpus-like
+    assert [s.id for s in read_conversations(long)] == ["q1"]
     for bad, match in (
         ({"_id": "e", "text": " "}, ":2: field 'text': empty query text"),
         ({"_id": "e", "text": "|user|: a\n|agent|: b"}, ":2: field 'text': the last marked"),

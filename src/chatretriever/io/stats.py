@@ -84,6 +84,10 @@ def _guess_json_document(path: Path, head: str) -> str | None:
     return None
 
 
+# a file name that says it holds passages
+_PASSAGES = re.compile(r"collection|corpus|psgs|passage")
+
+
 def _guess_json_lines(path: Path) -> str | None:
     first = next((line for _, line in iter_lines(path)), "")
     try:
@@ -103,7 +107,9 @@ def _guess_json_lines(path: Path) -> str | None:
     if "text" in keys and keys & {"_id", "id"}:
         # corpora and queries share {"_id", "text"}: passages carry a title, queries do not,
         # and MTRAG's conversational queries mark their turns
-        if "title" not in keys and ("quer" in path.name.lower() or "|user|:" in first):
+        name = path.name.lower()
+        named = re.search(r"(?<![a-z])quer(?:y|ies)(?![a-z])", name) and not _PASSAGES.search(name)
+        if "title" not in keys and (named or "|user|:" in first):
             return "beir-queries"
         return "beir-corpus"
     return None
@@ -123,8 +129,12 @@ def _guess_text(path: Path, first: str) -> str | None:
         return "esconv-tsv"
     if len(tabs) == 3 and (tabs[0].strip().lower() in ("query-id", "qid") or _is_number(tabs[2])):
         return "beir-qrels"
-    if len(tabs) == 2:
-        return "queries-tsv"
+    header = [c.strip().lower().removeprefix("_") for c in tabs]
+    if len(tabs) >= 2 and {"id", "text"} <= set(header):
+        return "beir-corpus"  # a TSV corpus named by its header (DPR's id, text, title)
+    if len(tabs) == 2:  # queries, or a passage collection (MS MARCO's collection.tsv)
+        passages = _PASSAGES.search(path.name.lower())
+        return "beir-corpus" if passages or len(tabs[1].split()) > 40 else "queries-tsv"
     if "sequential" in path.name.lower():
         return "reclm-sequences"
     if len(cols) == 6 and _is_number(cols[3]) and _is_number(cols[4]):
