@@ -409,6 +409,11 @@ def test_orquac_and_canard(tmp_path):
         (write(tmp_path / "b.txt", jsonl([ORQUAC[0], ORQUAC[0]])), r":2: .*duplicate qid"),
         (write(tmp_path / "c.json", json.dumps([{**CANARD[0], "History": ["t"]}])), "History"),
         (write(tmp_path / "d.json", json.dumps([{**CANARD[0], "Question_no": 0}])), "Question_no"),
+        (
+            write(tmp_path / "e.json", json.dumps([CANARD[0], {**CANARD[0], "Rewrite": None}])),
+            r"field '\[1\]\.Rewrite': expected a non-empty string",
+        ),
+        (write(tmp_path / "f.txt", jsonl([{**ORQUAC[0], "question": " "}])), "empty question"),
     ):
         with pytest.raises(DataFormatError, match=match):
             read_conversations(path)

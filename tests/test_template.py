@@ -108,6 +108,8 @@ def test_too_long_question_is_cut_from_its_start_keeping_its_end_frame_and_emb(t
     assert text.startswith("<|im_start|>user\n")
     assert text.endswith("which one is cheaper?<|im_end|>\n")  # closing tokens survive too
     assert "current turn over max_session_len=40" in caplog.text
+    tpl.session_ids(msgs)  # training meets it every batch: one warning per template
+    assert caplog.text.count("current turn over max_session_len") == 1
     assert ids[-3:] == list(tpl.emb_ids)
     with pytest.raises(ValueError, match="no room"):
         _template(tok, max_session_len=6).session_ids(msgs)

@@ -60,6 +60,8 @@ def read_orquac(path: str | Path) -> list[Session]:
             if shown:  # as the dataset shows it, CANNOTANSWER included
                 turns.append(Turn("assistant", shown))
         question = require(obj, "question", path, lineno)
+        if not question.strip():
+            raise DataFormatError(path, "empty question", lineno, "question")
         rewrite = obj.get("rewrite")
         if rewrite is not None and not isinstance(rewrite, str):
             raise DataFormatError(path, "expected a string", lineno, "rewrite")
@@ -71,6 +73,17 @@ def read_orquac(path: str | Path) -> list[Session]:
             metadata={"conversation": qid.rsplit("_q#", 1)[0]},
         )
     return list(out.values())
+
+
+def _text(obj: Mapping[str, Any], key: str, path: Path, field: str) -> str:
+    """obj[key] as a non-empty string, else an error naming `field` (`[i].Question`)."""
+    value = obj.get(key)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not value.strip():
+        got = "missing" if key not in obj else f"got {value!r}"
+        raise DataFormatError(path, f"expected a non-empty string ({got})", None, field)
+    return value
 
 
 def _canard_session(obj: Any, path: Path, i: int) -> Session:
@@ -87,7 +100,7 @@ def _canard_session(obj: Any, path: Path, i: int) -> Session:
     if not isinstance(number, int) or isinstance(number, bool) or number < 1:
         raise DataFormatError(path, "expected a number from 1", None, f"{where}.Question_no")
     dialog, question, rewrite = (
-        require(obj, k, path, None) for k in ("QuAC_dialog_id", "Question", "Rewrite")
+        _text(obj, k, path, f"{where}.{k}") for k in ("QuAC_dialog_id", "Question", "Rewrite")
     )
     sid = check_id(f"{dialog}_q#{number - 1}", path, None, f"{where}.QuAC_dialog_id")
     turns = [Turn("user" if j % 2 == 0 else "assistant", h) for j, h in enumerate(history[2:])]

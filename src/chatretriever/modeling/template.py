@@ -177,6 +177,7 @@ class RetrievalTemplate:
         self.n_emb_tokens = n_emb_tokens
         self.emb_ids: tuple[int, ...] = tuple(emb_token_ids(tokenizer, n_emb_tokens))
         self.max_session_len = max_session_len
+        self._warned_cut = False
         self.max_passage_len = max_passage_len
         self.max_response_len = max_response_len
         self._chat_template = getattr(tokenizer, "chat_template", None) or PLAIN_TEMPLATE
@@ -423,7 +424,8 @@ class RetrievalTemplate:
             if len(q) > room:  # keep the end: a long turn (pasted text) ends with its question
                 cut.append(x.id)
             out.append(pre + q[-room:] + post + list(self.emb_ids))
-        if cut:
+        if cut and not self._warned_cut:  # once per template: training meets it every batch
+            self._warned_cut = True
             logger.warning(
                 "%d session(s) with a current turn over max_session_len=%d (first: %r): its "
                 "start was cut, its end (the question) kept",
