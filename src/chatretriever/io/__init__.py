@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from chatretriever.io.corpus import read_corpus, write_corpus
+from chatretriever.io.conversations import SESSION_FORMATS, read_conversations
+from chatretriever.io.corpus import iter_corpus, read_corpus, write_corpus
 from chatretriever.io.embeddings import EmbeddingMeta, read_embeddings, write_embeddings
 from chatretriever.io.files import atomic_write, iter_jsonl, open_text
 from chatretriever.io.sessions import (
@@ -13,6 +14,7 @@ from chatretriever.io.sessions import (
 )
 from chatretriever.io.trec import (
     read_beir_qrels,
+    read_json_qrels,
     read_qrels,
     read_run,
     read_trec_qrels,
@@ -21,13 +23,17 @@ from chatretriever.io.trec import (
 )
 
 __all__ = [
+    "SESSION_FORMATS",
     "EmbeddingMeta",
     "atomic_write",
+    "iter_corpus",
     "iter_jsonl",
     "open_text",
     "read_beir_qrels",
+    "read_conversations",
     "read_corpus",
     "read_embeddings",
+    "read_json_qrels",
     "read_qrels",
     "read_run",
     "read_sessions",
