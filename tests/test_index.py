@@ -320,3 +320,26 @@ def test_only_the_queries_tied_at_the_cut_are_searched_again(caplog, monkeypatch
     assert [d for d, _ in hits[0]] == ids[:3]
     assert [d for d, _ in hits[1]] == sorted(ids[:43])[:3]  # by id among those fetched
     assert "1 queries have more than 40 passages tied at rank 3" in caplog.text
+
+
+def test_an_index_from_vectors_in_memory_checks_its_encoder(tmp_path):
+    enc = HashEncoder()
+    passages = [Passage(f"p{i}", f"passage {i} about topic {i % 3}") for i in range(12)]
+    vectors = enc.encode_passages(passages)
+    index = DenseIndex.from_vectors([p.id for p in passages], vectors, enc)
+    queries = vectors[[3, 7]]
+    assert [h[0][0] for h in index.search(queries, k=1)] == ["p3", "p7"]
+    on_disk = encode_corpus(enc, passages, tmp_path / "emb", EncodeConfig(show_progress=False))
+    built = DenseIndex.build([on_disk.out_dir])
+    assert index.search(queries, k=5) == built.search(queries, k=5)  # as built from shards
+    index.check_encoder(enc.name, enc.dim, enc.normalize, enc.fingerprint)
+    with pytest.raises(EncoderMismatchError):
+        other = HashEncoder(salt="other")
+        index.check_encoder(other.name, other.dim, other.normalize, other.fingerprint)
+    ids = [p.id for p in passages]
+    with pytest.raises(ValueError, match=r"shape \(12, 16\), expected \(11, 16\)|expected \(11,"):
+        DenseIndex.from_vectors(ids[:-1], vectors, enc)
+    with pytest.raises(ValueError, match="passage id 'p0' occurs in ids"):
+        DenseIndex.from_vectors(["p0", *ids[1:-1], "p0"], vectors, enc)
+    with pytest.raises(ValueError, match=r"ids\[0\] 'a b': ids go into run files"):
+        DenseIndex.from_vectors(["a b", *ids[1:]], vectors, enc)

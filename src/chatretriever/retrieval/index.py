@@ -24,6 +24,7 @@ from chatretriever.errors import DataFormatError, require_extra
 from chatretriever.io.embeddings import EmbeddingMeta, read_embeddings, warn_if_by_name
 from chatretriever.io.files import atomic_dir
 from chatretriever.retrieval.encode import list_shards
+from chatretriever.retrieval.encoders import fingerprint_of
 from chatretriever.types import batch, rank_key
 
 logger = logging.getLogger(__name__)
@@ -222,8 +223,69 @@ class DenseIndex:
         Returns:
             The built index; all shards must come from one encoder.
         """
-        faiss = _faiss()
+        _faiss()  # a clear error when the extra is missing
         ids, arrays, meta = read_shards(shard_dirs)
+        return cls._from_arrays(ids, arrays, meta, factory, train_size, seed, show_progress)
+
+    @classmethod
+    def from_vectors(
+        cls,
+        ids: Sequence[str],
+        vectors: np.ndarray,
+        encoder: Any,
+        factory: str = DEFAULT_FACTORY,
+        train_size: int = 100_000,
+        seed: int = 0,
+    ) -> DenseIndex:
+        """Build an index from vectors in memory (no shards on disk).
+
+        Args:
+            ids: Passage ids, one per row (distinct, no whitespace: they go into run files).
+            vectors: (N, D) passage embeddings made by `encoder`.
+            encoder: The encoder that made them (its name, dim, normalize and fingerprint are
+                recorded: queries of another encoder are refused, as for a built index).
+            factory, train_size, seed: As for `build`.
+
+        Raises:
+            ValueError: Ids and rows differ in number, an id repeats or is not a TREC id, or
+                the vectors are not (N, encoder.dim).
+        """
+        _faiss()
+        ids = [str(i) for i in batch(ids, "ids", "ids")]
+        bad = next((n for n, i in enumerate(ids) if not i or re.search(r"\s", i)), None)
+        if bad is not None:
+            raise ValueError(
+                f"ids[{bad}] {ids[bad]!r}: ids go into run files (none empty, no space)"
+            )
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)  # (N, D)
+        if vectors.ndim != 2 or vectors.shape != (len(ids), int(encoder.dim)):
+            raise ValueError(
+                f"vectors have shape {vectors.shape}, expected ({len(ids)}, {encoder.dim}): "
+                "one row of the encoder's size per id"
+            )
+        if len(set(ids)) != len(ids):
+            raise ValueError(_duplicate_message(["ids"], [ids]))
+        meta = EmbeddingMeta(
+            model=encoder.name,
+            dim=int(encoder.dim),
+            normalized=bool(encoder.normalize),
+            count=len(ids),
+            fingerprint=fingerprint_of(encoder),
+        )
+        return cls._from_arrays(ids, [vectors], meta, factory, train_size, seed, False)
+
+    @classmethod
+    def _from_arrays(
+        cls,
+        ids: list[str],
+        arrays: list[np.ndarray],
+        meta: EmbeddingMeta,
+        factory: str,
+        train_size: int,
+        seed: int,
+        show_progress: bool,
+    ) -> DenseIndex:
+        faiss = _faiss()
         try:
             index = faiss.index_factory(meta.dim, factory, faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as e:
