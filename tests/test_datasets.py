@@ -877,6 +877,12 @@ def test_cast_2019_topics_take_the_resolved_tsv_beside_them(tmp_path, caplog):
     assert sessions[1].metadata["automatic_rewrite"] == "How likely is cancer to spread?"
 
 
+def _user_turn(number, parent, utterance, rewrite):
+    return _tree_turn(
+        number, parent, "User", utterance=utterance, manual_rewritten_utterance=rewrite
+    )
+
+
 def _tree_turn(number, parent, participant, **fields):
     turn = {"number": number, "participant": participant, **fields}
     return turn if parent is None else {**turn, "parent": parent}
@@ -886,37 +892,13 @@ CAST_2022_TREE = [
     {
         "number": 132,
         "turn": [
-            _tree_turn(
-                "1-1",
-                None,
-                "User",
-                utterance="What was COP26?",
-                manual_rewritten_utterance="What was COP26?",
-            ),
+            _user_turn("1-1", None, "What was COP26?", "What was COP26?"),
             _tree_turn("1-2", "1-1", "System", response="A summit.", provenance=["M_1"]),
-            _tree_turn(
-                "1-3",
-                "1-2",
-                "User",
-                utterance="Its effects?",
-                manual_rewritten_utterance="COP26 effects?",
-            ),
+            _user_turn("1-3", "1-2", "Its effects?", "COP26 effects?"),
             _tree_turn("1-4", "1-3", "System", response="Pledges.", provenance=["M_2"]),
-            _tree_turn(
-                "2-1",
-                "1-2",
-                "User",
-                utterance="Who came?",
-                manual_rewritten_utterance="Who came to COP26?",
-            ),
+            _user_turn("2-1", "1-2", "Who came?", "Who came to COP26?"),
             _tree_turn("2-2", "1-1", "System", response="Which COP26?", provenance=[]),
-            _tree_turn(
-                "3-1",
-                "2-2",
-                "User",
-                utterance="The 2021 one.",
-                manual_rewritten_utterance="COP26 2021",
-            ),
+            _user_turn("3-1", "2-2", "The 2021 one.", "COP26 2021"),
         ],
     }
 ]

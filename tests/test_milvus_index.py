@@ -422,20 +422,17 @@ def _release(index, db_path):
 
 
 def test_an_index_spec_is_checked_when_parsed(tmp_path, db):
-    with pytest.raises(ValueError, match=r"--factory 'HNSW32'.*Faiss factory.*HNSW:M=32"):
-        parse_index_spec("HNSW32")
-    with pytest.raises(ValueError, match=r"IVF_FLAT:nlist=4096"):
-        parse_index_spec("IVF4096,Flat")
-    with pytest.raises(ValueError, match=r"'IVF_PQ' is not supported; supported: FLAT, HNSW"):
-        parse_index_spec("IVF_PQ:nlist=4")
-    with pytest.raises(ValueError, match=r"--factory 'HNSW:M=abc': M must be an integer"):
-        parse_index_spec("HNSW:M=abc")
-    with pytest.raises(ValueError, match=r"HNSW takes no parameter 'm' \(it takes M, efCons"):
-        parse_index_spec("HNSW:m=16")
-    with pytest.raises(ValueError, match=r"FLAT takes no parameter 'nlist' \(it takes none\)"):
-        parse_index_spec("FLAT:nlist=4")
-    with pytest.raises(ValueError, match=r"M must be an integer in \[2, 2048\], got '1'"):
-        parse_index_spec("HNSW:M=1")
+    for spec, match in (
+        ("HNSW32", r"--factory 'HNSW32'.*Faiss factory.*HNSW:M=32"),
+        ("IVF4096,Flat", r"IVF_FLAT:nlist=4096"),
+        ("IVF_PQ:nlist=4", r"'IVF_PQ' is not supported; supported: FLAT, HNSW"),
+        ("HNSW:M=abc", r"--factory 'HNSW:M=abc': M must be an integer"),
+        ("HNSW:m=16", r"HNSW takes no parameter 'm' \(it takes M, efCons"),
+        ("FLAT:nlist=4", r"FLAT takes no parameter 'nlist' \(it takes none\)"),
+        ("HNSW:M=1", r"M must be an integer in \[2, 2048\], got '1'"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            parse_index_spec(spec)
     assert parse_index_spec("AUTOINDEX") == ("AUTOINDEX", {})
     dirs, _, _ = random_shards(tmp_path, n=8, dim=4, parts=1)
     with pytest.raises(ValueError, match="HNSW:M=32"):

@@ -206,11 +206,12 @@ def read_conversations(path: str | Path, fmt: str | None = None) -> list[Session
         except UnknownFormatError:
             return _sessions_or_unknown(path)
         fmt = _AS_QUERIES.get(guessed, guessed)
-        first = next((line for _, line in iter_lines(path)), "")
-        if guessed == "beir-corpus" and "\t" in first and not first.lstrip().startswith("{"):
-            fmt = "queries-tsv"  # id<TAB>text given as conversations: long queries, not passages
-        elif guessed == "beir-corpus" and "title" in _first_keys(path):
-            fmt = guessed  # passages, not queries: refused below
+        if guessed == "beir-corpus":
+            first = next((line for _, line in iter_lines(path)), "")
+            if "\t" in first and not first.lstrip().startswith("{"):
+                fmt = "queries-tsv"  # id<TAB>text as conversations: long queries, not passages
+            elif "title" in _first_keys(path):
+                fmt = guessed  # passages, not queries: refused below
     if fmt not in _READERS:
         raise DataFormatError(
             path, f"holds {fmt}, not conversations; give one of: {', '.join(_READERS)}"

@@ -20,15 +20,20 @@ logger = logging.getLogger(__name__)
 _CORE = ("_id", "id", "title", "text")
 
 
+def tsv_header(cols: list[str]) -> list[str] | None:
+    """The column names of a TSV corpus's header line (one naming `id` and `text`), else None."""
+    named = [c.strip().lower().removeprefix("_") for c in cols]
+    return named if {"id", "text"} <= set(named) else None
+
+
 def _tsv_rows(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """A TSV corpus's lines as objects keyed by its header, or `id`, `text` without one."""
     columns: list[str] | None = None
     for lineno, line in iter_lines(path):
         cols = line.split("\t")
         if columns is None:
-            named = [c.strip().lower().removeprefix("_") for c in cols]
-            if {"id", "text"} <= set(named):
-                columns = named
+            columns = tsv_header(cols)
+            if columns is not None:
                 continue
             if len(cols) != 2:
                 msg = (

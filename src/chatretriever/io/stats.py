@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from chatretriever.errors import DataFormatError
 from chatretriever.io.cast import read_cast_topics
 from chatretriever.io.cast_txt import looks_like_cast_txt, read_cast_topics_txt
-from chatretriever.io.corpus import iter_corpus
+from chatretriever.io.corpus import iter_corpus, tsv_header
 from chatretriever.io.dstc11 import read_logs
 from chatretriever.io.esconv import (
     SupportDialog,
@@ -129,8 +129,7 @@ def _guess_text(path: Path, first: str) -> str | None:
         return "esconv-tsv"
     if len(tabs) == 3 and (tabs[0].strip().lower() in ("query-id", "qid") or _is_number(tabs[2])):
         return "beir-qrels"
-    header = [c.strip().lower().removeprefix("_") for c in tabs]
-    if len(tabs) >= 2 and {"id", "text"} <= set(header):
+    if len(tabs) >= 2 and tsv_header(tabs) is not None:
         return "beir-corpus"  # a TSV corpus named by its header (DPR's id, text, title)
     if len(tabs) == 2:  # queries, or a passage collection (MS MARCO's collection.tsv)
         passages = _PASSAGES.search(path.name.lower())
