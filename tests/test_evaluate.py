@@ -71,6 +71,14 @@ def test_relevance_threshold_of_binary_measures(data):
     assert ev.per_query["q1"]["nDCG@3"] == pytest.approx(ndcg_q1)  # graded, unaffected
 
 
+def test_mrr_is_reported_under_the_name_asked_for(data):
+    run, qrels = data
+    ev = evaluate_run(run, qrels, ["MRR@10", "RR@10", "nDCG@3"])
+    assert list(ev.aggregate) == ["MRR@10", "RR@10", "nDCG@3"]
+    assert ev.per_query["q1"]["MRR@10"] == ev.per_query["q1"]["RR@10"] == pytest.approx(0.5)
+    assert ev.aggregate["MRR@10"] == ev.aggregate["RR@10"] == pytest.approx(0.5)
+
+
 def test_evaluating_twice_gives_the_same_numbers(data):
     # pytrec_eval < 0.5.4 returned zeros for the second of several cutoffs on a reused evaluator
     run, qrels = data

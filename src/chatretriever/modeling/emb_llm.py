@@ -11,7 +11,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -45,6 +45,9 @@ FINGERPRINT_VERSION = 1  # bump when what the fingerprint covers changes
 # Left out of the fingerprint: where the base lives (its weights are fingerprinted), loader
 # flags, a training-only length, and the dtype settings (the resolved dtype is used instead).
 _NOT_FINGERPRINTED = ("base_model", "trust_remote_code", "max_response_len", "dtype", "fp32_layers")
+
+
+_E = TypeVar("_E", bound="EmbLLM")
 
 
 class EmbLLM(torch.nn.Module):
@@ -101,7 +104,7 @@ class EmbLLM(torch.nn.Module):
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(
-        cls,
+        cls: type[_E],
         name_or_dir: str | Path,
         *,
         config: RetrieverConfig | None = None,
@@ -109,7 +112,7 @@ class EmbLLM(torch.nn.Module):
         is_trainable: bool = False,
         device: str | torch.device | None = None,
         **overrides: Any,
-    ) -> EmbLLM:
+    ) -> _E:
         """A new model from a base chat LLM, or a saved directory (holding `SAVED_CONFIG`, or
         one of `CONTINUES_FROM`: another method's model on the same body, to train on from).
 

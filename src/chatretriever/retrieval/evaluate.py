@@ -119,6 +119,13 @@ def parse_measures(names: Iterable[str], rel: int = 1) -> list[Any]:
     return out
 
 
+def _label(name: str, measure: Any) -> str:
+    """The key a measure is reported under: "MRR@k" as asked (ir_measures calls it RR@k)."""
+    if name.strip().upper().startswith("MRR") and str(measure).upper() == name.strip()[1:].upper():
+        return name.strip()
+    return str(measure)
+
+
 def _untied(run: Run, query_ids: Iterable[str]) -> dict[str, dict[str, float]]:
     """Scores replaced by (len - rank) so evaluation sees exactly the (-score, docid) order."""
     out: dict[str, dict[str, float]] = {}
@@ -156,8 +163,12 @@ def evaluate_run(
     irm = _ir_measures()
     qrels_dict = qrels if isinstance(qrels, Mapping) else qrels_to_dict(qrels)
     qrels_dict = {q: dict(d) for q, d in qrels_dict.items() if d}
-    parsed = parse_measures(measures, rel)
-    names = [str(m) for m in parsed]
+    given = batch(measures, "measures", "measure names")
+    parsed = parse_measures(given, rel)
+    names = [_label(name, m) for name, m in zip(given, parsed, strict=True)]
+    labels: dict[str, list[str]] = {}
+    for name, m in zip(names, parsed, strict=True):
+        labels.setdefault(str(m), []).append(name)
     _check_common_queries(run, qrels_dict)
     no_relevant = sorted(q for q, d in qrels_dict.items() if max(d.values()) < rel)
     dropped = set(no_relevant) if drop_no_relevant else set()
@@ -172,7 +183,8 @@ def evaluate_run(
     judged_in_run = {q: qrels_dict[q] for q in in_run}
     for metric in provider.iter_calc(parsed, judged_in_run, _untied(run, in_run)):
         if metric.query_id in per_query:
-            per_query[metric.query_id][str(metric.measure)] = float(metric.value)
+            for name in labels.get(str(metric.measure), ()):
+                per_query[metric.query_id][name] = float(metric.value)
     aggregate = {n: _mean([v[n] for v in per_query.values()]) for n in names}
     _log_query_set(unjudged, missing, no_relevant, rel, drop_no_relevant)
     return Evaluation(
