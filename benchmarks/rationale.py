@@ -82,7 +82,7 @@ def dense_runs(
 
 
 def bm25_run(sessions: Sequence[Session], docs: Sequence[Passage], k: int) -> Run:
-    from chatretriever.retrieval.baselines import BM25Retriever
+    from chatretriever.retrieval.bm25 import BM25Retriever
 
     return BM25Retriever(docs).search(sessions, k=k, formulation="full_history")
 

@@ -189,6 +189,38 @@ def test_cli_index_bm25_then_search_hybrid_records_its_settings(tmp_path, fake_m
     assert set(run.scores["q1"]) >= {"diet"}
 
 
+def test_python_corpus_index_with_a_bm25_side_searches_hybrid(tmp_path):
+    pytest.importorskip("faiss")
+    pytest.importorskip("bm25s")
+    from chatretriever.errors import DataFormatError
+    from chatretriever.retrieval.corpus_index import CorpusIndex, build_corpus_index
+    from chatretriever.retrieval.search import search_hybrid
+    from chatretriever.types import as_session
+
+    (tmp_path / "corpus.jsonl").write_text(jsonl(CORPUS))
+    enc = HashEncoder(name="lib")
+    corpus, idx = tmp_path / "corpus.jsonl", tmp_path / "idx"
+    with pytest.raises(ValueError, match="formulation must be one of"):
+        build_corpus_index(enc, "fake:lib", corpus, idx, bm25="last_question")
+    assert not idx.exists()  # refused before any encoding
+    built = build_corpus_index(enc, "fake:lib", corpus, idx, bm25="all_user_turns")
+    loaded = CorpusIndex.load(idx)
+    bm25 = loaded.load_bm25()
+    assert bm25 is not None and bm25.info["formulation"] == "all_user_turns"
+    assert bm25.ids == built.index.ids  # the index's passages, in its order
+    sessions = [as_session(s["messages"], s["id"]) for s in SESSIONS]
+    run = search_hybrid(enc, loaded.index, bm25, sessions, k=3, sparse_formulation="last_turn")
+    assert run.ranked("q2")[0].doc_id == "pasta" and len(run.scores["q1"]) == 3
+    # an index rebuilt on other passages beside an old side: the side is refused, not fused
+    (tmp_path / "fewer.jsonl").write_text(jsonl(CORPUS[:3]))
+    build_corpus_index(enc, "fake:lib", tmp_path / "fewer.jsonl", tmp_path / "new")
+    (tmp_path / "new" / "bm25").symlink_to(idx / "bm25")
+    with pytest.raises(DataFormatError, match="not the index's 3"):
+        CorpusIndex.load(tmp_path / "new").load_bm25()
+    assert CorpusIndex.load(tmp_path / "new").bm25_dir is not None
+    assert build_corpus_index(enc, "fake:lib", corpus, tmp_path / "plain").load_bm25() is None
+
+
 def test_cli_hybrid_without_a_bm25_side_is_one_clear_error(
     tmp_path, fake_model, capsys, monkeypatch
 ):

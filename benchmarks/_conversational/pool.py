@@ -58,7 +58,7 @@ def pooled_corpus(
     if cache.exists():
         ids = set(cache.read_text(encoding="utf-8").split())
     else:
-        from chatretriever.retrieval.baselines import BM25Retriever
+        from chatretriever.retrieval.bm25 import BM25Retriever
 
         print(f"pooling: BM25 top {depth} of {len(turns)} turns over {len(full):,} passages")
         run = BM25Retriever(list(full), show_progress=True).search(list(turns), depth, "last_turn")

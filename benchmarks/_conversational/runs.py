@@ -123,7 +123,7 @@ class Workspace:
     def bm25(self) -> tuple[Any, float]:
         """(BM25Retriever over the corpus, seconds to build it)."""
         if self._bm25 is None:
-            from chatretriever.retrieval.baselines import BM25Retriever
+            from chatretriever.retrieval.bm25 import BM25Retriever
 
             corpus = self.corpus()
             start = time.perf_counter()

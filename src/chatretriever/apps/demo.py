@@ -131,7 +131,7 @@ def run_demo(
     Returns:
         Per-turn top passages and per-system scores; `files` names what was written.
     """
-    from chatretriever.retrieval.baselines import BM25Retriever
+    from chatretriever.retrieval.bm25 import BM25Retriever
 
     data = data or load_demo_data()
     out_dir = Path(out_dir)

@@ -224,18 +224,17 @@ def hybrid_side(args: argparse.Namespace, corpus_index) -> tuple:
     Returns:
         (BM25Retriever, formulation, FusionConfig, settings to record).
     """
-    from chatretriever.retrieval.baselines import BM25Retriever
     from chatretriever.retrieval.fusion import FusionConfig
 
     fusion = FusionConfig(args.hybrid, args.rrf_k, args.fusion_weight)
     _positive(args.fusion_depth, "--fusion-depth")
-    side = corpus_index.bm25_dir
-    if side is None:
+    bm25 = corpus_index.load_bm25()
+    if bm25 is None:
         raise ValueError(
             f"{corpus_index.directory} has no BM25 side: rebuild it with `index CORPUS --out DIR "
             "--bm25` (finished embedding chunks are kept)"
         )
-    bm25 = BM25Retriever.load(side)
+    side = corpus_index.bm25_dir
     formulation = args.bm25_formulation or bm25.info.get("formulation", "last_turn")
     settings = {
         "fusion": fusion.to_dict(),
@@ -320,23 +319,14 @@ def _index_corpus(args: argparse.Namespace, files: list[str], milvus: Any) -> in
         train_size=args.train_size,
         backend=args.backend,
         milvus=milvus,
+        bm25=args.bm25_formulation if args.bm25 else None,
     )
     _echo_index(built.index, args.out)
     if args.bm25:
-        _bm25_side(args, built)
+        _echo(
+            f"BM25 side: {len(built.index)} passages ({args.bm25_formulation}) -> {built.bm25_dir}"
+        )
     return 0
-
-
-def _bm25_side(args: argparse.Namespace, built) -> None:
-    """`index CORPUS --out DIR --bm25`: DIR/bm25, the index's passages under BM25."""
-    from chatretriever.retrieval.baselines import BM25Retriever
-    from chatretriever.retrieval.corpus_index import BM25_DIR
-
-    passages = [built.passages[i] for i in built.index.ids]
-    side = Path(args.out) / BM25_DIR
-    info = {"formulation": args.bm25_formulation, "corpus": args.sources[0]}
-    BM25Retriever(passages, show_progress=True).save(side, info)
-    _echo(f"BM25 side: {len(passages)} passages ({args.bm25_formulation}) -> {side}")
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -357,7 +347,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     settings = {k: v for k, v in vars(args).items() if k != "func"}
     if args.bm25:
         from chatretriever.io.corpus import read_corpus
-        from chatretriever.retrieval.baselines import BM25Retriever
+        from chatretriever.retrieval.bm25 import BM25Retriever
 
         passages = read_corpus(args.bm25)
         if not passages:

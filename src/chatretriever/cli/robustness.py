@@ -56,7 +56,7 @@ def _system(args: argparse.Namespace, llm):
         raise ValueError("give either --bm25 CORPUS or --index DIR")
     if args.bm25:
         from chatretriever.io.corpus import read_corpus
-        from chatretriever.retrieval.baselines import BM25Retriever
+        from chatretriever.retrieval.bm25 import BM25Retriever
 
         if args.hybrid:
             raise ValueError("--hybrid fuses a dense index with its BM25 side: give --index DIR")

@@ -34,6 +34,7 @@ from typing import Any
 
 from chatretriever.errors import DataFormatError
 from chatretriever.io.corpus import iter_corpus, read_corpus, write_corpus
+from chatretriever.retrieval.bm25 import BM25Config, BM25Retriever
 from chatretriever.retrieval.encode import EncodeConfig, encode_corpus, list_shards
 from chatretriever.retrieval.encoders import Encoder, fingerprint_of
 from chatretriever.retrieval.index import (
@@ -45,6 +46,7 @@ from chatretriever.retrieval.index import (
     load_index,
 )
 from chatretriever.retrieval.milvus_index import DEFAULT_BATCH, MilvusIndex
+from chatretriever.retrieval.search import Formulation, formulation_of
 from chatretriever.types import Passage
 
 logger = logging.getLogger(__name__)
@@ -133,6 +135,23 @@ class CorpusIndex:
         side = self.directory / BM25_DIR
         return side if side.is_dir() else None
 
+    def load_bm25(self) -> BM25Retriever | None:
+        """The BM25 side (`search.search_hybrid`'s `sparse`), or None when the index has none.
+
+        Its `info["formulation"]` is the query formulation it was built to be searched with.
+        """
+        side = self.bm25_dir
+        if side is None:
+            return None
+        bm25 = BM25Retriever.load(side)
+        if len(bm25.ids) != len(self.index) or set(bm25.ids) != set(self.index.ids):
+            raise DataFormatError(
+                side,
+                f"holds {len(bm25.ids)} passages that are not the index's {len(self.index)}: "
+                "an index rebuilt since; rebuild the side with `index CORPUS --out DIR --bm25`",
+            )
+        return bm25
+
 
 def _read_passages(path: Path, ids: Sequence[str]) -> dict[str, Passage]:
     """Passage id -> passage from a corpus that must hold every indexed id."""
@@ -168,6 +187,8 @@ def build_corpus_index(
     train_size: int = 100_000,
     backend: str = "faiss",
     milvus: MilvusSettings | None = None,
+    bm25: Formulation | str | None = None,
+    bm25_config: BM25Config | None = None,
 ) -> CorpusIndex:
     """Encode a corpus, index it and keep its passages: one directory (see the module docstring).
 
@@ -186,6 +207,10 @@ def build_corpus_index(
         backend: "faiss" (in DIR/index) or "milvus" (a collection; DIR/index describes it).
         milvus: Milvus URI, collection and upsert settings (default: `DIR/milvus.db`, a
             collection named after DIR); a re-run resumes an interrupted load.
+        bm25: Also build a BM25 side (DIR/bm25) for hybrid search, recording this query
+            formulation as its default ("last_turn" is BM25's best on conversations); None:
+            none. `CorpusIndex.load_bm25` loads it.
+        bm25_config: The BM25 side's settings (default `BM25Config()`).
 
     Returns:
         The built index with its model name and passages.
@@ -197,6 +222,7 @@ def build_corpus_index(
         raise ValueError("Milvus settings go with backend='milvus'")
     if config.shard != (0, 1):
         raise ValueError("a one-step index encodes the whole corpus: use `encode --shard` instead")
+    bm25_formulation = None if bm25 is None else formulation_of(bm25)  # checked before encoding
     out_dir = Path(out_dir)
     passages = read_corpus(corpus)  # checks the whole file before any encoding
     if not passages:
@@ -225,7 +251,13 @@ def build_corpus_index(
     }
     index.save(out_dir / INDEX_DIR, settings=settings)
     logger.info("%s: %d passages indexed with %s", out_dir, len(index), model)
-    return CorpusIndex(index, model, {p.id: p for p in passages}, out_dir)
+    by_id = {p.id: p for p in passages}
+    if bm25_formulation is not None:
+        side = BM25Retriever([by_id[i] for i in index.ids], bm25_config, config.show_progress)
+        info = {"formulation": bm25_formulation.value, "corpus": str(corpus)}
+        side.save(out_dir / BM25_DIR, info)
+        logger.info("%s: BM25 side (%s)", out_dir / BM25_DIR, bm25_formulation.value)
+    return CorpusIndex(index, model, by_id, out_dir)
 
 
 def build_milvus(

@@ -68,7 +68,7 @@ def dense_ranker(
 
 def bm25_ranker(items: Sequence[Passage]) -> RankFn:
     """A ranker by BM25 (the package's one BM25 setting) over the rendered items."""
-    from chatretriever.retrieval.baselines import BM25Retriever
+    from chatretriever.retrieval.bm25 import BM25Retriever
     from chatretriever.retrieval.search import session_text
 
     bm25 = BM25Retriever(_as_rendered(items))

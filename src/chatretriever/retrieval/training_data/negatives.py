@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 from chatretriever.io.training import TrainingExample, TrainingPassage
-from chatretriever.retrieval.baselines import BM25Config, BM25Retriever
+from chatretriever.retrieval.bm25 import BM25Config, BM25Retriever
 from chatretriever.retrieval.search import join_turns
 from chatretriever.types import Passage, Turn, passage_text
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from chatretriever.io.training import TrainingExample, TrainingPassage
-from chatretriever.retrieval.baselines import BM25Config, BM25Retriever
+from chatretriever.retrieval.bm25 import BM25Config, BM25Retriever
 from chatretriever.retrieval.rewrite import RewriteCache, clean_rewrite
 from chatretriever.types import Passage, Turn, passage_text
 
