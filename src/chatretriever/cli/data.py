@@ -65,7 +65,7 @@ def rewrites_from(sessions: list[Session], key: str, where: str) -> list[Session
 
 
 def add_parser(sub: Any) -> None:
-    """Register `data stats PATH [--format NAME]` and `data convert PATH --out FILE`."""
+    """Register `data stats PATH`, `data convert PATH --out FILE`, `data corpus`, `data qrels`."""
     data = sub.add_parser("data", help="inspect and convert dataset files")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     convert = data_sub.add_parser(
@@ -80,6 +80,7 @@ def add_parser(sub: Any) -> None:
     convert.add_argument("--out", required=True, help="sessions JSONL to write (.gz compresses)")
     convert.add_argument("--format", choices=SESSION_FORMATS, default=None, help="skip guessing")
     convert.set_defaults(func=run_convert)
+    _add_collection_parsers(data_sub)
     stats = data_sub.add_parser(
         "stats", help="count what a dataset file holds (its format is guessed)"
     )
@@ -128,4 +129,84 @@ def run_convert(args: argparse.Namespace) -> int:
     sessions = read_conversations(args.path, args.format)
     n = write_sessions(args.out, sessions)
     sys.stderr.write(f"{n} sessions -> {args.out}\n")
+    return 0
+
+
+def _add_collection_parsers(data_sub: Any) -> None:
+    """`data corpus` and `data qrels`: a test collection from a dataset's own knowledge."""
+    from chatretriever.io.grounded_dialogs import GRANULARITIES
+    from chatretriever.io.grounding import KNOWLEDGE_FORMATS
+
+    corpus = data_sub.add_parser(
+        "corpus",
+        help="write a dataset's knowledge as a BEIR corpus (DSTC9-11 knowledge.json, iKAT "
+        "*_psg_text.jsonl, Doc2Dial/MultiDoc2Dial *_doc.json)",
+    )
+    corpus.add_argument("path", help="the knowledge file (.gz read transparently)")
+    corpus.add_argument("--out", required=True, help="corpus JSONL to write (.gz compresses)")
+    corpus.add_argument("--format", choices=KNOWLEDGE_FORMATS, default=None, help="skip guessing")
+    corpus.add_argument(
+        "--granularity",
+        choices=GRANULARITIES,
+        default="section",
+        help="Doc2Dial documents: a passage per section (MultiDoc2Dial's retrieval unit) or "
+        "per document",
+    )
+    corpus.set_defaults(func=run_corpus)
+    qrels = data_sub.add_parser(
+        "qrels",
+        help="write the passages each session's answer is grounded in as TREC qrels (DSTC9-11 "
+        "labels, iKAT citations, MTRAG contexts, CAsT provenance, Doc2Dial references)",
+    )
+    qrels.add_argument("path", help="a conversation dataset file, as `data convert` reads it")
+    qrels.add_argument("--out", required=True, help="TREC qrels to write")
+    qrels.add_argument("--format", choices=SESSION_FORMATS, default=None, help="skip guessing")
+    qrels.add_argument(
+        "--documents",
+        default=None,
+        metavar="DOC_JSON",
+        help="Doc2Dial: the *_doc.json file; judges the sections holding the grounding spans "
+        "(a corpus written with --granularity section); without it, whole documents",
+    )
+    qrels.set_defaults(func=run_qrels)
+
+
+def run_corpus(args: argparse.Namespace) -> int:
+    """Write a knowledge file's passages as BEIR JSONL (atomically); ids checked for TREC."""
+    from chatretriever.io.corpus import write_corpus
+    from chatretriever.io.files import check_id
+    from chatretriever.io.grounding import read_knowledge
+
+    passages = read_knowledge(args.path, args.format, args.granularity)
+    if not passages:
+        raise ValueError(f"{args.path}: holds no passages")
+    for p in passages:
+        check_id(p.id, args.path, None, "id")
+    n = write_corpus(args.out, passages)
+    sys.stderr.write(f"{n} passages -> {args.out}\n")
+    return 0
+
+
+def run_qrels(args: argparse.Namespace) -> int:
+    """Write the grounding judgments of a conversation file as TREC qrels (atomically)."""
+    from chatretriever.io.files import check_id
+    from chatretriever.io.grounded_dialogs import read_doc2dial_docs
+    from chatretriever.io.grounding import grounding_qrels
+    from chatretriever.io.trec import write_qrels
+
+    sessions = read_conversations(args.path, args.format)
+    documents = read_doc2dial_docs(args.documents) if args.documents else None
+    qrels = grounding_qrels(sessions, documents)
+    if not qrels:
+        raise ValueError(
+            f"{args.path}: no session records the passages it is grounded in (readers record "
+            "them for DSTC9-11 with labels.json, iKAT, MTRAG reference.jsonl, CAsT 2022, "
+            "Doc2Dial)"
+        )
+    for q in qrels:
+        check_id(q.query_id, args.path, None, "session id")
+        check_id(q.doc_id, args.path, None, f"grounding of {q.query_id}")
+    n = write_qrels(args.out, qrels)
+    judged = len({q.query_id for q in qrels})
+    sys.stderr.write(f"{n} judgments of {judged} of {len(sessions)} sessions -> {args.out}\n")
     return 0

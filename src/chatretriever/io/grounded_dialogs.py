@@ -9,6 +9,12 @@ answers, id `{dial_id}_{turn_id}` (the id MultiDoc2Dial's retrieval files give i
 agent's utterance; metadata `doc_ids` (the documents the answer is grounded in), `spans`
 (`doc_id#id_sp`), `domain`.
 
+Their documents (`doc2dial_doc.json`, `multidoc2dial_doc.json`: `{"doc_data": {domain: {doc_id:
+{"title", "doc_text", "spans": {id_sp: {"id_sec", "text_sec", "title", "start_sec", ...}}}}}}`)
+are read as passages by `read_doc2dial_docs`: one per section (`id_sec`, as MultiDoc2Dial splits
+them for retrieval) or one per document; ids are `passage_id(doc_id, id_sec)` (whitespace, which
+the document ids hold and TREC files cannot, becomes `_`).
+
 Wizard of Wikipedia (`{train,valid,test_random_split,test_topic_split}.json`) is a JSON list of
 dialogues `{"chosen_topic", "dialog": [{"speaker": "0_Wizard"|"1_Apprentice"|..., "text",
 "checked_sentence": {key: sentence}, "checked_passage": {key: title}}]}`. One Session per wizard
@@ -19,16 +25,19 @@ metadata `checked_sentence`, `checked_passage` (the knowledge the wizard chose; 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from chatretriever.errors import DataFormatError
 from chatretriever.io.files import check_id, read_json
-from chatretriever.types import Session, Turn
+from chatretriever.types import Passage, Session, Turn
 
 _ROLES = {"user": "user", "agent": "assistant"}
 _NO_KNOWLEDGE = "no_passages_used"  # what WoW records when the wizard used no knowledge
+_SPACE = re.compile(r"\s+")
+GRANULARITIES = ("section", "document")
 
 
 def _doc2dial_dialogues(data: Any, path: Path) -> Iterator[tuple[str, Mapping[str, Any]]]:
@@ -142,3 +151,81 @@ def read_wow(path: str | Path) -> list[Session]:
                 out.append(Session(f"{i}_{j}", tuple(history), response=text, metadata=meta))
             history.append(Turn(role, text))
     return out
+
+
+def passage_id(doc_id: str, section: str | None = None) -> str:
+    """A Doc2Dial passage id: the document id (whitespace as `_`), `#section` for a section."""
+    base = _SPACE.sub("_", doc_id.strip())
+    return base if section is None else f"{base}#{section}"
+
+
+def _doc_sections(doc: Mapping[str, Any], path: Path, where: str) -> dict[str, dict[str, Any]]:
+    """id_sec -> {text, title, start} of a document's spans (each span names its section)."""
+    spans = doc.get("spans")
+    if not isinstance(spans, Mapping):
+        raise DataFormatError(path, "expected an object of spans", None, f"{where}.spans")
+    out: dict[str, dict[str, Any]] = {}
+    for sp_id, span in spans.items():
+        at = f"{where}.spans.{sp_id}"
+        sec = span.get("id_sec") if isinstance(span, Mapping) else None
+        if not isinstance(sec, (str, int)) or not isinstance(span.get("text_sec"), str):
+            raise DataFormatError(path, "expected id_sec and text_sec", None, at)
+        start = span.get("start_sec", 0)
+        entry = {"text": span["text_sec"], "title": span.get("title"), "start": start, "spans": []}
+        out.setdefault(str(sec), entry)["spans"].append(str(sp_id))
+    return out
+
+
+def read_doc2dial_docs(path: str | Path, granularity: str = "section") -> list[Passage]:
+    """The documents of a Doc2Dial / MultiDoc2Dial `*_doc.json` as passages (module doc).
+
+    Args:
+        path: The documents file.
+        granularity: "section": a passage per section, titled by its document (metadata
+            `section`, `spans`: the span ids it holds); "document": a passage per document.
+
+    Returns:
+        Passages in the file's order (sections by their position); metadata `domain`,
+        `doc_id` (as published).
+    """
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}")
+    path = Path(path)
+    data = read_json(path)
+    if not isinstance(data, Mapping) or not isinstance(data.get("doc_data"), Mapping):
+        raise DataFormatError(path, 'expected an object {"doc_data": {domain: {doc_id: doc}}}')
+    out: dict[str, Passage] = {}
+    for domain, docs in data["doc_data"].items():
+        if not isinstance(docs, Mapping):
+            raise DataFormatError(path, "expected an object of documents", None, domain)
+        for doc_id, doc in docs.items():
+            where = f"doc_data.{domain}.{doc_id}"
+            if not isinstance(doc, Mapping) or not isinstance(doc.get("doc_text"), str):
+                raise DataFormatError(path, "expected a document with doc_text", None, where)
+            title = str(doc.get("title") or doc_id)
+            meta = {"domain": domain, "doc_id": doc_id}
+            if granularity == "document":
+                parts = {
+                    passage_id(doc_id): Passage(passage_id(doc_id), doc["doc_text"], title, meta)
+                }
+            else:
+                sections = _doc_sections(doc, path, where)
+                parts = {
+                    passage_id(doc_id, sec): Passage(
+                        passage_id(doc_id, sec),
+                        " ".join(v["text"].split()),
+                        title,
+                        {**meta, "section": v["title"], "spans": v["spans"]},
+                    )
+                    for sec, v in sorted(sections.items(), key=lambda kv: _start(kv[1]))
+                }
+            for pid, passage in parts.items():
+                if pid in out:
+                    raise DataFormatError(path, f"two passages share the id {pid!r}", None, where)
+                out[pid] = passage
+    return list(out.values())
+
+
+def _start(section: Mapping[str, Any]) -> float:
+    start = section.get("start")
+    return float(start) if isinstance(start, (int, float)) and not isinstance(start, bool) else 0.0

@@ -1,0 +1,135 @@
+"""Retrieval test collections from datasets that carry their own knowledge.
+
+A grounded dialogue set (DSTC9-11, Doc2Dial / MultiDoc2Dial) or a conversational set with cited
+passages (TREC iKAT, MTRAG, TREC CAsT) becomes a corpus and qrels that `index`, `search` and
+`evaluate` take (`chatretriever data corpus`, `chatretriever data qrels`):
+
+    corpus (`read_knowledge`)         DSTC9/10/11 `knowledge.json`: a passage per review sentence
+                                      and FAQ (`io.dstc11` ids); iKAT `*_psg_text.jsonl`: the cited
+                                      passages (`{doc_id}:{passage_id}`); Doc2Dial / MultiDoc2Dial
+                                      `*_doc.json`: a passage per section or per document
+                                      (`grounded_dialogs.read_doc2dial_docs`); a BEIR JSONL or TSV
+                                      corpus as it is
+    qrels (`grounding_qrels`)         relevance 1 for each passage a session's answer is grounded
+                                      in, as its reader records it (`GROUNDING_KEYS`); Doc2Dial's
+                                      grounding spans are mapped to the sections that hold them
+                                      when the documents are given, else to their documents
+
+Sessions without grounding (DSTC's turns that seek no knowledge, unanswerable turns) get no
+judgments: `evaluate` leaves them out. Torch-free.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from chatretriever.io.corpus import read_corpus
+from chatretriever.io.dstc11 import read_knowledge as read_dstc_knowledge
+from chatretriever.io.files import open_text
+from chatretriever.io.grounded_dialogs import passage_id, read_doc2dial_docs
+from chatretriever.io.ikat import read_ikat_passages
+from chatretriever.types import Passage, Qrel, Session
+
+# where each reader records the passages a session is grounded in, in the order looked up
+GROUNDING_KEYS = (
+    "snippet_ids",  # DSTC9/10/11 (labels.json knowledge)
+    "passage_ids",  # TREC iKAT (response_provenance)
+    "context_ids",  # MTRAG reference.jsonl (contexts)
+    "provenance",  # TREC CAsT 2022 (the response's passages)
+)
+KNOWLEDGE_FORMATS = ("dstc-knowledge", "ikat-passages", "doc2dial-docs", "corpus")
+
+_HEAD = 4096
+
+
+def knowledge_format(path: str | Path) -> str:
+    """Which of `KNOWLEDGE_FORMATS` a file holds, from its first bytes."""
+    with open_text(path) as f:
+        head = f.read(_HEAD).lstrip()
+    if re.match(r'\{\s*"doc_data"\s*:', head):
+        return "doc2dial-docs"
+    if head.startswith("{") and '"passage_text"' in head.split("\n", 1)[0]:
+        return "ikat-passages"
+    first = head.split("\n", 1)[0]
+    if head.startswith("{") and re.search(r'"(reviews|faqs|docs)"\s*:', head):
+        if not re.search(r'"(_id|text)"\s*:', first):  # a corpus line names its _id and text
+            return "dstc-knowledge"
+    return "corpus"
+
+
+def read_knowledge(
+    path: str | Path, fmt: str | None = None, granularity: str = "section"
+) -> list[Passage]:
+    """The passages of a knowledge file (module doc), in the file's order.
+
+    Args:
+        path: The file.
+        fmt: One of `KNOWLEDGE_FORMATS`; told from the file when None.
+        granularity: Doc2Dial documents split by "section" or kept whole ("document").
+    """
+    fmt = fmt or knowledge_format(path)
+    if fmt == "dstc-knowledge":
+        return list(read_dstc_knowledge(path).values())
+    if fmt == "ikat-passages":
+        return list(read_ikat_passages(path).values())
+    if fmt == "doc2dial-docs":
+        return read_doc2dial_docs(path, granularity)
+    if fmt == "corpus":
+        return read_corpus(path)
+    raise ValueError(
+        f"unknown knowledge format {fmt!r}; choose from {', '.join(KNOWLEDGE_FORMATS)}"
+    )
+
+
+def _span_sections(passages: Iterable[Passage]) -> dict[tuple[str, str], str]:
+    """(published doc id, span id) -> the id of the section passage holding the span."""
+    out: dict[tuple[str, str], str] = {}
+    for p in passages:
+        for span in p.metadata.get("spans") or ():
+            out[(str(p.metadata.get("doc_id")), str(span))] = p.id
+    return out
+
+
+def _doc2dial_ids(session: Session, sections: dict[tuple[str, str], str] | None) -> list[str]:
+    if sections is None:
+        return [passage_id(str(d)) for d in session.metadata.get("doc_ids") or ()]
+    out = []
+    for ref in session.metadata.get("spans") or ():
+        doc, _, span = str(ref).rpartition("#")  # document ids may hold '#', span ids do not
+        pid = sections.get((doc, span))
+        if pid is None:
+            raise ValueError(
+                f"session {session.id!r} is grounded in span {ref!r}, which no section of the "
+                "documents holds (documents of another release?)"
+            )
+        out.append(pid)
+    return out
+
+
+def grounding_ids(
+    session: Session, sections: dict[tuple[str, str], str] | None = None
+) -> list[str]:
+    """The passage ids a session's answer is grounded in (none: an empty list)."""
+    if "doc_ids" in session.metadata or "spans" in session.metadata:
+        ids = _doc2dial_ids(session, sections)
+    else:
+        key = next((k for k in GROUNDING_KEYS if session.metadata.get(k)), None)
+        value = session.metadata.get(key) if key else None
+        ids = [str(v) for v in value] if isinstance(value, (list, tuple)) else []
+    return list(dict.fromkeys(ids))
+
+
+def grounding_qrels(
+    sessions: Sequence[Session], documents: Sequence[Passage] | None = None
+) -> list[Qrel]:
+    """Relevance-1 judgments of each session's grounding passages (module doc).
+
+    Args:
+        sessions: Sessions as their readers return them.
+        documents: Doc2Dial section passages (`read_doc2dial_docs`): grounding spans are judged
+            at their sections; None: Doc2Dial sessions are judged at their documents.
+    """
+    sections = _span_sections(documents) if documents is not None else None
+    return [Qrel(s.id, pid, 1) for s in sessions for pid in grounding_ids(s, sections)]
