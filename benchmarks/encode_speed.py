@@ -37,7 +37,6 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from chatretriever.io.embeddings import EmbeddingMeta
 from chatretriever.io.files import atomic_write
 from chatretriever.io.mtrag import iter_mtrag_corpus, load_mtrag
 from chatretriever.retrieval.evaluate import write_json
@@ -48,11 +47,19 @@ from chatretriever.types import Passage
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _ov_runtime  # noqa: E402
 from _conversational import script  # noqa: E402
+from _encode_speed.faiss_rows import bench_faiss, random_unit, run_faiss  # noqa: E402, F401
+from _encode_speed.report import (  # noqa: E402, F401
+    REFERENCE,
+    TARGET_COSINE,
+    TARGET_COSINE_MEAN,
+    TARGET_FP32_SPEEDUP,
+    TARGET_SPEEDUP,
+    TARGET_TOKENS_PER_S,
+    _ratio,
+    markdown,
+)
 from _shared.machine import cpu_model  # noqa: E402
 from _shared.paths import repo_path, require_model  # noqa: E402
-
-TARGET_SPEEDUP = 2.5
-TARGET_COSINE = 0.999
 
 
 def environment() -> dict[str, Any]:
@@ -190,10 +197,6 @@ ROWS["ov-fp32"] = ("OpenVINO CPU, merged body, f32 precision hint, 16 a batch", 
 ROWS["ort-fp32"] = ("ONNX Runtime CPU, merged body, fp32, 16 a batch", {}, None)
 RUNTIME_ROWS = _ov_runtime.RUNTIME_ROWS
 OPTIONAL_ROWS = ("plain-fp32", *RUNTIME_ROWS)  # run only when asked for (--rows)
-REFERENCE = "fast-fp32"  # equals the training forward in fp32 (tests/test_fast_encode.py)
-TARGET_TOKENS_PER_S = 3000  # bf16-native CPU, 2 cores
-TARGET_COSINE_MEAN = 0.9999
-TARGET_FP32_SPEEDUP = 1.5  # a CPU without native bf16: best fp32 row vs v1-fp32
 
 
 def set_row(retriever: Any, row: str) -> None:
@@ -393,175 +396,6 @@ def _speedups(result: dict) -> None:
 
 
 # ------------------------------------------------------------------------------ (b) Faiss
-def random_unit(n: int, dim: int, seed: int, block: int = 100_000) -> np.ndarray:
-    """(n, dim) float32 random unit vectors, made block by block (bounded extra memory)."""
-    rng = np.random.default_rng(seed)
-    out = np.empty((n, dim), dtype=np.float32)
-    for start in range(0, n, block):
-        x = rng.standard_normal((min(block, n - start), dim), dtype=np.float32)
-        out[start : start + len(x)] = x / np.linalg.norm(x, axis=1, keepdims=True)
-    return out
-
-
-def build_index(vectors: np.ndarray, factory: str) -> tuple[Any, float]:
-    """A `DenseIndex` over the vectors (built as `DenseIndex.build` builds one) and its seconds."""
-    import faiss
-
-    from chatretriever.retrieval.index import DenseIndex, add_vectors
-
-    start = time.perf_counter()
-    index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
-    with tqdm(total=len(vectors), desc=f"build {factory}", unit="vec") as bar:
-        add_vectors(index, vectors, bar)
-    seconds = time.perf_counter() - start
-    meta = EmbeddingMeta(model="random", dim=vectors.shape[1], normalized=True)
-    ids = [str(i) for i in range(len(vectors))]
-    return DenseIndex(index, ids, meta, factory), seconds
-
-
-def search_rate(index: Any, queries: np.ndarray, k: int, params: str | None) -> tuple[list, float]:
-    """(top-k ids per query, queries/s) of `DenseIndex.search`."""
-    start = time.perf_counter()
-    hits = index.search(queries, k, params)
-    qps = len(queries) / (time.perf_counter() - start)
-    return [[i for i, _ in h] for h in hits], qps
-
-
-def real_vectors(emb_dir: str, n_queries: int, seed: int) -> tuple[np.ndarray, np.ndarray, str]:
-    """(index vectors, held-out query vectors, kind) from an `encode_corpus` output directory."""
-    from chatretriever.io.embeddings import read_embeddings
-    from chatretriever.retrieval.encode import list_shards
-
-    shards = [read_embeddings(d) for d in list_shards([emb_dir])]
-    vectors = np.concatenate([np.asarray(e, dtype=np.float32) for _, e, _ in shards])  # (N, D)
-    if len(vectors) <= n_queries:
-        raise SystemExit(f"{emb_dir}: {len(vectors)} vectors, not more than --queries")
-    rows = np.random.default_rng(seed).permutation(len(vectors))
-    kind = f"real {shards[0][2].model} passage embeddings; held-out passages as queries"
-    return vectors[rows[n_queries:]], vectors[rows[:n_queries]], kind
-
-
-def bench_faiss(
-    vectors: np.ndarray, queries: np.ndarray, ef_search: Sequence[int], label: str, kind: str
-) -> list[dict]:
-    """Flat vs HNSW32 rows (one per efSearch value) on (N, D) vectors and (Q, D) queries."""
-    k = 10
-    n, dim = vectors.shape
-    print(f"faiss: {label}: {n:,} vectors of dim {dim} ({kind}), {len(queries)} queries")
-    common = {"vectors": label, "n": n, "dim": dim, "kind": kind}
-    flat, flat_build = build_index(vectors, "Flat")
-    exact, flat_qps = search_rate(flat, queries, k, None)
-    del flat
-    rows = [{**common, **_measured("Flat", flat_build, flat_qps, 1.0)}]
-    hnsw, hnsw_build = build_index(vectors, "HNSW32")
-    for ef in ef_search:
-        found, qps = search_rate(hnsw, queries, k, f"efSearch={ef}")
-        recall = np.mean([len(set(f) & set(e)) / k for f, e in zip(found, exact, strict=True)])
-        index = f"HNSW32 efSearch={ef}"
-        rows.append({**common, **_measured(index, hnsw_build, qps, float(recall))})
-    return rows
-
-
-def _measured(index: str, build_s: float, qps: float, recall: float) -> dict:
-    return {
-        "index": index,
-        "build_s": round(build_s, 3),
-        "queries_per_s": round(qps, 1),
-        "recall_at_10": round(recall, 4),
-    }
-
-
-def run_faiss(args: argparse.Namespace, corpus_size: int, dim: int) -> list[dict]:
-    """Part (b): the MTRAG-size index (real vectors with --emb, else random) and the large one."""
-    rows = []
-    random_kind = "random unit Gaussian vectors and queries"
-    if args.emb:
-        vectors, queries, kind = real_vectors(args.emb, args.queries, args.seed)
-    else:
-        vectors, kind = random_unit(corpus_size, dim, args.seed), random_kind
-        queries = random_unit(args.queries, dim, args.seed + 1)
-    rows += bench_faiss(vectors, queries, args.ef_search, "MTRAG corpus size", kind)
-    del vectors
-    if not args.skip_1m:
-        vectors = random_unit(args.n_random, dim, args.seed)
-        queries = random_unit(args.queries, dim, args.seed + 1)
-        rows += bench_faiss(vectors, queries, args.ef_search, "--n-random", random_kind)
-    return rows
-
-
-# ------------------------------------------------------------------------------ output
-def markdown(result: dict) -> str:
-    a, env = result["encoders"], result["environment"]
-    lines = [
-        "# Encoding and search speed",
-        "",
-        f"CPU {env.get('cpu_model') or '-'}; "
-        f"device {a['device']}, torch threads {env['torch_threads']} of {env['cpu_count']} CPUs, "
-        f"load average at start {env['loadavg_1_5_15']} "
-        f"(other processes busy: {env['other_processes_busy']}); faiss threads "
-        f"{result.get('faiss_threads', '-')}; CPU with native bf16 (AMX / AVX512-BF16): "
-        f"{env.get('cpu_native_bf16', '-')}.",
-        "",
-        f"## (a) {a['n_passages']} MTRAG passages ({a['n_tokens']:,} tokens, "
-        f"{a['tokens_mean']:.0f} on average, max {a['tokens_max']}), {a['model']}, "
-        f"{a['hardware']}",
-        "",
-        "| row | encoder path | dtype | compiled | tokens/s | passages/s | seconds | warm-up s "
-        "| x v1-autocast | cosine min | cosine mean |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in a["rows"]:
-        dtype = r["dtype"]
-        if dtype == "bfloat16" and r.get("fp32_layers"):
-            dtype += f" (first {r['fp32_layers']} fp32)"
-        lines.append(
-            f"| {r['row']} | {r['what']} | {dtype} | {r['compiled']} | {r['tokens_per_s']:.0f} | "
-            f"{r['passages_per_s']:.1f} | {r['seconds']:.1f} | {r['warmup_s']:.1f} | "
-            f"{_ratio(r)} | {r['cosine_min']:.5f} | "
-            f"{r['cosine_mean']:.6f} |"
-        )
-    if any(_ratio(r) == "-" for r in a["rows"]):
-        lines += ["", "x v1-autocast: - where that row was not run (name it in --rows)."]
-    converted = [r for r in a["rows"] if "convert_s" in r]
-    if converted:
-        lines += ["", "Other runtimes, conversion + compile (in the warm-up, not in tokens/s): "]
-        lines[-1] += "; ".join(
-            f"{r['row']} {r['convert_s']:.1f} s + {r['compile_s']:.1f} s ({r['runtime']}, "
-            f"{r['runtime_threads']} threads)"
-            for r in converted
-        )
-    lines += [
-        "",
-        f"Tokenization of all passages: {a['tokenize_s']:.2f} s (batched fast tokenizer). "
-        f"Cosine against `{REFERENCE}` (equal to the fp32 training forward). Best row at "
-        f"cosine min >= {TARGET_COSINE} and mean >= {TARGET_COSINE_MEAN}: {a['best_row']} "
-        f"({a['best_tokens_per_s']} tokens/s; target >= {TARGET_TOKENS_PER_S} on a bf16-native "
-        f"CPU: {a['meets_bf16_target']}); fp32 gain over v1-fp32: {a.get('fp32_speedup', '-')} "
-        f"(target >= {TARGET_FP32_SPEEDUP} on a CPU without native bf16).",
-    ]
-    if result["faiss"]:
-        lines += [
-            "",
-            "## (b) Faiss, top 10, inner product",
-            "",
-            "| vectors | n | dim | kind | index | build s | queries/s | recall@10 vs exact |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        lines += [
-            f"| {r['vectors']} | {r['n']:,} | {r['dim']} | {r['kind']} | {r['index']} | "
-            f"{r['build_s']:.2f} | {r['queries_per_s']:.1f} | {r['recall_at_10']:.4f} |"
-            for r in result["faiss"]
-        ]
-    lines += ["", f"`{result['command']}`", ""]
-    return "\n".join(lines)
-
-
-def _ratio(row: dict) -> str:
-    """The speed-up against v1-autocast, "-" when that row was not run (name it in --rows)."""
-    ratio = row.get("speedup_vs_v1-autocast")
-    return "-" if ratio is None else f"{ratio:.2f}"
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter

@@ -1,0 +1,1 @@
+"""Parts of `encode_speed.py`: the Faiss rows and the report."""
