@@ -1,2 +1,2 @@
 """The parts of benchmarks/rag.py: the evaluated turns and the searched corpus (`turns`), the
-markdown table and the plot (`report`)."""
+answer cache (`answers`), the markdown table and the plot (`report`)."""
