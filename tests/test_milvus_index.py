@@ -17,6 +17,7 @@ from chatretriever.retrieval.index import TIE_MARGIN, EncoderMismatchError, load
 pytest.importorskip("pymilvus")
 pytest.importorskip("milvus_lite")
 
+import chatretriever.retrieval.milvus_build as mb  # noqa: E402
 import chatretriever.retrieval.milvus_index as mi  # noqa: E402
 from chatretriever.retrieval.milvus_index import MilvusIndex  # noqa: E402
 from chatretriever.retrieval.milvus_spec import (  # noqa: E402
@@ -190,7 +191,7 @@ def test_an_interrupted_load_resumes(tmp_path, db, monkeypatch, fail_after, resu
     (shard 0 finished and recorded); the re-run upserts only the rest."""
     dirs, ids, emb = random_shards(tmp_path)
     calls, looked_up = [], []
-    upsert, existing = mi._upsert, mi._existing
+    upsert, existing = mb._upsert, mb._existing
 
     def failing_upsert(client, collection, rows):
         if len(calls) == fail_after:
@@ -202,8 +203,8 @@ def test_an_interrupted_load_resumes(tmp_path, db, monkeypatch, fail_after, resu
         looked_up.extend(batch)
         return existing(client, collection, batch)
 
-    monkeypatch.setattr(mi, "_upsert", failing_upsert)
-    monkeypatch.setattr(mi, "_existing", recorded_lookup)
+    monkeypatch.setattr(mb, "_upsert", failing_upsert)
+    monkeypatch.setattr(mb, "_existing", recorded_lookup)
     name = f"resume{fail_after}"
     with pytest.raises(ConnectionError):
         MilvusIndex.build(dirs, db, name, batch_size=64)
@@ -224,17 +225,17 @@ def test_ids_with_quotes_are_looked_up_when_resuming(tmp_path, db, monkeypatch):
     ids = ["O'Brien", 'say "hi"', "back\\slash", "ünï", "a,b", "plain"]
     vec = np.eye(6, dtype=np.float32)
     shard = write_embeddings(tmp_path / "s", ids, vec, EmbeddingMeta("m", 6, fingerprint="f"))
-    upsert = mi._upsert
+    upsert = mb._upsert
 
     def fail_second(client, collection, rows):
         if rows[0][mi.ID_FIELD] == "ünï":
             raise ConnectionError("killed")
         return upsert(client, collection, rows)
 
-    monkeypatch.setattr(mi, "_upsert", fail_second)
+    monkeypatch.setattr(mb, "_upsert", fail_second)
     with pytest.raises(ConnectionError):
         MilvusIndex.build([shard], db, "quotes", batch_size=3)
-    monkeypatch.setattr(mi, "_upsert", upsert)
+    monkeypatch.setattr(mb, "_upsert", upsert)
     index = MilvusIndex.build([shard], db, "quotes", batch_size=3)
     assert index.upserted == 3  # the first three were found under their own ids
     assert [h[0][0] for h in index.search(vec, k=1)] == ids

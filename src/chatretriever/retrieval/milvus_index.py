@@ -9,7 +9,8 @@ inner-product metric); the index directory is a small descriptor that names it:
 
 The URI is a local milvus-lite `.db` file, stored relative to the descriptor so that the
 directory moves with its database, or a Milvus server (`milvus_uri`). The index spec and the
-state a build records are plain values (`milvus_spec`); this module holds the collection work.
+state a build records are plain values (`milvus_spec`), the collection writes `milvus_build`;
+this module holds the search and the descriptor.
 
 The collection records the encoder (model, dim, normalisation, fingerprint) and a digest of the
 passage ids in its properties: `load` refuses a collection whose encoder differs from the
@@ -48,13 +49,20 @@ from chatretriever.retrieval.index import (
     read_shards,
     top_k_with_ties,
 )
+from chatretriever.retrieval.milvus_build import (
+    DEFAULT_BATCH,
+    ID_FIELD,
+    VECTOR_FIELD,
+    count_rows,
+    open_for_build,
+    recorded_state,
+    upsert_shards,
+)
 from chatretriever.retrieval.milvus_spec import (
     DEFAULT_INDEX,
-    MAX_ID_BYTES,
     build_state,
     check_finished,
     check_ids,
-    check_resumable,
     check_search_params,
     parse_index_spec,
     spec_text,
@@ -71,122 +79,9 @@ from chatretriever.types import rank_key
 logger = logging.getLogger(__name__)
 
 BACKEND = "milvus"
-DEFAULT_BATCH = 1000  # rows per upsert call
-ID_FIELD = "id"
-VECTOR_FIELD = "vector"
 MAX_TOPK = 16_384  # Milvus's limit on hits per query
 DEFAULT_EF = 64  # HNSW's ef when none is given (milvus-lite's default), raised to k when below
 SEARCH_BLOCK = 256  # queries per search call: bounded gRPC messages
-STATE_KEY = "chatretriever.index"  # collection property: encoder, id digest, index type
-DONE_KEY = "chatretriever.rows_done"  # collection property: leading rows upserted (per shard)
-
-
-def _upsert(client: Any, collection: str, rows: list[dict[str, Any]]) -> int:
-    """One upsert call (one batch); returns the rows written. Tests wrap it to count or fail."""
-    return int(client.upsert(collection, rows)["upsert_count"])
-
-
-def _state(client: Any, collection: str) -> tuple[dict[str, Any] | None, int]:
-    """(the state a build recorded in the collection, leading rows done); (None, 0) if none."""
-    props = client.describe_collection(collection).get("properties") or {}
-    try:
-        return json.loads(props[STATE_KEY]), int(props.get(DONE_KEY, 0))
-    except (KeyError, json.JSONDecodeError, ValueError):
-        return None, 0
-
-
-def _create(client: Any, collection: str, meta: EmbeddingMeta, state: dict[str, Any]) -> None:
-    """A collection with a VARCHAR primary key, the vector field and an inner-product index."""
-    from pymilvus import DataType
-
-    schema = client.create_schema(auto_id=False, enable_dynamic_field=False)
-    schema.add_field(ID_FIELD, DataType.VARCHAR, is_primary=True, max_length=MAX_ID_BYTES)
-    schema.add_field(VECTOR_FIELD, DataType.FLOAT_VECTOR, dim=meta.dim)
-    index_params = client.prepare_index_params()
-    kind, params = state["index"]["type"], state["index"]["params"]
-    index_params.add_index(VECTOR_FIELD, index_type=kind, metric_type="IP", params=params)
-    properties = {STATE_KEY: json.dumps(state, sort_keys=True), DONE_KEY: "0"}
-    # Strong: a search right after the build, or a resume's existence check, sees every upsert
-    client.create_collection(
-        collection, schema=schema, consistency_level="Strong", properties=properties
-    )
-    # sync=False: the index of an empty collection is there at once; waiting polls the server
-    # for a timestamp that milvus-lite does not implement (an error in its log) and sleeps
-    client.create_index(collection, index_params, sync=False)
-    client.load_collection(collection)
-
-
-def _open_for_build(
-    client: Any, collection: str, meta: EmbeddingMeta, state: dict[str, Any], overwrite: bool
-) -> int | None:
-    """Create the collection, or check an existing one can be resumed.
-
-    Returns:
-        None for a new collection, else the leading rows (in id order) an earlier build
-        recorded as upserted.
-    """
-    if client.has_collection(collection) and overwrite:
-        logger.warning("dropping the Milvus collection %r (overwrite)", collection)
-        client.drop_collection(collection)
-    if not client.has_collection(collection):
-        _create(client, collection, meta, state)
-        return None
-    recorded, done = _state(client, collection)
-    check_resumable(recorded, state, meta, collection)
-    client.load_collection(collection)
-    return done
-
-
-def _existing(client: Any, collection: str, ids: Sequence[str]) -> set[str]:
-    """The ids among `ids` that the collection holds."""
-    # JSON string literals are Milvus's escaped double-quoted strings; pymilvus's `ids=` quotes
-    # without escaping (an id with a quote would break the filter)
-    literals = ",".join(json.dumps(i, ensure_ascii=False) for i in ids)
-    rows = client.query(collection, filter=f"{ID_FIELD} in [{literals}]", output_fields=[ID_FIELD])
-    return {r[ID_FIELD] for r in rows}
-
-
-def _count(client: Any, collection: str) -> int:
-    (row,) = client.query(collection, filter="", output_fields=["count(*)"])
-    return int(row["count(*)"])
-
-
-def _upsert_shards(
-    client: Any,
-    collection: str,
-    shards: Sequence[tuple[list[str], np.ndarray]],
-    done: int | None,
-    batch_size: int,
-    bar: Any,
-) -> int:
-    """Upsert the rows after the first `done` in batches, recording each finished shard.
-
-    Args:
-        shards: (ids, (N_i, D) vectors) per shard, in order.
-        done: Leading rows (in id order) an earlier build finished; None for a new collection
-            (nothing there to look up).
-
-    Returns:
-        The rows upserted by this call.
-    """
-    written, end = 0, 0
-    for ids, emb in shards:
-        end += len(ids)
-        first = max(0, (done or 0) - (end - len(ids)))  # rows of this shard recorded as done
-        for start in range(first, len(ids), batch_size):
-            batch = ids[start : start + batch_size]
-            present = _existing(client, collection, batch) if done is not None else set()
-            rows = [
-                {ID_FIELD: i, VECTOR_FIELD: np.asarray(emb[start + r], dtype=np.float32)}
-                for r, i in enumerate(batch)
-                if i not in present
-            ]  # each vector (D,)
-            if rows:
-                written += _upsert(client, collection, rows)
-            bar.update(len(batch))
-        if first < len(ids):
-            client.alter_collection_properties(collection, properties={DONE_KEY: str(end)})
-    return written
 
 
 class MilvusIndex:
@@ -261,7 +156,7 @@ class MilvusIndex:
         check_ids(ids)
         state = build_state(meta, ids, kind, params)
         client = connect(uri)
-        done = _open_for_build(client, collection, meta, state, overwrite)
+        done = open_for_build(client, collection, meta, state, overwrite)
         ends = np.cumsum([len(a) for a in arrays]).tolist()
         parts = [(ids[hi - len(a) : hi], a) for a, hi in zip(arrays, ends, strict=True)]
         index = cls(client, uri, collection, ids, meta, f"{BACKEND}:{spec_text(kind, params)}")
@@ -273,7 +168,7 @@ class MilvusIndex:
             unit="vec",
             disable=not show_progress,
         ) as bar:
-            index.upserted = _upsert_shards(client, collection, parts, done, batch_size, bar)
+            index.upserted = upsert_shards(client, collection, parts, done, batch_size, bar)
         client.flush(collection)
         index._check_count()
         kept = len(ids) - index.upserted
@@ -281,7 +176,7 @@ class MilvusIndex:
         return index
 
     def _check_count(self) -> None:
-        n = _count(self.client, self.collection)
+        n = count_rows(self.client, self.collection)
         if n != len(self.ids):
             msg = f"the Milvus collection holds {n} rows, {len(self.ids)} ids expected"
             raise DataFormatError(self.collection, msg)
@@ -448,7 +343,7 @@ class MilvusIndex:
                 msg = f"no Milvus collection {collection!r} at {uri}"
                 raise DataFormatError(meta_path, msg, field="collection")
             ids = (directory / IDS_FILE).read_text(encoding="utf-8").splitlines()
-            state, done = _state(client, collection)
+            state, done = recorded_state(client, collection)
             check_finished(state, done, meta, ids, collection, directory)
             client.load_collection(collection)
             index = cls(client, uri, collection, ids, meta, factory)
