@@ -325,6 +325,12 @@ def fixture_files(tmp_path):
     return {name: write(tmp_path / name, text) for name, (text, _, _) in FIXTURES.items()}
 
 
+def test_every_guessable_format_has_its_stats():
+    from chatretriever.io.formats import FORMAT_NAMES
+
+    assert sorted(FORMATS) == sorted(FORMAT_NAMES)
+
+
 def test_every_format_has_a_fixture():
     assert sorted(fmt for _, fmt, _ in FIXTURES.values()) == sorted(FORMATS)
 

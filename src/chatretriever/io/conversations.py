@@ -2,7 +2,7 @@
 
 `search`, `rewrite`, `answer`, `rerank`, `robustness` and `data convert` take the sessions JSONL
 (`chatretriever.io.sessions`) or any of these files as they are published, the format told from
-the file (`chatretriever.io.stats.guess_format`) or named:
+the file (`chatretriever.io.formats.guess_format`) or named:
 
 | format | file | one session per |
 |---|---|---|
@@ -50,12 +50,12 @@ from chatretriever.io.files import (
     require,
     require_id,
 )
+from chatretriever.io.formats import UnknownFormatError, guess_format
 from chatretriever.io.grounded_dialogs import read_doc2dial, read_wow
 from chatretriever.io.ikat import read_ikat_topics
 from chatretriever.io.mtrag import iter_mtrag_tasks
 from chatretriever.io.quac import read_canard, read_orquac
 from chatretriever.io.sessions import read_sessions
-from chatretriever.io.stats import UnknownFormatError, guess_format
 from chatretriever.io.topiocqa import read_topiocqa
 from chatretriever.types import Session, Turn
 
