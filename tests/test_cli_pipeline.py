@@ -557,12 +557,12 @@ def test_index_records_its_backend_and_keeps_milvus_flags_to_milvus(files, capsy
 
 
 def test_ctrl_c_is_one_line_and_exit_130(files, capsys, monkeypatch):
-    from chatretriever.cli import pipeline
+    from chatretriever.cli import evaluate
 
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "cmd_evaluate", interrupted)
+    monkeypatch.setattr(evaluate, "cmd_evaluate", interrupted)
     code = main(["evaluate", str(files / "qrels.txt"), str(files / "qrels.txt")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 130 and len(err) == 1 and err[0].startswith("interrupted: finished work is kept")
