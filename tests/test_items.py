@@ -138,6 +138,19 @@ def test_history_tasks_mask_the_history_and_use_leave_last_out(contexts):
             assert q.template == 0  # the one test template
 
 
+@pytest.mark.parametrize("task", ["UH2I", "UQ2I"])
+def test_history_negatives_avoid_the_users_later_items_too(task, contexts):
+    train, _ = contexts
+    checked = 0
+    for q in generate(task, train, 60, seed=0):
+        cut = len(q.exclude)
+        for h in train.histories:
+            if h.items[:cut] == q.exclude and h.items[cut] == q.positives[0]:
+                assert not set(q.negatives) & set(h.items), (q.query, h.user_id)
+                checked += cut + 1 < len(h.items)  # the user has items after the target
+    assert checked > 5
+
+
 def test_i2i_targets_are_co_occurring_items_and_mask_the_source(contexts):
     train, _ = contexts
     for q in generate("I2I", train, 5, seed=0):
@@ -210,6 +223,17 @@ def test_hit_and_precision_by_hand():
     assert hit_at_k(ranked, {"c"}, 5) == 1.0
     assert precision_at_k(ranked, {"b", "c", "z"}, 2) == 0.5
     assert precision_at_k(ranked, {"b", "c", "z"}, 5) == 2 / 5  # missing places count as misses
+
+
+def test_metrics_refuse_a_bare_string_of_ids():
+    with pytest.raises(TypeError, match="targets must be a collection"):
+        hit_at_k(["1"], "12", 1)  # not the ids "1" and "2", nor a substring test
+    with pytest.raises(TypeError, match="targets must be a collection"):
+        precision_at_k(["1", "2"], "12", 2)
+    with pytest.raises(TypeError, match="ranked must be a collection"):
+        hit_at_k("12", {"1"}, 1)
+    with pytest.raises(TypeError, match="ranked must be a collection"):
+        constraint_coverage_at_k("12", [], {"1": {}, "2": {}}, 2)
 
 
 def test_constraint_coverage_by_hand():

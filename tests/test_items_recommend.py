@@ -7,6 +7,7 @@ import io
 import json
 import sys
 
+import numpy as np
 import pytest
 from fakes import HashEncoder
 from test_items_fixtures import write_domain
@@ -16,6 +17,7 @@ from chatretriever.cli import main
 from chatretriever.methods.items.recommend import (
     ItemRecommender,
     multi_turn_requests,
+    named_titles,
     session_vs_last_turn,
 )
 from chatretriever.types import Passage, Session, Turn
@@ -73,6 +75,41 @@ def test_the_conversation_so_far_is_embedded_and_reset_clears_it():
     rec.reset()
     rec.respond("horror")
     assert enc.seen[-1] == ["horror"]
+
+
+class _Ranked:
+    """An encoder whose one query prefers item 1, then 3, then 2 (identity item vectors)."""
+
+    name = "ranked"
+
+    def encode_passages(self, passages, batch_size=64, show_progress=False):
+        return np.eye(len(passages), dtype=np.float32)
+
+    def encode_sessions(self, sessions, batch_size=64, show_progress=False):
+        return np.array([[1.0, 0.1, 0.5]], dtype=np.float32)
+
+
+PORTALS = [
+    Passage("1", "title: Portal 2", "Portal 2", {"tags": ["Puzzle"]}),
+    Passage("2", "title: Portal", "Portal", {"tags": ["Puzzle"]}),
+    Passage("3", "title: Half-Life", "Half-Life", {"tags": ["FPS"]}),
+]
+
+
+@pytest.mark.parametrize("top_k", [2, 3])
+def test_a_longer_title_is_not_a_mention_of_a_shorter_one_inside_it(top_k):
+    rec = ItemRecommender(_Ranked(), PORTALS, lambda m: "Try Portal 2: a clever co-op puzzle.",
+                          top_k=top_k)  # fmt: skip
+    out = rec.respond("a puzzle game")  # top 2: Portal 2, Half-Life; top 3: all three
+    assert not out.fell_back and [p.title for p in out.named] == ["Portal 2"]
+    both = ItemRecommender(_Ranked(), PORTALS, lambda m: "Portal 2, or the first Portal.")
+    assert [p.title for p in both.respond("puzzle").named] == ["Portal 2", "Portal"]
+
+
+def test_named_titles_gives_each_span_to_the_longest_title():
+    titles = ["10 second ninja x", "10 second ninja", "ninja"]
+    assert named_titles("try 10 second ninja x!", titles) == {"10 second ninja x"}
+    assert named_titles("10 second ninja, then ninja", titles) == {"10 second ninja", "ninja"}
 
 
 @pytest.fixture

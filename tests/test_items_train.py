@@ -145,6 +145,28 @@ def test_recipe_errors_name_the_file(tmp_path):
         load_item_recipe(bad)
 
 
+def _one_example_file(tmp_path, lines: list[dict]):
+    from chatretriever.methods.items.recipe import load_item_recipe
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: nowhere\noutput_dir: {tmp_path / 'run'}\n"
+                      f"data: {{files: [{{path: {data}}}]}}\n")  # fmt: skip
+    return load_item_recipe(recipe)
+
+
+def test_training_data_that_cannot_teach_is_refused_naming_the_file(tmp_path):
+    from chatretriever.methods.items.recipe import run_item_training
+
+    with pytest.raises(ValueError, match=r"train.jsonl: no training examples"):
+        run_item_training(_one_example_file(tmp_path, []))
+    bare = {"id": "q", "messages": [{"role": "user", "content": "a game"}],
+            "positives": [{"id": "1", "text": "title: A"}], "negatives": []}  # fmt: skip
+    with pytest.raises(ValueError, match=r"train.jsonl: no example has negatives"):
+        run_item_training(_one_example_file(tmp_path, [bare]))
+
+
 def test_llm_embedder_is_injected_by_the_cli(tmp_path, tiny_llama_dir, capsys):
     """`train-items --embedder chatretriever`: a ChatRetriever (last EMB token, LoRA) trains on
     the item tasks through the same trainer; the saved dir evaluates by its path."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -58,8 +59,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_eval_items)
 
     p = sub.add_parser("recommend", help="chat with a conversational item recommender")
-    p.add_argument("--items", required=True, help="catalog (build-items catalog.jsonl.gz or a "
-                   "RecLM-emb domain dir)")  # fmt: skip
+    p.add_argument("--items", required=True, help="catalog (build-items catalog.jsonl.gz, a "
+                   "RecLM-emb domain dir or its metadata.jsonl)")  # fmt: skip
     p.add_argument(
         "--model",
         default="items-minilm",
@@ -92,10 +93,12 @@ def cmd_build_items(args: argparse.Namespace) -> int:
         chat = llm_chat(*load_backbone(args.paraphrase_llm, kind="causal"), max_new_tokens=48)
 
         def rewrite(queries):
-            out = paraphrase_queries(queries, chat, cache, args.paraphrase_llm)
-            cache.save()
-            return out
+            try:
+                return paraphrase_queries(queries, chat, cache, args.paraphrase_llm)
+            finally:  # also on Ctrl-C or an LLM error: the replies so far are kept
+                cache.save()
 
+    _check_out(args.out, directory=True)
     counts = build_items(load_reclm(args.root), args.out, config, rewrite)
     print(json.dumps(counts))
     return 0
@@ -169,6 +172,8 @@ def cmd_eval_items(args: argparse.Namespace) -> int:
         results_table,
     )
 
+    if args.out:
+        _check_out(args.out, directory=False)  # before minutes of evaluation, not after
     items, sessions, qrels = load_test_set(Path(args.data))
     if args.model == "bm25":
         rank = bm25_ranker(items)
@@ -177,23 +182,47 @@ def cmd_eval_items(args: argparse.Namespace) -> int:
 
         rank = dense_ranker(load_encoder(args.model), items, show_progress=True)
     results = evaluate_ranker(rank, items, sessions, qrels, name=args.model)
+    print(results_table({args.model: results}, "hit@5"), flush=True)  # shown even if --out fails
     if args.out:
         from chatretriever.retrieval.evaluate import write_json
 
-        write_json(args.out, results)
-    print(results_table({args.model: results}, "hit@5"))
+        try:
+            write_json(args.out, results)
+        except OSError as e:
+            raise ValueError(f"{args.out}: cannot write the results: {e.strerror or e}") from None
     return 0
 
 
+def _check_out(path: str | Path, directory: bool) -> None:
+    """Refuse an output path that cannot be written, before any work: a file where a directory
+    is wanted (or the reverse), or a parent that is a file or not writable."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != directory:
+        want, found = ("a directory", "a file") if directory else ("a file", "a directory")
+        raise ValueError(f"{path}: --out must be {want}, and this is {found}")
+    parent = path if directory else path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{path}: cannot write here: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{path}: cannot write here: {parent} is not writable")
+
+
 def _catalog(path: str) -> list:
-    from chatretriever.io.reclm import load_reclm
+    """A build-items catalog, a RecLM-emb domain dir, or that domain's metadata.jsonl(.gz)."""
+    from chatretriever.io.reclm import load_reclm, read_reclm_items
     from chatretriever.methods.items.build import read_catalog
     from chatretriever.methods.items.catalog import render_item
     from chatretriever.types import Passage
 
     if Path(path).is_dir():
-        return [Passage(p.id, render_item(p), p.title, p.metadata) for p in load_reclm(path).items]
-    return read_catalog(path)
+        items = load_reclm(path).items
+    elif Path(path).name.startswith("metadata.jsonl"):  # the RecLM-emb item file itself
+        items = read_reclm_items(path)
+    else:
+        return read_catalog(path)
+    return [Passage(p.id, render_item(p), p.title, p.metadata) for p in items]
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:

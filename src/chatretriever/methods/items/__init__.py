@@ -1,2 +1,52 @@
 """RecLM-emb versatile item retrieval: the ten item-query tasks, item-embedder training and
-evaluation, and a conversational recommender."""
+evaluation, and a conversational recommender.
+
+The entry points are importable from here (loaded on first use, so importing this package loads
+neither torch nor a model)::
+
+    from chatretriever.methods.items import BuildConfig, build_items, load_test_set
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# name -> the module that defines it
+_EXPORTS = {
+    "BuildConfig": "build",
+    "build_items": "build",
+    "read_catalog": "build",
+    "write_catalog": "build",
+    "ItemCatalog": "catalog",
+    "Constraint": "catalog",
+    "render_item": "catalog",
+    "generate": "tasks",
+    "load_test_set": "evaluate",
+    "bm25_ranker": "evaluate",
+    "dense_ranker": "evaluate",
+    "evaluate_ranker": "evaluate",
+    "evaluate_items": "evaluate",
+    "rank_items": "evaluate",
+    "results_table": "evaluate",
+    "hit_at_k": "metrics",
+    "precision_at_k": "metrics",
+    "constraint_coverage_at_k": "metrics",
+    "ItemRecommender": "recommend",
+    "iter_item_examples": "data",
+    "load_item_recipe": "recipe",
+    "run_item_training": "recipe",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'chatretriever.methods.items' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+__all__ = sorted(_EXPORTS)

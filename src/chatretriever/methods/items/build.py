@@ -5,7 +5,8 @@ user's last item (leave-last-out). I2I source items are split the same way, by i
 co-occurrence behind I2I comes from training users only. Test queries use the test templates;
 a test query whose text is also a training query is dropped. Output directory::
 
-    catalog.jsonl.gz        the evaluated items: {"id", "title", <metadata fields>}
+    catalog.jsonl.gz        the evaluated items: {"id", "title", <metadata fields>} (a metadata
+                            field `id` is kept as `metadata_id`: see `write_catalog`)
     train.jsonl.gz          training examples in the project's JSONL (see `data.py`)
     test/queries.jsonl      sessions JSONL (one user turn); metadata: task, exclude, constraints
     test/qrels.txt          TREC qrels of the targets
@@ -25,11 +26,12 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from chatretriever.io.files import atomic_write, iter_jsonl, require, write_jsonl
+from chatretriever.errors import DataFormatError
+from chatretriever.io.files import atomic_write, iter_jsonl, require, require_id, write_jsonl
 from chatretriever.io.reclm import RecLMData, UserHistory
 from chatretriever.io.sessions import write_sessions
 from chatretriever.io.trec import write_qrels
-from chatretriever.methods.items.catalog import ItemCatalog, render_item
+from chatretriever.methods.items.catalog import ItemCatalog, render_item, unusable_values
 from chatretriever.methods.items.tasks import ItemQuery, TaskContext, cooccurrence, generate
 from chatretriever.methods.items.templates import TASKS
 from chatretriever.types import Passage, Qrel, Session, Turn
@@ -116,10 +118,35 @@ def subsample_catalog(data: RecLMData, size: int | None, seed: int) -> list[Pass
     return [p for p in data.items if p.id in keep]
 
 
+HISTORY_TASKS = ("UH2I", "I2I", "US2I", "UQ2I")  # the tasks drawn from user histories
+
+
+def _usable_histories(
+    catalog: ItemCatalog, histories: Sequence[UserHistory], tasks: Sequence[str]
+) -> list[UserHistory]:
+    """The histories of 2+ items, all in the catalog; none at all is an error when a history
+    task is asked for (a one-item history has no item before its target)."""
+    known = [h for h in histories if all(i in catalog.position for i in h.items)]
+    usable = [h for h in known if len(h.items) >= 2]
+    if len(usable) < len(known):
+        logger.warning(
+            "%d users with a single item left out (a history task needs 2+ items)",
+            len(known) - len(usable),
+        )
+    wanted = [t for t in tasks if t in HISTORY_TASKS]
+    if wanted and not usable:
+        raise ValueError(
+            f"no user history of 2+ items (sequential_data.txt missing, empty or one-item "
+            f"users only): the tasks {', '.join(wanted)} need them; --tasks "
+            f"{' '.join(t for t in TASKS if t not in HISTORY_TASKS)} builds the others"
+        )
+    return usable
+
+
 def _contexts(
     catalog: ItemCatalog, histories: Sequence[UserHistory], config: BuildConfig
 ) -> tuple[TaskContext, TaskContext]:
-    known = [h for h in histories if all(i in catalog.position for i in h.items)]
+    known = _usable_histories(catalog, histories, config.tasks)
     train = [h for h in known if not in_test(h.user_id, config.test_fraction, config.seed)]
     test = [h for h in known if in_test(h.user_id, config.test_fraction, config.seed)]
     cooc = cooccurrence(train)
@@ -222,18 +249,44 @@ def test_session(q: ItemQuery, qid: str) -> Session:
     return Session(id=qid, turns=(Turn("user", q.query),), metadata=meta)
 
 
+RENAMED_ID = "metadata_id"  # where the catalog keeps an item's own metadata field `id`
+
+
 def write_catalog(path: str | Path, items: Sequence[Passage]) -> int:
-    """The catalog as JSONL: {"id", "title", <metadata>} per item."""
-    return write_jsonl(path, ({"id": p.id, "title": p.title, **p.metadata} for p in items))
+    """The catalog as JSONL: {"id", "title", <metadata>} per item.
+
+    The catalog id (the item's row) always wins: a metadata field named `id` (a domain's own
+    id, e.g. "app-1000") is written as `metadata_id` and `read_catalog` gives it back as `id`.
+    A metadata field `title` is the item's title already and is left out; an item holding both
+    `id` and `metadata_id` fields is refused (the one could not be told from the other).
+    """
+
+    def row(p: Passage) -> dict[str, Any]:
+        meta = {k: v for k, v in p.metadata.items() if k not in ("id", "title")}
+        if "id" in p.metadata:
+            if RENAMED_ID in p.metadata:
+                raise ValueError(
+                    f"item {p.id!r} has metadata fields 'id' and {RENAMED_ID!r}: the catalog "
+                    f"keeps a metadata 'id' as {RENAMED_ID!r}; rename one of them"
+                )
+            meta[RENAMED_ID] = p.metadata["id"]
+        return {"id": p.id, "title": p.title, **meta}
+
+    return write_jsonl(path, (row(p) for p in items))
 
 
 def read_catalog(path: str | Path) -> list[Passage]:
-    """Items written by `write_catalog` (text = `render_item`)."""
-    out = []
+    """Items written by `write_catalog` (text = `render_item`); a repeated id raises."""
+    out, seen = [], set()
     for lineno, obj in iter_jsonl(path):
-        pid = require(obj, "id", path, lineno)
+        pid = require_id(obj, "id", path, lineno)
         title = require(obj, "title", path, lineno)
-        meta = {k: v for k, v in obj.items() if k not in ("id", "title")}
+        if pid in seen:
+            raise DataFormatError(path, f"duplicate id {pid!r}", lineno, "id")
+        seen.add(pid)
+        meta = {k: v for k, v in obj.items() if k not in ("id", "title", RENAMED_ID)}
+        if RENAMED_ID in obj:
+            meta["id"] = obj[RENAMED_ID]
         p = Passage(id=pid, text="", title=title, metadata=meta)
         out.append(Passage(id=pid, text=render_item(p), title=title, metadata=meta))
     return out
@@ -255,6 +308,8 @@ def build_items(
     """
     out = Path(out_dir)
     items = subsample_catalog(data, config.catalog_size, config.seed)
+    for problem, values in unusable_values(items).items():
+        logger.warning("%d of %d items: %s (e.g. %r)", len(values), len(items), problem, values[0])
     catalog = ItemCatalog(items)
     train, test = build_queries(catalog, data.histories, config, rewrite)
     write_catalog(out / CATALOG_FILE, items)

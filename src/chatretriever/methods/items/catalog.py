@@ -13,6 +13,7 @@ Torch-free (numpy only).
 
 from __future__ import annotations
 
+import datetime
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ ATTRIBUTE_FIELDS = ("tags", "genres", "game_details", "developer", "publisher", 
 _RENDER_ORDER = ("tags", "genres", "game_details", "publisher", "developer", "price",
                  "release_date", "description")  # fmt: skip
 _DATE = re.compile(r"^(\d{4})(?:-(\d{2}))?(?:-(\d{2}))?")
+_WHEN = re.compile(r"\d{4}(?:-\d{2})?")  # the value of a released_* constraint
 
 OPS = ("has", "lacks", "price_below", "price_above", "released_before", "released_after",
        "released_in")  # fmt: skip
@@ -62,9 +64,23 @@ def price_of(meta: Mapping[str, Any]) -> float | None:
 
 
 def release_of(meta: Mapping[str, Any]) -> str | None:
-    """The release date as "YYYY-MM-DD" (or "YYYY-MM", "YYYY"), None when missing or unparsed."""
+    """The release date as "YYYY-MM-DD" (or "YYYY-MM", "YYYY"), None when missing or unparsed.
+
+    A month outside 01-12 or a day that the month does not have ("2017-13-05", "2017-00-05",
+    "2017-02-30") makes the whole date unparsed: its year may be as wrong as its month.
+    """
     m = _DATE.match(str(meta.get("release_date") or ""))
-    return None if m is None else "-".join(g for g in m.groups() if g)
+    if m is None:
+        return None
+    year, month, day = m.groups()
+    if month is not None and not 1 <= int(month) <= 12:
+        return None
+    if day is not None:
+        try:
+            datetime.date(int(year), int(month), int(day))
+        except ValueError:
+            return None
+    return "-".join(g for g in m.groups() if g)
 
 
 @dataclass(frozen=True)
@@ -87,6 +103,15 @@ class Constraint:
     def __post_init__(self) -> None:
         if self.op not in OPS:
             raise ValueError(f"constraint op must be one of {OPS}, got {self.op!r}")
+        if self.op.startswith("price"):
+            try:
+                float(self.value)
+            except ValueError:
+                raise ValueError(f"{self.op} needs a number, got {self.value!r}") from None
+        elif self.op.startswith("released") and (
+            not _WHEN.fullmatch(self.value) or release_of({"release_date": self.value}) is None
+        ):
+            raise ValueError(f"{self.op} needs a date YYYY or YYYY-MM, got {self.value!r}")
 
     def holds(self, meta: Mapping[str, Any]) -> bool:
         """Whether an item's metadata (its `title` included) satisfies this constraint."""
@@ -113,7 +138,34 @@ class Constraint:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Constraint:
+        """A constraint from its `to_dict` form; a missing key or a bad value is a ValueError."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"a constraint is an object {{field, op, value}}, got {d!r}")
+        missing = [k for k in ("field", "op", "value") if k not in d]
+        if missing:
+            raise ValueError(f"a constraint needs field, op and value; missing {missing}")
         return cls(str(d["field"]), str(d["op"]), str(d["value"]))
+
+
+def unusable_values(items: Iterable[Passage]) -> dict[str, list[Any]]:
+    """The values the tasks cannot use, per problem: a `release_date` that is not a date
+    YYYY[-MM[-DD]] (no date condition holds for its item: "Coming Soon", "Mar 5, 2017",
+    "2017-13-05"), or an element of a list field that is itself a list or an object (it would be
+    rendered as its Python text).
+
+    Returns:
+        problem -> the offending values, in catalog order (none: an empty dict).
+    """
+    out: dict[str, list[Any]] = {}
+    for p in items:
+        date = p.metadata.get("release_date")
+        if date not in (None, "") and release_of(p.metadata) is None:
+            out.setdefault("release_date is not a date YYYY[-MM[-DD]]", []).append(date)
+        for f in LIST_FIELDS:
+            value = p.metadata.get(f)
+            if isinstance(value, list) and any(isinstance(v, (list, dict)) for v in value):
+                out.setdefault(f"{f} holds a list or an object", []).append(value)
+    return out
 
 
 def item_metadata(item: Passage) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from chatretriever.errors import DataFormatError
 from chatretriever.methods.items.catalog import Constraint, item_metadata
 from chatretriever.methods.items.metrics import (
     constraint_coverage_at_k,
@@ -83,11 +84,11 @@ def rank_items(
     rank: RankFn, sessions: Sequence[Session], depth: int = 100, name: str = "items"
 ) -> Run:
     """Rankings with each query's masked items removed, `depth` items per query."""
-    extra = max((len(s.metadata.get("exclude", ())) for s in sessions), default=0)
+    extra = max((len(_exclude(s)) for s in sessions), default=0)
     hits = rank(sessions, depth + extra)
     scores: dict[str, dict[str, float]] = {}
     for s, row in zip(sessions, hits, strict=True):
-        masked = set(s.metadata.get("exclude", ()))
+        masked = set(_exclude(s))
         kept = [(i, sc) for i, sc in row if i not in masked][:depth]
         scores[s.id] = dict(kept)
     return Run(scores=scores, name=name)
@@ -135,9 +136,16 @@ def evaluate_items(
     metadata = {p.id: item_metadata(p) for p in items}
     by_task: dict[str, list[Session]] = {}
     for s in sessions:
-        by_task.setdefault(s.metadata["task"], []).append(s)
+        task = s.metadata.get("task")
+        if task not in TASKS:  # the table shows the known tasks only: the mean must too
+            raise ValueError(f"query {s.id!r}: metadata.task must be one of {TASKS}, got {task!r}")
+        if not qrels.get(s.id):
+            raise ValueError(f"query {s.id!r} has no qrels")
+        by_task.setdefault(task, []).append(s)
+    if not by_task:
+        raise ValueError("no test queries to evaluate")
     tasks: dict[str, dict[str, float]] = {}
-    for task in sorted(by_task, key=lambda t: TASKS.index(t) if t in TASKS else len(TASKS)):
+    for task in sorted(by_task, key=TASKS.index):
         rows = [
             _query_metrics(s, [d.doc_id for d in run.ranked(s.id)], set(qrels[s.id]), metadata, ks)
             for s in by_task[task]
@@ -156,8 +164,15 @@ def evaluate_items(
 def load_test_set(
     data_dir: str | Path,
 ) -> tuple[list[Passage], list[Session], dict[str, dict[str, int]]]:
-    """The catalog, test queries and qrels of a `build-items` output directory."""
-    from chatretriever.io.sessions import read_sessions
+    """The catalog, test queries and qrels of a `build-items` output directory.
+
+    Everything is checked against the catalog, so that a changed test set stops with the file,
+    line and field rather than scoring something else: a duplicate catalog id; a query without
+    a known `task`, with an `exclude` that is not a list of catalog ids, or with a bad
+    constraint; a query without qrels; a qrels line naming an unknown query or item; no query.
+    """
+    from chatretriever.io.files import iter_jsonl
+    from chatretriever.io.sessions import session_from_dict
     from chatretriever.io.trec import read_qrels
     from chatretriever.methods.items.build import (
         CATALOG_FILE,
@@ -168,9 +183,63 @@ def load_test_set(
     from chatretriever.types import qrels_to_dict
 
     root = Path(data_dir)
-    qrels = read_qrels(root / QRELS_FILE)
-    qrels = dict(qrels) if isinstance(qrels, Mapping) else qrels_to_dict(qrels)
-    return read_catalog(root / CATALOG_FILE), read_sessions(root / QUERIES_FILE), qrels
+    items = read_catalog(root / CATALOG_FILE)
+    known = {p.id for p in items}
+    path = root / QUERIES_FILE
+    sessions: list[Session] = []
+    lines: dict[str, int] = {}
+    for line, obj in iter_jsonl(path):
+        s = session_from_dict(obj, path, line)
+        if s.id in lines:
+            raise DataFormatError(path, f"duplicate id {s.id!r}", line, "id")
+        _check_query(s, known, path, line)
+        sessions.append(s)
+        lines[s.id] = line
+    if not sessions:
+        raise DataFormatError(path, "no test queries")
+    qrels = qrels_to_dict(read_qrels(root / QRELS_FILE, known_queries=lines, known_docs=known))
+    for s in sessions:
+        if not qrels.get(s.id):
+            raise DataFormatError(
+                path, f"query {s.id!r} has no line in {QRELS_FILE}", lines[s.id], "id"
+            )
+    return items, sessions, qrels
+
+
+def _check_query(s: Session, known: set[str], path: Path, line: int) -> None:
+    """A test query's metadata as `build-items` writes it (see `load_test_set`)."""
+    task = s.metadata.get("task")
+    if task not in TASKS:
+        msg = f"expected a task code ({', '.join(TASKS)}), got {task!r}"
+        raise DataFormatError(path, msg, line, "metadata.task")
+    exclude = s.metadata.get("exclude", [])
+    if not isinstance(exclude, list):
+        msg = f"expected a list of item ids, got {type(exclude).__name__}"
+        raise DataFormatError(path, msg, line, "metadata.exclude")
+    for j, i in enumerate(exclude):
+        if not isinstance(i, str) or i not in known:
+            msg = (
+                f"item id {i!r} names no item of the catalog"
+                if isinstance(i, str)
+                else f"expected an item id string, got {type(i).__name__}"
+            )
+            raise DataFormatError(path, msg, line, f"metadata.exclude[{j}]")
+    cons = s.metadata.get("constraints", [])
+    if not isinstance(cons, list):
+        msg = f"expected a list of constraints, got {type(cons).__name__}"
+        raise DataFormatError(path, msg, line, "metadata.constraints")
+    for j, c in enumerate(cons):
+        try:
+            Constraint.from_dict(c)
+        except ValueError as e:
+            raise DataFormatError(path, str(e), line, f"metadata.constraints[{j}]") from None
+
+
+def _exclude(session: Session) -> list[str]:
+    masked = session.metadata.get("exclude", ())
+    if isinstance(masked, str):
+        raise TypeError(f"{session.id}: metadata.exclude must be a list of item ids, not a string")
+    return list(masked)
 
 
 def evaluate_ranker(

@@ -16,6 +16,7 @@ YAML, `base:`, `--set key=value`, the saved `train_config.yaml` and `--resume` a
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +30,8 @@ from chatretriever.modeling.recipe import (
     load_examples,
     recipe_from_dict,
 )
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -137,6 +140,7 @@ def run_item_training(config: ItemTrainConfig, resume: bool = False, model: Any 
         ([ex for ex in examples if ex.task not in skip], repeat)
         for examples, repeat in load_examples(config.data, iter_item_examples)
     ]
+    _check_examples(config, [ex for examples, _ in parts for ex in examples])
     set_seed(args.seed)
     if model is None:
         model = SentenceEmbedder.from_pretrained(
@@ -156,3 +160,25 @@ def run_item_training(config: ItemTrainConfig, resume: bool = False, model: Any 
         loss_fn=ItemLoss(config.loss.temperature, config.loss.in_batch),
     )
     return trainer.train_and_save(resume_checkpoint(out, resume), config)
+
+
+def _check_examples(config: ItemTrainConfig, examples: Sequence[Any]) -> None:
+    """Refuse a training set that cannot teach anything: no example at all (after
+    `exclude_tasks`), or no negative anywhere while in-batch negatives are off (the loss would
+    be a constant 0); warn when only some examples lack negatives."""
+    files = ", ".join(str(f.path) for f in config.data.files)
+    if not examples:
+        skipped = (
+            f" (exclude_tasks: {config.data.exclude_tasks})" if config.data.exclude_tasks else ""
+        )
+        raise ValueError(f"{files}: no training examples{skipped}")
+    bare = sum(not ex.negatives for ex in examples)
+    if bare and not config.loss.in_batch:
+        if bare == len(examples):
+            raise ValueError(
+                f"{files}: no example has negatives and loss.in_batch is off: the loss would be "
+                "0 at every step (add negatives or set loss.in_batch=true)"
+            )
+        logger.warning(
+            "%d of %d examples have no negatives: they add 0 to the loss", bare, len(examples)
+        )

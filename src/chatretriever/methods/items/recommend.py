@@ -49,8 +49,28 @@ class Reply:
     fell_back: bool
 
 
-def _mentions(title: str, text: str) -> bool:
-    return re.search(r"(?<!\w)" + re.escape(title.casefold()) + r"(?!\w)", text) is not None
+def named_titles(text: str, titles: Sequence[str]) -> set[str]:
+    """The titles that `text` names, as whole words; a longer title claims its span first.
+
+    "Try Portal 2" names "portal 2" and not "portal": a mention of a longer title is not a
+    mention of a shorter title inside it, so each span of the text counts for one title only.
+
+    Args:
+        text: The reply, casefolded.
+        titles: Casefolded titles, longest first.
+
+    Returns:
+        The titles named.
+    """
+    taken: list[tuple[int, int]] = []
+    found = set()
+    for title in titles:
+        pattern = r"(?<!\w)" + re.escape(title) + r"(?!\w)"
+        for m in re.finditer(pattern, text):
+            if not any(a < m.end() and m.start() < b for a, b in taken):
+                taken.append(m.span())
+                found.add(title)
+    return found
 
 
 @dataclass
@@ -75,7 +95,8 @@ class ItemRecommender:
     def __post_init__(self) -> None:
         rendered = [Passage(p.id, p.text) for p in self.items]
         self._emb = self.encoder.encode_passages(rendered, 64)  # (N, D)
-        self._titles = [(p.title.casefold(), i) for i, p in enumerate(self.items)]
+        folded = {p.title.casefold() for p in self.items}
+        self._titles = sorted(folded, key=lambda t: (-len(t), t))  # longest first
 
     def reset(self) -> None:
         """Start a new conversation."""
@@ -112,14 +133,11 @@ class ItemRecommender:
 
     def _checked(self, raw: str, retrieved: Sequence[Passage]) -> Reply | None:
         """The LLM's reply when it names 1..max_picks retrieved items and nothing else."""
-        text = raw.casefold()
-        allowed = {p.id for p in retrieved}
-        named = [p for p in retrieved if _mentions(p.title, text)]
-        others = any(
-            self.items[i].id not in allowed and len(t) >= MIN_TITLE and _mentions(t, text)
-            for t, i in self._titles
-        )
-        if others or not 1 <= len(named) <= self.max_picks:
+        allowed = {p.title.casefold() for p in retrieved}
+        looked_for = [t for t in self._titles if t and (t in allowed or len(t) >= MIN_TITLE)]
+        found = named_titles(raw.casefold(), looked_for)
+        named = [p for p in retrieved if p.title.casefold() in found]
+        if found - allowed or not 1 <= len(named) <= self.max_picks:
             return None
         return Reply(raw.strip(), named, list(retrieved), fell_back=False)
 

@@ -204,10 +204,15 @@ def ids_of(ctx: TaskContext, mask: np.ndarray) -> tuple[str, ...]:
     return tuple(ctx.catalog.ids[i] for i in np.flatnonzero(mask))
 
 
-def history_cut(ctx: TaskContext, rng: random.Random) -> tuple[UserHistory, list[str], str]:
+def history_cut(ctx: TaskContext, rng: random.Random) -> tuple[UserHistory, list[str], str] | None:
     """A user, the items before the target (oldest first) and the target: the last item on
-    the test split (leave-last-out), a random later item in training."""
+    the test split (leave-last-out), a random later item in training. None when the split has
+    no users or the drawn user has a single item (nothing comes before the target)."""
+    if not ctx.histories:
+        return None
     user = ctx.histories[rng.randrange(len(ctx.histories))]
+    if len(user.items) < 2:
+        return None
     t = len(user.items) - 1 if ctx.split == "test" else rng.randint(1, len(user.items) - 1)
     return user, list(user.items[:t]), user.items[t]
 

@@ -3,7 +3,7 @@
 Each generator draws one query from a `TaskContext` with a `random.Random`; `generate` draws
 until it has n distinct queries, so a seed fixes the output. Negatives never satisfy the query:
 they fail one of its constraints (hard ones fail just one, when such items exist), have the
-negated value, are outside the user's history, or do not co-occur with the source item.
+negated value, are outside the user's whole history, or do not co-occur with the source item.
 Attribute targets are every catalog item meeting all constraints; queries are narrowed (one more
 attribute of the source item at a time) until at most `max_targets` items match. The shared
 pieces are in `sampling.py`.
@@ -43,12 +43,14 @@ _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
 def uh2i(ctx: TaskContext, rng: random.Random) -> ItemQuery | None:
-    """A user's history (newest first, capped) -> the next item; negatives outside the history."""
-    user, before, target = history_cut(ctx, rng)
-    if target in before:
+    """A user's history (newest first, capped) -> the next item; negatives outside the user's
+    whole history (a later item of the same user would be a false negative)."""
+    cut = history_cut(ctx, rng)
+    if cut is None or cut[2] in cut[1]:
         return None
+    user, before, target = cut
     k, tpl = pick_template(ctx, rng, "UH2I")
-    seen = {*before, target}
+    seen = set(user.items)
     negs = sample_ids(ctx, rng, outside(ctx, seen), seen, ctx.n_negatives)
     query = tpl.format(history=history_text(ctx, before))
     return ItemQuery("UH2I", query, (target,), tuple(negs), (), tuple(before), k)
@@ -87,6 +89,8 @@ def _summary(ctx: TaskContext, items: Sequence[str]) -> tuple[str, list[str]]:
 
 def us2i(ctx: TaskContext, rng: random.Random) -> ItemQuery | None:
     """A summary of a user's tastes -> the items of that user; negatives lack its top tags."""
+    if not ctx.histories:
+        return None
     user = ctx.histories[rng.randrange(len(ctx.histories))]
     summary, top = _summary(ctx, user.items)
     if not top:
@@ -253,15 +257,16 @@ def na2i(ctx: TaskContext, rng: random.Random) -> ItemQuery | None:
 
 def uq2i(ctx: TaskContext, rng: random.Random) -> ItemQuery | None:
     """A user's history + attributes of the next item -> that item; negatives violate the
-    attributes and lie outside the history."""
-    user, before, target = history_cut(ctx, rng)
-    if target in before:
+    attributes and lie outside the user's whole history."""
+    cut = history_cut(ctx, rng)
+    if cut is None or cut[2] in cut[1]:
         return None
+    user, before, target = cut
     meta = ctx.catalog.meta[ctx.catalog.position[target]]
     attrs = sample_attributes(rng, meta, ("tags", "genres", "game_details"), 2, 2)
     if not attrs:
         return None
-    negs = violators(ctx, rng, attrs, {target, *before})
+    negs = violators(ctx, rng, attrs, set(user.items))
     if negs is None:
         return None
     k, tpl = pick_template(ctx, rng, "UQ2I")
