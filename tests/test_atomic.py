@@ -303,3 +303,17 @@ def test_ddp_checkpoints_have_one_writer_and_every_process_part(tmp_path):
         assert {"w.json", "rng_state_0.pth", "rng_state_1.pth", "trainer_state.json"} <= files
     assert sorted(os.listdir(marks)) == ["saves-rank0"]  # the model is written once per save
     assert len((marks / "saves-rank0").read_text().splitlines()) == 2
+
+
+def test_gzip_output_is_byte_reproducible(tmp_path):
+    from chatretriever.io.files import atomic_write
+
+    blobs = []
+    for name in ("a", "b"):
+        path = tmp_path / name / "rows.jsonl.gz"
+        path.parent.mkdir()
+        with atomic_write(path) as f:
+            f.write('{"id": "1"}\n')
+        blobs.append(path.read_bytes())
+    assert blobs[0] == blobs[1]  # no random temporary name, no time in the header
+    assert b"rows.jsonl\x00" in blobs[0]  # the header names the file the data is

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 ROLES = ("system", "user", "assistant")
+
+
+def _check_id(value: Any, name: str) -> None:
+    """Ids are non-empty strings: runs and qrels key on them (1 and "1" would never meet)."""
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, got {type(value).__name__} {value!r}")
+    if not value:
+        raise ValueError(f"{name} must be a non-empty string")
 
 
 @dataclass(frozen=True)
@@ -19,8 +28,9 @@ class Passage:
     metadata: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not self.id:
-            raise ValueError("Passage.id must be a non-empty string")
+        _check_id(self.id, "Passage.id")
+        if not isinstance(self.text, str) or not isinstance(self.title, str):
+            raise TypeError(f"Passage {self.id!r}: text and title must be strings")
 
 
 def passage_text(passage: Passage | Mapping[str, Any] | str | Any) -> str:
@@ -79,6 +89,11 @@ class Session:
     metadata: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        _check_id(self.id, "Session.id")
+        if isinstance(self.turns, list):  # frozen: a list given is kept as the tuple it names
+            object.__setattr__(self, "turns", tuple(self.turns))
+        if not isinstance(self.turns, tuple) or not all(isinstance(t, Turn) for t in self.turns):
+            raise TypeError(f"Session {self.id!r}: turns must be a tuple of Turn")
         if not self.turns:
             raise ValueError("Session.turns must not be empty")
         if self.turns[-1].role != "user":
@@ -117,6 +132,12 @@ class Qrel:
     query_id: str
     doc_id: str
     relevance: int
+
+    def __post_init__(self) -> None:
+        _check_id(self.query_id, "Qrel.query_id")
+        _check_id(self.doc_id, "Qrel.doc_id")
+        if isinstance(self.relevance, bool) or not isinstance(self.relevance, numbers.Integral):
+            raise TypeError(f"Qrel.relevance must be an int, got {self.relevance!r}")
 
 
 @dataclass(frozen=True)

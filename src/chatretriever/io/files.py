@@ -182,7 +182,10 @@ def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
         with contextlib.ExitStack() as stack:
             sink: IO[bytes] = stack.enter_context(open(tmp, "wb"))
             if path.suffix == ".gz":
-                gz = gzip.GzipFile(fileobj=sink, mode="wb", mtime=0)
+                # the header names the final file, not the random temporary one: the same
+                # content gives the same bytes (mtime 0 for the same reason)
+                name = path.name.removesuffix(".gz")
+                gz = gzip.GzipFile(filename=name, fileobj=sink, mode="wb", mtime=0)
                 sink = stack.enter_context(gz)  # type: ignore[arg-type]
             if "b" in mode:
                 yield sink
