@@ -583,3 +583,21 @@ def test_a_closed_stdout_is_a_quiet_exit_141(tmp_path):
     err = proc.stderr.read().decode() if proc.stderr else ""
     assert proc.wait(timeout=120) == 141, err
     assert "Traceback" not in err and "BrokenPipe" not in err
+
+
+def test_index_checks_factory_and_out_before_encoding(files, capsys, monkeypatch):
+    pytest.importorskip("faiss")
+    from chatretriever.retrieval import corpus_index
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("encoded before the bad option was told")
+
+    monkeypatch.setattr(corpus_index, "encode_corpus", no_encoding)
+    base = ["index", str(files / "corpus.jsonl"), "--model", "fake:"]
+    assert main([*base, "--out", str(files / "ix"), "--factory", "Bogus"]) == 2
+    assert "Faiss factory 'Bogus'" in capsys.readouterr().err
+    assert main([*base, "--out", str(files / "ix"), "--factory", "IVF4096,Flat"]) == 2
+    assert "trains 4096 lists, more than the corpus's" in capsys.readouterr().err
+    assert main([*base, "--out", str(files / "corpus.jsonl")]) == 2
+    assert "exists and is not a directory" in capsys.readouterr().err
+    assert not (files / "ix").exists()

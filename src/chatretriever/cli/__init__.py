@@ -119,6 +119,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # pointing stdout at devnull so the interpreter's final flush cannot fail again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
+    except OSError as e:
+        # the file system said no (a directory where a file goes, permissions, a full disk):
+        # one line naming the path, as for bad input
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         # every writer is atomic: what was finished (chunks, checkpoints, cached generations) is
         # kept, and the resumable commands pick up from it

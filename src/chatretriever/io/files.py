@@ -29,11 +29,26 @@ def open_text(path: str | Path) -> IO[str]:
     if path.is_dir():
         raise DataFormatError(path, "is a directory; expected a file")
     try:
+        # utf-8-sig: a byte-order mark at the start (Windows editors write one) is dropped
         if path.suffix == ".gz":
-            return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-        return open(path, encoding="utf-8")
+            return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig")
+        return open(path, encoding="utf-8-sig")
     except OSError as e:  # permissions, special files
         raise DataFormatError(path, f"cannot open file: {e.strerror or e}") from None
+
+
+def _undecodable(path: Path, error: UnicodeDecodeError) -> DataFormatError:
+    """The error of a file that is not UTF-8, naming the first line that is not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:  # type: ignore[operator]
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                byte = raw[e.start : e.start + 1].hex()
+                msg = f"not UTF-8 text: byte 0x{byte} at column {e.start + 1} (save it as UTF-8)"
+                return DataFormatError(path, msg, line=lineno)
+    return DataFormatError(path, f"cannot read file: {error}")
 
 
 def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
@@ -44,12 +59,58 @@ def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
                 line = line.rstrip("\n\r")
                 if line.strip():
                     yield lineno, line
-        except (UnicodeDecodeError, EOFError, gzip.BadGzipFile, OSError) as e:
+        except UnicodeDecodeError as e:
+            raise _undecodable(Path(path), e) from None
+        except (EOFError, gzip.BadGzipFile, OSError) as e:
             raise DataFormatError(path, f"cannot read file: {e}") from None
 
 
+# a JSON escape of a UTF-16 surrogate: a lone one decodes to a str no encoder can write
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _lone_surrogate(value: Any, where: str = "") -> tuple[str, str] | None:
+    """(field path, character) of the first string in a JSON value holding a lone surrogate."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return where or "(value)", value[e.start]
+        return None
+    items = (
+        value.items()
+        if isinstance(value, dict)
+        else enumerate(value)
+        if isinstance(value, list)
+        else ()
+    )
+    for key, item in items:
+        if isinstance(key, str) and _lone_surrogate(key) is not None:
+            return f"{where}.{key}".lstrip("."), "key"
+        sub = f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}".lstrip(".")
+        found = _lone_surrogate(item, sub)
+        if found is not None:
+            return found
+    return None
+
+
+def _check_text(path: str | Path, raw: str, value: Any, line: int | None = None) -> None:
+    """Refuse a JSON value that holds a lone surrogate (an invalid character)."""
+    match = _SURROGATE_ESCAPE.search(raw)
+    if match is None:
+        return
+    found = _lone_surrogate(value)
+    if found is not None:
+        field, char = found
+        if line is None:
+            line = raw.count("\n", 0, match.start()) + 1
+        msg = f"holds an invalid character (a lone UTF-16 surrogate, {ascii(char)})"
+        raise DataFormatError(path, msg, line=line, field=field)
+
+
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (line number, object) for each JSON line; a bad line raises DataFormatError."""
+    """Yield (line number, object) for each JSON line; a bad line raises DataFormatError (as does
+    a string holding a lone surrogate escape, which nothing downstream could encode)."""
     for lineno, line in iter_lines(path):
         try:
             obj = json.loads(line)
@@ -57,6 +118,7 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
             raise DataFormatError(path, f"malformed JSON ({e.msg})", line=lineno) from None
         if not isinstance(obj, dict):
             raise DataFormatError(path, "expected a JSON object", line=lineno)
+        _check_text(path, line, obj, lineno)
         yield lineno, obj
 
 
@@ -64,11 +126,17 @@ def read_json(path: str | Path) -> Any:
     """Load one whole JSON document (gzip transparent)."""
     with open_text(path) as f:
         try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataFormatError(path, f"malformed JSON ({e.msg})", line=e.lineno) from None
-        except (UnicodeDecodeError, EOFError, gzip.BadGzipFile, OSError) as e:
+            text = f.read()
+        except UnicodeDecodeError as e:
+            raise _undecodable(Path(path), e) from None
+        except (EOFError, gzip.BadGzipFile, OSError) as e:
             raise DataFormatError(path, f"cannot read file: {e}") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataFormatError(path, f"malformed JSON ({e.msg})", line=e.lineno) from None
+    _check_text(path, text, value)
+    return value
 
 
 _WHITESPACE = re.compile(r"\s")
@@ -85,7 +153,11 @@ def check_id(value: str, path: str | Path, line: int | None, field: str) -> str:
 
 
 def require_id(obj: Mapping[str, Any], key: str, path: str | Path, line: int | None) -> str:
-    """`require(obj, key)` checked by `check_id`."""
+    """`require(obj, key)` checked by `check_id`; an integer id (common in BEIR files) is read as
+    its digits, a float (1.5, NaN) is refused."""
+    if isinstance(obj.get(key), float):
+        msg = f"expected a string or integer id, got the number {obj[key]!r}"
+        raise DataFormatError(path, msg, line=line, field=key)
     return check_id(require(obj, key, path, line), path, line, key)
 
 
@@ -97,7 +169,9 @@ def require(
         raise DataFormatError(path, "missing field", line=line, field=key)
     value = obj[key]
     if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = str(value)  # numeric ids are common in BEIR files
+        if value != value or value in (float("inf"), float("-inf")):
+            raise DataFormatError(path, f"expected str, got {value!r}", line=line, field=key)
+        value = str(value)  # numbers where text is expected: BEIR files number their ids
     if not isinstance(value, kind):
         raise DataFormatError(
             path, f"expected {kind.__name__}, got {type(value).__name__}", line=line, field=key
@@ -151,10 +225,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     The temporary name keeps `path`'s suffix, so writers that infer a format from it still can.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(
-        prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent
-    )
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory; give the path of a file to write")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(
+            prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent
+        )
+    except OSError as e:  # a parent that is a file, no permission: name the path asked for
+        raise ValueError(f"{path}: cannot write here ({e.strerror or e})") from None
     os.close(fd)
     tmp = Path(name)
     try:

@@ -43,6 +43,7 @@ from chatretriever.retrieval.index import (
     META_FILE,
     DenseIndex,
     VectorIndex,
+    check_factory,
     load_index,
 )
 from chatretriever.retrieval.milvus_index import DEFAULT_BATCH, MilvusIndex
@@ -224,9 +225,13 @@ def build_corpus_index(
         raise ValueError("a one-step index encodes the whole corpus: use `encode --shard` instead")
     bm25_formulation = None if bm25 is None else formulation_of(bm25)  # checked before encoding
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir}: exists and is not a directory; give an index directory")
     passages = read_corpus(corpus)  # checks the whole file before any encoding
     if not passages:
         raise ValueError(f"{corpus} holds no passages")
+    if backend == "faiss":  # a typo in the factory is told now, not after hours of encoding
+        check_factory(factory, encoder.dim, len(passages))
     emb_dir = out_dir / EMBEDDINGS_DIR
     encode_corpus(encoder, passages, emb_dir, config)
     shards = list_shards([emb_dir])

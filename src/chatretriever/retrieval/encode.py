@@ -217,7 +217,11 @@ def chunk_done(path: Path, passages: Sequence[Passage], settings: dict[str, Any]
     meta = read_meta(path)
     on_disk = (path / "ids.txt").read_text(encoding="utf-8").splitlines()
     if on_disk != [p.id for p in passages]:
-        raise ValueError(f"{path} holds other passages than this corpus: was the corpus changed?")
+        raise ValueError(
+            f"{path} holds other passages than this corpus (another corpus was encoded into "
+            f"{path.parent}, or this one changed): encode into another directory, or delete "
+            f"{path.parent} to encode again"
+        )
     digest = meta.extra.get("content")
     if digest is not None and digest != chunk_digest(passages):
         logger.info("%s: its passages' texts changed: encoding it again", path)

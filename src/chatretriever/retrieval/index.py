@@ -82,6 +82,27 @@ def faiss_message(error: Exception) -> str:
     return (match.group(1) if match else text).strip()
 
 
+def check_factory(factory: str, dim: int, n_vectors: int | None = None) -> None:
+    """Refuse, before any encoding, a Faiss factory string Faiss cannot parse, or one whose
+    training needs more vectors than the corpus has (an IVF of more lists than vectors)."""
+    faiss = _faiss()
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        raise ValueError(f"Faiss factory {factory!r}: {faiss_message(e)}") from None
+    if index.is_trained or n_vectors is None:
+        return
+    try:
+        lists = faiss.extract_index_ivf(index).nlist
+    except RuntimeError:  # not an IVF: PQ and others check their training set when built
+        return
+    if n_vectors < lists:
+        raise ValueError(
+            f"Faiss factory {factory!r} trains {lists} lists, more than the corpus's {n_vectors} "
+            "vectors: give fewer lists (IVF<n>, n <= vectors / 39 is Faiss's advice) or Flat"
+        )
+
+
 def _duplicate_message(dirs: Sequence[str | Path], ids: Sequence[list[str]]) -> str:
     """Name the first passage id that two shards (or one shard twice) hold, and where."""
     seen: dict[str, str | Path] = {}

@@ -107,7 +107,7 @@ def check_k(k: int) -> int:
 
 
 def check_queries(sessions: Sequence[Session]) -> list[Session]:
-    """Sessions searched as queries: Session objects with distinct ids."""
+    """Sessions searched as queries: Session objects with distinct ids and a question."""
     seen: dict[str, int] = {}
     out = batch(sessions, "sessions", "Sessions")
     for i, s in enumerate(out):
@@ -120,6 +120,11 @@ def check_queries(sessions: Sequence[Session]) -> list[Session]:
             raise ValueError(
                 f"sessions[{i}].id {s.id!r} is also sessions[{seen[s.id]}]'s: each query needs "
                 "its own id (their results would overwrite each other)"
+            )
+        if not s.question.strip():
+            raise ValueError(
+                f"session {s.id!r}: the current question (the last message) is empty: nothing "
+                "to search for"
             )
         seen[s.id] = i
     return out

@@ -1,0 +1,103 @@
+"""Text a reader cannot use is one error naming the file, the line and the field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from chatretriever.cli import main
+from chatretriever.errors import DataFormatError
+from chatretriever.io.corpus import read_corpus
+from chatretriever.io.files import read_json
+from chatretriever.io.sessions import read_sessions
+
+GOOD = {"id": "x", "messages": [{"role": "user", "content": "jaguar diet"}]}
+LONE = '{"id": "y", "messages": [{"role": "user", "content": "jaguar \\ud800 diet"}]}\n'
+
+
+def test_a_lone_surrogate_escape_names_its_line_and_field(tmp_path):
+    path = tmp_path / "s.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n" + LONE)
+    with pytest.raises(DataFormatError, match=r"s\.jsonl:2.*messages\[0\]\.content.*surrogate"):
+        read_sessions(path)
+    pair = '{"id": "z", "messages": [{"role": "user", "content": "smile \\ud83d\\ude00"}]}\n'
+    path.write_text(pair)  # a surrogate PAIR is a valid escape (an emoji): read as it is
+    assert read_sessions(path)[0].question == "smile \U0001f600"
+    doc = tmp_path / "d.json"
+    doc.write_text('{"a": [\n "ok",\n "bad \\udc00"\n]}')
+    with pytest.raises(DataFormatError, match=r"d\.json:3.*a\[1\].*surrogate"):
+        read_json(doc)
+
+
+def test_a_byte_order_mark_is_read_through(tmp_path):
+    path = tmp_path / "s.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n", encoding="utf-8-sig")
+    assert [s.id for s in read_sessions(path)] == ["x"]
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"_id": "p", "title": "t", "text": "x"}\n', encoding="utf-8-sig")
+    assert [p.id for p in read_corpus(corpus)] == ["p"]
+
+
+def test_text_that_is_not_utf8_names_its_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    lines = [json.dumps(GOOD), '{"id": "y", "messages": [{"role": "user", "content": "café"}]}']
+    path.write_bytes("\n".join(lines).encode("latin-1"))
+    with pytest.raises(DataFormatError, match=r"latin1\.jsonl:2.*byte 0xe9 at column"):
+        read_sessions(path)
+
+
+def test_cli_search_of_a_lone_surrogate_is_one_line(tmp_path, capsys):
+    pytest.importorskip("bm25s")
+    (tmp_path / "c.jsonl").write_text('{"_id": "p", "title": "t", "text": "jaguar"}\n')
+    (tmp_path / "s.jsonl").write_text(LONE)
+    argv = ["search", "--bm25", str(tmp_path / "c.jsonl"), "--sessions", str(tmp_path / "s.jsonl")]
+    assert main([*argv, "--out", str(tmp_path / "r.trec")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "s.jsonl:1" in err[0] and "surrogate" in err[0]
+
+
+def test_ids_that_are_floats_are_refused_integers_read_as_digits(tmp_path):
+    path = tmp_path / "s.jsonl"
+    msg = {"role": "user", "content": "q"}
+    path.write_text(json.dumps({"id": 5, "messages": [msg]}) + "\n")
+    assert read_sessions(path)[0].id == "5"  # BEIR files often number their ids
+    for bad in ("1.5", "NaN", "true"):
+        path.write_text('{"id": ' + bad + ', "messages": [{"role": "user", "content": "q"}]}\n')
+        with pytest.raises(DataFormatError, match=r"s\.jsonl:1: field 'id'"):
+            read_sessions(path)
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"_id": 1.0, "text": "x"}\n')  # "1.0" would never meet qrels of "1"
+    with pytest.raises(DataFormatError, match=r"c\.jsonl:1: field '_id': expected a string or"):
+        read_corpus(corpus)
+    corpus.write_text('{"_id": "p", "text": NaN}\n')
+    with pytest.raises(DataFormatError, match=r"c\.jsonl:1: field 'text': expected str, got nan"):
+        read_corpus(corpus)
+
+
+def test_a_blank_question_is_refused_before_searching(tmp_path, capsys):
+    pytest.importorskip("bm25s")
+    (tmp_path / "c.jsonl").write_text('{"_id": "p", "title": "t", "text": "jaguar"}\n')
+    (tmp_path / "s.jsonl").write_text(
+        '{"id": "q1", "messages": [{"role": "user", "content": "  "}]}\n'
+    )
+    argv = ["search", "--bm25", str(tmp_path / "c.jsonl"), "--sessions", str(tmp_path / "s.jsonl")]
+    assert main([*argv, "--out", str(tmp_path / "r.trec")]) == 2
+    assert "session 'q1': the current question (the last message) is empty" in (
+        capsys.readouterr().err
+    )
+
+
+def test_an_out_of_the_wrong_kind_is_one_line(tmp_path, capsys):
+    pytest.importorskip("bm25s")
+    (tmp_path / "c.jsonl").write_text('{"_id": "p", "title": "t", "text": "jaguar"}\n')
+    (tmp_path / "s.jsonl").write_text(json.dumps(GOOD) + "\n")
+    (tmp_path / "a_dir").mkdir()
+    argv = ["search", "--bm25", str(tmp_path / "c.jsonl"), "--sessions", str(tmp_path / "s.jsonl")]
+    assert main([*argv, "--out", str(tmp_path / "a_dir")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "a_dir: is a directory" in err[0]
+    (tmp_path / "file").write_text("x")
+    assert main([*argv, "--out", str(tmp_path / "file" / "r.trec")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "r.trec: cannot write here" in err[0] and ".tmp" not in err[0]
