@@ -333,14 +333,30 @@ def write_quality_plot(path: Path, result: dict[str, Any]) -> None:
     fig.savefig(path, dpi=120)
 
 
-def named_dir(value: str) -> tuple[str, str]:
-    """An argparse type: `NAME=DIR` with an existing DIR -> (NAME, DIR)."""
+def named_dir(value: str, kind: str | None = None) -> tuple[str, str]:
+    """An argparse type: `NAME=DIR` with an existing DIR (or, with `kind`, a built-in model
+    name of that kind: "rahore" adapters, "rabtriever" students) -> (NAME, DIR)."""
+    from chatretriever.modeling.sources import BUILTIN_MODELS
+
     name, sep, directory = value.partition("=")
     if not sep or not name.strip() or not directory.strip():
         raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {value!r}")
-    if not Path(directory).is_dir():
-        raise argparse.ArgumentTypeError(f"{value!r}: {directory} is not a directory")
-    return name, directory
+    if Path(directory).is_dir():
+        return name, directory
+    builtins = sorted(n for n, info in BUILTIN_MODELS.items() if kind and info.kind == kind)
+    if directory in builtins:
+        return name, directory
+    also = f" or a built-in name ({', '.join(builtins)})" if builtins else ""
+    raise argparse.ArgumentTypeError(f"{value!r}: {directory} is not a directory{also}")
+
+
+def _named(kind: str) -> Any:
+    """`named_dir` that also takes the built-in models of `kind`."""
+
+    def parse(value: str) -> tuple[str, str]:
+        return named_dir(value, kind)
+
+    return parse
 
 
 BASELINES = ("class-prior", "bm25", "minilm-l6", "mpnet-base")
@@ -382,16 +398,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     q.add_argument("--tag", default="zeroshot", help="the reranker's name in the tables")
     q.add_argument(
         "--reranker",
-        type=named_dir,
+        type=_named("rahore"),
         action="append",
         default=[],
         metavar="NAME=ADAPTER_DIR",
-        help="a tuned reranker row (repeatable)",
+        help="a tuned reranker row: an adapter dir or a built-in one (rahore-smol); repeatable",
     )
     q.add_argument("--dense", type=named_dir, action="append", default=[], metavar="NAME=DIR",
                    help="a trained bi-encoder row (repeatable)")  # fmt: skip
-    q.add_argument("--student", type=named_dir, action="append", default=[], metavar="NAME=DIR",
-                   help="a Rabtriever student row, rerank-distill output (repeatable)")  # fmt: skip
+    q.add_argument("--student", type=_named("rabtriever"), action="append", default=[],
+                   metavar="NAME=DIR", help="a Rabtriever student row: rerank-distill output or "
+                   "a built-in one (rabtriever-smol); repeatable")  # fmt: skip
     c = sub.add_parser("cost")
     c.add_argument("--out", default=repo_path("outputs/rationale"))
     c.add_argument("--model", default="smollm2-135m-instruct")
@@ -413,6 +430,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         if args.rerank_response < 0:
             q.error(f"--rerank-response must be >= 0, got {args.rerank_response}")
         needed += ["minilm-l6", *(["mpnet-base"] if args.mpnet else [])]
+        needed += [d for _, d in args.reranker + args.student]  # built-ins: shipped?
     for reason in filter(None, map(missing_model, needed)):
         part.error(reason)  # before any work, not after the first rows
     return args

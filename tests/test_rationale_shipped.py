@@ -48,7 +48,7 @@ def assets(tmp_path_factory, tiny_llama_dir):
     root.mkdir()
     (root / "__init__.py").write_text("")
     adapter = _adapter(tiny_llama_dir, root / "rahore-test")
-    save_recipe(TuneConfig(objective="dpo", model=str(tiny_llama_dir)), adapter)
+    save_recipe(TuneConfig(objective="dpo", model=str(tiny_llama_dir), **BUDGETS), adapter)
     student = root / "rabtriever-test"
     torch.manual_seed(3)
     save_predictor(Predictor(PredictorConfig(hidden=32, inner=16)), student)
@@ -151,7 +151,8 @@ def test_adapter_tuned_on_another_backbone(shipped, tiny_llama_dir, tmp_path, ca
     warned = " ".join(r.getMessage() for r in caplog.records)
     assert "tuned on 'smollm2-135m-instruct'" in warned and "wording 'tf'" in warned
     assert _scores(reranker).shape == (2,)
-    # the backbone it was tuned on, spelled as another path to the same dir: no warning
+    # the backbone it was tuned on, spelled as another path to the same dir, with the budgets
+    # it was tuned with: no warning
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="chatretriever"):
         BinaryChoiceReranker.from_pretrained(

@@ -54,16 +54,21 @@ def test_dpo_rows_shape(tokenizer):
     prompt = BinaryChoicePrompt(tokenizer, "ab")
     pairs = choice_pairs(SESSIONS, PASSAGES, GOLD, n_negatives=1)
     rows = dpo_rows(prompt, pairs)
-    assert len(rows) == 4 and all(set(r) == {"prompt", "chosen", "rejected"} for r in rows)
-    assert [(r["chosen"], r["rejected"]) for r in rows] == [("A", "B"), ("B", "A")] * 2
-    assert rows[0]["prompt"].startswith("<|im_start|>user\nHere is a reply strategy")
-    assert rows[0]["prompt"].endswith("<|im_start|>assistant\n")
-    assert (
-        "Strategy: mirror feelings" in rows[0]["prompt"] and "Seeker: i am sad" in rows[0]["prompt"]
-    )
+    assert len(rows) == 4
+    assert all(set(r) == {"prompt_ids", "chosen_ids", "rejected_ids"} for r in rows)
+    yes, no = prompt.option_ids
+    eos = tokenizer.eos_token_id
+    assert [(r["chosen_ids"], r["rejected_ids"]) for r in rows] == [
+        ([yes, eos], [no, eos]), ([no, eos], [yes, eos])
+    ] * 2  # fmt: skip
+    text = tokenizer.decode(rows[0]["prompt_ids"])
+    assert text.startswith("<|im_start|>user\nHere is a reply strategy")
+    assert text.endswith("<|im_start|>assistant\n")
+    assert "Strategy: mirror feelings" in text and "Seeker: i am sad" in text
     batch = ChoiceCollator(prompt)(pairs)
-    assert batch["targets"].tolist() == [prompt.option_ids[0], prompt.option_ids[1]] * 2
-    assert len(batch["sequences"]) == 4
+    assert batch["targets"].tolist() == [yes, no] * 2
+    # DPO's prompts are the very ids supervised tuning and the reranker read
+    assert [r["prompt_ids"] for r in rows] == batch["sequences"]
 
 
 def test_answer_loss_by_hand():

@@ -24,6 +24,7 @@ from chatretriever.methods.uniconv.train import (
     uniconv_losses,
 )
 from chatretriever.modeling.grounded import grounded_messages
+from chatretriever.types import Passage
 
 TOPICS = [
     ("cat", "Cats are small felines with whiskers."),
@@ -125,7 +126,11 @@ def test_cii_forward_equals_separate_forwards(tmp_path, tiny_model_dir):
     assert cii.input_ids[0, end - 1].item() == tok.eos_token_id
     assert "They are cat things." in tok.decode(cii.input_ids[0, start:end])
     # the context is the grounded prompt of the session and its positive
-    prompt = grounded_messages(list(examples[0].messages), [examples[0].positives[0].text], 800)
+    # with its title, as `answer` shows a passage ("[1] title: text")
+    positive = examples[0].positives[0]
+    shown = Passage("p", positive.text, title=positive.title)
+    prompt = grounded_messages(list(examples[0].messages), [shown], 800)
+    assert "[1] cat: Cats are small felines" in prompt[-1]["content"]
     text = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
     ctx_ids = tok(text, add_special_tokens=False)["input_ids"][-96:]
     assert cii.input_ids[0, : len(ctx_ids)].tolist() == ctx_ids

@@ -159,6 +159,10 @@ def cmd_answer(args: argparse.Namespace) -> int:
     else:
         passages = _retrieve(args, sessions, corpus_index, encoder, batch_size)
     items = [(s, passages[s.id]) for s in sessions]
+    read = max((len(ps) for _, ps in items), default=0)  # fewer than --k: a small index
+    if not args.closed_book and read < args.k:
+        logger.warning("--k %d: the index holds fewer passages, each answer read at most %d",
+                       args.k, read)  # fmt: skip
     answers = answer_sessions(answerer, items, batch_size, True, kwargs)
     rows = [
         {"qid": s.id, "answer": a, "passages": [p.id for p in ps]}
@@ -170,10 +174,13 @@ def cmd_answer(args: argparse.Namespace) -> int:
         retriever=getattr(encoder, "name", None),
         answerer=name,
         sessions_count=len(sessions),
+        passages_read=None if args.closed_book else read,  # the most any answer read
     )
     out = Path(args.out)
     with atomic_write(out.with_name(out.name + ".settings.json")) as f:
         json.dump(settings, f, indent=2, default=str)
     how = "closed book" if args.closed_book else f"top {args.k} passages"
+    if not args.closed_book and read < args.k:
+        how = f"top {read} passages: the index holds fewer than --k {args.k}"
     _echo(f"{len(rows)} answers by {name} ({how}) -> {args.out}")
     return 0

@@ -72,7 +72,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("recipe", help="YAML recipe")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in output_dir from its newest checkpoint (same recipe only, up "
+        "to its length and saving/logging steps)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in an output_dir that holds another run (its checkpoints are removed)",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the resolved recipe and stop")
     p.set_defaults(func=cmd_rerank_train)
 
@@ -106,6 +116,8 @@ def cmd_rerank(args: argparse.Namespace) -> int:
     sessions = load_sessions(args)
     documents = {p.id: passage_text(p) for p in iter_corpus(args.corpus)}
     run = read_run(args.run, known_queries={s.id for s in sessions}, known_docs=documents)
+    if not run.scores:
+        logger.warning("%s holds no queries: the reranked run will be empty", args.run)
     reranker = BinaryChoiceReranker.from_pretrained(
         args.model,
         adapter=args.adapter,
@@ -199,7 +211,7 @@ def cmd_rerank_train(args: argparse.Namespace) -> int:
     if config is None:
         return 0
     run = run_dpo if config.objective == "dpo" else run_sft
-    _echo(f"saved {run(config, resume=args.resume)}")
+    _echo(f"saved {run(config, resume=args.resume, overwrite=args.overwrite)}")
     return 0
 
 

@@ -27,9 +27,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from chatretriever.errors import DataFormatError
 from chatretriever.methods.rationale.prompts import BinaryChoicePrompt
 from chatretriever.modeling.collate import pad_batch, position_ids_from_mask
-from chatretriever.types import Session
+from chatretriever.types import Session, SessionLike
 
 logger = logging.getLogger(__name__)
 
@@ -216,7 +217,7 @@ class RabtrieverEncoder:
         return out[[row_of[tuple(s)] for s in seqs]]  # (N, H)
 
     def teacher_states(
-        self, documents: Sequence[str], sessions: Sequence[Session], show_progress: bool = False
+        self, documents: Sequence[str], sessions: Sequence[SessionLike], show_progress: bool = False
     ) -> torch.Tensor:
         """(N, H) answer-position states of the full prompts of aligned pairs."""
         docs, queries = self.prompt.document_ids(documents), self.prompt.query_ids(sessions)
@@ -224,7 +225,7 @@ class RabtrieverEncoder:
         return self._states(seqs, show_progress, "teacher")
 
     def query_states(
-        self, sessions: Sequence[Session], show_progress: bool = False
+        self, sessions: Sequence[SessionLike], show_progress: bool = False
     ) -> torch.Tensor:
         """(Q, H) answer-position states of the queries alone (an empty document)."""
         seqs = [self._empty_doc + q for q in self.prompt.query_ids(sessions)]
@@ -290,15 +291,46 @@ def save_predictor(predictor: Predictor, directory: str | Path) -> Path:
 
 
 def load_predictor(directory: str | Path) -> Predictor:
-    """Read a predictor written by `save_predictor`."""
-    import json
+    """Read a predictor written by `save_predictor`.
 
+    Raises:
+        DataFormatError: One line naming the file: missing, not JSON, an unknown or bad field,
+            truncated weights, or weights that do not match the config.
+    """
+    import json
+    from dataclasses import fields
+
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     directory = Path(directory)
-    config = json.loads((directory / PREDICTOR_CONFIG).read_text(encoding="utf-8"))
-    predictor = Predictor(PredictorConfig(**config))
-    predictor.load_state_dict(load_file(str(directory / PREDICTOR_WEIGHTS)))
+    config_path, weights_path = directory / PREDICTOR_CONFIG, directory / PREDICTOR_WEIGHTS
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise DataFormatError(path, "not found")
+    try:
+        raw = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataFormatError(config_path, f"not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise DataFormatError(config_path, "expected a JSON object")
+    known = {f.name for f in fields(PredictorConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise DataFormatError(config_path, f"unknown field '{unknown[0]}' (known: {sorted(known)})")
+    try:
+        predictor = Predictor(PredictorConfig(**raw))
+    except (TypeError, ValueError) as e:
+        raise DataFormatError(config_path, str(e)) from None
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError) as e:
+        raise DataFormatError(weights_path, f"truncated or not a safetensors file ({e})") from None
+    try:
+        predictor.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1].strip()
+        raise DataFormatError(weights_path, f"does not match {PREDICTOR_CONFIG}: {first}") from None
     return predictor.eval()
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from chatretriever.modeling.content_ids import ContentTokenizer
 from chatretriever.modeling.template import PLAIN_TEMPLATE
-from chatretriever.types import Session
+from chatretriever.types import Session, SessionLike, as_sessions
 
 logger = logging.getLogger(__name__)
 
@@ -161,9 +161,13 @@ class BinaryChoicePrompt:
         docs = self.contents.encode(list(documents))
         return [self._before + d[: self.max_document_tokens] for d in docs]
 
-    def query_ids(self, sessions: Sequence[Session]) -> list[list[int]]:
-        """The suffix of each session: conversation, question, assistant header."""
-        texts = [conversation_text(s, self.wording) for s in sessions]
+    def query_ids(self, sessions: Sequence[SessionLike]) -> list[list[int]]:
+        """The suffix of each session: conversation, question, assistant header.
+
+        Args:
+            sessions: Sessions, or lists of {role, content} messages (`types.as_sessions`).
+        """
+        texts = [conversation_text(s, self.wording) for s in as_sessions(sessions)]
         convs = self.contents.encode(texts)
         return [self._middle + c[-self.max_query_tokens :] + self._after for c in convs]
 

@@ -1,9 +1,10 @@
 """The binary-choice LLM reranker (RaHoRe): score = log P(yes) over the two options.
 
 A general pipeline stage: `rerank` reorders the top-k of any first-stage run. With `reuse_kv`
-(the default) the (query, document) pairs are grouped by document: each document's prefix is
-run once and its KV cache serves every query that retrieved it (for the 8 ESConv strategies:
-once per run), the queries going through in batches. Without it, each batch holds whole prompts.
+(the default) the (query, document) pairs are grouped by document: the prefix of a document
+that several queries retrieved is run once and its KV cache serves each of them (for the 8
+ESConv strategies: once per run), the queries going through in batches; the pairs of a
+document only one query retrieved go in batches of whole prompts, as without `reuse_kv`.
 
 The tuned adapter is a directory or a built-in name ("rahore-smol", `resolve_adapter`).
 """
@@ -11,6 +12,7 @@ The tuned adapter is a directory or a built-in name ("rahore-smol", `resolve_ada
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from chatretriever.errors import DataFormatError
 from chatretriever.methods.rationale.prompts import BinaryChoicePrompt
 from chatretriever.methods.rationale.scoring import (
     cached_option_logits,
@@ -29,7 +32,7 @@ from chatretriever.methods.rationale.scoring import (
 from chatretriever.modeling.adapters import adapter_dir_problem
 from chatretriever.modeling.recipe import SAVED_RECIPE, read_recipe
 from chatretriever.modeling.sources import BUILTIN_MODELS, builtin, resolve_model_dir
-from chatretriever.types import Run, Session
+from chatretriever.types import Run, Session, SessionLike
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +113,73 @@ def check_adapter_recipe(adapter_dir: Path, model: str | Path, wording: str) -> 
         )  # fmt: skip
 
 
+def check_adapter_budgets(adapter_dir: Path, prompt: BinaryChoicePrompt) -> None:
+    """Warn when `prompt` cuts documents or conversations at other lengths than the adapter's
+    saved recipe did in tuning (its scores were learnt on prompts of those lengths)."""
+    recipe = adapter_dir / SAVED_RECIPE
+    saved = read_recipe(recipe) if recipe.is_file() else {}
+    keys = ("max_document_tokens", "max_query_tokens")
+    other = [f"{k} {saved[k]} (tuned) vs {getattr(prompt, k)}" for k in keys
+             if isinstance(saved.get(k), int) and saved[k] != getattr(prompt, k)]  # fmt: skip
+    if other:
+        logger.warning(
+            "adapter %s scores with other prompt budgets than it was tuned with: %s",
+            adapter_dir, ", ".join(other),
+        )  # fmt: skip
+
+
+def check_adapter_weights(adapter_dir: Path) -> None:
+    """Refuse an adapter dir whose weights file is missing or unreadable, before any load.
+
+    Raises:
+        DataFormatError: Naming the weights file: not found, or truncated / not safetensors.
+    """
+    from chatretriever.modeling.adapters import ADAPTER_WEIGHTS
+
+    weights = adapter_dir / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        if (adapter_dir / "adapter_model.bin").is_file():  # peft's older format
+            return
+        raise DataFormatError(weights, "not found (the adapter's weights)")
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(weights), "pt") as f:
+            list(f.keys())
+    except (SafetensorError, OSError) as e:
+        raise DataFormatError(weights, f"truncated or not a safetensors file ({e})") from None
+
+
+_SIZE_MISMATCH = re.compile(
+    r"size mismatch for (\S+): copying a param with shape (torch\.Size\(\[[^\]]*\]\)) from "
+    r"checkpoint, the shape in current model is (torch\.Size\(\[[^\]]*\]\))"
+)
+
+
+def load_checked_adapter(model: Any, adapter_dir: Path, name_or_path: str | Path) -> Any:
+    """`model` with the adapter in `adapter_dir` loaded for inference.
+
+    Raises:
+        ValueError: One line when its weights have other shapes than this backbone's (an
+            adapter tuned on another model).
+    """
+    from chatretriever.modeling.adapters import load_adapter
+
+    try:
+        return load_adapter(model, adapter_dir, is_trainable=False)
+    except RuntimeError as e:
+        found = _SIZE_MISMATCH.search(str(e))
+        if found is None:
+            raise
+        param, saved, here = found.groups()
+        raise ValueError(
+            f"adapter {adapter_dir} does not fit the backbone '{name_or_path}': it was tuned on "
+            f"a model of other sizes ({param.removeprefix('base_model.model.')}: "
+            f"{saved.removeprefix('torch.Size')} in the adapter, "
+            f"{here.removeprefix('torch.Size')} here)"
+        ) from None
+
+
 class BinaryChoiceReranker:
     """Scores (document, conversation) pairs with one forward pass per batch, no `generate`.
 
@@ -162,24 +232,27 @@ class BinaryChoiceReranker:
 
         Raises:
             FileNotFoundError: A built-in adapter this install does not ship.
-            ValueError: A bad adapter (`resolve_adapter`, `check_adapter_recipe`).
+            ValueError: A bad adapter (`resolve_adapter`, `check_adapter_recipe`,
+                `check_adapter_weights`, `load_checked_adapter`).
         """
         from chatretriever.modeling.backbones import default_device, load_backbone
 
         adapter_dir = None if adapter is None else resolve_adapter(adapter)
         if adapter_dir is not None:  # before the backbone loads: a refusal costs nothing
             check_adapter_recipe(adapter_dir, name_or_path, wording)
+            check_adapter_weights(adapter_dir)
         model, tokenizer = load_backbone(name_or_path, kind="causal", dtype=dtype)
         if adapter_dir is not None:
-            from chatretriever.modeling.adapters import load_adapter
-
-            model = load_adapter(model, adapter_dir, is_trainable=False)
+            model = load_checked_adapter(model, adapter_dir, name_or_path)
         model.to(device or default_device())
         prompt = BinaryChoicePrompt(tokenizer, wording, **prompt_kwargs)
+        if adapter_dir is not None:
+            check_adapter_budgets(adapter_dir, prompt)
         return cls(model, tokenizer, prompt, batch_size)
 
-    def score_pairs(self, documents: Sequence[str], sessions: Sequence[Session]) -> np.ndarray:
-        """Scores of aligned pairs, whole prompts per batch (no KV reuse).
+    def score_pairs(self, documents: Sequence[str], sessions: Sequence[SessionLike]) -> np.ndarray:
+        """Scores of aligned pairs, whole prompts per batch (no KV reuse). A session is a
+        `Session` or a list of {role, content} messages.
 
         Returns:
             (N,) float32 log P(yes).
@@ -197,7 +270,7 @@ class BinaryChoiceReranker:
                 out[start : start + len(seqs)] = relevance_scores(logits).cpu().numpy()
         return out
 
-    def score_document(self, document: str, sessions: Sequence[Session]) -> np.ndarray:
+    def score_document(self, document: str, sessions: Sequence[SessionLike]) -> np.ndarray:
         """Scores of one document against many sessions; its KV cache is computed once.
 
         Returns:
@@ -217,7 +290,7 @@ class BinaryChoiceReranker:
     def score_matrix(
         self,
         documents: Sequence[str],
-        sessions: Sequence[Session],
+        sessions: Sequence[SessionLike],
         reuse_kv: bool = True,
         show_progress: bool = False,
     ) -> np.ndarray:
@@ -250,12 +323,20 @@ class BinaryChoiceReranker:
             documents: Doc id -> the text the prompt shows (e.g. `passage_text`).
             sessions: The queries; run queries without a session raise.
             k: How many of each query's top documents are reranked (and kept).
-            reuse_kv: Group pairs by document and reuse each document's KV cache.
+            reuse_kv: Group pairs by document and reuse the KV cache of each document that
+                several queries retrieved (a document of one query is scored in the batches
+                of whole prompts: its cache would serve nothing).
             show_progress: A progress bar over documents (reuse) or batches.
 
         Returns:
             A Run of the top-k of each query, scored by log P(yes), named "<run>.rahore".
+
+        Raises:
+            ValueError: k < 1, a run query without a session, a run document not in
+                `documents`.
         """
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
         by_id = {s.id: s for s in sessions}
         missing = sorted(q for q in run.scores if q not in by_id)
         if missing:
@@ -265,19 +346,24 @@ class BinaryChoiceReranker:
         if unknown:
             raise ValueError(f"{len(unknown)} run documents are not in the corpus: {unknown[:5]}")
         scores: dict[str, dict[str, float]] = {q: {} for q in run.scores}
+        whole = pairs
         if reuse_kv:
             by_doc: dict[str, list[str]] = {}
             for q, d in pairs:
                 by_doc.setdefault(d, []).append(q)
-            for d, qs in tqdm(by_doc.items(), desc="rerank", disable=not show_progress):
+            # a cache pays off for a document several queries retrieved; one query's document
+            # would cost two batch-1 forwards: it goes with the whole prompts, batched
+            shared = {d: qs for d, qs in by_doc.items() if len(qs) > 1}
+            whole = [(qs[0], d) for d, qs in by_doc.items() if len(qs) == 1]
+            for d, qs in tqdm(shared.items(), desc="rerank", disable=not show_progress):
                 values = self.score_document(documents[d], [by_id[q] for q in qs])
                 for q, v in zip(qs, values, strict=True):
                     scores[q][d] = float(v)
-        else:
+        if whole:
             values = self.score_pairs(
-                [documents[d] for _, d in pairs], [by_id[q] for q, _ in pairs]
+                [documents[d] for _, d in whole], [by_id[q] for q, _ in whole]
             )
-            for (q, d), v in zip(pairs, values, strict=True):
+            for (q, d), v in zip(whole, values, strict=True):
                 scores[q][d] = float(v)
         logger.info("reranked %d pairs of %d queries", len(pairs), len(run.scores))
         return Run(scores, f"{run.name}.rahore")

@@ -59,7 +59,7 @@ from chatretriever.modeling.recipe import (
     load_examples,
     save_recipe,
 )
-from chatretriever.types import Session
+from chatretriever.types import SessionLike
 
 logger = logging.getLogger(__name__)
 
@@ -323,7 +323,8 @@ class RabtrieverStudent:
 
         Raises:
             FileNotFoundError: A built-in student or teacher adapter this install does not ship.
-            DataFormatError: Not a `rerank-distill` output, or its recipe's adapter is bad.
+            DataFormatError: Not a `rerank-distill` output, a bad predictor file (one that
+                does not fit the LLM), or its recipe's adapter is bad.
             ValueError: A built-in name of another kind ("rahore-smol").
         """
         from chatretriever.methods.rationale.reranker import resolve_adapter
@@ -345,7 +346,16 @@ class RabtrieverStudent:
                 config.adapter = str(resolve_adapter(config.adapter, base=directory))
             except ValueError as e:
                 raise DataFormatError(recipe, str(e), field="adapter") from e
-        student = cls(teacher_encoder(config, device), load_predictor(directory))
+        predictor = load_predictor(directory)  # a bad file is refused before the LLM loads
+        encoder = teacher_encoder(config, device)
+        hidden = encoder.model.get_input_embeddings().weight.shape[1]
+        if predictor.config.hidden != hidden:
+            raise DataFormatError(
+                directory / PREDICTOR_CONFIG,
+                f"the predictor is for hidden size {predictor.config.hidden}, the LLM "
+                f"'{config.model}' has {hidden}",
+            )
+        student = cls(encoder, predictor)
         student.config = config
         return student
 
@@ -363,7 +373,7 @@ class RabtrieverStudent:
         return self.encoder.document_states(texts, show_progress)
 
     def query_states(
-        self, sessions: Sequence[Session], show_progress: bool = False
+        self, sessions: Sequence[SessionLike], show_progress: bool = False
     ) -> torch.Tensor:
         """(Q, H) query states (one LLM pass per query, whatever the candidates)."""
         return self.encoder.query_states(sessions, show_progress)

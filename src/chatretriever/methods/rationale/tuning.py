@@ -5,9 +5,10 @@ Training pairs are JSON lines `{"document", "session": {sessions JSONL object}, 
 others. Supervised tuning runs on the shared `NamedLossTrainer` with one named part, `sft`: the
 cross-entropy of the right option's token at the answer position (over the whole vocabulary, as
 generation would see it). DPO runs TRL's `DPOTrainer` on (prompt, chosen option, rejected option)
-triples (`dpo_rows`). Both train a LoRA adapter, saved with the resolved recipe
-(`train_config.yaml`) beside it; the reranker loads it with
-`BinaryChoiceReranker.from_pretrained(model, adapter=dir)`.
+triples, given as the token ids the reranker scores (`dpo_rows`). Both train a LoRA adapter,
+saved with the resolved recipe (`train_config.yaml`) beside it; the reranker loads it with
+`BinaryChoiceReranker.from_pretrained(model, adapter=dir)`. A run into an `output_dir` that holds
+another run is refused unless resumed (same recipe) or overwritten (`prepare_output_dir`).
 
 The adapter is new (the recipe's `lora`), or with `init_adapter` the one a previous run saved,
 trained further: the paper's pipeline is SFT, then DPO from the SFT adapter. DPO's reference is
@@ -33,7 +34,12 @@ from chatretriever.io.sessions import session_from_dict, session_to_dict
 from chatretriever.methods.rationale.prompts import WORDINGS, BinaryChoicePrompt
 from chatretriever.methods.rationale.scoring import option_logits
 from chatretriever.modeling.adapters import peft_lora_config
-from chatretriever.modeling.recipe import BaseDataSettings, check_training_settings, load_examples
+from chatretriever.modeling.recipe import (
+    SAVED_RECIPE,
+    BaseDataSettings,
+    check_training_settings,
+    load_examples,
+)
 from chatretriever.types import Passage, Session, passage_text
 
 logger = logging.getLogger(__name__)
@@ -100,17 +106,24 @@ def iter_pairs(path: str | Path) -> Iterator[ChoicePair]:
         )
 
 
-def dpo_rows(prompt: BinaryChoicePrompt, pairs: Sequence[ChoicePair]) -> list[dict[str, str]]:
-    """TRL preference rows: prompt = the rendered prompt text up to the answer position;
-    chosen = the right option, rejected = the other (TRL appends the eos token to both)."""
+def dpo_rows(prompt: BinaryChoicePrompt, pairs: Sequence[ChoicePair]) -> list[dict[str, list[int]]]:
+    """TRL preference rows as token ids: `prompt_ids` = the very ids the reranker scores
+    (document prefix + query suffix, up to the answer position); `chosen_ids` = the right
+    option, `rejected_ids` = the other, each followed by the eos token (as TRL's text path and
+    the released LLaMA-Factory scripts append it).
+
+    Ids, not text: decoded text tokenized again is not the same ids (tokens merge across the
+    document's boundary; a typed "<|im_end|>" would become the special token).
+    """
     docs = prompt.document_ids([p.document for p in pairs])
     queries = prompt.query_ids([p.session for p in pairs])
-    yes, no = prompt.wording.yes, prompt.wording.no
+    eos = [] if prompt.tokenizer.eos_token_id is None else [int(prompt.tokenizer.eos_token_id)]
+    yes, no = prompt.option_ids
     return [
         {
-            "prompt": prompt.tokenizer.decode(d + q),
-            "chosen": yes if p.relevant else no,
-            "rejected": no if p.relevant else yes,
+            "prompt_ids": d + q,
+            "chosen_ids": [yes if p.relevant else no, *eos],
+            "rejected_ids": [no if p.relevant else yes, *eos],
         }
         for d, q, p in zip(docs, queries, pairs, strict=True)
     ]
@@ -275,14 +288,80 @@ def _pairs(config: TuneConfig) -> list[ChoicePair]:
     ]
 
 
-def run_sft(config: TuneConfig, resume: bool = False) -> Path:
-    """Supervised tuning on the shared trainer; returns the output dir (adapter + recipe)."""
+# what a run in `output_dir` may change when resumed: how long it trains, how it saves and logs
+_RESUMABLE = frozenset({"max_steps", "num_train_epochs", "save_steps", "save_total_limit",
+                        "logging_steps"})  # fmt: skip
+
+
+def _changed_settings(config: TuneConfig, saved: Mapping[str, Any]) -> list[str]:
+    """The recipe fields where `config` differs from the `saved` recipe of the run it resumes."""
+    import yaml
+
+    now = yaml.safe_load(yaml.safe_dump(config.to_dict()))  # the saved file's types
+    changed = [k for k in sorted((set(now) | set(saved)) - {"output_dir", "training"})
+               if now.get(k) != saved.get(k)]  # fmt: skip
+    was, new = saved.get("training") or {}, now.get("training") or {}
+    changed += [f"training.{k}" for k in sorted((set(was) | set(new)) - _RESUMABLE)
+                if was.get(k) != new.get(k)]  # fmt: skip
+    return changed
+
+
+def prepare_output_dir(config: TuneConfig, resume: bool = False, overwrite: bool = False) -> None:
+    """Check `output_dir` before a run writes to it, as `chatretriever train` does.
+
+    A fresh run into a dir holding another run (its checkpoints, or a saved adapter) is refused
+    unless `overwrite` (its checkpoints are removed: `--resume` would continue them); `resume`
+    continues only a run of the same recipe (its `train_config.yaml`), up to how long it trains
+    and how it saves and logs. The recipe is saved at once, so a started run can be checked too.
+
+    Raises:
+        ValueError: One line naming the dir and `--resume` / `--overwrite`.
+    """
+    import shutil
+
+    from chatretriever.modeling.adapters import ADAPTER_CONFIG
+    from chatretriever.modeling.recipe import check_output_dir, read_recipe, save_recipe
+
+    out = Path(config.output_dir)
+    if resume and overwrite:
+        raise ValueError(
+            "--resume continues the run in output_dir, --overwrite replaces it: not both"
+        )
+    stale = check_output_dir(out, resume, overwrite)  # the shared check: checkpoints, markers
+    if resume:
+        saved = out / SAVED_RECIPE
+        changed = _changed_settings(config, read_recipe(saved)) if saved.is_file() else []
+        if changed:
+            raise ValueError(
+                f"{out} holds a run of other settings ({', '.join(changed[:4])} differ from its "
+                f"{SAVED_RECIPE}): --resume continues it with that recipe only; --overwrite starts "
+                "over, or give another output_dir"
+            )
+        return
+    if not stale and not overwrite and (out / ADAPTER_CONFIG).is_file():
+        raise ValueError(
+            f"{out} already holds a run ({ADAPTER_CONFIG}): --resume (resume=True) continues "
+            "it, --overwrite (overwrite=True) starts over, or give another output_dir"
+        )
+    for path in stale:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        logger.info("removed %s (--overwrite)", path)
+    save_recipe(config, out)
+
+
+def run_sft(config: TuneConfig, resume: bool = False, overwrite: bool = False) -> Path:
+    """Supervised tuning on the shared trainer; returns the output dir (adapter + recipe).
+
+    `resume` continues the run in `output_dir` (same recipe only), `overwrite` starts over in
+    a dir that holds another run (`prepare_output_dir`).
+    """
     from chatretriever.modeling.backbones import default_device
     from chatretriever.modeling.precision import resolve_dtype
     from chatretriever.modeling.recipe import resume_checkpoint
     from chatretriever.modeling.trainer import NamedLossTrainer, TrainingSet, training_arguments
 
     init = _init_adapter(config)
+    prepare_output_dir(config, resume, overwrite)
     model, tokenizer, prompt = _model_and_prompt(config)
     if init is not None:
         model = _load_init_adapter(model, init)
@@ -305,8 +384,27 @@ def run_sft(config: TuneConfig, resume: bool = False) -> Path:
     return trainer.train_and_save(checkpoint, config)
 
 
-def run_dpo(config: TuneConfig, resume: bool = False) -> Path:
+def _id_rows_dpo_trainer(trl: Any) -> Any:
+    """TRL's DPOTrainer taking `dpo_rows`' token ids as they are.
+
+    TRL 1.x tokenizes text rows itself and has no switch for pre-tokenized ones; its collator
+    reads `prompt_ids` / `chosen_ids` / `rejected_ids`, which `_prepare_dataset` would make.
+    """
+
+    class IdRowsDPOTrainer(trl.DPOTrainer):
+        def _prepare_dataset(self, dataset: Any, *args: Any, **kwargs: Any) -> Any:
+            if "prompt_ids" in dataset.column_names:
+                return dataset
+            return super()._prepare_dataset(dataset, *args, **kwargs)
+
+    return IdRowsDPOTrainer
+
+
+def run_dpo(config: TuneConfig, resume: bool = False, overwrite: bool = False) -> Path:
     """DPO with TRL's DPOTrainer and a LoRA adapter; returns the output dir.
+
+    The rows are the token ids the reranker scores (`dpo_rows`); `resume` / `overwrite` as in
+    `run_sft`.
 
     With `init_adapter`, the model passed to TRL is already a peft model and no `peft_config` is
     given: TRL 1.x then copies its "default" adapter into a frozen "ref" adapter and computes
@@ -320,6 +418,7 @@ def run_dpo(config: TuneConfig, resume: bool = False) -> Path:
     from chatretriever.modeling.recipe import LOG_FILE, resume_checkpoint, save_recipe, write_log
 
     init = _init_adapter(config)
+    prepare_output_dir(config, resume, overwrite)
     device = default_device()
     model, tokenizer, prompt = _model_and_prompt(config)
     if init is not None:
@@ -339,7 +438,7 @@ def run_dpo(config: TuneConfig, resume: bool = False) -> Path:
         max_length=None,
         **settings,
     )
-    trainer = trl.DPOTrainer(
+    trainer = _id_rows_dpo_trainer(trl)(
         model=model,
         args=args,
         train_dataset=datasets.Dataset.from_list(rows),

@@ -5,7 +5,8 @@ The shared machinery (loading, saving, fingerprints, the one-pass CSIT forward, 
 is `modeling.emb_llm.EmbLLM`; UniConv adds the context-identification forward (`cii_forward`:
 the log-likelihood of K candidate responses after one context, in ONE pass, `cii.py`) and the
 answer path (`answer`, `answer_batch`, `answer_with_retrieval`) through the shared grounded
-prompt (`modeling.grounded`), the same prompt its CII loss trains on. A saved UniConv is a
+prompt (`modeling.grounded`), the layout its CII loss trains on (CII shows one passage cut at
+`uniconv.max_passage_chars`; answers show k, cut at `max_passage_chars`). A saved UniConv is a
 directory with `uniconv.json` (adapter + EMB rows: a few MB).
 """
 

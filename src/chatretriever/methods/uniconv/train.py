@@ -6,9 +6,12 @@ response; `io.training`):
   this epoch, hard negatives, in-batch negatives): `modeling.losses.layout_contrastive_loss`.
 - L_G ("generation"): the reference response generated after the session under the session
   mask: the SAME forward as the session embedding (`EmbLLM.csit_forward`), as CSIT's L_S.
-- L_CII ("cii", weight alpha): the grounded prompt (session + its positive passage, the prompt
-  `answer` uses) followed by the reference response and the references of `cii_negatives`
-  OTHER examples of the batch; the reference must score highest. Scored by the mean token
+- L_CII ("cii", weight alpha): the grounded prompt (session + its positive passage, in the
+  layout `answer` uses: "[1] title: text"; but one passage, where `answer` shows k, cut at
+  `uniconv.max_passage_chars`, where `answer` cuts at 1200, and only its last
+  `max_context_tokens` tokens) followed by the reference response and the references of
+  `cii_negatives` OTHER examples of the batch (never a copy of its own reference); the
+  reference must score highest. Scored by the mean token
   log-likelihood of each response ("likelihood", the default: it trains the generation path
   that answers, so the model learns to answer from the passage in its context), all K
   responses in ONE forward that computes the context once (`cii.py`); or by embeddings
@@ -42,6 +45,7 @@ from chatretriever.modeling.losses import (
 )
 from chatretriever.modeling.template import RetrievalTemplate
 from chatretriever.modeling.trainer import NamedLossTrainer
+from chatretriever.types import Passage
 
 CII_SCORES = ("likelihood", "embedding")
 
@@ -143,9 +147,14 @@ class UniConvCollator:
         return batch
 
     def contexts(self, examples: Sequence[TrainingExample], positives: Sequence[Any]) -> list:
-        """The grounded prompt of each example (its session + its positive of this epoch)."""
+        """The grounded prompt of each example (its session + its positive of this epoch,
+        titled as `answer` shows a passage: "[1] title: text")."""
         return [
-            grounded_messages(list(ex.messages), [p.text], self.settings.max_passage_chars)
+            grounded_messages(
+                list(ex.messages),
+                [Passage(p.id or "positive", p.text, title=p.title)],
+                self.settings.max_passage_chars,
+            )
             for ex, p in zip(examples, positives, strict=True)
         ]
 
@@ -165,10 +174,13 @@ class UniConvCollator:
             # instruction): the grounded conversation without GROUNDED_SYSTEM.
             ctx = self.template.session_ids_batch([p[1:] for p in prompts])
             resp = self.template.passage_ids_batch(refs)
+            same = [[_same_response(a, b) for b in refs] for a in refs]
             return {
                 "cii": {
                     "contexts": encode_batch(ctx, self.pad_id, self.padding_side),
                     "responses": encode_batch(resp, self.pad_id, self.padding_side),
+                    # (B', B') another example's copy of a reference is not an incorrect one
+                    "exclude": torch.tensor(same) & ~torch.eye(len(refs), dtype=torch.bool),
                 },
                 "cii_rows": rows,
             }
@@ -190,9 +202,26 @@ class UniConvCollator:
         keep = self.settings.max_context_tokens
         out = []
         for i, ctx in enumerate(contexts):
-            others = [responses[(i + j) % len(refs)] for j in range(1, k + 1)]  # the next k
+            others = [responses[j] for j in _other_responses(i, refs, k)]
             out.append(cii_row(ctx[-keep:], [responses[i], *others]))
         return cii_batch(out, self.pad_id)
+
+
+def _same_response(a: str, b: str) -> bool:
+    """Whether two references are the same response (up to surrounding whitespace)."""
+    return a.strip() == b.strip()
+
+
+def _other_responses(i: int, refs: Sequence[str], k: int) -> list[int]:
+    """The next k examples after i (cyclic) whose reference is not example i's own: a copy of
+    the reference ("yes" twice in a batch) is not an incorrect response. Fewer when the batch
+    has fewer (a row with the reference alone adds nothing to L_CII)."""
+    out: list[int] = []
+    for step in range(1, len(refs)):
+        j = (i + step) % len(refs)
+        if len(out) < k and not _same_response(refs[j], refs[i]):
+            out.append(j)
+    return out
 
 
 def uniconv_losses(
@@ -231,7 +260,12 @@ def uniconv_losses(
         else:
             ctx = model.embed(cii["contexts"])  # (B', D)
             resp = model.embed(cii["responses"])  # (B', D)
-            part = contrastive_loss(ctx, resp, temperature=loss.temperature)["contrastive"]
+            exclude = cii.get("exclude")
+            if exclude is not None:
+                exclude = exclude.to(ctx.device)
+            part = contrastive_loss(ctx, resp, temperature=loss.temperature, exclude=exclude)[
+                "contrastive"
+            ]
         parts["cii"] = settings.alpha * part
     if not parts:
         raise ValueError("every UniConv loss part has weight 0")
