@@ -192,8 +192,12 @@ def _load(args: argparse.Namespace) -> _Source:
 
         sessions = [s for y in args.years or (2021, 2022) for s in load_cast(paths[0], y).sessions]
         return _Source(sessions, cast_examples, mine, name)
-    reader = read_chat_examples if src == "sessions" else read_triples
-    return _Source([ex for p in paths for ex in reader(p)], list, mine, name)
+    if src == "sessions":  # ids unique over all the files (each names its file and line)
+        seen: dict[str, str] = {}
+        examples = [ex for p in paths for ex in read_chat_examples(p, seen=seen)]
+    else:
+        examples = [ex for p in paths for ex in read_triples(p)]
+    return _Source(examples, list, mine, name)
 
 
 def _mine_over(passages: list[Passage], name: str) -> tuple[Callable[..., Any], str]:

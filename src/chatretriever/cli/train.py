@@ -35,9 +35,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from chatretriever.modeling.recipe import read_recipe
+    from chatretriever.modeling.recipe import resolved_recipe
 
-    if read_recipe(args.recipe).get("method", "chatretriever") == "uniconv":
+    # the method as the recipe and its overrides (`--set method=uniconv`) say
+    if resolved_recipe(args.recipe, args.overrides).get("method") == "uniconv":
         from chatretriever.methods.uniconv.recipe import load_recipe, run_training
     else:
         from chatretriever.methods.chatretriever.recipe import load_recipe, run_training

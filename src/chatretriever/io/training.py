@@ -303,18 +303,33 @@ def example_from_dict(
     return TrainingExample(eid, turns, positives, negatives, target, source, meta, teacher)
 
 
-def iter_training_examples(path: str | Path) -> Iterator[TrainingExample]:
+def iter_training_examples(
+    path: str | Path, require_teacher: str | None = None
+) -> Iterator[TrainingExample]:
     """Stream and validate training examples from JSONL (`.gz` ok); duplicate ids raise.
+
+    Args:
+        path: The training JSONL file.
+        require_teacher: Why every example needs teacher scores (e.g. "distill.weight > 0"):
+            an example without them raises. None: scores are optional.
 
     Raises:
         DataFormatError: malformed JSON, a missing or ill-typed field, empty positives,
-            or a duplicate id; the error names the file, line and field.
+            a duplicate id, or missing teacher scores; the error names the file, line and field.
     """
     seen: set[str] = set()
     for lineno, obj in iter_jsonl(path):
         ex = example_from_dict(obj, path, lineno)
         if ex.id in seen:
             raise DataFormatError(path, f"duplicate id {ex.id!r}", lineno, "id")
+        if require_teacher and ex.teacher is None:
+            raise DataFormatError(
+                path,
+                f"missing ({require_teacher}: build the file with `chatretriever build-train "
+                "... --teacher NAME`)",
+                lineno,
+                "teacher",
+            )
         seen.add(ex.id)
         yield ex
 

@@ -24,6 +24,7 @@ import functools
 import hashlib
 import json
 import logging
+import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
@@ -40,6 +41,32 @@ SAVED_RECIPE = "train_config.yaml"
 LOG_FILE = "train_log.jsonl"
 
 T = TypeVar("T")
+
+# this project's TrainingArguments defaults, under a recipe's `training:` (`training_arguments`)
+TRAINING_DEFAULTS: dict[str, Any] = {
+    "max_steps": 200,
+    "per_device_train_batch_size": 8,
+    "learning_rate": 1e-4,
+    "lr_scheduler_type": "linear",
+    "warmup_steps": 10,
+    "weight_decay": 0.0,
+    "logging_steps": 10,
+    "save_strategy": "steps",
+    "save_steps": 50,
+    "save_total_limit": 2,
+    "seed": 42,
+    "report_to": [],
+    "dataloader_drop_last": True,  # equal batch shapes on every process (gathering)
+    "remove_unused_columns": False,
+    "ddp_find_unused_parameters": False,
+}
+
+# what a resumed run may change: how long it trains, how it saves and logs, how data is loaded
+RESUMABLE_TRAINING = frozenset({
+    "max_steps", "num_train_epochs", "save_strategy", "save_steps", "save_total_limit",
+    "logging_steps", "logging_first_step", "report_to", "disable_tqdm", "dataloader_num_workers",
+    "dataloader_persistent_workers", "dataloader_pin_memory", "dataloader_prefetch_factor",
+})  # fmt: skip
 
 
 class RecipeConfig(Protocol):
@@ -115,7 +142,13 @@ def _yaml_load(text: str) -> Any:
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Apply `key.sub=value` overrides (values parsed as YAML) to a raw recipe dict."""
+    """Apply `key.sub=value` overrides (values parsed as YAML) to a raw recipe dict.
+
+    Raises:
+        ValueError: naming the `--set` item (no `=`, a path through a scalar, invalid YAML).
+    """
+    import yaml
+
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -127,7 +160,11 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
             if not isinstance(child, dict):
                 raise ValueError(f"--set {item!r}: {part!r} is not a mapping")
             node = child
-        node[leaf] = _yaml_load(value)
+        try:
+            node[leaf] = _yaml_load(value)
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ValueError(f"--set {item!r}: the value is not valid YAML ({problem})") from None
     return raw
 
 
@@ -227,6 +264,9 @@ def check_training_settings(settings: Mapping[str, Any]) -> None:
             close = difflib.get_close_matches(str(key), known, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ValueError(f"training.{key}: not a TrainingArguments field{hint}")
+        if key in _NOT_TRAINING_SETTINGS and value not in (None, False):
+            raise ValueError(f"training.{key}: {_NOT_TRAINING_SETTINGS[key]}")
+        _check_choice_field(f"training.{key}", value, hints.get(key))
         check_value(f"training.{key}", value, hints.get(key))
     steps = settings.get("max_steps")
     if isinstance(steps, int) and (steps == 0 or steps < -1):
@@ -235,6 +275,37 @@ def check_training_settings(settings: Mapping[str, Any]) -> None:
         value = settings.get(key)
         if isinstance(value, int) and value < 1:
             raise ValueError(f"training.{key}: expected >= 1, got {value}")
+
+
+# TrainingArguments fields a recipe sets elsewhere (the trainer would override or refuse them)
+_NOT_TRAINING_SETTINGS = {
+    "output_dir": "the output directory is the recipe's top-level `output_dir`",
+    "bf16": "precision is set by the recipe's dtype (bf16 autocast by default), not training.bf16",
+    "fp16": "precision is set by the recipe's dtype (bf16 autocast by default), not training.fp16",
+}
+
+
+def _check_choice_field(name: str, value: Any, hint: Any) -> None:
+    """Raise ValueError when `value` is not one of the choices of an enum-typed field
+    (`optim`, `lr_scheduler_type`, `save_strategy`, ...); a YAML 1.1 boolean (a bare `no`
+    reads as false) is named as such."""
+    import enum
+    import typing
+
+    kinds = typing.get_args(hint) or (hint,)
+    choices = next(
+        ([e.value for e in k] for k in kinds if isinstance(k, type) and issubclass(k, enum.Enum)),
+        None,
+    )
+    if choices is None or value is None or value in choices:
+        return
+    if isinstance(value, bool):
+        raise ValueError(
+            f"{name}: got {str(value).lower()} (YAML reads a bare no/yes/off/on as a boolean): "
+            f"quote it, e.g. {name}='no'; one of {choices}"
+        )
+    if not isinstance(value, enum.Enum):
+        raise ValueError(f"{name}: {value!r} is not one of {choices}")
 
 
 def load_config(
@@ -246,10 +317,25 @@ def load_config(
         DataFormatError: naming the file and what is wrong (`build`'s TypeError/ValueError too).
     """
     path = Path(path)
+    raw = resolved_recipe(path, overrides)
+    try:
+        return build(raw)
+    except (TypeError, ValueError) as e:
+        raise DataFormatError(path, str(e)) from e
+
+
+def resolved_recipe(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """The raw recipe (its `base:` chain read) with the `--set` overrides applied, unvalidated
+    (e.g. to read its `method:` before choosing the config class).
+
+    Raises:
+        DataFormatError: naming the file (and the `--set` item) that is wrong.
+    """
+    path = Path(path)
     raw = read_recipe(path)
     try:
-        return build(apply_overrides(raw, overrides))
-    except (TypeError, ValueError) as e:
+        return apply_overrides(raw, overrides)
+    except ValueError as e:
         raise DataFormatError(path, str(e)) from e
 
 
@@ -329,13 +415,28 @@ def hash_sample(examples: list[Any], n: int, seed: int = 0) -> list[Any]:
 def cap_sources(
     parts: list[tuple[list[Any], int]], caps: Mapping[str, int], seed: int = 0
 ) -> list[tuple[list[Any], int]]:
-    """Apply `DataSettings.caps` to (examples, repeat) per file (examples keep their order)."""
+    """Apply `DataSettings.caps` to (examples, repeat) per file (examples keep their order);
+    logs each capped source's count before and after.
+
+    Raises:
+        ValueError: a capped source that no example has (a typo would lift the cap silently).
+    """
     if not caps:
         return parts
+    present = sorted({ex.source for examples, _ in parts for ex in examples})
+    absent = [s for s in caps if s not in present]
+    if absent:
+        names = [repr(s) if s else "'' (no source field)" for s in present]
+        raise ValueError(
+            f"data.caps.{absent[0]}: no training example has source {absent[0]!r} "
+            f"(sources present: {', '.join(names)})"
+        )
     keep: set[str] = set()
     for source, n in caps.items():
         of_source = [ex for examples, _ in parts for ex in examples if ex.source == source]
-        keep.update(ex.id for ex in hash_sample(of_source, n, seed))
+        kept = hash_sample(of_source, n, seed)
+        keep.update(ex.id for ex in kept)
+        logger.info("data.caps.%s: %d -> %d examples", source, len(of_source), len(kept))
     return [
         ([ex for ex in examples if ex.source not in caps or ex.id in keep], repeat)
         for examples, repeat in parts
@@ -356,10 +457,21 @@ def check_output_dir(output_dir: str | Path, resume: bool, overwrite: bool) -> l
     marker files to delete before starting over; otherwise ValueError.
     """
     out = Path(output_dir)
-    if resume or not out.is_dir():
+    if not out.is_dir():
         return []
-    stale = sorted(p for p in out.glob("checkpoint-*") if p.is_dir())
-    stale += [out / m for m in _MODEL_MARKERS if (out / m).is_file()]
+    checkpoints = sorted(p for p in out.glob("checkpoint-*") if p.is_dir())
+    markers = [out / m for m in _MODEL_MARKERS if (out / m).is_file()]
+    if resume:
+        saved = markers or [p for p in save_leftovers(out) for m in _MODEL_MARKERS
+                            if p.suffix == ".old" and (p / m).is_file()]  # fmt: skip
+        if saved and not checkpoints:
+            raise ValueError(
+                f"{out} holds a finished model ({saved[0].name}) and no checkpoint: --resume has "
+                "nothing to continue (the model is kept); --overwrite starts over, or give "
+                "another output_dir"
+            )
+        return []
+    stale = checkpoints + markers
     if stale and not overwrite:
         raise ValueError(
             f"{out} already holds a run ({', '.join(p.name for p in stale[:3])}"
@@ -370,16 +482,87 @@ def check_output_dir(output_dir: str | Path, resume: bool, overwrite: bool) -> l
     return stale
 
 
-def _remove(paths: Sequence[Path]) -> None:
-    import shutil
+def save_leftovers(output_dir: str | Path) -> list[Path]:
+    """The staging (`.NAME.*.tmp`) and set-aside (`.NAME.*.old`) dirs a save of the final model
+    into `output_dir` leaves when it is killed (`io.files.atomic_files`)."""
+    out = Path(output_dir)
+    found = [*out.glob(f".{out.name}.*.tmp"), *out.glob(f".{out.name}.*.old")]
+    return sorted(p for p in found if p.is_dir())
 
+
+def _remove(paths: Sequence[Path]) -> None:
     for p in paths:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
         logger.info("removed %s (--overwrite)", p)
 
 
+def _leaves(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"loss.alpha": 0.3, "data.files": [...]}: the non-mapping values of a nested mapping."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(_leaves(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def changed_settings(now: Mapping[str, Any], saved: Mapping[str, Any]) -> list[str]:
+    """What a resumed run would change of the recipe its run was started with.
+
+    Args:
+        now: The resolved recipe (`to_dict()`) of the resume.
+        saved: The run's `train_config.yaml`.
+
+    Returns:
+        "key: old -> new" for each differing key, sorted; `output_dir`, `RESUMABLE_TRAINING`
+        and keys one recipe lacks (written by another version) are not compared; a training
+        field left out counts as its default (`TRAINING_DEFAULTS`).
+    """
+    import yaml
+
+    now = yaml.safe_load(yaml.safe_dump(dict(now), sort_keys=False))  # the saved file's types
+    was_training = {**TRAINING_DEFAULTS, **(saved.get("training") or {})}
+    new_training = {**TRAINING_DEFAULTS, **(now.get("training") or {})}
+    old = _leaves({k: v for k, v in saved.items() if k not in ("output_dir", "training")})
+    new = _leaves({k: v for k, v in now.items() if k not in ("output_dir", "training")})
+    diffs = [(k, old[k], new[k]) for k in old.keys() & new.keys() if old[k] != new[k]]
+    diffs += [
+        (f"training.{k}", was_training.get(k), new_training.get(k))
+        for k in (was_training.keys() | new_training.keys()) - RESUMABLE_TRAINING
+        if was_training.get(k) != new_training.get(k)
+    ]
+    return [f"{k}: {a!r} -> {b!r}" for k, a, b in sorted(diffs)]
+
+
+def check_resumed_recipe(config: RecipeConfig, output_dir: str | Path) -> None:
+    """Refuse to resume the run in `output_dir` with a recipe that trains differently from the
+    one it was started with (its `train_config.yaml`): the saved recipe would claim settings
+    the first part was not trained with.
+
+    Raises:
+        ValueError: one line naming each differing key.
+    """
+    saved_path = Path(output_dir) / SAVED_RECIPE
+    if not saved_path.is_file():
+        return
+    changed = changed_settings(config.to_dict(), read_recipe(saved_path))
+    if changed:
+        raise ValueError(
+            f"{output_dir} holds a run started with another recipe ({SAVED_RECIPE}): "
+            f"{'; '.join(changed)}; --resume continues it only with that recipe (it may change "
+            "how long it trains, saves and logs); --overwrite starts over, or give another "
+            "output_dir"
+        )
+
+
 def prepare_llm_run(
-    config: Any, resume: bool, model_cls: Any, overwrite: bool = False
+    config: Any,
+    resume: bool,
+    model_cls: Any,
+    overwrite: bool = False,
+    read: Callable[[str], Iterable[Any]] | None = None,
 ) -> tuple[Any, str | None, Any, Any]:
     """What every EmbLLM training run does first: the TrainingArguments, the checkpoint to
     resume from, the training set (files x repeat, per-source caps), the seed, the trainable
@@ -391,23 +574,34 @@ def prepare_llm_run(
         resume: Continue from the newest checkpoint in `output_dir`.
         model_cls: The `EmbLLM` subclass to load (`ChatRetriever`, `UniConv`).
         overwrite: Start over in an `output_dir` that holds another run (`check_output_dir`).
+        read: The reader of one training file (default `io.training.iter_training_examples`).
 
     Returns:
         (TrainingArguments, checkpoint or None, the TrainingSet, the model on the CPU).
+
+    Raises:
+        ValueError: before the model loads or anything is written: an `output_dir` that holds
+            another run, a resume with another recipe, bad data or caps, no batch to train on.
     """
     from transformers import set_seed
 
     from chatretriever.io.training import iter_training_examples
-    from chatretriever.modeling.trainer import TrainingSet, training_arguments
+    from chatretriever.modeling.trainer import TrainingSet, check_fills_a_batch, training_arguments
 
     out = Path(config.output_dir)
     stale = check_output_dir(out, resume, overwrite)  # every process, before anyone writes
     args = training_arguments(out, config.training)
+    checkpoint = resume_checkpoint(out, resume)
+    if checkpoint is not None:
+        check_resumed_recipe(config, out)
+    parts = load_examples(config.data, read or iter_training_examples)
+    dataset = TrainingSet(cap_sources(parts, config.data.caps, config.data.cap_seed))
+    check_fills_a_batch(len(dataset), args)
     if args.process_index == 0:
         _remove(stale)
-    checkpoint = resume_checkpoint(out, resume)
-    parts = load_examples(config.data, iter_training_examples)
-    dataset = TrainingSet(cap_sources(parts, config.data.caps, config.data.cap_seed))
+        for leftover in save_leftovers(out):  # of a killed final save: never read again
+            shutil.rmtree(leftover, ignore_errors=True)
+            logger.warning("removed %s (left by a killed save of the model)", leftover)
     set_seed(args.seed)  # LoRA's random init comes before the Trainer seeds anything
     model = model_cls.from_pretrained(
         config.model, config=config.retriever, lora=config.lora, is_trainable=True, device="cpu"

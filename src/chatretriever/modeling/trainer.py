@@ -5,7 +5,10 @@ it runs the model's forward on the collated batch and returns each already-weigh
 loss. `NamedLossTrainer` backpropagates their sum and logs every part as `loss_<name>`, averaged
 over the micro-batches of the logging window (and, under DDP, over the processes, as `loss` is),
 beside the Trainer's own `loss` (the parts stay on
-the device until a log is written: no device sync per micro-step). A data collator with a
+the device until a log is written: no device sync per micro-step). A loss function with a
+`token_counts(batch) -> {part name: tokens}` method marks those parts as token means: under
+gradient accumulation each is weighted so that a step's part is the mean over all of the step's
+tokens, as in one big batch (not the mean of the micro-batches' means). A data collator with a
 `set_epoch(epoch, seed)` method is told the epoch and the trainer's seed as each epoch begins (to
 vary, reproducibly, what it samples; with `dataloader_persistent_workers` workers keep the epoch
 they started with).
@@ -41,7 +44,13 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from chatretriever.io.files import atomic_path, replace_dir
-from chatretriever.modeling.recipe import LOG_FILE, RecipeConfig, save_recipe, write_log
+from chatretriever.modeling.recipe import (
+    LOG_FILE,
+    TRAINING_DEFAULTS,
+    RecipeConfig,
+    save_recipe,
+    write_log,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +105,8 @@ class NamedLossTrainer(Trainer):
         self.loss_fn = loss_fn
         self._part_sums: dict[str, torch.Tensor] = {}
         self._part_count = 0
+        self._step_tokens: dict[str, Any] = {}  # token-mean part -> its tokens in this step
+        self._step_batches = 1
         if callable(getattr(self.data_collator, "set_epoch", None)):
             self.add_callback(_EpochToCollator(self.data_collator))
 
@@ -109,6 +120,8 @@ class NamedLossTrainer(Trainer):
         parts = self.loss_fn(model, inputs)
         if not parts:
             raise ValueError("the loss function returned no loss parts")
+        if model.training and self._step_tokens:
+            parts = self._as_step_token_means(parts, inputs)
         total = sum(parts.values())
         if model.training:  # detached sums on the device; read (one sync) only when logging
             for name, value in parts.items():
@@ -118,6 +131,36 @@ class NamedLossTrainer(Trainer):
                 )
             self._part_count += 1
         return (total, parts) if return_outputs else total
+
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> Any:
+        """The micro-batches of one optimizer step; also counts, for each token-mean part the
+        loss function names (`token_counts`), its tokens over all of them."""
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        count = getattr(self.loss_fn, "token_counts", None)
+        self._step_tokens = {}
+        if callable(count) and batches:
+            for batch in batches:
+                for name, n in count(batch).items():
+                    self._step_tokens[name] = self._step_tokens.get(name, 0) + n
+            self._step_batches = len(batches)
+        return batches, num_items
+
+    def _as_step_token_means(
+        self, parts: Mapping[str, torch.Tensor], inputs: Mapping[str, Any]
+    ) -> dict[str, torch.Tensor]:
+        """A token-mean part of this micro-batch rescaled so that, once the Trainer divides by
+        the number of micro-batches, the step's parts sum to the token mean over ALL of the
+        step's tokens (a short target weighs as in one big batch: gradient accumulation then
+        equals the big batch; under DDP each process keeps its own token count)."""
+        out = dict(parts)
+        for name, n in self.loss_fn.token_counts(inputs).items():  # type: ignore[attr-defined]
+            total = self._step_tokens.get(name)
+            if name in out and total is not None:
+                dev = out[name].device
+                mine = torch.as_tensor(n, dtype=torch.float32, device=dev) * self._step_batches
+                all_ = torch.as_tensor(total, dtype=torch.float32, device=dev).clamp(min=1)
+                out[name] = out[name] * (mine / all_)
+        return out
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if self._part_count and "loss" in logs:
@@ -276,24 +319,7 @@ def training_arguments(
         ValueError: `bf16`/`fp16` set, accelerate's `mixed_precision` not "no", or a launcher's
             processes (`WORLD_SIZE`) that did not form one process group.
     """
-    defaults: dict[str, Any] = {
-        "max_steps": 200,
-        "per_device_train_batch_size": 8,
-        "learning_rate": 1e-4,
-        "lr_scheduler_type": "linear",
-        "warmup_steps": 10,
-        "weight_decay": 0.0,
-        "logging_steps": 10,
-        "save_strategy": "steps",
-        "save_steps": 50,
-        "save_total_limit": 2,
-        "seed": 42,
-        "report_to": [],
-        "dataloader_drop_last": True,  # equal batch shapes on every process (gathering)
-        "remove_unused_columns": False,
-        "ddp_find_unused_parameters": False,
-    }
-    merged = {**defaults, **dict(settings), "output_dir": str(output_dir)}
+    merged = {**TRAINING_DEFAULTS, **dict(settings), "output_dir": str(output_dir)}
     if merged.get("bf16") or merged.get("fp16"):
         raise ValueError(
             f"training.bf16/fp16: precision is set by {precision_setting} "
@@ -329,6 +355,22 @@ def accelerator_visible() -> bool:
     """Whether this process sees a GPU (or another torch accelerator) to train on."""
     accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
     return accelerator.is_available() if accelerator else torch.cuda.is_available()
+
+
+def check_fills_a_batch(n_examples: int, args: TrainingArguments) -> None:
+    """Raise when `n_examples` fill no whole batch of every process: with the forced
+    `dataloader_drop_last` such a run would take no step and save the untrained model.
+
+    Raises:
+        ValueError: naming the counts and the recipe keys that change them.
+    """
+    batch, world = args.per_device_train_batch_size, args.world_size
+    if args.dataloader_drop_last and n_examples < batch * world:
+        raise ValueError(
+            f"{n_examples} training examples (after data.files limit/repeat and data.caps) fill "
+            f"no batch of training.per_device_train_batch_size={batch} x {world} process(es): "
+            "the run would take 0 steps; lower the batch size or add examples"
+        )
 
 
 class TrainingSet(torch.utils.data.Dataset):

@@ -1,5 +1,6 @@
 """A training recipe: one YAML file that says everything a CSIT run needs, and the run itself.
 
+    method: chatretriever               # optional, the default (`method: uniconv`: a UniConv)
     model: smollm2-135m-instruct        # base chat LLM (built-in name, HF dir, .gguf) or saved dir
     output_dir: runs/chatretriever-smol
     retriever: {n_emb_tokens: 3, max_session_len: 384, ...}     # RetrieverConfig
@@ -44,6 +45,8 @@ from chatretriever.modeling.recipe import (
     recipe_from_dict,
 )
 
+METHOD = "chatretriever"  # a recipe's `method:` (the default of `chatretriever train`)
+
 
 @dataclass
 class DistillSettings:
@@ -74,6 +77,7 @@ class TrainConfig:
     model: str
     output_dir: str
     data: DataSettings
+    method: str = METHOD
     retriever: RetrieverConfig = field(default_factory=RetrieverConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -82,6 +86,11 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:
+        if data.get("method", METHOD) != METHOD:
+            raise ValueError(
+                f"method must be {METHOD!r} in a ChatRetriever recipe (or 'uniconv', chosen by "
+                f"`chatretriever train`), got {data['method']!r}"
+            )
         return recipe_from_dict(
             cls,
             data,
@@ -123,7 +132,16 @@ def run_training(config: TrainConfig, resume: bool = False, overwrite: bool = Fa
     from chatretriever.methods.chatretriever.model import ChatRetriever
     from chatretriever.methods.chatretriever.train import CsitTrainer, make_collator
 
-    args, checkpoint, dataset, retriever = prepare_llm_run(config, resume, ChatRetriever, overwrite)
+    read = None
+    if config.distill.weight > 0:  # every example needs scores: found before the model loads
+        from functools import partial
+
+        from chatretriever.io.training import iter_training_examples
+
+        read = partial(iter_training_examples, require_teacher="distill.weight > 0")
+    args, checkpoint, dataset, retriever = prepare_llm_run(
+        config, resume, ChatRetriever, overwrite, read
+    )
     trainer = CsitTrainer(
         model=retriever,
         args=args,

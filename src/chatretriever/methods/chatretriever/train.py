@@ -32,6 +32,7 @@ from chatretriever.modeling.candidates import (
     teacher_slot_scores,
 )
 from chatretriever.modeling.losses import (
+    IGNORE_INDEX,
     CandidateLayout,
     combine_csit_losses,
     score_distillation_loss,
@@ -170,6 +171,14 @@ class CsitLoss:
     def __call__(self, model: Any, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         outputs = model(sessions=inputs["sessions"], passages=inputs["passages"])
         return csit_losses(outputs, inputs, self.loss, self.distill)
+
+    def token_counts(self, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """{"session_lm": the response tokens the LM part averages over} (the trainer makes
+        it a token mean over a whole accumulated step); {} without the LM part."""
+        labels = inputs["sessions"].get("labels") if self.loss.uses_lm else None
+        if labels is None:
+            return {}
+        return {"session_lm": (labels[:, 1:] != IGNORE_INDEX).sum()}  # the targets predicted
 
 
 class CsitTrainer(NamedLossTrainer):

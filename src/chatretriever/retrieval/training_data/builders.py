@@ -170,16 +170,20 @@ def examples_from_qrels(
     return out
 
 
-def read_chat_examples(path: str | Path, source: str = "sessions") -> list[TrainingExample]:
+def read_chat_examples(
+    path: str | Path, source: str = "sessions", seen: dict[str, str] | None = None
+) -> list[TrainingExample]:
     """Examples from a sessions JSONL file (see `chatretriever.io.sessions`).
 
     A line whose messages end with the user's question takes its `"response"`; a line whose
     messages end with an assistant turn uses that turn as the response to the turns before it.
     The response is the positive and the target. Lines without a response (none, or blank, as
     `data convert` writes unanswered turns) are skipped and counted; a file where no line has
-    one raises, naming the first.
+    one raises, naming the first. An answered line's id used twice (in this file, or in `seen`:
+    id -> where it was first read, filled in) raises, naming both lines.
     """
     sessions, first_without = [], None
+    seen = {} if seen is None else seen
     for lineno, obj in iter_jsonl(path):
         msgs = obj.get("messages")
         if isinstance(msgs, list) and msgs and isinstance(msgs[-1], Mapping):
@@ -192,6 +196,11 @@ def read_chat_examples(path: str | Path, source: str = "sessions") -> list[Train
         s = session_from_dict(obj, path, lineno)
         if not (s.response or "").strip():
             first_without = first_without or lineno
+        elif s.id in seen:  # two examples of one id (skipped lines make none)
+            msg = f"duplicate id {s.id!r} (first at {seen[s.id]})"
+            raise DataFormatError(path, msg, lineno, "id")
+        else:
+            seen[s.id] = f"{path}:{lineno}"
         sessions.append(s)
     if first_without is not None and all(not (s.response or "").strip() for s in sessions):
         msg = "needs a response or a final assistant turn (no line has one)"
