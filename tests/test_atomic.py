@@ -18,7 +18,7 @@ import torch
 
 from chatretriever.config import LoraSettings, RetrieverConfig
 from chatretriever.methods.chatretriever.model import SAVED_CONFIG, ChatRetriever
-from chatretriever.modeling.recipe import resume_checkpoint
+from chatretriever.modeling.run_dir import resume_checkpoint
 from chatretriever.modeling.trainer import NamedLossTrainer, TrainingSet, training_arguments
 from chatretriever.types import Passage
 

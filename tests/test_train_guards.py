@@ -98,7 +98,7 @@ def test_resume_with_another_recipe_names_the_keys(tmp_path, tiny_llama_dir, cap
     assert "loss.alpha: 0.3 -> 0.9" in err and "training.learning_rate: 0.005 -> 0.1" in err
     assert "training.seed" not in err and "--overwrite" in err
     assert (out / "train_config.yaml").read_text() == saved  # the run's own recipe kept
-    from chatretriever.modeling.recipe import check_resumed_recipe
+    from chatretriever.modeling.run_dir import check_resumed_recipe
 
     # the same recipe, or one that only trains longer and logs / saves / loads otherwise: fine
     check_resumed_recipe(load_recipe(recipe), out)

@@ -129,7 +129,8 @@ def run_item_training(config: ItemTrainConfig, resume: bool = False, model: Any 
 
     from chatretriever.methods.items.data import iter_item_examples
     from chatretriever.methods.items.train import ItemCollator, ItemLoss, SentenceEmbedder
-    from chatretriever.modeling.recipe import resume_checkpoint, save_recipe
+    from chatretriever.modeling.recipe import save_recipe
+    from chatretriever.modeling.run_dir import resume_checkpoint
     from chatretriever.modeling.trainer import NamedLossTrainer, TrainingSet, training_arguments
 
     out = Path(config.output_dir)

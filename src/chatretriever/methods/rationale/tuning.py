@@ -35,7 +35,6 @@ from chatretriever.methods.rationale.prompts import WORDINGS, BinaryChoicePrompt
 from chatretriever.methods.rationale.scoring import option_logits
 from chatretriever.modeling.adapters import peft_lora_config
 from chatretriever.modeling.recipe import (
-    SAVED_RECIPE,
     BaseDataSettings,
     check_training_settings,
     load_examples,
@@ -288,24 +287,6 @@ def _pairs(config: TuneConfig) -> list[ChoicePair]:
     ]
 
 
-# what a run in `output_dir` may change when resumed: how long it trains, how it saves and logs
-_RESUMABLE = frozenset({"max_steps", "num_train_epochs", "save_steps", "save_total_limit",
-                        "logging_steps"})  # fmt: skip
-
-
-def _changed_settings(config: TuneConfig, saved: Mapping[str, Any]) -> list[str]:
-    """The recipe fields where `config` differs from the `saved` recipe of the run it resumes."""
-    import yaml
-
-    now = yaml.safe_load(yaml.safe_dump(config.to_dict()))  # the saved file's types
-    changed = [k for k in sorted((set(now) | set(saved)) - {"output_dir", "training"})
-               if now.get(k) != saved.get(k)]  # fmt: skip
-    was, new = saved.get("training") or {}, now.get("training") or {}
-    changed += [f"training.{k}" for k in sorted((set(was) | set(new)) - _RESUMABLE)
-                if was.get(k) != new.get(k)]  # fmt: skip
-    return changed
-
-
 def prepare_output_dir(config: TuneConfig, resume: bool = False, overwrite: bool = False) -> None:
     """Check `output_dir` before a run writes to it, as `chatretriever train` does.
 
@@ -317,10 +298,13 @@ def prepare_output_dir(config: TuneConfig, resume: bool = False, overwrite: bool
     Raises:
         ValueError: One line naming the dir and `--resume` / `--overwrite`.
     """
-    import shutil
-
     from chatretriever.modeling.adapters import ADAPTER_CONFIG
-    from chatretriever.modeling.recipe import check_output_dir, read_recipe, save_recipe
+    from chatretriever.modeling.recipe import save_recipe
+    from chatretriever.modeling.run_dir import (
+        check_output_dir,
+        check_resumed_recipe,
+        remove_paths,
+    )
 
     out = Path(config.output_dir)
     if resume and overwrite:
@@ -329,23 +313,14 @@ def prepare_output_dir(config: TuneConfig, resume: bool = False, overwrite: bool
         )
     stale = check_output_dir(out, resume, overwrite)  # the shared check: checkpoints, markers
     if resume:
-        saved = out / SAVED_RECIPE
-        changed = _changed_settings(config, read_recipe(saved)) if saved.is_file() else []
-        if changed:
-            raise ValueError(
-                f"{out} holds a run of other settings ({', '.join(changed[:4])} differ from its "
-                f"{SAVED_RECIPE}): --resume continues it with that recipe only; --overwrite starts "
-                "over, or give another output_dir"
-            )
+        check_resumed_recipe(config, out)  # the shared rule: same recipe, bar length/saving
         return
     if not stale and not overwrite and (out / ADAPTER_CONFIG).is_file():
         raise ValueError(
             f"{out} already holds a run ({ADAPTER_CONFIG}): --resume (resume=True) continues "
             "it, --overwrite (overwrite=True) starts over, or give another output_dir"
         )
-    for path in stale:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-        logger.info("removed %s (--overwrite)", path)
+    remove_paths(stale)
     save_recipe(config, out)
 
 
@@ -357,7 +332,7 @@ def run_sft(config: TuneConfig, resume: bool = False, overwrite: bool = False) -
     """
     from chatretriever.modeling.backbones import default_device
     from chatretriever.modeling.precision import resolve_dtype
-    from chatretriever.modeling.recipe import resume_checkpoint
+    from chatretriever.modeling.run_dir import resume_checkpoint
     from chatretriever.modeling.trainer import NamedLossTrainer, TrainingSet, training_arguments
 
     init = _init_adapter(config)
@@ -415,7 +390,8 @@ def run_dpo(config: TuneConfig, resume: bool = False, overwrite: bool = False) -
     datasets = require_extra("datasets", "train", "DPO tuning")
     from chatretriever.modeling.backbones import default_device
     from chatretriever.modeling.precision import resolve_dtype
-    from chatretriever.modeling.recipe import LOG_FILE, resume_checkpoint, save_recipe, write_log
+    from chatretriever.modeling.recipe import LOG_FILE, save_recipe, write_log
+    from chatretriever.modeling.run_dir import resume_checkpoint
 
     init = _init_adapter(config)
     prepare_output_dir(config, resume, overwrite)
