@@ -197,3 +197,78 @@ def test_format_hits_and_snippet():
         "  * 2. [0.250] b (b)",
     ]
     assert format_hits([]) == "  (no results)"
+
+
+def _bytes_stdin(data: bytes, errors: str) -> io.TextIOWrapper:
+    """stdin as Python opens it: UTF-8 text over bytes (strict under a UTF-8 locale,
+    surrogateescape under the C locale)."""
+    return io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", errors=errors)
+
+
+@pytest.mark.parametrize("errors", ["strict", "surrogateescape"])
+def test_chat_skips_a_line_that_is_not_text_and_goes_on(
+    index_dir, encoder, monkeypatch, capsys, errors
+):
+    capsys.readouterr()
+    stdin = _bytes_stdin(b"tell me about jaguars\njaguar \xff\xfe diet\nwhat do they eat\n", errors)
+    assert _chat(monkeypatch, stdin, ["--index", str(index_dir), "--k", "1"]) == 0
+    out = capsys.readouterr().out
+    assert list(_turn_blocks(out)) == ["turn 1: tell me about jaguars", "turn 2: what do they eat"]
+    assert "(skipped: the line holds byte 0xff, not utf-8 text, at character 8; type it again)" in (
+        out
+    )
+    # the conversation went on: the second turn was searched with the first
+    assert encoder("").seen[-1] == [("user", "tell me about jaguars"), ("user", "what do they eat")]
+
+
+def test_chat_skips_a_lone_surrogate(index_dir, encoder, monkeypatch, capsys):
+    capsys.readouterr()
+    stdin = io.StringIO("owls\njaguar \ud800 diet\nwhat do they hunt\n")
+    assert _chat(monkeypatch, stdin, ["--index", str(index_dir), "--k", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "(skipped: the line holds a lone surrogate \\ud800, at character 8" in out
+    assert list(_turn_blocks(out)) == ["turn 1: owls", "turn 2: what do they hunt"]
+
+
+class AnsweringEncoder(RecordingEncoder):
+    """Answers every turn; says on the way what transformers says when decoding with a BPE
+    tokenizer whose files set clean_up_tokenization_spaces, and another warning."""
+
+    def answer_batch(self, items, max_new_tokens=96, batch_size=8):
+        import logging
+
+        said_by = logging.getLogger("transformers.tokenization_utils_tokenizers")
+        said_by.warning(
+            "Ignoring clean_up_tokenization_spaces=True for BPE tokenizer TokenizersBackend. The "
+            "clean_up_tokenization post-processing step is designed for WordPiece tokenizers"
+        )
+        said_by.warning("something else to know")
+        return ["jaguars eat deer" for _ in items]
+
+
+def test_chat_answer_hides_the_bpe_cleanup_notice(tmp_path, monkeypatch, capsys):
+    import logging
+
+    register_encoder("fakeans", lambda rest: AnsweringEncoder(name="answering"))
+    try:
+        write(tmp_path / "corpus.jsonl", jsonl(CORPUS))
+        argv = ["index", str(tmp_path / "corpus.jsonl"), "--out", str(tmp_path / "idx")]
+        assert main([*argv, "--model", "fakeans:"]) == 0
+        seen: list[str] = []
+
+        class Collect(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                seen.append(record.getMessage())
+
+        said_by = logging.getLogger("transformers.tokenization_utils_tokenizers")
+        collect = Collect()
+        said_by.addHandler(collect)
+        try:
+            argv = ["--index", str(tmp_path / "idx"), "--answer", "--k", "1"]
+            assert _chat(monkeypatch, io.StringIO("what do jaguars eat\n"), argv) == 0
+        finally:
+            said_by.removeHandler(collect)
+    finally:
+        unregister_encoder("fakeans")
+    assert "jaguars eat deer" in capsys.readouterr().out
+    assert seen == ["something else to know"]  # the notice no chat user can act on is dropped

@@ -98,16 +98,57 @@ def _load_encoder(name: str):
 
 
 def _lines(interactive: bool) -> Iterator[str]:
-    """The user's lines: prompted on a terminal, else read from stdin until EOF."""
+    """The user's lines: prompted on a terminal, else read from stdin until EOF. Bytes that are
+    not text come as lone surrogates (`errors="surrogateescape"`, see `_not_text`), so that one
+    bad line cannot end the conversation."""
     if not interactive:
-        yield from sys.stdin
+        raw = getattr(sys.stdin, "buffer", None)
+        if raw is None:  # a text stream without bytes under it (io.StringIO)
+            yield from sys.stdin
+            return
+        encoding = getattr(sys.stdin, "encoding", None) or "utf-8"
+        for line in raw:
+            yield line.decode(encoding, errors="surrogateescape")
         return
     while True:
         try:
             yield input("you> ")
+        except UnicodeDecodeError as e:  # a strict terminal encoding: the line is gone
+            _echo(f"(skipped: that line is not {e.encoding} text; type it again)")
         except (EOFError, KeyboardInterrupt):
             _echo()
             return
+
+
+def _not_text(line: str) -> str | None:
+    """Why a line cannot be a turn (a byte that is not text, a lone surrogate), or None."""
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = ord(line[e.start])
+        if 0xDC80 <= bad <= 0xDCFF:  # a byte that did not decode, kept by surrogateescape
+            what = f"byte 0x{bad - 0xDC00:02x}, not {sys.stdin.encoding or 'utf-8'} text"
+        else:
+            what = f"a lone surrogate \\u{bad:04x}"
+        return f"(skipped: the line holds {what}, at character {e.start + 1}; type it again)"
+    return None
+
+
+class _DropBpeCleanupNotice(logging.Filter):
+    """Drops transformers' notice that it ignores `clean_up_tokenization_spaces=True` for a BPE
+    tokenizer: printed between a turn and its first answer, about a setting of the model's
+    tokenizer files that a chat user cannot change and that changes nothing (the cleanup is
+    skipped either way)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Ignoring clean_up_tokenization_spaces")
+
+
+def _quiet_answer_notices() -> None:
+    """Install `_DropBpeCleanupNotice` on the logger that says it (once per process)."""
+    said_by = logging.getLogger("transformers.tokenization_utils_tokenizers")
+    if not any(isinstance(f, _DropBpeCleanupNotice) for f in said_by.filters):
+        said_by.addFilter(_DropBpeCleanupNotice())
 
 
 def _answerer(args: argparse.Namespace, corpus_index, encoder) -> tuple:
@@ -122,6 +163,7 @@ def _answerer(args: argparse.Namespace, corpus_index, encoder) -> tuple:
         raise ValueError("--answer-k and --max-new-tokens must be positive")
     if corpus_index.passages is None:
         raise ValueError(f"{args.index} holds no passage texts to answer from: pass --corpus")
+    _quiet_answer_notices()
     return resolve_answerer(encoder, args.generator, args.max_new_tokens, 1)
 
 
@@ -175,6 +217,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         if line.startswith(":"):
             _echo(f"unknown command {line!r}: {HELP}")
+            continue
+        problem = _not_text(line)
+        if problem is not None:  # the tokenizer would fail on it: skip it, keep the conversation
+            _echo(problem)
             continue
         _turn(args, searcher, answerer, conversation, line, interactive)
     return 0

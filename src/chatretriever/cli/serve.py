@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 
-from chatretriever.cli.pipeline import add_hybrid_arguments, add_runtime_argument, set_runtime
+from chatretriever.cli.pipeline import (
+    add_hybrid_arguments,
+    add_runtime_argument,
+    refuse_unused_hybrid_options,
+    set_runtime,
+)
 from chatretriever.errors import require_extra
 
 logger = logging.getLogger(__name__)
@@ -31,7 +36,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-auth", action="store_true", help="no API keys (loopback hosts only)")
     p.add_argument("--max-batch", type=int, default=32, help="most requests per forward (1: off)")
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="wait for a batch to fill")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body")
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=1 << 20,
+        help="largest request body (default 1 MiB, at least 1024)",
+    )
     p.add_argument(
         "--dtype", choices=["fp32", "bf16", "auto"], help="model precision (default: the model's)"
     )
@@ -68,7 +78,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     require_extra("fastapi", purpose="the server")
     uvicorn = require_extra("uvicorn", purpose="the server")
     from chatretriever.apps.server.app import ServerSettings, create_app
+    from chatretriever.apps.server.body_limit import check_body_limit
 
+    check_body_limit(args.max_body_bytes, "--max-body-bytes")
     keys = load_api_keys(args.api_keys_file)
     check_auth_settings(keys, args.no_auth, args.host)  # before minutes of model loading
     _check_port_free(args.host, args.port)
@@ -80,6 +92,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logger.warning(
             "%s holds no passage texts: results carry ids only (pass --corpus)", args.index
         )
+    hybrid = _hybrid_side(args, corpus_index)  # its settings checked before the model loads
     encoder = _load_encoder(model)
     if args.dtype:
         set_precision(encoder, args.dtype)
@@ -95,7 +108,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_wait_ms=args.max_wait_ms,
         max_body_bytes=args.max_body_bytes,
     )
-    app = create_app(corpus_index, encoder, settings, _hybrid_side(args, corpus_index))
+    app = create_app(corpus_index, encoder, settings, hybrid)
     auth = "no auth (loopback)" if args.no_auth else f"{len(keys)} API key(s)"
     print(
         f"chatretriever serve: {len(corpus_index.index)} passages, model {model}, {auth}",
@@ -111,11 +124,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _hybrid_side(args: argparse.Namespace, corpus_index):
     """The BM25 side for `"hybrid": true` searches: the index's own (`index ... --bm25`), fused
-    as `--hybrid` says (rrf by default); None when the index has none and --hybrid is not given."""
+    as `--hybrid` says (rrf by default); None when the index has none and --hybrid is not given
+    (then a fusion option given is refused: nothing would use it)."""
     from chatretriever.apps.chat import HybridSide
     from chatretriever.cli.pipeline import hybrid_side
 
     if corpus_index.bm25_dir is None and not args.hybrid:
+        refuse_unused_hybrid_options(args)
         return None
     args = argparse.Namespace(**{**vars(args), "hybrid": args.hybrid or "rrf"})
     bm25, formulation, fusion, _ = hybrid_side(args, corpus_index)  # checks the settings

@@ -1,7 +1,7 @@
 """The FastAPI app: OpenAI-style embeddings, conversational search, health, models and the page.
 
     GET  /                          the conversational search page (static/, no build step)
-    GET  /healthz                   liveness and counters (no key needed)
+    GET  /healthz                   liveness and counters (no key needed; HEAD too)
     GET  /v1/models                 the served model, OpenAI style
     POST /v1/embeddings             OpenAI-compatible embeddings (+ sessions as input)
     POST /v1/search                 {"messages", "k", "conversation_id"?} -> ranked passages
@@ -27,6 +27,7 @@ from typing import Annotated, Any
 
 import numpy as np
 from fastapi import Depends, FastAPI, Request, Response
+from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
@@ -35,9 +36,10 @@ from chatretriever.apps.chat import HybridSide
 from chatretriever.apps.server import schemas as S
 from chatretriever.apps.server.auth import ApiKeyChecker
 from chatretriever.apps.server.batcher import DynamicBatcher
-from chatretriever.apps.server.body_limit import BodyLimitMiddleware
+from chatretriever.apps.server.body_limit import BodyLimitMiddleware, check_body_limit
 from chatretriever.apps.server.engine import SearchEngine, SearchItem, make_incremental
 from chatretriever.apps.server.errors import ApiError, install_error_handlers
+from chatretriever.apps.server.media_type import JsonBodyMiddleware
 from chatretriever.retrieval.corpus_index import CorpusIndex
 from chatretriever.retrieval.encoders import Encoder
 from chatretriever.types import Session
@@ -60,7 +62,7 @@ class ServerSettings:
         api_keys: Accepted Bearer keys; empty: no check (the CLI allows that on loopback only).
         max_batch: Most requests per forward (1: one request per forward).
         max_wait_ms: How long a request waits for others to share its forward.
-        max_body_bytes: Largest request body (413 beyond).
+        max_body_bytes: Largest request body (413 beyond); at least `body_limit.MIN_BODY_BYTES`.
         max_queue: Most requests waiting for the model (503 beyond).
         incremental_bytes: Memory budget of the incremental session cache.
     """
@@ -72,6 +74,9 @@ class ServerSettings:
     max_body_bytes: int = 1 << 20
     max_queue: int = 4096
     incremental_bytes: int = 256 << 20
+
+    def __post_init__(self) -> None:
+        check_body_limit(self.max_body_bytes)
 
 
 _BEARER = HTTPBearer(auto_error=False, description="an API key of the server")
@@ -160,6 +165,8 @@ def create_app(
         version="1",
         lifespan=lifespan,
     )
+    # the last added runs first: the size limit, then the body's declared type
+    app.add_middleware(JsonBodyMiddleware, paths=JSON_ROUTES)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     install_error_handlers(app)
     app.state.engine, app.state.batchers, app.state.settings = engine, batchers, settings
@@ -196,13 +203,26 @@ def _info_routes(
             **batchers.counters(),
         )
 
+    # HEAD too, as GET without the body: load balancers often check with it
+    app.head("/healthz", response_model=S.Health, include_in_schema=False)(healthz)
+
     @app.get("/v1/models", response_model=S.ModelList, responses={401: {"model": S.ErrorResponse}})
     async def models(client_id: Client) -> S.ModelList:
         """The served model (OpenAI's model list shape)."""
         return S.ModelList(data=[S.ModelCard(id=settings.model)])
 
 
-ERRORS = {c: {"model": S.ErrorResponse} for c in (400, 401, 404, 413, 422, 503)}
+ERRORS = {c: {"model": S.ErrorResponse} for c in (400, 401, 404, 413, 415, 422, 503)}
+JSON_ROUTES = ("/v1/embeddings", "/v1/search")  # the routes that read a JSON body
+ConversationId = Annotated[
+    str,
+    PathParam(
+        min_length=1,
+        max_length=S.MAX_ID_CHARS,
+        pattern=S.ID_PATTERN,
+        description="the conversation_id its searches sent",
+    ),
+]
 
 
 def _model_routes(
@@ -223,7 +243,10 @@ def _model_routes(
             vectors = await batchers.passages.submit_many(items)
             words = sum(len(t.split()) for t in items)
         else:
-            sessions = [_session(messages, f"e{i}") for i, messages in enumerate(items)]
+            sessions = [
+                _session(messages, f"/v1/embeddings input[{i}] of client {client_id}")
+                for i, messages in enumerate(items)
+            ]
             vectors = await batchers.sessions.submit_many(sessions)
             words = sum(len(m.content.split()) for messages in items for m in messages)
         data = [
@@ -239,7 +262,7 @@ def _model_routes(
         if body.hybrid and engine.hybrid is None:
             raise ApiError(422, "hybrid: this index has no BM25 side", "hybrid")
         key = f"{client_id}/{body.conversation_id}" if body.conversation_id else None
-        session = _session(body.messages, body.conversation_id or "q")
+        session = _session(body.messages, _search_name(client_id, body.conversation_id))
         item = SearchItem(session, body.k, key, hybrid=body.hybrid)
         hits = await batchers.search.submit(item)
         data = [
@@ -251,12 +274,17 @@ def _model_routes(
         )
 
     @app.delete("/v1/conversations/{conversation_id}", status_code=204, responses=ERRORS)
-    async def forget(conversation_id: str, client_id: Client) -> Response:
+    async def forget(conversation_id: ConversationId, client_id: Client) -> Response:
         """Forget a conversation's incremental cache (the next search encodes it in full)."""
-        if len(conversation_id) > S.MAX_ID_CHARS:
-            raise ApiError(422, f"conversation_id: at most {S.MAX_ID_CHARS} characters")
         await batchers.executor_call(engine.reset, f"{client_id}/{conversation_id}")
         return Response(status_code=204)
+
+
+def _search_name(client_id: str, conversation_id: str | None) -> str:
+    """What the server log calls a search's session (the model's warnings name it): the route,
+    the client (`auth.ApiKeyChecker.client_id`) and the conversation when it has one."""
+    name = f"/v1/search of client {client_id}"
+    return f"{name}, conversation {conversation_id}" if conversation_id else name
 
 
 def _session(messages: list[S.Message], session_id: str) -> Session:

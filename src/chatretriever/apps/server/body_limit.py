@@ -12,13 +12,32 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chatretriever.apps.server.errors import error_response
 
+# the smallest body limit: a search for one short question is about 60 bytes, and a limit below a
+# few of those refuses every request
+MIN_BODY_BYTES = 1024
+
+
+def check_body_limit(max_bytes: int, name: str = "max_body_bytes") -> None:
+    """Refuse a body limit that no useful request fits under.
+
+    Args:
+        max_bytes: The limit.
+        name: What the caller calls it (`--max-body-bytes` on the command line).
+    """
+    if max_bytes < MIN_BODY_BYTES:
+        raise ValueError(
+            f"{name} must be at least {MIN_BODY_BYTES} (a search for one short question takes "
+            f"about 60 bytes), got {max_bytes}"
+        )
+
 
 class BodyLimitMiddleware:
     """Answers 413 to a request whose body is larger than `max_bytes`.
 
     Args:
         app: The ASGI app to protect.
-        max_bytes: The largest body accepted, in bytes.
+        max_bytes: The largest body accepted, in bytes (`ServerSettings` checks it against
+            MIN_BODY_BYTES).
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:

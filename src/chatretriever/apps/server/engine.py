@@ -131,8 +131,9 @@ class SearchEngine:
         if self.hybrid is None:
             raise ValueError("hybrid: this index has no BM25 side")
         h = self.hybrid
-        # unique ids within the batch: the fused run is keyed by session id
-        sessions = [replace(it.session, id=f"q{i}") for i, it in enumerate(items)]
+        # unique ids within the batch (the fused run is keyed by session id), still naming the
+        # request in the model's warnings
+        sessions = [replace(it.session, id=f"{it.session.id} #{i}") for i, it in enumerate(items)]
         run = search_hybrid(
             self.encoder,
             self.corpus_index.index,

@@ -63,9 +63,10 @@ def error_response(
 
 
 def _where(loc: tuple[Any, ...] | list[Any]) -> str:
-    """A pydantic location as a path ("body.messages.0.role"), without union branch names."""
+    """A pydantic location as a path ("messages.0.role"), without union branch names and without
+    where in the request it was ("body", "path"), as OpenAI names params."""
     parts = [str(p) for p in loc if not (isinstance(p, str) and ("[" in p or p == "str"))]
-    if len(parts) > 1 and parts[0] == "body":  # "k", not "body.k", as OpenAI names params
+    if len(parts) > 1 and parts[0] in ("body", "path", "query"):
         parts = parts[1:]
     return ".".join(parts) or "body"
 
@@ -75,10 +76,14 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
     lines, first = [], None
     for err in errors:
         where = _where(err.get("loc", ()))
+        ctx = err.get("ctx") or {}
         if err.get("type") == "json_invalid":
-            ctx = err.get("ctx") or {}
             line = f"body: invalid JSON ({ctx.get('error', 'cannot parse')})"
             where = "body"
+        elif getattr(ctx.get("error"), "param", None):
+            # a model validator's rule over one field (`schemas.FieldError`): pydantic places it
+            # at the whole body, the error names the field
+            where, line = ctx["error"].param, str(ctx["error"])
         else:
             line = f"{where}: {str(err.get('msg', 'invalid')).removeprefix('Value error, ')}"
         if line not in lines:

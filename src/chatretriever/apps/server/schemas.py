@@ -10,13 +10,23 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 
 MAX_MESSAGES = 64  # chat messages in one session
 MAX_TEXT_CHARS = 16_000  # characters in one message or one input string
 MAX_INPUTS = 256  # strings or sessions in one embeddings request
 MAX_K = 100  # passages per search
 MAX_ID_CHARS = 128  # conversation ids and model names
+ID_PATTERN = r"^[A-Za-z0-9_.:\-]+$"  # conversation ids, in the body and in the path
 DEFAULT_K = 10
 
 
@@ -36,6 +46,20 @@ def _json_integer(value: object) -> object:
 JsonInt = Annotated[int, BeforeValidator(_json_integer)]
 
 
+class FieldError(ValueError):
+    """A rule over a whole request field broken (checked by a model validator): names the field,
+    so that the error's `param` is the field and not the whole body.
+
+    Args:
+        param: The request field at fault ("messages", "input").
+        message: What is wrong, starting with where ("input[1]: the text is empty").
+    """
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -52,10 +76,88 @@ Messages = list[Message]
 
 def _check_session(messages: Messages, where: str) -> None:
     """A session must end with the user's current question (what `types.Session` requires)."""
+    param = where.split("[")[0]
     if messages and messages[-1].role != "user":
-        raise ValueError(f"{where}: the last message must have role 'user' (the current question)")
+        raise FieldError(
+            param, f"{where}: the last message must have role 'user' (the current question)"
+        )
     if messages and not messages[-1].content.strip():
-        raise ValueError(f"{where}: the current question (the last message) is empty")
+        raise FieldError(param, f"{where}: the current question (the last message) is empty")
+
+
+INPUT_SHAPES = "a string, a list of strings, a list of chat messages or a list of such lists"
+_TOKEN_ARRAYS = (
+    "input: token arrays are not supported, send the texts as strings (LangChain's "
+    "OpenAIEmbeddings: check_embedding_ctx_length=False)"
+)
+# each shape of `input`, told by its first item: what every item must be, and its validator
+_ITEMS = {
+    str: ("a string", TypeAdapter(list[Text])),
+    dict: ("a chat message (an object with role and content)", TypeAdapter(Messages)),
+    list: ("a list of chat messages", TypeAdapter(list[Messages])),
+}
+
+
+def _json_kind(value: object) -> str:
+    """What a JSON value is, as a person would name it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):  # before int: a bool is an int in Python
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {str: "a string", list: "an array", dict: "an object"}.get(type(value), "a value")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_input_shape(raw: object) -> None:
+    """Refuse an embeddings `input` of no accepted shape, or of mixed shapes, in one line that
+    names the first item at fault (raises FieldError for "input")."""
+    if isinstance(raw, str):
+        if len(raw) > MAX_TEXT_CHARS:
+            raise FieldError("input", f"input: at most {MAX_TEXT_CHARS} characters, got {len(raw)}")
+        return
+    first = raw[0] if isinstance(raw, list) and raw else None
+    if _is_int(raw) or _is_int(first) or (isinstance(first, list) and first and _is_int(first[0])):
+        raise FieldError("input", _TOKEN_ARRAYS)
+    if not isinstance(raw, list):
+        raise FieldError("input", f"input: expected {INPUT_SHAPES}, got {_json_kind(raw)}")
+    if not raw:
+        return  # "must not be empty", after the fields are read
+    if type(first) not in _ITEMS:
+        raise FieldError(
+            "input", f"input[0]: expected a string or a chat message, got {_json_kind(first)}"
+        )
+    what, adapter = _ITEMS[type(first)]
+    for i, item in enumerate(raw):
+        if type(item) is not type(first):
+            raise FieldError(
+                "input",
+                f"input[{i}]: expected {what}, got {_json_kind(item)} (all items of input must "
+                "be of one kind: strings, chat messages or lists of chat messages)",
+            )
+        if isinstance(item, str) and len(item) > MAX_TEXT_CHARS:
+            raise FieldError(
+                "input", f"input[{i}]: at most {MAX_TEXT_CHARS} characters, got {len(item)}"
+            )
+    try:
+        adapter.validate_python(raw)
+    except ValidationError as e:
+        raise FieldError("input", _items_message(e)) from None
+
+
+def _items_message(error: ValidationError) -> str:
+    """pydantic's errors of one input shape as "input[1].role: problem; ..." (the first few)."""
+    lines = []
+    for err in error.errors(include_url=False)[:3]:
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"])
+        problem = str(err["msg"]).replace(" or instance of Message", " (a chat message)")
+        lines.append(f"input{where}: {problem}")
+    more = error.error_count() - len(lines)
+    return "; ".join(lines) + (f"; and {more} more" if more > 0 else "")
 
 
 class SearchRequest(_Strict):
@@ -64,7 +166,7 @@ class SearchRequest(_Strict):
     messages: Messages = Field(min_length=1, max_length=MAX_MESSAGES)
     k: JsonInt = Field(DEFAULT_K, ge=1, le=MAX_K)
     conversation_id: str | None = Field(
-        None, min_length=1, max_length=MAX_ID_CHARS, pattern=r"^[A-Za-z0-9_.:\-]+$"
+        None, min_length=1, max_length=MAX_ID_CHARS, pattern=ID_PATTERN
     )
     hybrid: StrictBool = Field(
         False, description="fuse with the index's BM25 side (when it has one)"
@@ -116,44 +218,37 @@ class EmbeddingsRequest(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _plain_input_errors(cls, data: Any) -> Any:
-        """Say plainly what the union of input shapes would report as a list of mismatches."""
-        raw = data.get("input") if isinstance(data, dict) else None
-        items = raw if isinstance(raw, list) else [raw]
-        first = items[0] if items else None
-        if isinstance(first, int) or (
-            isinstance(first, list) and first and isinstance(first[0], int)
-        ):
-            raise ValueError(
-                "input: token arrays are not supported, send the texts as strings (LangChain's "
-                "OpenAIEmbeddings: check_embedding_ctx_length=False)"
-            )
-        for i, item in enumerate(items):
-            if isinstance(item, str) and len(item) > MAX_TEXT_CHARS:
-                where = f"input[{i}]" if isinstance(raw, list) else "input"
-                raise ValueError(f"{where}: at most {MAX_TEXT_CHARS} characters, got {len(item)}")
+        """Say plainly what the union of input shapes would report as a list of mismatches: the
+        shape is told by `input` (its first item), and checked as that shape alone."""
+        if isinstance(data, dict) and "input" in data:
+            _check_input_shape(data["input"])
         return data
 
     @model_validator(mode="after")
     def _check_input(self) -> EmbeddingsRequest:
         items = self.input if isinstance(self.input, list) else [self.input]
         if not items:
-            raise ValueError("input: must not be empty")
+            raise FieldError("input", "input: must not be empty")
         if len(items) > MAX_INPUTS:
-            raise ValueError(f"input: at most {MAX_INPUTS} items per request, got {len(items)}")
+            raise FieldError(
+                "input", f"input: at most {MAX_INPUTS} items per request, got {len(items)}"
+            )
         if isinstance(items[0], str):
             # each string's length and text are checked by `Text`; an empty one encodes nothing
             blank = next((i for i, x in enumerate(items) if not str(x).strip()), None)
             if blank is not None:
                 where = f"input[{blank}]" if isinstance(self.input, list) else "input"
-                raise ValueError(f"{where}: the text is empty")
+                raise FieldError("input", f"{where}: the text is empty")
         elif isinstance(items[0], Message):
             _check_session(items, "input")  # type: ignore[arg-type]
             if len(items) > MAX_MESSAGES:
-                raise ValueError(f"input: a session holds at most {MAX_MESSAGES} messages")
+                raise FieldError("input", f"input: a session holds at most {MAX_MESSAGES} messages")
         else:
             for i, session in enumerate(items):
                 if not session or len(session) > MAX_MESSAGES:  # type: ignore[arg-type]
-                    raise ValueError(f"input[{i}]: a session holds 1 to {MAX_MESSAGES} messages")
+                    raise FieldError(
+                        "input", f"input[{i}]: a session holds 1 to {MAX_MESSAGES} messages"
+                    )
                 _check_session(session, f"input[{i}]")  # type: ignore[arg-type]
         return self
 
