@@ -233,7 +233,10 @@ def table(summary: dict) -> str:
         forms = part.get("query_forms", {})
         cells = [name, f"{100 * r['original']:.1f}"]
         cells += [f"{100 * part[k]:.1f}" if part else "-" for k in ("nDCG@3", "diff")]
-        cells += [f"{100 * full[k]:.1f}" if full else "-" for k in ("mean", "sd")]
+        # one context set has no SD (None): "-", not a perfect 0.0
+        cells += [
+            f"{100 * full[k]:.1f}" if full.get(k) is not None else "-" for k in ("mean", "sd")
+        ]
         cells.append(
             " / ".join(str(forms.get(k, 0)) for k in ("original", "human_rewrite", "llm_rewrite"))
             if part
@@ -308,7 +311,7 @@ def write_plot(path: Path, summary: dict) -> bool:
         ("original", [r["original"] for r in rows.values()], None),
         ("partial", [r.get("partial", {}).get("nDCG@3", 0) for r in rows.values()], None),
         ("full (mean, SD)", [r.get("full", {}).get("mean", 0) for r in rows.values()],
-         [r.get("full", {}).get("sd", 0) for r in rows.values()]),
+         [r.get("full", {}).get("sd") or 0 for r in rows.values()]),
     ]  # fmt: skip
     for i, (label, values, err) in enumerate(bars):
         ax.barh(y + (i - 1) * 0.27, values, 0.27, xerr=err, label=label)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
 from chatretriever.cli.data import add_sessions_arguments, load_sessions
 from chatretriever.retrieval.search import FORMULATIONS
+
+logger = logging.getLogger(__name__)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -109,11 +112,14 @@ def cmd_robustness(args: argparse.Namespace) -> int:
     for flag in ("contexts", "max_new_tokens", "gen_batch_size", "k"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive")
-    if args.temperature < 0:
-        raise ValueError("--temperature must be at least 0 (0: greedy)")
+    if args.max_retries < 0:
+        raise ValueError("--max-retries must be 0 or more")
+    if not args.temperature >= 0:  # also refuses nan
+        raise ValueError(f"--temperature must be at least 0 (0: greedy), got {args.temperature}")
     refuse_unused_hybrid_options(args)
     sessions = load_sessions(args)
     qrels = read_qrels(args.qrels)
+    _check_judged(sessions, qrels, args)
     out = Path(args.out)
     cache = Path(args.cache) if args.cache else out / "generations.jsonl"
     from chatretriever.modeling.precision import dtype_name
@@ -141,6 +147,7 @@ def cmd_robustness(args: argparse.Namespace) -> int:
     finally:
         llm.close()
     report["settings"] = {k: v for k, v in vars(args).items() if k != "func"}
+    report["systems"] = {**_earlier_systems(out / "robustness.json", report), **report["systems"]}
     with atomic_write(out / "robustness.json") as f:
         json.dump(report, f, indent=2)
     row = report["systems"][name]
@@ -148,10 +155,49 @@ def cmd_robustness(args: argparse.Namespace) -> int:
     if "partial" in row:
         line += f"; partial {row['partial']['nDCG@3']:.4f} (Diff {row['partial']['diff']:.4f})"
     if "full" in row:
-        line += f"; full mean {row['full']['mean']:.4f} (SD {row['full']['sd']:.4f})"
+        sd = row["full"]["sd"]
+        sd_text = "n/a: one context set" if sd is None else f"{sd:.4f}"
+        line += f"; full mean {row['full']['mean']:.4f} (SD {sd_text})"
     stats = report["llm"]
     sys.stdout.write(
         f"{line}\n{stats['generated']} generations, {stats['cached']} cached, retries "
         f"{stats['retries']}, failures {stats['failures']} -> {out / 'robustness.json'}\n"
     )
     return 0
+
+
+def _check_judged(sessions: list, qrels: list, args: argparse.Namespace) -> None:
+    """Refuse qrels that judge none of the sessions (before any model loads or generates)."""
+    judged = {q.query_id for q in qrels}
+    if not judged:
+        raise ValueError(f"{args.qrels}: holds no judgments")
+    if not any(s.id in judged for s in sessions):
+        raise ValueError(
+            f"{args.qrels}: judges none of the {len(sessions)} sessions of {args.sessions} "
+            f"(session ids such as {sessions[0].id!r}, judged ids such as {min(judged)!r})"
+        )
+
+
+# Settings that define the modified datasets and the generations: a report made under the same
+# ones is the same experiment, so its other systems' rows are kept beside this one.
+_SHARED_SETTINGS = (
+    "sessions", "sessions_format", "rewrite_field", "qrels", "generator", "modes", "contexts",
+    "max_new_tokens", "temperature", "gen_dtype", "max_retries",
+)  # fmt: skip
+
+
+def _earlier_systems(path: Path, report: dict) -> dict:
+    """The rows of the other systems in an earlier `robustness.json` of the same experiment
+    (one command per system into one --out builds one table); none when the settings differ."""
+    if not path.is_file():
+        return {}
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+        same = all(old["settings"].get(k) == report["settings"].get(k) for k in _SHARED_SETTINGS)
+        same = same and old["llm"].get("prompts") == report["llm"]["prompts"]
+        rows = dict(old["systems"]) if same else {}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        rows = {}
+    if not rows:
+        logger.warning("%s: replacing an earlier report of other settings", path)
+    return rows

@@ -2,11 +2,14 @@
 
 Datasets give one session per evaluated turn, each carrying its whole history. The partial
 response modification walks a conversation turn by turn, so sessions are grouped: a session
-belongs to the longest session whose user turns start with its own user turns.
+belongs to a longer session whose user turns start with its own user turns (one session per turn
+count; where several fit, the one that also has its responses, then the one whose id shares the
+longest prefix), else it starts a conversation.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -53,19 +56,48 @@ def group_conversations(sessions: Sequence[Session]) -> list[Conversation]:
         Conversations in the order of their first session; each has one step per user turn of
         its longest session, and the steps that are given sessions are marked as tasks.
     """
+    # Longest first, so a conversation's owner exists before its shorter sessions. Each session
+    # takes a free slot (its turn count) of an owner whose user turns it starts: two
+    # conversations asking the same first questions must not share (and lose) a slot. The best
+    # matches are placed first (`_match`), so "c2<::>1" goes to c2 rather than to c1.
     longest: list[Session] = []
-    for s in sorted(sessions, key=lambda s: -len(_user_turns(s))):
-        users = _user_turns(s)
-        if not any(_user_turns(c)[: len(users)] == users for c in longest):
-            longest.append(s)
-    members: dict[str, dict[int, Session]] = {c.id: {} for c in longest}
+    members: list[dict[int, Session]] = []
+    by_length: dict[int, list[Session]] = {}
     for s in sessions:
-        users = _user_turns(s)
-        owner = next(c for c in longest if _user_turns(c)[: len(users)] == users)
-        members[owner.id][len(users)] = s
+        by_length.setdefault(len(_user_turns(s)), []).append(s)
+    for n in sorted(by_length, reverse=True):
+        group = by_length[n]
+        ranked = [
+            (rank, i, k)
+            for i, s in enumerate(group)
+            for k, c in enumerate(longest)
+            if (rank := _match(s, c)) is not None
+        ]
+        ranked.sort(key=lambda r: (not r[0][0], -r[0][1], r[1], r[2]))  # best first, then order
+        placed: set[int] = set()
+        for _, i, k in ranked:
+            if i not in placed and n not in members[k]:
+                members[k][n] = group[i]
+                placed.add(i)
+        for i, s in enumerate(group):
+            if i not in placed:
+                longest.append(s)
+                members.append({n: s})
     position = {id(s): i for i, s in enumerate(sessions)}
-    first = {owner: min(position[id(s)] for s in m.values()) for owner, m in members.items()}
-    return [_conversation(c, members[c.id]) for c in sorted(longest, key=lambda c: first[c.id])]
+    first = [min(position[id(s)] for s in m.values()) for m in members]
+    order = sorted(range(len(longest)), key=lambda k: first[k])
+    return [_conversation(longest[k], members[k]) for k in order]
+
+
+def _match(s: Session, owner: Session) -> tuple[bool, int] | None:
+    """How well `s` fits as an earlier turn of `owner`: None when its user turns do not start
+    the owner's; else (the owner also has its responses, length of their common id prefix)."""
+    users = _user_turns(s)
+    if _user_turns(owner)[: len(users)] != users:
+        return None
+    turns = [t for t in s.turns if t.role != "system"]
+    same = [t for t in owner.turns if t.role != "system"][: len(turns)] == turns
+    return same, len(os.path.commonprefix([s.id, owner.id]))
 
 
 def _conversation(longest: Session, tasks: dict[int, Session]) -> Conversation:

@@ -76,21 +76,31 @@ def evaluate_robustness(
 
     Returns:
         {"systems": {name: {original, partial: {nDCG@3, diff, query_forms}, full: {mean, sd,
-        per_seed}, seconds}}, "full_fallbacks", "llm": the LLM's counts}.
+        per_seed}, seconds}}, "full_fallbacks", "llm": the LLM's counts}; the full SD is None
+        with one context set.
+
+    Raises:
+        ValueError: The qrels judge none of the sessions (before any generation).
     """
     out = Path(out)
     prompts = prompts or RobustnessPrompts()
     standalone = standalone or llm_standalone(llm)
+    # Every system's original run first: qrels that judge none of the sessions, or a system that
+    # fails, stop the evaluation before the first (slow) generation, not after all of them.
+    results: dict[str, Any] = {}
+    for name, retrieve in systems.items():
+        start = time.perf_counter()
+        results[name] = {"original": ndcg3(retrieve(sessions), qrels, sessions)}
+        results[name]["seconds"] = time.perf_counter() - start
     full: FullResult | None = None
     if "full" in modes:
         full = full_modification(sessions, llm, standalone, prompts, n_contexts)
         for seed, contexts in zip(full.seeds, full.context_sets, strict=True):
             write_sessions(out / f"full.seed{seed}.jsonl", contexts)
     conversations = group_conversations(sessions) if "partial" in modes else []
-    results: dict[str, Any] = {}
     for name, retrieve in systems.items():
-        start = time.perf_counter()
-        row: dict[str, Any] = {"original": ndcg3(retrieve(sessions), qrels, sessions)}
+        start = time.perf_counter() - results[name].pop("seconds")
+        row: dict[str, Any] = results[name]
         if conversations:
             part = partial_modification(
                 conversations, retrieve, passages, llm, standalone, prompts, name=name
@@ -106,8 +116,9 @@ def evaluate_robustness(
             per_seed = [ndcg3(retrieve(c), qrels, c) for c in full.context_sets]
             row["full"] = {
                 "mean": statistics.fmean(per_seed),
-                # sample SD over the context sets (n - 1): the sets are draws of one generator
-                "sd": statistics.stdev(per_seed) if len(per_seed) > 1 else 0.0,
+                # sample SD over the context sets (n - 1): the sets are draws of one generator;
+                # one set has no SD (None), which must not read as perfectly stable (0.0)
+                "sd": statistics.stdev(per_seed) if len(per_seed) > 1 else None,
                 "per_seed": dict(zip(map(str, full.seeds), per_seed, strict=True)),
             }
         row["seconds"] = round(time.perf_counter() - start, 3)
