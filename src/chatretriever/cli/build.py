@@ -258,6 +258,7 @@ def _load_new(args: argparse.Namespace) -> _Source:
 
 
 def _synthetic(args: argparse.Namespace, corpus: list[Passage]) -> list[TrainingExample]:
+    from chatretriever.modeling.fingerprint import model_fingerprint
     from chatretriever.retrieval.training_data.synthetic import (
         SyntheticConfig,
         hf_batch_generator,
@@ -267,6 +268,7 @@ def _synthetic(args: argparse.Namespace, corpus: list[Passage]) -> list[Training
     config = SyntheticConfig(
         n=args.n,
         model=args.model,
+        model_fingerprint=model_fingerprint(args.model),  # a model retrained in place: new keys
         seed=args.seed,
         top_k=args.top_k,
         batch_size=args.generate_batch_size,
@@ -279,7 +281,14 @@ def _synthetic(args: argparse.Namespace, corpus: list[Passage]) -> list[Training
             loaded.append(hf_batch_generator(args.model))
         return loaded[0](chats)
 
-    return synthetic_examples(corpus, generate, config, cache, show_progress=not args.no_progress)
+    return synthetic_examples(
+        corpus,
+        generate,
+        config,
+        cache,
+        show_progress=not args.no_progress,
+        corpus_name=args.paths[0],
+    )
 
 
 def _write_heldout(args: argparse.Namespace, held: list[Any]) -> None:

@@ -4,9 +4,10 @@ A local chat LLM writes one search question for each sampled passage; a pair is 
 the reply looks like a question (`plausible_question`) and its passage ranks in BM25's top k for
 it (a question BM25 cannot tie back to its passage is usually vague or off-topic). Hard
 negatives are then mined as for every other source (`negatives.mine_hard_negatives`, from a rank
-window). Questions are cached in a JSONL file keyed by (model, prompt, passage), appended to as
-they are made, so a rerun costs nothing; decoding is greedy and the passage sample a hash of
-(seed, passage id), so the output is deterministic.
+window). Questions are cached in a JSONL file keyed by (model and its weight fingerprint, prompt,
+passage), appended to as they are made, so a rerun costs nothing and a model retrained in place
+writes new ones; decoding is greedy and the passage sample a hash of (seed, passage id), so the
+output is deterministic.
 
     chatretriever build-train synthetic CORPUS --n 2000 --model smollm2-135m-instruct --out F
 """
@@ -42,6 +43,9 @@ class SyntheticConfig:
     Attributes:
         n: Pairs to keep.
         model: The chat LLM (part of the cache key and the examples' metadata).
+        model_fingerprint: The LLM's weight fingerprint (`fingerprint.model_fingerprint`), part
+            of the cache key so a model retrained under the same name or directory never reuses
+            the old model's questions; None: the name alone keys the model.
         seed: Seeds the passage sample.
         top_k: Keep a pair when its passage is among BM25's top k for its question.
         min_words: Passages with fewer words are not sampled (titles, stubs).
@@ -53,6 +57,7 @@ class SyntheticConfig:
 
     n: int
     model: str = "smollm2-135m-instruct"
+    model_fingerprint: str | None = None
     seed: int = 0
     top_k: int = 20
     min_words: int = 20
@@ -65,8 +70,9 @@ class SyntheticConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.n < 1 or self.top_k < 1 or self.batch_size < 1:
-            raise ValueError("n, top_k and batch_size must be positive")
+        for name in ("n", "top_k", "batch_size"):
+            if getattr(self, name) < 1:  # the CLI flags: --n, --top-k, --generate-batch-size
+                raise ValueError(f"synthetic: {name} must be at least 1, got {getattr(self, name)}")
 
     @property
     def prompt_hash(self) -> str:
@@ -76,12 +82,21 @@ class SyntheticConfig:
 
 def sample_order(passages: Sequence[Passage], seed: int, min_words: int) -> list[Passage]:
     """Passages with at least `min_words` words, ordered by a hash of (seed, id): the same
-    passages come first whatever the corpus order, and a larger n extends a smaller one."""
+    passages come first whatever the corpus order, and a larger n extends a smaller one. Of
+    passages with the same text (whitespace and case aside) only the first in that order is kept:
+    two examples with one positive text would be each other's false in-batch negatives."""
 
     def rank(p: Passage) -> bytes:
         return hashlib.sha256(f"{seed}\x1f{p.id}".encode()).digest()
 
-    return sorted((p for p in passages if len(p.text.split()) >= min_words), key=rank)
+    seen: set[str] = set()
+    out = []
+    for p in sorted((p for p in passages if len(p.text.split()) >= min_words), key=rank):
+        norm = " ".join(p.text.split()).casefold()  # as mining tells duplicates apart
+        if norm not in seen:
+            seen.add(norm)
+            out.append(p)
+    return out
 
 
 def question_messages(passage: Passage, config: SyntheticConfig) -> list[dict[str, str]]:
@@ -103,7 +118,8 @@ def plausible_question(text: str, max_words: int = 30) -> bool:
 
 
 def _key(passage: Passage, config: SyntheticConfig) -> str:
-    raw = json.dumps([config.model, config.prompt_hash, passage.id, passage_text(passage)])
+    fp = [] if config.model_fingerprint is None else [config.model_fingerprint]
+    raw = json.dumps([config.model, *fp, config.prompt_hash, passage.id, passage_text(passage)])
     return hashlib.sha256(raw.encode("utf-8")).hexdigest()
 
 
@@ -129,6 +145,7 @@ def synthetic_examples(
     cache_path: str | Path | None = None,
     bm25: BM25Config | None = None,
     show_progress: bool = True,
+    corpus_name: str = "corpus",
 ) -> list[TrainingExample]:
     """Up to `config.n` (question, passage) examples that pass the BM25 filter.
 
@@ -139,17 +156,26 @@ def synthetic_examples(
         cache_path: The question cache (plain JSONL, appended to); None: memory only.
         bm25: The BM25 settings of the filter (default: the package's one).
         show_progress: Show a progress bar.
+        corpus_name: What errors and warnings call the corpus (its file).
 
     Returns:
         One-turn examples (id "synthetic-<passage id>", source "synthetic", metadata with the
         model, the prompt hash and the passage's BM25 rank), without negatives.
+
+    Raises:
+        ValueError: The corpus has no passage of `config.min_words` words.
     """
+    order = sample_order(corpus, config.seed, config.min_words)
+    if not order:  # before BM25, which fails obscurely on a blank corpus
+        raise ValueError(
+            f"{corpus_name}: none of its {len(corpus)} passages has at least {config.min_words} "
+            "words of text: no passage to write a question about"
+        )
     retriever = BM25Retriever(corpus, bm25, show_progress=show_progress)
     position = {p.id: i for i, p in enumerate(corpus)}
     cache = RewriteCache(cache_path)
     out: list[TrainingExample] = []
     tried = 0
-    order = sample_order(corpus, config.seed, config.min_words)
     bar = tqdm(total=config.n, desc="synthetic pairs", disable=not show_progress)
     try:
         for start in range(0, len(order), config.batch_size):
@@ -177,6 +203,16 @@ def synthetic_examples(
     logger.info(
         "synthetic: kept %d of %d generated questions (BM25 top %d)", len(out), tried, config.top_k
     )
+    if len(out) < config.n:
+        logger.warning(
+            "%s: %d synthetic pairs, fewer than n=%d: every one of its %d distinct passages of "
+            "at least %d words was tried",
+            corpus_name,
+            len(out),
+            config.n,
+            len(order),
+            config.min_words,
+        )
     return out
 
 

@@ -1,9 +1,10 @@
 """Teacher scores for the distillation loss: an off-the-shelf embedder scores each training
 example's positives and negatives once, into the training file (`build-train ... --teacher`).
 
-The teacher's query is the example's human rewrite when its source has one (iKAT, CAsT:
-`metadata["rewrite"]`), else every user turn joined newest first. The loss that reads the scores
-is `modeling.losses.score_distillation_loss` (wired in `train.py`, weight in the recipe).
+The teacher's query is the example's human rewrite when its source has one (`metadata["rewrite"]`:
+iKAT, CAsT, QReCC, any session with a `rewrite`; TopiOCQA has none), else every user turn joined
+newest first. The loss that reads the scores is `modeling.losses.score_distillation_loss` (wired in
+`train.py`, weight in the recipe).
 """
 
 from __future__ import annotations
