@@ -9,8 +9,7 @@ package loads neither Faiss nor torch):
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from chatretriever.lazy import lazy_exports
 
 # name -> the module that defines it
 _EXPORTS = {
@@ -34,19 +33,10 @@ _EXPORTS = {
     "Evaluation": "evaluate",
     "evaluate_run": "evaluate",
     "compare": "evaluate",
-    "BM25Retriever": "baselines",
+    "BM25Retriever": "bm25",
     "TextEmbedder": "baselines",
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'chatretriever.retrieval' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
-
-
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 __all__ = sorted(_EXPORTS)
