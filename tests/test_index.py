@@ -302,8 +302,8 @@ def test_build_takes_an_encode_job_directory_as_the_cli_does(tmp_path):
 
 
 def test_only_the_queries_tied_at_the_cut_are_searched_again(caplog, monkeypatch):
-    from chatretriever.retrieval import index as index_module
-    from chatretriever.retrieval.index import top_k_with_ties
+    from chatretriever.retrieval import ties as ties_module
+    from chatretriever.retrieval.ties import top_k_with_ties
 
     # query 0: distinct scores; query 1: every passage scores 1.0 (a zero query, boilerplate)
     scores = [[float(100 - i) for i in range(100)], [1.0] * 100]
@@ -314,7 +314,7 @@ def test_only_the_queries_tied_at_the_cut_are_searched_again(caplog, monkeypatch
         calls.append((depth, list(rows)))
         return [[(ids[i], scores[r][i]) for i in range(depth)] for r in rows]
 
-    monkeypatch.setattr(index_module, "TIE_LIMIT", 40)
+    monkeypatch.setattr(ties_module, "TIE_LIMIT", 40)
     hits = top_k_with_ties(search_at, 3, 100, 2)
     assert calls == [(11, [0, 1]), (22, [1]), (43, [1])]  # query 0 once; 1 up to k + the limit
     assert [d for d, _ in hits[0]] == ids[:3]

@@ -12,7 +12,8 @@ from fakes import HashEncoder
 
 from chatretriever.errors import DataFormatError
 from chatretriever.io.embeddings import EmbeddingMeta, write_embeddings
-from chatretriever.retrieval.index import TIE_MARGIN, EncoderMismatchError, load_index
+from chatretriever.retrieval.index import EncoderMismatchError, load_index
+from chatretriever.retrieval.ties import TIE_MARGIN
 
 pytest.importorskip("pymilvus")
 pytest.importorskip("milvus_lite")

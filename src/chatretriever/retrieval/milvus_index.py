@@ -47,7 +47,6 @@ from chatretriever.retrieval.index import (
     META_FILE,
     check_query_encoder,
     read_shards,
-    top_k_with_ties,
 )
 from chatretriever.retrieval.milvus_build import (
     DEFAULT_BATCH,
@@ -74,6 +73,7 @@ from chatretriever.retrieval.milvus_uri import (
     resolve_uri,
     stored_uri,
 )
+from chatretriever.retrieval.ties import top_k_with_ties
 from chatretriever.types import rank_key
 
 logger = logging.getLogger(__name__)
@@ -268,7 +268,7 @@ class MilvusIndex:
                         out.append(sorted(pairs, key=lambda p: rank_key(*p)))
             return out
 
-        # past k while the score at the cut is tied (`index.top_k_with_ties`), within Milvus's cap
+        # past k while the score at the cut is tied (`ties.top_k_with_ties`), within Milvus's cap
         return top_k_with_ties(search_at, limit, min(len(self.ids), MAX_TOPK), len(queries))
 
     @property
