@@ -376,6 +376,25 @@ def test_rewrite_cache_is_appended_to_not_rewritten(tmp_path):
     assert json.loads(after.splitlines()[-1])["id"] == "c2"
 
 
+@pytest.mark.parametrize(
+    ("line", "field"),
+    [
+        ("[1, 2]", None),
+        ('{"key": 5, "rewrite": "x"}', "key"),
+        ('{"key": "k", "rewrite": 5}', "rewrite"),
+    ],
+)
+def test_a_cache_row_of_the_wrong_shape_names_its_line(tmp_path, line, field):
+    from chatretriever.errors import DataFormatError
+    from chatretriever.retrieval.rewrite import RewriteCache
+
+    cache = tmp_path / "cache.jsonl"
+    cache.write_text('{"key": "a", "rewrite": "ok"}\n' + line + "\n")
+    with pytest.raises(DataFormatError, match=r"cache\.jsonl:2") as e:
+        RewriteCache(cache)  # was skipped silently and generated again
+    assert e.value.field == field
+
+
 _KILLED_RUN = """
 import os, signal, sys
 from chatretriever.retrieval.rewrite import rewrite_sessions

@@ -130,9 +130,14 @@ class RewriteCache:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataFormatError(path, f"malformed JSON ({e.msg})", lineno) from None
-            if isinstance(row, dict) and isinstance(row.get("key"), str):
-                if isinstance(row.get("rewrite"), str):
-                    self._rows[row["key"]] = row
+            if not isinstance(row, dict):
+                raise DataFormatError(path, "expected a JSON object {key, rewrite, ...}", lineno)
+            for field in ("key", "rewrite"):
+                if not isinstance(row.get(field), str):
+                    got = "missing" if field not in row else f"a {type(row[field]).__name__}"
+                    msg = f"expected a string, got {got} (not a cache this tool wrote?)"
+                    raise DataFormatError(path, msg, lineno, field)
+            self._rows[row["key"]] = row
 
     def __len__(self) -> int:
         return len(self._rows)
