@@ -70,6 +70,8 @@ def test_auto_dtype_is_bf16_only_where_it_is_native(monkeypatch) -> None:
 
     assert precision.dtype_name(None) == precision.dtype_name("") == "float32"
     assert precision.dtype_name("fp16") == "fp16"  # a named dtype is kept
+    with pytest.raises(ValueError, match="unknown dtype 'bogus'"):
+        precision.dtype_name("bogus")  # told at once, not when the generator loads
     monkeypatch.setattr(precision, "native_bf16", lambda device: device.type == "cpu")
     assert precision.dtype_name("auto", "cpu") == "bf16"
     monkeypatch.setattr(precision, "native_bf16", lambda device: False)

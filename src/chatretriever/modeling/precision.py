@@ -23,12 +23,15 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
 def dtype_name(setting: str | None, device: torch.device | str | None = None) -> str:
     """The NAME of the dtype a model load gets (what cache keys and reports record): "auto" is
     `resolve_dtype`'s choice on `device` (default: the accelerator, else the CPU) as "bf16" or
-    "float32"; None or "" is "float32"; any other name is kept as given."""
+    "float32"; None or "" is "float32"; any other name is kept as given, once known (an
+    unknown one is a ValueError here, not when a model loads hours of cached work later)."""
     if not setting:
         return "float32"
+    from chatretriever.modeling.backbones import _torch_dtype, default_device
+
     if setting != "auto":
+        _torch_dtype(setting)  # ValueError naming the known dtypes
         return setting
-    from chatretriever.modeling.backbones import default_device
 
     dev = torch.device(device) if device else default_device()
     return "bf16" if resolve_dtype("auto", dev) == torch.bfloat16 else "float32"
