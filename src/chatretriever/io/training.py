@@ -213,7 +213,7 @@ def example_from_session(
         return tuple(TrainingPassage.from_passage(p) if isinstance(p, Passage) else p for p in ps)
 
     meta = dict(session.metadata if metadata is None else metadata)
-    if session.rewrite:  # the teacher's query (`builders.teacher_query`)
+    if session.rewrite:  # the teacher's query (`training_data.teacher.teacher_query`)
         meta.setdefault("rewrite", session.rewrite)
     return TrainingExample(
         id=session.id,
