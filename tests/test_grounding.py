@@ -138,7 +138,7 @@ def test_qrels_from_each_reader_key():
         session("dstc", snippet_ids=["hotel:1:faq:2", "hotel:1:faq:2"], target=True),
         session("ikat", passage_ids=["cw-1:2"]),
         session("mtrag", context_ids=["m-1"]),
-        session("cast", provenance=["MARCO_1"]),
+        session("cast", provenance=["MARCO_1", "MARCO_50_2268879788 -3"]),  # as CAsT 2022 has it
         session("chit-chat", snippet_ids=[], target=False),
     ]
     assert grounding_qrels(sessions) == [
@@ -146,6 +146,7 @@ def test_qrels_from_each_reader_key():
         Qrel("ikat", "cw-1:2", 1),
         Qrel("mtrag", "m-1", 1),
         Qrel("cast", "MARCO_1", 1),
+        Qrel("cast", "MARCO_50_2268879788-3", 1),  # TREC files cannot hold the space
     ]
 
 

@@ -45,6 +45,21 @@ def test_text_that_is_not_utf8_names_its_line(tmp_path):
     path.write_bytes("\n".join(lines).encode("latin-1"))
     with pytest.raises(DataFormatError, match=r"latin1\.jsonl:2.*byte 0xe9 at column"):
         read_sessions(path)
+    from chatretriever.io.conversations import read_conversations
+
+    with pytest.raises(DataFormatError, match=r"latin1\.jsonl:2.*byte 0xe9"):
+        read_conversations(path)  # format guessing reads the head first: the same message
+
+
+def test_the_line_named_is_the_lone_surrogates_not_an_earlier_pair(tmp_path):
+    doc = tmp_path / "d.json"
+    doc.write_text('{"a": "\\ud83d\\ude00",\n"b": "x",\n"c": "\\ud800"}')
+    with pytest.raises(DataFormatError, match=r"d\.json:3: field 'c'"):
+        read_json(doc)
+    key = tmp_path / "k.jsonl"
+    key.write_text('{"\\ud800k": 1}\n')
+    with pytest.raises(DataFormatError, match=r"k\.jsonl:1: field '\\ud800k \(its name\)'"):
+        read_sessions(key)
 
 
 def test_cli_search_of_a_lone_surrogate_is_one_line(tmp_path, capsys):
@@ -101,3 +116,20 @@ def test_an_out_of_the_wrong_kind_is_one_line(tmp_path, capsys):
     assert main([*argv, "--out", str(tmp_path / "file" / "r.trec")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "r.trec: cannot write here" in err[0] and ".tmp" not in err[0]
+
+
+def test_a_device_or_pipe_is_written_as_a_stream_not_renamed_over(tmp_path):
+    import os
+
+    from chatretriever.io.files import atomic_write
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # so the writer's open does not block
+    try:
+        with atomic_write(fifo) as f:
+            f.write("q1 Q0 d1 1 1.0 run\n")
+        assert os.read(reader, 100) == b"q1 Q0 d1 1 1.0 run\n"
+    finally:
+        os.close(reader)
+    assert not fifo.is_file() and fifo.exists()  # still the pipe, not a file put in its place

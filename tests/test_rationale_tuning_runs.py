@@ -63,6 +63,10 @@ def test_a_second_run_into_a_finished_one_is_refused(tmp_path, tiny_llama_dir, c
     shutil.rmtree(first / "checkpoint-1")
     with pytest.raises(ValueError, match=r"already holds a run \(adapter_config.json\)"):
         prepare_output_dir(_recipe(tmp_path, tiny_llama_dir))
+    # and --resume of it has nothing to continue: refused, the adapter kept (it retrained)
+    with pytest.raises(ValueError, match=r"finished run \(adapter_config.json\) and no checkpoint"):
+        prepare_output_dir(_recipe(tmp_path, tiny_llama_dir), resume=True)
+    assert all((_weights(first)[k] == v).all() for k, v in before.items())
     # DPO into it is refused the same way (before TRL or the model loads)
     dpo = main(["rerank-train", str(tmp_path / "r.yaml"), "--set", "objective=dpo"])
     assert dpo == 2 and "already holds a run" in capsys.readouterr().err

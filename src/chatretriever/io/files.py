@@ -37,7 +37,7 @@ def open_text(path: str | Path) -> IO[str]:
         raise DataFormatError(path, f"cannot open file: {e.strerror or e}") from None
 
 
-def _undecodable(path: Path, error: UnicodeDecodeError) -> DataFormatError:
+def undecodable_error(path: Path, error: UnicodeDecodeError) -> DataFormatError:
     """The error of a file that is not UTF-8, naming the first line that is not."""
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:  # type: ignore[operator]
@@ -60,7 +60,7 @@ def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
                 if line.strip():
                     yield lineno, line
         except UnicodeDecodeError as e:
-            raise _undecodable(Path(path), e) from None
+            raise undecodable_error(Path(path), e) from None
         except (EOFError, gzip.BadGzipFile, OSError) as e:
             raise DataFormatError(path, f"cannot read file: {e}") from None
 
@@ -85,25 +85,49 @@ def _lone_surrogate(value: Any, where: str = "") -> tuple[str, str] | None:
         else ()
     )
     for key, item in items:
-        if isinstance(key, str) and _lone_surrogate(key) is not None:
-            return f"{where}.{key}".lstrip("."), "key"
+        if isinstance(key, str) and (bad := _lone_surrogate(key)) is not None:
+            return f"{where}.{_printable(key)}".lstrip(".") + " (its name)", bad[1]
         sub = f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}".lstrip(".")
+        sub = _printable(sub)
         found = _lone_surrogate(item, sub)
         if found is not None:
             return found
     return None
 
 
+def _printable(text: str) -> str:
+    """Text any stream can print: a lone surrogate as its escape."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _lone_escape(raw: str) -> int | None:
+    """The offset of the first surrogate escape in JSON text that is not half of a pair."""
+    matches = list(_SURROGATE_ESCAPE.finditer(raw))
+    for i, m in enumerate(matches):
+        high = m.group()[2].lower() == "d" and m.group()[3].lower() in "89ab"
+        nxt = matches[i + 1] if i + 1 < len(matches) else None
+        prev = matches[i - 1] if i > 0 else None
+        if high and nxt is not None and nxt.start() == m.end() and nxt.group()[3].lower() in "cdef":
+            continue  # a pair's high half
+        paired_low = (
+            prev is not None and prev.end() == m.start() and prev.group()[3].lower() in "89ab"
+        )
+        if not high and paired_low:
+            continue  # a pair's low half
+        return m.start()
+    return None
+
+
 def _check_text(path: str | Path, raw: str, value: Any, line: int | None = None) -> None:
     """Refuse a JSON value that holds a lone surrogate (an invalid character)."""
-    match = _SURROGATE_ESCAPE.search(raw)
-    if match is None:
+    if _SURROGATE_ESCAPE.search(raw) is None:
         return
     found = _lone_surrogate(value)
     if found is not None:
         field, char = found
         if line is None:
-            line = raw.count("\n", 0, match.start()) + 1
+            at = _lone_escape(raw)
+            line = None if at is None else raw.count("\n", 0, at) + 1
         msg = f"holds an invalid character (a lone UTF-16 surrogate, {ascii(char)})"
         raise DataFormatError(path, msg, line=line, field=field)
 
@@ -128,7 +152,7 @@ def read_json(path: str | Path) -> Any:
         try:
             text = f.read()
         except UnicodeDecodeError as e:
-            raise _undecodable(Path(path), e) from None
+            raise undecodable_error(Path(path), e) from None
         except (EOFError, gzip.BadGzipFile, OSError) as e:
             raise DataFormatError(path, f"cannot read file: {e}") from None
     try:
@@ -216,6 +240,21 @@ def fsync_tree(root: str | Path) -> None:
         fsync_dir(parent)
 
 
+def _stream_to(target: Path) -> Iterator[Path]:
+    """`atomic_path` for a device or a pipe: the body writes a temporary file, which is then
+    copied into the target as a stream (a rename would replace the device with a file)."""
+    fd, name = tempfile.mkstemp(prefix=".chatretriever.", suffix=f".tmp{target.suffix}")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as src, open(target, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary file name beside `path` for writers that want a name (savefig, np.save).
@@ -223,10 +262,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     The body writes the file; when it returns, the file is fsynced, renamed onto `path` and the
     directory fsynced. If the body raises, `path` is untouched and the temporary file removed.
     The temporary name keeps `path`'s suffix, so writers that infer a format from it still can.
+    A device or a pipe (`/dev/stdout`, `/dev/null`) is written as a stream instead, never
+    renamed over.
     """
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path}: is a directory; give the path of a file to write")
+    if path.exists() and not path.is_file():  # /dev/stdout, /dev/null, a pipe: never renamed over
+        yield from _stream_to(path)
+        return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(

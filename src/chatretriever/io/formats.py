@@ -13,7 +13,7 @@ from pathlib import Path
 from chatretriever.errors import DataFormatError
 from chatretriever.io.cast_txt import looks_like_cast_txt
 from chatretriever.io.corpus import tsv_header
-from chatretriever.io.files import iter_lines, open_text
+from chatretriever.io.files import iter_lines, open_text, undecodable_error
 from chatretriever.io.topiocqa import is_qrecc
 
 # every format `guess_format` names (`stats.FORMATS` counts each)
@@ -56,7 +56,9 @@ def _read_head(path: Path) -> str:
     with open_text(path) as f:
         try:
             return f.read(_HEAD_CHARS)
-        except (UnicodeDecodeError, EOFError, OSError) as e:
+        except UnicodeDecodeError as e:
+            raise undecodable_error(path, e) from None
+        except (EOFError, OSError) as e:
             raise DataFormatError(path, f"cannot read file: {e}") from None
 
 

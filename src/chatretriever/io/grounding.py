@@ -21,6 +21,7 @@ judgments: `evaluate` leaves them out. Torch-free.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -42,6 +43,7 @@ GROUNDING_KEYS = (
 KNOWLEDGE_FORMATS = ("dstc-knowledge", "ikat-passages", "doc2dial-docs", "corpus")
 
 _HEAD = 4096
+logger = logging.getLogger(__name__)
 
 
 def knowledge_format(path: str | Path) -> str:
@@ -111,14 +113,20 @@ def _doc2dial_ids(session: Session, sections: dict[tuple[str, str], str] | None)
 def grounding_ids(
     session: Session, sections: dict[tuple[str, str], str] | None = None
 ) -> list[str]:
-    """The passage ids a session's answer is grounded in (none: an empty list)."""
+    """The passage ids a session's answer is grounded in (none: an empty list). Whitespace
+    inside a recorded id is dropped (CAsT 2022 publishes "MARCO_50_2268879788 -3" for
+    "MARCO_50_2268879788-3"; TREC files cannot hold it), with a warning."""
     if "doc_ids" in session.metadata or "spans" in session.metadata:
         ids = _doc2dial_ids(session, sections)
     else:
         key = next((k for k in GROUNDING_KEYS if session.metadata.get(k)), None)
         value = session.metadata.get(key) if key else None
         ids = [str(v) for v in value] if isinstance(value, (list, tuple)) else []
-    return list(dict.fromkeys(ids))
+    cleaned = ["".join(i.split()) for i in ids]
+    for before, after in zip(ids, cleaned, strict=True):
+        if before != after:
+            logger.warning("session %r: grounding id %r read as %r", session.id, before, after)
+    return list(dict.fromkeys(i for i in cleaned if i))
 
 
 def grounding_qrels(

@@ -295,7 +295,8 @@ def _check_choice_field(name: str, value: Any, hint: Any) -> None:
     if isinstance(value, bool):
         raise ValueError(
             f"{name}: got {str(value).lower()} (YAML reads a bare no/yes/off/on as a boolean): "
-            f"quote it, e.g. {name}='no'; one of {choices}"
+            f"quote it in YAML, e.g. --set \"{name}='no'\" (the shell keeps the inner quotes); "
+            f"one of {choices}"
         )
     if not isinstance(value, enum.Enum):
         raise ValueError(f"{name}: {value!r} is not one of {choices}")

@@ -256,8 +256,11 @@ def search_hybrid(
 
 
 def save_run(path: str | Path, run: Run, settings: dict[str, Any], depth: int | None = None) -> int:
-    """Write a TREC run file and its resolved settings beside it (`<path>.settings.json`)."""
+    """Write a TREC run file and its resolved settings beside it (`<path>.settings.json`; none
+    beside a device or a pipe such as /dev/stdout)."""
     n = write_run(path, run, depth)
+    if not Path(path).is_file():
+        return n
     with atomic_write(settings_path(path)) as f:
         json.dump({**settings, "run_name": run.name, "lines": n}, f, indent=2, default=str)
     return n

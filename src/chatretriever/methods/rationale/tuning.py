@@ -313,6 +313,13 @@ def prepare_output_dir(config: TuneConfig, resume: bool = False, overwrite: bool
         )
     stale = check_output_dir(out, resume, overwrite)  # the shared check: checkpoints, markers
     if resume:
+        finished = (out / ADAPTER_CONFIG).is_file() and not any(out.glob("checkpoint-*"))
+        if finished:  # the shared guard knows the EmbLLM markers, not a reranker's adapter
+            raise ValueError(
+                f"{out} holds a finished run ({ADAPTER_CONFIG}) and no checkpoint: --resume has "
+                "nothing to continue (the adapter is kept); --overwrite starts over, or give "
+                "another output_dir"
+            )
         check_resumed_recipe(config, out)  # the shared rule: same recipe, bar length/saving
         return
     if not stale and not overwrite and (out / ADAPTER_CONFIG).is_file():
