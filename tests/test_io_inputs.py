@@ -62,14 +62,25 @@ def test_the_line_named_is_the_lone_surrogates_not_an_earlier_pair(tmp_path):
         read_sessions(key)
 
 
-def test_cli_search_of_a_lone_surrogate_is_one_line(tmp_path, capsys):
+def _bm25_search(tmp_path, sessions: str, out) -> int:
+    """`search --bm25` of a one-passage corpus for the given sessions JSONL text."""
     pytest.importorskip("bm25s")
     (tmp_path / "c.jsonl").write_text('{"_id": "p", "title": "t", "text": "jaguar"}\n')
-    (tmp_path / "s.jsonl").write_text(LONE)
-    argv = ["search", "--bm25", str(tmp_path / "c.jsonl"), "--sessions", str(tmp_path / "s.jsonl")]
-    assert main([*argv, "--out", str(tmp_path / "r.trec")]) == 2
+    (tmp_path / "s.jsonl").write_text(sessions)
+    corpus, queries = str(tmp_path / "c.jsonl"), str(tmp_path / "s.jsonl")
+    return main(["search", "--bm25", corpus, "--sessions", queries, "--out", str(out)])
+
+
+def _one_error_line(capsys) -> str:
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "s.jsonl:1" in err[0] and "surrogate" in err[0]
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_cli_search_of_a_lone_surrogate_is_one_line(tmp_path, capsys):
+    assert _bm25_search(tmp_path, LONE, tmp_path / "r.trec") == 2
+    err = _one_error_line(capsys)
+    assert "s.jsonl:1" in err and "surrogate" in err
 
 
 def test_ids_that_are_floats_are_refused_integers_read_as_digits(tmp_path):
@@ -91,31 +102,21 @@ def test_ids_that_are_floats_are_refused_integers_read_as_digits(tmp_path):
 
 
 def test_a_blank_question_is_refused_before_searching(tmp_path, capsys):
-    pytest.importorskip("bm25s")
-    (tmp_path / "c.jsonl").write_text('{"_id": "p", "title": "t", "text": "jaguar"}\n')
-    (tmp_path / "s.jsonl").write_text(
-        '{"id": "q1", "messages": [{"role": "user", "content": "  "}]}\n'
-    )
-    argv = ["search", "--bm25", str(tmp_path / "c.jsonl"), "--sessions", str(tmp_path / "s.jsonl")]
-    assert main([*argv, "--out", str(tmp_path / "r.trec")]) == 2
+    blank = '{"id": "q1", "messages": [{"role": "user", "content": "  "}]}\n'
+    assert _bm25_search(tmp_path, blank, tmp_path / "r.trec") == 2
     assert "session 'q1': the current question (the last message) is empty" in (
-        capsys.readouterr().err
+        _one_error_line(capsys)
     )
 
 
 def test_an_out_of_the_wrong_kind_is_one_line(tmp_path, capsys):
-    pytest.importorskip("bm25s")
-    (tmp_path / "c.jsonl").write_text('{"_id": "p", "title": "t", "text": "jaguar"}\n')
-    (tmp_path / "s.jsonl").write_text(json.dumps(GOOD) + "\n")
     (tmp_path / "a_dir").mkdir()
-    argv = ["search", "--bm25", str(tmp_path / "c.jsonl"), "--sessions", str(tmp_path / "s.jsonl")]
-    assert main([*argv, "--out", str(tmp_path / "a_dir")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "a_dir: is a directory" in err[0]
+    assert _bm25_search(tmp_path, json.dumps(GOOD) + "\n", tmp_path / "a_dir") == 2
+    assert "a_dir: is a directory" in _one_error_line(capsys)
     (tmp_path / "file").write_text("x")
-    assert main([*argv, "--out", str(tmp_path / "file" / "r.trec")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "r.trec: cannot write here" in err[0] and ".tmp" not in err[0]
+    assert _bm25_search(tmp_path, json.dumps(GOOD) + "\n", tmp_path / "file" / "r.trec") == 2
+    err = _one_error_line(capsys)
+    assert "r.trec: cannot write here" in err and ".tmp" not in err
 
 
 def test_a_device_or_pipe_is_written_as_a_stream_not_renamed_over(tmp_path):

@@ -64,7 +64,7 @@ def test_a_second_run_into_a_finished_one_is_refused(tmp_path, tiny_llama_dir, c
     with pytest.raises(ValueError, match=r"already holds a run \(adapter_config.json\)"):
         prepare_output_dir(_recipe(tmp_path, tiny_llama_dir))
     # and --resume of it has nothing to continue: refused, the adapter kept (it retrained)
-    with pytest.raises(ValueError, match=r"finished run \(adapter_config.json\) and no checkpoint"):
+    with pytest.raises(ValueError, match=r"finished model \(adapter_config.json\) and no"):
         prepare_output_dir(_recipe(tmp_path, tiny_llama_dir), resume=True)
     assert all((_weights(first)[k] == v).all() for k, v in before.items())
     # DPO into it is refused the same way (before TRL or the model loads)

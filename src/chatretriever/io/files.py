@@ -65,8 +65,12 @@ def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
             raise DataFormatError(path, f"cannot read file: {e}") from None
 
 
-# a JSON escape of a UTF-16 surrogate: a lone one decodes to a str no encoder can write
-_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+# a JSON escape of a UTF-16 surrogate that is not half of a pair (a high one not followed by a
+# low one, a low one not after a high one): it decodes to a str that no encoder can write
+_LONE_SURROGATE_ESCAPE = re.compile(
+    r"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])"
+    r"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+)
 
 
 def _lone_surrogate(value: Any, where: str = "") -> tuple[str, str] | None:
@@ -100,34 +104,16 @@ def _printable(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _lone_escape(raw: str) -> int | None:
-    """The offset of the first surrogate escape in JSON text that is not half of a pair."""
-    matches = list(_SURROGATE_ESCAPE.finditer(raw))
-    for i, m in enumerate(matches):
-        high = m.group()[2].lower() == "d" and m.group()[3].lower() in "89ab"
-        nxt = matches[i + 1] if i + 1 < len(matches) else None
-        prev = matches[i - 1] if i > 0 else None
-        if high and nxt is not None and nxt.start() == m.end() and nxt.group()[3].lower() in "cdef":
-            continue  # a pair's high half
-        paired_low = (
-            prev is not None and prev.end() == m.start() and prev.group()[3].lower() in "89ab"
-        )
-        if not high and paired_low:
-            continue  # a pair's low half
-        return m.start()
-    return None
-
-
 def _check_text(path: str | Path, raw: str, value: Any, line: int | None = None) -> None:
     """Refuse a JSON value that holds a lone surrogate (an invalid character)."""
-    if _SURROGATE_ESCAPE.search(raw) is None:
+    match = _LONE_SURROGATE_ESCAPE.search(raw)
+    if match is None:
         return
-    found = _lone_surrogate(value)
+    found = _lone_surrogate(value)  # None: the escape was text ("\\ud800" written out)
     if found is not None:
         field, char = found
         if line is None:
-            at = _lone_escape(raw)
-            line = None if at is None else raw.count("\n", 0, at) + 1
+            line = raw.count("\n", 0, match.start()) + 1
         msg = f"holds an invalid character (a lone UTF-16 surrogate, {ascii(char)})"
         raise DataFormatError(path, msg, line=line, field=field)
 

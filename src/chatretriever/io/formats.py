@@ -52,7 +52,8 @@ class UnknownFormatError(DataFormatError):
     """A readable file whose format `guess_format` cannot tell."""
 
 
-def _read_head(path: Path) -> str:
+def read_head(path: Path) -> str:
+    """The first 64 KiB of a file's text (what format guessing reads); errors name the file."""
     with open_text(path) as f:
         try:
             return f.read(_HEAD_CHARS)
@@ -153,7 +154,7 @@ def guess_format(path: str | Path) -> str:
     path = Path(path)
     if path.is_dir():
         raise DataFormatError(path, "is a directory; give one of its files")
-    head = _read_head(path).lstrip()
+    head = read_head(path).lstrip()
     fmt: str | None
     if not head:
         fmt = "trec-qrels" if "qrel" in path.name.lower() else None

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from chatretriever.io.corpus import read_corpus
 from chatretriever.io.dstc11 import read_knowledge as read_dstc_knowledge
-from chatretriever.io.files import open_text
+from chatretriever.io.formats import read_head
 from chatretriever.io.grounded_dialogs import passage_id, read_doc2dial_docs
 from chatretriever.io.ikat import read_ikat_passages
 from chatretriever.types import Passage, Qrel, Session
@@ -42,19 +42,17 @@ GROUNDING_KEYS = (
 )
 KNOWLEDGE_FORMATS = ("dstc-knowledge", "ikat-passages", "doc2dial-docs", "corpus")
 
-_HEAD = 4096
 logger = logging.getLogger(__name__)
 
 
 def knowledge_format(path: str | Path) -> str:
     """Which of `KNOWLEDGE_FORMATS` a file holds, from its first bytes."""
-    with open_text(path) as f:
-        head = f.read(_HEAD).lstrip()
+    head = read_head(Path(path)).lstrip()
     if re.match(r'\{\s*"doc_data"\s*:', head):
         return "doc2dial-docs"
-    if head.startswith("{") and '"passage_text"' in head.split("\n", 1)[0]:
-        return "ikat-passages"
     first = head.split("\n", 1)[0]
+    if head.startswith("{") and '"passage_text"' in first:
+        return "ikat-passages"
     if head.startswith("{") and re.search(r'"(reviews|faqs|docs)"\s*:', head):
         if not re.search(r'"(_id|text)"\s*:', first):  # a corpus line names its _id and text
             return "dstc-knowledge"

@@ -42,7 +42,9 @@ def resume_checkpoint(output_dir: str | Path, resume: bool) -> str | None:
     return checkpoint
 
 
-_MODEL_MARKERS = ("chatretriever.json", "uniconv.json")
+# what a finished run leaves in output_dir: an EmbLLM (ChatRetriever, UniConv) or a LoRA adapter
+# (the reranker tuning of `rerank-train`); the method's own marker first, the one named
+_MODEL_MARKERS = ("chatretriever.json", "uniconv.json", "adapter_config.json")
 
 
 def check_output_dir(output_dir: str | Path, resume: bool, overwrite: bool) -> list[Path]:

@@ -298,7 +298,6 @@ def prepare_output_dir(config: TuneConfig, resume: bool = False, overwrite: bool
     Raises:
         ValueError: One line naming the dir and `--resume` / `--overwrite`.
     """
-    from chatretriever.modeling.adapters import ADAPTER_CONFIG
     from chatretriever.modeling.recipe import save_recipe
     from chatretriever.modeling.run_dir import (
         check_output_dir,
@@ -311,22 +310,11 @@ def prepare_output_dir(config: TuneConfig, resume: bool = False, overwrite: bool
         raise ValueError(
             "--resume continues the run in output_dir, --overwrite replaces it: not both"
         )
-    stale = check_output_dir(out, resume, overwrite)  # the shared check: checkpoints, markers
+    # the shared check: checkpoints, a saved model or adapter; a finished run is not resumed
+    stale = check_output_dir(out, resume, overwrite)
     if resume:
-        finished = (out / ADAPTER_CONFIG).is_file() and not any(out.glob("checkpoint-*"))
-        if finished:  # the shared guard knows the EmbLLM markers, not a reranker's adapter
-            raise ValueError(
-                f"{out} holds a finished run ({ADAPTER_CONFIG}) and no checkpoint: --resume has "
-                "nothing to continue (the adapter is kept); --overwrite starts over, or give "
-                "another output_dir"
-            )
         check_resumed_recipe(config, out)  # the shared rule: same recipe, bar length/saving
         return
-    if not stale and not overwrite and (out / ADAPTER_CONFIG).is_file():
-        raise ValueError(
-            f"{out} already holds a run ({ADAPTER_CONFIG}): --resume (resume=True) continues "
-            "it, --overwrite (overwrite=True) starts over, or give another output_dir"
-        )
     remove_paths(stale)
     save_recipe(config, out)
 
