@@ -16,7 +16,7 @@ from typing import Any
 
 DTYPES = ("auto", "bf16", "fp32")
 EMB_INITS = ("mean", "eos")
-POOLINGS = ("last_emb",)
+POOLINGS = ("last_emb", "eos")
 SESSION_MASKS = ("csit", "vanilla", "none")
 
 
@@ -109,7 +109,11 @@ class RetrieverConfig:
             a few very large activations in their first layers, and rounding them to bf16 causes
             most of the bf16-vs-fp32 drift of the final embedding; 1 layer (3% of SmolLM2's
             compute) keeps the cosine to fp32 >= 0.999 on real passages (encode_speed.py).
-        pooling: Fixed to "last_emb": the final hidden state of the last [EMB_t] token.
+        pooling: The pooled token, whose final hidden state is the embedding: "last_emb" (the
+            last of the t [EMB_i] tokens appended to every input: ChatRetriever) or "eos" (the
+            tokenizer's own end-of-sequence token appended instead: UniConv's choice; no token is
+            added to the vocabulary, so the model's vocabulary stays as it was; needs
+            n_emb_tokens = 1).
         emb_init: Initial input embedding of the new tokens: "mean" of the matrix or the "eos" row.
         system_prompt: None renders no system message (a default one injected by the template is
             replaced by an explicit empty one, see `template.py`); a string is used as the system
@@ -145,6 +149,11 @@ class RetrieverConfig:
         if not isinstance(self.fp32_layers, int) or self.fp32_layers < 0:
             raise ValueError(f"fp32_layers must be an int >= 0, got {self.fp32_layers!r}")
         _check_choice("pooling", self.pooling, POOLINGS)
+        if self.pooling == "eos" and self.n_emb_tokens != 1:
+            raise ValueError(
+                f"pooling 'eos' appends one token (the end-of-sequence token), so n_emb_tokens "
+                f"must be 1, got {self.n_emb_tokens}"
+            )
         _check_choice("emb_init", self.emb_init, EMB_INITS)
         if self.attn_implementation not in ("sdpa", "eager"):
             raise ValueError(

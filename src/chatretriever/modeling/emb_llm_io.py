@@ -34,7 +34,7 @@ from chatretriever.modeling.adapters import (
 )
 from chatretriever.modeling.fingerprint import model_fingerprint
 from chatretriever.modeling.saved import checked_base_fingerprint, continued_settings
-from chatretriever.modeling.template import add_emb_tokens, emb_token_ids
+from chatretriever.modeling.template import add_emb_tokens, pooled_token_ids
 
 if TYPE_CHECKING:
     from chatretriever.modeling.emb_llm import EmbLLM
@@ -61,7 +61,8 @@ def load_new(
     lora: LoraSettings | None,
     overrides: Mapping[str, Any],
 ) -> E:
-    """A new, untrained retriever on the base chat LLM `base` (EMB tokens added, LoRA wrapped).
+    """A new, untrained retriever on the base chat LLM `base` (EMB tokens added unless pooling is
+    "eos", LoRA wrapped).
 
     Args:
         cls: The EmbLLM class to build (its `NAME_PREFIX` names the model).
@@ -77,10 +78,11 @@ def load_new(
     lora = lora if lora is not None else LoraSettings()
     base_fp = model_fingerprint(cfg.base_model)
     model, tokenizer = load_backbone_fp32(cfg.base_model, cfg)
-    emb_ids = add_emb_tokens(tokenizer, cfg.n_emb_tokens)
-    resize_and_init(model, tokenizer, emb_ids, cfg.emb_init)
+    new_rows = _new_rows(tokenizer, cfg, add=True)
+    if new_rows:
+        resize_and_init(model, tokenizer, new_rows, cfg.emb_init)
     if lora.enabled:
-        model = wrap_lora(model, lora, emb_ids)
+        model = wrap_lora(model, lora, new_rows)
     name = f"{cls.NAME_PREFIX}/{Path(base).name}"
     return cls(model, tokenizer, cfg, lora, name=name, base_fingerprint=base_fp)
 
@@ -124,19 +126,31 @@ def load_saved(
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)
-    emb_ids = emb_token_ids(tokenizer, cfg.n_emb_tokens)
+    emb_ids = pooled_token_ids(tokenizer, cfg.n_emb_tokens, cfg.pooling)
     if emb_ids != list(saved["emb_token_ids"]):
         raise ValueError(f"{path}: tokenizer EMB ids {emb_ids} != saved {saved['emb_token_ids']}")
     base_fp = saved.get("base_fingerprint")
     if fmt == "adapter":
         base_fp = checked_base_fingerprint(path, cfg.base_model, base_fp)
         model, _ = load_backbone_fp32(cfg.base_model, cfg)
-        resize_and_init(model, tokenizer, emb_ids, cfg.emb_init)
-        model = load_adapter(model, path, is_trainable, lora if lora_given else None, emb_ids)
+        new_rows = _new_rows(tokenizer, cfg, add=False)
+        if new_rows:
+            resize_and_init(model, tokenizer, new_rows, cfg.emb_init)
+        model = load_adapter(model, path, is_trainable, lora if lora_given else None, new_rows)
     else:
         model, _ = load_backbone_fp32(str(path), cfg)
     name = f"{cls.NAME_PREFIX}/{path.resolve().name}"
     return cls(model, tokenizer, cfg, lora, name=name, base_fingerprint=base_fp)
+
+
+def _new_rows(tokenizer: Any, cfg: RetrieverConfig, add: bool) -> list[int]:
+    """The vocabulary rows the retriever adds and trains: its EMB tokens (added to `tokenizer`
+    when `add`), or none under pooling "eos" (the tokenizer's own token is pooled)."""
+    if cfg.pooling == "eos":
+        return []
+    if add:
+        return add_emb_tokens(tokenizer, cfg.n_emb_tokens)
+    return pooled_token_ids(tokenizer, cfg.n_emb_tokens, cfg.pooling)
 
 
 def refuse_other_saved(cls: type, path: Path) -> None:

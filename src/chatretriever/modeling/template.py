@@ -1,7 +1,10 @@
-"""Chat formatting and the [EMB_i] tokens: the only module that knows either.
+"""Chat formatting and the pooled tokens ([EMB_i], or the end-of-sequence token): the only module
+that knows either.
 
-Every input is the tokenizer's own chat template followed by t special tokens [EMB_1..EMB_t];
-the final hidden state of the last one is the embedding.
+Every input is the tokenizer's own chat template followed by t special tokens [EMB_1..EMB_t]
+(pooling "last_emb"), or by the tokenizer's own end-of-sequence token (pooling "eos", UniConv's
+representation: nothing is added to the vocabulary); the final hidden state of the last one is
+the embedding. Below, "EMB tokens" means these appended tokens either way.
 
 - A session renders all its turns, ending with the current user question, with no generation
   prompt. Too long: whole exchanges of the history are dropped oldest first (a cut always lands
@@ -100,6 +103,28 @@ def emb_token_ids(tokenizer: Any, t: int) -> list[int]:
     return [vocab[tok] for tok in tokens]
 
 
+def pooled_token_ids(tokenizer: Any, t: int, pooling: str = "last_emb") -> list[int]:
+    """The ids appended to every input, the last of which is pooled.
+
+    Args:
+        tokenizer: A Hugging Face tokenizer (holding the EMB tokens for "last_emb").
+        t: Number of appended tokens (1 for "eos").
+        pooling: "last_emb" ([EMB_1..EMB_t]) or "eos" (the tokenizer's end-of-sequence token).
+
+    Raises:
+        ValueError: A tokenizer without the EMB tokens, or without an end-of-sequence token for
+            "eos", or t != 1 with "eos".
+    """
+    if pooling != "eos":
+        return emb_token_ids(tokenizer, t)
+    if t != 1:
+        raise ValueError(f"pooling 'eos' appends one token, got n_emb_tokens={t}")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("pooling 'eos' needs a tokenizer with an end-of-sequence token")
+    return [int(eos)]
+
+
 @dataclass(frozen=True)
 class CsitPieces:
     """One CSIT sequence [session, EMB x t, response part] and its spans.
@@ -156,12 +181,14 @@ class RetrievalTemplate:
     """Turns sessions, passages and responses into token ids ending with the EMB tokens.
 
     Args:
-        tokenizer: A Hugging Face tokenizer that already holds the EMB tokens (`add_emb_tokens`).
+        tokenizer: A Hugging Face tokenizer that already holds the EMB tokens (`add_emb_tokens`;
+            none are needed for pooling "eos").
         n_emb_tokens: t.
         max_session_len: Token budget of a session, EMB tokens included.
         max_passage_len: Token budget of a passage, EMB tokens included.
         max_response_len: Token budget of a CSIT response part (header, response, end of turn).
         system_prompt: None = no system message (see module docstring), or the system message.
+        pooling: "last_emb" or "eos" (`pooled_token_ids`).
     """
 
     def __init__(
@@ -172,10 +199,11 @@ class RetrievalTemplate:
         max_passage_len: int = 256,
         max_response_len: int = 256,
         system_prompt: str | None = None,
+        pooling: str = "last_emb",
     ) -> None:
         self.tokenizer = tokenizer
         self.n_emb_tokens = n_emb_tokens
-        self.emb_ids: tuple[int, ...] = tuple(emb_token_ids(tokenizer, n_emb_tokens))
+        self.emb_ids: tuple[int, ...] = tuple(pooled_token_ids(tokenizer, n_emb_tokens, pooling))
         self.max_session_len = max_session_len
         self._warned_cut = False
         self.max_passage_len = max_passage_len
@@ -205,6 +233,7 @@ class RetrievalTemplate:
             max_passage_len=config.max_passage_len,
             max_response_len=config.max_response_len,
             system_prompt=config.system_prompt,
+            pooling=config.pooling,
         )
 
     # ---------------------------------------------------------------- rendering

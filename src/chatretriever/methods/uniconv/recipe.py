@@ -11,10 +11,12 @@ marked by `method: uniconv` so that `chatretriever train RECIPE` runs this train
     data: {files: [{path: outputs/train/mtrag.jsonl}], caps: {topiocqa: 2000}}
     training: {max_steps: 300, per_device_train_batch_size: 8}
 
-The ablations of the paper are recipes that differ in one value: w/o CII (`uniconv.alpha: 0`),
-retrieval-only (`loss.alpha: 0`, `uniconv.alpha: 0`), generation-only
-(`uniconv.retrieval_weight: 0`), w/o format-matched data (`data.files`: the mismatched sources
-only). YAML, `base:`, `--set`, data files, caps, saving and resume are `modeling.recipe`'s.
+`retriever: {pooling: eos, n_emb_tokens: 1}` pools the end-of-sequence token as the paper does
+(`config.RetrieverConfig.pooling`). The ablations of the paper are recipes that differ in one
+value: w/o CII (`uniconv.alpha: 0`), retrieval-only (`loss.alpha: 0`, `uniconv.alpha: 0`),
+generation-only (`uniconv.retrieval_weight: 0`), w/o format-matched data (`data.files`: the
+mismatched sources only). YAML, `base:`, `--set`, data files, caps, saving and resume are
+`modeling.recipe`'s.
 """
 
 from __future__ import annotations
