@@ -23,8 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from chatretriever.modeling.chat_render import PLAIN_TEMPLATE
 from chatretriever.modeling.content_ids import ContentTokenizer
-from chatretriever.modeling.template import PLAIN_TEMPLATE
 from chatretriever.types import Session, SessionLike, as_sessions
 
 logger = logging.getLogger(__name__)
