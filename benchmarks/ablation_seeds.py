@@ -34,7 +34,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from chatretriever.io.files import atomic_write
+from chatretriever.io.atomic import atomic_write
 from chatretriever.modeling.recipe import SAVED_RECIPE, apply_overrides, read_recipe
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -25,12 +25,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _conversational import script  # noqa: E402
+from _encode_speed.encoder_rows import ROWS, set_row  # noqa: E402
 from _shared.machine import machine, machine_line  # noqa: E402
 from _shared.paths import repo_path  # noqa: E402
-from encode_speed import ROWS, set_row  # noqa: E402
 
+from chatretriever.io.atomic import atomic_write  # noqa: E402
 from chatretriever.io.corpus import iter_corpus  # noqa: E402
-from chatretriever.io.files import atomic_write  # noqa: E402
 from chatretriever.io.mtrag import load_mtrag  # noqa: E402
 from chatretriever.io.trec import read_run  # noqa: E402
 from chatretriever.retrieval.evaluate import evaluate_run  # noqa: E402

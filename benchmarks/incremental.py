@@ -38,7 +38,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from chatretriever.errors import require_extra
-from chatretriever.io.files import atomic_write
+from chatretriever.io.atomic import atomic_write
 from chatretriever.io.mtrag import load_mtrag
 from chatretriever.retrieval.evaluate import write_json
 from chatretriever.types import Session

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from chatretriever.io.files import atomic_path, atomic_write
+from chatretriever.io.atomic import atomic_path, atomic_write
 from chatretriever.io.reclm import load_reclm
 from chatretriever.methods.items.build import TRAIN_FILE, BuildConfig, build_items
 from chatretriever.methods.items.evaluate import (

@@ -27,13 +27,12 @@ CPU); the results then say so, with the pool's size. Runs, embeddings and answer
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import shlex
 import sys
 import time
-from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -42,57 +41,29 @@ from chatretriever.io.mtrag import load_mtrag
 from chatretriever.io.trec import read_run
 from chatretriever.retrieval.evaluate import write_json
 from chatretriever.retrieval.search import save_run, search_dense
-from chatretriever.types import Passage, Run, Session, qrels_to_dict
+from chatretriever.types import Run, qrels_to_dict
 
 # The helper package of benchmarks/conversational.py, beside this script (see that script).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _conversational import backends, runs, script, tasks  # noqa: E402
 from _conversational.pool import ids_sha, pool_ids  # noqa: E402, F401  (pool_ids: this script's surface)
-from _conversational.systems import missing_model, parse_model, slug  # noqa: E402
+from _conversational.systems import parse_model  # noqa: E402
 from _rag.answers import answers_of  # noqa: E402
+from _rag.evaluation import BASELINE_ROW, evaluate_system, paired_tests  # noqa: E402
 from _rag.report import (  # noqa: E402
-    MEASURES,
     ablation_table,  # noqa: E402, F401  (part of this script's surface)
     corpus_line,
     results_table,  # noqa: E402, F401  (part of this script's surface)
     write_markdown,
     write_plot,
 )
+from _rag.systems import SYSTEMS, RagSystem, describe, plan_systems  # noqa: E402
 from _rag.turns import load_corpus, select_turns  # noqa: E402
+from _rag.workspace import RagWorkspace  # noqa: E402
 from _shared.machine import machine  # noqa: E402
 from _shared.paths import keep_previous, repo_path  # noqa: E402
 
-SYSTEMS = ("uniconv", "decoupled", "bm25", "closed-book", "oracle", "retriever-as-generator")
 RUN_DEPTH = 10  # R@10 reads the top 10 of a run whatever k the answers read
-
-
-@dataclass(frozen=True)
-class RagSystem:
-    """One row of the table: how it retrieves and what answers.
-
-    Attributes:
-        id: Row name (also the answers file name).
-        retrieval: "dense", "bm25", "oracle" (the judged-relevant passages) or "none".
-        retriever: The dense retriever's model spec (`registry.load_encoder`), else None.
-        label: The retriever's name in file names ("uniconv", "chatretriever-smol", ...).
-        answerer: "self" (the retriever answers: UniConv), "llm" (`generator` behind a
-            `GroundedGenerator`) or "retriever-lm" (the retriever's own causal LM).
-        generator: The chat LLM of "llm", else None.
-    """
-
-    id: str
-    retrieval: str
-    retriever: str | None
-    label: str
-    answerer: str
-    generator: str | None = None
-
-    @property
-    def run_id(self) -> str | None:
-        """The cached run's name (systems retrieving alike share it), None without a run."""
-        if self.retrieval == "dense":
-            return slug(f"{self.label}.session")
-        return "bm25.last_turn" if self.retrieval == "bm25" else None
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -143,120 +114,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def plan_systems(args: argparse.Namespace) -> tuple[list[RagSystem], list[dict[str, str]]]:
-    """The rows to run, in table order, and the ones skipped with the reason."""
-    out: list[RagSystem] = []
-    skipped: list[dict[str, str]] = []
-    chosen = set(args.systems)
-    label, spec = parse_model(args.retriever)
-    gen = args.generator
-    if "uniconv" in chosen:
-        if args.uniconv:
-            out.append(RagSystem("uniconv", "dense", args.uniconv, "uniconv", "self"))
-        else:
-            skipped.append({"system": "uniconv", "reason": "no --uniconv DIR given"})
-    plain = {
-        "decoupled": RagSystem("decoupled", "dense", spec, label, "llm", gen),
-        "bm25": RagSystem("bm25", "bm25", None, "bm25", "llm", gen),
-        "closed-book": RagSystem("closed-book", "none", None, "", "llm", gen),
-        "oracle": RagSystem("oracle", "oracle", None, "oracle", "llm", gen),
-        "retriever-as-generator": RagSystem(
-            "retriever-as-generator", "dense", spec, label, "retriever-lm"
-        ),
-    }
-    out += [system for name, system in plain.items() if name in chosen]
-    for text in args.ablation:
-        name, sep, path = text.partition("=")
-        if not (sep and name.strip() and path.strip()):
-            raise ValueError(f"--ablation {text!r}: expected NAME=DIR")
-        name, path = parse_model(text)
-        out.append(RagSystem(name, "dense", path, name, "self"))
-    kept = []
-    for system in out:
-        why = next(filter(None, (missing_model(m) for m in _models(system))), None)
-        if why:
-            skipped.append({"system": system.id, "reason": why})
-        else:
-            kept.append(system)
-    ids = [s.id for s in kept]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"two systems share a name: {ids}; give each --ablation its own NAME")
-    rows = [*ids, *(s["system"] for s in skipped)]
-    if args.ablation and args.ablation_baseline not in rows:
-        raise ValueError(
-            f"--ablation-baseline {args.ablation_baseline!r} is none of the rows {rows}"
-        )
-    return kept, skipped
-
-
-def _models(system: RagSystem) -> list[str]:
-    return [m for m in (system.retriever, system.generator) if m]
-
-
-# ------------------------------------------------------------------------------- workspace
-class RagWorkspace(runs.Workspace):
-    """The shared benchmark workspace (encoders, embeddings, BM25) over the searched passages,
-    plus the answering models."""
-
-    def __init__(
-        self,
-        args: argparse.Namespace,
-        turns: list[Session],
-        passages: list[Passage],
-        judged: Mapping[str, Mapping[str, int]],
-        corpus_path: Path,
-    ) -> None:
-        super().__init__(args, turns, corpus_path)
-        self.passages = passages
-        self.judged = judged
-        self._generators: dict[str, Any] = {}
-
-    def corpus(self) -> list[Passage]:
-        return self.passages
-
-    def answering_model(self, system: RagSystem) -> Any:
-        """The model that answers for `system` (loaded once per model)."""
-        from chatretriever.modeling.grounded import GroundedGenerator
-
-        if system.answerer == "self":
-            return self.encoder(system.retriever)
-        key = f"{system.answerer}:{system.generator or system.retriever}"
-        if key not in self._generators:
-            a = self.args
-            settings = {"max_new_tokens": a.max_new_tokens, "batch_size": a.gen_batch_size}
-            if system.answerer == "llm":
-                dtype = self.gen_dtype()
-                gen = GroundedGenerator.from_pretrained(
-                    system.generator,
-                    a.device,
-                    dtype=None if dtype == "float32" else dtype,
-                    **settings,
-                )
-            else:  # the retriever's causal LM, LoRA merged into a copy
-                retriever = self.encoder(system.retriever)
-                model = copy.deepcopy(retriever.model)
-                model = model.merge_and_unload() if hasattr(model, "peft_config") else model
-                gen = GroundedGenerator(model, retriever.tokenizer, **settings)
-            self._generators[key] = gen
-        return self._generators[key]
-
-    def gen_dtype(self) -> str:
-        """`--gen-dtype` resolved ("auto" -> bf16 or float32 on this device)."""
-        from chatretriever.modeling.precision import dtype_name
-
-        return dtype_name(self.args.gen_dtype, self.args.device)
-
-    def answerer_key(self, system: RagSystem) -> dict[str, Any]:
-        """What identifies the answering model (cache key of its answers; the dtype is in it
-        when it is not float32, so float32 answers cached before the option stay valid)."""
-        if system.answerer == "llm":
-            key = {"llm": system.generator, "files": runs.files_state(system.generator)}
-            dtype = self.gen_dtype()
-            return key if dtype == "float32" else {**key, "dtype": dtype}
-        return {system.answerer: self.fingerprint(system.retriever)}
-
-
-# ------------------------------------------------------------------------------ the systems
+# -------------------------------------------------------------------------------- retrieval
 def retrieval_run(system: RagSystem, ws: RagWorkspace, corpus_tag: str) -> tuple[Run | None, dict]:
     """The system's run over the evaluated turns (cached under OUT/runs/), and its settings."""
     if system.retrieval == "none":
@@ -295,78 +153,6 @@ def oracle_run(judged: Mapping[str, Mapping[str, int]], qids: Iterable[str]) -> 
     """The judged-relevant passages (rel > 0) of each turn as a run, most relevant first."""
     scores = {q: {d: float(r) for d, r in judged.get(q, {}).items() if r > 0} for q in qids}
     return Run(scores, name="oracle")
-
-
-def evaluate_system(
-    system: RagSystem, run: Run | None, answers: Mapping[str, str], ws: RagWorkspace
-) -> dict[str, Any]:
-    """Retrieval metrics (dense and BM25 rows), generation metrics and consistency."""
-    from chatretriever.retrieval.evaluate import evaluate_run
-    from chatretriever.retrieval.generation_eval import consistency, score_answers, summarize
-
-    scores = score_answers(answers, {s.id: s.response for s in ws.sessions})
-    generation = summarize(scores)
-    metrics: dict[str, float | None] = dict.fromkeys(MEASURES)
-    metrics.update({"F1": generation["f1"], "ROUGE-L": generation["rouge_l"]})
-    record: dict[str, Any] = {"metrics": metrics, "n": generation["n"], "consistency": None}
-    # per turn, for the paired tests against the baseline row (`paired_tests`)
-    record["per_turn"] = {"F1": {q: v["f1"] for q, v in scores.items()}}
-    if run is not None and system.retrieval in ("dense", "bm25") and ws.judged:
-        ev = evaluate_run(run, ws.judged, MEASURES)
-        metrics.update(ev.aggregate)
-        record["n_judged"] = ev.num_queries
-        record["per_turn"]["nDCG@3"] = {q: v["nDCG@3"] for q, v in ev.per_query.items()}
-        judged_scores = {q: v for q, v in scores.items() if q in ws.judged}
-        record["consistency"] = consistency(judged_scores, run.scores, ws.judged, ws.args.k)
-    return record
-
-
-def describe(system: RagSystem, k: int) -> str:
-    reads = {
-        "dense": f"top {k} of {system.label} (whole session)",
-        "bm25": f"top {k} of BM25 (last turn)",
-        "oracle": f"the judged-relevant passages (at most {k})",
-        "none": "no passages",
-    }[system.retrieval]
-    who = {"self": system.label, "llm": system.generator, "retriever-lm": f"{system.label}'s LM"}
-    return f"{who[system.answerer]} answers from {reads}"
-
-
-BASELINE_ROW = "decoupled"  # the paired tests compare every row with it
-
-
-def paired_tests(
-    records: Sequence[Mapping[str, Any]],
-    baseline: str,
-    key: str = "paired",
-    rows: Collection[str] | None = None,
-) -> str | None:
-    """Adds to each record (of `rows` ids, default all) `key`: measure -> {"diff", "p", "n"}
-    against the baseline row, over the turns both scored (paired randomisation test, 10,000
-    sign flips). Returns the baseline's id, or None when it was not run."""
-    import numpy as np
-
-    from chatretriever.retrieval.evaluate import randomization_test
-
-    base = next((r for r in records if r["id"] == baseline), None)
-    if base is None:
-        return None
-    for r in records:
-        if rows is not None and r["id"] not in rows:
-            continue
-        r[key] = {}
-        for measure, values in r["per_turn"].items():
-            other = base["per_turn"].get(measure)
-            if r is base or other is None:
-                continue
-            qids = sorted(set(values) & set(other))
-            diff = np.array([values[q] - other[q] for q in qids])
-            r[key][measure] = {
-                "diff": float(diff.mean()) if qids else 0.0,
-                "p": randomization_test(diff),
-                "n": len(qids),
-            }
-    return baseline
 
 
 # ------------------------------------------------------------------------------------ main

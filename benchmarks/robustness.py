@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from chatretriever.errors import MissingExtraError, require_extra
-from chatretriever.io.files import atomic_path, atomic_write
+from chatretriever.io.atomic import atomic_path, atomic_write
 from chatretriever.retrieval.evaluate import write_json
 from chatretriever.retrieval.fusion import DEFAULT_RRF_K, FUSION_METHODS
 from chatretriever.retrieval.robustness import systems as rsys

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from chatretriever.io.files import atomic_write
+from chatretriever.io.atomic import atomic_write
 from chatretriever.io.mtrag import load_mtrag
 from chatretriever.io.trec import read_run
 from chatretriever.retrieval.evaluate import Evaluation, compare, evaluate_run, write_json

@@ -36,7 +36,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from chatretriever.io.files import atomic_write
+from chatretriever.io.atomic import atomic_write
 from chatretriever.retrieval.evaluate import write_json
 
 # The helper package beside this script (on sys.path when the script runs)

@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from chatretriever.io.files import atomic_path, atomic_write
+from chatretriever.io.atomic import atomic_path, atomic_write
 from chatretriever.retrieval.evaluate import write_json
 
 # The helper package beside this script (on sys.path when the script runs)

@@ -11,14 +11,11 @@ import pytest
 from fixtures import write
 
 from chatretriever.errors import DataFormatError
-from chatretriever.io import files
+from chatretriever.io import atomic
+from chatretriever.io.atomic import atomic_dir, atomic_files, atomic_path, atomic_write
 from chatretriever.io.corpus import iter_corpus, read_corpus, write_corpus
 from chatretriever.io.embeddings import EmbeddingMeta, read_embeddings, write_embeddings
 from chatretriever.io.files import (
-    atomic_dir,
-    atomic_files,
-    atomic_path,
-    atomic_write,
     iter_jsonl,
     iter_lines,
     open_text,
@@ -151,7 +148,7 @@ def _fill(directory, **contents):
 
 
 def _record_fsyncs_and_renames(monkeypatch):
-    """Patches os.fsync/os.replace (as io.files calls them) to log ("fsync", "file"|"dir") and
+    """Patches os.fsync/os.replace (as io.atomic calls them) to log ("fsync", "file"|"dir") and
     ("replace", destination name) in call order."""
     import stat
 
@@ -167,8 +164,8 @@ def _record_fsyncs_and_renames(monkeypatch):
         events.append(("replace", os.path.basename(dst)))
         return real_replace(src, dst)
 
-    monkeypatch.setattr(files.os, "fsync", fsync)
-    monkeypatch.setattr(files.os, "replace", replace)
+    monkeypatch.setattr(atomic.os, "fsync", fsync)
+    monkeypatch.setattr(atomic.os, "replace", replace)
     return events
 
 
@@ -208,13 +205,13 @@ def test_atomic_dir_keeps_the_old_copy_when_the_body_raises(tmp_path):
 def test_atomic_dir_deletes_the_old_copy_only_once_the_new_one_is_in_place(tmp_path, monkeypatch):
     target = _fill(tmp_path / "d", a="old")
     seen = []
-    real_rmtree = files.shutil.rmtree
+    real_rmtree = atomic.shutil.rmtree
 
     def rmtree(path, *args, **kwargs):  # what the target holds whenever something is deleted
         seen.append(_tree(target) if target.is_dir() else None)
         return real_rmtree(path, *args, **kwargs)
 
-    monkeypatch.setattr(files.shutil, "rmtree", rmtree)
+    monkeypatch.setattr(atomic.shutil, "rmtree", rmtree)
     with atomic_dir(target) as tmp:
         (tmp / "a").write_text("new")
     assert seen == [{"a": b"new"}]
@@ -229,7 +226,7 @@ def test_atomic_dir_whose_old_copy_cannot_be_deleted_still_has_the_new_one(
     def rmtree(path, *args, **kwargs):
         raise PermissionError(13, "cannot delete", str(path))
 
-    monkeypatch.setattr(files.shutil, "rmtree", rmtree)
+    monkeypatch.setattr(atomic.shutil, "rmtree", rmtree)
     with atomic_dir(target) as tmp:
         (tmp / "a").write_text("new")
     assert _tree(target) == {"a": b"new"}
@@ -245,7 +242,7 @@ def test_atomic_dir_whose_swap_fails_puts_the_old_copy_back(tmp_path, monkeypatc
             raise OSError(5, "I/O error")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(files.os, "replace", replace)
+    monkeypatch.setattr(atomic.os, "replace", replace)
     with pytest.raises(OSError, match="I/O error"), atomic_dir(target) as tmp:
         (tmp / "a").write_text("new")
     assert _tree(target) == {"a": b"old"}
@@ -309,7 +306,7 @@ def test_atomic_files_leaves_the_directory_as_it_was_on_failure(tmp_path, monkey
                 raise OSError(28, "No space left on device")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(files.os, "replace", replace)
+    monkeypatch.setattr(atomic.os, "replace", replace)
     with pytest.raises(OSError), atomic_files(run, last=["marker.json"]) as tmp:
         _fill(tmp, **{"a.json": "new", "model.bin": "new", "marker.json": "new"})
     assert len(placed) == 2

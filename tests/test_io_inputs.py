@@ -122,7 +122,7 @@ def test_an_out_of_the_wrong_kind_is_one_line(tmp_path, capsys):
 def test_a_device_or_pipe_is_written_as_a_stream_not_renamed_over(tmp_path):
     import os
 
-    from chatretriever.io.files import atomic_write
+    from chatretriever.io.atomic import atomic_write
 
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)

@@ -17,7 +17,7 @@ import numpy as np
 
 from chatretriever.io.embeddings import EmbeddingMeta
 from chatretriever.retrieval.encoders import Encoder
-from chatretriever.retrieval.index import EncoderMismatchError, read_shards
+from chatretriever.retrieval.index_inputs import EncoderMismatchError, read_shards
 
 
 class ExactIndex:

@@ -12,7 +12,7 @@ import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from chatretriever.io.files import atomic_write
+from chatretriever.io.atomic import atomic_write
 from chatretriever.types import Passage, Session
 
 

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from _conversational.systems import LLM_REWRITE
 from chatretriever.errors import MissingExtraError, require_extra
-from chatretriever.io.files import atomic_path, atomic_write
+from chatretriever.io.atomic import atomic_path, atomic_write
 from chatretriever.io.trec import read_run
 from chatretriever.retrieval.evaluate import write_json
 from chatretriever.types import Qrel

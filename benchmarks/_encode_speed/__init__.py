@@ -1,1 +1,2 @@
-"""Parts of `encode_speed.py`: the Faiss rows and the report."""
+"""Parts of `encode_speed.py`: the encoder rows, the fp32 reference cache, the Faiss rows and the
+report."""

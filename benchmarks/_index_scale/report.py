@@ -14,7 +14,7 @@ from _index_scale import memory
 from _index_scale.memory import GIB
 from _index_scale.systems import load_faiss
 from chatretriever.errors import MissingExtraError, require_extra
-from chatretriever.io.files import atomic_path, atomic_write
+from chatretriever.io.atomic import atomic_path, atomic_write
 from chatretriever.retrieval.evaluate import write_json
 
 TARGET_HNSW = {"n": 1_000_000, "queries_per_s": 3000.0, "recall": 0.95}

@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 from _index_scale.memory import hnsw_bytes_per_vector, ivfpq_bytes, rss_bytes, too_big
 from _index_scale.vectors import SyntheticSet, settings_hash
 from chatretriever.errors import MissingExtraError, require_extra
+from chatretriever.io.atomic import atomic_path
 from chatretriever.io.embeddings import EmbeddingMeta, write_embeddings
-from chatretriever.io.files import atomic_path
 from chatretriever.retrieval.evaluate import write_json
 from chatretriever.retrieval.index import add_vectors
 

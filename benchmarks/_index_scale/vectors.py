@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from chatretriever.io.atomic import atomic_path
 from chatretriever.io.embeddings import read_embeddings
-from chatretriever.io.files import atomic_path
 from chatretriever.retrieval.encode import list_shards
 
 PROBES = 200  # base vectors whose neighbours measure the structure kept

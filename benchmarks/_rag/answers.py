@@ -1,6 +1,6 @@
 """The answer cache of `rag.py`: answers per turn under the system, model and settings.
 
-`system` is rag.py's `RagSystem`, `ws` its `RagWorkspace` (the script's own types).
+`system` is a `_rag.systems.RagSystem`, `ws` a `_rag.workspace.RagWorkspace` (rag.py's types).
 """
 
 from __future__ import annotations

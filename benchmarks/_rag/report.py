@@ -10,7 +10,7 @@ import numpy as np
 from _shared.machine import machine_line
 
 from chatretriever.errors import MissingExtraError, require_extra
-from chatretriever.io.files import atomic_path, atomic_write
+from chatretriever.io.atomic import atomic_path, atomic_write
 
 MEASURES = ("nDCG@3", "R@10")
 

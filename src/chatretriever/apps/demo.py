@@ -248,7 +248,7 @@ def results_dict(result: DemoResult, data: DemoData) -> dict[str, Any]:
 def plot_metrics(evaluations: Mapping[str, Evaluation], path: str | Path) -> Path:
     """A grouped bar chart (one group per measure, one bar per system) saved as PNG."""
     from chatretriever.errors import require_extra
-    from chatretriever.io.files import atomic_write
+    from chatretriever.io.atomic import atomic_write
 
     require_extra("matplotlib", "plot", "the demo plot").use("Agg")  # no display needed
     plt = require_extra("matplotlib.pyplot", "plot", "the demo plot")

@@ -144,7 +144,7 @@ def _load_retriever(args: argparse.Namespace) -> tuple[Any, Any]:
 def cmd_answer(args: argparse.Namespace) -> int:
     from chatretriever.apps.chat import answer_sessions
     from chatretriever.io.answers import write_answers
-    from chatretriever.io.files import atomic_write
+    from chatretriever.io.atomic import atomic_write
 
     _positive(args.k, "--k")
     _positive(args.max_new_tokens, "--max-new-tokens")

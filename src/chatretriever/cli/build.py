@@ -12,8 +12,8 @@ from dataclasses import asdict, replace
 from typing import Any, NamedTuple
 
 from chatretriever.errors import DataFormatError
+from chatretriever.io.atomic import atomic_write
 from chatretriever.io.corpus import iter_corpus
-from chatretriever.io.files import atomic_write
 from chatretriever.io.sessions import write_sessions
 from chatretriever.io.training import TrainingExample, write_training_examples
 from chatretriever.retrieval.training_data.builders import (

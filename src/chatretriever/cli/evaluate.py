@@ -101,7 +101,7 @@ def _print_comparison(a: str, b: str, tests: dict) -> None:
 
 
 def cmd_rewrite(args: argparse.Namespace) -> int:
-    from chatretriever.io.files import atomic_write
+    from chatretriever.io.atomic import atomic_write
     from chatretriever.io.sessions import write_sessions
     from chatretriever.retrieval.rewrite import RewritePrompt, hf_generator, rewrite_sessions
 

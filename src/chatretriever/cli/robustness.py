@@ -104,7 +104,7 @@ def _dense(args: argparse.Namespace):
 
 def cmd_robustness(args: argparse.Namespace) -> int:
     from chatretriever.cli.pipeline import refuse_unused_hybrid_options
-    from chatretriever.io.files import atomic_write
+    from chatretriever.io.atomic import atomic_write
     from chatretriever.io.trec import read_qrels
     from chatretriever.retrieval.robustness.evaluation import evaluate_robustness
     from chatretriever.retrieval.robustness.generation import RobustnessLLM

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from chatretriever.io.atomic import atomic_write
 from chatretriever.io.conversations import SESSION_FORMATS, read_conversations
 from chatretriever.io.corpus import iter_corpus, read_corpus, write_corpus
 from chatretriever.io.embeddings import EmbeddingMeta, read_embeddings, write_embeddings
-from chatretriever.io.files import atomic_write, iter_jsonl, open_text
+from chatretriever.io.files import iter_jsonl, open_text
 from chatretriever.io.sessions import (
     read_sessions,
     session_from_dict,

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from chatretriever.errors import DataFormatError
-from chatretriever.io.files import atomic_dir
+from chatretriever.io.atomic import atomic_dir
 
 EMBEDDINGS = "embeddings.npy"
 IDS = "ids.txt"

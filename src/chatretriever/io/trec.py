@@ -8,7 +8,8 @@ from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
 
 from chatretriever.errors import DataFormatError
-from chatretriever.io.files import atomic_write, check_id, iter_lines, read_json
+from chatretriever.io.atomic import atomic_write
+from chatretriever.io.files import check_id, iter_lines, read_json
 from chatretriever.types import Qrel, Run, rank_key
 
 logger = logging.getLogger(__name__)

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 
 from chatretriever.config import LoraSettings, RetrieverConfig
-from chatretriever.io.files import atomic_files, atomic_write, read_json
+from chatretriever.io.atomic import atomic_files, atomic_write
+from chatretriever.io.files import read_json
 from chatretriever.modeling.adapters import (
     ADAPTER_WEIGHTS,
     check_adapter_keys,

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from chatretriever.io.files import fsync_tree
+from chatretriever.io.atomic import fsync_tree
 
 logger = logging.getLogger(__name__)
 

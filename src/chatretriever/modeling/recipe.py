@@ -33,7 +33,7 @@ from typing import Any, Protocol, TypeVar
 
 from chatretriever.config import _from_dict
 from chatretriever.errors import DataFormatError
-from chatretriever.io.files import atomic_write
+from chatretriever.io.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ _EXPORTS = {
     "encode_corpus": "encode",
     "list_shards": "encode",
     "DenseIndex": "index",
-    "EncoderMismatchError": "index",
+    "EncoderMismatchError": "index_inputs",
     "load_index": "index",
     "CorpusIndex": "corpus_index",
     "build_corpus_index": "corpus_index",

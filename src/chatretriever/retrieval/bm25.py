@@ -17,7 +17,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from chatretriever.errors import DataFormatError, require_extra
-from chatretriever.io.files import atomic_dir
+from chatretriever.io.atomic import atomic_dir
 from chatretriever.retrieval.search import (
     Formulation,
     check_k,

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from chatretriever.io.atomic import atomic_write
 from chatretriever.io.embeddings import (
     IDS,
     META,
@@ -47,7 +48,6 @@ from chatretriever.io.embeddings import (
     warn_if_by_name,
     write_embeddings,
 )
-from chatretriever.io.files import atomic_write
 from chatretriever.retrieval.encoders import Encoder, fingerprint_of
 from chatretriever.retrieval.shards import (  # noqa: F401  (list_shards: this module's surface)
     CHUNK_PREFIX,

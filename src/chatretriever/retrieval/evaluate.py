@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from chatretriever.errors import require_extra
-from chatretriever.io.files import atomic_write
+from chatretriever.io.atomic import atomic_write
 from chatretriever.types import Qrel, Run, batch, qrels_to_dict, rank_key
 
 logger = logging.getLogger(__name__)

@@ -39,15 +39,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from chatretriever.errors import DataFormatError
+from chatretriever.io.atomic import atomic_files
 from chatretriever.io.embeddings import EmbeddingMeta
-from chatretriever.io.files import atomic_files
-from chatretriever.retrieval.index import (
-    IDS_FILE,
-    INDEX_FILE,
-    META_FILE,
-    check_query_encoder,
-    read_shards,
-)
+from chatretriever.retrieval.index import IDS_FILE, INDEX_FILE, META_FILE
+from chatretriever.retrieval.index_inputs import check_query_encoder, read_shards
 from chatretriever.retrieval.milvus_build import (
     DEFAULT_BATCH,
     ID_FIELD,
@@ -292,7 +287,7 @@ class MilvusIndex:
     def save(self, directory: str | Path, settings: dict[str, Any] | None = None) -> Path:
         """Write the descriptor (meta.json, ids.txt) into a directory, meta.json last.
 
-        Only the descriptor's files are replaced (`io.files.atomic_files`): a milvus-lite
+        Only the descriptor's files are replaced (`io.atomic.atomic_files`): a milvus-lite
         database inside the directory (the default `DIR/milvus.db`) stays; an older Faiss
         index file there is removed. A local URI is stored relative to the directory when it was
         given relative or lies beside it (the defaults), so the directory moves with its database.

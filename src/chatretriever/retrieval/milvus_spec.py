@@ -27,7 +27,8 @@ from typing import Any
 
 from chatretriever.errors import DataFormatError
 from chatretriever.io.embeddings import EmbeddingMeta
-from chatretriever.retrieval.index import IDS_FILE, META_FILE, EncoderMismatchError
+from chatretriever.retrieval.index import IDS_FILE, META_FILE
+from chatretriever.retrieval.index_inputs import EncoderMismatchError
 
 DEFAULT_INDEX = "FLAT"
 MAX_ID_BYTES = 512  # VARCHAR max_length of the primary key (Milvus counts bytes)

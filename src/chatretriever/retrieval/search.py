@@ -15,7 +15,7 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from chatretriever.io.files import atomic_write
+from chatretriever.io.atomic import atomic_write
 from chatretriever.io.trec import write_run
 from chatretriever.retrieval.encoders import Encoder, fingerprint_of
 from chatretriever.retrieval.fusion import FusionConfig, fuse_runs

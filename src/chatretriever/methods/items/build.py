@@ -27,7 +27,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from chatretriever.errors import DataFormatError
-from chatretriever.io.files import atomic_write, iter_jsonl, require, require_id, write_jsonl
+from chatretriever.io.atomic import atomic_write
+from chatretriever.io.files import iter_jsonl, require, require_id, write_jsonl
 from chatretriever.io.reclm import RecLMData, UserHistory
 from chatretriever.io.sessions import write_sessions
 from chatretriever.io.trec import write_qrels

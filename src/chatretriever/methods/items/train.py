@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from chatretriever.config import LoraSettings
 from chatretriever.errors import require_extra
-from chatretriever.io.files import atomic_write
+from chatretriever.io.atomic import atomic_write
 from chatretriever.methods.items.data import ItemExample
 from chatretriever.modeling.losses import N_KEYS, CandidateLayout, layout_contrastive_loss
 

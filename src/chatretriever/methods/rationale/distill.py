@@ -279,7 +279,7 @@ def save_predictor(predictor: Predictor, directory: str | Path) -> Path:
 
     from safetensors.torch import save_file
 
-    from chatretriever.io.files import atomic_path, atomic_write
+    from chatretriever.io.atomic import atomic_path, atomic_write
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)

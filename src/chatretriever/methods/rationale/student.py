@@ -27,7 +27,7 @@ import torch
 
 from chatretriever.config import _from_dict
 from chatretriever.errors import DataFormatError
-from chatretriever.io.files import atomic_path
+from chatretriever.io.atomic import atomic_path
 from chatretriever.io.sessions import session_to_dict
 from chatretriever.methods.rationale.distill import (
     PREDICTOR_CONFIG,
