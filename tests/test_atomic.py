@@ -306,7 +306,7 @@ def test_ddp_checkpoints_have_one_writer_and_every_process_part(tmp_path):
 
 
 def test_gzip_output_is_byte_reproducible(tmp_path):
-    from chatretriever.io.files import atomic_write
+    from chatretriever.io.atomic import atomic_write
 
     blobs = []
     for name in ("a", "b"):

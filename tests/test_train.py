@@ -54,7 +54,7 @@ def _stack(batch: list[dict]) -> dict[str, torch.Tensor]:
     return {k: torch.stack([r[k] for r in batch]) for k in ("x", "y")}
 
 
-def _line_trainer(out: Path, model: _Line, collator=_stack) -> NamedLossTrainer:
+def _line_trainer(out: Path, model: _Line, collator=_stack, **overrides) -> NamedLossTrainer:
     rows = [{"x": torch.tensor(x), "y": torch.tensor(y)} for x, y in zip(X, Y, strict=True)]
     settings = {
         "max_steps": 4,
@@ -67,6 +67,7 @@ def _line_trainer(out: Path, model: _Line, collator=_stack) -> NamedLossTrainer:
         "logging_steps": 2,
         "save_steps": 2,
         "use_cpu": True,
+        **overrides,
     }
     return NamedLossTrainer(
         model=model,
@@ -77,12 +78,18 @@ def _line_trainer(out: Path, model: _Line, collator=_stack) -> NamedLossTrainer:
     )
 
 
-def test_named_loss_trainer_logs_parts_and_descends_their_sum(tmp_path):
+def _hand_sgd(steps: int = 4) -> tuple[list[tuple[float, float]], np.ndarray]:
+    """Plain SGD on fit + l2, by hand: the (fit, l2) parts of each step, and the final w."""
     w, parts = W0.copy(), []
-    for _ in range(4):  # plain SGD on fit + l2, by hand
+    for _ in range(steps):
         err = X @ w - Y
         parts.append((np.mean(err**2), DECAY * np.sum(w**2)))
         w = w - LR * (2 * X.T @ err / len(Y) + 2 * DECAY * w)
+    return parts, w
+
+
+def test_named_loss_trainer_logs_parts_and_descends_their_sum(tmp_path):
+    parts, w = _hand_sgd()
     model = _Line()
     trainer = _line_trainer(tmp_path / "run", model)
     trainer.train()
@@ -101,6 +108,33 @@ def test_named_loss_trainer_logs_parts_and_descends_their_sum(tmp_path):
     checkpoint = str(tmp_path / "run" / "checkpoint-2")
     _line_trainer(tmp_path / "run", resumed).train(resume_from_checkpoint=checkpoint)
     np.testing.assert_allclose(resumed.w.detach().numpy(), w, rtol=1e-12)
+
+
+def test_a_resumed_run_logs_the_losses_of_the_uninterrupted_one(tmp_path):
+    """Resumed at a logging step, a run logs the uninterrupted run's losses and parts. Resumed
+    inside a logging window, its first log averages only the steps since the resume: the
+    Trainer restarts its loss window at the resumed step (`_tr_loss`, `_globalstep_last_logged`
+    are set in `_inner_training_loop`, and no checkpoint holds them) and the parts follow it,
+    so that each row's parts still sum to its loss."""
+    parts, _ = _hand_sgd()
+    every_step = {"save_steps": 1, "save_total_limit": None}
+    straight = _line_trainer(tmp_path / "run", _Line(), **every_step)
+    straight.train()
+    keys = ("step", "loss", "loss_fit", "loss_l2", "learning_rate", "grad_norm")
+    want = [{k: r[k] for k in keys} for r in straight.state.log_history if "loss" in r]
+    assert [r["step"] for r in want] == [2, 4]
+    logged = {}
+    for step in (2, 3):
+        resumed = _line_trainer(tmp_path / "run", _Line(), **every_step)
+        resumed.train(resume_from_checkpoint=str(tmp_path / "run" / f"checkpoint-{step}"))
+        logged[step] = [{k: r[k] for k in keys} for r in resumed.state.log_history if "loss" in r]
+    for got, row in zip(logged[2], want, strict=True):
+        assert got == pytest.approx(row, abs=1e-6)
+    assert logged[3][0] == pytest.approx(want[0], abs=1e-6)  # logged before checkpoint-3
+    fit, l2 = parts[3]  # the step-4 row of a resume at step 3: step 4 alone, not steps 3-4
+    assert logged[3][1]["loss_fit"] == pytest.approx(fit, abs=1e-6)
+    assert logged[3][1]["loss"] == pytest.approx(fit + l2, abs=1e-4)
+    assert want[1]["loss_fit"] == pytest.approx(np.mean([p[0] for p in parts[2:]]), abs=1e-6)
 
 
 TOPICS = [

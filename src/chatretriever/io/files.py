@@ -1,7 +1,7 @@
 """Streaming readers (gzip transparent), field checks and the JSONL writer shared by every format.
 
 The atomic writers (`atomic_write`, `atomic_path`, `atomic_dir`, `atomic_files`, ...) are in
-`io.atomic`; the ones imported from here by modules being edited elsewhere are re-exported.
+`io.atomic`.
 """
 
 from __future__ import annotations
@@ -15,15 +15,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from chatretriever.errors import DataFormatError
-
-# atomic_files, atomic_path, replace_dir are re-exported, not used here: modeling/emb_llm_io.py,
-# modeling/trainer.py and tests/test_atomic.py import them (and atomic_write) from `io.files`
-from chatretriever.io.atomic import (  # noqa: F401
-    atomic_files,
-    atomic_path,
-    atomic_write,
-    replace_dir,
-)
+from chatretriever.io.atomic import atomic_write
 
 
 def open_text(path: str | Path) -> IO[str]:

@@ -240,7 +240,8 @@ def load_backbone_fp32(name_or_path: str, cfg: RetrieverConfig) -> tuple[Any, An
 
 # ---------------------------------------------------------------------- writing
 def save_retriever(retriever: EmbLLM, target: Path, merged: bool) -> str:
-    """Write `retriever` into `target` atomically (`atomic_files`, SAVED_CONFIG last).
+    """Write `retriever` into `target` atomically (`atomic_files`; adapter_config.json, then
+    SAVED_CONFIG last).
 
     Only a previous saved retriever's weight files (`STALE_WEIGHT_FILES`) are removed, never
     those of a base model that shares the directory; its other entries are kept.
@@ -256,7 +257,10 @@ def save_retriever(retriever: EmbLLM, target: Path, merged: bool) -> str:
     previous = (target / retriever.SAVED_CONFIG).is_file()
     own = previous and not same_dir(target, retriever.config.base_model)
     stale = STALE_WEIGHT_FILES if own else ()
-    with atomic_files(target, last=(retriever.SAVED_CONFIG,), stale=stale) as staging:
+    # adapter_config.json is a finished-run marker too (`run_dir`): it goes in just before
+    # SAVED_CONFIG, after the weights and the tokenizer
+    last = ("adapter_config.json", retriever.SAVED_CONFIG)
+    with atomic_files(target, last=last, stale=stale) as staging:
         fmt = write_saved_files(retriever, staging, merged)
     return fmt
 

@@ -1,17 +1,20 @@
 """A training run's output directory: resuming from its checkpoints, the guard against
-writing over another run, and the check that a resumed run keeps its recipe.
+writing over another run, the check that a resumed run keeps its recipe, and the staged save
+of the final model into it (`final_save`).
 
 `prepare_llm_run` (`recipe`) calls these first; the rationale room's tuning does too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from chatretriever.io.atomic import atomic_files
 from chatretriever.modeling.recipe import (
     SAVED_RECIPE,
     TRAINING_DEFAULTS,
@@ -43,7 +46,8 @@ def resume_checkpoint(output_dir: str | Path, resume: bool) -> str | None:
 
 
 # what a finished run leaves in output_dir: an EmbLLM (ChatRetriever, UniConv) or a LoRA adapter
-# (the reranker tuning of `rerank-train`); the method's own marker first, the one named
+# (the reranker tuning of `rerank-train`); the method's own marker first, the one named (and
+# the one moved in last by `final_save`)
 _MODEL_MARKERS = ("chatretriever.json", "uniconv.json", "adapter_config.json")
 
 
@@ -84,10 +88,38 @@ def check_output_dir(output_dir: str | Path, resume: bool, overwrite: bool) -> l
 
 def save_leftovers(output_dir: str | Path) -> list[Path]:
     """The staging (`.NAME.*.tmp`) and set-aside (`.NAME.*.old`) dirs a save of the final model
-    into `output_dir` leaves when it is killed (`io.files.atomic_files`)."""
+    into `output_dir` leaves when it is killed (`io.atomic.atomic_files`)."""
     out = Path(output_dir)
     found = [*out.glob(f".{out.name}.*.tmp"), *out.glob(f".{out.name}.*.old")]
     return sorted(p for p in found if p.is_dir())
+
+
+@contextlib.contextmanager
+def final_save(output_dir: str | Path) -> Iterator[Path]:
+    """A staging directory for the final model (and its recipe and log), moved into
+    `output_dir` as one set once the body returns (`io.atomic.atomic_files`).
+
+    The staging dir is a `.NAME.*.tmp` inside `output_dir` (`save_leftovers`: a killed save's
+    is never read as a model, and removed here or by the next run). The set's entries replace
+    their namesakes and the run's checkpoints stay. The model markers (`_MODEL_MARKERS`, which
+    the guard reads) are moved in after every other file, an EmbLLM's own config after its
+    `adapter_config.json` (what makes it load as a retriever comes last): a save killed
+    before them leaves no finished run, and `--resume` continues from the last checkpoint and
+    saves again. If the body raises, nothing of the set is moved in.
+
+    Args:
+        output_dir: The run's output directory (created).
+
+    Yields:
+        The empty staging directory to save into.
+    """
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)  # the staging dir goes inside it, not beside it
+    for leftover in save_leftovers(out):  # of an earlier killed save: never moved in
+        shutil.rmtree(leftover, ignore_errors=True)
+        logger.warning("removed %s (left by a killed save of the model)", leftover)
+    with atomic_files(out, last=_MODEL_MARKERS[::-1]) as staging:
+        yield staging
 
 
 def remove_paths(paths: Sequence[Path]) -> None:

@@ -43,7 +43,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from chatretriever.io.files import atomic_path, replace_dir
+from chatretriever.io.atomic import atomic_path, replace_dir
 from chatretriever.modeling.recipe import (
     LOG_FILE,
     TRAINING_DEFAULTS,
@@ -51,6 +51,7 @@ from chatretriever.modeling.recipe import (
     save_recipe,
     write_log,
 )
+from chatretriever.modeling.run_dir import final_save
 
 logger = logging.getLogger(__name__)
 
@@ -282,7 +283,12 @@ class NamedLossTrainer(Trainer):
 
     def train_and_save(self, checkpoint: str | None, recipe: RecipeConfig) -> Path:
         """Train (from `checkpoint` if given); then the main process saves the final model, the
-        resolved recipe and the log history into `output_dir`, which is returned."""
+        resolved recipe and the log history into `output_dir`, which is returned.
+
+        The three are written into a staging dir and moved in together, the model's marker
+        files last (`run_dir.final_save`): a save killed midway leaves `output_dir` without a
+        finished model, so `--resume` continues from the last checkpoint and saves again.
+        """
         out = Path(self.args.output_dir)
         if checkpoint is not None and self._already_done(checkpoint):
             # The Trainer would run one more step before it checks max_steps: finalise instead.
@@ -292,9 +298,11 @@ class NamedLossTrainer(Trainer):
         else:
             self.train(resume_from_checkpoint=checkpoint)
         if self.args.process_index == 0:
-            self.accelerator.unwrap_model(self.model).save_pretrained(out)
-            save_recipe(recipe, out)
-            write_log(out / LOG_FILE, self.state.log_history)
+            with final_save(out) as staging:
+                self.accelerator.unwrap_model(self.model).save_pretrained(staging)
+                save_recipe(recipe, staging)
+                write_log(staging / LOG_FILE, self.state.log_history)
+            logger.info("saved the final model to %s", out)
         self.accelerator.wait_for_everyone()
         return out
 

@@ -386,7 +386,7 @@ def run_dpo(config: TuneConfig, resume: bool = False, overwrite: bool = False) -
     from chatretriever.modeling.backbones import default_device
     from chatretriever.modeling.precision import resolve_dtype
     from chatretriever.modeling.recipe import LOG_FILE, save_recipe, write_log
-    from chatretriever.modeling.run_dir import resume_checkpoint
+    from chatretriever.modeling.run_dir import final_save, resume_checkpoint
 
     init = _init_adapter(config)
     prepare_output_dir(config, resume, overwrite)
@@ -418,8 +418,9 @@ def run_dpo(config: TuneConfig, resume: bool = False, overwrite: bool = False) -
     )
     trainer.train(resume_from_checkpoint=resume_checkpoint(config.output_dir, resume))
     out = Path(config.output_dir)
-    # the trained adapter only: TRL's frozen "ref" copy would land in out/ref/
-    trainer.model.save_pretrained(out, selected_adapters=["default"])
-    save_recipe(config, out)
-    write_log(out / LOG_FILE, trainer.state.log_history)
+    with final_save(out) as staging:  # moved in as one set, adapter_config.json last
+        # the trained adapter only: TRL's frozen "ref" copy would land in out/ref/
+        trainer.model.save_pretrained(staging, selected_adapters=["default"])
+        save_recipe(config, staging)
+        write_log(staging / LOG_FILE, trainer.state.log_history)
     return out
