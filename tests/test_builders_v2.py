@@ -199,7 +199,7 @@ def test_cli_synthetic_needs_one_corpus(tmp_path, capsys):
 
 def test_source_caps_keep_a_stable_hash_sample_across_files():
     from chatretriever.io.training import TrainingExample, TrainingPassage
-    from chatretriever.modeling.recipe import DataSettings, cap_sources
+    from chatretriever.modeling.recipe_data import DataSettings, cap_sources
     from chatretriever.types import Turn
 
     def ex(i, source):
@@ -280,7 +280,7 @@ def test_plausible_question(reply, ok):
 
 def test_cli_sample_keeps_what_a_recipe_cap_keeps_and_scores_only_those(tmp_path, fake_teacher):
     pytest.importorskip("bm25s")
-    from chatretriever.modeling.recipe import cap_sources
+    from chatretriever.modeling.recipe_data import cap_sources
 
     topics = [
         {

@@ -920,7 +920,7 @@ def test_close_process_group_ends_a_launched_group_and_is_a_no_op_without_one(tm
 
 
 def test_data_files_may_be_paths_alone():
-    from chatretriever.modeling.recipe import BaseDataSettings, DataFile
+    from chatretriever.modeling.recipe_data import BaseDataSettings, DataFile
 
     data = BaseDataSettings(files=["a.jsonl", {"path": "b.jsonl", "repeat": 2}])
     assert data.files == [DataFile("a.jsonl"), DataFile("b.jsonl", repeat=2)]

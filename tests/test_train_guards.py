@@ -174,7 +174,7 @@ def test_quoted_no_and_the_recipes_own_method_are_accepted(tmp_path, capsys):
 
 # ------------------------------------------------------------------------ 7: data.caps
 def test_caps_of_an_absent_source_are_refused_and_counts_logged(tmp_path, tiny_llama_dir, caplog):
-    from chatretriever.modeling.recipe import cap_sources
+    from chatretriever.modeling.recipe_data import cap_sources
 
     class Ex:
         def __init__(self, i: int, source: str) -> None:

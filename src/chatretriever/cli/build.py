@@ -352,7 +352,7 @@ def run_build_train(args: argparse.Namespace) -> int:
     if args.sample is not None:
         if args.sample < 1:
             raise ValueError(f"--sample must be at least 1, got {args.sample}")
-        from chatretriever.modeling.recipe import hash_sample
+        from chatretriever.modeling.recipe_data import hash_sample
 
         kept = {ex.id for ex in hash_sample(examples, args.sample, args.sample_seed)}
         examples = [ex for ex in examples if ex.id in kept]  # in the file's order

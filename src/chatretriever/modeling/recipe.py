@@ -12,7 +12,7 @@ into its own validated config (`load_config(path, TrainConfig.from_dict, overrid
 - The resolved recipe is saved beside the model as `train_config.yaml` (`save_recipe`) and the
   Trainer's log history as `train_log.jsonl` (`write_log`).
 - `data.files` lists the training JSONL files: `DataFile` (path, repeat, limit), read by the
-  method's own example reader (`load_examples`).
+  method's own example reader (`load_examples`); the `data:` section is `recipe_data`'s.
 - `resume_checkpoint`: the newest `checkpoint-N` in the output dir when resuming.
 
 Torch-free: yaml and transformers are imported only where they are needed.
@@ -21,19 +21,17 @@ Torch-free: yaml and transformers are imported only where they are needed.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from itertools import islice
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from chatretriever.config import _from_dict
 from chatretriever.errors import DataFormatError
 from chatretriever.io.atomic import atomic_write
+from chatretriever.modeling.recipe_data import cap_sources, load_examples
 
 logger = logging.getLogger(__name__)
 
@@ -66,45 +64,6 @@ class RecipeConfig(Protocol):
     """A validated recipe: `to_dict()` gives the mapping `save_recipe` writes."""
 
     def to_dict(self) -> dict[str, Any]: ...
-
-
-@dataclass
-class DataFile:
-    """One training JSONL file and how many times its examples are listed per epoch."""
-
-    path: str
-    repeat: int = 1
-    limit: int | None = None  # use only the first `limit` examples
-
-    def __post_init__(self) -> None:
-        if self.repeat < 1:
-            raise ValueError(f"data file {self.path}: repeat must be >= 1, got {self.repeat}")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"data file {self.path}: limit must be >= 1, got {self.limit}")
-
-
-def _data_file(value: Any) -> DataFile:
-    """A `data.files` entry: a DataFile, {path, repeat?, limit?}, or a path alone."""
-    if isinstance(value, DataFile):
-        return value
-    if isinstance(value, (str, Path)):
-        return DataFile(str(value))
-    return _from_dict(DataFile, value)
-
-
-@dataclass
-class BaseDataSettings:
-    """A recipe's `data:` section: the training files. Methods subclass it to add their own
-    fields (e.g. CSIT's query formulation)."""
-
-    files: list[DataFile] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.files, (str, Mapping)):
-            raise ValueError(f"data.files must be a list of files, got {self.files!r}")
-        self.files = [_data_file(f) for f in self.files]
-        if not self.files:
-            raise ValueError("data.files must list at least one training JSONL file")
 
 
 # YAML 1.1 (PyYAML) only reads "2.0e-4" as a float; YAML 1.2 also reads "2e-4", "1E5", "+3e2".
@@ -349,79 +308,6 @@ def write_log(path: Path, history: Sequence[Mapping[str, Any]]) -> None:
     with atomic_write(path) as f:
         for row in history:
             f.write(json.dumps(dict(row)) + "\n")
-
-
-def load_examples(
-    settings: BaseDataSettings, read: Callable[[str], Iterable[T]]
-) -> list[tuple[list[T], int]]:
-    """(examples, repeat) per data file; `read` is the method's reader of one file."""
-    parts = []
-    for f in settings.files:
-        examples = list(islice(read(f.path), f.limit))
-        logger.info("%s: %d examples x %d", f.path, len(examples), f.repeat)
-        parts.append((examples, f.repeat))
-    return parts
-
-
-@dataclass
-class DataSettings(BaseDataSettings):
-    """Training files, the query side's formulation and per-source caps.
-
-    A file's weight in the mix is its `repeat`; `caps` ({source: n}) keeps at most n examples
-    of a source (an example's `source` field) over all files, chosen by a hash of (seed, id):
-    the same examples for every run, and a smaller cap keeps a subset of a larger one.
-    """
-
-    query: str = "session"
-    caps: dict[str, int] = field(default_factory=dict)
-    cap_seed: int = 0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.query not in ("session", "last_turn"):
-            raise ValueError(f"data.query must be 'session' or 'last_turn', got {self.query!r}")
-        for source, n in self.caps.items():
-            if not isinstance(n, int) or n < 1:
-                raise ValueError(f"data.caps.{source} must be a positive integer, got {n!r}")
-
-
-def hash_sample(examples: list[Any], n: int, seed: int = 0) -> list[Any]:
-    """The `n` examples whose sha256 of (seed, id) is lowest, in that order: the same ones every
-    run, and a smaller n keeps a subset of a larger one (what `data.caps` keeps of a source)."""
-    return sorted(examples, key=lambda ex: hashlib.sha256(f"{seed}\x1f{ex.id}".encode()).digest())[
-        :n
-    ]
-
-
-def cap_sources(
-    parts: list[tuple[list[Any], int]], caps: Mapping[str, int], seed: int = 0
-) -> list[tuple[list[Any], int]]:
-    """Apply `DataSettings.caps` to (examples, repeat) per file (examples keep their order);
-    logs each capped source's count before and after.
-
-    Raises:
-        ValueError: a capped source that no example has (a typo would lift the cap silently).
-    """
-    if not caps:
-        return parts
-    present = sorted({ex.source for examples, _ in parts for ex in examples})
-    absent = [s for s in caps if s not in present]
-    if absent:
-        names = [repr(s) if s else "'' (no source field)" for s in present]
-        raise ValueError(
-            f"data.caps.{absent[0]}: no training example has source {absent[0]!r} "
-            f"(sources present: {', '.join(names)})"
-        )
-    keep: set[str] = set()
-    for source, n in caps.items():
-        of_source = [ex for examples, _ in parts for ex in examples if ex.source == source]
-        kept = hash_sample(of_source, n, seed)
-        keep.update(ex.id for ex in kept)
-        logger.info("data.caps.%s: %d -> %d examples", source, len(of_source), len(kept))
-    return [
-        ([ex for ex in examples if ex.source not in caps or ex.id in keep], repeat)
-        for examples, repeat in parts
-    ]
 
 
 # files that make an output dir a saved model (ChatRetriever, UniConv)

@@ -38,12 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from chatretriever.config import LoraSettings, LossConfig, RetrieverConfig
-from chatretriever.modeling.recipe import (
-    DataSettings,
-    load_config,
-    prepare_llm_run,
-    recipe_from_dict,
-)
+from chatretriever.modeling.recipe import load_config, prepare_llm_run, recipe_from_dict
+from chatretriever.modeling.recipe_data import DataSettings
 
 METHOD = "chatretriever"  # a recipe's `method:` (the default of `chatretriever train`)
 

@@ -24,12 +24,8 @@ from typing import Any
 
 from chatretriever.config import LoraSettings
 from chatretriever.methods.items.templates import TASKS
-from chatretriever.modeling.recipe import (
-    BaseDataSettings,
-    load_config,
-    load_examples,
-    recipe_from_dict,
-)
+from chatretriever.modeling.recipe import load_config, recipe_from_dict
+from chatretriever.modeling.recipe_data import BaseDataSettings, load_examples
 
 logger = logging.getLogger(__name__)
 

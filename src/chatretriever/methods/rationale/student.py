@@ -53,12 +53,11 @@ from chatretriever.methods.rationale.scoring import relevance_scores
 from chatretriever.methods.rationale.tuning import ChoicePair, iter_pairs
 from chatretriever.modeling.recipe import (
     SAVED_RECIPE,
-    BaseDataSettings,
     check_training_settings,
     load_config,
-    load_examples,
     save_recipe,
 )
+from chatretriever.modeling.recipe_data import BaseDataSettings, load_examples
 from chatretriever.types import SessionLike
 
 logger = logging.getLogger(__name__)

@@ -34,11 +34,8 @@ from chatretriever.io.sessions import session_from_dict, session_to_dict
 from chatretriever.methods.rationale.prompts import WORDINGS, BinaryChoicePrompt
 from chatretriever.methods.rationale.scoring import option_logits
 from chatretriever.modeling.adapters import peft_lora_config
-from chatretriever.modeling.recipe import (
-    BaseDataSettings,
-    check_training_settings,
-    load_examples,
-)
+from chatretriever.modeling.recipe import check_training_settings
+from chatretriever.modeling.recipe_data import BaseDataSettings, load_examples
 from chatretriever.types import Passage, Session, passage_text
 
 logger = logging.getLogger(__name__)

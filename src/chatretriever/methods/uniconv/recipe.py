@@ -28,12 +28,8 @@ from typing import Any
 
 from chatretriever.config import LoraSettings, LossConfig, RetrieverConfig
 from chatretriever.methods.uniconv.train import UniConvSettings
-from chatretriever.modeling.recipe import (
-    DataSettings,
-    load_config,
-    prepare_llm_run,
-    recipe_from_dict,
-)
+from chatretriever.modeling.recipe import load_config, prepare_llm_run, recipe_from_dict
+from chatretriever.modeling.recipe_data import DataSettings
 
 METHOD = "uniconv"
 
