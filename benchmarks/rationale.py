@@ -10,8 +10,9 @@ quality: Recall@1/3/5, MRR, nDCG@10 (`retrieval.evaluate`) on the evaluation dia
   `--student NAME=DIR` (`rerank-distill` output; both tasks, every query), each trained
   bi-encoder of `--dense NAME=DIR` (e.g. configs/rationale-biencoder.yaml's run; both tasks), and
   with `--rerank-response K` every reranker over minilm-l6's top K response candidates (the
-  reranker's queries). Each reranker and student row has its timing. TREC runs and qrels are
-  written.
+  reranker's queries). Each reranker and student row has its timing (a reranker's with the
+  prompt budgets it used: a tuned adapter's own, unless `--max-query-tokens` is given). TREC runs
+  and qrels are written.
 cost: time per query of the reranker without KV reuse, with KV reuse (document caches computed
   offline) and the Rabtriever student, as the number of candidates and the document length grow.
 
@@ -48,6 +49,8 @@ from _shared.options import at_least  # noqa: E402
 from _shared.paths import repo_path  # noqa: E402
 
 MEASURES = ("R@1", "R@3", "R@5", "RR", "nDCG@10")
+# The conversation budget of a reranker row without a tuned one (the zero-shot row, as reported).
+ZERO_SHOT_QUERY_TOKENS = 256
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -114,15 +117,28 @@ def _timing(seconds: float, queries: int, **offline: float) -> dict[str, Any]:
 
 
 def _reranker(args: argparse.Namespace, adapter: str | None) -> Any:
+    """The reranker of a row; its conversation budget is `--max-query-tokens`, else the
+    adapter's tuned one, else `ZERO_SHOT_QUERY_TOKENS`; its document budget the adapter's tuned
+    one, else the prompt's default (`tuned_adapter.resolve_budgets`)."""
     from chatretriever.methods.rationale.reranker import BinaryChoiceReranker
+    from chatretriever.methods.rationale.tuned_adapter import resolve_adapter, tuned_budgets
 
+    query_tokens = args.max_query_tokens
+    tuned = {} if adapter is None else tuned_budgets(resolve_adapter(adapter))
+    if query_tokens is None and "max_query_tokens" not in tuned:
+        query_tokens = ZERO_SHOT_QUERY_TOKENS
     return BinaryChoiceReranker.from_pretrained(
         args.model,
         adapter=adapter,
         wording=args.wording,
         batch_size=args.batch_size,
-        max_query_tokens=args.max_query_tokens,
+        max_query_tokens=query_tokens,
     )
+
+
+def _budgets(rr: Any) -> dict[str, int]:
+    """The prompt budgets a reranker row was scored with (reported beside its timing)."""
+    return {"document": rr.prompt.max_document_tokens, "query": rr.prompt.max_query_tokens}
 
 
 def response_rerank_run(
@@ -140,7 +156,7 @@ def response_rerank_run(
     start = time.perf_counter()
     run = rr.rerank(first, texts, sessions, args.rerank_response, reuse_kv=True, show_progress=True)
     seconds = time.perf_counter() - start
-    return Run(run.scores, name), _timing(seconds, len(sessions))
+    return Run(run.scores, name), {**_timing(seconds, len(sessions)), "budgets": _budgets(rr)}
 
 
 def reranker_run(
@@ -158,7 +174,8 @@ def reranker_run(
         [passage_text(d) for d in docs], sessions, reuse_kv=True, show_progress=True
     )
     seconds = time.perf_counter() - start
-    return _top_k_run(matrix, sessions, docs, len(docs), name), _timing(seconds, len(sessions))
+    timing = {**_timing(seconds, len(sessions)), "budgets": _budgets(rr)}
+    return _top_k_run(matrix, sessions, docs, len(docs), name), timing
 
 
 def student_runs(
@@ -309,8 +326,10 @@ def quality_markdown(result: dict[str, Any]) -> str:
         for name, t in result.get("timing", {}).get(key, {}).items():
             offline = t.get("document_states_s")
             offline = "" if offline is None else f"; document states {offline} s, offline"
+            b = t.get("budgets")
+            cut = "" if b is None else f"; prompts cut at {b['document']} / {b['query']} tokens"
             lines.append(f"- {name}: {t['seconds']} s for {t['queries']} queries "
-                         f"({t['s_per_query']} s/query{offline})")  # fmt: skip
+                         f"({t['s_per_query']} s/query{offline}{cut})")  # fmt: skip
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -389,7 +408,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="eval queries the reranker scores (0: all)",
     )
     q.add_argument("--batch-size", type=at_least(1), default=8)
-    q.add_argument("--max-query-tokens", type=at_least(1), default=256)
+    q.add_argument("--max-query-tokens", type=at_least(1), metavar="N",
+                   help="conversations keep their last N tokens (default: each tuned reranker's "
+                   f"budget, from its recipe; else {ZERO_SHOT_QUERY_TOKENS})")  # fmt: skip
     q.add_argument("--rerank-response", type=int, default=0, metavar="K",
                    help="also rerank minilm-l6's top K response candidates (0: off)")  # fmt: skip
     q.add_argument("--mpnet", action="store_true", help="also all-mpnet-base-v2")

@@ -137,7 +137,7 @@ def test_scoring_warns_when_budgets_differ_from_the_adapters(tmp_path, tiny_llam
     (adapter / "train_config.yaml").write_text(yaml.safe_dump(recipe))
     with caplog.at_level(logging.WARNING, "chatretriever.methods.rationale.reranker"):
         BinaryChoiceReranker.from_pretrained(tiny_llama_dir, adapter=adapter, device="cpu",
-                                             max_query_tokens=256)  # fmt: skip
+                                             max_document_tokens=256)  # fmt: skip
     warned = [r.getMessage() for r in caplog.records if "prompt budgets" in r.getMessage()]
     assert len(warned) == 1 and "max_document_tokens 64 (tuned) vs 256" in warned[0]
     assert "max_query_tokens" not in warned[0]

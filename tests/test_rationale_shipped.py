@@ -23,8 +23,9 @@ from chatretriever.methods.rationale.distill import (
     RabtrieverEncoder,
     save_predictor,
 )
-from chatretriever.methods.rationale.reranker import BinaryChoiceReranker, resolve_adapter
+from chatretriever.methods.rationale.reranker import BinaryChoiceReranker
 from chatretriever.methods.rationale.student import DistillConfig, RabtrieverStudent
+from chatretriever.methods.rationale.tuned_adapter import resolve_adapter
 from chatretriever.methods.rationale.tuning import TuneConfig
 from chatretriever.modeling.recipe import save_recipe
 from chatretriever.modeling.sources import (

@@ -5,6 +5,7 @@ first-stage run), `esconv-tasks` (the ESConv strategy and response retrieval tas
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import sys
 from collections.abc import Callable
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from chatretriever.cli.data import add_sessions_arguments, load_sessions
+from chatretriever.methods.rationale.prompts import BinaryChoicePrompt
+from chatretriever.modeling.recipe import SAVED_RECIPE
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +44,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, default=20, help="top documents reranked per query")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--dtype", help="fp32 (default), bf16, auto")
-    p.add_argument("--max-document-tokens", type=int, default=256)
-    p.add_argument("--max-query-tokens", type=int, default=384)
+    tuned = f"the --adapter's tuned budget (its {SAVED_RECIPE}), else"
+    p.add_argument(
+        "--max-document-tokens",
+        type=int,
+        metavar="N",
+        help=f"a document is cut after N tokens (default: {tuned} "
+        f"{_prompt_default('max_document_tokens')}); the value used is saved with the run",
+    )
+    p.add_argument(
+        "--max-query-tokens",
+        type=int,
+        metavar="N",
+        help=f"a conversation keeps its last N tokens (default: {tuned} "
+        f"{_prompt_default('max_query_tokens')}); the value used is saved with the run",
+    )
     p.add_argument("--no-kv-reuse", action="store_true", help="whole prompts in every batch")
     p.set_defaults(func=cmd_rerank)
 
@@ -99,6 +115,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_rerank_distill)
 
 
+def _prompt_default(name: str) -> int:
+    """`BinaryChoicePrompt`'s default for the argument `name` (one place for the number)."""
+    return inspect.signature(BinaryChoicePrompt).parameters[name].default
+
+
 def _echo(text: str) -> None:
     sys.stdout.write(text + "\n")
 
@@ -111,7 +132,7 @@ def cmd_rerank(args: argparse.Namespace) -> int:
     from chatretriever.types import passage_text
 
     for flag in ("k", "batch_size", "max_document_tokens", "max_query_tokens"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:  # None: not given
             raise ValueError(f"--{flag.replace('_', '-')} must be positive")
     sessions = load_sessions(args)
     documents = {p.id: passage_text(p) for p in iter_corpus(args.corpus)}
@@ -140,8 +161,9 @@ def cmd_rerank(args: argparse.Namespace) -> int:
         "k": args.k,
         "kv_reuse": reuse,
         "dtype": args.dtype or "fp32",
-        "max_document_tokens": args.max_document_tokens,
-        "max_query_tokens": args.max_query_tokens,
+        # the budgets the prompts were cut at (given, or the adapter's tuned ones, or defaults)
+        "max_document_tokens": reranker.prompt.max_document_tokens,
+        "max_query_tokens": reranker.prompt.max_query_tokens,
     }
     n = save_run(args.out, out, settings)
     _echo(f"reranked {len(out.scores)} queries ({n} lines) -> {args.out}")

@@ -257,7 +257,7 @@ def run_distill(config: DistillConfig) -> Path:
     """Features (cached), the predictor trained on them, the resolved recipe; returns the dir."""
     pairs = load_pairs(config.data)
     logger.info("%d pairs (%d relevant)", len(pairs), sum(p.relevant for p in pairs))
-    from chatretriever.methods.rationale.reranker import resolve_adapter
+    from chatretriever.methods.rationale.tuned_adapter import resolve_adapter
 
     # A built-in teacher ("rahore-smol") is read from its dir; the saved recipe keeps the name.
     local = config
@@ -312,7 +312,7 @@ class RabtrieverStudent:
         The recipe's `adapter` (the teacher) is a path or a built-in adapter name
         ("rahore-smol"). A relative path is looked up in the student's directory first, then
         in the current directory; an existing path wins over a built-in of the same name
-        (`reranker.resolve_adapter`).
+        (`tuned_adapter.resolve_adapter`).
 
         Args:
             directory: The output dir, or a built-in student name ("rabtriever-smol"; an
@@ -326,7 +326,7 @@ class RabtrieverStudent:
                 does not fit the LLM), or its recipe's adapter is bad.
             ValueError: A built-in name of another kind ("rahore-smol").
         """
-        from chatretriever.methods.rationale.reranker import resolve_adapter
+        from chatretriever.methods.rationale.tuned_adapter import resolve_adapter
         from chatretriever.modeling.sources import builtin, resolve_model_dir
 
         info = builtin(directory)
