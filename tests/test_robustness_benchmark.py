@@ -23,9 +23,9 @@ def test_robustness_benchmark_table_json_plot_and_cached_rerun(
 ) -> None:
     rob = load_benchmark("robustness")
     fake = ChoosingLLM("unreasonable")
-    from chatretriever.retrieval.robustness import generation
+    from chatretriever.retrieval.robustness import hf_generator
 
-    monkeypatch.setattr(generation, "hf_batch_generator", lambda *a: fake)
+    monkeypatch.setattr(hf_generator, "hf_batch_generator", lambda *a: fake)
     monkeypatch.setattr(rob.runs.backends, "have_faiss", lambda: False)  # numpy search path
     convs = tmp_path / "convs.txt"
     convs.write_text("cA\ncB\n")

@@ -27,9 +27,9 @@ def files(tmp_path, monkeypatch):
         loads.append(name)
         return fake
 
-    from chatretriever.retrieval.robustness import generation
+    from chatretriever.retrieval.robustness import hf_generator
 
-    monkeypatch.setattr(generation, "hf_batch_generator", fake_generator)
+    monkeypatch.setattr(hf_generator, "hf_batch_generator", fake_generator)
     corpus = "".join(json.dumps({"_id": i, "text": t}) + "\n" for i, t in PASSAGES.items())
     (tmp_path / "corpus.jsonl").write_text(corpus)
     write_sessions(tmp_path / "sessions.jsonl", conversation_sessions())

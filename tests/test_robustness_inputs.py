@@ -81,9 +81,9 @@ def test_one_context_set_has_no_sd(tmp_path) -> None:
 def files(tmp_path, monkeypatch):
     pytest.importorskip("bm25s")
     fake = ChoosingLLM("unreasonable")
-    from chatretriever.retrieval.robustness import generation
+    from chatretriever.retrieval.robustness import hf_generator
 
-    monkeypatch.setattr(generation, "hf_batch_generator", lambda *a: fake)
+    monkeypatch.setattr(hf_generator, "hf_batch_generator", lambda *a: fake)
     corpus = "".join(json.dumps({"_id": i, "text": t}) + "\n" for i, t in PASSAGES.items())
     (tmp_path / "corpus.jsonl").write_text(corpus)
     write_sessions(tmp_path / "sessions.jsonl", conversation_sessions())

@@ -59,9 +59,12 @@ def group_conversations(sessions: Sequence[Session]) -> list[Conversation]:
     # Longest first, so a conversation's owner exists before its shorter sessions. Each session
     # takes a free slot (its turn count) of an owner whose user turns it starts: two
     # conversations asking the same first questions must not share (and lose) a slot. The best
-    # matches are placed first (`_match`), so "c2<::>1" goes to c2 rather than to c1.
+    # matches are placed first (`_match`), so "c2<::>1" goes to c2 rather than to c1. Owners are
+    # found by their user-turn prefixes (`starts`), so a session is compared only with the
+    # owners it can belong to, not with every conversation (quadratic in the sessions).
     longest: list[Session] = []
     members: list[dict[int, Session]] = []
+    starts: dict[tuple[str, ...], list[int]] = {}  # user-turn prefix -> owners opening with it
     by_length: dict[int, list[Session]] = {}
     for s in sessions:
         by_length.setdefault(len(_user_turns(s)), []).append(s)
@@ -70,8 +73,8 @@ def group_conversations(sessions: Sequence[Session]) -> list[Conversation]:
         ranked = [
             (rank, i, k)
             for i, s in enumerate(group)
-            for k, c in enumerate(longest)
-            if (rank := _match(s, c)) is not None
+            for k in starts.get(_user_turns(s), ())
+            if (rank := _match(s, longest[k])) is not None
         ]
         ranked.sort(key=lambda r: (not r[0][0], -r[0][1], r[1], r[2]))  # best first, then order
         placed: set[int] = set()
@@ -81,6 +84,9 @@ def group_conversations(sessions: Sequence[Session]) -> list[Conversation]:
                 placed.add(i)
         for i, s in enumerate(group):
             if i not in placed:
+                users = _user_turns(s)
+                for j in range(len(users) + 1):  # () too: a session without user turns
+                    starts.setdefault(users[:j], []).append(len(longest))
                 longest.append(s)
                 members.append({n: s})
     position = {id(s): i for i, s in enumerate(sessions)}

@@ -1,18 +1,18 @@
 """The robustness LLM: seeded, batched, cached generations, with malformed replies retried.
 
 Generations are cached with `rewrite.RewriteCache` (append-only JSONL, one flushed line per
-generation) under a key of the chat messages, the model name and the seed, so a rerun makes no
-LLM call. A plain `rewrite.Generator` (messages -> reply) is accepted too: it is called once per
-prompt and its seed is only part of the key.
+generation) under a key of the chat messages, the model name, the seed and the generation
+settings, so a rerun makes no LLM call. A plain `rewrite.Generator` (messages -> reply) is
+accepted too: it is called once per prompt and its seed is only part of the key. The Hugging Face
+model itself lives in `hf_generator.py` (its names are re-exported here, where callers import
+them).
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +21,27 @@ from typing import Any, Protocol, TypeVar
 from tqdm.auto import tqdm
 
 from chatretriever.retrieval.rewrite import DEFAULT_MODEL, Generator, RewriteCache
+from chatretriever.retrieval.robustness.hf_generator import (
+    HFChatGenerator,
+    LazyHFGenerator,
+    hf_batch_generator,
+)
 from chatretriever.types import Session
+
+__all__ = [
+    "KIND_MAX_NEW_TOKENS",
+    "KIND_STOP",
+    "BatchGenerator",
+    "GenerationStats",
+    "HFChatGenerator",
+    "LazyHFGenerator",
+    "Messages",
+    "RobustnessLLM",
+    "batched",
+    "generation_key",
+    "generation_settings",
+    "hf_batch_generator",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +54,10 @@ class BatchGenerator(Protocol):
     `max_new_tokens`, when given, caps this call's replies (a judgment needs few tokens); `stop`,
     when given, ends a reply at its first occurrence (a generator that cannot stop there may run
     on: `RobustnessLLM` cuts the reply). A generator may also offer
-    `score(prompts, options) -> [[log-likelihood per option]]` (choices without sampling) and
-    `continues_reply = True` (a last assistant message is continued, not answered)."""
+    `score(prompts, options) -> [[log-likelihood per option]]` (choices without sampling),
+    `continues_reply = True` (a last assistant message is continued, not answered) and
+    `sampler` (the name of a sampling procedure whose reply depends only on the prompt, the
+    seed and the settings; part of the key of sampled replies)."""
 
     def __call__(
         self,
@@ -157,6 +179,11 @@ class RobustnessLLM:
             settings["max_new_tokens"] = min(cap, settings.get("max_new_tokens", cap))
         if stop is not None:
             settings["stop"] = stop
+        sampler = getattr(self.generate_batch, "sampler", None)
+        if sampler is not None and settings.get("temperature") != 0:
+            # Replies sampled before this procedure depended on their batch: never read them
+            # back as its replies. Greedy replies (temperature 0) did not, and keep their keys.
+            settings["sampler"] = sampler
         keys = [
             generation_key(m, self.model, s, settings) for m, s in zip(prompts, seeds, strict=True)
         ]
@@ -301,175 +328,3 @@ def generation_settings(max_new_tokens: int, temperature: float, dtype: str) -> 
     if dtype != "float32":
         settings["dtype"] = dtype
     return settings
-
-
-def hf_batch_generator(
-    model_name: str = DEFAULT_MODEL,
-    max_new_tokens: int = 192,
-    temperature: float = 0.7,
-    device: str | None = None,
-    dtype: str | None = None,
-) -> HFChatGenerator:
-    """A sampling chat generator over a causal LM (`load_backbone(kind="causal")`), batched with
-    left padding; each seed group is generated after `torch.manual_seed(seed)`.
-
-    Args:
-        model_name: A built-in chat model name, a local model directory or a `.gguf` file.
-        max_new_tokens: The most tokens of one reply.
-        temperature: Sampling temperature (0: greedy; seeds then change nothing).
-        device: Where to run; default the current accelerator, else CPU.
-        dtype: Weights' dtype (`load_backbone`: None is float32; "bf16" halves the time of a
-            generation on a CPU with AVX512-BF16/AMX; the name belongs in the cache settings).
-
-    Returns:
-        (prompts, seeds[, max_new_tokens, stop]) -> replies; it also scores options and
-        continues a last assistant message (see `BatchGenerator`).
-    """
-    return HFChatGenerator(model_name, max_new_tokens, temperature, device, dtype)
-
-
-class HFChatGenerator:
-    """See `hf_batch_generator`."""
-
-    continues_reply = True
-
-    def __init__(
-        self,
-        model_name: str,
-        max_new_tokens: int,
-        temperature: float,
-        device: str | None,
-        dtype: str | None,
-    ) -> None:
-        from chatretriever.modeling.backbones import default_device, load_backbone
-
-        model, tokenizer = load_backbone(model_name, kind="causal", dtype=dtype)
-        self.model = model.to(default_device() if device is None else device).eval()
-        tokenizer.padding_side = "left"  # generation continues from the right end of every row
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        self.tokenizer = tokenizer
-        self.max_new_tokens = max_new_tokens
-        self.temperature = temperature
-
-    def _text(self, messages: Messages) -> str:
-        """The chat template; a last assistant message is left open to be continued."""
-        if messages and messages[-1]["role"] == "assistant":
-            return self.tokenizer.apply_chat_template(
-                messages, continue_final_message=True, tokenize=False
-            )
-        return self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False
-        )
-
-    def __call__(
-        self,
-        prompts: Sequence[Messages],
-        seeds: Sequence[int],
-        cap: int | None = None,
-        stop: str | None = None,
-    ) -> list[str]:
-        import torch
-
-        tokenizer, model = self.tokenizer, self.model
-        limit = self.max_new_tokens if cap is None else min(cap, self.max_new_tokens)
-        extra = {"stop_strings": [stop], "tokenizer": tokenizer} if stop else {}
-        out: list[str] = [""] * len(prompts)
-        for seed in sorted(set(seeds)):
-            rows = [i for i, s in enumerate(seeds) if s == seed]
-            texts = [self._text(prompts[i]) for i in rows]
-            enc = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
-            enc = enc.to(model.device)
-            torch.manual_seed(seed)
-            with torch.no_grad():
-                gen = model.generate(
-                    **enc,
-                    max_new_tokens=limit,
-                    do_sample=self.temperature > 0,
-                    temperature=self.temperature if self.temperature > 0 else None,
-                    top_p=None,
-                    top_k=None,
-                    pad_token_id=tokenizer.pad_token_id,
-                    **extra,
-                )  # (B, T + T_new)
-            new = gen[:, enc["input_ids"].shape[1] :]  # (B, T_new)
-            for i, row in zip(rows, new.tolist(), strict=True):
-                text = tokenizer.decode(row, skip_special_tokens=True)
-                out[i] = (text.split(stop)[0] if stop else text).strip()
-        return out
-
-    def score(self, prompts: Sequence[Messages], options: Sequence[str]) -> list[list[float]]:
-        """Summed log-likelihood of each option as the assistant's reply to each prompt. The
-        prompts are read once (left-padded, one forward, its key/value cache kept); each
-        option's later tokens are then read on a copy of that cache, so a long prompt costs
-        one prefill whatever the number of options."""
-        import torch
-
-        tokenizer, model = self.tokenizer, self.model
-        heads = [tokenizer(self._text(m), add_special_tokens=False)["input_ids"] for m in prompts]
-        tails = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]
-        if any(not t for t in tails):
-            raise ValueError("an option has no tokens")
-        width, dev = max(len(h) for h in heads), model.device
-        pad = tokenizer.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(h)) + h for h in heads], device=dev)
-        mask = torch.tensor([[0] * (width - len(h)) + [1] * len(h) for h in heads], device=dev)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens from 0
-        totals = []
-        with torch.no_grad():
-            out = model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (P, V)
-            for o, tail in enumerate(tails):
-                total = first[:, tail[0]]  # (P,)
-                if len(tail) > 1:  # feed tokens 0 .. L-2, each predicting the next
-                    n = len(tail) - 1
-                    cache = out.cache  # transformers 5 names the key/value cache "cache"
-                    cache = cache if o == len(tails) - 1 else copy.deepcopy(cache)
-                    feed = torch.tensor([tail[:-1]] * len(heads), device=dev)  # (P, n)
-                    step = torch.arange(1, n + 1, device=dev)
-                    more = model(
-                        input_ids=feed,
-                        attention_mask=torch.cat([mask, torch.ones_like(feed)], dim=1),
-                        position_ids=positions[:, -1:] + step,
-                        cache=cache,
-                        use_cache=True,
-                    )
-                    logp = torch.log_softmax(more.logits.float(), dim=-1)  # (P, n, V)
-                    target = torch.tensor(tail[1:], device=dev).expand(len(heads), n)
-                    total = total + logp.gather(-1, target.unsqueeze(-1)).squeeze(-1).sum(-1)
-                totals.append(total.tolist())
-        return [[totals[o][p] for o in range(len(tails))] for p in range(len(heads))]
-
-
-class LazyHFGenerator:
-    """`hf_batch_generator(*settings)` loaded on its first call (an all-cached rerun loads no
-    model), with the seconds spent in it (`seconds`, loading included). It scores and continues
-    replies as the HF generator does, known before loading (the cache keys depend on it)."""
-
-    continues_reply = True
-
-    def __init__(self, *settings: Any) -> None:
-        self._settings = settings
-        self._model: HFChatGenerator | None = None
-        self.seconds = 0.0
-
-    def _timed(self, method: str, *args: Any) -> Any:
-        start = time.perf_counter()
-        try:
-            if self._model is None:
-                self._model = hf_batch_generator(*self._settings)
-            return getattr(self._model, method)(*args)
-        finally:
-            self.seconds += time.perf_counter() - start
-
-    def __call__(self, *args: Any) -> list[str]:
-        return self._timed("__call__", *args)  # type: ignore[no-any-return]
-
-    def score(self, *args: Any) -> list[list[float]]:
-        return self._timed("score", *args)  # type: ignore[no-any-return]
