@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 from conftest import build_tokenizer
-from fixtures import write
+from test_uniconv import _recipe, _rows
 
 from chatretriever.config import LoraSettings, RetrieverConfig
 from chatretriever.methods.chatretriever.model import ChatRetriever
@@ -136,44 +136,9 @@ def test_an_eos_adapter_saves_and_loads_as_it_was(tiny_llama_dir, tmp_path):
 
 
 def test_uniconv_trains_with_eos_pooling(tmp_path, tiny_llama_dir):
-    rows = [
-        {
-            "id": f"ex{i}",
-            "messages": [{"role": "user", "content": f"tell me about {topic}"}],
-            "positives": [{"title": topic, "text": f"{topic} is a word number {i}."}],
-            "negatives": [{"text": f"nothing about topic {i + 1}."}],
-            "target": f"{topic} is a word.",
-        }
-        for i, topic in enumerate(["cats", "suns", "oaks", "teas"])
-    ]
-    data = write(tmp_path / "train.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    recipe = {
-        "method": "uniconv",
-        "model": str(tiny_llama_dir),
-        "output_dir": str(tmp_path / "run"),
-        "retriever": {
-            "n_emb_tokens": 1,
-            "pooling": "eos",
-            "max_session_len": 64,
-            "max_passage_len": 32,
-            "max_response_len": 16,
-        },
-        "loss": {"alpha": 1.0, "temperature": 0.05, "n_hard_negatives": 1},
-        "uniconv": {"alpha": 0.5, "cii_negatives": 2, "max_context_tokens": 96},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "data": {"files": [{"path": str(data)}]},
-        "training": {
-            "max_steps": 2,
-            "per_device_train_batch_size": 4,
-            "learning_rate": 5e-3,
-            "warmup_steps": 0,
-            "save_steps": 2,
-            "logging_steps": 1,
-            "use_cpu": True,
-            "dataloader_num_workers": 0,
-        },
-    }
-    path = tmp_path / "recipe.yaml"
+    path = _recipe(tmp_path, tiny_llama_dir)  # test_uniconv's 2-step recipe, then eos pooling
+    recipe = yaml.safe_load(path.read_text())
+    recipe["retriever"].update(n_emb_tokens=1, pooling="eos")
     path.write_text(yaml.safe_dump(recipe))
     base = UniConv.from_pretrained(tiny_llama_dir, config=load_recipe(path).retriever)
     out = run_training(load_recipe(path))
@@ -182,5 +147,5 @@ def test_uniconv_trains_with_eos_pooling(tmp_path, tiny_llama_dir):
     trained = UniConv.from_pretrained(out, device="cpu", dtype="fp32")
     assert trained.config.pooling == "eos" and trained.emb_ids == base.emb_ids
     assert len(trained.tokenizer) == len(base.tokenizer)
-    session = rows[0]["messages"]
+    session = _rows()[0]["messages"]
     assert not np.allclose(trained.encode_sessions([session]), base.encode_sessions([session]))
