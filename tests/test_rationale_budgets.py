@@ -143,3 +143,28 @@ def test_benchmark_rows_score_with_the_adapters_budgets(tuned, tiny_llama_dir):
               "strategy_subset": {"sft": {"queries": 1, **{m: 0.5 for m in bench.MEASURES}}},
               "timing": {"strategy_subset": {"sft": timing}}}  # fmt: skip
     assert "s/query; prompts cut at 32 / 48 tokens)" in bench.quality_markdown(result)
+
+
+def test_distillation_reads_the_teacher_at_its_tuned_budgets(tuned, tiny_llama_dir, tmp_path):
+    from chatretriever.methods.rationale.tuning import choice_pairs, write_pairs
+
+    passages = [Passage("r", LONG_DOC), Passage("s", "give advice")]
+    sessions = [Session("a", LONG_SESSION.turns), Session("b", (Turn("user", "hi there"),))]
+    write_pairs(tmp_path / "pairs.jsonl", choice_pairs(sessions, passages, {"a": "r", "b": "s"}, 1))
+    raw = {
+        "model": str(tiny_llama_dir),
+        "adapter": str(tuned),
+        "output_dir": str(tmp_path / "student"),  # no budgets: the teacher's tuned ones
+        "batch_size": 2,
+        "data": {"files": [{"path": str(tmp_path / "pairs.jsonl")}]},
+        "predictor": {"inner": 8},
+        "training": {"max_steps": 1, "per_device_train_batch_size": 2},
+    }
+    (tmp_path / "distill.yaml").write_text(yaml.safe_dump(raw))
+    saved = tmp_path / "student" / SAVED_RECIPE
+    assert main(["rerank-distill", str(tmp_path / "distill.yaml")]) == 0
+    assert {k: yaml.safe_load(saved.read_text())[k] for k in TUNED} == TUNED
+    given = ["--set", "max_document_tokens=16", "--set", "output_dir=" + str(tmp_path / "s2")]
+    assert main(["rerank-distill", str(tmp_path / "distill.yaml"), *given]) == 0
+    recorded = yaml.safe_load((tmp_path / "s2" / SAVED_RECIPE).read_text())
+    assert {k: recorded[k] for k in TUNED} == {**TUNED, "max_document_tokens": 16}

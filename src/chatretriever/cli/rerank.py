@@ -5,7 +5,6 @@ first-stage run), `esconv-tasks` (the ESConv strategy and response retrieval tas
 from __future__ import annotations
 
 import argparse
-import inspect
 import logging
 import sys
 from collections.abc import Callable
@@ -13,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from chatretriever.cli.data import add_sessions_arguments, load_sessions
-from chatretriever.methods.rationale.prompts import BinaryChoicePrompt
+from chatretriever.methods.rationale.prompts import default_budgets
 from chatretriever.modeling.recipe import SAVED_RECIPE
 
 logger = logging.getLogger(__name__)
@@ -117,7 +116,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def _prompt_default(name: str) -> int:
     """`BinaryChoicePrompt`'s default for the argument `name` (one place for the number)."""
-    return inspect.signature(BinaryChoicePrompt).parameters[name].default
+    return default_budgets()[name]
 
 
 def _echo(text: str) -> None:

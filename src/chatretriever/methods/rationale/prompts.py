@@ -174,3 +174,12 @@ class BinaryChoicePrompt:
     def answer_ids(self, relevant: Sequence[bool]) -> list[int]:
         """The target token of each pair: the yes option when relevant, else the no option."""
         return [self.option_ids[0] if r else self.option_ids[1] for r in relevant]
+
+
+def default_budgets() -> dict[str, int]:
+    """`BinaryChoicePrompt`'s default token budgets, {"max_document_tokens": .., "max_query_tokens":
+    ..}: read from its signature, the one place the numbers live."""
+    import inspect
+
+    params = inspect.signature(BinaryChoicePrompt).parameters
+    return {k: params[k].default for k in ("max_document_tokens", "max_query_tokens")}

@@ -111,7 +111,9 @@ class DistillConfig:
         adapter: The tuned reranker's LoRA dir (`rerank-train` output); None: zero-shot teacher.
         output_dir: Where the features, the predictor and the resolved recipe go.
         wording: The prompt wording the teacher was tuned with ("ab", "tf").
-        max_document_tokens, max_query_tokens: Prompt budgets (as `rationale-sft.yaml`).
+        max_document_tokens, max_query_tokens: Prompt budgets; None (not given): the adapter's
+            tuned ones (its recipe), else the prompt's defaults, as `rerank` scores. The saved
+            recipe records the numbers used.
         data: The training pairs (`DistillData`).
         predictor: Its shape (`PredictorSettings`).
         kl_weight: Weight of the reverse-KL part (the MSE part has weight 1).
@@ -128,8 +130,8 @@ class DistillConfig:
     adapter: str | None = None
     output_dir: str = "runs/rationale-distill"
     wording: str = "ab"
-    max_document_tokens: int = 64
-    max_query_tokens: int = 256
+    max_document_tokens: int | None = None
+    max_query_tokens: int | None = None
     data: DistillData = field(default_factory=DistillData)
     predictor: PredictorSettings = field(default_factory=PredictorSettings)
     kl_weight: float = 1.0
@@ -144,6 +146,8 @@ class DistillConfig:
             raise ValueError(f"wording must be one of {sorted(WORDINGS)}, got {self.wording!r}")
         for name in ("max_document_tokens", "max_query_tokens", "batch_size", "eval_steps"):
             value = getattr(self, name)
+            if value is None and name.startswith("max_"):
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         for name in ("kl_weight", "rank_weight"):
@@ -257,17 +261,23 @@ def run_distill(config: DistillConfig) -> Path:
     """Features (cached), the predictor trained on them, the resolved recipe; returns the dir."""
     pairs = load_pairs(config.data)
     logger.info("%d pairs (%d relevant)", len(pairs), sum(p.relevant for p in pairs))
-    from chatretriever.methods.rationale.tuned_adapter import resolve_adapter
+    from chatretriever.methods.rationale.tuned_adapter import prompt_budgets, resolve_adapter
 
     # A built-in teacher ("rahore-smol") is read from its dir; the saved recipe keeps the name.
-    local = config
+    found = None
     if config.adapter is not None:
         try:
             found = resolve_adapter(config.adapter)
         except ValueError as e:
             raise DataFormatError(config.adapter, str(e), field="adapter") from e
-        if not Path(config.adapter).exists():
-            local = replace(config, adapter=str(found))
+    # Budgets not given: the teacher's tuned ones, as `rerank` scores (numbers from here on: the
+    # features' fingerprint and the saved recipe record them).
+    config = replace(
+        config, **prompt_budgets(found, config.max_document_tokens, config.max_query_tokens)
+    )
+    local = config
+    if found is not None and not Path(config.adapter).exists():
+        local = replace(config, adapter=str(found))
     out = Path(config.output_dir)
     encoder = teacher_encoder(local)
     fingerprint = features_fingerprint(local, pairs)
