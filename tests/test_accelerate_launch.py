@@ -25,7 +25,8 @@ from test_train import (
 )
 
 from chatretriever.methods.chatretriever.recipe import load_recipe, run_training
-from chatretriever.modeling.trainer import accelerator_visible, training_arguments
+from chatretriever.modeling.distributed import accelerator_visible
+from chatretriever.modeling.trainer import training_arguments
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
 

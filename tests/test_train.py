@@ -904,7 +904,7 @@ def test_uniconv_mismatched_only_ablation_keeps_the_topiocqa_cap():
 def test_close_process_group_ends_a_launched_group_and_is_a_no_op_without_one(tmp_path):
     import torch.distributed as dist
 
-    from chatretriever.modeling.trainer import close_process_group, rank_and_world
+    from chatretriever.modeling.distributed import close_process_group, rank_and_world
 
     assert close_process_group() is False
     dist.init_process_group(

@@ -49,7 +49,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         yaml.safe_dump(config.to_dict(), sys.stdout, sort_keys=False)
         return 0
-    from chatretriever.modeling.trainer import close_process_group
+    from chatretriever.modeling.distributed import close_process_group
 
     if args.resume and args.overwrite:
         raise ValueError(

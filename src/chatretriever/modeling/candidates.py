@@ -132,7 +132,7 @@ def layout_contrastive_part(
     Returns:
         The scalar loss.
     """
-    from chatretriever.modeling.trainer import gather, rank_and_world
+    from chatretriever.modeling.distributed import gather, rank_and_world
 
     rank, world = rank_and_world()
     return layout_contrastive_loss(
