@@ -133,6 +133,10 @@ def test_an_eos_adapter_saves_and_loads_as_it_was(tiny_llama_dir, tmp_path):
         ChatRetriever.from_pretrained(
             tmp_path / "m", device="cpu", pooling="last_emb", n_emb_tokens=1
         )
+    # emb_init initialises added rows: under eos there are none, so it is neither checked nor
+    # part of what the model is (an index of one serves the other's queries).
+    other = ChatRetriever.from_pretrained(tmp_path / "m", device="cpu", emb_init="eos")
+    assert other.config.emb_init == "eos" and other.fingerprint == loaded.fingerprint
 
 
 def test_uniconv_trains_with_eos_pooling(tmp_path, tiny_llama_dir):

@@ -191,6 +191,8 @@ class EmbLLM(torch.nn.Module):
         Two models saved under one name differ; the same model re-saved or copied does not.
         """
         cfg = {k: v for k, v in self.config.to_dict().items() if k not in _NOT_FINGERPRINTED}
+        if self.config.pooling == "eos":  # no new token row: its initialisation is unused
+            cfg.pop("emb_init")
         bf16 = self.compute_dtype == torch.bfloat16
         lora = None
         if is_peft(self.model):  # dropout does not change what a trained model computes

@@ -57,6 +57,8 @@ def continued_settings(
     cfg = saved_cfg if config is None else replace(config, base_model=saved_cfg.base_model)
     cfg = replace(cfg, **overrides)
     for name in WEIGHT_FIELDS:
+        if name == "emb_init" and saved_cfg.pooling == "eos":
+            continue  # no token row is added under eos pooling: nothing was initialised
         _must_agree(path, f"retriever.{name}", getattr(saved_cfg, name), getattr(cfg, name))
     if lora is None:
         return cfg, saved_lora

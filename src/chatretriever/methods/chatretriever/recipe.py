@@ -16,9 +16,10 @@
     training: {max_steps: 500, per_device_train_batch_size: 16, ...}  # TrainingArguments
 
 A `model:` that is a saved ChatRetriever directory continues training from its weights: the
-settings those weights depend on (retriever.n_emb_tokens, emb_init, lora.enabled, r, alpha,
-target_modules) must equal the saved ones (else a one-line error names the field), the others
-(lengths, dtype, dropout, ...) follow the recipe, and the base model stays the saved one.
+settings those weights depend on (retriever.n_emb_tokens, pooling, emb_init (not under eos
+pooling), lora.enabled, r, alpha, target_modules) must equal the saved ones (else a one-line
+error names the field), the others (lengths, dtype, dropout, ...) follow the recipe, and the
+base model stays the saved one.
 
 A recipe may start with `base: other.yaml` (a path relative to it): the other recipe is read
 first and this one's keys replace or extend it, so an ablation names only what it changes.

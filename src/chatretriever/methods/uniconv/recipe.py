@@ -4,7 +4,7 @@ marked by `method: uniconv` so that `chatretriever train RECIPE` runs this train
     method: uniconv
     model: smollm2-135m-instruct
     output_dir: runs/uniconv-smol
-    retriever: {n_emb_tokens: 1, max_session_len: 384, max_response_len: 96}
+    retriever: {n_emb_tokens: 3, max_session_len: 384, max_response_len: 96}
     loss: {alpha: 1.0, temperature: 0.01, session_mask: csit}   # alpha = weight of L_G
     uniconv: {alpha: 0.5, cii_negatives: 3, cii_score: likelihood}  # alpha = weight of L_CII
     lora: {r: 16, alpha: 32}
