@@ -1,6 +1,6 @@
 """A chat LLM whose last [EMB_t] hidden state embeds sessions and passages: the machinery every
 LLM-embedder method shares (ChatRetriever, UniConv): loading, saving, identity, the training
-forwards (plain and one-pass CSIT) and the fast encoding path.
+forwards (plain and one-pass CSIT); encoding (the fast path) is its mixin `emb_encode.EmbEncoding`.
 
 The saved directory format (reading and writing model dirs) lives in `emb_llm_io`.
 """
@@ -8,36 +8,26 @@ The saved directory format (reading and writing model dirs) lives in `emb_llm_io
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, TypeVar
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from chatretriever.config import LoraSettings, RetrieverConfig
 from chatretriever.modeling import emb_llm_io
 from chatretriever.modeling.adapters import adapter_state, is_peft
 from chatretriever.modeling.backbones import default_device
-from chatretriever.modeling.collate import csit_mask, encode_batch, last_token_positions
-from chatretriever.modeling.fast_encode import (
-    EncodeBody,
-    FastEncodeSettings,
-    InferenceBody,
-    encode_ids,
-    resolved,
-    runtime_info,
-    want_compile,
-)
+from chatretriever.modeling.collate import csit_mask, last_token_positions
+from chatretriever.modeling.emb_encode import EmbEncoding
+from chatretriever.modeling.fast_encode import EncodeBody, FastEncodeSettings, InferenceBody
 from chatretriever.modeling.fingerprint import digest, tensors_fingerprint
 from chatretriever.modeling.losses import IGNORE_INDEX
 from chatretriever.modeling.precision import keep_fp32, resolve_dtype
 from chatretriever.modeling.sources import builtin_retriever_dir
 from chatretriever.modeling.template import RetrievalTemplate
-from chatretriever.types import Passage, SessionLike, as_sessions, passage_texts
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +40,7 @@ _NOT_FINGERPRINTED = ("base_model", "trust_remote_code", "max_response_len", "dt
 _E = TypeVar("_E", bound="EmbLLM")
 
 
-class EmbLLM(torch.nn.Module):
+class EmbLLM(EmbEncoding, torch.nn.Module):
     """Encodes sessions and passages with a chat LLM (implements `encoders.Encoder`).
 
     A method subclasses it and names its saved config (`SAVED_CONFIG`) and its models
@@ -361,126 +351,3 @@ class EmbLLM(torch.nn.Module):
         if passages is not None:
             out["passage_emb"] = self.embed(passages)
         return out
-
-    # ------------------------------------------------------------------ encoding
-    def encode_sessions(
-        self, sessions: Sequence[SessionLike], batch_size: int = 16, show_progress: bool = False
-    ) -> np.ndarray:
-        """(B, D) float32 embeddings of sessions (Session objects or message lists); a current
-        turn over `max_session_len` keeps its end (the question), older turns are dropped first.
-
-        Raises:
-            TypeError: `sessions` is one session, a string, or holds something not a session.
-        """
-        seqs = self.template.session_ids_batch(as_sessions(sessions))  # few tokenizer calls
-        return self._encode_ids(seqs, batch_size, show_progress, "sessions")
-
-    def encode_passages(
-        self,
-        passages: Sequence[Passage | Mapping[str, Any] | str],
-        batch_size: int = 16,
-        show_progress: bool = False,
-    ) -> np.ndarray:
-        """(B, D) float32 embeddings of passages (each one assistant message): `Passage`s,
-        {title?, text} mappings or strings, in a list (a bare string is refused).
-
-        Raises:
-            TypeError: `passages` is one passage (a string, a mapping) or holds something else.
-        """
-        texts = passage_texts(passages)  # a bare string is refused, not read char by char
-        seqs = self.template.passage_ids_batch(texts)  # one tokenizer call, not one each
-        return self._encode_ids(seqs, batch_size, show_progress, "passages")
-
-    def _encode_ids(
-        self, seqs: list[list[int]], batch_size: int, show_progress: bool, desc: str
-    ) -> np.ndarray:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        settings = resolved(self.encode_settings, self.device)
-        bar = tqdm(
-            total=len(seqs), desc=f"encoding {desc}", unit=desc[:-1], disable=not show_progress
-        )
-        with torch.inference_mode(), bar:
-            if settings.enabled and seqs:
-                body = self.encode_body(sum(len(s) for s in seqs))
-                hidden = encode_ids(
-                    body, seqs, self.pad_id, self.emb_ids[-1], settings, batch_size, bar
-                )
-                return self._finish(hidden).cpu().numpy()
-            return self._encode_plain(seqs, batch_size, bar)
-
-    def _encode_plain(self, seqs: list[list[int]], batch_size: int, bar: Any) -> np.ndarray:
-        """The training forward in eval mode, `batch_size` length-sorted texts per batch."""
-        out = np.zeros((len(seqs), self.dim), dtype=np.float32)
-        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))  # longest first: less padding
-        was_training = self.training
-        self.eval()
-        try:
-            for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
-                batch = encode_batch([seqs[i] for i in idx], self.pad_id, self.padding_side)
-                out[idx] = self.embed(batch).cpu().numpy()
-                bar.update(len(idx))
-        finally:
-            self.train(was_training)
-        return out
-
-    def inference_body(self, new_tokens: int = 0) -> InferenceBody:
-        """The inference copy of the current weights (`fast_encode.InferenceBody`), made again
-        when the weights, the dtype or the compile decision changed.
-
-        Always torch, whatever `encode_settings.runtime` says: it is the body incremental
-        session encoding runs with KV caches (`encode_body` picks the runtime of whole texts).
-
-        Args:
-            new_tokens: Tokens about to be encoded (counted for compile="auto").
-        """
-        settings = resolved(self.encode_settings, self.device)
-        self._tokens_encoded += new_tokens
-        dtype = self.compute_dtype
-        fp32_layers = self.config.fp32_layers if dtype == torch.bfloat16 else 0
-        compile_now = want_compile(settings, self.device, self._tokens_encoded)
-        if self._inference is not None and self._inference[1].compiled and not compile_now:
-            compile_now = settings.compile != "off"  # once compiled, stay compiled
-        key = (self._weights_state()[1], dtype, fp32_layers, compile_now, str(self.device))
-        if self._inference is None or self._inference[0] != key:
-            body = InferenceBody(self.model, dtype, fp32_layers, compile=compile_now)
-            self._inference = (key, body)
-        return self._inference[1]
-
-    def encode_body(self, new_tokens: int = 0) -> EncodeBody:
-        """The body `encode_sessions` and `encode_passages` run: the torch inference copy
-        (`inference_body`), or under `encode_settings.runtime` "openvino" the merged body
-        converted and compiled by OpenVINO (`ov_runtime.openvino_body`, precision hint from the
-        compute dtype), made again when the weights, the dtype or the device changed.
-
-        Incremental session encoding needs KV caches: it runs `inference_body` (torch) whatever
-        the runtime.
-
-        Args:
-            new_tokens: Tokens about to be encoded (counted for compile="auto").
-
-        Raises:
-            ValueError: Runtime "openvino" with the model on a GPU (a CPU runtime here).
-            MissingExtraError: Runtime "openvino" without openvino installed.
-        """
-        settings = resolved(self.encode_settings, self.device)
-        if settings.runtime == "torch":
-            return self.inference_body(new_tokens)
-        from chatretriever.modeling.ov_runtime import check_device, openvino_body
-
-        check_device(self.device)
-        dtype = self.compute_dtype
-        key = (self._weights_state()[1], dtype, str(self.device), settings.runtime)
-        if self._runtime_body is None or self._runtime_body[0] != key:
-            self._runtime_body = None  # the old compiled body goes before a new one is built
-            self._runtime_body = (key, openvino_body(self.model, self.pad_id, dtype))
-        return self._runtime_body[1]
-
-    def runtime_info(self) -> dict[str, Any]:
-        """What the fast path runs on (hardware kind, settings, runtime, dtype, compiled), for
-        metadata."""
-        settings = resolved(self.encode_settings, self.device)
-        cached = self._inference if settings.runtime == "torch" else self._runtime_body
-        body = cached[1] if cached else None
-        return runtime_info(settings, body, self.device)
