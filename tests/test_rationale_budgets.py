@@ -47,7 +47,7 @@ def _warnings(caplog) -> list[str]:
 
 
 def test_an_adapter_scores_with_its_tuned_budgets(tuned, tiny_llama_dir, caplog):
-    with caplog.at_level(logging.WARNING, "chatretriever.methods.rationale.reranker"):
+    with caplog.at_level(logging.WARNING, "chatretriever.methods.rationale.tuned_adapter"):
         rr = BinaryChoiceReranker.from_pretrained(tiny_llama_dir, adapter=tuned, device="cpu")
     assert _budgets(rr) == TUNED and not _warnings(caplog)
     # the prompts are cut there: the very ids of a prompt built with those budgets
@@ -64,7 +64,7 @@ def test_an_adapter_scores_with_its_tuned_budgets(tuned, tiny_llama_dir, caplog)
 
 
 def test_a_budget_given_wins_and_warns(tuned, tiny_llama_dir, caplog):
-    with caplog.at_level(logging.WARNING, "chatretriever.methods.rationale.reranker"):
+    with caplog.at_level(logging.WARNING, "chatretriever.methods.rationale.tuned_adapter"):
         rr = BinaryChoiceReranker.from_pretrained(
             tiny_llama_dir, adapter=tuned, device="cpu", max_document_tokens=16
         )
@@ -87,7 +87,7 @@ def test_without_a_recorded_budget_the_defaults_stay(tuned, tiny_llama_dir, tmp_
     recipe = {"model": str(tiny_llama_dir), "wording": "ab", "max_document_tokens": 32,
               "max_query_tokens": "long"}  # fmt: skip
     (half / SAVED_RECIPE).write_text(yaml.safe_dump(recipe))
-    with caplog.at_level(logging.WARNING, "chatretriever.methods.rationale.reranker"):
+    with caplog.at_level(logging.WARNING, "chatretriever.methods.rationale.tuned_adapter"):
         rr = BinaryChoiceReranker.from_pretrained(tiny_llama_dir, adapter=half, device="cpu")
     assert _budgets(rr) == {"max_document_tokens": 32, "max_query_tokens": 384}
     assert not _warnings(caplog)
@@ -168,3 +168,8 @@ def test_distillation_reads_the_teacher_at_its_tuned_budgets(tuned, tiny_llama_d
     assert main(["rerank-distill", str(tmp_path / "distill.yaml"), *given]) == 0
     recorded = yaml.safe_load((tmp_path / "s2" / SAVED_RECIPE).read_text())
     assert {k: recorded[k] for k in TUNED} == {**TUNED, "max_document_tokens": 16}
+    # a teacher without recorded budgets (here none at all): the distillation's own 64 / 256
+    zero = ["--set", "adapter=null", "--set", "output_dir=" + str(tmp_path / "s3")]
+    assert main(["rerank-distill", str(tmp_path / "distill.yaml"), *zero]) == 0
+    recorded = yaml.safe_load((tmp_path / "s3" / SAVED_RECIPE).read_text())
+    assert {k: recorded[k] for k in TUNED} == {"max_document_tokens": 64, "max_query_tokens": 256}

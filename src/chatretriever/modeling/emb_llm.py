@@ -1,4 +1,5 @@
-"""A chat LLM whose last [EMB_t] hidden state embeds sessions and passages: the machinery every
+"""A chat LLM whose pooled token's hidden state (the last [EMB_t], or the end-of-sequence token
+under `pooling: eos`) embeds sessions and passages: the machinery every
 LLM-embedder method shares (ChatRetriever, UniConv): loading, saving, identity, the training
 forwards (plain and one-pass CSIT); encoding (the fast path) is its mixin `emb_encode.EmbEncoding`.
 

@@ -19,9 +19,10 @@ resumed run continues exactly where a killed run stopped. The model says what tr
 rows, or the full model under full fine-tuning) and `load_trainable_state(dir)` reads it back in
 place. A model without them gets the Trainer's default checkpoints.
 
-Also here: the TrainingArguments defaults shared by the recipes (`training_arguments`), a
-weighted concatenation of example lists (`TrainingSet`), and, for in-batch negatives under DDP
-(torchrun / accelerate launch), a cross-process gather that keeps the local shard's gradient.
+Also here: the TrainingArguments defaults shared by the recipes (`training_arguments`) and a
+weighted concatenation of example lists (`TrainingSet`); the processes of a launched run (the
+cross-process gather of in-batch negatives that keeps the local shard's gradient, rank, the
+one-group check) are `distributed.py`'s.
 
 Launchers (configs/accelerate/): every process of a torchrun or `accelerate launch` run builds
 the same TrainingArguments. Where no accelerator is visible they train on the CPU (`use_cpu`, so

@@ -102,6 +102,11 @@ class PredictorSettings:
         return PredictorConfig(hidden, self.inner, self.layers, self.residual, self.dropout)
 
 
+# The budgets of a teacher without recorded ones (`rationale-sft.yaml`'s, which `rahore-smol`
+# was tuned with): short strategy documents, the recent end of a conversation.
+DISTILL_BUDGETS = {"max_document_tokens": 64, "max_query_tokens": 256}
+
+
 @dataclass
 class DistillConfig:
     """A Rabtriever distillation recipe (`configs/rationale-distill.yaml`).
@@ -112,8 +117,8 @@ class DistillConfig:
         output_dir: Where the features, the predictor and the resolved recipe go.
         wording: The prompt wording the teacher was tuned with ("ab", "tf").
         max_document_tokens, max_query_tokens: Prompt budgets; None (not given): the adapter's
-            tuned ones (its recipe), else the prompt's defaults, as `rerank` scores. The saved
-            recipe records the numbers used.
+            tuned ones (its recipe), as `rerank` scores, else `DISTILL_BUDGETS` (64 / 256). The
+            saved recipe records the numbers used.
         data: The training pairs (`DistillData`).
         predictor: Its shape (`PredictorSettings`).
         kl_weight: Weight of the reverse-KL part (the MSE part has weight 1).
@@ -261,7 +266,7 @@ def run_distill(config: DistillConfig) -> Path:
     """Features (cached), the predictor trained on them, the resolved recipe; returns the dir."""
     pairs = load_pairs(config.data)
     logger.info("%d pairs (%d relevant)", len(pairs), sum(p.relevant for p in pairs))
-    from chatretriever.methods.rationale.tuned_adapter import prompt_budgets, resolve_adapter
+    from chatretriever.methods.rationale.tuned_adapter import resolve_adapter, resolve_budgets
 
     # A built-in teacher ("rahore-smol") is read from its dir; the saved recipe keeps the name.
     found = None
@@ -270,11 +275,10 @@ def run_distill(config: DistillConfig) -> Path:
             found = resolve_adapter(config.adapter)
         except ValueError as e:
             raise DataFormatError(config.adapter, str(e), field="adapter") from e
-    # Budgets not given: the teacher's tuned ones, as `rerank` scores (numbers from here on: the
-    # features' fingerprint and the saved recipe record them).
-    config = replace(
-        config, **prompt_budgets(found, config.max_document_tokens, config.max_query_tokens)
-    )
+    # Budgets not given: the teacher's tuned ones, as `rerank` scores, else DISTILL_BUDGETS
+    # (numbers from here on: the features' fingerprint and the saved recipe record them).
+    given = resolve_budgets(found, config.max_document_tokens, config.max_query_tokens)
+    config = replace(config, **{**DISTILL_BUDGETS, **given})
     local = config
     if found is not None and not Path(config.adapter).exists():
         local = replace(config, adapter=str(found))

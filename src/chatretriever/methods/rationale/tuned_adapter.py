@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from chatretriever.errors import DataFormatError
-from chatretriever.methods.rationale.prompts import BinaryChoicePrompt, default_budgets
+from chatretriever.methods.rationale.prompts import BinaryChoicePrompt
 from chatretriever.modeling.adapters import adapter_dir_problem
 from chatretriever.modeling.recipe import SAVED_RECIPE, read_recipe
 from chatretriever.modeling.sources import BUILTIN_MODELS, builtin, resolve_model_dir
@@ -141,17 +141,6 @@ def resolve_budgets(
     if taken:  # the prompts the adapter saw in tuning, not the prompt's generic defaults
         logger.info("adapter %s: prompt budgets from its recipe: %s", adapter_dir, taken)
     return {**tuned, **explicit}
-
-
-def prompt_budgets(
-    adapter_dir: Path | None,
-    max_document_tokens: int | None = None,
-    max_query_tokens: int | None = None,
-) -> dict[str, int]:
-    """Every prompt budget, resolved: `resolve_budgets`, then `BinaryChoicePrompt`'s defaults
-    for those neither given nor tuned (what a saved recipe records: concrete numbers)."""
-    tuned = resolve_budgets(adapter_dir, max_document_tokens, max_query_tokens)
-    return {**default_budgets(), **tuned}
 
 
 def check_adapter_budgets(adapter_dir: Path, prompt: BinaryChoicePrompt) -> None:

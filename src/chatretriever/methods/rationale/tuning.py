@@ -415,9 +415,11 @@ def run_dpo(config: TuneConfig, resume: bool = False, overwrite: bool = False) -
     )
     trainer.train(resume_from_checkpoint=resume_checkpoint(config.output_dir, resume))
     out = Path(config.output_dir)
-    with final_save(out) as staging:  # moved in as one set, adapter_config.json last
-        # the trained adapter only: TRL's frozen "ref" copy would land in out/ref/
-        trainer.model.save_pretrained(staging, selected_adapters=["default"])
-        save_recipe(config, staging)
-        write_log(staging / LOG_FILE, trainer.state.log_history)
+    if trainer.args.process_index == 0:  # one writer (final_save clears others' staging dirs)
+        with final_save(out) as staging:  # moved in as one set, adapter_config.json last
+            # the trained adapter only: TRL's frozen "ref" copy would land in out/ref/
+            trainer.model.save_pretrained(staging, selected_adapters=["default"])
+            save_recipe(config, staging)
+            write_log(staging / LOG_FILE, trainer.state.log_history)
+    trainer.accelerator.wait_for_everyone()
     return out
