@@ -15,6 +15,7 @@ quality: Recall@1/3/5, MRR, nDCG@10 (`retrieval.evaluate`) on the evaluation dia
   and qrels are written.
 cost: time per query of the reranker without KV reuse, with KV reuse (document caches computed
   offline) and the Rabtriever student, as the number of candidates and the document length grow.
+Parts in _rationale/: cost (the cost curves), report (quality's tables and plot), env (machine).
 
     python benchmarks/rationale.py quality --rerank-limit 100      # heavy: run under the lock
     python benchmarks/rationale.py quality --reranker sft=runs/rationale-sft \
@@ -45,10 +46,10 @@ from _conversational import script  # noqa: E402
 from _conversational.systems import missing_model  # noqa: E402
 from _rationale.cost import cost, cost_markdown, write_cost_plot  # noqa: E402
 from _rationale.env import environment  # noqa: E402
+from _rationale.report import MEASURES, quality_markdown, write_quality_plot  # noqa: E402
 from _shared.options import at_least  # noqa: E402
 from _shared.paths import repo_path  # noqa: E402
 
-MEASURES = ("R@1", "R@3", "R@5", "RR", "nDCG@10")
 # The conversation budget of a reranker row without a tuned one (the zero-shot row, as reported).
 ZERO_SHOT_QUERY_TOKENS = 256
 REPO = Path(__file__).resolve().parents[1]
@@ -287,69 +288,6 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
         rsub_qrels = tasks.response_qrels(subset)
         result["response_subset"] = evaluate_all(sub, rsub_qrels, out, "response-subset", settings)
     return result
-
-
-def _table(rows: dict[str, dict[str, float]]) -> list[str]:
-    lines = [
-        "| system | queries | " + " | ".join(MEASURES) + " |",
-        "|---|---|" + "---|" * len(MEASURES),
-    ]
-    for name, row in rows.items():
-        vals = " | ".join(f"{100 * row[m]:.1f}" for m in MEASURES)
-        lines.append(f"| {name} | {row['queries']} | {vals} |")
-    return lines
-
-
-def quality_markdown(result: dict[str, Any]) -> str:
-    env = result["environment"]
-    lines = [
-        f"`{env['command']}` on {env['cpu']} ({env['cpu_count']} cores, "
-        f"load {env['loadavg_1_5_15']}); values x100.",
-        "",
-    ]
-    for key, title in (
-        ("strategy", "Strategy retrieval (8 strategies), all eval queries"),
-        (
-            "strategy_subset",
-            f"Strategy retrieval, {result['rerank_queries']} evenly spaced eval queries",
-        ),
-        ("response", f"Response retrieval ({result['response_candidates']} supporter turns)"),
-        (
-            "response_subset",
-            f"Response retrieval, the {result['rerank_queries']} queries; rerankers over the top "
-            f"{result.get('rerank_response')} of minilm-l6",
-        ),
-    ):
-        if key not in result:
-            continue
-        lines += [f"### {title}", "", *_table(result[key])]
-        for name, t in result.get("timing", {}).get(key, {}).items():
-            offline = t.get("document_states_s")
-            offline = "" if offline is None else f"; document states {offline} s, offline"
-            b = t.get("budgets")
-            cut = "" if b is None else f"; prompts cut at {b['document']} / {b['query']} tokens"
-            lines.append(f"- {name}: {t['seconds']} s for {t['queries']} queries "
-                         f"({t['s_per_query']} s/query{offline}{cut})")  # fmt: skip
-        lines.append("")
-    return "\n".join(lines) + "\n"
-
-
-def write_quality_plot(path: Path, result: dict[str, Any]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = result["strategy_subset"]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    names = list(rows)
-    for i, m in enumerate(MEASURES):
-        ax.bar(np.arange(len(names)) + i * 0.15, [rows[n][m] for n in names], width=0.15, label=m)
-    ax.set_xticks(np.arange(len(names)) + 0.3, names, rotation=15, fontsize=8)
-    ax.set_title("ESConv strategy retrieval (eval subset)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 def named_dir(value: str, kind: str | None = None) -> tuple[str, str]:
