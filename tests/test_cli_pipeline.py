@@ -219,7 +219,15 @@ def test_search_with_bm25_and_compare_runs(files, capsys):
     assert "nDCG@3\tq1\t" in out and "rand p=" in out
     cmp = json.loads((d / "cmp.json").read_text())
     assert set(cmp["per_query"]) == {"q1", "q2", "q3"}
-    assert cmp["compare"]["tests"]["nDCG@3"]["num_queries"] == 3
+    tests = cmp["compare"]["tests"]["nDCG@3"]
+    assert tests["num_queries"] == 3 and cmp["compare"]["baseline"] == str(d / "rewrite.trec")
+    # baseline (--compare) -> the evaluated run, the difference run - baseline
+    ours = cmp["aggregate"]["nDCG@3"]
+    baseline = cmp["compare"]["evaluation"]["aggregate"]["nDCG@3"]
+    assert (tests["a"], tests["b"]) == (baseline, ours) and ours != baseline
+    line = next(x for x in out.splitlines() if x.startswith("nDCG@3\t") and "->" in x)
+    assert line.startswith(f"nDCG@3\t{baseline:.4f} -> {ours:.4f} ({ours - baseline:+.4f})")
+    assert f"# {d / 'last_turn.trec'} against the baseline {d / 'rewrite.trec'}" in out
 
 
 def test_rewrite_command_uses_its_cache(files, monkeypatch, capsys):

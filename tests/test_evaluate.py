@@ -185,3 +185,17 @@ def test_queries_without_a_relevant_judgment_are_reported_and_can_be_dropped(
     # the threshold is `rel`: with rel=2, q2 (only a rel=1 judgment) has no relevant passage
     strict = evaluate_run(run, qrels, ["RR@10"], rel=2, drop_no_relevant=True)
     assert strict.no_relevant == ["q2", "q3", "q5"] and sorted(strict.per_query) == ["q1"]
+
+
+def test_a_run_that_retrieved_no_judged_passage_is_warned_about(caplog):
+    qrels = {"q1": {"d1": 1}, "q2": {"d2": 1}}
+    other_corpus = Run({"q1": {"x7": 2.0, "x8": 1.0}, "q2": {"x9": 1.0}}, name="other")
+    with caplog.at_level("WARNING"):
+        result = evaluate_run(other_corpus, qrels, ["nDCG@3"])
+    assert result.aggregate["nDCG@3"] == 0.0
+    assert "retrieved none of the judged passages of its 2 evaluated queries" in caplog.text
+    assert "'x7'" in caplog.text and "'d1'" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # one judged passage retrieved, at any rank: no warning
+        evaluate_run(Run({"q1": {"x7": 2.0, "d1": 1.0}, "q2": {"x9": 1.0}}), qrels, ["nDCG@3"])
+    assert "retrieved none" not in caplog.text

@@ -150,6 +150,20 @@ def test_qrels_from_each_reader_key():
     ]
 
 
+def test_underspecified_mtrag_tasks_are_judged_with_a_warning(caplog):
+    def session(sid: str, label: str) -> Session:
+        meta = {"context_ids": [f"p-{sid}"], "answerability": label}
+        return Session(sid, (Turn("user", "q"),), metadata=meta)
+
+    plain, vague = session("m1", "ANSWERABLE"), session("m2", "UNDERSPECIFIED")
+    with caplog.at_level("WARNING"):
+        assert len(grounding_qrels([plain])) == 1
+    assert "UNDERSPECIFIED" not in caplog.text
+    with caplog.at_level("WARNING"):
+        assert len(grounding_qrels([plain, vague])) == 2
+    assert "1 judged sessions are marked UNDERSPECIFIED (first: 'm2')" in caplog.text
+
+
 def test_cli_dstc11_corpus_qrels_search_and_evaluate(tmp_path, capsys):
     pytest.importorskip("bm25s")
     write(tmp_path / "knowledge.json", json.dumps(KNOWLEDGE))
@@ -177,4 +191,9 @@ def test_cli_refusals_name_the_file(tmp_path, capsys):
     assert main(["data", "corpus", str(bad), "--out", str(tmp_path / "c.jsonl")]) == 2
     err = capsys.readouterr().err
     assert "bad_doc.json" in err and "doc_data.dmv.x" in err and "Traceback" not in err
+    assert not (tmp_path / "c.jsonl").exists()
+    # a conversation file given as knowledge: what it holds, not "malformed JSON" on line 1
+    assert main(["data", "corpus", str(logs), "--out", str(tmp_path / "c.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "holds dstc11-logs data, not knowledge" in err and "malformed" not in err
     assert not (tmp_path / "c.jsonl").exists()

@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Iterator
 
+from chatretriever.apps import registry
 from chatretriever.cli.answer import add_answer_arguments
 from chatretriever.cli.pipeline import add_hybrid_arguments, refuse_unused_hybrid_options
 from chatretriever.retrieval.fusion import FUSION_METHODS
@@ -54,7 +55,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "prints the top 3 of the model and BM25, a metrics table of all, and writes runs, "
         "results.json and metrics.png.",
     )
-    p.add_argument("--model", help="the model (default: registry.DEFAULT_MODEL)")
+    p.add_argument("--model", help=f"the model (default: {registry.DEFAULT_MODEL})")
     p.add_argument("--out", default="outputs/demo", help="output directory")
     p.add_argument("--batch-size", type=int, default=16, help="passages/sessions per batch")
     p.add_argument(
@@ -253,11 +254,10 @@ def _turn(
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from chatretriever.apps.demo import SHOWN, format_metrics, format_turn, load_demo_data, run_demo
-    from chatretriever.apps.registry import DEFAULT_MODEL
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
-    model = args.model or DEFAULT_MODEL
+    model = args.model or registry.DEFAULT_MODEL
     data = load_demo_data()
     conversations = {s.id.split("::")[0] for s in data.sessions}
     _echo(

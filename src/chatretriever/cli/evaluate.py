@@ -26,7 +26,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "reported and count as zeros)",
     )
     p.add_argument("--per-query", action="store_true", help="print per-query values")
-    p.add_argument("--compare", metavar="RUN2", help="paired significance tests against RUN2")
+    p.add_argument(
+        "--compare",
+        metavar="RUN2",
+        help="paired significance tests against the baseline RUN2 (printed as RUN2 -> RUN)",
+    )
     p.add_argument("--out", help="write the results as JSON")
     p.set_defaults(func=cmd_evaluate)
 
@@ -53,9 +57,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out = {"run": args.run, "qrels": args.qrels, **result.to_dict(per_query=args.per_query)}
     if args.compare:
         other = evaluate_run(_read_results(args.compare), qrels, measures, args.rel, drop)
-        tests = compare(result, other)
-        _print_comparison(args.run, args.compare, tests)
-        out["compare"] = {"run": args.compare, "evaluation": other.to_dict(False), "tests": tests}
+        tests = compare(other, result)  # RUN2 is the baseline: a = RUN2, b = RUN
+        _print_comparison(args.compare, args.run, tests)
+        # tests: "a" is the baseline RUN2, "b" the evaluated run, "diff" = b - a
+        out["compare"] = {"baseline": args.compare, "evaluation": other.to_dict(False),
+                          "tests": tests}  # fmt: skip
     if args.out:
         write_json(args.out, out)
     return 0
@@ -91,8 +97,10 @@ def _print_evaluation(name: str, result, per_query: bool) -> None:
                 _echo(f"{measure}\t{qid}\t{value:.4f}")
 
 
-def _print_comparison(a: str, b: str, tests: dict) -> None:
-    _echo(f"# {b} vs {a} (paired t-test, randomization test)")
+def _print_comparison(baseline: str, run: str, tests: dict) -> None:
+    """Each measure as baseline -> run (run - baseline), with the tests' p-values."""
+    _echo(f"# {run} against the baseline {baseline}: baseline -> run (difference), paired t-test "
+          "and randomization test")  # fmt: skip
     for measure, t in tests.items():
         _echo(
             f"{measure}\t{t['a']:.4f} -> {t['b']:.4f} ({t['diff']:+.4f})\t"

@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from chatretriever.apps import registry
 from chatretriever.cli.data import add_sessions_arguments, load_sessions
 from chatretriever.errors import DataFormatError
 from chatretriever.retrieval.fusion import DEFAULT_RRF_K, FUSION_METHODS
@@ -34,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("sources", nargs="+", metavar="CORPUS|EMB_DIR", help="a corpus or emb dirs")
     p.add_argument("--out", required=True, help="index directory")
-    p.add_argument("--model", help="encoder of a corpus (default: registry.DEFAULT_MODEL)")
+    p.add_argument("--model", help=f"encoder of a corpus (default: {registry.DEFAULT_MODEL})")
     p.add_argument("--batch-size", type=int, default=32, help="passages per batch (corpus)")
     p.add_argument(
         "--factory",

@@ -26,9 +26,10 @@ import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from chatretriever.errors import DataFormatError
 from chatretriever.io.corpus import read_corpus
 from chatretriever.io.dstc11 import read_knowledge as read_dstc_knowledge
-from chatretriever.io.formats import read_head
+from chatretriever.io.formats import guess_format, read_head
 from chatretriever.io.grounded_dialogs import passage_id, read_doc2dial_docs
 from chatretriever.io.ikat import read_ikat_passages
 from chatretriever.types import Passage, Qrel, Session
@@ -69,7 +70,10 @@ def read_knowledge(
         fmt: One of `KNOWLEDGE_FORMATS`; told from the file when None.
         granularity: Doc2Dial documents split by "section" or kept whole ("document").
     """
-    fmt = fmt or knowledge_format(path)
+    if fmt is None:
+        fmt = knowledge_format(path)
+        if fmt == "corpus":
+            _refuse_other_kind(path)
     if fmt == "dstc-knowledge":
         return list(read_dstc_knowledge(path).values())
     if fmt == "ikat-passages":
@@ -81,6 +85,27 @@ def read_knowledge(
     raise ValueError(
         f"unknown knowledge format {fmt!r}; choose from {', '.join(KNOWLEDGE_FORMATS)}"
     )
+
+
+# what `formats.guess_format` may call a corpus file: a BEIR query file and a `qid<TAB>text` file
+# have a corpus's shape (MS MARCO's collection.tsv is told apart by its name only)
+_CORPUS_SHAPES = ("beir-corpus", "beir-queries", "queries-tsv")
+
+
+def _refuse_other_kind(path: str | Path) -> None:
+    """Refuse a file told to be a conversation, qrels or run file (not knowledge), naming what it
+    holds: read as a JSONL corpus it would fail on its first line as "malformed JSON"."""
+    try:
+        kind = guess_format(path)
+    except DataFormatError:
+        return  # not told apart: read as a corpus, whose reader names the bad line
+    if kind not in _CORPUS_SHAPES:
+        raise DataFormatError(
+            path,
+            f"holds {kind} data, not knowledge: give a DSTC9-11 knowledge.json, an iKAT "
+            "*_psg_text.jsonl, a Doc2Dial *_doc.json or a BEIR corpus (`data qrels` reads "
+            "conversations)",
+        )
 
 
 def _span_sections(passages: Iterable[Passage]) -> dict[tuple[str, str], str]:
@@ -138,4 +163,20 @@ def grounding_qrels(
             at their sections; None: Doc2Dial sessions are judged at their documents.
     """
     sections = _span_sections(documents) if documents is not None else None
-    return [Qrel(s.id, pid, 1) for s in sessions for pid in grounding_ids(s, sections)]
+    qrels = [Qrel(s.id, pid, 1) for s in sessions for pid in grounding_ids(s, sections)]
+    judged = {q.query_id for q in qrels}
+    vague = [s.id for s in sessions if s.id in judged and _underspecified(s)]
+    if vague:  # MTRAG's own retrieval qrels judge none of them
+        logger.warning(
+            "%d judged sessions are marked UNDERSPECIFIED (first: %r): MTRAG's published "
+            "retrieval qrels leave such tasks out, so scores on these qrels are not comparable "
+            "with published ones unless they are dropped",
+            len(vague),
+            vague[0],
+        )
+    return qrels
+
+
+def _underspecified(session: Session) -> bool:
+    """Whether a session's answerability label (MTRAG's) says the question is underspecified."""
+    return "UNDERSPECIFIED" in str(session.metadata.get("answerability") or "").upper()

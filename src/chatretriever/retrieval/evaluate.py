@@ -187,6 +187,7 @@ def evaluate_run(
                 per_query[metric.query_id][name] = float(metric.value)
     aggregate = {n: _mean([v[n] for v in per_query.values()]) for n in names}
     _log_query_set(unjudged, missing, no_relevant, rel, drop_no_relevant)
+    _warn_no_judged_passage(run, judged_in_run)
     return Evaluation(
         aggregate, per_query, rel, unjudged, missing, run.name, no_relevant, drop_no_relevant
     )
@@ -204,6 +205,23 @@ def _check_common_queries(run: Run, qrels: Mapping[str, Mapping[str, int]]) -> N
     raise NoCommonQueriesError(
         f"the run and the qrels share no query id (run: {_some(ran)}; qrels: {_some(qrels)}): "
         "is the run of another dataset, or are its query ids spelled differently?"
+    )
+
+
+def _warn_no_judged_passage(run: Run, qrels: Mapping[str, Mapping[str, int]]) -> None:
+    """Warn when the run retrieved no judged passage at all for the evaluated queries: every score
+    is then 0, most likely because the run searched another corpus or its passage ids are
+    spelled otherwise than the qrels'."""
+    retrieved = [d for q in qrels for d in run.scores[q]]
+    if not retrieved or any(d in qrels[q] for q in qrels for d in run.scores[q]):
+        return
+    logger.warning(
+        "the run retrieved none of the judged passages of its %d evaluated queries, so every "
+        "score is 0: did it search another corpus, or are its passage ids spelled otherwise? "
+        "(run: %s; qrels: %s)",
+        len(qrels),
+        _some(sorted(set(retrieved))),
+        _some(sorted({d for docs in qrels.values() for d in docs})),
     )
 
 
