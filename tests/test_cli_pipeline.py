@@ -609,3 +609,14 @@ def test_index_checks_factory_and_out_before_encoding(files, capsys, monkeypatch
     assert main([*base, "--out", str(files / "corpus.jsonl")]) == 2
     assert "exists and is not a directory" in capsys.readouterr().err
     assert not (files / "ix").exists()
+
+
+def test_bm25_queries_without_results_are_warned_about(files, capsys):
+    sessions = files / "odd.jsonl"
+    rows = [{"id": "zz", "messages": [{"role": "user", "content": "qwxzv plumbus?"}]}]
+    sessions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["search", "--bm25", str(files / "corpus.jsonl"), "--out", str(files / "odd.trec")]
+    assert main([*argv, "--sessions", str(sessions)]) == 0
+    assert "1 of 1 queries got no results (first: 'zz')" in capsys.readouterr().err
+    assert main([*argv, "--sessions", str(files / "sessions.jsonl")]) == 0
+    assert "got no results" not in capsys.readouterr().err

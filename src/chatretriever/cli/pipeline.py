@@ -335,6 +335,14 @@ def cmd_search(args: argparse.Namespace) -> int:
     else:
         run, settings["model"], settings["hybrid"] = _search_dense(args, sessions)
     n = save_run(args.out, run, settings, depth=args.k)
+    empty = [s.id for s in sessions if not run.scores.get(s.id)] if args.bm25 else []
+    if empty:  # BM25 finds nothing when no query term is in the corpus; evaluate counts them 0
+        logger.warning(
+            "%d of %d queries got no results (first: %r): no term of theirs is in the corpus",
+            len(empty),
+            len(sessions),
+            empty[0],
+        )
     _echo(f"{len(run.scores)} queries, {n} lines -> {args.out}")
     return 0
 
