@@ -9,14 +9,8 @@ import torch
 
 from chatretriever.config import LoraSettings, RetrieverConfig
 from chatretriever.methods.chatretriever.model import ChatRetriever
-from chatretriever.modeling.fast_encode import (
-    FastEncodeSettings,
-    budget_batches,
-    default_settings,
-    hardware_kind,
-    pack_rows,
-    packed_batch,
-)
+from chatretriever.modeling.collate import budget_batches, pack_rows, packed_batch
+from chatretriever.modeling.fast_encode import FastEncodeSettings, default_settings, hardware_kind
 from chatretriever.types import Passage
 
 pytest.importorskip("peft")

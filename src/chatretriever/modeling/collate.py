@@ -19,6 +19,10 @@ where the response side is the assistant header, the response and its end-of-tur
 The "vanilla" variant (plain instruction tuning) is a causal mask over the same sequence.
 Sliding-window layers (Gemma3, Mistral) receive this same mask without a window: session rows
 still equal a standalone encoding as long as the session fits in the window.
+
+Inference batching (the fast path, `fast_encode`): texts grouped by a token budget over
+length-sorted texts (`budget_batches`), or packed several to a row (`pack_rows`) as tensors with
+a block-diagonal causal mask and positions restarting at each text (`packed_batch`).
 """
 
 from __future__ import annotations
@@ -181,4 +185,92 @@ def csit_batch(
         "session_emb_pos": torch.tensor([ex.session_emb_pos for ex in examples]),
         "masked_session_lens": torch.tensor(masked, dtype=torch.long),
         "response_starts": torch.tensor([ex.response_start for ex in examples]),
+    }
+
+
+# ---------------------------------------------------------- inference batching (fast_encode)
+def budget_batches(lengths: Sequence[int], budget: int, max_batch: int) -> list[list[int]]:
+    """Indices grouped longest first so that rows x longest length <= budget (one text may
+    exceed it alone).
+
+    Args:
+        lengths: Token count of each text.
+        budget: Padded tokens per batch.
+        max_batch: Texts per batch at most.
+
+    Returns:
+        Batches of indices into `lengths`, every index once.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        batch = batches[-1] if batches else None
+        # Sorted longest first: the batch's first text is its longest.
+        fits = batch and len(batch) < max_batch and (len(batch) + 1) * lengths[batch[0]] <= budget
+        if fits:
+            batch.append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def pack_rows(lengths: Sequence[int], row_len: int) -> list[list[int]]:
+    """First-fit decreasing: texts into rows of at most `row_len` tokens (a longer text alone).
+
+    Returns:
+        Rows, each a list of text indices in the order they are laid out.
+    """
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, room in enumerate(free):
+            if lengths[i] <= room:
+                rows[r].append(i)
+                free[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            free.append(row_len - lengths[i])
+    return rows
+
+
+def packed_batch(
+    rows: Sequence[Sequence[Sequence[int]]], pad_id: int, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """Tensors of packed rows: each row holds several texts back to back, then padding.
+
+    Args:
+        rows: R rows, each a list of token id lists.
+        pad_id: Id of padding positions.
+        dtype: Dtype of the additive mask.
+
+    Returns:
+        {"input_ids": (R, L), "position_ids": (R, L) restarting at 0 for each text,
+        "attention_mask": (R, 1, L, L) additive: causal within a text, nothing across texts,
+        padding rows attend to themselves; "last": (N, 2) (row, position) of each text's last
+        token, texts in row-major order}.
+    """
+    length = max(sum(len(s) for s in row) for row in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(rows), length), dtype=torch.long)
+    segment = torch.full((len(rows), length), -1, dtype=torch.long)  # text number, -1 = pad
+    last = []
+    for r, row in enumerate(rows):
+        start = 0
+        for k, seq in enumerate(row):
+            span = slice(start, start + len(seq))
+            ids[r, span] = torch.as_tensor(list(seq), dtype=torch.long)
+            pos[r, span] = torch.arange(len(seq))
+            segment[r, span] = k
+            start += len(seq)
+            last.append((r, start - 1))
+    causal = torch.ones(length, length, dtype=torch.bool).tril()  # (L, L)
+    same = segment[:, :, None] == segment[:, None, :]  # (R, L, L)
+    real = (segment >= 0)[:, :, None]
+    allowed = causal & same & real | torch.eye(length, dtype=torch.bool)  # pad rows: self only
+    return {
+        "input_ids": ids,
+        "position_ids": pos,
+        "attention_mask": additive_mask(allowed, dtype),
+        "last": torch.tensor(last, dtype=torch.long),
     }

@@ -8,9 +8,9 @@ ops (RMSNorm, rotary, SiLU), not in matmuls. So the fast path
   residual stream and the first `fp32_layers` decoder layers stay fp32, as autocast keeps them
   (`InferenceBody`; whole layers in bf16 moved MTRAG-UN nDCG@3 by 0.009, this by 0.0003);
 - batches by a TOKEN BUDGET (padded tokens per forward) over length-sorted texts rather than a
-  text count (`budget_batches`), or packs several texts into one row with a block-diagonal causal
-  mask and restarting positions (`pack_rows`, `packed_batch`; pooling reads each text's own last
-  token);
+  text count (`collate.budget_batches`), or packs several texts into one row with a
+  block-diagonal causal mask and restarting positions (`collate.pack_rows`, `packed_batch`;
+  pooling reads each text's own last token);
 - optionally compiles the body with `torch.compile` (dynamic shapes: one graph for every batch
   shape), which fuses the elementwise ops: measured 1.14x over the eager bf16 copy for a 77 s
   compile on a 2-core AMX CPU, which pays back after about 3M tokens, so "auto" compiles only
@@ -34,7 +34,13 @@ import torch
 
 from chatretriever.modeling.adapters import is_peft
 from chatretriever.modeling.backbones import native_bf16
-from chatretriever.modeling.collate import additive_mask, encode_batch, last_token_positions
+from chatretriever.modeling.collate import (
+    budget_batches,
+    encode_batch,
+    last_token_positions,
+    pack_rows,
+    packed_batch,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -112,94 +118,6 @@ def default_settings(device: torch.device) -> FastEncodeSettings:
 def have_compiler() -> bool:
     """Whether inductor can build CPU kernels here (it needs a C++ compiler)."""
     return any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++"))
-
-
-# ------------------------------------------------------------------------------ batching
-def budget_batches(lengths: Sequence[int], budget: int, max_batch: int) -> list[list[int]]:
-    """Indices grouped longest first so that rows x longest length <= budget (one text may
-    exceed it alone).
-
-    Args:
-        lengths: Token count of each text.
-        budget: Padded tokens per batch.
-        max_batch: Texts per batch at most.
-
-    Returns:
-        Batches of indices into `lengths`, every index once.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    for i in order:
-        batch = batches[-1] if batches else None
-        # Sorted longest first: the batch's first text is its longest.
-        fits = batch and len(batch) < max_batch and (len(batch) + 1) * lengths[batch[0]] <= budget
-        if fits:
-            batch.append(i)
-        else:
-            batches.append([i])
-    return batches
-
-
-def pack_rows(lengths: Sequence[int], row_len: int) -> list[list[int]]:
-    """First-fit decreasing: texts into rows of at most `row_len` tokens (a longer text alone).
-
-    Returns:
-        Rows, each a list of text indices in the order they are laid out.
-    """
-    rows: list[list[int]] = []
-    free: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        for r, room in enumerate(free):
-            if lengths[i] <= room:
-                rows[r].append(i)
-                free[r] -= lengths[i]
-                break
-        else:
-            rows.append([i])
-            free.append(row_len - lengths[i])
-    return rows
-
-
-def packed_batch(
-    rows: Sequence[Sequence[Sequence[int]]], pad_id: int, dtype: torch.dtype = torch.float32
-) -> dict[str, torch.Tensor]:
-    """Tensors of packed rows: each row holds several texts back to back, then padding.
-
-    Args:
-        rows: R rows, each a list of token id lists.
-        pad_id: Id of padding positions.
-        dtype: Dtype of the additive mask.
-
-    Returns:
-        {"input_ids": (R, L), "position_ids": (R, L) restarting at 0 for each text,
-        "attention_mask": (R, 1, L, L) additive: causal within a text, nothing across texts,
-        padding rows attend to themselves; "last": (N, 2) (row, position) of each text's last
-        token, texts in row-major order}.
-    """
-    length = max(sum(len(s) for s in row) for row in rows)
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    pos = torch.zeros((len(rows), length), dtype=torch.long)
-    segment = torch.full((len(rows), length), -1, dtype=torch.long)  # text number, -1 = pad
-    last = []
-    for r, row in enumerate(rows):
-        start = 0
-        for k, seq in enumerate(row):
-            span = slice(start, start + len(seq))
-            ids[r, span] = torch.as_tensor(list(seq), dtype=torch.long)
-            pos[r, span] = torch.arange(len(seq))
-            segment[r, span] = k
-            start += len(seq)
-            last.append((r, start - 1))
-    causal = torch.ones(length, length, dtype=torch.bool).tril()  # (L, L)
-    same = segment[:, :, None] == segment[:, None, :]  # (R, L, L)
-    real = (segment >= 0)[:, :, None]
-    allowed = causal & same & real | torch.eye(length, dtype=torch.bool)  # pad rows: self only
-    return {
-        "input_ids": ids,
-        "position_ids": pos,
-        "attention_mask": additive_mask(allowed, dtype),
-        "last": torch.tensor(last, dtype=torch.long),
-    }
 
 
 # ------------------------------------------------------------------------------ the model copy
