@@ -172,6 +172,10 @@ def test_cli_dstc11_corpus_qrels_search_and_evaluate(tmp_path, capsys):
     corpus, qrels, run = tmp_path / "k.jsonl", tmp_path / "q.txt", tmp_path / "r.trec"
     assert main(["data", "corpus", str(tmp_path / "knowledge.json"), "--out", str(corpus)]) == 0
     assert [p.id for p in read_corpus(corpus)][0] == "hotel:20:review:9:4"
+    assert "--granularity" not in capsys.readouterr().err
+    argv = ["data", "corpus", str(tmp_path / "knowledge.json"), "--granularity", "document"]
+    assert main([*argv, "--out", str(corpus)]) == 0  # DSTC has one granularity: said, not silent
+    assert "--granularity applies to Doc2Dial documents only" in capsys.readouterr().err
     assert main(["data", "qrels", str(logs), "--out", str(qrels)]) == 0
     assert "1 judgments of 1 of 2 sessions" in capsys.readouterr().err  # chit-chat: none
     assert read_qrels(qrels) == [Qrel("val-1", "hotel:20:review:9:4", 1)]

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import sys
 from typing import Any
 
 from chatretriever.io.conversations import SESSION_FORMATS, read_conversations
 from chatretriever.io.stats import FORMATS, dataset_stats
 from chatretriever.types import Session
+
+logger = logging.getLogger(__name__)
 
 
 def add_sessions_arguments(p: argparse.ArgumentParser, what: str = "") -> None:
@@ -148,9 +151,9 @@ def _add_collection_parsers(data_sub: Any) -> None:
     corpus.add_argument(
         "--granularity",
         choices=GRANULARITIES,
-        default="section",
-        help="Doc2Dial documents: a passage per section (MultiDoc2Dial's retrieval unit) or "
-        "per document",
+        default=None,
+        help="Doc2Dial documents: a passage per section (MultiDoc2Dial's retrieval unit, the "
+        "default) or per document; other formats have one granularity",
     )
     corpus.set_defaults(func=run_corpus)
     qrels = data_sub.add_parser(
@@ -175,9 +178,13 @@ def run_corpus(args: argparse.Namespace) -> int:
     """Write a knowledge file's passages as BEIR JSONL (atomically); ids checked for TREC."""
     from chatretriever.io.corpus import write_corpus
     from chatretriever.io.files import check_id
-    from chatretriever.io.grounding import read_knowledge
+    from chatretriever.io.grounding import knowledge_format, read_knowledge
 
-    passages = read_knowledge(args.path, args.format, args.granularity)
+    fmt = args.format or knowledge_format(args.path)
+    if args.granularity is not None and fmt != "doc2dial-docs":
+        logger.warning("%s: --granularity applies to Doc2Dial documents only, not to %s: ignored",
+                       args.path, fmt)  # fmt: skip
+    passages = read_knowledge(args.path, args.format, args.granularity or "section")
     if not passages:
         raise ValueError(f"{args.path}: holds no passages")
     for p in passages:
