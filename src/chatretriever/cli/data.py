@@ -184,7 +184,7 @@ def run_corpus(args: argparse.Namespace) -> int:
     if args.granularity is not None and fmt != "doc2dial-docs":
         logger.warning("%s: --granularity applies to Doc2Dial documents only, not to %s: ignored",
                        args.path, fmt)  # fmt: skip
-    passages = read_knowledge(args.path, args.format, args.granularity or "section")
+    passages = read_knowledge(args.path, fmt, args.granularity or "section")
     if not passages:
         raise ValueError(f"{args.path}: holds no passages")
     for p in passages:

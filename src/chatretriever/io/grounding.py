@@ -47,7 +47,12 @@ logger = logging.getLogger(__name__)
 
 
 def knowledge_format(path: str | Path) -> str:
-    """Which of `KNOWLEDGE_FORMATS` a file holds, from its first bytes."""
+    """Which of `KNOWLEDGE_FORMATS` a file holds, from its first bytes.
+
+    Raises:
+        DataFormatError: A conversation, qrels or run file (`formats.guess_format` tells it),
+            named as such: read as a JSONL corpus it would fail as "malformed JSON".
+    """
     head = read_head(Path(path)).lstrip()
     if re.match(r'\{\s*"doc_data"\s*:', head):
         return "doc2dial-docs"
@@ -57,6 +62,7 @@ def knowledge_format(path: str | Path) -> str:
     if head.startswith("{") and re.search(r'"(reviews|faqs|docs)"\s*:', head):
         if not re.search(r'"(_id|text)"\s*:', first):  # a corpus line names its _id and text
             return "dstc-knowledge"
+    _refuse_other_kind(path)
     return "corpus"
 
 
@@ -70,10 +76,7 @@ def read_knowledge(
         fmt: One of `KNOWLEDGE_FORMATS`; told from the file when None.
         granularity: Doc2Dial documents split by "section" or kept whole ("document").
     """
-    if fmt is None:
-        fmt = knowledge_format(path)
-        if fmt == "corpus":
-            _refuse_other_kind(path)
+    fmt = fmt or knowledge_format(path)
     if fmt == "dstc-knowledge":
         return list(read_dstc_knowledge(path).values())
     if fmt == "ikat-passages":

@@ -29,6 +29,8 @@ from chatretriever.types import Session, SessionLike, as_sessions
 
 logger = logging.getLogger(__name__)
 
+BUDGETS = ("max_document_tokens", "max_query_tokens")  # `BinaryChoicePrompt`'s token budgets
+
 _SLOT_DOC = "@@RATIONALE_DOCUMENT@@"
 _SLOT_QUERY = "@@RATIONALE_QUERY@@"
 # Llama 3 templates print today's date unless given one; a fixed one keeps scores stable.
@@ -182,4 +184,4 @@ def default_budgets() -> dict[str, int]:
     import inspect
 
     params = inspect.signature(BinaryChoicePrompt).parameters
-    return {k: params[k].default for k in ("max_document_tokens", "max_query_tokens")}
+    return {k: params[k].default for k in BUDGETS}

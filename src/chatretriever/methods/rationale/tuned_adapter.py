@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from chatretriever.errors import DataFormatError
-from chatretriever.methods.rationale.prompts import BinaryChoicePrompt
+from chatretriever.methods.rationale.prompts import BUDGETS, BinaryChoicePrompt
 from chatretriever.modeling.adapters import adapter_dir_problem
 from chatretriever.modeling.recipe import SAVED_RECIPE, read_recipe
 from chatretriever.modeling.sources import BUILTIN_MODELS, builtin, resolve_model_dir
@@ -94,9 +94,6 @@ def check_adapter_recipe(adapter_dir: Path, model: str | Path, wording: str) -> 
             "adapter %s was tuned with wording '%s', used with '%s'",
             adapter_dir, tuned_wording, wording,
         )  # fmt: skip
-
-
-BUDGETS = ("max_document_tokens", "max_query_tokens")  # `BinaryChoicePrompt`'s token budgets
 
 
 def tuned_budgets(adapter_dir: Path) -> dict[str, int]:
