@@ -435,6 +435,23 @@ def test_evaluate_reports_and_drops_queries_without_a_relevant_judgment(files, c
     assert dropped["aggregate"]["RR@10"] == pytest.approx(2 / 3)  # q1 1, q2 1, q3 0
 
 
+def test_evaluate_merges_qrels_split_over_files(files, capsys):
+    d = files
+    (d / "run.trec").write_text("q1 Q0 diet 1 2.0 r\nq2 Q0 shoes 1 1.0 r\nq2 Q0 pasta 2 0.5 r\n")
+    split = d / "split"
+    split.mkdir()
+    (split / "a.txt").write_text("q1 0 diet 2\n")
+    (split / "b.txt").write_text("q2 0 pasta 1\n")
+    argv = ["evaluate", str(d / "run.trec"), str(split), "--measures", "RR@10"]
+    assert main([*argv, "--out", str(d / "ev.json")]) == 0
+    out = capsys.readouterr().out
+    assert "2 judged queries evaluated" in out and "RR@10\tall\t0.7500" in out  # 1 and 1/2
+    assert json.loads((d / "ev.json").read_text())["qrels"] == str(split)
+    argv = ["evaluate", str(d / "run.trec"), str(split / "a.txt"), str(split / "b.txt")]
+    assert main([*argv, "--measures", "RR@10"]) == 0
+    assert "RR@10\tall\t0.7500" in capsys.readouterr().out
+
+
 # --- a missing optional extra is one line -----------------------------------------------------
 
 

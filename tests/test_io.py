@@ -28,6 +28,7 @@ from chatretriever.io.trec import (
     read_beir_qrels,
     read_json_qrels,
     read_qrels,
+    read_qrels_files,
     read_run,
     read_trec_qrels,
     write_qrels,
@@ -566,6 +567,30 @@ def test_qrels_bad_input(tmp_path, reader, text, line, field, match):
     with pytest.raises(DataFormatError, match=match) as e:
         reader(path)
     raises_at(e, line, field)
+
+
+def test_qrels_of_several_files_and_directories_are_merged(tmp_path):
+    qrels = tmp_path / "qrels"
+    qrels.mkdir()
+    (qrels / "cloud.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\nq2\td2\t2\n")
+    (qrels / "fiqa.txt").write_text("q3 0 d3 1\nq1 0 d1 1\n")  # q1/d1 again, same grade
+    (qrels / ".hidden").write_text("not qrels at all\n")  # an editor's leftover: skipped
+    (tmp_path / "extra.json").write_text('{"q4": {"d4": 3}}')
+    merged = read_qrels_files([qrels, tmp_path / "extra.json"])
+    assert merged == [Qrel("q1", "d1", 1), Qrel("q2", "d2", 2), Qrel("q3", "d3", 1),
+                      Qrel("q4", "d4", 3)]  # fmt: skip
+    assert read_qrels_files(str(qrels / "fiqa.txt")) == read_qrels(qrels / "fiqa.txt")
+
+
+def test_qrels_files_that_grade_one_pair_differently_are_refused(tmp_path):
+    (tmp_path / "a.txt").write_text("q1 0 d1 1\n")
+    (tmp_path / "b.txt").write_text("q1 0 d1 2\n")
+    clash = r"b\.txt.*\(q1, d1\) judged 2 here but 1 in .*a\.txt"
+    with pytest.raises(DataFormatError, match=clash):
+        read_qrels_files([tmp_path / "a.txt", tmp_path / "b.txt"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataFormatError, match="empty: is a directory holding no qrels file"):
+        read_qrels_files([tmp_path / "empty"])
 
 
 def test_qrels_ids_must_name_known_queries_and_docs(tmp_path):

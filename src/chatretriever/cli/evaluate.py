@@ -16,7 +16,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register `evaluate` and `rewrite`."""
     p = sub.add_parser("evaluate", help="score a TREC run against qrels")
     p.add_argument("run", help="TREC run file")
-    p.add_argument("qrels", help="TREC or BEIR qrels")
+    p.add_argument(
+        "qrels",
+        nargs="+",
+        help="TREC, BEIR or JSON qrels: one or more files or directories of them, merged "
+        "(e.g. MTRAG's qrels/ with a file per domain)",
+    )
     p.add_argument("--measures", nargs="+", help="ir_measures names (default: nDCG@3 ...)")
     p.add_argument("--rel", type=int, default=1, help="relevance threshold of binary measures")
     p.add_argument(
@@ -44,17 +49,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from chatretriever.io.trec import read_qrels
+    from chatretriever.io.trec import read_qrels_files
     from chatretriever.retrieval.evaluate import DEFAULT_MEASURES, compare, evaluate_run, write_json
 
-    qrels = read_qrels(args.qrels)
+    qrels = read_qrels_files(args.qrels)
     if not qrels:
-        raise DataFormatError(args.qrels, "holds no judgments: nothing to evaluate")
+        raise DataFormatError(" ".join(args.qrels), "holds no judgments: nothing to evaluate")
     measures = args.measures or list(DEFAULT_MEASURES)
     drop = args.drop_no_relevant
     result = evaluate_run(_read_results(args.run), qrels, measures, args.rel, drop)
     _print_evaluation(args.run, result, args.per_query)
-    out = {"run": args.run, "qrels": args.qrels, **result.to_dict(per_query=args.per_query)}
+    qrels_files = args.qrels[0] if len(args.qrels) == 1 else args.qrels
+    out = {"run": args.run, "qrels": qrels_files, **result.to_dict(per_query=args.per_query)}
     if args.compare:
         other = evaluate_run(_read_results(args.compare), qrels, measures, args.rel, drop)
         tests = compare(other, result)  # RUN2 is the baseline: a = RUN2, b = RUN

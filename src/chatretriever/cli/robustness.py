@@ -27,7 +27,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "cached, so a rerun makes no LLM call; the modified datasets are written to --out.",
     )
     add_sessions_arguments(p, "; one session per evaluated turn")
-    p.add_argument("--qrels", required=True, help="TREC or BEIR qrels")
+    p.add_argument(
+        "--qrels",
+        required=True,
+        nargs="+",
+        help="TREC, BEIR or JSON qrels: files or directories of them, merged",
+    )
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--index", help="corpus index directory (dense search; its passages are used)")
     p.add_argument("--model", help="query encoder (default: the index's model)")
@@ -105,7 +110,7 @@ def _dense(args: argparse.Namespace):
 def cmd_robustness(args: argparse.Namespace) -> int:
     from chatretriever.cli.pipeline import refuse_unused_hybrid_options
     from chatretriever.io.atomic import atomic_write
-    from chatretriever.io.trec import read_qrels
+    from chatretriever.io.trec import read_qrels_files
     from chatretriever.retrieval.robustness.evaluation import evaluate_robustness
     from chatretriever.retrieval.robustness.generation import RobustnessLLM
 
@@ -118,7 +123,9 @@ def cmd_robustness(args: argparse.Namespace) -> int:
         raise ValueError(f"--temperature must be at least 0 (0: greedy), got {args.temperature}")
     refuse_unused_hybrid_options(args)
     sessions = load_sessions(args)
-    qrels = read_qrels(args.qrels)
+    if len(args.qrels) == 1:  # recorded as a string, as reports of one file always were
+        args.qrels = args.qrels[0]
+    qrels = read_qrels_files(args.qrels)
     _check_judged(sessions, qrels, args)
     out = Path(args.out)
     cache = Path(args.cache) if args.cache else out / "generations.jsonl"
@@ -169,11 +176,12 @@ def cmd_robustness(args: argparse.Namespace) -> int:
 def _check_judged(sessions: list, qrels: list, args: argparse.Namespace) -> None:
     """Refuse qrels that judge none of the sessions (before any model loads or generates)."""
     judged = {q.query_id for q in qrels}
+    qrels_name = args.qrels if isinstance(args.qrels, str) else " ".join(args.qrels)
     if not judged:
-        raise ValueError(f"{args.qrels}: holds no judgments")
+        raise ValueError(f"{qrels_name}: holds no judgments")
     if not any(s.id in judged for s in sessions):
         raise ValueError(
-            f"{args.qrels}: judges none of the {len(sessions)} sessions of {args.sessions} "
+            f"{qrels_name}: judges none of the {len(sessions)} sessions of {args.sessions} "
             f"(session ids such as {sessions[0].id!r}, judged ids such as {min(judged)!r})"
         )
 

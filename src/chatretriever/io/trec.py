@@ -144,6 +144,44 @@ def read_qrels(
     return []
 
 
+def read_qrels_files(paths: str | Path | Iterable[str | Path]) -> list[Qrel]:
+    """Read and merge qrels from several files or directories (`read_qrels` each).
+
+    Collections often publish their judgments per domain or per year (MTRAG's
+    `qrels/{clapnq,cloud,fiqa,govt}.tsv`); a directory stands for its non-hidden files, in name
+    order. A judgment repeated with the same grade is kept once.
+
+    Args:
+        paths: Qrels files and/or directories holding them.
+
+    Returns:
+        The merged judgments, in reading order.
+
+    Raises:
+        DataFormatError: An empty directory, a file read as in `read_qrels`, or a (query, doc)
+            pair two files grade differently (naming both files).
+    """
+    files: list[Path] = []
+    for path in [paths] if isinstance(paths, (str, Path)) else paths:
+        path = Path(path)
+        if path.is_dir():
+            inside = sorted(f for f in path.iterdir() if f.is_file() and not f.name.startswith("."))
+            if not inside:
+                raise DataFormatError(path, "is a directory holding no qrels file")
+            files.extend(inside)
+        else:
+            files.append(path)
+    merged: dict[tuple[str, str], tuple[Qrel, Path]] = {}
+    for f in files:
+        for q in read_qrels(f):
+            before = merged.setdefault((q.query_id, q.doc_id), (q, f))
+            if before[0].relevance != q.relevance:
+                msg = (f"({q.query_id}, {q.doc_id}) judged {q.relevance} here but "
+                       f"{before[0].relevance} in {before[1]}")  # fmt: skip
+                raise DataFormatError(f, msg, None, "relevance")
+    return [q for q, _ in merged.values()]
+
+
 def write_qrels(path: str | Path, qrels: Iterable[Qrel]) -> int:
     """Write TREC qrels (`qid 0 docid rel`) atomically."""
     n = 0

@@ -228,10 +228,11 @@ def _warn_no_judged_passage(run: Run, qrels: Mapping[str, Mapping[str, int]]) ->
 def _log_query_set(
     unjudged: list[str], missing: list[str], no_relevant: list[str], rel: int, dropped: bool
 ) -> None:
+    # at DEBUG: `Evaluation` carries both lists and the CLI prints their counts in its summary
     if unjudged:
-        logger.info("%d run queries have no judgments and are not evaluated", len(unjudged))
+        logger.debug("%d run queries have no judgments and are not evaluated", len(unjudged))
     if missing:
-        logger.info("%d judged queries are missing from the run: counted as 0", len(missing))
+        logger.debug("%d judged queries are missing from the run: counted as 0", len(missing))
     if no_relevant:
         logger.warning(
             "%d judged queries have no judgment >= %d (%s): %s",
