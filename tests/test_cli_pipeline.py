@@ -452,6 +452,21 @@ def test_evaluate_merges_qrels_split_over_files(files, capsys):
     assert "RR@10\tall\t0.7500" in capsys.readouterr().out
 
 
+def test_search_only_the_judged_sessions(files, capsys):
+    d = files
+    (d / "q1.qrels").write_text("q1 0 diet 2\n")
+    argv = ["search", "--bm25", str(d / "corpus.jsonl"), "--sessions", str(d / "sessions.jsonl")]
+    assert main([*argv, "--judged", str(d / "q1.qrels"), "--out", str(d / "j.trec")]) == 0
+    assert set(read_run(d / "j.trec").scores) == {"q1"}  # q2 is not judged there
+    assert json.loads((d / "j.trec.settings.json").read_text())["judged"] == [str(d / "q1.qrels")]
+    capsys.readouterr()
+    (d / "x.qrels").write_text("x9 0 diet 1\n")
+    assert main([*argv, "--judged", str(d / "x.qrels"), "--out", str(d / "x.trec")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "judges none of the 2 sessions" in err and "'x9'" in err and "\n" not in err
+    assert not (d / "x.trec").exists()
+
+
 # --- a missing optional extra is one line -----------------------------------------------------
 
 

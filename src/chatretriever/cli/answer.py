@@ -30,7 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         'Writes one line per session: {"qid", "answer", "passages": [ids]}, and the settings '
         "beside it (OUT.settings.json).",
     )
-    add_sessions_arguments(p)
+    add_sessions_arguments(p, judged=True)
     p.add_argument("--out", required=True, help="answers JSONL to write")
     p.add_argument("--index", help="index dir (from `index CORPUS --out DIR`)")
     p.add_argument("--model", help="query encoder (default: the model the index records)")

@@ -15,9 +15,9 @@ from chatretriever.types import Session
 logger = logging.getLogger(__name__)
 
 
-def add_sessions_arguments(p: argparse.ArgumentParser, what: str = "") -> None:
-    """`--sessions FILE` (any conversation format, see `chatretriever.io.conversations`) and
-    `--sessions-format`."""
+def add_sessions_arguments(p: argparse.ArgumentParser, what: str = "", judged: bool = False) -> None:
+    """`--sessions FILE` (any conversation format, see `chatretriever.io.conversations`),
+    `--sessions-format`, `--rewrite-field` and, when `judged`, `--judged QRELS`."""
     p.add_argument(
         "--sessions",
         required=True,
@@ -39,13 +39,43 @@ def add_sessions_arguments(p: argparse.ArgumentParser, what: str = "") -> None:
         "automatic_rewrite: the TREC CAsT organisers' automatic rewrites; dataset_rewrite "
         "after `chatretriever rewrite`)",
     )
+    if judged:
+        p.add_argument(
+            "--judged",
+            nargs="+",
+            metavar="QRELS",
+            help="only the sessions these qrels judge (files or directories, as `evaluate` "
+            "takes them): a dataset judges a subset of its turns (DSTC11 val: 2,129 of 4,173)",
+        )
 
 
 def load_sessions(args: argparse.Namespace) -> list[Session]:
     """The sessions `add_sessions_arguments` named (rewrites from `--rewrite-field` if given)."""
     sessions = read_conversations(args.sessions, args.sessions_format)
+    if getattr(args, "judged", None):
+        sessions = judged_sessions(sessions, args.judged, args.sessions)
     key = getattr(args, "rewrite_field", None)
     return sessions if key is None else rewrites_from(sessions, key, args.sessions)
+
+
+def judged_sessions(sessions: list[Session], qrels: list[str], where: str) -> list[Session]:
+    """The sessions some judgment of `qrels` names (its grade may be 0), in their order.
+
+    Raises:
+        ValueError: None of them is judged (naming an id of each side).
+    """
+    from chatretriever.io.trec import read_qrels_files
+
+    judged = {q.query_id for q in read_qrels_files(qrels)}
+    kept = [s for s in sessions if s.id in judged]
+    if not kept:
+        raise ValueError(
+            f"--judged {' '.join(qrels)}: judges none of the {len(sessions)} sessions of {where} "
+            f"(session ids such as {sessions[0].id if sessions else None!r}, judged ids such as "
+            f"{min(judged) if judged else None!r})"
+        )
+    logger.info("--judged: %d of %d sessions of %s are judged", len(kept), len(sessions), where)
+    return kept
 
 
 def rewrites_from(sessions: list[Session], key: str, where: str) -> list[Session]:

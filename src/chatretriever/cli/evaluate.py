@@ -40,7 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("rewrite", help="rewrite last questions into standalone ones with an LLM")
-    add_sessions_arguments(p)
+    add_sessions_arguments(p, judged=True)
     p.add_argument("--out", required=True, help="sessions JSONL with `rewrite` set")
     p.add_argument("--model", default="smollm2-135m-instruct", help="chat LLM (causal)")
     p.add_argument("--cache", help="rewrite cache JSONL (default: <out>.cache.jsonl)")
@@ -127,6 +127,7 @@ def cmd_rewrite(args: argparse.Namespace) -> int:
     write_sessions(out, rewritten)
     settings = {
         "sessions": args.sessions,
+        "judged": args.judged,
         "model": args.model,
         "max_new_tokens": args.max_new_tokens,
         "prompt": asdict(RewritePrompt()),

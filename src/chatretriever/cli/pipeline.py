@@ -60,7 +60,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("search", help="retrieve passages for sessions into a TREC run")
-    add_sessions_arguments(p)
+    add_sessions_arguments(p, judged=True)
     p.add_argument("--out", required=True, help="TREC run file to write")
     p.add_argument("--index", help="index directory (dense search)")
     p.add_argument("--model", help="query encoder (dense search; default: the index's model)")
