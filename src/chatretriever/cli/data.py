@@ -15,7 +15,9 @@ from chatretriever.types import Session
 logger = logging.getLogger(__name__)
 
 
-def add_sessions_arguments(p: argparse.ArgumentParser, what: str = "", judged: bool = False) -> None:
+def add_sessions_arguments(
+    p: argparse.ArgumentParser, what: str = "", judged: bool = False
+) -> None:
     """`--sessions FILE` (any conversation format, see `chatretriever.io.conversations`),
     `--sessions-format`, `--rewrite-field` and, when `judged`, `--judged QRELS`."""
     p.add_argument(
