@@ -307,6 +307,8 @@ def test_convert_writes_sessions_jsonl_and_keeps_the_old_file_on_error(tmp_path,
     assert main(["data", "convert", str(src), "--out", str(out)]) == 0
     assert "2 sessions ->" in capsys.readouterr().err
     assert read_sessions(out) == read_conversations(src)
+    made = json.loads((tmp_path / "sessions.jsonl.settings.json").read_text())
+    assert (made["path"], made["format"], made["sessions"]) == (str(src), None, 2)
     before = out.read_text()
     corpus = write(tmp_path / "corpus.jsonl", jsonl(CORPUS))
     assert main(["data", "convert", str(corpus), "--out", str(out)]) == 2

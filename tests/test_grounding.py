@@ -179,6 +179,12 @@ def test_cli_dstc11_corpus_qrels_search_and_evaluate(tmp_path, capsys):
     assert main(["data", "qrels", str(logs), "--out", str(qrels)]) == 0
     assert "1 judgments of 1 of 2 sessions" in capsys.readouterr().err  # chit-chat: none
     assert read_qrels(qrels) == [Qrel("val-1", "hotel:20:review:9:4", 1)]
+    made = json.loads((tmp_path / "k.jsonl.settings.json").read_text())  # how each was made
+    assert (made["path"], made["format"], made["passages"]) == (
+        str(tmp_path / "knowledge.json"), "dstc-knowledge", 3)  # fmt: skip
+    assert made["granularity"] is None  # given, but DSTC has one: recorded as not applied
+    made = json.loads((tmp_path / "q.txt.settings.json").read_text())
+    assert (made["judgments"], made["judged_sessions"], made["sessions"]) == (1, 1, 2)
     argv = ["search", "--bm25", str(corpus), "--sessions", str(logs), "--out", str(run)]
     assert main([*argv, "--formulation", "last_turn"]) == 0
     capsys.readouterr()

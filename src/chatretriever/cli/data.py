@@ -163,8 +163,26 @@ def run_convert(args: argparse.Namespace) -> int:
 
     sessions = read_conversations(args.path, args.format)
     n = write_sessions(args.out, sessions)
+    write_settings(args, sessions=n)
     sys.stderr.write(f"{n} sessions -> {args.out}\n")
     return 0
+
+
+def write_settings(args: argparse.Namespace, **found: Any) -> None:
+    """Record how `args.out` was made beside it (`<out>.settings.json`, as runs do): the
+    command's arguments (`format` None: told from the file), what `found` adds (the format
+    told, the counts) and the version."""
+    import json
+    from pathlib import Path
+
+    from chatretriever import __version__
+    from chatretriever.io.atomic import atomic_write
+
+    out = Path(args.out)
+    given = {k: v for k, v in vars(args).items() if k != "func"}
+    settings = {**given, **found, "chatretriever": __version__}
+    with atomic_write(out.with_name(out.name + ".settings.json")) as f:
+        json.dump(settings, f, indent=2)
 
 
 def _add_collection_parsers(data_sub: Any) -> None:
@@ -222,6 +240,8 @@ def run_corpus(args: argparse.Namespace) -> int:
     for p in passages:
         check_id(p.id, args.path, None, "id")
     n = write_corpus(args.out, passages)
+    granularity = (args.granularity or "section") if fmt == "doc2dial-docs" else None
+    write_settings(args, format=fmt, granularity=granularity, passages=n)
     sys.stderr.write(f"{n} passages -> {args.out}\n")
     return 0
 
@@ -247,5 +267,6 @@ def run_qrels(args: argparse.Namespace) -> int:
         check_id(q.doc_id, args.path, None, f"grounding of {q.query_id}")
     n = write_qrels(args.out, qrels)
     judged = len({q.query_id for q in qrels})
+    write_settings(args, judgments=n, judged_sessions=judged, sessions=len(sessions))
     sys.stderr.write(f"{n} judgments of {judged} of {len(sessions)} sessions -> {args.out}\n")
     return 0
