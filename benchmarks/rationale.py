@@ -15,7 +15,8 @@ quality: Recall@1/3/5, MRR, nDCG@10 (`retrieval.evaluate`) on the evaluation dia
   and qrels are written.
 cost: time per query of the reranker without KV reuse, with KV reuse (document caches computed
   offline) and the Rabtriever student, as the number of candidates and the document length grow.
-Parts in _rationale/: cost (the cost curves), report (quality's tables and plot), env (machine).
+Parts in _rationale/: runs (the dense and BM25 runs, their evaluation), cost (the cost curves),
+report (quality's tables and plot), env (machine).
 
     python benchmarks/rationale.py quality --rerank-limit 100      # heavy: run under the lock
     python benchmarks/rationale.py quality --reranker sft=runs/rationale-sft \
@@ -32,12 +33,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from chatretriever.io.trec import write_qrels
 from chatretriever.methods.rationale import tasks
-from chatretriever.retrieval.evaluate import evaluate_run, write_json
-from chatretriever.retrieval.search import save_run
+from chatretriever.retrieval.evaluate import write_json
 from chatretriever.types import Passage, Run, Session, passage_text
 
 # The helper package of this script, beside it.
@@ -47,63 +45,13 @@ from _conversational.systems import missing_model  # noqa: E402
 from _rationale.cost import cost, cost_markdown, write_cost_plot  # noqa: E402
 from _rationale.env import environment  # noqa: E402
 from _rationale.report import MEASURES, quality_markdown, write_quality_plot  # noqa: E402
+from _rationale.runs import bm25_run, dense_runs, evaluate_all, subset_run, top_k_run  # noqa: E402
 from _shared.options import at_least  # noqa: E402
 from _shared.paths import repo_path  # noqa: E402
 
 # The conversation budget of a reranker row without a tuned one (the zero-shot row, as reported).
 ZERO_SHOT_QUERY_TOKENS = 256
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _top_k_run(
-    sims: np.ndarray, sessions: Sequence[Session], docs: Sequence[Passage], k: int, name: str
-) -> Run:
-    """The k best documents of each query of a (Q, N) score matrix."""
-    top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
-    scores = {s.id: {docs[j].id: float(sims[i, j]) for j in top[i]} for i, s in enumerate(sessions)}
-    return Run(scores, name)
-
-
-def dense_run(
-    model: str, sessions: Sequence[Session], docs: Sequence[Passage], k: int, name: str = ""
-) -> Run:
-    """Exact inner-product search with any encoder the registry loads (a built-in sentence
-    embedder, a sentence-transformers dir, a trained ChatRetriever run dir)."""
-    from chatretriever.apps.registry import load_encoder
-
-    enc = load_encoder(model)
-    q = enc.encode_sessions(sessions, batch_size=32)  # (Q, D)
-    p = enc.encode_passages(docs, batch_size=64)  # (N, D)
-    return _top_k_run(q @ p.T, sessions, docs, k, name or model)  # (Q, N) similarities
-
-
-def dense_runs(
-    args: argparse.Namespace, sessions: Sequence[Session], docs: Sequence[Passage], k: int
-) -> dict[str, Run]:
-    """The dense rows: MiniLM, mpnet with --mpnet, each --dense NAME=DIR."""
-    models = [("minilm-l6", "minilm-l6")] + [("mpnet-base", "mpnet-base")] * args.mpnet
-    return {n: dense_run(m, sessions, docs, k, n) for n, m in [*models, *args.dense]}
-
-
-def bm25_run(sessions: Sequence[Session], docs: Sequence[Passage], k: int) -> Run:
-    from chatretriever.retrieval.bm25 import BM25Retriever
-
-    return BM25Retriever(docs).search(sessions, k=k, formulation="full_history")
-
-
-def _subset(run: Run, ids: set[str]) -> Run:
-    return Run({q: d for q, d in run.scores.items() if q in ids}, run.name)
-
-
-def evaluate_all(
-    runs: dict[str, Run], qrels: Any, out: Path, task: str, settings: dict[str, Any]
-) -> dict[str, Any]:
-    rows = {}
-    for name, run in runs.items():
-        save_run(out / f"{task}.{name}.run", run, {**settings, "system": name}, depth=100)
-        ev = evaluate_run(run, qrels, MEASURES)
-        rows[name] = {"queries": ev.num_queries, **ev.aggregate}
-    return rows
 
 
 def _timing(seconds: float, queries: int, **offline: float) -> dict[str, Any]:
@@ -176,7 +124,7 @@ def reranker_run(
     )
     seconds = time.perf_counter() - start
     timing = {**_timing(seconds, len(sessions)), "budgets": _budgets(rr)}
-    return _top_k_run(matrix, sessions, docs, len(docs), name), timing
+    return top_k_run(matrix, sessions, docs, len(docs), name), timing
 
 
 def student_runs(
@@ -219,7 +167,7 @@ def student_runs(
         sims = student.score(queries, states).numpy()  # (Q, N)
         score_s = time.perf_counter() - start
         timing = _timing(query_s + score_s, len(sessions), document_states_s=document_s)
-        out[task] = (_top_k_run(sims, sessions, docs, k, name), timing)
+        out[task] = (top_k_run(sims, sessions, docs, k, name), timing)
     return out
 
 
@@ -258,7 +206,7 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
         runs[name], result["timing"]["strategy"][name] = by_task["strategy"]
     result["strategy"] = evaluate_all(runs, qrels, out, "strategy", settings)
     sub_qrels = tasks.strategy_qrels(subset)
-    sub_runs = {n: _subset(r, {s.id for s in subset}) for n, r in runs.items()}
+    sub_runs = {n: subset_run(r, {s.id for s in subset}) for n, r in runs.items()}
     rerankers = [] if args.skip_reranker else [(f"rahore-{args.tag}-{args.wording}", args.adapter)]
     for name, adapter in [*rerankers, *args.reranker]:
         sub_runs[name], result["timing"]["strategy_subset"][name] = reranker_run(
@@ -279,7 +227,7 @@ def quality(args: argparse.Namespace) -> dict[str, Any]:
     result["response_candidates"] = len(rdocs)
     if args.rerank_response:  # the rerankers over MiniLM's top k, on the reranker's queries
         ids = {s.id for s in subset}
-        sub = {n: _subset(r, ids) for n, r in rruns.items()}
+        sub = {n: subset_run(r, ids) for n, r in rruns.items()}
         result["timing"]["response_subset"] = {}
         for name, adapter in [*rerankers, *args.reranker]:
             sub[name], result["timing"]["response_subset"][name] = response_rerank_run(
