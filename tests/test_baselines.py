@@ -112,6 +112,19 @@ def tiny_bert():
     return BertModel(config, add_pooling_layer=False).eval(), tokenizer
 
 
+def test_bm25_ties_are_broken_by_id_whatever_k_and_corpus_order(tmp_path):
+    same = "penguins live on the ice of antarctica"
+    docs = [Passage(i, same) for i in ("zz", "mm", "aa")] + [Passage("x", "violins have strings")]
+    ask = [Session("q", (Turn("user", "where do penguins live"),))]
+    for order in (docs, docs[::-1]):
+        bm25 = BM25Retriever(order)
+        for k in (1, 2, 3):
+            run = bm25.search(ask, k=k, formulation="last_turn")
+            assert [d.doc_id for d in run.ranked("q")] == ["aa", "mm", "zz"][:k]
+        bm25.save(tmp_path / "bm25")
+        assert BM25Retriever.load(tmp_path / "bm25").search_texts(["penguins"], 2)[0][0][0] == "aa"
+
+
 def test_mean_pool_ignores_padding_on_either_side():
     torch = pytest.importorskip("torch")
     hidden = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]])  # (1, 3, 2)

@@ -140,8 +140,9 @@ class BM25Retriever:
     ) -> list[list[tuple[int, float]]]:
         """Per query text, its top-k (passage position, score), best first.
 
-        Passages sharing no term (score 0) are left out; ties are broken by position, so a
-        ranking never depends on the platform (hard-negative mining needs that).
+        Passages sharing no term (score 0) are left out; ties are broken by passage id, at the
+        k cut too, as in every run file (`types.rank_key`) and the dense backends: a ranking
+        depends neither on k, on the corpus order nor on the platform.
         """
         texts = batch(texts, "texts", "query texts")
         check_k(k)
@@ -160,8 +161,17 @@ class BM25Retriever:
         for tokens in tqdm(queries, desc="BM25 search", disable=not show_progress):
             ids = self._bm25.get_tokens_ids(tokens)  # terms outside the corpus dropped
             scores = self._bm25.get_scores(ids) if ids else np.zeros(len(self.ids))  # (N,)
-            out.append(_top_k(scores, k))
+            out.append(_top_k(scores, k, self._id_ranks()))
         return out
+
+    def _id_ranks(self) -> np.ndarray:
+        """(N,) each passage's position in id order (computed once; a Python sort, not a
+        fixed-width string array, so long ids cost no extra memory)."""
+        if getattr(self, "_ranks", None) is None:
+            ranks = np.empty(len(self.ids), dtype=np.int64)
+            ranks[sorted(range(len(self.ids)), key=self.ids.__getitem__)] = np.arange(len(self.ids))
+            self._ranks = ranks
+        return self._ranks
 
     def search_texts(self, texts: Sequence[str], k: int = 100) -> list[list[tuple[str, float]]]:
         """Top-k (passage id, score) per query text; passages sharing no term are left out."""
@@ -182,13 +192,14 @@ class BM25Retriever:
         return Run(scores=scores, name=f"bm25.{formulation_of(formulation).value}")
 
 
-def _top_k(scores: np.ndarray, k: int) -> list[tuple[int, float]]:
-    """(position, score) of the k best positive scores of a (N,) vector, ties by position."""
+def _top_k(scores: np.ndarray, k: int, id_ranks: np.ndarray) -> list[tuple[int, float]]:
+    """(position, score) of the k best positive scores of a (N,) vector, ties by `id_ranks`
+    (each position's rank in id order)."""
     hits = np.flatnonzero(scores > 0)
     if len(hits) > k:  # keep every position tied with the k-th best, then cut after sorting
         kth = np.partition(scores[hits], len(hits) - k)[len(hits) - k]
         hits = hits[scores[hits] >= kth]
-    best = hits[np.lexsort((hits, -scores[hits]))][:k]
+    best = hits[np.lexsort((id_ranks[hits], -scores[hits]))][:k]
     return [(int(i), float(scores[i])) for i in best]
 
 
