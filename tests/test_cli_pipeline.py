@@ -433,6 +433,10 @@ def test_evaluate_reports_and_drops_queries_without_a_relevant_judgment(files, c
     dropped = json.loads((d / "dropped.json").read_text())
     assert dropped["num_queries"] == 3 and dropped["no_relevant_dropped"] is True
     assert dropped["aggregate"]["RR@10"] == pytest.approx(2 / 3)  # q1 1, q2 1, q3 0
+    # a threshold above every grade drops everything: one line and exit 2, not a nan mean
+    assert main([*argv, "--drop-no-relevant", "--rel", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "leaves nothing to evaluate" in err and "\n" not in err
 
 
 def test_evaluate_merges_qrels_split_over_files(files, capsys):

@@ -159,6 +159,7 @@ def evaluate_run(
     Raises:
         NoCommonQueriesError: The run has results for none of the judged queries (a run of
             another dataset, or query ids spelled differently).
+        ValueError: `drop_no_relevant` drops every judged query.
     """
     irm = _ir_measures()
     qrels_dict = qrels if isinstance(qrels, Mapping) else qrels_to_dict(qrels)
@@ -173,6 +174,12 @@ def evaluate_run(
     no_relevant = sorted(q for q, d in qrels_dict.items() if max(d.values()) < rel)
     dropped = set(no_relevant) if drop_no_relevant else set()
     judged = sorted(q for q in qrels_dict if q not in dropped)
+    if not judged:  # every judged query dropped: a mean over nothing is no result
+        raise ValueError(
+            f"every one of the {len(no_relevant)} judged queries has no judgment >= {rel} "
+            f"(e.g. {no_relevant[0]!r}), so drop_no_relevant leaves nothing to evaluate: "
+            "is the relevance threshold (--rel) above the qrels' grades?"
+        )
     in_run = [q for q in judged if run.scores.get(q)]
     unjudged = sorted(q for q in run.scores if q not in qrels_dict)
     missing = sorted(set(judged) - set(in_run))
