@@ -68,6 +68,18 @@ def test_length_sorted_batches_keep_input_order():
     assert min(first) >= max(lengths[int(i[1:])] for b in seen[1:] for i in b)  # longest first
 
 
+def test_a_corpus_index_given_as_shards_points_at_its_embeddings(tmp_path):
+    config = EncodeConfig(batch_size=5, chunk_size=10, show_progress=False)
+    encode_corpus(HashEncoder(), make_corpus(5), tmp_path / "idx" / "embeddings", config)
+    (tmp_path / "idx" / "index").mkdir()
+    with pytest.raises(ValueError, match=r"no chunk-\* dirs\): a corpus index, whose embed"):
+        list_shards([tmp_path / "idx"])
+    assert len(list_shards([tmp_path / "idx" / "embeddings"])) == 1
+    (tmp_path / "other").mkdir()
+    with pytest.raises(ValueError, match=r"no chunk-\* dirs\)$"):
+        list_shards([tmp_path / "other"])
+
+
 def test_killed_encoding_resumes_without_recomputing(tmp_path):
     corpus = make_corpus(25)
     config = EncodeConfig(batch_size=5, chunk_size=10, show_progress=False)

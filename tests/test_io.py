@@ -737,8 +737,12 @@ def test_embeddings_missing_or_broken_files(shard):
     (directory / "meta.json").write_text("{not json")
     with pytest.raises(DataFormatError, match="bad embedding metadata"):
         read_embeddings(directory)
-    (directory / "meta.json").write_text(json.dumps({"model": "m", "dim": 4, "bogus": 1}))
-    with pytest.raises(DataFormatError, match="bad embedding metadata"):
+    (directory / "meta.json").write_text(json.dumps({"model": "m", "bogus": 1}))
+    with pytest.raises(DataFormatError, match="unknown fields bogus; missing fields dim"):
+        read_embeddings(directory)  # named, not a dataclass's TypeError
+    index_meta = {"backend": "faiss", "factory": "Flat", "embedding": {}, "ntotal": 3}
+    (directory / "meta.json").write_text(json.dumps(index_meta))
+    with pytest.raises(DataFormatError, match="a search index's metadata.*not embeddings"):
         read_embeddings(directory)
     (directory / "meta.json").unlink()
     with pytest.raises(DataFormatError, match="file not found"):

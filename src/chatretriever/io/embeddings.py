@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -111,8 +111,28 @@ def read_meta(directory: str | Path) -> EmbeddingMeta:
         return EmbeddingMeta(**raw)
     except FileNotFoundError:
         raise DataFormatError(path, "file not found") from None
-    except (json.JSONDecodeError, TypeError) as e:
+    except json.JSONDecodeError as e:
         raise DataFormatError(path, f"bad embedding metadata: {e}") from None
+    except TypeError:
+        raise DataFormatError(path, _not_embeddings(raw)) from None
+
+
+def _not_embeddings(raw: Any) -> str:
+    """Why a meta.json is not an embedding shard's: an index's, or which fields are wrong."""
+    if isinstance(raw, dict) and {"backend", "factory"} & set(raw):
+        return (
+            "this is a search index's metadata (`chatretriever index` wrote it), not embeddings: "
+            "give `encode`'s output directory (a corpus index keeps it in its embeddings/)"
+        )
+    if not isinstance(raw, dict):
+        return f"bad embedding metadata: expected a JSON object, got {type(raw).__name__}"
+    known = {f.name for f in fields(EmbeddingMeta)}
+    required = {f.name for f in fields(EmbeddingMeta) if f.default is MISSING
+                and f.default_factory is MISSING}  # fmt: skip
+    unknown, lacking = sorted(set(raw) - known), sorted(required - set(raw))
+    parts = [f"unknown fields {', '.join(unknown)}"] * bool(unknown)
+    parts += [f"missing fields {', '.join(lacking)}"] * bool(lacking)
+    return f"bad embedding metadata: {'; '.join(parts) or 'a field of the wrong type'}"
 
 
 def read_embeddings(

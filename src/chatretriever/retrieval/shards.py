@@ -50,7 +50,11 @@ def list_shards(paths: Iterable[str | Path]) -> list[Path]:
         )
         chunks = [p for p in chunks if (p / META).exists()]
         if not chunks:
-            raise ValueError(f"{path} holds no embedding shards (no meta.json, no chunk-* dirs)")
+            hint = (f": a corpus index, whose embeddings are in {path / 'embeddings'}"
+                    if (path / "embeddings").is_dir() else "")  # fmt: skip
+            raise ValueError(
+                f"{path} holds no embedding shards (no meta.json, no chunk-* dirs){hint}"
+            )
         _check_complete(path, chunks)
         out.extend(chunks)
     return out
