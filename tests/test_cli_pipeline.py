@@ -341,7 +341,7 @@ def test_search_refuses_another_encoder(files, capsys):
             ],
             "1 of 2 sessions have no rewrite",
         ),
-        (["evaluate", "{d}/qrels.txt", "{d}/qrels.txt"], "expected 6 columns"),
+        (["evaluate", "{d}/qrels.txt", "{d}/qrels.txt"], "holds trec-qrels data, not a run"),
         (
             [
                 "search",
@@ -363,7 +363,7 @@ def test_search_refuses_another_encoder(files, capsys):
         (["evaluate", "{d}/empty.jsonl", "{d}/qrels.txt"], "empty.jsonl: holds no results"),
         (["evaluate", "{d}/r.trec", "{d}/empty.qrels"], "empty.qrels: holds no judgments"),
         (["index", "{d}/nowhere", "--out", "{d}/idx"], "nowhere: not found"),
-        (["evaluate", "{d}/bad.jsonl", "{d}/qrels.txt", "--measures", "Nope@3"], "6 columns"),
+        (["evaluate", "{d}/bad.jsonl", "{d}/qrels.txt", "--measures", "Nope@3"], "not a run"),
         (
             [
                 "search",

@@ -129,6 +129,11 @@ def _sessions_or_unknown(path: Path) -> list[Session]:
     """A file no format was told from: sessions JSONL if it may be one (its reader then names
     the line and field at fault), else an error naming the formats that can be given."""
     name_it = f"name it (one of {', '.join(_READERS)})"
+    from chatretriever.io.kinds import KNOWLEDGE_KINDS, kind_error, told_kind
+
+    kind = told_kind(path)
+    if kind in KNOWLEDGE_KINDS:  # DSTC knowledge, iKAT passages, Doc2Dial documents
+        raise kind_error(path, kind, "conversations")
     first = next((line for _, line in iter_lines(path)), "")
     if first.strip() and not first.lstrip().startswith("{"):
         raise DataFormatError(path, f"cannot tell its conversation format; {name_it}")

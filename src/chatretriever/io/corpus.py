@@ -56,7 +56,20 @@ def _rows(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def iter_numbered_corpus(path: str | Path) -> Iterator[tuple[int, Passage]]:
-    """Stream (1-based line number, passage) from a BEIR corpus file; see `iter_corpus`."""
+    """Stream (1-based line number, passage) from a BEIR corpus file; see `iter_corpus`.
+
+    A file of another kind (sessions, qrels, DSTC knowledge, ...) is refused naming it
+    (`kinds.first_line_error`), not by the first field its first line lacks.
+    """
+    try:
+        yield from _numbered_passages(path)
+    except DataFormatError as e:
+        from chatretriever.io.kinds import CORPUS_KINDS, first_line_error
+
+        raise first_line_error(path, e, "a corpus", CORPUS_KINDS) from None
+
+
+def _numbered_passages(path: str | Path) -> Iterator[tuple[int, Passage]]:
     seen: set[str] = set()
     blank: list[tuple[int, str]] = []
     for lineno, obj in _rows(path):

@@ -134,13 +134,19 @@ def read_qrels(
     known_queries: Collection[str] | None = None,
     known_docs: Collection[str] | None = None,
 ) -> list[Qrel]:
-    """Read qrels in TREC, BEIR TSV or JSON form, told apart by the first line."""
-    for _, first in iter_lines(path):
-        if first.lstrip().startswith("{"):
-            return read_json_qrels(path, known_queries, known_docs)
-        beir = "\t" in first and len(first.split("\t")) == 3
-        reader = read_beir_qrels if beir else read_trec_qrels
-        return reader(path, known_queries, known_docs)
+    """Read qrels in TREC, BEIR TSV or JSON form, told apart by the first line (a file of
+    another kind, e.g. a run or sessions, is refused naming it)."""
+    try:
+        for _, first in iter_lines(path):
+            if first.lstrip().startswith("{"):
+                return read_json_qrels(path, known_queries, known_docs)
+            beir = "\t" in first and len(first.split("\t")) == 3
+            reader = read_beir_qrels if beir else read_trec_qrels
+            return reader(path, known_queries, known_docs)
+    except DataFormatError as e:
+        from chatretriever.io.kinds import QRELS_KINDS, first_line_error
+
+        raise first_line_error(path, e, "qrels", QRELS_KINDS) from None
     return []
 
 
@@ -203,7 +209,10 @@ def read_run(
     for lineno, line in iter_lines(path):
         cols = line.split()
         if len(cols) != 6:
-            raise DataFormatError(path, f"expected 6 columns, got {len(cols)}", lineno)
+            error = DataFormatError(path, f"expected 6 columns, got {len(cols)}", lineno)
+            from chatretriever.io.kinds import RUN_KINDS, first_line_error
+
+            raise first_line_error(path, error, "a run", RUN_KINDS)
         qid, _, did, _, score, name = cols
         _check_known(path, lineno, qid, did, known_queries, known_docs)
         try:
