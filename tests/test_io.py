@@ -356,6 +356,11 @@ def test_tsv_corpora(tmp_path):
     ]
     dpr = write(tmp_path / "psgs_w100.tsv", "id\ttext\ttitle\n1\tAaron was a prophet.\tAaron\n")
     assert read_corpus(dpr) == [Passage("1", "Aaron was a prophet.", "Aaron")]
+    for header in ("docid\ttext", "pid\tpassage", "_id\tcontents", "corpus-id\tbody"):
+        named = write(tmp_path / "named.tsv", f"{header}\nd1\tcheetahs run\n")
+        assert read_corpus(named) == [Passage("d1", "cheetahs run")]  # the header is no passage
+    both = write(tmp_path / "both.tsv", "pid\tid\ttext\n7\td7\tx\n")  # `id` itself wins
+    assert read_corpus(both) == [Passage("d7", "x", metadata={"pid": "7"})]
     for name, text, match in (
         ("a.tsv", "1\tt\tT\n", ":1: a tab-separated corpus needs id<TAB>text lines or a header"),
         ("d.jsonl", "not json\n", ":1: malformed JSON"),  # no tab: JSON lines, as before

@@ -20,10 +20,27 @@ logger = logging.getLogger(__name__)
 _CORE = ("_id", "id", "title", "text")
 
 
+# a TSV corpus header's names of its id and text columns, besides `id` and `text` themselves
+# (BEIR's corpus-id, MS MARCO's pid / passage, Pyserini's contents, ...)
+_ID_COLUMNS = ("docid", "doc_id", "pid", "passage_id", "corpus-id", "corpus_id", "document_id")
+_TEXT_COLUMNS = ("passage", "passage_text", "contents", "content", "body", "doc_text")
+
+
 def tsv_header(cols: list[str]) -> list[str] | None:
-    """The column names of a TSV corpus's header line (one naming `id` and `text`), else None."""
+    """The column names of a TSV corpus's header line, else None.
+
+    A header names an id column and a text column: `id` / `text`, or a common other name of
+    each (`_ID_COLUMNS`, `_TEXT_COLUMNS`), read as `id` / `text` when the header has no column
+    of that very name. Other columns keep their names (DPR's `title`).
+    """
     named = [c.strip().lower().removeprefix("_") for c in cols]
-    return named if {"id", "text"} <= set(named) else None
+    for canonical, others in (("id", _ID_COLUMNS), ("text", _TEXT_COLUMNS)):
+        if canonical not in named:
+            alias = next((n for n in named if n in others), None)
+            if alias is None:
+                return None
+            named[named.index(alias)] = canonical
+    return named
 
 
 def _tsv_rows(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
