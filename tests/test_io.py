@@ -466,6 +466,17 @@ def test_session_extra_fields_go_to_metadata():
             "last message",
         ),
         (
+            {
+                "id": "q",
+                "messages": [
+                    {"role": "assistant", "content": "hi"},
+                    {"role": "user", "content": " "},
+                ],
+            },  # fmt: skip
+            "messages[1]",
+            "the current question",
+        ),
+        (
             {"id": "q", "messages": [{"role": "user", "content": "x"}], "metadata": [1]},
             "metadata",
             "expected an object",

@@ -41,6 +41,9 @@ def session_from_dict(
     """Parse one session object (the JSONL schema above)."""
     sid = require_id(obj, "id", path, line)
     turns = parse_messages(obj.get("messages"), path, line)
+    if not turns[-1].content.strip():  # nothing to search, rewrite or answer for
+        where = f"messages[{len(turns) - 1}]"
+        raise DataFormatError(path, "the current question (the last message) is empty", line, where)
     raw_meta = obj.get("metadata") or {}
     if not isinstance(raw_meta, Mapping):
         raise DataFormatError(path, "expected an object", line, "metadata")
