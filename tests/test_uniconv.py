@@ -18,6 +18,7 @@ from chatretriever.io.training import example_from_dict
 from chatretriever.methods.uniconv.model import UniConv
 from chatretriever.methods.uniconv.recipe import UniConvRecipe, load_recipe, run_training
 from chatretriever.methods.uniconv.train import (
+    UniConvLoss,
     UniConvSettings,
     has_reference,
     make_collator,
@@ -186,6 +187,21 @@ def test_loss_parts_and_ablations(tmp_path, tiny_llama_dir, settings, loss_alpha
     sum(out.values()).backward()  # every part reaches the trained weights
     grads = [p.grad for n, p in model.model.named_parameters() if "lora_" in n]
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_generation_part_is_a_token_mean_over_the_tokens_it_counts(tmp_path, tiny_llama_dir):
+    """L_G names its tokens to the trainer (`token_counts`: a step's L_G is then the mean over
+    all of its tokens, accumulated or across processes): exactly the labels the forward
+    predicts; none without L_G."""
+    model, cfg = _model(tmp_path, tiny_llama_dir)
+    batch = make_collator(model, cfg.loss, cfg.uniconv)([example_from_dict(r) for r in _rows()])
+    with torch.no_grad():
+        out = model(sessions=batch["sessions"], passages=batch["passages"])
+    counted = UniConvLoss(cfg.loss, cfg.uniconv).token_counts(batch)
+    assert set(counted) == {"generation"} and int(counted["generation"]) == len(out["lm_labels"])
+    assert len(out["lm_labels"]) > 0
+    no_lm = type(cfg.loss)(**{**cfg.loss.to_dict(), "alpha": 0.0})
+    assert UniConvLoss(no_lm, cfg.uniconv).token_counts(batch) == {}
 
 
 def test_cii_part_is_alpha_times_the_hand_computed_loss(tmp_path, tiny_llama_dir):

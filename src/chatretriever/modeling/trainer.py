@@ -146,7 +146,21 @@ class NamedLossTrainer(Trainer):
                 for name, n in count(batch).items():
                     self._step_tokens[name] = self._step_tokens.get(name, 0) + n
             self._step_batches = len(batches)
+            if self.accelerator.num_processes > 1:
+                self._step_tokens = self._tokens_of_all_processes(self._step_tokens)
         return batches, num_items
+
+    def _tokens_of_all_processes(self, tokens: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Each token-mean part's tokens summed over the processes (one all-reduce per step):
+        DDP averages the processes' gradients, so a part that is each process's sum over the
+        step's GLOBAL token count, times the number of processes, is the token mean over the
+        global batch, as one process would take it (per-process means would weigh a token of
+        a process with short targets more)."""
+        names = _all_part_names(sorted(tokens))  # the same names on every process, in order
+        local = torch.stack([torch.as_tensor(tokens.get(n, 0), dtype=torch.float32)
+                             for n in names]).to(self.accelerator.device)  # fmt: skip
+        total = self.accelerator.reduce(local, reduction="sum")
+        return dict(zip(names, total, strict=True))
 
     def _as_step_token_means(
         self, parts: Mapping[str, torch.Tensor], inputs: Mapping[str, Any]
@@ -154,13 +168,15 @@ class NamedLossTrainer(Trainer):
         """A token-mean part of this micro-batch rescaled so that, once the Trainer divides by
         the number of micro-batches, the step's parts sum to the token mean over ALL of the
         step's tokens (a short target weighs as in one big batch: gradient accumulation then
-        equals the big batch; under DDP each process keeps its own token count)."""
+        equals the big batch; under DDP the tokens of every process count, and the part is
+        scaled by the number of processes, which DDP's gradient average divides out)."""
         out = dict(parts)
+        scale = self._step_batches * self.accelerator.num_processes
         for name, n in self.loss_fn.token_counts(inputs).items():  # type: ignore[attr-defined]
             total = self._step_tokens.get(name)
             if name in out and total is not None:
                 dev = out[name].device
-                mine = torch.as_tensor(n, dtype=torch.float32, device=dev) * self._step_batches
+                mine = torch.as_tensor(n, dtype=torch.float32, device=dev) * scale
                 all_ = torch.as_tensor(total, dtype=torch.float32, device=dev).clamp(min=1)
                 out[name] = out[name] * (mine / all_)
         return out

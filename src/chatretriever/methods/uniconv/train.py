@@ -40,6 +40,7 @@ from chatretriever.modeling.candidates import contrastive_batch, layout_contrast
 from chatretriever.modeling.collate import encode_batch
 from chatretriever.modeling.grounded import grounded_messages
 from chatretriever.modeling.losses import (
+    IGNORE_INDEX,
     contrastive_loss,
     session_masked_lm_loss,
 )
@@ -281,6 +282,15 @@ class UniConvLoss:
 
     def __call__(self, model: Any, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         return uniconv_losses(model, inputs, self.loss, self.settings)
+
+    def token_counts(self, inputs: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """{"generation": the response tokens L_G averages over}: the trainer makes it a
+        token mean over a whole step (accumulated micro-batches, every process); {} without
+        L_G."""
+        labels = inputs["sessions"].get("labels") if self.loss.uses_lm else None
+        if labels is None or self.loss.alpha <= 0:
+            return {}
+        return {"generation": (labels[:, 1:] != IGNORE_INDEX).sum()}  # the targets predicted
 
 
 class UniConvTrainer(NamedLossTrainer):
