@@ -177,6 +177,28 @@ def test_a_collection_of_another_corpus_is_refused(tmp_path, db):
         MilvusIndex.build(b, db, "corpus")
 
 
+def test_edited_passages_under_the_same_ids_are_not_kept_stale(tmp_path, db):
+    """Re-encoded passages whose texts changed keep their ids, not their vectors: a build into
+    the collection is refused (it upserted only missing ids, keeping the old vectors), and the
+    descriptor of the first build refuses the collection once it is rebuilt."""
+    a, ids, emb = random_shards(tmp_path / "a")
+    MilvusIndex.build(a, db, "edited").save(tmp_path / "idx")
+    edited = emb.copy()
+    edited[5] = -edited[5]  # passage d005's text changed: another vector, the same id
+    b = [write_embeddings(tmp_path / "b" / f"s{j}", [ids[i] for i in rows], edited[rows],
+                          EmbeddingMeta(model="m", dim=16, fingerprint="fp-a"))
+         for j, rows in enumerate(np.array_split(np.arange(300), 3))]  # fmt: skip
+    with pytest.raises(ValueError, match="other vectors under these passage ids.*--overwrite"):
+        MilvusIndex.build(b, db, "edited")
+    assert MilvusIndex.build(a, db, "edited").upserted == 0  # the same vectors: resumable
+    rebuilt = MilvusIndex.build(b, db, "edited", overwrite=True)
+    assert rebuilt.search(edited[5:6], 1)[0][0][0] == "d005"
+    with pytest.raises(DataFormatError, match="rebuilt with other vectors"):
+        MilvusIndex.load(tmp_path / "idx")
+    rebuilt.save(tmp_path / "idx2")
+    assert MilvusIndex.load(tmp_path / "idx2").ids == ids
+
+
 def test_a_long_id_is_refused_by_name(tmp_path, db):
     long_id = "p" * 600
     shard = write_embeddings(
@@ -289,8 +311,12 @@ def test_build_state_and_its_checks(tmp_path):
             "fingerprint": "f",
         },
         "ids_sha256": hashlib.sha256(b"a\nb\n").hexdigest(),
+        "vectors_sha256": hashlib.sha256(b"").hexdigest(),  # no vectors given
         "index": {"type": "FLAT", "params": {}},
     }
+    vec = np.eye(2, dtype=np.float32)
+    with_vectors = build_state(meta, ["a", "b"], "FLAT", {}, [vec[:1], vec[1:]])
+    assert with_vectors["vectors_sha256"] == hashlib.sha256(vec.tobytes()).hexdigest()
     check_resumable(state, state, meta, "c")  # the same build resumes
     check_finished(state, 2, meta, ["a", "b"], "c", tmp_path)
     with pytest.raises(ValueError, match="'c' was not made by chatretriever"):

@@ -107,6 +107,7 @@ class MilvusIndex:
         self.meta = meta
         self.factory = factory
         self.upserted = 0  # rows the last `build` wrote (fewer than len(ids) when it resumed)
+        self.vectors_sha256: str | None = None  # what `build` upserted (`vectors_digest`)
         self.directory: Path | None = None  # the descriptor's directory, once saved or loaded
         # the index type, as recorded (not checked again: a descriptor of an older version loads)
         self.kind = factory.removeprefix(f"{BACKEND}:").partition(":")[0].upper()
@@ -149,12 +150,13 @@ class MilvusIndex:
         kind, params = parse_index_spec(index_spec)
         ids, arrays, meta = read_shards(shard_dirs)  # one encoder, unique ids
         check_ids(ids)
-        state = build_state(meta, ids, kind, params)
+        state = build_state(meta, ids, kind, params, arrays)
         client = connect(uri)
         done = open_for_build(client, collection, meta, state, overwrite)
         ends = np.cumsum([len(a) for a in arrays]).tolist()
         parts = [(ids[hi - len(a) : hi], a) for a, hi in zip(arrays, ends, strict=True)]
         index = cls(client, uri, collection, ids, meta, f"{BACKEND}:{spec_text(kind, params)}")
+        index.vectors_sha256 = state["vectors_sha256"]
         skipped = min(done or 0, len(ids))
         with tqdm(
             total=len(ids),
@@ -300,6 +302,7 @@ class MilvusIndex:
             "embedding": asdict(self.meta),
             "factory": self.factory,
             "ntotal": len(self.ids),
+            "vectors_sha256": self.vectors_sha256,
             "memory_bytes": self.memory_bytes,
             "settings": settings or {},
         }
@@ -339,9 +342,11 @@ class MilvusIndex:
                 raise DataFormatError(meta_path, msg, field="collection")
             ids = (directory / IDS_FILE).read_text(encoding="utf-8").splitlines()
             state, done = recorded_state(client, collection)
-            check_finished(state, done, meta, ids, collection, directory)
+            built_with = info.get("vectors_sha256")
+            check_finished(state, done, meta, ids, collection, directory, built_with)
             client.load_collection(collection)
             index = cls(client, uri, collection, ids, meta, factory)
+            index.vectors_sha256 = built_with
             index._check_count()
         index.directory = directory
         return index

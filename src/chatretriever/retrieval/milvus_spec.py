@@ -9,8 +9,9 @@ are search parameters that do not apply to an index's type. `parse_params` reads
 "key=value,..." text unchecked.
 
 The state a build records in its collection's properties (`build_state`) names the encoder
-(model, dim, normalisation, fingerprint), a digest of the passage ids in order (`ids_digest`) and
-the index spec: what decides whether a collection can be resumed, searched or must be rebuilt.
+(model, dim, normalisation, fingerprint), a digest of the passage ids in order (`ids_digest`),
+one of the vectors (`vectors_digest`: an edited passage keeps its id, not its vector) and the
+index spec: what decides whether a collection can be resumed, searched or must be rebuilt.
 
 `check_resumable` and `check_finished` compare a recorded state with a build's or a descriptor's.
 Pure and torch-free: no client, no `pymilvus`.
@@ -24,6 +25,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from chatretriever.errors import DataFormatError
 from chatretriever.io.embeddings import EmbeddingMeta
@@ -181,23 +184,43 @@ def ids_digest(ids: Sequence[str]) -> str:
     return h.hexdigest()
 
 
+def vectors_digest(arrays: Sequence[np.ndarray]) -> str:
+    """sha256 of the stored vectors in order (their bytes as stored; the dtype is recorded
+    beside it): a passage whose text changed under the same id has another vector."""
+    h = hashlib.sha256()
+    for a in arrays:
+        for start in range(0, len(a), _DIGEST_ROWS):  # bounded memory for a memory-mapped shard
+            h.update(memoryview(np.ascontiguousarray(a[start : start + _DIGEST_ROWS])))
+    return h.hexdigest()
+
+
+_DIGEST_ROWS = 65_536
+
+
 def build_state(
-    meta: EmbeddingMeta, ids: Sequence[str], kind: str, params: dict[str, Any]
+    meta: EmbeddingMeta,
+    ids: Sequence[str],
+    kind: str,
+    params: dict[str, Any],
+    vectors: Sequence[np.ndarray] = (),
 ) -> dict[str, Any]:
-    """The state a build records in its collection: encoder, passage ids digest, index spec.
+    """The state a build records in its collection: encoder, digests, index spec.
 
     Args:
         meta: Metadata of the encoder (its count and extra are left out: they do not decide
             whether vectors can be compared).
         ids: Passage ids in shard order.
         kind, params: The index type and build parameters (`parse_index_spec`).
+        vectors: Each shard's (N_i, D) vectors, in order (`vectors_digest`).
 
     Returns:
-        {"embedding": encoder fields, "ids_sha256": digest, "index": {"type", "params"}}.
+        {"embedding": encoder fields, "ids_sha256": digest, "vectors_sha256": digest,
+        "index": {"type", "params"}}.
     """
     return {
         "embedding": {k: v for k, v in asdict(meta).items() if k not in ("count", "extra")},
         "ids_sha256": ids_digest(ids),
+        "vectors_sha256": vectors_digest(vectors),
         "index": {"type": kind, "params": params},
     }
 
@@ -256,6 +279,13 @@ def check_resumable(
                 f"({recorded.get(key)} != {state[key]}): choose another collection, or drop it "
                 "(--overwrite)"
             )
+    # a build recorded before vector digests existed has none: its vectors cannot be compared
+    if recorded.get("vectors_sha256", state["vectors_sha256"]) != state["vectors_sha256"]:
+        raise ValueError(
+            f"the Milvus collection {collection!r} holds other vectors under these passage ids "
+            "than this build (a passage's text, or its encoding, changed): drop it to build "
+            "again (--overwrite), or choose another collection"
+        )
 
 
 def check_finished(
@@ -265,6 +295,7 @@ def check_finished(
     ids: Sequence[str],
     collection: str,
     directory: Path,
+    vectors_sha256: str | None = None,
 ) -> None:
     """Raise unless a collection records a finished build of these ids by this encoder.
 
@@ -275,6 +306,7 @@ def check_finished(
         ids: The descriptor's passage ids, in order.
         collection: The collection's name (for the messages).
         directory: The descriptor's directory (the errors name its files).
+        vectors_sha256: The vectors digest the descriptor recorded (None: an older one).
 
     Raises:
         EncoderMismatchError: The collection records another encoder (it was rebuilt since).
@@ -290,4 +322,12 @@ def check_finished(
             directory / IDS_FILE,
             f"the Milvus collection {collection!r} holds other passages than this index, or an "
             "unfinished build: build the index again",
+        )
+    rebuilt = recorded.get("vectors_sha256")
+    if vectors_sha256 and rebuilt and rebuilt != vectors_sha256:
+        raise DataFormatError(
+            directory / META_FILE,
+            f"the Milvus collection {collection!r} was rebuilt with other vectors under these "
+            "passage ids since this index was built (edited passages): build the index again",
+            field="vectors_sha256",
         )
