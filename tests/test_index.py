@@ -117,6 +117,20 @@ def test_ivf_pq_is_trained_on_a_sample(tmp_path):
     assert index.memory_bytes < 400 * 16 * 4 + 400 * 60  # compressed codes
 
 
+def test_an_approximate_index_returning_fewer_than_k_is_warned_about(tmp_path, caplog):
+    """IVF with nprobe=1 searches one of 8 lists: k=100 cannot be filled, and says so."""
+    dirs, ids, emb = random_shards(tmp_path, n=400)
+    index = DenseIndex.build(dirs, factory="IVF8,Flat")
+    with caplog.at_level("WARNING"):
+        hits = index.search(emb[:5], k=100, params="nprobe=1")
+    assert min(len(h) for h in hits) < 100
+    assert "queries got fewer than k=100 hits" in caplog.text and "raise nprobe" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        full = index.search(emb[:5], k=100, params="nprobe=8")  # every list: exact
+    assert all(len(h) == 100 for h in full) and "fewer than" not in caplog.text
+
+
 def test_faiss_errors_are_one_line_value_errors(tmp_path):
     dirs, _, emb = random_shards(tmp_path, n=40)
     with pytest.raises(ValueError, match=r"^Faiss factory 'Bogus99': could not parse index string"):

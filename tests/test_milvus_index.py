@@ -199,6 +199,19 @@ def test_edited_passages_under_the_same_ids_are_not_kept_stale(tmp_path, db):
     assert MilvusIndex.load(tmp_path / "idx2").ids == ids
 
 
+def test_ivf_on_milvus_lite_is_warned_about(tmp_path, db, caplog):
+    """milvus-lite picks its own number of IVF lists (nlist is not honoured): said at build."""
+    a, _, emb = random_shards(tmp_path / "a")
+    with caplog.at_level("WARNING"):
+        index = MilvusIndex.build(a, db, "ivf", index_spec="IVF_FLAT:nlist=4")
+    assert "nlist is not honoured" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        MilvusIndex.build(a, db, "flat")
+    assert "nlist" not in caplog.text
+    assert len(index.search(emb[:2], 5, params="nprobe=128")[0]) == 5
+
+
 def test_a_long_id_is_refused_by_name(tmp_path, db):
     long_id = "p" * 600
     shard = write_embeddings(

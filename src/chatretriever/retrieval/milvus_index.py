@@ -148,6 +148,13 @@ class MilvusIndex:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         kind, params = parse_index_spec(index_spec)
+        if kind == "IVF_FLAT" and is_local(uri):
+            logger.warning(
+                "milvus-lite builds IVF_FLAT with a number of lists of its own (it clustered "
+                "2,000 vectors into 128 lists when given nlist=4): nlist is not honoured and "
+                "nprobe means another share of the collection; FLAT or HNSW on milvus-lite, or "
+                "a Milvus server"
+            )
         ids, arrays, meta = read_shards(shard_dirs)  # one encoder, unique ids
         check_ids(ids)
         state = build_state(meta, ids, kind, params, arrays)

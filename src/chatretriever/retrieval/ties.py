@@ -51,4 +51,16 @@ def top_k_with_ties(
                 )
             break
         depth = min(2 * depth, limit)
+    short = [len(h) for h in hits if len(h) < k]
+    if short:  # an exact index always fills k; an approximate one may search too little
+        logger.warning(
+            "%d of %d queries got fewer than k=%d hits (as few as %d) from an index of %d "
+            "vectors: an approximate index searched too little of it (IVF: raise nprobe with "
+            "--params)",
+            len(short),
+            n_queries,
+            k,
+            min(short),
+            total,
+        )
     return [sorted(h, key=lambda p: rank_key(*p))[:k] for h in hits]
