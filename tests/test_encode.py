@@ -80,6 +80,30 @@ def test_a_corpus_index_given_as_shards_points_at_its_embeddings(tmp_path):
         list_shards([tmp_path / "other"])
 
 
+@pytest.mark.parametrize("damage", ["no vectors", "ids cut short", "rows cut short"])
+def test_a_damaged_chunk_is_encoded_again(tmp_path, caplog, damage):
+    """A partial copy (a chunk's vectors or some of its ids missing) is not kept as finished."""
+    corpus = make_corpus(25)
+    config = EncodeConfig(batch_size=5, chunk_size=10, show_progress=False)
+    encode_corpus(HashEncoder(), corpus, tmp_path / "emb", config)
+    chunk = tmp_path / "emb" / "chunk-00001"
+    if damage == "no vectors":
+        (chunk / "embeddings.npy").unlink()
+    elif damage == "ids cut short":
+        ids = (chunk / "ids.txt").read_text().splitlines()
+        (chunk / "ids.txt").write_text("\n".join(ids[:4]) + "\n")
+    else:
+        np.save(chunk / "embeddings.npy", np.load(chunk / "embeddings.npy")[:3])
+    again = HashEncoder()
+    with caplog.at_level("WARNING"):
+        result = encode_corpus(again, corpus, tmp_path / "emb", config)
+    assert "chunk-00001 is damaged" in caplog.text
+    assert (result.chunks_written, result.chunks_kept, again.passages_encoded) == (1, 2, 10)
+    ids, emb = read_all(tmp_path / "emb")
+    assert ids == [p.id for p in corpus]
+    np.testing.assert_array_equal(emb, HashEncoder().encode_passages(corpus))
+
+
 def test_killed_encoding_resumes_without_recomputing(tmp_path):
     corpus = make_corpus(25)
     config = EncodeConfig(batch_size=5, chunk_size=10, show_progress=False)

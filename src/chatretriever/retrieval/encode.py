@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from chatretriever.io.atomic import atomic_write
 from chatretriever.io.embeddings import (
+    EMBEDDINGS,
     IDS,
     META,
     EmbeddingMeta,
@@ -210,23 +211,40 @@ def chunk_done(path: Path, passages: Sequence[Passage], settings: dict[str, Any]
 
     A chunk of other ids is refused (the corpus was reordered or replaced); a chunk whose
     passages kept their ids but changed their text or title is encoded again, as is another
-    model's chunk. Chunks written before digests were recorded are matched by ids.
+    model's chunk and a damaged one (its vectors or some of its ids missing: a partial copy).
+    Chunks written before digests were recorded are matched by ids.
     """
     if not (path / META).exists():
         return False
     meta = read_meta(path)
-    on_disk = (path / "ids.txt").read_text(encoding="utf-8").splitlines()
-    if on_disk != [p.id for p in passages]:
+    want = [p.id for p in passages]
+    on_disk = (path / IDS).read_text(encoding="utf-8").splitlines() if (path / IDS).exists() else []
+    if on_disk != want[: len(on_disk)]:
         raise ValueError(
             f"{path} holds other passages than this corpus (another corpus was encoded into "
             f"{path.parent}, or this one changed): encode into another directory, or delete "
             f"{path.parent} to encode again"
         )
+    damage = _damage(path, len(on_disk), len(want))
+    if damage:
+        logger.warning("%s is damaged (%s): encoding it again", path, damage)
+        return False
     digest = meta.extra.get("content")
     if digest is not None and digest != chunk_digest(passages):
         logger.info("%s: its passages' texts changed: encoding it again", path)
         return False
     return meta.compatible_with(_meta_of(settings))  # another model's chunk is encoded again
+
+
+def _damage(path: Path, ids_on_disk: int, ids_wanted: int) -> str | None:
+    """What is missing from a chunk dir whose metadata is there (None: nothing)."""
+    if ids_on_disk != ids_wanted:
+        return f"{IDS} holds {ids_on_disk} of its {ids_wanted} ids"
+    try:
+        rows = np.load(path / EMBEDDINGS, mmap_mode="r", allow_pickle=False).shape[0]
+    except (OSError, ValueError):
+        return f"{EMBEDDINGS} is missing or unreadable"
+    return None if rows == ids_wanted else f"{EMBEDDINGS} holds {rows} rows for {ids_wanted} ids"
 
 
 def length_order(passages: Sequence[Passage]) -> np.ndarray:
