@@ -16,8 +16,8 @@ from chatretriever.retrieval.encode import (
     encode_corpus,
     encode_seconds,
     list_shards,
-    parse_shard,
 )
+from chatretriever.retrieval.shards import parse_shard
 from chatretriever.types import Passage
 
 

@@ -24,8 +24,8 @@ from chatretriever.retrieval.encode import (
     EncodeConfig,
     encode_corpus,
     list_shards,
-    shard_from_env,
 )
+from chatretriever.retrieval.shards import shard_from_env
 from chatretriever.types import Passage
 
 TORCHRUN_TIMEOUT = 300

@@ -113,7 +113,7 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
 def _resolve_shard(text: str | None, engine: str) -> tuple[int, int]:
     """--shard, else torchrun's RANK/WORLD_SIZE, else (0, 1); both given must agree."""
-    from chatretriever.retrieval.encode import parse_shard, shard_from_env
+    from chatretriever.retrieval.shards import parse_shard, shard_from_env
 
     launched = shard_from_env()
     if launched is not None and engine == "ray":

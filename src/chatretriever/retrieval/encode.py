@@ -16,7 +16,7 @@ a chunk records a digest of its ids, titles and texts, and one whose passages ch
 under the same ids is encoded again. Torch-free: the encoder does
 the model work.
 
-Several processes (`torchrun`: `shard_from_env`) share one directory: each writes the same
+Several processes (`torchrun`: `shards.shard_from_env`) share one directory: each writes the same
 settings, and each records the corpus's chunk count when its own chunks are done. The count is a
 fact of the corpus, not a "job done" flag: `list_shards` takes the directory only when every
 chunk 0 .. num_chunks - 1 is on disk, so one finished process never makes a half-encoded
@@ -28,9 +28,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -98,43 +97,6 @@ class EncodeResult:
     passages_encoded: int
     num_chunks: int
     num_passages: int
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """Parse "I/N" (e.g. "0/4") into (i, n)."""
-    try:
-        i, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise ValueError(f"shard must look like I/N (e.g. 0/4), got {text!r}") from None
-    EncodeConfig(shard=(i, n))  # validates
-    return i, n
-
-
-def shard_from_env(environ: Mapping[str, str] = os.environ) -> tuple[int, int] | None:
-    """The shard (i, n) of a process started by `torchrun`: (RANK, WORLD_SIZE).
-
-    Args:
-        environ: The environment to read (default this process's).
-
-    Returns:
-        (RANK, WORLD_SIZE), or None when neither is set (not started by a launcher).
-
-    Raises:
-        ValueError: Only one of them set, not integers, or RANK outside [0, WORLD_SIZE).
-    """
-    rank, world = environ.get("RANK"), environ.get("WORLD_SIZE")
-    if rank is None and world is None:
-        return None
-    if rank is None or world is None:
-        missing = "RANK" if rank is None else "WORLD_SIZE"
-        raise ValueError(f"{missing} is not set but the other of RANK/WORLD_SIZE is")
-    try:
-        i, n = int(rank), int(world)
-    except ValueError:
-        raise ValueError(f"RANK={rank!r} and WORLD_SIZE={world!r} must be integers") from None
-    if n < 1 or not 0 <= i < n:
-        raise ValueError(f"RANK={i} WORLD_SIZE={n}: need 0 <= RANK < WORLD_SIZE")
-    return i, n
 
 
 def _settings(encoder: Encoder, config: EncodeConfig) -> dict[str, Any]:

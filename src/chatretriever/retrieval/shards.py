@@ -1,6 +1,7 @@
 """Embedding shards on disk: the chunk directories of an `encode.encode_corpus` job and
 `list_shards`, which expands paths into shard directories and refuses an incomplete or mixed
-job (so an index is never built from half of a corpus, or from two corpora). Torch-free.
+job (so an index is never built from half of a corpus, or from two corpora); and which share of
+the chunks a process encodes (`parse_shard`, `shard_from_env`). Torch-free.
 """
 
 from __future__ import annotations
@@ -8,8 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from chatretriever.io.embeddings import META, read_meta
@@ -131,3 +133,41 @@ def _check_contiguous(path: Path, chunks: list[Path]) -> None:
 def _few(names: list[str], shown: int = 3) -> str:
     more = f" and {len(names) - shown} more" if len(names) > shown else ""
     return ", ".join(names[:shown]) + more
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """Parse "I/N" (e.g. "0/4") into (i, n)."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"shard must look like I/N (e.g. 0/4), got {text!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {(i, n)}")
+    return i, n
+
+
+def shard_from_env(environ: Mapping[str, str] = os.environ) -> tuple[int, int] | None:
+    """The shard (i, n) of a process started by `torchrun`: (RANK, WORLD_SIZE).
+
+    Args:
+        environ: The environment to read (default this process's).
+
+    Returns:
+        (RANK, WORLD_SIZE), or None when neither is set (not started by a launcher).
+
+    Raises:
+        ValueError: Only one of them set, not integers, or RANK outside [0, WORLD_SIZE).
+    """
+    rank, world = environ.get("RANK"), environ.get("WORLD_SIZE")
+    if rank is None and world is None:
+        return None
+    if rank is None or world is None:
+        missing = "RANK" if rank is None else "WORLD_SIZE"
+        raise ValueError(f"{missing} is not set but the other of RANK/WORLD_SIZE is")
+    try:
+        i, n = int(rank), int(world)
+    except ValueError:
+        raise ValueError(f"RANK={rank!r} and WORLD_SIZE={world!r} must be integers") from None
+    if n < 1 or not 0 <= i < n:
+        raise ValueError(f"RANK={i} WORLD_SIZE={n}: need 0 <= RANK < WORLD_SIZE")
+    return i, n
