@@ -589,3 +589,18 @@ def test_cli_refuses_a_faiss_factory_and_unknown_params_on_milvus(cli_files, cap
     assert main([*argv, "--model", "fake:", "--out", str(d / "r"), "--params", "foo=7"]) == 2
     assert capsys.readouterr().err.startswith("error: search parameters (--params) 'foo=7'")
     assert not (d / "r").exists()
+
+
+@pytest.mark.parametrize("factory", ["HNSW:M=16", "IVF_FLAT:nlist=8", "FLAT", "AUTOINDEX"])
+def test_cli_refuses_a_milvus_spec_on_faiss_and_a_zero_upsert_batch(cli_files, capsys, factory):
+    from chatretriever.cli import main
+
+    d = cli_files
+    base = ["index", str(d / "corpus.jsonl"), "--model", "fake:", "--out", str(d / "x")]
+    assert main([*base, "--factory", factory]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: --factory {factory!r} is a Milvus index spec: add --backend milvus, "
+                   "or give a Faiss factory string (Flat, HNSW32, IVF1024,Flat, ...)")  # fmt: skip
+    assert main([*base, "--backend", "milvus", "--upsert-batch-size", "0"]) == 2
+    assert "--upsert-batch-size must be positive" in capsys.readouterr().err
+    assert not (d / "x").exists()

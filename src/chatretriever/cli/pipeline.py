@@ -110,10 +110,25 @@ def _milvus_settings(args: argparse.Namespace):
         if any(v is not None for v in given):
             flags = "--uri, --collection, --upsert-batch-size and --overwrite"
             raise ValueError(f"{flags} go with --backend milvus")
+        _refuse_milvus_spec_on_faiss(args.factory)
         return None
-    batch = _positive(args.upsert_batch_size or DEFAULT_BATCH, "--upsert-batch-size")
+    size = DEFAULT_BATCH if args.upsert_batch_size is None else args.upsert_batch_size
+    batch = _positive(size, "--upsert-batch-size")
     parse_index_spec(args.factory)  # a bad Milvus --factory fails before any passage is encoded
     return MilvusSettings(args.uri, args.collection, batch, args.overwrite)
+
+
+def _refuse_milvus_spec_on_faiss(factory: str) -> None:
+    """A Milvus index spec given to the Faiss backend, named before any model loads (Faiss's
+    own error, after loading, says only that it cannot parse it)."""
+    from chatretriever.retrieval.milvus_spec import INDEX_KINDS
+
+    kind = factory.partition(":")[0].strip()
+    if kind.upper() in INDEX_KINDS and (":" in factory or kind in INDEX_KINDS):
+        raise ValueError(
+            f"--factory {factory!r} is a Milvus index spec: add --backend milvus, or give a "
+            "Faiss factory string (Flat, HNSW32, IVF1024,Flat, ...)"
+        )
 
 
 # the fusion options' defaults: what the parser gives and what "not given" means without --hybrid
