@@ -540,6 +540,10 @@ def test_batch_arguments_refuse_one_item_given_bare():
         as_sessions(msgs)  # one session's messages, not wrapped in a list
     with pytest.raises(TypeError, match="sessions must be a list of sessions, got a str"):
         as_sessions("How fast?")
+    (question,) = as_sessions(["How fast?"])  # a question in a list: a one-turn session
+    assert question.messages() == msgs and question.question == "How fast?"
+    with pytest.raises(TypeError, match=r"sessions\[0\] must be a Session, a list of \{role"):
+        as_sessions([b"How fast?"])
     with pytest.raises(TypeError, match=r"sessions\[0\]: each message needs a role and a content"):
         as_sessions([[{"role": "user"}]])
     ending = [*msgs, {"role": "assistant", "content": "Fast."}]

@@ -170,7 +170,9 @@ def batch(items: Any, name: str, many: str) -> list[Any]:
 
 
 def as_sessions(items: Any, name: str = "sessions") -> list[Session]:
-    """`as_session` of every item of a batch; an error names the item (`sessions[3]`) at fault."""
+    """Every item of a batch as a Session: a Session, a list of {role, content} messages, or a
+    question string (a one-turn session, as sentence-transformers' `encode(["query"])`); an
+    error names the item (`sessions[3]`) at fault."""
     out = []
     for i, s in enumerate(batch(items, name, "sessions")):
         if isinstance(s, Session):
@@ -179,12 +181,14 @@ def as_sessions(items: Any, name: str = "sessions") -> list[Session]:
         if isinstance(s, Mapping):
             raise TypeError(
                 f"{name}[{i}] is one message, not a session: pass a list of sessions, each a "
-                "Session or a list of {role, content} messages"
+                "Session, a list of {role, content} messages or a question"
             )
-        if isinstance(s, (str, bytes)) or not isinstance(s, Iterable):
+        if isinstance(s, str):  # a standalone question: a one-turn session (as an ad-hoc query)
+            s = [{"role": "user", "content": s}]
+        if isinstance(s, bytes) or not isinstance(s, Iterable):
             raise TypeError(
-                f"{name}[{i}] must be a Session or a list of {{role, content}} messages, "
-                f"got a {type(s).__name__}"
+                f"{name}[{i}] must be a Session, a list of {{role, content}} messages or a "
+                f"question string, got a {type(s).__name__}"
             )
         try:
             out.append(Session.from_messages(str(i), list(s)))
