@@ -101,6 +101,19 @@ def test_search_ranks_the_whole_conversation(client, built):
     assert [(h["id"], pytest.approx(h["score"], abs=1e-6)) for h in body["data"]] == expected
 
 
+def test_openai_messages_with_names_and_text_parts_search_as_plain_ones(client):
+    """Messages forwarded from an OpenAI client as they are: a `name` is not read, a list of
+    text parts is its text joined by newlines."""
+    plain = [{"role": "user", "content": "tell me about jaguars\nwhat do they eat"}]
+    openai = [{"role": "user", "name": "ana", "content": [
+        {"type": "text", "text": "tell me about jaguars"},
+        {"type": "text", "text": "what do they eat"},
+    ]}]  # fmt: skip
+    want, got = _search(client, plain, k=3), _search(client, openai, k=3)
+    assert got.status_code == want.status_code == 200
+    assert got.json()["data"] == want.json()["data"]
+
+
 def test_search_k_defaults_and_is_capped_by_the_index(client):
     assert len(_search(client, JAGUAR).json()["data"]) == 6  # default k 10, 6 passages
     assert len(_search(client, JAGUAR, k=1).json()["data"]) == 1
@@ -304,7 +317,10 @@ def test_body_size_limit_is_a_413_before_parsing(built):
         ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role", "'user'"),
         ({"messages": [{"role": "user", "content": 3}]}, "messages.0.content", "string"),
         ({"messages": [{"role": "user"}]}, "messages.0.content", "Field required"),
-        ({"messages": [{"role": "user", "content": "x", "name": "a"}]}, "messages.0.name", "Extra"),
+        ({"messages": [{"role": "user", "content": "x", "nme": "a"}]}, "messages.0.nme", "Extra"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+         "messages.0.content", "content[0]: only text parts can be read, got 'image_url'"),
+        ({"messages": [{"role": "user", "content": "x", "name": 3}]}, "messages.0.name", "string"),
         ({"messages": [*JAGUAR, {"role": "assistant", "content": "x"}]}, "messages", "messages: "),
         ({"messages": JAGUAR, "conversation_id": "a b"}, "conversation_id", "pattern"),
         ({"messages": JAGUAR, "conversation_id": "x" * 129}, "conversation_id", "128"),

@@ -288,7 +288,9 @@ def _search_name(client_id: str, conversation_id: str | None) -> str:
 
 
 def _session(messages: list[S.Message], session_id: str) -> Session:
-    return Session.from_messages(session_id, [m.model_dump() for m in messages])
+    return Session.from_messages(
+        session_id, [m.model_dump(include={"role", "content"}) for m in messages]
+    )
 
 
 def _encode_vector(vector: np.ndarray, encoding_format: str) -> list[float] | str:

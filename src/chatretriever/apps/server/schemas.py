@@ -64,11 +64,30 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _text_parts(value: object) -> object:
+    """OpenAI's list-of-parts content ([{"type": "text", "text": ...}, ...]) as one string (its
+    text parts joined by newlines); a part of another type (an image) is refused by name."""
+    if not isinstance(value, list):
+        return value
+    texts = []
+    for i, part in enumerate(value):
+        if not isinstance(part, dict) or part.get("type") != "text":
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise ValueError(f"content[{i}]: only text parts can be read, got {kind!r}")
+        if not isinstance(part.get("text"), str):
+            raise ValueError(f"content[{i}]: a text part needs a string 'text'")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
 class Message(_Strict):
-    """One chat message, OpenAI style."""
+    """One chat message, OpenAI style: `content` a string or a list of text parts; `name` (a
+    participant's name) is accepted and not read, so OpenAI messages can be forwarded as they
+    are."""
 
     role: Literal["system", "user", "assistant"]
-    content: Text
+    content: Annotated[Text, BeforeValidator(_text_parts)]
+    name: Name | None = None
 
 
 Messages = list[Message]
