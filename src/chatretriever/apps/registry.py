@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from chatretriever.retrieval.encoders import Encoder, fingerprint_of
 
@@ -96,6 +97,34 @@ def load_encoder(name: str) -> Encoder:
     from chatretriever.methods.chatretriever.model import ChatRetriever
 
     return ChatRetriever.from_pretrained(name)
+
+
+def query_model(given: str | None, loaded: Any, index_dir: str | Path) -> str:
+    """The model to encode queries for an index with: `given` (--model), else the one the
+    index records (`CorpusIndex.model`), else the encoder its vectors name when that name loads
+    (a built-in model or an existing directory) and they record its fingerprint (an index built
+    from embedding directories; the fingerprint check that follows refuses any other model).
+
+    Args:
+        given: The model asked for, or None.
+        loaded: The `CorpusIndex` (its `model` and `index.meta`).
+        index_dir: The index directory (for the messages).
+
+    Raises:
+        ValueError: No model can be told.
+    """
+    from chatretriever.modeling.sources import builtin
+
+    if given:
+        return given
+    if loaded.model:
+        return loaded.model
+    meta = getattr(loaded.index, "meta", None)
+    name = getattr(meta, "model", None)
+    if name and getattr(meta, "fingerprint", None) and (builtin(name) or Path(name).is_dir()):
+        logger.info("%s records no model to load: using %s, its vectors' encoder", index_dir, name)
+        return name
+    raise ValueError(f"{index_dir} does not record its model: pass --model NAME")
 
 
 def set_precision(encoder: Encoder, dtype: str) -> bool:

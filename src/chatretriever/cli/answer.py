@@ -123,7 +123,7 @@ def _retrieve(
 def _load_retriever(args: argparse.Namespace) -> tuple[Any, Any]:
     """(corpus index, encoder) of `--index`; (None, None) when nothing retrieves or answers
     with the index's model (closed book with --generator)."""
-    from chatretriever.apps.registry import load_encoder, match_precision
+    from chatretriever.apps.registry import load_encoder, match_precision, query_model
     from chatretriever.retrieval.corpus_index import CorpusIndex
 
     if args.closed_book and args.generator:
@@ -133,9 +133,7 @@ def _load_retriever(args: argparse.Namespace) -> tuple[Any, Any]:
     corpus_index = CorpusIndex.load(
         args.index, corpus=args.corpus, with_passages=not args.closed_book
     )
-    model = args.model or corpus_index.model
-    if not model:
-        raise ValueError(f"{args.index} does not record its model: pass --model NAME")
+    model = query_model(args.model, corpus_index, args.index)
     encoder = load_encoder(model)
     match_precision(encoder, corpus_index.index.meta.fingerprint)  # the passages' precision
     return corpus_index, encoder

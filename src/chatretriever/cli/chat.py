@@ -183,16 +183,14 @@ def _searcher(args: argparse.Namespace, corpus_index, encoder):
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from chatretriever.apps.chat import Conversation
-    from chatretriever.apps.registry import match_precision
+    from chatretriever.apps.registry import match_precision, query_model
     from chatretriever.retrieval.corpus_index import CorpusIndex
 
     if args.k < 1 or args.snippet_chars < 0:
         raise ValueError("--k must be positive and --snippet-chars at least 0")
     refuse_unused_hybrid_options(args)
     corpus_index = CorpusIndex.load(args.index, corpus=args.corpus)
-    model = args.model or corpus_index.model
-    if not model:
-        raise ValueError(f"{args.index} does not record its model: pass --model NAME")
+    model = query_model(args.model, corpus_index, args.index)
     if corpus_index.passages is None and not args.answer:
         logger.warning("%s holds no passage texts: showing ids (pass --corpus)", args.index)
     encoder = _load_encoder(model)

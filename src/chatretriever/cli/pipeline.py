@@ -365,7 +365,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 def _search_dense(args: argparse.Namespace, sessions: list) -> tuple:
     """The dense (or, with --hybrid, fused) run, the model name it used (--model, else the one
     the index records) and the hybrid settings ({} without --hybrid)."""
-    from chatretriever.apps.registry import load_encoder, match_precision
+    from chatretriever.apps.registry import load_encoder, match_precision, query_model
     from chatretriever.retrieval.corpus_index import CorpusIndex
     from chatretriever.retrieval.encoders import fingerprint_of
     from chatretriever.retrieval.search import search_dense, search_hybrid
@@ -373,9 +373,7 @@ def _search_dense(args: argparse.Namespace, sessions: list) -> tuple:
     if not args.index:
         raise ValueError("dense search needs --index DIR (and --model NAME unless DIR records it)")
     loaded = CorpusIndex.load(args.index, with_passages=False)
-    model = args.model or loaded.model
-    if not model:
-        raise ValueError(f"{args.index} does not record its model: pass --model NAME")
+    model = query_model(args.model, loaded, args.index)
     side = hybrid_side(args, loaded) if args.hybrid else None  # before the model loads
     encoder = load_encoder(model)
     match_precision(encoder, loaded.index.meta.fingerprint)  # the passages' precision

@@ -81,7 +81,7 @@ def _system(args: argparse.Namespace, llm):
 
 
 def _dense(args: argparse.Namespace):
-    from chatretriever.apps.registry import load_encoder, match_precision
+    from chatretriever.apps.registry import load_encoder, match_precision, query_model
     from chatretriever.cli.pipeline import hybrid_side
     from chatretriever.retrieval.corpus_index import CorpusIndex
     from chatretriever.retrieval.robustness import systems
@@ -90,9 +90,7 @@ def _dense(args: argparse.Namespace):
     loaded = CorpusIndex.load(args.index)
     if loaded.passages is None:
         raise ValueError(f"{args.index} keeps no passages: build it with `index CORPUS --out DIR`")
-    model = args.model or loaded.model
-    if not model:
-        raise ValueError(f"{args.index} does not record its model: pass --model NAME")
+    model = query_model(args.model, loaded, args.index)
     encoder = load_encoder(model)
     match_precision(encoder, loaded.index.meta.fingerprint)  # the passages' precision
     formulation = "rewrite" if args.llm_rewrite else args.formulation

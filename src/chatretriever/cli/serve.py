@@ -68,7 +68,7 @@ def _check_port_free(host: str, port: int) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from chatretriever.apps.registry import match_precision, set_precision
+    from chatretriever.apps.registry import match_precision, query_model, set_precision
     from chatretriever.apps.server.auth import check_auth_settings, load_api_keys
     from chatretriever.cli.chat import _load_encoder
     from chatretriever.retrieval.corpus_index import CorpusIndex
@@ -85,9 +85,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_auth_settings(keys, args.no_auth, args.host)  # before minutes of model loading
     _check_port_free(args.host, args.port)
     corpus_index = CorpusIndex.load(args.index, corpus=args.corpus)
-    model = args.model or corpus_index.model
-    if not model:
-        raise ValueError(f"{args.index} does not record its model: pass --model NAME")
+    model = query_model(args.model, corpus_index, args.index)
     if corpus_index.passages is None:
         logger.warning(
             "%s holds no passage texts: results carry ids only (pass --corpus)", args.index
