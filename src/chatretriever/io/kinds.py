@@ -28,7 +28,7 @@ KNOWLEDGE_KINDS = ("dstc-knowledge", "ikat-passages", "doc2dial-docs")
 _READ_BY = {
     **dict.fromkeys(
         KNOWLEDGE_KINDS, "`chatretriever data corpus FILE --out corpus.jsonl` writes it as a corpus"
-    ),  # fmt: skip
+    ),
     **dict.fromkeys(QRELS_KINDS, "`evaluate RUN QRELS` takes it second"),
     **dict.fromkeys(RUN_KINDS, "`evaluate RUN QRELS` takes it first"),
     "sessions": "`--sessions` reads it",
@@ -76,7 +76,7 @@ def wrong_kind(path: str | Path, wanted: str, accepted: tuple[str, ...]) -> Data
 
 
 def kind_error(path: str | Path, kind: str, wanted: str) -> DataFormatError:
-    """ "FILE: holds KIND data, not WANTED (what reads it)"."""
+    """The error saying that `path` holds `kind` data, not `wanted`, and what reads it."""
     read_by = _READ_BY.get(kind, _CONVERSATIONS if kind not in CORPUS_KINDS else "")
     return DataFormatError(
         path, f"holds {kind} data, not {wanted}" + (f" ({read_by})" if read_by else "")

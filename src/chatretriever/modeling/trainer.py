@@ -157,8 +157,10 @@ class NamedLossTrainer(Trainer):
         global batch, as one process would take it (per-process means would weigh a token of
         a process with short targets more)."""
         names = _all_part_names(sorted(tokens))  # the same names on every process, in order
-        local = torch.stack([torch.as_tensor(tokens.get(n, 0), dtype=torch.float32)
-                             for n in names]).to(self.accelerator.device)  # fmt: skip
+        device = self.accelerator.device  # a count may already be a tensor on the GPU
+        local = torch.stack(
+            [torch.as_tensor(tokens.get(n, 0), dtype=torch.float32, device=device) for n in names]
+        )
         total = self.accelerator.reduce(local, reduction="sum")
         return dict(zip(names, total, strict=True))
 
