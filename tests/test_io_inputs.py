@@ -104,9 +104,8 @@ def test_ids_that_are_floats_are_refused_integers_read_as_digits(tmp_path):
 def test_a_blank_question_is_refused_before_searching(tmp_path, capsys):
     blank = '{"id": "q1", "messages": [{"role": "user", "content": "  "}]}\n'
     assert _bm25_search(tmp_path, blank, tmp_path / "r.trec") == 2
-    assert "session 'q1': the current question (the last message) is empty" in (
-        _one_error_line(capsys)
-    )
+    err = _one_error_line(capsys)  # the reader names the file, line and message
+    assert ":1: field 'messages[0]': the current question (the last message) is empty" in err
 
 
 def test_an_out_of_the_wrong_kind_is_one_line(tmp_path, capsys):
