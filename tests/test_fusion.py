@@ -41,7 +41,28 @@ def test_rrf_k_weights_and_depth_change_the_ranking_as_worked_out():
     assert fused.scores["q"]["c"] == pytest.approx(1 / 3 + 3)
     top1 = reciprocal_rank_fusion([DENSE, SPARSE], k=60, depth=1)
     assert top1.scores["q"] == pytest.approx({"a": 1 / 61, "c": 1 / 61})
-    assert [d.doc_id for d in top1.ranked("q")] == ["a", "c"]  # a tie: broken by doc id
+    assert [d.doc_id for d in top1.ranked("q")] == ["a", "c"]  # a tie: the dense run's first
+
+
+@pytest.mark.parametrize("method", ["rrf", "linear"])
+def test_exact_ties_go_to_the_first_runs_order_not_the_passage_id(method, tmp_path):
+    """Equal weights tie the dense top hit and BM25's when neither retrieved the other's (0.5
+    each in linear fusion, 0.5/61 each in RRF): the dense run's order decides, whatever the
+    ids say, and the scores written carry that order (evaluate and trec_eval read scores)."""
+    from chatretriever.io.trec import read_run, write_run
+
+    dense = Run({"q": {"z-dense": 0.9, "m": 0.5}}, "dense")
+    sparse = Run({"q": {"a-bm25": 9.0, "b": 3.0}}, "bm25")
+    fused = fuse_runs(dense, sparse, FusionConfig(method, weight=0.5))
+    ranked = [d.doc_id for d in fused.ranked("q")]
+    assert ranked[:2] == ["z-dense", "a-bm25"]  # by id, a-bm25 would come first
+    scores = [d.score for d in fused.ranked("q")]
+    assert all(x > y for x, y in zip(scores, scores[1:], strict=False))  # strictly decreasing
+    assert scores[0] - scores[1] < 1e-12  # a tie, moved by a few units in the last place
+    write_run(tmp_path / "f.trec", fused)
+    assert [d.doc_id for d in read_run(tmp_path / "f.trec").ranked("q")] == ranked
+    swapped = fuse_runs(sparse, dense, FusionConfig(method, weight=0.5))
+    assert [d.doc_id for d in swapped.ranked("q")][:2] == ["a-bm25", "z-dense"]
 
 
 def test_min_max_and_its_all_equal_case():
@@ -177,6 +198,7 @@ def test_cli_index_bm25_then_search_hybrid_records_its_settings(tmp_path, fake_m
         "rrf_k": 60,
         "weight": 0.25,
         "depth": None,
+        "ties": "first run's order, then id",
     }
     assert settings["hybrid"]["bm25_formulation"] == "all_user_turns"  # the index's record
     assert settings["hybrid"]["fusion_depth"] == 100

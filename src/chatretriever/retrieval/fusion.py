@@ -9,12 +9,22 @@ Hybrid retrieval fuses the session-dense run with a BM25 run of the same queries
   normalised score of that run's worst hit). A query whose hits all share one score gets 1.0
   for each of them (they are equally the best that run found).
 
+Both make exact ties by construction (with equal weights, the dense run's top hit and BM25's
+score alike when neither run retrieved the other's: 0.5 each in linear fusion; so do a
+dense-only and a BM25-only hit at the same rank under RRF). The passage id would then decide
+their order, which no run says anything about. Instead an exact tie goes to the document the
+first run (the dense one in a hybrid) ranks higher, then the second, ..., then the id; the
+fused scores are made strictly decreasing in that order (a tied score moves down by a few
+units in the last place, `math.nextafter`), so the run file, `evaluate` and trec_eval all read
+the same ranking.
+
 Stdlib only (torch-free). `ranx` implements the same formulas but pulls in numba, ir_datasets
 and fastparquet; these few lines are tested against rankings worked out by hand instead.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -23,6 +33,7 @@ from chatretriever.types import Run
 
 FUSION_METHODS = ("rrf", "linear")
 DEFAULT_RRF_K = 60
+TIE_RULE = "first run's order, then id"  # `_untied`
 
 
 @dataclass(frozen=True)
@@ -53,7 +64,9 @@ class FusionConfig:
             raise ValueError(f"fusion depth must be >= 1, got {self.depth}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The settings, and how exact ties are ordered (recorded with every fused run: runs
+        fused before this rule broke ties by passage id)."""
+        return {**asdict(self), "ties": TIE_RULE}
 
 
 def _top(run: Run, query_id: str, depth: int | None) -> list[tuple[str, float]]:
@@ -72,6 +85,26 @@ def _weights(runs: Sequence[Run], weights: Sequence[float] | None) -> list[float
 
 def _queries(runs: Sequence[Run]) -> list[str]:
     return sorted({q for r in runs for q in r.scores})
+
+
+def _untied(fused: Mapping[str, float], ranks: Sequence[Mapping[str, int]]) -> dict[str, float]:
+    """`fused` made strictly decreasing in the order (-score, rank in each run in turn, id).
+
+    Args:
+        fused: Document -> fused score of one query.
+        ranks: Per run, document -> its 1-based rank there (a document a run did not
+            retrieve ranks after all of that run's).
+
+    Returns:
+        The same documents, best first, each tied score lowered just below the one before.
+    """
+    order = sorted(fused, key=lambda d: (-fused[d], *[r.get(d, math.inf) for r in ranks], d))
+    out: dict[str, float] = {}
+    before = math.inf
+    for doc in order:
+        score = fused[doc] if fused[doc] < before else math.nextafter(before, -math.inf)
+        out[doc] = before = score
+    return out
 
 
 def reciprocal_rank_fusion(
@@ -97,11 +130,17 @@ def reciprocal_rank_fusion(
     scores: dict[str, dict[str, float]] = {}
     for qid in _queries(runs):
         fused: dict[str, float] = {}
-        for run, w in zip(runs, ws, strict=True):
-            for rank, (doc, _) in enumerate(_top(run, qid, depth), start=1):
+        ranks = [_ranks(run, qid, depth) for run in runs]
+        for ranked, w in zip(ranks, ws, strict=True):
+            for doc, rank in ranked.items():
                 fused[doc] = fused.get(doc, 0.0) + w / (k + rank)
-        scores[qid] = fused
+        scores[qid] = _untied(fused, ranks)
     return Run(scores, name or f"rrf({'+'.join(r.name for r in runs)})")
+
+
+def _ranks(run: Run, query_id: str, depth: int | None) -> dict[str, int]:
+    """Document -> its 1-based rank in `run` for one query, down to `depth`."""
+    return {doc: rank for rank, (doc, _) in enumerate(_top(run, query_id, depth), start=1)}
 
 
 def min_max(scores: Mapping[str, float]) -> dict[str, float]:
@@ -136,10 +175,12 @@ def linear_fusion(
     scores: dict[str, dict[str, float]] = {}
     for qid in _queries(runs):
         fused: dict[str, float] = {}
-        for run, w in zip(runs, ws, strict=True):
-            for doc, s in min_max(dict(_top(run, qid, depth))).items():
+        tops = [_top(run, qid, depth) for run in runs]
+        for top, w in zip(tops, ws, strict=True):
+            for doc, s in min_max(dict(top)).items():
                 fused[doc] = fused.get(doc, 0.0) + w * s
-        scores[qid] = fused
+        ranks = [{doc: rank for rank, (doc, _) in enumerate(top, start=1)} for top in tops]
+        scores[qid] = _untied(fused, ranks)
     return Run(scores, name or f"linear({'+'.join(r.name for r in runs)})")
 
 
