@@ -128,6 +128,25 @@ def test_compare_paired_tests():
     assert same["t_test_p"] == 1.0 and same["randomization_p"] == 1.0
 
 
+def test_compare_says_when_the_t_test_does_not_apply():
+    """One query: no degree of freedom (nan, not 0). Differences equal up to float rounding
+    (0.1 and 0.09999999999999998): a constant shift (p 0), not scipy's p ~ 1e-16 from noise."""
+    import math
+
+    from chatretriever.retrieval.evaluate import Evaluation
+
+    def ev(values):
+        per_query = {f"q{i}": {"nDCG@3": v} for i, v in enumerate(values)}
+        return Evaluation({"nDCG@3": sum(values) / len(values)}, per_query, 1, [], [], "r")
+
+    assert math.isnan(compare(ev([0.0]), ev([1.0]))["nDCG@3"]["t_test_p"])
+    assert compare(ev([0.5]), ev([0.5]))["nDCG@3"]["t_test_p"] == 1.0
+    shifted = compare(ev([0.2, 0.3]), ev([0.3, 0.4]))["nDCG@3"]  # diffs 0.1, 0.09999999999999998
+    assert shifted["t_test_p"] == 0.0
+    spread = compare(ev([0.2, 0.3, 0.5]), ev([0.3, 0.5, 0.6]))["nDCG@3"]
+    assert 0.0 < spread["t_test_p"] < 1.0
+
+
 def test_compare_needs_the_same_queries(data):
     run, qrels = data
     a = evaluate_run(run, qrels)

@@ -120,7 +120,9 @@ def parse_measures(names: Iterable[str], rel: int = 1) -> list[Any]:
 
 
 def _label(name: str, measure: Any) -> str:
-    """The key a measure is reported under: "MRR@k" as asked (ir_measures calls it RR@k)."""
+    """The key a measure is reported under: "MRR@k" as asked (ir_measures calls it RR@k);
+    otherwise ir_measures' name of what was computed (with a `--rel` other than 1 in it,
+    "RR(rel=2)@10": the name says what the number is)."""
     if name.strip().upper().startswith("MRR") and str(measure).upper() == name.strip()[1:].upper():
         return name.strip()
     return str(measure)
@@ -280,21 +282,32 @@ def compare(
         x = np.array([a.per_query[q][name] for q in qids])  # (Q,)
         y = np.array([b.per_query[q][name] for q in qids])  # (Q,)
         diff = y - x
-        t_p = float(stats.ttest_rel(y, x).pvalue) if np.any(diff != diff[0]) else _p_const(diff)
         out[name] = {
             "a": float(x.mean()),
             "b": float(y.mean()),
             "diff": float(diff.mean()),
-            "t_test_p": t_p,
+            "t_test_p": _t_test_p(stats, y, x),
             "randomization_p": randomization_test(diff, n_resamples, seed),
             "num_queries": len(qids),
         }
     return out
 
 
-def _p_const(diff: np.ndarray) -> float:
-    # All differences equal: no variance; identical runs give p = 1, a constant shift p = 0.
-    return 1.0 if diff.size == 0 or diff[0] == 0 else 0.0
+def _t_test_p(stats: Any, y: np.ndarray, x: np.ndarray) -> float:
+    """The paired t-test's p of y against x; the cases it does not cover, said plainly.
+
+    Identical values give 1; fewer than two queries leave no degree of freedom (nan); equal
+    differences up to float rounding (e.g. 0.1 and 0.09999999999999998, which scipy would
+    turn into p ~ 1e-16) are a constant shift: no variance, p 0.
+    """
+    diff = y - x
+    if not np.any(diff):
+        return 1.0
+    if diff.size < 2:
+        return math.nan
+    if np.ptp(diff) <= 1e-12 * max(1.0, float(np.abs(diff).max())):
+        return 0.0
+    return float(stats.ttest_rel(y, x).pvalue)
 
 
 def randomization_test(diff: np.ndarray, n_resamples: int = 10_000, seed: int = 0) -> float:
