@@ -151,6 +151,12 @@ def test_repeated_and_session_objects_and_two_conversations(tiny_qwen2_dir):
     _check_equal(inc, r, "a", a[-1], "fp32")  # the same session again: only the EMB tokens
     assert inc.stats["tokens_computed"] - before == T
     assert _stat_kinds(inc) == {"hits": 5, "misses": 2, "fallbacks": 0}
+    question = "what is a cheetah"  # a question string: a one-turn session
+    np.testing.assert_allclose(
+        inc.encode("q", question),
+        r.encode_sessions([[{"role": "user", "content": question}]])[0],
+        atol=1e-5,
+    )
 
 
 def test_train_mode_and_dropout_do_not_leak(tiny_llama_dir):

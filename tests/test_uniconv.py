@@ -326,6 +326,15 @@ def test_answer_with_retrieval_uses_its_own_embeddings(tmp_path, tiny_llama_dir)
     )
     with pytest.raises(ValueError, match="passages"):
         model.answer_with_retrieval(session, index, k=1)
+    # a question string is a one-turn session (it was read one character per message)
+    question = "Tell me about the sun."
+    one_turn = [{"role": "user", "content": question}]
+    assert model.answer_with_retrieval(question, corpus_index, k=2, max_new_tokens=4) == (
+        model.answer_with_retrieval(one_turn, corpus_index, k=2, max_new_tokens=4)
+    )
+    assert model.answer(question, listed[:1], max_new_tokens=4) == model.answer(
+        one_turn, listed[:1], max_new_tokens=4
+    )
     with pytest.raises(ValueError, match="k must be at least 1"):
         model.answer_with_retrieval(session, index, k=0, passages=passages)
     with pytest.raises(TypeError, match=r"items\[0\] passages must be a list of passages"):

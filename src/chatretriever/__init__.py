@@ -27,6 +27,11 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'chatretriever' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    # the lazy names too, so that tab completion offers ChatRetriever and UniConv
+    return sorted({*globals(), *__all__})
+
+
 __all__ = [
     "ChatRetriever",
     "DataFormatError",

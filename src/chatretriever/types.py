@@ -150,14 +150,24 @@ class ScoredDoc:
 
 
 # A session given as a Session object or as a list of {"role", "content"} chat messages.
-SessionLike = Session | Sequence[Mapping[str, str]]
+SessionLike = Session | str | Sequence[Mapping[str, str]]
 
 
 def as_session(s: SessionLike, id: str = "q") -> Session:
-    """Accept a Session or a list of chat-message dicts."""
+    """Accept a Session, a list of chat-message dicts, or a question string (one user turn)."""
     if isinstance(s, Session):
         return s
-    return Session.from_messages(id, list(s))
+    return Session.from_messages(id, as_messages(s))
+
+
+def as_messages(s: SessionLike) -> list[Any]:
+    """The messages of a session given as a list of them (or Turns), or as a question string
+    (one user turn; iterating the string would give one message per character)."""
+    if isinstance(s, Session):
+        return list(s.turns)
+    if isinstance(s, str):
+        return [{"role": "user", "content": s}]
+    return list(s)
 
 
 def batch(items: Any, name: str, many: str) -> list[Any]:

@@ -30,6 +30,35 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def checked_device(device: str | torch.device | None) -> torch.device:
+    """`device` as a torch device, checked before a model loads onto it (`default_device` when
+    None).
+
+    Raises:
+        ValueError: Not a device name, or a device this machine does not have (naming what it
+            has), instead of torch's error after the whole model has loaded.
+    """
+    import torch
+
+    if device is None:
+        return default_device()
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"device {device!r} is not a device name (cpu, cuda, cuda:1, mps, xpu, ...)"
+        ) from None
+    if d.type == "cpu":
+        return d
+    accelerator = getattr(torch, "accelerator", None)
+    here = accelerator.current_accelerator() if accelerator and accelerator.is_available() else None
+    count = accelerator.device_count() if here is not None else 0
+    if here is None or here.type != d.type or (d.index is not None and d.index >= count):
+        has = f"{here.type} x {count}" if here is not None else "no accelerator"
+        raise ValueError(f"device {device!r} is not on this machine (it has: cpu, {has})")
+    return d
+
+
 def native_bf16(device: torch.device) -> bool:
     """Whether `device` runs bf16 matmuls natively (a bf16 GPU; a CPU with AMX or AVX512-BF16).
 

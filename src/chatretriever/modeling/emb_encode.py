@@ -61,8 +61,8 @@ class EmbEncoding:
     def _encode_ids(
         self, seqs: list[list[int]], batch_size: int, show_progress: bool, desc: str
     ) -> np.ndarray:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer of at least 1, got {batch_size!r}")
         settings = resolved(self.encode_settings, self.device)
         bar = tqdm(
             total=len(seqs), desc=f"encoding {desc}", unit=desc[:-1], disable=not show_progress

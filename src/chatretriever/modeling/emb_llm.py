@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from chatretriever.config import LoraSettings, RetrieverConfig
 from chatretriever.modeling import emb_llm_io
 from chatretriever.modeling.adapters import adapter_state, is_peft
-from chatretriever.modeling.backbones import default_device
+from chatretriever.modeling.backbones import checked_device
 from chatretriever.modeling.collate import csit_mask, last_token_positions
 from chatretriever.modeling.emb_encode import EmbEncoding
 from chatretriever.modeling.fast_encode import EncodeBody, FastEncodeSettings, InferenceBody
@@ -130,6 +130,7 @@ class EmbLLM(EmbEncoding, torch.nn.Module):
                 or a saved adapter whose base model has other weights than the one it was
                 trained on.
         """
+        target = checked_device(device)  # before minutes of loading
         path = Path(name_or_dir)
         path = builtin_retriever_dir(name_or_dir) or path
         saved = [n for n in (cls.SAVED_CONFIG, *cls.CONTINUES_FROM) if (path / n).is_file()]
@@ -141,7 +142,7 @@ class EmbLLM(EmbEncoding, torch.nn.Module):
             emb_llm_io.refuse_other_saved(cls, path)
             base = str(path.resolve()) if path.exists() else str(name_or_dir)
             retriever = emb_llm_io.load_new(cls, base, config, lora, overrides)
-        return retriever.to(default_device() if device is None else torch.device(device))
+        return retriever.to(target)
 
     def save_pretrained(self, directory: str | Path, merged: bool = False) -> Path:
         """Save weights (safetensors), tokenizer and the resolved config.
@@ -154,7 +155,8 @@ class EmbLLM(EmbEncoding, torch.nn.Module):
         Args:
             directory: Output directory (created).
             merged: Under LoRA, merge the adapter (and EMB rows) into full weights instead of
-                saving the small adapter. Full fine-tuning always saves the whole model.
+                saving the small adapter (a new fingerprint: see `fingerprint`). Full
+                fine-tuning always saves the whole model.
 
         Returns:
             The directory.
@@ -179,7 +181,10 @@ class EmbLLM(EmbEncoding, torch.nn.Module):
         Covers the resolved config (less where the base lives and training-only fields), the
         LoRA shape, the chat template and EMB ids, the trained weights (`weights_fingerprint`),
         the compute dtype (with fp32_layers under bf16) and the base model's weight fingerprint.
-        Two models saved under one name differ; the same model re-saved or copied does not.
+        Two models saved under one name differ; the same model re-saved in the same format, or
+        copied, does not. A merged save (`save_pretrained(merged=True)`) holds full weights, and
+        its fingerprint is theirs: a new identity, which indexes built with the adapter form
+        refuse although it computes the same vectors (build them again, or keep the adapter).
         """
         cfg = {k: v for k, v in self.config.to_dict().items() if k not in _NOT_FINGERPRINTED}
         if self.config.pooling == "eos":  # no new token row: its initialisation is unused

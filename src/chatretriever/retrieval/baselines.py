@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from chatretriever.modeling.backbones import default_device, native_bf16
+from chatretriever.modeling.backbones import native_bf16
 from chatretriever.modeling.fingerprint import digest, model_fingerprint, tensors_fingerprint
 from chatretriever.retrieval.bm25 import BM25Config, BM25Retriever
 from chatretriever.retrieval.search import (
@@ -117,10 +117,11 @@ class TextEmbedder:
         Returns:
             The embedder.
         """
-        from chatretriever.modeling.backbones import load_backbone
+        from chatretriever.modeling.backbones import checked_device, load_backbone
 
+        target = checked_device(device)  # before the backbone loads
         model, tokenizer = load_backbone(name_or_path, kind="encoder")
-        model.to(device or default_device())
+        model.to(target)
         source = Path(str(getattr(model, "name_or_path", "") or name_or_path))
         kwargs.setdefault("max_length", _max_seq_length(source, tokenizer))
         name = name_or_path if not Path(name_or_path).exists() else Path(name_or_path).name

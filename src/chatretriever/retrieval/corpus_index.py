@@ -28,7 +28,7 @@ import logging
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +99,7 @@ class CorpusIndex:
 
     index: VectorIndex
     model: str | None = None
-    passages: Mapping[str, Passage] | None = None
+    passages: Mapping[str, Passage] | None = field(default=None, repr=False)  # a whole corpus
     directory: Path | None = None
 
     @classmethod
@@ -227,6 +227,12 @@ def build_corpus_index(
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir}: exists and is not a directory; give an index directory")
+    if not isinstance(corpus, (str, Path)):
+        raise TypeError(
+            f"corpus must be a corpus file's path, got a {type(corpus).__name__}: passages held "
+            "in memory are indexed with DenseIndex.from_vectors(ids, encoder.encode_passages("
+            "passages), encoder)"
+        )
     passages = read_corpus(corpus)  # checks the whole file before any encoding
     if not passages:
         raise ValueError(f"{corpus} holds no passages")

@@ -271,6 +271,8 @@ class DenseIndex:
             For each query, (passage id, score) pairs, best first.
         """
         _faiss()  # a clear error when the extra is missing
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be an integer of at least 1, got {k!r}")
         queries = np.ascontiguousarray(queries, dtype=np.float32)  # (Q, D)
         if queries.ndim != 2 or queries.shape[1] != self.meta.dim:
             raise ValueError(f"queries have shape {queries.shape}, index dim is {self.meta.dim}")
@@ -283,7 +285,7 @@ class DenseIndex:
                 for srow, rrow in zip(scores, rows, strict=True)
             ]
 
-        if min(k, len(self.ids)) < 1:
+        if not self.ids:
             return [[] for _ in queries]
         return top_k_with_ties(search_at, k, len(self.ids), len(queries))
 

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from chatretriever.modeling.fast_encode import resolved
 from chatretriever.modeling.template import RetrievalTemplate
-from chatretriever.types import SessionLike, Turn, as_session
+from chatretriever.types import SessionLike, Turn, as_messages, as_session
 
 if TYPE_CHECKING:
     from chatretriever.methods.chatretriever.model import ChatRetriever
@@ -145,6 +145,8 @@ class IncrementalSessionEncoder:
         """
         if not isinstance(conversation_id, str) or not conversation_id:
             raise ValueError(f"conversation_id must be a non-empty string, got {conversation_id!r}")
+        if isinstance(messages, str):  # a question string: a one-turn session
+            messages = as_messages(messages)
         turns = as_session(messages, conversation_id).turns
         ids = self.retriever.template.session_ids_batch([messages])[0]
         history = ids[: len(ids) - len(self.retriever.emb_ids)]  # what the cache will hold

@@ -103,8 +103,9 @@ class BinaryChoiceReranker:
             ValueError: A bad adapter (`resolve_adapter`, `check_adapter_recipe`,
                 `check_adapter_weights`, `load_checked_adapter`).
         """
-        from chatretriever.modeling.backbones import default_device, load_backbone
+        from chatretriever.modeling.backbones import checked_device, load_backbone
 
+        target = checked_device(device)  # before the backbone loads
         adapter_dir = None if adapter is None else resolve_adapter(adapter)
         if adapter_dir is not None:  # before the backbone loads: a refusal costs nothing
             check_adapter_recipe(adapter_dir, name_or_path, wording)
@@ -112,7 +113,7 @@ class BinaryChoiceReranker:
         model, tokenizer = load_backbone(name_or_path, kind="causal", dtype=dtype)
         if adapter_dir is not None:
             model = load_checked_adapter(model, adapter_dir, name_or_path)
-        model.to(device or default_device())
+        model.to(target)
         budgets = resolve_budgets(
             adapter_dir, max_document_tokens=max_document_tokens, max_query_tokens=max_query_tokens
         )

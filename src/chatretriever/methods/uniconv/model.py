@@ -23,12 +23,13 @@ from chatretriever.methods.uniconv.cii import CiiBatch, response_logliks
 from chatretriever.modeling.emb_llm import EmbLLM
 from chatretriever.modeling.grounded import GroundedGenerator, grounded_messages
 from chatretriever.retrieval.encoders import fingerprint_of
-from chatretriever.types import Passage, Session, SessionLike, Turn, batch
+from chatretriever.types import Passage, SessionLike, Turn, as_messages, batch
 
 
 def session_turns(session: SessionLike) -> list[Turn | Mapping[str, str]]:
-    """The turns of a Session, or the message dicts / Turns of a message list."""
-    return list(session.turns if isinstance(session, Session) else session)
+    """The turns of a Session, the message dicts / Turns of a message list, or one user turn
+    for a question string."""
+    return as_messages(session)
 
 
 class UniConv(EmbLLM):
