@@ -544,6 +544,12 @@ def test_batch_arguments_refuse_one_item_given_bare():
     assert question.messages() == msgs and question.question == "How fast?"
     with pytest.raises(TypeError, match=r"sessions\[0\] must be a Session, a list of \{role"):
         as_sessions([b"How fast?"])
+    # a lone surrogate (JSON's "\ud800") is named here, not deep in a tokenizer
+    lone = r"sessions\[1\]\.messages\[0\]\.content: a lone surrogate '\\ud800' at character 2"
+    with pytest.raises(ValueError, match=lone):
+        as_sessions(["fine", "q \ud800"])
+    with pytest.raises(ValueError, match=r"passages\[0\]: a lone surrogate"):
+        passage_texts(["bad \udc00"])
     with pytest.raises(TypeError, match=r"sessions\[0\]: each message needs a role and a content"):
         as_sessions([[{"role": "user"}]])
     ending = [*msgs, {"role": "assistant", "content": "Fast."}]
@@ -558,6 +564,8 @@ def test_bm25_refuses_what_it_cannot_index_or_search():
         BM25Retriever([])
     with pytest.raises(TypeError, match=r"passages\[0\] must be a Passage"):
         BM25Retriever([{"_id": "a", "text": "x y"}])
+    with pytest.raises(ValueError, match="the 2 passages hold no term BM25 can index"):
+        BM25Retriever([Passage("a", "a b c"), Passage("b", "the of x")])
     bm25 = BM25Retriever([Passage("a", "jaguar diet"), Passage("b", "cheetah speed")])
     with pytest.raises(TypeError, match="texts must be a list of query texts, got a str"):
         bm25.search_texts("jaguar diet")

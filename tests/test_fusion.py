@@ -44,6 +44,11 @@ def test_rrf_k_weights_and_depth_change_the_ranking_as_worked_out():
     assert [d.doc_id for d in top1.ranked("q")] == ["a", "c"]  # a tie: the dense run's first
 
 
+def test_fusion_names_a_run_that_is_not_a_run():
+    with pytest.raises(TypeError, match=r"runs\[1\] must be a Run .* got a dict"):
+        fuse_runs(DENSE, {"q": {"a": 1.0}})
+
+
 @pytest.mark.parametrize("method", ["rrf", "linear"])
 def test_exact_ties_go_to_the_first_runs_order_not_the_passage_id(method, tmp_path):
     """Equal weights tie the dense top hit and BM25's when neither retrieved the other's (0.5

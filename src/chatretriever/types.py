@@ -187,6 +187,7 @@ def as_sessions(items: Any, name: str = "sessions") -> list[Session]:
     for i, s in enumerate(batch(items, name, "sessions")):
         if isinstance(s, Session):
             out.append(s)
+            _check_turns(s, f"{name}[{i}]")
             continue
         if isinstance(s, Mapping):
             raise TypeError(
@@ -208,7 +209,13 @@ def as_sessions(items: Any, name: str = "sessions") -> list[Session]:
             ) from None
         except ValueError as e:
             raise ValueError(f"{name}[{i}]: {e}") from None
+        _check_turns(out[-1], f"{name}[{i}]")
     return out
+
+
+def _check_turns(session: Session, where: str) -> None:
+    for j, turn in enumerate(session.turns):
+        check_unicode(turn.content, f"{where}.messages[{j}].content")
 
 
 def passage_texts(items: Any, name: str = "passages") -> list[str]:
@@ -221,10 +228,24 @@ def passage_texts(items: Any, name: str = "passages") -> list[str]:
                 f"got a {type(p).__name__}"
             )
         try:
-            out.append(passage_text(p))
+            text = passage_text(p)
         except ValueError as e:
             raise ValueError(f"{name}[{i}]: {e}") from None
+        out.append(check_unicode(text, f"{name}[{i}]"))
     return out
+
+
+def check_unicode(text: str, where: str) -> str:
+    """`text` unless it holds a lone surrogate (JSON can carry "\\ud800"; no tokenizer takes
+    it): then a ValueError naming `where` and the position."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"{where}: a lone surrogate {text[e.start]!r} at character {e.start} is not text "
+            "(a broken UTF-16 escape?)"
+        ) from None
+    return text
 
 
 def rank_key(doc_id: str, score: float) -> tuple[float, str]:

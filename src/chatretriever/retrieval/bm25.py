@@ -86,6 +86,11 @@ class BM25Retriever:
             stemmer=self._stemmer,
             show_progress=show_progress,
         )
+        if not tokens.vocab:  # bm25s would fail on an empty max() deep inside its index
+            raise ValueError(
+                f"the {len(passages)} passages hold no term BM25 can index (every word is a "
+                "stopword or a single character)"
+            )
         self._bm25 = bm25s.BM25(k1=self.config.k1, b=self.config.b)
         self._bm25.index(tokens, show_progress=show_progress)
 

@@ -77,6 +77,12 @@ def _top(run: Run, query_id: str, depth: int | None) -> list[tuple[str, float]]:
 def _weights(runs: Sequence[Run], weights: Sequence[float] | None) -> list[float]:
     if not runs:
         raise ValueError("fusion needs at least one run")
+    for i, run in enumerate(runs):
+        if not isinstance(run, Run):
+            raise TypeError(
+                f"runs[{i}] must be a Run (Run(scores, name): query id -> doc id -> score), "
+                f"got a {type(run).__name__}"
+            )
     out = [1.0] * len(runs) if weights is None else [float(w) for w in weights]
     if len(out) != len(runs) or any(w < 0 for w in out):
         raise ValueError(f"need one non-negative weight per run, got {weights} for {len(runs)}")
@@ -196,7 +202,7 @@ def fuse_runs(dense: Run, sparse: Run, config: FusionConfig | None = None) -> Ru
         The fused Run, named "<dense>+<sparse>.<method>".
     """
     cfg = config or FusionConfig()
-    weights = (cfg.weight, 1.0 - cfg.weight)
+    weights = _weights([dense, sparse], (cfg.weight, 1.0 - cfg.weight))  # checks their types
     name = f"{dense.name}+{sparse.name}.{cfg.method}"
     if cfg.method == "rrf":
         return reciprocal_rank_fusion([dense, sparse], cfg.rrf_k, weights, cfg.depth, name)
