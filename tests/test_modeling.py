@@ -283,6 +283,16 @@ def test_merged_and_full_saves_reload(tiny_llama_dir, tmp_path):
     merged = ChatRetriever.from_pretrained(merged_dir, device="cpu")
     np.testing.assert_allclose(merged.encode_passages(PASSAGES), expected, atol=1e-5)
     np.testing.assert_allclose(r.encode_passages(PASSAGES), expected)  # r itself is unchanged
+    # the same function in full weights keeps the adapter's identity (indexes built with one
+    # take the other's queries), also saved again whole; changed weights are another model
+    assert merged.fingerprint == r.fingerprint
+    adapter = ChatRetriever.from_pretrained(r.save_pretrained(tmp_path / "adapter"), device="cpu")
+    assert adapter.fingerprint == merged.fingerprint
+    resaved = ChatRetriever.from_pretrained(merged.save_pretrained(tmp_path / "re"), device="cpu")
+    assert resaved.fingerprint == r.fingerprint
+    with torch.no_grad():
+        next(resaved.parameters()).add_(0.01)
+    assert resaved.fingerprint != r.fingerprint
 
     full = _retriever(tiny_llama_dir, lora=False)
     assert all(p.requires_grad for p in full.parameters())

@@ -41,6 +41,12 @@ _NOT_FINGERPRINTED = ("base_model", "trust_remote_code", "max_response_len", "dt
 _E = TypeVar("_E", bound="EmbLLM")
 
 
+def lora_identity(lora: LoraSettings) -> dict[str, Any]:
+    """The LoRA settings a fingerprint covers (dropout does not change what a trained model
+    computes)."""
+    return {k: v for k, v in lora.to_dict().items() if k != "dropout"}
+
+
 class EmbLLM(EmbEncoding, torch.nn.Module):
     """Encodes sessions and passages with a chat LLM (implements `encoders.Encoder`).
 
@@ -85,6 +91,8 @@ class EmbLLM(EmbEncoding, torch.nn.Module):
         self._fp32_layers = 0
         self.base_fingerprint = base_fingerprint
         self._weights_fp: tuple[tuple, str] | None = None  # (tensor versions, digest)
+        # a merged save's record of the adapter it was merged from (`emb_llm_io`): its identity
+        self.merged_from: dict[str, Any] | None = None
         # The inference fast path (`fast_encode`): settings (None = the device's defaults), the
         # inference copy with the key it was made for, and tokens encoded (for compile="auto").
         self.encode_settings: FastEncodeSettings | None = None
@@ -181,18 +189,21 @@ class EmbLLM(EmbEncoding, torch.nn.Module):
         Covers the resolved config (less where the base lives and training-only fields), the
         LoRA shape, the chat template and EMB ids, the trained weights (`weights_fingerprint`),
         the compute dtype (with fp32_layers under bf16) and the base model's weight fingerprint.
-        Two models saved under one name differ; the same model re-saved in the same format, or
-        copied, does not. A merged save (`save_pretrained(merged=True)`) holds full weights, and
-        its fingerprint is theirs: a new identity, which indexes built with the adapter form
-        refuse although it computes the same vectors (build them again, or keep the adapter).
+        Two models saved under one name differ; the same model re-saved or copied does not,
+        and neither does its merged save (`save_pretrained(merged=True)`: the same function in
+        full weights, which the fast path computes with anyway): it records the adapter's
+        weights and LoRA shape, and while its full weights are the ones it saved, they stand
+        for them, so indexes built with the adapter form take its queries and vice versa.
         """
         cfg = {k: v for k, v in self.config.to_dict().items() if k not in _NOT_FINGERPRINTED}
         if self.config.pooling == "eos":  # no new token row: its initialisation is unused
             cfg.pop("emb_init")
         bf16 = self.compute_dtype == torch.bfloat16
-        lora = None
+        lora, weights = None, self.weights_fingerprint()
         if is_peft(self.model):  # dropout does not change what a trained model computes
-            lora = {k: v for k, v in self.lora.to_dict().items() if k != "dropout"}
+            lora = lora_identity(self.lora)
+        elif self.merged_from and weights == self.merged_from.get("merged_weights"):
+            lora, weights = self.merged_from["lora"], self.merged_from["weights"]
         return digest(
             FINGERPRINT_VERSION,
             {
@@ -204,9 +215,18 @@ class EmbLLM(EmbEncoding, torch.nn.Module):
                 "vocab": len(self.tokenizer),
                 "emb_ids": list(self.emb_ids),
                 "base": self.base_fingerprint,
-                "weights": self.weights_fingerprint(),
+                "weights": weights,
             },
         )
+
+    def merged_identity(self, merged_state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        """What a merged save records to keep this (adapter) model's identity: its LoRA shape
+        and adapter weights, and the fingerprint of the merged weights they stand for."""
+        return {
+            "lora": lora_identity(self.lora),
+            "weights": self.weights_fingerprint(),
+            "merged_weights": tensors_fingerprint(merged_state),
+        }
 
     def weights_fingerprint(self) -> str:
         """The fingerprint of the trained weights: the LoRA matrices and EMB rows under LoRA

@@ -141,7 +141,10 @@ def load_saved(
     else:
         model, _ = load_backbone_fp32(str(path), cfg)
     name = f"{cls.NAME_PREFIX}/{path.resolve().name}"
-    return cls(model, tokenizer, cfg, lora, name=name, base_fingerprint=base_fp)
+    retriever = cls(model, tokenizer, cfg, lora, name=name, base_fingerprint=base_fp)
+    if fmt != "adapter":
+        retriever.merged_from = saved.get("merged_from")
+    return retriever
 
 
 def _new_rows(tokenizer: Any, cfg: RetrieverConfig, add: bool) -> list[int]:
@@ -280,7 +283,9 @@ def write_saved_files(retriever: EmbLLM, out: Path, merged: bool) -> str:
         model.save_pretrained(out, save_embedding_layers=False, safe_serialization=True)
         fmt = "adapter"
     elif is_peft(model):
-        copy.deepcopy(model).merge_and_unload().save_pretrained(out)
+        merged_model = copy.deepcopy(model).merge_and_unload()
+        merged_model.save_pretrained(out)
+        merged_from = retriever.merged_identity(merged_model.state_dict())
         fmt = "merged"
     else:
         model.save_pretrained(out)
@@ -297,6 +302,10 @@ def write_saved_files(retriever: EmbLLM, out: Path, merged: bool) -> str:
         # Checked when the adapter is loaded: it must land on the base it was trained on.
         "base_fingerprint": retriever.base_fingerprint,
     }
+    if fmt == "merged":  # the adapter's identity, kept while the weights are these (`fingerprint`)
+        meta["merged_from"] = merged_from
+    elif retriever.merged_from:  # a merged model saved again whole: still the same function
+        meta["merged_from"] = retriever.merged_from
     # Written last: a directory without it is not a (complete) saved retriever.
     with atomic_write(out / retriever.SAVED_CONFIG) as f:
         json.dump(meta, f, indent=2)
