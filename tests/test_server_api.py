@@ -318,8 +318,11 @@ def test_body_size_limit_is_a_413_before_parsing(built):
         ({"messages": [{"role": "user", "content": 3}]}, "messages.0.content", "string"),
         ({"messages": [{"role": "user"}]}, "messages.0.content", "Field required"),
         ({"messages": [{"role": "user", "content": "x", "nme": "a"}]}, "messages.0.nme", "Extra"),
-        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
-         "messages.0.content", "content[0]: only text parts can be read, got 'image_url'"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+            "messages.0.content",
+            "content[0]: only text parts can be read, got 'image_url'",
+        ),
         ({"messages": [{"role": "user", "content": "x", "name": 3}]}, "messages.0.name", "string"),
         ({"messages": [*JAGUAR, {"role": "assistant", "content": "x"}]}, "messages", "messages: "),
         ({"messages": JAGUAR, "conversation_id": "a b"}, "conversation_id", "pattern"),
