@@ -50,7 +50,7 @@ def test_a_reply_naming_an_item_not_retrieved_falls_back_to_the_list():
     out = rec.respond("a co-op roguelike dungeon")
     assert "Farm Days" not in {p.title for p in out.retrieved}
     assert out.fell_back and out.named == out.retrieved[:1]
-    assert out.text.startswith("Here are games") and "Farm Days" not in out.text
+    assert out.text.startswith("Here are items") and "Farm Days" not in out.text  # toy catalog
 
 
 def test_a_reply_naming_nothing_or_too_many_falls_back():

@@ -20,23 +20,69 @@ from typing import Any
 
 import numpy as np
 
-from chatretriever.methods.items.catalog import Constraint, field_values
+from chatretriever.methods.items.catalog import Constraint, field_values, render_item
 from chatretriever.methods.items.evaluate import RankFn, rank_items
 from chatretriever.methods.items.metrics import hit_at_k
 from chatretriever.methods.items.tasks import describe
 from chatretriever.retrieval.encoders import Encoder
-from chatretriever.types import Passage, Session, Turn
+from chatretriever.types import Passage, Session, Turn, batch
 
 ChatFn = Callable[[list[dict[str, str]]], str]
 """(chat messages) -> the assistant's reply."""
 MIN_TITLE = 4  # shorter catalog titles ("Go") are not looked for in replies: too many false hits
 
 PROMPT = (
-    "You are a game recommender. The user said:\n{conversation}\n\n"
-    "Candidate games:\n{candidates}\n\n"
-    "Recommend at most {k} of the candidate games that fit the user best. Name each by its exact "
-    "title and say in a few words why. Do not mention any game that is not a candidate."
-)
+    "You are a {one} recommender. The user said:\n{conversation}\n\n"
+    "Candidate {noun}:\n{candidates}\n\n"
+    "Recommend at most {k} of the candidate {noun} that fit the user best. Name each by its exact "
+    "title and say in a few words why. Do not mention any {one} that is not a candidate."
+)  # with "games" / "game": the Steam prompt, word for word as before nouns were told
+STEAM_FIELD = "game_details"  # a field only Steam's games have: such a catalog holds "games"
+
+
+def catalog_noun(items: Sequence[Passage]) -> str:
+    """What a catalog holds, plural, for the replies: "games" for a Steam catalog (its items
+    have `game_details`), else the neutral "items"."""
+    return "games" if any(STEAM_FIELD in p.metadata for p in items) else "items"
+
+
+def catalog_items(items: Any) -> list[Passage]:
+    """The catalog as Passages: each a `Passage`, or a mapping with a string "id" and "title",
+    an optional "text" (default: `render_item`, as `read_catalog` renders a line) and
+    "metadata" (default: its other fields, as a `write_catalog` line holds them).
+
+    Raises:
+        TypeError: `items` not a list, an item of another type or with non-string fields.
+        ValueError: An empty catalog, an item mapping without "id" or "title".
+    """
+    out = []
+    for i, item in enumerate(batch(items, "items", "items (Passages or mappings)")):
+        if isinstance(item, Mapping):
+            item = _mapping_item(item, f"items[{i}]")
+        elif not isinstance(item, Passage):
+            raise TypeError(
+                f"items[{i}] must be a Passage or a mapping, got a {type(item).__name__}"
+            )
+        out.append(item)
+    if not out:
+        raise ValueError("items: the catalog is empty; the recommender needs items to retrieve")
+    return out
+
+
+def _mapping_item(item: Mapping[str, Any], name: str) -> Passage:
+    missing = [k for k in ("id", "title") if k not in item]
+    if missing:
+        raise ValueError(f"{name} has no {' or '.join(map(repr, missing))} field: {sorted(item)}")
+    rest = {k: v for k, v in item.items() if k not in ("id", "title", "text")}
+    meta = item.get("metadata", rest)
+    if not isinstance(meta, Mapping):
+        raise TypeError(f"{name}: 'metadata' must be a mapping, got a {type(meta).__name__}")
+    try:
+        bare = Passage(item["id"], "", item["title"], dict(meta))
+        text = item["text"] if "text" in item else render_item(bare)  # as `read_catalog`
+        return Passage(bare.id, text, bare.title, bare.metadata)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{name}: {e}") from None
 
 
 @dataclass
@@ -81,10 +127,16 @@ class ItemRecommender:
 
     Args:
         encoder: Embeds the conversation and the items.
-        items: The catalog (text = the rendered item).
+        items: The catalog (text = the rendered item): `Passage`s or mappings
+            (`catalog_items`); not empty.
         chat: The chat LLM as a `ChatFn`; None: always list the retrieved items.
         top_k: Items retrieved per turn.
         max_picks: Most items a reply may name.
+        noun: What the catalog holds, plural, as the prompt and the replies say it; None:
+            `catalog_noun` ("games" for Steam, else "items").
+
+    Raises:
+        TypeError, ValueError: A bad or empty catalog (`catalog_items`).
     """
 
     encoder: Encoder
@@ -93,8 +145,11 @@ class ItemRecommender:
     top_k: int = 20
     max_picks: int = 5
     turns: list[Turn] = field(default_factory=list)
+    noun: str | None = None
 
     def __post_init__(self) -> None:
+        self.items = catalog_items(self.items)
+        self.noun = self.noun or catalog_noun(self.items)
         rendered = [Passage(p.id, p.text) for p in self.items]
         self._emb = self.encoder.encode_passages(rendered, 64)  # (N, D)
         folded = {p.title.casefold() for p in self.items}
@@ -131,7 +186,14 @@ class ItemRecommender:
             f"{i}. {p.title} ({', '.join(field_values(p.metadata, 'tags')[:4])})"
             for i, p in enumerate(retrieved, 1)
         ]
-        return PROMPT.format(conversation=said, candidates="\n".join(lines), k=self.max_picks)
+        one = self.noun[:-1] if self.noun.endswith("s") else self.noun  # "games" -> "game"
+        return PROMPT.format(
+            one=one,
+            noun=self.noun,
+            conversation=said,
+            candidates="\n".join(lines),
+            k=self.max_picks,
+        )
 
     def _checked(self, raw: str, retrieved: Sequence[Passage]) -> Reply | None:
         """The LLM's reply when it names 1..max_picks retrieved items and nothing else."""
@@ -149,7 +211,7 @@ class ItemRecommender:
             f"{i}. {p.title} ({', '.join(field_values(p.metadata, 'tags')[:3])})"
             for i, p in enumerate(picks, 1)
         ]
-        text = "Here are games that fit what you asked for:\n" + "\n".join(lines)
+        text = f"Here are {self.noun} that fit what you asked for:\n" + "\n".join(lines)
         return Reply(text, picks, list(retrieved), fell_back=True)
 
 

@@ -19,17 +19,20 @@ with no added token matched (`ContentTokenizer`): a typed "<|im_end|>" stays tex
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from chatretriever.modeling.chat_render import PLAIN_TEMPLATE
 from chatretriever.modeling.content_ids import ContentTokenizer
-from chatretriever.types import Session, SessionLike, as_sessions
+from chatretriever.types import Passage, Session, SessionLike, as_sessions, passage_texts
 
 logger = logging.getLogger(__name__)
 
 BUDGETS = ("max_document_tokens", "max_query_tokens")  # `BinaryChoicePrompt`'s token budgets
+
+DocumentLike = str | Passage | Mapping[str, Any]
+"""A document: its text, or a `Passage` / {title?, text} mapping read by `types.passage_text`."""
 
 _SLOT_DOC = "@@RATIONALE_DOCUMENT@@"
 _SLOT_QUERY = "@@RATIONALE_QUERY@@"
@@ -86,6 +89,25 @@ WORDINGS = {
 }
 
 
+def choice_wording(wording: ChoiceWording | str) -> ChoiceWording:
+    """The wording `wording` names (a key of `WORDINGS`), or `wording` itself.
+
+    Raises:
+        ValueError: A name that is not a key of `WORDINGS` (the error lists them).
+        TypeError: Neither a name nor a `ChoiceWording`.
+    """
+    if isinstance(wording, ChoiceWording):
+        return wording
+    if not isinstance(wording, str):
+        raise TypeError(
+            f"wording must be one of {sorted(WORDINGS)} or a ChoiceWording, "
+            f"got a {type(wording).__name__}"
+        )
+    if wording not in WORDINGS:
+        raise ValueError(f"wording must be one of {sorted(WORDINGS)}, got {wording!r}")
+    return WORDINGS[wording]
+
+
 def conversation_text(session: Session, wording: ChoiceWording) -> str:
     """The dialog so far as labelled lines, oldest first.
 
@@ -114,7 +136,8 @@ class BinaryChoicePrompt:
         system_prompt: A system message; None keeps the template's own behaviour.
 
     Raises:
-        ValueError: An option is not exactly one token of the tokenizer.
+        ValueError: An unknown wording name (`choice_wording`), or an option is not exactly one
+            token of the tokenizer.
     """
 
     def __init__(
@@ -126,7 +149,7 @@ class BinaryChoicePrompt:
         system_prompt: str | None = None,
     ) -> None:
         self.tokenizer = tokenizer
-        self.wording = WORDINGS[wording] if isinstance(wording, str) else wording
+        self.wording = choice_wording(wording)
         self.max_document_tokens = max_document_tokens
         self.max_query_tokens = max_query_tokens
         self.contents = ContentTokenizer(tokenizer)
@@ -158,9 +181,14 @@ class BinaryChoicePrompt:
             )
         return int(ids[0])
 
-    def document_ids(self, documents: Sequence[str]) -> list[list[int]]:
-        """The prefix of each document: template head, document head, the document."""
-        docs = self.contents.encode(list(documents))
+    def document_ids(self, documents: Sequence[DocumentLike]) -> list[list[int]]:
+        """The prefix of each document: template head, document head, the document.
+
+        Args:
+            documents: Document texts, or `Passage`s / {title?, text} mappings, read by their
+                `types.passage_text` (as `encode_passages` reads them).
+        """
+        docs = self.contents.encode(passage_texts(documents, "documents"))
         return [self._before + d[: self.max_document_tokens] for d in docs]
 
     def query_ids(self, sessions: Sequence[SessionLike]) -> list[list[int]]:

@@ -22,7 +22,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from chatretriever.methods.rationale.prompts import BinaryChoicePrompt
+from chatretriever.methods.rationale.prompts import (
+    BinaryChoicePrompt,
+    DocumentLike,
+    choice_wording,
+)
 from chatretriever.methods.rationale.scoring import (
     cached_option_logits,
     option_logits,
@@ -37,7 +41,7 @@ from chatretriever.methods.rationale.tuned_adapter import (
     resolve_adapter,
     resolve_budgets,
 )
-from chatretriever.types import Run, Session, SessionLike
+from chatretriever.types import Run, Session, SessionLike, batch, passage_text, passage_texts
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +92,8 @@ class BinaryChoiceReranker:
             adapter: A peft adapter dir (`tuning.run_sft` / `run_dpo` output) or a built-in
                 adapter name ("rahore-smol"); see `resolve_adapter`. Checked against the
                 backbone and wording it was tuned with (`check_adapter_recipe`).
-            wording: "ab" or "tf" (`prompts.WORDINGS`).
+            wording: "ab" or "tf" (`prompts.WORDINGS`); another name is refused before the
+                backbone loads.
             dtype: None (fp32), "bf16", "auto", ...
             device: Where to run.
             batch_size: Pairs per forward.
@@ -100,12 +105,13 @@ class BinaryChoiceReranker:
 
         Raises:
             FileNotFoundError: A built-in adapter this install does not ship.
-            ValueError: A bad adapter (`resolve_adapter`, `check_adapter_recipe`,
-                `check_adapter_weights`, `load_checked_adapter`).
+            ValueError: An unknown wording; a bad adapter (`resolve_adapter`,
+                `check_adapter_recipe`, `check_adapter_weights`, `load_checked_adapter`).
         """
         from chatretriever.modeling.backbones import checked_device, load_backbone
 
         target = checked_device(device)  # before the backbone loads
+        choice_wording(wording)  # likewise: a misspelt wording costs no load
         adapter_dir = None if adapter is None else resolve_adapter(adapter)
         if adapter_dir is not None:  # before the backbone loads: a refusal costs nothing
             check_adapter_recipe(adapter_dir, name_or_path, wording)
@@ -122,13 +128,25 @@ class BinaryChoiceReranker:
             check_adapter_budgets(adapter_dir, prompt)
         return cls(model, tokenizer, prompt, batch_size)
 
-    def score_pairs(self, documents: Sequence[str], sessions: Sequence[SessionLike]) -> np.ndarray:
-        """Scores of aligned pairs, whole prompts per batch (no KV reuse). A session is a
-        `Session` or a list of {role, content} messages.
+    def score_pairs(
+        self, documents: Sequence[DocumentLike], sessions: Sequence[SessionLike]
+    ) -> np.ndarray:
+        """Scores of aligned pairs, whole prompts per batch (no KV reuse).
+
+        Args:
+            documents: Document texts, or `Passage`s / {title?, text} mappings (their
+                `passage_text`).
+            sessions: `Session`s, lists of {role, content} messages or question strings.
 
         Returns:
             (N,) float32 log P(yes).
+
+        Raises:
+            TypeError: One document or session given bare (not in a list), or a bad item.
+            ValueError: Not as many documents as sessions.
         """
+        documents = passage_texts(documents, "documents")
+        sessions = batch(sessions, "sessions", "sessions")
         if len(documents) != len(sessions):
             raise ValueError(f"{len(documents)} documents for {len(sessions)} sessions")
         prefixes = self.prompt.document_ids(documents)
@@ -142,16 +160,25 @@ class BinaryChoiceReranker:
                 out[start : start + len(seqs)] = relevance_scores(logits).cpu().numpy()
         return out
 
-    def score_document(self, document: str, sessions: Sequence[SessionLike]) -> np.ndarray:
+    def score_document(self, document: DocumentLike, sessions: Sequence[SessionLike]) -> np.ndarray:
         """Scores of one document against many sessions; its KV cache is computed once.
+
+        Args:
+            document: One document text, `Passage` or {title?, text} mapping.
+            sessions: As `score_pairs`.
 
         Returns:
             (Q,) float32 log P(yes).
         """
-        kv = prefix_kv(self.model, self.prompt.document_ids([document])[0])
+        if not isinstance(document, (str, Mapping)) and not hasattr(document, "text"):
+            raise TypeError(
+                f"document must be one document text or Passage, got a {type(document).__name__}"
+                " (score_matrix scores several)"
+            )
         suffixes = self.prompt.query_ids(sessions)
-        out = np.zeros(len(sessions), dtype=np.float32)
-        for start in range(0, len(sessions), self.batch_size):
+        kv = prefix_kv(self.model, self.prompt.document_ids([document])[0])
+        out = np.zeros(len(suffixes), dtype=np.float32)
+        for start in range(0, len(suffixes), self.batch_size):
             batch = suffixes[start : start + self.batch_size]
             logits = cached_option_logits(
                 self.model, [kv] * len(batch), batch, self.prompt.option_ids, self.pad_id
@@ -161,16 +188,24 @@ class BinaryChoiceReranker:
 
     def score_matrix(
         self,
-        documents: Sequence[str],
+        documents: Sequence[DocumentLike],
         sessions: Sequence[SessionLike],
         reuse_kv: bool = True,
         show_progress: bool = False,
     ) -> np.ndarray:
         """Every document against every session (e.g. the 8 strategies).
 
+        Args:
+            documents: As `score_pairs`.
+            sessions: As `score_pairs`.
+            reuse_kv: One KV cache per document (`score_document`), else whole prompts.
+            show_progress: A progress bar over documents.
+
         Returns:
             (Q, D) float32 log P(yes).
         """
+        documents = passage_texts(documents, "documents")
+        sessions = batch(sessions, "sessions", "sessions")
         out = np.zeros((len(sessions), len(documents)), dtype=np.float32)  # (Q, D)
         for j, doc in enumerate(tqdm(documents, desc="rerank", disable=not show_progress)):
             if reuse_kv:
@@ -182,7 +217,7 @@ class BinaryChoiceReranker:
     def rerank(
         self,
         run: Run,
-        documents: Mapping[str, str],
+        documents: Mapping[str, DocumentLike],
         sessions: Sequence[Session],
         k: int = 20,
         reuse_kv: bool = True,
@@ -192,8 +227,10 @@ class BinaryChoiceReranker:
 
         Args:
             run: The first-stage run.
-            documents: Doc id -> the text the prompt shows (e.g. `passage_text`).
-            sessions: The queries; run queries without a session raise.
+            documents: Doc id -> the text the prompt shows, or a `Passage` / {title?, text}
+                mapping (its `passage_text`).
+            sessions: The queries (`Session`s: their ids meet the run's); run queries without
+                a session raise.
             k: How many of each query's top documents are reranked (and kept).
             reuse_kv: Group pairs by document and reuse the KV cache of each document that
                 several queries retrieved (a document of one query is scored in the batches
@@ -204,12 +241,19 @@ class BinaryChoiceReranker:
             A Run of the top-k of each query, scored by log P(yes), named "<run>.rahore".
 
         Raises:
+            TypeError: `documents` not a mapping, a session not a `Session`, a document of
+                another type.
             ValueError: k < 1, a run query without a session, a run document not in
                 `documents`.
         """
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
-        by_id = {s.id: s for s in sessions}
+        by_id = _sessions_by_id(sessions)
+        if not isinstance(documents, Mapping):
+            raise TypeError(
+                f"documents must be a mapping of doc id -> text or Passage, "
+                f"got a {type(documents).__name__}"
+            )
         missing = sorted(q for q in run.scores if q not in by_id)
         if missing:
             raise ValueError(f"the run has {len(missing)} queries with no session: {missing[:5]}")
@@ -217,6 +261,7 @@ class BinaryChoiceReranker:
         unknown = sorted({d for _, d in pairs if d not in documents})
         if unknown:
             raise ValueError(f"{len(unknown)} run documents are not in the corpus: {unknown[:5]}")
+        texts = _document_texts(documents, {d for _, d in pairs})
         scores: dict[str, dict[str, float]] = {q: {} for q in run.scores}
         whole = pairs
         if reuse_kv:
@@ -228,14 +273,42 @@ class BinaryChoiceReranker:
             shared = {d: qs for d, qs in by_doc.items() if len(qs) > 1}
             whole = [(qs[0], d) for d, qs in by_doc.items() if len(qs) == 1]
             for d, qs in tqdm(shared.items(), desc="rerank", disable=not show_progress):
-                values = self.score_document(documents[d], [by_id[q] for q in qs])
+                values = self.score_document(texts[d], [by_id[q] for q in qs])
                 for q, v in zip(qs, values, strict=True):
                     scores[q][d] = float(v)
         if whole:
-            values = self.score_pairs(
-                [documents[d] for _, d in whole], [by_id[q] for q, _ in whole]
-            )
+            values = self.score_pairs([texts[d] for _, d in whole], [by_id[q] for q, _ in whole])
             for (q, d), v in zip(whole, values, strict=True):
                 scores[q][d] = float(v)
         logger.info("reranked %d pairs of %d queries", len(pairs), len(run.scores))
         return Run(scores, f"{run.name}.rahore")
+
+
+def _sessions_by_id(sessions: Sequence[Session]) -> dict[str, Session]:
+    """`rerank`'s queries by id: Sessions only, since the run's query ids must meet theirs."""
+    out = {}
+    for i, s in enumerate(batch(sessions, "sessions", "Sessions")):
+        if not isinstance(s, Session):
+            raise TypeError(
+                f"sessions[{i}] must be a Session (its id meets the run's query ids), "
+                f"got a {type(s).__name__}"
+            )
+        out[s.id] = s
+    return out
+
+
+def _document_texts(documents: Mapping[str, DocumentLike], ids: set[str]) -> dict[str, str]:
+    """The prompt text of each document in `ids` (`passage_text`); an error names its id."""
+    out = {}
+    for d in sorted(ids):
+        value = documents[d]
+        if not isinstance(value, (str, Mapping)) and not isinstance(getattr(value, "text", 0), str):
+            raise TypeError(
+                f"documents[{d!r}] must be a text, a Passage or a {{title?, text}} mapping, "
+                f"got a {type(value).__name__}"
+            )
+        try:
+            out[d] = passage_text(value)
+        except ValueError as e:  # a mapping without a string "text"
+            raise ValueError(f"documents[{d!r}]: {e}") from None
+    return out

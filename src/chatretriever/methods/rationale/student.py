@@ -48,7 +48,7 @@ from chatretriever.methods.rationale.distill_train import (
     subset,
     train_predictor,
 )
-from chatretriever.methods.rationale.prompts import WORDINGS
+from chatretriever.methods.rationale.prompts import WORDINGS, DocumentLike
 from chatretriever.methods.rationale.scoring import relevance_scores
 from chatretriever.methods.rationale.tuning import ChoicePair, iter_pairs
 from chatretriever.modeling.recipe import (
@@ -381,27 +381,54 @@ class RabtrieverStudent:
         keys = ("model", "adapter", "wording", "max_document_tokens", "max_query_tokens")
         return tuple(getattr(self.config, k) for k in keys)
 
-    def document_states(self, texts: Sequence[str], show_progress: bool = False) -> torch.Tensor:
-        """(N, H) document states (once per corpus; the index)."""
-        return self.encoder.document_states(texts, show_progress)
+    def document_states(
+        self, texts: Sequence[DocumentLike], show_progress: bool = False
+    ) -> torch.Tensor:
+        """(N, H) document states (once per corpus; the index); texts may be `Passage`s."""
+        return self._rows(self.encoder.document_states(texts, show_progress))
 
     def query_states(
         self, sessions: Sequence[SessionLike], show_progress: bool = False
     ) -> torch.Tensor:
         """(Q, H) query states (one LLM pass per query, whatever the candidates)."""
-        return self.encoder.query_states(sessions, show_progress)
+        return self._rows(self.encoder.query_states(sessions, show_progress))
+
+    def _rows(self, states: torch.Tensor) -> torch.Tensor:
+        # no input, no forward: nothing gave the width, which `score` needs (0 rows of H)
+        return states if states.numel() else states.new_empty(0, self.predictor.config.hidden)
+
+    def _matrix(self, states: Any, name: str) -> torch.Tensor:
+        """`states` (a tensor, numpy array or nested list) as a (rows, H) tensor."""
+        hidden = self.predictor.config.hidden
+        try:
+            states = torch.as_tensor(states)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"{name} must be a (rows, {hidden}) tensor or array: {e}") from None
+        if states.numel() == 0:
+            return states.new_empty(0, hidden)
+        if states.dim() != 2 or states.shape[1] != hidden or not states.is_floating_point():
+            raise ValueError(
+                f"{name} must be (rows, {hidden}) float states (`document_states`, "
+                f"`query_states`), got {states.dtype} of shape {tuple(states.shape)}"
+            )
+        return states
 
     @torch.inference_mode()
     def score(self, query_states: torch.Tensor, doc_states: torch.Tensor) -> torch.Tensor:
         """log P(yes) of every query against every document, `chunk` pairs per predictor call.
 
         Args:
-            query_states: (Q, H).
-            doc_states: (N, H).
+            query_states: (Q, H), a tensor or a numpy array.
+            doc_states: (N, H), likewise; none (N = 0) gives a (Q, 0) matrix.
 
         Returns:
             (Q, N) float32 scores on the CPU.
+
+        Raises:
+            TypeError: Not a tensor or array. ValueError: Not (rows, H) float states.
         """
+        query_states = self._matrix(query_states, "query_states")
+        doc_states = self._matrix(doc_states, "doc_states")
         n_q, n_d, hidden = query_states.shape[0], doc_states.shape[0], doc_states.shape[1]
         out = torch.empty(n_q, n_d)  # (Q, N)
         d_step = max(1, min(n_d, self.chunk))
