@@ -307,7 +307,19 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, help="passages per encoder call")
     p.add_argument("--bm25", action="store_true", help="add BM25 on the last turn as a row")
     p.add_argument("--title", default="Recipes x seeds", help="heading of seeds.md")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # the search and scoring options too, before hours of training
+    if args.parallel < 1:
+        p.error("--parallel must be positive")
+    if args.pool is not None and args.pool < 0:
+        p.error("--pool must be 0 or more")
+    if args.batch_size is not None and args.batch_size < 1:
+        p.error("--batch-size must be positive")
+    if any(not 0 <= s < 2**32 for s in args.seeds):
+        p.error("--seeds must be in [0, 2**32)")
+    if args.eval_conversations and not Path(args.eval_conversations).is_file():
+        p.error(f"--eval-conversations {args.eval_conversations}: no such file")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -55,6 +55,7 @@ import numpy as np
 # The helper package beside this script: on sys.path when the script runs, not when it is imported
 # from its file (tests/test_index_scale.py).
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _conversational.script import run  # noqa: E402
 from _index_scale import report, systems, vectors  # noqa: E402
 from _shared.paths import repo_path  # noqa: E402
 
@@ -65,11 +66,13 @@ def _positive_ints(p: argparse.ArgumentParser, args: argparse.Namespace) -> None
             p.error(f"--{name.replace('_', '-')} must be positive")
     if any(v < 0 for v in args.rerank) or any(0 < d < args.k for d in args.rerank):
         p.error("--rerank depths are 0 (no re-ranking) or at least --k")
-    if args.noise <= 0:
+    if not args.noise > 0:  # also refuses nan
         p.error("--noise must be positive (0 would make exact duplicates)")
-    for name in ("queries", "k", "block", "threads"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be positive")
+    for name in ("queries", "k", "block", "threads", "kmeans_iters", "train_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    if args.single < 0:
+        p.error("--single must be 0 or more")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -194,4 +197,4 @@ def run_size(
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run(main)

@@ -107,6 +107,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be positive")
     if not args.temperature >= 0:  # also refuses nan
         p.error(f"--temperature must be 0 (greedy) or more, got {args.temperature}")
+    for name in ("judge_check", "max_retries"):  # before any data or LLM loads
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be 0 or more")
+    for name in ("batch_size", "query_batch_size", "chunk_size"):
+        if getattr(args, name, None) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    if getattr(args, "rrf_k", None) is not None and args.rrf_k < 0:
+        p.error("--rrf-k must be 0 or more")
     args.model = args.model or ["chatretriever-smol"]
     from chatretriever.modeling.precision import dtype_name
 

@@ -701,3 +701,36 @@ def test_conversational_names_a_missing_eval_conversations_file_before_loading(
 ):
     err = _refused(conv.parse_args, ["--eval-conversations", str(tmp_path / "nope.txt")], capsys)
     assert "--eval-conversations" in err and "nope.txt: no such file" in err
+
+
+def test_a_script_raising_systemexit_with_a_reason_ends_as_one_error_line_and_exit_2(capsys):
+    load_benchmark("conversational")  # puts benchmarks/ on sys.path
+    from _conversational.script import run
+
+    def main() -> int:
+        raise SystemExit("no corpus.jsonl beside the tasks")
+
+    with pytest.raises(SystemExit) as stop:
+        run(main)
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == "error: no corpus.jsonl beside the tasks\n"
+    with pytest.raises(SystemExit) as stop:
+        run(lambda: 0)
+    assert stop.value.code == 0
+
+
+@pytest.mark.parametrize(
+    "script, argv, words",
+    [
+        ("index_scale", ["--noise", "nan"], "--noise must be positive"),
+        ("index_scale", ["--train-size", "-5"], "--train-size must be positive"),
+        ("index_scale", ["--single", "-3"], "--single must be 0 or more"),
+        ("robustness", ["--judge-check", "-5"], "--judge-check must be 0 or more"),
+        ("robustness", ["--max-retries", "-1"], "--max-retries must be 0 or more"),
+        ("ablation_seeds", ["--recipe", "r.yaml", "--parallel", "0"], "--parallel must be"),
+        ("ablation_seeds", ["--recipe", "r.yaml", "--pool", "-3"], "--pool must be 0 or more"),
+    ],
+)
+def test_benchmark_options_are_refused_before_any_work(script, argv, words, capsys):
+    err = _refused(load_benchmark(script).parse_args, argv, capsys)
+    assert words in err
