@@ -186,6 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     planned, skipped = plan_systems(args)
     for s in skipped:
         print(f"skip {s['system']}: {s['reason']}")
+    if not planned:  # an empty table would replace (and move aside) a real result
+        raise SystemExit("no system to run (see the skip lines above)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     passages, corpus = load_corpus(args, data.corpus_path, turns, judged)
