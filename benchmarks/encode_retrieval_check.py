@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -100,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {
-        "command": "python benchmarks/encode_retrieval_check.py " + " ".join(sys.argv[1:]),
+        "command": shlex.join(["python", "benchmarks/encode_retrieval_check.py", *sys.argv[1:]]),
         "run": args.run,
         "run_nDCG@3": run_ndcg,  # over what the run searched (full corpus or a pool: unchecked)
         "queries": len(qids),

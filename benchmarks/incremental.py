@@ -186,10 +186,14 @@ def summary(rows: list[dict], records: list[dict]) -> dict:
         out["min_turn_speedup_from_turn_6"] = min(
             r["speedup"] for r in rows if r["turn"] >= TARGET_FROM_TURN
         )
-    out["meets_targets"] = bool(
-        late
-        and out["min_turn_speedup_from_turn_6"] >= TARGET_SPEEDUP
-        and out["cosine_min"] >= TARGET_COSINE
+    # None when no turn reached TARGET_FROM_TURN: not measured, not failed
+    out["meets_targets"] = (
+        bool(
+            out["min_turn_speedup_from_turn_6"] >= TARGET_SPEEDUP
+            and out["cosine_min"] >= TARGET_COSINE
+        )
+        if late
+        else None
     )
     return out
 
@@ -230,6 +234,8 @@ def markdown(result: dict) -> str:
             for r in budget["per_turn"]
         ]
         pooled = s.get("speedup_from_turn_6")
+        met = s["meets_targets"]
+        met = "not measured (no turn that late)" if met is None else met
         lines += [
             "",
             f"Turns >= {TARGET_FROM_TURN}: pooled speedup "
@@ -240,7 +246,7 @@ def markdown(result: dict) -> str:
             )
             + f" (target >= {TARGET_SPEEDUP:g}x); cosine min {s['cosine_min']:.6f} (target >= "
             f"{TARGET_COSINE}); fallbacks by reason {budget['fallback_reasons']}; targets met: "
-            f"{s['meets_targets']}.",
+            f"{met}.",
         ]
     lines += ["", f"`{result['command']}`", ""]
     return "\n".join(lines)

@@ -393,6 +393,9 @@ def test_benchmark_script_end_to_end(tiny_llama_dir, tmp_path):
     assert rows[2]["tokens_computed_mean"] < rows[2]["tokens_mean"]
     assert result["environment"]["cpu_model"] is not None
     assert "| turn | n |" in (out / "incremental.md").read_text()
+    # no turn reached 6: the targets are not measured (None), not failed
+    assert result["budgets"][1]["summary"]["meets_targets"] is None
+    assert "targets met: not measured" in (out / "incremental.md").read_text()
     assert (out / "incremental.png").read_bytes()[:4] == b"\x89PNG"
     # The serving setup: LoRA merged, weights cast once; still equal to its full re-encode.
     assert bench.main([*argv, "--long-only", "--serving-weights", "--out", str(out / "s")]) == 0
