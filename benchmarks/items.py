@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -158,6 +159,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "total_s": round(sum(timings.values()), 1),
         "settings": vars(args),
         "machine": machine("float32"),  # the item trainer is fp32 only
+        "command": shlex.join(["python", "benchmarks/items.py", *sys.argv[1:]]),
         "results": results,
     }
 
@@ -188,6 +190,8 @@ def write_report(report: dict[str, Any], out: Path) -> None:
         + ", ".join(f"{k}={v}" for k, v in report.get("settings", {}).items() if k != "out"),
         "",
         json.dumps(report["timings_s"], indent=1),
+        "",
+        f"`{report['command']}`" if "command" in report else "",
     ]
     with atomic_write(out / "results.md") as f:
         f.write("\n".join(md) + "\n")

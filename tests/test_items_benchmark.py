@@ -50,6 +50,7 @@ def test_items_benchmark_rows_and_report(tmp_path, tokenizer):
         assert set(row["multi_turn"]) >= {"hit@5_session", "hit@5_last_turn"}
     md = (Path(args.out) / "results.md").read_text()
     assert "Hit@5 per task" in md and tuned in md
+    assert saved["command"].startswith("python benchmarks/items.py") and saved["command"] in md
     assert (Path(args.out) / "hit5.png").stat().st_size > 0
 
 
