@@ -227,6 +227,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be positive")
     if min(args.ef_search) < 1:
         p.error(f"--ef-search values must be positive, got {min(args.ef_search)}")
+    if args.emb and not Path(args.emb).is_dir():  # before minutes of encoder rows
+        p.error(f"--emb {args.emb}: no such directory")
     return args
 
 

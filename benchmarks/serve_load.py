@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import secrets
 import shlex
 import subprocess
@@ -40,6 +39,7 @@ from chatretriever.retrieval.evaluate import write_json
 # The helper package beside this script (on sys.path when the script runs)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _conversational.script import run  # noqa: E402
+from _shared.machine import machine, machine_line  # noqa: E402
 from _shared.options import above_zero, at_least  # noqa: E402
 from _shared.paths import repo_path  # noqa: E402
 from _shared.server import counters, start_server, stop_server  # noqa: E402
@@ -247,21 +247,9 @@ def markdown(results: Sequence[LoadResult], speedup: float | None) -> str:
 
 
 def environment() -> dict[str, Any]:
-    cpu = ""
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        cpu = next(
-            (ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if "Model name" in ln), ""
-        )
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()],
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-    }
+    """The machine (`_shared/machine.py`; the server's torch runs in its own process, so the
+    client records none) and its load when the run starts."""
+    return {**machine(torch_used=False), "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()]}
 
 
 def _batch_sizes(text: str) -> list[int]:
@@ -355,9 +343,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "speedup": None if speedup is None else round(speedup, 2),
     }
     write_json(out / "serve_load.json", report)
+    text = markdown(results, speedup)
+    text += f"\n{machine_line(report['environment'])}\n\n`{report['command']}`\n"
     with atomic_write(out / "serve_load.md") as f:
-        f.write(markdown(results, speedup))
-    print(markdown(results, speedup))
+        f.write(text)
+    print(text)
     print(f"wrote {out / 'serve_load.json'} and {out / 'serve_load.md'}")
     return 0
 

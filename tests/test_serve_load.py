@@ -84,3 +84,9 @@ def test_a_server_that_refuses_to_start_is_one_line_with_its_reason(bench, tmp_p
     message = str(stop.value.code)
     assert message.startswith("error: serve exited with 2: ") and "bad index metadata" in message
     assert (out / "serve_load.md").read_text() == "| earlier |\n"
+
+
+def test_the_machine_is_recorded_as_every_benchmark_does(bench):
+    env = bench.environment()
+    assert env["cpu_model"] and env["cpu_count"] >= 1 and len(env["loadavg_1_5_15"]) == 3
+    assert "torch" not in env  # the server's torch runs in its own process
