@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any
 
 from chatretriever.io.conversations import SESSION_FORMATS, read_conversations
@@ -172,9 +174,6 @@ def write_settings(args: argparse.Namespace, **found: Any) -> None:
     """Record how `args.out` was made beside it (`<out>.settings.json`, as runs do): the
     command's arguments (`format` None: told from the file), what `found` adds (the format
     told, the counts) and the version."""
-    import json
-    from pathlib import Path
-
     from chatretriever import __version__
     from chatretriever.io.atomic import atomic_write
 
