@@ -115,3 +115,19 @@ def test_a_final_save_killed_before_its_log_is_resumed_into_a_loadable_retriever
         torch.testing.assert_close(final_weights[key], step_2[key], rtol=0, atol=0)
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log if "loss" in row] == [1, 2]
+
+
+def test_a_save_killed_between_the_marker_renames_is_named_as_such(tmp_path):
+    """A LoRA retriever's final save killed after `adapter_config.json` and before
+    `chatretriever.json` moved in: loading says to resume, not "not a saved ChatRetriever"."""
+    from chatretriever.methods.chatretriever.model import ChatRetriever
+
+    run = tmp_path / "run"
+    (run / ".run.ab12.tmp").mkdir(parents=True)
+    (run / "adapter_config.json").write_text("{}")
+    (run / ".run.ab12.tmp" / "chatretriever.json").write_text("{}")
+    with pytest.raises(ValueError, match="final save was killed.*--resume"):
+        ChatRetriever.from_pretrained(str(run))
+    (run / ".run.ab12.tmp" / "chatretriever.json").unlink()  # a plain adapter dir
+    with pytest.raises(ValueError, match="LoRA adapter without chatretriever.json"):
+        ChatRetriever.from_pretrained(str(run))

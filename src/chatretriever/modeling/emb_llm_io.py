@@ -180,6 +180,15 @@ def refuse_other_saved(cls: type, path: Path) -> None:
                 f"({cls.SAVED_CONFIG}): load it with that method's class"
             )
     if (path / "adapter_config.json").is_file():
+        from chatretriever.modeling.run_dir import save_leftovers
+
+        if any((p / cls.SAVED_CONFIG).is_file() for p in save_leftovers(path)):
+            # killed between the final save's two marker renames (`run_dir.final_save`)
+            raise ValueError(
+                f"{path}: its final save was killed before {cls.SAVED_CONFIG} was moved in "
+                "(it is still in a .tmp/.old directory there): rerun the training with "
+                "--resume, which saves the model again"
+            )
         raise ValueError(
             f"{path} is a LoRA adapter without {cls.SAVED_CONFIG}: not a saved "
             f"{cls.__name__} and not a base model"
