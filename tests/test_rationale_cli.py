@@ -164,7 +164,8 @@ def test_benchmark_student_rows_and_their_timing(tmp_path, tiny_llama_dir):
     import torch
 
     from chatretriever.methods.rationale.distill import Predictor, PredictorConfig, save_predictor
-    from chatretriever.methods.rationale.student import DistillConfig, RabtrieverStudent
+    from chatretriever.methods.rationale.distill_recipe import DistillConfig
+    from chatretriever.methods.rationale.student import RabtrieverStudent
     from chatretriever.modeling.recipe import save_recipe
     from chatretriever.types import Passage
 

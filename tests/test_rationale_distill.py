@@ -12,7 +12,7 @@ import yaml
 from transformers import set_seed
 
 from chatretriever.cli import main
-from chatretriever.methods.rationale import student as student_module
+from chatretriever.methods.rationale import distill_recipe
 from chatretriever.methods.rationale.distill import (
     Predictor,
     PredictorConfig,
@@ -24,9 +24,10 @@ from chatretriever.methods.rationale.distill import (
     reverse_kl,
     student_scores,
 )
+from chatretriever.methods.rationale.distill_recipe import spread_pairs
 from chatretriever.methods.rationale.distill_train import train_predictor
 from chatretriever.methods.rationale.reranker import BinaryChoiceReranker
-from chatretriever.methods.rationale.student import RabtrieverStudent, spread_pairs
+from chatretriever.methods.rationale.student import RabtrieverStudent
 from chatretriever.methods.rationale.tuning import ChoicePair, choice_pairs, write_pairs
 from chatretriever.types import Passage, Session, Turn
 
@@ -208,13 +209,13 @@ def test_distill_command_caches_features_and_the_student_reloads(
     recipe, tiny_llama_dir, monkeypatch, capsys
 ):
     computed = []
-    real = student_module.distill_features
+    real = distill_recipe.distill_features
 
     def counting(encoder, documents, sessions, show_progress=False):
         computed.append(len(documents))
         return real(encoder, documents, sessions, show_progress)
 
-    monkeypatch.setattr(student_module, "distill_features", counting)
+    monkeypatch.setattr(distill_recipe, "distill_features", counting)
     out = recipe.parent / "student"
     assert main(["rerank-distill", str(recipe)]) == 0
     assert f"saved {out}" in capsys.readouterr().out

@@ -21,6 +21,7 @@ from chatretriever.methods.rationale.distill import (
     rank_loss,
     save_predictor,
 )
+from chatretriever.methods.rationale.distill_recipe import DistillConfig
 from chatretriever.methods.rationale.distill_train import (
     QueryGroups,
     Validation,
@@ -34,7 +35,6 @@ from chatretriever.methods.rationale.distill_train import (
     train_predictor,
 )
 from chatretriever.methods.rationale.reranker import BinaryChoiceReranker
-from chatretriever.methods.rationale.student import DistillConfig
 from chatretriever.methods.rationale.tuning import ChoicePair
 from chatretriever.types import Session, Turn
 

@@ -132,6 +132,17 @@ def test_student_encoder_reads_message_lists(reranker):
     torch.testing.assert_close(encoder.query_states(messages), encoder.query_states(SESSIONS))
 
 
+def test_student_encoder_states_of_nothing_are_zero_rows_of_the_hidden_size(reranker):
+    from chatretriever.methods.rationale.distill import RabtrieverEncoder
+
+    encoder = RabtrieverEncoder(reranker.model, reranker.prompt, batch_size=2)
+    hidden = reranker.model.config.hidden_size
+    assert tuple(encoder.document_states([]).shape) == (0, hidden)
+    assert tuple(encoder.query_states([]).shape) == (0, hidden)
+    assert tuple(encoder.teacher_states([], []).shape) == (0, hidden)
+    assert tuple(encoder.document_states([*DOCS, DOCS[0]]).shape) == (len(DOCS) + 1, hidden)
+
+
 def test_scoring_warns_when_budgets_differ_from_the_adapters(tmp_path, tiny_llama_dir, caplog):
     import yaml
     from transformers import AutoModelForCausalLM

@@ -23,8 +23,9 @@ from chatretriever.methods.rationale.distill import (
     RabtrieverEncoder,
     save_predictor,
 )
+from chatretriever.methods.rationale.distill_recipe import DistillConfig
 from chatretriever.methods.rationale.reranker import BinaryChoiceReranker
-from chatretriever.methods.rationale.student import DistillConfig, RabtrieverStudent
+from chatretriever.methods.rationale.student import RabtrieverStudent
 from chatretriever.methods.rationale.tuned_adapter import resolve_adapter
 from chatretriever.methods.rationale.tuning import TuneConfig
 from chatretriever.modeling.recipe import save_recipe
@@ -219,7 +220,7 @@ def test_student_relative_adapter_is_looked_up_beside_it_then_in_the_cwd(
 
 
 def test_distill_from_a_builtin_teacher_keeps_its_name(shipped, tiny_llama_dir, tmp_path):
-    from chatretriever.methods.rationale.student import run_distill
+    from chatretriever.methods.rationale.distill_recipe import run_distill
     from chatretriever.methods.rationale.tuning import choice_pairs, write_pairs
     from chatretriever.types import Passage
 

@@ -237,7 +237,7 @@ def cmd_rerank_train(args: argparse.Namespace) -> int:
 
 
 def cmd_rerank_distill(args: argparse.Namespace) -> int:
-    from chatretriever.methods.rationale.student import DistillConfig, run_distill
+    from chatretriever.methods.rationale.distill_recipe import DistillConfig, run_distill
 
     config = _recipe(args, DistillConfig.from_dict)
     if config is None:

@@ -205,12 +205,13 @@ class RabtrieverEncoder:
         """Each distinct sequence once, in length order (little padding); rows in `seqs` order."""
         unique = list(dict.fromkeys(tuple(s) for s in seqs))
         order = sorted(range(len(unique)), key=lambda i: len(unique[i]))
-        out = torch.empty(0)
+        hidden = self.model.get_output_embeddings().weight.shape[1]
+        out = torch.empty(0, hidden)  # no sequence: (0, H), as every other encoder's nothing
         starts = range(0, len(order), self.batch_size)
         for start in tqdm(starts, desc=desc, disable=not show_progress):
             rows = order[start : start + self.batch_size]
             states = _last_hidden(self.model, [unique[i] for i in rows], self.pad_id)  # (b, H)
-            if out.numel() == 0:
+            if start == 0:
                 out = states.new_empty(len(unique), states.shape[1])  # (U, H)
             out[rows] = states
         row_of = {s: i for i, s in enumerate(unique)}
