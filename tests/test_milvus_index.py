@@ -177,17 +177,32 @@ def test_a_collection_of_another_corpus_is_refused(tmp_path, db):
         MilvusIndex.build(b, db, "corpus")
 
 
+def edited_shards(path, ids, emb):
+    """The shards of `random_shards` after passage d005's text changed: another vector, the same
+    id. Returns (shard dirs, (N, D) vectors)."""
+    edited = emb.copy()
+    edited[5] = -edited[5]
+    meta = EmbeddingMeta(model="m", dim=16, fingerprint="fp-a")
+    dirs = [write_embeddings(path / f"s{j}", [ids[i] for i in rows], edited[rows], meta)
+            for j, rows in enumerate(np.array_split(np.arange(len(ids)), 3))]  # fmt: skip
+    return dirs, edited
+
+
+def forget_vectors_digest(client, collection):
+    """Make a collection look as a build from before the vectors digest left it."""
+    state, _ = mb.recorded_state(client, collection)
+    del state["vectors_sha256"]
+    properties = {mb.STATE_KEY: json.dumps(state, sort_keys=True)}
+    client.alter_collection_properties(collection, properties=properties)
+
+
 def test_edited_passages_under_the_same_ids_are_not_kept_stale(tmp_path, db):
     """Re-encoded passages whose texts changed keep their ids, not their vectors: a build into
     the collection is refused (it upserted only missing ids, keeping the old vectors), and the
     descriptor of the first build refuses the collection once it is rebuilt."""
     a, ids, emb = random_shards(tmp_path / "a")
     MilvusIndex.build(a, db, "edited").save(tmp_path / "idx")
-    edited = emb.copy()
-    edited[5] = -edited[5]  # passage d005's text changed: another vector, the same id
-    b = [write_embeddings(tmp_path / "b" / f"s{j}", [ids[i] for i in rows], edited[rows],
-                          EmbeddingMeta(model="m", dim=16, fingerprint="fp-a"))
-         for j, rows in enumerate(np.array_split(np.arange(300), 3))]  # fmt: skip
+    b, edited = edited_shards(tmp_path / "b", ids, emb)
     with pytest.raises(ValueError, match="other vectors under these passage ids.*--overwrite"):
         MilvusIndex.build(b, db, "edited")
     assert MilvusIndex.build(a, db, "edited").upserted == 0  # the same vectors: resumable
@@ -197,6 +212,90 @@ def test_edited_passages_under_the_same_ids_are_not_kept_stale(tmp_path, db):
         MilvusIndex.load(tmp_path / "idx")
     rebuilt.save(tmp_path / "idx2")
     assert MilvusIndex.load(tmp_path / "idx2").ids == ids
+
+
+def test_a_collection_from_before_the_vector_digest_is_refreshed(tmp_path, db, caplog):
+    """A collection that records no vectors digest cannot be compared with the shards: a build
+    into it upserts every row again (it upserted none, keeping an edited passage's old vector)
+    and records the digest, which later builds are compared with."""
+    a, ids, emb = random_shards(tmp_path / "a")
+    old = MilvusIndex.build(a, db, "undigested")
+    forget_vectors_digest(old.client, "undigested")
+    b, edited = edited_shards(tmp_path / "b", ids, emb)
+    with caplog.at_level("WARNING"):
+        refreshed = MilvusIndex.build(b, db, "undigested")
+    assert "'undigested' was built before chatretriever recorded a digest" in caplog.text
+    assert "every row is upserted again" in caplog.text
+    assert refreshed.upserted == 300
+    assert refreshed.search(edited[5:6], 1)[0][0] == ("d005", pytest.approx(1.0, abs=1e-5))
+    recorded, done = mb.recorded_state(refreshed.client, "undigested")
+    assert recorded["vectors_sha256"] == refreshed.vectors_sha256 and done == 300
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert MilvusIndex.build(b, db, "undigested").upserted == 0  # now a plain resume
+    assert "digest" not in caplog.text
+    with pytest.raises(ValueError, match="other vectors under these passage ids"):
+        MilvusIndex.build(a, db, "undigested")  # the digest is compared from now on
+
+
+def test_an_interrupted_refresh_is_refreshed_again(tmp_path, db, monkeypatch):
+    """The digest is recorded only once every row is in: a refresh that dies half way leaves
+    none, and its re-run upserts every row again (it cannot tell the rows it reached)."""
+    a, ids, emb = random_shards(tmp_path / "a")
+    old = MilvusIndex.build(a, db, "halfway")
+    forget_vectors_digest(old.client, "halfway")
+    b, edited = edited_shards(tmp_path / "b", ids, emb)
+    calls, looked_up = [], []
+    upsert, existing = mb._upsert, mb._existing
+
+    def failing_upsert(client, collection, rows):
+        if len(calls) == 2:  # shard 0 (d000..d099) refreshed and recorded, then a crash
+            raise ConnectionError("killed")
+        calls.append(len(rows))
+        return upsert(client, collection, rows)
+
+    def recorded_lookup(client, collection, batch):
+        looked_up.extend(batch)
+        return existing(client, collection, batch)
+
+    monkeypatch.setattr(mb, "_upsert", failing_upsert)
+    monkeypatch.setattr(mb, "_existing", recorded_lookup)
+    with pytest.raises(ConnectionError):
+        MilvusIndex.build(b, db, "halfway", batch_size=64)
+    recorded, done = mb.recorded_state(old.client, "halfway")
+    assert "vectors_sha256" not in recorded and done == 100
+    monkeypatch.setattr(mb, "_upsert", upsert)
+    index = MilvusIndex.build(b, db, "halfway", batch_size=64)
+    assert index.upserted == 300 and looked_up == []  # all again, none trusted
+    assert index.search(edited[5:6], 1)[0][0][0] == "d005"
+    assert mb.recorded_state(index.client, "halfway")[0]["vectors_sha256"] == index.vectors_sha256
+
+
+def test_loading_an_index_from_before_the_vector_digest_warns(tmp_path, db, caplog):
+    """Its collection or its descriptor records no vectors digest: the load cannot tell a
+    collection rebuilt since with edited passages, and says so (naming what to do)."""
+    a, ids, _ = random_shards(tmp_path / "a")
+    index = MilvusIndex.build(a, db, "oldload")
+    index.save(tmp_path / "idx")
+    with caplog.at_level("WARNING"):
+        MilvusIndex.load(tmp_path / "idx")
+    assert "digest" not in caplog.text  # both recorded: compared, nothing to say
+    state, _ = mb.recorded_state(index.client, "oldload")
+    forget_vectors_digest(index.client, "oldload")
+    with caplog.at_level("WARNING"):
+        assert MilvusIndex.load(tmp_path / "idx").ids == ids  # still loads
+    assert "the Milvus collection 'oldload' was built before" in caplog.text
+    assert "is not checked; build the index again" in caplog.text
+    index.client.alter_collection_properties(
+        "oldload", properties={mb.STATE_KEY: json.dumps(state, sort_keys=True)}
+    )
+    info = json.loads((tmp_path / "idx/meta.json").read_text())
+    info["vectors_sha256"] = None  # a descriptor written before the digest existed
+    (tmp_path / "idx/meta.json").write_text(json.dumps(info))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        MilvusIndex.load(tmp_path / "idx")
+    assert f"the index {tmp_path / 'idx'} was built before" in caplog.text
 
 
 def test_ivf_on_milvus_lite_is_warned_about(tmp_path, db, caplog):

@@ -65,9 +65,14 @@ def open_for_build(
 ) -> int | None:
     """Create the collection, or check an existing one can be resumed.
 
+    A collection recorded before vector digests existed holds vectors that cannot be compared
+    with this build's (an edited passage keeps its id): it is refreshed, every row upserted
+    again, and `record_state` adds the digest once all are in (an interrupted refresh leaves
+    none, so its re-run refreshes again rather than trust rows it did not reach).
+
     Returns:
-        None for a new collection, else the leading rows (in id order) an earlier build
-        recorded as upserted.
+        None when every row is to be written (a new collection, or one refreshed), else the
+        leading rows (in id order) an earlier build recorded as upserted.
     """
     if client.has_collection(collection) and overwrite:
         logger.warning("dropping the Milvus collection %r (overwrite)", collection)
@@ -78,7 +83,22 @@ def open_for_build(
     recorded, done = recorded_state(client, collection)
     check_resumable(recorded, state, meta, collection)
     client.load_collection(collection)
+    if recorded is not None and "vectors_sha256" not in recorded:
+        logger.warning(
+            "the Milvus collection %r was built before chatretriever recorded a digest of its "
+            "vectors: they cannot be compared with these shards, so every row is upserted "
+            "again (once: the digest is recorded when all are in)",
+            collection,
+        )
+        return None
     return done
+
+
+def record_state(client: Any, collection: str, state: dict[str, Any]) -> None:
+    """Record a build's state (with its vectors digest) in the collection, once every row of a
+    refresh is in (`open_for_build`); a new collection recorded it when created."""
+    properties = {STATE_KEY: json.dumps(state, sort_keys=True)}
+    client.alter_collection_properties(collection, properties=properties)
 
 
 def _existing(client: Any, collection: str, ids: Sequence[str]) -> set[str]:

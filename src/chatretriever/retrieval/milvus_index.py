@@ -20,8 +20,12 @@ into a collection that holds another model or corpus is refused unless `overwrit
 Loading resumes: rows are upserted shard by shard in batches, and after each shard the number of
 leading rows (in id order) that are in is recorded in the collection. A re-run of an interrupted
 build skips those rows and upserts, of the others, only the ids the collection does not hold yet
-(looked up batch by batch; an id present holds the vector of the same encoder and corpus, both
-checked before anything is written).
+(looked up batch by batch; an id present holds the same vector: the encoder, the corpus and the
+vectors digest are checked before anything is written).
+
+A collection built before the vectors digest existed records none: a build into it upserts every
+row again and then records the digest (`milvus_build.open_for_build`), and loading an index whose
+collection or descriptor lacks one warns that its vectors were not checked.
 
 Torch-free; `pymilvus` (and `milvus-lite` for local files) are imported when used.
 """
@@ -49,6 +53,7 @@ from chatretriever.retrieval.milvus_build import (
     VECTOR_FIELD,
     count_rows,
     open_for_build,
+    record_state,
     recorded_state,
     upsert_shards,
 )
@@ -77,6 +82,20 @@ BACKEND = "milvus"
 MAX_TOPK = 16_384  # Milvus's limit on hits per query
 DEFAULT_EF = 64  # HNSW's ef when none is given (milvus-lite's default), raised to k when below
 SEARCH_BLOCK = 256  # queries per search call: bounded gRPC messages
+
+
+def _warn_unchecked_vectors(directory: Path, collection: str, old_descriptor: bool) -> None:
+    """Say that an index from before vector digests cannot tell whether its collection still
+    holds the vectors it was built with (a rebuild since, with edited passages, goes unseen)."""
+    which = f"the index {directory}" if old_descriptor else f"the Milvus collection {collection!r}"
+    logger.warning(
+        "%s was built before chatretriever recorded a digest of its vectors: whether the "
+        "collection %r still holds the vectors this index was built with is not checked; build "
+        "the index again into it (`chatretriever index`: an old collection is refreshed once) to "
+        "record one",
+        which,
+        collection,
+    )
 
 
 class MilvusIndex:
@@ -175,6 +194,8 @@ class MilvusIndex:
             index.upserted = upsert_shards(client, collection, parts, done, batch_size, bar)
         client.flush(collection)
         index._check_count()
+        if done is None:  # every row written: a refreshed collection gets its digest now
+            record_state(client, collection, state)
         kept = len(ids) - index.upserted
         logger.info("%s: %d rows upserted, %d kept from before", collection, index.upserted, kept)
         return index
@@ -351,6 +372,8 @@ class MilvusIndex:
             state, done = recorded_state(client, collection)
             built_with = info.get("vectors_sha256")
             check_finished(state, done, meta, ids, collection, directory, built_with)
+            if not (built_with and state and state.get("vectors_sha256")):
+                _warn_unchecked_vectors(directory, collection, built_with is None)
             client.load_collection(collection)
             index = cls(client, uri, collection, ids, meta, factory)
             index.vectors_sha256 = built_with

@@ -279,7 +279,8 @@ def check_resumable(
                 f"({recorded.get(key)} != {state[key]}): choose another collection, or drop it "
                 "(--overwrite)"
             )
-    # a build recorded before vector digests existed has none: its vectors cannot be compared
+    # a build recorded before vector digests existed has none: nothing to compare here, and
+    # `milvus_build.open_for_build` refreshes every row of it instead of trusting them
     if recorded.get("vectors_sha256", state["vectors_sha256"]) != state["vectors_sha256"]:
         raise ValueError(
             f"the Milvus collection {collection!r} holds other vectors under these passage ids "
@@ -306,7 +307,8 @@ def check_finished(
         ids: The descriptor's passage ids, in order.
         collection: The collection's name (for the messages).
         directory: The descriptor's directory (the errors name its files).
-        vectors_sha256: The vectors digest the descriptor recorded (None: an older one).
+        vectors_sha256: The vectors digest the descriptor recorded (None: an older one). When
+            either side has none nothing is compared, which `MilvusIndex.load` warns about.
 
     Raises:
         EncoderMismatchError: The collection records another encoder (it was rebuilt since).
