@@ -50,7 +50,7 @@ from chatretriever.retrieval.fusion import DEFAULT_RRF_K, FUSION_METHODS, Fusion
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _conversational import backends, report, runs, script, systems, tasks  # noqa: E402
 from _shared.machine import machine  # noqa: E402
-from _shared.paths import repo_path  # noqa: E402
+from _shared.paths import repo_path, run_settings  # noqa: E402
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -119,7 +119,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def results_settings(args: argparse.Namespace) -> dict:
     """The options that shape the results (file names hold only the tasks file's stem and the
     pool): a results file of other settings is kept aside rather than replaced."""
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "verbose", "runs_only")}
+    settings = run_settings(args, "verbose", "runs_only")
     if args.eval_conversations:
         settings["eval_conversations"] = str(Path(args.eval_conversations).resolve())
     return settings
@@ -165,7 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for r in records:
             print(f"{r['id']}\t{r['wall_s']:.1f} s\t{r['run']}")
         return 0
-    baseline = report.evaluate_records(records, qrels)
+    names = report.measures(args.k)  # recall at the runs' depth, at most 100
+    baseline = report.evaluate_records(records, qrels, names)
     summary = {
         "command": shlex.join(["python", "benchmarks/conversational.py", *argv]),
         "data": args.data,
@@ -175,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "eval_conversations": args.eval_conversations,
         "pool": ws.pool_info(),
         "k": args.k,
-        "measures": list(report.MEASURES),
+        "measures": list(names),
         "baseline": baseline,
         "skipped": skipped,
         "settings": results_settings(args),

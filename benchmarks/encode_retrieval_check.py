@@ -11,6 +11,9 @@ cosines of encode_speed.py (>= 0.9998) make implausible at P = 20.
     python benchmarks/encode_retrieval_check.py --data ../shared/data/mtrag \\
         --run outputs/benchmark/runs/chatretriever-smol.session.trec --pool 20 \\
         --rows bf16-budget v1-autocast fast-fp32 --out outputs/encode_check
+
+Writes OUT/encode_check.{json,md}; those of a run with other options are kept as
+OUT/encode_check.prev[-N].*.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _conversational import script  # noqa: E402
 from _encode_speed.encoder_rows import ROWS, set_row  # noqa: E402
 from _shared.machine import machine, machine_line  # noqa: E402
-from _shared.paths import repo_path  # noqa: E402
+from _shared.paths import keep_previous, repo_path, run_settings  # noqa: E402
 
 from chatretriever.io.atomic import atomic_write  # noqa: E402
 from chatretriever.io.corpus import iter_corpus  # noqa: E402
@@ -109,7 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "pool_passages": len(passages),
         "rows": rows,
         "machine": machine(),
+        "settings": run_settings(args),
     }
+    keep_previous([out / "encode_check.json", out / "encode_check.md"], result["settings"])
     with atomic_write(out / "encode_check.json") as f:
         json.dump(result, f, indent=2)
     lines = [

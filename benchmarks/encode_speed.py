@@ -20,8 +20,10 @@
     python benchmarks/encode_speed.py --skip-faiss              # N=2000, every row
     python benchmarks/encode_speed.py --n 64 --n-random 20000   # a smoke run
 
-Its parts are in _encode_speed/: encoder_rows.py (the rows of (a)), reference.py (the --reference
-cache), faiss_rows.py (part (b)) and report.py (the markdown and the targets).
+Writes OUT/encode_speed.{json,md} (the JSON after every row); those of a run with other options
+are kept as OUT/encode_speed.prev[-N].*. Its parts are in _encode_speed/: encoder_rows.py (the
+rows of (a)), reference.py (the --reference cache), faiss_rows.py (part (b)) and report.py (the
+markdown and the targets).
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ from _encode_speed.report import (  # noqa: E402, F401
     markdown,
 )
 from _shared.machine import cpu_model  # noqa: E402
-from _shared.paths import repo_path, require_model  # noqa: E402
+from _shared.paths import keep_previous, repo_path, require_model, run_settings  # noqa: E402
 
 
 def environment() -> dict[str, Any]:
@@ -244,9 +246,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     result: dict[str, Any] = {
         "command": shlex.join(["python", "benchmarks/encode_speed.py", *argv]),
         "environment": env,
+        "settings": run_settings(args),
         "encoders": {},
         "faiss": [],
     }
+    # before the first row is saved: the JSON is rewritten as the rows finish
+    keep_previous([out / "encode_speed.json", out / "encode_speed.md"], result["settings"])
 
     def save(encoders: dict) -> None:
         result["encoders"] = encoders

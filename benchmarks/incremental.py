@@ -18,7 +18,9 @@ incremental path is for).
     python benchmarks/incremental.py --n-conversations 4 --max-turns 3   # a smoke run
     python benchmarks/incremental.py --long-only --serving-weights      # weights merged + cast once
 
-On a CPU that other jobs share, add `--threads 1` (steady timings).
+On a CPU that other jobs share, add `--threads 1` (steady timings). Writes
+OUT/incremental.{json,md,png}; those of a run with other options are kept as
+OUT/incremental.prev[-N].*.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from chatretriever.types import Session
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _conversational.script import run  # noqa: E402
 from _shared.machine import cpu_model  # noqa: E402, F401  (also this script's surface)
-from _shared.paths import repo_path, require_model  # noqa: E402
+from _shared.paths import keep_previous, repo_path, require_model, run_settings  # noqa: E402
 
 TARGET_SPEEDUP = 5.0  # at turn 6 and beyond, without truncation
 TARGET_FROM_TURN = 6
@@ -389,6 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = {
         "command": shlex.join(["python", "benchmarks/incremental.py", *argv]),
         "environment": env,
+        "settings": run_settings(args),
         "model": args.model,
         "dtype": budgets[0]["dtype"],
         "device": budgets[0]["device"],
@@ -398,6 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "budgets": budgets,
     }
     out = Path(args.out)
+    keep_previous([out / f"incremental.{ext}" for ext in ("json", "md", "png")], result["settings"])
     write_json(out / "incremental.json", result)
     text = markdown(result)
     with atomic_write(out / "incremental.md") as f:

@@ -34,9 +34,10 @@ top k are cached in OUT/cache/ and reused when their settings match (delete it t
     python benchmarks/index_scale.py                     # 1M and 10M, every system: hours
     python benchmarks/index_scale.py --sizes 200000 --systems hnsw ivfpq-rerank
 
-The parts live in benchmarks/_index_scale/: vectors (the real and synthetic vectors, the exact
-search), memory (RSS and the bytes/vector models), systems (what is built and measured), report
-(targets, JSON, markdown, plot).
+Writes OUT/index_scale.{json,md,png} (JSON and markdown after every system); those of a run with
+other options are kept as OUT/index_scale.prev[-N].*. The parts live in benchmarks/_index_scale/:
+vectors (the real and synthetic vectors, the exact search), memory (RSS and the bytes/vector
+models), systems (what is built and measured), report (targets, JSON, markdown, plot).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _conversational.script import run  # noqa: E402
 from _index_scale import report, systems, vectors  # noqa: E402
-from _shared.paths import repo_path  # noqa: E402
+from _shared.paths import keep_previous, repo_path, run_settings  # noqa: E402
 
 
 def _positive_ints(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -147,6 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result: dict[str, Any] = {
         "command": shlex.join(["python", "benchmarks/index_scale.py", *argv]),
         "environment": env,
+        "settings": run_settings(args),
         "k": args.k,
         "set": {
             "key": sset.key,
@@ -162,6 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "faiss_threads": args.threads,
         "sizes": [],
     }
+    # before the first system is saved: the files are rewritten as the systems finish
+    keep_previous([out / f"index_scale.{ext}" for ext in ("json", "md", "png")], result["settings"])
     start = time.perf_counter()
     for n in args.sizes:
         run_size(args, sset, n, out, result)

@@ -5,7 +5,9 @@ fine-tune MiniLM (in-batch negatives off, the paper's setting) and evaluate it, 
 with in-batch negatives on, and the leave-one-task-out row (trained without `--holdout`, tested
 on it); `--lora` fine-tunes LoRA adapters instead of every weight (the rows say "(LoRA)").
 Writes results.json, results.md (Hit@5 and nDCG@10 tables, a column per task and the
-mean) and hit5.png (a heatmap) into --out. Heavy: run it under the shared lock, e.g.
+mean) and hit5.png (a heatmap) into --out; those of a run with other options are kept as
+results.prev[-N].json, results.prev[-N].md, hit5.prev[-N].png. Heavy: run it under the shared
+lock, e.g.
 
     nohup flock /tmp/chatretriever-heavy.lock .venv/bin/python benchmarks/items.py \
         --out outputs/bench-items > /tmp/items-bench.log 2>&1 &
@@ -43,7 +45,7 @@ from chatretriever.retrieval.evaluate import write_json
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _conversational import script  # noqa: E402
 from _shared.machine import machine, machine_line  # noqa: E402
-from _shared.paths import repo_path  # noqa: E402
+from _shared.paths import keep_previous, repo_path, run_settings  # noqa: E402
 
 
 def _timed(timings: dict[str, float], name: str, fn: Callable[[], Any]) -> Any:
@@ -157,7 +159,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "counts": counts,
         "timings_s": timings,
         "total_s": round(sum(timings.values()), 1),
-        "settings": vars(args),
+        "settings": run_settings(args),
         "machine": machine("float32"),  # the item trainer is fp32 only
         "command": shlex.join(["python", "benchmarks/items.py", *sys.argv[1:]]),
         "results": results,
@@ -165,8 +167,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def write_report(report: dict[str, Any], out: Path) -> None:
-    """results.json, results.md and hit5.png."""
+    """results.json, results.md and hit5.png (those of other settings kept as *.prev*)."""
     results = report["results"]
+    files = [out / "results.json", out / "results.md", out / "hit5.png"]
+    keep_previous(files, report.get("settings", {}))
     write_json(out / "results.json", report)
     md = [
         "## Hit@5 per task",

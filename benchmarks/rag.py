@@ -61,7 +61,7 @@ from _rag.systems import SYSTEMS, RagSystem, describe, plan_systems  # noqa: E40
 from _rag.turns import load_corpus, select_turns  # noqa: E402
 from _rag.workspace import RagWorkspace  # noqa: E402
 from _shared.machine import machine  # noqa: E402
-from _shared.paths import keep_previous, repo_path  # noqa: E402
+from _shared.paths import keep_previous, repo_path, run_settings  # noqa: E402
 
 RUN_DEPTH = 10  # R@10 reads the top 10 of a run whatever k the answers read
 
@@ -231,11 +231,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if ablations and summary["ablations_against"] is None:  # the baseline row was skipped
         print(f"  no ablation comparison: row {args.ablation_baseline!r} was not run")
-    summary["settings"] = {k: v for k, v in vars(args).items() if k not in ("out", "verbose")}
-    if kept := keep_previous(
-        [out / f"rag.{ext}" for ext in ("json", "md", "png")], summary["settings"]
-    ):
-        print(f"  the results there had other settings: kept as {kept.with_suffix('')}.*")
+    summary["settings"] = run_settings(args, "verbose")
+    keep_previous([out / f"rag.{ext}" for ext in ("json", "md", "png")], summary["settings"])
     write_json(out / "rag.json", {**summary, "systems": records})
     print(write_markdown(out / "rag.md", summary, records))
     write_plot(out / "rag.png", records)

@@ -15,8 +15,9 @@ quality: Recall@1/3/5, MRR, nDCG@10 (`retrieval.evaluate`) on the evaluation dia
   and qrels are written.
 cost: time per query of the reranker without KV reuse, with KV reuse (document caches computed
   offline) and the Rabtriever student, as the number of candidates and the document length grow.
-Parts in _rationale/: runs (the dense and BM25 runs, their evaluation), cost (the cost curves),
-report (quality's tables and plot), env (machine).
+Each part writes OUT/<part>.{json,md,png}; those of a run with other options are kept as
+OUT/<part>.prev[-N].*. Parts in _rationale/: runs (the dense and BM25 runs, their evaluation),
+cost (the cost curves), report (quality's tables and plot), env (machine, `_shared/machine.py`).
 
     python benchmarks/rationale.py quality --rerank-limit 100      # heavy: run under the lock
     python benchmarks/rationale.py quality --reranker sft=runs/rationale-sft \
@@ -47,7 +48,7 @@ from _rationale.env import environment  # noqa: E402
 from _rationale.report import MEASURES, quality_markdown, write_quality_plot  # noqa: E402
 from _rationale.runs import bm25_run, dense_runs, evaluate_all, subset_run, top_k_run  # noqa: E402
 from _shared.options import at_least  # noqa: E402
-from _shared.paths import repo_path  # noqa: E402
+from _shared.paths import keep_previous, repo_path, run_settings  # noqa: E402
 
 # The conversation budget of a reranker row without a tuned one (the zero-shot row, as reported).
 ZERO_SHOT_QUERY_TOKENS = 256
@@ -348,17 +349,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.part == "quality":
-        result = quality(args)
-        write_json(out / "quality.json", result)
-        (out / "quality.md").write_text(quality_markdown(result), encoding="utf-8")
-        write_quality_plot(out / "quality.png", result)
-        sys.stdout.write(quality_markdown(result))
+        result, markdown, plot = quality(args), quality_markdown, write_quality_plot
     else:
-        result = cost(args)
-        write_json(out / "cost.json", result)
-        (out / "cost.md").write_text(cost_markdown(result), encoding="utf-8")
-        write_cost_plot(out / "cost.png", result)
-        sys.stdout.write(cost_markdown(result))
+        result, markdown, plot = cost(args), cost_markdown, write_cost_plot
+    result["settings"] = run_settings(args)
+    files = [out / f"{args.part}.{ext}" for ext in ("json", "md", "png")]
+    keep_previous(files, result["settings"])
+    write_json(files[0], result)
+    files[1].write_text(markdown(result), encoding="utf-8")
+    plot(files[2], result)
+    sys.stdout.write(markdown(result))
     return 0
 
 

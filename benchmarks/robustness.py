@@ -11,7 +11,8 @@ contexts, `--contexts` sets; Mean and SD of nDCG@3) for:
 Systems, corpus embeddings and the BM25 index come from benchmarks/_conversational (the same
 workspace as benchmarks/conversational.py: OUT/emb/ is reused). Every generation is cached in
 OUT/generations.<generator>.jsonl, so a rerun makes no LLM call; the modified datasets are
-OUT/full.seed<N>.jsonl and OUT/partial.<system>.jsonl. Results: OUT/robustness.{json,md,png}.
+OUT/full.seed<N>.jsonl and OUT/partial.<system>.jsonl. Results: OUT/robustness.{json,md,png}
+(those of a run with other options kept as OUT/robustness.prev[-N].*).
 
     python benchmarks/robustness.py --systems bm25 --limit-conversations 2
     python benchmarks/robustness.py --sessions S.jsonl --qrels Q.tsv --corpus C.jsonl
@@ -45,7 +46,7 @@ from chatretriever.types import Passage, Run, Session, passage_text
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _conversational import runs, script, systems, tasks  # noqa: E402
 from _shared.machine import machine, machine_line  # noqa: E402
-from _shared.paths import repo_path  # noqa: E402
+from _shared.paths import keep_previous, repo_path, run_settings  # noqa: E402
 
 from chatretriever.retrieval.robustness.evaluation import evaluate_robustness  # noqa: E402
 
@@ -269,7 +270,8 @@ def judge_line(check: dict | None) -> str:
 
 
 def write_results(out: Path, summary: dict) -> str:
-    """OUT/robustness.{json,md,png}; returns the markdown."""
+    """OUT/robustness.{json,md,png} (those of other settings kept as robustness.prev*);
+    returns the markdown."""
     llm = summary["llm"]
     text = "\n".join(
         [
@@ -295,6 +297,8 @@ def write_results(out: Path, summary: dict) -> str:
             "",
         ]
     )
+    files = [out / f"robustness.{ext}" for ext in ("json", "md", "png")]
+    keep_previous(files, summary.get("settings", {}))
     write_json(out / "robustness.json", summary)
     with atomic_write(out / "robustness.md") as f:
         f.write(text)
@@ -391,6 +395,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "wall_s": round(time.perf_counter() - start, 1),
         "skipped": skipped,
         "judge_check": check,
+        "settings": run_settings(args, "verbose"),
         **result,
     }
     table = write_results(out, summary)

@@ -14,7 +14,8 @@ are shown beside them.
         --reference "v1 recipe" --run "BM25, last turn=runs/bm25.last_turn.trec"
 
 A group's runs are a glob (quote it) or a comma-separated list. Writes OUT/seeds.json,
-OUT/seeds.md and OUT/seeds.png (each seed a dot, the mean a bar with its sd).
+OUT/seeds.md and OUT/seeds.png (each seed a dot, the mean a bar with its sd); those of a run with
+other options are kept as OUT/seeds.prev[-N].*.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from _conversational.report import (  # noqa: E402
     table_head,
 )
 from _shared.machine import machine, machine_line  # noqa: E402
-from _shared.paths import repo_path  # noqa: E402
+from _shared.paths import keep_previous, repo_path, run_settings  # noqa: E402
 
 
 def parse_spec(spec: str, what: str) -> tuple[str, list[Path]]:
@@ -192,8 +193,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "measures": list(MEASURES),
         "num_missing_from_run": sum(sum(r["num_missing_from_run"]) for r in rows),
         "machine": machine(torch_used=False),  # scoring only: no torch
+        "settings": run_settings(args),
         "rows": rows,
     }
+    keep_previous([out / f"seeds.{ext}" for ext in ("json", "md", "png")], summary["settings"])
     write_json(out / "seeds.json", summary)
     md = table(rows, reference)
     text = [

@@ -7,6 +7,8 @@ The requests are the demo conversations' turns (`assets/demo/conversations.jsonl
 session so far, as a client sends it), cycled. Each configuration starts its own server process
 (`python -m chatretriever serve`, a random API key in the environment), warms it up, runs until
 N requests are done or `--max-duration` seconds have passed, then stops it. Loopback only.
+Writes OUT/serve_load.{json,md}, only when the run measured something; those of a run with other
+options are kept as OUT/serve_load.prev[-N].*.
 
     python benchmarks/serve_load.py --index outputs/demo/index                 # 10,000 x 32
     python benchmarks/serve_load.py --index DIR --requests 200 --configs 32    # a smoke run
@@ -41,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _conversational.script import run  # noqa: E402
 from _shared.machine import machine, machine_line  # noqa: E402
 from _shared.options import above_zero, at_least  # noqa: E402
-from _shared.paths import repo_path  # noqa: E402
+from _shared.paths import keep_previous, repo_path, run_settings  # noqa: E402
 from _shared.server import counters, start_server, stop_server  # noqa: E402
 
 TARGET_REQUESTS = 10_000
@@ -252,6 +254,20 @@ def environment() -> dict[str, Any]:
     return {**machine(torch_used=False), "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()]}
 
 
+def redacted(argv: Sequence[str]) -> list[str]:
+    """`argv` with the value of `--api-key` (or an abbreviation argparse takes for it) replaced
+    by "***": the command is written into the results, the key must not be."""
+    out, hide = [], False
+    for arg in argv:
+        name, eq, _ = arg.partition("=")
+        if hide:
+            arg, hide = "***", False
+        elif len(name) > 2 and "--api-key".startswith(name):
+            arg, hide = (f"{name}=***", False) if eq else (arg, True)
+        out.append(arg)
+    return out
+
+
 def _batch_sizes(text: str) -> list[int]:
     try:
         sizes = [int(c) for c in text.split(",")]
@@ -332,8 +348,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     report = {
         "command": "python benchmarks/serve_load.py "
-        + shlex.join(sys.argv[1:] if argv is None else argv),
+        + shlex.join(redacted(sys.argv[1:] if argv is None else argv)),
         "environment": environment(),
+        "settings": run_settings(args, "api_key"),  # the key is a secret, not a setting
         "targets": {
             "requests": TARGET_REQUESTS,
             "concurrency": TARGET_CONCURRENCY,
@@ -342,6 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "results": [asdict(r) for r in results],
         "speedup": None if speedup is None else round(speedup, 2),
     }
+    keep_previous([out / "serve_load.json", out / "serve_load.md"], report["settings"])
     write_json(out / "serve_load.json", report)
     text = markdown(results, speedup)
     text += f"\n{machine_line(report['environment'])}\n\n`{report['command']}`\n"

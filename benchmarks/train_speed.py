@@ -11,7 +11,8 @@ whole process, model included), peak allocated memory on a GPU. Tokens/s counts 
 (non-pad) tokens of the CSIT and passage batches, the same for both modes.
 
 A single configuration can be timed on its own with `--child '<json>'` (the keys `measure`
-reads); `--modes` limits the run to some of the modes.
+reads); `--modes` limits the run to some of the modes. Writes OUT/train_speed.{json,md,png};
+those of a run with other options are kept as OUT/train_speed.prev[-N].*.
 
     python benchmarks/train_speed.py                                  # SmolLM2, MTRAG examples
     python benchmarks/train_speed.py --steps 2 --warmup 1 --batch-size 2   # a smoke run
@@ -40,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _conversational.script import run  # noqa: E402
 from _shared.machine import cpu_model  # noqa: E402
 from _shared.options import at_least  # noqa: E402
-from _shared.paths import repo_path, require_model  # noqa: E402
+from _shared.paths import keep_previous, repo_path, require_model, run_settings  # noqa: E402
 
 MODES = ("one_pass", "two_pass")
 DEFAULT_DATA = repo_path("outputs/train/mtrag.jsonl.gz")
@@ -310,17 +311,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()],
         "cpu_native_bf16": native_bf16(torch.device("cpu")),
     }
-    settings = {
-        k: getattr(args, k)
-        for k in ("model", "data", "batch_size", "negatives", "steps", "warmup", "device")
-    }
-    common = {
-        **settings,
-        "threads": args.threads,
-        "max_session_len": args.max_session_len,
-        "max_passage_len": args.max_passage_len,
-        "max_response_len": args.max_response_len,
-    }
+    # what each (mode, dtype) child measures with (the keys `measure` reads, but mode and dtype)
+    keys = ("model", "data", "batch_size", "negatives", "steps", "warmup", "device", "threads",
+            "max_session_len", "max_passage_len", "max_response_len")  # fmt: skip
+    common = {k: getattr(args, k) for k in keys}
     rows, skipped = [], {}
     why = None if args.force_bf16 or "bf16" not in args.dtypes else bf16_unsupported(args.device)
     if why:
@@ -343,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv_ = sys.argv[1:] if argv is None else list(argv)
     result = {
         "command": shlex.join(["python", "benchmarks/train_speed.py", *argv_]),
-        "settings": settings,
+        "settings": run_settings(args, "child"),
         "environment": environment,
         "rows": rows,
         "skipped": skipped,
@@ -351,6 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    keep_previous([out / f"train_speed.{ext}" for ext in ("json", "md", "png")], result["settings"])
     write_json(out / "train_speed.json", result)
     md = markdown(result)
     with atomic_write(out / "train_speed.md") as f:

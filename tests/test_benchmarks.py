@@ -182,7 +182,7 @@ def test_benchmark_end_to_end_resumes_from_cached_runs(conv, mtrag, tmp_path, lo
     assert "vs_baseline" in by_id["csit.session"]
     assert "vs_baseline" not in by_id[results["baseline"]]
     for s in results["systems"]:
-        assert set(s["metrics"]) == {"nDCG@3", "nDCG@10", "RR@10", "R@100"}
+        assert set(s["metrics"]) == {"nDCG@3", "nDCG@10", "RR@10", "R@5"}  # recall at --k 5
         assert all(0.0 <= v <= 1.0 for v in s["metrics"].values())
         assert s["wall_s"] >= 0 and s["timing_s"]
     assert by_id["fake_hash.last_turn"]["index"] == "numpy-exact"
@@ -194,7 +194,7 @@ def test_benchmark_end_to_end_resumes_from_cached_runs(conv, mtrag, tmp_path, lo
     assert encode_s == pytest.approx(encode_seconds(emb_dir), abs=1e-3)
     assert "rewrite_s" in by_id["bm25.llm_rewrite"]["timing_s"]
     md = (out / "results.md").read_text()
-    assert "| system | formulation | nDCG@3 | nDCG@10 | MRR@10 | R@100 | wall s |" in md
+    assert "| system | formulation | nDCG@3 | nDCG@10 | MRR@10 | R@5 | wall s |" in md
     assert "| bm25 | last_turn | 1.0000 |" in md and "llm_rewrite (fake-llm)" in md
     assert "3 judged tasks evaluated of 3 tasks" in md
     if importlib.util.find_spec("matplotlib"):

@@ -1,7 +1,9 @@
 """The results: metrics, paired tests against the best BM25 run, and the files that show them.
 
 OUT/results[.<ids file>].json holds every record, .md the table, .png a bar chart. The paired
-randomisation test is `chatretriever.retrieval.evaluate.compare`.
+randomisation test is `chatretriever.retrieval.evaluate.compare`. Recall is measured at
+min(100, --k) (`measures`): a run holds --k passages, so "R@100" of a shallower run is recall at
+its depth, and is named so.
 """
 
 from __future__ import annotations
@@ -22,12 +24,31 @@ from chatretriever.io.trec import read_run
 from chatretriever.retrieval.evaluate import write_json
 from chatretriever.types import Qrel
 
-MEASURES = ("nDCG@3", "nDCG@10", "RR@10", "R@100")
+RECALL_DEPTH = 100  # the recall cut of runs at least this deep (the default --k)
 MEASURE_LABELS = {"RR@10": "MRR@10"}
 
 
-def evaluate_records(records: list[dict], qrels: Sequence[Qrel]) -> str | None:
-    """Add metrics to every record, and paired tests against the best BM25 run.
+def measures(k: int = RECALL_DEPTH) -> tuple[str, ...]:
+    """The measures of runs `k` passages deep, in table order.
+
+    Args:
+        k: The depth of the runs (`--k`).
+
+    Returns:
+        nDCG@3, nDCG@10, RR@10 and recall at min(100, k): ir_measures' R@100 of a run holding
+        k < 100 passages equals its R@k, which is what it is called here.
+    """
+    return ("nDCG@3", "nDCG@10", "RR@10", f"R@{min(RECALL_DEPTH, k)}")
+
+
+MEASURES = measures()  # of the default --k (seeds.py scores runs made with it)
+
+
+def evaluate_records(
+    records: list[dict], qrels: Sequence[Qrel], names: Sequence[str] = MEASURES
+) -> str | None:
+    """Add metrics (`names`, see `measures`) to every record, and paired tests against the best
+    BM25 run.
 
     Returns:
         The id of that baseline (None when no plain BM25 system ran).
@@ -36,7 +57,7 @@ def evaluate_records(records: list[dict], qrels: Sequence[Qrel]) -> str | None:
 
     evaluations = {}
     for r in tqdm(records, desc="evaluate", unit="run"):
-        ev = evaluate_run(read_run(r["run"]), qrels, MEASURES)
+        ev = evaluate_run(read_run(r["run"]), qrels, names)
         evaluations[r["id"]] = ev
         r["metrics"] = ev.aggregate
         r["num_queries"] = ev.num_queries
@@ -63,17 +84,25 @@ def delta_cell(test: dict | None) -> str:
     return f"{test['diff']:+.4f} ({fmt_p(test['randomization_p'])})" if test else "-"
 
 
-def table_head(first: Sequence[str], last: Sequence[str], reference: str | None) -> list[str]:
-    """The two header lines of a results table: `first` columns, one per measure, `last`
-    columns, then the nDCG@3 difference against `reference`."""
+def table_head(
+    first: Sequence[str],
+    last: Sequence[str],
+    reference: str | None,
+    names: Sequence[str] = MEASURES,
+) -> list[str]:
+    """The two header lines of a results table: `first` columns, one per measure of `names`,
+    `last` columns, then the nDCG@3 difference against `reference`."""
     vs = f"ΔnDCG@3 vs {reference} (p)" if reference else "ΔnDCG@3"
-    head = [*first, *(MEASURE_LABELS.get(m, m) for m in MEASURES), *last, vs]
+    head = [*first, *(MEASURE_LABELS.get(m, m) for m in names), *last, vs]
     return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
 
-def results_table(records: list[dict], baseline: str | None) -> str:
-    """The markdown table: one row per system, in planning order (family, model, formulation)."""
-    lines = table_head(["system", "formulation"], ["wall s"], baseline)
+def results_table(
+    records: list[dict], baseline: str | None, names: Sequence[str] = MEASURES
+) -> str:
+    """The markdown table: one row per system, in planning order (family, model, formulation),
+    a column per measure of `names`."""
+    lines = table_head(["system", "formulation"], ["wall s"], baseline, names)
     for r in records:
         formulation = r["formulation"]
         if r.get("fusion"):  # the fusion's settings: rows of other weights / k differ
@@ -87,7 +116,7 @@ def results_table(records: list[dict], baseline: str | None) -> str:
         if r["id"] == baseline:
             delta = "baseline"
         cells = [r["label"], formulation]
-        cells += [f"{r['metrics'][m]:.4f}" for m in MEASURES]
+        cells += [f"{r['metrics'][m]:.4f}" for m in names]
         cells += [f"{r['wall_s']:.1f}", delta]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -101,7 +130,7 @@ def write_markdown(path: Path, summary: dict, records: list[dict], baseline: str
         f"(tasks without judgments are not scored); corpus: {summary['corpus_passages']:,} "
         f"passages of all four domains searched as one collection; top {summary['k']}.",
         "",
-        results_table(records, baseline),
+        results_table(records, baseline, summary["measures"]),
         "",
         "wall s: corpus encoding (or BM25 indexing) + index building + LLM rewriting where used "
         "+ query encoding and search; shared steps count in full for each system using them. "
@@ -139,14 +168,15 @@ def save_figure(plt: Any, fig: Any, path: Path) -> None:
     plt.close(fig)
 
 
-def write_plot(path: Path, records: list[dict]) -> bool:
-    """Bar chart of nDCG@3 and R@100 per system (needs matplotlib)."""
+def write_plot(path: Path, records: list[dict], recall: str = MEASURES[-1]) -> bool:
+    """Bar chart of nDCG@3 and `recall` (the table's recall measure) per system (needs
+    matplotlib)."""
     if (plt := pyplot()) is None:
         return False
     names = [r["id"] for r in records]
     y = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(8, 1.5 + 0.45 * len(names)))
-    for offset, measure in ((-0.2, "nDCG@3"), (0.2, "R@100")):
+    for offset, measure in ((-0.2, "nDCG@3"), (0.2, recall)):
         ax.barh(y + offset, [r["metrics"][measure] for r in records], 0.4, label=measure)
     ax.set_yticks(y, names)
     ax.invert_yaxis()
@@ -162,10 +192,9 @@ def write_results(
 ) -> str:
     """Write OUT/results<suffix>.{json,md,png}; returns the markdown. Results there made with
     other settings (`summary["settings"]`) are kept as results<suffix>.prev[-N].*."""
-    names = [out / f"results{suffix}.{ext}" for ext in ("json", "md", "png")]
-    if kept := keep_previous(names, summary.get("settings", {})):
-        print(f"  the results there had other settings: kept as {kept.with_suffix('')}.*")
+    files = [out / f"results{suffix}.{ext}" for ext in ("json", "md", "png")]
+    keep_previous(files, summary.get("settings", {}))
     write_json(out / f"results{suffix}.json", {**summary, "systems": records})
     table = write_markdown(out / f"results{suffix}.md", summary, records, baseline)
-    write_plot(out / f"results{suffix}.png", records)
+    write_plot(out / f"results{suffix}.png", records, summary["measures"][-1])
     return table

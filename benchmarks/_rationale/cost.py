@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _rationale.env import environment
+from _rationale.env import environment, environment_words
 from chatretriever.methods.rationale import tasks
 from chatretriever.types import Session
 
@@ -105,9 +105,8 @@ def cost(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cost_markdown(result: dict[str, Any]) -> str:
-    env = result["environment"]
-    lines = [f"`{env['command']}` on {env['cpu']} ({env['cpu_count']} cores, load "
-             f"{env['loadavg_1_5_15']}); seconds per query (document side computed offline).", "",
+    lines = [f"{environment_words(result['environment'])}; seconds per query (document side "
+             "computed offline).", "",
              "| doc tokens | candidates | reranker, no reuse | reranker, KV reuse | student | "
              "no reuse / student |", "|---|---|---|---|---|---|"]  # fmt: skip
     for r in result["rows"]:

@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from _rationale.env import environment_words
+
 # The measures of every table, in column order (`rationale.py` evaluates them).
 MEASURES = ("R@1", "R@3", "R@5", "RR", "nDCG@10")
 
@@ -24,12 +26,7 @@ def _table(rows: dict[str, dict[str, float]]) -> list[str]:
 
 
 def quality_markdown(result: dict[str, Any]) -> str:
-    env = result["environment"]
-    lines = [
-        f"`{env['command']}` on {env['cpu']} ({env['cpu_count']} cores, "
-        f"load {env['loadavg_1_5_15']}); values x100.",
-        "",
-    ]
+    lines = [f"{environment_words(result['environment'])}; values x100.", ""]
     for key, title in (
         ("strategy", "Strategy retrieval (8 strategies), all eval queries"),
         (
