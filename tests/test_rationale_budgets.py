@@ -138,7 +138,8 @@ def test_benchmark_rows_score_with_the_adapters_budgets(tuned, tiny_llama_dir):
     docs = [Passage(c["_id"], c["text"]) for c in CORPUS]
     _, timing = bench.reranker_run([LONG_SESSION], docs, args, str(tuned), "sft")
     assert timing["budgets"] == {"document": 32, "query": 48}
-    result = {"environment": {"command": "x", "cpu_model": "c", "cpu_count": 1, "loadavg_1_5_15": []},
+    result = {"environment": {"command": "x", "cpu_model": "c", "cpu_count": 1,
+                              "loadavg_1_5_15": []},
               "rerank_queries": 1, "response_candidates": 3,
               "strategy_subset": {"sft": {"queries": 1, **{m: 0.5 for m in bench.MEASURES}}},
               "timing": {"strategy_subset": {"sft": timing}}}  # fmt: skip

@@ -194,7 +194,8 @@ def test_benchmark_student_rows_and_their_timing(tmp_path, tiny_llama_dir):
             assert abs(v - expected[i, [x.id for x in docs].index(d)].item()) < 1e-5
     assert set(rows["b"][0].scores["q1"]) == {"d1"}  # depth 5, one candidate
     assert timing["queries"] == 2 and timing["seconds"] > 0 and "document_states_s" in timing
-    result = {"environment": {"command": "x", "cpu_model": "c", "cpu_count": 1, "loadavg_1_5_15": []},
+    result = {"environment": {"command": "x", "cpu_model": "c", "cpu_count": 1,
+                              "loadavg_1_5_15": []},
               "rerank_queries": 2, "response_candidates": 3,
               "strategy": {"s": {"queries": 2, **{m: 0.5 for m in bench.MEASURES}}},
               "strategy_subset": {}, "response": {},
