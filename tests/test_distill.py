@@ -131,6 +131,25 @@ def test_builder_scores_positives_and_negatives_with_the_teacher_query():
     assert out[0].teacher.positives[0] > out[0].teacher.negatives[0]
 
 
+def test_a_teacher_that_keeps_a_texts_end_reads_the_question_last():
+    """An LLM teacher (`keeps_text_end`, e.g. a ChatRetriever) cuts an over-long text's start:
+    its joined query must end with the question, or a long one would lose it."""
+    from chatretriever.retrieval.training_data.teacher import add_teacher_scores
+
+    class EndKeepingEncoder(HashEncoder):
+        keeps_text_end = True
+
+        def encode_sessions(self, sessions, *args, **kwargs):
+            self.seen = [s.question for s in sessions]
+            return super().encode_sessions(sessions, *args, **kwargs)
+
+    enc = EndKeepingEncoder(dim=64)
+    turns = (Turn("user", "tell me about jaguars"), Turn("user", "what do they eat"))
+    ex = TrainingExample("a", turns, (TrainingPassage("jaguars eat deer", "d"),), ())
+    add_teacher_scores([ex], enc, show_progress=False)
+    assert enc.seen == ["tell me about jaguars\nwhat do they eat"]
+
+
 def test_training_with_distillation_logs_the_part_and_changes_the_adapter(tmp_path, tiny_llama_dir):
     import yaml
     from safetensors.torch import load_file

@@ -15,6 +15,7 @@ from chatretriever.retrieval.search import (
     Formulation,
     formulate,
     formulate_all,
+    joins_newest_first,
     save_run,
     search_dense,
     session_text,
@@ -112,6 +113,32 @@ def test_dense_search_encodes_the_formulated_query(index, formulation):
     expected = {p.id: float(s) for p, s in zip(CORPUS, scores, strict=True)}
     assert run.scores["q1"] == pytest.approx(expected, abs=1e-6)
     assert run.name == f"fake-hash.{formulation}"
+
+
+class RecordingEncoder(HashEncoder):
+    """A HashEncoder that records the sessions it encodes; `keeps_text_end` declares, as the
+    LLM encoders (`EmbLLM`) do, that it keeps the end of an over-long text."""
+
+    def __init__(self, keeps_text_end: bool) -> None:
+        super().__init__()
+        self.keeps_text_end, self.seen = keeps_text_end, []
+
+    def encode_sessions(self, sessions, batch_size=16, show_progress=False):
+        self.seen += list(sessions)
+        return super().encode_sessions(sessions, batch_size, show_progress)
+
+
+@pytest.mark.parametrize("formulation", ["all_user_turns", "full_history"])
+def test_joined_turns_follow_the_encoders_cut_side(index, formulation):
+    # an encoder that keeps a long text's end reads the turns oldest first, the question last
+    oldest_first = "\n".join(reversed(QUERY_TEXTS[formulation].split("\n")))
+    for keeps_end, text in ((False, QUERY_TEXTS[formulation]), (True, oldest_first)):
+        enc = RecordingEncoder(keeps_end)
+        search_dense(enc, index, [SESSION], k=2, formulation=formulation, show_progress=False)
+        assert [only_text(s) for s in enc.seen] == [text]
+        assert joins_newest_first(enc) is not keeps_end
+        assert only_text(formulate(SESSION, formulation, newest_first=not keeps_end)) == text
+    assert joins_newest_first(HashEncoder())  # no declaration: newest first, as before
 
 
 class CountingIndex:

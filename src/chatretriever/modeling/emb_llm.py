@@ -64,6 +64,9 @@ class EmbLLM(EmbEncoding, torch.nn.Module):
     # Saved configs of OTHER methods on this same body whose directories this class can start
     # from (a recipe continuing another method's model); its own SAVED_CONFIG is tried first.
     CONTINUES_FROM: tuple[str, ...] = ()
+    # The template keeps an over-long current turn's END: a query joined from several turns
+    # must end with the question, oldest turns first (`search.joins_newest_first` reads this).
+    keeps_text_end: bool = True
 
     def __init__(
         self,

@@ -3,6 +3,8 @@
 A formulation turns a Session into the query a retriever sees. Every formulation except
 "session" returns a new session holding a single user turn, so any `Encoder` (and BM25) can
 search with it; "session" passes the whole conversation (what ChatRetriever is trained on).
+The formulations that join several turns order them so that the reader's cut of an over-long
+text drops the oldest turns, never the question (`join_turns`, `joins_newest_first`).
 """
 
 from __future__ import annotations
@@ -41,13 +43,26 @@ FORMULATIONS = tuple(f.value for f in Formulation)
 MISSING_REWRITE = ("error", "last_turn")
 
 
-def join_turns(turns: Sequence[Turn]) -> str:
-    """One text for several turns: the current (last) turn first, then earlier turns newest first.
+def join_turns(turns: Sequence[Turn], newest_first: bool = True) -> str:
+    """One text for several turns, ordered so that cutting an over-long text keeps the newest.
 
-    Putting the newest text first means a model that truncates long inputs drops the oldest
-    turns, never the current question (as in ConvDR and LLM4CS).
+    Args:
+        turns: The turns, oldest first (as a session holds them), the current one last.
+        newest_first: True: the current turn first, then earlier turns newest first, for a
+            reader that cuts a long text's END (BM25, sentence embedders; as in ConvDR and
+            LLM4CS). False: oldest first, the current turn last, for a reader that cuts its
+            START (an LLM encoder's template keeps the end of an over-long turn).
+
+    Returns:
+        The turns' contents joined by newlines.
     """
-    return "\n".join(t.content for t in reversed(turns))
+    return "\n".join(t.content for t in (reversed(turns) if newest_first else turns))
+
+
+def joins_newest_first(encoder: object) -> bool:
+    """The `join_turns` order that keeps an encoder's question: newest first, unless the
+    encoder declares `keeps_text_end` (it keeps the end of an over-long text: `EmbLLM`)."""
+    return not getattr(encoder, "keeps_text_end", False)
 
 
 def session_text(session: Session) -> str:
@@ -60,7 +75,10 @@ def _single_turn(session: Session, text: str) -> Session:
 
 
 def formulate(
-    session: Session, formulation: Formulation | str, missing_rewrite: str = "error"
+    session: Session,
+    formulation: Formulation | str,
+    missing_rewrite: str = "error",
+    newest_first: bool = True,
 ) -> Session:
     """Turn a session into the query of a formulation.
 
@@ -69,6 +87,8 @@ def formulate(
         formulation: A `Formulation` or its value ("session", "last_turn", ...).
         missing_rewrite: For "rewrite" when the session has none: "error" raises ValueError,
             "last_turn" uses the current question instead (the caller logs a warning).
+        newest_first: The order "all_user_turns" and "full_history" join turns in (see
+            `join_turns`; `joins_newest_first(encoder)` gives an encoder's).
 
     Returns:
         The session itself for "session", else a session with one user turn (same id).
@@ -79,9 +99,11 @@ def formulate(
     if f is Formulation.LAST_TURN:
         return _single_turn(session, session.question)
     if f is Formulation.ALL_USER_TURNS:
-        return _single_turn(session, join_turns([t for t in session.turns if t.role == "user"]))
+        turns = [t for t in session.turns if t.role == "user"]
+        return _single_turn(session, join_turns(turns, newest_first))
     if f is Formulation.FULL_HISTORY:
-        return _single_turn(session, join_turns([t for t in session.turns if t.role != "system"]))
+        turns = [t for t in session.turns if t.role != "system"]
+        return _single_turn(session, join_turns(turns, newest_first))
     if session.rewrite:
         return _single_turn(session, session.rewrite)
     if missing_rewrite == "last_turn":
@@ -131,9 +153,13 @@ def check_queries(sessions: Sequence[Session]) -> list[Session]:
 
 
 def formulate_all(
-    sessions: Sequence[Session], formulation: Formulation | str, missing_rewrite: str = "error"
+    sessions: Sequence[Session],
+    formulation: Formulation | str,
+    missing_rewrite: str = "error",
+    newest_first: bool = True,
 ) -> list[Session]:
-    """`formulate` every session; missing rewrites are counted and reported once.
+    """`formulate` every session (`newest_first`: see there); missing rewrites are counted and
+    reported once.
 
     Raises:
         TypeError: `sessions` is not a list of Session objects (their ids become query ids).
@@ -158,7 +184,7 @@ def formulate_all(
                 len(missing),
                 len(sessions),
             )
-    return [formulate(s, f, missing_rewrite) for s in sessions]
+    return [formulate(s, f, missing_rewrite, newest_first) for s in sessions]
 
 
 def search_dense(
@@ -182,7 +208,8 @@ def search_dense(
         index: A `DenseIndex`.
         sessions: Conversations; their ids become query ids.
         k: Passages per query.
-        formulation: See `Formulation`.
+        formulation: See `Formulation`; turns it joins are ordered for the encoder
+            (`joins_newest_first`).
         batch_size: Sessions per encoder call.
         missing_rewrite: See `formulate`.
         params: Faiss search parameters ("efSearch=128", "nprobe=16").
@@ -193,7 +220,8 @@ def search_dense(
     """
     check_k(k)
     index.check_encoder(encoder.name, encoder.dim, encoder.normalize, fingerprint_of(encoder))
-    queries = formulate_all(sessions, formulation, missing_rewrite)
+    # joined turns in the order whose cut keeps this encoder's question (LLMs keep the end)
+    queries = formulate_all(sessions, formulation, missing_rewrite, joins_newest_first(encoder))
     name = f"{encoder.name}.{Formulation(formulation).value}"
     if not queries:
         return Run(scores={}, name=name)

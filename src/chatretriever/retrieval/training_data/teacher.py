@@ -14,17 +14,19 @@ from dataclasses import replace
 
 from chatretriever.io.training import TeacherScores, TrainingExample
 from chatretriever.retrieval.encoders import Encoder, fingerprint_of
-from chatretriever.retrieval.search import join_turns
+from chatretriever.retrieval.search import join_turns, joins_newest_first
 from chatretriever.types import Passage, Session, Turn
 
 
-def teacher_query(example: TrainingExample) -> tuple[str, str]:
+def teacher_query(example: TrainingExample, newest_first: bool = True) -> tuple[str, str]:
     """The teacher's query of an example: its human rewrite when the source has one, else every
-    user turn joined newest first (`search.join_turns`). Returns (text, "rewrite"|"user_turns")."""
+    user turn joined (`search.join_turns`: newest first, or oldest first for a teacher that
+    keeps the end of a long text, `search.joins_newest_first`). Returns (text,
+    "rewrite"|"user_turns")."""
     rewrite = example.metadata.get("rewrite")
     if isinstance(rewrite, str) and rewrite.strip():
         return rewrite, "rewrite"
-    return join_turns([t for t in example.messages if t.role == "user"]), "user_turns"
+    return join_turns([t for t in example.messages if t.role == "user"], newest_first), "user_turns"
 
 
 def add_teacher_scores(
@@ -52,7 +54,8 @@ def add_teacher_scores(
         for p in (*ex.positives, *ex.negatives):
             texts.setdefault((p.title, p.text), len(texts))
     passages = [Passage(str(i), text, title) for (title, text), i in texts.items()]
-    queries = [teacher_query(ex) for ex in examples]
+    newest_first = joins_newest_first(teacher)  # an LLM teacher reads the question last
+    queries = [teacher_query(ex, newest_first) for ex in examples]
     sessions = [
         Session(ex.id, (Turn("user", q),)) for ex, (q, _) in zip(examples, queries, strict=True)
     ]
