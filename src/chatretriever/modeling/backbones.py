@@ -1,11 +1,13 @@
 """Load base models offline: a causal LM or an encoder and its tokenizer, from anything
 `sources.resolve_model_dir` turns into a local Hugging Face directory (a local directory, a local
-`.gguf` file or a built-in name), plus the device and precision defaults for running them.
+`.gguf` file or a built-in name), plus the device and precision defaults for running them and a
+greedy chat reply whose prompt is fitted to the model's context (`keep_prompt_end`).
 """
 
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -196,6 +198,62 @@ def load_backbone(
     return model.eval(), tokenizer
 
 
+def context_length(model: Any) -> int | None:
+    """The most positions a model takes: its text config's `max_position_embeddings` (GPT-2's
+    `n_positions` answers to that name too), or None where the config names none."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    ctx = getattr(text, "max_position_embeddings", None)
+    return ctx if isinstance(ctx, int) and ctx > 0 else None
+
+
+# Models already warned of a prompt cut to their context: once per model, not once per call.
+_WARNED_CUT: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def keep_prompt_end(
+    enc: Mapping[str, torch.Tensor], model: Any, max_new_tokens: int
+) -> Mapping[str, torch.Tensor]:
+    """Prompt tensors cut from their start so that they and `max_new_tokens` more fit the
+    model's context (`context_length`). Past it, learned positions (GPT-2) raise IndexError and
+    rotary ones (Llama) run on positions never trained; a prompt's end holds the question and
+    the generation prompt, so that is what is kept. A warning is logged once per model.
+
+    Args:
+        enc: The tokenizer's tensors, (B, T) each, one row or padded on the LEFT (the last
+            columns then hold every row's end).
+        model: The causal LM.
+        max_new_tokens: The positions still needed after the prompt.
+
+    Returns:
+        `enc` itself when it fits (or the model names no context), else every tensor's last
+        (context - max_new_tokens) columns.
+
+    Raises:
+        ValueError: `max_new_tokens` alone fills the context.
+    """
+    ctx = context_length(model)
+    width = enc["input_ids"].shape[1]
+    if ctx is None or width + max_new_tokens <= ctx:
+        return enc
+    room = ctx - max_new_tokens
+    if room < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} fills the model's context of {ctx}")
+    if model not in _WARNED_CUT:
+        _WARNED_CUT.add(model)
+        logger.warning(
+            "a prompt of %d tokens and %d new ones pass the context of %s (%d tokens): the "
+            "prompt's start was cut, its end kept",
+            width,
+            max_new_tokens,
+            getattr(model.config, "name_or_path", "") or type(model).__name__,
+            ctx,
+        )
+    return {k: v[:, -room:] for k, v in enc.items()}
+
+
 def generate_reply(
     model: Any,
     tokenizer: Any,
@@ -211,7 +269,8 @@ def generate_reply(
         max_new_tokens: The most tokens to generate.
 
     Returns:
-        The reply text, without special tokens.
+        The reply text, without special tokens. A prompt that does not fit the model's context
+        beside `max_new_tokens` keeps its end (`keep_prompt_end`).
     """
     import torch
 
@@ -221,6 +280,7 @@ def generate_reply(
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     # The template already holds every special token (BOS included where the model wants one).
     enc = tokenizer(text, add_special_tokens=False, return_tensors="pt").to(model.device)
+    enc = keep_prompt_end(enc, model, max_new_tokens)
     with torch.no_grad():
         out = model.generate(
             **enc,

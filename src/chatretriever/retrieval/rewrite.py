@@ -2,7 +2,9 @@
 
 The rewrite is stored in `Session.rewrite`, so BM25 or any embedder can then search with the
 "rewrite" formulation. Rewrites are cached in a JSONL file keyed by session id, model, prompt hash
-and session content, appended to as rewrites are made, so a rerun costs nothing.
+and session content, appended to as rewrites are made, so a rerun costs nothing. A prompt longer
+than its budget (`RewritePrompt.max_prompt_chars`) loses its oldest turns first, then the start of
+its question; only such a cut prompt's key names the budget.
 """
 
 from __future__ import annotations
@@ -37,6 +39,12 @@ class RewritePrompt:
         system: System message.
         template: User message; `{history}` and `{question}` are filled in.
         max_turn_chars: Earlier turns longer than this are cut (long answers fill small contexts).
+        max_prompt_chars: The most characters of the user message (history, question and
+            instruction): the oldest turns are dropped first, then a question longer than the
+            room left alone keeps its end (see `build_messages`). Characters, not tokens: the
+            prompt and its cache key do not depend on a tokenizer (the cache is read before any
+            model loads); 12,000 is about 3,000 SmolLM2 tokens, twice the longest prompt of
+            MTRAG or TREC CAsT 2021 (25 turns, 5,907 characters), so none of theirs is cut.
     """
 
     # Checked by hand on SmolLM2-135M-Instruct: the history as a chat transcript and a short
@@ -48,15 +56,43 @@ class RewritePrompt:
         "Answer with the question only."
     )
     max_turn_chars: int = 400
+    max_prompt_chars: int = 12_000
 
     @property
     def hash(self) -> str:
-        raw = json.dumps(dataclasses.asdict(self), sort_keys=True).encode("utf-8")
+        """The prompt's identity in cache keys and run settings. The budget is left out: a
+        prompt that fits it is the same under any budget (and keeps the keys it had before the
+        budget existed); a cut prompt's key names the budget (`_key`)."""
+        fields = dataclasses.asdict(self)
+        del fields["max_prompt_chars"]
+        raw = json.dumps(fields, sort_keys=True).encode("utf-8")
         return hashlib.sha256(raw).hexdigest()[:12]
 
 
+# Marks the start of a question cut to its end (as " ..." marks the end of a cut turn).
+_CUT_MARK = "... "
+
+
 def build_messages(session: Session, prompt: RewritePrompt) -> list[dict[str, str]]:
-    """The chat messages asking the LLM to rewrite the session's last question."""
+    """The chat messages asking the LLM to rewrite the session's last question.
+
+    The user message holds at most `prompt.max_prompt_chars` characters. When the whole
+    conversation does not fit, the newest turns that fit beside the question are kept (the
+    oldest dropped first); a question that alone does not fit keeps its end, where a long
+    pasted turn asks, and no history. A prompt that fits is built as it always was.
+
+    Args:
+        session: The conversation; its last turn is the question to rewrite.
+        prompt: The instruction and its limits.
+
+    Returns:
+        [system message, user message] as {"role", "content"} dicts.
+    """
+    return _fitted_messages(session, prompt)[0]
+
+
+def _fitted_messages(session: Session, prompt: RewritePrompt) -> tuple[list[dict[str, str]], bool]:
+    """`build_messages`, and whether the prompt was cut to its budget."""
     lines = []
     for t in session.history:
         if t.role == "system":
@@ -65,8 +101,34 @@ def build_messages(session: Session, prompt: RewritePrompt) -> list[dict[str, st
         if len(text) > prompt.max_turn_chars:
             text = text[: prompt.max_turn_chars] + " ..."
         lines.append(f"{'User' if t.role == 'user' else 'Assistant'}: {text}")
-    user = prompt.template.format(history="\n".join(lines), question=session.question.strip())
-    return [{"role": "system", "content": prompt.system}, {"role": "user", "content": user}]
+    question = session.question.strip()
+    user = prompt.template.format(history="\n".join(lines), question=question)
+    cut = len(user) > prompt.max_prompt_chars
+    if cut:
+        user = _fit_user_message(lines, question, prompt)
+    return [{"role": "system", "content": prompt.system}, {"role": "user", "content": user}], cut
+
+
+def _fit_user_message(lines: list[str], question: str, prompt: RewritePrompt) -> str:
+    """The user message within `max_prompt_chars` (the template names {history} and {question}
+    once each): the question whole when it fits, with the newest history lines that fit beside
+    it; else the question's end alone (the session template's over-long-turn rule)."""
+    room = prompt.max_prompt_chars - len(prompt.template.format(history="", question=""))
+    if room < 1:
+        raise ValueError(
+            f"max_prompt_chars={prompt.max_prompt_chars} leaves no room beside the instruction"
+        )
+    if len(question) > room:
+        keep = room - len(_CUT_MARK)
+        question = _CUT_MARK + question[-keep:] if keep > 0 else question[-room:]
+        return prompt.template.format(history="", question=question)
+    used, kept = len(question), []
+    for line in reversed(lines):  # newest first
+        used += len(line) + (1 if kept else 0)  # the newline joining it to the kept lines
+        if used > room:
+            break
+        kept.append(line)
+    return prompt.template.format(history="\n".join(reversed(kept)), question=question)
 
 
 _PREFIX = re.compile(
@@ -88,9 +150,12 @@ def clean_rewrite(text: str) -> str:
     return ""
 
 
-def _key(session: Session, model: str, prompt: RewritePrompt) -> str:
-    content = json.dumps([session.id, session.messages(), model, prompt.hash])
-    return hashlib.sha256(content.encode("utf-8")).hexdigest()
+def _key(session: Session, model: str, prompt: RewritePrompt, cut: bool = False) -> str:
+    """The cache key of a session's rewrite; `cut`: its prompt was cut to its budget."""
+    parts: list[Any] = [session.id, session.messages(), model, prompt.hash]
+    if cut:  # only a cut prompt depends on the budget: every other key stays as it was
+        parts.append({"max_prompt_chars": prompt.max_prompt_chars})
+    return hashlib.sha256(json.dumps(parts).encode("utf-8")).hexdigest()
 
 
 class RewriteCache:
@@ -198,13 +263,15 @@ def rewrite_sessions(
             len(sessions),
         )
     cache = RewriteCache(cache_path)
-    out, new = [], 0
+    out, new, cut = [], 0, 0
     try:
         for s in tqdm(sessions, unit="session", desc="rewrite", disable=not show_progress):
-            key = _key(s, model, prompt)
+            messages, was_cut = _fitted_messages(s, prompt)
+            cut += was_cut
+            key = _key(s, model, prompt, was_cut)
             text = cache.get(key)
             if text is None:
-                text = _rewrite_one(s, generate, prompt)
+                text = _rewrite_one(s, generate, messages)
                 cache.put(key, {"id": s.id, "model": model, "prompt": prompt.hash, "rewrite": text})
                 new += 1
             meta = dict(s.metadata)
@@ -213,14 +280,22 @@ def rewrite_sessions(
             out.append(dataclasses.replace(s, rewrite=text, metadata=meta))
     finally:
         cache.close()
+    if cut:
+        logger.warning(
+            "%d of %d rewrite prompts over max_prompt_chars=%d: their oldest turns were dropped "
+            "(a question over it alone keeps its end)",
+            cut,
+            len(sessions),
+            prompt.max_prompt_chars,
+        )
     logger.info("%d rewrites generated, %d from the cache", new, len(sessions) - new)
     return out
 
 
-def _rewrite_one(session: Session, generate: Generator, prompt: RewritePrompt) -> str:
+def _rewrite_one(session: Session, generate: Generator, messages: list[dict[str, str]]) -> str:
     if not any(t.role != "system" for t in session.history):
         return session.question  # nothing to resolve: no need for the LLM
-    text = clean_rewrite(generate(build_messages(session, prompt)))
+    text = clean_rewrite(generate(messages))
     if not _shares_a_word(text, session.question):
         # Small LLMs sometimes answer or refuse instead of rewriting: such a reply shares no
         # word with the question, and the question itself is the safer query.

@@ -4,7 +4,8 @@
 chat prompts in one left-padded `generate`; sampled rows draw from their own random streams
 (`sampling.RowSampler`), so a reply does not depend on its batch. `score` reads the
 log-likelihood of fixed options (the judge's verdicts) without sampling. `LazyHFGenerator`
-loads the model on its first call, so a rerun served from the cache loads nothing.
+loads the model on its first call, so a rerun served from the cache loads nothing. A prompt that
+does not fit the model's context beside its new tokens keeps its end (`keep_prompt_end`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from chatretriever.modeling.backbones import keep_prompt_end
 from chatretriever.retrieval.rewrite import DEFAULT_MODEL
 from chatretriever.retrieval.robustness.sampling import SAMPLER, RowSampler, item_seed
 
@@ -92,7 +94,8 @@ class HFChatGenerator:
         """One reply per (prompt, seed), all prompts in one left-padded `generate`.
 
         Args:
-            prompts: Chat messages (a last assistant message is continued).
+            prompts: Chat messages (a last assistant message is continued); one too long for
+                the model's context beside the new tokens keeps its end.
             seeds: One seed per prompt (greedy decoding ignores them).
             cap: At most this many new tokens (never more than `max_new_tokens`).
             stop: Ends a reply at its first occurrence (cut from the reply).
@@ -112,7 +115,7 @@ class HFChatGenerator:
             extra["logits_processor"] = LogitsProcessorList([sampler])
         texts = [self._text(m) for m in prompts]
         enc = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
-        enc = enc.to(model.device)
+        enc = keep_prompt_end(enc.to(model.device), model, limit)  # left-padded: rows' ends kept
         with torch.no_grad():
             gen = model.generate(
                 **enc,
@@ -140,10 +143,14 @@ class HFChatGenerator:
         tails = [tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]
         if any(not t for t in tails):
             raise ValueError("an option has no tokens")
+        longest = max(len(t) for t in tails)
         width, dev = max(len(h) for h in heads), model.device
         pad = tokenizer.pad_token_id
         ids = torch.tensor([[pad] * (width - len(h)) + h for h in heads], device=dev)
         mask = torch.tensor([[0] * (width - len(h)) + [1] * len(h) for h in heads], device=dev)
+        # An option's last token is predicted, never fed: its position is not needed.
+        fit = keep_prompt_end({"input_ids": ids, "attention_mask": mask}, model, longest - 1)
+        ids, mask = fit["input_ids"], fit["attention_mask"]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens from 0
         totals = []
         with torch.no_grad():
