@@ -108,3 +108,24 @@ def test_scored_options_read_the_end_of_a_prompt_past_the_context(gpt2_dir):
         steps = range(room - 1, room - 1 + len(tail))
         expected.append(sum(logp[t, tok].item() for t, tok in zip(steps, tail, strict=True)))
     assert generate.score([LONG], options)[0] == pytest.approx(expected, abs=1e-4)
+
+
+def test_a_retriever_whose_budgets_pass_the_backbones_context_is_warned(tiny_llama_dir, caplog):
+    """A session + response budget over the backbone's positions is named at load, not found as
+    an IndexError (learned positions) or silent drift (rotary) on the first long input."""
+    import logging
+
+    from chatretriever.methods.chatretriever.model import ChatRetriever
+
+    # the tiny Llama takes 512 positions
+    with caplog.at_level(logging.WARNING, "chatretriever.modeling.emb_llm"):
+        ChatRetriever.from_pretrained(tiny_llama_dir, max_session_len=400, max_response_len=200,
+                                      max_passage_len=600)  # fmt: skip
+    (message,) = [r.getMessage() for r in caplog.records if "context" in r.getMessage()]
+    assert "max_session_len + max_response_len = 600" in message
+    assert "max_passage_len = 600" in message and "512 positions" in message
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "chatretriever.modeling.emb_llm"):
+        ChatRetriever.from_pretrained(tiny_llama_dir, max_session_len=256, max_response_len=256,
+                                      max_passage_len=512)  # fmt: skip
+    assert not [r for r in caplog.records if "context" in r.getMessage()]

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from chatretriever.config import LoraSettings, RetrieverConfig
 from chatretriever.modeling import emb_llm_io
 from chatretriever.modeling.adapters import adapter_state, is_peft
-from chatretriever.modeling.backbones import checked_device
+from chatretriever.modeling.backbones import checked_device, context_length
 from chatretriever.modeling.collate import csit_mask, last_token_positions
 from chatretriever.modeling.emb_encode import EmbEncoding
 from chatretriever.modeling.fast_encode import EncodeBody, FastEncodeSettings, InferenceBody
@@ -45,6 +45,26 @@ def lora_identity(lora: LoraSettings) -> dict[str, Any]:
     """The LoRA settings a fingerprint covers (dropout does not change what a trained model
     computes)."""
     return {k: v for k, v in lora.to_dict().items() if k != "dropout"}
+
+
+def _warn_past_context(model: Any, config: RetrieverConfig, name: str) -> None:
+    """Warn when a length budget passes the backbone's context: learned positions (GPT-2) then
+    fail on a long input, rotary ones (Llama, Qwen) read positions they were never trained on.
+    A training row holds a session and its response (`max_session_len + max_response_len`)."""
+    ctx = context_length(model)
+    budgets = {
+        "max_session_len + max_response_len": config.max_session_len + config.max_response_len,
+        "max_passage_len": config.max_passage_len,
+    }
+    over = [f"{what} = {n}" for what, n in budgets.items() if ctx is not None and n > ctx]
+    if over:
+        logger.warning(
+            "%s: %s over the model's context of %d positions: long inputs will fail or degrade; "
+            "lower them (--set retriever.max_...)",
+            name,
+            ", ".join(over),
+            ctx,
+        )
 
 
 class EmbLLM(EmbEncoding, torch.nn.Module):
@@ -102,6 +122,7 @@ class EmbLLM(EmbEncoding, torch.nn.Module):
         self._inference: tuple[tuple, InferenceBody] | None = None
         self._runtime_body: tuple[tuple, EncodeBody] | None = None  # runtime != "torch"
         self._tokens_encoded = 0
+        _warn_past_context(model, config, name)
 
     # ------------------------------------------------------------------ loading
     @classmethod
