@@ -640,7 +640,7 @@ def test_serve_hybrid_without_a_bm25_side_is_refused(built, fake_model, monkeypa
 # ---------------------------------------------------------------- the batcher on its own
 
 
-def test_batcher_groups_items_and_survives_a_bad_batch():
+def test_batcher_groups_items_and_a_bad_item_fails_alone():
     from concurrent.futures import ThreadPoolExecutor
 
     from chatretriever.apps.server.batcher import DynamicBatcher
@@ -650,7 +650,7 @@ def test_batcher_groups_items_and_survives_a_bad_batch():
     def process(items: list[int]) -> list[int]:
         calls.append(list(items))
         if -1 in items:
-            return items[:-1]  # one result short: every item of the batch gets the error
+            return items[:-1]  # one result short: the batch fails, then -1 alone fails again
         return [x * 10 for x in items]
 
     async def run():
@@ -663,8 +663,9 @@ def test_batcher_groups_items_and_survives_a_bad_batch():
 
     first, bad, after, stats = asyncio.run(run())
     assert first == [0, 10, 20, 30, 40, 50] and calls[:2] == [[0, 1, 2, 3], [4, 5]]
-    assert all(isinstance(e, RuntimeError) and "1 results for 2" in str(e) for e in bad)
-    assert after == 30 and stats.batches == 3 and stats.items == 7 and stats.largest == 4
+    assert calls[2:] == [[7, -1], [7], [-1], [3]]  # the failed batch, then each item alone
+    assert bad[0] == 70 and isinstance(bad[1], RuntimeError) and "0 results for 1" in str(bad[1])
+    assert after == 30 and stats.batches == 4 and stats.items == 9 and stats.largest == 4
     with pytest.raises(ValueError):
         DynamicBatcher(process, None, max_batch=0)
 

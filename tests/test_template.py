@@ -271,25 +271,40 @@ def test_encoded_hostile_session_is_the_encoding_of_its_safe_ids(tiny_model_dir)
 # ------------------------------------------------------------------ ids = the plain rendering
 def _reference_session_ids(tpl: RetrievalTemplate, messages: list[dict[str, str]]) -> list[int]:
     """`session_ids` as its docstring says, the slow plain way: render whole histories with the
-    chat template, tokenize them, and drop the oldest exchanges until the question fits."""
+    chat template, tokenize them, and drop the oldest exchanges until the question fits; then cut
+    an own system turn's content (bisection over its characters); then the question's start."""
     tok = tpl.tokenizer
     own = messages[0]["role"] == "system"
     system = messages[:1] if own else tpl.system
     history, question = messages[int(own) : -1], messages[-1]["content"]
     budget = tpl.max_session_len - tpl.n_emb_tokens
     q = tok(question, add_special_tokens=False)["input_ids"]
+
+    def frame(msgs: list[dict[str, str]]) -> list[list[int]]:
+        text = tok.apply_chat_template([*msgs, {"role": "user", "content": SLOT}], tokenize=False)
+        return [tok(part, add_special_tokens=False)["input_ids"] for part in text.split(SLOT)]
+
+    def fits(f: list[list[int]]) -> bool:
+        return len(f[0]) + len(q) + len(f[1]) <= budget
+
     cuts = [0] + [i for i, m in enumerate(history) if m["role"] == "user" and i > 0]
     for cut in [*cuts, len(history)]:
-        text = tok.apply_chat_template(
-            system + history[cut:] + [{"role": "user", "content": SLOT}], tokenize=False
-        )
-        before, after = text.split(SLOT)
-        pre = tok(before, add_special_tokens=False)["input_ids"]
-        post = tok(after, add_special_tokens=False)["input_ids"]
-        if len(pre) + len(q) + len(post) <= budget:
+        pre, post = frame(system + history[cut:])
+        if fits([pre, post]):
             break
+    if own and not fits([pre, post]):
+        content = messages[0]["content"]
+        lo, hi = 0, len(content)
+        pre, post = frame([{"role": "system", "content": ""}])
+        while fits([pre, post]) and hi - lo > 1:
+            mid = (lo + hi) // 2
+            trial = frame([{"role": "system", "content": content[:mid]}])
+            if fits(trial):
+                lo, (pre, post) = mid, trial
+            else:
+                hi = mid
     room = budget - len(pre) - len(post)
-    if room < 1:
+    if room < min(1, len(q)):
         raise ValueError("no room")
     return pre + q[-room:] + post + list(tpl.emb_ids)
 

@@ -8,14 +8,17 @@ the embedding. Below, "EMB tokens" means these appended tokens either way.
 
 - A session renders all its turns, ending with the current user question, with no generation
   prompt. Too long: whole exchanges of the history are dropped oldest first (a cut always lands
-  on a user turn); then the question itself is cut from its end. The template's tokens around the
-  question and the EMB tokens always survive.
+  on a user turn); then the content of the session's own system turn, if any, is cut from its
+  end (its start is kept); then the question itself is cut from its START (its end, where a long
+  pasted turn asks, is kept). The template's framing and the EMB tokens always survive; a budget
+  that cannot hold them raises.
 - A passage (or a response used as a positive) is one assistant message: "title\\ntext".
 - The CSIT sequence is [session, EMB x t, assistant turn with the response] (no EMB tokens after
   the response: nothing reads them).
 
 System messages are rendered on purpose (an injected default one is replaced by an empty one:
-`chat_render.py`); a session's own system turn is always kept as it is.
+`chat_render.py`); a session's own system turn replaces it, kept whole unless the question would
+not fit beside it (above).
 
 Every message's content (each turn, the question, a passage, a response) is user text: it is
 tokenized with no added token matched, so a literal "<|im_end|>" or "[EMB_1]" typed anywhere stays
@@ -24,9 +27,10 @@ text; only the chat template's own text yields control tokens. The rendering of 
 (`chat_render.ChatRenderer`). The text between two of them (template text and earlier turns'
 contents) is tokenized as one run, as the tokenizer tokenizes a full rendering, and each run's ids
 are cached: a history turn is tokenized once, not once per truncation step. The current question,
-a passage and a response are tokenized on their own (they are cut from their end), so lengths and
-spans are exact. Functions return plain lists of token ids; the `*_batch` ones tokenize the texts
-of many inputs in one tokenizer call.
+a passage and a response are tokenized on their own (a passage and a response are cut from their
+end, the current question from its start), so lengths and spans are exact. Functions return
+plain lists of token ids; the `*_batch` ones tokenize the texts of many inputs in one tokenizer
+call.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from chatretriever.modeling.chat_render import ChatRenderer
+from chatretriever.modeling.chat_render import ChatRenderer, Frame
 
 # passage_text lives in types (BM25 and mining read passages the same way); re-exported here.
 from chatretriever.types import Passage, SessionLike, Turn, as_session, passage_text
@@ -146,10 +150,15 @@ class _SessionParts:
     system: tuple[Turn, ...]
     history: tuple[Turn, ...]
     question: str
+    own_system: bool = False  # system is the session's own turn (may be cut), not the template's
 
     def messages(self, cut: int) -> list[Turn]:
         """The messages when the history is cut before turn `cut`."""
         return [*self.system, *self.history[cut:], Turn("user", self.question)]
+
+    def without_history(self, system_chars: int) -> list[Turn]:
+        """The messages with no history and the own system content cut to `system_chars`."""
+        return [Turn("system", self.system[0].content[:system_chars]), Turn("user", self.question)]
 
 
 class RetrievalTemplate:
@@ -164,6 +173,10 @@ class RetrievalTemplate:
         max_response_len: Token budget of a CSIT response part (header, response, end of turn).
         system_prompt: None = no system message (see module docstring), or the system message.
         pooling: "last_emb" or "eos" (`pooled_token_ids`).
+
+    Raises:
+        ValueError: A budget that cannot hold the template's framing of its input, its EMB
+            tokens and one token of content (named with its minimum).
     """
 
     def __init__(
@@ -180,12 +193,38 @@ class RetrievalTemplate:
         self.n_emb_tokens = n_emb_tokens
         self.emb_ids: tuple[int, ...] = tuple(pooled_token_ids(tokenizer, n_emb_tokens, pooling))
         self.max_session_len = max_session_len
-        self._warned_cut = False
+        self._warned: set[str] = set()  # kinds of cut already logged
         self.max_passage_len = max_passage_len
         self.max_response_len = max_response_len
         self.renderer = ChatRenderer(tokenizer, system_prompt)
         self.contents = self.renderer.contents
         self.system = self.renderer.system
+        self._check_room()
+
+    def _check_room(self) -> None:
+        """Raise now, not at the first encode, when a budget cannot hold one token of content.
+
+        Raises:
+            ValueError: Naming the setting and its minimum: the template's framing of that
+                input (a session without history), its EMB tokens (a response has none), and
+                one token of content.
+        """
+        session = self.renderer.frames([[*self.renderer.system_turns, Turn("user", "")]])[0]
+        emb = self.n_emb_tokens
+        needs = {  # setting -> (value, framing tokens, EMB tokens)
+            "max_session_len": (self.max_session_len, session, emb),
+            "max_passage_len": (self.max_passage_len, self.renderer.passage_frame, emb),
+            "max_response_len": (self.max_response_len, self.renderer.response_frame, 0),
+        }
+        for name, (value, (pre, post), n_emb) in needs.items():
+            taken = len(pre) + len(post) + n_emb
+            if value <= taken:
+                raise ValueError(
+                    f"{name}={value} leaves no room for content: the chat template's framing "
+                    f"takes {len(pre) + len(post)} tokens"
+                    + (f" and the EMB tokens {n_emb}" if n_emb else "")
+                    + f", so {name} must be at least {taken + 1}"
+                )
 
     def render(
         self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = False
@@ -238,58 +277,120 @@ class RetrievalTemplate:
         system, history = (
             (turns[:1], turns[1:-1]) if own else (self.renderer.system_turns, turns[:-1])
         )
-        return _SessionParts(s.id, tuple(system), tuple(history), turns[-1].content)
+        return _SessionParts(s.id, tuple(system), tuple(history), turns[-1].content, own)
 
     def _fit(self, parts: list[_SessionParts], questions: list[list[int]]) -> list[list[int]]:
-        """Keep the longest history suffix of whole exchanges that fits, then cut the question
-        from its start (its end, where a long turn asks, survives).
+        """Fit each session in `max_session_len`: the over-long-turn rule (module docstring).
+
+        Args:
+            parts: The sessions as truncation sees them.
+            questions: The content ids of each session's current question.
+
+        Returns:
+            The ids of each session, EMB tokens included.
+
+        Raises:
+            ValueError: A session whose framing alone (with an empty own system turn and no
+                history) leaves no room for one token of the question.
+        """
+        budget = self.max_session_len - self.n_emb_tokens
+        frames = self._history_frames(parts, questions, budget)
+        out, cut_system, cut_question = [], [], []
+        for x, q, (pre, post) in zip(parts, questions, frames, strict=True):
+            if x.own_system and not _fits((pre, post), len(q), budget):
+                # the history is gone already: it is only added while the whole question fits
+                pre, post = self._cut_own_system(x, len(q), budget)
+                cut_system.append(x.id)
+            room = budget - len(pre) - len(post)
+            if room < min(1, len(q)):  # (an empty question may have history fill the budget)
+                raise ValueError(
+                    f"max_session_len={self.max_session_len} leaves no room for the question: "
+                    f"the session's framing alone takes {len(pre) + len(post)} tokens + "
+                    f"{self.n_emb_tokens} EMB tokens"
+                )
+            if len(q) > room:  # keep the end: a long turn (pasted text) ends with its question
+                cut_question.append(x.id)
+            out.append(pre + q[-room:] + post + list(self.emb_ids))
+        self._warn_once(
+            "whose own system turn and current turn are over",
+            cut_system,
+            "all history was dropped, then the system turn's end was cut",
+        )
+        self._warn_once(
+            "with a current turn over",
+            cut_question,
+            "its start was cut, its end (the question) kept",
+        )
+        return out
+
+    def _history_frames(
+        self, parts: list[_SessionParts], questions: list[list[int]], budget: int
+    ) -> list[Frame]:
+        """The frame of each session with its longest history suffix of whole exchanges beside
+        which the whole question fits (no history when the question does not fit alone).
 
         Suffixes grow newest first, one exchange per round, the new turns of all sessions
         tokenized in one call per round: turns too old to fit are never tokenized. (More turns
         never render shorter, so the first suffix that does not fit ends the search.)
         """
-        budget = self.max_session_len - self.n_emb_tokens
-
-        def fits(frame: tuple[list[int], list[int]], q: list[int]) -> bool:
-            return len(frame[0]) + len(q) + len(frame[1]) <= budget
-
         cuts = [_history_cuts(x.history) for x in parts]
         pos = [len(c) - 1 for c in cuts]  # index in cuts of each kept suffix: no history yet
         frames = self.renderer.frames([x.messages(c[-1]) for x, c in zip(parts, cuts, strict=True)])
-        todo = [i for i, p in enumerate(pos) if p > 0 and fits(frames[i], questions[i])]
+        todo = [
+            i for i, p in enumerate(pos) if p > 0 and _fits(frames[i], len(questions[i]), budget)
+        ]
         while todo:
             trial = self.renderer.frames([parts[i].messages(cuts[i][pos[i] - 1]) for i in todo])
             grown = []
             for i, frame in zip(todo, trial, strict=True):
-                if fits(frame, questions[i]):
+                if _fits(frame, len(questions[i]), budget):
                     frames[i], pos[i] = frame, pos[i] - 1
                     grown.append(i)
             todo = [i for i in grown if pos[i] > 0]
-        out, cut = [], []
-        for x, q, c, p, (pre, post) in zip(parts, questions, cuts, pos, frames, strict=True):
+        for x, c, p in zip(parts, cuts, pos, strict=True):
             if c[p]:
                 logger.debug(
                     "session %s: dropped %d of %d history turns", x.id, c[p], len(x.history)
                 )
-            room = budget - len(pre) - len(post)
-            if room < 1:
-                raise ValueError(
-                    f"max_session_len={self.max_session_len} leaves no room for the question "
-                    f"(template needs {len(pre) + len(post)} + {self.n_emb_tokens} EMB tokens)"
-                )
-            if len(q) > room:  # keep the end: a long turn (pasted text) ends with its question
-                cut.append(x.id)
-            out.append(pre + q[-room:] + post + list(self.emb_ids))
-        if cut and not self._warned_cut:  # once per template: training meets it every batch
-            self._warned_cut = True
+        return frames
+
+    def _cut_own_system(self, x: _SessionParts, n_question: int, budget: int) -> Frame:
+        """The frame of a session without history whose own system content is cut from its end.
+
+        Args:
+            x: A session with its own system turn, too long with the whole question.
+            n_question: The question's length in tokens.
+            budget: Tokens for the framing and the question.
+
+        Returns:
+            The frame with the prefix of the system content found by bisection over its
+            characters (the whole question fits beside it, not beside one more character), or
+            with an empty content when none fits: the question is then cut.
+        """
+
+        def frame(chars: int) -> Frame:
+            return self.renderer.frames([x.without_history(chars)])[0]
+
+        lo, hi, best = 0, len(x.system[0].content), frame(0)
+        if not _fits(best, n_question, budget):
+            return best
+        while hi - lo > 1:  # lo fits, hi does not
+            mid = (lo + hi) // 2
+            trial = frame(mid)
+            if _fits(trial, n_question, budget):
+                lo, best = mid, trial
+            else:
+                hi = mid
+        return best
+
+    def _warn_once(self, kind: str, ids: list[str], what: str) -> None:
+        """Warn of a kind of cut once per template: training meets it every batch."""
+        if ids and kind not in self._warned:
+            self._warned.add(kind)
             logger.warning(
-                "%d session(s) with a current turn over max_session_len=%d (first: %r): its "
-                "start was cut, its end (the question) kept",
-                len(cut),
-                self.max_session_len,
-                cut[0],
+                "%d session(s) %s max_session_len=%d (first: %r): %s",
+                *(len(ids), kind, self.max_session_len, ids[0], what),
             )
-        return out
 
     def passage_ids(self, passage: Passage | str) -> list[int]:
         """Token ids of a passage as one assistant message ("title\\ntext") + the EMB tokens."""
@@ -301,9 +402,7 @@ class RetrievalTemplate:
         frame, max_len = self.renderer.passage_frame, self.max_passage_len
         return [self._framed(frame, ids, max_len) for ids in self.contents.encode(texts)]
 
-    def _framed(
-        self, frame: tuple[list[int], list[int]], content: list[int], max_len: int
-    ) -> list[int]:
+    def _framed(self, frame: Frame, content: list[int], max_len: int) -> list[int]:
         pre, post = frame
         room = max_len - self.n_emb_tokens - len(pre) - len(post)
         if room < 1:
@@ -348,6 +447,11 @@ class RetrievalTemplate:
                 )
             )
         return out
+
+
+def _fits(frame: Frame, n_content: int, budget: int) -> bool:
+    """Whether a frame and that many content tokens take at most `budget` tokens."""
+    return len(frame[0]) + n_content + len(frame[1]) <= budget
 
 
 def _history_cuts(history: Sequence[Turn]) -> list[int]:

@@ -37,7 +37,12 @@ from chatretriever.apps.server import schemas as S
 from chatretriever.apps.server.auth import ApiKeyChecker
 from chatretriever.apps.server.batcher import DynamicBatcher
 from chatretriever.apps.server.body_limit import BodyLimitMiddleware, check_body_limit
-from chatretriever.apps.server.engine import SearchEngine, SearchItem, make_incremental
+from chatretriever.apps.server.engine import (
+    SearchEngine,
+    SearchItem,
+    SessionInputError,
+    make_incremental,
+)
 from chatretriever.apps.server.errors import ApiError, install_error_handlers
 from chatretriever.apps.server.media_type import JsonBodyMiddleware
 from chatretriever.retrieval.corpus_index import CorpusIndex
@@ -247,7 +252,10 @@ def _model_routes(
                 _session(messages, f"/v1/embeddings input[{i}] of client {client_id}")
                 for i, messages in enumerate(items)
             ]
-            vectors = await batchers.sessions.submit_many(sessions)
+            try:
+                vectors = await batchers.sessions.submit_many(sessions)
+            except SessionInputError as e:
+                raise _refused("input", e) from e
             words = sum(len(m.content.split()) for messages in items for m in messages)
         data = [
             S.Embedding(index=i, embedding=_encode_vector(v, body.encoding_format))
@@ -264,7 +272,10 @@ def _model_routes(
         key = f"{client_id}/{body.conversation_id}" if body.conversation_id else None
         session = _session(body.messages, _search_name(client_id, body.conversation_id))
         item = SearchItem(session, body.k, key, hybrid=body.hybrid)
-        hits = await batchers.search.submit(item)
+        try:
+            hits = await batchers.search.submit(item)
+        except SessionInputError as e:
+            raise _refused("messages", e) from e
         data = [
             S.SearchHit(rank=h.rank, id=h.doc_id, title=h.title, text=h.text, score=h.score)
             for h in hits
@@ -285,6 +296,11 @@ def _search_name(client_id: str, conversation_id: str | None) -> str:
     the client (`auth.ApiKeyChecker.client_id`) and the conversation when it has one."""
     name = f"/v1/search of client {client_id}"
     return f"{name}, conversation {conversation_id}" if conversation_id else name
+
+
+def _refused(param: str, error: SessionInputError) -> ApiError:
+    """The 422 of a session the model refused: the request field and why."""
+    return ApiError(422, f"{param}: the model cannot encode this session: {error}", param)
 
 
 def _session(messages: list[S.Message], session_id: str) -> Session:

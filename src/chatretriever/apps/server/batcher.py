@@ -5,6 +5,10 @@ item, waits at most `max_wait_ms` for more (never when `max_batch` items are alr
 hands the batch to `process` on a worker thread, so the event loop never runs model work. While
 that batch is computed, new items queue up and form the next one: under load, batches fill
 without any waiting. `max_batch=1` is one request per forward (the baseline of the load benchmark).
+
+When `process` raises on a batch, each of its items is processed again alone (on the same worker
+call): one bad item, e.g. a session the model refuses, fails only the request that sent it, not
+the requests that happened to share its forward.
 """
 
 from __future__ import annotations
@@ -24,6 +28,13 @@ R = TypeVar("R")
 
 class BatcherBusyError(RuntimeError):
     """More items wait than the batcher accepts (the server answers 503)."""
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """What processing one item raised (a result may itself be an exception object)."""
+
+    error: BaseException
 
 
 @dataclass
@@ -123,18 +134,50 @@ class DynamicBatcher(Generic[T, R]):
                 continue
             items = [item for item, _ in batch]
             try:
-                results = list(await loop.run_in_executor(self.executor, self.process, items))
-                if len(results) != len(items):
-                    raise RuntimeError(f"{self.name}: {len(results)} results for {len(items)}")
-            except Exception as e:  # handed to every waiting request; the collector goes on
-                for _, f in batch:
-                    if not f.done():
-                        f.set_exception(e)
-                continue
+                outcomes = await loop.run_in_executor(self.executor, self._outcomes, items)
+            except Exception as e:  # the executor refused: all fail, the collector goes on
+                outcomes = [_Failed(e)] * len(items)
             self._record(len(items))
-            for (_, f), result in zip(batch, results, strict=True):
-                if not f.done():
-                    f.set_result(result)
+            for (_, f), outcome in zip(batch, outcomes, strict=True):
+                if f.done():
+                    continue
+                if isinstance(outcome, _Failed):
+                    f.set_exception(outcome.error)
+                else:
+                    f.set_result(outcome)
+
+    def _outcomes(self, items: list[T]) -> list[R | _Failed]:
+        """`process(items)`, on the worker thread; when it raises, each item alone.
+
+        Args:
+            items: The batch.
+
+        Returns:
+            Per item, its result or `_Failed` with what processing it raised.
+        """
+        try:
+            return list(self._process_checked(items))
+        except Exception as e:
+            if len(items) == 1:
+                return [_Failed(e)]
+            logger.warning(
+                "%s: a batch of %d failed (%s: %s); processing its items one by one",
+                *(self.name, len(items), type(e).__name__, e),
+            )
+        outcomes: list[R | _Failed] = []
+        for item in items:
+            try:
+                outcomes.append(self._process_checked([item])[0])
+            except Exception as e:  # this item's own failure: only its request gets it
+                outcomes.append(_Failed(e))
+        return outcomes
+
+    def _process_checked(self, items: list[T]) -> list[R]:
+        """`process(items)` as a list, one result per item (else RuntimeError)."""
+        results = list(self.process(items))
+        if len(results) != len(items):
+            raise RuntimeError(f"{self.name}: {len(results)} results for {len(items)}")
+        return results
 
     def _record(self, n: int) -> None:
         self.stats.batches += 1

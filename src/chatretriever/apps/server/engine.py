@@ -5,13 +5,19 @@ Torch-free like `apps.chat`: the encoder does the model work. A ChatRetriever ge
 session encoder (`methods.chatretriever.incremental`) when that module is available, so that a
 request with a `conversation_id` encodes only the new turn; any other encoder (or a missing
 module) encodes the full session every time.
+
+What encoding a session raises as a ValueError (the template refusing it, a DataFormatError) is
+re-raised as `SessionInputError`: the request's messages are at fault, and the server answers
+422 naming them, not 500. (The batcher has already retried a failed batch item by item, so the
+error reaches only the request that sent that session.)
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -26,6 +32,21 @@ from chatretriever.types import Passage, Session
 logger = logging.getLogger(__name__)
 
 _RETRIEVER_MODULE = "chatretriever.methods.chatretriever.model"
+
+
+class SessionInputError(ValueError):
+    """A session the model refuses to encode: the client's messages are at fault (a 422)."""
+
+
+@contextmanager
+def _session_input() -> Iterator[None]:
+    """Re-raise a ValueError from encoding sessions as a SessionInputError."""
+    try:
+        yield
+    except SessionInputError:
+        raise
+    except ValueError as e:  # DataFormatError included
+        raise SessionInputError(str(e)) from e
 
 
 @dataclass(frozen=True)
@@ -117,10 +138,12 @@ class SearchEngine:
         ]
         if full:
             sessions = [items[i].session for i in full]
-            emb[full] = self.encoder.encode_sessions(sessions, batch_size=len(full))
+            with _session_input():
+                emb[full] = self.encoder.encode_sessions(sessions, batch_size=len(full))
         for i, item in enumerate(items):
             if item.conversation is not None and self.incremental is not None:
-                emb[i] = self.incremental.encode(item.conversation, item.session)  # (D,)
+                with _session_input():
+                    emb[i] = self.incremental.encode(item.conversation, item.session)  # (D,)
                 # read here, on the model thread: the counters' lock is held during forwards
                 self._incremental_stats = dict(self.incremental.stats)
         hits = self.corpus_index.index.search(emb, max(item.k for item in items))
@@ -134,18 +157,19 @@ class SearchEngine:
         # unique ids within the batch (the fused run is keyed by session id), still naming the
         # request in the model's warnings
         sessions = [replace(it.session, id=f"{it.session.id} #{i}") for i, it in enumerate(items)]
-        run = search_hybrid(
-            self.encoder,
-            self.corpus_index.index,
-            h.bm25,
-            sessions,
-            max(item.k for item in items),
-            h.fusion,
-            sparse_formulation=h.formulation,
-            depth=h.depth,
-            batch_size=len(sessions),
-            show_progress=False,
-        )
+        with _session_input():  # search_hybrid encodes the sessions
+            run = search_hybrid(
+                self.encoder,
+                self.corpus_index.index,
+                h.bm25,
+                sessions,
+                max(item.k for item in items),
+                h.fusion,
+                sparse_formulation=h.formulation,
+                depth=h.depth,
+                batch_size=len(sessions),
+                show_progress=False,
+            )
         passages = self.corpus_index.passages
         return [
             to_hits([(d.doc_id, d.score) for d in run.ranked(s.id)[: it.k]], passages)
@@ -159,7 +183,8 @@ class SearchEngine:
 
     def embed_sessions(self, sessions: Sequence[Session]) -> list[np.ndarray]:
         """One (D,) float32 vector per session, encoded as a query in one forward."""
-        return list(self.encoder.encode_sessions(list(sessions), batch_size=len(sessions)))
+        with _session_input():
+            return list(self.encoder.encode_sessions(list(sessions), batch_size=len(sessions)))
 
     def reset(self, conversation: str) -> None:
         """Forget the incremental cache of one conversation (a no-op without one)."""
