@@ -303,7 +303,7 @@ def test_body_size_limit_is_a_413_before_parsing(built):
 @pytest.mark.parametrize(
     ("body", "param", "words"),
     [
-        ({"messages": JAGUAR * 65}, "messages", "at most 64"),
+        ({"messages": JAGUAR * 1025}, "messages", "at most 1024"),
         ({"messages": [{"role": "user", "content": "x" * 16_001}]}, "messages.0.content", "16000"),
         ({"messages": []}, "messages", "at least 1"),
         ({"messages": JAGUAR, "k": 0}, "k", "greater than or equal to 1"),
@@ -523,6 +523,17 @@ def test_the_server_never_writes_into_the_index(tmp_path):
         c.post("/v1/embeddings", json={"input": ["x"], "model": "fake:"}, headers=AUTH)
         c.delete("/v1/conversations/c1", headers=AUTH)
     assert tree_state(index_dir) == before
+
+
+def test_a_long_conversation_is_searched_not_refused(client):
+    """More turns than a model reads (a conversation of 301 messages) is a 200: the template
+    drops the oldest exchanges; only the message limit itself is refused."""
+    turns = []
+    for i in range(150):
+        turns += [{"role": "user", "content": f"question {i}"},
+                  {"role": "assistant", "content": f"answer {i}"}]  # fmt: skip
+    turns.append({"role": "user", "content": "tell me about jaguars"})
+    assert _search(client, turns).status_code == 200
 
 
 def test_openapi_documents_the_limits(client):

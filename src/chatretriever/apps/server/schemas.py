@@ -21,7 +21,10 @@ from pydantic import (
     model_validator,
 )
 
-MAX_MESSAGES = 64  # chat messages in one session
+# chat messages in one session: a long conversation is sent whole (a client keeping a
+# `conversation_id` sends every turn again) and the model's template drops its oldest exchanges;
+# this bounds only a request's parsing work (the 1 MiB body limit bounds it too)
+MAX_MESSAGES = 1024
 MAX_TEXT_CHARS = 16_000  # characters in one message or one input string
 MAX_INPUTS = 256  # strings or sessions in one embeddings request
 MAX_K = 100  # passages per search
