@@ -138,17 +138,54 @@ def test_sampling_is_seeded(tiny_llama_dir):
     assert any(o != first for o in others)  # sampling, not greedy
 
 
-def test_long_prompts_keep_their_end(tiny_qwen2_dir, caplog):
-    gen = _generator(tiny_qwen2_dir, max_new_tokens=4, max_prompt_tokens=24)
+def test_long_prompt_keeps_system_and_best_passage(tiny_qwen2_dir, caplog):
+    gen = _generator(tiny_qwen2_dir, max_new_tokens=4, max_prompt_tokens=400)
     short = [{"role": "user", "content": "hi"}]
-    long = grounded_messages([{"role": "user", "content": "tell me more"}], ["the lazy dog " * 40])
-    with caplog.at_level(logging.WARNING, logger="chatretriever.modeling.grounded"):
+    history = [
+        {"role": "user", "content": "OLDQ: and before?"},
+        {"role": "assistant", "content": "x"},
+    ]
+    question = [*history * 4, {"role": "user", "content": "tell me more"}]
+    ranked = [Passage(f"p{i}", "the lazy dog " * 20, title=f"BEST{i + 1}") for i in range(8)]
+    long = grounded_messages(question, ranked)
+    with caplog.at_level(logging.WARNING, logger="chatretriever.modeling.grounded_fit"):
         ids = gen.encode_prompts([short, long])
-    assert "1 of 2 prompts are longer than max_prompt_tokens=24" in caplog.text
-    assert len(ids[0]) < 24 and len(ids[1]) == 24
-    tail = gen.tokenizer.decode(ids[1])
-    assert tail.endswith("Question: tell me more<|im_end|>\n<|im_start|>assistant\n")
+    text = gen.tokenizer.apply_chat_template(short, add_generation_prompt=True, tokenize=False)
+    assert ids[0] == gen.tokenizer(text, add_special_tokens=False)["input_ids"]  # fits: as is
+    assert len(ids[1]) <= 400
+    prompt = gen.tokenizer.decode(ids[1])
+    assert prompt.startswith(f"<|im_start|>system\n{GROUNDED_SYSTEM}<|im_end|>\n")
+    assert prompt.endswith("Question: tell me more<|im_end|>\n<|im_start|>assistant\n")
+    kept = [f"[{i + 1}] BEST{i + 1}:" in prompt for i in range(8)]
+    assert kept[0] and not kept[-1] and kept == sorted(kept, reverse=True)  # best ranks kept
+    assert "OLDQ" not in prompt  # history gives way to the passages
+    assert "1 of 2 prompts are longer than 400 tokens" in caplog.text
+    assert gen.fit_counts.prompts_cut == 1 and gen.fit_counts.passages_dropped == 8 - sum(kept)
     assert len(gen.generate([short, long])) == 2
+
+
+def test_prompt_budget_clamped_to_model_context(tokenizer, caplog):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    eos = tokenizer.eos_token_id
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=1, n_head=2,
+                        bos_token_id=eos, eos_token_id=eos)  # fmt: skip
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(config)  # learned positions: position 64 raises IndexError
+    with caplog.at_level(logging.WARNING, logger="chatretriever.modeling.grounded"):
+        gen = GroundedGenerator(model, tokenizer, max_new_tokens=16)  # default prompt: 1536
+    assert gen.max_prompt_tokens == 48
+    assert "exceed the model's context of 64 tokens: prompts are fitted to 48" in caplog.text
+    prompt = [{"role": "user", "content": "word " * 60 + "END?"}]
+    ids = gen.encode_prompts([prompt])[0]
+    assert len(ids) <= 48 and tokenizer.decode(ids).endswith(
+        "word END?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert len(gen.generate_ids([prompt])[0]) <= 16  # no IndexError
+    assert gen.answer_report()["max_prompt_tokens"] == 48
+    assert GroundedGenerator(model, tokenizer, 8, max_prompt_tokens=40).max_prompt_tokens == 40
+    with pytest.raises(ValueError, match="max_new_tokens=64 leaves no room for a prompt"):
+        GroundedGenerator(model, tokenizer, max_new_tokens=64)
 
 
 def test_generator_checks_its_settings(tokenizer, tiny_llama_dir):

@@ -25,6 +25,7 @@ from chatretriever.methods.uniconv.train import (
     uniconv_losses,
 )
 from chatretriever.modeling.grounded import grounded_messages
+from chatretriever.modeling.grounded_fit import PromptFitter
 from chatretriever.types import Passage
 
 TOPICS = [
@@ -132,8 +133,9 @@ def test_cii_forward_equals_separate_forwards(tmp_path, tiny_model_dir):
     shown = Passage("p", positive.text, title=positive.title)
     prompt = grounded_messages(list(examples[0].messages), [shown], 800)
     assert "[1] cat: Cats are small felines" in prompt[-1]["content"]
-    text = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-    ctx_ids = tok(text, add_special_tokens=False)["input_ids"][-96:]
+    # fitted to max_context_tokens as `answer` fits a prompt: system message kept, no raw cut
+    ctx_ids = PromptFitter(tok).fit_batch([prompt], 96)[0]
+    assert len(ctx_ids) <= 96 and tok.decode(ctx_ids).startswith("<|im_start|>system\nAnswer")
     assert cii.input_ids[0, : len(ctx_ids)].tolist() == ctx_ids
 
 

@@ -218,3 +218,77 @@ def test_grounded_lm_loss_by_hand():
     assert none.item() == 0.0
     with pytest.raises(ValueError, match="must both be"):
         grounded_lm_loss(torch.zeros(2, 2), torch.ones(2, 2, dtype=torch.bool))
+
+
+# ------------------------------------------------------------------ the CII grounded contexts
+def _collator(max_context_tokens: int):
+    """A UniConv collator over the test tokenizer (no model: only the CII inputs are built)."""
+    from conftest import build_tokenizer
+
+    from chatretriever.config import LossConfig
+    from chatretriever.methods.uniconv.train import UniConvCollator, UniConvSettings
+    from chatretriever.modeling.template import RetrievalTemplate, add_emb_tokens
+
+    tok = build_tokenizer()
+    add_emb_tokens(tok, 3)
+    settings = UniConvSettings(cii_negatives=1, max_context_tokens=max_context_tokens)
+    return UniConvCollator(RetrievalTemplate(tok, 3), tok, LossConfig(), settings, pad_id=0)
+
+
+def _examples(n_exchanges: int):
+    from chatretriever.io.training import example_from_dict
+
+    history = []
+    for i in range(n_exchanges):
+        history += [
+            {"role": "user", "content": f"OLDQ {i}: and the part {i}?"},
+            {"role": "assistant", "content": "The device has many features. " * 3},
+        ]
+    return [
+        example_from_dict(
+            {
+                "id": f"ex{j}",
+                "messages": [*history, {"role": "user", "content": f"LASTQ {j}: the warranty?"}],
+                "positives": [{"title": "Warranty", "text": "two years, parts and labour " * 8}],
+                "target": f"Two years ({j}).",
+            }
+        )
+        for j in range(2)
+    ]
+
+
+def _context(collator, examples) -> list[int]:
+    """The context ids of the first CII row (before its first candidate response)."""
+    positives = [ex.positives[0] for ex in examples]
+    cii = collator.cii_inputs(examples, positives, list(range(len(examples))))["cii"]
+    first = int(cii.pred_pos[cii.pred_rows == 0].min())  # the last context position
+    return cii.input_ids[0, : first + 1].tolist()
+
+
+def test_cii_context_keeps_system_instruction():
+    from chatretriever.modeling.grounded import GROUNDED_SYSTEM
+
+    collator = _collator(max_context_tokens=700)
+    examples = _examples(n_exchanges=10)  # 1369 tokens
+    ids = _context(collator, examples)
+    text = collator.tokenizer.decode(ids)
+    assert len(ids) <= 700
+    assert text.startswith(f"<|im_start|>system\n{GROUNDED_SYSTEM}<|im_end|>\n<|im_start|>user\n")
+    assert text.endswith("Question: LASTQ 0: the warranty?<|im_end|>\n<|im_start|>assistant\n")
+    assert "[1] Warranty: two years" in text and "OLDQ 9" in text and "OLDQ 0" not in text
+    assert collator.fitter.counts.prompts_cut == 2
+
+
+def test_cii_contexts_that_fit_are_unchanged():
+    """The shipped uniconv-smol was trained on contexts that fit whole: they are the same ids."""
+    from chatretriever.modeling.grounded import grounded_messages
+    from chatretriever.types import Passage
+
+    collator = _collator(max_context_tokens=100_000)
+    examples = _examples(n_exchanges=2)
+    p = examples[0].positives[0]
+    prompt = grounded_messages(list(examples[0].messages), [Passage("x", p.text, p.title)], 800)
+    tok = collator.tokenizer
+    text = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    assert _context(collator, examples) == tok(text, add_special_tokens=False)["input_ids"]
+    assert collator.fitter.counts.prompts_cut == 0

@@ -28,7 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Retrieves with the index's model and answers from the top k passages: "
         "with the index's own model when it is a UniConv, else with --generator (a chat LLM). "
         'Writes one line per session: {"qid", "answer", "passages": [ids]}, and the settings '
-        "beside it (OUT.settings.json).",
+        "beside it (OUT.settings.json, with the generation budgets and how many prompts were "
+        "cut to fit them).",
     )
     add_sessions_arguments(p, judged=True)
     p.add_argument("--out", required=True, help="answers JSONL to write")
@@ -139,6 +140,13 @@ def _load_retriever(args: argparse.Namespace) -> tuple[Any, Any]:
     return corpus_index, encoder
 
 
+def _answer_report(answerer: Any) -> dict[str, Any] | None:
+    """The budgets the answers were generated under (the prompt budget as the model's context
+    allowed it) and how many prompts were cut to fit it; None for a model that does not say."""
+    report = getattr(answerer, "answer_report", None)
+    return report() if callable(report) else None
+
+
 def cmd_answer(args: argparse.Namespace) -> int:
     from chatretriever.apps.chat import answer_sessions
     from chatretriever.io.answers import write_answers
@@ -173,6 +181,7 @@ def cmd_answer(args: argparse.Namespace) -> int:
         answerer=name,
         sessions_count=len(sessions),
         passages_read=None if args.closed_book else read,  # the most any answer read
+        generation=_answer_report(answerer),
     )
     out = Path(args.out)
     with atomic_write(out.with_name(out.name + ".settings.json")) as f:

@@ -3,6 +3,10 @@ batched, deterministic generator for any causal chat LM.
 
 Shared by UniConv (one model retrieves and answers), the decoupled baseline (any chat LLM answers
 from retrieved passages) and the generation benchmark, so that all of them prompt the same way.
+A prompt longer than `max_prompt_tokens` keeps its system message and generation prompt, drops
+old history in whole exchanges and the lowest-ranked passages first (`grounded_fit.py`, also
+UniConv's CII training contexts); the budget and the answer length together stay within the
+model's context.
 """
 
 from __future__ import annotations
@@ -11,6 +15,13 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from chatretriever.modeling.backbones import context_length
+from chatretriever.modeling.grounded_fit import (
+    FitCounts,
+    PromptFitter,
+    cut_text,
+    grounded_user_content,
+)
 from chatretriever.types import Passage, Session, Turn
 
 if TYPE_CHECKING:
@@ -27,6 +38,9 @@ CLOSED_BOOK_SYSTEM = (
     "Be brief."
 )
 
+DEFAULT_PROMPT_TOKENS = 1536
+DEFAULT_PASSAGE_CHARS = 1200
+
 TurnLike = Turn | Mapping[str, str]
 PassageLike = Passage | str
 
@@ -39,16 +53,6 @@ def _as_turn(turn: TurnLike) -> Turn:
     return Turn(role=turn["role"], content=turn["content"])
 
 
-def _cut(text: str, max_chars: int) -> str:
-    """`text` cut to at most `max_chars` characters, at the last word boundary that fits."""
-    if len(text) <= max_chars:
-        return text
-    head = text[: max_chars + 1]  # one more: a space right after the limit is a clean cut
-    cut = head.rfind(" ")
-    # A single word longer than the limit has no boundary: cut it hard rather than drop it.
-    return (head[:cut] if cut > 0 else text[:max_chars]).rstrip()
-
-
 def _passage_line(i: int, passage: PassageLike, max_chars: int) -> str:
     """`[i] title: text` (or `[i] text` without a title); the text is cut to `max_chars`."""
     if isinstance(passage, str):
@@ -57,14 +61,14 @@ def _passage_line(i: int, passage: PassageLike, max_chars: int) -> str:
         title, text = passage.title, passage.text
     else:
         raise ValueError(f"a passage must be a Passage or a str, got {type(passage).__name__}")
-    text = _cut(" ".join(text.split()), max_chars)  # one line per passage: no inner newlines
+    text = cut_text(" ".join(text.split()), max_chars)  # one line per passage: no inner newlines
     return f"[{i}] {title}: {text}" if title else f"[{i}] {text}"
 
 
 def grounded_messages(
     turns: Sequence[TurnLike] | Session,
     passages: Sequence[PassageLike],
-    max_passage_chars: int = 1200,
+    max_passage_chars: int = DEFAULT_PASSAGE_CHARS,
     closed_book: bool = False,
 ) -> list[dict[str, str]]:
     """The chat messages that ask a model to answer a conversation's last question from passages.
@@ -99,7 +103,7 @@ def grounded_messages(
         last = question.content
     else:
         lines = [_passage_line(i, p, max_passage_chars) for i, p in enumerate(passages, start=1)]
-        last = "Passages:\n" + "\n".join(lines) + f"\n\nQuestion: {question.content}"
+        last = grounded_user_content(lines, question.content)
     system = CLOSED_BOOK_SYSTEM if closed else GROUNDED_SYSTEM
     return [
         {"role": "system", "content": system},
@@ -116,6 +120,29 @@ def _stop_ids(model: Any, tokenizer: Any) -> set[int]:
     return {eos} if isinstance(eos, int) else set(eos or [])
 
 
+def _prompt_budget(model: Any, max_prompt_tokens: int, max_new_tokens: int) -> int:
+    """`max_prompt_tokens`, lowered so that a prompt and its answer fit the model's context:
+    past it, learned positions raise IndexError and rotary ones answer from positions the
+    model never saw."""
+    ctx = context_length(model)
+    if ctx is None or max_prompt_tokens + max_new_tokens <= ctx:
+        return max_prompt_tokens
+    if ctx - max_new_tokens < 1:
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
+            f"context of {ctx} tokens"
+        )
+    logger.warning(
+        "max_prompt_tokens=%d + max_new_tokens=%d exceed the model's context of %d tokens: "
+        "prompts are fitted to %d tokens",
+        max_prompt_tokens,
+        max_new_tokens,
+        ctx,
+        ctx - max_new_tokens,
+    )
+    return ctx - max_new_tokens
+
+
 class GroundedGenerator:
     """Batched answers from a causal chat LM: chat template, left padding, length-sorted batches.
 
@@ -126,9 +153,17 @@ class GroundedGenerator:
         model: A causal LM (put in eval mode here).
         tokenizer: Its tokenizer, with a chat template.
         max_new_tokens: The most tokens generated per answer.
-        max_prompt_tokens: Longer prompts keep their last `max_prompt_tokens` token ids (the
-            question and the generation prompt are at the end).
+        max_prompt_tokens: Longer prompts are fitted to this many tokens (`grounded_fit.py`:
+            the system message and the generation prompt kept, old history and the
+            lowest-ranked passages dropped first). Lowered, with a warning, when it and
+            `max_new_tokens` exceed the model's context length.
         batch_size: Prompts per `model.generate` call.
+        fitter: The `PromptFitter` to use (one shared by many generators counts their cuts
+            together); default: a new one.
+
+    Raises:
+        ValueError: A setting < 1, no chat template, or `max_new_tokens` alone fills the
+            model's context.
     """
 
     def __init__(
@@ -136,8 +171,9 @@ class GroundedGenerator:
         model: Any,
         tokenizer: Any,
         max_new_tokens: int = 96,
-        max_prompt_tokens: int = 1536,
+        max_prompt_tokens: int = DEFAULT_PROMPT_TOKENS,
         batch_size: int = 8,
+        fitter: PromptFitter | None = None,
     ) -> None:
         for name, value in (
             ("max_new_tokens", max_new_tokens),
@@ -151,8 +187,29 @@ class GroundedGenerator:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
-        self.max_prompt_tokens = max_prompt_tokens
+        self.max_prompt_tokens = _prompt_budget(model, max_prompt_tokens, max_new_tokens)
         self.batch_size = batch_size
+        self.fitter = fitter if fitter is not None else PromptFitter(tokenizer)
+        self.max_passage_chars: int | None = None  # of the last `answer_batch`
+
+    @property
+    def fit_counts(self) -> FitCounts:
+        """What `encode_prompts` cut so far (counts of its fitter)."""
+        return self.fitter.counts
+
+    def answer_report(self) -> dict[str, Any]:
+        """The effective generation budgets and the prompt cuts so far (for a run's settings).
+
+        Returns:
+            {"max_new_tokens", "max_prompt_tokens", "max_passage_chars" (of the last
+            `answer_batch`; None when prompts came ready-made), and `FitCounts`' fields}.
+        """
+        return {
+            "max_new_tokens": self.max_new_tokens,
+            "max_prompt_tokens": self.max_prompt_tokens,
+            "max_passage_chars": self.max_passage_chars,
+            **self.fit_counts.as_dict(),
+        }
 
     @classmethod
     def from_pretrained(
@@ -179,31 +236,20 @@ class GroundedGenerator:
         return cls(model.to(device or default_device()), tokenizer, **kw)
 
     def encode_prompts(self, prompts: Sequence[Sequence[Mapping[str, str]]]) -> list[list[int]]:
-        """Token ids of each chat prompt (with the generation prompt), cut to `max_prompt_tokens`.
+        """Token ids of each chat prompt (with the generation prompt), fitted to
+        `max_prompt_tokens` (`grounded_fit.PromptFitter`; message contents never yield control
+        tokens).
 
         Args:
             prompts: Chat messages per prompt.
 
         Returns:
-            One id list per prompt, each at most `max_prompt_tokens` long (its last ids).
+            One id list per prompt, each at most `max_prompt_tokens` long; a prompt that fits
+            gets the ids of its whole chat-template text.
         """
         if not prompts:
             return []
-        texts = [
-            self.tokenizer.apply_chat_template(list(p), add_generation_prompt=True, tokenize=False)
-            for p in prompts
-        ]
-        # The template already holds every special token (BOS included where the model wants one).
-        ids = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        cut = sum(len(x) > self.max_prompt_tokens for x in ids)
-        if cut:
-            logger.warning(
-                "%d of %d prompts are longer than max_prompt_tokens=%d: their start is cut",
-                cut,
-                len(ids),
-                self.max_prompt_tokens,
-            )
-        return [list(x[-self.max_prompt_tokens :]) for x in ids]
+        return self.fitter.fit_batch(prompts, self.max_prompt_tokens)
 
     def _batch_ids(self, batch: Sequence[Sequence[int]], **gen_kw: Any) -> list[list[int]]:
         """Generate for one batch of prompt ids; returns the new ids of each, cut at eos."""
@@ -295,7 +341,7 @@ class GroundedGenerator:
         self,
         turns: Sequence[TurnLike] | Session,
         passages: Sequence[PassageLike],
-        max_passage_chars: int = 1200,
+        max_passage_chars: int = DEFAULT_PASSAGE_CHARS,
         closed_book: bool = False,
         **kw: Any,
     ) -> str:
@@ -305,7 +351,7 @@ class GroundedGenerator:
     def answer_batch(
         self,
         items: Sequence[tuple[Sequence[TurnLike] | Session, Sequence[PassageLike]]],
-        max_passage_chars: int = 1200,
+        max_passage_chars: int = DEFAULT_PASSAGE_CHARS,
         closed_book: bool = False,
         **kw: Any,
     ) -> list[str]:
@@ -324,4 +370,5 @@ class GroundedGenerator:
             grounded_messages(turns, passages, max_passage_chars, closed_book)
             for turns, passages in items
         ]
+        self.max_passage_chars = max_passage_chars
         return self.generate(prompts, **kw)

@@ -6,8 +6,10 @@ is `modeling.emb_llm.EmbLLM`; UniConv adds the context-identification forward (`
 the log-likelihood of K candidate responses after one context, in ONE pass, `cii.py`) and the
 answer path (`answer`, `answer_batch`, `answer_with_retrieval`) through the shared grounded
 prompt (`modeling.grounded`), the layout its CII loss trains on (CII shows one passage cut at
-`uniconv.max_passage_chars`; answers show k, cut at `max_passage_chars`). A saved UniConv is a
-directory with `uniconv.json` (adapter + EMB rows: a few MB).
+`uniconv.max_passage_chars` in `uniconv.max_context_tokens`; answers show k, cut at
+`max_passage_chars`, in `max_prompt_tokens`; both are fitted the same way,
+`modeling.grounded_fit`). A saved UniConv is a directory with `uniconv.json` (adapter + EMB
+rows: a few MB).
 """
 
 from __future__ import annotations
@@ -21,7 +23,13 @@ import torch
 from chatretriever.methods.uniconv import SAVED_CONFIG
 from chatretriever.methods.uniconv.cii import CiiBatch, response_logliks
 from chatretriever.modeling.emb_llm import EmbLLM
-from chatretriever.modeling.grounded import GroundedGenerator, grounded_messages
+from chatretriever.modeling.grounded import (
+    DEFAULT_PASSAGE_CHARS,
+    DEFAULT_PROMPT_TOKENS,
+    GroundedGenerator,
+    grounded_messages,
+)
+from chatretriever.modeling.grounded_fit import PromptFitter
 from chatretriever.retrieval.encoders import fingerprint_of
 from chatretriever.types import Passage, SessionLike, Turn, as_messages, batch
 
@@ -45,6 +53,10 @@ class UniConv(EmbLLM):
     # each other, so its file name is spelled here): a UniConv recipe may start from a trained
     # session retriever (`uniconv-smol` starts from `chatretriever-smol`).
     CONTINUES_FROM = ("chatretriever.json",)
+    # The answer path's prompt fitter (one per model: its cuts are counted across calls) and
+    # the budgets of the last `answer_batch`; set on first use.
+    _prompt_fitter: PromptFitter | None = None
+    _answer_budgets: dict[str, int] | None = None
 
     # ------------------------------------------------------------------ training forward
     def cii_forward(self, batch: CiiBatch, normalize: str = "mean") -> torch.Tensor:
@@ -93,8 +105,19 @@ class UniConv(EmbLLM):
     # ------------------------------------------------------------------ answering
     def generator(self, **kwargs: Any) -> GroundedGenerator:
         """A `GroundedGenerator` over this model's LM (adapter included): the same weights
-        that embed (kwargs: max_new_tokens, max_prompt_tokens, batch_size)."""
-        return GroundedGenerator(self.model, self.tokenizer, **kwargs)
+        that embed (kwargs: max_new_tokens, max_prompt_tokens, batch_size); its prompt fitter
+        is this model's, so `answer_report` counts the cuts of every call."""
+        if self._prompt_fitter is None:
+            self._prompt_fitter = PromptFitter(self.tokenizer)
+        return GroundedGenerator(self.model, self.tokenizer, fitter=self._prompt_fitter, **kwargs)
+
+    def answer_report(self) -> dict[str, Any]:
+        """The generation budgets of the last `answer_batch` (the prompt budget as the model's
+        context allowed it) and the prompts cut so far (`grounded_fit.FitCounts`' fields); {}
+        before any answer."""
+        if self._answer_budgets is None or self._prompt_fitter is None:
+            return {}
+        return {**self._answer_budgets, **self._prompt_fitter.counts.as_dict()}
 
     def answer(
         self,
@@ -102,11 +125,20 @@ class UniConv(EmbLLM):
         passages: Sequence[Passage | str],
         max_new_tokens: int = 96,
         do_sample: bool = False,
+        max_prompt_tokens: int = DEFAULT_PROMPT_TOKENS,
+        max_passage_chars: int = DEFAULT_PASSAGE_CHARS,
         **kwargs: Any,
     ) -> str:
         """The answer to the session's last question, grounded in `passages` (numbered in the
-        prompt; none = closed book). Greedy unless `do_sample`."""
-        return self.answer_batch([(session, passages)], max_new_tokens, do_sample, **kwargs)[0]
+        prompt; none = closed book). Greedy unless `do_sample`. See `answer_batch`."""
+        return self.answer_batch(
+            [(session, passages)],
+            max_new_tokens,
+            do_sample,
+            max_prompt_tokens=max_prompt_tokens,
+            max_passage_chars=max_passage_chars,
+            **kwargs,
+        )[0]
 
     def answer_batch(
         self,
@@ -115,7 +147,8 @@ class UniConv(EmbLLM):
         do_sample: bool = False,
         batch_size: int = 8,
         show_progress: bool = False,
-        max_passage_chars: int = 1200,
+        max_passage_chars: int = DEFAULT_PASSAGE_CHARS,
+        max_prompt_tokens: int = DEFAULT_PROMPT_TOKENS,
         **kwargs: Any,
     ) -> list[str]:
         """Answers to many (session, passages) pairs, in input order.
@@ -127,6 +160,10 @@ class UniConv(EmbLLM):
             batch_size: Prompts per generate call.
             show_progress: A progress bar over prompts.
             max_passage_chars: Each passage is cut to this many characters in the prompt.
+            max_prompt_tokens: Longer prompts are fitted to this many tokens (system message
+                kept, old history and the lowest-ranked passages dropped first:
+                `grounded_fit.py`); lowered to leave `max_new_tokens` in the model's context.
+            **kwargs: Passed to `GroundedGenerator.generate` (temperature, seed).
 
         Returns:
             One answer per item.
@@ -140,7 +177,16 @@ class UniConv(EmbLLM):
         ]
         was_training = self.training
         try:
-            gen = self.generator(max_new_tokens=max_new_tokens, batch_size=batch_size)
+            gen = self.generator(
+                max_new_tokens=max_new_tokens,
+                max_prompt_tokens=max_prompt_tokens,
+                batch_size=batch_size,
+            )
+            self._answer_budgets = {
+                "max_new_tokens": gen.max_new_tokens,
+                "max_prompt_tokens": gen.max_prompt_tokens,
+                "max_passage_chars": max_passage_chars,
+            }
             return gen.generate(prompts, do_sample=do_sample, show_progress=show_progress, **kwargs)
         finally:
             self.train(was_training)

@@ -8,8 +8,10 @@ response; `io.training`):
   mask: the SAME forward as the session embedding (`EmbLLM.csit_forward`), as CSIT's L_S.
 - L_CII ("cii", weight alpha): the grounded prompt (session + its positive passage, in the
   layout `answer` uses: "[1] title: text"; but one passage, where `answer` shows k, cut at
-  `uniconv.max_passage_chars`, where `answer` cuts at 1200, and only its last
-  `max_context_tokens` tokens) followed by the reference response and the references of
+  `uniconv.max_passage_chars`, where `answer` cuts at 1200, and fitted to `max_context_tokens`
+  tokens as `answer` fits its prompts: system message and generation prompt kept, old history
+  dropped in whole exchanges, then the passage's end and the question's start cut,
+  `modeling.grounded_fit`) followed by the reference response and the references of
   `cii_negatives` OTHER examples of the batch (never a copy of its own reference); the
   reference must score highest. Scored by the mean token
   log-likelihood of each response ("likelihood", the default: it trains the generation path
@@ -27,7 +29,7 @@ positive (what a format-mismatched source, e.g. TopiOCQA's answer-as-passage, ca
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -39,6 +41,7 @@ from chatretriever.methods.uniconv.losses import cii_loss, grounded_lm_loss
 from chatretriever.modeling.candidates import contrastive_batch, layout_contrastive_part
 from chatretriever.modeling.collate import encode_batch
 from chatretriever.modeling.grounded import grounded_messages
+from chatretriever.modeling.grounded_fit import PromptFitter
 from chatretriever.modeling.losses import (
     IGNORE_INDEX,
     contrastive_loss,
@@ -63,7 +66,8 @@ class UniConvSettings:
         cii_normalize: "mean" (per-token mean log-likelihood: long and short responses compete
             on equal terms) or "sum" (the sequence log-likelihood).
         cii_temperature: Softmax temperature of L_CII.
-        max_context_tokens: The grounded prompt keeps its last this many tokens.
+        max_context_tokens: The grounded prompt is fitted to this many tokens (system message
+            kept; `modeling.grounded_fit`).
         max_passage_chars: The positive passage is cut to this many characters in the prompt.
         grounded_weight: Weight of the grounded-generation part (the reference's token-mean NLL
             after the grounded prompt, from the L_CII forward; 0 = off, the paper's recipe).
@@ -125,6 +129,14 @@ class UniConvCollator:
     max_response_len: int = 128
     seed: int = 0
     epoch: int = 0
+    _fitter: PromptFitter | None = field(default=None, init=False, repr=False)
+
+    @property
+    def fitter(self) -> PromptFitter:
+        """The fitter of the grounded prompts (its `counts` say what was cut)."""
+        if self._fitter is None:
+            self._fitter = PromptFitter(self.tokenizer)
+        return self._fitter
 
     def set_epoch(self, epoch: int, seed: int | None = None) -> None:
         self.epoch = epoch
@@ -190,21 +202,20 @@ class UniConvCollator:
     def _packed(self, prompts: list, refs: list[str]) -> CiiBatch:
         """One packed row per example: [grounded prompt, its reference, K - 1 other references]."""
         tok = self.tokenizer
-        texts = [
-            tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts
-        ]
-        contexts = tok(texts, add_special_tokens=False)["input_ids"]
+        # the prompt `answer` would build, fitted as `answer` fits it (a raw cut of its last
+        # tokens would drop the system message and start mid-turn)
+        contexts = self.fitter.fit_batch(prompts, self.settings.max_context_tokens)
         # A response ends with the stop token generation ends at (the LM learns where to stop).
         eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
         cap = max(1, self.max_response_len - len(eos))
-        responses = [ids[:cap] + eos for ids in tok(refs, add_special_tokens=False)["input_ids"]]
+        # a reference is user text too: a literal "<|im_end|>" in it stays text
+        responses = [ids[:cap] + eos for ids in self.fitter.contents.encode(refs)]
         contrasts = self.settings.alpha > 0  # else only the grounded part reads the references
         k = min(self.settings.cii_negatives if contrasts else 0, len(refs) - 1)
-        keep = self.settings.max_context_tokens
         out = []
         for i, ctx in enumerate(contexts):
             others = [responses[j] for j in _other_responses(i, refs, k)]
-            out.append(cii_row(ctx[-keep:], [responses[i], *others]))
+            out.append(cii_row(ctx, [responses[i], *others]))
         return cii_batch(out, self.pad_id)
 
 

@@ -1,0 +1,385 @@
+"""Chat prompts as token ids within a budget: cut by whole turns, the best passages kept.
+
+Used by every grounded answer (`grounded.GroundedGenerator`) and by UniConv's CII training
+contexts, so that training and answering cut a long prompt the same way. A prompt
+[system, *history, last message] (`grounded.grounded_messages`, or any chat prompt) longer than
+the budget is fitted in this order:
+
+1. The system message and the generation prompt stay. (Only a budget too small to leave the last
+   message half of it, or all of it when shorter, cuts the system message's end.)
+2. The last message: a grounded one ("Passages:\\n[1] ...\\n\\nQuestion: q") drops its
+   lowest-ranked passages first (k, k-1, ..., 2); then passage [1] is shortened (its start
+   kept), down to half the room the question leaves; then the question is cut from its start
+   (its end, where a long pasted turn asks, is kept). Any other last message is cut from its
+   start.
+3. History is added back newest first, in whole exchanges (a cut always lands on a user turn),
+   while it fits.
+
+A prompt that fits gets exactly the ids the tokenizer gives its chat-template text, except that
+message contents are user text: they are tokenized with no added token matched
+(`content_ids.ContentTokenizer`), so a literal "<|im_end|>" or "[EMB_1]" in a passage or a turn
+stays text. The template is rendered once per role sequence with placeholders for the contents;
+the text between two of its added tokens (template text and contents) is tokenized as one run,
+as the tokenizer tokenizes the full text.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from chatretriever.modeling.chat_render import PLAIN_TEMPLATE
+from chatretriever.modeling.content_ids import ContentTokenizer
+
+logger = logging.getLogger(__name__)
+
+PASSAGES_HEADER = "Passages:\n"
+QUESTION_HEADER = "\n\nQuestion: "
+_LINE_START = re.compile(r"^\[(\d+)\] ", re.M)
+_SLOT = "@@GROUNDED_SLOT_{}@@"
+# Tabs around each placeholder: a template that strips contents (`| trim`) strips them too.
+_SLOT_RE = re.compile(r"(\t?)@@GROUNDED_SLOT_(\d+)@@(\t?)")
+_MAX_LAYOUTS = 1024  # cached renderings of role sequences
+
+Message = tuple[str, str]  # (role, content)
+
+
+def cut_text(text: str, max_chars: int) -> str:
+    """`text` cut to at most `max_chars` characters (its start kept), at a word boundary."""
+    if len(text) <= max_chars:
+        return text
+    head = text[: max_chars + 1]  # one more: a space right after the limit is a clean cut
+    cut = head.rfind(" ")
+    # A single word longer than the limit has no boundary: cut it hard rather than drop it.
+    return (head[:cut] if cut > 0 else text[:max_chars]).rstrip()
+
+
+def cut_text_start(text: str, max_chars: int) -> str:
+    """`text` cut to at most `max_chars` characters from its start (its end kept), at a word
+    boundary."""
+    if len(text) <= max_chars:
+        return text
+    if max_chars < 1:
+        return ""
+    tail = text[-(max_chars + 1) :]  # one more: a space right before the limit is a clean cut
+    cut = tail.find(" ")
+    return (tail[cut + 1 :] if 0 <= cut < len(tail) - 1 else text[-max_chars:]).lstrip()
+
+
+def grounded_user_content(lines: Sequence[str], question: str) -> str:
+    """The last user message of a grounded prompt: its numbered passage lines, the question."""
+    return PASSAGES_HEADER + "\n".join(lines) + QUESTION_HEADER + question
+
+
+def split_grounded_user(content: str) -> tuple[list[str], str] | None:
+    """(passage lines, question) of a `grounded_user_content` text; None for any other text.
+
+    A passage line holds no newline (`grounded_messages` folds its whitespace), so the first
+    blank line ends the passages; lines are found by their numbers, 1, 2, ... in order.
+    """
+    end = content.find(QUESTION_HEADER, len(PASSAGES_HEADER))
+    if not content.startswith(PASSAGES_HEADER) or end < 0:
+        return None
+    block = content[len(PASSAGES_HEADER) : end]
+    starts: list[int] = []
+    for m in _LINE_START.finditer(block):
+        if int(m.group(1)) == len(starts) + 1:
+            starts.append(m.start())
+    if not starts or starts[0] != 0:
+        return None
+    ends = [s - 1 for s in starts[1:]] + [len(block)]  # each line without its "\n"
+    lines = [block[s:e] for s, e in zip(starts, ends, strict=True)]
+    question = content[end + len(QUESTION_HEADER) :]
+    return (lines, question) if grounded_user_content(lines, question) == content else None
+
+
+@dataclass
+class FitCounts:
+    """What a `PromptFitter` cut so far (one count per prompt, or per message / passage).
+
+    Attributes:
+        prompts: Prompts fitted.
+        prompts_cut: Of them, prompts over the budget.
+        history_messages_dropped: History messages left out (oldest first, whole exchanges).
+        passages_dropped: Lowest-ranked passages left out.
+        passages_shortened: Prompts whose passage [1] was shortened.
+        questions_cut: Prompts whose last message lost its start.
+        systems_cut: Prompts whose system message lost its end (a budget too small for it).
+    """
+
+    prompts: int = 0
+    prompts_cut: int = 0
+    history_messages_dropped: int = 0
+    passages_dropped: int = 0
+    passages_shortened: int = 0
+    questions_cut: int = 0
+    systems_cut: int = 0
+
+    def add(self, other: FitCounts) -> None:
+        for name, value in asdict(other).items():
+            setattr(self, name, getattr(self, name) + value)
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """Where message `index`'s content goes; whether the template strips its sides."""
+
+    index: int
+    lstrip: bool
+    rstrip: bool
+
+
+def _largest(lo: int, hi: int, ok: Callable[[int], bool]) -> int:
+    """The largest n in [lo, hi] with ok(n), by bisection (ok holds up to some n, then fails);
+    lo - 1 when ok(lo) fails."""
+    best = lo - 1
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            best, lo = mid, mid + 1
+        else:
+            hi = mid - 1
+    return best
+
+
+def _history_cuts(history: Sequence[Message]) -> list[int]:
+    """Where the history may be cut: before each user turn (and everything), oldest first
+    (the retrieval template's rule for sessions)."""
+    return [0, *(i for i, (role, _) in enumerate(history) if role == "user" and i > 0)] + [
+        len(history)
+    ]
+
+
+class PromptFitter:
+    """Chat prompts (with the generation prompt) -> token ids of at most a budget.
+
+    Args:
+        tokenizer: A Hugging Face tokenizer (its chat template; a plain "role: content" one
+            without).
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.contents = ContentTokenizer(tokenizer)
+        self.counts = FitCounts()
+        self._chat_template = getattr(tokenizer, "chat_template", None) or PLAIN_TEMPLATE
+        self._layouts: dict[tuple[str, ...], tuple[int | str | _Slot, ...]] = {}
+        self._warned = False
+
+    def fit_batch(
+        self, prompts: Sequence[Sequence[Mapping[str, str]]], max_tokens: int
+    ) -> list[list[int]]:
+        """Token ids of each prompt, fitted to `max_tokens` (see the module docstring).
+
+        Args:
+            prompts: Chat messages ({"role", "content"}) per prompt.
+            max_tokens: The most ids per prompt.
+
+        Returns:
+            One id list per prompt, each at most `max_tokens` long; a prompt that fits is
+            tokenized whole, in one tokenizer call for all of them.
+
+        Raises:
+            ValueError: The chat template's framing alone does not fit `max_tokens`.
+        """
+        messages = [[(m["role"], m["content"]) for m in p] for p in prompts]
+        out = self._ids_batch(messages)
+        cut = FitCounts(prompts=len(messages))
+        for i, msgs in enumerate(messages):
+            if len(out[i]) > max_tokens:
+                out[i], what = self._fit_one(msgs, max_tokens)
+                logger.debug("prompt %d of %d cut: %s", i, len(messages), what)
+                cut.add(what)
+        self.counts.add(cut)
+        if cut.prompts_cut and not self._warned:  # once: training meets it every batch
+            self._warned = True
+            logger.warning(
+                "%d of %d prompts are longer than %d tokens: fitted by dropping old history and "
+                "the lowest-ranked passages, then cutting passage [1]'s end and the question's "
+                "start (%s; later cuts are counted, not logged)",
+                cut.prompts_cut,
+                cut.prompts,
+                max_tokens,
+                ", ".join(f"{k} {v}" for k, v in list(cut.as_dict().items())[2:] if v),
+            )
+        return out
+
+    # ---------------------------------------------------------------- fitting one prompt
+    def _fit_one(self, msgs: list[Message], budget: int) -> tuple[list[int], FitCounts]:
+        lead = msgs[:1] if len(msgs) > 1 and msgs[0][0] == "system" else []
+        history, (role, content) = msgs[len(lead) : -1], msgs[-1]
+        what = FitCounts(prompts_cut=1)
+        lead = self._fit_system(lead, role, content, budget, what)
+        last = (role, self._fit_last(lead, role, content, budget, what))
+        cuts = _history_cuts(history)
+        # cuts[-1] (no history) fits: the most history that still fits, newest first
+        back = _largest(
+            0,
+            len(cuts) - 1,
+            lambda j: self._length([*lead, *history[cuts[-1 - j] :], last]) <= budget,
+        )
+        start = cuts[-1 - back]
+        what.history_messages_dropped = start
+        return self._ids_batch([[*lead, *history[start:], last]])[0], what
+
+    def _fit_system(
+        self, lead: list[Message], role: str, content: str, budget: int, what: FitCounts
+    ) -> list[Message]:
+        """The system message, whole unless it leaves the last message less than half the
+        budget (or less than all of it, when shorter): then its end is cut."""
+        if not lead:
+            return lead
+        reserve = min(self._count(content), budget // 2)
+
+        def fits(system: str) -> bool:
+            return self._length([("system", system), (role, "")]) + reserve <= budget
+
+        system = lead[0][1]
+        if fits(system):
+            return lead
+        n = _largest(0, len(system), lambda n: fits(cut_text(system, n)))
+        what.systems_cut = 1
+        return [("system", cut_text(system, max(n, 0)))]
+
+    def _fit_last(
+        self, lead: list[Message], role: str, content: str, budget: int, what: FitCounts
+    ) -> str:
+        """The last message's content, fitted with the system message and no history."""
+
+        def total(text: str) -> int:
+            return self._length([*lead, (role, text)])
+
+        if total(content) <= budget:
+            return content
+        frame = total("")
+        if frame >= budget:
+            raise ValueError(
+                f"a prompt budget of {budget} tokens leaves no room for the last message: the "
+                f"chat template and the system message take {frame}"
+            )
+        parsed = split_grounded_user(content) if role == "user" else None
+        if parsed is not None and total(grounded_user_content([""], "")) < budget:
+            lines, question = parsed
+            n = _largest(
+                1, len(lines), lambda j: total(grounded_user_content(lines[:j], question)) <= budget
+            )
+            what.passages_dropped = len(lines) - max(n, 1)
+            if n >= 1:
+                return grounded_user_content(lines[:n], question)
+            return self._fit_passage_and_question(lines[0], question, total, budget, what)
+        what.questions_cut = 1
+        n = _largest(0, len(content), lambda n: total(cut_text_start(content, n)) <= budget)
+        return cut_text_start(content, n)
+
+    def _fit_passage_and_question(
+        self,
+        line: str,
+        question: str,
+        total: Callable[[str], int],
+        budget: int,
+        what: FitCounts,
+    ) -> str:
+        """Passage [1] and the question in the room left: a question up to half the room stays
+        whole and the passage's end is cut; a longer one leaves the passage half the room (all
+        it needs, when less) and loses its start."""
+
+        def build(passage: str, q: str) -> str:
+            return grounded_user_content([passage], q)
+
+        room = budget - total(build("", ""))
+        q_tokens = self._count(question)
+        if q_tokens <= room // 2:
+            n = _largest(
+                0, len(line), lambda n: total(build(cut_text(line, n), question)) <= budget
+            )
+            if n >= 0:
+                what.passages_shortened = 1
+                return build(cut_text(line, n), question)
+        floor = min(self._count(line), max(room - q_tokens, room // 2))
+        n = _largest(0, len(line), lambda n: self._count(cut_text(line, n)) <= floor)
+        short = cut_text(line, max(n, 0))
+        what.passages_shortened = int(short != line)
+        what.questions_cut = 1
+        n = _largest(
+            0, len(question), lambda n: total(build(short, cut_text_start(question, n))) <= budget
+        )
+        if n >= 0:
+            return build(short, cut_text_start(question, n))
+        # tokens joined across the pieces count more than apart: the passage gives way
+        n = _largest(0, len(short), lambda n: total(build(cut_text(short, n), "")) <= budget)
+        return build(cut_text(short, max(n, 0)), "")
+
+    # ---------------------------------------------------------------- rendering to ids
+    def _count(self, text: str) -> int:
+        """Tokens of user text on its own."""
+        return len(self.contents.encode([text])[0])
+
+    def _length(self, msgs: list[Message]) -> int:
+        return len(self._ids_batch([msgs])[0])
+
+    def _layout(self, roles: tuple[str, ...]) -> tuple[int | str | _Slot, ...]:
+        """Messages with these roles rendered with the generation prompt: the template's
+        added-token ids, its text, and the slots of the contents (rendered once per roles)."""
+        layout = self._layouts.get(roles)
+        if layout is not None:
+            return layout
+        msgs = [{"role": r, "content": f"\t{_SLOT.format(i)}\t"} for i, r in enumerate(roles)]
+        text = self.tokenizer.apply_chat_template(
+            msgs, tokenize=False, add_generation_prompt=True, chat_template=self._chat_template
+        )
+        parts = _SLOT_RE.split(text)  # [text, "\t", "0", "\t", text, ..., text]
+        # Any order (Mistral's puts the system message into the last user turn), but each
+        # content once and unaltered.
+        if sorted(int(i) for i in parts[2::4]) != list(range(len(roles))):
+            raise ValueError("the chat template alters, drops or repeats message contents")
+        items: list[int | str | _Slot] = []
+        for i in range(0, len(parts), 4):
+            items += self.contents.split_added(parts[i])
+            if i + 3 < len(parts):
+                items.append(_Slot(int(parts[i + 2]), not parts[i + 1], not parts[i + 3]))
+        if len(self._layouts) >= _MAX_LAYOUTS:
+            self._layouts.clear()
+        self._layouts[roles] = layout = tuple(items)
+        return layout
+
+    def _pieces(self, msgs: list[Message]) -> list[int | str]:
+        """The prompt as added-token ids and runs of text (template text joined with contents)."""
+        pieces: list[int | str] = []
+        run: list[str] = []
+        for item in self._layout(tuple(role for role, _ in msgs)):
+            if isinstance(item, int):
+                if run:
+                    pieces.append("".join(run))
+                    run = []
+                pieces.append(item)
+            elif isinstance(item, _Slot):
+                text = msgs[item.index][1]
+                text = text.lstrip() if item.lstrip else text
+                run.append(text.rstrip() if item.rstrip else text)
+            else:
+                run.append(item)
+        if run:
+            pieces.append("".join(run))
+        return pieces
+
+    def _ids_batch(self, prompts: Sequence[list[Message]]) -> list[list[int]]:
+        """The whole ids of each prompt; the text runs of all of them in one tokenizer call."""
+        pieces = [self._pieces(msgs) for msgs in prompts]
+        runs = list(dict.fromkeys(p for ps in pieces for p in ps if isinstance(p, str)))
+        ids = dict(zip(runs, self.contents.encode(runs), strict=True))
+        out = []
+        for ps in pieces:
+            row: list[int] = []
+            for p in ps:
+                if isinstance(p, str):
+                    row += ids[p]
+                else:
+                    row.append(p)
+            out.append(row)
+        return out
