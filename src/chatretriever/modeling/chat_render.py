@@ -4,7 +4,8 @@
 the template's added tokens and caches the layout; `frames` then gives, for any message list, the
 ids before and after the last message's content (earlier contents tokenized inside their runs, as
 the tokenizer tokenizes a full rendering, with no added token matched inside user text). The
-retrieval inputs built on it (EMB tokens, truncation, CSIT sequences) are `template.py`'s.
+retrieval inputs built on it (EMB tokens, CSIT sequences) are `template.py`'s; fitting a session
+in its budget is `session_fit.py`'s.
 
 System messages: some templates (SmolLM2, Qwen2.5) inject a default system message ("You are a
 helpful AI assistant named SmolLM...", ~20 tokens) whenever the conversation has none. When

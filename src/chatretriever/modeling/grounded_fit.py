@@ -33,6 +33,7 @@ from typing import Any
 
 from chatretriever.modeling.chat_render import PLAIN_TEMPLATE
 from chatretriever.modeling.content_ids import ContentTokenizer
+from chatretriever.modeling.session_fit import exchange_cuts
 
 logger = logging.getLogger(__name__)
 
@@ -148,14 +149,6 @@ def _largest(lo: int, hi: int, ok: Callable[[int], bool]) -> int:
     return best
 
 
-def _history_cuts(history: Sequence[Message]) -> list[int]:
-    """Where the history may be cut: before each user turn (and everything), oldest first
-    (the retrieval template's rule for sessions)."""
-    return [0, *(i for i, (role, _) in enumerate(history) if role == "user" and i > 0)] + [
-        len(history)
-    ]
-
-
 class PromptFitter:
     """Chat prompts (with the generation prompt) -> token ids of at most a budget.
 
@@ -217,7 +210,7 @@ class PromptFitter:
         what = FitCounts(prompts_cut=1)
         lead = self._fit_system(lead, role, content, budget, what)
         last = (role, self._fit_last(lead, role, content, budget, what))
-        cuts = _history_cuts(history)
+        cuts = exchange_cuts([role for role, _ in history])
         # cuts[-1] (no history) fits: the most history that still fits, newest first
         back = _largest(
             0,

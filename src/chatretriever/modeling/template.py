@@ -7,18 +7,14 @@ representation: nothing is added to the vocabulary); the final hidden state of t
 the embedding. Below, "EMB tokens" means these appended tokens either way.
 
 - A session renders all its turns, ending with the current user question, with no generation
-  prompt. Too long: whole exchanges of the history are dropped oldest first (a cut always lands
-  on a user turn); then the content of the session's own system turn, if any, is cut from its
-  end (its start is kept); then the question itself is cut from its START (its end, where a long
-  pasted turn asks, is kept). The template's framing and the EMB tokens always survive; a budget
-  that cannot hold them raises.
+  prompt. Too long, it is fitted to `max_session_len` by the over-long-turn rule, described
+  and implemented in `session_fit.py`.
 - A passage (or a response used as a positive) is one assistant message: "title\\ntext".
 - The CSIT sequence is [session, EMB x t, assistant turn with the response] (no EMB tokens after
   the response: nothing reads them).
 
 System messages are rendered on purpose (an injected default one is replaced by an empty one:
-`chat_render.py`); a session's own system turn replaces it, kept whole unless the question would
-not fit beside it (above).
+`chat_render.py`); a session's own system turn replaces it (cut only as `session_fit.py` says).
 
 Every message's content (each turn, the question, a passage, a response) is user text: it is
 tokenized with no added token matched, so a literal "<|im_end|>" or "[EMB_1]" typed anywhere stays
@@ -26,32 +22,27 @@ text; only the chat template's own text yields control tokens. The rendering of 
 (contents left as slots) is split at the template's added tokens once and cached
 (`chat_render.ChatRenderer`). The text between two of them (template text and earlier turns'
 contents) is tokenized as one run, as the tokenizer tokenizes a full rendering, and each run's ids
-are cached: a history turn is tokenized once, not once per truncation step. The current question,
-a passage and a response are tokenized on their own (a passage and a response are cut from their
-end, the current question from its start), so lengths and spans are exact. Functions return
-plain lists of token ids; the `*_batch` ones tokenize the texts of many inputs in one tokenizer
-call.
+are cached. A passage and a response are tokenized on their own and cut from their end, so
+lengths and spans are exact. Functions return plain lists of token ids; the `*_batch` ones
+tokenize the texts of many inputs in one tokenizer call.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from chatretriever.modeling.chat_render import ChatRenderer, Frame
+from chatretriever.modeling.session_fit import SessionFitter
 
 # passage_text lives in types (BM25 and mining read passages the same way); re-exported here.
-from chatretriever.types import Passage, SessionLike, Turn, as_session, passage_text
+from chatretriever.types import Passage, SessionLike, Turn, passage_text
 
 if TYPE_CHECKING:
     from chatretriever.config import RetrieverConfig
 
-logger = logging.getLogger(__name__)
-
 EMB_TOKEN_FORMAT = "[EMB_{}]"
-_SESSION_CHUNK = 256  # sessions whose history runs are tokenized together
 
 
 def emb_tokens(t: int) -> list[str]:
@@ -142,25 +133,6 @@ class CsitPieces:
         return len(self.input_ids)
 
 
-@dataclass(frozen=True)
-class _SessionParts:
-    """A session as truncation sees it: system turn(s), history, current question."""
-
-    id: str
-    system: tuple[Turn, ...]
-    history: tuple[Turn, ...]
-    question: str
-    own_system: bool = False  # system is the session's own turn (may be cut), not the template's
-
-    def messages(self, cut: int) -> list[Turn]:
-        """The messages when the history is cut before turn `cut`."""
-        return [*self.system, *self.history[cut:], Turn("user", self.question)]
-
-    def without_history(self, system_chars: int) -> list[Turn]:
-        """The messages with no history and the own system content cut to `system_chars`."""
-        return [Turn("system", self.system[0].content[:system_chars]), Turn("user", self.question)]
-
-
 class RetrievalTemplate:
     """Turns sessions, passages and responses into token ids ending with the EMB tokens.
 
@@ -193,13 +165,14 @@ class RetrievalTemplate:
         self.n_emb_tokens = n_emb_tokens
         self.emb_ids: tuple[int, ...] = tuple(pooled_token_ids(tokenizer, n_emb_tokens, pooling))
         self.max_session_len = max_session_len
-        self._warned: set[str] = set()  # kinds of cut already logged
         self.max_passage_len = max_passage_len
         self.max_response_len = max_response_len
         self.renderer = ChatRenderer(tokenizer, system_prompt)
         self.contents = self.renderer.contents
         self.system = self.renderer.system
         self._check_room()
+        # over-long sessions: its cuts are warned of once per template
+        self.session_fitter = SessionFitter(self.renderer, self.emb_ids, max_session_len)
 
     def _check_room(self) -> None:
         """Raise now, not at the first encode, when a budget cannot hold one token of content.
@@ -263,134 +236,7 @@ class RetrievalTemplate:
 
     def session_ids_batch(self, sessions: Sequence[SessionLike]) -> list[list[int]]:
         """`session_ids` of each session, with few tokenizer calls for all of them."""
-        sessions = list(sessions)
-        out: list[list[int]] = []
-        for start in range(0, len(sessions), _SESSION_CHUNK):
-            parts = [self._session_parts(s) for s in sessions[start : start + _SESSION_CHUNK]]
-            out += self._fit(parts, self.contents.encode([x.question for x in parts]))
-        return out
-
-    def _session_parts(self, session: SessionLike) -> _SessionParts:
-        s = as_session(session)
-        turns = s.turns
-        own = turns[0].role == "system"
-        system, history = (
-            (turns[:1], turns[1:-1]) if own else (self.renderer.system_turns, turns[:-1])
-        )
-        return _SessionParts(s.id, tuple(system), tuple(history), turns[-1].content, own)
-
-    def _fit(self, parts: list[_SessionParts], questions: list[list[int]]) -> list[list[int]]:
-        """Fit each session in `max_session_len`: the over-long-turn rule (module docstring).
-
-        Args:
-            parts: The sessions as truncation sees them.
-            questions: The content ids of each session's current question.
-
-        Returns:
-            The ids of each session, EMB tokens included.
-
-        Raises:
-            ValueError: A session whose framing alone (with an empty own system turn and no
-                history) leaves no room for one token of the question.
-        """
-        budget = self.max_session_len - self.n_emb_tokens
-        frames = self._history_frames(parts, questions, budget)
-        out, cut_system, cut_question = [], [], []
-        for x, q, (pre, post) in zip(parts, questions, frames, strict=True):
-            if x.own_system and not _fits((pre, post), len(q), budget):
-                # the history is gone already: it is only added while the whole question fits
-                pre, post = self._cut_own_system(x, len(q), budget)
-                cut_system.append(x.id)
-            room = budget - len(pre) - len(post)
-            if room < min(1, len(q)):  # (an empty question may have history fill the budget)
-                raise ValueError(
-                    f"max_session_len={self.max_session_len} leaves no room for the question: "
-                    f"the session's framing alone takes {len(pre) + len(post)} tokens + "
-                    f"{self.n_emb_tokens} EMB tokens"
-                )
-            if len(q) > room:  # keep the end: a long turn (pasted text) ends with its question
-                cut_question.append(x.id)
-            out.append(pre + q[-room:] + post + list(self.emb_ids))
-        self._warn_once(
-            "whose own system turn and current turn are over",
-            cut_system,
-            "all history was dropped, then the system turn's end was cut",
-        )
-        self._warn_once(
-            "with a current turn over",
-            cut_question,
-            "its start was cut, its end (the question) kept",
-        )
-        return out
-
-    def _history_frames(
-        self, parts: list[_SessionParts], questions: list[list[int]], budget: int
-    ) -> list[Frame]:
-        """The frame of each session with its longest history suffix of whole exchanges beside
-        which the whole question fits (no history when the question does not fit alone).
-
-        Suffixes grow newest first, one exchange per round, the new turns of all sessions
-        tokenized in one call per round: turns too old to fit are never tokenized. (More turns
-        never render shorter, so the first suffix that does not fit ends the search.)
-        """
-        cuts = [_history_cuts(x.history) for x in parts]
-        pos = [len(c) - 1 for c in cuts]  # index in cuts of each kept suffix: no history yet
-        frames = self.renderer.frames([x.messages(c[-1]) for x, c in zip(parts, cuts, strict=True)])
-        todo = [
-            i for i, p in enumerate(pos) if p > 0 and _fits(frames[i], len(questions[i]), budget)
-        ]
-        while todo:
-            trial = self.renderer.frames([parts[i].messages(cuts[i][pos[i] - 1]) for i in todo])
-            grown = []
-            for i, frame in zip(todo, trial, strict=True):
-                if _fits(frame, len(questions[i]), budget):
-                    frames[i], pos[i] = frame, pos[i] - 1
-                    grown.append(i)
-            todo = [i for i in grown if pos[i] > 0]
-        for x, c, p in zip(parts, cuts, pos, strict=True):
-            if c[p]:
-                logger.debug(
-                    "session %s: dropped %d of %d history turns", x.id, c[p], len(x.history)
-                )
-        return frames
-
-    def _cut_own_system(self, x: _SessionParts, n_question: int, budget: int) -> Frame:
-        """The frame of a session without history whose own system content is cut from its end.
-
-        Args:
-            x: A session with its own system turn, too long with the whole question.
-            n_question: The question's length in tokens.
-            budget: Tokens for the framing and the question.
-
-        Returns:
-            The frame with the prefix of the system content found by bisection over its
-            characters (the whole question fits beside it, not beside one more character), or
-            with an empty content when none fits: the question is then cut.
-        """
-
-        def frame(chars: int) -> Frame:
-            return self.renderer.frames([x.without_history(chars)])[0]
-
-        lo, hi, best = 0, len(x.system[0].content), frame(0)
-        if not _fits(best, n_question, budget):
-            return best
-        while hi - lo > 1:  # lo fits, hi does not
-            mid = (lo + hi) // 2
-            trial = frame(mid)
-            if _fits(trial, n_question, budget):
-                lo, best = mid, trial
-            else:
-                hi = mid
-        return best
-
-    def _warn_once(self, kind: str, ids: list[str], what: str) -> None:
-        """Warn of a kind of cut once per template: training meets it every batch."""
-        if ids and kind not in self._warned:
-            self._warned.add(kind)
-            logger.warning(
-                "%d session(s) %s max_session_len=%d (first: %r): %s",
-                *(len(ids), kind, self.max_session_len, ids[0], what),
-            )
+        return self.session_fitter.ids_batch(sessions)
 
     def passage_ids(self, passage: Passage | str) -> list[int]:
         """Token ids of a passage as one assistant message ("title\\ntext") + the EMB tokens."""
@@ -447,14 +293,3 @@ class RetrievalTemplate:
                 )
             )
         return out
-
-
-def _fits(frame: Frame, n_content: int, budget: int) -> bool:
-    """Whether a frame and that many content tokens take at most `budget` tokens."""
-    return len(frame[0]) + n_content + len(frame[1]) <= budget
-
-
-def _history_cuts(history: Sequence[Turn]) -> list[int]:
-    """Where the history may be cut: before each user turn (and everything), oldest first."""
-    cuts = [i for i, t in enumerate(history) if t.role == "user" and i > 0]
-    return [0, *cuts, len(history)]
