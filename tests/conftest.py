@@ -109,3 +109,27 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not present")
     return SHARED_DATA
+
+
+@pytest.fixture()
+def tok():
+    """The tiny tokenizer with 3 EMB tokens added (the retrieval template's tests)."""
+    from chatretriever.modeling.template import add_emb_tokens
+
+    t = build_tokenizer()
+    add_emb_tokens(t, 3)
+    return t
+
+
+def retrieval_template(tok, **kw):
+    """A RetrievalTemplate with 3 EMB tokens and roomy budgets, `kw` overriding them."""
+    from chatretriever.modeling.template import RetrievalTemplate
+
+    args = dict(n_emb_tokens=3, max_session_len=512, max_passage_len=256, max_response_len=256)
+    args.update(kw)
+    return RetrievalTemplate(tok, **args)
+
+
+def chat_messages(*pairs: tuple[str, str]) -> list[dict[str, str]]:
+    """[(role, content), ...] as chat messages."""
+    return [{"role": r, "content": c} for r, c in pairs]

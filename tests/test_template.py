@@ -10,7 +10,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from conftest import build_tokenizer
+from conftest import build_tokenizer, chat_messages, retrieval_template
 
 from chatretriever.modeling.template import (
     RetrievalTemplate,
@@ -35,21 +35,8 @@ ALTERNATING_TEMPLATE = (
 )
 
 
-@pytest.fixture()
-def tok():
-    t = build_tokenizer()
-    add_emb_tokens(t, 3)
-    return t
-
-
-def _template(tok, **kw) -> RetrievalTemplate:
-    args = dict(n_emb_tokens=3, max_session_len=512, max_passage_len=256, max_response_len=256)
-    args.update(kw)
-    return RetrievalTemplate(tok, **args)
-
-
-def _msgs(*pairs: tuple[str, str]) -> list[dict[str, str]]:
-    return [{"role": r, "content": c} for r, c in pairs]
+_template = retrieval_template  # (conftest: the `tok` fixture, 3 EMB tokens)
+_msgs = chat_messages
 
 
 def test_add_emb_tokens_is_idempotent_and_appends_special_tokens():

@@ -4,29 +4,16 @@ question), and budgets too small for any content are refused when the template i
 from __future__ import annotations
 
 import pytest
-from conftest import build_tokenizer
+from conftest import chat_messages, retrieval_template
 
-from chatretriever.modeling.template import RetrievalTemplate, add_emb_tokens
+from chatretriever.modeling.template import RetrievalTemplate
 
 SYSTEM = "You are a helpful assistant. Answer in French. " * 30  # ~600 tokens here
 QUESTION = "and which one is cheaper?"
 
 
-@pytest.fixture()
-def tok():
-    t = build_tokenizer()
-    add_emb_tokens(t, 3)
-    return t
-
-
-def _template(tok, **kw) -> RetrievalTemplate:
-    args = dict(n_emb_tokens=3, max_session_len=512, max_passage_len=256, max_response_len=256)
-    args.update(kw)
-    return RetrievalTemplate(tok, **args)
-
-
-def _msgs(*pairs: tuple[str, str]) -> list[dict[str, str]]:
-    return [{"role": r, "content": c} for r, c in pairs]
+_template = retrieval_template  # (conftest: the `tok` fixture, 3 EMB tokens)
+_msgs = chat_messages
 
 
 def _plain(tok, tpl: RetrievalTemplate, msgs: list[dict[str, str]]) -> list[int]:
