@@ -133,3 +133,23 @@ def retrieval_template(tok, **kw):
 def chat_messages(*pairs: tuple[str, str]) -> list[dict[str, str]]:
     """[(role, content), ...] as chat messages."""
     return [{"role": r, "content": c} for r, c in pairs]
+
+
+def build_tiny_bert(words):
+    """A random 2-layer BERT (hidden 32) and a word-level tokenizer over `words` (plus "##s"):
+    a sentence embedder's body, built offline. Returns (model in eval mode, tokenizer)."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *dict.fromkeys(words), "##s"]
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    return BertModel(config, add_pooling_layer=False).eval(), tokenizer

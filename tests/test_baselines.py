@@ -95,21 +95,10 @@ WORDS = "the a cat dog jaguar jaguars eat deer car cars pasta cook how to what d
 
 @pytest.fixture(scope="module")
 def tiny_bert():
-    torch = pytest.importorskip("torch")
-    from transformers import BertConfig, BertModel, BertTokenizer
+    pytest.importorskip("torch")
+    from conftest import build_tiny_bert
 
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, "##s"]
-    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    return BertModel(config, add_pooling_layer=False).eval(), tokenizer
+    return build_tiny_bert(WORDS)
 
 
 def test_bm25_ties_are_broken_by_id_whatever_k_and_corpus_order(tmp_path):

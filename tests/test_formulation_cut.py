@@ -71,21 +71,11 @@ def retriever(tiny_llama_dir) -> ChatRetriever:
 
 @pytest.fixture(scope="module")
 def text_embedder() -> TextEmbedder:
-    from transformers import BertConfig, BertModel, BertTokenizer
+    from conftest import build_tiny_bert
 
-    words = "tell me about jaguars what do they eat are big cats of the americas".split()
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *dict.fromkeys(words)]
-    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
+    model, tokenizer = build_tiny_bert(
+        "tell me about jaguars what do they eat are big cats of the americas".split()
     )
-    torch.manual_seed(0)
-    model = BertModel(config, add_pooling_layer=False)
     return TextEmbedder(model, tokenizer, name="tiny-bert", max_length=8, bf16=False)
 
 
