@@ -181,7 +181,7 @@ def test_embeddings_of_sessions(client):
         ({"input": ["x", "y" * 16_001], "model": "fake:"}, 422, "input", "input[1]: at most 16000"),
         ({"input": "", "model": "fake:"}, 422, "input", "input: the text is empty"),
         ({"input": ["x", "  "], "model": "fake:"}, 422, "input", "input[1]: the text is empty"),
-        ({"input": [[]], "model": "fake:"}, 422, "input", "input[0]: a session holds 1 to 64"),
+        ({"input": [[]], "model": "fake:"}, 422, "input", "input[0]: a session holds 1 to 1024"),
     ],
 )  # fmt: skip
 def test_embeddings_bad_requests(client, body, status, param, words):
