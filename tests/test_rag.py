@@ -540,6 +540,15 @@ def test_rag_benchmark_end_to_end_then_from_its_caches(rag, mtrag, tmp_path, mod
         "oracle": False,
     }
     assert dtypes == ["bf16"] and json.loads((out / "rag.json").read_text())["gen_dtype"] == "bf16"
+    # another rule for fitting long prompts: every row answers again (not the old cut's answers)
+    import chatretriever.modeling.grounded_fit as grounded_fit
+
+    rule = grounded_fit.FIT_RULE
+    monkeypatch.setattr(grounded_fit, "FIT_RULE", rule + "-other")
+    assert rag.main([*argv, "--gen-dtype", "bf16"]) == 0
+    systems = json.loads((out / "rag.json").read_text())["systems"]
+    assert not any(s["answers"]["cached"] for s in systems)
+    monkeypatch.setattr(grounded_fit, "FIT_RULE", rule)
     # an ablation row is also compared with the row it ablates (here the same model: diff 0)
     assert rag.main([*argv, "--ablation", "same=fakeuni:"]) == 0
     result = json.loads((out / "rag.json").read_text())

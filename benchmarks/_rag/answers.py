@@ -24,8 +24,13 @@ from chatretriever.types import Passage
 
 def answers_key(system: Any, ws: Any) -> dict[str, Any]:
     """What makes an answer, the passages aside (checked per turn): the system, the answering
-    model, the length and the prompts."""
-    from chatretriever.modeling.grounded import CLOSED_BOOK_SYSTEM, GROUNDED_SYSTEM
+    model, the length, the prompts and how a long prompt is fitted."""
+    from chatretriever.modeling.grounded import (
+        CLOSED_BOOK_SYSTEM,
+        DEFAULT_PROMPT_TOKENS,
+        GROUNDED_SYSTEM,
+    )
+    from chatretriever.modeling.grounded_fit import FIT_RULE
 
     prompts = hashlib.sha1((GROUNDED_SYSTEM + CLOSED_BOOK_SYSTEM).encode()).hexdigest()[:12]
     return {
@@ -33,6 +38,8 @@ def answers_key(system: Any, ws: Any) -> dict[str, Any]:
         "answerer": ws.answerer_key(system),
         "max_new_tokens": ws.args.max_new_tokens,
         "prompts": prompts,
+        # how an over-long prompt is cut (answers cached under the earlier raw cut are redone)
+        "prompt_fit": {"rule": FIT_RULE, "max_prompt_tokens": DEFAULT_PROMPT_TOKENS},
     }
 
 

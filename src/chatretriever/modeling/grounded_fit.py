@@ -37,6 +37,8 @@ from chatretriever.modeling.session_fit import exchange_cuts
 
 logger = logging.getLogger(__name__)
 
+# The fitting rule above, named for caches of generated answers (a changed rule changes them)
+FIT_RULE = "turns-v1"
 PASSAGES_HEADER = "Passages:\n"
 QUESTION_HEADER = "\n\nQuestion: "
 _LINE_START = re.compile(r"^\[(\d+)\] ", re.M)
