@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from test_benchmarks import BENCHMARKS, load_benchmark, loads, mtrag  # noqa: F401 (fixtures)
+from test_rationale_cli import write_esconv_split
 from test_seeds_benchmark import data, run_file  # noqa: F401 (fixture)
 
 sys.path.insert(0, str(BENCHMARKS))
@@ -113,14 +114,13 @@ def test_robustness_keeps_the_results_of_other_settings(mtrag, tmp_path, monkeyp
     assert len(json.loads((out / "robustness.json").read_text())["full_fallbacks"]) == 3
 
 
-def test_rationale_cost_keeps_other_curves_and_records_the_shared_machine(
-    tmp_path, tiny_llama_dir, shared_data
-):
+def test_rationale_cost_keeps_other_curves_and_records_the_shared_machine(tmp_path, tiny_llama_dir):
     pytest.importorskip("matplotlib")  # the cost plot needs it
     rationale = load_benchmark("rationale")
+    split = write_esconv_split(tmp_path, train=[0], evals=[1, 2])  # 4 eval queries
     out = tmp_path / "out"
     argv = ["cost", "--model", str(tiny_llama_dir), "--candidates", "2", "--doc-tokens", "8",
-            "--queries", "1", "--out", str(out)]  # fmt: skip
+            "--queries", "1", "--split", str(split), "--out", str(out)]  # fmt: skip
     names = ["cost.json", "cost.md", "cost.png"]
     _check_rerun_then_other_settings(rationale.main, argv, ["--candidates", "3"], out, names)
     kept = json.loads((out / "cost.prev.json").read_text())

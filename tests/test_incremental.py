@@ -3,8 +3,10 @@ turn (fp32 and bf16), every fallback path, the LRU byte budget and concurrent ca
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -17,12 +19,17 @@ from chatretriever.methods.chatretriever.incremental import (
     common_prefix_len,
 )
 from chatretriever.methods.chatretriever.model import ChatRetriever
+from chatretriever.modeling.fast_encode import FastEncodeSettings
 from chatretriever.modeling.template import RetrievalTemplate
 from chatretriever.types import Session
 
 pytest.importorskip("peft")
 
 T = 3  # EMB tokens
+# The slow path: no inference copy, the training model itself under autocast (fp32 layers hooked).
+PATHS = pytest.mark.parametrize(
+    "settings", [None, FastEncodeSettings(enabled=False)], ids=["fast", "slow"]
+)
 # Renders the last message differently ("(latest)"), so earlier turns change once later exist.
 LAST_MARK_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
@@ -78,6 +85,28 @@ def _check_equal(inc, r, conv_id, session, dtype) -> None:
     assert _cosine(got, want) >= 0.9999
 
 
+@contextlib.contextmanager
+def _training_layer_dtypes(r: ChatRetriever) -> Iterator[dict[int, set[torch.dtype]]]:
+    """Output dtypes of each decoder layer of the training model (not the inference copy), by
+    layer index, seen while the block runs."""
+    seen: dict[int, set[torch.dtype]] = {}
+
+    def recorder(i: int, own: torch.nn.Module) -> Callable[..., None]:
+        def record(module: torch.nn.Module, _args: tuple, out: torch.Tensor) -> None:
+            if module is own:  # a deepcopy (the inference copy) carries the hook along
+                seen.setdefault(i, set()).add(out.dtype)
+
+        return record
+
+    layers = [layer.mlp.down_proj for layer in r._base().get_decoder().layers]
+    handles = [m.register_forward_hook(recorder(i, m)) for i, m in enumerate(layers)]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _stat_kinds(inc) -> dict[str, int]:
     s = inc.stats
     return {k: s[k] for k in ("hits", "misses", "fallbacks")}
@@ -101,11 +130,19 @@ def test_ten_turns_equal_full_reencode(tiny_model_dir, dtype):
     assert stats["tokens_reused"] == sum(n - T for n in full[:-1])
 
 
-def test_bf16_with_first_layer_in_fp32(tiny_llama_dir):
+@PATHS
+def test_bf16_with_first_layer_in_fp32(tiny_llama_dir, settings):
     r = _retriever(tiny_llama_dir, "bf16", fp32_layers=1)  # the shipped models' setting
+    r.encode_settings = settings
     inc = IncrementalSessionEncoder(r)
+    # The fast path runs the inference copy: the training model's layers never run. The slow
+    # path runs them, under bf16 autocast but the first in fp32, from the very first call.
+    expected = {} if settings is None else {0: {torch.float32}, 1: {torch.bfloat16}}
     for session in _turns(_conversation(6, seed=8)):
-        _check_equal(inc, r, "c", session, "bf16")
+        with _training_layer_dtypes(r) as seen:
+            got = inc.encode("c", session)
+        assert seen == expected
+        assert _cosine(got, r.encode_sessions([session])[0]) >= 0.9999
     assert _stat_kinds(inc) == {"hits": 5, "misses": 1, "fallbacks": 0}
 
 
@@ -159,16 +196,22 @@ def test_repeated_and_session_objects_and_two_conversations(tiny_qwen2_dir):
     )
 
 
-def test_train_mode_and_dropout_do_not_leak(tiny_llama_dir):
+@PATHS
+def test_train_mode_and_dropout_do_not_leak(tiny_llama_dir, settings):
     r = _retriever(tiny_llama_dir, dropout=0.5)
+    r.encode_settings = settings
     inc = IncrementalSessionEncoder(r)
     r.train()
     for session in _turns(_conversation(3)):
         got = inc.encode("c", session)
         assert r.training  # restored
+        # The same session again computes only the EMB tokens: LoRA dropout would make it differ.
+        np.testing.assert_array_equal(inc.encode("c", session), got)
+        assert r.training
         r.eval()
         np.testing.assert_allclose(got, r.encode_sessions([session])[0], atol=1e-4)
         r.train()
+    assert _stat_kinds(inc) == {"hits": 5, "misses": 1, "fallbacks": 0}
 
 
 # ------------------------------------------------------------------ fallbacks

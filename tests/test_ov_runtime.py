@@ -149,6 +149,32 @@ def test_cli_refuses_openvino_for_an_encoder_that_is_no_llm(tmp_path, capsys):
         unregister_encoder("ovfake")
 
 
+def test_encode_index_and_serve_take_runtime_and_torch_leaves_an_llm_as_it_is(
+    retriever, monkeypatch, capsys
+):
+    from chatretriever.cli import build_parser
+    from chatretriever.cli.pipeline import set_runtime
+
+    parser = build_parser()
+    for argv in (
+        ["encode", "c.jsonl", "--model", "m", "--out", "o"],
+        ["index", "c.jsonl", "--out", "o"],
+        ["serve", "--index", "i"],
+    ):
+        assert parser.parse_args(argv).runtime == "torch"
+        assert parser.parse_args([*argv, "--runtime", "openvino"]).runtime == "openvino"
+        with pytest.raises(SystemExit) as stop:
+            parser.parse_args([*argv, "--runtime", "onnx"])
+        assert stop.value.code == 2 and "invalid choice: 'onnx'" in capsys.readouterr().err
+    retriever.encode_settings = FastEncodeSettings(token_budget=512)
+    set_runtime(retriever, "torch")
+    assert retriever.encode_settings == FastEncodeSettings(token_budget=512)
+    monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` now fails
+    with pytest.raises(MissingExtraError, match="pip install 'chatretriever\\[openvino\\]'"):
+        set_runtime(retriever, "openvino")
+    assert retriever.encode_settings == FastEncodeSettings(token_budget=512)  # refused first
+
+
 # ------------------------------------------------------------------ with openvino
 def test_openvino_fp32_embeddings_equal_the_torch_fast_path(ov, retriever):
     torch_p, torch_s = _encode(retriever, None)
@@ -217,20 +243,9 @@ def test_cli_encode_with_openvino_records_it(ov, tiny_llama_dir, tmp_path, capsy
     assert runtime["runtime_detail"]["runtime"].startswith("openvino ")
 
 
-def test_encode_index_and_serve_take_runtime_and_set_it_on_an_llm(ov, retriever):
-    from chatretriever.cli import build_parser
+def test_openvino_runtime_is_set_on_an_llm_keeping_its_other_settings(ov, retriever):
     from chatretriever.cli.pipeline import set_runtime
 
-    parser = build_parser()
-    for argv in (
-        ["encode", "c.jsonl", "--model", "m", "--out", "o"],
-        ["index", "c.jsonl", "--out", "o"],
-        ["serve", "--index", "i"],
-    ):
-        assert parser.parse_args(argv).runtime == "torch"
-        assert parser.parse_args([*argv, "--runtime", "openvino"]).runtime == "openvino"
     retriever.encode_settings = FastEncodeSettings(token_budget=512)
-    set_runtime(retriever, "torch")
-    assert retriever.encode_settings == FastEncodeSettings(token_budget=512)
-    set_runtime(retriever, "openvino")  # the other settings are kept
+    set_runtime(retriever, "openvino")
     assert retriever.encode_settings == FastEncodeSettings(token_budget=512, runtime="openvino")

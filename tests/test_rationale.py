@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_DATA
 
 from chatretriever.errors import DataFormatError
 from chatretriever.methods.rationale import tasks
@@ -19,6 +22,8 @@ from chatretriever.methods.rationale.scoring import (
     relevance_scores,
 )
 from chatretriever.types import Run, Session, Turn
+
+SHIPPED_SPLIT = Path(__file__).parents[1] / "configs" / "esconv-split.json"
 
 FAILED = [
     {
@@ -130,10 +135,22 @@ def test_class_prior_and_own_dialog_filter(esconv_dir):
     assert sorted(kept) == ["failed-0_3-r", "multiesc-0_2-r", "multiesc-1_1-r", "multiesc-2_1-r"]
 
 
-def test_real_esconv_split_sizes(shared_data):
-    from pathlib import Path
+def test_shipped_esconv_split_is_the_documented_shuffle():
+    split = tasks.load_split(SHIPPED_SPLIT)  # reads the JSON only: no data needed
+    assert split.data_dir.resolve() == (SHARED_DATA / "esconv").resolve()
+    assert set(split.parts["train"]) == {"FailedESConv.json", "multiesc_valid.txt"}
+    assert set(split.parts["eval"]) == {"multiesc_valid.txt"}
+    assert split.parts["train"]["FailedESConv.json"] is None  # every dialog: training only
+    # Its description: MultiESC's 195 dialogs shuffled with random.Random(16), the first 95
+    # to training (the rest, 100, to evaluation).
+    ids = list(range(195))
+    random.Random(16).shuffle(ids)
+    assert split.parts["train"]["multiesc_valid.txt"] == frozenset(ids[:95])
+    assert split.parts["eval"]["multiesc_valid.txt"] == frozenset(ids[95:])
 
-    split = tasks.load_split(Path(__file__).parents[1] / "configs" / "esconv-split.json")
+
+def test_real_esconv_split_sizes(shared_data):
+    split = tasks.load_split(SHIPPED_SPLIT)
     evals = tasks.task_sessions(tasks.split_dialogs(split, "eval"))
     train = tasks.task_sessions(tasks.split_dialogs(split, "train"))
     assert len(evals) == 1101 and len(train) == 3350

@@ -17,6 +17,32 @@ CORPUS = [
     {"_id": "d3", "text": "share your own story"},
 ]
 RUN = "q1 Q0 d1 1 3.0 bm25\nq1 Q0 d2 2 2.0 bm25\nq1 Q0 d3 3 1.0 bm25\nq2 Q0 d3 1 9.0 bm25\n"
+DIALOG = {"dialog": [{"text": "I am sad.", "speaker": "usr"},
+                     {"text": "Why?", "speaker": "sys", "strategy": "Question"},
+                     {"text": "Work.", "speaker": "usr"},
+                     {"text": "That is hard.", "speaker": "sys",
+                      "strategy": "Reflection of feelings"}]}  # fmt: skip
+
+
+def write_esconv_split(root: Path, train: list[int], evals: list[int]) -> Path:
+    """A tiny ESConv directory (root/esconv/multiesc_valid.txt: DIALOG once per id) and a split
+    file whose `data_dir` points at it (so `--split` alone finds the data).
+
+    Args:
+        root: Where both go.
+        train, evals: The dialog ids (0-based lines) of each part; each dialog has two
+            supporter turns, so two task queries.
+
+    Returns:
+        The split file, root/split.json.
+    """
+    data = root / "esconv"
+    data.mkdir()
+    (data / "multiesc_valid.txt").write_text((json.dumps(DIALOG) + "\n") * (max(train + evals) + 1))
+    split = {"data_dir": str(data), "train": {"multiesc_valid.txt": train},
+             "eval": {"multiesc_valid.txt": evals}}  # fmt: skip
+    (root / "split.json").write_text(json.dumps(split))
+    return root / "split.json"
 
 
 def _files(tmp_path):
@@ -67,18 +93,10 @@ def test_rerank_bad_inputs_name_the_file(tmp_path, tiny_qwen2_dir, capsys):
 
 
 def test_esconv_tasks_and_train_dry_run(tmp_path, capsys):
-    dialog = {"dialog": [{"text": "I am sad.", "speaker": "usr"},
-                         {"text": "Why?", "speaker": "sys", "strategy": "Question"},
-                         {"text": "Work.", "speaker": "usr"},
-                         {"text": "That is hard.", "speaker": "sys",
-                          "strategy": "Reflection of feelings"}]}  # fmt: skip
-    data = tmp_path / "esconv"
-    data.mkdir()
-    (data / "multiesc_valid.txt").write_text((json.dumps(dialog) + "\n") * 3)
-    split = {"train": {"multiesc_valid.txt": [0, 1]}, "eval": {"multiesc_valid.txt": [2]}}
-    (tmp_path / "split.json").write_text(json.dumps(split))
+    split = write_esconv_split(tmp_path, train=[0, 1], evals=[2])
+    data = (tmp_path / "esconv").rename(tmp_path / "moved")  # found through --data-dir only
     out = tmp_path / "tasks"
-    args = ["esconv-tasks", "--split", str(tmp_path / "split.json"), "--data-dir", str(data)]
+    args = ["esconv-tasks", "--split", str(split), "--data-dir", str(data)]
     assert main([*args, "--out", str(out), "--negatives", "2"]) == 0
     assert "4 queries" in capsys.readouterr().out
     qrels = (out / "strategy" / "eval" / "qrels.txt").read_text().splitlines()
@@ -98,22 +116,6 @@ def test_esconv_tasks_and_train_dry_run(tmp_path, capsys):
     assert "objective: dpo" in printed and "beta: 0.2" in printed and "rationale-dpo" in printed
 
 
-def test_cost_benchmark_smoke(tmp_path, tiny_llama_dir, shared_data, capsys):
-    import importlib.util
-
-    path = Path(__file__).parents[1] / "benchmarks" / "rationale.py"
-    spec = importlib.util.spec_from_file_location("rationale_benchmark", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    args = ["cost", "--model", str(tiny_llama_dir), "--candidates", "3", "2", "--doc-tokens", "8"]
-    assert bench.main([*args, "--queries", "1", "--out", str(tmp_path)]) == 0
-    result = json.loads((tmp_path / "cost.json").read_text())
-    assert [(r["doc_tokens"], r["candidates"]) for r in result["rows"]] == [(8, 2), (8, 3)]
-    assert all(r["full"] > 0 and r["kv_reuse"] > 0 and r["student"] > 0 for r in result["rows"])
-    assert (tmp_path / "cost.png").stat().st_size > 0
-    assert "| 8 | 3 |" in (tmp_path / "cost.md").read_text()
-
-
 def _benchmark():
     import importlib.util
 
@@ -122,6 +124,28 @@ def _benchmark():
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     return bench
+
+
+def test_cost_benchmark_smoke(tmp_path, tiny_llama_dir, capsys):
+    bench = _benchmark()
+    split = write_esconv_split(tmp_path, train=[0], evals=[1, 2])  # 4 eval queries, no ../shared
+    args = ["cost", "--model", str(tiny_llama_dir), "--candidates", "3", "2", "--doc-tokens", "8",
+            "--max-full-candidates", "2", "--split", str(split)]  # fmt: skip
+    out = tmp_path / "out"
+    assert bench.main([*args, "--queries", "1", "--out", str(out)]) == 0
+    result = json.loads((out / "cost.json").read_text())
+    assert [(r["doc_tokens"], r["candidates"]) for r in result["rows"]] == [(8, 2), (8, 3)]
+    # No reuse runs up to --max-full-candidates only; the other two at every size.
+    assert [r["full"] is not None for r in result["rows"]] == [True, False]
+    assert result["rows"][0]["full"] > 0
+    assert all(r["kv_reuse"] > 0 and r["student"] > 0 for r in result["rows"])
+    assert list(result["offline_seconds"]) == ["8"]
+    assert set(result["offline_seconds"]["8"]) == {"kv_caches", "student_states"}
+    assert result["settings"]["split"] == str(split)
+    assert (out / "cost.png").read_bytes()[:4] == b"\x89PNG"
+    md = (out / "cost.md").read_text()
+    assert "| 8 | 2 | " in md and "| 8 | 3 | - |" in md
+    assert md in capsys.readouterr().out
 
 
 def test_benchmark_reranker_and_student_rows_parse(tmp_path, capsys):

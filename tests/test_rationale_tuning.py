@@ -182,7 +182,9 @@ def test_sft_loss_bf16_runs_under_autocast_and_stays_close(tiny_llama_dir):
     hook.remove()
     assert seen == [torch.float32, torch.bfloat16]  # the bf16 forward ran under autocast
     assert bf16.dtype == torch.float32 and torch.isfinite(bf16)
-    assert bf16.item() == pytest.approx(fp32.item(), rel=0.05)
+    # Both are near log V on a random model, so only an absolute bound means anything: bf16
+    # rounding moves it by 3.4e-5 here, logits read one position early by 0.18.
+    assert bf16.item() == pytest.approx(fp32.item(), abs=1e-3)
     assert next(model.parameters()).dtype == torch.float32  # weights untouched
 
 
