@@ -146,6 +146,11 @@ def test_cost_benchmark_smoke(tmp_path, tiny_llama_dir, capsys):
     md = (out / "cost.md").read_text()
     assert "| 8 | 2 | " in md and "| 8 | 3 | - |" in md
     assert md in capsys.readouterr().out
+    # more candidates than supporter turns would time empty documents: refused, exit 2
+    import pytest
+
+    with pytest.raises(SystemExit, match="--candidates up to 50 needs as many supporter turns"):
+        bench.main([*args[:4], "50", *args[6:], "--queries", "1", "--out", str(tmp_path / "o2")])
 
 
 def test_benchmark_reranker_and_student_rows_parse(tmp_path, capsys):

@@ -26,6 +26,11 @@ def _cost_inputs(args: argparse.Namespace, n_docs: int) -> tuple[list[str], list
     split = tasks.load_split(args.split)
     evals = tasks.task_sessions(tasks.split_dialogs(split, "eval"))
     turns = [s.response or "" for s in evals]
+    if len(turns) < n_docs:  # documents past the turns would be empty strings, timed as real
+        raise SystemExit(
+            f"--candidates up to {n_docs} needs as many supporter turns; the eval split of "
+            f"{args.split} has {len(turns)}"
+        )
     docs = [" ".join(turns[i : i + 40]) for i in range(n_docs)]  # long enough for any cut
     step = max(1, len(evals) // args.queries)
     return docs, evals[::step][: args.queries]
