@@ -385,7 +385,7 @@ def test_rewrites_are_cached_and_feed_bm25(tmp_path, caplog):
 def test_interrupted_rewriting_keeps_what_was_done(tmp_path):
     cache = tmp_path / "cache.jsonl"
     sessions = [chat(i) for i in range(5)]
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="generator died"):  # the FakeLLM's, not another
         rewrite_sessions(sessions, FakeLLM(fail_after=3), "m", cache, show_progress=False)
     assert len(cache.read_text().splitlines()) == 3
     llm = FakeLLM()

@@ -229,12 +229,17 @@ def test_examples_from_responses_skips_unanswerable():
     assert out[1].metadata == {"topic": 7} and len(out[1].messages) == 3
 
 
-def test_examples_from_qrels():
+def test_examples_from_qrels(caplog):
     sessions = [_session("t1", "q"), _session("t2", "q", response="ans"), _session("t3", "q")]
     qrels = [Qrel("t2", "d2", 1), Qrel("t2", "d1", 2), Qrel("t2", "gone", 1), Qrel("t1", "d1", 0)]
     passages = {"d1": Passage("d1", "one", "T1"), "d2": Passage("d2", "two")}
     (ex,) = examples_from_qrels(sessions, qrels, passages, "m")
     assert ex.id == "t2" and [p.id for p in ex.positives] == ["d1", "d2"] and ex.target == "ans"
+    # "gone" is judged relevant but not in the passages: counted once, in one warning
+    assert "m: 1 judged documents are not in the passages given" in caplog.text
+    caplog.clear()
+    examples_from_qrels(sessions, qrels[:2], passages, "m")
+    assert "judged documents are not in the passages" not in caplog.text  # none missing
 
 
 def test_read_chat_examples(tmp_path):

@@ -61,12 +61,18 @@ FIXTURES = {
     "qrels.txt": (
         "q1 0 d1 2\nq1 0 d2 0\nq2 0 d1 1\n",
         "trec-qrels",
-        {"judgments": 3, "queries": 2, "documents": 2, "grades": {"0": 1, "1": 1, "2": 1}},
+        {
+            "judgments": 3,
+            "queries": 2,
+            "documents": 2,
+            "relevant (grade > 0)": 2,  # the grade-0 judgment is not relevant
+            "grades": {"0": 1, "1": 1, "2": 1},
+        },
     ),
     "fiqa.tsv": (
         "query-id\tcorpus-id\tscore\nq1\td1\t1\nq2\td1\t1\n",
         "beir-qrels",
-        {"judgments": 2, "queries": 2, "documents": 1},
+        {"judgments": 2, "queries": 2, "documents": 1, "relevant (grade > 0)": 2},
     ),
     "run.trec": (
         "q1 Q0 d1 1 0.9 bm25\nq1 Q0 d2 2 0.5 bm25\nq2 Q0 d1 1 0.7 bm25\n",
@@ -86,13 +92,20 @@ FIXTURES = {
                     "turn": [
                         {"number": 1, "raw_utterance": "a?", "manual_rewritten_utterance": "a?"},
                         {"number": 2, "raw_utterance": "b?"},
+                        {"number": 3, "raw_utterance": "c?", "automatic_rewritten_utterance": "c?"},
                     ],
                 }
             ],
             indent=2,
         ),
         "cast-topics",
-        {"topics": 1, "turns": 2, "with manual rewrite": 1, "with response": 0},
+        {
+            "topics": 1,
+            "turns": 3,
+            "with manual rewrite": 1,
+            "with automatic rewrite": 1,
+            "with response": 0,
+        },
     ),
     "evaluation_topics_v1.0.txt": (  # CAsT 2019 plain-text topics
         "Number: 31\nTitle: cancer\nDescription: compare\n1\tWhat is it?\n9 \tIs it treatable?\n",

@@ -117,6 +117,7 @@ PASSAGES = [
 
 def test_bm25_side_saves_and_loads_with_its_settings_and_info(tmp_path):
     pytest.importorskip("bm25s")
+    from chatretriever.errors import DataFormatError
     from chatretriever.retrieval.baselines import BM25Config, BM25Retriever
 
     bm25 = BM25Retriever(PASSAGES, BM25Config(k1=1.2, b=0.75))
@@ -127,7 +128,7 @@ def test_bm25_side_saves_and_loads_with_its_settings_and_info(tmp_path):
     queries = ["what do jaguars eat", "cook pasta"]
     assert loaded.search_texts(queries) == bm25.search_texts(queries)
     (tmp_path / "bm25" / "bm25.json").write_text("{}")
-    with pytest.raises(Exception, match="bm25.json"):
+    with pytest.raises(DataFormatError, match="bm25.json: not a saved BM25 index"):
         BM25Retriever.load(tmp_path / "bm25")
 
 
@@ -245,6 +246,13 @@ def test_python_corpus_index_with_a_bm25_side_searches_hybrid(tmp_path):
     with pytest.raises(DataFormatError, match="not the index's 3"):
         CorpusIndex.load(tmp_path / "new").load_bm25()
     assert CorpusIndex.load(tmp_path / "new").bm25_dir is not None
+    # as many passages, but one id differs: the side would fuse a hit the index does not hold
+    renamed = [*CORPUS[:-1], {**CORPUS[-1], "_id": "other-id"}]
+    (tmp_path / "renamed.jsonl").write_text(jsonl(renamed))
+    build_corpus_index(enc, "fake:lib", tmp_path / "renamed.jsonl", tmp_path / "same_n")
+    (tmp_path / "same_n" / "bm25").symlink_to(idx / "bm25")
+    with pytest.raises(DataFormatError, match=f"not the index's {len(CORPUS)}"):
+        CorpusIndex.load(tmp_path / "same_n").load_bm25()
     assert build_corpus_index(enc, "fake:lib", corpus, tmp_path / "plain").load_bm25() is None
 
 

@@ -31,6 +31,9 @@ def test_token_f1_by_hand():
     assert token_f1("the cat sat", "a cat sat down") == pytest.approx(0.8)
     # multiset overlap: [paris, paris] vs [paris]: common = 1, P = 1/2, R = 1, F1 = 2/3
     assert token_f1("Paris paris", "Paris") == pytest.approx(2 / 3)
+    # a repeated token counts as often as both sides hold it: [paris, paris] vs [paris, paris,
+    # london]: common = 2 (a set would say 1), P = 2/2, R = 2/3, F1 = 0.8 (a set gives 0.4)
+    assert token_f1("paris paris", "paris paris london") == pytest.approx(0.8)
     assert token_f1("the", "a") == 1.0  # both empty after normalisation
     assert token_f1("", "paris") == 0.0
     assert token_f1("paris", "an") == 0.0

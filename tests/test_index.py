@@ -44,7 +44,7 @@ def test_flat_is_exact_inner_product(tmp_path):
     assert index.memory_bytes >= 300 * 16 * 4
 
 
-def test_ties_at_the_cut_are_broken_by_id_whatever_k(tmp_path):
+def test_ties_at_the_cut_are_broken_by_id_whatever_k(tmp_path, caplog):
     # each of 20 vectors under three ids (a corpus with duplicates): every score is tied 3 ways
     rng = np.random.default_rng(1)
     base = rng.standard_normal((20, 8)).astype(np.float32)
@@ -61,6 +61,7 @@ def test_ties_at_the_cut_are_broken_by_id_whatever_k(tmp_path):
             assert [d for d, _ in h] == [ids[i] for i in expected], k
     longer = index.search(queries, k=20)
     assert [h[:10] for h in longer] == index.search(queries, k=10)  # k=10 is k=20's prefix
+    assert "fewer than k" not in caplog.text  # exactly k hits each time: nothing to warn about
 
 
 def test_blockwise_add_shows_progress_and_keeps_the_row_order(tmp_path, monkeypatch, capsys):
@@ -319,8 +320,9 @@ def test_only_the_queries_tied_at_the_cut_are_searched_again(caplog, monkeypatch
     from chatretriever.retrieval import ties as ties_module
     from chatretriever.retrieval.ties import top_k_with_ties
 
-    # query 0: distinct scores; query 1: every passage scores 1.0 (a zero query, boilerplate)
-    scores = [[float(100 - i) for i in range(100)], [1.0] * 100]
+    # query 0: distinct scores; query 1: every passage scores 1.0 (a zero query, boilerplate);
+    # query 2: a tie that starts only after the cut (ranks 4..100), which needs no second look
+    scores = [[float(100 - i) for i in range(100)], [1.0] * 100, [4.0, 3.0, 2.0] + [1.0] * 97]
     ids = [f"d{i:03d}" for i in range(100)][::-1]  # the index's order is not the ids'
     calls = []
 
@@ -329,9 +331,9 @@ def test_only_the_queries_tied_at_the_cut_are_searched_again(caplog, monkeypatch
         return [[(ids[i], scores[r][i]) for i in range(depth)] for r in rows]
 
     monkeypatch.setattr(ties_module, "TIE_LIMIT", 40)
-    hits = top_k_with_ties(search_at, 3, 100, 2)
-    assert calls == [(11, [0, 1]), (22, [1]), (43, [1])]  # query 0 once; 1 up to k + the limit
-    assert [d for d, _ in hits[0]] == ids[:3]
+    hits = top_k_with_ties(search_at, 3, 100, 3)
+    assert calls == [(11, [0, 1, 2]), (22, [1]), (43, [1])]  # 0, 2 once; 1 up to k + the limit
+    assert [d for d, _ in hits[0]] == [d for d, _ in hits[2]] == ids[:3]
     assert [d for d, _ in hits[1]] == sorted(ids[:43])[:3]  # by id among those fetched
     assert "1 queries have more than 40 passages tied at rank 3" in caplog.text
 

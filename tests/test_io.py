@@ -666,6 +666,8 @@ def test_read_run_recomputes_ranks(tmp_path):
         ("q Q0 a 1 0.5 t\nq Q0 b 2 0.4\n", 2, None, "expected 6 columns"),
         ("q Q0 a 1 high t\n", 1, "score", "not a finite number"),
         ("q Q0 a 1 nan t\n", 1, "score", "not a finite number"),
+        ("q Q0 a 1 inf t\n", 1, "score", "not a finite number"),
+        ("q Q0 a 1 0.5 t\nq Q0 b 2 -inf t\n", 2, "score", "not a finite number"),
         ("q Q0 a 1 0.5 t\nq Q0 a 2 0.4 t\n", 2, "doc_id", "listed twice"),
     ],
 )

@@ -63,6 +63,8 @@ META = {
         (Constraint("price", "price_above", "5"), False),
         (Constraint("release_date", "released_before", "2016"), False),
         (Constraint("release_date", "released_after", "2015"), True),
+        (Constraint("release_date", "released_after", "2016"), False),  # same year is not after
+        (Constraint("release_date", "released_after", "2016-03"), False),  # nor the same month
         (Constraint("release_date", "released_in", "2016-03"), True),
         (Constraint("release_date", "released_in", "2016-04"), False),
     ],
@@ -85,6 +87,7 @@ def test_catalog_masks_agree_with_the_per_item_test():
         Constraint("price", "price_below", "6"),
         Constraint("price", "price_above", "6"),
         Constraint("release_date", "released_before", "2013"),
+        Constraint("release_date", "released_after", "2014"),  # the catalog has 2014 items
         Constraint("release_date", "released_in", "2015-04"),
         Constraint("genres", "has", "casual"),
     ]
@@ -131,7 +134,9 @@ def test_generator_is_deterministic_and_negatives_violate(task, contexts):
 def test_history_tasks_mask_the_history_and_use_leave_last_out(contexts):
     _, test = contexts
     for task in ("UH2I", "UQ2I"):
-        for q in generate(task, test, 5, seed=0):
+        qs = generate(task, test, 5, seed=0)
+        assert len(qs) == 5, task  # an empty list would pass the loop below
+        for q in qs:
             users = [h for h in test.histories if h.items == (*q.exclude, q.positives[0])]
             assert users, "the target is the last item of a test user, the rest is masked"
             assert not set(q.negatives) & set(users[0].items)
@@ -153,7 +158,9 @@ def test_history_negatives_avoid_the_users_later_items_too(task, contexts):
 
 def test_i2i_targets_are_co_occurring_items_and_mask_the_source(contexts):
     train, _ = contexts
-    for q in generate("I2I", train, 5, seed=0):
+    qs = generate("I2I", train, 5, seed=0)
+    assert len(qs) == 5  # an empty list would pass the loop below
+    for q in qs:
         (src,) = q.exclude
         related = {i for i, _ in train.cooccurrence[src]}
         assert set(q.positives) <= related

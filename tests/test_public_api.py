@@ -55,3 +55,24 @@ def test_records_refuse_ids_that_are_not_strings():
     assert Session("q", [Turn("user", "q")]).turns == turn  # a list is kept as a tuple
     with pytest.raises(ValueError, match="non-empty"):
         Qrel("", "d", 1)
+
+
+def test_the_version_is_the_installed_packages():
+    import importlib.metadata
+
+    import chatretriever
+
+    assert chatretriever.__version__ == importlib.metadata.version("chatretriever")
+
+
+def test_a_run_is_rebuilt_from_its_scored_docs():
+    from chatretriever import Run, ScoredDoc
+
+    run = Run({"q1": {"b": 2.0, "a": 2.0, "c": 0.5}, "q2": {"x": 1.0}}, name="bm25")
+    docs = [d for q in run.scores for d in run.ranked(q)]
+    assert docs[:2] == [ScoredDoc("q1", "a", 2.0), ScoredDoc("q1", "b", 2.0)]  # tie: by id
+    assert Run.from_scored(docs, name="bm25") == run
+    back = Run.from_scored(reversed(docs))  # any order; the name defaults as Run's does
+    assert back.scores == run.scores and back.name == Run({}).name == "chatretriever"
+    (score,) = Run.from_scored([ScoredDoc("q", "d", 3)]).scores["q"].values()
+    assert type(score) is float and score == 3.0  # an int score is stored as the float it names

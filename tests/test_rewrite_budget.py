@@ -115,3 +115,27 @@ def test_only_a_cut_prompt_gets_a_new_key_naming_the_budget(tmp_path, caplog):
     assert len(again.calls) == 1  # another cut, another prompt: another key
     rewrite_sessions([SHORT], again, "m", cache, RewritePrompt(max_prompt_chars=3000), False)
     assert len(again.calls) == 1  # SHORT fits any of these budgets: same key, from the cache
+
+
+def test_the_budget_is_inclusive_at_both_cuts(tmp_path, caplog):
+    """A prompt of exactly max_prompt_chars is kept whole with its old key; one character more is
+    cut. A history that fills the room exactly is kept; one that overflows it by one drops its
+    oldest turn."""
+    full = build_messages(SHORT, RewritePrompt())[1]["content"]
+    oldest = "User: tell me about jaguars\n"  # the oldest history line and its newline
+    assert full.startswith(oldest)
+    llm, cache = RecordingLLM(), tmp_path / "rewrites.jsonl"
+    exact = RewritePrompt(max_prompt_chars=len(full))
+    rewrite_sessions([SHORT], llm, "m", cache, exact, show_progress=False)
+    assert llm.calls[0][1]["content"] == full  # not cut
+    assert json.loads(cache.read_text())["key"] == _key(SHORT, "m", RewritePrompt())
+    assert "over max_prompt_chars" not in caplog.text
+    # one character short: the oldest turn goes; the rest fills the room to the last character
+    for budget in (len(full) - 1, len(full) - len(oldest)):
+        user = build_messages(SHORT, RewritePrompt(max_prompt_chars=budget))[1]["content"]
+        assert user == full[len(oldest) :], budget
+    one_short = RewritePrompt(max_prompt_chars=len(full) - 1)
+    rewrite_sessions([SHORT], llm, "m", cache, one_short, show_progress=False)
+    assert llm.calls[1][1]["content"] == full[len(oldest) :]
+    assert json.loads(cache.read_text().splitlines()[1])["key"] == _key(SHORT, "m", one_short, True)
+    assert f"1 of 1 rewrite prompts over max_prompt_chars={len(full) - 1}" in caplog.text

@@ -12,7 +12,11 @@ from chatretriever.retrieval.robustness.generation import (  # noqa: E402
     generation_key,
     hf_batch_generator,
 )
-from chatretriever.retrieval.robustness.sampling import SAMPLER, item_seed  # noqa: E402
+from chatretriever.retrieval.robustness.sampling import (  # noqa: E402
+    SAMPLER,
+    RowSampler,
+    item_seed,
+)
 
 QUESTIONS = [
     "How much is garage door opener repair?",
@@ -57,6 +61,14 @@ def test_an_items_stream_seed_is_stable_and_tied_to_its_prompt_and_seed() -> Non
     assert item_seed(chat, 1) != item_seed(chat, 0)
     assert item_seed(CHATS[1], 0) != item_seed(chat, 0)
     assert 0 <= item_seed(chat, 0) < 2**63  # a valid torch seed
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan")])
+def test_a_sampler_refuses_a_temperature_that_is_not_positive(temperature) -> None:
+    # 0 would divide the logits by zero: a temperature-0 (greedy) generator builds no sampler
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        RowSampler([1], temperature, "cpu")
+    assert RowSampler([1], 1e-3, "cpu").temperature == 1e-3  # any positive one is taken
 
 
 class CountingSampler:

@@ -13,6 +13,7 @@ from chatretriever.retrieval.index import DenseIndex, EncoderMismatchError
 from chatretriever.retrieval.search import (
     FORMULATIONS,
     Formulation,
+    check_k,
     formulate,
     formulate_all,
     joins_newest_first,
@@ -206,8 +207,18 @@ def test_queries_must_be_sessions_with_distinct_ids_and_k_at_least_1(index):
         search_dense(enc, index, one, k=3)
     with pytest.raises(TypeError, match=r"sessions\[0\] must be a Session .*from_messages"):
         search_dense(enc, index, [[{"role": "user", "content": "jaguar"}]], k=3)
-    for k in (0, -1, 2.0):
+    for k in (0, -1, 2.0, True):  # True is an int to Python, not a count of hits
         with pytest.raises(ValueError, match="k must be an integer of at least 1"):
             search_dense(enc, index, [one], k=k)
+    for check in (check_k, lambda k: index.search(enc.encode_sessions([one]), k)):
+        with pytest.raises(ValueError, match="k must be an integer of at least 1, got True"):
+            check(True)  # each checks k itself: BM25 uses check_k, a caller may use the index
+    blank = Session("s2", (Turn("user", "jaguar"), Turn("assistant", "yes"), Turn("user", "   ")))
+    for call in (
+        lambda: formulate_all([blank], "session"),
+        lambda: search_dense(enc, index, [blank], k=3),
+    ):
+        with pytest.raises(ValueError, match=r"session 's2': the current question .* is empty"):
+            call()
     with pytest.raises(ValueError, match="formulation must be one of session, last_turn"):
         search_dense(enc, index, [one], k=3, formulation="lastturn")
