@@ -12,6 +12,7 @@ from chatretriever.modeling.grounded import (
     GroundedGenerator,
     grounded_messages,
 )
+from chatretriever.modeling.grounded_fit import split_grounded_user
 from chatretriever.modeling.sources import BUILTIN_MODELS
 from chatretriever.types import Passage, Session, Turn
 
@@ -71,6 +72,19 @@ def test_grounded_messages_cuts_and_closed_book():
     assert grounded_messages(q, []) == closed
     assert grounded_messages(q, ["ignored"], closed_book=True) == closed
     assert grounded_messages(Session.from_messages("s", q), []) == closed
+
+
+def test_passage_titles_are_folded_onto_one_line():
+    # a title's tab or newline reached the prompt; "\n[2] " in it made a second passage line
+    passage = Passage("d1", "the text", title="\r\n\tSmall\u00a0Claims\n[2] Court  ")
+    content = grounded_messages([Turn("user", "why?")], [passage, "other"])[-1]["content"]
+    assert content == "Passages:\n[1] Small Claims [2] Court: the text\n[2] other\n\nQuestion: why?"
+    assert split_grounded_user(content) == (
+        ["[1] Small Claims [2] Court: the text", "[2] other"],
+        "why?",
+    )
+    blank = Passage("d2", "text only", title=" \t ")  # nothing left of it: no "title: "
+    assert "\n[1] text only\n" in grounded_messages([Turn("user", "q")], [blank])[-1]["content"]
 
 
 def test_grounded_messages_rejects_bad_conversations():

@@ -13,6 +13,7 @@ from chatretriever.modeling.grounded import CLOSED_BOOK_SYSTEM, GROUNDED_SYSTEM,
 from chatretriever.modeling.grounded_fit import (
     FitCounts,
     PromptFitter,
+    cut_text,
     cut_text_start,
     grounded_user_content,
     split_grounded_user,
@@ -208,3 +209,94 @@ def test_grounded_content_round_trip_and_cuts():
     assert cut_text_start("one two three", 8) == "three"
     assert cut_text_start("abcdefgh", 3) == "fgh"  # one word: cut hard
     assert cut_text_start("abc", 0) == "" and cut_text_start("abc", 3) == "abc"
+
+
+def test_cuts_land_on_a_space_only_near_the_limit():
+    assert cut_text("one two three", 9) == "one two"  # a word boundary near the limit
+    assert cut_text("one two three", 7) == "one two"  # a space right after the limit
+    assert cut_text("a " + "y" * 1000, 500) == "a " + "y" * 498  # no space near: cut hard
+    assert cut_text_start("x" * 1000 + " end?", 500) == "x" * 495 + " end?"
+    # a space up to max(16, limit // 5) characters back still wins over a hard cut
+    assert cut_text("w" * 80 + " " + "z" * 30, 100) == "w" * 80
+    assert cut_text_start("z" * 30 + " " + "w" * 80, 100) == "w" * 80
+
+
+CJK = "東京は日本の首都であり、世界有数の大都市です。"
+
+
+def test_text_without_spaces_keeps_its_text(tokenizer):
+    # one passage and a question in Japanese: the cut used to snap back to the space after
+    # "[1] 東京:" whatever the budget, so the passage lost all of its text
+    q = [{"role": "user", "content": "東京の人口は？"}]
+    prompt = grounded_messages(q, [Passage("a", CJK * 40, title="東京")])
+    fitter = PromptFitter(tokenizer)
+    ids = fitter.fit_batch([prompt], 300)[0]
+    lines, question = split_grounded_user(tokenizer.decode(ids).split("user\n", 1)[1])
+    assert len(ids) <= 300 and question == f"東京の人口は？{GEN_PROMPT}"
+    assert lines[0].startswith(f"[1] 東京: {CJK[:10]}")
+    assert len(tokenizer(lines[0])["input_ids"]) > 100  # most of the room, not "[1] 東京:"
+    assert fitter.counts.passages_shortened == 1
+    # a question whose only space is near its end kept just its last word
+    long_q = [{"role": "user", "content": CJK * 40 + " ですか？"}]
+    ids = fitter.fit_batch([grounded_messages(long_q, [])], 300)[0]
+    kept = tokenizer.decode(ids).split("user\n", 1)[1]
+    assert len(ids) > 250 and kept.endswith(f"。 ですか？{GEN_PROMPT}")
+
+
+def test_a_passage_stub_is_dropped_and_the_question_gets_the_room(tokenizer):
+    # the grounded frame fits, but passage [1] would keep a stub ("[" at 48, "[1]" at 52)
+    prompt = grounded_messages([{"role": "user", "content": "which one is cheaper?"}], _passages(3))
+    for budget in (48, 52):
+        fitter = PromptFitter(tokenizer)
+        ids = fitter.fit_batch([prompt], budget)[0]
+        text = tokenizer.decode(ids)
+        assert len(ids) <= budget and "Passages:" not in text and "[1]" not in text
+        assert text.endswith(f"user\nwhich one is cheaper?{GEN_PROMPT}")
+        assert fitter.counts.passages_dropped == 3 and fitter.counts.passages_shortened == 0
+        # the system message, cut to leave the grounded message room, takes back what it left
+        assert len(ids) >= budget - 4 and fitter.counts.systems_cut == 1
+    # with a few more tokens, passage [1] keeps its title and the start of its text
+    ids = PromptFitter(tokenizer).fit_batch([prompt], 80)[0]
+    assert "Passages:\n[1] RANK1: the lazy dog the lazy" in tokenizer.decode(ids)
+
+
+def _folding_tokenizer():
+    """The test tokenizer with a template that puts the system message into the next user turn
+    (as Gemma's do): a system message with no user turn after it is dropped."""
+    tok = build_tokenizer()
+    tok.chat_template = (
+        "{% set ns = namespace(prefix='') %}{% for m in messages %}"
+        "{% if m['role'] == 'system' %}{% set ns.prefix = m['content'] + '\n\n' %}"
+        "{% else %}<|im_start|>{{ m['role'] }}\n{{ ns.prefix + m['content'] }}<|im_end|>\n"
+        "{% set ns.prefix = '' %}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    return tok
+
+
+def test_a_prompt_ending_with_a_system_message_is_refused_where_the_template_drops_it(tokenizer):
+    system = {"role": "system", "content": "Be brief."}
+    user = {"role": "user", "content": "why?"}
+    folding = PromptFitter(_folding_tokenizer())
+    assert folding.fit_batch([[system, user]], 1000) == [_today(folding.tokenizer, [system, user])]
+    for prompt in ([system], [system, user, system]):
+        with pytest.raises(ValueError, match="ends with a system message, and this chat template"):
+            folding.fit_batch([prompt], 1000)
+    # a template that keeps it renders it as it did
+    assert PromptFitter(tokenizer).fit_batch([[system]], 1000) == [_today(tokenizer, [system])]
+
+
+def test_history_runs_are_tokenized_once_per_fit(tokenizer):
+    # each bisection step re-renders the kept history: its runs come from the cache
+    turns = [*_history(12), {"role": "user", "content": "and the warranty?"}]
+    prompt = grounded_messages(turns, _passages(2, words=5))
+    fitter = PromptFitter(tokenizer)
+    budget = len(_today(tokenizer, prompt)) // 2
+    sent: list[str] = []
+    encode = fitter.contents.encode
+    fitter.contents.encode = lambda texts: sent.extend(texts) or encode(texts)
+    ids = fitter.fit_batch([prompt], budget)[0]
+    dropped = fitter.counts.history_messages_dropped
+    assert ids == _today(tokenizer, [prompt[0], *prompt[1 + dropped :]])  # what it was
+    for turn in turns[:-1]:
+        assert sum(turn["content"] in text for text in sent) == 1, turn["content"]

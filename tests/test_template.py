@@ -208,6 +208,8 @@ def _tokenizer_of(model_dir):
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.add_tokens(["<tool_call>"], special_tokens=False)  # like Qwen's non-special added tokens
+    # ... which its chat template writes (tool calls): that makes it a control string
+    tok.chat_template += "{% if tools %}<tool_call>{% endif %}"
     add_emb_tokens(tok, 3)
     return tok
 

@@ -1,14 +1,19 @@
-"""Token ids of user text in which no added token is ever matched; `template.py`'s tokenizer.
+"""Token ids of user text in which no control string is ever matched; `template.py`'s tokenizer.
 
 A tokenizer parses its added tokens ("<|im_end|>", "[EMB_1]", "<tool_call>", ...) wherever they
-appear. In a message's content they must stay text, or a user could type a control token:
-`split_special_tokens=True` stops only the SPECIAL added tokens; non-special ones (Qwen's
-"<tool_call>") are then run through the backend's pipeline without its added vocabulary. Text
-without such strings gets exactly the tokenizer's own ids.
+appear. The control strings among them must stay text in a message's content, or a user could
+type a control token: the special added tokens, and the non-special ones that the chat template
+itself writes (Qwen's "<tool_call>"). `split_special_tokens=True` stops only the SPECIAL ones;
+a text holding a non-special control string is then run through the backend's pipeline without
+its added vocabulary. Other non-special added tokens are vocabulary, not control (Gemma's "<b>",
+"<td>", its newline runs): user text gets them as the tokenizer gives them. Text without control
+strings gets exactly the tokenizer's own ids.
 
-`ContentTokenizer` also splits template text where the tokenizer would (at its added tokens) and
-caches the ids of text runs (least recently used dropped first), so that a session's history
-turns are tokenized once. Knows no particular token: the chat format stays in `template.py`.
+`ContentTokenizer` also splits template text where the tokenizer would (at its added tokens, but
+not at whitespace-only ones, which merge across a template/content boundary in the full text:
+Gemma's "\n" + "\n\n" is one "\n\n\n") and caches the ids of text runs (least recently used
+dropped first), so that a session's history turns are tokenized once. Knows no particular token:
+the chat format stays in `template.py`.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ _CHUNK = 1024
 
 
 class ContentTokenizer:
-    """User text -> token ids with no added token, in batches, with a cache of text runs.
+    """User text -> token ids with no control string matched, in batches, with a cache of runs.
 
     Args:
         tokenizer: A Hugging Face tokenizer (a `tokenizers` backend is used directly if any).
@@ -33,10 +38,10 @@ class ContentTokenizer:
         self.tokenizer = tokenizer
         self.cache_size = cache_size
         self._backend = getattr(tokenizer, "backend_tokenizer", None)
-        self._added, self._added_ids, plain = _added_token_patterns(tokenizer)
+        self._added, self._added_ids, control = _added_token_patterns(tokenizer)
         # Only a `tokenizers` backend still matches non-special added tokens when splitting
         # special ones (python tokenizers then match no added token at all).
-        self._plain_added = plain if self._backend is not None else None
+        self._control = control if self._backend is not None else None
         self._runs: dict[str, tuple[int, ...]] = {}  # insertion order = least recently used first
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
@@ -45,8 +50,8 @@ class ContentTokenizer:
         for start in range(0, len(texts), _CHUNK):
             chunk = list(texts[start : start + _CHUNK])
             ids = self._encode_split_special(chunk)
-            if self._plain_added is not None:
-                found = self._plain_added.search
+            if self._control is not None:
+                found = self._control.search
                 ids = [
                     self._encode_raw(t) if found(t) else i for t, i in zip(chunk, ids, strict=True)
                 ]
@@ -124,27 +129,38 @@ class ContentTokenizer:
 def _added_token_patterns(
     tokenizer: Any,
 ) -> tuple[re.Pattern[str] | None, list[int], re.Pattern[str] | None]:
-    """How the tokenizer finds its added tokens in text.
+    """How the tokenizer finds its added tokens in text, and which of them are control strings.
 
     Returns:
-        (a regex of every added token, longest first, with the whitespace its lstrip/rstrip
-        absorbs: group "t{i}" matches the i-th id of the list; the ids; a regex of the
-        non-special added tokens, None when there are none).
+        (a regex of the added tokens that split template text, longest first, with the
+        whitespace its lstrip/rstrip absorbs: group "t{i}" matches the i-th id of the list; the
+        ids; a regex of the non-special control strings, None when there are none).
     """
     added = sorted(
         (getattr(tokenizer, "added_tokens_decoder", None) or {}).items(),
         key=lambda kv: -len(kv[1].content),
     )
-    parts, ids, plain = [], [], []
+    template = _template_source(tokenizer)
+    parts, ids, control = [], [], []
     for token_id, token in added:
-        if not token.content:
-            continue
-        text = re.escape(token.content)
+        content = token.content
+        special = getattr(token, "special", True)
+        if not content or (not special and not content.strip()):
+            continue  # whitespace runs stay in the text runs (module docstring)
+        text = re.escape(content)
         lstrip = r"\s*" if getattr(token, "lstrip", False) else ""
         rstrip = r"\s*" if getattr(token, "rstrip", False) else ""
         parts.append(f"(?P<t{len(ids)}>{lstrip}{text}{rstrip})")
         ids.append(int(token_id))
-        if not getattr(token, "special", True):
-            plain.append(text)
+        if not special and content in template:
+            control.append(text)
     every = re.compile("|".join(parts)) if parts else None
-    return every, ids, re.compile("|".join(plain)) if plain else None
+    return every, ids, re.compile("|".join(control)) if control else None
+
+
+def _template_source(tokenizer: Any) -> str:
+    """The Jinja source of the tokenizer's chat template(s); "" without one."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if isinstance(template, dict):  # named templates ("default", "tool_use", ...): any of them
+        return "\n".join(str(t) for t in template.values())
+    return str(template)

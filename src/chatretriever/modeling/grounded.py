@@ -61,7 +61,10 @@ def _passage_line(i: int, passage: PassageLike, max_chars: int) -> str:
         title, text = passage.title, passage.text
     else:
         raise ValueError(f"a passage must be a Passage or a str, got {type(passage).__name__}")
-    text = cut_text(" ".join(text.split()), max_chars)  # one line per passage: no inner newlines
+    # One line per passage, no inner newlines or tabs: a title's newline followed by "[2] " would
+    # also shift the passage numbering that `grounded_fit.split_grounded_user` reads.
+    title = " ".join(title.split())
+    text = cut_text(" ".join(text.split()), max_chars)
     return f"[{i}] {title}: {text}" if title else f"[{i}] {text}"
 
 

@@ -6,21 +6,25 @@ contexts, so that training and answering cut a long prompt the same way. A promp
 the budget is fitted in this order:
 
 1. The system message and the generation prompt stay. (Only a budget too small to leave the last
-   message half of it, or all of it when shorter, cuts the system message's end.)
+   message half of it, or all of it when shorter, cuts the system message's end; it takes back
+   what the fitted last message then leaves, as when a passage stub is dropped.)
 2. The last message: a grounded one ("Passages:\\n[1] ...\\n\\nQuestion: q") drops its
-   lowest-ranked passages first (k, k-1, ..., 2); then passage [1] is shortened (its start
-   kept), down to half the room the question leaves; then the question is cut from its start
-   (its end, where a long pasted turn asks, is kept). Any other last message is cut from its
-   start.
+   lowest-ranked passages first (k, k-1, ..., 2); then passage [1]'s text is shortened (its
+   "[1] title: " and its start kept), down to half the room the question leaves; then the
+   question is cut from its start (its end, where a long pasted turn asks, is kept). A passage
+   left with only a few tokens of text is dropped too, and the question alone gets the room.
+   Any other last message is cut from its start. Cuts land on a space when one is near.
 3. History is added back newest first, in whole exchanges (a cut always lands on a user turn),
    while it fits.
 
 A prompt that fits gets exactly the ids the tokenizer gives its chat-template text, except that
-message contents are user text: they are tokenized with no added token matched
-(`content_ids.ContentTokenizer`), so a literal "<|im_end|>" or "[EMB_1]" in a passage or a turn
-stays text. The template is rendered once per role sequence with placeholders for the contents;
-the text between two of its added tokens (template text and contents) is tokenized as one run,
-as the tokenizer tokenizes the full text.
+message contents are user text: they are tokenized with no control string matched
+(`content_ids.ContentTokenizer`: special added tokens, and non-special ones that the chat
+template writes, such as Qwen's "<tool_call>"), so a literal "<|im_end|>" or "[EMB_1]" in a
+passage or a turn stays text. Other added tokens (Gemma's "<b>", its newline runs) come out as
+the tokenizer gives them. The template is rendered once per role sequence with placeholders for
+the contents; the text between two of its added tokens (template text and contents) is tokenized
+as one run, as the tokenizer tokenizes the full text.
 """
 
 from __future__ import annotations
@@ -38,10 +42,18 @@ from chatretriever.modeling.session_fit import exchange_cuts
 logger = logging.getLogger(__name__)
 
 # The fitting rule above, named for caches of generated answers (a changed rule changes them)
-FIT_RULE = "turns-v1"
+FIT_RULE = "turns-v2"
 PASSAGES_HEADER = "Passages:\n"
 QUESTION_HEADER = "\n\nQuestion: "
 _LINE_START = re.compile(r"^\[(\d+)\] ", re.M)
+# A passage line's "[i] " and its title up to the first ": " (`grounded._passage_line`); a
+# longer "title" is the text's own ": ", and the text then starts after "[i] ".
+_LINE_HEADER = re.compile(r"\[\d+\] (?:[^\n]{0,100}?: )?")
+# Fewer tokens of passage [1]'s text than this tell the model nothing: the question takes the room.
+_MIN_PASSAGE_TOKENS = 8
+# Text runs cached per fitter: enough for one prompt's history runs and its bisection steps. A
+# run of ten passages is ~3,000 ids (~100 KB as a tuple): 8,192 of them would take ~800 MB.
+_CACHED_RUNS = 1024
 _SLOT = "@@GROUNDED_SLOT_{}@@"
 # Tabs around each placeholder: a template that strips contents (`| trim`) strips them too.
 _SLOT_RE = re.compile(r"(\t?)@@GROUNDED_SLOT_(\d+)@@(\t?)")
@@ -50,26 +62,51 @@ _MAX_LAYOUTS = 1024  # cached renderings of role sequences
 Message = tuple[str, str]  # (role, content)
 
 
+def _snap(max_chars: int) -> int:
+    """How many characters a cut may give up to land on a space. Further back, the text has no
+    word boundary to speak of (CJK, Thai, a URL, code): it is cut hard rather than losing up to
+    all of it. English words are shorter, so their cuts always land on a space."""
+    return max(16, max_chars // 5)
+
+
 def cut_text(text: str, max_chars: int) -> str:
-    """`text` cut to at most `max_chars` characters (its start kept), at a word boundary."""
+    """`text` cut to at most `max_chars` characters (its start kept), at a word boundary when one
+    is near the limit."""
     if len(text) <= max_chars:
         return text
     head = text[: max_chars + 1]  # one more: a space right after the limit is a clean cut
     cut = head.rfind(" ")
-    # A single word longer than the limit has no boundary: cut it hard rather than drop it.
-    return (head[:cut] if cut > 0 else text[:max_chars]).rstrip()
+    if 0 < cut and max_chars - cut <= _snap(max_chars):
+        return head[:cut].rstrip()
+    return text[:max_chars].rstrip()
 
 
 def cut_text_start(text: str, max_chars: int) -> str:
     """`text` cut to at most `max_chars` characters from its start (its end kept), at a word
-    boundary."""
+    boundary when one is near the limit."""
     if len(text) <= max_chars:
         return text
     if max_chars < 1:
         return ""
     tail = text[-(max_chars + 1) :]  # one more: a space right before the limit is a clean cut
     cut = tail.find(" ")
-    return (tail[cut + 1 :] if 0 <= cut < len(tail) - 1 else text[-max_chars:]).lstrip()
+    if 0 <= cut < len(tail) - 1 and cut <= _snap(max_chars):
+        return tail[cut + 1 :].lstrip()
+    return text[-max_chars:].lstrip()
+
+
+def _cut_line(line: str, max_chars: int) -> str:
+    """A passage line ("[i] title: text") cut to at most `max_chars` characters: its header
+    whole and its text's end cut; in less room than the header, cut as any text.
+
+    Cutting the text alone keeps a cut from snapping back to the header's last space when the
+    text has none (CJK): the passage would lose all of its text.
+    """
+    m = _LINE_HEADER.match(line)
+    head = m.end() if m else 0
+    if max_chars < head:
+        return cut_text(line, max_chars)
+    return (line[:head] + cut_text(line[head:], max_chars - head)).rstrip()
 
 
 def grounded_user_content(lines: Sequence[str], question: str) -> str:
@@ -151,6 +188,13 @@ def _largest(lo: int, hi: int, ok: Callable[[int], bool]) -> int:
     return best
 
 
+def _fit_start(content: str, total: Callable[[str], int], budget: int, what: FitCounts) -> str:
+    """The last message's content cut from its start (its end kept) to fit the budget."""
+    what.questions_cut = 1
+    n = _largest(0, len(content), lambda n: total(cut_text_start(content, n)) <= budget)
+    return cut_text_start(content, n)
+
+
 class PromptFitter:
     """Chat prompts (with the generation prompt) -> token ids of at most a budget.
 
@@ -161,7 +205,7 @@ class PromptFitter:
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
-        self.contents = ContentTokenizer(tokenizer)
+        self.contents = ContentTokenizer(tokenizer, cache_size=_CACHED_RUNS)
         self.counts = FitCounts()
         self._chat_template = getattr(tokenizer, "chat_template", None) or PLAIN_TEMPLATE
         self._layouts: dict[tuple[str, ...], tuple[int | str | _Slot, ...]] = {}
@@ -181,7 +225,9 @@ class PromptFitter:
             tokenized whole, in one tokenizer call for all of them.
 
         Raises:
-            ValueError: The chat template's framing alone does not fit `max_tokens`.
+            ValueError: The chat template's framing alone does not fit `max_tokens`, or it
+                drops or alters a message's content (a prompt ending with a system message,
+                under Gemma's templates).
         """
         messages = [[(m["role"], m["content"]) for m in p] for p in prompts]
         out = self._ids_batch(messages)
@@ -210,8 +256,13 @@ class PromptFitter:
         lead = msgs[:1] if len(msgs) > 1 and msgs[0][0] == "system" else []
         history, (role, content) = msgs[len(lead) : -1], msgs[-1]
         what = FitCounts(prompts_cut=1)
-        lead = self._fit_system(lead, role, content, budget, what)
-        last = (role, self._fit_last(lead, role, content, budget, what))
+        short = self._fit_system(lead, role, content, budget, what)
+        last = (role, self._fit_last(short, role, content, budget, what))
+        if short != lead:  # cut for a last message that came out shorter (a dropped passage)
+            grown = self._fit_system(lead, role, last[1], budget, FitCounts())
+            if grown != short and self._length([*grown, last]) <= budget:
+                short, what.systems_cut = grown, int(grown != lead)
+        lead = short
         cuts = exchange_cuts([role for role, _ in history])
         # cuts[-1] (no history) fits: the most history that still fits, newest first
         back = _largest(
@@ -268,9 +319,7 @@ class PromptFitter:
             if n >= 1:
                 return grounded_user_content(lines[:n], question)
             return self._fit_passage_and_question(lines[0], question, total, budget, what)
-        what.questions_cut = 1
-        n = _largest(0, len(content), lambda n: total(cut_text_start(content, n)) <= budget)
-        return cut_text_start(content, n)
+        return _fit_start(content, total, budget, what)
 
     def _fit_passage_and_question(
         self,
@@ -280,9 +329,29 @@ class PromptFitter:
         budget: int,
         what: FitCounts,
     ) -> str:
-        """Passage [1] and the question in the room left: a question up to half the room stays
-        whole and the passage's end is cut; a longer one leaves the passage half the room (all
-        it needs, when less) and loses its start."""
+        """Passage [1] and the question in the room left (`_share_room`); a passage left with
+        fewer than `_MIN_PASSAGE_TOKENS` tokens of its text ("[", "[1] title:") is dropped and
+        the question, alone, gets all the room."""
+        passage, q = self._share_room(line, question, total, budget)
+        head, number = _LINE_HEADER.match(line), _LINE_START.match(line)
+        # Cut inside its header ("title" may be the text's own ": "), the text starts after "[i] "
+        if head and len(passage) >= head.end() - 1:
+            text = passage[head.end() :]
+        else:
+            text = passage[number.end() if number else 0 :]
+        if passage != line and self._count(text) < _MIN_PASSAGE_TOKENS:
+            what.passages_dropped += 1
+            return _fit_start(question, total, budget, what)
+        what.passages_shortened = int(passage != line)
+        what.questions_cut = int(q != question)
+        return grounded_user_content([passage], q)
+
+    def _share_room(
+        self, line: str, question: str, total: Callable[[str], int], budget: int
+    ) -> tuple[str, str]:
+        """(passage [1], question) that fit: a question up to half the room stays whole and the
+        passage's end is cut; a longer one leaves the passage half the room (all it needs, when
+        less) and loses its start."""
 
         def build(passage: str, q: str) -> str:
             return grounded_user_content([passage], q)
@@ -291,24 +360,21 @@ class PromptFitter:
         q_tokens = self._count(question)
         if q_tokens <= room // 2:
             n = _largest(
-                0, len(line), lambda n: total(build(cut_text(line, n), question)) <= budget
+                0, len(line), lambda n: total(build(_cut_line(line, n), question)) <= budget
             )
             if n >= 0:
-                what.passages_shortened = 1
-                return build(cut_text(line, n), question)
+                return _cut_line(line, n), question
         floor = min(self._count(line), max(room - q_tokens, room // 2))
-        n = _largest(0, len(line), lambda n: self._count(cut_text(line, n)) <= floor)
-        short = cut_text(line, max(n, 0))
-        what.passages_shortened = int(short != line)
-        what.questions_cut = 1
+        n = _largest(0, len(line), lambda n: self._count(_cut_line(line, n)) <= floor)
+        short = _cut_line(line, max(n, 0))
         n = _largest(
             0, len(question), lambda n: total(build(short, cut_text_start(question, n))) <= budget
         )
         if n >= 0:
-            return build(short, cut_text_start(question, n))
+            return short, cut_text_start(question, n)
         # tokens joined across the pieces count more than apart: the passage gives way
-        n = _largest(0, len(short), lambda n: total(build(cut_text(short, n), "")) <= budget)
-        return build(cut_text(short, max(n, 0)), "")
+        n = _largest(0, len(short), lambda n: total(build(_cut_line(short, n), "")) <= budget)
+        return _cut_line(short, max(n, 0)), ""
 
     # ---------------------------------------------------------------- rendering to ids
     def _count(self, text: str) -> int:
@@ -332,6 +398,12 @@ class PromptFitter:
         # Any order (Mistral's puts the system message into the last user turn), but each
         # content once and unaltered.
         if sorted(int(i) for i in parts[2::4]) != list(range(len(roles))):
+            if roles[-1] == "system":  # Gemma's put a system message into the next user turn
+                raise ValueError(
+                    "a prompt ends with a system message, and this chat template drops it (it "
+                    "puts a system message's text into the user turn after it): end the prompt "
+                    "with a user message"
+                )
             raise ValueError("the chat template alters, drops or repeats message contents")
         items: list[int | str | _Slot] = []
         for i in range(0, len(parts), 4):
@@ -364,10 +436,10 @@ class PromptFitter:
         return pieces
 
     def _ids_batch(self, prompts: Sequence[list[Message]]) -> list[list[int]]:
-        """The whole ids of each prompt; the text runs of all of them in one tokenizer call."""
+        """The whole ids of each prompt; the text runs missing from the cache in one tokenizer
+        call (a bisection step re-renders the history runs of the step before)."""
         pieces = [self._pieces(msgs) for msgs in prompts]
-        runs = list(dict.fromkeys(p for ps in pieces for p in ps if isinstance(p, str)))
-        ids = dict(zip(runs, self.contents.encode(runs), strict=True))
+        ids = self.contents.cached(p for ps in pieces for p in ps if isinstance(p, str))
         out = []
         for ps in pieces:
             row: list[int] = []
