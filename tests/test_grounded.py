@@ -12,7 +12,7 @@ from chatretriever.modeling.grounded import (
     GroundedGenerator,
     grounded_messages,
 )
-from chatretriever.modeling.grounded_fit import split_grounded_user
+from chatretriever.modeling.grounded_text import split_grounded_user
 from chatretriever.modeling.sources import BUILTIN_MODELS
 from chatretriever.types import Passage, Session, Turn
 

@@ -10,9 +10,8 @@ import pytest
 from conftest import CHAT_TEMPLATE, build_tokenizer
 
 from chatretriever.modeling.grounded import CLOSED_BOOK_SYSTEM, GROUNDED_SYSTEM, grounded_messages
-from chatretriever.modeling.grounded_fit import (
-    FitCounts,
-    PromptFitter,
+from chatretriever.modeling.grounded_fit import FitCounts, PromptFitter
+from chatretriever.modeling.grounded_text import (
     cut_text,
     cut_text_start,
     grounded_user_content,

@@ -16,12 +16,8 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from chatretriever.modeling.backbones import context_length
-from chatretriever.modeling.grounded_fit import (
-    FitCounts,
-    PromptFitter,
-    cut_text,
-    grounded_user_content,
-)
+from chatretriever.modeling.grounded_fit import FitCounts, PromptFitter
+from chatretriever.modeling.grounded_text import cut_text, grounded_user_content
 from chatretriever.types import Passage, Session, Turn
 
 if TYPE_CHECKING:
@@ -62,7 +58,7 @@ def _passage_line(i: int, passage: PassageLike, max_chars: int) -> str:
     else:
         raise ValueError(f"a passage must be a Passage or a str, got {type(passage).__name__}")
     # One line per passage, no inner newlines or tabs: a title's newline followed by "[2] " would
-    # also shift the passage numbering that `grounded_fit.split_grounded_user` reads.
+    # also shift the passage numbering that `grounded_text.split_grounded_user` reads.
     title = " ".join(title.split())
     text = cut_text(" ".join(text.split()), max_chars)
     return f"[{i}] {title}: {text}" if title else f"[{i}] {text}"

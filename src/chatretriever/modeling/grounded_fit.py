@@ -13,7 +13,8 @@ the budget is fitted in this order:
    "[1] title: " and its start kept), down to half the room the question leaves; then the
    question is cut from its start (its end, where a long pasted turn asks, is kept). A passage
    left with only a few tokens of text is dropped too, and the question alone gets the room.
-   Any other last message is cut from its start. Cuts land on a space when one is near.
+   Any other last message is cut from its start. Cuts land on a space when one is near
+   (`grounded_text`: the grounded message's text, built and parsed back, and its cuts).
 3. History is added back newest first, in whole exchanges (a cut always lands on a user turn),
    while it fits.
 
@@ -37,18 +38,21 @@ from typing import Any
 
 from chatretriever.modeling.chat_render import PLAIN_TEMPLATE
 from chatretriever.modeling.content_ids import ContentTokenizer
+from chatretriever.modeling.grounded_text import (
+    LINE_HEADER,
+    LINE_START,
+    cut_line,
+    cut_text,
+    cut_text_start,
+    grounded_user_content,
+    split_grounded_user,
+)
 from chatretriever.modeling.session_fit import exchange_cuts
 
 logger = logging.getLogger(__name__)
 
 # The fitting rule above, named for caches of generated answers (a changed rule changes them)
 FIT_RULE = "turns-v2"
-PASSAGES_HEADER = "Passages:\n"
-QUESTION_HEADER = "\n\nQuestion: "
-_LINE_START = re.compile(r"^\[(\d+)\] ", re.M)
-# A passage line's "[i] " and its title up to the first ": " (`grounded._passage_line`); a
-# longer "title" is the text's own ": ", and the text then starts after "[i] ".
-_LINE_HEADER = re.compile(r"\[\d+\] (?:[^\n]{0,100}?: )?")
 # Fewer tokens of passage [1]'s text than this tell the model nothing: the question takes the room.
 _MIN_PASSAGE_TOKENS = 8
 # Text runs cached per fitter: enough for one prompt's history runs and its bisection steps. A
@@ -60,80 +64,6 @@ _SLOT_RE = re.compile(r"(\t?)@@GROUNDED_SLOT_(\d+)@@(\t?)")
 _MAX_LAYOUTS = 1024  # cached renderings of role sequences
 
 Message = tuple[str, str]  # (role, content)
-
-
-def _snap(max_chars: int) -> int:
-    """How many characters a cut may give up to land on a space. Further back, the text has no
-    word boundary to speak of (CJK, Thai, a URL, code): it is cut hard rather than losing up to
-    all of it. English words are shorter, so their cuts always land on a space."""
-    return max(16, max_chars // 5)
-
-
-def cut_text(text: str, max_chars: int) -> str:
-    """`text` cut to at most `max_chars` characters (its start kept), at a word boundary when one
-    is near the limit."""
-    if len(text) <= max_chars:
-        return text
-    head = text[: max_chars + 1]  # one more: a space right after the limit is a clean cut
-    cut = head.rfind(" ")
-    if 0 < cut and max_chars - cut <= _snap(max_chars):
-        return head[:cut].rstrip()
-    return text[:max_chars].rstrip()
-
-
-def cut_text_start(text: str, max_chars: int) -> str:
-    """`text` cut to at most `max_chars` characters from its start (its end kept), at a word
-    boundary when one is near the limit."""
-    if len(text) <= max_chars:
-        return text
-    if max_chars < 1:
-        return ""
-    tail = text[-(max_chars + 1) :]  # one more: a space right before the limit is a clean cut
-    cut = tail.find(" ")
-    if 0 <= cut < len(tail) - 1 and cut <= _snap(max_chars):
-        return tail[cut + 1 :].lstrip()
-    return text[-max_chars:].lstrip()
-
-
-def _cut_line(line: str, max_chars: int) -> str:
-    """A passage line ("[i] title: text") cut to at most `max_chars` characters: its header
-    whole and its text's end cut; in less room than the header, cut as any text.
-
-    Cutting the text alone keeps a cut from snapping back to the header's last space when the
-    text has none (CJK): the passage would lose all of its text.
-    """
-    m = _LINE_HEADER.match(line)
-    head = m.end() if m else 0
-    if max_chars < head:
-        return cut_text(line, max_chars)
-    return (line[:head] + cut_text(line[head:], max_chars - head)).rstrip()
-
-
-def grounded_user_content(lines: Sequence[str], question: str) -> str:
-    """The last user message of a grounded prompt: its numbered passage lines, the question."""
-    return PASSAGES_HEADER + "\n".join(lines) + QUESTION_HEADER + question
-
-
-def split_grounded_user(content: str) -> tuple[list[str], str] | None:
-    """(passage lines, question) of a `grounded_user_content` text; None for any other text.
-
-    A passage line holds no newline (`grounded_messages` folds its whitespace), so the first
-    blank line ends the passages; lines are found by their numbers, 1, 2, ... in order.
-    """
-    end = content.find(QUESTION_HEADER, len(PASSAGES_HEADER))
-    if not content.startswith(PASSAGES_HEADER) or end < 0:
-        return None
-    block = content[len(PASSAGES_HEADER) : end]
-    starts: list[int] = []
-    for m in _LINE_START.finditer(block):
-        if int(m.group(1)) == len(starts) + 1:
-            starts.append(m.start())
-    if not starts or starts[0] != 0:
-        return None
-    ends = [s - 1 for s in starts[1:]] + [len(block)]  # each line without its "\n"
-    lines = [block[s:e] for s, e in zip(starts, ends, strict=True)]
-    question = content[end + len(QUESTION_HEADER) :]
-    return (lines, question) if grounded_user_content(lines, question) == content else None
 
 
 @dataclass
@@ -333,7 +263,7 @@ class PromptFitter:
         fewer than `_MIN_PASSAGE_TOKENS` tokens of its text ("[", "[1] title:") is dropped and
         the question, alone, gets all the room."""
         passage, q = self._share_room(line, question, total, budget)
-        head, number = _LINE_HEADER.match(line), _LINE_START.match(line)
+        head, number = LINE_HEADER.match(line), LINE_START.match(line)
         # Cut inside its header ("title" may be the text's own ": "), the text starts after "[i] "
         if head and len(passage) >= head.end() - 1:
             text = passage[head.end() :]
@@ -360,21 +290,21 @@ class PromptFitter:
         q_tokens = self._count(question)
         if q_tokens <= room // 2:
             n = _largest(
-                0, len(line), lambda n: total(build(_cut_line(line, n), question)) <= budget
+                0, len(line), lambda n: total(build(cut_line(line, n), question)) <= budget
             )
             if n >= 0:
-                return _cut_line(line, n), question
+                return cut_line(line, n), question
         floor = min(self._count(line), max(room - q_tokens, room // 2))
-        n = _largest(0, len(line), lambda n: self._count(_cut_line(line, n)) <= floor)
-        short = _cut_line(line, max(n, 0))
+        n = _largest(0, len(line), lambda n: self._count(cut_line(line, n)) <= floor)
+        short = cut_line(line, max(n, 0))
         n = _largest(
             0, len(question), lambda n: total(build(short, cut_text_start(question, n))) <= budget
         )
         if n >= 0:
             return short, cut_text_start(question, n)
         # tokens joined across the pieces count more than apart: the passage gives way
-        n = _largest(0, len(short), lambda n: total(build(_cut_line(short, n), "")) <= budget)
-        return _cut_line(short, max(n, 0)), ""
+        n = _largest(0, len(short), lambda n: total(build(cut_line(short, n), "")) <= budget)
+        return cut_line(short, max(n, 0)), ""
 
     # ---------------------------------------------------------------- rendering to ids
     def _count(self, text: str) -> int:
