@@ -188,6 +188,28 @@ def edited_shards(path, ids, emb):
     return dirs, edited
 
 
+def crash_upserts(monkeypatch, fail_after):
+    """Patch a build's writes: upsert call number `fail_after` (0-based) raises ConnectionError,
+    as a killed build; set `when["fail_after"] = None` to go on. Returns (rows of each upsert
+    that went in, the ids looked up in the collection, when)."""
+    calls, looked_up, when = [], [], {"fail_after": fail_after}
+    upsert, existing = mb._upsert, mb._existing
+
+    def failing_upsert(client, collection, rows):
+        if len(calls) == when["fail_after"]:
+            raise ConnectionError("killed")
+        calls.append(len(rows))
+        return upsert(client, collection, rows)
+
+    def recorded_lookup(client, collection, batch):
+        looked_up.extend(batch)
+        return existing(client, collection, batch)
+
+    monkeypatch.setattr(mb, "_upsert", failing_upsert)
+    monkeypatch.setattr(mb, "_existing", recorded_lookup)
+    return calls, looked_up, when
+
+
 def forget_vectors_digest(client, collection):
     """Make a collection look as a build from before the vectors digest left it."""
     state, _ = mb.recorded_state(client, collection)
@@ -245,26 +267,13 @@ def test_an_interrupted_refresh_is_refreshed_again(tmp_path, db, monkeypatch):
     old = MilvusIndex.build(a, db, "halfway")
     forget_vectors_digest(old.client, "halfway")
     b, edited = edited_shards(tmp_path / "b", ids, emb)
-    calls, looked_up = [], []
-    upsert, existing = mb._upsert, mb._existing
-
-    def failing_upsert(client, collection, rows):
-        if len(calls) == 2:  # shard 0 (d000..d099) refreshed and recorded, then a crash
-            raise ConnectionError("killed")
-        calls.append(len(rows))
-        return upsert(client, collection, rows)
-
-    def recorded_lookup(client, collection, batch):
-        looked_up.extend(batch)
-        return existing(client, collection, batch)
-
-    monkeypatch.setattr(mb, "_upsert", failing_upsert)
-    monkeypatch.setattr(mb, "_existing", recorded_lookup)
+    # shard 0 (d000..d099) refreshed and recorded in two batches, then a crash
+    _, looked_up, when = crash_upserts(monkeypatch, fail_after=2)
     with pytest.raises(ConnectionError):
         MilvusIndex.build(b, db, "halfway", batch_size=64)
     recorded, done = mb.recorded_state(old.client, "halfway")
     assert "vectors_sha256" not in recorded and done == 100
-    monkeypatch.setattr(mb, "_upsert", upsert)
+    when["fail_after"] = None  # the re-run does not fail
     index = MilvusIndex.build(b, db, "halfway", batch_size=64)
     assert index.upserted == 300 and looked_up == []  # all again, none trusted
     assert index.search(edited[5:6], 1)[0][0][0] == "d005"
@@ -325,27 +334,13 @@ def test_an_interrupted_load_resumes(tmp_path, db, monkeypatch, fail_after, resu
     """Three shards of 100 rows, batches of 64: a crash after one batch (64 rows in) or after two
     (shard 0 finished and recorded); the re-run upserts only the rest."""
     dirs, ids, emb = random_shards(tmp_path)
-    calls, looked_up = [], []
-    upsert, existing = mb._upsert, mb._existing
-
-    def failing_upsert(client, collection, rows):
-        if len(calls) == fail_after:
-            raise ConnectionError("killed")
-        calls.append(len(rows))
-        return upsert(client, collection, rows)
-
-    def recorded_lookup(client, collection, batch):
-        looked_up.extend(batch)
-        return existing(client, collection, batch)
-
-    monkeypatch.setattr(mb, "_upsert", failing_upsert)
-    monkeypatch.setattr(mb, "_existing", recorded_lookup)
+    calls, looked_up, when = crash_upserts(monkeypatch, fail_after)
     name = f"resume{fail_after}"
     with pytest.raises(ConnectionError):
         MilvusIndex.build(dirs, db, name, batch_size=64)
     assert looked_up == []  # a new collection: nothing to look up
     assert sum(calls) == 300 - resumed
-    fail_after = 10**6  # the re-run does not fail
+    when["fail_after"] = None  # the re-run does not fail
     calls.clear()
     index = MilvusIndex.build(dirs, db, name, batch_size=64)
     assert index.upserted == sum(calls) == resumed  # nothing written twice
