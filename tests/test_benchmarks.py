@@ -228,6 +228,21 @@ def test_plan_skips_what_is_missing(conv):
         assert [s.formulation for s in systems][-1] == "rewrite" and not skipped
 
 
+def test_run_keys_of_joined_queries_name_their_join(conv):
+    """A run made before joined queries kept the question for LLM encoders is not reused."""
+    from chatretriever.types import Session, Turn
+
+    args = conv.parse_args(["--systems", "dense", "--dense", "fake:x"])
+    sessions = [Session("q", (Turn("user", "hi"),))]
+    keys = {
+        f: conv.runs.run_key(conv.systems.System("dense", "fake:x", "x", f), args, sessions, "fp")
+        for f in conv.systems.QUERY_FORMULATIONS
+    }
+    assert {f for f, k in keys.items() if k.get("join")} == {"all_user_turns", "full_history"}
+    bm25 = conv.systems.System("bm25", "bm25", "bm25", "all_user_turns")
+    assert "join" not in conv.runs.run_key(bm25, args, sessions)  # BM25's text never changed
+
+
 def test_parse_model(conv):
     assert conv.systems.parse_model("csit=outputs/m1") == ("csit", "outputs/m1")
     assert conv.systems.parse_model("outputs/m1/") == ("m1", "outputs/m1/")

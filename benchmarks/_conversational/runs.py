@@ -222,6 +222,9 @@ def files_state(spec: str) -> str | None:
     return digest([(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
 
 
+JOINED = ("all_user_turns", "full_history")  # formulations that join several turns into one
+
+
 def run_key(
     system: System,
     args: argparse.Namespace,
@@ -245,6 +248,10 @@ def run_key(
         "queries": len(sessions),
         "queries_sha1": hashlib.sha1(ids).hexdigest(),
     }
+    if system.dense and system.formulation in JOINED:
+        # turns joined in the order the encoder's cut keeps the question (`search.
+        # joins_newest_first`): runs of an LLM encoder cached before that joined them otherwise
+        key["join"] = "question_kept"
     if system.family == "rewrite":
         from chatretriever.retrieval.rewrite import RewritePrompt
 
