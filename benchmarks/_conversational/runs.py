@@ -222,7 +222,8 @@ def files_state(spec: str) -> str | None:
     return digest([(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files])
 
 
-JOINED = ("all_user_turns", "full_history")  # formulations that join several turns into one
+# formulations that join several turns into one text (`search.join_turns`)
+JOINED = (Formulation.ALL_USER_TURNS.value, Formulation.FULL_HISTORY.value)
 
 
 def run_key(

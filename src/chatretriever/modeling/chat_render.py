@@ -204,10 +204,8 @@ class ChatRenderer:
         The text runs missing from the cache are tokenized in one call.
         """
         pieces = [self._pieces(messages) for messages in sessions]
-        self.contents.cached(
-            p for pair in pieces for side in pair for p in side if isinstance(p, str)
-        )
-        return [(self.contents.ids_of(pre), self.contents.ids_of(post)) for pre, post in pieces]
+        ids = self.contents.ids_of_batch([side for pair in pieces for side in pair])
+        return list(zip(ids[::2], ids[1::2], strict=True))
 
     def _split(self, text: str) -> Frame:
         if text.count(_SLOT) != 1:

@@ -79,14 +79,21 @@ class ContentTokenizer:
 
     def ids_of(self, pieces: Sequence[int | str]) -> list[int]:
         """Ids of a sequence of token ids and text runs (runs via `cached`)."""
-        runs = self.cached(p for p in pieces if isinstance(p, str))
-        ids: list[int] = []
-        for p in pieces:
-            if isinstance(p, str):
-                ids += runs[p]
-            else:
-                ids.append(p)
-        return ids
+        return self.ids_of_batch([pieces])[0]
+
+    def ids_of_batch(self, sequences: Sequence[Sequence[int | str]]) -> list[list[int]]:
+        """`ids_of` of each sequence; the runs missing from the cache in one tokenizer call."""
+        runs = self.cached(p for pieces in sequences for p in pieces if isinstance(p, str))
+        out = []
+        for pieces in sequences:
+            ids: list[int] = []
+            for p in pieces:
+                if isinstance(p, str):
+                    ids += runs[p]
+                else:
+                    ids.append(p)
+            out.append(ids)
+        return out
 
     def split_added(self, text: str) -> list[int | str]:
         """Template text split as the tokenizer splits it: added-token ids, the text between."""

@@ -368,15 +368,4 @@ class PromptFitter:
     def _ids_batch(self, prompts: Sequence[list[Message]]) -> list[list[int]]:
         """The whole ids of each prompt; the text runs missing from the cache in one tokenizer
         call (a bisection step re-renders the history runs of the step before)."""
-        pieces = [self._pieces(msgs) for msgs in prompts]
-        ids = self.contents.cached(p for ps in pieces for p in ps if isinstance(p, str))
-        out = []
-        for ps in pieces:
-            row: list[int] = []
-            for p in ps:
-                if isinstance(p, str):
-                    row += ids[p]
-                else:
-                    row.append(p)
-            out.append(row)
-        return out
+        return self.contents.ids_of_batch([self._pieces(msgs) for msgs in prompts])
