@@ -1,18 +1,18 @@
 """Hidden-rationale retrieval on ESConv (issue 16): quality of every system, and the cost curves.
 
-quality: Recall@1/3/5, MRR, nDCG@10 (`retrieval.evaluate`) on the evaluation dialogs of
-  `configs/esconv-split.json`, for the strategy task (8 strategies) and the response task (every
-  supporter turn of the evaluation dialogs; a query's own dialog is removed from its candidates
-  except its gold). Systems: class prior (strategy only), BM25, minilm-l6 (and mpnet-base with
-  `--mpnet`), the binary-choice reranker (zero-shot, or `--adapter`; strategy only, on
-  `--rerank-limit` evenly spaced queries, where the other systems are reported too), each tuned
-  reranker of `--reranker NAME=ADAPTER_DIR` (the same queries) and each Rabtriever student of
-  `--student NAME=DIR` (`rerank-distill` output; both tasks, every query), each trained
-  bi-encoder of `--dense NAME=DIR` (e.g. configs/rationale-biencoder.yaml's run; both tasks), and
-  with `--rerank-response K` every reranker over minilm-l6's top K response candidates (the
-  reranker's queries). Each reranker and student row has its timing (a reranker's with the
-  prompt budgets it used: a tuned adapter's own, unless `--max-query-tokens` is given). TREC runs
-  and qrels are written.
+quality: Recall@1/3/5, MRR, nDCG@10 (`retrieval.evaluate`) on the evaluation dialogs of the
+  shipped split (`methods/rationale/esconv-split.json`), for the strategy task (8 strategies) and
+  the response task (every supporter turn of the evaluation dialogs; a query's own dialog is
+  removed from its candidates except its gold). Systems: class prior (strategy only), BM25,
+  minilm-l6 (and mpnet-base with `--mpnet`), the binary-choice reranker (zero-shot, or
+  `--adapter`; strategy only, on `--rerank-limit` evenly spaced queries, where the other systems
+  are reported too), each tuned reranker of `--reranker NAME=ADAPTER_DIR` (the same queries) and
+  each Rabtriever student of `--student NAME=DIR` (`rerank-distill` output; both tasks, every
+  query), each trained bi-encoder of `--dense NAME=DIR` (e.g. configs/rationale-biencoder.yaml's
+  run; both tasks), and with `--rerank-response K` every reranker over minilm-l6's top K response
+  candidates (the reranker's queries). Each reranker and student row has its timing (a reranker's
+  with the prompt budgets it used: a tuned adapter's own, unless `--max-query-tokens` is given).
+  TREC runs and qrels are written.
 cost: time per query of the reranker without KV reuse, with KV reuse (document caches computed
   offline) and the Rabtriever student, as the number of candidates and the document length grow.
 Each part writes OUT/<part>.{json,md,png}; those of a run with other options are kept as
@@ -175,7 +175,7 @@ def student_runs(
 def quality(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    split = tasks.load_split(args.split)
+    split = tasks.load_split(args.split, args.data_dir)
     train = tasks.task_sessions(tasks.split_dialogs(split, "train"))
     evals = tasks.task_sessions(tasks.split_dialogs(split, "eval"))
     # Evenly spaced over the evaluation dialogs (the first ones alone are not representative).
@@ -284,7 +284,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     sub = p.add_subparsers(dest="part", required=True)
     q = sub.add_parser("quality")
-    q.add_argument("--split", default=str(REPO / "configs" / "esconv-split.json"))
+    q.add_argument("--split", default=str(tasks.SHIPPED_SPLIT))
+    q.add_argument("--data-dir", default=repo_path("../shared/data/esconv"))
     q.add_argument("--out", default=repo_path("outputs/rationale"))
     q.add_argument("--model", default="smollm2-135m-instruct")
     q.add_argument("--wording", default="ab", choices=("ab", "tf"))
@@ -327,7 +328,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     c.add_argument(
         "--max-full-candidates", type=at_least(0), default=100, help="no-reuse runs up to"
     )
-    c.add_argument("--split", default=str(REPO / "configs" / "esconv-split.json"))
+    c.add_argument("--split", default=str(tasks.SHIPPED_SPLIT))
+    c.add_argument("--data-dir", default=repo_path("../shared/data/esconv"))
     args = p.parse_args(argv)
     part = q if args.part == "quality" else c
     if not Path(args.split).is_file():

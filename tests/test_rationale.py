@@ -23,7 +23,8 @@ from chatretriever.methods.rationale.scoring import (
 )
 from chatretriever.types import Run, Session, Turn
 
-SHIPPED_SPLIT = Path(__file__).parents[1] / "configs" / "esconv-split.json"
+SHIPPED_SPLIT = tasks.SHIPPED_SPLIT
+REPO = Path(__file__).parents[1]
 
 FAILED = [
     {
@@ -135,7 +136,8 @@ def test_class_prior_and_own_dialog_filter(esconv_dir):
     assert sorted(kept) == ["failed-0_3-r", "multiesc-0_2-r", "multiesc-1_1-r", "multiesc-2_1-r"]
 
 
-def test_shipped_esconv_split_is_the_documented_shuffle():
+def test_shipped_esconv_split_is_the_documented_shuffle(monkeypatch):
+    monkeypatch.chdir(REPO)  # its data_dir is the project's layout, seen from the checkout's root
     split = tasks.load_split(SHIPPED_SPLIT)  # reads the JSON only: no data needed
     assert split.data_dir.resolve() == (SHARED_DATA / "esconv").resolve()
     assert set(split.parts["train"]) == {"FailedESConv.json", "multiesc_valid.txt"}
@@ -149,7 +151,25 @@ def test_shipped_esconv_split_is_the_documented_shuffle():
     assert split.parts["eval"]["multiesc_valid.txt"] == frozenset(ids[95:])
 
 
-def test_real_esconv_split_sizes(shared_data):
+def test_split_data_dir_is_relative_to_the_current_directory(tmp_path, monkeypatch):
+    split_file = tmp_path / "conf" / "split.json"
+    split_file.parent.mkdir()
+    split_file.write_text(json.dumps({"data_dir": "data/esconv", "train": {}, "eval": {}}))
+    monkeypatch.chdir(tmp_path)
+    assert tasks.load_split(split_file).data_dir == Path("data/esconv")
+    # not found: the error names the directory, where it was looked for, and the remedy
+    found = r"data/esconv \(resolved: .*\) not found.*--data-dir"
+    with pytest.raises(FileNotFoundError, match=found):
+        tasks.split_dialogs(tasks.load_split(split_file), "train")
+    assert tasks.load_split(split_file, tmp_path / "x").data_dir == tmp_path / "x"  # the override
+    split_file.write_text(json.dumps({"train": {}, "eval": {}}))  # no data_dir and none given
+    with pytest.raises(DataFormatError, match="data_dir.*--data-dir"):
+        tasks.load_split(split_file)
+    assert tasks.load_split(split_file, "d").data_dir == Path("d")
+
+
+def test_real_esconv_split_sizes(shared_data, monkeypatch):
+    monkeypatch.chdir(REPO)
     split = tasks.load_split(SHIPPED_SPLIT)
     evals = tasks.task_sessions(tasks.split_dialogs(split, "eval"))
     train = tasks.task_sessions(tasks.split_dialogs(split, "train"))

@@ -92,6 +92,15 @@ def test_rerank_bad_inputs_name_the_file(tmp_path, tiny_qwen2_dir, capsys):
     assert code == 2 and "--k must be positive" in capsys.readouterr().err
 
 
+def test_esconv_tasks_default_split_is_the_packaged_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no checkout around, no ../shared/data/esconv
+    assert main(["esconv-tasks", "--out", "o"]) == 2
+    err = capsys.readouterr().err
+    # the shipped split was read (from the package); the data it names is what is missing
+    assert "ESConv data directory ../shared/data/esconv" in err and "--data-dir" in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_esconv_tasks_and_train_dry_run(tmp_path, capsys):
     split = write_esconv_split(tmp_path, train=[0, 1], evals=[2])
     data = (tmp_path / "esconv").rename(tmp_path / "moved")  # found through --data-dir only

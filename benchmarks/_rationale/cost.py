@@ -23,7 +23,7 @@ def _timed(fn: Any) -> float:
 def _cost_inputs(args: argparse.Namespace, n_docs: int) -> tuple[list[str], list[Session]]:
     """Real supporter turns, concatenated and cut by the prompt to the document length, and
     real evaluation queries."""
-    split = tasks.load_split(args.split)
+    split = tasks.load_split(args.split, args.data_dir)
     evals = tasks.task_sessions(tasks.split_dialogs(split, "eval"))
     turns = [s.response or "" for s in evals]
     if len(turns) < n_docs:  # documents past the turns would be empty strings, timed as real

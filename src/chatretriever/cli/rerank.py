@@ -18,10 +18,6 @@ from chatretriever.modeling.recipe import SAVED_RECIPE
 logger = logging.getLogger(__name__)
 
 
-# the repository checkout this package runs from (src/chatretriever/cli/ -> the root)
-_CHECKOUT = Path(__file__).resolve().parents[3]
-
-
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register `rerank` and `esconv-tasks`."""
     p = sub.add_parser(
@@ -67,11 +63,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--split",
-        default=str(_CHECKOUT / "configs" / "esconv-split.json"),
-        help="the split file (default: configs/esconv-split.json of this checkout, whatever the "
-        "current directory)",
+        help="the split file (default: the project's, shipped in the package: "
+        "methods/rationale/esconv-split.json)",
     )
-    p.add_argument("--data-dir", help="ESConv data dir (default: the split file's data_dir)")
+    p.add_argument(
+        "--data-dir",
+        help="ESConv data dir (default: the split file's data_dir, relative to the current "
+        "directory; the shipped split's is ../shared/data/esconv)",
+    )
     p.add_argument("--out", required=True, help="output dir: {strategy,response}/{train,eval}/")
     p.add_argument("--situation", action="store_true", help="prompts show the seeker's situation")
     p.add_argument(
@@ -170,7 +169,6 @@ def cmd_rerank(args: argparse.Namespace) -> int:
 
 
 def cmd_esconv_tasks(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from chatretriever.io.training import write_training_examples
     from chatretriever.methods.rationale import tasks
@@ -178,7 +176,7 @@ def cmd_esconv_tasks(args: argparse.Namespace) -> int:
 
     if args.negatives < 1:
         raise ValueError("--negatives must be positive")
-    split = tasks.load_split(args.split, args.data_dir)
+    split = tasks.load_split(args.split or tasks.SHIPPED_SPLIT, args.data_dir)
     out = Path(args.out)
     for part in ("train", "eval"):
         sessions = tasks.task_sessions(tasks.split_dialogs(split, part), args.situation)

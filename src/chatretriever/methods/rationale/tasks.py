@@ -14,7 +14,8 @@ the seeker's latest turn; supporter messages said since then ride in
   gold next supporter turn. A query's candidates are the turns of OTHER dialogs plus its gold
   (`restrict_to_other_dialogs` removes the rest of its own dialog from any run).
 
-Splits are by dialog and stated in `configs/esconv-split.json` (`load_split`). The training
+Splits are by dialog and stated in a split file (`load_split`); the project's split ships in the
+package (`SHIPPED_SPLIT`, `methods/rationale/esconv-split.json`). The training
 sessions also make contrastive training examples (`io.training` format) for the fine-tuned
 bi-encoder baseline (`configs/rationale-biencoder.yaml`): `strategy_examples`,
 `response_examples`, `write_contrastive`. Torch-free.
@@ -78,6 +79,8 @@ _NAME_TO_ID = {name: doc_id for doc_id, name, _ in STRATEGY_DOCS}
 FAILED_ESCONV = "FailedESConv.json"
 MULTIESC = "multiesc_valid.txt"
 _SOURCES = {FAILED_ESCONV: "failed", MULTIESC: "multiesc"}
+# The project's split (package data, so an installed wheel has it too).
+SHIPPED_SPLIT = Path(__file__).with_name("esconv-split.json")
 
 
 def strategy_passages() -> list[Passage]:
@@ -112,20 +115,28 @@ class Split:
 
 
 def load_split(path: str | Path, data_dir: str | Path | None = None) -> Split:
-    """Read a split file (`configs/esconv-split.json`).
+    """Read a split file (the shipped one: `SHIPPED_SPLIT`).
 
     Args:
         path: The split JSON: `{"data_dir", "train": {file: "all" | [ids]}, "eval": {...}}`.
-        data_dir: Overrides the file's `data_dir` (which is relative to the repository root).
+        data_dir: Overrides the file's `data_dir`. The file's, when relative, is relative to
+            the current directory (the shipped split's `../shared/data/esconv` is the
+            project's layout, seen from the checkout's root).
 
     Raises:
-        DataFormatError: A malformed field, or a dialog listed in two parts.
+        DataFormatError: A malformed field, a dialog listed in two parts, or no data directory
+            at all (neither `data_dir` nor the file's).
     """
     path = Path(path)
     raw = read_json(path)
     if not isinstance(raw, Mapping):
         raise DataFormatError(path, "expected a JSON object")
-    root = Path(data_dir) if data_dir else path.resolve().parents[1] / str(raw.get("data_dir"))
+    named = data_dir if data_dir is not None else raw.get("data_dir")
+    if not isinstance(named, (str, Path)) or not str(named):
+        raise DataFormatError(
+            path, "expected the ESConv data directory's path (or give --data-dir)", field="data_dir"
+        )
+    root = Path(named)
     parts: dict[str, dict[str, frozenset[int] | None]] = {}
     for part in ("train", "eval"):
         files = raw.get(part)
@@ -158,7 +169,17 @@ def _read_dialogs(data_dir: Path, name: str) -> list[SupportDialog]:
 
 
 def split_dialogs(split: Split, part: str) -> list[tuple[str, SupportDialog]]:
-    """(source tag, dialog) of one part, in file order."""
+    """(source tag, dialog) of one part, in file order.
+
+    Raises:
+        FileNotFoundError: The split's data directory does not exist (named, with the remedy).
+    """
+    if not split.data_dir.is_dir():
+        raise FileNotFoundError(
+            f"ESConv data directory {split.data_dir} (resolved: {split.data_dir.resolve()}) "
+            "not found: give the directory holding FailedESConv.json and multiesc_valid.txt "
+            "(--data-dir)"
+        )
     out = []
     for name, ids in split.parts[part].items():
         dialogs = _read_dialogs(split.data_dir, name)
