@@ -52,7 +52,6 @@ from _shared.paths import keep_previous, repo_path, run_settings  # noqa: E402
 
 # The conversation budget of a reranker row without a tuned one (the zero-shot row, as reported).
 ZERO_SHOT_QUERY_TOKENS = 256
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _timing(seconds: float, queries: int, **offline: float) -> dict[str, Any]:
