@@ -9,6 +9,8 @@ into its own validated config (`load_config(path, TrainConfig.from_dict, overrid
 - `--set key.sub=value` overrides any field (the value is parsed as YAML).
 - Numbers in exponent form without a dot (`2e-4`, `1E5`) are floats, in recipes and in `--set`
   (plain PyYAML follows YAML 1.1 and reads them as strings).
+- A key given twice in one mapping (two `loss:` sections) is an error naming its line (plain
+  PyYAML keeps the last one and drops the first without a word).
 - The resolved recipe is saved beside the model as `train_config.yaml` (`save_recipe`) and the
   Trainer's log history as `train_log.jsonl` (`write_log`).
 - `data.files` lists the training JSONL files: `DataFile` (path, repeat, limit), read by the
@@ -24,7 +26,7 @@ import functools
 import json
 import logging
 import shutil
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -72,13 +74,32 @@ _EXPONENT_FLOAT = r"^[-+]?[0-9]+(?:\.[0-9]*)?[eE][-+]?[0-9]+$"
 
 @functools.cache
 def _loader() -> type:
-    """A SafeLoader that also reads exponent numbers without a dot as floats (built once)."""
+    """A SafeLoader that also reads exponent numbers without a dot as floats and refuses a key
+    given twice in one mapping (built once)."""
     import re
 
     import yaml
 
     class _Loader(yaml.SafeLoader):
-        pass
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+            # PyYAML keeps the last of two equal keys: a recipe's second `loss:` section (or a
+            # key written twice in one) would silently drop the first one's values
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<:` merges, it may repeat keys
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, Hashable):
+                    continue  # the base constructor refuses it, with its own message
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while reading a mapping",
+                        node.start_mark,
+                        f"the key {key!r} is given twice (the first would be ignored)",
+                        key_node.start_mark,
+                    )
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
 
     _Loader.add_implicit_resolver(
         "tag:yaml.org,2002:float", re.compile(_EXPONENT_FLOAT), list("-+0123456789")
@@ -87,7 +108,11 @@ def _loader() -> type:
 
 
 def _yaml_load(text: str) -> Any:
-    """`yaml.safe_load`, reading exponent numbers without a dot ("2e-4") as floats."""
+    """`yaml.safe_load`, reading exponent numbers without a dot ("2e-4") as floats.
+
+    Raises:
+        yaml.YAMLError: not valid YAML, or a key given twice in one mapping.
+    """
     import yaml
 
     return yaml.load(text, Loader=_loader())  # noqa: S506 (a SafeLoader subclass)
@@ -170,6 +195,9 @@ def recipe_from_dict(cls: type[T], data: Mapping[str, Any], sections: Mapping[st
     for key in ("model", "output_dir", "data"):
         if key not in d:
             raise ValueError(f"missing required key {key!r}")
+    if not isinstance(d["output_dir"], str) or not d["output_dir"].strip():
+        # an empty one (`--set output_dir=$OUT` with OUT unset) would train into the cwd
+        raise ValueError(f"output_dir must be a directory path, got {d['output_dir']!r}")
     retriever = d.get("retriever")
     named = retriever.get("base_model") if isinstance(retriever, Mapping) else None
     if named is not None and str(named) != str(d["model"]):
@@ -227,6 +255,10 @@ def check_training_settings(settings: Mapping[str, Any]) -> None:
         value = settings.get(key)
         if isinstance(value, int) and value < 1:
             raise ValueError(f"training.{key}: expected >= 1, got {value}")
+    rate = settings.get("learning_rate")
+    if isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate < 0:
+        # AdamW refuses it too, but only once the model has loaded
+        raise ValueError(f"training.learning_rate: expected >= 0, got {rate}")
 
 
 # TrainingArguments fields a recipe sets elsewhere (the trainer would override or refuse them)

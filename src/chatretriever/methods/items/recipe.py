@@ -52,6 +52,12 @@ class Lengths:
     query: int = 512
     item: int = 128
 
+    def __post_init__(self) -> None:
+        for name in ("query", "item"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"lengths.{name} must be a positive integer, got {value!r}")
+
 
 @dataclass
 class ItemDataSettings(BaseDataSettings):

@@ -175,12 +175,30 @@ def sft_loss_fn(pad_id: int, vocab: int, dtype: torch.dtype = torch.float32) -> 
     return loss_fn
 
 
+# The single losses TRL's DPOTrainer (trl 1.x, DPOConfig.loss_type) knows.
+DPO_LOSS_TYPES = (
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+)  # fmt: skip
+
+
 @dataclass
 class DpoSettings:
-    """TRL DPO settings (the released RaHoRe scripts: sigmoid loss, beta 0.1)."""
+    """TRL DPO settings (the released RaHoRe scripts: sigmoid loss, beta 0.1), checked on load:
+    TRL itself refuses an unknown loss only at the first training step."""
 
     beta: float = 0.1
     loss_type: str = "sigmoid"
+
+    def __post_init__(self) -> None:
+        beta = self.beta
+        if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not beta > 0:
+            # beta scales the log-ratio margin: at or below 0 it trains towards the rejected one
+            raise ValueError(f"dpo.beta must be a number > 0, got {beta!r}")
+        if self.loss_type not in DPO_LOSS_TYPES:
+            raise ValueError(
+                f"dpo.loss_type must be one of {', '.join(DPO_LOSS_TYPES)}, got {self.loss_type!r}"
+            )
 
 
 @dataclass
@@ -227,6 +245,10 @@ class TuneConfig:
             raise ValueError(f"init_adapter must be a directory path, got {self.init_adapter!r}")
         if self.wording not in WORDINGS:
             raise ValueError(f"wording must be one of {', '.join(WORDINGS)}, got {self.wording!r}")
+        for name in ("max_document_tokens", "max_query_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         check_training_settings(self.training)
 
     @classmethod
