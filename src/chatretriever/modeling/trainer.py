@@ -46,6 +46,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from chatretriever.io.atomic import atomic_path, replace_dir
 from chatretriever.modeling.distributed import accelerator_visible, check_one_process_group
+from chatretriever.modeling.model_card import CardSpec, write_trainer_card
 from chatretriever.modeling.recipe import (
     LOG_FILE,
     TRAINING_DEFAULTS,
@@ -301,11 +302,14 @@ class NamedLossTrainer(Trainer):
         self.state = state
         return True
 
-    def train_and_save(self, checkpoint: str | None, recipe: RecipeConfig) -> Path:
+    def train_and_save(
+        self, checkpoint: str | None, recipe: RecipeConfig, card: CardSpec | None = None
+    ) -> Path:
         """Train (from `checkpoint` if given); then the main process saves the final model, the
-        resolved recipe and the log history into `output_dir`, which is returned.
+        resolved recipe, the log history and, given the method's `card`, the model card
+        (README.md, `model_card`) into `output_dir`, which is returned.
 
-        The three are written into a staging dir and moved in together, the model's marker
+        They are written into a staging dir and moved in together, the model's marker
         files last (`run_dir.final_save`): a save killed midway leaves `output_dir` without a
         finished model, so `--resume` continues from the last checkpoint and saves again.
         """
@@ -322,6 +326,8 @@ class NamedLossTrainer(Trainer):
                 self.accelerator.unwrap_model(self.model).save_pretrained(staging)
                 save_recipe(recipe, staging)
                 write_log(staging / LOG_FILE, self.state.log_history)
+                if card is not None:
+                    write_trainer_card(out, card, recipe, self, staging)
             logger.info("saved the final model to %s", out)
         self.accelerator.wait_for_everyone()
         return out

@@ -39,10 +39,32 @@ from pathlib import Path
 from typing import Any
 
 from chatretriever.config import LoraSettings, LossConfig, RetrieverConfig
+from chatretriever.modeling.model_card import CardSpec
 from chatretriever.modeling.recipe import load_config, prepare_llm_run, recipe_from_dict
 from chatretriever.modeling.recipe_data import DataSettings
 
 METHOD = "chatretriever"  # a recipe's `method:` (the default of `chatretriever train`)
+
+# the model card of a saved run (`model_card`): what it is and how to load it
+CARD = CardSpec(
+    what="A ChatRetriever (CSIT) session retriever: a chat LLM that embeds whole conversations "
+    "and passages into one vector space",
+    python="""from chatretriever import ChatRetriever
+
+retriever = ChatRetriever.from_pretrained($dir)
+sessions = retriever.encode_sessions([[{"role": "user", "content": "what is CSIT?"}]])
+passages = retriever.encode_passages(["CSIT trains a chat LLM to embed conversations."])""",
+    cli=(
+        "chatretriever index CORPUS.jsonl --out INDEX_DIR --model $dir",
+        "chatretriever chat --index INDEX_DIR   # the index records the model",
+    ),
+    settings=(
+        "loss.temperature", "loss.alpha", "loss.n_hard_negatives", "loss.in_batch",
+        "loss.session_mask", "distill.weight", "distill.temperature", "retriever.n_emb_tokens",
+        "retriever.pooling", "retriever.max_session_len", "retriever.max_passage_len",
+        "retriever.max_response_len", "retriever.dtype",
+    ),
+)  # fmt: skip
 
 
 @dataclass
@@ -147,4 +169,4 @@ def run_training(config: TrainConfig, resume: bool = False, overwrite: bool = Fa
         loss_config=config.loss,
         distill=config.distill,
     )
-    return trainer.train_and_save(checkpoint, config)
+    return trainer.train_and_save(checkpoint, config, CARD)

@@ -24,10 +24,29 @@ from typing import Any
 
 from chatretriever.config import LoraSettings
 from chatretriever.methods.items.templates import TASKS
+from chatretriever.modeling.model_card import CardSpec
 from chatretriever.modeling.recipe import load_config, recipe_from_dict
 from chatretriever.modeling.recipe_data import BaseDataSettings, load_examples
 
 logger = logging.getLogger(__name__)
+
+# the model card of a saved run (`model_card`); `load_encoder` loads both kinds of item embedder
+# (a sentence-transformers dir, or a ChatRetriever dir from `--embedder chatretriever`)
+CARD = CardSpec(
+    what="An item embedder (RecLM-emb item retrieval): it embeds what a user asks for and the "
+    "catalog's items into one vector space",
+    python="""from chatretriever.apps.registry import load_encoder
+
+embedder = load_encoder($dir)  # as `eval-items --model` and `recommend --model` load it
+items = embedder.encode_passages(["title: Portal 2, tags: puzzle, co-op"])
+queries = embedder.encode_sessions([[{"role": "user", "content": "a co-op puzzle game"}]])""",
+    cli=(
+        "chatretriever eval-items ITEMS_DIR --model $dir   # ITEMS_DIR: a build-items output",
+        "chatretriever recommend --items CATALOG --model $dir",
+    ),
+    settings=("loss.temperature", "loss.in_batch", "loss.n_negatives", "lengths.query",
+              "lengths.item"),
+)  # fmt: skip
 
 
 @dataclass
@@ -162,7 +181,7 @@ def run_item_training(config: ItemTrainConfig, resume: bool = False, model: Any 
         data_collator=ItemCollator(config.loss.n_negatives),
         loss_fn=ItemLoss(config.loss.temperature, config.loss.in_batch),
     )
-    return trainer.train_and_save(resume_checkpoint(out, resume), config)
+    return trainer.train_and_save(resume_checkpoint(out, resume), config, CARD)
 
 
 def _check_examples(config: ItemTrainConfig, examples: Sequence[Any]) -> None:

@@ -44,12 +44,29 @@ from chatretriever.methods.rationale.distill_train import (
 )
 from chatretriever.methods.rationale.prompts import WORDINGS
 from chatretriever.methods.rationale.tuning import ChoicePair, iter_pairs
+from chatretriever.modeling.model_card import CardSpec, write_run_card
 from chatretriever.modeling.recipe import check_training_settings, save_recipe
 from chatretriever.modeling.recipe_data import BaseDataSettings, load_examples
 
 logger = logging.getLogger(__name__)
 
 FEATURES = "features.safetensors"
+
+# the model card of a saved student (`model_card`)
+CARD = CardSpec(
+    what="A Rabtriever student: a predictor over the frozen reranker LLM's states of a document "
+    "and of a conversation, each read alone (a bi-encoder distilled from the reranker)",
+    python="""from chatretriever.methods.rationale.student import RabtrieverStudent
+
+student = RabtrieverStudent.from_pretrained($dir)
+queries = student.query_states(["i had a rough day at work"])
+scores = student.score(queries, student.document_states(["ask how they feel"]))""",
+    cli=("python benchmarks/rationale.py quality --student NAME=$dir   # from a checkout: ESConv",),
+    settings=("adapter", "wording", "max_document_tokens", "max_query_tokens", "kl_weight",
+              "rank_weight", "validation", "eval_steps", "predictor.inner", "predictor.layers",
+              "predictor.residual", "predictor.dropout"),
+    example_unit="queries",
+)  # fmt: skip
 
 
 @dataclass
@@ -282,4 +299,5 @@ def run_distill(config: DistillConfig) -> Path:
     train_predictor(encoder, subset(features, train), out, predictor, config.kl_weight,
                     config.training, renumber(train), config.rank_weight, validation)  # fmt: skip
     save_recipe(config, out)
+    write_run_card(out, CARD, config, config.training, n_examples=len(train))
     return out

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +34,28 @@ from chatretriever.io.sessions import session_from_dict, session_to_dict
 from chatretriever.methods.rationale.prompts import WORDINGS, BinaryChoicePrompt
 from chatretriever.methods.rationale.scoring import option_logits
 from chatretriever.modeling.adapters import peft_lora_config
+from chatretriever.modeling.model_card import CardSpec
 from chatretriever.modeling.recipe import check_training_settings
 from chatretriever.modeling.recipe_data import BaseDataSettings, load_examples
 from chatretriever.types import Passage, Session, passage_text
 
 logger = logging.getLogger(__name__)
+
+# the model card of a tuned adapter (`model_card`); DPO's adds its settings
+CARD = CardSpec(
+    what="A RaHoRe binary-choice reranker: a LoRA adapter with which the chat LLM answers "
+    "whether a document fits a conversation (log P(yes) is the score)",
+    python="""from chatretriever.methods.rationale.reranker import BinaryChoiceReranker
+
+reranker = BinaryChoiceReranker.from_pretrained($model, adapter=$dir, wording=$wording)
+scores = reranker.score_pairs(["ask how they feel"], ["i had a rough day at work"])""",
+    cli=("chatretriever rerank --run RUN.trec --corpus CORPUS.jsonl --sessions SESSIONS.jsonl "
+         "--out RERANKED.trec --model $model --adapter $dir --wording $wording",),
+    settings=("objective", "init_adapter", "wording", "dtype", "max_document_tokens",
+              "max_query_tokens"),
+    example_unit="pairs",
+)  # fmt: skip
+DPO_CARD = replace(CARD, settings=(*CARD.settings, "dpo.beta", "dpo.loss_type"))
 
 
 @dataclass(frozen=True)
@@ -370,7 +387,7 @@ def run_sft(config: TuneConfig, resume: bool = False, overwrite: bool = False) -
         ),
     )
     checkpoint = resume_checkpoint(config.output_dir, resume)
-    return trainer.train_and_save(checkpoint, config)
+    return trainer.train_and_save(checkpoint, config, CARD)
 
 
 def _id_rows_dpo_trainer(trl: Any) -> Any:
@@ -385,6 +402,11 @@ def _id_rows_dpo_trainer(trl: Any) -> Any:
             if "prompt_ids" in dataset.column_names:
                 return dataset
             return super()._prepare_dataset(dataset, *args, **kwargs)
+
+        def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+            # TRL writes its draft into output_dir at every checkpoint, over any README there;
+            # the final save writes this package's card instead (`model_card`)
+            return None
 
     return IdRowsDPOTrainer
 
@@ -403,6 +425,7 @@ def run_dpo(config: TuneConfig, resume: bool = False, overwrite: bool = False) -
     trl = require_extra("trl", "train", "DPO tuning")
     datasets = require_extra("datasets", "train", "DPO tuning")
     from chatretriever.modeling.backbones import default_device
+    from chatretriever.modeling.model_card import write_trainer_card
     from chatretriever.modeling.precision import resolve_dtype
     from chatretriever.modeling.recipe import LOG_FILE, save_recipe, write_log
     from chatretriever.modeling.run_dir import final_save, resume_checkpoint
@@ -443,5 +466,6 @@ def run_dpo(config: TuneConfig, resume: bool = False, overwrite: bool = False) -
             trainer.model.save_pretrained(staging, selected_adapters=["default"])
             save_recipe(config, staging)
             write_log(staging / LOG_FILE, trainer.state.log_history)
+            write_trainer_card(out, DPO_CARD, config, trainer, staging)
     trainer.accelerator.wait_for_everyone()
     return out

@@ -28,10 +28,35 @@ from typing import Any
 
 from chatretriever.config import LoraSettings, LossConfig, RetrieverConfig
 from chatretriever.methods.uniconv.train import UniConvSettings
+from chatretriever.modeling.model_card import CardSpec
 from chatretriever.modeling.recipe import load_config, prepare_llm_run, recipe_from_dict
 from chatretriever.modeling.recipe_data import DataSettings
 
 METHOD = "uniconv"
+
+# the model card of a saved run (`model_card`): what it is and how to load it
+CARD = CardSpec(
+    what="A UniConv model: one chat LLM that retrieves passages for a conversation and writes "
+    "the grounded answer from them",
+    python="""from chatretriever import UniConv
+
+model = UniConv.from_pretrained($dir)
+session = [{"role": "user", "content": "what is UniConv?"}]
+vectors = model.encode_sessions([session])
+answer = model.answer(session, ["UniConv retrieves and answers."], max_new_tokens=32)""",
+    cli=(
+        "chatretriever index CORPUS.jsonl --out INDEX_DIR --model $dir",
+        "chatretriever answer --index INDEX_DIR --sessions SESSIONS.jsonl --out ANSWERS.jsonl"
+        "   # retrieves and answers with the index's UniConv",
+    ),
+    settings=(
+        "loss.alpha", "loss.temperature", "loss.n_hard_negatives", "loss.in_batch",
+        "uniconv.alpha", "uniconv.retrieval_weight", "uniconv.cii_negatives", "uniconv.cii_score",
+        "uniconv.grounded_weight", "uniconv.max_context_tokens", "retriever.n_emb_tokens",
+        "retriever.pooling", "retriever.max_session_len", "retriever.max_passage_len",
+        "retriever.max_response_len", "retriever.dtype",
+    ),
+)  # fmt: skip
 
 
 @dataclass
@@ -95,4 +120,4 @@ def run_training(config: UniConvRecipe, resume: bool = False, overwrite: bool = 
         loss_config=config.loss,
         settings=config.uniconv,
     )
-    return trainer.train_and_save(checkpoint, config)
+    return trainer.train_and_save(checkpoint, config, CARD)
