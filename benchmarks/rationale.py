@@ -284,7 +284,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     sub = p.add_subparsers(dest="part", required=True)
     q = sub.add_parser("quality")
     q.add_argument("--split", default=str(tasks.SHIPPED_SPLIT))
-    q.add_argument("--data-dir", default=repo_path("../shared/data/esconv"))
+    q.add_argument(
+        "--data-dir", help="ESConv data (default: the split's; the shipped split's, ../shared/data)"
+    )
     q.add_argument("--out", default=repo_path("outputs/rationale"))
     q.add_argument("--model", default="smollm2-135m-instruct")
     q.add_argument("--wording", default="ab", choices=("ab", "tf"))
@@ -328,8 +330,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--max-full-candidates", type=at_least(0), default=100, help="no-reuse runs up to"
     )
     c.add_argument("--split", default=str(tasks.SHIPPED_SPLIT))
-    c.add_argument("--data-dir", default=repo_path("../shared/data/esconv"))
+    c.add_argument(
+        "--data-dir", help="ESConv data (default: the split's; the shipped split's, ../shared/data)"
+    )
     args = p.parse_args(argv)
+    if args.data_dir is None and Path(args.split).resolve() == tasks.SHIPPED_SPLIT.resolve():
+        # the shipped split's data_dir is the project's layout: found from any directory
+        args.data_dir = repo_path("../shared/data/esconv")
     part = q if args.part == "quality" else c
     if not Path(args.split).is_file():
         part.error(f"--split {args.split}: no such file")

@@ -151,6 +151,8 @@ def test_cost_benchmark_smoke(tmp_path, tiny_llama_dir, capsys):
     assert list(result["offline_seconds"]) == ["8"]
     assert set(result["offline_seconds"]["8"]) == {"kv_caches", "student_states"}
     assert result["settings"]["split"] == str(split)
+    # a split of one's own is read with its own data_dir (the fixture), not ../shared/data's
+    assert result["settings"]["data_dir"] is None
     assert (out / "cost.png").read_bytes()[:4] == b"\x89PNG"
     md = (out / "cost.md").read_text()
     assert "| 8 | 2 | " in md and "| 8 | 3 | - |" in md
