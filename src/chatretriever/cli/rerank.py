@@ -169,7 +169,6 @@ def cmd_rerank(args: argparse.Namespace) -> int:
 
 
 def cmd_esconv_tasks(args: argparse.Namespace) -> int:
-
     from chatretriever.io.training import write_training_examples
     from chatretriever.methods.rationale import tasks
     from chatretriever.methods.rationale.tuning import choice_pairs, write_pairs
