@@ -32,6 +32,7 @@ import pytest
 import yaml
 
 from chatretriever.cli import main
+from chatretriever.modeling.card_render import dotted_value
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -325,12 +326,7 @@ def flatten(recipe: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def lookup(recipe: Mapping[str, Any], key: str) -> Any:
     """The value at a dotted key (MISSING when absent)."""
-    node: Any = recipe
-    for part in key.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return MISSING
-        node = node[part]
-    return node
+    return dotted_value(recipe, key, MISSING)
 
 
 def unexpected_differences(

@@ -116,12 +116,13 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def _lookup(tree: Mapping[str, Any], dotted: str) -> Any:
-    """The value at `a.b.c` in a nested mapping; None when any part is missing."""
+def dotted_value(tree: Mapping[str, Any], dotted: str, missing: Any = None) -> Any:
+    """The value at `a.b.c` in a nested mapping (a recipe's key as `--set` names it); `missing`
+    when any part is absent."""
     node: Any = tree
     for part in dotted.split("."):
         if not isinstance(node, Mapping) or part not in node:
-            return None
+            return missing
         node = node[part]
     return node
 
@@ -215,7 +216,8 @@ def _training(facts: CardFacts) -> list[str]:
     rows = _training_rows(facts.training)
     if facts.lora is not None:
         rows.append(("LoRA", _lora_text(facts.lora)))
-    rows += [(k, v) for k in facts.spec.settings if (v := _lookup(facts.recipe, k)) is not None]
+    settings = [(k, dotted_value(facts.recipe, k)) for k in facts.spec.settings]
+    rows += [(k, v) for k, v in settings if v is not None]
     out = ["", "## Training", "", "| setting | value |", "|---|---|"]
     out += [f"| `{k}` | {_cell(_fmt(v))} |" for k, v in rows]
     data = _data_lines(facts)

@@ -17,7 +17,6 @@ that fails to render is skipped with a warning: it never costs a trained model.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
@@ -26,6 +25,7 @@ from typing import Any
 
 from chatretriever.errors import DataFormatError
 from chatretriever.io.atomic import atomic_write
+from chatretriever.io.files import iter_jsonl, read_json
 from chatretriever.modeling.card_render import (
     CARD_FILE,
     MARKER,
@@ -73,7 +73,7 @@ def _saved_lora(directory: Path, recipe: Mapping[str, Any]) -> Mapping[str, Any]
 
     path = directory / ADAPTER_CONFIG
     if path.is_file():
-        saved = json.loads(path.read_text(encoding="utf-8"))
+        saved = read_json(path)
         names = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout",
                  "target_modules": "target_modules"}  # fmt: skip
         return {ours: saved.get(theirs) for ours, theirs in names.items()}
@@ -103,9 +103,7 @@ def _model_identity(model: Any) -> tuple[str | None, str | None]:
 
 
 def _read_log(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    return [row for _, row in iter_jsonl(path)] if path.is_file() else []
 
 
 def is_replaceable(path: Path) -> bool:
