@@ -147,7 +147,7 @@ def test_benchmark_rows_score_with_the_adapters_budgets(tuned, tiny_llama_dir):
 
 
 def test_distillation_reads_the_teacher_at_its_tuned_budgets(tuned, tiny_llama_dir, tmp_path):
-    from chatretriever.methods.rationale.tuning import choice_pairs, write_pairs
+    from chatretriever.methods.rationale.pairs import choice_pairs, write_pairs
 
     passages = [Passage("r", LONG_DOC), Passage("s", "give advice")]
     sessions = [Session("a", LONG_SESSION.turns), Session("b", (Turn("user", "hi there"),))]

@@ -26,9 +26,9 @@ from chatretriever.methods.rationale.distill import (
 )
 from chatretriever.methods.rationale.distill_recipe import spread_pairs
 from chatretriever.methods.rationale.distill_train import train_predictor
+from chatretriever.methods.rationale.pairs import ChoicePair, choice_pairs, write_pairs
 from chatretriever.methods.rationale.reranker import BinaryChoiceReranker
 from chatretriever.methods.rationale.student import RabtrieverStudent
-from chatretriever.methods.rationale.tuning import ChoicePair, choice_pairs, write_pairs
 from chatretriever.types import Passage, Session, Turn
 
 SESSIONS = [

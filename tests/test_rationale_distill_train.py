@@ -34,8 +34,8 @@ from chatretriever.methods.rationale.distill_train import (
     top1_agreement,
     train_predictor,
 )
+from chatretriever.methods.rationale.pairs import ChoicePair
 from chatretriever.methods.rationale.reranker import BinaryChoiceReranker
-from chatretriever.methods.rationale.tuning import ChoicePair
 from chatretriever.types import Session, Turn
 
 

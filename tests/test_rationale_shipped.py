@@ -221,7 +221,7 @@ def test_student_relative_adapter_is_looked_up_beside_it_then_in_the_cwd(
 
 def test_distill_from_a_builtin_teacher_keeps_its_name(shipped, tiny_llama_dir, tmp_path):
     from chatretriever.methods.rationale.distill_recipe import run_distill
-    from chatretriever.methods.rationale.tuning import choice_pairs, write_pairs
+    from chatretriever.methods.rationale.pairs import choice_pairs, write_pairs
     from chatretriever.types import Passage
 
     passages = [Passage("q", "ask a question"), Passage("r", "mirror feelings")]

@@ -10,18 +10,15 @@ import pytest
 import torch
 
 from chatretriever.errors import DataFormatError
-from chatretriever.methods.rationale.prompts import BinaryChoicePrompt
-from chatretriever.methods.rationale.tuning import (
+from chatretriever.methods.rationale.pairs import (
     ChoiceCollator,
-    TuneConfig,
-    answer_loss,
     choice_pairs,
     dpo_rows,
     iter_pairs,
-    run_dpo,
-    run_sft,
     write_pairs,
 )
+from chatretriever.methods.rationale.prompts import BinaryChoicePrompt
+from chatretriever.methods.rationale.tuning import TuneConfig, answer_loss, run_dpo, run_sft
 from chatretriever.modeling.recipe import deep_merge, load_config
 from chatretriever.types import Passage, Session, Turn
 

@@ -6,17 +6,15 @@ import pytest
 import yaml
 
 from chatretriever.cli import main
-from chatretriever.methods.rationale.prompts import BinaryChoicePrompt
-from chatretriever.methods.rationale.tuning import (
+from chatretriever.methods.rationale.pairs import (
     ChoiceCollator,
     ChoicePair,
-    TuneConfig,
     choice_pairs,
     dpo_rows,
-    prepare_output_dir,
-    run_sft,
     write_pairs,
 )
+from chatretriever.methods.rationale.prompts import BinaryChoicePrompt
+from chatretriever.methods.rationale.tuning import TuneConfig, prepare_output_dir, run_sft
 from chatretriever.modeling.recipe import deep_merge, load_config
 from chatretriever.types import Passage, Session, Turn
 

@@ -171,7 +171,7 @@ def cmd_rerank(args: argparse.Namespace) -> int:
 def cmd_esconv_tasks(args: argparse.Namespace) -> int:
     from chatretriever.io.training import write_training_examples
     from chatretriever.methods.rationale import tasks
-    from chatretriever.methods.rationale.tuning import choice_pairs, write_pairs
+    from chatretriever.methods.rationale.pairs import choice_pairs, write_pairs
 
     if args.negatives < 1:
         raise ValueError("--negatives must be positive")

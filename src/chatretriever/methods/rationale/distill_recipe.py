@@ -42,8 +42,8 @@ from chatretriever.methods.rationale.distill_train import (
     subset,
     train_predictor,
 )
+from chatretriever.methods.rationale.pairs import ChoicePair, iter_pairs
 from chatretriever.methods.rationale.prompts import WORDINGS
-from chatretriever.methods.rationale.tuning import ChoicePair, iter_pairs
 from chatretriever.modeling.model_card import CardSpec, write_run_card
 from chatretriever.modeling.recipe import check_training_settings, save_recipe
 from chatretriever.modeling.recipe_data import BaseDataSettings, load_examples

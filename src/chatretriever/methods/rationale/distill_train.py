@@ -34,7 +34,7 @@ from chatretriever.methods.rationale.distill import (
     rank_loss,
     save_predictor,
 )
-from chatretriever.methods.rationale.tuning import ChoicePair
+from chatretriever.methods.rationale.pairs import ChoicePair
 from chatretriever.types import Session
 
 logger = logging.getLogger(__name__)

@@ -1,8 +1,7 @@
 """Tuning the binary-choice reranker: supervised (the right option as target) and DPO (TRL).
 
-Training pairs are JSON lines `{"document", "session": {sessions JSONL object}, "relevant"}`
-(`choice_pairs`, `write_pairs`): for each training query its gold document and `n_negatives`
-others. Supervised tuning runs on the shared `NamedLossTrainer` with one named part, `sft`: the
+Training pairs are the JSON lines of `pairs.py` (a document, a conversation, whether it fits).
+Supervised tuning runs on the shared `NamedLossTrainer` with one named part, `sft`: the
 cross-entropy of the right option's token at the answer position (over the whole vocabulary, as
 generation would see it). DPO runs TRL's `DPOTrainer` on (prompt, chosen option, rejected option)
 triples, given as the token ids the reranker scores (`dpo_rows`). Both train a LoRA adapter,
@@ -19,8 +18,7 @@ starting adapter (TRL's "ref" adapter) for `init_adapter`, so its first loss is 
 from __future__ import annotations
 
 import logging
-import random
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -28,16 +26,14 @@ from typing import Any
 import torch
 
 from chatretriever.config import DTYPES, LoraSettings, _from_dict
-from chatretriever.errors import DataFormatError, require_extra
-from chatretriever.io.files import iter_jsonl, write_jsonl
-from chatretriever.io.sessions import session_from_dict, session_to_dict
+from chatretriever.errors import require_extra
+from chatretriever.methods.rationale.pairs import ChoiceCollator, ChoicePair, dpo_rows, iter_pairs
 from chatretriever.methods.rationale.prompts import WORDINGS, BinaryChoicePrompt
 from chatretriever.methods.rationale.scoring import option_logits
 from chatretriever.modeling.adapters import peft_lora_config
 from chatretriever.modeling.model_card import CardSpec
 from chatretriever.modeling.recipe import check_training_settings
 from chatretriever.modeling.recipe_data import BaseDataSettings, load_examples
-from chatretriever.types import Passage, Session, passage_text
 
 logger = logging.getLogger(__name__)
 
@@ -58,90 +54,6 @@ scores = reranker.score_pairs(["ask how they feel"], ["i had a rough day at work
 DPO_CARD = replace(CARD, settings=(*CARD.settings, "dpo.beta", "dpo.loss_type"))
 
 
-@dataclass(frozen=True)
-class ChoicePair:
-    """One (document, conversation) pair and whether the document fits."""
-
-    document: str
-    session: Session
-    relevant: bool
-
-
-def choice_pairs(
-    sessions: Sequence[Session],
-    passages: Sequence[Passage],
-    gold: Mapping[str, str],
-    n_negatives: int = 1,
-    seed: int = 0,
-) -> list[ChoicePair]:
-    """For each session: its gold passage (relevant) and `n_negatives` others drawn at random.
-
-    Args:
-        sessions: Training queries.
-        passages: The candidates (e.g. the 8 strategies).
-        gold: Session id -> gold passage id.
-        n_negatives: Negatives per session (at most len(passages) - 1).
-        seed: Sampling seed.
-    """
-    by_id = {p.id: p for p in passages}
-    rng = random.Random(seed)
-    out = []
-    for s in sessions:
-        if gold[s.id] not in by_id:
-            raise ValueError(f"session {s.id}: gold {gold[s.id]!r} is not a passage")
-        others = [p for p in passages if p.id != gold[s.id]]
-        out.append(ChoicePair(passage_text(by_id[gold[s.id]]), s, True))
-        for p in rng.sample(others, min(n_negatives, len(others))):
-            out.append(ChoicePair(passage_text(p), s, False))
-    return out
-
-
-def write_pairs(path: str | Path, pairs: Sequence[ChoicePair]) -> int:
-    """Write pairs as JSON lines."""
-    rows = (
-        {"document": p.document, "session": session_to_dict(p.session), "relevant": p.relevant}
-        for p in pairs
-    )
-    return write_jsonl(path, rows)
-
-
-def iter_pairs(path: str | Path) -> Iterator[ChoicePair]:
-    """Read pairs JSONL (errors name the line and field)."""
-    for line, obj in iter_jsonl(path):
-        if not isinstance(obj.get("document"), str):
-            raise DataFormatError(path, "expected a string", line, "document")
-        if not isinstance(obj.get("relevant"), bool):
-            raise DataFormatError(path, "expected true or false", line, "relevant")
-        if not isinstance(obj.get("session"), Mapping):
-            raise DataFormatError(path, "expected a session object", line, "session")
-        yield ChoicePair(
-            obj["document"], session_from_dict(obj["session"], path, line), obj["relevant"]
-        )
-
-
-def dpo_rows(prompt: BinaryChoicePrompt, pairs: Sequence[ChoicePair]) -> list[dict[str, list[int]]]:
-    """TRL preference rows as token ids: `prompt_ids` = the very ids the reranker scores
-    (document prefix + query suffix, up to the answer position); `chosen_ids` = the right
-    option, `rejected_ids` = the other, each followed by the eos token (as TRL's text path and
-    the released LLaMA-Factory scripts append it).
-
-    Ids, not text: decoded text tokenized again is not the same ids (tokens merge across the
-    document's boundary; a typed "<|im_end|>" would become the special token).
-    """
-    docs = prompt.document_ids([p.document for p in pairs])
-    queries = prompt.query_ids([p.session for p in pairs])
-    eos = [] if prompt.tokenizer.eos_token_id is None else [int(prompt.tokenizer.eos_token_id)]
-    yes, no = prompt.option_ids
-    return [
-        {
-            "prompt_ids": d + q,
-            "chosen_ids": [yes if p.relevant else no, *eos],
-            "rejected_ids": [no if p.relevant else yes, *eos],
-        }
-        for d, q, p in zip(docs, queries, pairs, strict=True)
-    ]
-
-
 def answer_loss(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
     """Supervised loss: cross-entropy of the target token at the answer position.
 
@@ -153,22 +65,6 @@ def answer_loss(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.
         {"sft": scalar mean cross-entropy}.
     """
     return {"sft": torch.nn.functional.cross_entropy(logits.float(), targets)}
-
-
-class ChoiceCollator:
-    """Pairs -> {"sequences": token id lists, "targets": (B,) option ids} (model-free)."""
-
-    def __init__(self, prompt: BinaryChoicePrompt) -> None:
-        self.prompt = prompt
-
-    def __call__(self, pairs: Sequence[ChoicePair]) -> dict[str, Any]:
-        docs = self.prompt.document_ids([p.document for p in pairs])
-        queries = self.prompt.query_ids([p.session for p in pairs])
-        targets = self.prompt.answer_ids([p.relevant for p in pairs])
-        return {
-            "sequences": [d + q for d, q in zip(docs, queries, strict=True)],
-            "targets": torch.tensor(targets, dtype=torch.long),
-        }
 
 
 def sft_loss_fn(pad_id: int, vocab: int, dtype: torch.dtype = torch.float32) -> Any:
