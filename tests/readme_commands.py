@@ -26,7 +26,8 @@ What counts as a command, and where (the extractor's rules):
 - Checked: the subcommand chain (`data corpus`, `models generate`, `rationale.py quality`) exists,
   and every `--flag` (up to `=`) after it is an option of that exact (sub)parser; `make` targets
   are targets of the Makefile; a `-m` module can be run; a `benchmarks/X.py` script exists.
-  Words without `--` are not checked (positionals, `--set` values, placeholders like `NAME=DIR`).
+  Words without `--` are not checked here (positionals, placeholders like `NAME=DIR`); each
+  `--set KEY=VALUE` is loaded through its command's recipe loader by tests/readme_set_keys.py.
   A command that stops before a required subcommand just names the group (`chatretriever data`).
 - Loose options, those in prose comments and in spans without a head (`--fusion-weight`), must
   be an option of some `chatretriever` subcommand or benchmark script (other tools' options:
@@ -107,6 +108,7 @@ class Command:
 class Extraction:
     commands: list[Command] = field(default_factory=list)
     loose_flags: list[Word] = field(default_factory=list)
+    loose_sets: list[Word] = field(default_factory=list)  # `--set` items of loose options
     words: list[Word] = field(default_factory=list)  # every word read (for the path check)
 
 
@@ -270,6 +272,17 @@ def flags_of(words: Sequence[Word]) -> list[Word]:
     return [Word(f, w.line) for w in words for f in FLAG.findall(w.text)]
 
 
+def set_items(words: Sequence[Word]) -> list[Word]:
+    """The `KEY=VALUE` item of each `--set` in the words (`--set ITEM` or `--set=ITEM`)."""
+    items = []
+    for i, w in enumerate(words):
+        if w.text.startswith("--set="):
+            items.append(Word(w.text.removeprefix("--set="), w.line))
+        elif bare(w.text) == "--set" and i + 1 < len(words) and "=" in words[i + 1].text:
+            items.append(words[i + 1])
+    return items
+
+
 def statement_commands(statement: Statement, subcommands: frozenset[str], out: Extraction) -> None:
     """Adds a statement's commands, loose options and words to `out`."""
     words = statement.words
@@ -289,6 +302,7 @@ def statement_commands(statement: Statement, subcommands: frozenset[str], out: E
         # a launcher's own options (torchrun, accelerate) and other tools' are not ours
         if statement.kind == "comment" or (statement.kind == "span" and command is None):
             out.loose_flags += flags_of(before)
+            out.loose_sets += set_items(before)
 
 
 def extract(text: str, subcommands: frozenset[str] = frozenset()) -> Extraction:
