@@ -226,3 +226,29 @@ def test_recipe_fields_are_checked(tmp_path, capsys):
     recipe.write_text(yaml.safe_dump({**DATA, "validation": 0.2}))
     assert main(["rerank-distill", str(recipe), "--set", "validation=2"]) == 2
     assert "validation must be a fraction" in capsys.readouterr().err
+
+
+def test_refused_training_settings_fail_before_the_teacher_loads(tmp_path, monkeypatch, capsys):
+    """A combination TrainingArguments refuses (a plateau schedule without evaluation) stops
+    `rerank-distill` before the teacher loads and scores every pair."""
+    from chatretriever.methods.rationale import distill_recipe
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher loaded before the training arguments were checked")
+
+    monkeypatch.setattr(distill_recipe, "teacher_encoder", no_teacher)
+    from chatretriever.methods.rationale.pairs import write_pairs
+
+    write_pairs(tmp_path / "pairs.jsonl", _pairs(2, 1, 2))
+    recipe = tmp_path / "r.yaml"
+    data = {"files": [{"path": str(tmp_path / "pairs.jsonl")}]}
+    recipe.write_text(yaml.safe_dump({"data": data, "output_dir": str(tmp_path / "out")}))
+    argv = [
+        "rerank-distill",
+        str(recipe),
+        "--set",
+        "training.lr_scheduler_type=reduce_lr_on_plateau",
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "requires an eval strategy" in err and "teacher loaded" not in err

@@ -132,3 +132,31 @@ def test_dpo_trains_on_the_ids_the_reranker_scores(tmp_path, tiny_llama_dir):
         assert row == ids + [option, eos]
         completion = fed["input_ids"][i][fed["completion_mask"][i].bool()].tolist()
         assert completion == [option, eos]
+
+
+def _no_model(*args, **kwargs):
+    raise AssertionError("the model loaded before the training arguments were checked")
+
+
+@pytest.mark.parametrize("objective", ["sft", "dpo"])
+def test_refused_training_settings_fail_before_the_model_loads(
+    tmp_path, tiny_llama_dir, monkeypatch, capsys, objective
+):
+    """TrainingArguments refuses some combinations only when built (load_best_model_at_end
+    without evaluation): that happens before the backbone loads, and the CLI says it in one line."""
+    if objective == "dpo":
+        pytest.importorskip("trl")
+    from chatretriever.methods.rationale import tuning
+
+    monkeypatch.setattr(tuning, "_model_and_prompt", _no_model)
+    _recipe(tmp_path, tiny_llama_dir, objective=objective)
+    argv = [
+        "rerank-train",
+        str(tmp_path / "r.yaml"),
+        "--set",
+        "training.load_best_model_at_end=true",
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "load_best_model_at_end" in err and "model loaded" not in err
+    assert not (tmp_path / "out").exists()  # nothing written either

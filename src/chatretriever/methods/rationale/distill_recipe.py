@@ -36,6 +36,7 @@ from chatretriever.methods.rationale.distill import (
 from chatretriever.methods.rationale.distill_train import (
     PREDICTOR_TRAINING,
     Validation,
+    predictor_arguments,
     query_groups,
     renumber,
     split_groups,
@@ -287,6 +288,9 @@ def run_distill(config: DistillConfig) -> Path:
     if found is not None and not Path(config.adapter).exists():
         local = replace(config, adapter=str(found))
     out = Path(config.output_dir)
+    # checked before the teacher loads and scores every pair (minutes): a combination of
+    # `training:` settings TrainingArguments refuses fails in seconds
+    predictor_arguments(out, config.training)
     encoder = teacher_encoder(local)
     fingerprint = features_fingerprint(local, pairs)
     features = cached_features(encoder, pairs, out / FEATURES, fingerprint)

@@ -252,6 +252,18 @@ class _KeepBest(TrainerCallback):
         logger.info("kept the predictor of step %d (validation agreement %.4f)", step, agreement)
 
 
+def predictor_arguments(output_dir: str | Path, training: Mapping[str, Any] | None) -> Any:
+    """The predictor's TrainingArguments: `PREDICTOR_TRAINING` under the recipe's `training:`.
+
+    Raises:
+        ValueError: Settings TrainingArguments refuses together (e.g. `load_best_model_at_end`
+            without an evaluation strategy).
+    """
+    from chatretriever.modeling.trainer import training_arguments
+
+    return training_arguments(output_dir, {**PREDICTOR_TRAINING, **dict(training or {})})
+
+
 def train_predictor(
     encoder: RabtrieverEncoder,
     features: DistillFeatures,
@@ -274,9 +286,9 @@ def train_predictor(
     from transformers import set_seed
 
     from chatretriever.modeling.recipe import LOG_FILE, write_log
-    from chatretriever.modeling.trainer import NamedLossTrainer, training_arguments
+    from chatretriever.modeling.trainer import NamedLossTrainer
 
-    args = training_arguments(output_dir, {**PREDICTOR_TRAINING, **dict(training or {})})
+    args = predictor_arguments(output_dir, training)
     set_seed(args.seed)  # the predictor's initialisation comes before the Trainer seeds anything
     predictor = Predictor(config or PredictorConfig(hidden=features.query.shape[1]))
     groups = groups if groups is not None else [[i] for i in range(features.query.shape[0])]

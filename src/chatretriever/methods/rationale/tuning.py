@@ -263,6 +263,8 @@ def run_sft(config: TuneConfig, resume: bool = False, overwrite: bool = False) -
     from chatretriever.modeling.trainer import NamedLossTrainer, TrainingSet, training_arguments
 
     init = _init_adapter(config)
+    # built before the model loads: a combination TrainingArguments refuses fails in seconds
+    args = training_arguments(config.output_dir, config.training, "the recipe's dtype")
     prepare_output_dir(config, resume, overwrite)
     model, tokenizer, prompt = _model_and_prompt(config)
     if init is not None:
@@ -273,7 +275,7 @@ def run_sft(config: TuneConfig, resume: bool = False, overwrite: bool = False) -
     model.train()
     trainer = NamedLossTrainer(
         model=model,
-        args=training_arguments(config.output_dir, config.training, "the recipe's dtype"),
+        args=args,
         train_dataset=TrainingSet([(_pairs(config), 1)]),
         data_collator=ChoiceCollator(prompt),
         loss_fn=sft_loss_fn(
@@ -327,12 +329,7 @@ def run_dpo(config: TuneConfig, resume: bool = False, overwrite: bool = False) -
     from chatretriever.modeling.run_dir import final_save, resume_checkpoint
 
     init = _init_adapter(config)
-    prepare_output_dir(config, resume, overwrite)
     device = default_device()
-    model, tokenizer, prompt = _model_and_prompt(config)
-    if init is not None:
-        model = _load_init_adapter(model, init)
-    rows = dpo_rows(prompt, _pairs(config))
     settings = {"max_steps": 200, "learning_rate": 1e-6, "lr_scheduler_type": "cosine",
                 "warmup_steps": 0.1, "per_device_train_batch_size": 8, "logging_steps": 10,
                 "save_steps": 50, "save_total_limit": 2, "report_to": [], "seed": 42,
@@ -346,7 +343,12 @@ def run_dpo(config: TuneConfig, resume: bool = False, overwrite: bool = False) -
         loss_type=[config.dpo.loss_type],
         max_length=None,
         **settings,
-    )
+    )  # built before the model loads: a combination TrainingArguments refuses fails in seconds
+    prepare_output_dir(config, resume, overwrite)
+    model, tokenizer, prompt = _model_and_prompt(config)
+    if init is not None:
+        model = _load_init_adapter(model, init)
+    rows = dpo_rows(prompt, _pairs(config))
     trainer = _id_rows_dpo_trainer(trl)(
         model=model,
         args=args,
