@@ -260,12 +260,15 @@ def test_encoded_hostile_session_is_the_encoding_of_its_safe_ids(tiny_model_dir)
 # ------------------------------------------------------------------ ids = the plain rendering
 def _reference_session_ids(tpl: RetrievalTemplate, messages: list[dict[str, str]]) -> list[int]:
     """`session_ids` as its docstring says, the slow plain way: render whole histories with the
-    chat template, tokenize them, and drop the oldest exchanges until the question fits; then cut
-    an own system turn's content (bisection over its characters); then the question's start."""
+    chat template, tokenize them, and drop the oldest exchanges until the question (as rendered,
+    tokenized alone) fits; then cut an own system turn's content (bisection over its characters);
+    then the question's start. A whole question gives the whole text's ids."""
     tok = tpl.tokenizer
     own = messages[0]["role"] == "system"
     system = messages[:1] if own else tpl.system
     history, question = messages[int(own) : -1], messages[-1]["content"]
+    if "| trim" in tok.chat_template:  # the template strips it
+        question = question.strip()
     budget = tpl.max_session_len - tpl.n_emb_tokens
     q = tok(question, add_special_tokens=False)["input_ids"]
 
@@ -278,7 +281,8 @@ def _reference_session_ids(tpl: RetrievalTemplate, messages: list[dict[str, str]
 
     cuts = [0] + [i for i, m in enumerate(history) if m["role"] == "user" and i > 0]
     for cut in [*cuts, len(history)]:
-        pre, post = frame(system + history[cut:])
+        kept = system + history[cut:]
+        pre, post = frame(kept)
         if fits([pre, post]):
             break
     if own and not fits([pre, post]):
@@ -292,9 +296,17 @@ def _reference_session_ids(tpl: RetrievalTemplate, messages: list[dict[str, str]
                 lo, (pre, post) = mid, trial
             else:
                 hi = mid
+        kept = [{"role": "system", "content": content[:lo]}]
     room = budget - len(pre) - len(post)
     if room < min(1, len(q)):
         raise ValueError("no room")
+    if len(q) <= room:
+        text = tok.apply_chat_template(
+            [*kept, {"role": "user", "content": question}], tokenize=False
+        )
+        whole = tok(text, add_special_tokens=False)["input_ids"]
+        if len(whole) <= budget:
+            return whole + list(tpl.emb_ids)
     return pre + q[-room:] + post + list(tpl.emb_ids)
 
 

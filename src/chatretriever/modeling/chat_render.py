@@ -3,7 +3,8 @@
 `ChatRenderer` renders a role sequence once with placeholders for the contents, splits the text at
 the template's added tokens and caches the layout; `frames` then gives, for any message list, the
 ids before and after the last message's content (earlier contents tokenized inside their runs, as
-the tokenizer tokenizes a full rendering, with no added token matched inside user text). The
+the tokenizer tokenizes a full rendering, with no added token matched inside user text), and
+`whole_ids` the ids of the whole rendering (the last content inside its run too). The
 retrieval inputs built on it (EMB tokens, CSIT sequences) are `template.py`'s; fitting a session
 in its budget is `session_fit.py`'s.
 
@@ -184,8 +185,7 @@ class ChatRenderer:
             if isinstance(item, str):
                 run.append(item)
             elif isinstance(item, _Slot) and item.index < len(messages) - 1:
-                m = messages[item.index]
-                run.append(m.content.strip() if m.role in self._trimmed else m.content)
+                run.append(self.content_text(messages[item.index]))
             else:  # a template token, or the last content's slot: the run ends
                 if run:
                     sides[side].append("".join(run))
@@ -206,6 +206,33 @@ class ChatRenderer:
         pieces = [self._pieces(messages) for messages in sessions]
         ids = self.contents.ids_of_batch([side for pair in pieces for side in pair])
         return list(zip(ids[::2], ids[1::2], strict=True))
+
+    def whole_ids(self, sessions: Sequence[Sequence[Turn]]) -> list[list[int]]:
+        """Ids of each message list's whole rendering, its last content tokenized in its run.
+
+        As `frames` with the last content between them, except at its edges: joined with the
+        template text around it, as the tokenizer tokenizes the full text (SmolLM2's "user\\n" +
+        "\\n\\nq" is "\\n\\n" + "\\n" + "q" there). No control string is matched in any content.
+
+        Args:
+            sessions: Message lists (the last content may be empty).
+
+        Returns:
+            Token ids per message list; the text runs missing from the cache are tokenized in
+            one call.
+        """
+        runs: list[list[int | str]] = []
+        for messages in sessions:
+            pre, post = self._pieces(messages)
+            head = pre.pop() if pre and isinstance(pre[-1], str) else ""
+            tail = post.pop(0) if post and isinstance(post[0], str) else ""
+            run = head + self.content_text(messages[-1]) + tail
+            runs.append([*pre, *([run] if run else []), *post])
+        return self.contents.ids_of_batch(runs)
+
+    def content_text(self, message: Turn) -> str:
+        """A message's content as the template renders it: stripped where it `| trim`s its role."""
+        return message.content.strip() if message.role in self._trimmed else message.content
 
     def _split(self, text: str) -> Frame:
         if text.count(_SLOT) != 1:

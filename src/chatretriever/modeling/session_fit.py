@@ -13,8 +13,20 @@ The template's framing and the pooled tokens always survive; a budget that canno
 raises. Each kind of cut is warned of once per fitter (training meets it every batch).
 
 History turns are tokenized inside the template's runs (cached: a turn is tokenized once, not
-once per truncation step), newest first and only while they fit; the current question is
-tokenized on its own, so its length and cut are exact.
+once per truncation step), newest first and only while they fit. The current question is
+tokenized on its own, as the template renders it (stripped where the template `| trim`s user
+contents: Gemma, Llama 3), so its length in these choices and its cut are exact.
+
+A session whose question stays whole then gets exactly the ids the tokenizer gives its whole
+rendered text (`ChatRenderer.whole_ids`: the question tokenized in its run, joined with the
+template text around it). They differ from the pieces' only where an edge of the question merges
+with that text: SmolLM2's "user\\n" + a question that starts with "\\n\\n" or two spaces gives
+"\\n\\n" + "\\n", not three "\\n" (no MTRAG, TopiOCQA or iKAT question does; untrimmed, 13 of 300
+MTRAG questions differed with Gemma 3, by the whitespace at their edges). Merged ids were a token
+shorter in every case seen, so they fit; whole ids over the budget would leave the pieces' ids.
+The history is still chosen with the question's own length, so a session within a token of its
+budget may keep one exchange less than its whole text would allow. A question that is cut keeps
+its own ids: the cut is exact, its first token may differ from the full text's.
 """
 
 from __future__ import annotations
@@ -94,7 +106,8 @@ class SessionFitter:
         system, history = (
             (turns[:1], turns[1:-1]) if own else (self.renderer.system_turns, turns[:-1])
         )
-        return _SessionParts(s.id, tuple(system), tuple(history), turns[-1].content, own)
+        question = self.renderer.content_text(turns[-1])  # as rendered: trimmed or not
+        return _SessionParts(s.id, tuple(system), tuple(history), question, own)
 
     def _fit(self, parts: list[_SessionParts], questions: list[list[int]]) -> list[list[int]]:
         """Fit each session in `max_session_len` (the rule of the module docstring).
@@ -108,12 +121,15 @@ class SessionFitter:
         """
         n_pooled = len(self.pooled_ids)
         budget = self.max_session_len - n_pooled
-        frames = self._history_frames(parts, questions, budget)
+        kept = self._history_frames(parts, questions, budget)
         out, cut_system, cut_question = [], [], []
-        for x, q, (pre, post) in zip(parts, questions, frames, strict=True):
+        whole: list[tuple[int, list[Turn]]] = []  # (index, messages kept) of whole questions
+        for i, (x, q, (messages, (pre, post))) in enumerate(
+            zip(parts, questions, kept, strict=True)
+        ):
             if x.own_system and not _fits((pre, post), len(q), budget):
                 # the history is gone already: it is only added while the whole question fits
-                pre, post = self._cut_own_system(x, len(q), budget)
+                messages, (pre, post) = self._cut_own_system(x, len(q), budget)
                 cut_system.append(x.id)
             room = budget - len(pre) - len(post)
             if room < min(1, len(q)):  # (an empty question may have history fill the budget)
@@ -124,7 +140,10 @@ class SessionFitter:
                 )
             if len(q) > room:  # keep the end: a long turn (pasted text) ends with its question
                 cut_question.append(x.id)
+            else:
+                whole.append((i, messages))
             out.append(pre + q[-room:] + post + list(self.pooled_ids))
+        self._use_whole_text(out, whole, budget)
         self._warn_once(
             "whose own system turn and current turn are over",
             cut_system,
@@ -137,11 +156,31 @@ class SessionFitter:
         )
         return out
 
+    def _use_whole_text(
+        self, out: list[list[int]], whole: list[tuple[int, list[Turn]]], budget: int
+    ) -> None:
+        """Give each session whose question is whole the ids of its whole rendered text.
+
+        Args:
+            out: The fitted ids of every session (pieces: frame, question alone, frame,
+                pooled tokens); replaced in place.
+            whole: (index in `out`, the messages kept) of each session whose question is whole.
+            budget: Tokens for the framing and the question.
+        """
+        if not whole:
+            return
+        for (i, _), ids in zip(whole, self.renderer.whole_ids([m for _, m in whole]), strict=True):
+            if len(ids) <= budget:
+                out[i] = ids + list(self.pooled_ids)
+            else:  # never seen: the pieces' ids stay, within the budget
+                logger.debug("session ids: the whole text is longer than its pieces (%d)", len(ids))
+
     def _history_frames(
         self, parts: list[_SessionParts], questions: list[list[int]], budget: int
-    ) -> list[Frame]:
-        """The frame of each session with its longest history suffix of whole exchanges beside
-        which the whole question fits (no history when the question does not fit alone).
+    ) -> list[tuple[list[Turn], Frame]]:
+        """The messages and frame of each session with its longest history suffix of whole
+        exchanges beside which the whole question fits (no history when the question does not
+        fit alone).
 
         Suffixes grow newest first, one exchange per round, the new turns of all sessions
         tokenized in one call per round: turns too old to fit are never tokenized. (More turns
@@ -166,10 +205,16 @@ class SessionFitter:
                 logger.debug(
                     "session %s: dropped %d of %d history turns", x.id, c[p], len(x.history)
                 )
-        return frames
+        return [
+            (x.messages(c[p]), frame)
+            for x, c, p, frame in zip(parts, cuts, pos, frames, strict=True)
+        ]
 
-    def _cut_own_system(self, x: _SessionParts, n_question: int, budget: int) -> Frame:
-        """The frame of a session without history whose own system content is cut from its end.
+    def _cut_own_system(
+        self, x: _SessionParts, n_question: int, budget: int
+    ) -> tuple[list[Turn], Frame]:
+        """The messages and frame of a session without history whose own system content is cut
+        from its end.
 
         Args:
             x: A session with its own system turn, too long with the whole question.
@@ -177,9 +222,9 @@ class SessionFitter:
             budget: Tokens for the framing and the question.
 
         Returns:
-            The frame with the prefix of the system content found by bisection over its
-            characters (the whole question fits beside it, not beside one more character), or
-            with an empty content when none fits: the question is then cut.
+            The messages and frame with the prefix of the system content found by bisection
+            over its characters (the whole question fits beside it, not beside one more
+            character), or with an empty content when none fits: the question is then cut.
         """
 
         def frame(chars: int) -> Frame:
@@ -187,7 +232,7 @@ class SessionFitter:
 
         lo, hi, best = 0, len(x.system[0].content), frame(0)
         if not _fits(best, n_question, budget):
-            return best
+            return x.without_history(0), best
         while hi - lo > 1:  # lo fits, hi does not
             mid = (lo + hi) // 2
             trial = frame(mid)
@@ -195,7 +240,7 @@ class SessionFitter:
                 lo, best = mid, trial
             else:
                 hi = mid
-        return best
+        return x.without_history(lo), best
 
     def _warn_once(self, kind: str, ids: list[str], what: str) -> None:
         """Warn of a kind of cut once per fitter: training meets it every batch."""
