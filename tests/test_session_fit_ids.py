@@ -155,3 +155,22 @@ def test_a_builtin_model_gets_the_whole_text_ids(builtin_template, question):
     tpl = builtin_template
     msgs = [*HISTORY, {"role": "user", "content": question}]
     assert tpl.session_ids(msgs) == _whole(tpl, msgs)
+
+
+@pytest.mark.parametrize("text", ["  a passage about the fox \n", "\n\nthe dog\n", "plain"])
+def test_passages_and_responses_are_stripped_only_where_the_template_trims(text):
+    """A passage is a lone assistant message and a CSIT response an assistant turn: a trimming
+    template renders their content stripped (Gemma's passages with edge whitespace got other ids
+    than the template renders), a template that keeps it (SmolLM2's ChatML) keeps it as is."""
+    trim = _template(_trimming_tokenizer())
+    assert trim.passage_ids_batch([text]) == trim.passage_ids_batch([text.strip()])
+    session = [Turn("user", QUESTION)]
+    (edged,) = trim.csit_pieces_batch([session], [text])
+    (stripped,) = trim.csit_pieces_batch([session], [text.strip()])
+    assert edged == stripped
+    keep = _template(_chatml_tokenizer())
+    ids = keep.tokenizer(text, add_special_tokens=False)["input_ids"]
+    pre, post = keep.renderer.passage_frame
+    assert keep.passage_ids_batch([text])[0] == pre + ids + post + list(keep.emb_ids)
+    if text != text.strip():
+        assert keep.passage_ids_batch([text]) != keep.passage_ids_batch([text.strip()])

@@ -244,7 +244,8 @@ class RetrievalTemplate:
 
     def passage_ids_batch(self, passages: Sequence[Passage | Any]) -> list[list[int]]:
         """`passage_ids` of each passage (anything `passage_text` reads), one tokenizer call."""
-        texts = [passage_text(p) for p in passages]
+        # a lone assistant message's content as rendered: stripped where the template trims it
+        texts = [self.renderer.content_text(Turn("assistant", passage_text(p))) for p in passages]
         frame, max_len = self.renderer.passage_frame, self.max_passage_len
         return [self._framed(frame, ids, max_len) for ids in self.contents.encode(texts)]
 
@@ -279,7 +280,8 @@ class RetrievalTemplate:
             raise ValueError(f"max_response_len={self.max_response_len} leaves no room for text")
         out = []
         session_ids = self.session_ids_batch(sessions)
-        for s_ids, content in zip(session_ids, self.contents.encode(responses), strict=True):
+        rendered = [self.renderer.content_text(Turn("assistant", r)) for r in responses]
+        for s_ids, content in zip(session_ids, self.contents.encode(rendered), strict=True):
             r_ids = header + content[:room] + footer
             label_start = len(s_ids) + len(header)
             label_end = len(s_ids) + len(r_ids)
