@@ -97,9 +97,13 @@ class ContentTokenizer:
 
     def split_added(self, text: str) -> list[int | str]:
         """Template text split as the tokenizer splits it: added-token ids, the text between."""
+        # Only the added tokens found in the text can match in it: a regex of those few (in the
+        # same order) splits as one of all would, without trying each of thousands at every
+        # character (Gemma 3 has 6,300: 70 ms a template text, 8 s for a cold session batch).
+        found = [alt for content, alt in self._added if content in text]
         pieces: list[int | str] = []
         pos = 0
-        for m in self._added.finditer(text) if self._added is not None else ():
+        for m in re.finditer("|".join(found), text) if found else ():
             if m.start() > pos:
                 pieces.append(text[pos : m.start()])
             pieces.append(self._added_ids[int(str(m.lastgroup)[1:])])
@@ -135,13 +139,13 @@ class ContentTokenizer:
 
 def _added_token_patterns(
     tokenizer: Any,
-) -> tuple[re.Pattern[str] | None, list[int], re.Pattern[str] | None]:
+) -> tuple[list[tuple[str, str]], list[int], re.Pattern[str] | None]:
     """How the tokenizer finds its added tokens in text, and which of them are control strings.
 
     Returns:
-        (a regex of the added tokens that split template text, longest first, with the
-        whitespace its lstrip/rstrip absorbs: group "t{i}" matches the i-th id of the list; the
-        ids; a regex of the non-special control strings, None when there are none).
+        (the added tokens that split template text, longest first, as (content, regex
+        alternative with the whitespace its lstrip/rstrip absorbs): group "t{i}" matches the i-th
+        id of the list; the ids; a regex of the non-special control strings, None when none).
     """
     added = sorted(
         (getattr(tokenizer, "added_tokens_decoder", None) or {}).items(),
@@ -157,12 +161,11 @@ def _added_token_patterns(
         text = re.escape(content)
         lstrip = r"\s*" if getattr(token, "lstrip", False) else ""
         rstrip = r"\s*" if getattr(token, "rstrip", False) else ""
-        parts.append(f"(?P<t{len(ids)}>{lstrip}{text}{rstrip})")
+        parts.append((content, f"(?P<t{len(ids)}>{lstrip}{text}{rstrip})"))
         ids.append(int(token_id))
         if not special and content in template:
             control.append(text)
-    every = re.compile("|".join(parts)) if parts else None
-    return every, ids, re.compile("|".join(control)) if control else None
+    return parts, ids, re.compile("|".join(control)) if control else None
 
 
 def _template_source(tokenizer: Any) -> str:
