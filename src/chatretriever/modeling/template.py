@@ -64,7 +64,8 @@ def add_emb_tokens(tokenizer: Any, t: int) -> list[int]:
         `len(tokenizer)` (`modeling.py` does it).
     """
     tokens = emb_tokens(t)
-    missing = [tok for tok in tokens if tok not in tokenizer.get_vocab()]
+    vocab = tokenizer.get_vocab()  # once: a copy of the whole vocabulary (Gemma 3: 262k entries)
+    missing = [tok for tok in tokens if tok not in vocab]
     if missing:
         tokenizer.add_tokens(missing, special_tokens=True)
     return emb_token_ids(tokenizer, t)
