@@ -324,8 +324,9 @@ def test_recommend_reads_a_reclm_metadata_file(tmp_path):
     from chatretriever.cli.items import _catalog
 
     root = write_domain(tmp_path / "steam")
-    items = _catalog(str(root / "metadata.jsonl"))
-    assert [p.id for p in items] == [p.id for p in _catalog(str(root))]
+    items, schema = _catalog(str(root / "metadata.jsonl"), None)
+    assert schema is None  # none told: Steam's rendering, the recommender's own noun
+    assert [p.id for p in items] == [p.id for p in _catalog(str(root), None)[0]]
     assert items[0].text.startswith("title: Dark Star 0, tags: Action")
 
 

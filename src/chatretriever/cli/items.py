@@ -7,6 +7,11 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from chatretriever.methods.items.schema import CatalogSchema
+    from chatretriever.types import Passage
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -30,6 +35,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--test-fraction", type=float, default=0.1, help="share of test users")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--schema",
+        default=None,
+        metavar="FILE|infer",
+        help="what the items' fields are: a JSON/YAML schema file, or 'infer' (from the data; "
+        "printed, and saved as OUT/schema.json like every schema used); default: Steam's",
+    )
     p.add_argument(
         "--paraphrase-llm", default=None, help="a local chat LLM rewrites US2I/AS2I queries"
     )
@@ -67,12 +79,33 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="item embedder (default items-minilm, the built-in one fine-tuned on the item tasks)",
     )
     p.add_argument("--llm", default="smollm2-135m-instruct", help="chat LLM ('none': list)")
+    p.add_argument(
+        "--schema",
+        default=None,
+        metavar="FILE|infer",
+        help="the catalog's schema file, or 'infer'; default: the schema.json beside a "
+        "build-items catalog, else Steam's",
+    )
     p.set_defaults(func=cmd_recommend)
+
+
+def _schema(arg: str | None, items: list[Passage] | None = None) -> CatalogSchema:
+    """The `--schema` argument: None (Steam's), a file, or "infer" (from `items`)."""
+    from chatretriever.methods.items.schema import STEAM_SCHEMA, load_schema
+
+    if arg is None:
+        return STEAM_SCHEMA
+    if arg != "infer":
+        return load_schema(arg)
+    from chatretriever.methods.items.infer import infer_schema
+
+    return infer_schema(items or [])
 
 
 def cmd_build_items(args: argparse.Namespace) -> int:
     from chatretriever.io.reclm import load_reclm
     from chatretriever.methods.items.build import BuildConfig, build_items
+    from chatretriever.methods.items.schema import SCHEMA_FILE
     from chatretriever.methods.items.templates import TASKS
 
     config = BuildConfig(
@@ -83,6 +116,18 @@ def cmd_build_items(args: argparse.Namespace) -> int:
         test_fraction=args.test_fraction,
         seed=args.seed,
     )
+    _check_out(args.out, directory=True)
+    # a schema file is read first: a bad one stops before the items are
+    schema = None if args.schema == "infer" else _schema(args.schema)
+    data = load_reclm(args.root)
+    if schema is None:
+        schema = _schema(args.schema, data.items)
+        where = Path(args.out) / SCHEMA_FILE
+        print(
+            f"inferred schema (saved as {where}; edit it, pass it as --schema FILE):",
+            file=sys.stderr,
+        )
+        print(json.dumps(schema.to_dict(), indent=2), file=sys.stderr, flush=True)
     rewrite = None
     if args.paraphrase_llm:
         from chatretriever.methods.items.paraphrase import ParaphraseCache, paraphrase_queries
@@ -94,12 +139,18 @@ def cmd_build_items(args: argparse.Namespace) -> int:
 
         def rewrite(queries):
             try:
-                return paraphrase_queries(queries, chat, cache, args.paraphrase_llm)
+                return paraphrase_queries(
+                    queries,
+                    chat,
+                    cache,
+                    args.paraphrase_llm,
+                    noun=schema.noun,
+                    nouns=schema.plural,
+                )
             finally:  # also on Ctrl-C or an LLM error: the replies so far are kept
                 cache.save()
 
-    _check_out(args.out, directory=True)
-    counts = build_items(load_reclm(args.root), args.out, config, rewrite)
+    counts = build_items(data, args.out, config, rewrite, schema)
     print(json.dumps(counts))
     return 0
 
@@ -209,11 +260,15 @@ def _check_out(path: str | Path, directory: bool) -> None:
         raise ValueError(f"{path}: cannot write here: {parent} is not writable")
 
 
-def _catalog(path: str) -> list:
-    """A build-items catalog, a RecLM-emb domain dir, or that domain's metadata.jsonl(.gz)."""
+def _catalog(path: str, schema_arg: str | None) -> tuple[list[Passage], CatalogSchema | None]:
+    """(items, schema or None) of a build-items catalog, a RecLM-emb domain dir or that domain's
+    metadata.jsonl(.gz). The schema: `--schema`, else the `schema.json` beside a build-items
+    catalog; None where neither is there (items render as Steam's, and the recommender names
+    them as `catalog_noun` does)."""
     from chatretriever.io.reclm import load_reclm, read_reclm_items
     from chatretriever.methods.items.build import read_catalog
     from chatretriever.methods.items.catalog import render_item
+    from chatretriever.methods.items.schema import SCHEMA_FILE, STEAM_SCHEMA
     from chatretriever.types import Passage
 
     if Path(path).is_dir():
@@ -221,8 +276,13 @@ def _catalog(path: str) -> list:
     elif Path(path).name.startswith("metadata.jsonl"):  # the RecLM-emb item file itself
         items = read_reclm_items(path)
     else:
-        return read_catalog(path)
-    return [Passage(p.id, render_item(p), p.title, p.metadata) for p in items]
+        saved = Path(path).parent / SCHEMA_FILE
+        if schema_arg is None and saved.is_file():
+            schema_arg = str(saved)
+        items = read_catalog(path)
+    schema = None if schema_arg is None else _schema(schema_arg, items)
+    shown = schema or STEAM_SCHEMA
+    return [Passage(p.id, render_item(p, shown), p.title, p.metadata) for p in items], schema
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
@@ -230,8 +290,9 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     from chatretriever.methods.items.recommend import ItemRecommender, llm_chat
     from chatretriever.modeling.backbones import load_backbone
 
+    items, schema = _catalog(args.items, args.schema)  # a bad catalog stops before any model
     chat = llm_chat(*load_backbone(args.llm, kind="causal")) if args.llm != "none" else None
-    recommender = ItemRecommender(load_encoder(args.model), _catalog(args.items), chat)
+    recommender = ItemRecommender(load_encoder(args.model), items, chat, schema=schema)
     interactive = sys.stdin.isatty()
     if interactive:
         print("Item recommender: say what you like (:reset starts over, :quit or Ctrl-D ends).")

@@ -57,12 +57,14 @@ def item_text(obj: Mapping[str, Any]) -> str:
 def iter_reclm_items(path: str | Path) -> Iterator[Passage]:
     """Stream items as passages: id = 1-based row number, text from `item_text`.
 
-    Every record needs `item_id` and `title`; a repeated `item_id` raises.
+    Every record needs `item_id` and a non-empty `title`; a repeated `item_id` raises.
     """
     seen: set[str] = set()
     for row, (lineno, obj) in enumerate(iter_jsonl(path), start=1):
         item_id = require(obj, "item_id", path, lineno)
         title = require(obj, "title", path, lineno)
+        if not title.strip():  # NM2I misspells it, every query and reply names an item by it
+            raise DataFormatError(path, "empty title", lineno, "title")
         if item_id in seen:
             raise DataFormatError(path, f"duplicate id {item_id!r}", lineno, "item_id")
         seen.add(item_id)
@@ -113,22 +115,31 @@ def read_reclm_sequences(path: str | Path, n_items: int | None = None) -> list[U
 
 @dataclass(frozen=True)
 class RecLMData:
-    """A RecLM-emb domain: items (ids = row numbers) and user histories over them."""
+    """A RecLM-emb domain: items (ids = row numbers) and user histories over them.
+
+    Attributes:
+        items: The items.
+        histories: The users' histories.
+        histories_file: Where the histories were read (or looked for); None: built in memory.
+    """
 
     items: list[Passage]
     histories: list[UserHistory]
+    histories_file: Path | None = None
 
 
 def load_reclm(root: str | Path) -> RecLMData:
     """Load `metadata.jsonl[.gz]` and `sequential_data.txt` from one domain directory.
 
-    Every history item must name a row of the item file.
+    Every history item must name a row of the item file; an item file without items raises.
     """
     root = Path(root)
     meta = next((p for p in sorted(root.glob("metadata.jsonl*"))), None)
     if meta is None:
         raise DataFormatError(root, "no metadata.jsonl(.gz) here")
     items = read_reclm_items(meta)
+    if not items:
+        raise DataFormatError(meta, "no items (the file is empty)")
     seq = root / "sequential_data.txt"
     histories = read_reclm_sequences(seq, n_items=len(items)) if seq.is_file() else []
-    return RecLMData(items=items, histories=histories)
+    return RecLMData(items=items, histories=histories, histories_file=seq)

@@ -5,6 +5,7 @@ The entry points are importable from here (loaded on first use, so importing thi
 neither torch nor a model)::
 
     from chatretriever.methods.items import BuildConfig, build_items, load_test_set
+    from chatretriever.methods.items import CatalogSchema, infer_schema, load_schema
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ _EXPORTS = {
     "build_items": "build",
     "read_catalog": "build",
     "write_catalog": "build",
+    "CatalogSchema": "schema",
+    "STEAM_SCHEMA": "schema",
+    "load_schema": "schema",
+    "infer_schema": "infer",
     "ItemCatalog": "catalog",
     "Constraint": "catalog",
     "render_item": "catalog",

@@ -10,11 +10,17 @@ a test query whose text is also a training query is dropped. Output directory::
     train.jsonl.gz          training examples in the project's JSONL (see `data.py`)
     test/queries.jsonl      sessions JSONL (one user turn); metadata: task, exclude, constraints
     test/qrels.txt          TREC qrels of the targets
-    build_config.json       the resolved `BuildConfig` and counts per task
+    build_config.json       the resolved `BuildConfig`, counts per task and the tasks skipped
+    schema.json             the `CatalogSchema` the items were read with (`eval-items` and
+                            `recommend` read it back)
+
+A task that needs a kind of field the catalog lacks (VC2I without a price or a date, US2I
+without a tag field, ...) is skipped with one warning naming the task and what it misses.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -33,6 +39,13 @@ from chatretriever.io.reclm import RecLMData, UserHistory
 from chatretriever.io.sessions import write_sessions
 from chatretriever.io.trec import write_qrels
 from chatretriever.methods.items.catalog import ItemCatalog, render_item, unusable_values
+from chatretriever.methods.items.schema import (
+    SCHEMA_FILE,
+    STEAM_SCHEMA,
+    CatalogSchema,
+    plan_tasks,
+    save_schema,
+)
 from chatretriever.methods.items.tasks import ItemQuery, TaskContext, cooccurrence, generate
 from chatretriever.methods.items.templates import TASKS
 from chatretriever.types import Passage, Qrel, Session, Turn
@@ -123,10 +136,14 @@ HISTORY_TASKS = ("UH2I", "I2I", "US2I", "UQ2I")  # the tasks drawn from user his
 
 
 def _usable_histories(
-    catalog: ItemCatalog, histories: Sequence[UserHistory], tasks: Sequence[str]
+    catalog: ItemCatalog,
+    histories: Sequence[UserHistory],
+    tasks: Sequence[str],
+    source: str | Path = "sequential_data.txt",
 ) -> list[UserHistory]:
-    """The histories of 2+ items, all in the catalog; none at all is an error when a history
-    task is asked for (a one-item history has no item before its target)."""
+    """The histories of 2+ items, all in the catalog; none at all is an error naming `source`
+    (the history file) when a history task is asked for (a one-item history has no item
+    before its target)."""
     known = [h for h in histories if all(i in catalog.position for i in h.items)]
     usable = [h for h in known if len(h.items) >= 2]
     if len(usable) < len(known):
@@ -137,7 +154,7 @@ def _usable_histories(
     wanted = [t for t in tasks if t in HISTORY_TASKS]
     if wanted and not usable:
         raise ValueError(
-            f"no user history of 2+ items (sequential_data.txt missing, empty or one-item "
+            f"no user history of 2+ items ({source} missing, empty or one-item "
             f"users only): the tasks {', '.join(wanted)} need them; --tasks "
             f"{' '.join(t for t in TASKS if t not in HISTORY_TASKS)} builds the others"
         )
@@ -145,9 +162,12 @@ def _usable_histories(
 
 
 def _contexts(
-    catalog: ItemCatalog, histories: Sequence[UserHistory], config: BuildConfig
+    catalog: ItemCatalog,
+    histories: Sequence[UserHistory],
+    config: BuildConfig,
+    source: str | Path = "sequential_data.txt",
 ) -> tuple[TaskContext, TaskContext]:
-    known = _usable_histories(catalog, histories, config.tasks)
+    known = _usable_histories(catalog, histories, config.tasks, source)
     train = [h for h in known if not in_test(h.user_id, config.test_fraction, config.seed)]
     test = [h for h in known if in_test(h.user_id, config.test_fraction, config.seed)]
     cooc = cooccurrence(train)
@@ -179,6 +199,7 @@ def build_queries(
     histories: Sequence[UserHistory],
     config: BuildConfig,
     rewrite: Rewrite | None = None,
+    history_file: str | Path = "sequential_data.txt",
 ) -> tuple[dict[str, list[ItemQuery]], dict[str, list[ItemQuery]]]:
     """Training and test queries per task (test queries seen in training removed).
 
@@ -188,11 +209,12 @@ def build_queries(
         config: What to build.
         rewrite: Applied to each task's generated queries (e.g. LLM paraphrasing) before the
             test queries seen in training are removed.
+        history_file: Where the histories came from (named when none is usable).
 
     Returns:
-        (train, test): task -> queries.
+        (train, test): task -> queries; a task of which no query could be drawn is warned of.
     """
-    train_ctx, test_ctx = _contexts(catalog, histories, config)
+    train_ctx, test_ctx = _contexts(catalog, histories, config, history_file)
     train: dict[str, list[ItemQuery]] = {}
     test: dict[str, list[ItemQuery]] = {}
     for task in tqdm(config.tasks, desc="item tasks"):
@@ -210,6 +232,15 @@ def build_queries(
             len(test[task]),
             len(drawn) - len(test[task]),
         )
+        empty = [name for name, qs in (("training", train[task]), ("test", test[task])) if not qs]
+        if empty:
+            logger.warning(
+                "%s: no %s query could be drawn from this catalog (too few items share its "
+                "values, or too few fail them to give %d negatives)",
+                task,
+                " or ".join(empty),
+                config.n_negatives,
+            )
     return train, test
 
 
@@ -222,7 +253,7 @@ def training_record(q: ItemQuery, catalog: ItemCatalog, qid: str) -> dict[str, A
 
     def passage(item_id: str) -> dict[str, str]:
         item = catalog.item(item_id)
-        return {"id": item_id, "title": item.title, "text": render_item(item)}
+        return {"id": item_id, "title": item.title, "text": catalog.render(item)}
 
     return {
         "id": qid,
@@ -276,8 +307,9 @@ def write_catalog(path: str | Path, items: Sequence[Passage]) -> int:
     return write_jsonl(path, (row(p) for p in items))
 
 
-def read_catalog(path: str | Path) -> list[Passage]:
-    """Items written by `write_catalog` (text = `render_item`); a repeated id raises."""
+def read_catalog(path: str | Path, schema: CatalogSchema = STEAM_SCHEMA) -> list[Passage]:
+    """Items written by `write_catalog` (text = `render_item` with `schema`); a repeated id
+    raises."""
     out, seen = [], set()
     for lineno, obj in iter_jsonl(path):
         pid = require_id(obj, "id", path, lineno)
@@ -289,12 +321,16 @@ def read_catalog(path: str | Path) -> list[Passage]:
         if RENAMED_ID in obj:
             meta["id"] = obj[RENAMED_ID]
         p = Passage(id=pid, text="", title=title, metadata=meta)
-        out.append(Passage(id=pid, text=render_item(p), title=title, metadata=meta))
+        out.append(Passage(id=pid, text=render_item(p, schema), title=title, metadata=meta))
     return out
 
 
 def build_items(
-    data: RecLMData, out_dir: str | Path, config: BuildConfig, rewrite: Rewrite | None = None
+    data: RecLMData,
+    out_dir: str | Path,
+    config: BuildConfig,
+    rewrite: Rewrite | None = None,
+    schema: CatalogSchema = STEAM_SCHEMA,
 ) -> dict[str, Any]:
     """Generate every task's training and test queries and write them (see the module doc).
 
@@ -303,17 +339,24 @@ def build_items(
         out_dir: The output directory.
         config: What to build.
         rewrite: Optional rewriting of generated queries (`paraphrase.paraphrase_queries`).
+        schema: What the items' fields are (default: Steam's).
 
     Returns:
-        The counts per task (also saved in build_config.json).
+        The counts per built task and the skipped tasks with the reason (also saved in
+        build_config.json).
     """
     out = Path(out_dir)
     items = subsample_catalog(data, config.catalog_size, config.seed)
-    for problem, values in unusable_values(items).items():
+    for problem, values in unusable_values(items, schema).items():
         logger.warning("%d of %d items: %s (e.g. %r)", len(values), len(items), problem, values[0])
-    catalog = ItemCatalog(items)
-    train, test = build_queries(catalog, data.histories, config, rewrite)
+    catalog = ItemCatalog(items, schema)
+    parsed = {"price": bool((catalog.prices == catalog.prices).any()), "date": any(catalog.dates)}
+    tasks, skipped = plan_tasks(schema, catalog.has_values(), parsed, config.tasks)
+    plan = dataclasses.replace(config, tasks=tasks)
+    source = data.histories_file or "sequential_data.txt"
+    train, test = build_queries(catalog, data.histories, plan, rewrite, source)
     write_catalog(out / CATALOG_FILE, items)
+    save_schema(out / SCHEMA_FILE, schema)
     records = [
         training_record(q, catalog, f"{task}-train-{i:05d}")
         for task, qs in train.items()
@@ -333,6 +376,7 @@ def build_items(
         "catalog": len(items),
         "train": {t: len(v) for t, v in train.items()},
         "test": {t: len(v) for t, v in test.items()},
+        "skipped": skipped,
     }
     with atomic_write(out / CONFIG_FILE) as f:
         json.dump({"config": asdict(config), "counts": counts}, f, indent=2)

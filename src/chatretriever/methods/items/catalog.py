@@ -1,12 +1,14 @@
 """An item catalog for the RecLM-emb tasks: rendering, attribute values and query constraints.
 
 An item is a `Passage` from `io.reclm` (id = 1-based row of the metadata file, `title`, the other
-fields in `metadata`). The catalog renders each item as the paper does ("title: X, tags: a, b,
+fields in `metadata`). Which fields mean what is the catalog's `CatalogSchema` (`schema.py`;
+Steam's by default). The catalog renders each item as the paper does ("title: X, tags: a, b,
 game details: ..., price: 14.99, release date: ...") and answers, for every `Constraint` of a
 generated query, which items satisfy it: one boolean mask over the catalog, built from an
-inverted index of (field, value) and arrays of prices and release dates (a per-item predicate
-over 32k items would be too slow for generating thousands of queries). `Constraint.holds` is the
-same test on one item's metadata: the constraint-coverage metric and the tests use it.
+inverted index of (field, value) and arrays of prices and dates (a per-item predicate over 32k
+items would be too slow for generating thousands of queries). `Constraint.holds` is the same test
+on one item's metadata: the constraint-coverage metric and the tests use it. A constraint names
+its field, so it is tested the same way whatever the schema.
 
 Torch-free (numpy only).
 """
@@ -22,16 +24,13 @@ from typing import Any
 
 import numpy as np
 
+from chatretriever.methods.items.schema import STEAM_SCHEMA, CatalogSchema
 from chatretriever.types import Passage
 
-LIST_FIELDS = ("tags", "genres", "game_details")
-SCALAR_FIELDS = ("title", "developer", "publisher", "price", "release_date")
-ATTRIBUTE_FIELDS = ("tags", "genres", "game_details", "developer", "publisher", "price",
-                    "release_date")  # fmt: skip
-_RENDER_ORDER = ("tags", "genres", "game_details", "publisher", "developer", "price",
-                 "release_date", "description")  # fmt: skip
 _DATE = re.compile(r"^(\d{4})(?:-(\d{2}))?(?:-(\d{2}))?")
 _WHEN = re.compile(r"\d{4}(?:-\d{2})?")  # the value of a released_* constraint
+# a price written as text: "12.99", "$12.99" (not "Starting at $499.00": a range, not a price)
+_PRICE_TEXT = re.compile(r"[$€£¥]?\s*(\d+(?:\.\d+)?)")
 
 OPS = ("has", "lacks", "price_below", "price_above", "released_before", "released_after",
        "released_in")  # fmt: skip
@@ -53,23 +52,36 @@ def field_values(meta: Mapping[str, Any], field: str) -> list[str]:
     return [str(value)]
 
 
-def price_of(meta: Mapping[str, Any]) -> float | None:
-    """The price as a number: free-to-play strings read 0.0; missing or other text is None."""
-    value = meta.get("price")
+def price_of(meta: Mapping[str, Any], field: str = "price") -> float | None:
+    """The price as a number: a number, or text that is one ("$12.99"); free-to-play strings
+    read 0.0; missing or other text is None.
+
+    Args:
+        meta: An item's metadata.
+        field: The price field (the schema's `price`).
+    """
+    value = meta.get(field)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    if isinstance(value, str) and "free" in value.casefold():
-        return 0.0
+    if isinstance(value, str):
+        if "free" in value.casefold():
+            return 0.0
+        m = _PRICE_TEXT.fullmatch(value.strip())
+        if m is not None:
+            return float(m.group(1))
     return None
 
 
-def release_of(meta: Mapping[str, Any]) -> str | None:
-    """The release date as "YYYY-MM-DD" (or "YYYY-MM", "YYYY"), None when missing or unparsed.
+def parse_date(value: Any) -> str | None:
+    """A date as "YYYY-MM-DD" (or "YYYY-MM", "YYYY"), None when missing or unparsed.
 
     A month outside 01-12 or a day that the month does not have ("2017-13-05", "2017-00-05",
-    "2017-02-30") makes the whole date unparsed: its year may be as wrong as its month.
+    "2017-02-30") makes the whole date unparsed: its year may be as wrong as its month. A
+    number (a year, 1999) reads as its text.
     """
-    m = _DATE.match(str(meta.get("release_date") or ""))
+    if isinstance(value, bool):
+        return None
+    m = _DATE.match(str(value or ""))
     if m is None:
         return None
     year, month, day = m.groups()
@@ -83,12 +95,18 @@ def release_of(meta: Mapping[str, Any]) -> str | None:
     return "-".join(g for g in m.groups() if g)
 
 
+def release_of(meta: Mapping[str, Any], field: str = "release_date") -> str | None:
+    """An item's date field (the schema's `date`) parsed by `parse_date`."""
+    return parse_date(meta.get(field))
+
+
 @dataclass(frozen=True)
 class Constraint:
     """One condition of a query on an item's metadata.
 
     Attributes:
-        field: The metadata field (`tags`, `developer`, `price`, `release_date`, `title`, ...).
+        field: The metadata field (`tags`, `developer`, `price`, `release_date`, `title`, ...;
+            a price or date condition reads this field as the price or date).
         op: "has" (the field holds the value; case-insensitive), "lacks" (it does not),
             "price_below"/"price_above" (value: a number), "released_before"/"released_after"/
             "released_in" (value: "YYYY" or "YYYY-MM"; before/after compare the date's prefix
@@ -109,7 +127,7 @@ class Constraint:
             except ValueError:
                 raise ValueError(f"{self.op} needs a number, got {self.value!r}") from None
         elif self.op.startswith("released") and (
-            not _WHEN.fullmatch(self.value) or release_of({"release_date": self.value}) is None
+            not _WHEN.fullmatch(self.value) or parse_date(self.value) is None
         ):
             raise ValueError(f"{self.op} needs a date YYYY or YYYY-MM, got {self.value!r}")
 
@@ -119,13 +137,13 @@ class Constraint:
             found = _fold(self.value) in {_fold(v) for v in field_values(meta, self.field)}
             return found if self.op == "has" else not found
         if self.op.startswith("price"):
-            price = price_of(meta)
+            price = price_of(meta, self.field)
             if price is None:
                 return False
             return (
                 price < float(self.value) if self.op == "price_below" else price > float(self.value)
             )
-        date = release_of(meta)
+        date = release_of(meta, self.field)
         if date is None or len(date) < len(self.value):
             return False
         head = date[: len(self.value)]
@@ -147,21 +165,25 @@ class Constraint:
         return cls(str(d["field"]), str(d["op"]), str(d["value"]))
 
 
-def unusable_values(items: Iterable[Passage]) -> dict[str, list[Any]]:
-    """The values the tasks cannot use, per problem: a `release_date` that is not a date
-    YYYY[-MM[-DD]] (no date condition holds for its item: "Coming Soon", "Mar 5, 2017",
-    "2017-13-05"), or an element of a list field that is itself a list or an object (it would be
-    rendered as its Python text).
+def unusable_values(
+    items: Iterable[Passage], schema: CatalogSchema = STEAM_SCHEMA
+) -> dict[str, list[Any]]:
+    """The values the tasks cannot use, per problem: a date that is not a date YYYY[-MM[-DD]]
+    (no date condition holds for its item: "Coming Soon", "Mar 5, 2017", "2017-13-05"), or an
+    element of a list field that is itself a list or an object (it would be rendered as its
+    Python text).
 
     Returns:
         problem -> the offending values, in catalog order (none: an empty dict).
     """
     out: dict[str, list[Any]] = {}
     for p in items:
-        date = p.metadata.get("release_date")
-        if date not in (None, "") and release_of(p.metadata) is None:
-            out.setdefault("release_date is not a date YYYY[-MM[-DD]]", []).append(date)
-        for f in LIST_FIELDS:
+        if schema.date is not None:
+            date = p.metadata.get(schema.date)
+            if date not in (None, "") and release_of(p.metadata, schema.date) is None:
+                problem = f"{schema.date} is not a date YYYY[-MM[-DD]]"
+                out.setdefault(problem, []).append(date)
+        for f in schema.list_fields:
             value = p.metadata.get(f)
             if isinstance(value, list) and any(isinstance(v, (list, dict)) for v in value):
                 out.setdefault(f"{f} holds a list or an object", []).append(value)
@@ -173,13 +195,14 @@ def item_metadata(item: Passage) -> dict[str, Any]:
     return {**item.metadata, "title": item.title}
 
 
-def render_item(item: Passage) -> str:
-    """The item text the embedders read: "title: X, tags: a, b, game details: ..., price: ..."."""
+def render_item(item: Passage, schema: CatalogSchema = STEAM_SCHEMA) -> str:
+    """The item text the embedders read: "title: X, tags: a, b, game details: ..., price: ..."
+    (the schema's `render_order` and `labels`)."""
     parts = [f"title: {item.title}"]
-    for key in _RENDER_ORDER:
+    for key in schema.render_order:
         values = field_values(item.metadata, key)
         if values:
-            parts.append(f"{key.replace('_', ' ')}: {', '.join(values)}")
+            parts.append(f"{schema.label(key)}: {', '.join(values)}")
     return ", ".join(parts)
 
 
@@ -188,32 +211,40 @@ class ItemCatalog:
 
     Args:
         items: The items (ids unique).
+        schema: What their metadata fields are (default: Steam's).
     """
 
-    def __init__(self, items: Sequence[Passage]) -> None:
+    def __init__(self, items: Sequence[Passage], schema: CatalogSchema = STEAM_SCHEMA) -> None:
         self.items = list(items)
+        self.schema = schema
         self.ids = [p.id for p in self.items]
         self.position = {pid: i for i, pid in enumerate(self.ids)}
         if len(self.position) != len(self.ids):
             raise ValueError("item ids must be unique")
         self.meta = [item_metadata(p) for p in self.items]
+        self._indexed = {"title", *schema.attribute_fields}
         self._index: dict[tuple[str, str], list[int]] = {}
         for i, meta in enumerate(self.meta):
-            for field in (*LIST_FIELDS, *SCALAR_FIELDS):
+            for field in self._indexed:
                 for v in {_fold(v) for v in field_values(meta, field)}:
                     self._index.setdefault((field, v), []).append(i)
-        prices = [price_of(m) for m in self.meta]
+        prices = [None if schema.price is None else price_of(m, schema.price) for m in self.meta]
         self.prices = np.array([np.nan if p is None else p for p in prices])  # (N,)
-        self.dates = [release_of(m) or "" for m in self.meta]
+        dates = [None if schema.date is None else release_of(m, schema.date) for m in self.meta]
+        self.dates = [d or "" for d in dates]
         self._mask = lru_cache(maxsize=4096)(self._compute_mask)
         self._popular: dict[str, list[str]] = {}
 
     def __len__(self) -> int:
         return len(self.items)
 
+    def render(self, item: Passage) -> str:
+        """One item's text (`render_item` with this catalog's schema)."""
+        return render_item(item, self.schema)
+
     def texts(self) -> list[str]:
         """The rendered text of every item, in catalog order."""
-        return [render_item(p) for p in self.items]
+        return [self.render(p) for p in self.items]
 
     def item(self, item_id: str) -> Passage:
         return self.items[self.position[item_id]]
@@ -228,6 +259,15 @@ class ItemCatalog:
             self._popular[field] = sorted(counts, key=lambda v: (-counts[v], v))
         return self._popular[field]
 
+    def has_values(self) -> dict[str, bool]:
+        """field -> whether some item has a value for it (every field of any item)."""
+        out: dict[str, bool] = {}
+        for meta in self.meta:
+            for key in meta:
+                if not out.get(key):
+                    out[key] = bool(field_values(meta, key))
+        return out
+
     def mask(self, constraint: Constraint) -> np.ndarray:
         """(N,) bool: the items that satisfy `constraint` (cached; do not modify)."""
         return self._mask(constraint)
@@ -235,13 +275,19 @@ class ItemCatalog:
     def _compute_mask(self, c: Constraint) -> np.ndarray:
         out = np.zeros(len(self.items), dtype=bool)
         if c.op in ("has", "lacks"):
+            if c.field not in self._indexed:  # a field of no schema kind: test each item
+                return np.array([c.holds(m) for m in self.meta], dtype=bool)
             out[self._index.get((c.field, _fold(c.value)), [])] = True
             return out if c.op == "has" else ~out
         if c.op.startswith("price"):
+            if c.field != self.schema.price:
+                return np.array([c.holds(m) for m in self.meta], dtype=bool)
             with np.errstate(invalid="ignore"):
                 below = self.prices < float(c.value)
                 above = self.prices > float(c.value)
             return below if c.op == "price_below" else above
+        if c.field != self.schema.date:
+            return np.array([c.holds(m) for m in self.meta], dtype=bool)
         n = len(c.value)
         for i, d in enumerate(self.dates):
             if len(d) >= n:

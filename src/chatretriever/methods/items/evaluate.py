@@ -164,7 +164,8 @@ def evaluate_items(
 def load_test_set(
     data_dir: str | Path,
 ) -> tuple[list[Passage], list[Session], dict[str, dict[str, int]]]:
-    """The catalog, test queries and qrels of a `build-items` output directory.
+    """The catalog, test queries and qrels of a `build-items` output directory (the catalog
+    rendered with the directory's `schema.json`: the schema it was built with).
 
     Everything is checked against the catalog, so that a changed test set stops with the file,
     line and field rather than scoring something else: a duplicate catalog id; a query without
@@ -180,10 +181,11 @@ def load_test_set(
         QUERIES_FILE,
         read_catalog,
     )
+    from chatretriever.methods.items.schema import schema_of_dir
     from chatretriever.types import qrels_to_dict
 
     root = Path(data_dir)
-    items = read_catalog(root / CATALOG_FILE)
+    items = read_catalog(root / CATALOG_FILE, schema_of_dir(root))
     known = {p.id for p in items}
     path = root / QUERIES_FILE
     sessions: list[Session] = []

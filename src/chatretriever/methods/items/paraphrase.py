@@ -19,6 +19,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from chatretriever.io.files import iter_jsonl, require, write_jsonl
+from chatretriever.methods.items.schema import GAME_NOUN
 from chatretriever.methods.items.tasks import ItemQuery
 
 logger = logging.getLogger(__name__)
@@ -29,6 +30,12 @@ _ASK = {
     "US2I": "Rewrite this description of a gamer's taste in one natural sentence, in the first "
     "person. Reply with the sentence only.\n\n{query}",
     "AS2I": "Rewrite this as a short web search query someone would type to find the game. "
+    "Reply with the query only.\n\n{query}",
+}
+_ASK_NEUTRAL = {  # a catalog of something else than games ({noun}: the schema's)
+    "US2I": "Rewrite this description of a person's taste in {nouns} in one natural sentence, "
+    "in the first person. Reply with the sentence only.\n\n{query}",
+    "AS2I": "Rewrite this as a short web search query someone would type to find the {noun}. "
     "Reply with the query only.\n\n{query}",
 }
 
@@ -83,6 +90,8 @@ def paraphrase_queries(
     cache: ParaphraseCache,
     model: str,
     tasks: Sequence[str] = PARAPHRASED_TASKS,
+    noun: str = GAME_NOUN,
+    nouns: str = "",
 ) -> list[ItemQuery]:
     """The queries with those of `tasks` rewritten by the LLM (cached).
 
@@ -92,6 +101,8 @@ def paraphrase_queries(
         cache: The cache (saved by the caller).
         model: The LLM's name (part of the cache key).
         tasks: Which tasks to paraphrase.
+        noun: What one item is (the schema's noun): "game" asks in the paper's Steam words.
+        nouns: Its plural (default: noun + "s").
 
     Returns:
         The queries in the same order.
@@ -101,7 +112,12 @@ def paraphrase_queries(
         if q.task not in tasks:
             out.append(q)
             continue
-        prompt = _ASK[q.task].format(query=q.query)
+        if noun == GAME_NOUN:
+            prompt = _ASK[q.task].format(query=q.query)
+        else:
+            prompt = _ASK_NEUTRAL[q.task].format(
+                query=q.query, noun=noun, nouns=nouns or f"{noun}s"
+            )
         reply = cache.get(model, prompt)
         if reply is None and chat is not None:
             reply = chat([{"role": "user", "content": prompt}])

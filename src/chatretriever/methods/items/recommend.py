@@ -23,6 +23,7 @@ import numpy as np
 from chatretriever.methods.items.catalog import Constraint, field_values, render_item
 from chatretriever.methods.items.evaluate import RankFn, rank_items
 from chatretriever.methods.items.metrics import hit_at_k
+from chatretriever.methods.items.schema import GAME_NOUN, STEAM_SCHEMA, CatalogSchema
 from chatretriever.methods.items.tasks import describe
 from chatretriever.retrieval.encoders import Encoder
 from chatretriever.types import Passage, Session, Turn, batch
@@ -46,10 +47,10 @@ def catalog_noun(items: Sequence[Passage]) -> str:
     return "games" if any(STEAM_FIELD in p.metadata for p in items) else "items"
 
 
-def catalog_items(items: Any) -> list[Passage]:
+def catalog_items(items: Any, schema: CatalogSchema = STEAM_SCHEMA) -> list[Passage]:
     """The catalog as Passages: each a `Passage`, or a mapping with a string "id" and "title",
-    an optional "text" (default: `render_item`, as `read_catalog` renders a line) and
-    "metadata" (default: its other fields, as a `write_catalog` line holds them).
+    an optional "text" (default: `render_item` with `schema`, as `read_catalog` renders a line)
+    and "metadata" (default: its other fields, as a `write_catalog` line holds them).
 
     Raises:
         TypeError: `items` not a list, an item of another type or with non-string fields.
@@ -58,7 +59,7 @@ def catalog_items(items: Any) -> list[Passage]:
     out = []
     for i, item in enumerate(batch(items, "items", "items (Passages or mappings)")):
         if isinstance(item, Mapping):
-            item = _mapping_item(item, f"items[{i}]")
+            item = _mapping_item(item, f"items[{i}]", schema)
         elif not isinstance(item, Passage):
             raise TypeError(
                 f"items[{i}] must be a Passage or a mapping, got a {type(item).__name__}"
@@ -69,7 +70,7 @@ def catalog_items(items: Any) -> list[Passage]:
     return out
 
 
-def _mapping_item(item: Mapping[str, Any], name: str) -> Passage:
+def _mapping_item(item: Mapping[str, Any], name: str, schema: CatalogSchema) -> Passage:
     missing = [k for k in ("id", "title") if k not in item]
     if missing:
         raise ValueError(f"{name} has no {' or '.join(map(repr, missing))} field: {sorted(item)}")
@@ -79,7 +80,7 @@ def _mapping_item(item: Mapping[str, Any], name: str) -> Passage:
         raise TypeError(f"{name}: 'metadata' must be a mapping, got a {type(meta).__name__}")
     try:
         bare = Passage(item["id"], "", item["title"], dict(meta))
-        text = item["text"] if "text" in item else render_item(bare)  # as `read_catalog`
+        text = item["text"] if "text" in item else render_item(bare, schema)  # as read_catalog
         return Passage(bare.id, text, bare.title, bare.metadata)
     except (TypeError, ValueError) as e:
         raise type(e)(f"{name}: {e}") from None
@@ -132,8 +133,12 @@ class ItemRecommender:
         chat: The chat LLM as a `ChatFn`; None: always list the retrieved items.
         top_k: Items retrieved per turn.
         max_picks: Most items a reply may name.
-        noun: What the catalog holds, plural, as the prompt and the replies say it; None:
-            `catalog_noun` ("games" for Steam, else "items").
+        noun: What the catalog holds, plural, as the prompt and the replies say it; None: the
+            schema's plural, or without a schema `catalog_noun` ("games" for Steam, else
+            "items").
+        schema: The catalog's schema (`build-items` saves it as `schema.json`): how mapping
+            items render, and the field shown beside each candidate (its `tag_field`); None:
+            Steam's.
 
     Raises:
         TypeError, ValueError: A bad or empty catalog (`catalog_items`).
@@ -146,10 +151,12 @@ class ItemRecommender:
     max_picks: int = 5
     turns: list[Turn] = field(default_factory=list)
     noun: str | None = None
+    schema: CatalogSchema | None = None
 
     def __post_init__(self) -> None:
-        self.items = catalog_items(self.items)
-        self.noun = self.noun or catalog_noun(self.items)
+        self.items = catalog_items(self.items, self.schema or STEAM_SCHEMA)
+        self.noun = self.noun or (self.schema.plural if self.schema else catalog_noun(self.items))
+        self._shown = (self.schema or STEAM_SCHEMA).tag_field  # beside each candidate's title
         rendered = [Passage(p.id, p.text) for p in self.items]
         self._emb = self.encoder.encode_passages(rendered, 64)  # (N, D)
         folded = {p.title.casefold() for p in self.items}
@@ -182,10 +189,7 @@ class ItemRecommender:
 
     def _prompt(self, retrieved: Sequence[Passage]) -> str:
         said = "\n".join(f"- {t.content}" for t in self.turns if t.role == "user")
-        lines = [
-            f"{i}. {p.title} ({', '.join(field_values(p.metadata, 'tags')[:4])})"
-            for i, p in enumerate(retrieved, 1)
-        ]
+        lines = [f"{i}. {self._line(p, 4)}" for i, p in enumerate(retrieved, 1)]
         one = self.noun[:-1] if self.noun.endswith("s") else self.noun  # "games" -> "game"
         return PROMPT.format(
             one=one,
@@ -207,12 +211,15 @@ class ItemRecommender:
 
     def _fallback(self, retrieved: Sequence[Passage]) -> Reply:
         picks = list(retrieved[: self.max_picks])
-        lines = [
-            f"{i}. {p.title} ({', '.join(field_values(p.metadata, 'tags')[:3])})"
-            for i, p in enumerate(picks, 1)
-        ]
+        lines = [f"{i}. {self._line(p, 3)}" for i, p in enumerate(picks, 1)]
         text = f"Here are {self.noun} that fit what you asked for:\n" + "\n".join(lines)
         return Reply(text, picks, list(retrieved), fell_back=True)
+
+    def _line(self, item: Passage, n: int) -> str:
+        """ "Title (tag, tag)": the first n values of the schema's tag field; the title alone
+        when the item has none (no empty brackets)."""
+        values = [] if self._shown is None else field_values(item.metadata, self._shown)[:n]
+        return f"{item.title} ({', '.join(values)})" if values else item.title
 
 
 def llm_chat(model: Any, tokenizer: Any, max_new_tokens: int = 160) -> ChatFn:
@@ -229,7 +236,10 @@ def llm_chat(model: Any, tokenizer: Any, max_new_tokens: int = 160) -> ChatFn:
 
 
 def multi_turn_requests(
-    sessions: Sequence[Session], titles: Mapping[str, str], max_history: int = 20
+    sessions: Sequence[Session],
+    titles: Mapping[str, str],
+    max_history: int = 20,
+    schema: CatalogSchema = STEAM_SCHEMA,
 ) -> list[Session]:
     """2-3 turn conversations from FA2I / UQ2I test queries with >= 2 constraints.
 
@@ -237,6 +247,7 @@ def multi_turn_requests(
         sessions: Test queries (`build-items`: metadata task, constraints, exclude).
         titles: item id -> title (the UQ2I history is told by its titles, newest first).
         max_history: Most titles told.
+        schema: The catalog's schema (its noun and field names are what the turns say).
 
     FA2I: the constraints split over 2-3 turns ("I'm looking for a game with tags: X",
     "It should also have ..."); UQ2I: the history first, then the constraints over 1-2 turns.
@@ -250,11 +261,12 @@ def multi_turn_requests(
             continue
         n = 3 if len(cons) >= 3 else 2
         groups = [cons[i::n] for i in range(n)] if task == "FA2I" else [cons[:1], cons[1:]]
-        texts = [f"I'm looking for a game with {describe(groups[0])}."]
-        texts += [f"It should also have {describe(g)}." for g in groups[1:] if g]
+        texts = [f"I'm looking for a {schema.noun} with {describe(groups[0], schema)}."]
+        texts += [f"It should also have {describe(g, schema)}." for g in groups[1:] if g]
         if task == "UQ2I":
             newest = list(reversed(s.metadata.get("exclude", ())))[:max_history]
-            texts = [f"I have played {', '.join(titles[i] for i in newest)}.", *texts]
+            verb = "played" if schema.noun == GAME_NOUN else "liked"
+            texts = [f"I have {verb} {', '.join(titles[i] for i in newest)}.", *texts]
         turns = []
         for t in texts:
             turns += [Turn("user", t), Turn("assistant", "Noted.")]

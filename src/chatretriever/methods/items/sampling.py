@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 
 from chatretriever.io.reclm import UserHistory
-from chatretriever.methods.items.catalog import LIST_FIELDS, Constraint, ItemCatalog, field_values
+from chatretriever.methods.items.catalog import Constraint, ItemCatalog, field_values
+from chatretriever.methods.items.schema import STEAM_SCHEMA, CatalogSchema
 from chatretriever.methods.items.templates import templates_for
 
 _MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August",
@@ -102,7 +103,8 @@ def cooccurrence(histories: Sequence[UserHistory]) -> dict[str, list[tuple[str, 
 
 
 def pick_template(ctx: TaskContext, rng: random.Random, task: str) -> tuple[int, str]:
-    options = templates_for(task, ctx.split)
+    schema = ctx.catalog.schema
+    options = templates_for(task, ctx.split, schema.noun, schema.plural)
     i = rng.randrange(len(options))
     return i, options[i]
 
@@ -143,15 +145,21 @@ def violators(
 
 
 def sample_attributes(
-    rng: random.Random, meta: dict[str, Any], fields: Sequence[str], n_fields: int, n_values: int
+    rng: random.Random,
+    meta: dict[str, Any],
+    fields: Sequence[str],
+    n_fields: int,
+    n_values: int,
+    list_fields: Sequence[str],
 ) -> list[Constraint]:
-    """`has` constraints on up to n_fields fields of an item, up to n_values values per list."""
+    """`has` constraints on up to n_fields fields of an item, up to n_values values for each of
+    the `list_fields` (one value for any other field)."""
     present = [f for f in fields if field_values(meta, f)]
     chosen = rng.sample(present, min(n_fields, len(present)))
     out = []
     for f in sorted(chosen, key=fields.index):
         values = field_values(meta, f)
-        k = rng.randint(1, min(n_values, len(values))) if f in LIST_FIELDS else 1
+        k = rng.randint(1, min(n_values, len(values))) if f in list_fields else 1
         out += [Constraint(f, "has", v) for v in rng.sample(values, k)]
     return out
 
@@ -159,10 +167,11 @@ def sample_attributes(
 def narrow(
     ctx: TaskContext, rng: random.Random, meta: dict[str, Any], constraints: list[Constraint]
 ) -> list[Constraint] | None:
-    """Add the item's own tags/genres/details until at most `max_targets` items match."""
+    """Add the item's own list-field values (tags, genres, details) until at most
+    `max_targets` items match."""
     spare = [
         Constraint(f, "has", v)
-        for f in LIST_FIELDS
+        for f in ctx.catalog.schema.list_fields
         for v in field_values(meta, f)
         if Constraint(f, "has", v) not in constraints
     ]
@@ -174,8 +183,9 @@ def narrow(
     return constraints
 
 
-def describe(constraints: Sequence[Constraint]) -> str:
-    """Constraints as query text: "tags: a, b; developer: X; price below $10; ..."."""
+def describe(constraints: Sequence[Constraint], schema: CatalogSchema = STEAM_SCHEMA) -> str:
+    """Constraints as query text: "tags: a, b; developer: X; price below $10; ..." (fields
+    by the schema's display names)."""
     has: dict[str, list[str]] = {}
     lacks: dict[str, list[str]] = {}
     rest = []
@@ -183,17 +193,15 @@ def describe(constraints: Sequence[Constraint]) -> str:
         if c.op in ("has", "lacks"):
             (has if c.op == "has" else lacks).setdefault(c.field, []).append(c.value)
         else:
-            rest.append(_condition_text(c))
-    parts = [f"{f.replace('_', ' ')}: {', '.join(v)}" for f, v in has.items()]
-    parts += [f"not including {f.replace('_', ' ')}: {', '.join(v)}" for f, v in lacks.items()]
+            rest.append(_condition_text(c, schema))
+    parts = [f"{schema.label(f)}: {', '.join(v)}" for f, v in has.items()]
+    parts += [f"not including {schema.label(f)}: {', '.join(v)}" for f, v in lacks.items()]
     return "; ".join(parts + rest)
 
 
-def _condition_text(c: Constraint) -> str:
-    if c.op == "price_below":
-        return f"price below ${c.value}"
-    if c.op == "price_above":
-        return f"price above ${c.value}"
+def _condition_text(c: Constraint, schema: CatalogSchema) -> str:
+    if c.op.startswith("price"):
+        return f"{schema.label(c.field)} {c.op.removeprefix('price_')} ${c.value}"
     when = c.value
     if len(when) == 7:
         when = f"{_MONTHS[int(when[5:]) - 1]} {when[:4]}"

@@ -31,11 +31,11 @@ from chatretriever.methods.items.sampling import (
     sample_ids,
     violators,
 )
+from chatretriever.methods.items.schema import CatalogSchema
 from chatretriever.methods.items.templates import TASKS
 
 __all__ = ["GENERATORS", "ItemQuery", "TaskContext", "cooccurrence", "describe", "generate"]
 
-_PRICE_STEPS = (1.0, 5.0, 10.0, 15.0, 20.0, 30.0, 50.0)
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
@@ -73,18 +73,25 @@ def i2i(ctx: TaskContext, rng: random.Random) -> ItemQuery | None:
 
 
 def _summary(ctx: TaskContext, items: Sequence[str]) -> tuple[str, list[str]]:
-    """A short summary of a user's tastes: the most frequent tags and genre of the history."""
+    """A short summary of a user's tastes: the most frequent tags and genre of the history
+    (the schema's tag and genre fields)."""
+    schema = ctx.catalog.schema
     counts: dict[str, int] = {}
     genres: dict[str, int] = {}
     for i in items:
         meta = ctx.catalog.meta[ctx.catalog.position[i]]
-        for t in field_values(meta, "tags"):
+        for t in _values(meta, schema.tag_field):
             counts[t] = counts.get(t, 0) + 1
-        for g in field_values(meta, "genres"):
+        for g in _values(meta, schema.genre_field):
             genres[g] = genres.get(g, 0) + 1
     top = sorted(counts, key=lambda t: (-counts[t], t))[:3]
     genre = min(genres, key=lambda g: (-genres[g], g)) if genres else "all kinds of"
-    return f"Enjoys {genre} games, especially ones tagged {', '.join(top)}.", top
+    return f"Enjoys {genre} {schema.plural}, especially ones tagged {', '.join(top)}.", top
+
+
+def _values(meta: dict[str, Any], field: str | None) -> list[str]:
+    """A field's values; none for a role the schema leaves empty (None)."""
+    return [] if field is None else field_values(meta, field)
 
 
 def us2i(ctx: TaskContext, rng: random.Random) -> ItemQuery | None:
@@ -96,7 +103,10 @@ def us2i(ctx: TaskContext, rng: random.Random) -> ItemQuery | None:
     if not top:
         return None
     k, tpl = pick_template(ctx, rng, "US2I")
-    lacking = ctx.catalog.matching([Constraint("tags", "lacks", t) for t in top])
+    tag_field = ctx.catalog.schema.tag_field
+    if tag_field is None:  # no tags to sum a user up with (`build_items` skips US2I then)
+        return None
+    lacking = ctx.catalog.matching([Constraint(tag_field, "lacks", t) for t in top])
     seen = set(user.items)
     negs = sample_ids(ctx, rng, lacking & outside(ctx, seen), seen, ctx.n_negatives)
     positives = tuple(dict.fromkeys(reversed(user.items)))  # newest first
@@ -104,13 +114,14 @@ def us2i(ctx: TaskContext, rng: random.Random) -> ItemQuery | None:
 
 
 def _attribute_query(
-    ctx: TaskContext, rng: random.Random, task: str, n_fields: int, n_values: int
+    ctx: TaskContext, rng: random.Random, task: str, n_fields: int | None, n_values: int
 ) -> ItemQuery | None:
-    fields = ("tags", "genres", "game_details", "developer", "publisher", "price",
-              "release_date")  # fmt: skip
+    schema = ctx.catalog.schema
+    fields = schema.attribute_fields
     src = ctx.catalog.ids[rng.randrange(len(ctx.catalog))]
     meta = ctx.catalog.meta[ctx.catalog.position[src]]
-    attrs = sample_attributes(rng, meta, fields, rng.randint(1, n_fields), n_values)
+    n = rng.randint(1, n_fields or len(fields))
+    attrs = sample_attributes(rng, meta, fields, n, n_values, schema.list_fields)
     attrs = narrow(ctx, rng, meta, attrs) if attrs else None
     if not attrs:
         return None
@@ -119,13 +130,13 @@ def _attribute_query(
         return None
     targets = (src, *(i for i in ids_of(ctx, ctx.catalog.matching(attrs)) if i != src))
     k, tpl = pick_template(ctx, rng, task)
-    return ItemQuery(task, tpl.format(attributes=describe(attrs)), targets, tuple(negs),
+    return ItemQuery(task, tpl.format(attributes=describe(attrs, schema)), targets, tuple(negs),
                      tuple(attrs), (), k)  # fmt: skip
 
 
 def fa2i(ctx: TaskContext, rng: random.Random) -> ItemQuery | None:
     """Sampled attributes (1..all fields, 1..all values) -> the items that have them all."""
-    return _attribute_query(ctx, rng, "FA2I", n_fields=7, n_values=100)
+    return _attribute_query(ctx, rng, "FA2I", n_fields=None, n_values=100)  # None: every field
 
 
 def sa2i(ctx: TaskContext, rng: random.Random) -> ItemQuery | None:
@@ -138,12 +149,14 @@ def as2i(ctx: TaskContext, rng: random.Random) -> ItemQuery | None:
     src = ctx.catalog.ids[rng.randrange(len(ctx.catalog))]
     meta = ctx.catalog.meta[ctx.catalog.position[src]]
     words = str(meta["title"]).split()
-    tags = field_values(meta, "tags") or field_values(meta, "genres")
-    if not words or not tags:
+    schema = ctx.catalog.schema
+    field = schema.tag_field if _values(meta, schema.tag_field) else schema.genre_field
+    tags = _values(meta, field)
+    if not words or field is None or not tags:
         return None
     keep = sorted(rng.sample(range(len(words)), max(1, len(words) - rng.randint(0, 1))))
     tag = rng.choice(tags)
-    cons = (Constraint("tags" if field_values(meta, "tags") else "genres", "has", tag),)
+    cons = (Constraint(field, "has", tag),)
     negs = violators(ctx, rng, cons, {src})
     if negs is None:
         return None
@@ -183,32 +196,36 @@ def nm2i(ctx: TaskContext, rng: random.Random) -> ItemQuery | None:
     return ItemQuery("NM2I", query, (src, *same), tuple(negs), cons, (), k)
 
 
-def _conditions(rng: random.Random, meta: dict[str, Any]) -> list[Constraint]:
-    """1-2 vague conditions the item meets: a price bound and/or a release-date condition."""
+def _conditions(
+    rng: random.Random, meta: dict[str, Any], schema: CatalogSchema
+) -> list[Constraint]:
+    """1-2 vague conditions the item meets: a price bound (at the schema's `price_steps`)
+    and/or a release-date condition."""
     out = []
-    price, date = price_of(meta), release_of(meta)
+    price = None if schema.price is None else price_of(meta, schema.price)
+    date = None if schema.date is None else release_of(meta, schema.date)
     if price is not None and rng.random() < 0.7:
-        above = [s for s in _PRICE_STEPS if s > price]
-        below = [s for s in _PRICE_STEPS if s < price]
+        above = [s for s in schema.price_steps if s > price]
+        below = [s for s in schema.price_steps if s < price]
         if above and (not below or rng.random() < 0.6):
-            out.append(Constraint("price", "price_below", f"{rng.choice(above[:2]):g}"))
+            out.append(Constraint(str(schema.price), "price_below", f"{rng.choice(above[:2]):g}"))
         elif below:
-            out.append(Constraint("price", "price_above", f"{rng.choice(below[-2:]):g}"))
+            out.append(Constraint(str(schema.price), "price_above", f"{rng.choice(below[-2:]):g}"))
     if date is not None and (not out or rng.random() < 0.6):
-        year = int(date[:4])
+        year, field = int(date[:4]), str(schema.date)
         op = rng.choice(("released_before", "released_after", "released_in"))
         if op == "released_before":
-            out.append(Constraint("release_date", op, str(year + rng.randint(1, 3))))
+            out.append(Constraint(field, op, str(year + rng.randint(1, 3))))
         elif op == "released_after":
-            out.append(Constraint("release_date", op, str(year - rng.randint(1, 3))))
+            out.append(Constraint(field, op, str(year - rng.randint(1, 3))))
         else:
-            out.append(Constraint("release_date", op, date[:7] if len(date) >= 7 else date[:4]))
+            out.append(Constraint(field, op, date[:7] if len(date) >= 7 else date[:4]))
     return out
 
 
-def _describe_conditions(constraints: Sequence[Constraint]) -> str:
+def _describe_conditions(constraints: Sequence[Constraint], schema: CatalogSchema) -> str:
     """ "with tags: X; price below $10; released after 2015" phrased as a condition list."""
-    return describe(constraints).replace("tags: ", "tagged ").replace("; ", ", ")
+    return describe(constraints, schema).replace("tags: ", "tagged ").replace("; ", ", ")
 
 
 def vc2i(ctx: TaskContext, rng: random.Random) -> ItemQuery | None:
@@ -216,7 +233,7 @@ def vc2i(ctx: TaskContext, rng: random.Random) -> ItemQuery | None:
     tags -> every item meeting them."""
     src = ctx.catalog.ids[rng.randrange(len(ctx.catalog))]
     meta = ctx.catalog.meta[ctx.catalog.position[src]]
-    conds = _conditions(rng, meta)
+    conds = _conditions(rng, meta, ctx.catalog.schema)
     conds = narrow(ctx, rng, meta, conds) if conds else None
     if not conds:
         return None
@@ -225,21 +242,29 @@ def vc2i(ctx: TaskContext, rng: random.Random) -> ItemQuery | None:
         return None
     targets = (src, *(i for i in ids_of(ctx, ctx.catalog.matching(conds)) if i != src))
     k, tpl = pick_template(ctx, rng, "VC2I")
-    query = tpl.format(conditions=_describe_conditions(conds))
+    query = tpl.format(conditions=_describe_conditions(conds, ctx.catalog.schema))
     return ItemQuery("VC2I", query, targets, tuple(negs), tuple(conds), (), k)
 
 
 def na2i(ctx: TaskContext, rng: random.Random) -> ItemQuery | None:
     """An item's attributes plus 1-2 tags it lacks, negated -> the items meeting all; the
     negatives have a negated tag (hard ones also have every wanted attribute)."""
+    schema = ctx.catalog.schema
+    tag_field = schema.tag_field
+    if tag_field is None:  # no tags to negate (`build_items` skips NA2I then)
+        return None
     src = ctx.catalog.ids[rng.randrange(len(ctx.catalog))]
     meta = ctx.catalog.meta[ctx.catalog.position[src]]
-    attrs = sample_attributes(rng, meta, ("genres", "tags"), 2, 2)
-    own = set(field_values(meta, "tags"))
-    others = [v for v in ctx.catalog.popular("tags") if v not in own]
+    # genre first, then tags: the seeded draws (and Steam's queries) depend on the order
+    wanted_fields = tuple(f for f in (schema.genre_field, tag_field) if f is not None)
+    attrs = sample_attributes(rng, meta, wanted_fields, 2, 2, schema.list_fields)
+    own = set(field_values(meta, tag_field))
+    others = [v for v in ctx.catalog.popular(tag_field) if v not in own]
     if not attrs or len(others) < 2:
         return None
-    negated = [Constraint("tags", "lacks", v) for v in rng.sample(others[:30], rng.randint(1, 2))]
+    negated = [
+        Constraint(tag_field, "lacks", v) for v in rng.sample(others[:30], rng.randint(1, 2))
+    ]
     cons = narrow(ctx, rng, meta, [*attrs, *negated])
     if cons is None:
         return None
@@ -251,7 +276,7 @@ def na2i(ctx: TaskContext, rng: random.Random) -> ItemQuery | None:
         negs = (negs + more)[: ctx.n_negatives]
     targets = (src, *(i for i in ids_of(ctx, ctx.catalog.matching(cons)) if i != src))
     k, tpl = pick_template(ctx, rng, "NA2I")
-    query = tpl.format(attributes=describe(wanted), negated=describe(negated))
+    query = tpl.format(attributes=describe(wanted, schema), negated=describe(negated, schema))
     return ItemQuery("NA2I", query, targets, tuple(negs), tuple(cons), (), k)
 
 
@@ -263,14 +288,15 @@ def uq2i(ctx: TaskContext, rng: random.Random) -> ItemQuery | None:
         return None
     user, before, target = cut
     meta = ctx.catalog.meta[ctx.catalog.position[target]]
-    attrs = sample_attributes(rng, meta, ("tags", "genres", "game_details"), 2, 2)
+    schema = ctx.catalog.schema
+    attrs = sample_attributes(rng, meta, schema.list_fields, 2, 2, schema.list_fields)
     if not attrs:
         return None
     negs = violators(ctx, rng, attrs, set(user.items))
     if negs is None:
         return None
     k, tpl = pick_template(ctx, rng, "UQ2I")
-    query = tpl.format(history=history_text(ctx, before), attributes=describe(attrs))
+    query = tpl.format(history=history_text(ctx, before), attributes=describe(attrs, schema))
     return ItemQuery("UQ2I", query, (target,), tuple(negs), tuple(attrs), tuple(before), k)
 
 
