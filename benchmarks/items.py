@@ -38,6 +38,7 @@ from chatretriever.methods.items.evaluate import (
 )
 from chatretriever.methods.items.recipe import load_item_recipe, run_item_training
 from chatretriever.methods.items.recommend import multi_turn_requests, session_vs_last_turn
+from chatretriever.methods.items.schema import schema_of_dir
 from chatretriever.methods.items.templates import TASKS
 from chatretriever.retrieval.evaluate import write_json
 
@@ -121,7 +122,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     items, sessions, qrels = load_test_set(data)
     results: dict[str, Any] = {}
     titles = {p.id: p.title for p in items}
-    conversations = multi_turn_requests(sessions, titles)
+    conversations = multi_turn_requests(sessions, titles, schema=schema_of_dir(data))
 
     def evaluate(name: str, make_rank: Callable[[], Any]) -> None:
         rank = make_rank()

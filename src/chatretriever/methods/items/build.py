@@ -39,13 +39,8 @@ from chatretriever.io.reclm import RecLMData, UserHistory
 from chatretriever.io.sessions import write_sessions
 from chatretriever.io.trec import write_qrels
 from chatretriever.methods.items.catalog import ItemCatalog, render_item, unusable_values
-from chatretriever.methods.items.schema import (
-    SCHEMA_FILE,
-    STEAM_SCHEMA,
-    CatalogSchema,
-    plan_tasks,
-    save_schema,
-)
+from chatretriever.methods.items.plan import plan_tasks
+from chatretriever.methods.items.schema import SCHEMA_FILE, STEAM_SCHEMA, CatalogSchema, save_schema
 from chatretriever.methods.items.tasks import ItemQuery, TaskContext, cooccurrence, generate
 from chatretriever.methods.items.templates import TASKS
 from chatretriever.types import Passage, Qrel, Session, Turn

@@ -27,7 +27,8 @@ import numpy as np
 from chatretriever.methods.items.schema import STEAM_SCHEMA, CatalogSchema
 from chatretriever.types import Passage
 
-_DATE = re.compile(r"^(\d{4})(?:-(\d{2}))?(?:-(\d{2}))?")
+# the year is 4 digits and no more: "20170305" or a unix time is no year "2017" / "1489"
+_DATE = re.compile(r"^(\d{4})(?!\d)(?:-(\d{2}))?(?:-(\d{2}))?")
 _WHEN = re.compile(r"\d{4}(?:-\d{2})?")  # the value of a released_* constraint
 # a price written as text: "12.99", "$12.99" (not "Starting at $499.00": a range, not a price)
 _PRICE_TEXT = re.compile(r"[$€£¥]?\s*(\d+(?:\.\d+)?)")
@@ -77,11 +78,15 @@ def parse_date(value: Any) -> str | None:
 
     A month outside 01-12 or a day that the month does not have ("2017-13-05", "2017-00-05",
     "2017-02-30") makes the whole date unparsed: its year may be as wrong as its month. A
-    number (a year, 1999) reads as its text.
+    whole number 1000-9999 is a year (1999, 1999.0); other numbers (a unix time, 20170305) and
+    digit strings longer than a year are unparsed.
     """
     if isinstance(value, bool):
         return None
-    m = _DATE.match(str(value or ""))
+    if isinstance(value, (int, float)):
+        whole = isinstance(value, int) or value.is_integer()
+        return str(int(value)) if whole and 1000 <= value <= 9999 else None
+    m = _DATE.match(value) if isinstance(value, str) else None
     if m is None:
         return None
     year, month, day = m.groups()
@@ -169,9 +174,10 @@ def unusable_values(
     items: Iterable[Passage], schema: CatalogSchema = STEAM_SCHEMA
 ) -> dict[str, list[Any]]:
     """The values the tasks cannot use, per problem: a date that is not a date YYYY[-MM[-DD]]
-    (no date condition holds for its item: "Coming Soon", "Mar 5, 2017", "2017-13-05"), or an
-    element of a list field that is itself a list or an object (it would be rendered as its
-    Python text).
+    (no date condition holds for its item: "Coming Soon", "Mar 5, 2017", "2017-13-05"), a
+    price that is not a number (no price condition holds for it: "12,99 €", "Starting at
+    $499.00"), or an element of a list field that is itself a list or an object (it would be
+    rendered as its Python text).
 
     Returns:
         problem -> the offending values, in catalog order (none: an empty dict).
@@ -183,6 +189,11 @@ def unusable_values(
             if date not in (None, "") and release_of(p.metadata, schema.date) is None:
                 problem = f"{schema.date} is not a date YYYY[-MM[-DD]]"
                 out.setdefault(problem, []).append(date)
+        if schema.price is not None:
+            price = p.metadata.get(schema.price)
+            if price not in (None, "") and price_of(p.metadata, schema.price) is None:
+                problem = f"{schema.price} is not a price (a number, or text like $12.99)"
+                out.setdefault(problem, []).append(price)
         for f in schema.list_fields:
             value = p.metadata.get(f)
             if isinstance(value, list) and any(isinstance(v, (list, dict)) for v in value):

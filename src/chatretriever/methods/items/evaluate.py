@@ -152,13 +152,28 @@ def evaluate_items(
         ]
         result = {m: float(np.mean([r[m] for r in rows])) for m in rows[0]}
         task_qrels = {s.id: dict(qrels[s.id]) for s in by_task[task]}
-        sub = Run({q: run.scores.get(q, {}) for q in task_qrels}, run.name)
-        result["nDCG@10"] = evaluate_run(sub, task_qrels, ["nDCG@10"]).aggregate["nDCG@10"]
+        result["nDCG@10"] = _ndcg_at_10(run, task_qrels, task)
         result["queries"] = len(rows)
         tasks[task] = result
     names = dict.fromkeys(m for r in tasks.values() for m in r if m != "queries")
     mean = {m: float(np.mean([r[m] for r in tasks.values() if m in r])) for m in names}
     return {"tasks": tasks, "mean": mean}
+
+
+def _ndcg_at_10(run: Run, task_qrels: dict[str, dict[str, int]], task: str) -> float:
+    """nDCG@10 of one task's queries; 0 with a warning when the run retrieved nothing for any
+    of them (BM25 on item texts that share no word with the task's queries): one such task
+    must not stop the scoring of the others."""
+    sub = Run({q: run.scores.get(q, {}) for q in task_qrels}, run.name)
+    if not any(sub.scores.values()):
+        logger.warning(
+            "%s: the run %r retrieved nothing for any of its %d queries: scored 0",
+            task,
+            run.name,
+            len(task_qrels),
+        )
+        return 0.0
+    return evaluate_run(sub, task_qrels, ["nDCG@10"]).aggregate["nDCG@10"]
 
 
 def load_test_set(

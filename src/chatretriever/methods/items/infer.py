@@ -6,8 +6,8 @@ them:
 
 - lists of strings (or numbers) whose values repeat across items -> a list field;
 - a field named like price/cost whose values read as prices -> the price;
-- a field whose values are dates YYYY-MM[-DD] (or, when it is named like date/year/released,
-  any YYYY[-MM[-DD]], a year number included) -> the date;
+- a field whose values are dates YYYY-MM[-DD] (or, when a word of its name is date, year or
+  released, any YYYY[-MM[-DD]], a year number 1000-9999 included) -> the date;
 - long strings (40+ characters on average), or strings named like a description (overview,
   summary, plot, ...) -> a text field (rendered, never a condition);
 - short strings that repeat (at most 80% distinct) -> a scalar field;
@@ -42,7 +42,9 @@ MIN_PRESENT = 0.05  # a field in fewer items than this share is ignored
 LONG_TEXT = 40  # mean characters from which a string field is text, not an attribute
 MAX_DISTINCT = 0.8  # a scalar field's distinct values, at most this share of its items
 _PRICE_NAME = re.compile(r"price|cost", re.IGNORECASE)
-_DATE_NAME = re.compile(r"date|year|released", re.IGNORECASE)
+# a whole word of the name ("release_date", "releaseYear"), not a part of one ("yearly_sales")
+_DATE_WORDS = {"date", "year", "released"}
+_WORD = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|\d+")
 _TEXT_NAME = re.compile(r"desc|overview|summary|synopsis|plot|review", re.IGNORECASE)
 _FULL_DATE = re.compile(r"\d{4}-\d{2}(?:-\d{2})?")
 _QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
@@ -103,7 +105,7 @@ def _kind(name: str, s: _Stats, n_items: int) -> tuple[str, str]:
     if _PRICE_NAME.search(name) and s.mostly(prices):
         return "price", "named like a price, values read as prices"
     strict = sum(isinstance(v, str) and bool(_FULL_DATE.match(v)) for v in s.values)
-    named = _DATE_NAME.search(name) and s.mostly(sum(parse_date(v) is not None for v in s.values))
+    named = _named_like_date(name) and s.mostly(sum(parse_date(v) is not None for v in s.values))
     if named or (s.mostly(strict) and s.mostly(sum(parse_date(v) is not None for v in s.values))):
         return "date", "values read as dates"
     if not s.mostly(s.strings):
@@ -115,6 +117,11 @@ def _kind(name: str, s: _Stats, n_items: int) -> tuple[str, str]:
     if distinct < len(texts) and distinct <= MAX_DISTINCT * len(texts):
         return "scalar", f"short strings, {distinct} distinct in {len(texts)} items"
     return "ignore", "short strings that rarely repeat (ids, names of one item)"
+
+
+def _named_like_date(name: str) -> bool:
+    """Whether one word of a field name (snake_case or camelCase) is date, year or released."""
+    return any(w.lower() in _DATE_WORDS for w in _WORD.findall(name))
 
 
 def _price_steps(items: Sequence[Passage], price: str) -> tuple[float, ...] | None:

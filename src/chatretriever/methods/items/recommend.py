@@ -25,6 +25,7 @@ from chatretriever.methods.items.evaluate import RankFn, rank_items
 from chatretriever.methods.items.metrics import hit_at_k
 from chatretriever.methods.items.schema import GAME_NOUN, STEAM_SCHEMA, CatalogSchema
 from chatretriever.methods.items.tasks import describe
+from chatretriever.methods.items.templates import with_article
 from chatretriever.retrieval.encoders import Encoder
 from chatretriever.types import Passage, Session, Turn, batch
 
@@ -134,8 +135,8 @@ class ItemRecommender:
         top_k: Items retrieved per turn.
         max_picks: Most items a reply may name.
         noun: What the catalog holds, plural, as the prompt and the replies say it; None: the
-            schema's plural, or without a schema `catalog_noun` ("games" for Steam, else
-            "items").
+            schema's plural, or without a schema or with Steam's (the default, saved by a
+            build without --schema) `catalog_noun` ("games" for Steam's items, else "items").
         schema: The catalog's schema (`build-items` saves it as `schema.json`): how mapping
             items render, and the field shown beside each candidate (its `tag_field`); None:
             Steam's.
@@ -155,7 +156,10 @@ class ItemRecommender:
 
     def __post_init__(self) -> None:
         self.items = catalog_items(self.items, self.schema or STEAM_SCHEMA)
-        self.noun = self.noun or (self.schema.plural if self.schema else catalog_noun(self.items))
+        # Steam's schema is also what a build without --schema saves: it is no choice of noun, so
+        # such a catalog keeps the older rule ("games" only for items with game_details)
+        explicit = self.schema is not None and self.schema != STEAM_SCHEMA
+        self.noun = self.noun or (self.schema.plural if explicit else catalog_noun(self.items))
         self._shown = (self.schema or STEAM_SCHEMA).tag_field  # beside each candidate's title
         rendered = [Passage(p.id, p.text) for p in self.items]
         self._emb = self.encoder.encode_passages(rendered, 64)  # (N, D)
@@ -261,7 +265,7 @@ def multi_turn_requests(
             continue
         n = 3 if len(cons) >= 3 else 2
         groups = [cons[i::n] for i in range(n)] if task == "FA2I" else [cons[:1], cons[1:]]
-        texts = [f"I'm looking for a {schema.noun} with {describe(groups[0], schema)}."]
+        texts = [f"I'm looking for {with_article(schema.noun)} with {describe(groups[0], schema)}."]
         texts += [f"It should also have {describe(g, schema)}." for g in groups[1:] if g]
         if task == "UQ2I":
             newest = list(reversed(s.metadata.get("exclude", ())))[:max_history]

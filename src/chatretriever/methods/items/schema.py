@@ -25,7 +25,7 @@ it back (`schema_of_dir`).
 from __future__ import annotations
 
 import json
-import logging
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,8 +34,6 @@ from typing import Any
 
 from chatretriever.errors import DataFormatError
 from chatretriever.io.atomic import atomic_write
-
-logger = logging.getLogger(__name__)
 
 SCHEMA_FILE = "schema.json"
 GAME_NOUN = "game"  # the noun of the paper's Steam templates (`templates.TEMPLATES`)
@@ -62,7 +60,8 @@ class CatalogSchema:
         price: The price-like number field (None: no price).
         date: The date field, YYYY[-MM[-DD]] (None: no date).
         text_fields: Fields rendered but never used as a condition.
-        tag_field: The list field of descriptive tags (default: the first list field).
+        tag_field: The list field of descriptive tags (default: the first list field other
+            than the genre field).
         genre_field: A coarser list field (default: none).
         render_order: Fields shown after the title, in order (default: list, scalar, price,
             date, text fields).
@@ -95,8 +94,9 @@ class CatalogSchema:
             if value is not None and (not isinstance(value, str) or not value.strip()):
                 raise SchemaError(key, f"expected a field name or null, got {value!r}")
         self._check_kinds()
-        if self.tag_field is None and self.list_fields:
-            object.__setattr__(self, "tag_field", self.list_fields[0])
+        if self.tag_field is None:  # the genre field is the coarser one: never the tags too
+            others = [f for f in self.list_fields if f != self.genre_field]
+            object.__setattr__(self, "tag_field", others[0] if others else None)
         for key in ("tag_field", "genre_field"):
             value = getattr(self, key)
             if value is not None and value not in self.list_fields:
@@ -110,7 +110,7 @@ class CatalogSchema:
         if set(self.render_order) & set(RESERVED):
             msg = f"the title is always shown first; {RESERVED} cannot be listed"
             raise SchemaError("render_order", msg)
-        object.__setattr__(self, "labels", _labels(self.labels))
+        object.__setattr__(self, "labels", _labels(self.labels, self.used_fields))
         for key in ("noun", "plural"):
             value = getattr(self, key)
             if key == "plural" and value == "":
@@ -193,19 +193,31 @@ def _names(key: str, value: Any) -> tuple[str, ...]:
     return out
 
 
-def _labels(value: Any) -> dict[str, str]:
+def _labels(value: Any, fields: Sequence[str]) -> dict[str, str]:
     if not isinstance(value, Mapping):
         raise SchemaError("labels", f"expected an object field -> display name, got {value!r}")
     for k, v in value.items():
         if not isinstance(k, str) or not isinstance(v, str) or not v.strip():
             raise SchemaError("labels", f"expected field -> display name, got {k!r}: {v!r}")
+        if k in RESERVED:
+            raise SchemaError("labels", f"{k!r} cannot be relabelled (the title is 'title:')")
+        if k not in fields:  # a typo would silently keep the field's own name
+            raise SchemaError("labels", f"{k!r} is no field of the schema: {list(fields)}")
     return dict(value)
 
 
 def _steps(value: Any) -> tuple[float, ...]:
     steps = _numbers(value)
-    if not steps or steps != sorted(set(steps)) or steps[0] <= 0:
-        raise SchemaError("price_steps", f"expected increasing positive numbers, got {value!r}")
+    # NaN would turn every price condition off; infinity would say "price below $inf"
+    if (
+        not steps
+        or not all(map(math.isfinite, steps))
+        or steps != sorted(set(steps))
+        or steps[0] <= 0
+    ):
+        raise SchemaError(
+            "price_steps", f"expected increasing positive finite numbers, got {value!r}"
+        )
     return tuple(float(s) for s in steps)
 
 
@@ -243,7 +255,7 @@ STEAM_SCHEMA = CatalogSchema(
 
 
 def load_schema(path: str | Path) -> CatalogSchema:
-    """A schema from a JSON file (or YAML: `.yaml`/`.yml`).
+    """A schema from a JSON file (or YAML: `.yaml`/`.yml`, any case).
 
     Raises:
         DataFormatError: Unreadable file or a bad key, naming the file and the key.
@@ -251,8 +263,11 @@ def load_schema(path: str | Path) -> CatalogSchema:
     path = Path(path)
     if not path.is_file():
         raise DataFormatError(path, "no such schema file")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix in (".yaml", ".yml"):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataFormatError(path, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if path.suffix.lower() in (".yaml", ".yml"):
         import yaml
 
         try:
@@ -286,110 +301,3 @@ def schema_of_dir(directory: str | Path) -> CatalogSchema:
     directory built before schemas existed)."""
     path = Path(directory) / SCHEMA_FILE
     return load_schema(path) if path.is_file() else STEAM_SCHEMA
-
-
-# --- what each task needs ------------------------------------------------------------------------
-
-_NEEDS: dict[str, tuple[tuple[str, ...], str]] = {
-    "US2I": (("tag",), "a tag field (tag_field)"),
-    "AS2I": (("tag", "genre"), "a tag or genre field (tag_field, genre_field)"),
-    "NA2I": (("tag",), "a tag field (tag_field)"),
-    "UQ2I": (("list",), "a list field (list_fields)"),
-    "FA2I": (("attribute",), "an attribute field (list_fields, scalar_fields, price, date)"),
-    "SA2I": (("attribute",), "an attribute field (list_fields, scalar_fields, price, date)"),
-    "VC2I": (("price", "date"), "a price or a date field (price, date)"),
-}
-"""task -> (field kinds, any one of which it needs; the text naming them). UH2I, I2I and NM2I
-need only titles and histories."""
-
-
-def missing_kind(task: str, kinds: set[str]) -> str | None:
-    """What a task needs that the catalog lacks (None: it can be built).
-
-    Args:
-        task: A task code.
-        kinds: The field kinds with values in the catalog (`present_kinds`).
-    """
-    wanted, text = _NEEDS.get(task, ((), ""))
-    return text if wanted and not set(wanted) & kinds else None
-
-
-def present_kinds(
-    schema: CatalogSchema, has_values: Mapping[str, bool], parsed: Mapping[str, bool]
-) -> set[str]:
-    """The field kinds that have values in a catalog.
-
-    Args:
-        schema: The schema.
-        has_values: field -> whether some item has a value for it.
-        parsed: "price"/"date" -> whether some item's price / date parses.
-    """
-    kinds = {k for k in ("price", "date") if getattr(schema, k) and parsed.get(k)}
-    for kind, name in (("tag", schema.tag_field), ("genre", schema.genre_field)):
-        if name is not None and has_values.get(name):
-            kinds.add(kind)
-    if any(has_values.get(f) for f in schema.list_fields):
-        kinds.add("list")
-    if kinds & {"price", "date", "list"} or any(has_values.get(f) for f in schema.scalar_fields):
-        kinds.add("attribute")
-    return kinds
-
-
-def unused_fields(schema: CatalogSchema, seen: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(fields of the items the schema does not name, schema fields no item has).
-
-    Args:
-        schema: The schema.
-        seen: The metadata fields that some item has a value for, in first-seen order.
-    """
-    named = set(schema.used_fields)
-    unnamed = [f for f in seen if f not in named and f not in RESERVED and f != "id"]
-    have = set(seen)
-    absent = [f for f in schema.attribute_fields + schema.text_fields if f not in have]
-    return unnamed, absent
-
-
-def plan_tasks(
-    schema: CatalogSchema,
-    has_values: Mapping[str, bool],
-    parsed: Mapping[str, bool],
-    tasks: Sequence[str],
-) -> tuple[list[str], dict[str, str]]:
-    """The tasks a catalog's fields allow, and why each other one is skipped (one warning per
-    skipped task); also warns of item fields the schema leaves unused and of schema fields
-    that no item has.
-
-    Args:
-        schema: The schema.
-        has_values: field -> whether some item has a value for it.
-        parsed: "price"/"date" -> whether some item's price / date parses.
-        tasks: The tasks asked for.
-
-    Returns:
-        (the tasks to build, in order; skipped task -> what it needs).
-
-    Raises:
-        ValueError: None of `tasks` can be built.
-    """
-    unnamed, absent = unused_fields(schema, [f for f, v in has_values.items() if v])
-    which = "Steam's schema (the default)" if schema == STEAM_SCHEMA else "the schema"
-    if unnamed:
-        logger.warning(
-            "item fields %s are in no kind of %s: never rendered nor asked for (describe "
-            "them with --schema FILE, or --schema infer; or list them under 'ignore')",
-            ", ".join(unnamed),
-            which,
-        )
-    if absent:
-        logger.warning("no item has a value for %s of %s", ", ".join(absent), which)
-    kinds = present_kinds(schema, has_values, parsed)
-    skipped = {t: why for t in tasks if (why := missing_kind(t, kinds)) is not None}
-    for task, why in skipped.items():
-        logger.warning("%s skipped: it needs %s with values in the catalog", task, why)
-    built = [t for t in tasks if t not in skipped]
-    if not built:
-        raise ValueError(
-            f"none of the tasks {', '.join(tasks)} can be built from this catalog with "
-            f"{which}: {'; '.join(f'{t} needs {w}' for t, w in skipped.items())}"
-        )
-    return built, skipped

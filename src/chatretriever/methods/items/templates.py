@@ -158,6 +158,12 @@ NEUTRAL_TEMPLATES: dict[str, tuple[str, ...]] = {
 """The templates of a catalog whose noun is not "game" ({noun}, {nouns}: the schema's)."""
 
 
+def with_article(noun: str) -> str:
+    """The noun with its indefinite article: "a movie", "an item" (a vowel letter first: the
+    simple rule, which "an hour" or "a user" would get wrong)."""
+    return f"{'an' if noun[:1].lower() in ('a', 'e', 'i', 'o', 'u') else 'a'} {noun}"
+
+
 def templates_for(task: str, split: str, noun: str = GAME_NOUN, nouns: str = "") -> tuple[str, ...]:
     """The templates of a task for a split ("train": all but the last, "test": the last).
 
@@ -176,8 +182,13 @@ def templates_for(task: str, split: str, noun: str = GAME_NOUN, nouns: str = "")
     all_ = TEMPLATES[task]
     if noun != GAME_NOUN:  # the schema checks a noun is words: no braces to break `format`
         plural = nouns or f"{noun}s"
+        one = with_article(noun)  # "a item" would read wrong: "an item"
         all_ = tuple(
-            t.replace("{nouns}", plural).replace("{noun}", noun) for t in NEUTRAL_TEMPLATES[task]
+            t.replace("a {noun}", one)
+            .replace("A {noun}", one[0].upper() + one[1:])
+            .replace("{nouns}", plural)
+            .replace("{noun}", noun)
+            for t in NEUTRAL_TEMPLATES[task]
         )
     if split == "train":
         return all_[:-N_TEST_TEMPLATES]
