@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from chatretriever.modeling.backbones import context_length
+from chatretriever.modeling.generate_batching import left_padded, prefilled_generate_inputs
 from chatretriever.modeling.grounded_fit import FitCounts, PromptFitter
 from chatretriever.modeling.grounded_text import cut_text, grounded_user_content
 from chatretriever.types import Passage, Session, Turn
@@ -252,20 +253,15 @@ class GroundedGenerator:
 
     def _batch_ids(self, batch: Sequence[Sequence[int]], **gen_kw: Any) -> list[list[int]]:
         """Generate for one batch of prompt ids; returns the new ids of each, cut at eos."""
-        import torch
-
         pad = self.tokenizer.pad_token_id
         pad = self.tokenizer.eos_token_id if pad is None else pad
-        width = max(len(x) for x in batch)
-        # Left padding: every prompt ends at the same column, where generation starts.
-        rows = [[pad] * (width - len(x)) + list(x) for x in batch]
-        mask = [[0] * (width - len(x)) + [1] * len(x) for x in batch]
-        device = self.model.device
-        input_ids = torch.tensor(rows, dtype=torch.long, device=device)  # (B, T)
-        attention_mask = torch.tensor(mask, dtype=torch.long, device=device)  # (B, T)
+        # Each prompt read alone into a static cache (no pad column computed, no cache copy per
+        # step); else the left-padded batch. Either way generation starts after column T.
+        inputs = prefilled_generate_inputs(
+            self.model, batch, pad, self.max_new_tokens
+        ) or left_padded(batch, pad, self.model.device)
         out = self.model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
+            **inputs,
             max_new_tokens=self.max_new_tokens,
             pad_token_id=pad,
             use_cache=True,
@@ -273,6 +269,7 @@ class GroundedGenerator:
         )  # (B, T + T_new)
         stops = _stop_ids(self.model, self.tokenizer)
         answers = []
+        width = inputs["input_ids"].shape[1]
         for new in out[:, width:].tolist():  # (T_new,) each
             end = next((i for i, t in enumerate(new) if t in stops), len(new))
             answers.append(new[:end])

@@ -1,7 +1,8 @@
 """The Hugging Face chat model behind the robustness LLM: batched generation and option scoring.
 
 `hf_batch_generator` loads a causal LM (`load_backbone(kind="causal")`) and generates a batch of
-chat prompts in one left-padded `generate`; sampled rows draw from their own random streams
+chat prompts in one left-padded `generate`, each prompt read alone first (no pad column computed:
+`modeling.generate_batching`); sampled rows draw from their own random streams
 (`sampling.RowSampler`), so a reply does not depend on its batch. `score` reads the
 log-likelihood of fixed options (the judge's verdicts) without sampling. `LazyHFGenerator`
 loads the model on its first call, so a rerun served from the cache loads nothing. A prompt that
@@ -16,6 +17,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from chatretriever.modeling.backbones import keep_prompt_end
+from chatretriever.modeling.generate_batching import (
+    prefilled_generate_inputs,
+    prefilled_prompts,
+    unpadded_rows,
+)
 from chatretriever.retrieval.rewrite import DEFAULT_MODEL
 from chatretriever.retrieval.robustness.sampling import SAMPLER, RowSampler, item_seed
 
@@ -116,9 +122,13 @@ class HFChatGenerator:
         texts = [self._text(m) for m in prompts]
         enc = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
         enc = keep_prompt_end(enc.to(model.device), model, limit)  # left-padded: rows' ends kept
+        # Each prompt read alone into a static cache (no pad column computed, no cache copy per
+        # step); the padded batch where the model's cache does not allow it.
+        rows = unpadded_rows(enc)
+        inputs = prefilled_generate_inputs(model, rows, tokenizer.pad_token_id, limit) or enc
         with torch.no_grad():
             gen = model.generate(
-                **enc,
+                **inputs,
                 max_new_tokens=limit,
                 do_sample=False,
                 temperature=None,
@@ -127,7 +137,7 @@ class HFChatGenerator:
                 pad_token_id=tokenizer.pad_token_id,
                 **extra,
             )  # (B, T + T_new)
-        new = gen[:, enc["input_ids"].shape[1] :]  # (B, T_new)
+        new = gen[:, inputs["input_ids"].shape[1] :]  # (B, T_new)
         out = [tokenizer.decode(row, skip_special_tokens=True) for row in new.tolist()]
         return [(text.split(stop)[0] if stop else text).strip() for text in out]
 
@@ -154,20 +164,13 @@ class HFChatGenerator:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens from 0
         totals = []
         with torch.no_grad():
-            out = model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-            first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (P, V)
+            first, prompt_cache = self._read_prompts(ids, mask, positions)  # (P, V), its cache
             for o, tail in enumerate(tails):
                 total = first[:, tail[0]]  # (P,)
                 if len(tail) > 1:  # feed tokens 0 .. L-2, each predicting the next
                     n = len(tail) - 1
-                    cache = out.cache  # transformers 5 names the key/value cache "cache"
-                    cache = cache if o == len(tails) - 1 else copy.deepcopy(cache)
+                    last = o == len(tails) - 1
+                    cache = prompt_cache if last else copy.deepcopy(prompt_cache)
                     feed = torch.tensor([tail[:-1]] * len(heads), device=dev)  # (P, n)
                     step = torch.arange(1, n + 1, device=dev)
                     more = model(
@@ -182,6 +185,28 @@ class HFChatGenerator:
                     total = total + logp.gather(-1, target.unsqueeze(-1)).squeeze(-1).sum(-1)
                 totals.append(total.tolist())
         return [[totals[o][p] for o in range(len(tails))] for p in range(len(heads))]
+
+    def _read_prompts(self, ids: Any, mask: Any, positions: Any) -> tuple[Any, Any]:
+        """The log-probabilities of each prompt's next token, (P, V) float32, and the batch's
+        key/value cache: each prompt read alone (`prefilled_prompts`), else the padded batch in
+        one forward (the model's cache does not allow the former)."""
+        import torch
+
+        model = self.model
+        rows = unpadded_rows({"input_ids": ids, "attention_mask": mask})
+        read = prefilled_prompts(model, rows, self.tokenizer.pad_token_id)
+        if read is not None:
+            logits, batch = read
+            return torch.log_softmax(logits, dim=-1), batch["cache"]
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        # transformers 5 names the key/value cache "cache"
+        return torch.log_softmax(out.logits[:, -1].float(), dim=-1), out.cache
 
 
 class LazyHFGenerator:
