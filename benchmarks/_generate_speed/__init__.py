@@ -1,0 +1,1 @@
+"""Parts of `generate_speed.py`: the summary and the report."""
