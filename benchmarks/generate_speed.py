@@ -26,7 +26,6 @@ import argparse
 import os
 import random
 import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -43,21 +42,10 @@ from chatretriever.retrieval.evaluate import write_json
 # The helper packages beside this script (on sys.path when the script runs)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _conversational.script import run  # noqa: E402
-from _generate_speed.report import CPU_FLAGS, PATHS, markdown, prompt_stats, summarize  # noqa: E402
+from _generate_speed.report import PATHS, markdown, prompt_stats, summarize  # noqa: E402
 from _shared.machine import machine  # noqa: E402
 from _shared.options import at_least  # noqa: E402
 from _shared.paths import keep_previous, repo_path, require_model, run_settings  # noqa: E402
-
-
-def cpu_flags() -> list[str]:
-    """Which of `CPU_FLAGS` `lscpu` lists (empty without lscpu)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return []
-    line = next((ln for ln in out.splitlines() if ln.startswith("Flags:")), "")
-    have = set(line.split(":", 1)[-1].split())
-    return [f for f in CPU_FLAGS if f in have]
 
 
 def grounded_tasks(data: str, n: int, seed: int, passages: int) -> list[tuple[Any, list[str]]]:
@@ -212,7 +200,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     dtype = dtype_name(args.dtype, "cpu")  # "auto" -> bf16 or float32 on this CPU
     info = machine(dtype)  # first: the load average before this process works
     info.update(
-        cpu_flags=cpu_flags(),
         transformers=transformers.__version__,
         loadavg_1_5_15=[round(x, 2) for x in os.getloadavg()],
     )

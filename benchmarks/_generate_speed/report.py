@@ -6,10 +6,9 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from _shared.machine import machine_line
+from _shared.machine import BF16_FLAGS, machine_line
 
 PATHS = ("padded", "prefilled")  # the baseline first
-CPU_FLAGS = ("amx_bf16", "amx_tile", "amx_int8", "avx512_bf16")  # what makes bf16 fast here
 
 
 def summarize(runs: list[dict[str, Any]], n_batches: int) -> dict[str, Any]:
@@ -40,7 +39,7 @@ def summarize(runs: list[dict[str, Any]], n_batches: int) -> dict[str, Any]:
 def markdown(result: dict[str, Any]) -> str:
     """The table: path, median s per batch, tokens/s, ratio vs padded, identical rows."""
     m, s, info = result["measured"], result["settings"], result["machine"]
-    flags = ", ".join(info["cpu_flags"]) or "none of " + "/".join(CPU_FLAGS)
+    flags = ", ".join(info["cpu_flags"]) or "none of " + "/".join(BF16_FLAGS)
     lines = [
         f"## Batched generation: {s['model']} ({result['dtype']}), {m['rows']} MTRAG grounded "
         f"prompts in batches of {s['batch_size']}, {s['max_new_tokens']} new tokens, greedy, "

@@ -8,12 +8,21 @@ import subprocess
 import sys
 from typing import Any
 
+# the lscpu flags that decide how fast bf16 (and so most CPU timings here) runs
+BF16_FLAGS = ("amx_bf16", "amx_tile", "amx_int8", "avx512_bf16")
+
+
+def _lscpu() -> str | None:
+    try:
+        return subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
 
 def cpu_model() -> str:
     """The CPU's model name as `lscpu` reports it (`platform.processor()` without lscpu)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
+    out = _lscpu()
+    if out is None:
         return platform.processor()
     for line in out.splitlines():
         if line.startswith("Model name:"):
@@ -21,10 +30,20 @@ def cpu_model() -> str:
     return ""
 
 
+def cpu_flags(wanted: tuple[str, ...] = BF16_FLAGS) -> list[str]:
+    """Which of `wanted` the CPU has, as `lscpu` lists its flags (empty without lscpu)."""
+    out = _lscpu() or ""
+    line = next((ln for ln in out.splitlines() if ln.startswith("Flags:")), "")
+    have = set(line.split(":", 1)[-1].split())
+    return [f for f in wanted if f in have]
+
+
 def machine(dtype: str | None = None, torch_used: bool = True) -> dict[str, Any]:
-    """CPU model, CPU count, torch threads and version (when torch is used), dtype, platform."""
+    """CPU model and bf16 flags, CPU count, torch threads and version (when torch is used),
+    dtype, platform."""
     info: dict[str, Any] = {
         "cpu_model": cpu_model(),
+        "cpu_flags": cpu_flags(),
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
