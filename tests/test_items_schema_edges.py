@@ -166,3 +166,12 @@ def test_a_task_the_run_retrieves_nothing_for_scores_zero(caplog):
     uh2i = result["tasks"]["UH2I"]
     assert uh2i["queries"] == 1 and all(v == 0 for k, v in uh2i.items() if k != "queries")
     assert "UH2I: the run 'bm25' retrieved nothing" in caplog.text
+
+
+def test_a_yaml_schema_key_given_twice_is_refused_with_its_line(tmp_path):
+    """YAML keeps the last of two equal keys: a schema's first `noun:` would vanish unseen."""
+    path = tmp_path / "s.yaml"
+    path.write_text("noun: movie\nlist_fields: [genres]\nnoun: book\n")
+    with pytest.raises(DataFormatError, match="given twice") as e:
+        load_schema(path)
+    assert e.value.line == 3 and "s.yaml" in str(e.value)

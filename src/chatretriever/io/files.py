@@ -129,15 +129,24 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
         yield lineno, obj
 
 
-def read_json(path: str | Path) -> Any:
-    """Load one whole JSON document (gzip transparent)."""
+def read_text(path: str | Path) -> str:
+    """A whole text file (gzip transparent; a byte-order mark dropped).
+
+    Raises:
+        DataFormatError: missing, unreadable, or not UTF-8 (naming the first such line).
+    """
     with open_text(path) as f:
         try:
-            text = f.read()
+            return f.read()
         except UnicodeDecodeError as e:
             raise undecodable_error(Path(path), e) from None
         except (EOFError, gzip.BadGzipFile, OSError) as e:
             raise DataFormatError(path, f"cannot read file: {e}") from None
+
+
+def read_json(path: str | Path) -> Any:
+    """Load one whole JSON document (gzip transparent)."""
+    text = read_text(path)
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:

@@ -107,7 +107,7 @@ def _loader() -> type:
     return _Loader
 
 
-def _yaml_load(text: str) -> Any:
+def yaml_load(text: str) -> Any:
     """`yaml.safe_load`, reading exponent numbers without a dot ("2e-4") as floats.
 
     Raises:
@@ -138,7 +138,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
                 raise ValueError(f"--set {item!r}: {part!r} is not a mapping")
             node = child
         try:
-            node[leaf] = _yaml_load(value)
+            node[leaf] = yaml_load(value)
         except yaml.YAMLError as e:
             problem = getattr(e, "problem", None) or str(e).splitlines()[0]
             raise ValueError(f"--set {item!r}: the value is not valid YAML ({problem})") from None
@@ -157,7 +157,7 @@ def read_recipe(path: str | Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]
     if path.resolve() in seen:
         raise DataFormatError(path, "recipes include each other in a loop (base:)")
     try:
-        raw = _yaml_load(path.read_text(encoding="utf-8"))
+        raw = yaml_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = None if mark is None else mark.line + 1

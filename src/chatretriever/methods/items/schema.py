@@ -34,6 +34,7 @@ from typing import Any
 
 from chatretriever.errors import DataFormatError
 from chatretriever.io.atomic import atomic_write
+from chatretriever.io.files import read_json, read_text
 
 SCHEMA_FILE = "schema.json"
 GAME_NOUN = "game"  # the noun of the paper's Steam templates (`templates.TEMPLATES`)
@@ -258,31 +259,27 @@ def load_schema(path: str | Path) -> CatalogSchema:
     """A schema from a JSON file (or YAML: `.yaml`/`.yml`, any case).
 
     Raises:
-        DataFormatError: Unreadable file or a bad key, naming the file and the key.
+        DataFormatError: Unreadable file (not UTF-8: its line), malformed JSON or YAML (its
+            line; a YAML key given twice), or a bad key, naming the file and the key.
     """
     path = Path(path)
     if not path.is_file():
         raise DataFormatError(path, "no such schema file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise DataFormatError(path, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if path.suffix.lower() in (".yaml", ".yml"):
+    if path.suffix.lower() not in (".yaml", ".yml"):
+        data = read_json(path)
+    else:
         import yaml
 
+        from chatretriever.modeling.recipe import yaml_load  # a key given twice is refused
+
         try:
-            data = yaml.safe_load(text)
+            data = yaml_load(read_text(path))
         except yaml.YAMLError as e:
             where = getattr(e, "problem_mark", None)  # yaml's own text spans lines
             line = None if where is None else where.line + 1
             raise DataFormatError(
                 path, f"malformed YAML ({getattr(e, 'problem', e)})", line
             ) from None
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataFormatError(path, f"malformed JSON ({e.msg})", line=e.lineno) from None
     try:
         return CatalogSchema.from_dict(data)
     except SchemaError as e:
