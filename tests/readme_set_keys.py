@@ -45,13 +45,15 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+import readme_commands
 from readme_commands import Checker, Command, Extraction, Finding, Word, set_items, subparsers_of
 from test_shipped_configs import COMMANDS, CONFIGS, REFERENCE, dry_run
 
 from chatretriever.modeling.card_render import dotted_value
 from chatretriever.modeling.recipe import resolved_recipe
 
-PLACEHOLDER = re.compile(r"<[^<>]+>|\$\{?\w+\}?")
+# the extraction's `<...>` placeholders, and shell variables ($VAR, ${VAR})
+PLACEHOLDER = re.compile(rf"{readme_commands.PLACEHOLDER.pattern}|\$\{{?\w+\}}?")
 PATH_PLACEHOLDER = re.compile(r"dir|path|file", re.IGNORECASE)
 METAVARIABLE = re.compile(r"^[A-Z][A-Z0-9_]*$")  # KEY=VALUE, NAME=DIR
 SYNTAX_EXAMPLES = {"a.b=value": "the shape of a `--set` item, shown in a comment"}

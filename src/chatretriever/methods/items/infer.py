@@ -105,8 +105,8 @@ def _kind(name: str, s: _Stats, n_items: int) -> tuple[str, str]:
     if _PRICE_NAME.search(name) and s.mostly(prices):
         return "price", "named like a price, values read as prices"
     strict = sum(isinstance(v, str) and bool(_FULL_DATE.match(v)) for v in s.values)
-    named = _named_like_date(name) and s.mostly(sum(parse_date(v) is not None for v in s.values))
-    if named or (s.mostly(strict) and s.mostly(sum(parse_date(v) is not None for v in s.values))):
+    dates = s.mostly(sum(parse_date(v) is not None for v in s.values))
+    if dates and (_named_like_date(name) or s.mostly(strict)):
         return "date", "values read as dates"
     if not s.mostly(s.strings):
         return "ignore", "neither lists nor strings (numbers, booleans or mixed)"
